@@ -1,0 +1,64 @@
+//! Every metric name VoiceGate exports, in one place (`voicegate_<noun>_<unit>[_total]`).
+//! No metric carries a uid or any other unbounded label; `reason` labels take a few fixed words.
+
+// --- HTTP server (server crate) ---
+
+/// Histogram, labels `route` (the matched pattern, or `unmatched`), `method`, `status` (class: `2xx`…`5xx`).
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "voicegate_http_request_duration_seconds";
+/// Counter, label `reason` (the stable auth error code, e.g. `token_expired`).
+pub const AUTH_REJECTIONS_TOTAL: &str = "voicegate_auth_rejections_total";
+/// Counter, label `reason` (the stable upload error code, e.g. `upload_file_too_large`).
+pub const UPLOAD_REJECTIONS_TOTAL: &str = "voicegate_upload_rejections_total";
+/// Counter, label `outcome` (`applied`, `ignored`, `bad_signature`, `failed`).
+pub const STRIPE_WEBHOOKS_TOTAL: &str = "voicegate_stripe_webhooks_total";
+/// Gauge: 1 when the last store health check succeeded, 0 otherwise.
+pub const STORE_UP: &str = "voicegate_store_up";
+/// Gauge: 0 starting, 1 ready, 2 draining.
+pub const SERVER_STATE: &str = "voicegate_server_state";
+/// Gauge: open realtime listen sessions.
+pub const LISTEN_SESSIONS_ACTIVE: &str = "voicegate_listen_sessions_active";
+/// Counter, label `reason` (`per_user_limit`, `draining`): listen sessions refused at connect.
+pub const LISTEN_SESSIONS_REFUSED_TOTAL: &str = "voicegate_listen_sessions_refused_total";
+/// Histogram: seconds the drain took, by `outcome` (`complete`, `timed_out`).
+pub const DRAIN_DURATION_SECONDS: &str = "voicegate_drain_duration_seconds";
+
+// --- Metering (engine::meter, engine::store) ---
+
+/// Gauge: user meter actors currently alive (hydrated or not, including retiring ones).
+pub const METER_LIVE_ACTORS: &str = "voicegate_meter_live_actors";
+/// Gauge: speech ms recorded but not yet acknowledged by the store (pending + in flight).
+pub const METER_PENDING_SPEECH_MS: &str = "voicegate_meter_pending_speech_ms";
+/// Counter, label `source` (`realtime`, `sync`, `other`): speech ms accepted by the meter.
+pub const METER_SPEECH_MS_TOTAL: &str = "voicegate_meter_speech_ms_total";
+/// Histogram: seconds one write-behind flush round took (one pipeline per chunk of dirty users).
+pub const METER_FLUSH_DURATION_SECONDS: &str = "voicegate_meter_flush_duration_seconds";
+/// Counter, label `reason` (`unavailable`, `timeout`, `script`): failed flush attempts of one user batch.
+pub const METER_FLUSH_ERRORS_TOTAL: &str = "voicegate_meter_flush_errors_total";
+/// Counter: user batches sent again after a failed or timed-out attempt.
+pub const METER_FLUSH_RETRIES_TOTAL: &str = "voicegate_meter_flush_retries_total";
+/// Counter: batches the store had already applied (a retry after an applied-but-timed-out flush).
+pub const METER_BATCHES_DEDUPLICATED_TOTAL: &str = "voicegate_meter_batches_deduplicated_total";
+/// Counter: records not metered again because their idempotency key was already metered.
+pub const METER_RECORDS_DEDUPLICATED_TOTAL: &str = "voicegate_meter_records_deduplicated_total";
+/// Counter, label `reason` (`pending_full`, `bucket_overflow`): records (or ms) the meter had to drop.
+pub const METER_RECORDS_DROPPED_TOTAL: &str = "voicegate_meter_records_dropped_total";
+/// Counter, label `reason` (`unavailable`, `timeout`): failed hydrations or refreshes of a user's base.
+pub const METER_HYDRATION_ERRORS_TOTAL: &str = "voicegate_meter_hydration_errors_total";
+
+// --- Fair use (engine::policy, engine::supervisor) ---
+
+/// Counter, label `to` (`none`, `warning`, `throttle`, `restrict`): committed stage changes.
+pub const FAIR_USE_STAGE_TRANSITIONS_TOTAL: &str = "voicegate_fair_use_stage_transitions_total";
+/// Counter, label `action` (`queued`, `deduplicated`, `skipped_restrict`): cap breaches the supervisor received.
+pub const FAIR_USE_BREACHES_TOTAL: &str = "voicegate_fair_use_breaches_total";
+/// Counter, label `result` (`escalated`, `unchanged`): classifications applied.
+pub const FAIR_USE_CLASSIFICATIONS_TOTAL: &str = "voicegate_fair_use_classifications_total";
+/// Counter, label `reason` (`error`, `malformed`, `not_configured`, `snapshot`, `panic`, `timeout`, `lock`,
+/// `apply`): failed classifier runs (each is retried later with backoff).
+pub const FAIR_USE_CLASSIFIER_FAILURES_TOTAL: &str = "voicegate_fair_use_classifier_failures_total";
+/// Gauge: classifier tasks in flight.
+pub const FAIR_USE_CLASSIFIER_IN_FLIGHT: &str = "voicegate_fair_use_classifier_in_flight";
+/// Gauge: classifier jobs waiting for a slot.
+pub const FAIR_USE_CLASSIFIER_QUEUED: &str = "voicegate_fair_use_classifier_queued";
+/// Histogram: seconds one classifier task took (success or failure).
+pub const FAIR_USE_CLASSIFIER_DURATION_SECONDS: &str = "voicegate_fair_use_classifier_duration_seconds";

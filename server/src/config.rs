@@ -1,0 +1,347 @@
+//! `voicegate serve` configuration: every flag, its environment variable and its default, in one struct.
+//!
+//! The defaults live in [`defaults`]; the table in `docs/operations.md` is generated from this struct by
+//! [`markdown_table`] and a test fails when the two drift (`UPDATE_DOCS=1 cargo test -p voicegate-server
+//! --test config_docs` rewrites it).
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser};
+
+/// Every default of the server, in one place.
+pub mod defaults {
+    /// `VOICEGATE_BIND`.
+    pub const BIND: &str = "127.0.0.1:8080";
+    /// `VOICEGATE_STRIPE_TOLERANCE_SECS`: Stripe's own recommendation.
+    pub const STRIPE_TOLERANCE_SECS: u64 = 300;
+    /// `VOICEGATE_UPLOAD_MAX_FILE_BYTES`: 64 MiB, about 35 min of 16 kHz PCM or hours of Opus.
+    pub const UPLOAD_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
+    /// `VOICEGATE_UPLOAD_MAX_FILES`.
+    pub const UPLOAD_MAX_FILES: usize = 64;
+    /// `VOICEGATE_UPLOAD_MAX_REQUEST_BYTES`: 256 MiB; also bounds the temp storage one request can hold.
+    pub const UPLOAD_MAX_REQUEST_BYTES: u64 = 256 * 1024 * 1024;
+    /// `VOICEGATE_WS_MAX_MESSAGE_BYTES`: 64 KiB, far above one Opus packet (≤ 4 KiB) or 1 s of 16 kHz PCM.
+    pub const WS_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+    /// `VOICEGATE_WS_SESSIONS_PER_USER`.
+    pub const WS_SESSIONS_PER_USER: usize = 4;
+    /// `VOICEGATE_DRAIN_TIMEOUT_SECS`.
+    pub const DRAIN_TIMEOUT_SECS: u64 = 30;
+    /// `VOICEGATE_WORKERS`: 0 = one per CPU.
+    pub const WORKERS: usize = 0;
+}
+
+/// Flags and environment of `voicegate serve`. Secrets are never printed (`hide_env_values`).
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on. A non-loopback address requires token verification (JWKS or HS256).
+    #[arg(long, env = "VOICEGATE_BIND", default_value = defaults::BIND)]
+    pub bind: String,
+
+    /// Redis URL for durable metering. Unset: the embedded in-memory store (not durable, single node).
+    #[arg(long, env = "VOICEGATE_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Key for the `/v1/admin/…` routes (header `X-Admin-Key`). Unset: admin routes answer 403.
+    #[arg(long, env = "ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+
+    /// JWKS for RS256 ID tokens (Firebase-compatible): a file path (URLs are not fetched by this build).
+    #[arg(long, env = "VOICEGATE_JWKS")]
+    pub jwks: Option<String>,
+
+    /// Shared secret for HS256 tokens.
+    #[arg(long, env = "VOICEGATE_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+
+    /// Required `aud` claim (the Firebase project id), when set.
+    #[arg(long, env = "VOICEGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` claim (`https://securetoken.google.com/<project>`), when set.
+    #[arg(long, env = "VOICEGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Stripe webhook signing secret (`whsec_…`). Unset: the webhook answers 503.
+    #[arg(long, env = "STRIPE_WEBHOOK_SECRET", hide_env_values = true)]
+    pub stripe_webhook_secret: Option<String>,
+
+    /// Largest accepted age (and future skew) of a Stripe-Signature timestamp, in seconds.
+    #[arg(long, env = "VOICEGATE_STRIPE_TOLERANCE_SECS", default_value_t = defaults::STRIPE_TOLERANCE_SECS)]
+    pub stripe_tolerance_secs: u64,
+
+    /// Largest accepted upload file, in bytes (413 `upload_file_too_large` above it).
+    #[arg(long, env = "VOICEGATE_UPLOAD_MAX_FILE_BYTES", default_value_t = defaults::UPLOAD_MAX_FILE_BYTES)]
+    pub upload_max_file_bytes: u64,
+
+    /// Most files in one upload request (413 `upload_too_many_files` above it).
+    #[arg(long, env = "VOICEGATE_UPLOAD_MAX_FILES", default_value_t = defaults::UPLOAD_MAX_FILES)]
+    pub upload_max_files: usize,
+
+    /// Largest upload request body, in bytes (413 `upload_request_too_large` above it).
+    #[arg(long, env = "VOICEGATE_UPLOAD_MAX_REQUEST_BYTES", default_value_t = defaults::UPLOAD_MAX_REQUEST_BYTES)]
+    pub upload_max_request_bytes: u64,
+
+    /// Directory for upload temp files. Unset: the system temp directory.
+    #[arg(long, env = "VOICEGATE_UPLOAD_DIR")]
+    pub upload_dir: Option<PathBuf>,
+
+    /// Largest websocket message, in bytes (close 1009 above it).
+    #[arg(long, env = "VOICEGATE_WS_MAX_MESSAGE_BYTES", default_value_t = defaults::WS_MAX_MESSAGE_BYTES)]
+    pub ws_max_message_bytes: usize,
+
+    /// Most concurrent listen sessions per user (429 `too_many_sessions` above it).
+    #[arg(long, env = "VOICEGATE_WS_SESSIONS_PER_USER", default_value_t = defaults::WS_SESSIONS_PER_USER)]
+    pub ws_sessions_per_user: usize,
+
+    /// Time allowed for a drain (close sessions, finish requests, flush the meter) after SIGTERM/SIGINT.
+    #[arg(long, env = "VOICEGATE_DRAIN_TIMEOUT_SECS", default_value_t = defaults::DRAIN_TIMEOUT_SECS)]
+    pub drain_timeout_secs: u64,
+
+    /// HTTP worker threads; 0 = one per CPU.
+    #[arg(long, env = "VOICEGATE_WORKERS", default_value_t = defaults::WORKERS)]
+    pub workers: usize,
+}
+
+impl Default for ServeConfig {
+    /// The defaults with nothing configured: no secrets, loopback bind (dev auth), in-memory store.
+    fn default() -> Self {
+        ServeConfig {
+            bind: defaults::BIND.to_owned(),
+            redis_url: None,
+            admin_key: None,
+            jwks: None,
+            jwt_hs256_secret: None,
+            jwt_audience: None,
+            jwt_issuer: None,
+            stripe_webhook_secret: None,
+            stripe_tolerance_secs: defaults::STRIPE_TOLERANCE_SECS,
+            upload_max_file_bytes: defaults::UPLOAD_MAX_FILE_BYTES,
+            upload_max_files: defaults::UPLOAD_MAX_FILES,
+            upload_max_request_bytes: defaults::UPLOAD_MAX_REQUEST_BYTES,
+            upload_dir: None,
+            ws_max_message_bytes: defaults::WS_MAX_MESSAGE_BYTES,
+            ws_sessions_per_user: defaults::WS_SESSIONS_PER_USER,
+            drain_timeout_secs: defaults::DRAIN_TIMEOUT_SECS,
+            workers: defaults::WORKERS,
+        }
+    }
+}
+
+/// A configuration that cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("VOICEGATE_BIND={bind:?} is not a host:port address: {reason}")]
+    BadBind { bind: String, reason: String },
+    #[error(
+        "refusing to start: VOICEGATE_BIND={bind} is not a loopback address and no token verification is \
+         configured; set VOICEGATE_JWKS or VOICEGATE_JWT_HS256_SECRET (dev mode, bearer = uid, only runs on loopback)"
+    )]
+    DevAuthOnPublicBind { bind: String },
+    #[error("{name} must be greater than 0")]
+    ZeroLimit { name: &'static str },
+}
+
+impl ServeConfig {
+    /// Resolves the bind address (a literal `ip:port`, or `host:port` resolved once at startup).
+    pub fn bind_addrs(&self) -> Result<Vec<SocketAddr>, ConfigError> {
+        let bad = |reason: String| ConfigError::BadBind {
+            bind: self.bind.clone(),
+            reason,
+        };
+        if let Ok(addr) = self.bind.parse::<SocketAddr>() {
+            return Ok(vec![addr]);
+        }
+        let addrs: Vec<SocketAddr> = self
+            .bind
+            .to_socket_addrs()
+            .map_err(|e| bad(e.to_string()))?
+            .collect();
+        if addrs.is_empty() {
+            return Err(bad("resolves to no address".to_owned()));
+        }
+        Ok(addrs)
+    }
+
+    /// True when every address the bind resolves to is loopback.
+    pub fn bind_is_loopback(&self) -> Result<bool, ConfigError> {
+        Ok(self.bind_addrs()?.iter().all(|a| a.ip().is_loopback()))
+    }
+
+    /// True when some token verification (JWKS or HS256) is configured.
+    pub fn has_token_verification(&self) -> bool {
+        self.jwks.is_some() || self.jwt_hs256_secret.is_some()
+    }
+
+    /// Checks everything that can be checked without I/O beyond name resolution.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !self.has_token_verification() && !self.bind_is_loopback()? {
+            return Err(ConfigError::DevAuthOnPublicBind {
+                bind: self.bind.clone(),
+            });
+        }
+        let limits: [(&'static str, u64); 5] = [
+            (
+                "VOICEGATE_UPLOAD_MAX_FILE_BYTES",
+                self.upload_max_file_bytes,
+            ),
+            ("VOICEGATE_UPLOAD_MAX_FILES", self.upload_max_files as u64),
+            (
+                "VOICEGATE_UPLOAD_MAX_REQUEST_BYTES",
+                self.upload_max_request_bytes,
+            ),
+            (
+                "VOICEGATE_WS_MAX_MESSAGE_BYTES",
+                self.ws_max_message_bytes as u64,
+            ),
+            (
+                "VOICEGATE_WS_SESSIONS_PER_USER",
+                self.ws_sessions_per_user as u64,
+            ),
+        ];
+        match limits.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(ConfigError::ZeroLimit { name }),
+            None => Ok(()),
+        }
+    }
+
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
+}
+
+/// A stand-alone parser over [`ServeConfig`], used to introspect the flags for the docs table.
+#[derive(Debug, Parser)]
+#[command(name = "serve")]
+struct ServeOnly {
+    #[command(flatten)]
+    config: ServeConfig,
+}
+
+/// The Markdown table of every flag, its environment variable, default and meaning.
+pub fn markdown_table() -> String {
+    let cmd = ServeOnly::command();
+    let mut out = String::from("| Flag | Environment | Default | Meaning |\n|---|---|---|---|\n");
+    for arg in cmd.get_arguments() {
+        let Some(long) = arg.get_long() else { continue };
+        if long == "help" {
+            continue;
+        }
+        let env = arg
+            .get_env()
+            .map(|e| format!("`{}`", e.to_string_lossy()))
+            .unwrap_or_default();
+        let default: Vec<String> = arg
+            .get_default_values()
+            .iter()
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        let default = if default.is_empty() {
+            "unset".to_owned()
+        } else {
+            format!("`{}`", default.join(","))
+        };
+        let help = arg
+            .get_help()
+            .map(|h| h.to_string())
+            .unwrap_or_default()
+            .replace('|', "\\|");
+        out.push_str(&format!("| `--{long}` | {env} | {default} | {help} |\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> ServeConfig {
+        let mut full = vec!["serve"];
+        full.extend_from_slice(args);
+        ServeOnly::try_parse_from(full)
+            .map(|s| s.config)
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    #[test]
+    fn defaults_match_the_default_impl() {
+        // Env vars of the test process could leak in; only check fields whose env is unlikely to be set.
+        let parsed = parse(&["--bind", "127.0.0.1:8080"]);
+        let d = ServeConfig::default();
+        assert_eq!(parsed.upload_max_file_bytes, d.upload_max_file_bytes);
+        assert_eq!(parsed.upload_max_files, d.upload_max_files);
+        assert_eq!(parsed.drain_timeout_secs, d.drain_timeout_secs);
+        assert_eq!(parsed.ws_sessions_per_user, d.ws_sessions_per_user);
+    }
+
+    #[test]
+    fn dev_auth_on_public_bind_is_refused() {
+        let cfg = ServeConfig {
+            bind: "0.0.0.0:8080".into(),
+            ..ServeConfig::default()
+        };
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::DevAuthOnPublicBind { .. })
+        ));
+    }
+
+    #[test]
+    fn public_bind_with_hs256_secret_is_accepted() {
+        let cfg = ServeConfig {
+            bind: "0.0.0.0:8080".into(),
+            jwt_hs256_secret: Some("s".into()),
+            ..ServeConfig::default()
+        };
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn loopback_binds_allow_dev_auth() {
+        for bind in ["127.0.0.1:0", "[::1]:8080", "localhost:8080"] {
+            let cfg = ServeConfig {
+                bind: bind.into(),
+                ..ServeConfig::default()
+            };
+            assert!(cfg.validate().is_ok(), "{bind}");
+        }
+    }
+
+    #[test]
+    fn unparsable_bind_is_a_clear_error() {
+        let cfg = ServeConfig {
+            bind: "nonsense".into(),
+            ..ServeConfig::default()
+        };
+        assert!(matches!(cfg.validate(), Err(ConfigError::BadBind { .. })));
+    }
+
+    #[test]
+    fn zero_limit_is_refused_with_its_env_name() {
+        let cfg = ServeConfig {
+            upload_max_files: 0,
+            ..ServeConfig::default()
+        };
+        let err = cfg
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("VOICEGATE_UPLOAD_MAX_FILES"), "{err}");
+    }
+
+    #[test]
+    fn table_lists_every_env_name() {
+        let table = markdown_table();
+        for env in [
+            "VOICEGATE_BIND",
+            "ADMIN_KEY",
+            "STRIPE_WEBHOOK_SECRET",
+            "VOICEGATE_JWKS",
+            "VOICEGATE_WORKERS",
+        ] {
+            assert!(table.contains(env), "{env} missing from\n{table}");
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! VoiceGate server: the HTTP and websocket edge of the engine.
+//!
+//! - `config`: every flag, env var and default of `voicegate serve`; `serve`: startup, app, drain.
+//! - `auth` (bearer tokens, dev mode), `admin` (`X-Admin-Key`), `error` (one mapping to statuses and codes).
+//! - `upload` (streaming multipart with limits), `stripe` (webhook signature and events), `sessions`
+//!   (listen admission and drain), `health` (`/healthz`, `/readyz`), `prometheus` (`/metrics`, latency).
+
+pub mod admin;
+pub mod auth;
+pub mod config;
+pub mod drain;
+pub mod error;
+pub mod health;
+pub mod prometheus;
+pub mod serve;
+pub mod sessions;
+pub mod stripe;
+pub mod upload;
+
+pub use config::ServeConfig;
+pub use error::ApiError;
+pub use serve::{ServeError, ServerBuilder, run};

@@ -1,0 +1,167 @@
+//! Prometheus exposition: the global recorder, its upkeep, `GET /metrics`, and the request-latency middleware.
+//!
+//! Metric names come from `voicegate_engine::telemetry`. Histograms get explicit buckets by unit suffix
+//! (otherwise the exporter renders summaries, which cannot be aggregated across pods). The latency histogram
+//! is labelled by the matched route *pattern* (`/v1/conversations/{id}`), never the raw path, and by status
+//! class, so its cardinality is fixed; no metric carries a uid.
+
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::middleware::Next;
+use actix_web::{HttpResponse, web};
+use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
+use voicegate_engine::telemetry::HTTP_REQUEST_DURATION_SECONDS;
+
+/// How often idle histogram buckets are rotated and the recorder's internal state is tidied.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Buckets for `*_seconds` histograms: 100 µs … 60 s.
+pub const SECONDS_BUCKETS: &[f64] = &[
+    0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    30.0, 60.0,
+];
+/// Buckets for `*_ms` histograms.
+pub const MILLIS_BUCKETS: &[f64] = &[
+    1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1_000.0, 2_500.0, 5_000.0, 10_000.0, 30_000.0,
+    60_000.0,
+];
+/// Buckets for `*_bytes` histograms: 256 B … 256 MiB.
+pub const BYTES_BUCKETS: &[f64] = &[
+    256.0,
+    1_024.0,
+    4_096.0,
+    16_384.0,
+    65_536.0,
+    262_144.0,
+    1_048_576.0,
+    4_194_304.0,
+    16_777_216.0,
+    67_108_864.0,
+    268_435_456.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global Prometheus recorder once per process and returns its handle (later calls return the
+/// same handle, so tests and the server can both call it).
+pub fn install() -> Result<PrometheusHandle, BuildError> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets(SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_ms".to_owned()), MILLIS_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_bytes".to_owned()), BYTES_BUCKETS)?
+        .install_recorder();
+    match handle {
+        Ok(h) => Ok(HANDLE.get_or_init(|| h).clone()),
+        // Lost a race with another caller of `install`: use the winner's handle.
+        Err(e) => HANDLE.get().cloned().ok_or(e),
+    }
+}
+
+/// Runs the recorder's upkeep forever; spawn it once on the server's runtime.
+pub async fn upkeep(handle: PrometheusHandle) {
+    let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        handle.run_upkeep();
+    }
+}
+
+/// `GET /metrics`: the Prometheus text exposition.
+pub async fn metrics_route(handle: web::Data<PrometheusHandle>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(handle.render())
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// Only well-known methods become label values; anything else is `other`.
+fn method_label(method: &actix_web::http::Method) -> &'static str {
+    use actix_web::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Middleware (`middleware::from_fn(record_latency)`): records every request's latency.
+pub async fn record_latency(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let start = Instant::now();
+    let method = method_label(req.method());
+    let result = next.call(req).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let (route, status) = match &result {
+        // The pattern is known only after routing, so it is read from the response's request.
+        Ok(res) => (
+            res.request()
+                .match_pattern()
+                .unwrap_or_else(|| "unmatched".to_owned()),
+            res.status().as_u16(),
+        ),
+        Err(e) => (
+            "unmatched".to_owned(),
+            e.as_response_error().status_code().as_u16(),
+        ),
+    };
+    metrics::histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        "route" => route,
+        "method" => method,
+        "status" => status_class(status),
+    )
+    .record(elapsed);
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes_cover_every_status() {
+        assert_eq!(status_class(101), "1xx");
+        assert_eq!(status_class(204), "2xx");
+        assert_eq!(status_class(413), "4xx");
+        assert_eq!(status_class(503), "5xx");
+        assert_eq!(status_class(999), "5xx");
+    }
+
+    #[test]
+    fn install_twice_returns_a_working_handle() {
+        let a = install();
+        let b = install();
+        assert!(a.is_ok() && b.is_ok());
+    }
+
+    #[test]
+    fn buckets_are_strictly_increasing() {
+        for buckets in [SECONDS_BUCKETS, MILLIS_BUCKETS, BYTES_BUCKETS] {
+            assert!(buckets.windows(2).all(|w| w[0] < w[1]));
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! `voicegate serve`: startup, the app, and the drain.
+//!
+//! [`run`] is the whole command. To wire the engine, build the server yourself:
+//! ```ignore
+//! let mut server = ServerBuilder::new(cfg)?;
+//! server.store_health(Arc::new(redis_health)).payments(Arc::new(engine_payments))
+//!       .app_data(web::Data::new(engine_handles))          // visible to every handler
+//!       .routes(|cfg| { cfg.route("/v1/sync-local-files", web::post().to(sync)); })
+//!       .on_drain(DrainPhase::Flush, "meter_flush", move || Box::pin(async move { meter.flush_all().await }));
+//! server.start()?.run_until(drain::shutdown_signal()).await
+//! ```
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::{App, HttpResponse, HttpServer, middleware, web};
+use futures_util::future::BoxFuture;
+use metrics_exporter_prometheus::PrometheusHandle;
+use voicegate_engine::telemetry::DRAIN_DURATION_SECONDS;
+
+use crate::admin::AdminKey;
+use crate::auth::{Authenticator, KeyLoadError};
+use crate::config::{ConfigError, ServeConfig};
+use crate::drain::{DrainDeadlines, DrainHooks, DrainPhase};
+use crate::error::ApiError;
+use crate::health::{self, AlwaysReachable, Readiness, StoreHealth};
+use crate::prometheus;
+use crate::sessions::SessionRegistry;
+use crate::stripe::{self, LogOnlyPayments, Payments, StripeWebhook};
+use crate::upload::UploadLimits;
+
+/// Why `voicegate serve` could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Keys(#[from] KeyLoadError),
+    #[error("cannot install the Prometheus recorder: {0}")]
+    Metrics(String),
+    #[error("cannot listen on {addr}: {error}")]
+    Bind { addr: String, error: std::io::Error },
+    #[error("server failed: {0}")]
+    Server(std::io::Error),
+}
+
+type RoutesFn = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+
+/// Everything the server shares with its handlers, as `web::Data`.
+///
+/// Handlers extract the parts they need: `web::Data<ServeConfig>`, `web::Data<UploadLimits>`,
+/// `web::Data<SessionRegistry>`, `web::Data<Readiness>`; authentication is the [`crate::auth::AuthedUser`]
+/// extractor and the admin check is [`crate::admin::Admin`].
+#[derive(Clone)]
+pub struct AppState {
+    pub config: web::Data<ServeConfig>,
+    pub auth: web::Data<Authenticator>,
+    pub admin_key: web::Data<AdminKey>,
+    pub readiness: web::Data<Readiness>,
+    pub store_health: web::Data<dyn StoreHealth>,
+    pub stripe: web::Data<StripeWebhook>,
+    pub upload_limits: web::Data<UploadLimits>,
+    pub sessions: web::Data<SessionRegistry>,
+    pub metrics: web::Data<PrometheusHandle>,
+}
+
+impl AppState {
+    /// Registers every part as app data and mounts the built-in routes.
+    pub fn configure(&self, cfg: &mut web::ServiceConfig) {
+        cfg.app_data(self.config.clone())
+            .app_data(self.auth.clone())
+            .app_data(self.admin_key.clone())
+            .app_data(self.readiness.clone())
+            .app_data(self.store_health.clone())
+            .app_data(self.stripe.clone())
+            .app_data(self.upload_limits.clone())
+            .app_data(self.sessions.clone())
+            .app_data(self.metrics.clone())
+            .app_data(json_errors())
+            .app_data(query_errors())
+            .app_data(path_errors())
+            .route("/healthz", web::get().to(health::healthz))
+            .route("/readyz", web::get().to(health::readyz))
+            .route("/metrics", web::get().to(prometheus::metrics_route))
+            .route("/v1/stripe/webhook", web::post().to(stripe::webhook));
+    }
+}
+
+fn json_errors() -> web::JsonConfig {
+    web::JsonConfig::default().error_handler(|e, _| {
+        ApiError::BadRequest {
+            code: "invalid_json",
+            message: e.to_string(),
+        }
+        .into()
+    })
+}
+
+fn query_errors() -> web::QueryConfig {
+    web::QueryConfig::default().error_handler(|e, _| {
+        ApiError::BadRequest {
+            code: "invalid_query",
+            message: e.to_string(),
+        }
+        .into()
+    })
+}
+
+fn path_errors() -> web::PathConfig {
+    web::PathConfig::default().error_handler(|e, _| {
+        ApiError::BadRequest {
+            code: "invalid_path",
+            message: e.to_string(),
+        }
+        .into()
+    })
+}
+
+async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound {
+        code: "route_not_found",
+        message: "no such route".to_owned(),
+    })
+}
+
+/// Builds the app for one worker: state, caller routes, latency middleware, JSON 404.
+pub fn build_app(
+    state: AppState,
+    routes: Option<RoutesFn>,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        actix_web::dev::ServiceRequest,
+        Config = (),
+        Response = actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .wrap(middleware::from_fn(prometheus::record_latency))
+        .configure(|cfg| {
+            state.configure(cfg);
+            if let Some(routes) = &routes {
+                routes(cfg);
+            }
+        })
+        .default_service(web::to(not_found))
+}
+
+/// Startup: configuration checked, keys loaded, app state built. Add engine wiring, then [`start`](Self::start).
+pub struct ServerBuilder {
+    state: AppState,
+    routes: Option<RoutesFn>,
+    extra_data: Vec<RoutesFn>,
+    hooks: DrainHooks,
+}
+
+impl ServerBuilder {
+    /// Validates `cfg` (refusing dev auth on a public bind), loads the token keys, installs the metrics recorder.
+    pub fn new(cfg: ServeConfig) -> Result<Self, ServeError> {
+        cfg.validate()?;
+        let auth = Authenticator::from_config(&cfg)?;
+        announce(&cfg, &auth);
+        let metrics = prometheus::install().map_err(|e| ServeError::Metrics(e.to_string()))?;
+        let store_kind = if cfg.redis_url.is_some() {
+            "redis"
+        } else {
+            "memory"
+        };
+        let store: Arc<dyn StoreHealth> = Arc::new(AlwaysReachable(store_kind));
+        let sessions = SessionRegistry::new(cfg.ws_sessions_per_user);
+        let stripe = StripeWebhook {
+            secret: cfg
+                .stripe_webhook_secret
+                .as_ref()
+                .filter(|s| !s.is_empty())
+                .map(|s| s.as_bytes().to_vec()),
+            tolerance_secs: cfg.stripe_tolerance_secs,
+            payments: Arc::new(LogOnlyPayments),
+        };
+        let state = AppState {
+            admin_key: web::Data::new(AdminKey::new(cfg.admin_key.as_deref())),
+            upload_limits: web::Data::new(UploadLimits::from_config(&cfg)),
+            config: web::Data::new(cfg),
+            auth: web::Data::new(auth),
+            readiness: web::Data::new(Readiness::new()),
+            store_health: web::Data::from(store),
+            stripe: web::Data::new(stripe),
+            sessions: web::Data::from(Arc::clone(&sessions)),
+            metrics: web::Data::new(metrics),
+        };
+        let mut hooks = DrainHooks::default();
+        let timeout = state.config.drain_timeout();
+        hooks.add(DrainPhase::Sessions, "listen_sessions", move || {
+            Box::pin(async move {
+                let left = sessions.close_all(timeout).await;
+                if left > 0 {
+                    tracing::warn!(
+                        message = "Listen sessions still open at the drain deadline.",
+                        left
+                    );
+                }
+            })
+        });
+        Ok(ServerBuilder {
+            state,
+            routes: None,
+            extra_data: Vec::new(),
+            hooks,
+        })
+    }
+
+    /// The shared state (readiness, sessions, limits…), e.g. to hand to engine-side tasks.
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Replaces the store health check behind `/readyz` (default: always reachable).
+    pub fn store_health(&mut self, store: Arc<dyn StoreHealth>) -> &mut Self {
+        self.state.store_health = web::Data::from(store);
+        self
+    }
+
+    /// Replaces the payments sink of the Stripe webhook (default: log only).
+    pub fn payments(&mut self, payments: Arc<dyn Payments>) -> &mut Self {
+        let old = &self.state.stripe;
+        self.state.stripe = web::Data::new(StripeWebhook {
+            secret: old.secret.clone(),
+            tolerance_secs: old.tolerance_secs,
+            payments,
+        });
+        self
+    }
+
+    /// Makes `data` available to every handler (`web::Data<T>` extractor).
+    pub fn app_data<T: Send + Sync + 'static>(&mut self, data: web::Data<T>) -> &mut Self {
+        self.extra_data
+            .push(Arc::new(move |cfg: &mut web::ServiceConfig| {
+                cfg.app_data(data.clone());
+            }));
+        self
+    }
+
+    /// Adds routes (called once per worker). May be called several times.
+    pub fn routes<F>(&mut self, f: F) -> &mut Self
+    where
+        F: Fn(&mut web::ServiceConfig) + Send + Sync + 'static,
+    {
+        let previous = self.routes.take();
+        self.routes = Some(Arc::new(move |cfg: &mut web::ServiceConfig| {
+            if let Some(previous) = &previous {
+                previous(cfg);
+            }
+            f(cfg);
+        }));
+        self
+    }
+
+    /// Registers a drain hook (see [`crate::drain`] for the order).
+    pub fn on_drain<F>(&mut self, phase: DrainPhase, name: &'static str, hook: F) -> &mut Self
+    where
+        F: FnOnce() -> BoxFuture<'static, ()> + Send + 'static,
+    {
+        self.hooks.add(phase, name, hook);
+        self
+    }
+
+    /// Binds, starts the workers and the metrics upkeep, and turns readiness to `ready`.
+    /// Must run inside an actix system (`#[actix_web::main]` or `actix_web::rt::System`).
+    pub fn start(self) -> Result<RunningServer, ServeError> {
+        let ServerBuilder {
+            state,
+            routes,
+            extra_data,
+            hooks,
+        } = self;
+        let cfg = state.config.clone();
+        let addrs = cfg.bind_addrs()?;
+        let factory_state = state.clone();
+        let extra: Option<RoutesFn> = {
+            let extra_data = extra_data.clone();
+            Some(Arc::new(move |c: &mut web::ServiceConfig| {
+                for add in &extra_data {
+                    add(c);
+                }
+                if let Some(routes) = &routes {
+                    routes(c);
+                }
+            }))
+        };
+        let mut server = HttpServer::new(move || build_app(factory_state.clone(), extra.clone()))
+            .disable_signals()
+            .shutdown_timeout(cfg.drain_timeout_secs);
+        if cfg.workers > 0 {
+            server = server.workers(cfg.workers);
+        }
+        let server = server.bind(&addrs[..]).map_err(|error| ServeError::Bind {
+            addr: cfg.bind.clone(),
+            error,
+        })?;
+        let bound = server.addrs();
+        let server = server.run();
+        let handle = server.handle();
+        let join = actix_web::rt::spawn(server);
+        actix_web::rt::spawn(prometheus::upkeep(state.metrics.get_ref().clone()));
+        state.readiness.set_ready();
+        tracing::info!(message = "Listening.", addrs = ?bound);
+        Ok(RunningServer {
+            addrs: bound,
+            handle,
+            join,
+            state,
+            hooks,
+        })
+    }
+}
+
+fn announce(cfg: &ServeConfig, auth: &Authenticator) {
+    if auth.is_dev() {
+        tracing::warn!(
+            message = "DEV AUTH MODE: no token verification configured; the bearer token is taken as the uid. \
+                       Loopback bind only.",
+            bind = %cfg.bind
+        );
+    } else {
+        tracing::info!(
+            message = "Token verification on.",
+            rs256_jwks = cfg.jwks.is_some(),
+            hs256 = cfg.jwt_hs256_secret.is_some(),
+            audience = cfg.jwt_audience.as_deref().unwrap_or("-"),
+            issuer = cfg.jwt_issuer.as_deref().unwrap_or("-")
+        );
+    }
+    if cfg.redis_url.is_none() {
+        tracing::warn!(
+            message =
+                "No VOICEGATE_REDIS_URL: embedded in-memory store, NOT DURABLE, SINGLE NODE only."
+        );
+    }
+    if cfg.admin_key.as_deref().is_none_or(str::is_empty) {
+        tracing::info!(message = "No ADMIN_KEY: admin routes answer 403.");
+    }
+    if cfg.stripe_webhook_secret.is_none() {
+        tracing::info!(message = "No STRIPE_WEBHOOK_SECRET: the Stripe webhook answers 503.");
+    }
+}
+
+/// A started server.
+pub struct RunningServer {
+    addrs: Vec<SocketAddr>,
+    handle: actix_web::dev::ServerHandle,
+    join: actix_web::rt::task::JoinHandle<std::io::Result<()>>,
+    state: AppState,
+    hooks: DrainHooks,
+}
+
+impl RunningServer {
+    /// The bound addresses (useful with port 0).
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves (or the server fails), then drains.
+    pub async fn run_until(self, shutdown: impl Future<Output = ()>) -> Result<(), ServeError> {
+        let RunningServer {
+            handle,
+            mut join,
+            state,
+            mut hooks,
+            ..
+        } = self;
+        tokio::select! {
+            res = &mut join => {
+                return match res {
+                    Ok(r) => r.map_err(ServeError::Server),
+                    Err(e) => Err(ServeError::Server(std::io::Error::other(e.to_string()))),
+                };
+            }
+            () = shutdown => {}
+        }
+        let deadlines = DrainDeadlines::new(Instant::now(), state.config.drain_timeout());
+        state.readiness.set_draining();
+        tracing::info!(
+            message = "Draining.",
+            timeout_s = state.config.drain_timeout_secs
+        );
+        let stop = async {
+            handle.stop(true).await;
+            let _ = (&mut join).await;
+        };
+        let sessions = hooks.run_phase(DrainPhase::Sessions, deadlines.sessions);
+        let (unfinished, stopped) = tokio::join!(
+            sessions,
+            tokio::time::timeout_at(deadlines.sessions.into(), stop)
+        );
+        if stopped.is_err() {
+            tracing::warn!(
+                message = "HTTP requests still running at the drain deadline; forcing stop."
+            );
+            handle.stop(false).await;
+        }
+        let mut unfinished = unfinished;
+        unfinished.extend(hooks.run_phase(DrainPhase::Flush, deadlines.end).await);
+        let outcome = if unfinished.is_empty() && stopped.is_ok() {
+            "complete"
+        } else {
+            "timed_out"
+        };
+        let elapsed = deadlines.started.elapsed();
+        metrics::histogram!(DRAIN_DURATION_SECONDS, "outcome" => outcome)
+            .record(elapsed.as_secs_f64());
+        if unfinished.is_empty() {
+            tracing::info!(
+                message = "Drained.",
+                elapsed_ms = elapsed.as_millis() as u64
+            );
+        } else {
+            tracing::warn!(message = "Drain timed out.", unfinished = ?unfinished, elapsed_ms = elapsed.as_millis() as u64);
+        }
+        Ok(())
+    }
+}
+
+/// `voicegate serve`: start with no engine wiring and drain on SIGTERM/SIGINT.
+pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+    ServerBuilder::new(cfg)?
+        .start()?
+        .run_until(crate::drain::shutdown_signal())
+        .await
+}

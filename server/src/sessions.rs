@@ -1,0 +1,240 @@
+//! Admission and drain of realtime listen sessions.
+//!
+//! - [`SessionRegistry::open`] admits a session when the user is under `VOICEGATE_WS_SESSIONS_PER_USER` and
+//!   the server is not draining; the returned [`SessionGuard`] releases the slot when dropped.
+//! - On drain, [`SessionRegistry::close_all`] tells every session to close (each one closes its socket with
+//!   1001, meters what it had, then drops its guard) and waits until none is left.
+//!
+//! The per-user map takes a mutex only at connect and disconnect, never per frame.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use voicegate_engine::telemetry::{LISTEN_SESSIONS_ACTIVE, LISTEN_SESSIONS_REFUSED_TOTAL};
+
+use crate::error::ApiError;
+
+/// The close reason sessions send while the server drains.
+pub const DRAIN_CLOSE_REASON: &str = "server draining";
+
+/// Why a session was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SessionRefused {
+    #[error("at most {limit} concurrent listen sessions per user (VOICEGATE_WS_SESSIONS_PER_USER)")]
+    PerUserLimit { limit: usize },
+    #[error("server is draining; reconnect to another instance")]
+    Draining,
+}
+
+impl From<SessionRefused> for ApiError {
+    fn from(e: SessionRefused) -> Self {
+        match e {
+            SessionRefused::PerUserLimit { .. } => ApiError::TooManyRequests {
+                code: "too_many_sessions",
+                message: e.to_string(),
+                retry_after_s: None,
+                extra: serde_json::Map::new(),
+            },
+            SessionRefused::Draining => ApiError::Unavailable {
+                code: "draining",
+                message: e.to_string(),
+            },
+        }
+    }
+}
+
+/// Every open listen session, by user.
+pub struct SessionRegistry {
+    per_user_limit: usize,
+    per_user: Mutex<HashMap<String, usize>>,
+    active: AtomicUsize,
+    closing: watch::Sender<bool>,
+    all_closed: Notify,
+}
+
+impl SessionRegistry {
+    pub fn new(per_user_limit: usize) -> Arc<Self> {
+        Arc::new(SessionRegistry {
+            per_user_limit,
+            per_user: Mutex::new(HashMap::new()),
+            active: AtomicUsize::new(0),
+            closing: watch::Sender::new(false),
+            all_closed: Notify::new(),
+        })
+    }
+
+    /// Admits one session for `uid`.
+    pub fn open(self: &Arc<Self>, uid: &str) -> Result<SessionGuard, SessionRefused> {
+        let refused = |reason: &'static str, e: SessionRefused| {
+            metrics::counter!(LISTEN_SESSIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
+            Err(e)
+        };
+        if *self.closing.borrow() {
+            return refused("draining", SessionRefused::Draining);
+        }
+        {
+            let mut map = self
+                .per_user
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let count = map.entry(uid.to_owned()).or_insert(0);
+            if *count >= self.per_user_limit {
+                return refused(
+                    "per_user_limit",
+                    SessionRefused::PerUserLimit {
+                        limit: self.per_user_limit,
+                    },
+                );
+            }
+            *count += 1;
+        }
+        let active = self.active.fetch_add(1, Ordering::AcqRel) + 1;
+        metrics::gauge!(LISTEN_SESSIONS_ACTIVE).set(active as f64);
+        Ok(SessionGuard {
+            registry: Arc::clone(self),
+            uid: uid.to_owned(),
+            closing: self.closing.subscribe(),
+        })
+    }
+
+    /// Open sessions, all users.
+    pub fn active(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    /// Open sessions of one user.
+    pub fn active_for(&self, uid: &str) -> usize {
+        let map = self
+            .per_user
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        map.get(uid).copied().unwrap_or(0)
+    }
+
+    /// Refuses new sessions, asks every open one to close, and waits (at most `timeout`) until all are gone.
+    /// Returns how many were still open at the end.
+    pub async fn close_all(&self, timeout: Duration) -> usize {
+        self.closing.send_replace(true);
+        let wait = async {
+            loop {
+                let notified = self.all_closed.notified();
+                tokio::pin!(notified);
+                // Register interest before checking, so a release between the check and the await is not lost.
+                notified.as_mut().enable();
+                if self.active() == 0 {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        let _ = tokio::time::timeout(timeout, wait).await;
+        self.active()
+    }
+
+    fn release(&self, uid: &str) {
+        {
+            let mut map = self
+                .per_user
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            if let Some(count) = map.get_mut(uid) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    map.remove(uid);
+                }
+            }
+        }
+        let left = self.active.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+        metrics::gauge!(LISTEN_SESSIONS_ACTIVE).set(left as f64);
+        if left == 0 {
+            self.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// One admitted session. Hold it for the session's whole life; drop it after the session has metered its speech.
+pub struct SessionGuard {
+    registry: Arc<SessionRegistry>,
+    uid: String,
+    closing: watch::Receiver<bool>,
+}
+
+impl SessionGuard {
+    pub fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    /// True once the server has asked sessions to close.
+    pub fn is_closing(&self) -> bool {
+        *self.closing.borrow()
+    }
+
+    /// Resolves when the server asks sessions to close (drain): close the socket with 1001 and
+    /// [`DRAIN_CLOSE_REASON`], meter what the session had, then drop the guard. Cancel-safe.
+    pub async fn closing(&mut self) {
+        // The sender lives in the registry, which this guard keeps alive, so `wait_for` cannot fail.
+        let _ = self.closing.wait_for(|closing| *closing).await;
+    }
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        self.registry.release(&self.uid);
+    }
+}
+
+impl std::fmt::Debug for SessionGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionGuard")
+            .field("uid", &self.uid)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_user_over_the_limit_is_refused_and_a_released_slot_is_reusable() {
+        let reg = SessionRegistry::new(2);
+        let a = reg.open("u");
+        let b = reg.open("u");
+        assert!(a.is_ok() && b.is_ok());
+        assert_eq!(
+            reg.open("u").err(),
+            Some(SessionRefused::PerUserLimit { limit: 2 })
+        );
+        assert!(reg.open("other").is_ok(), "limits are per user");
+        drop(a);
+        assert!(reg.open("u").is_ok());
+    }
+
+    #[tokio::test]
+    async fn close_all_signals_sessions_and_waits_until_they_are_gone() {
+        let reg = SessionRegistry::new(4);
+        let mut guard = match reg.open("u") {
+            Ok(g) => g,
+            Err(e) => panic!("{e}"),
+        };
+        let session = tokio::spawn(async move {
+            guard.closing().await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            drop(guard);
+        });
+        let left = reg.close_all(Duration::from_secs(5)).await;
+        assert_eq!(left, 0);
+        assert_eq!(reg.open("u").err(), Some(SessionRefused::Draining));
+        assert!(session.await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn close_all_gives_up_after_the_timeout() {
+        let reg = SessionRegistry::new(4);
+        let _stuck = reg.open("u");
+        assert_eq!(reg.close_all(Duration::from_millis(20)).await, 1);
+    }
+}

@@ -1,0 +1,324 @@
+//! The streaming multipart reader of `POST /v1/sync-local-files`.
+//!
+//! - Each `files` part streams to its own file in a per-request temp directory; nothing is held in memory
+//!   beyond one write buffer, and the client's file name is never used as a path.
+//! - Limits (bytes per file, files per request, bytes per request) are enforced while streaming and answer 413
+//!   naming the limit; a body with no `files` part answers 400.
+//! - The SHA-256 of each file is computed while it streams (the metering idempotency key).
+//! - The returned [`UploadBatch`] owns the temp directory: dropping it removes every file, on every path.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use actix_multipart::Multipart;
+use actix_web::http::StatusCode;
+use actix_web::{HttpRequest, web};
+use futures_util::StreamExt;
+use sha2::{Digest, Sha256};
+use tempfile::TempDir;
+use voicegate_engine::telemetry::UPLOAD_REJECTIONS_TOTAL;
+
+use crate::config::ServeConfig;
+
+/// The multipart field that carries audio files (the reference's name).
+pub const FILES_FIELD: &str = "files";
+/// Bytes buffered before a write is handed to the blocking pool.
+const WRITE_CHUNK: usize = 256 * 1024;
+
+/// The limits of one upload request.
+#[derive(Debug, Clone)]
+pub struct UploadLimits {
+    pub max_file_bytes: u64,
+    pub max_files: usize,
+    pub max_request_bytes: u64,
+    /// Parent of the per-request temp directories; `None` = the system temp directory.
+    pub dir: Option<PathBuf>,
+}
+
+impl UploadLimits {
+    pub fn from_config(cfg: &ServeConfig) -> Self {
+        UploadLimits {
+            max_file_bytes: cfg.upload_max_file_bytes,
+            max_files: cfg.upload_max_files,
+            max_request_bytes: cfg.upload_max_request_bytes,
+            dir: cfg.upload_dir.clone(),
+        }
+    }
+}
+
+/// One uploaded file, saved in the batch's temp directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedFile {
+    /// The file name the client sent (may be empty or invalid: the caller validates it and fails only this file).
+    pub name: String,
+    /// Where the content is; valid while the [`UploadBatch`] lives.
+    pub path: PathBuf,
+    pub size: u64,
+    /// SHA-256 of the content.
+    pub sha256: [u8; 32],
+}
+
+impl SavedFile {
+    pub fn sha256_hex(&self) -> String {
+        hex::encode(self.sha256)
+    }
+}
+
+/// The files of one request. Dropping it deletes them.
+#[derive(Debug)]
+pub struct UploadBatch {
+    pub files: Vec<SavedFile>,
+    dir: TempDir,
+}
+
+impl UploadBatch {
+    /// The temp directory holding the files.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// The name and value of a limit that was hit (reported in the 413 body as `limit` / `limit_value`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitInfo {
+    pub name: &'static str,
+    pub value: u64,
+}
+
+/// Why an upload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("body must be multipart/form-data: {0}")]
+    NotMultipart(String),
+    #[error("no `files` part in the upload")]
+    Empty,
+    #[error("malformed multipart body: {0}")]
+    Malformed(String),
+    #[error(
+        "file {file:?} exceeds the per-file limit of {limit} bytes (VOICEGATE_UPLOAD_MAX_FILE_BYTES)"
+    )]
+    FileTooLarge { file: String, limit: u64 },
+    #[error("more than {limit} files in one request (VOICEGATE_UPLOAD_MAX_FILES)")]
+    TooManyFiles { limit: usize },
+    #[error("request exceeds the limit of {limit} bytes (VOICEGATE_UPLOAD_MAX_REQUEST_BYTES)")]
+    RequestTooLarge { limit: u64 },
+    #[error("temporary storage failed: {0}")]
+    Storage(String),
+}
+
+impl UploadError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            UploadError::NotMultipart(_) => "upload_not_multipart",
+            UploadError::Empty => "upload_empty",
+            UploadError::Malformed(_) => "upload_malformed",
+            UploadError::FileTooLarge { .. } => "upload_file_too_large",
+            UploadError::TooManyFiles { .. } => "upload_too_many_files",
+            UploadError::RequestTooLarge { .. } => "upload_request_too_large",
+            UploadError::Storage(_) => "upload_storage_failed",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UploadError::NotMultipart(_) | UploadError::Empty | UploadError::Malformed(_) => {
+                StatusCode::BAD_REQUEST
+            }
+            UploadError::FileTooLarge { .. }
+            | UploadError::TooManyFiles { .. }
+            | UploadError::RequestTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            UploadError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The limit that was hit, for a 413.
+    pub fn limit(&self) -> Option<LimitInfo> {
+        match self {
+            UploadError::FileTooLarge { limit, .. } => Some(LimitInfo {
+                name: "VOICEGATE_UPLOAD_MAX_FILE_BYTES",
+                value: *limit,
+            }),
+            UploadError::TooManyFiles { limit } => Some(LimitInfo {
+                name: "VOICEGATE_UPLOAD_MAX_FILES",
+                value: *limit as u64,
+            }),
+            UploadError::RequestTooLarge { limit } => Some(LimitInfo {
+                name: "VOICEGATE_UPLOAD_MAX_REQUEST_BYTES",
+                value: *limit,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Reads an upload request into temp files, enforcing `limits`.
+///
+/// A declared `Content-Length` over the request limit is refused before any byte is read.
+pub async fn read_upload(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limits: &UploadLimits,
+) -> Result<UploadBatch, UploadError> {
+    let result = read_upload_inner(req, payload, limits).await;
+    if let Err(e) = &result {
+        metrics::counter!(UPLOAD_REJECTIONS_TOTAL, "reason" => e.code()).increment(1);
+    }
+    result
+}
+
+async fn read_upload_inner(
+    req: &HttpRequest,
+    payload: web::Payload,
+    limits: &UploadLimits,
+) -> Result<UploadBatch, UploadError> {
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > limits.max_request_bytes) {
+        return Err(UploadError::RequestTooLarge {
+            limit: limits.max_request_bytes,
+        });
+    }
+    let mut multipart = Multipart::new(req.headers(), payload);
+    let dir = make_temp_dir(limits.dir.as_deref())?;
+    let mut files = Vec::new();
+    let mut request_bytes: u64 = 0;
+    let mut saw_part = false;
+    while let Some(field) = multipart.next().await {
+        let mut field = field.map_err(|e| part_error(e, saw_part))?;
+        saw_part = true;
+        let is_file = field.name() == Some(FILES_FIELD);
+        if !is_file {
+            // Other fields are read and discarded, but still count against the request limit.
+            while let Some(chunk) = field.next().await {
+                let chunk = chunk.map_err(|e| UploadError::Malformed(e.to_string()))?;
+                request_bytes = add_request_bytes(request_bytes, chunk.len(), limits)?;
+            }
+            continue;
+        }
+        if files.len() >= limits.max_files {
+            return Err(UploadError::TooManyFiles {
+                limit: limits.max_files,
+            });
+        }
+        let name = field
+            .content_disposition()
+            .and_then(|cd| cd.get_filename())
+            .unwrap_or_default()
+            .to_owned();
+        let path = dir.path().join(format!("{:04}.bin", files.len()));
+        let mut sink = FileSink::create(&path)?;
+        while let Some(chunk) = field.next().await {
+            let chunk = chunk.map_err(|e| UploadError::Malformed(e.to_string()))?;
+            request_bytes = add_request_bytes(request_bytes, chunk.len(), limits)?;
+            if sink.size + chunk.len() as u64 > limits.max_file_bytes {
+                return Err(UploadError::FileTooLarge {
+                    file: name,
+                    limit: limits.max_file_bytes,
+                });
+            }
+            sink.push(&chunk).await?;
+        }
+        let (size, sha256) = sink.finish().await?;
+        files.push(SavedFile {
+            name,
+            path,
+            size,
+            sha256,
+        });
+    }
+    if files.is_empty() {
+        return Err(UploadError::Empty);
+    }
+    Ok(UploadBatch { files, dir })
+}
+
+fn part_error(e: actix_multipart::MultipartError, saw_part: bool) -> UploadError {
+    use actix_multipart::MultipartError as E;
+    match e {
+        E::ContentTypeMissing
+        | E::ContentTypeParse
+        | E::ContentTypeIncompatible
+        | E::BoundaryMissing => UploadError::NotMultipart(e.to_string()),
+        // A body that ends before its first part is an empty upload, not a protocol error.
+        E::Incomplete if !saw_part => UploadError::Empty,
+        other => UploadError::Malformed(other.to_string()),
+    }
+}
+
+fn add_request_bytes(total: u64, more: usize, limits: &UploadLimits) -> Result<u64, UploadError> {
+    let total = total.saturating_add(more as u64);
+    if total > limits.max_request_bytes {
+        return Err(UploadError::RequestTooLarge {
+            limit: limits.max_request_bytes,
+        });
+    }
+    Ok(total)
+}
+
+fn make_temp_dir(parent: Option<&Path>) -> Result<TempDir, UploadError> {
+    let mut builder = tempfile::Builder::new();
+    builder.prefix("voicegate-upload-");
+    let dir = match parent {
+        Some(p) => builder.tempdir_in(p),
+        None => builder.tempdir(),
+    };
+    dir.map_err(|e| UploadError::Storage(e.to_string()))
+}
+
+/// A file being written: hashes on the async side, writes in batches on the blocking pool.
+struct FileSink {
+    file: Option<std::fs::File>,
+    buf: Vec<u8>,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl FileSink {
+    fn create(path: &Path) -> Result<Self, UploadError> {
+        let file = std::fs::File::create(path).map_err(|e| UploadError::Storage(e.to_string()))?;
+        Ok(FileSink {
+            file: Some(file),
+            buf: Vec::with_capacity(WRITE_CHUNK),
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    async fn push(&mut self, chunk: &[u8]) -> Result<(), UploadError> {
+        self.hasher.update(chunk);
+        self.size += chunk.len() as u64;
+        self.buf.extend_from_slice(chunk);
+        if self.buf.len() >= WRITE_CHUNK {
+            self.write_out().await?;
+        }
+        Ok(())
+    }
+
+    async fn write_out(&mut self) -> Result<(), UploadError> {
+        let Some(mut file) = self.file.take() else {
+            return Err(UploadError::Storage("file already closed".to_owned()));
+        };
+        let mut buf = std::mem::take(&mut self.buf);
+        let (file, buf) = web::block(move || {
+            file.write_all(&buf)?;
+            buf.clear();
+            Ok::<_, std::io::Error>((file, buf))
+        })
+        .await
+        .map_err(|e| UploadError::Storage(e.to_string()))?
+        .map_err(|e| UploadError::Storage(e.to_string()))?;
+        self.file = Some(file);
+        self.buf = buf;
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<(u64, [u8; 32]), UploadError> {
+        if !self.buf.is_empty() {
+            self.write_out().await?;
+        }
+        Ok((self.size, self.hasher.finalize().into()))
+    }
+}

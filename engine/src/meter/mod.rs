@@ -1,0 +1,28 @@
+//! Metering: every user's real speech time in rolling windows, exactly once in the store.
+//!
+//! - [`window`], [`placement`], [`time`]: pure minute buckets, rolling totals and where speech lands.
+//! - [`Meter`]: the facade; one actix actor per active user, sharded over arbiters by uid hash, hydrated
+//!   from the [`Store`](crate::store::Store) and passivated when idle.
+//! - write-behind: a flusher sends dirty users' batches every interval, many users per pipeline, one
+//!   idempotent script call per user; see `docs/metering.md` for the delivery guarantees.
+
+mod actor;
+pub mod config;
+mod facade;
+mod flusher;
+mod messages;
+mod pending;
+pub mod placement;
+mod registry;
+pub mod time;
+pub mod window;
+
+pub use config::MeterConfig;
+pub use facade::Meter;
+pub use flusher::{RoundReport, ShutdownReport};
+pub use messages::{
+    FlushReport, MeterError, RecordOutcome, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource,
+    UsageTotals,
+};
+pub use time::{Clock, ManualClock, SystemClock, TokioClock};
+pub use window::{MinuteWindow, RollingTotals};

@@ -1,0 +1,161 @@
+//! Time for metering: integer unix ms, minute indexes, UTC months, and the injectable clock.
+//!
+//! Every decision takes `now` as an argument; only the [`Clock`] reads time, and tests replace it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::store::{Minute, MonthKey};
+
+pub const MS_PER_MINUTE: u64 = 60_000;
+pub const MS_PER_HOUR: u64 = 60 * MS_PER_MINUTE;
+pub const MS_PER_DAY: u64 = 24 * MS_PER_HOUR;
+
+/// The minute bucket holding the instant `ms`.
+pub fn minute_of_ms(ms: u64) -> Minute {
+    (ms / MS_PER_MINUTE) as Minute
+}
+
+/// Unix ms at which a minute bucket starts.
+pub fn minute_start_ms(minute: Minute) -> u64 {
+    u64::from(minute) * MS_PER_MINUTE
+}
+
+/// The UTC calendar month (`yyyymm`) holding the instant `ms`.
+pub fn month_of_ms(ms: u64) -> MonthKey {
+    let days = (ms / MS_PER_DAY) as i64;
+    let (year, month) = civil_year_month(days);
+    (year as u32) * 100 + month
+}
+
+/// The month before `month` (`202601` → `202512`).
+pub fn previous_month(month: MonthKey) -> MonthKey {
+    if month % 100 <= 1 {
+        (month / 100 - 1) * 100 + 12
+    } else {
+        month - 1
+    }
+}
+
+/// Year and month of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_year_month(days: i64) -> (i64, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month)
+}
+
+/// Converts a sample count to ms, rounding to the nearest ms (half up). `rate_hz == 0` gives 0.
+pub fn samples_to_ms(samples: u64, rate_hz: u32) -> u64 {
+    if rate_hz == 0 {
+        return 0;
+    }
+    let rate = u128::from(rate_hz);
+    ((u128::from(samples) * 1000 + rate / 2) / rate) as u64
+}
+
+/// The one place the meter reads the time of day.
+pub trait Clock: Send + Sync + 'static {
+    /// Unix ms, UTC.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// A clock tests set and advance by hand.
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    pub fn new(now_ms: u64) -> Arc<Self> {
+        Arc::new(Self(AtomicU64::new(now_ms)))
+    }
+
+    pub fn set(&self, now_ms: u64) {
+        self.0.store(now_ms, Ordering::SeqCst);
+    }
+
+    pub fn advance(&self, ms: u64) {
+        self.0.fetch_add(ms, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// A wall clock that follows tokio's clock from a fixed start: under `tokio::time::pause()` it moves only
+/// when virtual time does, so idle timers and window edges advance together in tests.
+#[derive(Debug)]
+pub struct TokioClock {
+    start_ms: u64,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    pub fn new(start_ms: u64) -> Arc<Self> {
+        Arc::new(Self {
+            start_ms,
+            start: tokio::time::Instant::now(),
+        })
+    }
+}
+
+impl Clock for TokioClock {
+    fn now_ms(&self) -> u64 {
+        self.start_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn months_follow_the_utc_calendar() {
+        assert_eq!(month_of_ms(0), 197001);
+        // 2026-11-27T00:00:00Z
+        assert_eq!(month_of_ms(1_795_737_600_000), 202611);
+        // 2024-02-29T23:59:59.999Z and the next ms
+        assert_eq!(month_of_ms(1_709_251_199_999), 202402);
+        assert_eq!(month_of_ms(1_709_251_200_000), 202403);
+        // 2025-12-31T23:59:59.999Z and 2026-01-01
+        assert_eq!(month_of_ms(1_767_225_599_999), 202512);
+        assert_eq!(month_of_ms(1_767_225_600_000), 202601);
+    }
+
+    #[test]
+    fn previous_month_wraps_the_year() {
+        assert_eq!(previous_month(202601), 202512);
+        assert_eq!(previous_month(202612), 202611);
+    }
+
+    #[test]
+    fn samples_round_to_the_nearest_ms() {
+        assert_eq!(samples_to_ms(16_000, 16_000), 1000);
+        assert_eq!(samples_to_ms(512, 16_000), 32);
+        assert_eq!(samples_to_ms(8, 16_000), 1); // 0.5 ms rounds up
+        assert_eq!(samples_to_ms(7, 16_000), 0);
+        assert_eq!(samples_to_ms(1, 0), 0);
+        assert_eq!(samples_to_ms(u64::MAX, 1000), u64::MAX);
+    }
+}

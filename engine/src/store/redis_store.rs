@@ -1,0 +1,287 @@
+//! The Redis store: one `EVALSHA` of `meter_apply.lua` per user batch, many users per pipeline.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures_util::future::{BoxFuture, FutureExt};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, ServerErrorKind, Value};
+
+use super::keys;
+use super::{
+    ApplyOutcome, ApplyResults, Batch, Delta, Minute, MonthKey, Store, StoreError, StoreTime,
+    UserSnapshot, WriterId,
+};
+
+const METER_SCRIPT: &str = include_str!("meter_apply.lua");
+/// TTL backstop of a user's metering keys beyond the retention passed by the caller.
+const TTL_SLACK_S: u64 = 24 * 3600;
+/// Month totals outlive the longest month; older months are pruned by the script anyway.
+const MONTH_TTL_S: u64 = 40 * 24 * 3600;
+
+/// Connection settings of the Redis store.
+#[derive(Clone, Debug)]
+pub struct RedisStoreConfig {
+    /// `redis://host:port/db`. `VOICEGATE_REDIS_URL` (read by the server).
+    pub url: String,
+    /// Each connection attempt times out after this.
+    pub connect_timeout: Duration,
+    /// Each reply times out after this (the meter also bounds whole calls).
+    pub response_timeout: Duration,
+}
+
+impl RedisStoreConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// [`Store`] on Redis (or Redis Cluster: every key of a user shares the `{uid}` hash tag).
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: ConnectionManager,
+    script_sha: String,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("script_sha", &self.script_sha)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_error(e: RedisError) -> StoreError {
+    if e.is_timeout() {
+        StoreError::Timeout
+    } else if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+        StoreError::Unavailable(e.to_string())
+    } else {
+        StoreError::Script(e.to_string())
+    }
+}
+
+impl RedisStore {
+    /// Creates the store without waiting for Redis: the connection is made (and remade) on demand, so
+    /// the engine starts, and meters into memory, while Redis is down.
+    pub fn new(config: &RedisStoreConfig) -> Result<Self, StoreError> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(config.connect_timeout))
+            .set_response_timeout(Some(config.response_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn =
+            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(store_error)?;
+        let script_sha = redis::Script::new(METER_SCRIPT).get_hash().to_string();
+        Ok(Self { conn, script_sha })
+    }
+
+    /// A clone of the connection (other stores of the engine share it).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// SHA1 of the metering script (what `EVALSHA` calls; visible in `INFO commandstats`).
+    pub fn script_sha(&self) -> &str {
+        &self.script_sha
+    }
+
+    /// `PING`: a health check for readiness bodies.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(drop)
+            .map_err(store_error)
+    }
+
+    async fn load_script(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let sha: String = redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(METER_SCRIPT)
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        if sha != self.script_sha {
+            return Err(StoreError::Protocol(format!(
+                "script sha {sha} != {}",
+                self.script_sha
+            )));
+        }
+        Ok(())
+    }
+
+    fn pipeline(&self, batches: &[Batch], at: StoreTime) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let ttl = at.retention_ms / 1000 + TTL_SLACK_S;
+        for batch in batches {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&self.script_sha).arg(6);
+            for key in keys::meter_script_keys(&batch.uid) {
+                cmd.arg(key);
+            }
+            cmd.arg(batch.writer.to_hex())
+                .arg(batch.seq)
+                .arg(at.now_ms)
+                .arg(at.first_kept_minute())
+                .arg(at.now_ms.saturating_sub(at.retention_ms))
+                .arg(at.first_kept_month())
+                .arg(ttl)
+                .arg(MONTH_TTL_S);
+            push_delta(&mut cmd, &batch.plain);
+            cmd.arg(batch.keyed.len());
+            for keyed in &batch.keyed {
+                cmd.arg(&keyed.key);
+                push_delta(&mut cmd, &keyed.delta);
+            }
+            pipe.add_command(cmd);
+        }
+        pipe
+    }
+
+    async fn apply_batches(
+        &self,
+        batches: &[Batch],
+        at: StoreTime,
+    ) -> Result<ApplyResults, StoreError> {
+        if batches.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pipe = self.pipeline(batches, at);
+        for attempt in 0..2 {
+            let mut conn = self.conn.clone();
+            let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(store_error)?;
+            if replies.len() != batches.len() {
+                return Err(StoreError::Protocol(format!(
+                    "{} replies for {} batches",
+                    replies.len(),
+                    batches.len()
+                )));
+            }
+            let no_script = replies
+                .iter()
+                .any(|v| matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript)));
+            if no_script && attempt == 0 {
+                // Redis restarted (or flushed its script cache): load and resend. Resending is safe even
+                // for batches that ran: (writer, seq) makes them no-ops.
+                self.load_script().await?;
+                continue;
+            }
+            return Ok(replies.into_iter().map(parse_apply_reply).collect());
+        }
+        Err(StoreError::Script("NOSCRIPT after SCRIPT LOAD".into()))
+    }
+
+    async fn load_user(
+        &self,
+        uid: &str,
+        writer: WriterId,
+        at: StoreTime,
+    ) -> Result<UserSnapshot, StoreError> {
+        let mut conn = self.conn.clone();
+        let cutoff = at.now_ms.saturating_sub(at.retention_ms);
+        let (buckets, months, keys_scored, writer_seq): (
+            HashMap<Minute, u64>,
+            HashMap<MonthKey, u64>,
+            Vec<(String, f64)>,
+            Option<u64>,
+        ) = redis::pipe()
+            .atomic()
+            .hgetall(keys::speech_buckets(uid))
+            .hgetall(keys::month_usage(uid))
+            .zrangebyscore_withscores(keys::idempotency_keys(uid), cutoff, "+inf")
+            .hget(keys::writer_seqs(uid), writer.to_hex())
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        let first = at.first_kept_minute();
+        let mut buckets: Vec<(Minute, u64)> =
+            buckets.into_iter().filter(|&(m, _)| m >= first).collect();
+        buckets.sort_unstable();
+        let mut months: Vec<(MonthKey, u64)> = months.into_iter().collect();
+        months.sort_unstable();
+        let idempotency_keys = keys_scored
+            .into_iter()
+            .map(|(k, t)| (k, t as u64))
+            .collect();
+        Ok(UserSnapshot {
+            buckets,
+            months,
+            idempotency_keys,
+            writer_seq: writer_seq.unwrap_or(0),
+        })
+    }
+}
+
+fn push_delta(cmd: &mut redis::Cmd, delta: &Delta) {
+    cmd.arg(delta.buckets.len());
+    for &(minute, ms) in &delta.buckets {
+        cmd.arg(minute).arg(ms);
+    }
+    cmd.arg(delta.months.len());
+    for &(month, ms) in &delta.months {
+        cmd.arg(month).arg(ms);
+    }
+}
+
+fn parse_apply_reply(value: Value) -> Result<ApplyOutcome, StoreError> {
+    let items = match value {
+        Value::Array(items) => items,
+        Value::ServerError(e) => return Err(StoreError::Script(e.to_string())),
+        other => {
+            return Err(StoreError::Protocol(format!(
+                "unexpected script reply {other:?}"
+            )));
+        }
+    };
+    match items.first() {
+        Some(Value::Int(0)) => Ok(ApplyOutcome::Duplicate),
+        Some(Value::Int(1)) => {
+            let rejected_keys = items[1..]
+                .iter()
+                .map(|v| match v {
+                    Value::BulkString(b) => Ok(String::from_utf8_lossy(b).into_owned()),
+                    other => Err(StoreError::Protocol(format!(
+                        "unexpected rejected key {other:?}"
+                    ))),
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(ApplyOutcome::Applied { rejected_keys })
+        }
+        other => Err(StoreError::Protocol(format!(
+            "unexpected script status {other:?}"
+        ))),
+    }
+}
+
+impl Store for RedisStore {
+    fn load<'a>(
+        &'a self,
+        uid: &'a str,
+        writer: WriterId,
+        at: StoreTime,
+    ) -> BoxFuture<'a, Result<UserSnapshot, StoreError>> {
+        self.load_user(uid, writer, at).boxed()
+    }
+
+    fn apply<'a>(
+        &'a self,
+        batches: &'a [Batch],
+        at: StoreTime,
+    ) -> BoxFuture<'a, Result<ApplyResults, StoreError>> {
+        self.apply_batches(batches, at).boxed()
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}

@@ -1,0 +1,233 @@
+//! A throw-away `redis-server` for tests (feature `test-util`): a free loopback port, its own temp dir,
+//! killed on drop. With [`RedisServer::start_durable`] it runs `appendonly yes` + `appendfsync always`
+//! and can be restarted on the same directory (`SHUTDOWN` then start), keeping its data.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `redis-server` owned by a test.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    durable: bool,
+}
+
+fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn unique_dir() -> std::io::Result<PathBuf> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "voicegate-redis-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst),
+        rand::random::<u32>()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+impl RedisServer {
+    /// Starts a memory-only server (`--save '' --appendonly no`).
+    pub fn start() -> std::io::Result<Self> {
+        Self::launch(unique_dir()?, false, None)
+    }
+
+    /// Starts a server persisting every write (`appendonly yes`, `appendfsync always`).
+    pub fn start_durable() -> std::io::Result<Self> {
+        Self::launch(unique_dir()?, true, None)
+    }
+
+    fn launch(dir: PathBuf, durable: bool, port: Option<u16>) -> std::io::Result<Self> {
+        let mut server = Self {
+            child: None,
+            port: 0,
+            dir,
+            durable,
+        };
+        server.spawn(port)?;
+        Ok(server)
+    }
+
+    /// Spawns the process (on `port`, or a free one) and waits until it answers `PING`.
+    fn spawn(&mut self, port: Option<u16>) -> std::io::Result<()> {
+        let binary = std::env::var("VOICEGATE_REDIS_SERVER")
+            .unwrap_or_else(|_| "/usr/bin/redis-server".into());
+        let mut last_err = None;
+        for _ in 0..5 {
+            self.port = match port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            let mut cmd = Command::new(&binary);
+            cmd.arg("--port")
+                .arg(self.port.to_string())
+                .arg("--bind")
+                .arg("127.0.0.1")
+                .arg("--dir")
+                .arg(&self.dir);
+            cmd.args([
+                "--save",
+                "",
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ]);
+            if self.durable {
+                cmd.args(["--appendonly", "yes", "--appendfsync", "always"]);
+            } else {
+                cmd.args(["--appendonly", "no"]);
+            }
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            self.child = Some(cmd.spawn()?);
+            match self.wait_ready(Duration::from_secs(10)) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    self.kill();
+                    last_err = Some(e);
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        }
+        Err(last_err.unwrap_or_else(|| std::io::Error::other("redis-server did not start")))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Sends one command (inline protocol) and returns the raw reply text.
+    pub fn command(&self, args: &[&str]) -> std::io::Result<String> {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut req = format!("*{}\r\n", args.len());
+        for a in args {
+            req.push_str(&format!("${}\r\n{}\r\n", a.len(), a));
+        }
+        stream.write_all(req.as_bytes())?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut out = Vec::new();
+        // Replies used by tests are small; read until the reply looks complete.
+        loop {
+            let n = stream.read(&mut buf)?;
+            out.extend_from_slice(&buf[..n]);
+            if n == 0 || reply_complete(&out) {
+                break;
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// `calls` of one command in `INFO commandstats` (e.g. `evalsha`), 0 when never called.
+    pub fn command_calls(&self, command: &str) -> std::io::Result<u64> {
+        let info = self.command(&["INFO", "commandstats"])?;
+        let needle = format!("cmdstat_{command}:calls=");
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// `SHUTDOWN` (the AOF already holds every write), then a new server on the same port and directory.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.stop()?;
+        self.resume()
+    }
+
+    /// `SHUTDOWN` and wait for the process to exit (start it again with [`resume`](Self::resume)).
+    pub fn stop(&mut self) -> std::io::Result<()> {
+        let _ = self.command(&["SHUTDOWN"]);
+        if let Some(mut child) = self.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the server again on the same port and directory after [`stop`](Self::stop).
+    pub fn resume(&mut self) -> std::io::Result<()> {
+        let port = self.port;
+        self.spawn(Some(port))
+    }
+
+    fn wait_ready(&mut self, limit: Duration) -> std::io::Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                return Err(std::io::Error::other(format!(
+                    "redis-server exited: {status}"
+                )));
+            }
+            if let Ok(reply) = self.command(&["PING"])
+                && reply.starts_with("+PONG")
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other("redis-server not ready in time"));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// True when `out` holds one complete RESP reply of the simple kinds tests use.
+fn reply_complete(out: &[u8]) -> bool {
+    let Some(&first) = out.first() else {
+        return false;
+    };
+    let text = String::from_utf8_lossy(out);
+    match first {
+        b'+' | b'-' | b':' => text.ends_with("\r\n"),
+        b'$' => {
+            let Some(end) = text.find("\r\n") else {
+                return false;
+            };
+            let Ok(len) = text[1..end].parse::<i64>() else {
+                return true;
+            };
+            len < 0 || out.len() >= end + 2 + len as usize + 2
+        }
+        _ => text.ends_with("\r\n"),
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

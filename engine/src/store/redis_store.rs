@@ -1,6 +1,8 @@
 //! The Redis store: one `EVALSHA` of `meter_apply.lua` per user batch, many users per pipeline.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt};
@@ -45,6 +47,9 @@ impl RedisStoreConfig {
 pub struct RedisStore {
     conn: ConnectionManager,
     script_sha: String,
+    /// False until the script was loaded through this store (and again after a `NOSCRIPT`), so the
+    /// first pipeline does not bounce off an empty script cache.
+    script_loaded: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -79,7 +84,11 @@ impl RedisStore {
         let conn =
             ConnectionManager::new_lazy_with_config(client, manager_config).map_err(store_error)?;
         let script_sha = redis::Script::new(METER_SCRIPT).get_hash().to_string();
-        Ok(Self { conn, script_sha })
+        Ok(Self {
+            conn,
+            script_sha,
+            script_loaded: Arc::new(AtomicBool::new(false)),
+        })
     }
 
     /// A clone of the connection (other stores of the engine share it).
@@ -157,6 +166,9 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         let pipe = self.pipeline(batches, at);
+        if !self.script_loaded.load(Ordering::Relaxed) {
+            self.load_script().await?;
+        }
         for attempt in 0..2 {
             let mut conn = self.conn.clone();
             let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(store_error)?;
@@ -171,6 +183,7 @@ impl RedisStore {
                 .iter()
                 .any(|v| matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript)));
             if no_script && attempt == 0 {
+                self.script_loaded.store(false, Ordering::Relaxed);
                 // Redis restarted (or flushed its script cache): load and resend. Resending is safe even
                 // for batches that ran: (writer, seq) makes them no-ops.
                 self.load_script().await?;
@@ -209,10 +222,11 @@ impl RedisStore {
         buckets.sort_unstable();
         let mut months: Vec<(MonthKey, u64)> = months.into_iter().collect();
         months.sort_unstable();
-        let idempotency_keys = keys_scored
+        let mut idempotency_keys: Vec<(String, u64)> = keys_scored
             .into_iter()
             .map(|(k, t)| (k, t as u64))
             .collect();
+        idempotency_keys.sort();
         Ok(UserSnapshot {
             buckets,
             months,

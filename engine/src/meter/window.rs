@@ -13,13 +13,8 @@ use crate::store::Minute;
 /// The rolling windows, shortest first.
 pub const WINDOWS_MS: [u64; 3] = [24 * MS_PER_HOUR, 72 * MS_PER_HOUR, 168 * MS_PER_HOUR];
 
-/// Rolling speech totals in ms.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RollingTotals {
-    pub daily_ms: u64,
-    pub three_day_ms: u64,
-    pub weekly_ms: u64,
-}
+/// Rolling speech totals in ms: the policy's type, so meter and caps share one definition.
+pub use crate::policy::RollingTotals;
 
 /// The first minute that counts in a window of `window_ms` ending at `now_ms`.
 pub fn window_first_minute(now_ms: u64, window_ms: u64) -> Minute {

@@ -99,7 +99,8 @@ pub struct AuthedUser {
 
 #[derive(Deserialize)]
 struct Claims {
-    sub: String,
+    /// Optional here so a token without `sub` is reported as a missing claim, not as unparsable.
+    sub: Option<String>,
 }
 
 struct RsaKey {
@@ -199,7 +200,11 @@ impl Authenticator {
             _ => return Err(AuthError::WrongAlgorithm),
         };
         let data = decode::<Claims>(token, key, validation).map_err(|e| map_jwt_error(e.kind()))?;
-        checked_uid(&data.claims.sub)
+        let sub = data
+            .claims
+            .sub
+            .ok_or_else(|| AuthError::MissingClaim("sub".to_owned()))?;
+        checked_uid(&sub)
     }
 }
 

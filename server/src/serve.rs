@@ -46,7 +46,8 @@ pub enum ServeError {
     Server(std::io::Error),
 }
 
-type RoutesFn = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
+/// Routes added by the caller, applied to every worker's app.
+pub type RoutesFn = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
 
 /// Everything the server shares with its handlers, as `web::Data`.
 ///

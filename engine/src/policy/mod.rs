@@ -1,0 +1,31 @@
+//! Fair-use policy, **pure**: plain data in, decision out; no I/O, no clock reads, no randomness.
+//!
+//! - `config`: every setting with its default and env name.
+//! - `caps`: rolling totals and soft caps (strictly greater triggers).
+//! - `plan`: plans and credits; a credit lookup is `Resolved` or `Unavailable`.
+//! - `stage`: the stage machine (escalation one step at a time, decay on read, admin set-stage/reset).
+//! - `entitlement`: the resolver sync, realtime and status all call.
+//! - `verdict`, `case_ref`, `notice`: classifier results, `FU-` case references, user-facing texts.
+
+pub mod caps;
+pub mod case_ref;
+pub mod config;
+pub mod entitlement;
+pub mod notice;
+pub mod plan;
+pub mod stage;
+pub mod verdict;
+
+pub use caps::{CapKind, CapTrigger, MonthUsage, RollingTotals, SoftCaps};
+pub use case_ref::{CaseRef, InvalidCaseRef};
+pub use config::{ClassifierKind, ClassifierSettings, ConfigError, FairUseConfig};
+pub use entitlement::{
+    Admission, Enforcement, Entitlement, EntitlementInput, Mode, RejectReason, SttAllowance,
+    SttDenied, SttUsage, resolve, retry_after_s,
+};
+pub use plan::{CreditLookup, Credits, Plan, PlanTable};
+pub use stage::{
+    BreachContext, DecayStep, EventKind, FairUseEvent, InvalidStage, Stage, StagePolicy,
+    StageState, admin_reset, admin_set_stage, decay_events, escalate,
+};
+pub use verdict::{Evidence, UsageType, Verdict};

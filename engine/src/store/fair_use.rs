@@ -1,0 +1,239 @@
+//! Fair-use persistence: the per-user stage state with its audit events, and the classifier cooldown lock.
+//!
+//! Both are small traits with a Redis implementation (`fair_use_redis`) and an in-memory one (here).
+//! State changes are compare-and-set on a version, so two writers (two nodes, or an admin call racing the
+//! user's actor) can never lose each other's update: the loser re-reads and re-applies. Nothing here reads the
+//! clock: cooldown expiry is decided from the `now_ms` the caller passes in.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::future::BoxFuture;
+
+use crate::policy::{CaseRef, FairUseEvent, Stage, StageState};
+
+/// Events kept per user (newest first); older ones are trimmed.
+pub const MAX_EVENTS_PER_USER: usize = 200;
+
+/// A store failure. Callers treat it as "unknown", never as a benign answer.
+#[derive(Debug, thiserror::Error)]
+pub enum FairUseStoreError {
+    #[error("fair-use store unavailable: {0}")]
+    Unavailable(#[from] redis::RedisError),
+    #[error("fair-use record is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("fair-use store answered unexpectedly: {0}")]
+    Protocol(String),
+}
+
+impl FairUseStoreError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            FairUseStoreError::Unavailable(_) => "store_unavailable",
+            FairUseStoreError::Corrupt(_) => "store_corrupt",
+            FairUseStoreError::Protocol(_) => "store_protocol",
+        }
+    }
+}
+
+pub type FairUseFuture<T> = BoxFuture<'static, Result<T, FairUseStoreError>>;
+
+/// A state with the version it was read at (0 = never written).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct VersionedState {
+    pub state: StageState,
+    pub version: u64,
+}
+
+/// Result of a compare-and-set write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    Committed {
+        version: u64,
+    },
+    /// Someone wrote first; re-read and re-apply.
+    Conflict {
+        current: u64,
+    },
+}
+
+/// Where fair-use state and events live.
+pub trait FairUseStore: Send + Sync + 'static {
+    fn load(&self, uid: &str) -> FairUseFuture<VersionedState>;
+    /// Write `state` and append `events` iff the stored version is still `expected_version`, atomically.
+    fn commit(
+        &self,
+        uid: &str,
+        expected_version: u64,
+        state: &StageState,
+        events: &[FairUseEvent],
+    ) -> FairUseFuture<CommitOutcome>;
+    /// Newest first.
+    fn events(&self, uid: &str, limit: usize) -> FairUseFuture<Vec<FairUseEvent>>;
+    /// The uid an event's case ref belongs to.
+    fn find_case(&self, case_ref: &CaseRef) -> FairUseFuture<Option<String>>;
+    /// Users whose stored stage is not none (optionally only `stage`), at most `limit`, sorted by uid.
+    fn flagged(&self, stage: Option<Stage>, limit: usize) -> FairUseFuture<Vec<(String, Stage)>>;
+}
+
+/// The classifier's per-user token lock: held for the cooldown after a success, released early on failure.
+pub trait CooldownLock: Send + Sync + 'static {
+    /// Take the lock for `hold_ms` from `now_ms` unless another token holds it past `now_ms`.
+    fn try_acquire(&self, uid: &str, token: &str, now_ms: u64, hold_ms: u64)
+    -> FairUseFuture<bool>;
+    /// Compare-and-delete: release only if `token` still holds it. Returns whether it did.
+    fn release(&self, uid: &str, token: &str) -> FairUseFuture<bool>;
+}
+
+/// In-memory state store (single node, not durable).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryFairUseStore {
+    inner: Arc<Mutex<MemoryInner>>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryInner {
+    states: HashMap<String, VersionedState>,
+    events: HashMap<String, Vec<FairUseEvent>>,
+    cases: HashMap<CaseRef, String>,
+}
+
+impl MemoryFairUseStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, MemoryInner> {
+        // A panic while holding this lock cannot leave the maps half-updated in a way later readers
+        // would misread (every update is a whole-value insert), so a poisoned lock is safe to reuse.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl FairUseStore for MemoryFairUseStore {
+    fn load(&self, uid: &str) -> FairUseFuture<VersionedState> {
+        let v = self.lock().states.get(uid).cloned().unwrap_or_default();
+        Box::pin(async move { Ok(v) })
+    }
+
+    fn commit(
+        &self,
+        uid: &str,
+        expected_version: u64,
+        state: &StageState,
+        events: &[FairUseEvent],
+    ) -> FairUseFuture<CommitOutcome> {
+        let mut g = self.lock();
+        let current = g.states.get(uid).map_or(0, |v| v.version);
+        let outcome = if current == expected_version {
+            let version = current + 1;
+            g.states.insert(
+                uid.to_owned(),
+                VersionedState {
+                    state: state.clone(),
+                    version,
+                },
+            );
+            for e in events {
+                g.cases.insert(e.case_ref.clone(), uid.to_owned());
+            }
+            let list = g.events.entry(uid.to_owned()).or_default();
+            list.extend(events.iter().cloned());
+            if list.len() > MAX_EVENTS_PER_USER {
+                let excess = list.len() - MAX_EVENTS_PER_USER;
+                list.drain(..excess);
+            }
+            CommitOutcome::Committed { version }
+        } else {
+            CommitOutcome::Conflict { current }
+        };
+        Box::pin(async move { Ok(outcome) })
+    }
+
+    fn events(&self, uid: &str, limit: usize) -> FairUseFuture<Vec<FairUseEvent>> {
+        let out: Vec<FairUseEvent> = self
+            .lock()
+            .events
+            .get(uid)
+            .map(|l| l.iter().rev().take(limit).cloned().collect())
+            .unwrap_or_default();
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn find_case(&self, case_ref: &CaseRef) -> FairUseFuture<Option<String>> {
+        let out = self.lock().cases.get(case_ref).cloned();
+        Box::pin(async move { Ok(out) })
+    }
+
+    fn flagged(&self, stage: Option<Stage>, limit: usize) -> FairUseFuture<Vec<(String, Stage)>> {
+        let mut out: Vec<(String, Stage)> = self
+            .lock()
+            .states
+            .iter()
+            .map(|(uid, v)| (uid.clone(), v.state.stage))
+            .filter(|(_, s)| *s != Stage::None && stage.is_none_or(|want| want == *s))
+            .collect();
+        out.sort();
+        out.truncate(limit);
+        Box::pin(async move { Ok(out) })
+    }
+}
+
+/// In-memory cooldown lock (single node).
+#[derive(Debug, Clone, Default)]
+pub struct MemoryCooldownLock {
+    held: Arc<Mutex<HashMap<String, (String, u64)>>>,
+}
+
+impl MemoryCooldownLock {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<String, (String, u64)>> {
+        // Whole-value inserts/removes only: a poisoned lock holds a consistent map.
+        self.held
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The token holding `uid`'s lock at `now_ms`, if any (tests and admin views).
+    pub fn holder(&self, uid: &str, now_ms: u64) -> Option<String> {
+        self.lock()
+            .get(uid)
+            .filter(|(_, until)| *until > now_ms)
+            .map(|(t, _)| t.clone())
+    }
+}
+
+impl CooldownLock for MemoryCooldownLock {
+    fn try_acquire(
+        &self,
+        uid: &str,
+        token: &str,
+        now_ms: u64,
+        hold_ms: u64,
+    ) -> FairUseFuture<bool> {
+        let mut g = self.lock();
+        let free = g.get(uid).is_none_or(|(_, until)| *until <= now_ms);
+        if free {
+            g.insert(
+                uid.to_owned(),
+                (token.to_owned(), now_ms.saturating_add(hold_ms)),
+            );
+        }
+        Box::pin(async move { Ok(free) })
+    }
+
+    fn release(&self, uid: &str, token: &str) -> FairUseFuture<bool> {
+        let mut g = self.lock();
+        let ours = g.get(uid).is_some_and(|(t, _)| t == token);
+        if ours {
+            g.remove(uid);
+        }
+        Box::pin(async move { Ok(ours) })
+    }
+}

@@ -1,0 +1,248 @@
+//! Redis implementation of [`FairUseStore`] and [`CooldownLock`].
+//!
+//! Keys (same `vg:{uid}:` prefix as `store::keys`, so a user's keys share one cluster slot):
+//! - `vg:{uid}:fu:state`  HASH `v` (version), `s` (state JSON)
+//! - `vg:{uid}:fu:events` LIST of event JSON, newest first, trimmed to [`MAX_EVENTS_PER_USER`]
+//! - `vg:{uid}:fu:lock`   STRING `token|expires_ms` (the classifier cooldown lock)
+//! - `vg:fu:case:<ref>`   STRING uid (case-ref index, written after the state script)
+//! - `vg:fu:flagged`      HASH uid → stage for users not at none (admin index, written after the state script)
+//!
+//! The state write is one Lua script (compare version, write, append events, trim, refresh TTL). The two global
+//! indexes live in other slots, so they are written by separate commands right after; they are indexes only
+//! (admin views re-read the state), and a lost index write is repaired by the user's next commit.
+
+use redis::aio::ConnectionManager;
+use redis::{AsyncCommands, Script};
+
+use crate::policy::{CaseRef, FairUseEvent, Stage, StageState};
+use crate::store::fair_use::{
+    CommitOutcome, CooldownLock, FairUseFuture, FairUseStore, FairUseStoreError,
+    MAX_EVENTS_PER_USER, VersionedState,
+};
+
+/// State and events outlive every decay horizon (30 + 7 + 30 days) by far; a user silent this long is gone.
+const STATE_TTL_MS: u64 = 400 * 86_400_000;
+const FLAGGED_KEY: &str = "vg:fu:flagged";
+
+pub fn state_key(uid: &str) -> String {
+    format!("vg:{{{uid}}}:fu:state")
+}
+
+pub fn events_key(uid: &str) -> String {
+    format!("vg:{{{uid}}}:fu:events")
+}
+
+pub fn lock_key(uid: &str) -> String {
+    format!("vg:{{{uid}}}:fu:lock")
+}
+
+pub fn case_key(case_ref: &CaseRef) -> String {
+    format!("vg:fu:case:{case_ref}")
+}
+
+const COMMIT_LUA: &str = r"
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if v ~= tonumber(ARGV[1]) then return {0, v} end
+v = v + 1
+redis.call('HSET', KEYS[1], 'v', v, 's', ARGV[2])
+for i = 5, #ARGV do redis.call('LPUSH', KEYS[2], ARGV[i]) end
+redis.call('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if redis.call('EXISTS', KEYS[2]) == 1 then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+return {1, v}
+";
+
+/// Free when absent or when the stored expiry is not after `now` (decided by the caller's clock, not the TTL;
+/// the TTL only collects garbage). ARGV: value (`token|expires_ms`), now_ms, expires_ms, ttl_ms.
+const ACQUIRE_LUA: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local sep = string.find(cur, '|', 1, true)
+  local exp = sep and tonumber(string.sub(cur, sep + 1)) or nil
+  if exp and exp > tonumber(ARGV[2]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+return 1
+";
+
+/// Compare-and-delete: delete only while our token holds the lock. ARGV: token.
+const RELEASE_LUA: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[1] + 1) == ARGV[1] .. '|' then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// Fair-use state and events in Redis.
+#[derive(Clone)]
+pub struct RedisFairUseStore {
+    conn: ConnectionManager,
+    commit: Script,
+}
+
+impl RedisFairUseStore {
+    pub fn new(conn: ConnectionManager) -> Self {
+        RedisFairUseStore {
+            conn,
+            commit: Script::new(COMMIT_LUA),
+        }
+    }
+}
+
+impl FairUseStore for RedisFairUseStore {
+    fn load(&self, uid: &str) -> FairUseFuture<VersionedState> {
+        let mut conn = self.conn.clone();
+        let key = state_key(uid);
+        Box::pin(async move {
+            let (v, s): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+                .arg(&key)
+                .arg("v")
+                .arg("s")
+                .query_async(&mut conn)
+                .await?;
+            match (v, s) {
+                (Some(version), Some(json)) => Ok(VersionedState {
+                    state: serde_json::from_str(&json)?,
+                    version,
+                }),
+                _ => Ok(VersionedState::default()),
+            }
+        })
+    }
+
+    fn commit(
+        &self,
+        uid: &str,
+        expected_version: u64,
+        state: &StageState,
+        events: &[FairUseEvent],
+    ) -> FairUseFuture<CommitOutcome> {
+        let mut conn = self.conn.clone();
+        let script = self.commit.clone();
+        let uid = uid.to_owned();
+        let state_json = serde_json::to_string(state);
+        let event_json: Result<Vec<String>, _> = events.iter().map(serde_json::to_string).collect();
+        let cases: Vec<CaseRef> = events.iter().map(|e| e.case_ref.clone()).collect();
+        let stage = state.stage;
+        Box::pin(async move {
+            let (state_json, event_json) = (state_json?, event_json?);
+            let mut inv = script.prepare_invoke();
+            inv.key(state_key(&uid)).key(events_key(&uid));
+            inv.arg(expected_version)
+                .arg(state_json)
+                .arg(MAX_EVENTS_PER_USER)
+                .arg(STATE_TTL_MS);
+            for e in &event_json {
+                inv.arg(e);
+            }
+            let (ok, version): (i64, u64) = inv.invoke_async(&mut conn).await?;
+            if ok != 1 {
+                return Ok(CommitOutcome::Conflict { current: version });
+            }
+            for case in &cases {
+                let _: () = conn.pset_ex(case_key(case), &uid, STATE_TTL_MS).await?;
+            }
+            if stage == Stage::None {
+                let _: () = conn.hdel(FLAGGED_KEY, &uid).await?;
+            } else {
+                let _: () = conn.hset(FLAGGED_KEY, &uid, stage.as_str()).await?;
+            }
+            Ok(CommitOutcome::Committed { version })
+        })
+    }
+
+    fn events(&self, uid: &str, limit: usize) -> FairUseFuture<Vec<FairUseEvent>> {
+        let mut conn = self.conn.clone();
+        let key = events_key(uid);
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let end = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
+            let raw: Vec<String> = conn.lrange(&key, 0, end).await?;
+            raw.iter()
+                .map(|j| serde_json::from_str(j).map_err(FairUseStoreError::from))
+                .collect()
+        })
+    }
+
+    fn find_case(&self, case_ref: &CaseRef) -> FairUseFuture<Option<String>> {
+        let mut conn = self.conn.clone();
+        let key = case_key(case_ref);
+        Box::pin(async move { Ok(conn.get(&key).await?) })
+    }
+
+    fn flagged(&self, stage: Option<Stage>, limit: usize) -> FairUseFuture<Vec<(String, Stage)>> {
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            let all: Vec<(String, String)> = conn.hgetall(FLAGGED_KEY).await?;
+            let mut out: Vec<(String, Stage)> = all
+                .into_iter()
+                .filter_map(|(uid, s)| s.parse::<Stage>().ok().map(|s| (uid, s)))
+                .filter(|(_, s)| *s != Stage::None && stage.is_none_or(|want| want == *s))
+                .collect();
+            out.sort();
+            out.truncate(limit);
+            Ok(out)
+        })
+    }
+}
+
+/// The classifier cooldown lock in Redis, shared by every node on the same Redis.
+#[derive(Clone)]
+pub struct RedisCooldownLock {
+    conn: ConnectionManager,
+    acquire: Script,
+    release: Script,
+}
+
+impl RedisCooldownLock {
+    pub fn new(conn: ConnectionManager) -> Self {
+        RedisCooldownLock {
+            conn,
+            acquire: Script::new(ACQUIRE_LUA),
+            release: Script::new(RELEASE_LUA),
+        }
+    }
+}
+
+impl CooldownLock for RedisCooldownLock {
+    fn try_acquire(
+        &self,
+        uid: &str,
+        token: &str,
+        now_ms: u64,
+        hold_ms: u64,
+    ) -> FairUseFuture<bool> {
+        let mut conn = self.conn.clone();
+        let script = self.acquire.clone();
+        let key = lock_key(uid);
+        let expires = now_ms.saturating_add(hold_ms);
+        let value = format!("{token}|{expires}");
+        // The TTL only collects garbage; at least 1 ms because PX 0 is an error.
+        let ttl = hold_ms.max(1);
+        Box::pin(async move {
+            let got: i64 = script
+                .key(&key)
+                .arg(&value)
+                .arg(now_ms)
+                .arg(expires)
+                .arg(ttl)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(got == 1)
+        })
+    }
+
+    fn release(&self, uid: &str, token: &str) -> FairUseFuture<bool> {
+        let mut conn = self.conn.clone();
+        let script = self.release.clone();
+        let key = lock_key(uid);
+        let token = token.to_owned();
+        Box::pin(async move {
+            let n: i64 = script.key(&key).arg(&token).invoke_async(&mut conn).await?;
+            Ok(n == 1)
+        })
+    }
+}

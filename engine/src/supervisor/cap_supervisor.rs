@@ -1,0 +1,419 @@
+//! The cap supervisor actor.
+//!
+//! A user's actor sends [`CapBreached`] after a record leaves a total over a cap. The supervisor:
+//! 1. skips users at restrict (nothing higher to reach: no lock, no classifier, E55);
+//! 2. deduplicates per user: one job queued or running at a time, then nothing until the cooldown ends, which
+//!    across nodes is the store's token lock (acquired before classifying, kept for the cooldown on success);
+//! 3. runs at most `concurrency` jobs at once; the classifier runs in its own task under a timeout, so an
+//!    error, a panic or a hang is caught;
+//! 4. on failure: logs uid and reason, counts it, releases the lock (compare-and-delete) and retries later with
+//!    exponential backoff. A failure is never a benign verdict and never changes the stage;
+//! 5. on success: sends the verdict to the [`VerdictSink`] (the user's actor), which applies at most one step
+//!    and records the event; a stage change up sends a notice.
+//!
+//! Time: cooldowns compare the [`Clock`] (wall ms); tokio timers only schedule retries and time out tasks.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use rand::RngExt as _;
+
+use crate::meter::time::Clock;
+use crate::policy::notice::notice_for;
+use crate::policy::{
+    BreachContext, CapTrigger, ClassifierSettings, FairUseConfig, RollingTotals, SoftCaps, Stage,
+};
+use crate::store::fair_use::CooldownLock;
+use crate::supervisor::classifier::{Classifier, MAX_SESSIONS, UsageSnapshot, UsageSource};
+use crate::supervisor::ledger::{Applied, VerdictSink};
+use crate::supervisor::notifier::Notifier;
+use crate::telemetry;
+
+/// A record left a user's rolling totals over at least one cap.
+#[derive(Debug, Clone, PartialEq, Message)]
+#[rtype(result = "()")]
+pub struct CapBreached {
+    pub uid: String,
+    /// The user's stage (after decay) as their actor sees it.
+    pub stage: Stage,
+    /// In the order daily, 3-day, weekly; never empty for a real breach.
+    pub triggered: Vec<CapTrigger>,
+    pub totals: RollingTotals,
+}
+
+/// Ask for the supervisor's observable state.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "SupervisorStats")]
+pub struct GetSupervisorStats;
+
+/// What the supervisor has done so far (supervision as observable state).
+#[derive(Debug, Clone, Default, PartialEq, Eq, MessageResponse)]
+pub struct SupervisorStats {
+    pub in_flight: usize,
+    pub max_in_flight: usize,
+    pub queued: usize,
+    pub started: u64,
+    pub escalated: u64,
+    pub unchanged: u64,
+    /// Another node (or an earlier run) holds the user's cooldown lock.
+    pub lock_held: u64,
+    pub deduplicated: u64,
+    pub skipped_restrict: u64,
+    /// Failures by reason (`error`, `malformed`, `panic`, `timeout`, `lock`, `apply`, …).
+    pub failed: BTreeMap<&'static str, u64>,
+    pub retries_scheduled: u64,
+}
+
+/// What the supervisor runs and talks to.
+#[derive(Clone)]
+pub struct SupervisorDeps {
+    pub classifier: Arc<dyn Classifier>,
+    pub lock: Arc<dyn CooldownLock>,
+    pub sink: Arc<dyn VerdictSink>,
+    pub notifier: Arc<dyn Notifier>,
+    pub sessions: Arc<dyn UsageSource>,
+    pub clock: Arc<dyn Clock>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum UserEntry {
+    Queued,
+    Running,
+    /// A failed run waits for its retry.
+    Retrying,
+    /// Classified (here or elsewhere): nothing until then.
+    Cooling {
+        until_ms: u64,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Job {
+    uid: String,
+    breach: BreachContext,
+    attempt: u32,
+}
+
+#[derive(Debug)]
+enum Outcome {
+    Applied(Applied),
+    LockHeld,
+    Failed { reason: &'static str, error: String },
+}
+
+/// The cap supervisor actor.
+pub struct CapSupervisor {
+    settings: ClassifierSettings,
+    caps: SoftCaps,
+    deps: SupervisorDeps,
+    users: HashMap<String, UserEntry>,
+    queue: VecDeque<Job>,
+    stats: SupervisorStats,
+}
+
+/// Mailbox capacity: breaches are cheap to dedupe, so a large bound only absorbs bursts.
+pub const MAILBOX_CAPACITY: usize = 4_096;
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
+
+impl CapSupervisor {
+    pub fn new(cfg: &FairUseConfig, deps: SupervisorDeps) -> Self {
+        CapSupervisor {
+            settings: cfg.classifier.clone(),
+            caps: cfg.caps,
+            deps,
+            users: HashMap::new(),
+            queue: VecDeque::new(),
+            stats: SupervisorStats::default(),
+        }
+    }
+
+    fn dispatch(&mut self, ctx: &mut Context<Self>) {
+        while self.stats.in_flight < self.settings.concurrency.max(1) {
+            let Some(job) = self.queue.pop_front() else {
+                break;
+            };
+            self.start(job, ctx);
+        }
+        self.stats.queued = self.queue.len();
+        metrics::gauge!(telemetry::FAIR_USE_CLASSIFIER_QUEUED).set(gauge(self.queue.len()));
+        metrics::gauge!(telemetry::FAIR_USE_CLASSIFIER_IN_FLIGHT).set(gauge(self.stats.in_flight));
+    }
+
+    fn start(&mut self, job: Job, ctx: &mut Context<Self>) {
+        self.stats.in_flight += 1;
+        self.stats.max_in_flight = self.stats.max_in_flight.max(self.stats.in_flight);
+        self.stats.started += 1;
+        self.users.insert(job.uid.clone(), UserEntry::Running);
+        let run = run_job(
+            self.deps.clone(),
+            self.settings.clone(),
+            job.uid.clone(),
+            job.breach.clone(),
+        );
+        ctx.spawn(
+            run.into_actor(self)
+                .map(move |outcome, act, ctx| act.finish(job, outcome, ctx)),
+        );
+    }
+
+    fn finish(&mut self, job: Job, outcome: Outcome, ctx: &mut Context<Self>) {
+        self.stats.in_flight = self.stats.in_flight.saturating_sub(1);
+        let cooling = UserEntry::Cooling {
+            until_ms: self
+                .deps
+                .clock
+                .now_ms()
+                .saturating_add(self.settings.cooldown_ms),
+        };
+        match outcome {
+            Outcome::Applied(applied) => {
+                self.users.insert(job.uid.clone(), cooling);
+                let escalated = applied.event().filter(|e| e.new_stage > e.previous_stage);
+                let result = if escalated.is_some() {
+                    "escalated"
+                } else {
+                    "unchanged"
+                };
+                metrics::counter!(telemetry::FAIR_USE_CLASSIFICATIONS_TOTAL, "result" => result)
+                    .increment(1);
+                match escalated {
+                    Some(e) => {
+                        self.stats.escalated += 1;
+                        if let Some(notice) = notice_for(e.new_stage, Some(&e.case_ref)) {
+                            self.deps.notifier.notify(&job.uid, &notice);
+                        }
+                    }
+                    None => self.stats.unchanged += 1,
+                }
+            }
+            Outcome::LockHeld => {
+                self.stats.lock_held += 1;
+                self.users.insert(job.uid.clone(), cooling);
+            }
+            Outcome::Failed { reason, error } => {
+                *self.stats.failed.entry(reason).or_default() += 1;
+                self.stats.retries_scheduled += 1;
+                metrics::counter!(telemetry::FAIR_USE_CLASSIFIER_FAILURES_TOTAL, "reason" => reason).increment(1);
+                let attempt = job.attempt.saturating_add(1);
+                let delay = backoff(&self.settings, attempt);
+                tracing::warn!(
+                    message = "Classifier run failed; lock released, will retry.",
+                    uid = %job.uid,
+                    reason,
+                    error = %error,
+                    attempt,
+                    retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                );
+                self.users.insert(job.uid.clone(), UserEntry::Retrying);
+                let retry = Job { attempt, ..job };
+                ctx.run_later(delay, move |act, ctx| {
+                    act.users.insert(retry.uid.clone(), UserEntry::Queued);
+                    act.queue.push_back(retry);
+                    act.dispatch(ctx);
+                });
+            }
+        }
+        self.dispatch(ctx);
+    }
+
+    fn sweep(&mut self) {
+        let now = self.deps.clock.now_ms();
+        self.users
+            .retain(|_, e| !matches!(e, UserEntry::Cooling { until_ms } if *until_ms <= now));
+    }
+}
+
+impl Actor for CapSupervisor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
+        ctx.run_interval(SWEEP_EVERY, |act, _| act.sweep());
+    }
+}
+
+impl Handler<CapBreached> for CapSupervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: CapBreached, ctx: &mut Context<Self>) {
+        if msg.stage == Stage::Restrict {
+            self.stats.skipped_restrict += 1;
+            metrics::counter!(telemetry::FAIR_USE_BREACHES_TOTAL, "action" => "skipped_restrict")
+                .increment(1);
+            return;
+        }
+        let now = self.deps.clock.now_ms();
+        let busy = match self.users.get(&msg.uid) {
+            Some(UserEntry::Queued | UserEntry::Running | UserEntry::Retrying) => true,
+            Some(UserEntry::Cooling { until_ms }) => *until_ms > now,
+            None => false,
+        };
+        if busy {
+            self.stats.deduplicated += 1;
+            metrics::counter!(telemetry::FAIR_USE_BREACHES_TOTAL, "action" => "deduplicated")
+                .increment(1);
+            return;
+        }
+        metrics::counter!(telemetry::FAIR_USE_BREACHES_TOTAL, "action" => "queued").increment(1);
+        let breach = BreachContext {
+            trigger: msg.triggered.first().map(|t| t.cap),
+            totals: msg.totals,
+            caps: self.caps,
+        };
+        self.users.insert(msg.uid.clone(), UserEntry::Queued);
+        self.queue.push_back(Job {
+            uid: msg.uid,
+            breach,
+            attempt: 0,
+        });
+        self.dispatch(ctx);
+    }
+}
+
+impl Handler<GetSupervisorStats> for CapSupervisor {
+    type Result = SupervisorStats;
+
+    fn handle(&mut self, _: GetSupervisorStats, _: &mut Context<Self>) -> SupervisorStats {
+        self.stats.clone()
+    }
+}
+
+/// Backoff before retry `attempt` (1-based): base × 2^(attempt−1), capped.
+pub fn backoff(settings: &ClassifierSettings, attempt: u32) -> Duration {
+    let factor = 1_u64
+        .checked_shl(attempt.saturating_sub(1))
+        .unwrap_or(u64::MAX);
+    Duration::from_millis(
+        settings
+            .retry_base_ms
+            .saturating_mul(factor)
+            .min(settings.retry_max_ms),
+    )
+}
+
+/// Acquire the lock, classify (own task, timeout), apply (own task); release the lock on any failure.
+async fn run_job(
+    deps: SupervisorDeps,
+    settings: ClassifierSettings,
+    uid: String,
+    breach: BreachContext,
+) -> Outcome {
+    let token = format!("{:032x}", rand::rng().random::<u128>());
+    let started = tokio::time::Instant::now();
+    let now = deps.clock.now_ms();
+    match deps
+        .lock
+        .try_acquire(&uid, &token, now, settings.cooldown_ms)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return Outcome::LockHeld,
+        Err(e) => {
+            return Outcome::Failed {
+                reason: "lock",
+                error: e.to_string(),
+            };
+        }
+    }
+    let outcome = classify_and_apply(&deps, &settings, &uid, breach).await;
+    metrics::histogram!(telemetry::FAIR_USE_CLASSIFIER_DURATION_SECONDS)
+        .record(started.elapsed().as_secs_f64());
+    if matches!(outcome, Outcome::Failed { .. }) {
+        match deps.lock.release(&uid, &token).await {
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(message = "Releasing the classifier lock failed.", uid = %uid, error = %e)
+            }
+        }
+    }
+    outcome
+}
+
+async fn classify_and_apply(
+    deps: &SupervisorDeps,
+    settings: &ClassifierSettings,
+    uid: &str,
+    breach: BreachContext,
+) -> Outcome {
+    let now = deps.clock.now_ms();
+    let since = now.saturating_sub(
+        settings
+            .lookback_days
+            .saturating_mul(crate::policy::stage::DAY_MS),
+    );
+    let (classifier, sessions) = (deps.classifier.clone(), deps.sessions.clone());
+    let (task_uid, totals) = (uid.to_owned(), breach.totals);
+    let lookback_days = settings.lookback_days;
+    let mut task = tokio::spawn(async move {
+        let mut recent = sessions.recent_sessions(&task_uid, since).await?;
+        recent.truncate(MAX_SESSIONS);
+        let snapshot = UsageSnapshot {
+            uid: task_uid,
+            now_ms: now,
+            lookback_days,
+            totals,
+            sessions: recent,
+        };
+        classifier.classify(snapshot).await
+    });
+    let verdict =
+        match tokio::time::timeout(Duration::from_millis(settings.timeout_ms), &mut task).await {
+            Err(_) => {
+                task.abort();
+                return Outcome::Failed {
+                    reason: "timeout",
+                    error: format!("no verdict after {} ms", settings.timeout_ms),
+                };
+            }
+            Ok(Err(join)) => {
+                return Outcome::Failed {
+                    reason: join_reason(&join),
+                    error: join_message(join),
+                };
+            }
+            Ok(Ok(Err(e))) => {
+                return Outcome::Failed {
+                    reason: e.code(),
+                    error: e.to_string(),
+                };
+            }
+            Ok(Ok(Ok(v))) => v.normalised(),
+        };
+    let apply = deps
+        .sink
+        .apply(uid.to_owned(), verdict, breach, deps.clock.now_ms());
+    match tokio::spawn(apply).await {
+        Ok(Ok(applied)) => Outcome::Applied(applied),
+        Ok(Err(e)) => Outcome::Failed {
+            reason: "apply",
+            error: format!("{} ({})", e, e.code()),
+        },
+        Err(join) => Outcome::Failed {
+            reason: "apply",
+            error: join_message(join),
+        },
+    }
+}
+
+fn join_reason(e: &tokio::task::JoinError) -> &'static str {
+    if e.is_panic() { "panic" } else { "cancelled" }
+}
+
+fn join_message(e: tokio::task::JoinError) -> String {
+    if !e.is_panic() {
+        return e.to_string();
+    }
+    let payload = e.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic with a non-string payload".to_owned())
+}
+
+#[allow(clippy::cast_precision_loss)] // small counts
+fn gauge(n: usize) -> f64 {
+    n as f64
+}

@@ -1,0 +1,224 @@
+//! Fair-use state, events and the cooldown lock, against real Redis and the in-memory store alike
+//! (omi §7 G70 lock semantics, C44 compare-and-delete release).
+
+use std::sync::Arc;
+
+use voicegate_engine::policy::{CaseRef, EventKind, FairUseEvent, Stage, StageState};
+use voicegate_engine::store::fair_use::{
+    CommitOutcome, CooldownLock, FairUseStore, MAX_EVENTS_PER_USER, MemoryCooldownLock,
+    MemoryFairUseStore,
+};
+use voicegate_engine::store::fair_use_redis::{RedisCooldownLock, RedisFairUseStore, lock_key};
+use voicegate_engine::store::test_redis::RedisServer;
+
+const NOW: u64 = 1_790_000_000_000;
+const HOLD: u64 = 43_200_000;
+
+fn event(n: u64, to: Stage) -> FairUseEvent {
+    let s = StageState::default();
+    let (_, mut e) = voicegate_engine::policy::admin_set_stage(
+        &s,
+        &Default::default(),
+        to,
+        "test",
+        NOW + n,
+        CaseRef::from_bits(n),
+    );
+    e.kind = EventKind::AdminSetStage;
+    e
+}
+
+async fn redis() -> (RedisServer, redis::aio::ConnectionManager) {
+    let server = RedisServer::start().expect("redis-server");
+    let client = redis::Client::open(server.url()).unwrap();
+    let conn = redis::aio::ConnectionManager::new(client).await.unwrap();
+    (server, conn)
+}
+
+async fn state_store_contract(store: Arc<dyn FairUseStore>) {
+    let fresh = store.load("u").await.unwrap();
+    assert_eq!((fresh.version, fresh.state.stage), (0, Stage::None));
+
+    let warning = StageState {
+        stage: Stage::Warning,
+        updated_at_ms: NOW,
+        ..Default::default()
+    };
+    let e1 = event(1, Stage::Warning);
+    assert_eq!(
+        store.commit("u", 0, &warning, &[e1.clone()]).await.unwrap(),
+        CommitOutcome::Committed { version: 1 }
+    );
+    // A writer that read version 0 loses and must re-read.
+    assert_eq!(
+        store
+            .commit("u", 0, &StageState::default(), &[])
+            .await
+            .unwrap(),
+        CommitOutcome::Conflict { current: 1 }
+    );
+    let loaded = store.load("u").await.unwrap();
+    assert_eq!((loaded.version, &loaded.state), (1, &warning));
+
+    let e2 = event(2, Stage::Throttle);
+    let throttle = StageState {
+        stage: Stage::Throttle,
+        ..warning.clone()
+    };
+    assert!(matches!(
+        store
+            .commit("u", 1, &throttle, &[e2.clone()])
+            .await
+            .unwrap(),
+        CommitOutcome::Committed { .. }
+    ));
+    assert_eq!(
+        store.events("u", 10).await.unwrap(),
+        vec![e2.clone(), e1.clone()],
+        "newest first"
+    );
+    assert_eq!(
+        store.find_case(&e1.case_ref).await.unwrap().as_deref(),
+        Some("u")
+    );
+    assert_eq!(
+        store.find_case(&CaseRef::from_bits(999)).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        store.flagged(None, 10).await.unwrap(),
+        vec![("u".to_owned(), Stage::Throttle)]
+    );
+    assert!(
+        store
+            .flagged(Some(Stage::Restrict), 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Back to none leaves the flagged index; events are trimmed to the newest MAX_EVENTS_PER_USER.
+    let many: Vec<FairUseEvent> = (10..10 + MAX_EVENTS_PER_USER as u64 + 5)
+        .map(|n| event(n, Stage::None))
+        .collect();
+    assert!(matches!(
+        store
+            .commit("u", 2, &StageState::default(), &many)
+            .await
+            .unwrap(),
+        CommitOutcome::Committed { .. }
+    ));
+    assert!(store.flagged(None, 10).await.unwrap().is_empty());
+    let kept = store.events("u", 1_000).await.unwrap();
+    assert_eq!(kept.len(), MAX_EVENTS_PER_USER);
+    assert_eq!(kept.first(), many.last());
+}
+
+async fn lock_contract(lock: Arc<dyn CooldownLock>) {
+    assert!(
+        lock.try_acquire("u", "a", NOW, HOLD).await.unwrap(),
+        "first acquire"
+    );
+    assert!(
+        !lock.try_acquire("u", "b", NOW + 1, HOLD).await.unwrap(),
+        "second acquire fails (G70)"
+    );
+    assert!(
+        !lock.release("u", "b").await.unwrap(),
+        "wrong token leaves it (G70)"
+    );
+    assert!(
+        !lock
+            .try_acquire("u", "c", NOW + HOLD - 1, HOLD)
+            .await
+            .unwrap(),
+        "held until the cooldown ends"
+    );
+    assert!(
+        lock.release("u", "a").await.unwrap(),
+        "right token releases"
+    );
+    assert!(
+        lock.try_acquire("u", "d", NOW + 2, HOLD).await.unwrap(),
+        "acquirable again"
+    );
+    // Expiry is decided by the caller's now, not by when the store forgets the key.
+    assert!(
+        lock.try_acquire("u", "e", NOW + 2 + HOLD, HOLD)
+            .await
+            .unwrap(),
+        "free once now passes the hold"
+    );
+    assert!(
+        !lock.release("u", "d").await.unwrap(),
+        "a stale token cannot release the new holder"
+    );
+    // A token that is a prefix of the holder's is not the holder.
+    assert!(lock.try_acquire("p", "tok-1", NOW, HOLD).await.unwrap());
+    assert!(!lock.release("p", "tok").await.unwrap());
+}
+
+#[tokio::test]
+async fn memory_state_store_keeps_the_contract() {
+    state_store_contract(Arc::new(MemoryFairUseStore::new())).await;
+}
+
+#[tokio::test]
+async fn redis_state_store_keeps_the_contract() {
+    let (_server, conn) = redis().await;
+    state_store_contract(Arc::new(RedisFairUseStore::new(conn))).await;
+}
+
+#[tokio::test]
+async fn memory_lock_keeps_the_contract() {
+    lock_contract(Arc::new(MemoryCooldownLock::new())).await;
+}
+
+#[tokio::test]
+async fn redis_lock_keeps_the_contract_and_its_key_carries_the_uid_hash_tag() {
+    let (server, conn) = redis().await;
+    lock_contract(Arc::new(RedisCooldownLock::new(conn))).await;
+    assert_eq!(
+        voicegate_engine::store::keys::hash_tag(&lock_key("u")),
+        Some("u")
+    );
+    let ttl: i64 = server
+        .command(&["PTTL", &lock_key("u")])
+        .unwrap()
+        .trim()
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert!(
+        ttl > 0 && ttl <= HOLD as i64,
+        "the TTL only collects garbage: {ttl}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_redis_commits_from_one_version_let_exactly_one_win() {
+    let (_server, conn) = redis().await;
+    let store = RedisFairUseStore::new(conn);
+    let mut tasks = Vec::new();
+    for i in 0..16u64 {
+        let s = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let st = StageState {
+                stage: Stage::Warning,
+                updated_at_ms: i,
+                ..Default::default()
+            };
+            s.commit("race", 0, &st, &[event(i, Stage::Warning)])
+                .await
+                .unwrap()
+        }));
+    }
+    let mut wins = 0;
+    for t in tasks {
+        if matches!(t.await.unwrap(), CommitOutcome::Committed { .. }) {
+            wins += 1;
+        }
+    }
+    assert_eq!(wins, 1);
+    assert_eq!(store.events("race", 100).await.unwrap().len(), 1);
+}

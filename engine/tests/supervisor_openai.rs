@@ -1,0 +1,126 @@
+//! The OpenAI-compatible classifier against a small fake chat-completions server on 127.0.0.1: a strict JSON
+//! verdict parses; malformed output, an HTTP error or a dead server is a failure, never a benign score.
+
+use std::sync::{Arc, Mutex};
+
+use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
+use serde_json::{Value, json};
+use voicegate_engine::policy::{ClassifierSettings, RollingTotals, UsageType};
+use voicegate_engine::supervisor::{Classifier, ClassifierError, OpenAiClassifier, UsageSnapshot};
+
+#[derive(Clone, Default)]
+struct Seen(Arc<Mutex<Vec<(Option<String>, Value)>>>);
+
+/// Serves one canned reply per path prefix: `/ok`, `/fenced`, `/malformed`, `/status500`, `/empty`.
+async fn start_fake() -> (String, Seen, actix_web::dev::ServerHandle) {
+    let seen = Seen::default();
+    let s = seen.clone();
+    let server = HttpServer::new(move || {
+        let s = s.clone();
+        App::new().route(
+            "/{mode}/chat/completions",
+            web::post().to(move |req: HttpRequest, body: web::Json<Value>, mode: web::Path<String>| {
+                let s = s.clone();
+                async move {
+                    let auth = req.headers().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_owned);
+                    s.0.lock().unwrap().push((auth, body.into_inner()));
+                    let verdict = r#"{"misuse_score":0.91,"usage_type":"podcast","confidence":0.8,"evidence":[{"conversation_id":"c1","title":"Ep 12","reason":"scripted show"}],"reasoning":"many 45 min shows"}"#;
+                    let content = match mode.as_str() {
+                        "ok" => verdict.to_owned(),
+                        "fenced" => format!("```json\n{verdict}\n```"),
+                        "malformed" => "I think this user is fine.".to_owned(),
+                        "status500" => return HttpResponse::InternalServerError().body("boom"),
+                        _ => return HttpResponse::Ok().json(json!({"choices": []})),
+                    };
+                    HttpResponse::Ok().json(json!({"choices": [{"message": {"role": "assistant", "content": content}}]}))
+                }
+            }),
+        )
+    })
+    .workers(1)
+    .bind(("127.0.0.1", 0))
+    .unwrap();
+    let addr = server.addrs()[0];
+    let server = server.run();
+    let handle = server.handle();
+    actix_web::rt::spawn(server);
+    (format!("http://{addr}"), seen, handle)
+}
+
+fn classifier(base: &str, mode: &str) -> OpenAiClassifier {
+    OpenAiClassifier::new(&ClassifierSettings {
+        base_url: format!("{base}/{mode}/"),
+        model: "gpt-test".into(),
+        api_key: Some("sk-test".into()),
+        timeout_ms: 5_000,
+        ..ClassifierSettings::default()
+    })
+    .unwrap()
+}
+
+fn snapshot() -> UsageSnapshot {
+    UsageSnapshot {
+        uid: "u1".into(),
+        now_ms: 1_790_000_000_000,
+        lookback_days: 7,
+        totals: RollingTotals {
+            daily_ms: 1,
+            three_day_ms: 2,
+            weekly_ms: 3,
+        },
+        sessions: Vec::new(),
+    }
+}
+
+#[actix_web::test]
+async fn a_strict_json_verdict_is_parsed_and_the_request_carries_model_key_and_snapshot() {
+    let (base, seen, server) = start_fake().await;
+    for mode in ["ok", "fenced"] {
+        let v = classifier(&base, mode).classify(snapshot()).await.unwrap();
+        assert_eq!(
+            (v.misuse_score, v.usage_type, v.evidence.len()),
+            (0.91, UsageType::Podcast, 1)
+        );
+        assert!(v.model.starts_with("gpt-test"));
+    }
+    let (auth, body) = seen.0.lock().unwrap()[0].clone();
+    assert_eq!(auth.as_deref(), Some("Bearer sk-test"));
+    assert_eq!(body["model"], "gpt-test");
+    assert_eq!(body["response_format"]["type"], "json_object");
+    let user: Value =
+        serde_json::from_str(body["messages"][1]["content"].as_str().unwrap()).unwrap();
+    assert_eq!(user["uid"], "u1");
+    server.stop(true).await;
+}
+
+#[actix_web::test]
+async fn malformed_output_http_errors_and_empty_choices_are_failures() {
+    let (base, _seen, server) = start_fake().await;
+    let err = |mode: &'static str| {
+        let c = classifier(&base, mode);
+        async move { c.classify(snapshot()).await.unwrap_err() }
+    };
+    assert!(matches!(
+        err("malformed").await,
+        ClassifierError::Malformed(_)
+    ));
+    assert_eq!(err("status500").await, ClassifierError::Status(500));
+    assert!(matches!(err("empty").await, ClassifierError::Malformed(_)));
+    server.stop(true).await;
+}
+
+#[actix_web::test]
+async fn an_unreachable_server_is_a_transport_failure() {
+    // Bind then drop a listener: nothing listens on that port any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = classifier(&format!("http://127.0.0.1:{port}"), "ok")
+        .classify(snapshot())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ClassifierError::Transport(_)), "{e:?}");
+    assert_eq!(e.code(), "error");
+}

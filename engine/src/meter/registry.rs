@@ -6,7 +6,7 @@
 //! stripe's read lock.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -95,9 +95,7 @@ impl Shared {
     }
 
     fn locate(&self, uid: &str) -> (usize, usize) {
-        let mut h = self.hasher.build_hasher();
-        uid.hash(&mut h);
-        let h = h.finish();
+        let h = self.hasher.hash_one(uid);
         (
             (h % self.shards.len() as u64) as usize,
             ((h >> 32) % STRIPES_PER_SHARD as u64) as usize,

@@ -202,12 +202,7 @@ impl RedisStore {
     ) -> Result<UserSnapshot, StoreError> {
         let mut conn = self.conn.clone();
         let cutoff = at.now_ms.saturating_sub(at.retention_ms);
-        let (buckets, months, keys_scored, writer_seq): (
-            HashMap<Minute, u64>,
-            HashMap<MonthKey, u64>,
-            Vec<(String, f64)>,
-            Option<u64>,
-        ) = redis::pipe()
+        let (buckets, months, keys_scored, writer_seq): LoadReply = redis::pipe()
             .atomic()
             .hgetall(keys::speech_buckets(uid))
             .hgetall(keys::month_usage(uid))
@@ -235,6 +230,14 @@ impl RedisStore {
         })
     }
 }
+
+/// Replies of the load pipeline: buckets, months, idempotency keys with scores, the writer's seq.
+type LoadReply = (
+    HashMap<Minute, u64>,
+    HashMap<MonthKey, u64>,
+    Vec<(String, f64)>,
+    Option<u64>,
+);
 
 fn push_delta(cmd: &mut redis::Cmd, delta: &Delta) {
     cmd.arg(delta.buckets.len());

@@ -197,14 +197,20 @@ impl UserMeter {
             || self.in_flight_keys.iter().any(|k| &**k == key)
     }
 
-    fn record(&mut self, rec: RecordSpeech, ctx: &mut Context<Self>) -> RecordOutcome {
+    /// Meters a record; computes the totals after it only when someone waits for them.
+    fn record(
+        &mut self,
+        rec: RecordSpeech,
+        reply: Option<oneshot::Sender<RecordOutcome>>,
+        ctx: &mut Context<Self>,
+    ) {
         let now = self.shared.clock.now_ms();
         let ms = rec.amount.to_ms();
         let status = self.record_inner(&rec, ms, now, ctx);
         self.sync_accounting();
-        RecordOutcome {
-            status,
-            totals: self.totals(now),
+        if let Some(reply) = reply {
+            let totals = self.totals(now);
+            let _ = reply.send(RecordOutcome { status, totals });
         }
     }
 
@@ -622,13 +628,12 @@ impl Handler<UserMsg> for UserMeter {
 
     fn handle(&mut self, msg: UserMsg, ctx: &mut Self::Context) {
         self.last_activity = Instant::now();
+        if !matches!(msg, UserMsg::Passivate) && !self.retired {
+            // Activity cancels a passivation that has not left the registry yet.
+            self.retire_requested = false;
+        }
         match msg {
-            UserMsg::Record(rec, reply) => {
-                let outcome = self.record(rec, ctx);
-                if let Some(reply) = reply {
-                    let _ = reply.send(outcome);
-                }
-            }
+            UserMsg::Record(rec, reply) => self.record(rec, reply, ctx),
             UserMsg::ReadTotals(reply) => {
                 let now = self.shared.clock.now_ms();
                 let _ = reply.send(self.totals(now));

@@ -89,7 +89,7 @@ impl RedisServer {
             }
             cmd.stdout(Stdio::null()).stderr(Stdio::null());
             self.child = Some(cmd.spawn()?);
-            match self.wait_ready(Duration::from_secs(10)) {
+            match self.wait_ready(Duration::from_secs(30)) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     self.kill();

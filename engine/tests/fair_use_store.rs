@@ -46,7 +46,10 @@ async fn state_store_contract(store: Arc<dyn FairUseStore>) {
     };
     let e1 = event(1, Stage::Warning);
     assert_eq!(
-        store.commit("u", 0, &warning, &[e1.clone()]).await.unwrap(),
+        store
+            .commit("u", 0, &warning, std::slice::from_ref(&e1))
+            .await
+            .unwrap(),
         CommitOutcome::Committed { version: 1 }
     );
     // A writer that read version 0 loses and must re-read.
@@ -67,7 +70,7 @@ async fn state_store_contract(store: Arc<dyn FairUseStore>) {
     };
     assert!(matches!(
         store
-            .commit("u", 1, &throttle, &[e2.clone()])
+            .commit("u", 1, &throttle, std::slice::from_ref(&e2))
             .await
             .unwrap(),
         CommitOutcome::Committed { .. }

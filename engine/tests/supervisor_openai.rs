@@ -8,8 +8,11 @@ use serde_json::{Value, json};
 use voicegate_engine::policy::{ClassifierSettings, RollingTotals, UsageType};
 use voicegate_engine::supervisor::{Classifier, ClassifierError, OpenAiClassifier, UsageSnapshot};
 
+/// (authorization header, JSON body) of each request.
+type Request = (Option<String>, Value);
+
 #[derive(Clone, Default)]
-struct Seen(Arc<Mutex<Vec<(Option<String>, Value)>>>);
+struct Seen(Arc<Mutex<Vec<Request>>>);
 
 /// Serves one canned reply per path prefix: `/ok`, `/fenced`, `/malformed`, `/status500`, `/empty`.
 async fn start_fake() -> (String, Seen, actix_web::dev::ServerHandle) {

@@ -189,7 +189,7 @@ impl ServerBuilder {
             readiness: web::Data::new(Readiness::new()),
             store_health: web::Data::from(store),
             stripe: web::Data::new(stripe),
-            sessions: web::Data::from(Arc::clone(&sessions)),
+            sessions: web::Data::new(sessions.clone()),
             metrics: web::Data::new(metrics),
         };
         let mut hooks = DrainHooks::default();

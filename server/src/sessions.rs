@@ -46,8 +46,13 @@ impl From<SessionRefused> for ApiError {
     }
 }
 
-/// Every open listen session, by user.
+/// Every open listen session, by user. Cloning shares the registry.
+#[derive(Clone)]
 pub struct SessionRegistry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     per_user_limit: usize,
     per_user: Mutex<HashMap<String, usize>>,
     active: AtomicUsize,
@@ -56,58 +61,63 @@ pub struct SessionRegistry {
 }
 
 impl SessionRegistry {
-    pub fn new(per_user_limit: usize) -> Arc<Self> {
-        Arc::new(SessionRegistry {
-            per_user_limit,
-            per_user: Mutex::new(HashMap::new()),
-            active: AtomicUsize::new(0),
-            closing: watch::Sender::new(false),
-            all_closed: Notify::new(),
-        })
+    pub fn new(per_user_limit: usize) -> Self {
+        SessionRegistry {
+            inner: Arc::new(Inner {
+                per_user_limit,
+                per_user: Mutex::new(HashMap::new()),
+                active: AtomicUsize::new(0),
+                closing: watch::Sender::new(false),
+                all_closed: Notify::new(),
+            }),
+        }
     }
 
     /// Admits one session for `uid`.
-    pub fn open(self: &Arc<Self>, uid: &str) -> Result<SessionGuard, SessionRefused> {
+    pub fn open(&self, uid: &str) -> Result<SessionGuard, SessionRefused> {
+        let this = &self.inner;
         let refused = |reason: &'static str, e: SessionRefused| {
             metrics::counter!(LISTEN_SESSIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
             Err(e)
         };
-        if *self.closing.borrow() {
+        if *this.closing.borrow() {
             return refused("draining", SessionRefused::Draining);
         }
         {
             let mut map = self
+                .inner
                 .per_user
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let count = map.entry(uid.to_owned()).or_insert(0);
-            if *count >= self.per_user_limit {
+            if *count >= this.per_user_limit {
                 return refused(
                     "per_user_limit",
                     SessionRefused::PerUserLimit {
-                        limit: self.per_user_limit,
+                        limit: this.per_user_limit,
                     },
                 );
             }
             *count += 1;
         }
-        let active = self.active.fetch_add(1, Ordering::AcqRel) + 1;
+        let active = this.active.fetch_add(1, Ordering::AcqRel) + 1;
         metrics::gauge!(LISTEN_SESSIONS_ACTIVE).set(active as f64);
         Ok(SessionGuard {
-            registry: Arc::clone(self),
+            registry: self.clone(),
             uid: uid.to_owned(),
-            closing: self.closing.subscribe(),
+            closing: this.closing.subscribe(),
         })
     }
 
     /// Open sessions, all users.
     pub fn active(&self) -> usize {
-        self.active.load(Ordering::Acquire)
+        self.inner.active.load(Ordering::Acquire)
     }
 
     /// Open sessions of one user.
     pub fn active_for(&self, uid: &str) -> usize {
         let map = self
+            .inner
             .per_user
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -117,10 +127,10 @@ impl SessionRegistry {
     /// Refuses new sessions, asks every open one to close, and waits (at most `timeout`) until all are gone.
     /// Returns how many were still open at the end.
     pub async fn close_all(&self, timeout: Duration) -> usize {
-        self.closing.send_replace(true);
+        self.inner.closing.send_replace(true);
         let wait = async {
             loop {
-                let notified = self.all_closed.notified();
+                let notified = self.inner.all_closed.notified();
                 tokio::pin!(notified);
                 // Register interest before checking, so a release between the check and the await is not lost.
                 notified.as_mut().enable();
@@ -135,8 +145,10 @@ impl SessionRegistry {
     }
 
     fn release(&self, uid: &str) {
+        let this = &self.inner;
         {
             let mut map = self
+                .inner
                 .per_user
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -147,17 +159,17 @@ impl SessionRegistry {
                 }
             }
         }
-        let left = self.active.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
+        let left = this.active.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
         metrics::gauge!(LISTEN_SESSIONS_ACTIVE).set(left as f64);
         if left == 0 {
-            self.all_closed.notify_waiters();
+            this.all_closed.notify_waiters();
         }
     }
 }
 
 /// One admitted session. Hold it for the session's whole life; drop it after the session has metered its speech.
 pub struct SessionGuard {
-    registry: Arc<SessionRegistry>,
+    registry: SessionRegistry,
     uid: String,
     closing: watch::Receiver<bool>,
 }

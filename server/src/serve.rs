@@ -428,6 +428,27 @@ impl RunningServer {
     }
 }
 
+/// Installs the `tracing` subscriber (`RUST_LOG`, default `info`). Safe to call twice.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+/// The `serve` subcommand for `main`: logging, an actix system, [`run`], and an exit code
+/// (0 after a drain, 2 when the server cannot start or fails).
+pub fn main(cfg: ServeConfig) -> std::process::ExitCode {
+    init_logging();
+    match actix_web::rt::System::new().block_on(run(cfg)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(message = "voicegate serve failed.", error = %e);
+            eprintln!("voicegate serve: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
 /// `voicegate serve`: start with no engine wiring and drain on SIGTERM/SIGINT.
 pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     ServerBuilder::new(cfg)?

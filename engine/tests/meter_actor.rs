@@ -346,3 +346,83 @@ async fn shutdown_flushes_every_actor_and_reports_it() {
     assert_eq!((report.users_left, report.pending_ms_left), (0, 0));
     assert_eq!(store.apply_calls(), 50);
 }
+
+/// Records every batch the store is asked to apply (and whether it was up at the time).
+struct Spy {
+    inner: MemoryStore,
+    seen: std::sync::Mutex<Vec<(u64, u64, bool)>>,
+}
+
+impl Store for Spy {
+    fn load<'a>(
+        &'a self,
+        uid: &'a str,
+        writer: voicegate_engine::store::WriterId,
+        at: StoreTime,
+    ) -> futures_util::future::BoxFuture<
+        'a,
+        Result<voicegate_engine::store::UserSnapshot, voicegate_engine::store::StoreError>,
+    > {
+        self.inner.load(uid, writer, at)
+    }
+
+    fn apply<'a>(
+        &'a self,
+        batches: &'a [voicegate_engine::store::Batch],
+        at: StoreTime,
+    ) -> futures_util::future::BoxFuture<
+        'a,
+        Result<voicegate_engine::store::ApplyResults, voicegate_engine::store::StoreError>,
+    > {
+        let fut = self.inner.apply(batches, at);
+        let seen: Vec<(u64, u64)> = batches.iter().map(|b| (b.seq, b.speech_ms())).collect();
+        Box::pin(async move {
+            let result = fut.await;
+            let up = result.is_ok();
+            self.seen
+                .lock()
+                .unwrap()
+                .extend(seen.into_iter().map(|(seq, ms)| (seq, ms, up)));
+            result
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        "spy"
+    }
+}
+
+#[actix::test]
+async fn a_retried_batch_is_resent_unchanged_and_newer_speech_waits_for_the_next_sequence() {
+    tokio::time::pause();
+    let spy = Arc::new(Spy {
+        inner: MemoryStore::new(),
+        seen: Default::default(),
+    });
+    let meter = Meter::start(config(), spy.clone() as Arc<dyn Store>, TokioClock::new(T0));
+    meter.totals("u").await.unwrap();
+    spy.inner.set_unavailable(true);
+    meter.record(ms("u", 1_000, T0, SpeechSource::Realtime));
+    sleep(Duration::from_millis(1_100)).await; // batch 1 fails
+    meter.record(ms("u", 2_000, T0, SpeechSource::Realtime));
+    sleep(Duration::from_secs(3)).await; // batch 1 retried, still failing
+    spy.inner.set_unavailable(false);
+    sleep(Duration::from_secs(8)).await;
+    let seen = spy.seen.lock().unwrap().clone();
+    let ok: Vec<(u64, u64)> = seen.iter().filter(|s| s.2).map(|s| (s.0, s.1)).collect();
+    assert_eq!(
+        ok,
+        vec![(1, 1_000), (2, 2_000)],
+        "batch 1 unchanged, then batch 2: {seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .filter(|s| !s.2)
+            .all(|s| (s.0, s.1) == (1, 1_000)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().filter(|s| !s.2).count() >= 2,
+        "retried: {seen:?}"
+    );
+}

@@ -188,8 +188,10 @@ async fn run_case(server: &mut RedisServer, case: &Case) -> (u64, u64, bool) {
                     continue;
                 } else if rng.chance(25) {
                     let key = format!("file-{}", rng.next());
-                    let start = now - rng.below(3 * MS_PER_DAY);
+                    // A file's speech ends before it arrives, so a replay of it (at a later now, maybe
+                    // through the other writer) lands in the same minutes.
                     let ms = 1 + rng.below(5 * MS_PER_MINUTE);
+                    let start = now - ms - rng.below(3 * MS_PER_DAY);
                     keyed.push((uid.clone(), key.clone(), ms, start));
                     (ms, start, Some(key))
                 } else {
@@ -301,6 +303,22 @@ async fn replayed_event_logs_meter_exactly_once() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5EED);
     let mut server = RedisServer::start_durable().expect("redis-server starts");
+    // `VOICEGATE_ORACLE_CASE=<seed>:<users>:<events>` replays one failed case.
+    if let Some(one) = std::env::var("VOICEGATE_ORACLE_CASE").ok() {
+        let parts: Vec<u64> = one.split(':').filter_map(|p| p.parse().ok()).collect();
+        if let [seed, users, events] = parts[..] {
+            run_case(
+                &mut server,
+                &Case {
+                    seed,
+                    users: users as usize,
+                    events: events as usize,
+                },
+            )
+            .await;
+            return;
+        }
+    }
     let mut rng = Rng(seed);
     let (mut metered, mut lost_replies, mut restarts) = (0, 0, 0);
     for done in 0..cases {
@@ -309,6 +327,7 @@ async fn replayed_event_logs_meter_exactly_once() {
             users: 12 + rng.below(24) as usize,
             events: 60 + rng.below(140) as usize,
         };
+        println!("oracle case {}:{}:{}", case.seed, case.users, case.events);
         let (ms, lost, restarted) = run_case(&mut server, &case).await;
         metered += ms;
         if (done + 1) % 500 == 0 {

@@ -426,3 +426,24 @@ async fn a_retried_batch_is_resent_unchanged_and_newer_speech_waits_for_the_next
         "retried: {seen:?}"
     );
 }
+
+#[actix::test]
+async fn the_pending_bound_over_all_users_drops_and_says_so() {
+    let store = Arc::new(MemoryStore::new());
+    store.set_unavailable(true);
+    let (meter, _) = start(
+        store.clone(),
+        MeterConfig {
+            max_pending_total: 4,
+            ..config()
+        },
+    );
+    let mut statuses = Vec::new();
+    for i in 0..6 {
+        let rec = ms(&format!("u{i}"), 1_000, T0, SpeechSource::Sync).with_idempotency_key("file");
+        statuses.push(meter.record_and_read(rec).await.unwrap().status);
+    }
+    assert_eq!(&statuses[..4], &[RecordStatus::Recorded; 4]);
+    assert_eq!(&statuses[4..], &[RecordStatus::Dropped; 2]);
+    assert_eq!(meter.pending_speech_ms(), 4_000);
+}

@@ -77,6 +77,9 @@ pub struct UserMeter {
     /// What this actor added to its shard's pending gauges.
     accounted_ms: u64,
     accounted_entries: usize,
+    entries_at_total_check: usize,
+    records_since_total_check: u32,
+    over_total: bool,
     unreported_ms: [u64; 3],
     // Fair-use state (issue 4) belongs here, next to the totals it reads: e.g. `fair_use: FairUseState`.
 }
@@ -114,6 +117,9 @@ impl UserMeter {
             refresh_waiters: Vec::new(),
             accounted_ms: 0,
             accounted_entries: 0,
+            entries_at_total_check: usize::MAX,
+            records_since_total_check: 0,
+            over_total: false,
             unreported_ms: [0; 3],
         }
     }
@@ -231,9 +237,18 @@ impl UserMeter {
             return RecordStatus::Duplicate;
         }
         let config = &self.shared.config;
-        if self.pending.entries() >= config.max_pending_per_user
-            || self.shared.pending_entries_total() >= config.max_pending_total as i64
-        {
+        let entries = self.pending.entries();
+        // The total over all shards is read when this actor's pending changed since the last look, or
+        // every 256 records (a realtime stream adding to the same minute changes nothing), keeping other
+        // shards' cache lines out of the hot path; the total can overshoot by a record per actor.
+        self.records_since_total_check += 1;
+        if entries != self.entries_at_total_check || self.records_since_total_check >= 256 {
+            self.entries_at_total_check = entries;
+            self.records_since_total_check = 0;
+            self.over_total =
+                self.shared.pending_entries_total() >= config.max_pending_total as i64;
+        }
+        if entries >= config.max_pending_per_user || self.over_total {
             metrics::counter!(telemetry::METER_RECORDS_DROPPED_TOTAL, "reason" => "pending_full")
                 .increment(1);
             warn!(uid = %self.uid, speech_ms = ms, pending_entries = self.pending.entries(), "Meter pending memory full: record dropped.");

@@ -1,0 +1,413 @@
+//! `FairUse`: the handle the server holds for fair use. It composes the meter (rolling totals, month usage),
+//! the ledger (stage state and events) and the cap supervisor, and answers the three callers with one
+//! resolver: sync, realtime and status.
+//!
+//! Integration seam: breaches are detected here, after `Meter::record_and_read`, and reported to the
+//! supervisor; verdicts are applied through the ledger (compare-and-set, so serial per user across nodes).
+//! When the user meter actor owns the fair-use state, it takes over both steps behind the same API.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use actix::prelude::*;
+use serde::Serialize;
+
+use crate::meter::time::Clock;
+use crate::meter::{Meter, MeterError, RecordOutcome, RecordSpeech, RecordStatus, UsageTotals};
+use crate::policy::notice::{Notice, status_message};
+use crate::policy::{
+    CaseRef, ClassifierKind, CreditLookup, Enforcement, Entitlement, EntitlementInput,
+    FairUseConfig, FairUseEvent, InvalidStage, Mode, MonthUsage, SoftCaps, Stage, StageState,
+    SttAllowance, SttUsage, resolve,
+};
+use crate::store::fair_use::{CooldownLock, FairUseStore};
+use crate::supervisor::cap_supervisor::{CapBreached, CapSupervisor, SupervisorDeps};
+use crate::supervisor::classifier::{Classifier, ClassifierError, UsageSource};
+use crate::supervisor::heuristic::HeuristicClassifier;
+use crate::supervisor::ledger::{Applied, FairUseLedger, LedgerError};
+use crate::supervisor::notifier::{LogNotifier, Notifier};
+use crate::supervisor::openai::OpenAiClassifier;
+
+/// A user over a cap is reported to the supervisor at most once per this interval (the supervisor
+/// deduplicates anyway; this only saves store reads on a hot realtime path).
+pub const BREACH_REPORT_INTERVAL_MS: u64 = 60_000;
+
+/// The result of looking up a user's plan record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanRecord<'a> {
+    /// Looked up: `None` = no record = the free plan.
+    Known(Option<&'a str>),
+    /// The lookup failed: credits are `Unavailable` (no lock, paid STT fails closed).
+    Unavailable,
+}
+
+/// Errors of the admin operations.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    InvalidStage(#[from] InvalidStage),
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
+}
+
+impl AdminError {
+    /// Stable code: `invalid_stage` (400) or a store code (503).
+    pub fn code(&self) -> &'static str {
+        match self {
+            AdminError::InvalidStage(_) => InvalidStage::CODE,
+            AdminError::Ledger(e) => e.code(),
+        }
+    }
+}
+
+/// Exact speech per window and this month.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SpeechMs {
+    pub daily_ms: u64,
+    pub three_day_ms: u64,
+    pub weekly_ms: u64,
+    pub month_ms: u64,
+}
+
+/// Three numbers per window (hours or percent), rounded for display only.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct PerWindow {
+    pub daily: f64,
+    pub three_day: f64,
+    pub weekly: f64,
+}
+
+/// The status view (`GET /v1/fair-use/status`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FairUseStatus {
+    pub stage: Stage,
+    pub enforced_stage: Stage,
+    pub enforcement: Enforcement,
+    pub case_ref: Option<CaseRef>,
+    pub message: String,
+    pub speech_ms: SpeechMs,
+    /// ms / 3 600 000, 2 decimals (the reference's `speech_hours_*`).
+    pub speech_hours: PerWindow,
+    pub limits_hours: PerWindow,
+    /// 1 decimal.
+    pub usage_pct: PerWindow,
+    pub stt: SttAllowance,
+    pub credits: CreditLookup,
+    pub locked: bool,
+    /// False while the meter could not read the store (totals are this node's pending speech only).
+    pub totals_known: bool,
+    pub notice: Option<Notice>,
+}
+
+/// Everything an admin sees of one user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UserDetail {
+    pub state: StageState,
+    pub events: Vec<FairUseEvent>,
+    pub totals: Option<UsageTotals>,
+}
+
+/// The fair-use handle. Cheap to clone.
+#[derive(Clone)]
+pub struct FairUse {
+    cfg: Arc<FairUseConfig>,
+    meter: Meter,
+    ledger: FairUseLedger,
+    supervisor: Addr<CapSupervisor>,
+    clock: Arc<dyn Clock>,
+    notices: Option<LogNotifier>,
+    reported: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+/// The classifier the configuration asks for.
+pub fn classifier_from_config(cfg: &FairUseConfig) -> Result<Arc<dyn Classifier>, ClassifierError> {
+    Ok(match cfg.classifier.kind {
+        ClassifierKind::Heuristic => Arc::new(HeuristicClassifier),
+        ClassifierKind::OpenAi => Arc::new(OpenAiClassifier::new(&cfg.classifier)?),
+    })
+}
+
+/// What [`FairUse::start`] needs besides the config and the meter.
+pub struct FairUseParts {
+    pub store: Arc<dyn FairUseStore>,
+    pub lock: Arc<dyn CooldownLock>,
+    pub classifier: Arc<dyn Classifier>,
+    pub sessions: Arc<dyn UsageSource>,
+    /// `None` = a [`LogNotifier`], whose latest notice the status view shows.
+    pub notifier: Option<Arc<dyn Notifier>>,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl FairUse {
+    /// Starts the cap supervisor on the current arbiter (inside a running actix `System`).
+    pub fn start(cfg: FairUseConfig, meter: Meter, parts: FairUseParts) -> FairUse {
+        let cfg = Arc::new(cfg);
+        let ledger = FairUseLedger::new(parts.store, Arc::clone(&cfg));
+        let log_notifier = parts.notifier.is_none().then(LogNotifier::new);
+        let notifier: Arc<dyn Notifier> = match (&parts.notifier, &log_notifier) {
+            (Some(n), _) => Arc::clone(n),
+            (None, Some(l)) => Arc::new(l.clone()),
+            (None, None) => Arc::new(LogNotifier::new()),
+        };
+        let deps = SupervisorDeps {
+            classifier: parts.classifier,
+            lock: parts.lock,
+            sink: Arc::new(ledger.clone()),
+            notifier,
+            sessions: parts.sessions,
+            clock: Arc::clone(&parts.clock),
+        };
+        let supervisor = CapSupervisor::new(&cfg, deps).start();
+        FairUse {
+            cfg,
+            meter,
+            ledger,
+            supervisor,
+            clock: parts.clock,
+            notices: log_notifier,
+            reported: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    pub fn config(&self) -> &FairUseConfig {
+        &self.cfg
+    }
+
+    pub fn ledger(&self) -> &FairUseLedger {
+        &self.ledger
+    }
+
+    pub fn supervisor(&self) -> &Addr<CapSupervisor> {
+        &self.supervisor
+    }
+
+    /// Meters a record and, when the user is over a cap with enforcement active, reports the breach to the
+    /// supervisor (in the background: the caller never waits for the stage read).
+    pub async fn record(&self, rec: RecordSpeech) -> Result<RecordOutcome, MeterError> {
+        let uid = rec.uid.to_string();
+        let outcome = self.meter.record_and_read(rec).await?;
+        if outcome.status == RecordStatus::Recorded && outcome.totals.known {
+            self.maybe_report(uid, outcome.totals);
+        }
+        Ok(outcome)
+    }
+
+    fn maybe_report(&self, uid: String, totals: UsageTotals) {
+        if !Enforcement::of(&self.cfg, &uid).active() {
+            return;
+        }
+        let triggered = self.cfg.caps.triggered(&totals.rolling);
+        if triggered.is_empty() {
+            return;
+        }
+        let now = self.clock.now_ms();
+        {
+            // Whole-value inserts only: a poisoned map is still consistent.
+            let mut reported = self
+                .reported
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if reported
+                .get(&uid)
+                .is_some_and(|&at| now < at.saturating_add(BREACH_REPORT_INTERVAL_MS))
+            {
+                return;
+            }
+            reported.retain(|_, at| now < at.saturating_add(BREACH_REPORT_INTERVAL_MS));
+            reported.insert(uid.clone(), now);
+        }
+        let (ledger, supervisor) = (self.ledger.clone(), self.supervisor.clone());
+        actix::spawn(async move {
+            match ledger.read(&uid, now).await {
+                Ok(state) => supervisor.do_send(CapBreached {
+                    uid,
+                    stage: state.stage,
+                    triggered,
+                    totals: totals.rolling,
+                }),
+                // The supervisor would only fail on the same store; the next record reports again.
+                Err(e) => {
+                    tracing::warn!(message = "Reading fair-use state for a breach failed.", uid = %uid, error = %e)
+                }
+            }
+        });
+    }
+
+    /// The entitlement of a user now: what sync, realtime and status all decide on.
+    pub async fn entitlement(
+        &self,
+        uid: &str,
+        mode: Mode,
+        plan: PlanRecord<'_>,
+        stt_today: SttUsage,
+    ) -> Entitlement {
+        self.resolve_now(uid, mode, plan, stt_today).await.0
+    }
+
+    async fn resolve_now(
+        &self,
+        uid: &str,
+        mode: Mode,
+        plan: PlanRecord<'_>,
+        stt_today: SttUsage,
+    ) -> (Entitlement, UsageTotals, CreditLookup) {
+        let now = self.clock.now_ms();
+        let totals = match self.meter.totals(uid).await {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(message = "Reading usage totals failed.", uid, error = %e);
+                UsageTotals::default()
+            }
+        };
+        let state = self.ledger.read(uid, now).await;
+        let mut credits = match (plan, totals.known) {
+            (PlanRecord::Known(record), true) => CreditLookup::Resolved(self.cfg.plans.credits(
+                record,
+                MonthUsage {
+                    month_ms: totals.month_ms,
+                },
+            )),
+            _ => CreditLookup::Unavailable,
+        };
+        let state = match state {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(message = "Reading fair-use state failed; admitting, STT closed.", uid, error = %e);
+                credits = CreditLookup::Unavailable;
+                StageState::default()
+            }
+        };
+        let input = EntitlementInput {
+            uid,
+            mode,
+            credits: &credits,
+            month: MonthUsage {
+                month_ms: totals.month_ms,
+            },
+            stage: &state,
+            totals: totals.rolling,
+            stt_today,
+            now_ms: now,
+        };
+        (resolve(&self.cfg, &input), totals, credits)
+    }
+
+    /// The status view.
+    pub async fn status(
+        &self,
+        uid: &str,
+        plan: PlanRecord<'_>,
+        stt_today: SttUsage,
+    ) -> FairUseStatus {
+        let (e, totals, credits) = self.resolve_now(uid, Mode::Status, plan, stt_today).await;
+        let caps = self.cfg.caps;
+        let r = totals.rolling;
+        FairUseStatus {
+            stage: e.stage,
+            enforced_stage: e.enforced_stage,
+            enforcement: e.enforcement,
+            case_ref: e.state.last_case_ref.clone(),
+            message: status_message(e.stage, e.state.last_case_ref.as_ref()),
+            speech_ms: SpeechMs {
+                daily_ms: r.daily_ms,
+                three_day_ms: r.three_day_ms,
+                weekly_ms: r.weekly_ms,
+                month_ms: totals.month_ms,
+            },
+            speech_hours: per_window([r.daily_ms, r.three_day_ms, r.weekly_ms], |ms| {
+                round(hours(ms), 100.0)
+            }),
+            limits_hours: per_window([caps.daily_ms, caps.three_day_ms, caps.weekly_ms], |ms| {
+                round(hours(ms), 100.0)
+            }),
+            usage_pct: usage_pct(&caps, &totals),
+            stt: e.stt,
+            locked: e.lock,
+            credits,
+            totals_known: totals.known,
+            notice: self.notices.as_ref().and_then(|n| n.latest(uid)),
+        }
+    }
+
+    /// Admin set-stage (`stage` as given in the request; `invalid_stage` → 400).
+    pub async fn set_stage(
+        &self,
+        uid: &str,
+        stage: &str,
+        admin: &str,
+    ) -> Result<Applied, AdminError> {
+        let stage: Stage = stage.parse()?;
+        Ok(self
+            .ledger
+            .set_stage(uid, stage, admin, self.clock.now_ms())
+            .await?)
+    }
+
+    /// Admin reset.
+    pub async fn reset(&self, uid: &str, admin: &str) -> Result<Applied, AdminError> {
+        Ok(self.ledger.reset(uid, admin, self.clock.now_ms()).await?)
+    }
+
+    /// Admin user detail: state (decayed, persisted), the newest 50 events, current totals.
+    pub async fn user_detail(&self, uid: &str) -> Result<UserDetail, AdminError> {
+        let state = self.ledger.read(uid, self.clock.now_ms()).await?;
+        let events = self.ledger.events(uid, 50).await?;
+        let totals = self.meter.totals(uid).await.ok();
+        Ok(UserDetail {
+            state,
+            events,
+            totals,
+        })
+    }
+
+    /// Admin flagged list (limit capped at 200).
+    pub async fn flagged(
+        &self,
+        stage: Option<Stage>,
+        limit: usize,
+    ) -> Result<Vec<(String, Stage)>, AdminError> {
+        Ok(self.ledger.flagged(stage, limit.min(200)).await?)
+    }
+
+    /// Case lookup: the uid and event of a case ref.
+    pub async fn case(
+        &self,
+        case_ref: &CaseRef,
+    ) -> Result<Option<(String, FairUseEvent)>, AdminError> {
+        Ok(self.ledger.case(case_ref).await?)
+    }
+}
+
+#[allow(clippy::cast_precision_loss)] // display only
+fn hours(ms: u64) -> f64 {
+    ms as f64 / 3_600_000.0
+}
+
+fn round(x: f64, scale: f64) -> f64 {
+    (x * scale).round() / scale
+}
+
+fn per_window(ms: [u64; 3], f: impl Fn(u64) -> f64) -> PerWindow {
+    PerWindow {
+        daily: f(ms[0]),
+        three_day: f(ms[1]),
+        weekly: f(ms[2]),
+    }
+}
+
+#[allow(clippy::cast_precision_loss)] // display only
+fn usage_pct(caps: &SoftCaps, totals: &UsageTotals) -> PerWindow {
+    let pct = |used: u64, cap: u64| {
+        if cap == 0 {
+            0.0
+        } else {
+            round(used as f64 * 100.0 / cap as f64, 10.0)
+        }
+    };
+    let r = totals.rolling;
+    PerWindow {
+        daily: pct(r.daily_ms, caps.daily_ms),
+        three_day: pct(r.three_day_ms, caps.three_day_ms),
+        weekly: pct(r.weekly_ms, caps.weekly_ms),
+    }
+}

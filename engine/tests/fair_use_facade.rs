@@ -1,0 +1,202 @@
+//! The `FairUse` handle end to end on the in-memory stores: a record over a cap reaches the supervisor and
+//! escalates; sync, realtime and status resolve through the one resolver; admin set-stage/reset; the credit
+//! lock follows the plan and month usage, and a failed plan lookup never locks.
+
+mod fair_use_support;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fair_use_support::{Scripted, Step};
+use voicegate_engine::meter::time::ManualClock;
+use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
+use voicegate_engine::policy::{Admission, Mode, Stage, SttAllowance, SttDenied, SttUsage};
+use voicegate_engine::store::MemoryStore;
+use voicegate_engine::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
+use voicegate_engine::supervisor::{
+    FairUse, FairUseParts, GetSupervisorStats, NoSessions, PlanRecord,
+};
+
+const T0: u64 = 1_790_000_000_000;
+const HOUR: u64 = 3_600_000;
+
+fn start(clock: Arc<ManualClock>, score: f64) -> FairUse {
+    let meter = Meter::start(
+        MeterConfig {
+            shards: 0,
+            ..MeterConfig::default()
+        },
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+    );
+    FairUse::start(
+        Default::default(),
+        meter,
+        FairUseParts {
+            store: Arc::new(MemoryFairUseStore::new()),
+            lock: Arc::new(MemoryCooldownLock::new()),
+            classifier: Scripted::new(vec![Step::Score(score)]),
+            sessions: Arc::new(NoSessions),
+            notifier: None,
+            clock,
+        },
+    )
+}
+
+async fn speak(fu: &FairUse, uid: &str, ms: u64, at: u64) {
+    let rec = RecordSpeech::new(uid, SpeechAmount::Ms(ms), at, SpeechSource::Sync);
+    fu.record(rec).await.unwrap();
+}
+
+async fn until_classified(fu: &FairUse, n: u64) {
+    for _ in 0..500 {
+        let s = fu.supervisor().send(GetSupervisorStats).await.unwrap();
+        if s.escalated + s.unchanged >= n && s.in_flight == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("no classification");
+}
+
+#[actix::test]
+async fn a_record_over_the_daily_cap_is_classified_and_the_status_shows_the_warning() {
+    let clock = ManualClock::new(T0);
+    let fu = start(clock.clone(), 0.9);
+    speak(&fu, "u1", HOUR, T0 - 2 * HOUR).await;
+    let under = fu
+        .status("u1", PlanRecord::Known(None), SttUsage::default())
+        .await;
+    assert_eq!(
+        (
+            under.stage,
+            under.speech_ms.daily_ms,
+            under.speech_hours.daily
+        ),
+        (Stage::None, HOUR, 1.0)
+    );
+    speak(&fu, "u1", HOUR + 1, T0 - HOUR).await; // 2 h + 1 ms: strictly over the daily cap
+    until_classified(&fu, 1).await;
+    let st = fu
+        .status("u1", PlanRecord::Known(None), SttUsage::default())
+        .await;
+    assert_eq!(st.stage, Stage::Warning);
+    assert!(st.case_ref.is_some() && st.message.contains("personal conversations"));
+    assert_eq!(
+        st.notice.map(|n| n.title).as_deref(),
+        Some("Fair Use Notice")
+    );
+    assert_eq!(st.usage_pct.daily, 100.0);
+    assert!(!st.locked);
+}
+
+#[actix::test]
+async fn restrict_over_a_cap_rejects_sync_with_retry_after_but_never_realtime() {
+    let clock = ManualClock::new(T0);
+    let fu = start(clock.clone(), 0.1);
+    fu.set_stage("r", "restrict", "ops").await.unwrap();
+    speak(&fu, "r", 3 * HOUR, T0 - 4 * HOUR).await;
+    let sync = fu
+        .entitlement(
+            "r",
+            Mode::Sync,
+            PlanRecord::Known(Some("unlimited")),
+            SttUsage::default(),
+        )
+        .await;
+    match sync.admission {
+        Admission::Reject {
+            reason,
+            retry_after_s,
+        } => {
+            assert_eq!(reason.code(), "fair_use_restricted");
+            assert_eq!(retry_after_s, 30 * 86_400);
+        }
+        Admission::Admit => panic!("restrict over cap must 429"),
+    }
+    let rt = fu
+        .entitlement(
+            "r",
+            Mode::Realtime,
+            PlanRecord::Known(Some("unlimited")),
+            SttUsage::default(),
+        )
+        .await;
+    assert_eq!(rt.admission, Admission::Admit);
+    assert!(matches!(
+        rt.stt,
+        SttAllowance::Remaining {
+            remaining_ms: 1_800_000,
+            ..
+        }
+    ));
+    // Restricted users are not classified again (E55).
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let s = fu.supervisor().send(GetSupervisorStats).await.unwrap();
+    assert_eq!(s.started, 0);
+    // Admin reset: back to none, sync admitted.
+    fu.reset("r", "ops").await.unwrap();
+    let sync = fu
+        .entitlement(
+            "r",
+            Mode::Sync,
+            PlanRecord::Known(Some("unlimited")),
+            SttUsage::default(),
+        )
+        .await;
+    assert_eq!(
+        (sync.admission, sync.stage),
+        (Admission::Admit, Stage::None)
+    );
+    assert_eq!(
+        fu.set_stage("r", "ban", "ops").await.unwrap_err().code(),
+        "invalid_stage"
+    );
+    let detail = fu.user_detail("r").await.unwrap();
+    assert_eq!(detail.events.len(), 2, "set-stage and reset are audited");
+}
+
+#[actix::test]
+async fn the_credit_lock_follows_plan_and_month_usage_and_an_unavailable_lookup_never_locks() {
+    let clock = ManualClock::new(T0);
+    let fu = start(clock.clone(), 0.1);
+    // 20 h of speech this month = the free plan's 1 200 minutes. Caps trigger too, but caps never lock.
+    for h in 0..20u64 {
+        speak(&fu, "f", HOUR, T0 - 150 * HOUR + h * 7 * HOUR).await;
+    }
+    let free = fu
+        .entitlement(
+            "f",
+            Mode::Sync,
+            PlanRecord::Known(None),
+            SttUsage::default(),
+        )
+        .await;
+    assert!(free.lock, "free plan exhausted locks");
+    assert_eq!(free.admission, Admission::Admit, "exhaustion never rejects");
+    let paid = fu
+        .entitlement(
+            "f",
+            Mode::Sync,
+            PlanRecord::Known(Some("operator")),
+            SttUsage::default(),
+        )
+        .await;
+    assert!(!paid.lock, "a payment (paid plan) unlocks new content");
+    let unknown = fu
+        .entitlement(
+            "f",
+            Mode::Realtime,
+            PlanRecord::Unavailable,
+            SttUsage::default(),
+        )
+        .await;
+    assert!(!unknown.lock, "a failed lookup never locks");
+    assert!(matches!(
+        unknown.stt,
+        SttAllowance::None {
+            reason: SttDenied::EntitlementUnknown,
+            ..
+        }
+    ));
+}

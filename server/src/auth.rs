@@ -9,6 +9,7 @@
 use std::collections::HashSet;
 use std::future::{Ready, ready};
 use std::path::Path;
+use std::sync::{Arc, RwLock};
 
 use actix_web::http::header;
 use actix_web::{FromRequest, HttpRequest, dev::Payload, web};
@@ -115,7 +116,9 @@ enum Mode {
 }
 
 struct Verifier {
-    rsa: Vec<RsaKey>,
+    /// Swapped whole by [`Authenticator::reload_jwks`]; readers clone the `Arc` and never block a reload.
+    rsa: RwLock<Arc<Vec<RsaKey>>>,
+    jwks_path: Option<String>,
     hs256: Option<DecodingKey>,
     rs_validation: Validation,
     hs_validation: Validation,
@@ -161,7 +164,8 @@ impl Authenticator {
         let issuer = cfg.jwt_issuer.as_deref();
         Ok(Authenticator {
             mode: Mode::Verify(Box::new(Verifier {
-                rsa,
+                rsa: RwLock::new(Arc::new(rsa)),
+                jwks_path: cfg.jwks.clone(),
                 hs256,
                 rs_validation: validation(Algorithm::RS256, audience, issuer),
                 hs_validation: validation(Algorithm::HS256, audience, issuer),
@@ -192,20 +196,50 @@ impl Authenticator {
         };
         let head = decode_header(token).map_err(|_| AuthError::Invalid)?;
         let (key, validation) = match head.alg {
-            Algorithm::RS256 => (pick_rsa_key(&v.rsa, head.kid.as_deref())?, &v.rs_validation),
+            Algorithm::RS256 => {
+                let keys = Arc::clone(&v.rsa.read().unwrap_or_else(|p| p.into_inner()));
+                let key = pick_rsa_key(&keys, head.kid.as_deref())?;
+                return finish(decode::<Claims>(token, key, &v.rs_validation));
+            }
             Algorithm::HS256 => (
                 v.hs256.as_ref().ok_or(AuthError::WrongAlgorithm)?,
                 &v.hs_validation,
             ),
             _ => return Err(AuthError::WrongAlgorithm),
         };
-        let data = decode::<Claims>(token, key, validation).map_err(|e| map_jwt_error(e.kind()))?;
-        let sub = data
-            .claims
-            .sub
-            .ok_or_else(|| AuthError::MissingClaim("sub".to_owned()))?;
-        checked_uid(&sub)
+        finish(decode::<Claims>(token, key, validation))
     }
+
+    /// Re-reads the JWKS file (Firebase rotates its keys; a sidecar refreshes the file). On error the keys in
+    /// use are kept. Returns the number of keys now loaded; `Ok(0)` when no JWKS is configured.
+    pub fn reload_jwks(&self) -> Result<usize, KeyLoadError> {
+        let Mode::Verify(v) = &self.mode else {
+            return Ok(0);
+        };
+        let Some(path) = &v.jwks_path else {
+            return Ok(0);
+        };
+        let keys = load_jwks(path)?;
+        let n = keys.len();
+        *v.rsa.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(keys);
+        Ok(n)
+    }
+
+    /// True when RS256 keys come from a JWKS file that [`reload_jwks`](Self::reload_jwks) can refresh.
+    pub fn has_jwks(&self) -> bool {
+        matches!(&self.mode, Mode::Verify(v) if v.jwks_path.is_some())
+    }
+}
+
+fn finish(
+    decoded: jsonwebtoken::errors::Result<jsonwebtoken::TokenData<Claims>>,
+) -> Result<AuthedUser, AuthError> {
+    let data = decoded.map_err(|e| map_jwt_error(e.kind()))?;
+    let sub = data
+        .claims
+        .sub
+        .ok_or_else(|| AuthError::MissingClaim("sub".to_owned()))?;
+    checked_uid(&sub)
 }
 
 fn validation(alg: Algorithm, audience: Option<&str>, issuer: Option<&str>) -> Validation {

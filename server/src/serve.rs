@@ -306,6 +306,9 @@ impl ServerBuilder {
         let handle = server.handle();
         let join = actix_web::rt::spawn(server);
         actix_web::rt::spawn(prometheus::upkeep(state.metrics.get_ref().clone()));
+        if state.auth.has_jwks() {
+            actix_web::rt::spawn(reload_jwks_forever(state.auth.clone()));
+        }
         state.readiness.set_ready();
         tracing::info!(message = "Listening.", addrs = ?bound);
         Ok(RunningServer {
@@ -315,6 +318,25 @@ impl ServerBuilder {
             state,
             hooks,
         })
+    }
+}
+
+/// How often the JWKS file is re-read (Firebase rotates keys every few hours; tokens live an hour).
+pub const JWKS_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+async fn reload_jwks_forever(auth: web::Data<Authenticator>) {
+    let mut tick = tokio::time::interval(JWKS_RELOAD_INTERVAL);
+    tick.tick().await; // the first tick is immediate; the keys were just loaded
+    loop {
+        tick.tick().await;
+        let auth = auth.clone();
+        match web::block(move || auth.reload_jwks()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(message = "JWKS reload failed; keeping the current keys.", %error)
+            }
+            Err(error) => tracing::warn!(message = "JWKS reload could not run.", %error),
+        }
     }
 }
 

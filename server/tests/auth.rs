@@ -247,3 +247,29 @@ async fn missing_jwks_file_refuses_to_start() {
     };
     assert!(matches!(ServerBuilder::new(cfg), Err(ServeError::Keys(_))));
 }
+
+#[actix_web::test]
+async fn rotated_key_is_accepted_after_the_jwks_file_is_reloaded() {
+    use voicegate_server::auth::{AuthError, Authenticator};
+    let old_key = fixture("test_rsa_key.der");
+    let new_key = fixture("other_rsa_key.der");
+    let jwks = jwks_file(&old_key, "k1");
+    let auth = Authenticator::from_config(&rs_config(&jwks)).unwrap_or_else(|e| panic!("{e}"));
+    let token = rs256_token(&new_key, Some("k2"), rs_claims());
+    assert_eq!(auth.verify(&token), Err(AuthError::UnknownKey));
+
+    let rotated = jwks_file(&new_key, "k2");
+    std::fs::copy(rotated.path(), jwks.path()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(auth.reload_jwks().ok(), Some(1));
+    assert_eq!(
+        auth.verify(&token).map(|u| u.uid),
+        Ok("firebase-uid-7".to_owned())
+    );
+
+    std::fs::write(jwks.path(), "garbage").unwrap_or_else(|e| panic!("{e}"));
+    assert!(auth.reload_jwks().is_err());
+    assert!(
+        auth.verify(&token).is_ok(),
+        "a failed reload keeps the keys in use"
+    );
+}

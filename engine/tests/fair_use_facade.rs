@@ -10,7 +10,7 @@ use std::time::Duration;
 use fair_use_support::{Scripted, Step};
 use voicegate_engine::meter::time::ManualClock;
 use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
-use voicegate_engine::policy::{Admission, Mode, Stage, SttAllowance, SttDenied, SttUsage};
+use voicegate_engine::policy::{Admission, Mode, Stage, SttAllowance, SttDenied};
 use voicegate_engine::store::MemoryStore;
 use voicegate_engine::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
 use voicegate_engine::supervisor::{
@@ -64,9 +64,7 @@ async fn a_record_over_the_daily_cap_is_classified_and_the_status_shows_the_warn
     let clock = ManualClock::new(T0);
     let fu = start(clock.clone(), 0.9);
     speak(&fu, "u1", HOUR, T0 - 2 * HOUR).await;
-    let under = fu
-        .status("u1", PlanRecord::Known(None), SttUsage::default())
-        .await;
+    let under = fu.status("u1", PlanRecord::Known(None)).await;
     assert_eq!(
         (
             under.stage,
@@ -77,9 +75,7 @@ async fn a_record_over_the_daily_cap_is_classified_and_the_status_shows_the_warn
     );
     speak(&fu, "u1", HOUR + 1, T0 - HOUR).await; // 2 h + 1 ms: strictly over the daily cap
     until_classified(&fu, 1).await;
-    let st = fu
-        .status("u1", PlanRecord::Known(None), SttUsage::default())
-        .await;
+    let st = fu.status("u1", PlanRecord::Known(None)).await;
     assert_eq!(st.stage, Stage::Warning);
     assert!(st.case_ref.is_some() && st.message.contains("personal conversations"));
     assert_eq!(
@@ -97,12 +93,7 @@ async fn restrict_over_a_cap_rejects_sync_with_retry_after_but_never_realtime() 
     fu.set_stage("r", "restrict", "ops").await.unwrap();
     speak(&fu, "r", 3 * HOUR, T0 - 4 * HOUR).await;
     let sync = fu
-        .entitlement(
-            "r",
-            Mode::Sync,
-            PlanRecord::Known(Some("unlimited")),
-            SttUsage::default(),
-        )
+        .entitlement("r", Mode::Sync, PlanRecord::Known(Some("unlimited")))
         .await;
     match sync.admission {
         Admission::Reject {
@@ -115,12 +106,7 @@ async fn restrict_over_a_cap_rejects_sync_with_retry_after_but_never_realtime() 
         Admission::Admit => panic!("restrict over cap must 429"),
     }
     let rt = fu
-        .entitlement(
-            "r",
-            Mode::Realtime,
-            PlanRecord::Known(Some("unlimited")),
-            SttUsage::default(),
-        )
+        .entitlement("r", Mode::Realtime, PlanRecord::Known(Some("unlimited")))
         .await;
     assert_eq!(rt.admission, Admission::Admit);
     assert!(matches!(
@@ -130,6 +116,20 @@ async fn restrict_over_a_cap_rejects_sync_with_retry_after_but_never_realtime() 
             ..
         }
     ));
+    // STT forwarded today counts against the restrict budget (30 min), across calls and sessions.
+    assert_eq!(fu.record_stt("r", 1_000_000).await.unwrap(), 1_000_000);
+    assert_eq!(fu.record_stt("r", 800_000).await.unwrap(), 1_800_000);
+    let rt = fu
+        .entitlement("r", Mode::Realtime, PlanRecord::Known(Some("unlimited")))
+        .await;
+    assert!(matches!(
+        rt.stt,
+        SttAllowance::None {
+            reason: SttDenied::BudgetExhausted,
+            ..
+        }
+    ));
+    assert_eq!(rt.admission, Admission::Admit, "realtime stays connected");
     // Restricted users are not classified again (E55).
     tokio::time::sleep(Duration::from_millis(20)).await;
     let s = fu.supervisor().send(GetSupervisorStats).await.unwrap();
@@ -137,12 +137,7 @@ async fn restrict_over_a_cap_rejects_sync_with_retry_after_but_never_realtime() 
     // Admin reset: back to none, sync admitted.
     fu.reset("r", "ops").await.unwrap();
     let sync = fu
-        .entitlement(
-            "r",
-            Mode::Sync,
-            PlanRecord::Known(Some("unlimited")),
-            SttUsage::default(),
-        )
+        .entitlement("r", Mode::Sync, PlanRecord::Known(Some("unlimited")))
         .await;
     assert_eq!(
         (sync.admission, sync.stage),
@@ -165,31 +160,16 @@ async fn the_credit_lock_follows_plan_and_month_usage_and_an_unavailable_lookup_
         speak(&fu, "f", HOUR, T0 - 150 * HOUR + h * 7 * HOUR).await;
     }
     let free = fu
-        .entitlement(
-            "f",
-            Mode::Sync,
-            PlanRecord::Known(None),
-            SttUsage::default(),
-        )
+        .entitlement("f", Mode::Sync, PlanRecord::Known(None))
         .await;
     assert!(free.lock, "free plan exhausted locks");
     assert_eq!(free.admission, Admission::Admit, "exhaustion never rejects");
     let paid = fu
-        .entitlement(
-            "f",
-            Mode::Sync,
-            PlanRecord::Known(Some("operator")),
-            SttUsage::default(),
-        )
+        .entitlement("f", Mode::Sync, PlanRecord::Known(Some("operator")))
         .await;
     assert!(!paid.lock, "a payment (paid plan) unlocks new content");
     let unknown = fu
-        .entitlement(
-            "f",
-            Mode::Realtime,
-            PlanRecord::Unavailable,
-            SttUsage::default(),
-        )
+        .entitlement("f", Mode::Realtime, PlanRecord::Unavailable)
         .await;
     assert!(!unknown.lock, "a failed lookup never locks");
     assert!(matches!(

@@ -115,6 +115,18 @@ async fn state_store_contract(store: Arc<dyn FairUseStore>) {
     let kept = store.events("u", 1_000).await.unwrap();
     assert_eq!(kept.len(), MAX_EVENTS_PER_USER);
     assert_eq!(kept.first(), many.last());
+
+    // STT day counters: per user and per UTC day.
+    assert_eq!(store.stt_ms("u", 20_000).await.unwrap(), 0);
+    assert_eq!(store.add_stt_ms("u", 20_000, 1_500).await.unwrap(), 1_500);
+    assert_eq!(store.add_stt_ms("u", 20_000, 500).await.unwrap(), 2_000);
+    assert_eq!(store.stt_ms("u", 20_000).await.unwrap(), 2_000);
+    assert_eq!(
+        store.stt_ms("u", 20_001).await.unwrap(),
+        0,
+        "a new day starts at 0"
+    );
+    assert_eq!(store.stt_ms("other", 20_000).await.unwrap(), 0);
 }
 
 async fn lock_contract(lock: Arc<dyn CooldownLock>) {

@@ -75,6 +75,10 @@ pub trait FairUseStore: Send + Sync + 'static {
     fn find_case(&self, case_ref: &CaseRef) -> FairUseFuture<Option<String>>;
     /// Users whose stored stage is not none (optionally only `stage`), at most `limit`, sorted by uid.
     fn flagged(&self, stage: Option<Stage>, limit: usize) -> FairUseFuture<Vec<(String, Stage)>>;
+    /// Add paid-STT ms forwarded on UTC day `day` (days since the epoch); returns the day's new total.
+    fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64>;
+    /// Paid-STT ms forwarded on UTC day `day`.
+    fn stt_ms(&self, uid: &str, day: u64) -> FairUseFuture<u64>;
 }
 
 /// The classifier's per-user token lock: held for the cooldown after a success, released early on failure.
@@ -97,6 +101,8 @@ struct MemoryInner {
     states: HashMap<String, VersionedState>,
     events: HashMap<String, Vec<FairUseEvent>>,
     cases: HashMap<CaseRef, String>,
+    /// (uid, day) → STT ms; only today and yesterday are kept.
+    stt: HashMap<(String, u64), u64>,
 }
 
 impl MemoryFairUseStore {
@@ -179,6 +185,25 @@ impl FairUseStore for MemoryFairUseStore {
         out.sort();
         out.truncate(limit);
         Box::pin(async move { Ok(out) })
+    }
+
+    fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64> {
+        let mut g = self.lock();
+        g.stt.retain(|(_, d), _| d.saturating_add(1) >= day);
+        let total = g.stt.entry((uid.to_owned(), day)).or_default();
+        *total = total.saturating_add(ms);
+        let total = *total;
+        Box::pin(async move { Ok(total) })
+    }
+
+    fn stt_ms(&self, uid: &str, day: u64) -> FairUseFuture<u64> {
+        let used = self
+            .lock()
+            .stt
+            .get(&(uid.to_owned(), day))
+            .copied()
+            .unwrap_or(0);
+        Box::pin(async move { Ok(used) })
     }
 }
 

@@ -4,6 +4,7 @@
 //! - `vg:{uid}:fu:state`  HASH `v` (version), `s` (state JSON)
 //! - `vg:{uid}:fu:events` LIST of event JSON, newest first, trimmed to [`MAX_EVENTS_PER_USER`]
 //! - `vg:{uid}:fu:lock`   STRING `token|expires_ms` (the classifier cooldown lock)
+//! - `vg:{uid}:fu:stt:<day>` STRING paid-STT ms forwarded on that UTC day (INCRBY; expires after 2 days)
 //! - `vg:fu:case:<ref>`   STRING uid (case-ref index, written after the state script)
 //! - `vg:fu:flagged`      HASH uid → stage for users not at none (admin index, written after the state script)
 //!
@@ -35,6 +36,13 @@ pub fn events_key(uid: &str) -> String {
 pub fn lock_key(uid: &str) -> String {
     format!("vg:{{{uid}}}:fu:lock")
 }
+
+pub fn stt_key(uid: &str, day: u64) -> String {
+    format!("vg:{{{uid}}}:fu:stt:{day}")
+}
+
+/// STT day counters outlive their day by one more (yesterday stays readable across midnight).
+const STT_TTL_MS: u64 = 2 * 86_400_000;
 
 pub fn case_key(case_ref: &CaseRef) -> String {
     format!("vg:fu:case:{case_ref}")
@@ -185,6 +193,34 @@ impl FairUseStore for RedisFairUseStore {
             out.sort();
             out.truncate(limit);
             Ok(out)
+        })
+    }
+
+    fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64> {
+        let mut conn = self.conn.clone();
+        let key = stt_key(uid, day);
+        Box::pin(async move {
+            let (total,): (u64,) = redis::pipe()
+                .atomic()
+                .cmd("INCRBY")
+                .arg(&key)
+                .arg(ms)
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(STT_TTL_MS)
+                .ignore()
+                .query_async(&mut conn)
+                .await?;
+            Ok(total)
+        })
+    }
+
+    fn stt_ms(&self, uid: &str, day: u64) -> FairUseFuture<u64> {
+        let mut conn = self.conn.clone();
+        let key = stt_key(uid, day);
+        Box::pin(async move {
+            let used: Option<u64> = conn.get(&key).await?;
+            Ok(used.unwrap_or(0))
         })
     }
 }

@@ -234,14 +234,15 @@ impl FairUse {
     }
 
     /// The entitlement of a user now: what sync, realtime and status all decide on.
-    pub async fn entitlement(
-        &self,
-        uid: &str,
-        mode: Mode,
-        plan: PlanRecord<'_>,
-        stt_today: SttUsage,
-    ) -> Entitlement {
-        self.resolve_now(uid, mode, plan, stt_today).await.0
+    pub async fn entitlement(&self, uid: &str, mode: Mode, plan: PlanRecord<'_>) -> Entitlement {
+        self.resolve_now(uid, mode, plan).await.0
+    }
+
+    /// Count paid-STT ms forwarded for `uid` today (UTC day); returns today's total. The budgets of throttle
+    /// and restrict are checked against this count by [`FairUse::entitlement`].
+    pub async fn record_stt(&self, uid: &str, ms: u64) -> Result<u64, LedgerError> {
+        let day = SttUsage::day_of(self.clock.now_ms());
+        Ok(self.ledger.store().add_stt_ms(uid, day, ms).await?)
     }
 
     async fn resolve_now(
@@ -249,7 +250,6 @@ impl FairUse {
         uid: &str,
         mode: Mode,
         plan: PlanRecord<'_>,
-        stt_today: SttUsage,
     ) -> (Entitlement, UsageTotals, CreditLookup) {
         let now = self.clock.now_ms();
         let totals = match self.meter.totals(uid).await {
@@ -277,6 +277,16 @@ impl FairUse {
                 StageState::default()
             }
         };
+        let day = SttUsage::day_of(now);
+        let stt_today = match self.ledger.store().stt_ms(uid, day).await {
+            Ok(used_ms) => SttUsage { day, used_ms },
+            Err(e) => {
+                // An unknown STT count is an unknown entitlement: paid STT fails closed.
+                tracing::warn!(message = "Reading today's STT usage failed; STT closed.", uid, error = %e);
+                credits = CreditLookup::Unavailable;
+                SttUsage { day, used_ms: 0 }
+            }
+        };
         let input = EntitlementInput {
             uid,
             mode,
@@ -293,13 +303,8 @@ impl FairUse {
     }
 
     /// The status view.
-    pub async fn status(
-        &self,
-        uid: &str,
-        plan: PlanRecord<'_>,
-        stt_today: SttUsage,
-    ) -> FairUseStatus {
-        let (e, totals, credits) = self.resolve_now(uid, Mode::Status, plan, stt_today).await;
+    pub async fn status(&self, uid: &str, plan: PlanRecord<'_>) -> FairUseStatus {
+        let (e, totals, credits) = self.resolve_now(uid, Mode::Status, plan).await;
         let caps = self.cfg.caps;
         let r = totals.rolling;
         FairUseStatus {

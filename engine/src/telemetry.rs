@@ -61,4 +61,5 @@ pub const FAIR_USE_CLASSIFIER_IN_FLIGHT: &str = "voicegate_fair_use_classifier_i
 /// Gauge: classifier jobs waiting for a slot.
 pub const FAIR_USE_CLASSIFIER_QUEUED: &str = "voicegate_fair_use_classifier_queued";
 /// Histogram: seconds one classifier task took (success or failure).
-pub const FAIR_USE_CLASSIFIER_DURATION_SECONDS: &str = "voicegate_fair_use_classifier_duration_seconds";
+pub const FAIR_USE_CLASSIFIER_DURATION_SECONDS: &str =
+    "voicegate_fair_use_classifier_duration_seconds";

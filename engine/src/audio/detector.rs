@@ -1,0 +1,198 @@
+//! Speech runs from VAD window probabilities: hysteresis with a minimum run and a hangover.
+//!
+//! A run starts at the first window whose probability is at least `threshold`. It continues while
+//! windows stay above `neg_threshold`; once they fall below, the run ends at the first low window
+//! **if** the low stretch lasts at least `hangover` samples (shorter dips are bridged). A finished run
+//! shorter than `min_speech` is discarded as a click. Everything is in samples at 16 kHz.
+
+use super::segments::Span;
+use super::vad::{WINDOW, WindowProb};
+
+/// Detector parameters (samples at 16 kHz).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DetectorParams {
+    pub threshold: f32,
+    pub neg_threshold: f32,
+    pub min_speech: u64,
+    pub hangover: u64,
+}
+
+impl Default for DetectorParams {
+    fn default() -> Self {
+        DetectorParams {
+            threshold: 0.5,
+            neg_threshold: 0.35,
+            min_speech: 4_000,
+            hangover: 1_600,
+        }
+    }
+}
+
+/// An event from the detector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpeechEvent {
+    /// Speech began at this sample offset (emitted once the run is confirmed long enough).
+    Started(u64),
+    /// A run finished.
+    Ended(Span),
+}
+
+/// Streaming detector state.
+#[derive(Debug, Clone)]
+pub struct SpeechDetector {
+    params: DetectorParams,
+    /// Start of the current run, if in speech.
+    run_start: Option<u64>,
+    /// Start of the current low stretch inside a run.
+    low_start: Option<u64>,
+    /// Whether `Started` was emitted for the current run.
+    announced: bool,
+    /// End of the last window seen.
+    last_end: u64,
+}
+
+impl SpeechDetector {
+    pub fn new(params: DetectorParams) -> SpeechDetector {
+        SpeechDetector {
+            params,
+            run_start: None,
+            low_start: None,
+            announced: false,
+            last_end: 0,
+        }
+    }
+
+    /// Feed one window's probability; events are appended to `out`.
+    pub fn push(&mut self, w: WindowProb, out: &mut Vec<SpeechEvent>) {
+        let end = w.start + WINDOW as u64;
+        self.last_end = end;
+        match self.run_start {
+            None => {
+                if w.prob >= self.params.threshold {
+                    self.run_start = Some(w.start);
+                    self.low_start = None;
+                    self.announced = false;
+                }
+            }
+            Some(start) => {
+                if w.prob < self.params.neg_threshold {
+                    let low = *self.low_start.get_or_insert(w.start);
+                    if end - low >= self.params.hangover {
+                        self.close(start, low, out);
+                    }
+                } else if w.prob >= self.params.threshold || self.low_start.is_none() {
+                    self.low_start = None;
+                }
+            }
+        }
+        if let Some(start) = self.run_start
+            && !self.announced
+            && self.low_start.is_none()
+            && end - start >= self.params.min_speech
+        {
+            self.announced = true;
+            out.push(SpeechEvent::Started(start));
+        }
+    }
+
+    fn close(&mut self, start: u64, end: u64, out: &mut Vec<SpeechEvent>) {
+        if end - start >= self.params.min_speech {
+            if !self.announced {
+                out.push(SpeechEvent::Started(start));
+            }
+            out.push(SpeechEvent::Ended(Span::new(start, end)));
+        }
+        self.run_start = None;
+        self.low_start = None;
+        self.announced = false;
+    }
+
+    /// End of stream: close an open run at the start of its low stretch (or at the last window's end).
+    pub fn finish(&mut self, out: &mut Vec<SpeechEvent>) {
+        if let Some(start) = self.run_start {
+            let end = self.low_start.unwrap_or(self.last_end);
+            self.close(start, end, out);
+        }
+    }
+
+    /// Whether a run is open.
+    pub fn in_speech(&self) -> bool {
+        self.run_start.is_some()
+    }
+}
+
+/// Run a detector over a whole list of windows and return the raw spans.
+pub fn detect(params: DetectorParams, windows: &[WindowProb]) -> Vec<Span> {
+    let mut d = SpeechDetector::new(params);
+    let mut events = Vec::new();
+    for w in windows {
+        d.push(*w, &mut events);
+    }
+    d.finish(&mut events);
+    events
+        .into_iter()
+        .filter_map(|e| match e {
+            SpeechEvent::Ended(s) => Some(s),
+            SpeechEvent::Started(_) => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn windows(probs: &[f32]) -> Vec<WindowProb> {
+        probs
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| WindowProb {
+                start: (i * WINDOW) as u64,
+                prob: p,
+            })
+            .collect()
+    }
+
+    fn params() -> DetectorParams {
+        DetectorParams {
+            threshold: 0.5,
+            neg_threshold: 0.35,
+            min_speech: 2 * WINDOW as u64,
+            hangover: 2 * WINDOW as u64,
+        }
+    }
+
+    #[test]
+    fn a_run_ends_at_the_first_low_window_after_a_full_hangover() {
+        let spans = detect(params(), &windows(&[0.1, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1]));
+        assert_eq!(spans, vec![Span::new(512, 4 * 512)]);
+    }
+
+    #[test]
+    fn a_short_dip_is_bridged() {
+        let spans = detect(params(), &windows(&[0.9, 0.9, 0.1, 0.9, 0.9, 0.0, 0.0]));
+        assert_eq!(spans, vec![Span::new(0, 5 * 512)]);
+    }
+
+    #[test]
+    fn a_click_shorter_than_min_speech_is_dropped() {
+        assert!(detect(params(), &windows(&[0.1, 0.9, 0.1, 0.1, 0.1])).is_empty());
+    }
+
+    #[test]
+    fn an_open_run_is_closed_at_the_end() {
+        assert_eq!(
+            detect(params(), &windows(&[0.9, 0.9, 0.9])),
+            vec![Span::new(0, 3 * 512)]
+        );
+    }
+
+    #[test]
+    fn between_thresholds_keeps_but_does_not_start_speech() {
+        assert!(detect(params(), &windows(&[0.4, 0.4, 0.4])).is_empty());
+        assert_eq!(
+            detect(params(), &windows(&[0.9, 0.4, 0.4, 0.0, 0.0])),
+            vec![Span::new(0, 3 * 512)]
+        );
+    }
+}

@@ -1,0 +1,12 @@
+//! Audio: the `.bin` container, device file names, codecs, resampling to 16 kHz, Silero VAD, the
+//! speech detector (window probabilities → raw runs) and segment rules (metering and STT merging).
+
+pub mod codec;
+pub mod container;
+pub mod detector;
+pub mod filename;
+pub mod resample;
+pub mod segments;
+pub mod simd;
+pub mod vad;
+pub mod wav;

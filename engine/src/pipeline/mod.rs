@@ -1,0 +1,3 @@
+//! Pipelines: one sync upload (offline) or one realtime session (live), over a shared speech pipeline.
+pub mod offline;
+pub mod stream;

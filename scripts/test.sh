@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Run every test: formatting, clippy (-D warnings), then the whole test suite (nextest when present).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/deps.sh
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+start=$(date +%s)
+cargo fmt --all -- --check
+cargo clippy --locked --workspace --all-targets -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --locked --workspace --no-fail-fast
+  cargo test --locked --workspace --doc
+else
+  cargo test --locked --workspace --no-fail-fast
+fi
+echo "all tests passed in $(( $(date +%s) - start )) s"

@@ -304,7 +304,7 @@ async fn replayed_event_logs_meter_exactly_once() {
         .unwrap_or(0x5EED);
     let mut server = RedisServer::start_durable().expect("redis-server starts");
     // `VOICEGATE_ORACLE_CASE=<seed>:<users>:<events>` replays one failed case.
-    if let Some(one) = std::env::var("VOICEGATE_ORACLE_CASE").ok() {
+    if let Ok(one) = std::env::var("VOICEGATE_ORACLE_CASE") {
         let parts: Vec<u64> = one.split(':').filter_map(|p| p.parse().ok()).collect();
         if let [seed, users, events] = parts[..] {
             run_case(

@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the server (realtime listen websocket, sync uploads, fair use, metrics).
-    Serve(voicegate_server::ServeConfig),
+    Serve(Box<voicegate_server::ServeConfig>),
     /// Decode, VAD-segment and meter audio files (.bin or .wav) offline.
     Analyze(analyze::AnalyzeArgs),
 }
@@ -27,7 +27,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(cfg) => voicegate_server::serve::main(cfg),
+        Command::Serve(cfg) => voicegate_server::serve::main(*cfg),
         Command::Analyze(args) => analyze::run(args),
     }
 }

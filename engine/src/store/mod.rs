@@ -9,6 +9,7 @@ pub mod fair_use;
 pub mod fair_use_redis;
 pub mod keys;
 mod memory;
+pub mod plans;
 mod redis_store;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_redis;

@@ -1,0 +1,148 @@
+//! Users' plan records (set by verified payments; read by every entitlement decision).
+//!
+//! Redis key: `vg:{uid}:plan` STRING, JSON [`PlanRecordValue`]. No record = the free plan. A payment event is
+//! applied at most once: `vg:{uid}:plan:ev:<event_id>` marks it (kept 30 days, longer than Stripe retries).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, PoisonError};
+
+use futures_util::future::BoxFuture;
+use redis::aio::ConnectionManager;
+use serde::{Deserialize, Serialize};
+
+/// What the store keeps for a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanRecordValue {
+    pub plan: String,
+    pub updated_at_ms: u64,
+    /// The payment event that set it.
+    pub event_id: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("plan store unavailable: {0}")]
+pub struct PlanStoreError(pub String);
+
+/// Users' plans.
+pub trait PlanStore: Send + Sync + 'static {
+    /// The plan id on record (`None` = no record = free).
+    fn get<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<Option<String>, PlanStoreError>>;
+    /// Records `value` for `uid`. Returns `false` when `value.event_id` was applied before (nothing changes).
+    fn set<'a>(
+        &'a self,
+        uid: &'a str,
+        value: &'a PlanRecordValue,
+    ) -> BoxFuture<'a, Result<bool, PlanStoreError>>;
+}
+
+/// Plans in process memory.
+#[derive(Default)]
+pub struct MemoryPlanStore {
+    inner: Mutex<(HashMap<String, PlanRecordValue>, HashSet<String>)>,
+}
+
+impl PlanStore for MemoryPlanStore {
+    fn get<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<Option<String>, PlanStoreError>> {
+        let plan = self
+            .inner
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .0
+            .get(uid)
+            .map(|v| v.plan.clone());
+        Box::pin(async move { Ok(plan) })
+    }
+
+    fn set<'a>(
+        &'a self,
+        uid: &'a str,
+        value: &'a PlanRecordValue,
+    ) -> BoxFuture<'a, Result<bool, PlanStoreError>> {
+        let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        let fresh = inner.1.insert(format!("{uid}\u{0}{}", value.event_id));
+        if fresh {
+            inner.0.insert(uid.to_owned(), value.clone());
+        }
+        Box::pin(async move { Ok(fresh) })
+    }
+}
+
+pub fn plan_key(uid: &str) -> String {
+    format!("vg:{{{uid}}}:plan")
+}
+
+pub fn plan_event_key(uid: &str, event_id: &str) -> String {
+    format!("vg:{{{uid}}}:plan:ev:{event_id}")
+}
+
+const EVENT_TTL_MS: u64 = 30 * 86_400_000;
+
+/// Marks the event and sets the plan atomically. KEYS: plan, event mark. ARGV: value, ttl.
+const SET_LUA: &str = r"
+if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 1
+end
+return 0
+";
+
+/// Plans in Redis.
+#[derive(Clone)]
+pub struct RedisPlanStore {
+    conn: ConnectionManager,
+    script: redis::Script,
+}
+
+impl RedisPlanStore {
+    pub fn new(conn: ConnectionManager) -> Self {
+        RedisPlanStore {
+            conn,
+            script: redis::Script::new(SET_LUA),
+        }
+    }
+}
+
+fn err(e: impl std::fmt::Display) -> PlanStoreError {
+    PlanStoreError(e.to_string())
+}
+
+impl PlanStore for RedisPlanStore {
+    fn get<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<Option<String>, PlanStoreError>> {
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            let raw: Option<String> = redis::cmd("GET")
+                .arg(plan_key(uid))
+                .query_async(&mut conn)
+                .await
+                .map_err(err)?;
+            match raw {
+                None => Ok(None),
+                Some(json) => {
+                    let v: PlanRecordValue = serde_json::from_str(&json).map_err(err)?;
+                    Ok(Some(v.plan))
+                }
+            }
+        })
+    }
+
+    fn set<'a>(
+        &'a self,
+        uid: &'a str,
+        value: &'a PlanRecordValue,
+    ) -> BoxFuture<'a, Result<bool, PlanStoreError>> {
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            let json = serde_json::to_string(value).map_err(err)?;
+            let n: i64 = self
+                .script
+                .key(plan_key(uid))
+                .key(plan_event_key(uid, &value.event_id))
+                .arg(json)
+                .arg(EVENT_TTL_MS)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(err)?;
+            Ok(n == 1)
+        })
+    }
+}

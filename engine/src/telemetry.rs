@@ -63,3 +63,18 @@ pub const FAIR_USE_CLASSIFIER_QUEUED: &str = "voicegate_fair_use_classifier_queu
 /// Histogram: seconds one classifier task took (success or failure).
 pub const FAIR_USE_CLASSIFIER_DURATION_SECONDS: &str =
     "voicegate_fair_use_classifier_duration_seconds";
+
+// --- Sync uploads and conversations (server sync route, engine::conversation) ---
+
+/// Counter, label `outcome` (`ok`, `partial`, `failed`, `rejected`): sync upload requests by result.
+pub const SYNC_REQUESTS_TOTAL: &str = "voicegate_sync_requests_total";
+/// Counter, label `status` (`ok`, `failed`): files of sync uploads by result.
+pub const SYNC_FILES_TOTAL: &str = "voicegate_sync_files_total";
+/// Counter: seconds of audio decoded from sync uploads.
+pub const SYNC_AUDIO_SECONDS_TOTAL: &str = "voicegate_sync_audio_seconds_total";
+/// Histogram: seconds one sync upload spent decoding and VAD-segmenting its files (all files, in parallel).
+pub const SYNC_PROCESS_DURATION_SECONDS: &str = "voicegate_sync_process_duration_seconds";
+/// Counter: conversation upserts that lost a compare-and-set to a concurrent writer and retried.
+pub const CONVERSATION_CONFLICTS_TOTAL: &str = "voicegate_conversation_conflicts_total";
+/// Counter: conversations unlocked by payments.
+pub const CONVERSATIONS_UNLOCKED_TOTAL: &str = "voicegate_conversations_unlocked_total";

@@ -1,0 +1,117 @@
+//! Command line: scenarios (`realtime`, `sync`, `mixed`) and the options they share.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::auth::AuthMode;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "voicegate-loadtest",
+    about = "Load-test a VoiceGate server: realtime listen streams and sync uploads, then check that \
+             every millisecond of speech was metered"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub common: Common,
+    #[command(subcommand)]
+    pub scenario: Scenario,
+}
+
+#[derive(Debug, Args)]
+pub struct Common {
+    /// Base URL of the server (http://host:port); websocket URLs are derived from it.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// `dev` (bearer = uid, for a loopback server in dev mode) or `hs256:<secret>` (mints JWTs).
+    #[arg(long, global = true, default_value = "dev", value_parser = AuthMode::parse)]
+    pub auth: AuthMode,
+    /// `aud` claim of minted tokens (when the server checks VOICEGATE_JWT_AUDIENCE).
+    #[arg(long, global = true)]
+    pub jwt_audience: Option<String>,
+    /// `iss` claim of minted tokens (when the server checks VOICEGATE_JWT_ISSUER).
+    #[arg(long, global = true)]
+    pub jwt_issuer: Option<String>,
+    /// Users are named P0…P(N-1); the default is unique per run (`lt<unix seconds>u`), so the
+    /// accounting check never sees an earlier run's speech.
+    #[arg(long, global = true)]
+    pub users_prefix: Option<String>,
+    /// Directory of fixture `.bin` files (Opus 16 kHz, 10 ms packets).
+    #[arg(long, global = true)]
+    pub fixtures: Option<PathBuf>,
+    /// Print the report as JSON on stdout (no table, no progress bar).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Also write the JSON report to this file.
+    #[arg(long, global = true)]
+    pub report_file: Option<PathBuf>,
+    /// Runtime worker threads of the harness (it shares the machine with the server).
+    #[arg(long, global = true, default_value_t = 2)]
+    pub threads: usize,
+    /// Skip the accounting check (status API and offline pipeline).
+    #[arg(long, global = true)]
+    pub no_check: bool,
+    /// Seconds to wait for the status API to show all metered speech before the check gives up.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub settle_secs: u64,
+    /// Hide the progress bar.
+    #[arg(long, global = true)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Scenario {
+    /// N simulated devices, each a distinct user, streaming fixture audio as 10 ms Opus frames.
+    Realtime(RealtimeArgs),
+    /// Concurrent uploads of fixture files with Omi device names.
+    Sync(SyncArgs),
+    /// Realtime streams and sync uploads at the same time (uploaders are the users after the streams).
+    Mixed {
+        #[command(flatten)]
+        realtime: RealtimeArgs,
+        #[command(flatten)]
+        sync: SyncArgs,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct RealtimeArgs {
+    /// Concurrent streams (one user each).
+    #[arg(long, default_value_t = 10)]
+    pub streams: usize,
+    /// Seconds of audio each stream sends (wall seconds at --pace 1).
+    #[arg(long, default_value_t = 30.0)]
+    pub duration: f64,
+    /// Audio seconds sent per wall second (1.0 = real time, as devices send).
+    #[arg(long, default_value_t = 1.0)]
+    pub pace: f64,
+    /// Seconds over which stream starts are spread evenly.
+    #[arg(long, default_value_t = 0.0)]
+    pub ramp: f64,
+    /// Seconds between `{"type":"KeepAlive"}` messages on each stream.
+    #[arg(long, default_value_t = 10.0)]
+    pub keepalive: f64,
+    /// Seconds to wait for the final metadata after `CloseStream`.
+    #[arg(long, default_value_t = 60.0)]
+    pub close_timeout: f64,
+    /// Extra query parameters for /v4/listen.
+    #[arg(long, default_value = "codec=opus&sample_rate=16000&language=en")]
+    pub query: String,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct SyncArgs {
+    /// Concurrent uploaders (one user each).
+    #[arg(long, default_value_t = 4)]
+    pub uploaders: usize,
+    /// Files per upload request.
+    #[arg(long, default_value_t = 10)]
+    pub files: usize,
+    /// Upload requests per uploader, one after the other.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
+    /// Seconds one upload may take before it counts as failed.
+    #[arg(long, default_value_t = 300.0)]
+    pub request_timeout: f64,
+}

@@ -1,0 +1,333 @@
+//! `voicegate-loadtest`: drives a VoiceGate server from a separate process and checks its accounting.
+//!
+//! - `realtime`: N devices streaming fixture audio to `/v4/listen` at real-time pace (or faster).
+//! - `sync`: concurrent device-file uploads to `/v1/sync-local-files`.
+//! - `mixed`: both at once.
+//! - Every run is bounded in count and time, prints a report (table or `--json`) and ends with the
+//!   accounting check; the exit code is 0 only when the run passed (1: accounting, 2: traffic errors).
+
+mod auth;
+mod check;
+mod cli;
+mod corpus;
+mod live;
+mod realtime;
+mod report;
+mod sync;
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use tokio::time::Instant;
+
+use crate::auth::{Authenticator, unix_now};
+use crate::check::UserTraffic;
+use crate::cli::{Cli, Common, RealtimeArgs, Scenario, SyncArgs};
+use crate::corpus::{Corpus, FRAME_MS, fixtures_dir};
+use crate::live::Live;
+use crate::realtime::{RealtimeCtx, StreamOutcome};
+use crate::report::{RealtimeReport, Report, SyncReport, quantiles};
+use crate::sync::{SyncCtx, UploaderOutcome};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cli.common.threads.max(1))
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("voicegate-loadtest: cannot start the runtime: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("voicegate-loadtest: {e}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode, String> {
+    let common = &cli.common;
+    let url = common.url.trim_end_matches('/').to_owned();
+    let prefix = common
+        .users_prefix
+        .clone()
+        .unwrap_or_else(|| format!("lt{}u", unix_now()));
+    let corpus = Arc::new(Corpus::load(&fixtures_dir(common.fixtures.clone()))?);
+    let (rt_args, sync_args, name) = match &cli.scenario {
+        Scenario::Realtime(r) => (Some(r.clone()), None, "realtime"),
+        Scenario::Sync(s) => (None, Some(s.clone()), "sync"),
+        Scenario::Mixed { realtime, sync } => (Some(realtime.clone()), Some(sync.clone()), "mixed"),
+    };
+    let longest = rt_args
+        .as_ref()
+        .map_or(0.0, |r| r.ramp + r.duration / r.pace.max(0.001));
+    let auth = Authenticator {
+        mode: common.auth.clone(),
+        audience: common.jwt_audience.clone(),
+        issuer: common.jwt_issuer.clone(),
+        ttl_secs: 3_600 + longest as u64,
+    };
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| format!("http client: {e}"))?;
+    let live = Arc::new(Live::default());
+    let streams = rt_args.as_ref().map_or(0, |r| r.streams);
+    let uploads = sync_args
+        .as_ref()
+        .map_or(0, |s| (s.uploaders * s.rounds) as u64);
+    let hidden = common.quiet || common.json || !std::io::stderr().is_terminal();
+    let progress = live::spawn_progress(live.clone(), hidden, streams, uploads);
+
+    let rt_task = rt_args.clone().map(|args| {
+        let ctx = realtime_ctx(&args, &url, &corpus, &auth, &live);
+        tokio::spawn(run_realtime(ctx, args, prefix.clone()))
+    });
+    let sync_task = sync_args.clone().map(|args| {
+        let ctx = Arc::new(SyncCtx {
+            corpus: corpus.clone(),
+            client: client.clone(),
+            url: url.clone(),
+            auth: auth.clone(),
+            files: args.files,
+            rounds: args.rounds,
+            request_timeout: Duration::from_secs_f64(args.request_timeout.max(1.0)),
+            live: live.clone(),
+        });
+        tokio::spawn(run_sync(ctx, args, prefix.clone(), streams))
+    });
+    let rt = match rt_task {
+        Some(t) => Some(t.await.map_err(|e| format!("realtime task: {e}"))?),
+        None => None,
+    };
+    let sy = match sync_task {
+        Some(t) => Some(t.await.map_err(|e| format!("sync task: {e}"))?),
+        None => None,
+    };
+    progress.abort();
+
+    let mut report = Report {
+        scenario: name.to_owned(),
+        url: url.clone(),
+        users_prefix: prefix,
+        ..Report::default()
+    };
+    let mut traffic = Vec::new();
+    if let (Some((outcomes, wall)), Some(args)) = (&rt, &rt_args) {
+        let mut r = realtime_report(outcomes, args, *wall, &mut report.errors);
+        r.peak_concurrent = live.streams_peak.load(std::sync::atomic::Ordering::Relaxed);
+        report.realtime = Some(r);
+        traffic.extend(outcomes.iter().map(|o| UserTraffic {
+            user: o.user.clone(),
+            sessions: vec![(o.start_clip, o.frames_sent)],
+            files: Vec::new(),
+            reported_ms: o.metadata.map_or(0, |m| m.speech_ms),
+        }));
+    }
+    if let (Some((outcomes, wall)), Some(args)) = (&sy, &sync_args) {
+        report.sync = Some(sync_report(outcomes, args, *wall, &mut report.errors));
+        traffic.extend(outcomes.iter().map(|o| UserTraffic {
+            user: o.user.clone(),
+            sessions: Vec::new(),
+            files: o.files_sent.clone(),
+            reported_ms: o.speech_ms,
+        }));
+    }
+    let traffic_ok = report.errors.is_empty()
+        && report
+            .realtime
+            .as_ref()
+            .is_none_or(|r| r.frames_lost == 0 && r.frames_dropped == 0);
+    if !common.no_check {
+        if !hidden {
+            eprintln!("accounting check: status API and offline pipeline…");
+        }
+        let settle = Duration::from_secs(common.settle_secs);
+        report.accounting =
+            Some(check::run(corpus.clone(), traffic, client, &url, &auth, settle).await);
+    }
+    let check_ok = report.accounting.as_ref().is_none_or(|c| c.passed);
+    report.passed = traffic_ok && check_ok;
+    emit(&report, common)?;
+    Ok(if !check_ok {
+        ExitCode::from(1)
+    } else if !traffic_ok {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn emit(report: &Report, common: &Common) -> Result<(), String> {
+    let json = serde_json::to_string_pretty(report).map_err(|e| e.to_string())?;
+    if let Some(path) = &common.report_file {
+        std::fs::write(path, &json).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    if common.json {
+        println!("{json}");
+    } else {
+        print!("{}", report.table());
+    }
+    Ok(())
+}
+
+fn realtime_ctx(
+    args: &RealtimeArgs,
+    url: &str,
+    corpus: &Arc<Corpus>,
+    auth: &Authenticator,
+    live: &Arc<Live>,
+) -> Arc<RealtimeCtx> {
+    let ws_base = if let Some(rest) = url.strip_prefix("https://") {
+        format!("wss://{rest}")
+    } else if let Some(rest) = url.strip_prefix("http://") {
+        format!("ws://{rest}")
+    } else {
+        url.to_owned()
+    };
+    let pace = if args.pace > 0.0 { args.pace } else { 1.0 };
+    Arc::new(RealtimeCtx {
+        corpus: corpus.clone(),
+        ws_url: format!("{ws_base}/v4/listen?{}", args.query),
+        auth: auth.clone(),
+        pace,
+        frames_per_stream: (args.duration.max(0.0) * 1_000.0 / FRAME_MS as f64).round() as u64,
+        keepalive: Duration::from_secs_f64(args.keepalive.max(0.5)),
+        close_timeout: Duration::from_secs_f64(args.close_timeout.max(1.0)),
+        live: live.clone(),
+    })
+}
+
+async fn run_realtime(
+    ctx: Arc<RealtimeCtx>,
+    args: RealtimeArgs,
+    prefix: String,
+) -> (Vec<StreamOutcome>, f64) {
+    let started = Instant::now();
+    let n = args.streams;
+    let handles: Vec<_> = (0..n)
+        .map(|i| {
+            let delay = Duration::from_secs_f64(args.ramp.max(0.0) * i as f64 / n.max(1) as f64);
+            tokio::spawn(realtime::run_stream(
+                ctx.clone(),
+                i,
+                format!("{prefix}{i}"),
+                delay,
+            ))
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(n);
+    for (i, h) in handles.into_iter().enumerate() {
+        outcomes.push(h.await.unwrap_or_else(|_| StreamOutcome {
+            user: format!("{prefix}{i}"),
+            errors: vec!["task_panicked".into()],
+            ..StreamOutcome::default()
+        }));
+    }
+    (outcomes, started.elapsed().as_secs_f64())
+}
+
+async fn run_sync(
+    ctx: Arc<SyncCtx>,
+    args: SyncArgs,
+    prefix: String,
+    first_user: usize,
+) -> (Vec<UploaderOutcome>, f64) {
+    let started = Instant::now();
+    let handles: Vec<_> = (0..args.uploaders)
+        .map(|u| {
+            let user = format!("{prefix}{}", first_user + u);
+            tokio::spawn(sync::run_uploader(ctx.clone(), u, user))
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(handles.len());
+    for (u, h) in handles.into_iter().enumerate() {
+        outcomes.push(h.await.unwrap_or_else(|_| UploaderOutcome {
+            user: format!("{prefix}{}", first_user + u),
+            errors: vec!["task_panicked".into()],
+            ..UploaderOutcome::default()
+        }));
+    }
+    (outcomes, started.elapsed().as_secs_f64())
+}
+
+fn count_errors<'a>(errors: &mut BTreeMap<String, u64>, kinds: impl Iterator<Item = &'a String>) {
+    for k in kinds {
+        *errors.entry(k.clone()).or_insert(0) += 1;
+    }
+}
+
+fn realtime_report(
+    outcomes: &[StreamOutcome],
+    args: &RealtimeArgs,
+    wall_s: f64,
+    errors: &mut BTreeMap<String, u64>,
+) -> RealtimeReport {
+    let mut r = RealtimeReport {
+        streams: args.streams,
+        pace: args.pace,
+        duration_s: args.duration,
+        wall_s,
+        ..RealtimeReport::default()
+    };
+    for o in outcomes {
+        count_errors(errors, o.errors.iter());
+        r.streams_connected += usize::from(o.setup_us.is_some());
+        r.streams_held += usize::from(o.held);
+        r.frames_sent += o.frames_sent;
+        r.events += o.events;
+        if let Some(m) = o.metadata {
+            r.frames_acknowledged += m.frames_received;
+            r.frames_lost += o.frames_sent.saturating_sub(m.frames_received);
+            r.frames_dropped += m.frames_dropped;
+        }
+    }
+    r.audio_s_sent = (r.frames_sent * FRAME_MS) as f64 / 1_000.0;
+    r.audio_s_per_s = r.audio_s_sent / wall_s.max(1e-9);
+    r.latency = quantiles(outcomes.iter().flat_map(|o| o.latencies_us.iter()));
+    r.connection_setup = quantiles(outcomes.iter().filter_map(|o| o.setup_us.as_ref()));
+    r.close_to_metadata = quantiles(outcomes.iter().filter_map(|o| o.close_us.as_ref()));
+    r
+}
+
+fn sync_report(
+    outcomes: &[UploaderOutcome],
+    args: &SyncArgs,
+    wall_s: f64,
+    errors: &mut BTreeMap<String, u64>,
+) -> SyncReport {
+    let mut s = SyncReport {
+        uploaders: args.uploaders,
+        files_per_upload: args.files,
+        rounds: args.rounds,
+        wall_s,
+        ..SyncReport::default()
+    };
+    let mut audio_ms = 0;
+    for o in outcomes {
+        count_errors(errors, o.errors.iter());
+        s.uploads_ok += o.requests_ok;
+        s.files_ok += o.files_ok;
+        s.files_failed += o.files_failed;
+        audio_ms += o.audio_ms_ok;
+    }
+    s.uploads_failed = (args.uploaders * args.rounds) as u64 - s.uploads_ok;
+    let wall = wall_s.max(1e-9);
+    s.uploads_per_s = s.uploads_ok as f64 / wall;
+    s.files_per_s = s.files_ok as f64 / wall;
+    s.audio_s = audio_ms as f64 / 1_000.0;
+    s.audio_s_per_s = s.audio_s / wall;
+    s.latency = quantiles(outcomes.iter().flat_map(|o| o.latencies_us.iter()));
+    s
+}

@@ -1,0 +1,228 @@
+//! The end-of-run report: JSON (`--json`) and a human table.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::check::CheckReport;
+
+/// Latency quantiles in milliseconds.
+#[derive(Debug, Default, Serialize)]
+pub struct Quantiles {
+    pub count: u64,
+    pub p50_ms: f64,
+    pub p95_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+}
+
+/// Quantiles of microsecond samples (3 significant figures, up to an hour).
+pub fn quantiles<'a>(samples: impl IntoIterator<Item = &'a u64>) -> Quantiles {
+    let Ok(mut h) = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3) else {
+        return Quantiles::default();
+    };
+    for &v in samples {
+        h.saturating_record(v.max(1));
+    }
+    if h.is_empty() {
+        return Quantiles::default();
+    }
+    let ms = |us: u64| us as f64 / 1_000.0;
+    Quantiles {
+        count: h.len(),
+        p50_ms: ms(h.value_at_quantile(0.50)),
+        p95_ms: ms(h.value_at_quantile(0.95)),
+        p99_ms: ms(h.value_at_quantile(0.99)),
+        max_ms: ms(h.max()),
+        mean_ms: h.mean() / 1_000.0,
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct RealtimeReport {
+    pub streams: usize,
+    pub pace: f64,
+    pub duration_s: f64,
+    pub streams_connected: usize,
+    /// Connected, sent every frame, got `metadata`, no error.
+    pub streams_held: usize,
+    pub peak_concurrent: usize,
+    pub frames_sent: u64,
+    /// Σ final `metadata.frames_received`.
+    pub frames_acknowledged: u64,
+    /// Sent but not acknowledged (streams with metadata only).
+    pub frames_lost: u64,
+    /// Σ `metadata.frames_dropped` (the server's ring buffer overflowed).
+    pub frames_dropped: u64,
+    pub events: u64,
+    pub audio_s_sent: f64,
+    pub audio_s_per_s: f64,
+    /// Event receipt − send time of the frame the event names.
+    pub latency: Quantiles,
+    /// TCP connect + websocket handshake.
+    pub connection_setup: Quantiles,
+    /// `CloseStream` → `metadata`.
+    pub close_to_metadata: Quantiles,
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct SyncReport {
+    pub uploaders: usize,
+    pub files_per_upload: usize,
+    pub rounds: usize,
+    pub uploads_ok: u64,
+    pub uploads_failed: u64,
+    pub files_ok: u64,
+    pub files_failed: u64,
+    pub uploads_per_s: f64,
+    pub files_per_s: f64,
+    pub audio_s: f64,
+    pub audio_s_per_s: f64,
+    pub latency: Quantiles,
+    pub wall_s: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct Report {
+    pub scenario: String,
+    pub url: String,
+    pub users_prefix: String,
+    pub realtime: Option<RealtimeReport>,
+    pub sync: Option<SyncReport>,
+    pub errors: BTreeMap<String, u64>,
+    pub accounting: Option<CheckReport>,
+    /// No traffic error, no frame lost or dropped, and the accounting check passed (or was skipped).
+    pub passed: bool,
+}
+
+fn q_row(out: &mut String, name: &str, q: &Quantiles) {
+    let _ = writeln!(
+        out,
+        "  {name:<22} n={:<8} p50 {:>9.1} ms  p95 {:>9.1} ms  p99 {:>9.1} ms  max {:>9.1} ms",
+        q.count, q.p50_ms, q.p95_ms, q.p99_ms, q.max_ms
+    );
+}
+
+impl Report {
+    pub fn table(&self) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "scenario {} against {} (users {}…)",
+            self.scenario, self.url, self.users_prefix
+        );
+        if let Some(r) = &self.realtime {
+            let _ = writeln!(
+                o,
+                "realtime: {} streams × {:.0} s at pace {} ({:.1} s wall)",
+                r.streams, r.duration_s, r.pace, r.wall_s
+            );
+            let _ = writeln!(
+                o,
+                "  streams connected {}  held {}  peak concurrent {}",
+                r.streams_connected, r.streams_held, r.peak_concurrent
+            );
+            let _ = writeln!(
+                o,
+                "  frames sent {}  acknowledged {}  lost {}  dropped by server {}  events {}",
+                r.frames_sent, r.frames_acknowledged, r.frames_lost, r.frames_dropped, r.events
+            );
+            let _ = writeln!(
+                o,
+                "  audio sent {:.0} s  ({:.1} audio s per s)",
+                r.audio_s_sent, r.audio_s_per_s
+            );
+            q_row(&mut o, "frame→event latency", &r.latency);
+            q_row(&mut o, "connection setup", &r.connection_setup);
+            q_row(&mut o, "CloseStream→metadata", &r.close_to_metadata);
+        }
+        if let Some(s) = &self.sync {
+            let _ = writeln!(
+                o,
+                "sync: {} uploaders × {} files × {} rounds ({:.1} s wall)",
+                s.uploaders, s.files_per_upload, s.rounds, s.wall_s
+            );
+            let _ = writeln!(
+                o,
+                "  uploads ok {}  failed {}  files ok {}  failed {}",
+                s.uploads_ok, s.uploads_failed, s.files_ok, s.files_failed
+            );
+            let _ = writeln!(
+                o,
+                "  {:.2} uploads/s  {:.1} files/s  {:.0} audio s  {:.1} audio s per s",
+                s.uploads_per_s, s.files_per_s, s.audio_s, s.audio_s_per_s
+            );
+            q_row(&mut o, "upload latency", &s.latency);
+        }
+        if self.errors.is_empty() {
+            let _ = writeln!(o, "errors: none");
+        } else {
+            let _ = writeln!(o, "errors:");
+            for (k, v) in &self.errors {
+                let _ = writeln!(o, "  {k:<40} {v}");
+            }
+        }
+        match &self.accounting {
+            None => {
+                let _ = writeln!(o, "accounting check: skipped");
+            }
+            Some(c) => {
+                let _ = writeln!(
+                    o,
+                    "accounting check ({} users, status field {}): {}",
+                    c.users,
+                    c.status_field,
+                    if c.passed { "PASSED" } else { "FAILED" }
+                );
+                let _ = writeln!(
+                    o,
+                    "  metered {} ms  reported {} ms  offline {} ms ({:.1} s to compute)",
+                    c.server_ms, c.reported_ms, c.offline_ms, c.offline_secs
+                );
+                let _ = writeln!(
+                    o,
+                    "  Σ|metered − reported| {} ms (must be 0)  Σ(reported − offline) {} ms  Σ|reported − offline| {} ms  worst user {:.3}% (limit 1%)",
+                    c.server_vs_reported_abs_ms,
+                    c.reported_minus_offline_ms,
+                    c.reported_vs_offline_abs_ms,
+                    c.worst_offline_ratio * 100.0
+                );
+                for f in &c.failures {
+                    let _ = writeln!(
+                        o,
+                        "  ✗ {}: metered {:?} reported {} offline {}",
+                        f.user, f.server_ms, f.reported_ms, f.offline_ms
+                    );
+                }
+            }
+        }
+        let _ = writeln!(o, "result: {}", if self.passed { "PASS" } else { "FAIL" });
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_of_known_samples() {
+        let samples: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        let q = quantiles(&samples);
+        assert_eq!(q.count, 1000);
+        assert!((q.p50_ms - 500.0).abs() < 1.0, "{}", q.p50_ms);
+        assert!((q.p99_ms - 990.0).abs() < 1.0, "{}", q.p99_ms);
+        assert!((q.max_ms - 1000.0).abs() < 1.0, "{}", q.max_ms);
+    }
+
+    #[test]
+    fn no_samples_give_zero_quantiles() {
+        let q = quantiles(&[]);
+        assert_eq!(q.count, 0);
+        assert_eq!(q.max_ms, 0.0);
+    }
+}

@@ -1,0 +1,187 @@
+//! The sync scenario: uploaders, each a distinct user, posting device files to `/v1/sync-local-files`.
+//!
+//! Upload `i` of an uploader carries clip `(uploader + i) % clips` without its first `i / clips` packets,
+//! so no user ever uploads the same bytes twice (the server meters a content hash once) and the check can
+//! rebuild every file from `(clip, skip)`. File names are Omi device names stamped in the recent past,
+//! one recording after the other.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
+
+use reqwest::multipart::{Form, Part};
+use serde::Deserialize;
+use tokio::time::Instant;
+
+use crate::auth::{Authenticator, unix_now};
+use crate::corpus::Corpus;
+use crate::live::Live;
+
+pub struct SyncCtx {
+    pub corpus: Arc<Corpus>,
+    pub client: reqwest::Client,
+    pub url: String,
+    pub auth: Authenticator,
+    pub files: usize,
+    pub rounds: usize,
+    pub request_timeout: Duration,
+    pub live: Arc<Live>,
+}
+
+/// One file the uploader sent, enough to rebuild it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct SentFile {
+    pub clip: usize,
+    pub skip: usize,
+}
+
+#[derive(Debug, Default)]
+pub struct UploaderOutcome {
+    pub user: String,
+    /// Files of requests the server answered 200/207 (those it may have metered).
+    pub files_sent: Vec<SentFile>,
+    pub requests_ok: u64,
+    pub files_ok: u64,
+    pub files_failed: u64,
+    pub audio_ms_ok: u64,
+    /// Sum of the responses' `speech_ms`.
+    pub speech_ms: u64,
+    pub latencies_us: Vec<u64>,
+    pub errors: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct SyncResponse {
+    #[serde(default)]
+    speech_ms: u64,
+    #[serde(default)]
+    files: Vec<FileResult>,
+}
+
+#[derive(Deserialize)]
+struct FileResult {
+    #[serde(default)]
+    error: Option<serde_json::Value>,
+}
+
+pub fn device_file_name(ts: u64) -> String {
+    format!("audio_omi_opus_16000_1_fs160_{ts}.bin")
+}
+
+/// Runs one uploader's rounds one after the other.
+pub async fn run_uploader(ctx: Arc<SyncCtx>, index: usize, user: String) -> UploaderOutcome {
+    let mut out = UploaderOutcome {
+        user,
+        ..UploaderOutcome::default()
+    };
+    let clips = ctx.corpus.clips.len();
+    let total = ctx.files * ctx.rounds;
+    // Recordings end a minute ago, 45 s apart (about one fixture each).
+    let first_ts = unix_now().saturating_sub(60 + 45 * total as u64);
+    for round in 0..ctx.rounds {
+        let mut form = Form::new();
+        let mut batch = Vec::with_capacity(ctx.files);
+        let mut audio_ms = 0;
+        for k in 0..ctx.files {
+            let i = round * ctx.files + k;
+            let file = SentFile {
+                clip: (index + i) % clips,
+                skip: i / clips,
+            };
+            let (bytes, ms) = ctx.corpus.device_file(file.clip, file.skip);
+            audio_ms += ms;
+            let len = bytes.len() as u64;
+            let part = Part::stream_with_length(reqwest::Body::from(bytes), len)
+                .file_name(device_file_name(first_ts + 45 * i as u64));
+            form = form.part("files", part);
+            batch.push(file);
+        }
+        let header = match ctx.auth.header(&out.user) {
+            Ok(h) => h,
+            Err(e) => {
+                out.errors.push(e);
+                ctx.live.errors.fetch_add(1, Relaxed);
+                return out;
+            }
+        };
+        let started = Instant::now();
+        let result = upload(&ctx, header, form).await;
+        ctx.live.uploads_done.fetch_add(1, Relaxed);
+        match result {
+            Ok(resp) => {
+                out.latencies_us.push(started.elapsed().as_micros() as u64);
+                out.requests_ok += 1;
+                out.audio_ms_ok += audio_ms;
+                out.speech_ms += resp.speech_ms;
+                let failed: Vec<_> = resp.files.iter().filter(|f| f.error.is_some()).collect();
+                out.files_failed += failed.len() as u64;
+                out.files_ok += (resp.files.len() - failed.len()) as u64;
+                ctx.live
+                    .files_done
+                    .fetch_add(resp.files.len() as u64, Relaxed);
+                for f in failed {
+                    let code = match &f.error {
+                        Some(serde_json::Value::String(s)) => s.clone(),
+                        Some(serde_json::Value::Object(o)) => o
+                            .get("code")
+                            .and_then(|c| c.as_str())
+                            .unwrap_or("unknown")
+                            .to_owned(),
+                        _ => "unknown".into(),
+                    };
+                    out.errors.push(format!("file_{code}"));
+                    ctx.live.errors.fetch_add(1, Relaxed);
+                }
+                out.files_sent.extend(batch);
+            }
+            Err(kind) => {
+                out.errors.push(kind);
+                ctx.live.errors.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    out
+}
+
+async fn upload(ctx: &SyncCtx, header: String, form: Form) -> Result<SyncResponse, String> {
+    let resp = ctx
+        .client
+        .post(format!("{}/v1/sync-local-files", ctx.url))
+        .header(reqwest::header::AUTHORIZATION, header)
+        .multipart(form)
+        .timeout(ctx.request_timeout)
+        .send()
+        .await
+        .map_err(|e| request_error_kind(&e))?;
+    let status = resp.status().as_u16();
+    let body = resp.bytes().await.map_err(|e| request_error_kind(&e))?;
+    if status != 200 && status != 207 {
+        return Err(format!("upload_http_{status}"));
+    }
+    serde_json::from_slice(&body).map_err(|_| "upload_unparsable_response".to_owned())
+}
+
+pub fn request_error_kind(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "request_timeout".into()
+    } else if e.is_connect() {
+        "connect_failed".into()
+    } else {
+        "request_failed".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use voicegate_engine::audio::filename::parse_sync_name;
+
+    #[test]
+    fn device_file_names_parse_as_omi_opus_16k() {
+        let now = unix_now();
+        let (spec, ts_ms) = parse_sync_name(&device_file_name(now - 100), now).unwrap();
+        assert_eq!(spec.codec.sample_rate(), 16_000);
+        assert!(spec.codec.is_opus());
+        assert_eq!(ts_ms, (now - 100) * 1000);
+    }
+}

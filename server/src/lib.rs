@@ -9,12 +9,15 @@ pub mod admin;
 pub mod auth;
 pub mod config;
 pub mod drain;
+pub mod engine;
 pub mod error;
 pub mod health;
 pub mod prometheus;
+pub mod routes;
 pub mod serve;
 pub mod sessions;
 pub mod stripe;
+pub mod sync;
 pub mod upload;
 
 pub use config::ServeConfig;

@@ -24,6 +24,7 @@ use crate::admin::AdminKey;
 use crate::auth::{Authenticator, KeyLoadError};
 use crate::config::{ConfigError, ServeConfig};
 use crate::drain::{DrainDeadlines, DrainHooks, DrainPhase};
+use crate::engine::{Engine, EngineError};
 use crate::error::ApiError;
 use crate::health::{self, AlwaysReachable, Readiness, StoreHealth};
 use crate::prometheus;
@@ -44,6 +45,8 @@ pub enum ServeError {
     Bind { addr: String, error: std::io::Error },
     #[error("server failed: {0}")]
     Server(std::io::Error),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
 }
 
 /// Routes added by the caller, applied to every worker's app.
@@ -471,10 +474,36 @@ pub fn main(cfg: ServeConfig) -> std::process::ExitCode {
     }
 }
 
-/// `voicegate serve`: start with no engine wiring and drain on SIGTERM/SIGINT.
+/// `voicegate serve`: the engine (meter, fair use, conversations, plans) behind every route; drains on
+/// SIGTERM/SIGINT (sessions closed and metered, then the meter flushed).
 pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
-    ServerBuilder::new(cfg)?
+    let mut server = ServerBuilder::new(cfg)?;
+    wire_engine(&mut server)?;
+    server
         .start()?
         .run_until(crate::drain::shutdown_signal())
         .await
+}
+
+/// Builds the engine from the server's configuration and mounts it: routes, `/readyz` store check, the
+/// Stripe payments sink and the meter flush at drain. Must run inside an actix system.
+pub fn wire_engine(server: &mut ServerBuilder) -> Result<Engine, ServeError> {
+    let engine = Engine::from_config(&server.state().config)?;
+    mount_engine(server, &engine);
+    Ok(engine)
+}
+
+/// Mounts an engine built by the caller (see [`wire_engine`]).
+pub fn mount_engine(server: &mut ServerBuilder, engine: &Engine) {
+    crate::listen::mount(server, engine);
+    let flush_limit = server.state().config.drain_timeout();
+    let flushing = engine.clone();
+    server
+        .store_health(engine.health())
+        .payments(engine.payments())
+        .app_data(engine.data())
+        .routes(crate::routes::configure)
+        .on_drain(DrainPhase::Flush, "meter_flush", move || {
+            Box::pin(async move { flushing.flush(flush_limit).await })
+        });
 }

@@ -32,13 +32,11 @@ pub fn days_to_read(spans: &[Span], target: Option<&str>) -> BTreeSet<u64> {
 
 /// How far `span` is from `c` (0 when they overlap), or `None` when joining would exceed the limits.
 fn distance(c: &Conversation, span: &Span) -> Option<u64> {
-    let gap = if span.start_ms >= c.finished_at_ms {
-        span.start_ms - c.finished_at_ms
-    } else if span.end_ms <= c.started_at_ms {
-        c.started_at_ms - span.end_ms
-    } else {
-        0
-    };
+    // After the conversation, before it, or overlapping (both terms 0).
+    let gap = span
+        .start_ms
+        .saturating_sub(c.finished_at_ms)
+        .max(c.started_at_ms.saturating_sub(span.end_ms));
     let start = c.started_at_ms.min(span.start_ms);
     let end = c.finished_at_ms.max(span.end_ms);
     (gap < MERGE_GAP_MS

@@ -1,0 +1,271 @@
+//! The engine behind the routes: meter, fair use, conversations, plans, and the offline pipeline settings,
+//! built once from the configuration and shared with every handler as `web::Data<Engine>`.
+//!
+//! With `--redis-url` every part lives in Redis (durable, multi-node); without it, in process memory
+//! (single node, not durable; the server says so at startup).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::web;
+use futures_util::future::BoxFuture;
+use voicegate_engine::conversation::{
+    ConversationStore, MemoryConversationStore, RedisConversationStore,
+};
+use voicegate_engine::meter::time::{Clock, SystemClock};
+use voicegate_engine::meter::{Meter, MeterConfig};
+use voicegate_engine::pipeline::stream::PipelineConfig;
+use voicegate_engine::policy::FairUseConfig;
+use voicegate_engine::store::fair_use::{
+    CooldownLock, FairUseStore, MemoryCooldownLock, MemoryFairUseStore,
+};
+use voicegate_engine::store::fair_use_redis::{RedisCooldownLock, RedisFairUseStore};
+use voicegate_engine::store::plans::{
+    MemoryPlanStore, PlanRecordValue, PlanStore, PlanStoreError, RedisPlanStore,
+};
+use voicegate_engine::store::{MemoryStore, RedisStore, RedisStoreConfig, Store};
+use voicegate_engine::supervisor::classifier::NoSessions;
+use voicegate_engine::supervisor::fair_use::{
+    FairUse, FairUseParts, PlanRecord, classifier_from_config,
+};
+use voicegate_engine::telemetry::CONVERSATIONS_UNLOCKED_TOTAL;
+
+use crate::config::ServeConfig;
+use crate::health::StoreHealth;
+use crate::stripe::{PaymentEvent, Payments, PaymentsError};
+
+/// Why the engine could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("metering configuration: {0}")]
+    Meter(String),
+    #[error("fair-use configuration: {0}")]
+    FairUse(String),
+    #[error("redis: {0}")]
+    Redis(String),
+}
+
+/// A user's plan, as the entitlement resolver needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlanLookup {
+    Known(Option<String>),
+    Unavailable,
+}
+
+impl PlanLookup {
+    pub fn as_record(&self) -> PlanRecord<'_> {
+        match self {
+            PlanLookup::Known(p) => PlanRecord::Known(p.as_deref()),
+            PlanLookup::Unavailable => PlanRecord::Unavailable,
+        }
+    }
+}
+
+/// Everything the routes use. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    pub meter: Meter,
+    pub fair_use: FairUse,
+    pub conversations: Arc<dyn ConversationStore>,
+    pub plans: Arc<dyn PlanStore>,
+    pub pipeline: PipelineConfig,
+    pub clock: Arc<dyn Clock>,
+    /// `redis` or `memory`.
+    pub store_kind: &'static str,
+    redis: Option<redis::aio::ConnectionManager>,
+}
+
+impl Engine {
+    /// Builds every part from `cfg` and the environment (metering and fair-use variables). Must run inside an
+    /// actix system: the meter and the cap supervisor are actors.
+    pub fn from_config(cfg: &ServeConfig) -> Result<Engine, EngineError> {
+        let meter_cfg = MeterConfig::from_env().map_err(|e| EngineError::Meter(e.to_string()))?;
+        let fair_cfg = FairUseConfig::from_lookup(|k| std::env::var(k).ok())
+            .map_err(|e| EngineError::FairUse(e.to_string()))?;
+        Self::with_configs(cfg, meter_cfg, fair_cfg)
+    }
+
+    /// [`Engine::from_config`] with explicit metering and fair-use settings (tests, embedding).
+    pub fn with_configs(
+        cfg: &ServeConfig,
+        meter_cfg: MeterConfig,
+        fair_cfg: FairUseConfig,
+    ) -> Result<Engine, EngineError> {
+        let classifier =
+            classifier_from_config(&fair_cfg).map_err(|e| EngineError::FairUse(e.to_string()))?;
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let (store, fu_store, lock, conversations, plans, redis, kind): (
+            Arc<dyn Store>,
+            Arc<dyn FairUseStore>,
+            Arc<dyn CooldownLock>,
+            Arc<dyn ConversationStore>,
+            Arc<dyn PlanStore>,
+            _,
+            _,
+        ) = match cfg.redis_url.as_deref().filter(|u| !u.is_empty()) {
+            Some(url) => {
+                let store = RedisStore::new(&RedisStoreConfig::new(url))
+                    .map_err(|e| EngineError::Redis(e.to_string()))?;
+                let conn = store.connection();
+                (
+                    Arc::new(store),
+                    Arc::new(RedisFairUseStore::new(conn.clone())),
+                    Arc::new(RedisCooldownLock::new(conn.clone())),
+                    Arc::new(RedisConversationStore::with_clock(
+                        conn.clone(),
+                        Arc::clone(&clock),
+                    )),
+                    Arc::new(RedisPlanStore::new(conn.clone())),
+                    Some(conn),
+                    "redis",
+                )
+            }
+            None => (
+                Arc::new(MemoryStore::new()),
+                Arc::new(MemoryFairUseStore::new()),
+                Arc::new(MemoryCooldownLock::new()),
+                Arc::new(MemoryConversationStore::new(Arc::clone(&clock))),
+                Arc::new(MemoryPlanStore::default()),
+                None,
+                "memory",
+            ),
+        };
+        let meter = Meter::start(meter_cfg, store, Arc::clone(&clock));
+        let fair_use = FairUse::start(
+            fair_cfg,
+            meter.clone(),
+            FairUseParts {
+                store: fu_store,
+                lock,
+                classifier,
+                sessions: Arc::new(NoSessions),
+                notifier: None,
+                clock: Arc::clone(&clock),
+            },
+        );
+        Ok(Engine {
+            meter,
+            fair_use,
+            conversations,
+            plans,
+            pipeline: PipelineConfig::default(),
+            clock,
+            store_kind: kind,
+            redis,
+        })
+    }
+
+    /// The user's plan record; a store error is `Unavailable` (no lock, paid STT closed), never "free".
+    pub async fn plan(&self, uid: &str) -> PlanLookup {
+        match self.plans.get(uid).await {
+            Ok(p) => PlanLookup::Known(p),
+            Err(error) => {
+                tracing::warn!(message = "Reading the plan failed.", uid, %error);
+                PlanLookup::Unavailable
+            }
+        }
+    }
+
+    /// The `/readyz` store check.
+    pub fn health(&self) -> Arc<dyn StoreHealth> {
+        Arc::new(EngineHealth {
+            kind: self.store_kind,
+            redis: self.redis.clone(),
+        })
+    }
+
+    /// The Stripe webhook's sink.
+    pub fn payments(&self) -> Arc<dyn Payments> {
+        Arc::new(EnginePayments {
+            engine: self.clone(),
+        })
+    }
+
+    /// Registers the engine as app data.
+    pub fn data(&self) -> web::Data<Engine> {
+        web::Data::new(self.clone())
+    }
+
+    /// Drain: flush everything the meter holds, within `limit`.
+    pub async fn flush(&self, limit: Duration) {
+        let report = self.meter.shutdown(limit).await;
+        tracing::info!(message = "Meter flushed.", report = ?report);
+    }
+}
+
+struct EngineHealth {
+    kind: &'static str,
+    redis: Option<redis::aio::ConnectionManager>,
+}
+
+impl StoreHealth for EngineHealth {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<(), String>> {
+        let conn = self.redis.clone();
+        Box::pin(async move {
+            match conn {
+                None => Ok(()),
+                Some(mut conn) => redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string()),
+            }
+        })
+    }
+}
+
+/// Applies verified payments: store the plan; a paid plan unlocks every conversation of the user (their
+/// credits become unlimited, so nothing new is locked either). Idempotent: the plan is set once per event,
+/// and unlocking again is a no-op, so Stripe's retries after a failure finish the job.
+struct EnginePayments {
+    engine: Engine,
+}
+
+impl Payments for EnginePayments {
+    fn apply(&self, event: PaymentEvent) -> BoxFuture<'_, Result<(), PaymentsError>> {
+        Box::pin(async move {
+            let value = PlanRecordValue {
+                plan: event.plan.clone(),
+                updated_at_ms: self.engine.clock.now_ms(),
+                event_id: event.event_id.clone(),
+            };
+            let fresh = self
+                .engine
+                .plans
+                .set(&event.uid, &value)
+                .await
+                .map_err(|PlanStoreError(e)| PaymentsError(e))?;
+            let paid = self
+                .engine
+                .fair_use
+                .config()
+                .plans
+                .plan(Some(&event.plan))
+                .paid;
+            let unlocked = if paid {
+                self.engine
+                    .conversations
+                    .unlock_all(&event.uid)
+                    .await
+                    .map_err(|e| PaymentsError(e.to_string()))?
+            } else {
+                0
+            };
+            metrics::counter!(CONVERSATIONS_UNLOCKED_TOTAL).increment(unlocked);
+            tracing::info!(
+                message = "Payment applied.",
+                uid = %event.uid,
+                plan = %event.plan,
+                event_id = %event.event_id,
+                first_delivery = fresh,
+                paid,
+                unlocked
+            );
+            Ok(())
+        })
+    }
+}

@@ -1,0 +1,171 @@
+//! The gates of sync uploads end to end (real redis-server): restricted over a cap → 429 + Retry-After;
+//! credits exhausted → 200 with locked conversations that answer 402; a signed payment unlocks them and a
+//! badly signed one changes nothing; the restrict stage's STT budget → 429 `stt_budget_exhausted`.
+
+mod common;
+
+use common::engine_server::{
+    ADMIN_KEY, EngineServer, STRIPE_SECRET, fair_use_on, fixtures, omi_name,
+};
+use serde_json::{Value, json};
+use voicegate_engine::policy::{FairUseConfig, SoftCaps};
+use voicegate_server::stripe::sign_payload;
+
+fn one_fixture(i: usize, ago_s: u64) -> Vec<(String, Vec<u8>)> {
+    let (_, bytes) = fixtures().swap_remove(i);
+    vec![(omi_name(ago_s), bytes)]
+}
+
+async fn admin_post(server: &EngineServer, path: &str) -> (u16, Value) {
+    let resp = server
+        .http
+        .post(server.url(path))
+        .header("X-Admin-Key", ADMIN_KEY)
+        .send()
+        .await
+        .unwrap();
+    common::engine_server::split(resp).await
+}
+
+async fn webhook(server: &EngineServer, payload: &Value, secret: &str) -> (u16, Value) {
+    let bytes = payload.to_string().into_bytes();
+    let sig = sign_payload(&bytes, secret.as_bytes(), common::now());
+    let resp = server
+        .http
+        .post(server.url("/v1/stripe/webhook"))
+        .header("Stripe-Signature", sig)
+        .header("content-type", "application/json")
+        .body(bytes)
+        .send()
+        .await
+        .unwrap();
+    common::engine_server::split(resp).await
+}
+
+#[actix_web::test]
+async fn restricted_over_a_cap_gets_429_with_retry_after_and_nothing_is_metered() {
+    let fair = FairUseConfig {
+        caps: SoftCaps {
+            daily_ms: 1_000,
+            three_day_ms: 1_000,
+            weekly_ms: 1_000,
+        },
+        ..fair_use_on()
+    };
+    let server = EngineServer::start(fair, |_| {}).await;
+    let (code, body, _) = server.upload("heavy", "", &one_fixture(0, 600)).await;
+    assert_eq!(code, 200, "{body}");
+    let before = server.status_speech_ms("heavy").await;
+    assert!(before["daily_ms"].as_u64().unwrap() > 1_000);
+
+    let (code, body) = admin_post(
+        &server,
+        "/v1/admin/fair-use/user/heavy/set-stage?stage=restrict",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body, headers) = server.upload("heavy", "", &one_fixture(1, 300)).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["code"], "fair_use_restricted");
+    assert_eq!(body["new_memories"], json!([]));
+    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry > 0, "Retry-After {retry}");
+    assert_eq!(
+        server.status_speech_ms("heavy").await,
+        before,
+        "a refused upload meters nothing"
+    );
+
+    // Another user is not affected.
+    let (code, body, _) = server.upload("light", "", &one_fixture(1, 300)).await;
+    assert_eq!(code, 200, "{body}");
+}
+
+#[actix_web::test]
+async fn exhausted_credits_lock_and_a_signed_payment_unlocks() {
+    let mut fair = fair_use_on();
+    fair.plans.free_minutes_per_month = 1; // 60 s of speech
+    let server = EngineServer::start(fair, |_| {}).await;
+    // The first upload (credits left) is not locked; it uses up the minute.
+    let files: Vec<(String, Vec<u8>)> = fixtures()
+        .into_iter()
+        .take(6)
+        .enumerate()
+        .map(|(i, (_, b))| (omi_name(7_200 + 600 * i as u64), b))
+        .collect();
+    let (code, first, _) = server.upload("free", "", &files).await;
+    assert!(first["speech_ms"].as_u64().unwrap() > 60_000, "{first}");
+    assert_eq!(code, 200, "{first}");
+    assert_eq!(first["locked"], false);
+    let (code, second, _) = server.upload("free", "", &one_fixture(7, 600)).await;
+    assert_eq!(code, 200, "{second}");
+    assert_eq!(second["locked"], true, "{second}");
+    let locked_id = second["new_memories"][0].as_str().unwrap().to_owned();
+    let (code, body) = server
+        .get(&format!("/v1/conversations/{locked_id}"), "free")
+        .await;
+    assert_eq!(code, 402, "{body}");
+    assert_eq!(body["code"], "conversation_locked");
+    let open_id = first["new_memories"][0].as_str().unwrap().to_owned();
+    let (code, _) = server
+        .get(&format!("/v1/conversations/{open_id}"), "free")
+        .await;
+    assert_eq!(code, 200);
+    let (_, status) = server.get("/v1/fair-use/status", "free").await;
+    assert_eq!(status["credits_remaining_ms"], 0, "{status}");
+
+    let event = json!({
+        "id": "evt_paid_1", "type": "checkout.session.completed",
+        "data": {"object": {"metadata": {"uid": "free", "plan": "unlimited"}}}
+    });
+    // Badly signed: 400 and still locked.
+    let (code, body) = webhook(&server, &event, "whsec_wrong").await;
+    assert_eq!(code, 400, "{body}");
+    let (code, _) = server
+        .get(&format!("/v1/conversations/{locked_id}"), "free")
+        .await;
+    assert_eq!(code, 402);
+    // Correctly signed: unlocked, and new uploads are no longer locked.
+    let (code, body) = webhook(&server, &event, STRIPE_SECRET).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = server
+        .get(&format!("/v1/conversations/{locked_id}"), "free")
+        .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["is_locked"], false);
+    let (code, third, _) = server.upload("free", "", &one_fixture(8, 300)).await;
+    assert_eq!(code, 200, "{third}");
+    assert_eq!(third["locked"], false);
+    let (_, status) = server.get("/v1/fair-use/status", "free").await;
+    assert_eq!(
+        status["credits_remaining_ms"],
+        Value::Null,
+        "unlimited: {status}"
+    );
+}
+
+#[actix_web::test]
+async fn restrict_stage_with_the_stt_budget_used_up_answers_429_and_meters_once() {
+    let mut fair = fair_use_on();
+    fair.restrict_daily_stt_ms = 1_000;
+    let server = EngineServer::start(fair, |_| {}).await;
+    let (code, body) = admin_post(
+        &server,
+        "/v1/admin/fair-use/user/r/set-stage?stage=restrict",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    server.engine.fair_use.record_stt("r", 1_000).await.unwrap();
+    let files = one_fixture(5, 900);
+    let (code, body, headers) = server.upload("r", "", &files).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["code"], "stt_budget_exhausted");
+    assert_eq!(body["dg_budget_exhausted"], true);
+    assert!(headers.contains_key("retry-after"));
+    let metered = server.status_speech_ms("r").await["daily_ms"].clone();
+    assert_eq!(metered, body["speech_ms"], "the speech is metered");
+    // A retry after the refusal does not meter it twice.
+    let (code, _, _) = server.upload("r", "", &files).await;
+    assert_eq!(code, 429);
+    assert_eq!(server.status_speech_ms("r").await["daily_ms"], metered);
+}

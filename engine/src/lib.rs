@@ -11,5 +11,6 @@ pub mod meter;
 pub mod pipeline;
 pub mod policy;
 pub mod store;
+pub mod stt;
 pub mod supervisor;
 pub mod telemetry;

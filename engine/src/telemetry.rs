@@ -78,3 +78,28 @@ pub const SYNC_PROCESS_DURATION_SECONDS: &str = "voicegate_sync_process_duration
 pub const CONVERSATION_CONFLICTS_TOTAL: &str = "voicegate_conversation_conflicts_total";
 /// Counter: conversations unlocked by payments.
 pub const CONVERSATIONS_UNLOCKED_TOTAL: &str = "voicegate_conversations_unlocked_total";
+
+// --- Realtime listen sessions (server listen route, engine::pipeline::live) ---
+
+/// Counter: binary websocket frames received by listen sessions (keepalives included).
+pub const LISTEN_FRAMES_TOTAL: &str = "voicegate_listen_frames_total";
+/// Counter, label `reason` (`ring_full`, `too_large`): listen frames dropped before the pipeline.
+pub const LISTEN_FRAMES_DROPPED_TOTAL: &str = "voicegate_listen_frames_dropped_total";
+/// Counter: ms of audio decoded by listen sessions (added when a session ends).
+pub const LISTEN_AUDIO_MS_TOTAL: &str = "voicegate_listen_audio_ms_total";
+/// Counter, label `type` (`speech_started`, `speech_ended`, `usage`, `fair_use`, `stt_budget_exhausted`,
+/// `conversation_closed`, `frames_dropped`, `metadata`): events produced by listen sessions.
+pub const LISTEN_EVENTS_TOTAL: &str = "voicegate_listen_events_total";
+/// Counter: speech ms forwarded to STT by listen sessions (within their STT allowance).
+pub const LISTEN_STT_FORWARDED_MS_TOTAL: &str = "voicegate_listen_stt_forwarded_ms_total";
+/// Counter, label `reason` (`invalid_json`, `unknown_type`, `binary_text`): client text frames ignored.
+pub const LISTEN_TEXT_IGNORED_TOTAL: &str = "voicegate_listen_text_ignored_total";
+/// Counter, label `reason` (`close_stream`, `client_closed`, `idle`, `drain`, `too_large`, `protocol`,
+/// `pipeline_error`, `bad_params`): how listen sessions ended.
+pub const LISTEN_SESSIONS_CLOSED_TOTAL: &str = "voicegate_listen_sessions_closed_total";
+/// Counter, label `reason` (`decoder_failed`, `resampler_failed`, `vad_failed`): live pipelines that failed.
+pub const LISTEN_PIPELINE_ERRORS_TOTAL: &str = "voicegate_listen_pipeline_errors_total";
+/// Counter, label `reason` (`meter`, `stt`): failed meter or STT-usage records (retried next second).
+pub const LISTEN_METER_ERRORS_TOTAL: &str = "voicegate_listen_meter_errors_total";
+/// Counter, label `reason` (the conversation store's error code): realtime conversations not saved.
+pub const LISTEN_CONVERSATION_ERRORS_TOTAL: &str = "voicegate_listen_conversation_errors_total";

@@ -1,0 +1,621 @@
+//! One live session's pipeline task: drains the frame ring on every tick, runs decode → resample → VAD,
+//! emits events, meters speech every second, applies the STT allowance, closes conversations after
+//! silence, and on stop finishes everything and sends the final `metadata`.
+//!
+//! Runs on a pipeline thread (see [`super::PipelinePool`]), never on a websocket I/O worker. Accounting
+//! is exact: the meter receives `total - metered` each second from the session's cumulative speech in
+//! samples, so the metered sum equals the `metadata` `speech_ms` to the millisecond.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::events::LiveEvent;
+use super::ring::DropReason;
+use super::{Control, LiveConfig, LiveServices, SessionInput, SessionParams};
+use crate::audio::detector::SpeechEvent;
+use crate::audio::resample::TARGET_RATE;
+use crate::audio::segments::{Span, samples_to_ms};
+use crate::audio::vad::SileroModel;
+use crate::conversation::{self, Upsert};
+use crate::meter::{RecordSpeech, SpeechAmount, SpeechSource};
+use crate::pipeline::stream::{PipelineError, SpeechPipeline};
+use crate::policy::{Stage, SttAllowance, SttDenied};
+use crate::stt::{SttSegment, SttSessionInfo, SttStream};
+use crate::supervisor::PlanRecord;
+use crate::telemetry as t;
+
+/// Where a session's events go (the websocket). `send` answers false once the client is gone; the
+/// session then keeps metering but stops sending.
+pub trait EventSink {
+    fn send(&mut self, text: String) -> impl Future<Output = bool>;
+}
+
+/// What a finished session did (also what its `metadata` event said).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionReport {
+    pub frames_received: u64,
+    pub frames_dropped: u64,
+    pub audio_ms: u64,
+    pub speech_ms: u64,
+    /// Speech ms the meter acknowledged; equals `speech_ms` unless the meter failed.
+    pub metered_ms: u64,
+    pub stt_forwarded_ms: u64,
+    /// A stable code when the pipeline failed (the server closes with 1011).
+    pub error: Option<&'static str>,
+}
+
+/// How long one event may wait for a slow client before the sink is treated as gone.
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The daily STT budget as last resolved, and what this session forwarded since.
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    daily_limit_ms: u64,
+    used_at_check_ms: u64,
+    remaining_at_check_ms: u64,
+    resets_at_ms: u64,
+    forwarded_since_check_ms: u64,
+}
+
+impl Budget {
+    fn remaining(&self) -> u64 {
+        self.remaining_at_check_ms
+            .saturating_sub(self.forwarded_since_check_ms)
+    }
+}
+
+/// The STT gate: unlimited, a budget, or closed.
+#[derive(Debug, Clone, Copy)]
+enum Gate {
+    Unlimited,
+    Budget(Budget),
+    Closed,
+}
+
+/// The conversation being built (absolute epoch ms spans).
+#[derive(Default)]
+struct OpenConversation {
+    spans: Vec<conversation::Span>,
+    speech_samples: u64,
+    /// End of the last speech run, in samples at 16 kHz.
+    last_end: u64,
+}
+
+struct Live<S: EventSink> {
+    params: SessionParams,
+    cfg: LiveConfig,
+    services: Arc<LiveServices>,
+    input: SessionInput,
+    sink: S,
+    sink_open: bool,
+    pipeline: SpeechPipeline,
+    stt: Box<dyn SttStream>,
+    events: Vec<SpeechEvent>,
+    buf: Vec<u8>,
+    /// Sequence of the newest frame the pipeline consumed (= frames received up to it).
+    frames_seen: u64,
+    frames_metric: u64,
+    dropped_reported: [u64; 2],
+    metered_ms: u64,
+    stt_forwarded_ms: u64,
+    stt_unrecorded_ms: u64,
+    gate: Gate,
+    exhausted_announced: bool,
+    stage: Stage,
+    locked: bool,
+    conversation: Option<OpenConversation>,
+    started_at_ms: u64,
+    error: Option<&'static str>,
+}
+
+/// Runs a session until it is told to stop (or its control channel closes), then finishes it.
+pub async fn run_session<S: EventSink>(
+    params: SessionParams,
+    cfg: LiveConfig,
+    services: Arc<LiveServices>,
+    input: SessionInput,
+    sink: S,
+) -> SessionReport {
+    let pipeline = SileroModel::shared()
+        .map_err(PipelineError::from)
+        .and_then(|model| SpeechPipeline::for_codec(params.codec, &cfg.pipeline, model));
+    let pipeline = match pipeline {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(message = "Live pipeline could not start.", error = %e);
+            return SessionReport {
+                error: Some(e.code()),
+                ..SessionReport::default()
+            };
+        }
+    };
+    let stt = services.transcriber.open(&SttSessionInfo {
+        uid: Arc::clone(&params.uid),
+        language: params.language.clone(),
+        codec: params.codec,
+    });
+    let started_at_ms = services.clock.now_ms();
+    let live = Live {
+        params,
+        cfg,
+        services,
+        input,
+        sink,
+        sink_open: true,
+        pipeline,
+        stt,
+        events: Vec::with_capacity(8),
+        buf: Vec::with_capacity(512),
+        frames_seen: 0,
+        frames_metric: 0,
+        dropped_reported: [0; 2],
+        metered_ms: 0,
+        stt_forwarded_ms: 0,
+        stt_unrecorded_ms: 0,
+        gate: Gate::Closed,
+        exhausted_announced: false,
+        stage: Stage::None,
+        locked: false,
+        conversation: None,
+        started_at_ms,
+        error: None,
+    };
+    live.run().await
+}
+
+impl<S: EventSink> Live<S> {
+    async fn run(mut self) -> SessionReport {
+        self.check_entitlement(true).await;
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let now = Instant::now();
+        let mut next_meter = now + self.cfg.meter_interval;
+        let mut next_usage = now + self.cfg.usage_interval;
+        loop {
+            tokio::select! {
+                biased;
+                ctrl = self.input.control.recv() => match ctrl {
+                    Some(Control::Finalize) => {
+                        self.pump().await;
+                        self.stt.finalize();
+                    }
+                    Some(Control::Stop) | None => break,
+                },
+                _ = tick.tick() => {
+                    self.pump().await;
+                    if self.error.is_some() {
+                        break;
+                    }
+                    self.maybe_close_conversation(false).await;
+                    let now = Instant::now();
+                    if now >= next_meter {
+                        next_meter = now + self.cfg.meter_interval;
+                        self.report_drops().await;
+                        self.meter().await;
+                    }
+                    if now >= next_usage {
+                        next_usage = now + self.cfg.usage_interval;
+                        self.check_entitlement(false).await;
+                    }
+                }
+            }
+        }
+        self.finish().await
+    }
+
+    /// Drains the ring through the pipeline and emits what it produced.
+    async fn pump(&mut self) {
+        if self.error.is_some() {
+            return;
+        }
+        let mut pushed = 0u32;
+        while let Some(seq) = self.input.frames.pop(&mut self.buf) {
+            self.frames_seen = u64::from(seq);
+            pushed += 1;
+            if let Err(e) = self.pipeline.push_payload(&self.buf, &mut self.events) {
+                self.fail(e);
+                return;
+            }
+        }
+        if pushed > 0 {
+            if let Err(e) = self.pipeline.flush(&mut self.events) {
+                self.fail(e);
+                return;
+            }
+            self.handle_speech_events().await;
+        }
+    }
+
+    fn fail(&mut self, e: PipelineError) {
+        tracing::error!(message = "Live pipeline failed.", uid = %self.params.uid, error = %e);
+        metrics::counter!(t::LISTEN_PIPELINE_ERRORS_TOTAL, "reason" => e.code()).increment(1);
+        self.error = Some(e.code());
+    }
+
+    async fn handle_speech_events(&mut self) {
+        let mut events = std::mem::take(&mut self.events);
+        for e in events.drain(..) {
+            match e {
+                SpeechEvent::Started(start) => {
+                    let ev = LiveEvent::SpeechStarted {
+                        frames_received: self.frames_seen,
+                        at_ms: ms(start),
+                    };
+                    self.emit(ev).await;
+                }
+                SpeechEvent::Ended(span) => self.speech_ended(span).await,
+            }
+        }
+        self.events = events;
+    }
+
+    async fn speech_ended(&mut self, span: Span) {
+        let speech_ms = ms(span.len());
+        self.emit(LiveEvent::SpeechEnded {
+            frames_received: self.frames_seen,
+            at_ms: ms(span.end),
+            speech_ms,
+        })
+        .await;
+        let conv = self
+            .conversation
+            .get_or_insert_with(OpenConversation::default);
+        conv.spans.push(conversation::Span {
+            start_ms: self.started_at_ms + ms(span.start),
+            end_ms: self.started_at_ms + ms(span.end),
+        });
+        conv.speech_samples += span.len();
+        conv.last_end = span.end;
+        self.forward_stt(span, speech_ms).await;
+    }
+
+    /// Forwards what the STT allowance permits of one speech run.
+    async fn forward_stt(&mut self, span: Span, speech_ms: u64) {
+        let allowed = match &self.gate {
+            Gate::Unlimited => speech_ms,
+            Gate::Budget(b) => b.remaining().min(speech_ms),
+            Gate::Closed => 0,
+        };
+        if allowed > 0 {
+            let start_ms = ms(span.start);
+            self.stt.forward(SttSegment {
+                start_ms,
+                end_ms: start_ms + allowed,
+            });
+            self.stt_forwarded_ms += allowed;
+            self.stt_unrecorded_ms += allowed;
+            metrics::counter!(t::LISTEN_STT_FORWARDED_MS_TOTAL).increment(allowed);
+            if let Gate::Budget(b) = &mut self.gate {
+                b.forwarded_since_check_ms += allowed;
+            }
+        }
+        self.announce_exhausted().await;
+    }
+
+    async fn announce_exhausted(&mut self) {
+        let Gate::Budget(b) = self.gate else {
+            return;
+        };
+        if b.remaining() > 0 || self.exhausted_announced {
+            return;
+        }
+        self.exhausted_announced = true;
+        self.emit(LiveEvent::SttBudgetExhausted {
+            frames_received: self.frames_seen,
+            used_ms: b.used_at_check_ms + b.forwarded_since_check_ms,
+            daily_limit_ms: b.daily_limit_ms,
+            resets_at_ms: b.resets_at_ms,
+        })
+        .await;
+    }
+
+    /// Closes the open conversation after `conversation_timeout` of silence (stream audio time), when it
+    /// holds as many spans as one conversation may, or unconditionally at the end (`force`).
+    async fn maybe_close_conversation(&mut self, force: bool) {
+        let Some(conv) = &self.conversation else {
+            return;
+        };
+        let due = force
+            || conv.spans.len() >= conversation::MAX_SPANS_PER_CONVERSATION
+            || (!self.pipeline.in_speech()
+                && self.position_16k().saturating_sub(conv.last_end)
+                    >= self.params.conversation_timeout_ms * u64::from(TARGET_RATE) / 1000);
+        if !due {
+            return;
+        }
+        let Some(conv) = self.conversation.take() else {
+            return;
+        };
+        match self.upsert_conversation(conv.spans).await {
+            Ok(id) => {
+                let ev = LiveEvent::ConversationClosed {
+                    frames_received: self.frames_seen,
+                    conversation_id: id,
+                    speech_ms: ms(conv.speech_samples),
+                    locked: self.locked,
+                };
+                self.emit(ev).await;
+            }
+            Err(code) => {
+                metrics::counter!(t::LISTEN_CONVERSATION_ERRORS_TOTAL, "reason" => code)
+                    .increment(1);
+            }
+        }
+    }
+
+    /// Creates or merges the conversation: the first span finds (or starts) it, the rest join it by id, so a
+    /// long silence inside one realtime conversation never splits it.
+    async fn upsert_conversation(
+        &self,
+        spans: Vec<conversation::Span>,
+    ) -> Result<String, &'static str> {
+        let store = &self.services.conversations;
+        let mut rest = spans.into_iter();
+        let first = rest.next().ok_or("empty")?;
+        let req = |spans, target| Upsert {
+            uid: self.params.uid.to_string(),
+            spans,
+            locked: self.locked,
+            source: "realtime".to_owned(),
+            target,
+        };
+        let log = |e: &conversation::ConversationError| {
+            tracing::warn!(message = "Realtime conversation upsert failed.", uid = %self.params.uid, error = %e);
+            e.code()
+        };
+        let out = store
+            .upsert(req(vec![first], None))
+            .await
+            .map_err(|e| log(&e))?;
+        let id = out
+            .new
+            .first()
+            .or(out.updated.first())
+            .cloned()
+            .ok_or("no_id")?;
+        let rest: Vec<_> = rest.collect();
+        if !rest.is_empty() {
+            store
+                .upsert(req(rest, Some(id.clone())))
+                .await
+                .map_err(|e| log(&e))?;
+        }
+        Ok(id)
+    }
+
+    /// Stream position in samples at 16 kHz.
+    fn position_16k(&self) -> u64 {
+        let rate = u64::from(self.pipeline.codec_rate().max(1));
+        self.pipeline.decoded_samples() * u64::from(TARGET_RATE) / rate
+    }
+
+    /// Meters the speech finished since the last call, and the STT forwarded.
+    async fn meter(&mut self) {
+        let total = ms(self.pipeline.speech_samples());
+        let delta = total.saturating_sub(self.metered_ms);
+        if delta > 0 {
+            let rec = RecordSpeech::new(
+                Arc::clone(&self.params.uid),
+                SpeechAmount::Ms(delta),
+                self.services.clock.now_ms(),
+                SpeechSource::Realtime,
+            );
+            match self.services.fair_use.record(rec).await {
+                Ok(_) => self.metered_ms = total,
+                Err(e) => {
+                    // Kept pending here: the next second (or the finish) sends it again.
+                    tracing::warn!(message = "Metering realtime speech failed.", uid = %self.params.uid, error = %e);
+                    metrics::counter!(t::LISTEN_METER_ERRORS_TOTAL, "reason" => "meter")
+                        .increment(1);
+                }
+            }
+        }
+        if self.stt_unrecorded_ms > 0 {
+            match self
+                .services
+                .fair_use
+                .record_stt(&self.params.uid, self.stt_unrecorded_ms)
+                .await
+            {
+                Ok(_) => self.stt_unrecorded_ms = 0,
+                Err(e) => {
+                    tracing::warn!(message = "Recording STT usage failed.", uid = %self.params.uid, error = %e);
+                    metrics::counter!(t::LISTEN_METER_ERRORS_TOTAL, "reason" => "stt").increment(1);
+                }
+            }
+        }
+        let frames = self.input.counters.received.load(Ordering::Relaxed);
+        metrics::counter!(t::LISTEN_FRAMES_TOTAL).increment(frames - self.frames_metric);
+        self.frames_metric = frames;
+    }
+
+    /// Re-reads the user's status: the usage event, stage/lock changes, and the STT allowance.
+    async fn check_entitlement(&mut self, first: bool) {
+        let plan = self.services.plans.get(&self.params.uid).await;
+        let record = match &plan {
+            Ok(p) => PlanRecord::Known(p.as_deref()),
+            Err(e) => {
+                tracing::warn!(message = "Plan lookup failed; credits unavailable.", uid = %self.params.uid, error = %e);
+                PlanRecord::Unavailable
+            }
+        };
+        let status = self
+            .services
+            .fair_use
+            .status(&self.params.uid, record)
+            .await;
+        if !first {
+            self.emit(LiveEvent::Usage {
+                frames_received: self.frames_seen,
+                session_speech_ms: ms(self.pipeline.speech_samples()),
+                speech_ms: status.speech_ms,
+                stage: status.stage,
+            })
+            .await;
+        }
+        let changed = (status.stage, status.locked) != (self.stage, self.locked);
+        self.stage = status.stage;
+        self.locked = status.locked;
+        if changed {
+            self.emit(LiveEvent::FairUse {
+                frames_received: self.frames_seen,
+                stage: status.stage,
+                locked: status.locked,
+            })
+            .await;
+        }
+        self.apply_allowance(status.stt).await;
+    }
+
+    async fn apply_allowance(&mut self, stt: SttAllowance) {
+        // What this session forwarded but has not yet recorded is not in the store's `used_ms`.
+        let pending = self.stt_unrecorded_ms;
+        self.gate = match stt {
+            SttAllowance::Unlimited => Gate::Unlimited,
+            SttAllowance::Remaining {
+                remaining_ms,
+                daily_limit_ms,
+                used_ms,
+                resets_at_ms,
+            } => Gate::Budget(Budget {
+                daily_limit_ms,
+                used_at_check_ms: used_ms,
+                remaining_at_check_ms: remaining_ms,
+                resets_at_ms,
+                forwarded_since_check_ms: pending,
+            }),
+            SttAllowance::None {
+                reason: SttDenied::BudgetExhausted,
+                daily_limit_ms,
+                used_ms,
+                resets_at_ms,
+            } => Gate::Budget(Budget {
+                daily_limit_ms: daily_limit_ms.unwrap_or(0),
+                used_at_check_ms: used_ms,
+                remaining_at_check_ms: 0,
+                resets_at_ms: resets_at_ms.unwrap_or(0),
+                forwarded_since_check_ms: pending,
+            }),
+            // An unknown entitlement fails closed for paid STT, silently: nothing is known to announce.
+            SttAllowance::None {
+                reason: SttDenied::EntitlementUnknown,
+                ..
+            } => Gate::Closed,
+        };
+        match self.gate {
+            Gate::Budget(b) if b.remaining() == 0 => self.announce_exhausted().await,
+            // Budget available again (a new day, a stage change): re-arm the announcement.
+            _ => self.exhausted_announced = false,
+        }
+    }
+
+    /// Tells the client about frames dropped since the last report.
+    async fn report_drops(&mut self) {
+        let c = &self.input.counters;
+        let now = [
+            c.dropped_ring_full.load(Ordering::Relaxed),
+            c.dropped_too_large.load(Ordering::Relaxed),
+        ];
+        for (i, reason) in [DropReason::RingFull, DropReason::TooLarge]
+            .into_iter()
+            .enumerate()
+        {
+            if now[i] > self.dropped_reported[i] {
+                self.dropped_reported[i] = now[i];
+                self.emit(LiveEvent::FramesDropped {
+                    frames_received: self.frames_seen,
+                    frames_dropped: now[0] + now[1],
+                    reason: reason.as_str(),
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn emit(&mut self, ev: LiveEvent) {
+        metrics::counter!(t::LISTEN_EVENTS_TOTAL, "type" => ev.kind()).increment(1);
+        if !self.sink_open {
+            return;
+        }
+        let sent = tokio::time::timeout(SEND_TIMEOUT, self.sink.send(ev.to_json())).await;
+        if !matches!(sent, Ok(true)) {
+            self.sink_open = false;
+        }
+    }
+
+    /// End of session: everything pushed before the stop is processed, metered, and reported.
+    async fn finish(mut self) -> SessionReport {
+        self.pump().await;
+        if self.error.is_none() {
+            match self.pipeline.finish(&mut self.events) {
+                Ok(()) => self.handle_speech_events().await,
+                Err(e) => self.fail(e),
+            }
+        }
+        self.report_drops().await;
+        // The final record is retried a few times: what the metadata says must be in the meter.
+        for attempt in 0..3u64 {
+            self.meter().await;
+            if self.metered_ms == ms(self.pipeline.speech_samples()) && self.stt_unrecorded_ms == 0
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
+        }
+        self.maybe_close_conversation(true).await;
+        self.stt.close();
+        let c = &self.input.counters;
+        let frames_received = c.received.load(Ordering::Relaxed).max(self.frames_seen);
+        let frames_dropped = c.dropped_ring_full.load(Ordering::Relaxed)
+            + c.dropped_too_large.load(Ordering::Relaxed);
+        let report = SessionReport {
+            frames_received,
+            frames_dropped,
+            audio_ms: samples_to_ms(self.pipeline.decoded_samples(), self.pipeline.codec_rate()),
+            speech_ms: ms(self.pipeline.speech_samples()),
+            metered_ms: self.metered_ms,
+            stt_forwarded_ms: self.stt_forwarded_ms,
+            error: self.error,
+        };
+        metrics::counter!(t::LISTEN_AUDIO_MS_TOTAL).increment(report.audio_ms);
+        self.emit(LiveEvent::Metadata {
+            frames_received,
+            frames_dropped,
+            audio_ms: report.audio_ms,
+            speech_ms: report.speech_ms,
+            stt_forwarded_ms: report.stt_forwarded_ms,
+        })
+        .await;
+        report
+    }
+}
+
+/// Samples at 16 kHz → ms, rounded once.
+fn ms(samples: u64) -> u64 {
+    samples_to_ms(samples, TARGET_RATE)
+}
+
+/// A sink for tests and tools: collects the JSON texts.
+#[derive(Debug, Default)]
+pub struct VecSink(pub Vec<String>);
+
+impl EventSink for VecSink {
+    async fn send(&mut self, text: String) -> bool {
+        self.0.push(text);
+        true
+    }
+}
+
+/// A sink that forwards into a bounded channel (a test client, or a server adapter).
+pub struct ChannelSink(pub mpsc::Sender<String>);
+
+impl EventSink for ChannelSink {
+    async fn send(&mut self, text: String) -> bool {
+        self.0.send(text).await.is_ok()
+    }
+}

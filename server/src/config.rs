@@ -30,6 +30,14 @@ pub mod defaults {
     pub const DRAIN_TIMEOUT_SECS: u64 = 30;
     /// `VOICEGATE_WORKERS`: 0 = one per CPU.
     pub const WORKERS: usize = 0;
+    /// `VOICEGATE_WS_IDLE_TIMEOUT_SECS`: the reference's inactivity timeout.
+    pub const WS_IDLE_TIMEOUT_SECS: u64 = 90;
+    /// `VOICEGATE_LISTEN_THREADS`: 0 = one per CPU.
+    pub const LISTEN_THREADS: usize = 0;
+    /// `VOICEGATE_LISTEN_TICK_MS`: how often a session runs its pipeline on what arrived.
+    pub const LISTEN_TICK_MS: u64 = 50;
+    /// `VOICEGATE_LISTEN_BUFFER_MS`: audio one session's ring holds before frames are dropped.
+    pub const LISTEN_BUFFER_MS: u64 = 2_000;
 }
 
 /// Flags and environment of `voicegate serve`. Secrets are never printed (`hide_env_values`).
@@ -95,6 +103,22 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_WS_SESSIONS_PER_USER", default_value_t = defaults::WS_SESSIONS_PER_USER)]
     pub ws_sessions_per_user: usize,
 
+    /// A listen session with no client message for this long closes with 1001 `idle timeout`.
+    #[arg(long, env = "VOICEGATE_WS_IDLE_TIMEOUT_SECS", default_value_t = defaults::WS_IDLE_TIMEOUT_SECS)]
+    pub ws_idle_timeout_secs: u64,
+
+    /// Pipeline threads running listen sessions' decode, resampling and VAD (off the HTTP workers); 0 = one per CPU.
+    #[arg(long, env = "VOICEGATE_LISTEN_THREADS", default_value_t = defaults::LISTEN_THREADS)]
+    pub listen_threads: usize,
+
+    /// How often a listen session runs its pipeline on the frames that arrived, in ms (bounds event latency).
+    #[arg(long, env = "VOICEGATE_LISTEN_TICK_MS", default_value_t = defaults::LISTEN_TICK_MS)]
+    pub listen_tick_ms: u64,
+
+    /// Audio (ms) a listen session buffers between the socket and its pipeline; frames beyond it are dropped and reported.
+    #[arg(long, env = "VOICEGATE_LISTEN_BUFFER_MS", default_value_t = defaults::LISTEN_BUFFER_MS)]
+    pub listen_buffer_ms: u64,
+
     /// Time allowed for a drain (close sessions, finish requests, flush the meter) after SIGTERM/SIGINT.
     #[arg(long, env = "VOICEGATE_DRAIN_TIMEOUT_SECS", default_value_t = defaults::DRAIN_TIMEOUT_SECS)]
     pub drain_timeout_secs: u64,
@@ -125,6 +149,10 @@ impl Default for ServeConfig {
             ws_sessions_per_user: defaults::WS_SESSIONS_PER_USER,
             drain_timeout_secs: defaults::DRAIN_TIMEOUT_SECS,
             workers: defaults::WORKERS,
+            ws_idle_timeout_secs: defaults::WS_IDLE_TIMEOUT_SECS,
+            listen_threads: defaults::LISTEN_THREADS,
+            listen_tick_ms: defaults::LISTEN_TICK_MS,
+            listen_buffer_ms: defaults::LISTEN_BUFFER_MS,
         }
     }
 }

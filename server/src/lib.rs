@@ -12,6 +12,7 @@ pub mod drain;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod listen;
 pub mod prometheus;
 pub mod routes;
 pub mod serve;

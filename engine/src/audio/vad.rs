@@ -1,16 +1,23 @@
-//! Silero VAD (v6, 16 kHz) run in-process by `tract-onnx`, with carried state and batched windows.
+//! Silero VAD (v6, 16 kHz) run in-process, with carried state and batched windows.
 //!
 //! The model is `silero_vad_16k_sequence.onnx` from the `silero-vad` 6.2.3 PyPI package (MIT, see
 //! `engine/models/`): input `[S, 576]` = S consecutive windows of 64 context + 512 new samples, LSTM
-//! state `h`, `c` `[1, 1, 128]` carried across calls. One call over S windows costs far less than S
-//! calls over one, so a stream runs full batches of [`BATCH`] windows and only runs smaller batches when
-//! asked to flush (end of file, or a live session that wants its latest windows now).
+//! state `h`, `c` `[1, 1, 128]` carried across calls. On CPUs with AVX-512 the network is evaluated by
+//! [`super::silero_net`] (same weights, read from the file; about twice as fast); elsewhere by
+//! `tract-onnx`. One call over S windows costs far less than S calls over one, so a stream runs full
+//! batches of [`BATCH`] windows and only runs smaller batches when asked to flush (end of file, or a
+//! live session that wants its latest windows now).
 //!
 //! A cheap energy pre-gate skips windows that are certainly silence (RMS below the gate): they get
-//! probability 0 and do not advance the LSTM state, so the model sees a contiguous speech-bearing signal.
+//! probability 0 and do not advance the LSTM state, so the model sees the sequence of speech-bearing
+//! windows only. Windows are copied into the batch as they complete, so gated windows between them do
+//! not split batches: a batch is always [`BATCH`] model windows, however the gate fragments the stream.
 
+use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 use tract_onnx::prelude::*;
+
+use super::silero_net::{HIDDEN, Scratch, SileroNet};
 
 /// Samples per VAD window at 16 kHz (32 ms).
 pub const WINDOW: usize = 512;
@@ -18,9 +25,13 @@ pub const WINDOW: usize = 512;
 pub const CONTEXT: usize = 64;
 /// Windows per full batch (about one second of audio).
 pub const BATCH: usize = 32;
-/// Batch sizes with a compiled plan, largest first. Every count of windows is a sum of these.
+/// Batch sizes with a compiled tract plan, largest first. Every count of windows is a sum of these.
 const PLAN_SIZES: [usize; 3] = [BATCH, 8, 1];
-const STATE: usize = 128;
+const STATE: usize = HIDDEN;
+/// Windows whose result may wait for a batch to fill (gated ones queue behind a pending model window).
+/// Past this the partial batch runs, so a long gated stretch never holds results back for long.
+const MAX_QUEUED: usize = 4 * BATCH;
+const INPUT: usize = WINDOW + CONTEXT;
 
 static MODEL_BYTES: &[u8] = include_bytes!("../../models/silero_vad_16k_sequence.onnx");
 
@@ -35,13 +46,21 @@ pub enum VadError {
 
 type Plan = Arc<TypedSimplePlan>;
 
-/// The compiled model: one optimised plan per batch size, shared by every stream.
+/// How the network is evaluated.
+enum Backend {
+    /// [`SileroNet`]: AVX-512 matrix products over the whole batch.
+    Native(Box<SileroNet>),
+    /// tract: one optimised plan per batch size.
+    Tract(Vec<(usize, Plan)>),
+}
+
+/// The compiled model, shared by every stream.
 pub struct SileroModel {
-    plans: Vec<(usize, Plan)>,
+    backend: Backend,
 }
 
 impl SileroModel {
-    /// The process-wide model, compiled on first use (about a second) and shared afterwards.
+    /// The process-wide model, compiled on first use and shared afterwards.
     pub fn shared() -> Result<Arc<SileroModel>, VadError> {
         static SHARED: OnceLock<Result<Arc<SileroModel>, String>> = OnceLock::new();
         SHARED
@@ -50,7 +69,19 @@ impl SileroModel {
             .map_err(VadError::Load)
     }
 
-    fn load() -> Result<SileroModel, VadError> {
+    /// The native network where the CPU supports it, tract otherwise.
+    pub fn load() -> Result<SileroModel, VadError> {
+        if super::gemm::available() {
+            let net = SileroNet::from_onnx(MODEL_BYTES).map_err(VadError::Load)?;
+            return Ok(SileroModel {
+                backend: Backend::Native(Box::new(net)),
+            });
+        }
+        SileroModel::load_tract()
+    }
+
+    /// The tract backend whatever the CPU (reference for tests and benches).
+    pub fn load_tract() -> Result<SileroModel, VadError> {
         let mut plans = Vec::with_capacity(PLAN_SIZES.len());
         for &size in &PLAN_SIZES {
             plans.push((
@@ -58,27 +89,101 @@ impl SileroModel {
                 compile(size).map_err(|e| VadError::Load(format!("{e:#}")))?,
             ));
         }
-        Ok(SileroModel { plans })
+        Ok(SileroModel {
+            backend: Backend::Tract(plans),
+        })
     }
 
-    fn plan(&self, size: usize) -> Option<&Plan> {
-        self.plans.iter().find(|(s, _)| *s == size).map(|(_, p)| p)
+    /// `"native"` or `"tract"`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.backend {
+            Backend::Native(_) => "native",
+            Backend::Tract(_) => "tract",
+        }
     }
-}
 
-fn zero_state() -> Tensor {
-    tract_ndarray::Array3::<f32>::zeros((1, 1, STATE)).into_tensor()
+    /// Run `batch` (whole windows of 576 samples) in order from state `h`, `c`; one probability per
+    /// window is appended to `probs`.
+    fn run(
+        &self,
+        batch: &[f32],
+        h: &mut [f32; STATE],
+        c: &mut [f32; STATE],
+        probs: &mut Vec<f32>,
+    ) -> Result<(), VadError> {
+        match &self.backend {
+            Backend::Native(net) => {
+                thread_local! {
+                    // One set of layer buffers per thread, not per stream: a live server holds many
+                    // streams and runs only one at a time on each thread.
+                    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+                }
+                SCRATCH.with(|s| net.run(batch, h, c, &mut s.borrow_mut(), probs));
+                Ok(())
+            }
+            Backend::Tract(plans) => {
+                let windows = batch.len() / INPUT;
+                let mut w = 0;
+                while w < windows {
+                    let left = windows - w;
+                    let size = PLAN_SIZES.iter().copied().find(|&s| s <= left).unwrap_or(1);
+                    let plan = plans
+                        .iter()
+                        .find(|(s, _)| *s == size)
+                        .map(|(_, p)| p)
+                        .ok_or_else(|| VadError::Inference(format!("no plan for batch {size}")))?;
+                    run_tract(
+                        plan,
+                        &batch[w * INPUT..(w + size) * INPUT],
+                        size,
+                        h,
+                        c,
+                        probs,
+                    )
+                    .map_err(|e| VadError::Inference(format!("{e:#}")))?;
+                    w += size;
+                }
+                Ok(())
+            }
+        }
+    }
 }
 
 fn compile(size: usize) -> TractResult<Plan> {
     let mut reader = std::io::Cursor::new(MODEL_BYTES);
     let model = tract_onnx::onnx()
         .model_for_read(&mut reader)?
-        .with_input_fact(0, f32::fact([size, WINDOW + CONTEXT]).into())?
+        .with_input_fact(0, f32::fact([size, INPUT]).into())?
         .with_input_fact(1, f32::fact([1, 1, STATE]).into())?
         .with_input_fact(2, f32::fact([1, 1, STATE]).into())?
         .into_optimized()?;
     model.into_runnable()
+}
+
+fn run_tract(
+    plan: &Plan,
+    batch: &[f32],
+    size: usize,
+    h: &mut [f32; STATE],
+    c: &mut [f32; STATE],
+    probs: &mut Vec<f32>,
+) -> TractResult<()> {
+    let input = Tensor::from_shape(&[size, INPUT], batch)?;
+    let ht = Tensor::from_shape(&[1, 1, STATE], &h[..])?;
+    let ct = Tensor::from_shape(&[1, 1, STATE], &c[..])?;
+    let result = plan.run(tvec!(input.into(), ht.into(), ct.into()))?;
+    let out = |i: usize| result.get(i).map(|t| t.try_as_plain_ram()).transpose();
+    let (Some(p), Some(hn), Some(cn)) = (out(0)?, out(1)?, out(2)?) else {
+        return Err(TractError::msg("model returned too few outputs"));
+    };
+    let (hn, cn) = (hn.as_slice::<f32>()?, cn.as_slice::<f32>()?);
+    if hn.len() != STATE || cn.len() != STATE {
+        return Err(TractError::msg("model returned a state of the wrong size"));
+    }
+    h.copy_from_slice(hn);
+    c.copy_from_slice(cn);
+    probs.extend_from_slice(p.as_slice::<f32>()?);
+    Ok(())
 }
 
 /// Result for one window: where it starts (in samples since the stream began) and its speech probability.
@@ -88,20 +193,24 @@ pub struct WindowProb {
     pub prob: f32,
 }
 
-/// One stream's VAD state: pending samples, context, LSTM state.
+/// One stream's VAD state: pending samples, context, LSTM state, the batch being filled.
 pub struct VadStream {
     model: Arc<SileroModel>,
-    /// Pending samples; `pending[..CONTEXT]` is the context of the next window.
+    /// Samples not yet in a classified window; `pending[..CONTEXT]` is the context of the next window.
     pending: Vec<f32>,
     /// Stream offset (samples) of `pending[CONTEXT]`.
     next_start: u64,
-    h: Tensor,
-    c: Tensor,
+    h: [f32; STATE],
+    c: [f32; STATE],
     /// Mean-square energy below which a window is skipped as certain silence (0 disables the gate).
     gate_ms: f32,
-    /// Scratch for one batch of model input.
+    /// Model input of the windows waiting to run (576 samples each).
     batch: Vec<f32>,
-    /// Indices (into the current run) of windows sent to the model.
+    /// Results not yet handed out, in stream order; `slots` says which wait for the model.
+    queue: Vec<WindowProb>,
+    /// Indices into `queue` of the windows in `batch`, in batch order.
+    slots: Vec<usize>,
+    probs: Vec<f32>,
     windows_run: u64,
     windows_skipped: u64,
 }
@@ -110,16 +219,19 @@ impl VadStream {
     /// A new stream. `gate_dbfs`: windows with RMS below this level are skipped as silence (`None` = no gate).
     pub fn new(model: Arc<SileroModel>, gate_dbfs: Option<f32>) -> VadStream {
         let gate_ms = gate_dbfs.map_or(0.0, |db| 10f32.powf(db / 10.0));
-        let mut pending = Vec::with_capacity(CONTEXT + WINDOW * (BATCH + 1));
+        let mut pending = Vec::with_capacity(CONTEXT + 2 * WINDOW);
         pending.resize(CONTEXT, 0.0);
         VadStream {
             model,
             pending,
             next_start: 0,
-            h: zero_state(),
-            c: zero_state(),
+            h: [0.0; STATE],
+            c: [0.0; STATE],
             gate_ms,
-            batch: Vec::with_capacity(BATCH * (WINDOW + CONTEXT)),
+            batch: Vec::new(),
+            queue: Vec::new(),
+            slots: Vec::new(),
+            probs: Vec::new(),
             windows_run: 0,
             windows_skipped: 0,
         }
@@ -130,146 +242,169 @@ impl VadStream {
         (self.windows_run, self.windows_skipped)
     }
 
-    /// Samples pushed but not yet in a finished window.
+    /// Samples pushed but not yet handed out as window results (partial window and queued windows).
     pub fn buffered(&self) -> usize {
-        self.pending.len() - CONTEXT
+        self.pending.len() - CONTEXT + self.queue.len() * WINDOW
     }
 
     /// Push samples (normalised f32, 16 kHz mono). Runs full batches; results are appended to `out`.
     pub fn push(&mut self, samples: &[f32], out: &mut Vec<WindowProb>) -> Result<(), VadError> {
         self.pending.extend_from_slice(samples);
-        if self.buffered() >= BATCH * WINDOW {
-            self.process(false, out)?;
-        }
-        Ok(())
+        self.classify(out)
     }
 
-    /// Run every complete window now, with smaller batches if needed. A partial window stays buffered.
+    /// Run every complete window now, with a smaller batch if needed. A partial window stays buffered.
     pub fn flush(&mut self, out: &mut Vec<WindowProb>) -> Result<(), VadError> {
-        self.process(true, out)
+        self.run_batch(out)
     }
 
     /// End of stream: run every complete window and drop the partial tail (under 32 ms).
     pub fn finish(&mut self, out: &mut Vec<WindowProb>) -> Result<u64, VadError> {
-        self.process(true, out)?;
-        let tail = self.buffered() as u64;
+        self.run_batch(out)?;
+        let tail = (self.pending.len() - CONTEXT) as u64;
         self.pending.truncate(CONTEXT);
         Ok(tail)
     }
 
-    fn process(&mut self, all: bool, out: &mut Vec<WindowProb>) -> Result<(), VadError> {
-        let windows = self.buffered() / WINDOW;
-        let usable = if all {
-            windows
-        } else {
-            windows - windows % BATCH
-        };
-        if usable == 0 {
+    /// Move every complete window out of `pending`: gated ones get probability 0, the others join the
+    /// batch, which runs whenever it is full (or the queue behind it grows too long).
+    fn classify(&mut self, out: &mut Vec<WindowProb>) -> Result<(), VadError> {
+        let windows = (self.pending.len() - CONTEXT) / WINDOW;
+        if windows == 0 {
             return Ok(());
         }
-        // Classify each window: gated (silence) or to run. Runs of to-run windows go to the model in batches.
-        let mut w = 0;
-        while w < usable {
-            if self.is_silent(w) {
-                out.push(WindowProb {
-                    start: self.next_start + (w * WINDOW) as u64,
-                    prob: 0.0,
-                });
+        for w in 0..windows {
+            let start = self.next_start + (w * WINDOW) as u64;
+            let input = &self.pending[w * WINDOW..w * WINDOW + INPUT];
+            if self.is_silent(&input[CONTEXT..]) {
+                self.queue.push(WindowProb { start, prob: 0.0 });
                 self.windows_skipped += 1;
-                w += 1;
-                continue;
+            } else {
+                self.batch.extend_from_slice(input);
+                self.slots.push(self.queue.len());
+                self.queue.push(WindowProb { start, prob: 0.0 });
             }
-            let mut end = w + 1;
-            while end < usable && end - w < BATCH && !self.is_silent(end) {
-                end += 1;
+            if self.slots.len() >= BATCH || self.queue.len() >= MAX_QUEUED {
+                self.run_batch(out)?;
             }
-            self.run_windows(w, end, out)?;
-            w = end;
         }
-        let consumed = usable * WINDOW;
+        let consumed = windows * WINDOW;
         self.pending.drain(..consumed);
         self.next_start += consumed as u64;
+        if self.slots.is_empty() {
+            out.append(&mut self.queue);
+        }
         Ok(())
     }
 
-    fn is_silent(&self, w: usize) -> bool {
+    fn is_silent(&self, s: &[f32]) -> bool {
         if self.gate_ms <= 0.0 {
             return false;
         }
-        let s = &self.pending[CONTEXT + w * WINDOW..CONTEXT + (w + 1) * WINDOW];
         let energy: f32 = s.iter().map(|x| x * x).sum::<f32>() / WINDOW as f32;
         energy < self.gate_ms
     }
 
-    /// Run windows `from..to` (indices into pending) through the model using the compiled batch sizes.
-    fn run_windows(
-        &mut self,
-        from: usize,
-        to: usize,
-        out: &mut Vec<WindowProb>,
-    ) -> Result<(), VadError> {
-        let mut w = from;
-        while w < to {
-            let left = to - w;
-            let size = PLAN_SIZES.iter().copied().find(|&s| s <= left).unwrap_or(1);
-            self.run_batch(w, size, out)?;
-            w += size;
+    /// Run the batch (whatever its size), fill its slots and hand out every queued result.
+    fn run_batch(&mut self, out: &mut Vec<WindowProb>) -> Result<(), VadError> {
+        if !self.slots.is_empty() {
+            self.probs.clear();
+            self.model
+                .run(&self.batch, &mut self.h, &mut self.c, &mut self.probs)?;
+            if self.probs.len() != self.slots.len() {
+                return Err(VadError::Inference(format!(
+                    "{} probabilities for {} windows",
+                    self.probs.len(),
+                    self.slots.len()
+                )));
+            }
+            for (&slot, &p) in self.slots.iter().zip(&self.probs) {
+                self.queue[slot].prob = p;
+            }
+            self.windows_run += self.slots.len() as u64;
+            self.slots.clear();
+            self.batch.clear();
         }
+        out.append(&mut self.queue);
         Ok(())
     }
+}
 
-    fn run_batch(
-        &mut self,
-        w: usize,
-        size: usize,
-        out: &mut Vec<WindowProb>,
-    ) -> Result<(), VadError> {
-        let plan = self
-            .model
-            .plan(size)
-            .ok_or_else(|| VadError::Inference(format!("no plan for batch {size}")))?
-            .clone();
-        self.batch.clear();
-        for i in w..w + size {
-            // Window i spans pending[CONTEXT + i*WINDOW ..][..WINDOW]; its context is the 64 samples before.
-            let start = i * WINDOW;
-            self.batch
-                .extend_from_slice(&self.pending[start..start + CONTEXT + WINDOW]);
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Speech-like test signal: a warbling tone in bursts over low noise, with silent stretches.
+    fn signal(len: usize) -> Vec<f32> {
+        let mut seed = 0x2545_f491u32;
+        (0..len)
+            .map(|i| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                let noise = (seed as f32 / u32::MAX as f32 - 0.5) * 0.01;
+                let t = i as f32 / 16_000.0;
+                let burst = if (t * 0.7).fract() < 0.5 { 0.3 } else { 0.0 };
+                let silent = (t * 0.2).fract() > 0.8;
+                if silent {
+                    0.0
+                } else {
+                    burst
+                        * (t * 2.0 * std::f32::consts::PI * (180.0 + 60.0 * (t * 3.0).sin())).sin()
+                        + noise
+                }
+            })
+            .collect()
+    }
+
+    fn probs(model: SileroModel, gate: Option<f32>, x: &[f32], chunk: usize) -> Vec<WindowProb> {
+        let mut v = VadStream::new(Arc::new(model), gate);
+        let mut out = Vec::new();
+        for c in x.chunks(chunk) {
+            v.push(c, &mut out).unwrap();
         }
-        let input = Tensor::from_shape(&[size, CONTEXT + WINDOW], &self.batch)
-            .map_err(|e| VadError::Inference(format!("{e:#}")))?;
-        let h = std::mem::replace(&mut self.h, Tensor::from(0f32));
-        let c = std::mem::replace(&mut self.c, Tensor::from(0f32));
-        let mut result = plan
-            .run(tvec!(input.into(), h.into(), c.into()))
-            .map_err(|e| VadError::Inference(format!("{e:#}")))?;
-        if result.len() != 3 {
-            return Err(VadError::Inference(format!(
-                "model returned {} outputs",
-                result.len()
-            )));
+        v.finish(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn native_network_matches_tract_gated_and_ungated() {
+        if !crate::audio::gemm::available() {
+            return;
         }
-        let cn = result.pop().map(|t| t.into_tensor());
-        let hn = result.pop().map(|t| t.into_tensor());
-        let probs = result.pop().map(|t| t.into_tensor());
-        let (Some(probs), Some(hn), Some(cn)) = (probs, hn, cn) else {
-            return Err(VadError::Inference("missing model output".into()));
-        };
-        self.h = hn;
-        self.c = cn;
-        let view = probs
-            .try_as_plain_ram()
-            .map_err(|e| VadError::Inference(format!("{e:#}")))?;
-        let probs = view
-            .as_slice::<f32>()
-            .map_err(|e| VadError::Inference(format!("{e:#}")))?;
-        for (k, &p) in probs.iter().enumerate() {
-            out.push(WindowProb {
-                start: self.next_start + ((w + k) * WINDOW) as u64,
-                prob: p,
-            });
+        let x = signal(16_000 * 12);
+        for gate in [None, Some(-50.0)] {
+            let a = probs(SileroModel::load_tract().unwrap(), gate, &x, 4096);
+            let b = probs(SileroModel::load().unwrap(), gate, &x, 160);
+            assert_eq!(a.len(), b.len());
+            for (a, b) in a.iter().zip(&b) {
+                assert_eq!(a.start, b.start);
+                assert!((a.prob - b.prob).abs() < 1e-4, "{a:?} vs {b:?}");
+            }
         }
-        self.windows_run += size as u64;
-        Ok(())
+    }
+
+    #[test]
+    fn results_come_out_in_order_whatever_the_push_size_and_gate() {
+        let x = signal(16_000 * 5);
+        for chunk in [1, 160, 513, 100_000] {
+            let out = probs(SileroModel::load().unwrap(), Some(-50.0), &x, chunk);
+            assert_eq!(out.len(), x.len() / WINDOW);
+            assert!(
+                out.iter()
+                    .enumerate()
+                    .all(|(i, w)| w.start == (i * WINDOW) as u64)
+            );
+        }
+    }
+
+    #[test]
+    fn flush_hands_out_every_complete_window() {
+        let mut v = VadStream::new(SileroModel::shared().unwrap(), Some(-50.0));
+        let mut out = Vec::new();
+        v.push(&signal(WINDOW * 3 + 100), &mut out).unwrap();
+        v.flush(&mut out).unwrap();
+        assert_eq!(out.len(), 3);
+        assert_eq!(v.buffered(), 100);
     }
 }

@@ -1,0 +1,220 @@
+//! A small f32 matrix product for the native Silero network (`silero_net`), AVX-512 only.
+//!
+//! `C[m][n] = A[m][k] · B[k][n] + bias[n]` (optionally followed by ReLU), every matrix row-major. The
+//! shapes here are small (k ≤ 387, n ≤ 512, m ≤ a few hundred) and the weights `B` are packed once at load
+//! time with `n` rounded up to a multiple of [`NR`], so one register-blocked kernel covers every layer.
+//! The kernel keeps an `MR × NR` block of `C` in AVX-512 registers (intrinsics: LLVM did not vectorise
+//! the plain-Rust version) and is only called after a run-time CPU check.
+
+/// Rows of `A` per register block.
+const MR: usize = 6;
+/// Columns of `B` per register block (two 16-lane AVX-512 registers).
+pub const NR: usize = 32;
+
+/// Whether this CPU runs the AVX-512 kernel.
+pub fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Weights `B` (`k × n`, `n` padded to a multiple of [`NR`] with zero columns) and a bias of `n` values.
+#[derive(Debug, Clone)]
+pub struct Packed {
+    pub k: usize,
+    /// Logical number of output columns.
+    pub n: usize,
+    /// Row stride of `data` (`n` rounded up to [`NR`]).
+    pub ld: usize,
+    pub data: Vec<f32>,
+    pub bias: Vec<f32>,
+}
+
+impl Packed {
+    /// Pack `k × n` weights given by `w(row, col)`, with a bias (zeros if `None`).
+    pub fn new(
+        k: usize,
+        n: usize,
+        w: impl Fn(usize, usize) -> f32,
+        bias: Option<&[f32]>,
+    ) -> Packed {
+        let ld = n.div_ceil(NR) * NR;
+        let mut data = vec![0.0; k * ld];
+        for r in 0..k {
+            for c in 0..n {
+                data[r * ld + c] = w(r, c);
+            }
+        }
+        let mut b = vec![0.0; ld];
+        if let Some(bias) = bias {
+            b[..n].copy_from_slice(&bias[..n]);
+        }
+        Packed {
+            k,
+            n,
+            ld,
+            data,
+            bias: b,
+        }
+    }
+}
+
+/// `c[i*ldc + j] = relu?(Σ_l a[i*lda + l] · b[l][j] + bias[j])` for `i < m`, `j < b.ld`.
+///
+/// `c` must hold `m` rows of `ldc ≥ b.ld` floats and `a` `m` rows of `lda ≥ b.k` floats.
+pub fn gemm(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32], ldc: usize, relu: bool) {
+    assert!(lda >= b.k && ldc >= b.ld, "gemm: strides too small");
+    assert!(m == 0 || (a.len() >= (m - 1) * lda + b.k && c.len() >= (m - 1) * ldc + b.ld));
+    #[cfg(target_arch = "x86_64")]
+    if available() {
+        // SAFETY: the CPU has AVX-512F and FMA (checked just above), which is all the function requires.
+        unsafe { avx512::gemm(a, lda, m, b, c, ldc, relu) };
+        return;
+    }
+    gemm_scalar(a, lda, m, b, c, ldc, relu);
+}
+
+/// Portable reference (tests, and CPUs without AVX-512 should they ever call this).
+fn gemm_scalar(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32], ldc: usize, relu: bool) {
+    for i in 0..m {
+        let row = &a[i * lda..][..b.k];
+        let out = &mut c[i * ldc..][..b.ld];
+        out.copy_from_slice(&b.bias);
+        for (l, &av) in row.iter().enumerate() {
+            for (o, &w) in out.iter_mut().zip(&b.data[l * b.ld..][..b.ld]) {
+                *o += av * w;
+            }
+        }
+        if relu {
+            out.iter_mut().for_each(|o| *o = o.max(0.0));
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{MR, NR, Packed};
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) fn gemm(
+        a: &[f32],
+        lda: usize,
+        m: usize,
+        b: &Packed,
+        c: &mut [f32],
+        ldc: usize,
+        relu: bool,
+    ) {
+        for n0 in (0..b.ld).step_by(NR) {
+            let mut i = 0;
+            while i + MR <= m {
+                block::<MR>(a, lda, i, b, n0, c, ldc, relu);
+                i += MR;
+            }
+            while i < m {
+                block::<1>(a, lda, i, b, n0, c, ldc, relu);
+                i += 1;
+            }
+        }
+    }
+
+    /// One `R × NR` block of `c`, accumulated in `2R` registers.
+    #[inline]
+    #[target_feature(enable = "avx512f,fma")]
+    // `l` walks `k` in both the A rows and the packed B rows.
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    fn block<const R: usize>(
+        a: &[f32],
+        lda: usize,
+        i0: usize,
+        b: &Packed,
+        n0: usize,
+        c: &mut [f32],
+        ldc: usize,
+        relu: bool,
+    ) {
+        let k = b.k;
+        let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(i0 + r) * lda..][..k]);
+        let bias = &b.bias[n0..n0 + NR];
+        // SAFETY (all loads and stores below): each pointer comes from a slice of exactly NR = 32 floats
+        // (bounds-checked when sliced), and the unaligned load/store intrinsics read or write 16 floats
+        // at offsets 0 and 16 of it.
+        let (b0, b1) = unsafe {
+            (
+                _mm512_loadu_ps(bias.as_ptr()),
+                _mm512_loadu_ps(bias.as_ptr().add(16)),
+            )
+        };
+        let mut acc = [[b0, b1]; R];
+        for l in 0..k {
+            let brow = &b.data[l * b.ld + n0..][..NR];
+            let (w0, w1) = unsafe {
+                (
+                    _mm512_loadu_ps(brow.as_ptr()),
+                    _mm512_loadu_ps(brow.as_ptr().add(16)),
+                )
+            };
+            for r in 0..R {
+                let av = _mm512_set1_ps(rows[r][l]);
+                acc[r][0] = _mm512_fmadd_ps(av, w0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(av, w1, acc[r][1]);
+            }
+        }
+        let zero = _mm512_setzero_ps();
+        for (r, [v0, v1]) in acc.into_iter().enumerate() {
+            let (v0, v1) = if relu {
+                (_mm512_max_ps(v0, zero), _mm512_max_ps(v1, zero))
+            } else {
+                (v0, v1)
+            };
+            let out = &mut c[(i0 + r) * ldc + n0..][..NR];
+            unsafe {
+                _mm512_storeu_ps(out.as_mut_ptr(), v0);
+                _mm512_storeu_ps(out.as_mut_ptr().add(16), v1);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_a_naive_product_with_bias_and_relu() {
+        let (m, k, n) = (13, 37, 45);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        let w = |r: usize, c: usize| ((r * 3 + c * 5) % 13) as f32 / 7.0 - 0.9;
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 / 10.0 - 2.0).collect();
+        let b = Packed::new(k, n, w, Some(&bias));
+        for (relu, scalar) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut c = vec![f32::NAN; m * b.ld];
+            if scalar {
+                gemm_scalar(&a, k, m, &b, &mut c, b.ld, relu);
+            } else {
+                gemm(&a, k, m, &b, &mut c, b.ld, relu);
+            }
+            for i in 0..m {
+                for j in 0..n {
+                    let mut want = bias[j];
+                    for l in 0..k {
+                        want += a[i * k + l] * w(l, j);
+                    }
+                    if relu {
+                        want = want.max(0.0);
+                    }
+                    let got = c[i * b.ld + j];
+                    assert!((got - want).abs() < 1e-4, "({i},{j}): {got} vs {want}");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,279 @@
+//! Silero VAD v6 (16 kHz) evaluated directly: the same network as `silero_vad_16k_sequence.onnx`, with
+//! weights read from that file, computed as a handful of dense matrix products.
+//!
+//! Why not only tract: tract runs this graph one window at a time inside each layer (a 258×256 by 256×5
+//! product per window for the STFT, im2col copies for every 3-tap convolution, a generic `Scan` for the
+//! LSTM), which spent most of its time outside arithmetic. Here a batch of S windows is one product per
+//! layer (the STFT is `4S × 256` by `256 × 258`), the frame the graph computes and discards is skipped,
+//! and convolution taps that only ever see zero padding are dropped. Probabilities agree with tract to
+//! about 1e-5 (`tests::matches_tract_on_a_real_clip`). It needs AVX-512 (see `gemm`); elsewhere the
+//! tract plans in `vad` run instead.
+//!
+//! The graph, per window of 576 samples `x` (64 context + 512 new):
+//! - STFT: reflect-pad 128 each side, frames of 256 at hop 128 → 5 frames; frame 0 is discarded; each
+//!   frame's 258 outputs are 129 real and 129 imaginary parts → magnitudes `[4][129]`.
+//! - encoder: conv 129→128 (k3, pad 1) + ReLU → `[4][128]`; 128→64 (k3, stride 2) → `[2][64]`;
+//!   64→64 (k3, stride 2) → `[1][64]`; 64→128 (k3) → `[1][128]`, each + ReLU.
+//! - LSTM 128→128 over the windows in order (ONNX gate order i, o, f, c), state carried.
+//! - ReLU, 1×1 conv 128→1, sigmoid.
+
+use super::gemm::{Packed, gemm};
+use super::vad::{CONTEXT, WINDOW};
+
+const INPUT: usize = WINDOW + CONTEXT;
+const FFT: usize = 256;
+const HOP: usize = 128;
+const BINS: usize = 129;
+/// Kept STFT frames per window.
+const FRAMES: usize = 4;
+pub const HIDDEN: usize = 128;
+
+/// The network's weights, packed for [`gemm`].
+#[derive(Debug)]
+pub struct SileroNet {
+    stft: Packed,
+    enc0: Packed,
+    enc1: Packed,
+    enc2: Packed,
+    enc3: Packed,
+    lstm_in: Packed,
+    /// Recurrent weights, `[128][512]` (`h` row times this = gate pre-activations).
+    lstm_rec: Packed,
+    out_w: Vec<f32>,
+    out_b: f32,
+}
+
+/// Reusable buffers for one stream (sized for the largest batch seen).
+#[derive(Debug, Default)]
+pub struct Scratch {
+    frames: Vec<f32>,
+    spec: Vec<f32>,
+    a0: Vec<f32>,
+    e0: Vec<f32>,
+    a1: Vec<f32>,
+    e1: Vec<f32>,
+    e2: Vec<f32>,
+    e3: Vec<f32>,
+    gates_in: Vec<f32>,
+    gates: Vec<f32>,
+}
+
+/// A named float tensor from the ONNX file.
+struct Init {
+    dims: Vec<usize>,
+    data: Vec<f32>,
+}
+
+fn initializers(bytes: &[u8]) -> Result<std::collections::HashMap<String, Init>, String> {
+    use tract_onnx::prelude::*;
+    let proto = tract_onnx::onnx()
+        .proto_model_for_read(&mut std::io::Cursor::new(bytes))
+        .map_err(|e| format!("{e:#}"))?;
+    let graph = proto.graph.ok_or("model has no graph")?;
+    let mut out = std::collections::HashMap::new();
+    for t in graph.initializer {
+        // FLOAT = 1 in ONNX's TensorProto.DataType.
+        if t.data_type != 1 {
+            continue;
+        }
+        let data: Vec<f32> = if !t.raw_data.is_empty() {
+            t.raw_data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect()
+        } else {
+            t.float_data.clone()
+        };
+        let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
+        if dims.iter().product::<usize>() != data.len() {
+            return Err(format!("initializer {} has a bad size", t.name));
+        }
+        out.insert(t.name.clone(), Init { dims, data });
+    }
+    Ok(out)
+}
+
+impl SileroNet {
+    /// Read the weights from the ONNX model bytes.
+    pub fn from_onnx(onnx: &[u8]) -> Result<SileroNet, String> {
+        let mut inits = initializers(onnx)?;
+        let mut take = |name: &str, dims: &[usize]| -> Result<Vec<f32>, String> {
+            let t = inits
+                .remove(name)
+                .ok_or_else(|| format!("initializer {name} missing"))?;
+            if t.dims != dims {
+                return Err(format!(
+                    "initializer {name}: dims {:?}, expected {dims:?}",
+                    t.dims
+                ));
+            }
+            Ok(t.data)
+        };
+        let basis = take("stft.forward_basis_buffer", &[2 * BINS, 1, FFT])?;
+        let w0 = take("encoder.0.weight", &[128, BINS, 3])?;
+        let b0 = take("encoder.0.bias", &[128])?;
+        let w1 = take("encoder.1.weight", &[64, 128, 3])?;
+        let b1 = take("encoder.1.bias", &[64])?;
+        let w2 = take("encoder.2.weight", &[64, 64, 3])?;
+        let b2 = take("encoder.2.bias", &[64])?;
+        let w3 = take("encoder.3.weight", &[128, 64, 3])?;
+        let b3 = take("encoder.3.bias", &[128])?;
+        let wo = take("output.weight", &[1, HIDDEN, 1])?;
+        let bo = take("output.bias", &[1])?;
+        let wi = take("onnx::LSTM_209", &[1, 4 * HIDDEN, HIDDEN])?;
+        let wr = take("onnx::LSTM_210", &[1, 4 * HIDDEN, HIDDEN])?;
+        let bl = take("onnx::LSTM_211", &[1, 8 * HIDDEN])?;
+        let lstm_bias: Vec<f32> = (0..4 * HIDDEN)
+            .map(|g| bl[g] + bl[4 * HIDDEN + g])
+            .collect();
+        Ok(SileroNet {
+            stft: Packed::new(FFT, 2 * BINS, |r, o| basis[o * FFT + r], None),
+            enc0: Packed::new(3 * BINS, 128, conv(&w0, BINS, 0), Some(&b0)),
+            enc1: Packed::new(3 * 128, 64, conv(&w1, 128, 0), Some(&b1)),
+            // One output frame from two input frames: tap 0 only ever sees the padding.
+            enc2: Packed::new(2 * 64, 64, conv(&w2, 64, 1), Some(&b2)),
+            // One frame in, one out: only the centre tap sees data.
+            enc3: Packed::new(64, 128, conv(&w3, 64, 1), Some(&b3)),
+            lstm_in: Packed::new(
+                HIDDEN,
+                4 * HIDDEN,
+                |r, g| wi[g * HIDDEN + r],
+                Some(&lstm_bias),
+            ),
+            lstm_rec: Packed::new(HIDDEN, 4 * HIDDEN, |r, g| wr[g * HIDDEN + r], None),
+            out_w: wo,
+            out_b: bo[0],
+        })
+    }
+
+    /// Run `windows.len() / 576` windows (each 64 context + 512 samples) in order, carrying `h` and `c`.
+    /// One probability per window is appended to `probs`.
+    pub fn run(
+        &self,
+        windows: &[f32],
+        h: &mut [f32; HIDDEN],
+        c: &mut [f32; HIDDEN],
+        s: &mut Scratch,
+        probs: &mut Vec<f32>,
+    ) {
+        let n = windows.len() / INPUT;
+        if n == 0 {
+            return;
+        }
+        let nf = n * FRAMES;
+        // STFT frames: frame k (1..=4) of the padded window starts at input sample 128·(k−1); the last
+        // 64 samples of frame 4 are the reflection of the window's end.
+        s.frames.resize(nf * FFT, 0.0);
+        for (w, x) in windows.chunks_exact(INPUT).enumerate() {
+            for k in 0..FRAMES {
+                let dst = &mut s.frames[(w * FRAMES + k) * FFT..][..FFT];
+                let start = k * HOP;
+                let real = (INPUT - start).min(FFT);
+                dst[..real].copy_from_slice(&x[start..start + real]);
+                for (j, d) in dst[real..].iter_mut().enumerate() {
+                    *d = x[INPUT - 2 - j];
+                }
+            }
+        }
+        s.spec.resize(nf * self.stft.ld, 0.0);
+        gemm(
+            &s.frames,
+            FFT,
+            nf,
+            &self.stft,
+            &mut s.spec,
+            self.stft.ld,
+            false,
+        );
+        // Magnitudes straight into the first encoder's im2col rows: row (w, t) = [m(t−1) | m(t) | m(t+1)].
+        let k0 = 3 * BINS;
+        s.a0.clear();
+        s.a0.resize(nf * k0, 0.0);
+        for f in 0..nf {
+            let row = &s.spec[f * self.stft.ld..][..2 * BINS];
+            let t = f % FRAMES;
+            for b in 0..BINS {
+                let m = (row[b] * row[b] + row[BINS + b] * row[BINS + b]).sqrt();
+                // As tap 1 of frame t, tap 2 of frame t−1, tap 0 of frame t+1 (same window only).
+                s.a0[f * k0 + BINS + b] = m;
+                if t > 0 {
+                    s.a0[(f - 1) * k0 + 2 * BINS + b] = m;
+                }
+                if t + 1 < FRAMES {
+                    s.a0[(f + 1) * k0 + b] = m;
+                }
+            }
+        }
+        s.e0.resize(nf * self.enc0.ld, 0.0);
+        gemm(&s.a0, k0, nf, &self.enc0, &mut s.e0, self.enc0.ld, true);
+        // encoder.1, stride 2: output 0 sees frames (pad, 0, 1), output 1 sees frames (1, 2, 3).
+        let (c0, l0) = (128, self.enc0.ld);
+        let k1 = 3 * c0;
+        s.a1.clear();
+        s.a1.resize(2 * n * k1, 0.0);
+        for w in 0..n {
+            let e = |t: usize| &s.e0[(w * FRAMES + t) * l0..][..c0];
+            let r0 = &mut s.a1[2 * w * k1..][..k1];
+            r0[c0..2 * c0].copy_from_slice(e(0));
+            r0[2 * c0..].copy_from_slice(e(1));
+            let r1 = &mut s.a1[(2 * w + 1) * k1..][..k1];
+            r1[..c0].copy_from_slice(e(1));
+            r1[c0..2 * c0].copy_from_slice(e(2));
+            r1[2 * c0..].copy_from_slice(e(3));
+        }
+        s.e1.resize(2 * n * self.enc1.ld, 0.0);
+        gemm(&s.a1, k1, 2 * n, &self.enc1, &mut s.e1, self.enc1.ld, true);
+        // encoder.2 (stride 2, one output from frames (pad, 0, 1)): with ld == 64 the two frames of a
+        // window are already adjacent, so e1 is its im2col matrix as is.
+        debug_assert_eq!(self.enc1.ld, 64);
+        s.e2.resize(n * self.enc2.ld, 0.0);
+        gemm(&s.e1, 128, n, &self.enc2, &mut s.e2, self.enc2.ld, true);
+        s.e3.resize(n * self.enc3.ld, 0.0);
+        gemm(
+            &s.e2,
+            self.enc2.ld,
+            n,
+            &self.enc3,
+            &mut s.e3,
+            self.enc3.ld,
+            true,
+        );
+        let lg = self.lstm_in.ld;
+        s.gates_in.resize(n * lg, 0.0);
+        gemm(
+            &s.e3,
+            self.enc3.ld,
+            n,
+            &self.lstm_in,
+            &mut s.gates_in,
+            lg,
+            false,
+        );
+        s.gates.resize(lg, 0.0);
+        for w in 0..n {
+            gemm(&h[..], HIDDEN, 1, &self.lstm_rec, &mut s.gates, lg, false);
+            let pre = &s.gates_in[w * lg..][..4 * HIDDEN];
+            let mut logit = self.out_b;
+            for j in 0..HIDDEN {
+                let g = |q: usize| s.gates[q * HIDDEN + j] + pre[q * HIDDEN + j];
+                let (i, o, f, cc) = (sigmoid(g(0)), sigmoid(g(1)), sigmoid(g(2)), g(3).tanh());
+                c[j] = f * c[j] + i * cc;
+                h[j] = o * c[j].tanh();
+                logit += h[j].max(0.0) * self.out_w[j];
+            }
+            probs.push(sigmoid(logit));
+        }
+    }
+}
+
+/// Conv weight `[out][in][tap]` as an im2col matrix: rows ordered (tap, in) for taps `first..`.
+fn conv(w: &[f32], cin: usize, first: usize) -> impl Fn(usize, usize) -> f32 + '_ {
+    move |r, o| {
+        let (d, i) = (first + r / cin, r % cin);
+        w[(o * cin + i) * 3 + d]
+    }
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}

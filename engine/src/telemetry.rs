@@ -92,7 +92,7 @@ pub const LISTEN_AUDIO_MS_TOTAL: &str = "voicegate_listen_audio_ms_total";
 pub const LISTEN_EVENTS_TOTAL: &str = "voicegate_listen_events_total";
 /// Counter: speech ms forwarded to STT by listen sessions (within their STT allowance).
 pub const LISTEN_STT_FORWARDED_MS_TOTAL: &str = "voicegate_listen_stt_forwarded_ms_total";
-/// Counter, label `reason` (`invalid_json`, `unknown_type`, `binary_text`): client text frames ignored.
+/// Counter, label `reason` (`invalid_json`, `unknown_type`): client text frames ignored.
 pub const LISTEN_TEXT_IGNORED_TOTAL: &str = "voicegate_listen_text_ignored_total";
 /// Counter, label `reason` (`close_stream`, `client_closed`, `idle`, `drain`, `too_large`, `protocol`,
 /// `pipeline_error`, `bad_params`): how listen sessions ended.

@@ -79,6 +79,26 @@ pub fn gemm(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32], ldc: usi
     gemm_scalar(a, lda, m, b, c, ldc, relu);
 }
 
+/// `y = x · b` (one row, no bias): the LSTM's recurrent product, which runs once per window and would
+/// otherwise wait on one 128-long chain of dependent multiply-adds per 32 columns.
+pub fn gemv(x: &[f32], b: &Packed, y: &mut [f32]) {
+    assert!(x.len() >= b.k && y.len() >= b.ld, "gemv: slices too short");
+    #[cfg(target_arch = "x86_64")]
+    if available() && b.ld % WIDE == 0 {
+        // SAFETY: the CPU has AVX-512F and FMA (checked just above), which is all the function requires.
+        unsafe { avx512::gemv(x, b, y) };
+        return;
+    }
+    let zero = Packed {
+        bias: vec![0.0; b.ld],
+        ..b.clone()
+    };
+    gemm_scalar(x, b.k, 1, &zero, y, b.ld, false);
+}
+
+/// Columns per pass of [`gemv`]: 16 independent accumulators.
+const WIDE: usize = 256;
+
 /// Portable reference (tests, and CPUs without AVX-512 should they ever call this).
 fn gemm_scalar(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32], ldc: usize, relu: bool) {
     for i in 0..m {
@@ -98,7 +118,7 @@ fn gemm_scalar(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32], ldc: 
 
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
-    use super::{MR, NR, Packed};
+    use super::{MR, NR, Packed, WIDE};
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx512f,fma")]
@@ -120,6 +140,27 @@ mod avx512 {
             while i < m {
                 block::<1>(a, lda, i, b, n0, c, ldc, relu);
                 i += 1;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,fma")]
+    pub(super) fn gemv(x: &[f32], b: &Packed, y: &mut [f32]) {
+        for n0 in (0..b.ld).step_by(WIDE) {
+            let mut acc = [_mm512_setzero_ps(); WIDE / 16];
+            for (l, &xv) in x[..b.k].iter().enumerate() {
+                let xv = _mm512_set1_ps(xv);
+                let row = &b.data[l * b.ld + n0..][..WIDE];
+                for (q, acc) in acc.iter_mut().enumerate() {
+                    // SAFETY: `row` holds WIDE floats (bounds-checked slice); this reads 16 at 16·q < WIDE.
+                    let w = unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * q)) };
+                    *acc = _mm512_fmadd_ps(xv, w, *acc);
+                }
+            }
+            let out = &mut y[n0..n0 + WIDE];
+            for (q, acc) in acc.into_iter().enumerate() {
+                // SAFETY: `out` holds WIDE floats (bounds-checked slice); this writes 16 at 16·q < WIDE.
+                unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * q), acc) };
             }
         }
     }
@@ -185,6 +226,20 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gemv_matches_a_naive_product() {
+        let (k, n) = (128, 512);
+        let x: Vec<f32> = (0..k).map(|i| (i % 9) as f32 / 4.0 - 1.0).collect();
+        let w = |r: usize, c: usize| ((r * 5 + c * 3) % 17) as f32 / 8.0 - 1.0;
+        let b = Packed::new(k, n, w, Some(&[9.0; 512]));
+        let mut y = vec![f32::NAN; b.ld];
+        gemv(&x, &b, &mut y);
+        for (j, &got) in y.iter().enumerate() {
+            let want: f32 = (0..k).map(|l| x[l] * w(l, j)).sum();
+            assert!((got - want).abs() < 1e-3, "{j}: {got} vs {want}");
+        }
+    }
 
     #[test]
     fn matches_a_naive_product_with_bias_and_relu() {

@@ -17,7 +17,7 @@
 //! - LSTM 128→128 over the windows in order (ONNX gate order i, o, f, c), state carried.
 //! - ReLU, 1×1 conv 128→1, sigmoid.
 
-use super::gemm::{Packed, gemm};
+use super::gemm::{Packed, gemm, gemv};
 use super::vad::{CONTEXT, WINDOW};
 
 const INPUT: usize = WINDOW + CONTEXT;
@@ -26,6 +26,13 @@ const HOP: usize = 128;
 const BINS: usize = 129;
 /// Kept STFT frames per window.
 const FRAMES: usize = 4;
+/// STFT output columns kept (see `from_onnx`).
+const STFT_COLS: usize = 2 * BINS - 2;
+
+/// Basis row of STFT column `o`.
+fn stft_row(o: usize) -> usize {
+    if o < BINS { o } else { o + 1 }
+}
 pub const HIDDEN: usize = 128;
 
 /// The network's weights, packed for [`gemm`].
@@ -110,6 +117,11 @@ impl SileroNet {
             Ok(t.data)
         };
         let basis = take("stft.forward_basis_buffer", &[2 * BINS, 1, FFT])?;
+        for zero_row in [BINS, 2 * BINS - 1] {
+            if basis[zero_row * FFT..][..FFT].iter().any(|&v| v != 0.0) {
+                return Err("STFT basis: imaginary rows of bins 0 and 128 are not zero".into());
+            }
+        }
         let w0 = take("encoder.0.weight", &[128, BINS, 3])?;
         let b0 = take("encoder.0.bias", &[128])?;
         let w1 = take("encoder.1.weight", &[64, 128, 3])?;
@@ -127,7 +139,9 @@ impl SileroNet {
             .map(|g| bl[g] + bl[4 * HIDDEN + g])
             .collect();
         Ok(SileroNet {
-            stft: Packed::new(FFT, 2 * BINS, |r, o| basis[o * FFT + r], None),
+            // Columns: the 129 real parts, then the imaginary parts of bins 1..=127 (those of bin 0 and
+            // bin 128 are sines at 0 and π: all-zero rows, checked below). 256 columns, no padding.
+            stft: Packed::new(FFT, STFT_COLS, |r, o| basis[stft_row(o) * FFT + r], None),
             enc0: Packed::new(3 * BINS, 128, conv(&w0, BINS, 0), Some(&b0)),
             enc1: Packed::new(3 * 128, 64, conv(&w1, 128, 0), Some(&b1)),
             // One output frame from two input frames: tap 0 only ever sees the padding.
@@ -190,10 +204,11 @@ impl SileroNet {
         s.a0.clear();
         s.a0.resize(nf * k0, 0.0);
         for f in 0..nf {
-            let row = &s.spec[f * self.stft.ld..][..2 * BINS];
+            let row = &s.spec[f * self.stft.ld..][..STFT_COLS];
             let t = f % FRAMES;
             for b in 0..BINS {
-                let m = (row[b] * row[b] + row[BINS + b] * row[BINS + b]).sqrt();
+                let im = if b == 0 || b == BINS - 1 { 0.0 } else { row[BINS + b - 1] };
+                let m = (row[b] * row[b] + im * im).sqrt();
                 // As tap 1 of frame t, tap 2 of frame t−1, tap 0 of frame t+1 (same window only).
                 s.a0[f * k0 + BINS + b] = m;
                 if t > 0 {
@@ -251,19 +266,61 @@ impl SileroNet {
         );
         s.gates.resize(lg, 0.0);
         for w in 0..n {
-            gemm(&h[..], HIDDEN, 1, &self.lstm_rec, &mut s.gates, lg, false);
+            gemv(&h[..], &self.lstm_rec, &mut s.gates);
             let pre = &s.gates_in[w * lg..][..4 * HIDDEN];
-            let mut logit = self.out_b;
-            for j in 0..HIDDEN {
-                let g = |q: usize| s.gates[q * HIDDEN + j] + pre[q * HIDDEN + j];
-                let (i, o, f, cc) = (sigmoid(g(0)), sigmoid(g(1)), sigmoid(g(2)), g(3).tanh());
-                c[j] = f * c[j] + i * cc;
-                h[j] = o * c[j].tanh();
-                logit += h[j].max(0.0) * self.out_w[j];
-            }
+            // SAFETY: a `SileroNet` only runs where `gemm::available()` (AVX-512F and FMA) holds: `vad`
+            // builds one only after that check, and the function needs nothing else.
+            unsafe { lstm_cell(&s.gates[..4 * HIDDEN], pre, h, c) };
+            let logit = h
+                .iter()
+                .zip(&self.out_w)
+                .fold(self.out_b, |acc, (&h, &w)| h.max(0.0).mul_add(w, acc));
             probs.push(sigmoid(logit));
         }
     }
+}
+
+/// One LSTM step (ONNX gate order i, o, f, c), vectorised over the 128 units.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,fma"))]
+unsafe fn lstm_cell(rec: &[f32], pre: &[f32], h: &mut [f32; HIDDEN], c: &mut [f32; HIDDEN]) {
+    let (ri, rest) = rec.split_at(HIDDEN);
+    let (ro, rest) = rest.split_at(HIDDEN);
+    let (rf, rc) = rest.split_at(HIDDEN);
+    let (pi, rest) = pre.split_at(HIDDEN);
+    let (po, rest) = rest.split_at(HIDDEN);
+    let (pf, pc) = rest.split_at(HIDDEN);
+    for j in 0..HIDDEN {
+        let i = sigmoid_fast(ri[j] + pi[j]);
+        let o = sigmoid_fast(ro[j] + po[j]);
+        let f = sigmoid_fast(rf[j] + pf[j]);
+        let g = tanh_fast(rc[j] + pc[j]);
+        c[j] = f * c[j] + i * g;
+        h[j] = o * tanh_fast(c[j]);
+    }
+}
+
+/// tanh as a 13/6 rational function on [−7.9, 7.9] (Eigen's float `ptanh`; error about 1e-7), written
+/// without calls or branches so the LSTM loop vectorises.
+#[inline(always)]
+fn tanh_fast(x: f32) -> f32 {
+    let x = x.clamp(-7.905_311, 7.905_311);
+    let x2 = x * x;
+    let p = ((((((-2.760_768_5e-16 * x2 + 2.000_187_9e-13) * x2 - 8.604_671_5e-11) * x2
+        + 5.122_297e-8)
+        * x2
+        + 1.485_722_4e-5)
+        * x2
+        + 6.372_619_3e-4)
+        * x2
+        + 4.893_524_6e-3)
+        * x;
+    let q = ((1.198_258_4e-6 * x2 + 1.185_347_1e-4) * x2 + 2.268_434_6e-3) * x2 + 4.893_525e-3;
+    p / q
+}
+
+#[inline(always)]
+fn sigmoid_fast(x: f32) -> f32 {
+    0.5 + 0.5 * tanh_fast(0.5 * x)
 }
 
 /// Conv weight `[out][in][tap]` as an im2col matrix: rows ordered (tap, in) for taps `first..`.

@@ -29,8 +29,11 @@ pub struct Packed {
     pub k: usize,
     /// Logical number of output columns.
     pub n: usize,
-    /// Row stride of `data` (`n` rounded up to [`NR`]).
+    /// Padded number of columns (`n` rounded up to [`NR`]): the row length of every output.
     pub ld: usize,
+    /// Panel-major: column block `q` (columns `q·NR ..`) is `k × NR` contiguous floats. Row-major
+    /// storage put consecutive rows of a block 1 KiB apart, which mapped them onto a few L1 sets and
+    /// made the kernel wait on L2.
     pub data: Vec<f32>,
     pub bias: Vec<f32>,
 }
@@ -47,7 +50,7 @@ impl Packed {
         let mut data = vec![0.0; k * ld];
         for r in 0..k {
             for c in 0..n {
-                data[r * ld + c] = w(r, c);
+                data[(c / NR) * k * NR + r * NR + c % NR] = w(r, c);
             }
         }
         let mut b = vec![0.0; ld];
@@ -61,6 +64,11 @@ impl Packed {
             data,
             bias: b,
         }
+    }
+
+    /// The `k × NR` panel of columns `n0 .. n0 + NR` (`n0` a multiple of [`NR`]).
+    fn panel(&self, n0: usize) -> &[f32] {
+        &self.data[(n0 / NR) * self.k * NR..][..self.k * NR]
     }
 }
 
@@ -106,8 +114,10 @@ fn gemm_scalar(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32], ldc: 
         let out = &mut c[i * ldc..][..b.ld];
         out.copy_from_slice(&b.bias);
         for (l, &av) in row.iter().enumerate() {
-            for (o, &w) in out.iter_mut().zip(&b.data[l * b.ld..][..b.ld]) {
-                *o += av * w;
+            for (q, out) in out.chunks_exact_mut(NR).enumerate() {
+                for (o, &w) in out.iter_mut().zip(&b.panel(q * NR)[l * NR..][..NR]) {
+                    *o += av * w;
+                }
             }
         }
         if relu {
@@ -148,12 +158,13 @@ mod avx512 {
     pub(super) fn gemv(x: &[f32], b: &Packed, y: &mut [f32]) {
         for n0 in (0..b.ld).step_by(WIDE) {
             let mut acc = [_mm512_setzero_ps(); WIDE / 16];
+            let panels: [&[f32]; WIDE / NR] = std::array::from_fn(|p| b.panel(n0 + p * NR));
             for (l, &xv) in x[..b.k].iter().enumerate() {
                 let xv = _mm512_set1_ps(xv);
-                let row = &b.data[l * b.ld + n0..][..WIDE];
                 for (q, acc) in acc.iter_mut().enumerate() {
-                    // SAFETY: `row` holds WIDE floats (bounds-checked slice); this reads 16 at 16·q < WIDE.
-                    let w = unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * q)) };
+                    let row = &panels[q / 2][l * NR..][..NR];
+                    // SAFETY: `row` holds NR = 32 floats (bounds-checked slice); this reads 16 at 0 or 16.
+                    let w = unsafe { _mm512_loadu_ps(row.as_ptr().add(16 * (q % 2))) };
                     *acc = _mm512_fmadd_ps(xv, w, *acc);
                 }
             }
@@ -183,9 +194,12 @@ mod avx512 {
         let k = b.k;
         let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(i0 + r) * lda..][..k]);
         let bias = &b.bias[n0..n0 + NR];
-        // SAFETY (all loads and stores below): each pointer comes from a slice of exactly NR = 32 floats
-        // (bounds-checked when sliced), and the unaligned load/store intrinsics read or write 16 floats
-        // at offsets 0 and 16 of it.
+        // The B column block: k rows of NR floats, contiguous.
+        let bblock = b.panel(n0);
+        // SAFETY (all loads in this function): `bias` holds NR = 32 floats and the loads read 16 at
+        // offsets 0 and 16; for l < k, `bblock[l·NR ..][.. NR]` lies inside `bblock` (sliced above, so
+        // bounds-checked once); `rows[r]` holds k floats and is read at l < k. Unchecked reads keep the
+        // inner loop to loads, broadcasts and FMAs.
         let (b0, b1) = unsafe {
             (
                 _mm512_loadu_ps(bias.as_ptr()),
@@ -193,18 +207,17 @@ mod avx512 {
             )
         };
         let mut acc = [[b0, b1]; R];
+        let rp: [*const f32; R] = std::array::from_fn(|r| rows[r].as_ptr());
+        let mut bp = bblock.as_ptr();
         for l in 0..k {
-            let brow = &b.data[l * b.ld + n0..][..NR];
-            let (w0, w1) = unsafe {
-                (
-                    _mm512_loadu_ps(brow.as_ptr()),
-                    _mm512_loadu_ps(brow.as_ptr().add(16)),
-                )
-            };
+            let (w0, w1) = unsafe { (_mm512_loadu_ps(bp), _mm512_loadu_ps(bp.add(16))) };
             for r in 0..R {
-                let av = _mm512_set1_ps(rows[r][l]);
+                let av = _mm512_set1_ps(unsafe { *rp[r].add(l) });
                 acc[r][0] = _mm512_fmadd_ps(av, w0, acc[r][0]);
                 acc[r][1] = _mm512_fmadd_ps(av, w1, acc[r][1]);
+            }
+            if l + 1 < k {
+                bp = unsafe { bp.add(NR) };
             }
         }
         let zero = _mm512_setzero_ps();

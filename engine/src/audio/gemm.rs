@@ -92,7 +92,7 @@ pub fn gemm(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32], ldc: usi
 pub fn gemv(x: &[f32], b: &Packed, y: &mut [f32]) {
     assert!(x.len() >= b.k && y.len() >= b.ld, "gemv: slices too short");
     #[cfg(target_arch = "x86_64")]
-    if available() && b.ld % WIDE == 0 {
+    if available() && b.ld.is_multiple_of(WIDE) {
         // SAFETY: the CPU has AVX-512F and FMA (checked just above), which is all the function requires.
         unsafe { avx512::gemv(x, b, y) };
         return;

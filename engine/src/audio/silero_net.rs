@@ -207,7 +207,11 @@ impl SileroNet {
             let row = &s.spec[f * self.stft.ld..][..STFT_COLS];
             let t = f % FRAMES;
             for b in 0..BINS {
-                let im = if b == 0 || b == BINS - 1 { 0.0 } else { row[BINS + b - 1] };
+                let im = if b == 0 || b == BINS - 1 {
+                    0.0
+                } else {
+                    row[BINS + b - 1]
+                };
                 let m = (row[b] * row[b] + im * im).sqrt();
                 // As tap 1 of frame t, tap 2 of frame t−1, tap 0 of frame t+1 (same window only).
                 s.a0[f * k0 + BINS + b] = m;
@@ -305,7 +309,7 @@ unsafe fn lstm_cell(rec: &[f32], pre: &[f32], h: &mut [f32; HIDDEN], c: &mut [f3
 fn tanh_fast(x: f32) -> f32 {
     let x = x.clamp(-7.905_311, 7.905_311);
     let x2 = x * x;
-    let p = ((((((-2.760_768_5e-16 * x2 + 2.000_187_9e-13) * x2 - 8.604_671_5e-11) * x2
+    let p = ((((((-2.760_768_5e-16 * x2 + 2.000_188e-13) * x2 - 8.604_672e-11) * x2
         + 5.122_297e-8)
         * x2
         + 1.485_722_4e-5)

@@ -94,42 +94,43 @@ impl Engine {
         let classifier =
             classifier_from_config(&fair_cfg).map_err(|e| EngineError::FairUse(e.to_string()))?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let (store, fu_store, lock, conversations, plans, redis, kind): (
-            Arc<dyn Store>,
-            Arc<dyn FairUseStore>,
-            Arc<dyn CooldownLock>,
-            Arc<dyn ConversationStore>,
-            Arc<dyn PlanStore>,
-            _,
-            _,
-        ) = match cfg.redis_url.as_deref().filter(|u| !u.is_empty()) {
+        let parts = match cfg.redis_url.as_deref().filter(|u| !u.is_empty()) {
             Some(url) => {
                 let store = RedisStore::new(&RedisStoreConfig::new(url))
                     .map_err(|e| EngineError::Redis(e.to_string()))?;
                 let conn = store.connection();
-                (
-                    Arc::new(store),
-                    Arc::new(RedisFairUseStore::new(conn.clone())),
-                    Arc::new(RedisCooldownLock::new(conn.clone())),
-                    Arc::new(RedisConversationStore::with_clock(
+                Stores {
+                    meter: Arc::new(store),
+                    fair_use: Arc::new(RedisFairUseStore::new(conn.clone())),
+                    lock: Arc::new(RedisCooldownLock::new(conn.clone())),
+                    conversations: Arc::new(RedisConversationStore::with_clock(
                         conn.clone(),
                         Arc::clone(&clock),
                     )),
-                    Arc::new(RedisPlanStore::new(conn.clone())),
-                    Some(conn),
-                    "redis",
-                )
+                    plans: Arc::new(RedisPlanStore::new(conn.clone())),
+                    redis: Some(conn),
+                    kind: "redis",
+                }
             }
-            None => (
-                Arc::new(MemoryStore::new()),
-                Arc::new(MemoryFairUseStore::new()),
-                Arc::new(MemoryCooldownLock::new()),
-                Arc::new(MemoryConversationStore::new(Arc::clone(&clock))),
-                Arc::new(MemoryPlanStore::default()),
-                None,
-                "memory",
-            ),
+            None => Stores {
+                meter: Arc::new(MemoryStore::new()),
+                fair_use: Arc::new(MemoryFairUseStore::new()),
+                lock: Arc::new(MemoryCooldownLock::new()),
+                conversations: Arc::new(MemoryConversationStore::new(Arc::clone(&clock))),
+                plans: Arc::new(MemoryPlanStore::default()),
+                redis: None,
+                kind: "memory",
+            },
         };
+        let Stores {
+            meter: store,
+            fair_use: fu_store,
+            lock,
+            conversations,
+            plans,
+            redis,
+            kind,
+        } = parts;
         let meter = Meter::start(meter_cfg, store, Arc::clone(&clock));
         let fair_use = FairUse::start(
             fair_cfg,
@@ -191,6 +192,17 @@ impl Engine {
         let report = self.meter.shutdown(limit).await;
         tracing::info!(message = "Meter flushed.", report = ?report);
     }
+}
+
+/// The stores of one backend (Redis or memory).
+struct Stores {
+    meter: Arc<dyn Store>,
+    fair_use: Arc<dyn FairUseStore>,
+    lock: Arc<dyn CooldownLock>,
+    conversations: Arc<dyn ConversationStore>,
+    plans: Arc<dyn PlanStore>,
+    redis: Option<redis::aio::ConnectionManager>,
+    kind: &'static str,
 }
 
 struct EngineHealth {

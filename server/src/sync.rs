@@ -157,7 +157,7 @@ async fn handle(
     // 3. Names, decode and VAD, in parallel on the rayon pool (off the I/O threads).
     let now = now_s();
     let files = batch.files.clone();
-    let cfg: PipelineConfig = engine.pipeline.clone();
+    let cfg: PipelineConfig = engine.pipeline;
     let started = Instant::now();
     let analysed = web::block(move || {
         files

@@ -92,8 +92,9 @@ struct Event<'a> {
     frames_dropped: Option<u64>,
     #[serde(default)]
     audio_ms: Option<u64>,
+    /// A number in `metadata` and `speech_ended`, an object of rolling totals in `usage`.
     #[serde(default)]
-    speech_ms: Option<u64>,
+    speech_ms: Option<serde_json::Value>,
     #[serde(default)]
     stt_forwarded_ms: Option<u64>,
 }
@@ -332,7 +333,7 @@ fn on_message(
                 frames_received: frames,
                 frames_dropped: event.frames_dropped.unwrap_or(0),
                 audio_ms: event.audio_ms.unwrap_or(0),
-                speech_ms: event.speech_ms.unwrap_or(0),
+                speech_ms: event.speech_ms.and_then(|v| v.as_u64()).unwrap_or(0),
                 stt_forwarded_ms: event.stt_forwarded_ms.unwrap_or(0),
             });
             return Flow::Metadata;
@@ -354,6 +355,19 @@ fn on_message(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_documented_event_parses() {
+        let usage = r#"{"type":"usage","frames_received":1,"session_speech_ms":2,"speech_ms":{"daily_ms":3,"three_day_ms":4,"weekly_ms":5,"month_ms":6},"stage":"warning"}"#;
+        let e: Event = serde_json::from_str(usage).unwrap();
+        assert_eq!((e.kind, e.frames_received), ("usage", Some(1)));
+        let meta = r#"{"type":"metadata","frames_received":9,"frames_dropped":1,"audio_ms":90,"speech_ms":40,"stt_forwarded_ms":40}"#;
+        let e: Event = serde_json::from_str(meta).unwrap();
+        assert_eq!(e.speech_ms.and_then(|v| v.as_u64()), Some(40));
+        let dropped = r#"{"type":"frames_dropped","frames_received":9,"frames_dropped":3,"reason":"ring_full"}"#;
+        let e: Event = serde_json::from_str(dropped).unwrap();
+        assert_eq!(e.frames_dropped, Some(3));
+    }
 
     #[test]
     fn send_time_comes_from_the_ring_then_from_the_deadline() {

@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# One measurement, end to end, as docs/performance.md records them: a private redis-server, a release
+# `voicegate serve` on it, the server's idle RSS, then `voicegate-loadtest <scenario args…>` while the
+# server's RSS and CPU time are sampled every second from /proc; prints a summary and leaves the files in
+# $OUT (default /tmp/voicegate-measure). Everything it starts is stopped at the end.
+#
+#   loadtest/measure.sh realtime --streams 600 --duration 300 --ramp 30
+#   loadtest/measure.sh sync --uploaders 20 --files 10 --rounds 1
+#
+# Environment: BIN (directory of the release binaries, default target/release), PORT (8089),
+# REDIS_PORT (6390), OUT, NICE (niceness of redis, server and harness, default -10 when root: other work
+# on a shared machine, builds above all, must not starve the measured processes), PERF=1 to record a CPU profile of the server with `perf record` (linux-perf)
+# during the run, SERVE_ARGS (extra `voicegate serve` arguments).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${BIN:-target/release}
+PORT=${PORT:-8089}
+REDIS_PORT=${REDIS_PORT:-6390}
+OUT=${OUT:-/tmp/voicegate-measure}
+mkdir -p "$OUT"
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
+if [ "$(id -u)" = 0 ]; then NICE=${NICE:--10}; else NICE=${NICE:-0}; fi
+run() { nice -n "$NICE" "$@"; }
+
+run redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
+  --pidfile "$OUT/redis.pid" --logfile "$OUT/redis.log" >/dev/null
+server_pid=""
+sampler_pid=""
+perf_pid=""
+cleanup() {
+  [ -n "$perf_pid" ] && kill -INT "$perf_pid" 2>/dev/null && wait "$perf_pid" 2>/dev/null || true
+  [ -n "$sampler_pid" ] && kill "$sampler_pid" 2>/dev/null || true
+  if [ -n "$server_pid" ]; then
+    kill -TERM "$server_pid" 2>/dev/null || true
+    wait "$server_pid" 2>/dev/null || true
+  fi
+  redis-cli -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+VOICEGATE_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" RUST_LOG=${RUST_LOG:-warn} \
+  nice -n "$NICE" "$BIN/voicegate" serve --bind "127.0.0.1:$PORT" ${SERVE_ARGS:-} >"$OUT/server.log" 2>&1 &
+server_pid=$!
+for _ in $(seq 1 100); do
+  curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null
+sleep 3
+rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+idle_rss=$(rss_kib "$server_pid")
+tck=$(getconf CLK_TCK)
+
+# Sampler: time, RSS KiB, server CPU ticks (user+sys), threads.
+(
+  while kill -0 "$server_pid" 2>/dev/null; do
+    echo "$(date +%s.%N) $(rss_kib "$server_pid") $(cpu_ticks "$server_pid") $(awk '/^Threads/ {print $2}' "/proc/$server_pid/status")"
+    sleep 1
+  done
+) >"$OUT/samples.txt" 2>/dev/null &
+sampler_pid=$!
+
+if [ "${PERF:-0}" = 1 ]; then
+  perf record -F 499 -g -p "$server_pid" -o "$OUT/perf.data" >/dev/null 2>"$OUT/perf.log" &
+  perf_pid=$!
+fi
+
+machine_busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+cpu0=$(cpu_ticks "$server_pid")
+busy0=$(machine_busy)
+t0=$(date +%s.%N)
+set +e
+run /usr/bin/time -f "%U %S %M" -o "$OUT/harness-time.txt" \
+  "$BIN/voicegate-loadtest" --url "http://127.0.0.1:$PORT" --quiet --report-file "$OUT/report.json" "$@" \
+  | tee "$OUT/report.txt"
+rc=${PIPESTATUS[0]}
+set -e
+t1=$(date +%s.%N)
+cpu1=$(cpu_ticks "$server_pid")
+busy1=$(machine_busy)
+if [ -n "$perf_pid" ]; then
+  kill -INT "$perf_pid" 2>/dev/null || true
+  wait "$perf_pid" 2>/dev/null || true
+  perf_pid=""
+fi
+
+peak_rss=$(awk 'BEGIN {m = 0} $2 > m {m = $2} END {print m}' "$OUT/samples.txt")
+read -r h_user h_sys h_maxrss < <(tail -1 "$OUT/harness-time.txt")
+streams=$(sed -n 's/.*"peak_concurrent": \([0-9]*\).*/\1/p' "$OUT/report.json" | head -1)
+streams=${streams:-0}
+{
+  echo "server idle RSS:        ${idle_rss} KiB"
+  echo "server peak RSS:        ${peak_rss} KiB"
+  if [ "$streams" -gt 0 ]; then
+    echo "RSS per stream:         $(( (peak_rss - idle_rss) / streams )) KiB above idle (${streams} streams)"
+  fi
+  awk -v c0="$cpu0" -v c1="$cpu1" -v t0="$t0" -v t1="$t1" -v tck="$tck" 'BEGIN {
+    cpu = (c1 - c0) / tck; wall = t1 - t0;
+    printf "server CPU:             %.1f s over %.1f s wall (%.2f cores)\n", cpu, wall, cpu / wall }'
+  awk -v u="$h_user" -v s="$h_sys" -v m="$h_maxrss" -v t0="$t0" -v t1="$t1" 'BEGIN {
+    printf "harness CPU:            %.1f s (%.2f cores), max RSS %d KiB\n", u + s, (u + s) / (t1 - t0), m }'
+  # Everything else the machine ran meanwhile (other builds would distort the figures).
+  awk -v b0="$busy0" -v b1="$busy1" -v c0="$cpu0" -v c1="$cpu1" -v u="$h_user" -v s="$h_sys" \
+      -v t0="$t0" -v t1="$t1" -v tck="$tck" 'BEGIN {
+    other = (b1 - b0 - (c1 - c0)) / tck - (u + s);
+    printf "other processes CPU:    %.1f s (%.2f cores)\n", other, other / (t1 - t0) }'
+  echo "loadtest exit code:     $rc"
+} | tee "$OUT/summary.txt"
+exit "$rc"

@@ -242,6 +242,14 @@ impl<S: EventSink> Live<S> {
         for e in events.drain(..) {
             match e {
                 SpeechEvent::Started(start) => {
+                    // Decided on the run's own start, not on when the tick saw it: batching (a lagging
+                    // pipeline, a fast client) never merges what the timeout separates.
+                    let gap_over = self.conversation.as_ref().is_some_and(|c| {
+                        start.saturating_sub(c.last_end) >= self.timeout_samples()
+                    });
+                    if gap_over {
+                        self.close_conversation().await;
+                    }
                     let ev = LiveEvent::SpeechStarted {
                         frames_received: self.frames_seen,
                         at_ms: ms(start),
@@ -323,11 +331,18 @@ impl<S: EventSink> Live<S> {
         let due = force
             || conv.spans.len() >= conversation::MAX_SPANS_PER_CONVERSATION
             || (!self.pipeline.in_speech()
-                && self.position_16k().saturating_sub(conv.last_end)
-                    >= self.params.conversation_timeout_ms * u64::from(TARGET_RATE) / 1000);
-        if !due {
-            return;
+                && self.position_16k().saturating_sub(conv.last_end) >= self.timeout_samples());
+        if due {
+            self.close_conversation().await;
         }
+    }
+
+    /// `conversation_timeout` in samples at 16 kHz.
+    fn timeout_samples(&self) -> u64 {
+        self.params.conversation_timeout_ms * u64::from(TARGET_RATE) / 1000
+    }
+
+    async fn close_conversation(&mut self) {
         let Some(conv) = self.conversation.take() else {
             return;
         };

@@ -13,6 +13,13 @@ use voicegate_engine::policy::FairUseConfig;
 
 const OPUS16: &str = "codec=opus&sample_rate=16000";
 
+/// A ring holding a whole fixture: on a busy CI machine the pipeline may lag the 10x client, and a lagging
+/// pipeline must only delay events here, never drop frames (dropping is the overload contract, tested by
+/// the load test), so the comparison with the offline pipeline stays exact.
+fn no_drops(cfg: &mut voicegate_server::ServeConfig) {
+    cfg.listen_buffer_ms = 200_000;
+}
+
 /// `a` within `pct` % of `b`.
 fn close_to(a: u64, b: u64, pct: f64) -> bool {
     (a as f64 - b as f64).abs() <= b as f64 * pct / 100.0
@@ -83,7 +90,7 @@ fn latencies(seen: &Seen, sent: &[u64]) -> Vec<u64> {
 
 #[actix_web::test]
 async fn a_fixture_streamed_at_10x_gives_the_offline_runs_and_the_status_shows_it() {
-    let server = EngineServer::start(fair_use_on(), |_| {}).await;
+    let server = EngineServer::start(fair_use_on(), no_drops).await;
     let packets = fixture_packets("d01");
     let expect = offline(&packets);
     let ws = connect(server.addr, Some("alice"), OPUS16)
@@ -106,7 +113,7 @@ async fn a_fixture_streamed_at_10x_gives_the_offline_runs_and_the_status_shows_i
 
 #[actix_web::test]
 async fn a_fixture_slice_streamed_in_real_time_gives_the_offline_runs() {
-    let server = EngineServer::start(fair_use_on(), |_| {}).await;
+    let server = EngineServer::start(fair_use_on(), no_drops).await;
     // The first 6.4 s of d01: two utterances and the pause between them.
     let packets: Vec<Vec<u8>> = fixture_packets("d01").into_iter().take(640).collect();
     let expect = offline(&packets);
@@ -135,7 +142,7 @@ async fn a_fixture_slice_streamed_in_real_time_gives_the_offline_runs() {
 
 #[actix_web::test]
 async fn two_minutes_of_silence_close_the_conversation_and_usage_reports_every_10_s() {
-    let server = EngineServer::start(fair_use_on(), |_| {}).await;
+    let server = EngineServer::start(fair_use_on(), no_drops).await;
     // d02: 140 s with a 124 s gap (over the 120 s conversation timeout), streamed at 10x.
     let packets = fixture_packets("d02");
     let expect = offline(&packets);
@@ -197,7 +204,7 @@ async fn an_stt_budget_used_up_mid_stream_is_announced_and_speech_is_still_meter
         restrict_daily_stt_ms: 3_000,
         ..fair_use_on()
     };
-    let server = EngineServer::start(fair, |_| {}).await;
+    let server = EngineServer::start(fair, no_drops).await;
     server
         .engine
         .fair_use

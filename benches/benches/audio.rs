@@ -1,6 +1,9 @@
 //! Audio benches. Throughput is in milliseconds of audio per second, so criterion's `Kelem/s` reads
 //! directly as "x realtime" (1 Kelem/s = 1,000 ms of audio per second = 1x).
-//! Run on one core: `taskset -c 0 cargo bench -p voicegate-benches --bench audio`.
+//! Run on one core: `cargo bench -p voicegate-benches --bench audio --no-run`, then from `benches/`
+//! `taskset -c 0 <the printed binary> --bench` (running it directly keeps cargo off the measured core).
+//! `vad_*` use the backend `SileroModel::shared()` picks (native AVX-512 network where available);
+//! `vad_ungated_tract` is the tract reference for comparison.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
@@ -9,7 +12,7 @@ use voicegate_engine::audio::container::{MAX_OPUS_RECORD, Next, RecordReader};
 use voicegate_engine::audio::resample::Resampler;
 use voicegate_engine::audio::vad::{SileroModel, VadStream};
 use voicegate_engine::pipeline::offline::{analyze, bin_format};
-use voicegate_engine::pipeline::stream::PipelineConfig;
+use voicegate_engine::pipeline::stream::{PipelineConfig, SpeechPipeline};
 
 fn fixtures() -> Vec<Vec<u8>> {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures");
@@ -70,6 +73,18 @@ fn benches(c: &mut Criterion) {
             }
         })
     });
+    let tract = std::sync::Arc::new(SileroModel::load_tract().expect("tract model"));
+    g.bench_function("vad_ungated_tract", |b| {
+        b.iter(|| {
+            for p in &pcm {
+                let mut v = VadStream::new(tract.clone(), None);
+                let mut out = Vec::new();
+                v.push(p, &mut out).expect("vad");
+                v.finish(&mut out).expect("vad");
+                black_box(out.len());
+            }
+        })
+    });
     g.bench_function("vad_gated", |b| {
         b.iter(|| {
             for p in &pcm {
@@ -89,6 +104,30 @@ fn benches(c: &mut Criterion) {
                 .iter()
                 .map(|f| analyze("f", &f[..], &fmt, &cfg).speech_ms)
                 .sum::<u64>()
+        })
+    });
+    // The live path: one SpeechPipeline per stream, 10 ms packets pushed one by one, flushed every
+    // 100 ms as a websocket session would to keep latency low.
+    let packets: Vec<Vec<Vec<u8>>> = files.iter().map(|f| records(f)).collect();
+    g.bench_function("pipeline_stream_10ms_flush_100ms", |b| {
+        let cfg = PipelineConfig::default();
+        let codec = Codec::opus(16_000).expect("rate");
+        b.iter(|| {
+            let mut speech = 0;
+            for file in &packets {
+                let mut p =
+                    SpeechPipeline::for_codec(codec, &cfg, model.clone()).expect("pipeline");
+                let mut events = Vec::new();
+                for (i, pkt) in file.iter().enumerate() {
+                    p.push_payload(pkt, &mut events).expect("push");
+                    if i % 10 == 9 {
+                        p.flush(&mut events).expect("flush");
+                    }
+                }
+                p.finish(&mut events).expect("finish");
+                speech += p.speech_samples();
+            }
+            speech
         })
     });
     g.finish();

@@ -115,6 +115,20 @@ impl SpeechDetector {
         }
     }
 
+    /// Samples of the open run that are certain to be counted when it closes: an announced run (already at
+    /// least `min_speech` long) ends no earlier than the start of its current low stretch, or the last
+    /// window's end when there is none. Never decreases while the run stays open, and the closed run's
+    /// length is at least the last value (so metering it early never overcounts).
+    pub fn committed_open(&self) -> u64 {
+        match self.run_start {
+            Some(start) if self.announced => self
+                .low_start
+                .unwrap_or(self.last_end)
+                .saturating_sub(start),
+            _ => 0,
+        }
+    }
+
     /// Whether a run is open.
     pub fn in_speech(&self) -> bool {
         self.run_start.is_some()
@@ -166,6 +180,40 @@ mod tests {
     fn a_run_ends_at_the_first_low_window_after_a_full_hangover() {
         let spans = detect(params(), &windows(&[0.1, 0.9, 0.9, 0.9, 0.1, 0.1, 0.1]));
         assert_eq!(spans, vec![Span::new(512, 4 * 512)]);
+    }
+
+    #[test]
+    fn committed_speech_of_an_open_run_grows_and_never_exceeds_the_closed_run() {
+        let p = params();
+        let mut d = SpeechDetector::new(p);
+        let mut out = Vec::new();
+        let probs: Vec<f32> =
+            [vec![0.9; 200], vec![0.1; 20], vec![0.9; 50], vec![0.1; 200]].concat();
+        let closed = |out: &[SpeechEvent]| -> u64 {
+            out.iter()
+                .filter_map(|e| match e {
+                    SpeechEvent::Ended(s) => Some(s.len()),
+                    _ => None,
+                })
+                .sum()
+        };
+        let mut last = 0;
+        let mut saw_open = false;
+        for w in windows(&probs) {
+            d.push(w, &mut out);
+            saw_open |= d.committed_open() > 0;
+            // What a realtime session meters: finished runs plus the open run's committed part.
+            let certain = closed(&out) + d.committed_open();
+            assert!(
+                certain >= last,
+                "certain speech went back from {last} to {certain}"
+            );
+            last = certain;
+        }
+        d.finish(&mut out);
+        assert!(saw_open);
+        assert_eq!(d.committed_open(), 0);
+        assert_eq!(closed(&out), last, "after the end, certain = counted");
     }
 
     #[test]

@@ -222,6 +222,13 @@ impl SpeechPipeline {
         self.speech
     }
 
+    /// Speech so far that is certain to be counted: finished runs plus the committed part of an open run
+    /// ([`SpeechDetector::committed_open`]). Realtime meters this every second, so minutes of continuous
+    /// speech are metered as they happen; it equals [`speech_samples`](Self::speech_samples) after `finish`.
+    pub fn speech_samples_committed(&self) -> u64 {
+        self.speech + self.detector.committed_open()
+    }
+
     /// Payloads pushed, and those skipped as corrupt.
     pub fn packet_counts(&self) -> (u64, u64) {
         (self.packets, self.corrupt_packets)

@@ -409,9 +409,10 @@ impl<S: EventSink> Live<S> {
         self.pipeline.decoded_samples() * u64::from(TARGET_RATE) / rate
     }
 
-    /// Meters the speech finished since the last call, and the STT forwarded.
+    /// Meters the speech certain so far (finished runs and the committed part of an open one) since the last
+    /// call, and the STT forwarded.
     async fn meter(&mut self) {
-        let total = ms(self.pipeline.speech_samples());
+        let total = ms(self.pipeline.speech_samples_committed());
         let delta = total.saturating_sub(self.metered_ms);
         if delta > 0 {
             let rec = RecordSpeech::new(

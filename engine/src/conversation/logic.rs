@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{
-    Conversation, ConversationError, MAX_CONVERSATION_MS, MAX_SPANS_PER_CONVERSATION, MERGE_GAP_MS,
-    Span, Upsert, UpsertOutcome, new_id, normalise_spans,
+    Conversation, ConversationError, ConversationPage, MAX_CONVERSATION_MS, MAX_LIST_LIMIT,
+    MAX_SPANS_PER_CONVERSATION, MERGE_GAP_MS, Span, Upsert, UpsertOutcome, new_id, normalise_spans,
 };
 
 pub const DAY_MS: u64 = 86_400_000;
@@ -165,6 +165,17 @@ pub(super) fn unlock_bucket(bucket: &mut [Conversation], now_ms: u64) -> u64 {
         n += 1;
     }
     n
+}
+
+/// One page of `all` (any order), newest first; `limit` clamped to 1..=[`MAX_LIST_LIMIT`].
+pub(super) fn page(mut all: Vec<Conversation>, limit: usize, offset: usize) -> ConversationPage {
+    let limit = limit.clamp(1, MAX_LIST_LIMIT);
+    sort_newest_first(&mut all);
+    let more = all.len() > offset.saturating_add(limit);
+    ConversationPage {
+        conversations: all.into_iter().skip(offset).take(limit).collect(),
+        more,
+    }
 }
 
 /// Newest first.

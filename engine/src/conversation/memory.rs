@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures_util::future::BoxFuture;
 
-use super::logic::{apply_upsert, days_to_read, sort_newest_first, unlock_bucket};
+use super::logic::{apply_upsert, days_to_read, page, unlock_bucket};
 use super::{
-    Conversation, ConversationError, ConversationPage, ConversationStore, MAX_LIST_LIMIT, Upsert,
-    UpsertOutcome, normalise_spans,
+    Conversation, ConversationError, ConversationPage, ConversationStore, Upsert, UpsertOutcome,
+    normalise_spans,
 };
 use crate::meter::time::{Clock, SystemClock};
 
@@ -87,21 +87,13 @@ impl ConversationStore for MemoryConversationStore {
         limit: usize,
         offset: usize,
     ) -> BoxFuture<'a, Result<ConversationPage, ConversationError>> {
-        let limit = limit.clamp(1, MAX_LIST_LIMIT);
-        let mut all: Vec<Conversation> = self
+        let all: Vec<Conversation> = self
             .users()
             .get(uid)
             .map(|b| b.values().flatten().cloned().collect())
             .unwrap_or_default();
-        sort_newest_first(&mut all);
-        let more = all.len() > offset.saturating_add(limit);
-        let conversations = all.into_iter().skip(offset).take(limit).collect();
-        Box::pin(async move {
-            Ok(ConversationPage {
-                conversations,
-                more,
-            })
-        })
+        let result = page(all, limit, offset);
+        Box::pin(async move { Ok(result) })
     }
 
     fn unlock_all<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<u64, ConversationError>> {

@@ -19,7 +19,7 @@ use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
 use tokio::sync::Mutex;
 
-use super::logic::{apply_upsert, days_to_read, sort_newest_first, unlock_bucket};
+use super::logic::{apply_upsert, days_to_read, page, unlock_bucket};
 use super::{
     Conversation, ConversationError, ConversationPage, ConversationStore, MAX_LIST_LIMIT, Upsert,
     UpsertOutcome, normalise_spans,
@@ -246,21 +246,14 @@ impl RedisConversationStore {
         for chunk in days.chunks(8) {
             let read = self.read(uid, chunk.iter().copied()).await?;
             for (_, (_, list)) in read.buckets.into_iter().rev() {
-                let mut list = list;
-                sort_newest_first(&mut list);
                 seen.extend(list);
             }
             if seen.len() >= want {
                 break;
             }
         }
-        // Conversations of adjacent buckets can interleave by start time by a few hours; sort what we read.
-        sort_newest_first(&mut seen);
-        let more = seen.len() > offset.saturating_add(limit);
-        Ok(ConversationPage {
-            conversations: seen.into_iter().skip(offset).take(limit).collect(),
-            more,
-        })
+        // Conversations of adjacent buckets can interleave by start time by a few hours: `page` sorts all read.
+        Ok(page(seen, limit, offset))
     }
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Writes the Grafana dashboards in dashboards/grafana/ (run after editing; commit both).
 
-Every query uses only metrics listed in docs/metrics.md; server/tests/dashboards_prometheus.rs runs each one
+Every query uses only metrics listed in docs/metrics.md; server/tests/integration/dashboards_prometheus.rs runs each one
 against a real Prometheus scraping a real `voicegate serve` and fails when a query does not parse or returns
 no data. Counters that stay absent until their first event (errors, drops) end in `or on() vector(0)`, so a panel
 shows 0 rather than "No data" on a healthy node.

@@ -3,7 +3,7 @@
 #   cmake + a C compiler: the `opus` crate builds libopus from source.
 #   redis-server: tests start their own on a free loopback port (and `serve --redis-url` can use one).
 #   pkg-config: build scripts that look for system libraries.
-#   prometheus (+ promtool): server/tests/dashboards_prometheus.rs runs the dashboards and alert rules.
+#   prometheus (+ promtool): server/tests/integration/dashboards_prometheus.rs runs the dashboards and alert rules.
 set -euo pipefail
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)

@@ -2,7 +2,7 @@
 //!
 //! The defaults live in [`defaults`]; the table in `docs/operations.md` is generated from this struct by
 //! [`markdown_table`] and a test fails when the two drift (`UPDATE_DOCS=1 cargo test -p voicegate-server
-//! --test config_docs` rewrites it).
+//! --test integration config_docs::` rewrites it).
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //! `metadata` then close 1001 "server draining", the process exits 0, and every ms a client was told it
 //! spoke is in Redis afterwards (read back through a fresh meter on the same Redis).
 
-mod listen_support;
+use crate::listen_support;
 
 use std::process::{Command, Stdio};
 use std::sync::Arc;

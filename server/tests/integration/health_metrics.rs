@@ -1,6 +1,6 @@
 //! `/healthz`, `/readyz` and `/metrics` through the real app.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! Upload limits over a real socket: the client gets its 413 (naming the limit) while it is still sending,
 //! and no temp file is left behind.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

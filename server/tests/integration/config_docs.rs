@@ -1,5 +1,5 @@
 //! `docs/operations.md` carries the table generated from `ServeConfig`; this fails when they drift.
-//! Regenerate with `UPDATE_DOCS=1 cargo test -p voicegate-server --test config_docs`.
+//! Regenerate with `UPDATE_DOCS=1 cargo test -p voicegate-server --test integration config_docs::`.
 
 const START: &str =
     "<!-- serve-config-table:start (generated from server/src/config.rs; do not edit) -->";
@@ -21,7 +21,7 @@ fn operations_doc_lists_every_serve_flag_with_its_env_and_default() {
             return;
         }
         panic!(
-            "{path} is out of date; run UPDATE_DOCS=1 cargo test -p voicegate-server --test config_docs"
+            "{path} is out of date; run UPDATE_DOCS=1 cargo test -p voicegate-server --test integration config_docs::"
         );
     }
 }

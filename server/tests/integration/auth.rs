@@ -1,6 +1,6 @@
 //! Bearer-token authentication through the real app: HS256, RS256 via a JWKS file, and dev mode.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

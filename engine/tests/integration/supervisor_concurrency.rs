@@ -1,7 +1,7 @@
 //! 1,000 users breaching at once on virtual time: never more than the concurrency limit in flight, and each
 //! user classified once per cooldown.
 
-mod fair_use_support;
+use crate::fair_use_support;
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! A real server on 127.0.0.1:0: websocket upgrade auth, per-user session limit, and the drain
 //! (every session sees close 1001, flush runs after sessions are gone, the port stops accepting).
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};

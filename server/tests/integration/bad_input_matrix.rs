@@ -2,7 +2,7 @@
 //! documented status and code, and none changes anyone's metered speech. The websocket rows live in the
 //! listen tests.
 
-mod common;
+use crate::common;
 
 use common::engine_server::{
     ADMIN_KEY, EngineServer, fair_use_on, fixtures, now_s, omi_name, split,

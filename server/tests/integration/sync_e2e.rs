@@ -1,7 +1,7 @@
 //! Sync uploads end to end against a real redis-server: the fixtures uploaded as a device would are metered
 //! exactly as `voicegate analyze` measures them, and uploading them again changes nothing.
 
-mod common;
+use crate::common;
 
 use common::engine_server::{EngineServer, fair_use_on, fixtures, offline_speech_ms, omi_name};
 use voicegate_engine::meter::time::SystemClock;

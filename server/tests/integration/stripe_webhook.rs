@@ -1,6 +1,6 @@
 //! `POST /v1/stripe/webhook` through the real app, with a recording payments sink.
 
-mod common;
+use crate::common;
 
 use std::sync::{Arc, Mutex};
 

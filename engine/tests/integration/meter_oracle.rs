@@ -2,8 +2,8 @@
 //! Redis, with injected faults, a Redis restart, passivation and re-hydration; the final Redis state and
 //! every actor's totals must equal a pure reference model exactly (zero ms lost, zero doubled).
 //!
-//! `cargo test -p voicegate-engine --test meter_oracle` runs 200 cases.
-//! `VOICEGATE_ORACLE_CASES=10000 cargo test -p voicegate-engine --release --test meter_oracle` runs 10,000;
+//! `cargo test -p voicegate-engine --test integration meter_oracle::` runs 200 cases.
+//! `VOICEGATE_ORACLE_CASES=10000 cargo test -p voicegate-engine --release --test integration meter_oracle::` runs 10,000;
 //! `VOICEGATE_ORACLE_SEED=<n>` replays from another seed (a failure prints its case seed).
 
 use std::collections::{BTreeMap, BTreeSet};

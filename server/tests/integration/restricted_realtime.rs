@@ -1,8 +1,8 @@
 //! A user restricted over a cap: sync answers 429 with `Retry-After` while the realtime socket keeps
 //! streaming and metering (fair use never closes or refuses the socket; the reference's §3.7 and §4.9).
 
-mod common;
-mod listen_support;
+use crate::common;
+use crate::listen_support;
 
 use common::engine_server::{ADMIN_KEY, EngineServer, fair_use_on, fixtures, omi_name, split};
 use listen_support::{NORMAL, connect, fixture_packets, stream_packets};

@@ -1,5 +1,5 @@
 //! `docs/metrics.md` carries a table generated from `engine/src/telemetry.rs` (names and their doc comments);
-//! this fails when they drift. Regenerate with `UPDATE_DOCS=1 cargo test -p voicegate-server --test metrics_docs`.
+//! this fails when they drift. Regenerate with `UPDATE_DOCS=1 cargo test -p voicegate-server --test integration metrics_docs::`.
 
 const START: &str =
     "<!-- metrics-table:start (generated from engine/src/telemetry.rs; do not edit) -->";
@@ -45,7 +45,7 @@ fn metrics_doc_lists_every_metric_of_telemetry_rs() {
             return;
         }
         panic!(
-            "{path} is out of date; run UPDATE_DOCS=1 cargo test -p voicegate-server --test metrics_docs"
+            "{path} is out of date; run UPDATE_DOCS=1 cargo test -p voicegate-server --test integration metrics_docs::"
         );
     }
 }

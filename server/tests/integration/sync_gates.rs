@@ -2,7 +2,7 @@
 //! credits exhausted → 200 with locked conversations that answer 402; a signed payment unlocks them and a
 //! badly signed one changes nothing; the restrict stage's STT budget → 429 `stt_budget_exhausted`.
 
-mod common;
+use crate::common;
 
 use common::engine_server::{
     ADMIN_KEY, EngineServer, STRIPE_SECRET, fair_use_on, fixtures, omi_name,

@@ -2,7 +2,7 @@
 //! escalates; sync, realtime and status resolve through the one resolver; admin set-stage/reset; the credit
 //! lock follows the plan and month usage, and a failed plan lookup never locks.
 
-mod fair_use_support;
+use crate::fair_use_support;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -3,8 +3,8 @@
 //! total; the status API shows the metered speech; silence closes conversations; an STT budget that runs
 //! out mid-stream is announced while the socket stays open.
 
-mod common;
-mod listen_support;
+use crate::common;
+use crate::listen_support;
 
 use common::engine_server::{EngineServer, fair_use_on};
 use listen_support::{NORMAL, Seen, connect, fixture_packets, offline, stream_packets};

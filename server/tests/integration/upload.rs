@@ -1,6 +1,6 @@
 //! The streaming multipart reader: limits, empty bodies, hashes, and temp-file cleanup.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -1,7 +1,7 @@
 //! `/metrics` of a wired server after real traffic (uploads, status, errors): every exported VoiceGate metric
 //! is documented in `docs/metrics.md`, none carries a uid (or any user) label, and the traffic shows up.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

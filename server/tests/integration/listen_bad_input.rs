@@ -2,8 +2,8 @@
 //! gets its documented HTTP status or close code, a session survives garbage, and none changes anyone's
 //! metered speech.
 
-mod common;
-mod listen_support;
+use crate::common;
+use crate::listen_support;
 
 use std::time::Duration;
 

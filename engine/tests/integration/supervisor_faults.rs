@@ -2,7 +2,7 @@
 //! reason, counted, the lock released, retried later with backoff, and never change the stage (omi §7
 //! D45–D49, E55–E56; §8.9 and §8.22 fixed).
 
-mod fair_use_support;
+use crate::fair_use_support;
 
 use std::sync::Arc;
 use std::time::Duration;

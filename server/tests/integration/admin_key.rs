@@ -1,6 +1,6 @@
 //! The `X-Admin-Key` check through the real app: 422 missing, 403 wrong, 200 right.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

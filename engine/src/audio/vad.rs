@@ -33,7 +33,7 @@ const STATE: usize = HIDDEN;
 const MAX_QUEUED: usize = 4 * BATCH;
 const INPUT: usize = WINDOW + CONTEXT;
 
-static MODEL_BYTES: &[u8] = include_bytes!("../../models/silero_vad_16k_sequence.onnx");
+pub(crate) static MODEL_BYTES: &[u8] = include_bytes!("../../models/silero_vad_16k_sequence.onnx");
 
 /// Errors from loading or running the VAD model.
 #[derive(Debug, thiserror::Error)]

@@ -32,6 +32,8 @@ const STATE: usize = HIDDEN;
 /// Past this the partial batch runs, so a long gated stretch never holds results back for long.
 const MAX_QUEUED: usize = 4 * BATCH;
 const INPUT: usize = WINDOW + CONTEXT;
+/// Windows of batch capacity a stream keeps between runs.
+const KEEP_BATCH: usize = 2;
 
 pub(crate) static MODEL_BYTES: &[u8] = include_bytes!("../../models/silero_vad_16k_sequence.onnx");
 
@@ -324,6 +326,9 @@ impl VadStream {
             self.windows_run += self.slots.len() as u64;
             self.slots.clear();
             self.batch.clear();
+            // A live stream batches a tick's 1–2 windows; a backlog once grew its batch to 32 windows
+            // (74 KB), kept for the stream's life. Hand that back: regrowing costs far less than the model.
+            self.batch.shrink_to(KEEP_BATCH * INPUT);
         }
         out.append(&mut self.queue);
         Ok(())

@@ -100,8 +100,9 @@ impl SpeechPipeline {
             resampler,
             vad: VadStream::new(model, cfg.gate_dbfs),
             detector: SpeechDetector::new(cfg.detector),
-            native: Vec::with_capacity(4096),
-            at16: Vec::with_capacity(4096),
+            // Grown to what the largest payload needs (a 10 ms packet: 160 samples), not 16 KB each up front.
+            native: Vec::new(),
+            at16: Vec::new(),
             probs: Vec::with_capacity(64),
             decoded: 0,
             packets: 0,

@@ -225,63 +225,69 @@ async fn run_socket(
     tokio::pin!(idle);
     let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
     let mut early_report = None;
-    let end = loop {
-        tokio::select! {
-            biased;
-            report = &mut done_rx => {
-                early_report = Some(report.ok());
-                break End::SessionFailed;
-            }
-            () = guard.closing() => break End::Drain,
-            msg = stream.recv() => match msg {
-                None => break End::ClientClosed,
-                Some(Err(e)) => break protocol_end(&e),
-                Some(Ok(AggregatedMessage::Binary(bytes))) => {
-                    last_msg = Instant::now();
-                    seq = seq.wrapping_add(1);
-                    counters.received.store(u64::from(seq), Ordering::Relaxed);
-                    if bytes.len() <= 2 {
-                        continue; // keepalive
-                    }
-                    if let Err(reason) = frames.push(seq, &bytes, splittable) {
-                        counters.dropped(reason).fetch_add(1, Ordering::Relaxed);
-                        metrics::counter!(t::LISTEN_FRAMES_DROPPED_TOTAL, "reason" => reason.as_str())
-                            .increment(1);
-                    }
+    // One drain future for the session's life: made afresh on every message, it registered with (and
+    // left) the watch channel every session shares, a lock taken 100 times a second per stream.
+    let end = {
+        let closing = guard.closing();
+        tokio::pin!(closing);
+        loop {
+            tokio::select! {
+                biased;
+                report = &mut done_rx => {
+                    early_report = Some(report.ok());
+                    break End::SessionFailed;
                 }
-                Some(Ok(AggregatedMessage::Text(text))) => {
-                    last_msg = Instant::now();
-                    match control_of(&text) {
-                        Ok(TextControl::KeepAlive) => {}
-                        Ok(TextControl::Finalize) => {
-                            // A full control queue already holds a pending Finalize or Stop.
-                            let _ = ctrl_tx.try_send(Control::Finalize);
+                () = &mut closing => break End::Drain,
+                msg = stream.recv() => match msg {
+                    None => break End::ClientClosed,
+                    Some(Err(e)) => break protocol_end(&e),
+                    Some(Ok(AggregatedMessage::Binary(bytes))) => {
+                        last_msg = Instant::now();
+                        seq = seq.wrapping_add(1);
+                        counters.received.store(u64::from(seq), Ordering::Relaxed);
+                        if bytes.len() <= 2 {
+                            continue; // keepalive
                         }
-                        Ok(TextControl::CloseStream) => break End::CloseStream,
-                        Err(reason) => {
-                            metrics::counter!(t::LISTEN_TEXT_IGNORED_TOTAL, "reason" => reason)
+                        if let Err(reason) = frames.push(seq, &bytes, splittable) {
+                            counters.dropped(reason).fetch_add(1, Ordering::Relaxed);
+                            metrics::counter!(t::LISTEN_FRAMES_DROPPED_TOTAL, "reason" => reason.as_str())
                                 .increment(1);
                         }
                     }
+                    Some(Ok(AggregatedMessage::Text(text))) => {
+                        last_msg = Instant::now();
+                        match control_of(&text) {
+                            Ok(TextControl::KeepAlive) => {}
+                            Ok(TextControl::Finalize) => {
+                                // A full control queue already holds a pending Finalize or Stop.
+                                let _ = ctrl_tx.try_send(Control::Finalize);
+                            }
+                            Ok(TextControl::CloseStream) => break End::CloseStream,
+                            Err(reason) => {
+                                metrics::counter!(t::LISTEN_TEXT_IGNORED_TOTAL, "reason" => reason)
+                                    .increment(1);
+                            }
+                        }
+                    }
+                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
+                        last_msg = Instant::now();
+                        let _ = pinger.pong(&bytes).await;
+                    }
+                    Some(Ok(AggregatedMessage::Pong(_))) => last_msg = Instant::now(),
+                    Some(Ok(AggregatedMessage::Close(_))) => break End::ClientClosed,
+                },
+                _ = ping.tick() => {
+                    if pinger.text("ping").await.is_err() {
+                        break End::ClientClosed;
+                    }
                 }
-                Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                    last_msg = Instant::now();
-                    let _ = pinger.pong(&bytes).await;
+                () = &mut idle => {
+                    let deadline = last_msg + state.idle_timeout;
+                    if Instant::now() >= deadline {
+                        break End::Idle;
+                    }
+                    idle.as_mut().reset(deadline);
                 }
-                Some(Ok(AggregatedMessage::Pong(_))) => last_msg = Instant::now(),
-                Some(Ok(AggregatedMessage::Close(_))) => break End::ClientClosed,
-            },
-            _ = ping.tick() => {
-                if pinger.text("ping").await.is_err() {
-                    break End::ClientClosed;
-                }
-            }
-            () = &mut idle => {
-                let deadline = last_msg + state.idle_timeout;
-                if Instant::now() >= deadline {
-                    break End::Idle;
-                }
-                idle.as_mut().reset(deadline);
             }
         }
     };

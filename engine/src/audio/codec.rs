@@ -3,10 +3,10 @@
 //! Decoders produce mono f32 samples in [-1, 1] at the codec's own rate. A corrupt Opus packet is
 //! skipped and counted by the caller, never fatal.
 
+use super::opus_dec::OpusDecoder;
+
 /// Opus sample rates libopus decodes at natively.
 pub const OPUS_RATES: [u32; 5] = [8_000, 12_000, 16_000, 24_000, 48_000];
-/// Largest Opus frame: 120 ms at 48 kHz.
-const MAX_OPUS_FRAME: usize = 5_760;
 
 /// An audio codec and its sample rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
@@ -57,24 +57,16 @@ pub enum DecodeError {
 
 /// A streaming decoder for one codec.
 pub enum Decoder {
-    Opus { dec: Box<opus::Decoder> },
+    Opus { dec: OpusDecoder },
     Pcm { carry: Option<u8> },
-}
-
-thread_local! {
-    /// Room for the longest Opus frame, one per thread rather than one per decoder: a live server holds
-    /// a decoder per stream, and 23 KB each was a fifth of a stream's memory.
-    static OPUS_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl Decoder {
     pub fn new(codec: Codec) -> Result<Decoder, DecodeError> {
         match codec {
-            Codec::Opus { rate } => {
-                let dec = opus::Decoder::new(rate, opus::Channels::Mono)
-                    .map_err(|e| DecodeError::Init(e.to_string()))?;
-                Ok(Decoder::Opus { dec: Box::new(dec) })
-            }
+            Codec::Opus { rate } => Ok(Decoder::Opus {
+                dec: OpusDecoder::new(rate)?,
+            }),
             Codec::Pcm8 | Codec::Pcm16 => Ok(Decoder::Pcm { carry: None }),
         }
     }
@@ -83,14 +75,7 @@ impl Decoder {
     /// Returns the number of samples appended.
     pub fn decode(&mut self, payload: &[u8], out: &mut Vec<f32>) -> Result<usize, DecodeError> {
         match self {
-            Decoder::Opus { dec } => OPUS_SCRATCH.with_borrow_mut(|scratch| {
-                scratch.resize(MAX_OPUS_FRAME, 0.0);
-                let n = dec
-                    .decode_float(payload, scratch, false)
-                    .map_err(|e| DecodeError::Packet(e.to_string()))?;
-                out.extend_from_slice(&scratch[..n]);
-                Ok(n)
-            }),
+            Decoder::Opus { dec } => dec.decode(payload, out),
             Decoder::Pcm { carry } => Ok(decode_pcm16le(carry, payload, out)),
         }
     }

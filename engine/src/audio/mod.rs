@@ -6,6 +6,7 @@ pub mod container;
 pub mod detector;
 pub mod filename;
 pub mod gemm;
+pub mod opus_dec;
 pub mod resample;
 pub mod segments;
 pub mod silero_net;

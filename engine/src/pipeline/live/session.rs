@@ -168,11 +168,26 @@ pub async fn run_session<S: EventSink>(
     live.run().await
 }
 
+/// The next instant on a process-wide grid of `tick` periods (phase taken from the wall clock).
+///
+/// Every session ticks on the same grid, so a pipeline thread wakes once per tick and runs all its
+/// sessions back to back, with the VAD weights still in cache, instead of waking for each session at
+/// its own phase (at 300 streams that was ~6,000 wake-ups a second, each on a cold cache).
+fn grid_start(tick: Duration) -> Instant {
+    let period = tick.as_nanos().max(1);
+    let phase = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() % period);
+    let wait = u64::try_from(period - phase).unwrap_or(0);
+    Instant::now() + Duration::from_nanos(wait)
+}
+
 impl<S: EventSink> Live<S> {
     async fn run(mut self) -> SessionReport {
         self.check_entitlement(true).await;
-        let mut tick = tokio::time::interval(self.cfg.tick);
-        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut tick = tokio::time::interval_at(grid_start(self.cfg.tick), self.cfg.tick);
+        // `Skip` keeps a late session on the shared grid (`Delay` would shift it off for good).
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let now = Instant::now();
         let mut next_meter = now + self.cfg.meter_interval;
         let mut next_usage = now + self.cfg.usage_interval;

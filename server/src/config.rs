@@ -28,7 +28,7 @@ pub mod defaults {
     pub const WS_SESSIONS_PER_USER: usize = 4;
     /// `VOICEGATE_DRAIN_TIMEOUT_SECS`.
     pub const DRAIN_TIMEOUT_SECS: u64 = 30;
-    /// `VOICEGATE_WORKERS`: 0 = one per CPU.
+    /// `VOICEGATE_WORKERS`: 0 = half the CPUs, at least one.
     pub const WORKERS: usize = 0;
     /// `VOICEGATE_WS_IDLE_TIMEOUT_SECS`: the reference's inactivity timeout.
     pub const WS_IDLE_TIMEOUT_SECS: u64 = 90;
@@ -123,7 +123,7 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_DRAIN_TIMEOUT_SECS", default_value_t = defaults::DRAIN_TIMEOUT_SECS)]
     pub drain_timeout_secs: u64,
 
-    /// HTTP worker threads; 0 = one per CPU.
+    /// HTTP worker threads; 0 = half the CPUs, at least one.
     #[arg(long, env = "VOICEGATE_WORKERS", default_value_t = defaults::WORKERS)]
     pub workers: usize,
 }

@@ -32,8 +32,6 @@ const STATE: usize = HIDDEN;
 /// Past this the partial batch runs, so a long gated stretch never holds results back for long.
 const MAX_QUEUED: usize = 4 * BATCH;
 const INPUT: usize = WINDOW + CONTEXT;
-/// Windows of batch capacity a stream keeps between runs.
-const KEEP_BATCH: usize = 2;
 
 pub(crate) static MODEL_BYTES: &[u8] = include_bytes!("../../models/silero_vad_16k_sequence.onnx");
 
@@ -221,7 +219,7 @@ impl VadStream {
     /// A new stream. `gate_dbfs`: windows with RMS below this level are skipped as silence (`None` = no gate).
     pub fn new(model: Arc<SileroModel>, gate_dbfs: Option<f32>) -> VadStream {
         let gate_ms = gate_dbfs.map_or(0.0, |db| 10f32.powf(db / 10.0));
-        let mut pending = Vec::with_capacity(CONTEXT + 2 * WINDOW);
+        let mut pending = Vec::with_capacity(INPUT);
         pending.resize(CONTEXT, 0.0);
         VadStream {
             model,
@@ -250,9 +248,21 @@ impl VadStream {
     }
 
     /// Push samples (normalised f32, 16 kHz mono). Runs full batches; results are appended to `out`.
-    pub fn push(&mut self, samples: &[f32], out: &mut Vec<WindowProb>) -> Result<(), VadError> {
-        self.pending.extend_from_slice(samples);
-        self.classify(out)
+    pub fn push(&mut self, mut samples: &[f32], out: &mut Vec<WindowProb>) -> Result<(), VadError> {
+        // `pending` never holds more than one model input: it is filled to a window, classified and
+        // slid by a window, so a stream keeps 2.3 KB here however large its pushes are.
+        while !samples.is_empty() {
+            let take = (INPUT - self.pending.len()).min(samples.len());
+            self.pending.extend_from_slice(&samples[..take]);
+            samples = &samples[take..];
+            if self.pending.len() == INPUT {
+                self.classify_window(out)?;
+            }
+        }
+        if self.slots.is_empty() {
+            out.append(&mut self.queue);
+        }
+        Ok(())
     }
 
     /// Run every complete window now, with a smaller batch if needed. A partial window stays buffered.
@@ -268,33 +278,22 @@ impl VadStream {
         Ok(tail)
     }
 
-    /// Move every complete window out of `pending`: gated ones get probability 0, the others join the
-    /// batch, which runs whenever it is full (or the queue behind it grows too long).
-    fn classify(&mut self, out: &mut Vec<WindowProb>) -> Result<(), VadError> {
-        let windows = (self.pending.len() - CONTEXT) / WINDOW;
-        if windows == 0 {
-            return Ok(());
+    /// Classify the full window in `pending` and slide it by a window: a gated window gets probability 0,
+    /// any other joins the batch, which runs whenever it is full (or the queue behind it grows too long).
+    fn classify_window(&mut self, out: &mut Vec<WindowProb>) -> Result<(), VadError> {
+        let start = self.next_start;
+        if self.is_silent(&self.pending[CONTEXT..INPUT]) {
+            self.queue.push(WindowProb { start, prob: 0.0 });
+            self.windows_skipped += 1;
+        } else {
+            self.batch.extend_from_slice(&self.pending[..INPUT]);
+            self.slots.push(self.queue.len());
+            self.queue.push(WindowProb { start, prob: 0.0 });
         }
-        for w in 0..windows {
-            let start = self.next_start + (w * WINDOW) as u64;
-            let input = &self.pending[w * WINDOW..w * WINDOW + INPUT];
-            if self.is_silent(&input[CONTEXT..]) {
-                self.queue.push(WindowProb { start, prob: 0.0 });
-                self.windows_skipped += 1;
-            } else {
-                self.batch.extend_from_slice(input);
-                self.slots.push(self.queue.len());
-                self.queue.push(WindowProb { start, prob: 0.0 });
-            }
-            if self.slots.len() >= BATCH || self.queue.len() >= MAX_QUEUED {
-                self.run_batch(out)?;
-            }
-        }
-        let consumed = windows * WINDOW;
-        self.pending.drain(..consumed);
-        self.next_start += consumed as u64;
-        if self.slots.is_empty() {
-            out.append(&mut self.queue);
+        self.pending.drain(..WINDOW);
+        self.next_start += WINDOW as u64;
+        if self.slots.len() >= BATCH || self.queue.len() >= MAX_QUEUED {
+            self.run_batch(out)?;
         }
         Ok(())
     }
@@ -326,9 +325,11 @@ impl VadStream {
             self.windows_run += self.slots.len() as u64;
             self.slots.clear();
             self.batch.clear();
-            // A live stream batches a tick's 1–2 windows; a backlog once grew its batch to 32 windows
-            // (74 KB), kept for the stream's life. Hand that back: regrowing costs far less than the model.
-            self.batch.shrink_to(KEEP_BATCH * INPUT);
+            // A live stream batches a tick's 1–2 windows and then holds none until its next tick: hand
+            // the buffer back (a backlog once grew it to 32 windows, 74 KB, kept for the stream's life).
+            // The thread's next session reuses the freed block, so a pipeline thread's streams share one
+            // batch's worth of memory instead of holding one each; regrowing costs far less than the model.
+            self.batch = Vec::new();
         }
         out.append(&mut self.queue);
         Ok(())

@@ -1,17 +1,26 @@
-//! The bounded lock-free SPSC byte ring between a session's websocket reader (producer, on an I/O
-//! worker) and its pipeline task (consumer, on a pipeline thread).
+//! The bounded byte queue between a session's websocket reader (producer, on an I/O worker) and its
+//! pipeline task (consumer, on a pipeline thread).
 //!
-//! Records are `[u16 LE length][u32 LE frame sequence][payload]`, written in place: no allocation per
-//! frame. A frame that does not fit is dropped whole and the caller counts it with its reason; the ring
-//! never grows. PCM frames larger than [`MAX_RECORD`] are split into several records (PCM is a byte
-//! stream); an Opus packet cannot be split, so a larger one is dropped as `too_large`.
+//! Records are `[u16 LE length][u32 LE frame sequence][payload]`. A frame that does not fit under the
+//! byte bound is dropped whole and the caller counts it with its reason. PCM frames larger than
+//! [`MAX_RECORD`] are split into several records (PCM is a byte stream); an Opus packet cannot be split,
+//! so a larger one is dropped as `too_large`.
+//!
+//! Memory follows the backlog, not the bound: a fixed ring of the bound (2 s of Opus = 18 KB) was the
+//! largest allocation of an idle-ish stream, while a pipeline thread that drains every 50 ms leaves
+//! ~5 frames (~250 bytes) queued. The queue grows by doubling while a backlog builds (never past twice
+//! the bound: the bound is checked before every write), and hands its capacity back once drained. Both
+//! ends take a mutex for one copy: the producer writes once per frame (100 times a second), the consumer
+//! once per record on its tick, so the lock is uncontended in practice.
 
-use ringbuf::traits::{Consumer, Observer, Producer, Split};
-use ringbuf::{HeapCons, HeapProd, HeapRb};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// Largest payload of one record (also the largest accepted Opus packet: `MAX_OPUS_RECORD`).
 pub const MAX_RECORD: usize = crate::audio::container::MAX_OPUS_RECORD;
 const HEADER: usize = 6;
+/// A drained queue keeps at most this much capacity (a steady stream's few frames fit).
+const KEEP_CAPACITY: usize = 1024;
 
 /// Why a frame was dropped at the ring.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,15 +41,37 @@ impl DropReason {
     }
 }
 
-/// A ring of `capacity` bytes, split into its two ends.
+struct Shared {
+    bytes: Mutex<VecDeque<u8>>,
+    /// Most bytes queued at once.
+    bound: usize,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, VecDeque<u8>> {
+        // Every write under the lock is a plain copy of already-validated bytes that cannot panic
+        // half-way (allocation failure aborts), so a poisoned lock still guards whole records.
+        self.bytes.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A queue of at most `capacity` bytes, split into its two ends.
 pub fn frame_ring(capacity: usize) -> (FrameProducer, FrameConsumer) {
-    let (prod, cons) = HeapRb::<u8>::new(capacity.max(HEADER + MAX_RECORD)).split();
-    (FrameProducer { prod }, FrameConsumer { cons })
+    let shared = Arc::new(Shared {
+        bytes: Mutex::new(VecDeque::new()),
+        bound: capacity.max(HEADER + MAX_RECORD),
+    });
+    (
+        FrameProducer {
+            shared: Arc::clone(&shared),
+        },
+        FrameConsumer { shared },
+    )
 }
 
 /// The websocket side.
 pub struct FrameProducer {
-    prod: HeapProd<u8>,
+    shared: Arc<Shared>,
 }
 
 impl FrameProducer {
@@ -50,28 +81,26 @@ impl FrameProducer {
             return Err(DropReason::TooLarge);
         }
         let records = payload.len().div_ceil(MAX_RECORD).max(1);
-        if self.prod.vacant_len() < payload.len() + records * HEADER {
+        let mut q = self.shared.lock();
+        if self.shared.bound - q.len().min(self.shared.bound) < payload.len() + records * HEADER {
             return Err(DropReason::RingFull);
         }
-        // Only this end adds bytes, so the space checked above stays available.
         let empty: &[&[u8]] = &[&[]];
         let chunks = payload.chunks(MAX_RECORD);
         let chunks = chunks.chain(empty.iter().copied().take(usize::from(payload.is_empty())));
         for chunk in chunks {
             // MAX_RECORD fits in u16 (checked at compile time below).
             let len = chunk.len() as u16;
-            let mut header = [0u8; HEADER];
-            header[..2].copy_from_slice(&len.to_le_bytes());
-            header[2..].copy_from_slice(&seq.to_le_bytes());
-            self.prod.push_slice(&header);
-            self.prod.push_slice(chunk);
+            q.extend(len.to_le_bytes());
+            q.extend(seq.to_le_bytes());
+            q.extend(chunk);
         }
         Ok(())
     }
 
-    /// Bytes free.
+    /// Bytes free under the bound.
     pub fn vacant(&self) -> usize {
-        self.prod.vacant_len()
+        self.shared.bound.saturating_sub(self.shared.lock().len())
     }
 }
 
@@ -79,26 +108,29 @@ const _: () = assert!(MAX_RECORD <= u16::MAX as usize);
 
 /// The pipeline side.
 pub struct FrameConsumer {
-    cons: HeapCons<u8>,
+    shared: Arc<Shared>,
 }
 
 impl FrameConsumer {
-    /// Pops the next complete record into `buf` (cleared first) and returns its frame sequence. A record
-    /// whose payload is not fully written yet stays in the ring for the next call.
+    /// Pops the next record into `buf` (cleared first) and returns its frame sequence.
     pub fn pop(&mut self, buf: &mut Vec<u8>) -> Option<u32> {
-        let mut header = [0u8; HEADER];
-        if self.cons.peek_slice(&mut header) < HEADER {
+        let mut q = self.shared.lock();
+        if q.len() < HEADER {
             return None;
+        }
+        let mut header = [0u8; HEADER];
+        for (h, b) in header.iter_mut().zip(q.iter()) {
+            *h = *b;
         }
         let len = usize::from(u16::from_le_bytes([header[0], header[1]]));
-        if self.cons.occupied_len() < HEADER + len {
-            return None;
-        }
-        self.cons.skip(HEADER);
+        // Records are written whole under the lock, so a header is always followed by its payload.
+        let len = len.min(q.len() - HEADER);
         buf.clear();
-        buf.resize(len, 0);
-        let got = self.cons.pop_slice(buf);
-        debug_assert_eq!(got, len);
+        buf.extend(q.range(HEADER..HEADER + len));
+        q.drain(..HEADER + len);
+        if q.is_empty() && q.capacity() > KEEP_CAPACITY {
+            q.shrink_to(KEEP_CAPACITY);
+        }
         Some(u32::from_le_bytes([
             header[2], header[3], header[4], header[5],
         ]))
@@ -106,7 +138,7 @@ impl FrameConsumer {
 
     /// Bytes waiting.
     pub fn occupied(&self) -> usize {
-        self.cons.occupied_len()
+        self.shared.lock().len()
     }
 }
 
@@ -158,6 +190,22 @@ mod tests {
             total += buf.len();
         }
         assert_eq!(total, 10_000);
+    }
+
+    #[test]
+    fn a_drained_queue_hands_its_capacity_back() {
+        let (mut p, mut c) = frame_ring(64 * 1024);
+        for seq in 0..1000u32 {
+            assert_eq!(p.push(seq, &[3; 50], false), Ok(()));
+        }
+        assert!(c.shared.lock().capacity() >= 56_000);
+        let mut buf = Vec::new();
+        while c.pop(&mut buf).is_some() {}
+        assert!(c.shared.lock().capacity() <= KEEP_CAPACITY);
+        // Never past twice the bound, however full.
+        while p.push(7, &[1; 100], false).is_ok() {}
+        assert!(c.shared.lock().capacity() <= 2 * 64 * 1024);
+        assert!(c.occupied() <= 64 * 1024);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! - The upgrade is authenticated (401) and admitted by the [`SessionRegistry`] (429 / 503) before any
 //!   socket exists; parameters the server cannot serve close the socket with 1008 and the reason.
 //! - This module is the session's I/O half, on an actix worker: it moves binary frames into the session's
-//!   bounded SPSC ring (drops counted by reason), answers text control messages, pings every 10 s, closes
+//!   bounded frame queue (drops counted by reason), answers text control messages, pings every 10 s, closes
 //!   idle sockets, and turns the way a session ended into a close code.
 //! - The pipeline half ([`voicegate_engine::pipeline::live`]) runs on a pipeline thread: decode → resample →
 //!   VAD, events, metering, STT allowance, conversations, and the final `metadata`.

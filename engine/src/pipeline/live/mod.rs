@@ -1,6 +1,6 @@
 //! Live pipeline: one realtime listen session, from websocket frames to events and metered speech.
 //!
-//! - `ring`: the bounded lock-free SPSC byte ring from the websocket reader to the session (drops counted).
+//! - `ring`: the bounded byte queue from the websocket reader to the session (drops counted).
 //! - `session`: the session task (decode → resample → VAD on every tick, metering each second, STT
 //!   allowance, conversations, the final `metadata`).
 //! - `pool`: the pipeline threads sessions run on (round-robin), off the websocket I/O workers.

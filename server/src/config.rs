@@ -123,7 +123,7 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_DRAIN_TIMEOUT_SECS", default_value_t = defaults::DRAIN_TIMEOUT_SECS)]
     pub drain_timeout_secs: u64,
 
-    /// HTTP worker threads; 0 = half the CPUs, at least one.
+    /// HTTP worker threads (the websocket I/O only moves bytes; decode and VAD run on the pipeline threads); 0 = half the CPUs, at least one.
     #[arg(long, env = "VOICEGATE_WORKERS", default_value_t = defaults::WORKERS)]
     pub workers: usize,
 }

@@ -507,7 +507,7 @@ pub fn mount_engine(server: &mut ServerBuilder, engine: &Engine) {
 }
 
 /// HTTP worker threads: `configured`, or half the CPUs (at least one) when 0. The websocket workers only
-/// move bytes into the sessions' rings; decode and VAD run on the pipeline threads (one per CPU). On 2
+/// move bytes into the sessions' frame queues; decode and VAD run on the pipeline threads (one per CPU). On 2
 /// cores, 1 worker + 2 pipeline threads held 600 streams at p99 221 ms; 2 + 2 used the same CPU with a
 /// p99 of 1.3 s (the extra thread only adds preemption; docs/performance.md).
 pub fn http_workers(configured: usize) -> usize {

@@ -82,7 +82,7 @@ impl FrameProducer {
         }
         let records = payload.len().div_ceil(MAX_RECORD).max(1);
         let mut q = self.shared.lock();
-        if self.shared.bound - q.len().min(self.shared.bound) < payload.len() + records * HEADER {
+        if self.shared.bound.saturating_sub(q.len()) < payload.len() + records * HEADER {
             return Err(DropReason::RingFull);
         }
         let empty: &[&[u8]] = &[&[]];

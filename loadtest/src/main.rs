@@ -296,6 +296,19 @@ fn realtime_report(
     r.audio_s_sent = (r.frames_sent * FRAME_MS) as f64 / 1_000.0;
     r.audio_s_per_s = r.audio_s_sent / wall_s.max(1e-9);
     r.latency = quantiles(outcomes.iter().flat_map(|o| o.latencies_us.iter()));
+    for (k, kind) in realtime::EVENT_KINDS.iter().enumerate() {
+        let of_kind = outcomes.iter().flat_map(|o| {
+            o.latencies_us
+                .iter()
+                .zip(&o.latency_kinds)
+                .filter(move |&(_, &i)| usize::from(i) == k)
+                .map(|(us, _)| us)
+        });
+        let q = quantiles(of_kind);
+        if q.count > 0 {
+            r.latency_by_event.insert((*kind).to_owned(), q);
+        }
+    }
     r.connection_setup = quantiles(outcomes.iter().filter_map(|o| o.setup_us.as_ref()));
     r.close_to_metadata = quantiles(outcomes.iter().filter_map(|o| o.close_us.as_ref()));
     r

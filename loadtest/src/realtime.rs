@@ -73,9 +73,32 @@ pub struct StreamOutcome {
     pub events: u64,
     /// Event receipt − send time of the frame it names, µs (`metadata` excluded).
     pub latencies_us: Vec<u64>,
+    /// The event type of each entry of `latencies_us` (an index into [`EVENT_KINDS`]).
+    pub latency_kinds: Vec<u8>,
     /// `CloseStream` sent → `metadata` received, µs.
     pub close_us: Option<u64>,
     pub errors: Vec<String>,
+}
+
+/// The event types the server documents (`docs/protocol.md`); anything else counts as `other`.
+pub const EVENT_KINDS: [&str; 9] = [
+    "speech_started",
+    "speech_ended",
+    "usage",
+    "fair_use",
+    "stt_budget_exhausted",
+    "conversation_closed",
+    "frames_dropped",
+    "metadata",
+    "other",
+];
+
+fn kind_index(kind: &str) -> u8 {
+    let last = EVENT_KINDS.len() - 1;
+    EVENT_KINDS[..last]
+        .iter()
+        .position(|k| *k == kind)
+        .unwrap_or(last) as u8
 }
 
 impl StreamOutcome {
@@ -360,6 +383,7 @@ fn on_message(
         let sent = clock.sent_at(frames - 1);
         out.latencies_us
             .push(received.saturating_duration_since(sent).as_micros() as u64);
+        out.latency_kinds.push(kind_index(event.kind));
     }
     Flow::Continue
 }

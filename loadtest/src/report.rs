@@ -62,6 +62,8 @@ pub struct RealtimeReport {
     pub audio_s_per_s: f64,
     /// Event receipt − send time of the frame the event names.
     pub latency: Quantiles,
+    /// The same, by event type (types that occurred only).
+    pub latency_by_event: BTreeMap<String, Quantiles>,
     /// TCP connect + websocket handshake.
     pub connection_setup: Quantiles,
     /// `CloseStream` → `metadata`.
@@ -137,6 +139,9 @@ impl Report {
                 r.audio_s_sent, r.audio_s_per_s
             );
             q_row(&mut o, "frame→event latency", &r.latency);
+            for (kind, q) in &r.latency_by_event {
+                q_row(&mut o, &format!("  {kind}"), q);
+            }
             q_row(&mut o, "connection setup", &r.connection_setup);
             q_row(&mut o, "CloseStream→metadata", &r.close_to_metadata);
         }

@@ -5,8 +5,15 @@
 //! Runs on a pipeline thread (see [`super::PipelinePool`]), never on a websocket I/O worker. Accounting
 //! is exact: the meter receives `total - metered` each second from the session's cumulative speech in
 //! samples, so the metered sum equals the `metadata` `speech_ms` to the millisecond.
+//!
+//! Metering and the entitlement re-read are store round trips (user actors, Redis): they run as the
+//! session's one in-flight operation, polled beside the ticks, never inline. A slow store therefore delays
+//! the `usage` event and the meter, not the audio: ticks keep draining the ring. (Inline, a status read
+//! queued 2–3 s behind saturated threads at 600 streams stalled its session's pump that long, so frames
+//! overflowed the ring.) Operations run one at a time, in order, so records never overlap.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -26,7 +33,7 @@ use crate::meter::{RecordSpeech, SpeechAmount, SpeechSource};
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
 use crate::policy::{Stage, SttAllowance, SttDenied};
 use crate::stt::{SttSegment, SttSessionInfo, SttStream};
-use crate::supervisor::PlanRecord;
+use crate::supervisor::{FairUseStatus, PlanRecord};
 use crate::telemetry as t;
 
 /// Where a session's events go (the websocket). `send` answers false once the client is gone; the
@@ -69,12 +76,43 @@ impl Budget {
     }
 }
 
-/// The STT gate: unlimited, a budget, or closed.
+/// The STT gate: unlimited, a budget, closed, or not known yet (the session's first status read is in
+/// flight: speech that ends meanwhile waits in `deferred_stt`).
 #[derive(Debug, Clone, Copy)]
 enum Gate {
+    Pending,
     Unlimited,
     Budget(Budget),
     Closed,
+}
+
+/// Speech runs that ended before the first entitlement read; past this many the rest are not forwarded
+/// (an unknown entitlement fails closed). A run is at least 250 ms: 256 runs is over a minute of speech.
+const MAX_DEFERRED_STT: usize = 256;
+
+/// What a finished store operation reports back to the session.
+enum OpDone {
+    Meter {
+        /// The cumulative speech (ms) this record brought the meter to, if it was accepted.
+        metered_to: Option<u64>,
+        /// STT ms recorded (0 when none was sent or the record failed).
+        stt_recorded: u64,
+    },
+    Status {
+        first: bool,
+        status: Box<FairUseStatus>,
+    },
+}
+
+/// The session's in-flight store operation (boxed: only while one runs does it take memory).
+type Op = Pin<Box<dyn Future<Output = OpDone>>>;
+
+/// Resolves with the in-flight operation's result; never while there is none.
+async fn next_op(op: &mut Option<Op>) -> OpDone {
+    match op {
+        Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The conversation being built (absolute epoch ms spans).
@@ -111,6 +149,12 @@ struct Live<S: EventSink> {
     conversation: Option<OpenConversation>,
     started_at_ms: u64,
     error: Option<&'static str>,
+    /// The store operation in flight, and the ones due next.
+    op: Option<Op>,
+    meter_due: bool,
+    status_due: bool,
+    /// Speech runs (and their ms) waiting for the first entitlement read ([`Gate::Pending`]).
+    deferred_stt: Vec<(Span, u64)>,
 }
 
 /// Runs a session until it is told to stop (or its control channel closes), then finishes it.
@@ -157,13 +201,17 @@ pub async fn run_session<S: EventSink>(
         metered_ms: 0,
         stt_forwarded_ms: 0,
         stt_unrecorded_ms: 0,
-        gate: Gate::Closed,
+        gate: Gate::Pending,
         exhausted_announced: false,
         stage: Stage::None,
         locked: false,
         conversation: None,
         started_at_ms,
         error: None,
+        op: None,
+        meter_due: false,
+        status_due: false,
+        deferred_stt: Vec::new(),
     };
     live.run().await
 }
@@ -184,7 +232,7 @@ fn grid_start(tick: Duration) -> Instant {
 
 impl<S: EventSink> Live<S> {
     async fn run(mut self) -> SessionReport {
-        self.check_entitlement(true).await;
+        self.op = Some(self.status_op(true));
         let mut tick = tokio::time::interval_at(grid_start(self.cfg.tick), self.cfg.tick);
         // `Skip` keeps a late session on the shared grid (`Delay` would shift it off for good).
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -192,6 +240,7 @@ impl<S: EventSink> Live<S> {
         let mut next_meter = now + self.cfg.meter_interval;
         let mut next_usage = now + self.cfg.usage_interval;
         loop {
+            self.start_due_op();
             tokio::select! {
                 biased;
                 ctrl = self.input.control.recv() => match ctrl {
@@ -201,6 +250,10 @@ impl<S: EventSink> Live<S> {
                     }
                     Some(Control::Stop) | None => break,
                 },
+                done = next_op(&mut self.op) => {
+                    self.op = None;
+                    self.apply(done).await;
+                }
                 _ = tick.tick() => {
                     self.pump().await;
                     if self.error.is_some() {
@@ -211,16 +264,56 @@ impl<S: EventSink> Live<S> {
                     if now >= next_meter {
                         next_meter = now + self.cfg.meter_interval;
                         self.report_drops().await;
-                        self.meter().await;
+                        self.count_frames();
+                        self.meter_due = true;
                     }
                     if now >= next_usage {
                         next_usage = now + self.cfg.usage_interval;
-                        self.check_entitlement(false).await;
+                        self.status_due = true;
                     }
                 }
             }
         }
         self.finish().await
+    }
+
+    /// Starts the next due store operation when none is in flight (the meter first: the status then
+    /// reads fresher totals).
+    fn start_due_op(&mut self) {
+        if self.op.is_some() {
+            return;
+        }
+        if self.meter_due {
+            self.meter_due = false;
+            self.op = self.meter_op();
+        }
+        if self.op.is_none() && self.status_due {
+            self.status_due = false;
+            self.op = Some(self.status_op(false));
+        }
+    }
+
+    /// Waits for the in-flight operation, if any, and applies it.
+    async fn complete_op(&mut self) {
+        if let Some(op) = self.op.take() {
+            let done = op.await;
+            self.apply(done).await;
+        }
+    }
+
+    async fn apply(&mut self, done: OpDone) {
+        match done {
+            OpDone::Meter {
+                metered_to,
+                stt_recorded,
+            } => {
+                if let Some(total) = metered_to {
+                    self.metered_ms = self.metered_ms.max(total);
+                }
+                self.stt_unrecorded_ms = self.stt_unrecorded_ms.saturating_sub(stt_recorded);
+            }
+            OpDone::Status { first, status } => self.apply_status(first, *status).await,
+        }
     }
 
     /// Drains the ring through the pipeline and emits what it produced.
@@ -300,6 +393,12 @@ impl<S: EventSink> Live<S> {
     /// Forwards what the STT allowance permits of one speech run.
     async fn forward_stt(&mut self, span: Span, speech_ms: u64) {
         let allowed = match &self.gate {
+            Gate::Pending => {
+                if self.deferred_stt.len() < MAX_DEFERRED_STT {
+                    self.deferred_stt.push((span, speech_ms));
+                }
+                return;
+            }
             Gate::Unlimited => speech_ms,
             Gate::Budget(b) => b.remaining().min(speech_ms),
             Gate::Closed => 0,
@@ -358,6 +457,13 @@ impl<S: EventSink> Live<S> {
     }
 
     async fn close_conversation(&mut self) {
+        if self.conversation.is_none() {
+            return;
+        }
+        // The conversation is stored locked or not: that needs the first entitlement read.
+        while matches!(self.gate, Gate::Pending) && self.op.is_some() {
+            self.complete_op().await;
+        }
         let Some(conv) = self.conversation.take() else {
             return;
         };
@@ -424,62 +530,94 @@ impl<S: EventSink> Live<S> {
         self.pipeline.decoded_samples() * u64::from(TARGET_RATE) / rate
     }
 
-    /// Meters the speech certain so far (finished runs and the committed part of an open one) since the last
-    /// call, and the STT forwarded.
-    async fn meter(&mut self) {
+    /// A record of the speech certain so far (finished runs and the committed part of an open one) since
+    /// the last accepted one, and of the STT forwarded; `None` when there is nothing to record.
+    fn meter_op(&self) -> Option<Op> {
         let total = ms(self.pipeline.speech_samples_committed());
         let delta = total.saturating_sub(self.metered_ms);
-        if delta > 0 {
-            let rec = RecordSpeech::new(
-                Arc::clone(&self.params.uid),
-                SpeechAmount::Ms(delta),
-                self.services.clock.now_ms(),
-                SpeechSource::Realtime,
-            );
-            match self.services.fair_use.record(rec).await {
-                Ok(_) => self.metered_ms = total,
-                Err(e) => {
-                    // Kept pending here: the next second (or the finish) sends it again.
-                    tracing::warn!(message = "Metering realtime speech failed.", uid = %self.params.uid, error = %e);
-                    metrics::counter!(t::LISTEN_METER_ERRORS_TOTAL, "reason" => "meter")
-                        .increment(1);
+        let stt = self.stt_unrecorded_ms;
+        if delta == 0 && stt == 0 {
+            return None;
+        }
+        let services = Arc::clone(&self.services);
+        let uid = Arc::clone(&self.params.uid);
+        let now_ms = self.services.clock.now_ms();
+        Some(Box::pin(async move {
+            let mut metered_to = None;
+            if delta > 0 {
+                let rec = RecordSpeech::new(
+                    Arc::clone(&uid),
+                    SpeechAmount::Ms(delta),
+                    now_ms,
+                    SpeechSource::Realtime,
+                );
+                match services.fair_use.record(rec).await {
+                    Ok(_) => metered_to = Some(total),
+                    Err(e) => {
+                        // Kept pending: the next second (or the finish) sends it again.
+                        tracing::warn!(message = "Metering realtime speech failed.", uid = %uid, error = %e);
+                        metrics::counter!(t::LISTEN_METER_ERRORS_TOTAL, "reason" => "meter")
+                            .increment(1);
+                    }
                 }
             }
-        }
-        if self.stt_unrecorded_ms > 0 {
-            match self
-                .services
-                .fair_use
-                .record_stt(&self.params.uid, self.stt_unrecorded_ms)
-                .await
-            {
-                Ok(_) => self.stt_unrecorded_ms = 0,
-                Err(e) => {
-                    tracing::warn!(message = "Recording STT usage failed.", uid = %self.params.uid, error = %e);
-                    metrics::counter!(t::LISTEN_METER_ERRORS_TOTAL, "reason" => "stt").increment(1);
+            let mut stt_recorded = 0;
+            if stt > 0 {
+                match services.fair_use.record_stt(&uid, stt).await {
+                    Ok(_) => stt_recorded = stt,
+                    Err(e) => {
+                        tracing::warn!(message = "Recording STT usage failed.", uid = %uid, error = %e);
+                        metrics::counter!(t::LISTEN_METER_ERRORS_TOTAL, "reason" => "stt")
+                            .increment(1);
+                    }
                 }
             }
+            OpDone::Meter {
+                metered_to,
+                stt_recorded,
+            }
+        }))
+    }
+
+    /// Meters now, inline (the finish, after the in-flight operation completed).
+    async fn meter(&mut self) {
+        if let Some(op) = self.meter_op() {
+            let done = op.await;
+            self.apply(done).await;
         }
+    }
+
+    fn count_frames(&mut self) {
         let frames = self.input.counters.received.load(Ordering::Relaxed);
-        metrics::counter!(t::LISTEN_FRAMES_TOTAL).increment(frames - self.frames_metric);
+        metrics::counter!(t::LISTEN_FRAMES_TOTAL)
+            .increment(frames.saturating_sub(self.frames_metric));
         self.frames_metric = frames;
     }
 
-    /// Re-reads the user's status: the usage event, stage/lock changes, and the STT allowance.
-    async fn check_entitlement(&mut self, first: bool) {
-        let plan = self.services.plans.get(&self.params.uid).await;
-        let record = match &plan {
-            Ok(p) => PlanRecord::Known(p.as_deref()),
-            Err(e) => {
-                tracing::warn!(message = "Plan lookup failed; credits unavailable.", uid = %self.params.uid, error = %e);
-                PlanRecord::Unavailable
+    /// A re-read of the user's status (plan, rolling totals, stage, lock, STT allowance).
+    fn status_op(&self, first: bool) -> Op {
+        let services = Arc::clone(&self.services);
+        let uid = Arc::clone(&self.params.uid);
+        Box::pin(async move {
+            let plan = services.plans.get(&uid).await;
+            let record = match &plan {
+                Ok(p) => PlanRecord::Known(p.as_deref()),
+                Err(e) => {
+                    tracing::warn!(message = "Plan lookup failed; credits unavailable.", uid = %uid, error = %e);
+                    PlanRecord::Unavailable
+                }
+            };
+            let status = services.fair_use.status(&uid, record).await;
+            OpDone::Status {
+                first,
+                status: Box::new(status),
             }
-        };
-        let status = self
-            .services
-            .fair_use
-            .status(&self.params.uid, record)
-            .await;
+        })
+    }
+
+    /// Applies a status read: the usage event, stage/lock changes, and the STT allowance (which releases
+    /// speech deferred until the first read).
+    async fn apply_status(&mut self, first: bool, status: FairUseStatus) {
         if !first {
             self.emit(LiveEvent::Usage {
                 frames_received: self.frames_seen,
@@ -501,6 +639,9 @@ impl<S: EventSink> Live<S> {
             .await;
         }
         self.apply_allowance(status.stt).await;
+        for (span, speech_ms) in std::mem::take(&mut self.deferred_stt) {
+            self.forward_stt(span, speech_ms).await;
+        }
     }
 
     async fn apply_allowance(&mut self, stt: SttAllowance) {
@@ -581,6 +722,8 @@ impl<S: EventSink> Live<S> {
 
     /// End of session: everything pushed before the stop is processed, metered, and reported.
     async fn finish(mut self) -> SessionReport {
+        // The first status read (if still in flight) decides the STT gate of what is still to come.
+        self.complete_op().await;
         self.pump().await;
         if self.error.is_none() {
             match self.pipeline.finish(&mut self.events) {

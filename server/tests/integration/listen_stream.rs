@@ -1,15 +1,18 @@
 //! `GET /v4/listen` end to end (real server, real redis-server, real websocket client): a fixture streamed as
 //! Opus packets, one per message, at real-time pace and at 10x gives the offline pipeline's speech runs and
 //! total; the status API shows the metered speech; silence closes conversations; an STT budget that runs
-//! out mid-stream is announced while the socket stays open.
+//! out mid-stream is announced while the socket stays open; a slow store delays the session's status read,
+//! not its audio.
 
 use crate::common;
 use crate::listen_support;
 
 use common::engine_server::{EngineServer, fair_use_on};
+use futures_util::future::BoxFuture;
 use listen_support::{NORMAL, Seen, connect, fixture_packets, offline, stream_packets};
 use voicegate_engine::pipeline::offline::FileAnalysis;
 use voicegate_engine::policy::FairUseConfig;
+use voicegate_engine::store::plans::{PlanRecordValue, PlanStore, PlanStoreError};
 
 const OPUS16: &str = "codec=opus&sample_rate=16000";
 
@@ -232,5 +235,74 @@ async fn an_stt_budget_used_up_mid_stream_is_announced_and_speech_is_still_meter
     assert_eq!(seen.metadata()["stt_forwarded_ms"], 3_000);
     let status = server.status_speech_ms("rita").await;
     assert_eq!(status["daily_ms"], seen.metadata()["speech_ms"]);
+    server.shutdown().await;
+}
+
+/// A plan store whose reads take `delay` (a store queued behind saturated threads, or a slow Redis).
+struct SlowPlans {
+    inner: std::sync::Arc<dyn PlanStore>,
+    delay: std::time::Duration,
+}
+
+impl PlanStore for SlowPlans {
+    fn get<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<Option<String>, PlanStoreError>> {
+        Box::pin(async move {
+            tokio::time::sleep(self.delay).await;
+            self.inner.get(uid).await
+        })
+    }
+
+    fn set<'a>(
+        &'a self,
+        uid: &'a str,
+        value: &'a PlanRecordValue,
+    ) -> BoxFuture<'a, Result<bool, PlanStoreError>> {
+        self.inner.set(uid, value)
+    }
+}
+
+#[actix_web::test]
+async fn a_slow_status_read_delays_usage_not_the_audio_and_deferred_speech_still_reaches_stt() {
+    // The session's first status read takes 3 s; its frame queue holds 500 ms. Were the read inline, the
+    // pump would stop for 3 s and frames would be dropped.
+    let server = EngineServer::start_with(
+        fair_use_on(),
+        |cfg| cfg.listen_buffer_ms = 500,
+        |engine| {
+            engine.plans = std::sync::Arc::new(SlowPlans {
+                inner: std::sync::Arc::clone(&engine.plans),
+                delay: std::time::Duration::from_secs(3),
+            });
+        },
+    )
+    .await;
+    let packets: Vec<Vec<u8>> = fixture_packets("d01").into_iter().take(640).collect();
+    let expect = offline(&packets);
+    let ws = connect(server.addr, Some("slowstore"), OPUS16)
+        .await
+        .unwrap_or_else(|s| panic!("upgrade {s}"));
+    let (seen, sent) = stream_packets(ws, &packets, 1).await;
+    assert_matches_offline(&seen, &expect, packets.len());
+    // The first run's events came while the status read was still pending.
+    let first_ended = seen
+        .events
+        .iter()
+        .find(|(e, _)| e["type"] == "speech_ended")
+        .map(|(_, at)| *at)
+        .unwrap_or(u64::MAX);
+    assert!(
+        first_ended < 3_000,
+        "the first run ended at {first_ended} ms, after the 3 s read: the test proves nothing"
+    );
+    let lat = latencies(&seen, &sent);
+    assert!(
+        lat.iter().all(|&ms| ms <= 2_000),
+        "speech events waited for the status read: {lat:?}"
+    );
+    // Speech that ended before the allowance was known was held, then forwarded (stage none: unlimited).
+    let meta = seen.metadata();
+    assert_eq!(meta["stt_forwarded_ms"], meta["speech_ms"], "{meta}");
+    let status = server.status_speech_ms("slowstore").await;
+    assert_eq!(status["daily_ms"], meta["speech_ms"], "{status}");
     server.shutdown().await;
 }

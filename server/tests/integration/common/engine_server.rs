@@ -45,12 +45,22 @@ pub fn base_config(redis_url: String) -> ServeConfig {
 impl EngineServer {
     /// Starts redis and the server. Must run inside an actix system (`#[actix_web::test]`).
     pub async fn start(fair: FairUseConfig, tweak: impl FnOnce(&mut ServeConfig)) -> EngineServer {
+        Self::start_with(fair, tweak, |_| {}).await
+    }
+
+    /// [`Self::start`], with `edit` applied to the engine before it is mounted (e.g. a store swapped).
+    pub async fn start_with(
+        fair: FairUseConfig,
+        tweak: impl FnOnce(&mut ServeConfig),
+        edit: impl FnOnce(&mut Engine),
+    ) -> EngineServer {
         let redis = RedisServer::start().expect("redis-server");
         let mut cfg = base_config(redis.url());
         tweak(&mut cfg);
         let mut builder = ServerBuilder::new(cfg.clone()).unwrap_or_else(|e| panic!("{e}"));
-        let engine = Engine::with_configs(&cfg, MeterConfig::default(), fair)
+        let mut engine = Engine::with_configs(&cfg, MeterConfig::default(), fair)
             .unwrap_or_else(|e| panic!("{e}"));
+        edit(&mut engine);
         mount_engine(&mut builder, &engine);
         let running = builder.start().unwrap_or_else(|e| panic!("{e}"));
         let addr = running.addrs()[0];

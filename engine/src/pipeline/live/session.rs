@@ -151,6 +151,8 @@ struct Live<S: EventSink> {
     error: Option<&'static str>,
     /// The store operation in flight, and the ones due next.
     op: Option<Op>,
+    /// The operation in flight is a meter record (else a status read).
+    op_is_meter: bool,
     meter_due: bool,
     status_due: bool,
     /// Speech runs (and their ms) waiting for the first entitlement read ([`Gate::Pending`]).
@@ -209,6 +211,7 @@ pub async fn run_session<S: EventSink>(
         started_at_ms,
         error: None,
         op: None,
+        op_is_meter: false,
         meter_due: false,
         status_due: false,
         deferred_stt: Vec::new(),
@@ -286,10 +289,12 @@ impl<S: EventSink> Live<S> {
         if self.meter_due {
             self.meter_due = false;
             self.op = self.meter_op();
+            self.op_is_meter = self.op.is_some();
         }
         if self.op.is_none() && self.status_due {
             self.status_due = false;
             self.op = Some(self.status_op(false));
+            self.op_is_meter = false;
         }
     }
 
@@ -722,8 +727,14 @@ impl<S: EventSink> Live<S> {
 
     /// End of session: everything pushed before the stop is processed, metered, and reported.
     async fn finish(mut self) -> SessionReport {
-        // The first status read (if still in flight) decides the STT gate of what is still to come.
-        self.complete_op().await;
+        // A record in flight must land (dropped, its speech could be metered twice) and the first status
+        // read decides the STT gate of what is still to come; a periodic status read only reads, and
+        // waiting for it would only delay the end.
+        if self.op_is_meter || matches!(self.gate, Gate::Pending) {
+            self.complete_op().await;
+        } else {
+            self.op = None;
+        }
         self.pump().await;
         if self.error.is_none() {
             match self.pipeline.finish(&mut self.events) {
@@ -731,6 +742,8 @@ impl<S: EventSink> Live<S> {
                 Err(e) => self.fail(e),
             }
         }
+        // The conversation first: its event then does not wait for the meter.
+        self.maybe_close_conversation(true).await;
         self.report_drops().await;
         // The final record is retried a few times: what the metadata says must be in the meter.
         for attempt in 0..3u64 {
@@ -741,7 +754,6 @@ impl<S: EventSink> Live<S> {
             }
             tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
         }
-        self.maybe_close_conversation(true).await;
         self.stt.close();
         let c = &self.input.counters;
         let frames_received = c.received.load(Ordering::Relaxed).max(self.frames_seen);

@@ -186,7 +186,7 @@ pub async fn run_session<S: EventSink>(
         codec: params.codec,
     });
     let started_at_ms = services.clock.now_ms();
-    let live = Live {
+    let mut live = Live {
         params,
         cfg,
         services,
@@ -234,7 +234,7 @@ fn grid_start(tick: Duration) -> Instant {
 }
 
 impl<S: EventSink> Live<S> {
-    async fn run(mut self) -> SessionReport {
+    async fn run(&mut self) -> SessionReport {
         self.op = Some(self.status_op(true));
         let mut tick = tokio::time::interval_at(grid_start(self.cfg.tick), self.cfg.tick);
         // `Skip` keeps a late session on the shared grid (`Delay` would shift it off for good).
@@ -255,7 +255,7 @@ impl<S: EventSink> Live<S> {
                 },
                 done = next_op(&mut self.op) => {
                     self.op = None;
-                    self.apply(done).await;
+                    Box::pin(self.apply(done)).await;
                 }
                 _ = tick.tick() => {
                     self.pump().await;
@@ -266,7 +266,9 @@ impl<S: EventSink> Live<S> {
                     let now = Instant::now();
                     if now >= next_meter {
                         next_meter = now + self.cfg.meter_interval;
-                        self.report_drops().await;
+                        if self.drops_unreported() {
+                            Box::pin(self.report_drops()).await;
+                        }
                         self.count_frames();
                         self.meter_due = true;
                     }
@@ -277,7 +279,9 @@ impl<S: EventSink> Live<S> {
                 }
             }
         }
-        self.finish().await
+        // Boxed, like the other rare, deep calls below: an `async fn` future reserves room for every future
+        // it may await for the session's whole life, and a task is ~1 KB per stream per KB of future.
+        Box::pin(self.finish()).await
     }
 
     /// Starts the next due store operation when none is in flight (the meter first: the status then
@@ -302,7 +306,7 @@ impl<S: EventSink> Live<S> {
     async fn complete_op(&mut self) {
         if let Some(op) = self.op.take() {
             let done = op.await;
-            self.apply(done).await;
+            Box::pin(self.apply(done)).await;
         }
     }
 
@@ -340,7 +344,10 @@ impl<S: EventSink> Live<S> {
                 self.fail(e);
                 return;
             }
-            self.handle_speech_events().await;
+            if !self.events.is_empty() {
+                // Boxed: speech events come a few times a minute, the tick every 50 ms.
+                Box::pin(self.handle_speech_events()).await;
+            }
         }
     }
 
@@ -361,7 +368,7 @@ impl<S: EventSink> Live<S> {
                         start.saturating_sub(c.last_end) >= self.timeout_samples()
                     });
                     if gap_over {
-                        self.close_conversation().await;
+                        Box::pin(self.close_conversation()).await;
                     }
                     let ev = LiveEvent::SpeechStarted {
                         frames_received: self.frames_seen,
@@ -452,7 +459,7 @@ impl<S: EventSink> Live<S> {
             || (!self.pipeline.in_speech()
                 && self.position_16k().saturating_sub(conv.last_end) >= self.timeout_samples());
         if due {
-            self.close_conversation().await;
+            Box::pin(self.close_conversation()).await;
         }
     }
 
@@ -588,7 +595,7 @@ impl<S: EventSink> Live<S> {
     async fn meter(&mut self) {
         if let Some(op) = self.meter_op() {
             let done = op.await;
-            self.apply(done).await;
+            Box::pin(self.apply(done)).await;
         }
     }
 
@@ -692,6 +699,12 @@ impl<S: EventSink> Live<S> {
     }
 
     /// Tells the client about frames dropped since the last report.
+    fn drops_unreported(&self) -> bool {
+        let c = &self.input.counters;
+        c.dropped_ring_full.load(Ordering::Relaxed) > self.dropped_reported[0]
+            || c.dropped_too_large.load(Ordering::Relaxed) > self.dropped_reported[1]
+    }
+
     async fn report_drops(&mut self) {
         let c = &self.input.counters;
         let now = [
@@ -726,7 +739,7 @@ impl<S: EventSink> Live<S> {
     }
 
     /// End of session: everything pushed before the stop is processed, metered, and reported.
-    async fn finish(mut self) -> SessionReport {
+    async fn finish(&mut self) -> SessionReport {
         // A record in flight must land (dropped, its speech could be metered twice) and the first status
         // read decides the STT gate of what is still to come; a periodic status read only reads, and
         // waiting for it would only delay the end.

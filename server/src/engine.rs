@@ -73,6 +73,8 @@ pub struct Engine {
     /// `redis` or `memory`.
     pub store_kind: &'static str,
     redis: Option<redis::aio::ConnectionManager>,
+    /// The thread the Redis connection's I/O task runs on (see [`redis_io_thread`]).
+    _redis_io: Option<Arc<actix::Arbiter>>,
 }
 
 impl Engine {
@@ -152,6 +154,7 @@ impl Engine {
             pipeline: PipelineConfig::default(),
             clock,
             store_kind: kind,
+            _redis_io: redis.clone().map(|c| Arc::new(redis_io_thread(c))),
             redis,
         })
     }
@@ -280,4 +283,21 @@ impl Payments for EnginePayments {
             Ok(())
         })
     }
+}
+
+/// Opens the (lazy) Redis connection from a thread of its own, so its I/O task lives there.
+///
+/// redis-rs spawns a multiplexed connection's reader/writer task on the runtime of whichever task first
+/// uses the connection: `/readyz` on an HTTP worker, in practice. That worker also carries every
+/// websocket; at 600 streams on 2 cores it queued Redis replies past the 2 s response timeout (meter
+/// flushes and status reads failed for 18 s). The first use here happens before the server accepts.
+/// (A reconnect after a Redis outage is spawned by the request that notices it, wherever that runs.)
+fn redis_io_thread(mut conn: redis::aio::ConnectionManager) -> actix::Arbiter {
+    let arbiter = actix::Arbiter::new();
+    arbiter.spawn(async move {
+        if let Err(error) = redis::cmd("PING").query_async::<String>(&mut conn).await {
+            tracing::warn!(message = "Redis not reachable at start; the store reconnects on use.", %error);
+        }
+    });
+    arbiter
 }

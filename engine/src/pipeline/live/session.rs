@@ -28,7 +28,7 @@ use crate::audio::detector::SpeechEvent;
 use crate::audio::resample::TARGET_RATE;
 use crate::audio::segments::{Span, samples_to_ms};
 use crate::audio::vad::SileroModel;
-use crate::conversation::{self, Upsert};
+use crate::conversation::{self, ConversationStore, Upsert};
 use crate::meter::{RecordSpeech, SpeechAmount, SpeechSource};
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
 use crate::policy::{Stage, SttAllowance, SttDenied};
@@ -102,7 +102,25 @@ enum OpDone {
         first: bool,
         status: Box<FairUseStatus>,
     },
+    Conversation {
+        /// The conversation id, or the store's error code.
+        stored: Result<String, &'static str>,
+        speech_ms: u64,
+        locked: bool,
+    },
 }
+
+/// What the in-flight operation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OpKind {
+    Meter,
+    Status,
+    Conversation,
+}
+
+/// Conversations closed but not yet written; past this many (a store down for many conversation
+/// timeouts) the oldest is written inline before another is queued.
+const MAX_CLOSING: usize = 8;
 
 /// The session's in-flight store operation (boxed: only while one runs does it take memory).
 type Op = Pin<Box<dyn Future<Output = OpDone>>>;
@@ -151,8 +169,9 @@ struct Live<S: EventSink> {
     error: Option<&'static str>,
     /// The store operation in flight, and the ones due next.
     op: Option<Op>,
-    /// The operation in flight is a meter record (else a status read).
-    op_is_meter: bool,
+    op_kind: OpKind,
+    /// Closed conversations waiting to be written, oldest first (written before any other operation).
+    closing: std::collections::VecDeque<OpenConversation>,
     meter_due: bool,
     status_due: bool,
     /// Speech runs (and their ms) waiting for the first entitlement read ([`Gate::Pending`]).
@@ -211,7 +230,8 @@ pub async fn run_session<S: EventSink>(
         started_at_ms,
         error: None,
         op: None,
-        op_is_meter: false,
+        op_kind: OpKind::Status,
+        closing: std::collections::VecDeque::new(),
         meter_due: false,
         status_due: false,
         deferred_stt: Vec::new(),
@@ -236,6 +256,7 @@ fn grid_start(tick: Duration) -> Instant {
 impl<S: EventSink> Live<S> {
     async fn run(&mut self) -> SessionReport {
         self.op = Some(self.status_op(true));
+        self.op_kind = OpKind::Status;
         let mut tick = tokio::time::interval_at(grid_start(self.cfg.tick), self.cfg.tick);
         // `Skip` keeps a late session on the shared grid (`Delay` would shift it off for good).
         tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
@@ -284,21 +305,27 @@ impl<S: EventSink> Live<S> {
         Box::pin(self.finish()).await
     }
 
-    /// Starts the next due store operation when none is in flight (the meter first: the status then
-    /// reads fresher totals).
+    /// Starts the next due store operation when none is in flight: closed conversations first (in order),
+    /// then the meter, then the status read (which then reads fresher totals). The session's first status
+    /// read is its first operation, so a conversation is only written once `locked` is known.
     fn start_due_op(&mut self) {
         if self.op.is_some() {
+            return;
+        }
+        if let Some(conv) = self.closing.pop_front() {
+            self.op = Some(self.conversation_op(conv));
+            self.op_kind = OpKind::Conversation;
             return;
         }
         if self.meter_due {
             self.meter_due = false;
             self.op = self.meter_op();
-            self.op_is_meter = self.op.is_some();
+            self.op_kind = OpKind::Meter;
         }
         if self.op.is_none() && self.status_due {
             self.status_due = false;
             self.op = Some(self.status_op(false));
-            self.op_is_meter = false;
+            self.op_kind = OpKind::Status;
         }
     }
 
@@ -322,6 +349,25 @@ impl<S: EventSink> Live<S> {
                 self.stt_unrecorded_ms = self.stt_unrecorded_ms.saturating_sub(stt_recorded);
             }
             OpDone::Status { first, status } => self.apply_status(first, *status).await,
+            OpDone::Conversation {
+                stored,
+                speech_ms,
+                locked,
+            } => match stored {
+                Ok(id) => {
+                    let ev = LiveEvent::ConversationClosed {
+                        frames_received: self.frames_seen,
+                        conversation_id: id,
+                        speech_ms,
+                        locked,
+                    };
+                    self.emit(ev).await;
+                }
+                Err(code) => {
+                    metrics::counter!(t::LISTEN_CONVERSATION_ERRORS_TOTAL, "reason" => code)
+                        .increment(1);
+                }
+            },
         }
     }
 
@@ -468,72 +514,43 @@ impl<S: EventSink> Live<S> {
         self.params.conversation_timeout_ms * u64::from(TARGET_RATE) / 1000
     }
 
+    /// Queues the open conversation to be written (an operation, like the meter: a slow store never holds
+    /// up the audio). Its `conversation_closed` event follows when the store answers.
     async fn close_conversation(&mut self) {
-        if self.conversation.is_none() {
-            return;
-        }
-        // The conversation is stored locked or not: that needs the first entitlement read.
-        while matches!(self.gate, Gate::Pending) && self.op.is_some() {
-            self.complete_op().await;
-        }
         let Some(conv) = self.conversation.take() else {
             return;
         };
-        match self.upsert_conversation(conv.spans).await {
-            Ok(id) => {
-                let ev = LiveEvent::ConversationClosed {
-                    frames_received: self.frames_seen,
-                    conversation_id: id,
-                    speech_ms: ms(conv.speech_samples),
-                    locked: self.locked,
-                };
-                self.emit(ev).await;
-            }
-            Err(code) => {
-                metrics::counter!(t::LISTEN_CONVERSATION_ERRORS_TOTAL, "reason" => code)
-                    .increment(1);
-            }
+        if self.closing.len() >= MAX_CLOSING {
+            // Bounded: wait for the operation in flight, then write the oldest queued one now.
+            self.complete_op().await;
+            self.start_due_op();
+            self.complete_op().await;
+        }
+        self.closing.push_back(conv);
+    }
+
+    /// Writes everything queued, in order (the finish).
+    async fn complete_all_ops(&mut self) {
+        self.complete_op().await;
+        while !self.closing.is_empty() {
+            self.start_due_op();
+            self.complete_op().await;
         }
     }
 
-    /// Creates or merges the conversation: the first span finds (or starts) it, the rest join it by id, so a
-    /// long silence inside one realtime conversation never splits it.
-    async fn upsert_conversation(
-        &self,
-        spans: Vec<conversation::Span>,
-    ) -> Result<String, &'static str> {
-        let store = &self.services.conversations;
-        let mut rest = spans.into_iter();
-        let first = rest.next().ok_or("empty")?;
-        let req = |spans, target| Upsert {
-            uid: self.params.uid.to_string(),
-            spans,
-            locked: self.locked,
-            source: "realtime".to_owned(),
-            target,
-        };
-        let log = |e: &conversation::ConversationError| {
-            tracing::warn!(message = "Realtime conversation upsert failed.", uid = %self.params.uid, error = %e);
-            e.code()
-        };
-        let out = store
-            .upsert(req(vec![first], None))
-            .await
-            .map_err(|e| log(&e))?;
-        let id = out
-            .new
-            .first()
-            .or(out.updated.first())
-            .cloned()
-            .ok_or("no_id")?;
-        let rest: Vec<_> = rest.collect();
-        if !rest.is_empty() {
-            store
-                .upsert(req(rest, Some(id.clone())))
-                .await
-                .map_err(|e| log(&e))?;
-        }
-        Ok(id)
+    /// Writes one closed conversation (`locked` as the session knows it when the write starts).
+    fn conversation_op(&self, conv: OpenConversation) -> Op {
+        let store = Arc::clone(&self.services.conversations);
+        let uid = Arc::clone(&self.params.uid);
+        let locked = self.locked;
+        Box::pin(async move {
+            let stored = upsert_conversation(store.as_ref(), &uid, locked, conv.spans).await;
+            OpDone::Conversation {
+                stored,
+                speech_ms: ms(conv.speech_samples),
+                locked,
+            }
+        })
     }
 
     /// Stream position in samples at 16 kHz.
@@ -743,7 +760,7 @@ impl<S: EventSink> Live<S> {
         // A record in flight must land (dropped, its speech could be metered twice) and the first status
         // read decides the STT gate of what is still to come; a periodic status read only reads, and
         // waiting for it would only delay the end.
-        if self.op_is_meter || matches!(self.gate, Gate::Pending) {
+        if self.op_kind != OpKind::Status || matches!(self.gate, Gate::Pending) {
             self.complete_op().await;
         } else {
             self.op = None;
@@ -755,8 +772,9 @@ impl<S: EventSink> Live<S> {
                 Err(e) => self.fail(e),
             }
         }
-        // The conversation first: its event then does not wait for the meter.
+        // The conversations first: their events then do not wait for the meter.
         self.maybe_close_conversation(true).await;
+        self.complete_all_ops().await;
         self.report_drops().await;
         // The final record is retried a few times: what the metadata says must be in the meter.
         for attempt in 0..3u64 {
@@ -817,4 +835,45 @@ impl EventSink for ChannelSink {
     async fn send(&mut self, text: String) -> bool {
         self.0.send(text).await.is_ok()
     }
+}
+
+/// Creates or merges a realtime conversation: the first span finds (or starts) it, the rest join it by id,
+/// so a long silence inside one realtime conversation never splits it.
+async fn upsert_conversation(
+    store: &dyn ConversationStore,
+    uid: &str,
+    locked: bool,
+    spans: Vec<conversation::Span>,
+) -> Result<String, &'static str> {
+    let mut rest = spans.into_iter();
+    let first = rest.next().ok_or("empty")?;
+    let req = |spans, target| Upsert {
+        uid: uid.to_owned(),
+        spans,
+        locked,
+        source: "realtime".to_owned(),
+        target,
+    };
+    let log = |e: &conversation::ConversationError| {
+        tracing::warn!(message = "Realtime conversation upsert failed.", uid, error = %e);
+        e.code()
+    };
+    let out = store
+        .upsert(req(vec![first], None))
+        .await
+        .map_err(|e| log(&e))?;
+    let id = out
+        .new
+        .first()
+        .or(out.updated.first())
+        .cloned()
+        .ok_or("no_id")?;
+    let rest: Vec<_> = rest.collect();
+    if !rest.is_empty() {
+        store
+            .upsert(req(rest, Some(id.clone())))
+            .await
+            .map_err(|e| log(&e))?;
+    }
+    Ok(id)
 }

@@ -786,6 +786,8 @@ impl<S: EventSink> Live<S> {
             tokio::time::sleep(Duration::from_millis(50 * (attempt + 1))).await;
         }
         self.stt.close();
+        // The last second's frames too: a session shorter than the meter interval counts all of its own.
+        self.count_frames();
         let c = &self.input.counters;
         let frames_received = c.received.load(Ordering::Relaxed).max(self.frames_seen);
         let frames_dropped = c.dropped_ring_full.load(Ordering::Relaxed)

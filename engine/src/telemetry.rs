@@ -19,6 +19,9 @@ pub const SERVER_STATE: &str = "voicegate_server_state";
 pub const LISTEN_SESSIONS_ACTIVE: &str = "voicegate_listen_sessions_active";
 /// Counter, label `reason` (`per_user_limit`, `draining`): listen sessions refused at connect.
 pub const LISTEN_SESSIONS_REFUSED_TOTAL: &str = "voicegate_listen_sessions_refused_total";
+/// Counter, label `transport` (`pipeline`: the socket read by its session's pipeline thread, the usual
+/// path; `http_worker`: an upgrade on a connection that already carried a request): listen sessions started.
+pub const LISTEN_SESSIONS_OPENED_TOTAL: &str = "voicegate_listen_sessions_opened_total";
 /// Histogram: seconds the drain took, by `outcome` (`complete`, `timed_out`).
 pub const DRAIN_DURATION_SECONDS: &str = "voicegate_drain_duration_seconds";
 

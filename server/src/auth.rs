@@ -368,8 +368,16 @@ pub fn authenticate_request(req: &HttpRequest) -> Result<AuthedUser, ApiError> {
             "no Authenticator in app data",
         ));
     };
-    let value = req
-        .headers()
+    authenticate_headers(auth, req.headers())
+}
+
+/// Authenticates the `Authorization` header of `headers` (also the listen websocket's own upgrade, which
+/// is answered outside actix-web's extractors); counts every rejection by reason.
+pub fn authenticate_headers(
+    auth: &Authenticator,
+    headers: &actix_web::http::header::HeaderMap,
+) -> Result<AuthedUser, ApiError> {
+    let value = headers
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().map_err(|_| AuthError::Malformed));
     let result = match value {

@@ -92,7 +92,7 @@ fn status_class(status: u16) -> &'static str {
 }
 
 /// Only well-known methods become label values; anything else is `other`.
-fn method_label(method: &actix_web::http::Method) -> &'static str {
+pub fn method_label(method: &actix_web::http::Method) -> &'static str {
     use actix_web::http::Method;
     match *method {
         Method::GET => "GET",
@@ -128,14 +128,20 @@ pub async fn record_latency(
             e.as_response_error().status_code().as_u16(),
         ),
     };
+    record_request(route, method, status, elapsed);
+    result
+}
+
+/// Records one request's latency (the middleware's figure; also the listen websocket's upgrade, answered
+/// outside the middleware).
+pub fn record_request(route: String, method: &'static str, status: u16, elapsed_s: f64) {
     metrics::histogram!(
         HTTP_REQUEST_DURATION_SECONDS,
         "route" => route,
         "method" => method,
         "status" => status_class(status),
     )
-    .record(elapsed);
-    result
+    .record(elapsed_s);
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use actix_web::{App, HttpResponse, HttpServer, middleware, web};
+use actix_web::{App, HttpResponse, middleware, web};
 use futures_util::future::BoxFuture;
 use metrics_exporter_prometheus::PrometheusHandle;
 use voicegate_engine::telemetry::DRAIN_DURATION_SECONDS;
@@ -27,6 +27,7 @@ use crate::drain::{DrainDeadlines, DrainHooks, DrainPhase};
 use crate::engine::{Engine, EngineError};
 use crate::error::ApiError;
 use crate::health::{self, AlwaysReachable, Readiness, StoreHealth};
+use crate::listen::ListenFront;
 use crate::prometheus;
 use crate::sessions::SessionRegistry;
 use crate::stripe::{self, LogOnlyPayments, Payments, StripeWebhook};
@@ -159,12 +160,23 @@ pub struct ServerBuilder {
     routes: Option<RoutesFn>,
     extra_data: Vec<RoutesFn>,
     hooks: DrainHooks,
+    front: Option<Arc<ListenFront>>,
+    /// Bound at [`ServerBuilder::new`]: a port in use is reported before any engine actor starts.
+    listeners: Vec<std::net::TcpListener>,
 }
 
 impl ServerBuilder {
     /// Validates `cfg` (refusing dev auth on a public bind), loads the token keys, installs the metrics recorder.
     pub fn new(cfg: ServeConfig) -> Result<Self, ServeError> {
         cfg.validate()?;
+        let mut listeners = Vec::new();
+        for addr in cfg.bind_addrs()? {
+            let listener = listen_on(addr).map_err(|error| ServeError::Bind {
+                addr: addr.to_string(),
+                error,
+            })?;
+            listeners.push(listener);
+        }
         let auth = Authenticator::from_config(&cfg)?;
         announce(&cfg, &auth);
         let metrics = prometheus::install().map_err(|e| ServeError::Metrics(e.to_string()))?;
@@ -213,6 +225,8 @@ impl ServerBuilder {
             routes: None,
             extra_data: Vec::new(),
             hooks,
+            front: None,
+            listeners,
         })
     }
 
@@ -262,6 +276,13 @@ impl ServerBuilder {
         self
     }
 
+    /// Answers connections whose first request is the listen upgrade with `front` (see
+    /// [`crate::listen::front`]); every other connection is actix-web's.
+    pub fn listen_front(&mut self, front: Arc<ListenFront>) -> &mut Self {
+        self.front = Some(front);
+        self
+    }
+
     /// Registers a drain hook (see [`crate::drain`] for the order).
     pub fn on_drain<F>(&mut self, phase: DrainPhase, name: &'static str, hook: F) -> &mut Self
     where
@@ -279,10 +300,10 @@ impl ServerBuilder {
             routes,
             extra_data,
             hooks,
+            front,
+            listeners,
         } = self;
         let cfg = state.config.clone();
-        let addrs = cfg.bind_addrs()?;
-        let factory_state = state.clone();
         let extra: Option<RoutesFn> = {
             let extra_data = extra_data.clone();
             Some(Arc::new(move |c: &mut web::ServiceConfig| {
@@ -294,16 +315,32 @@ impl ServerBuilder {
                 }
             }))
         };
-        let mut server = HttpServer::new(move || build_app(factory_state.clone(), extra.clone()))
+        // actix-web's `HttpServer`, assembled by hand so that a connection can go to the listen front door
+        // before actix-http sees it (same settings: HttpServer's defaults).
+        let mut builder = actix_server::Server::build()
+            .workers(http_workers(cfg.workers))
             .disable_signals()
             .shutdown_timeout(cfg.drain_timeout_secs);
-        server = server.workers(http_workers(cfg.workers));
-        let server = server.bind(&addrs[..]).map_err(|error| ServeError::Bind {
-            addr: cfg.bind.clone(),
-            error,
-        })?;
-        let bound = server.addrs();
-        let server = server.run();
+        let shutdown = builder.graceful_shutdown_signal();
+        let mut bound = Vec::with_capacity(listeners.len());
+        for listener in listeners {
+            let local = listener.local_addr().map_err(ServeError::Server)?;
+            bound.push(local);
+            let connection = ConnectionService {
+                state: state.clone(),
+                routes: extra.clone(),
+                front: front.clone(),
+                shutdown: shutdown.clone(),
+                addr: local,
+            };
+            builder = builder
+                .listen("voicegate", listener, move || connection.factory())
+                .map_err(|error| ServeError::Bind {
+                    addr: local.to_string(),
+                    error,
+                })?;
+        }
+        let server = builder.run();
         let handle = server.handle();
         let join = actix_web::rt::spawn(server);
         actix_web::rt::spawn(prometheus::upkeep(state.metrics.get_ref().clone()));
@@ -318,6 +355,82 @@ impl ServerBuilder {
             join,
             state,
             hooks,
+        })
+    }
+}
+
+/// A listening socket as actix-web's `HttpServer` makes one: address reuse, a backlog of 1,024 (a ramp of
+/// thousands of streams connects faster than a 128 backlog drains).
+fn listen_on(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// What one listener's connections are served with, on every worker.
+#[derive(Clone)]
+struct ConnectionService {
+    state: AppState,
+    routes: Option<RoutesFn>,
+    front: Option<Arc<ListenFront>>,
+    shutdown: actix_server::GracefulShutdownSignal,
+    addr: SocketAddr,
+}
+
+impl ConnectionService {
+    /// One worker's service: the listen front door for a connection whose first request is the listen
+    /// upgrade, actix-http with the app for every other.
+    fn factory(
+        &self,
+    ) -> impl actix_service::ServiceFactory<
+        actix_web::rt::net::TcpStream,
+        Config = (),
+        Response = (),
+        Error = actix_http::error::DispatchError,
+        InitError = (),
+    > + use<> {
+        use actix_service::{IntoServiceFactory, Service, ServiceFactory, ServiceFactoryExt};
+        let app = build_app(self.state.clone(), self.routes.clone())
+            .into_factory()
+            .map_err(|err: actix_web::Error| err.error_response());
+        let signal = self.shutdown.clone();
+        let http = actix_http::HttpService::build()
+            .graceful_shutdown_signal(move || {
+                let signal = signal.clone();
+                async move { signal.notified().await }
+            })
+            .client_request_timeout(crate::listen::front::REQUEST_TIMEOUT)
+            .client_disconnect_timeout(std::time::Duration::from_secs(1))
+            .local_addr(self.addr)
+            .finish(actix_service::map_config(app, |_| {
+                actix_web::dev::AppConfig::default()
+            }))
+            .tcp();
+        let front = self.front.clone();
+        actix_service::fn_factory(move || {
+            let http = http.new_service(());
+            let front = front.clone();
+            async move {
+                let http = std::rc::Rc::new(http.await?);
+                Ok(actix_service::fn_service(
+                    move |io: actix_web::rt::net::TcpStream| {
+                        let http = std::rc::Rc::clone(&http);
+                        let front = front.clone();
+                        async move {
+                            if let Some(front) = front
+                                && crate::listen::front::first_request_is_listen(&io).await
+                            {
+                                front.serve(io).await;
+                                return Ok(());
+                            }
+                            http.call(io).await
+                        }
+                    },
+                ))
+            }
         })
     }
 }

@@ -2,12 +2,19 @@
 //!
 //! - The upgrade is authenticated (401) and admitted by the [`SessionRegistry`] (429 / 503) before any
 //!   socket exists; parameters the server cannot serve close the socket with 1008 and the reason.
-//! - This module is the session's I/O half, on an actix worker: it moves binary frames into the session's
-//!   bounded frame queue (drops counted by reason), answers text control messages, pings every 10 s, closes
-//!   idle sockets, and turns the way a session ended into a close code.
-//! - The pipeline half ([`voicegate_engine::pipeline::live`]) runs on a pipeline thread: decode → resample →
-//!   VAD, events, metering, STT allowance, conversations, and the final `metadata`.
+//! - `front` + `conn` (the usual path): a connection whose first request is the listen upgrade is answered
+//!   by [`ListenFront`] on the HTTP worker, then its socket moves to the session's pipeline thread, which
+//!   reads it on every tick (frames into the session's bounded queue, control frames, pings, idle, drain)
+//!   and writes the events.
+//! - This module (the same contract for an upgrade on a connection that already carried a request, which
+//!   actix-web serves): the session's I/O half on the actix worker moves binary frames into the queue
+//!   (drops counted by reason), answers text control messages, pings every 10 s, closes idle sockets.
+//! - Both turn the way a session ended into a close code ([`close_frame`]). The pipeline half
+//!   ([`voicegate_engine::pipeline::live`]) runs on a pipeline thread: decode → resample → VAD, events,
+//!   metering, STT allowance, conversations, and the final `metadata`.
 
+mod conn;
+pub mod front;
 pub mod params;
 
 use std::sync::Arc;
@@ -32,6 +39,7 @@ use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::serve::ServerBuilder;
 use crate::sessions::{DRAIN_CLOSE_REASON, SessionGuard, SessionRegistry};
+pub use front::ListenFront;
 pub use params::{ListenParams, ParamError};
 
 /// Server → client text heartbeat interval.
@@ -91,8 +99,16 @@ pub fn mount(server: &mut ServerBuilder, engine: &Engine) {
         pipeline: engine.pipeline,
         ..LiveConfig::default()
     };
-    let state = ListenState::start(&server.state().config, services, live);
-    server.app_data(web::Data::new(state)).routes(configure);
+    let state = Arc::new(ListenState::start(&server.state().config, services, live));
+    let front = ListenFront::new(
+        Arc::clone(&state),
+        server.state().auth.clone(),
+        server.state().sessions.get_ref().clone(),
+    );
+    server
+        .listen_front(Arc::new(front))
+        .app_data(web::Data::from(state))
+        .routes(configure);
 }
 
 /// Mounts `GET /v4/listen` (needs `web::Data<ListenState>` in the app data).
@@ -188,6 +204,7 @@ async fn run_socket(
     session: actix_ws::Session,
     mut stream: actix_ws::AggregatedMessageStream,
 ) {
+    metrics::counter!(t::LISTEN_SESSIONS_OPENED_TOTAL, "transport" => "http_worker").increment(1);
     let (mut frames, consumer) = frame_ring(ring_bytes(params.codec, state.buffer_ms));
     let counters = Arc::new(FrameCounters::default());
     let (ctrl_tx, ctrl_rx) = mpsc::channel(4);
@@ -304,15 +321,22 @@ async fn run_socket(
         _ => End::SessionFailed,
     };
     metrics::counter!(t::LISTEN_SESSIONS_CLOSED_TOTAL, "reason" => end.reason()).increment(1);
-    let (code, reason) = match end {
+    let (code, reason) = close_frame(end, state.max_message_bytes);
+    close(session, code, reason).await;
+    // The session has metered everything it reported: the drain may now flush the meter.
+    drop(guard);
+}
+
+/// The close code and reason of the way a session ended (`docs/protocol.md`, close codes).
+fn close_frame(end: End, max_message_bytes: usize) -> (CloseCode, Option<String>) {
+    match end {
         End::CloseStream | End::ClientClosed => (CloseCode::Normal, None),
         End::Idle => (CloseCode::Away, Some("idle timeout".to_owned())),
         End::Drain => (CloseCode::Away, Some(DRAIN_CLOSE_REASON.to_owned())),
         End::TooLarge => (
             CloseCode::Size,
             Some(format!(
-                "message over {} bytes (VOICEGATE_WS_MAX_MESSAGE_BYTES)",
-                state.max_message_bytes
+                "message over {max_message_bytes} bytes (VOICEGATE_WS_MAX_MESSAGE_BYTES)"
             )),
         ),
         End::Protocol => (
@@ -320,10 +344,7 @@ async fn run_socket(
             Some("websocket protocol error".to_owned()),
         ),
         End::SessionFailed => (CloseCode::Error, Some("internal error".to_owned())),
-    };
-    close(session, code, reason).await;
-    // The session has metered everything it reported: the drain may now flush the meter.
-    drop(guard);
+    }
 }
 
 fn protocol_end(e: &ProtocolError) -> End {

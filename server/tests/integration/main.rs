@@ -14,6 +14,7 @@ mod drain_sigterm;
 mod health_metrics;
 mod listen_bad_input;
 mod listen_stream;
+mod listen_transport;
 mod metrics_docs;
 mod metrics_e2e;
 mod restricted_realtime;

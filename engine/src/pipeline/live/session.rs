@@ -40,6 +40,15 @@ use crate::telemetry as t;
 /// session then keeps metering but stops sending.
 pub trait EventSink {
     fn send(&mut self, text: String) -> impl Future<Output = bool>;
+
+    /// Called at the start of every tick, before the frame queue is drained. A sink that is also the
+    /// session's transport (the server's websocket, read on the pipeline thread itself) reads what
+    /// arrived since the last tick here, pushes its frames into the queue, and returns the strongest
+    /// control it received ([`Control::Stop`] ends the session after this tick's frames). Sinks fed by
+    /// another task (the default) push frames and controls through [`SessionInput`] instead.
+    fn poll_input(&mut self) -> Option<Control> {
+        None
+    }
 }
 
 /// What a finished session did (also what its `metadata` event said).
@@ -279,9 +288,15 @@ impl<S: EventSink> Live<S> {
                     Box::pin(self.apply(done)).await;
                 }
                 _ = tick.tick() => {
+                    let ctrl = self.sink.poll_input();
                     self.pump().await;
                     if self.error.is_some() {
                         break;
+                    }
+                    match ctrl {
+                        Some(Control::Stop) => break,
+                        Some(Control::Finalize) => self.stt.finalize(),
+                        None => {}
                     }
                     self.maybe_close_conversation(false).await;
                     let now = Instant::now();

@@ -1,0 +1,562 @@
+//! A listen websocket read by its session's own pipeline thread, once per tick.
+//!
+//! [`super::front`] answers the upgrade on an HTTP worker, then hands the socket over: non-blocking and
+//! registered with no reactor, it moves to the pipeline thread its session runs on. Every tick (50 ms) the
+//! session calls [`WsConn::poll_input`] before it drains its frame queue: one `read` brings what the
+//! client sent since the last tick (a device: ~5 packets), the websocket frames are decoded, audio goes into
+//! the frame queue (drops counted exactly as on the HTTP-worker path) and control frames are answered.
+//! Events are written the moment the session produces them; what the socket does not take at once waits
+//! (bounded) for the next tick.
+//!
+//! Why: read on an HTTP worker, each 10 ms packet cost a wake-up, a `read`, an ACK, the h1 dispatcher,
+//! actix-ws and a cross-thread queue, about 7.5 µs of CPU (39 % of the server at 600 streams). Read per
+//! tick, reads and ACKs come once per ~5 packets and nothing wakes per packet (`docs/performance.md`).
+
+use std::cell::RefCell;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use actix_codec::{Decoder, Encoder};
+use actix_http::ws::{self, CloseReason, Frame, Item, ProtocolError};
+use bytes::{Buf, BytesMut};
+use bytestring::ByteString;
+use tokio::time::Instant;
+use voicegate_engine::pipeline::live::{Control, EventSink, FrameCounters, FrameProducer};
+use voicegate_engine::telemetry as t;
+
+use super::{End, PING_INTERVAL, TextControl, control_of};
+use crate::sessions::SessionGuard;
+
+/// Bytes asked of the socket per `read` (a tick of a device's stream is ~0.5 KB).
+const READ_CHUNK: usize = 4096;
+/// Most bytes read in one tick; the rest waits in the socket (TCP flow control holds the client back).
+const READ_BUDGET: usize = 256 * 1024;
+/// Output not yet taken by the socket past which the client counts as gone (it stopped reading: ~1,000
+/// events).
+const MAX_PENDING_OUT: usize = 256 * 1024;
+/// A buffer emptied by its tick keeps at most this much capacity.
+const KEEP_CAPACITY: usize = 2048;
+/// How long the close frame may take to leave, and then how long the client has to close its side.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+const CLOSE_LINGER: Duration = Duration::from_secs(1);
+const CLOSE_POLL: Duration = Duration::from_millis(20);
+
+/// A fragmented message being put together.
+struct Partial {
+    text: bool,
+    data: BytesMut,
+}
+
+/// The socket half of one listen session, owned by the session's pipeline thread.
+pub struct WsConn {
+    stream: TcpStream,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    codec: ws::Codec,
+    partial: Option<Partial>,
+    max_message: usize,
+    frames: FrameProducer,
+    counters: Arc<FrameCounters>,
+    /// PCM may be split into several queue records; an Opus packet may not.
+    splittable: bool,
+    seq: u32,
+    last_msg: Instant,
+    next_ping: Instant,
+    idle: Duration,
+    guard: SessionGuard,
+    /// Why the session stops, once it does (the socket is not read after that).
+    end: Option<End>,
+    /// Writing failed or the client stopped reading: events are no longer sent.
+    broken: bool,
+}
+
+/// What [`WsConn::new`] needs besides the socket.
+pub struct ConnParts {
+    pub frames: FrameProducer,
+    pub counters: Arc<FrameCounters>,
+    pub splittable: bool,
+    pub max_message: usize,
+    pub idle: Duration,
+    pub guard: SessionGuard,
+}
+
+impl WsConn {
+    /// `stream` is non-blocking; `leftover` holds bytes read past the upgrade request (the first frames).
+    pub fn new(stream: TcpStream, leftover: BytesMut, parts: ConnParts) -> Self {
+        let now = Instant::now();
+        WsConn {
+            stream,
+            rbuf: leftover,
+            wbuf: BytesMut::new(),
+            codec: ws::Codec::new().max_size(parts.max_message),
+            partial: None,
+            max_message: parts.max_message,
+            frames: parts.frames,
+            counters: parts.counters,
+            splittable: parts.splittable,
+            seq: 0,
+            last_msg: now,
+            next_ping: now + PING_INTERVAL,
+            idle: parts.idle,
+            guard: parts.guard,
+            end: None,
+            broken: false,
+        }
+    }
+
+    /// Why the session stopped (`None` while it runs or when the pipeline stopped it).
+    pub fn end(&self) -> Option<End> {
+        self.end
+    }
+
+    /// Reads what arrived, queues its audio, answers its control frames, checks the idle timeout, the
+    /// drain and the ping timer. Returns [`Control::Stop`] once (the session then processes what the queue
+    /// holds and ends), a [`Control::Finalize`] the client asked for, or nothing.
+    pub fn poll_input(&mut self) -> Option<Control> {
+        if self.end.is_some() {
+            return None;
+        }
+        let mut finalize = false;
+        let read = self.read_socket();
+        while self.end.is_none() {
+            match self.codec.decode(&mut self.rbuf) {
+                Ok(Some(frame)) => self.on_frame(frame, &mut finalize),
+                Ok(None) => break,
+                Err(e) => self.end = Some(protocol_end(&e)),
+            }
+        }
+        if self.end.is_none() {
+            match read {
+                Inflow::Open => {}
+                Inflow::Eof | Inflow::Failed => self.end = Some(End::ClientClosed),
+            }
+        }
+        let now = Instant::now();
+        if self.end.is_none() {
+            if self.guard.is_closing() {
+                self.end = Some(End::Drain);
+            } else if now.saturating_duration_since(self.last_msg) >= self.idle {
+                self.end = Some(End::Idle);
+            }
+        }
+        if self.end.is_none() && now >= self.next_ping {
+            self.next_ping = now + PING_INTERVAL;
+            self.queue(ws::Message::Text(ByteString::from_static("ping")));
+            if self.broken {
+                self.end = Some(End::ClientClosed);
+            }
+        }
+        self.flush();
+        self.trim();
+        if self.end.is_some() {
+            Some(Control::Stop)
+        } else if finalize {
+            Some(Control::Finalize)
+        } else {
+            None
+        }
+    }
+
+    /// Reads until the socket has nothing more (a short read), the tick's budget is spent, or it ends.
+    fn read_socket(&mut self) -> Inflow {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut total = 0;
+        loop {
+            match (&self.stream).read(&mut chunk) {
+                Ok(0) => return Inflow::Eof,
+                Ok(n) => {
+                    self.rbuf.extend_from_slice(&chunk[..n]);
+                    total += n;
+                    // A short read emptied the socket's queue: another read would only say so.
+                    if n < READ_CHUNK || total >= READ_BUDGET {
+                        return Inflow::Open;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Inflow::Open,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Inflow::Failed,
+            }
+        }
+    }
+
+    fn on_frame(&mut self, frame: Frame, finalize: &mut bool) {
+        match frame {
+            Frame::Binary(bytes) => self.on_binary(&bytes),
+            Frame::Text(bytes) => self.on_text(&bytes, finalize),
+            Frame::Continuation(item) => self.on_continuation(item, finalize),
+            Frame::Ping(bytes) => {
+                self.last_msg = Instant::now();
+                self.queue(ws::Message::Pong(bytes));
+            }
+            Frame::Pong(_) => self.last_msg = Instant::now(),
+            Frame::Close(_) => self.end = Some(End::ClientClosed),
+        }
+    }
+
+    fn on_binary(&mut self, bytes: &[u8]) {
+        self.last_msg = Instant::now();
+        self.seq = self.seq.wrapping_add(1);
+        self.counters
+            .received
+            .store(u64::from(self.seq), Ordering::Relaxed);
+        if bytes.len() <= 2 {
+            return; // keepalive
+        }
+        if let Err(reason) = self.frames.push(self.seq, bytes, self.splittable) {
+            self.counters
+                .dropped(reason)
+                .fetch_add(1, Ordering::Relaxed);
+            metrics::counter!(t::LISTEN_FRAMES_DROPPED_TOTAL, "reason" => reason.as_str())
+                .increment(1);
+        }
+    }
+
+    fn on_text(&mut self, bytes: &[u8], finalize: &mut bool) {
+        self.last_msg = Instant::now();
+        let Ok(text) = std::str::from_utf8(bytes) else {
+            // Invalid UTF-8 in a text message breaks the protocol (as on the HTTP-worker path).
+            self.end = Some(End::Protocol);
+            return;
+        };
+        match control_of(text) {
+            Ok(TextControl::KeepAlive) => {}
+            Ok(TextControl::Finalize) => *finalize = true,
+            Ok(TextControl::CloseStream) => self.end = Some(End::CloseStream),
+            Err(reason) => {
+                metrics::counter!(t::LISTEN_TEXT_IGNORED_TOTAL, "reason" => reason).increment(1);
+            }
+        }
+    }
+
+    fn on_continuation(&mut self, item: Item, finalize: &mut bool) {
+        // The codec refuses a continuation that was not started, or a new message inside one.
+        let (first, last, bytes) = match item {
+            Item::FirstText(b) => (Some(true), false, b),
+            Item::FirstBinary(b) => (Some(false), false, b),
+            Item::Continue(b) => (None, false, b),
+            Item::Last(b) => (None, true, b),
+        };
+        if let Some(text) = first {
+            self.partial = Some(Partial {
+                text,
+                data: BytesMut::new(),
+            });
+        }
+        let Some(partial) = self.partial.as_mut() else {
+            self.end = Some(End::Protocol);
+            return;
+        };
+        if partial.data.len() + bytes.len() > self.max_message {
+            self.end = Some(End::TooLarge);
+            return;
+        }
+        partial.data.extend_from_slice(&bytes);
+        if last && let Some(whole) = self.partial.take() {
+            if whole.text {
+                self.on_text(&whole.data, finalize);
+            } else {
+                self.on_binary(&whole.data);
+            }
+        }
+    }
+
+    /// Queues one message and writes what the socket takes now.
+    fn queue(&mut self, msg: ws::Message) {
+        if self.broken {
+            return;
+        }
+        if self.codec.encode(msg, &mut self.wbuf).is_err() {
+            // Only a message over the codec's size limit fails; the server never sends one.
+            return;
+        }
+        self.flush();
+        if self.wbuf.len() > MAX_PENDING_OUT {
+            self.broken = true;
+            self.wbuf = BytesMut::new();
+        }
+    }
+
+    /// Sends one event; false once the client is gone or stopped reading.
+    pub fn send_text(&mut self, text: String) -> bool {
+        self.queue(ws::Message::Text(ByteString::from(text)));
+        !self.broken
+    }
+
+    fn flush(&mut self) {
+        while !self.wbuf.is_empty() && !self.broken {
+            match (&self.stream).write(&self.wbuf) {
+                Ok(0) => self.broken = true,
+                Ok(n) => self.wbuf.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => self.broken = true,
+            }
+        }
+        if self.broken {
+            self.wbuf = BytesMut::new();
+        }
+    }
+
+    /// Hands back the capacity a burst grew the buffers to.
+    fn trim(&mut self) {
+        if self.rbuf.is_empty() && self.rbuf.capacity() > KEEP_CAPACITY {
+            self.rbuf = BytesMut::new();
+        }
+        if self.wbuf.is_empty() && self.wbuf.capacity() > KEEP_CAPACITY {
+            self.wbuf = BytesMut::new();
+        }
+    }
+
+    /// Sends the close frame, waits (bounded) for it to leave, ends our side, and lets the client close
+    /// its own: reading to its end means the kernel never answers unread data with a reset, which could
+    /// discard the close (and the `metadata` before it) on the client's side.
+    pub async fn close(&mut self, code: ws::CloseCode, description: Option<String>) {
+        self.queue(ws::Message::Close(Some(CloseReason { code, description })));
+        let deadline = Instant::now() + CLOSE_FLUSH;
+        while !self.wbuf.is_empty() && !self.broken && Instant::now() < deadline {
+            tokio::time::sleep(CLOSE_POLL).await;
+            self.flush();
+        }
+        let _ = self.stream.shutdown(Shutdown::Write);
+        let deadline = Instant::now() + CLOSE_LINGER;
+        let mut sink = [0u8; READ_CHUNK];
+        while Instant::now() < deadline {
+            match (&self.stream).read(&mut sink) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    tokio::time::sleep(CLOSE_POLL).await;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// Gives the session slot back (after [`WsConn::close`]).
+    pub fn into_guard(self) -> SessionGuard {
+        self.guard
+    }
+}
+
+/// The session's event sink and input: the connection, shared with the task that closes it afterwards
+/// (both on the session's pipeline thread).
+pub struct ConnSink(pub Rc<RefCell<WsConn>>);
+
+impl EventSink for ConnSink {
+    async fn send(&mut self, text: String) -> bool {
+        self.0.borrow_mut().send_text(text)
+    }
+
+    fn poll_input(&mut self) -> Option<Control> {
+        self.0.borrow_mut().poll_input()
+    }
+}
+
+/// How a tick's read ended.
+enum Inflow {
+    /// Nothing more for now.
+    Open,
+    /// The client closed its side.
+    Eof,
+    Failed,
+}
+
+/// A websocket protocol error as the way the session ends.
+fn protocol_end(e: &ProtocolError) -> End {
+    match e {
+        ProtocolError::Overflow => End::TooLarge,
+        _ => End::Protocol,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sessions::SessionRegistry;
+    use std::net::TcpListener;
+    use voicegate_engine::pipeline::live::{FrameConsumer, frame_ring};
+
+    const MAX: usize = 1024;
+
+    /// A connected pair: the server end in a [`WsConn`], the client end as a plain blocking socket.
+    fn pair(idle: Duration) -> (WsConn, FrameConsumer, Arc<FrameCounters>, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        server.set_nonblocking(true).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let (frames, consumer) = frame_ring(16 * 1024);
+        let counters = Arc::new(FrameCounters::default());
+        let guard = SessionRegistry::new(4).open("u").unwrap();
+        let conn = WsConn::new(
+            server,
+            BytesMut::new(),
+            ConnParts {
+                frames,
+                counters: Arc::clone(&counters),
+                splittable: false,
+                max_message: MAX,
+                idle,
+                guard,
+            },
+        );
+        (conn, consumer, counters, client)
+    }
+
+    /// A masked client frame.
+    fn frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {
+        let mask = [1u8, 2, 3, 4];
+        let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+        if payload.len() < 126 {
+            f.push(0x80 | payload.len() as u8);
+        } else {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+        }
+        f.extend_from_slice(&mask);
+        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+        f
+    }
+
+    fn send(client: &mut TcpStream, frames: &[Vec<u8>]) {
+        client.write_all(&frames.concat()).unwrap();
+        // Loopback delivers at once; give the kernel a moment anyway.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    fn queued(consumer: &mut FrameConsumer) -> Vec<(u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        let mut buf = Vec::new();
+        while let Some(seq) = consumer.pop(&mut buf) {
+            out.push((seq, buf.clone()));
+        }
+        out
+    }
+
+    const IDLE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn frames_fragments_and_keepalives_reach_the_queue_in_order() {
+        let (mut conn, mut q, counters, mut client) = pair(IDLE);
+        send(
+            &mut client,
+            &[
+                frame(0x2, true, &[10, 11, 12]),
+                frame(0x2, true, &[0]),
+                frame(0x2, false, &[20, 21]),
+                frame(0x9, true, b"p"),
+                frame(0x0, false, &[22]),
+                frame(0x0, true, &[23, 24]),
+            ],
+        );
+        assert_eq!(conn.poll_input(), None);
+        assert_eq!(
+            queued(&mut q),
+            vec![(1, vec![10, 11, 12]), (3, vec![20, 21, 22, 23, 24])],
+            "the keepalive is counted (seq 2), not queued; fragments make one frame"
+        );
+        assert_eq!(counters.received.load(Ordering::Relaxed), 3);
+        // The ping in the middle of the fragments was answered.
+        let mut pong = [0u8; 3];
+        client.read_exact(&mut pong).unwrap();
+        assert_eq!(pong, [0x8A, 1, b'p']);
+    }
+
+    #[test]
+    fn close_stream_stops_and_nothing_after_it_is_queued() {
+        let (mut conn, mut q, _, mut client) = pair(IDLE);
+        send(
+            &mut client,
+            &[
+                frame(0x2, true, &[1, 2, 3]),
+                frame(0x1, true, br#"{"type":"CloseStream"}"#),
+                frame(0x2, true, &[4, 5, 6]),
+            ],
+        );
+        assert_eq!(conn.poll_input(), Some(Control::Stop));
+        assert_eq!(conn.end(), Some(End::CloseStream));
+        assert_eq!(queued(&mut q), vec![(1, vec![1, 2, 3])]);
+        assert_eq!(conn.poll_input(), None, "Stop is returned once");
+    }
+
+    #[test]
+    fn finalize_is_returned_and_garbage_text_is_ignored() {
+        let (mut conn, _, _, mut client) = pair(IDLE);
+        send(
+            &mut client,
+            &[
+                frame(0x1, true, b"hello"),
+                frame(0x1, true, br#"{"type":"KeepAlive"}"#),
+                frame(0x1, true, br#"{"type":"Finalize"}"#),
+            ],
+        );
+        assert_eq!(conn.poll_input(), Some(Control::Finalize));
+        assert_eq!(conn.end(), None);
+    }
+
+    #[test]
+    fn protocol_breaks_end_the_session_with_their_reason() {
+        let cases: Vec<(Vec<u8>, End)> = vec![
+            // Unmasked client frame.
+            (vec![0x82, 1, 7], End::Protocol),
+            // Text that is not UTF-8.
+            (frame(0x1, true, &[0xff, 0xfe]), End::Protocol),
+            // A continuation nobody started.
+            (frame(0x0, true, &[1]), End::Protocol),
+            // One frame over the message limit.
+            (frame(0x2, true, &vec![0u8; MAX + 1]), End::TooLarge),
+            // Fragments adding up to more than the limit.
+            (
+                [
+                    frame(0x2, false, &vec![0u8; MAX / 2 + 1]),
+                    frame(0x0, true, &vec![0u8; MAX / 2 + 1]),
+                ]
+                .concat(),
+                End::TooLarge,
+            ),
+            // A client close frame.
+            (frame(0x8, true, &1000u16.to_be_bytes()), End::ClientClosed),
+        ];
+        for (bytes, end) in cases {
+            let (mut conn, _, _, mut client) = pair(IDLE);
+            send(&mut client, &[bytes]);
+            assert_eq!(conn.poll_input(), Some(Control::Stop), "{end:?}");
+            assert_eq!(conn.end(), Some(end));
+        }
+    }
+
+    #[test]
+    fn the_clients_end_and_the_idle_timeout_stop_the_session() {
+        let (mut conn, _, _, client) = pair(IDLE);
+        drop(client);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(conn.poll_input(), Some(Control::Stop));
+        assert_eq!(conn.end(), Some(End::ClientClosed));
+
+        let (mut conn, _, _, _client) = pair(Duration::ZERO);
+        assert_eq!(conn.poll_input(), Some(Control::Stop));
+        assert_eq!(conn.end(), Some(End::Idle));
+    }
+
+    #[tokio::test]
+    async fn events_then_the_close_frame_reach_the_client() {
+        let (mut conn, _, _, mut client) = pair(IDLE);
+        assert!(conn.send_text("{\"type\":\"x\"}".to_owned()));
+        conn.close(ws::CloseCode::Away, Some("idle timeout".to_owned()))
+            .await;
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        let mut want = vec![0x81, 12];
+        want.extend_from_slice(b"{\"type\":\"x\"}");
+        want.extend_from_slice(&[0x88, 14, 0x03, 0xE9]);
+        want.extend_from_slice(b"idle timeout");
+        assert_eq!(got, want);
+    }
+}

@@ -1,0 +1,399 @@
+//! The listen websocket's front door: a connection whose first request is `GET /v4/listen` is answered here
+//! on the HTTP worker that accepted it, then handed to its session's pipeline thread ([`super::conn`]), which
+//! reads it on its own tick. Every other connection goes to actix-web untouched (so does a listen upgrade
+//! sent on a connection that already carried a request: the actix-ws route in [`super`] serves it).
+//!
+//! The answers are the route's: 401 (token, same checks and rejection counter as every route), 429 / 503
+//! (session admission), 400 `ws_handshake` (not a websocket upgrade), 101 then close 1008 (a parameter the
+//! server cannot serve), each error with the JSON body of [`ApiError`]; the request's latency is recorded
+//! under the route `/v4/listen` as the middleware would.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_codec::{Decoder, Encoder};
+use actix_http::body::BodySize;
+use actix_http::h1;
+use actix_http::header::{self, HeaderValue};
+use actix_http::ws;
+use actix_http::{ConnectionType, Request, Response, ServiceConfig, StatusCode};
+use actix_web::ResponseError;
+use actix_web::web;
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use voicegate_engine::pipeline::live::{
+    FrameCounters, SessionInput, SessionParams, frame_ring, run_session,
+};
+use voicegate_engine::telemetry as t;
+
+use super::conn::{ConnParts, ConnSink, WsConn};
+use super::{End, ListenParams, ListenState, close_frame, ring_bytes};
+use crate::auth::{Authenticator, authenticate_headers};
+use crate::error::ApiError;
+use crate::prometheus::record_request;
+use crate::sessions::{SessionGuard, SessionRegistry};
+
+/// The request line (method and path) this door takes; the next byte must start the query or end the path.
+const LISTEN_LINE: &[u8] = b"GET /v4/listen";
+/// The route label of the request-latency metric.
+const ROUTE: &str = "/v4/listen";
+/// How long a new connection may take to send its request head (actix-web's client request timeout).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head read before answering 431.
+const MAX_HEAD: usize = 32 * 1024;
+/// How often a connection whose first bytes are a prefix of [`LISTEN_LINE`] is looked at again.
+const PEEK_RETRY: Duration = Duration::from_millis(5);
+/// How long a refused upgrade's answer may take to leave, and the client to close after a 1008.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether a connection's first bytes are a listen request: `Some(true)` / `Some(false)` once known,
+/// `None` while they are a strict prefix of [`LISTEN_LINE`] and the next bytes decide.
+pub fn classify(first: &[u8]) -> Option<bool> {
+    let n = LISTEN_LINE.len();
+    if first.len() <= n {
+        return if LISTEN_LINE.starts_with(first) {
+            None
+        } else {
+            Some(false)
+        };
+    }
+    Some(&first[..n] == LISTEN_LINE && matches!(first[n], b'?' | b' '))
+}
+
+/// Peeks at a new connection (never consuming a byte) until [`classify`] decides or the request timeout
+/// passes (then actix-web gets it and answers the timeout itself).
+pub async fn first_request_is_listen(io: &TcpStream) -> bool {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    let mut buf = [0u8; 16];
+    loop {
+        let peeked = tokio::time::timeout_at(deadline, io.peek(&mut buf)).await;
+        match peeked {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
+            Ok(Ok(n)) => match classify(&buf[..n]) {
+                Some(decided) => return decided,
+                // Part of a request line: the rest is on its way (peek returns at once while unread
+                // bytes wait, so pause rather than spin).
+                None => tokio::time::sleep(PEEK_RETRY).await,
+            },
+        }
+    }
+}
+
+/// What the door needs: the listen state (pipeline threads, engine services, limits), the token check and
+/// the session registry.
+pub struct ListenFront {
+    state: Arc<ListenState>,
+    auth: web::Data<Authenticator>,
+    sessions: SessionRegistry,
+}
+
+impl ListenFront {
+    pub fn new(
+        state: Arc<ListenState>,
+        auth: web::Data<Authenticator>,
+        sessions: SessionRegistry,
+    ) -> Self {
+        ListenFront {
+            state,
+            auth,
+            sessions,
+        }
+    }
+
+    /// Answers the connection's listen request; on success the socket leaves for a pipeline thread.
+    pub async fn serve(self: Arc<Self>, mut io: TcpStream) {
+        let mut codec = h1::Codec::new(ServiceConfig::default());
+        let mut buf = BytesMut::with_capacity(1024);
+        let Some(req) = read_head(&mut io, &mut codec, &mut buf).await else {
+            return;
+        };
+        let started = Instant::now();
+        let admitted = self.admit(&req);
+        let (guard, params, upgrade) = match admitted {
+            Ok(a) => a,
+            Err(err) => {
+                let status = err.status_code().as_u16();
+                answer_error(&mut io, &mut codec, &err).await;
+                record_request(ROUTE.to_owned(), "GET", status, elapsed(started));
+                return;
+            }
+        };
+        let mut out = BytesMut::new();
+        if codec
+            .encode(h1::Message::Item((upgrade, BodySize::None)), &mut out)
+            .is_err()
+        {
+            return;
+        }
+        let sent = write_all(&mut io, &out).await;
+        record_request(ROUTE.to_owned(), "GET", 101, elapsed(started));
+        if !sent {
+            return;
+        }
+        let _ = io.set_nodelay(true);
+        let params = match params {
+            Ok(p) => p,
+            Err(e) => {
+                metrics::counter!(t::LISTEN_SESSIONS_CLOSED_TOTAL, "reason" => "bad_params")
+                    .increment(1);
+                close_on_worker(io, ws::CloseCode::Policy, e.to_string()).await;
+                drop(guard);
+                return;
+            }
+        };
+        self.hand_over(io, buf, params, guard).await;
+    }
+
+    /// 401, then 429 / 503, then 400 for a request that is not a websocket upgrade, in the order of the
+    /// actix-web route (its extractor authenticates before its handler admits). The parameters are checked
+    /// after the upgrade (a refusal is a close code).
+    #[allow(clippy::type_complexity)]
+    fn admit(
+        &self,
+        req: &Request,
+    ) -> Result<
+        (
+            SessionGuard,
+            Result<ListenParams, super::ParamError>,
+            Response<()>,
+        ),
+        ApiError,
+    > {
+        let user = authenticate_headers(&self.auth, &req.head().headers)?;
+        let guard = self.sessions.open(&user.uid)?;
+        let mut upgrade = ws::handshake(req.head()).map_err(|e| ApiError::BadRequest {
+            code: "ws_handshake",
+            message: e.to_string(),
+        })?;
+        let params = ListenParams::from_query(req.uri().query().unwrap_or(""));
+        Ok((guard, params, upgrade.finish().drop_body()))
+    }
+
+    /// Moves the socket to the session's pipeline thread and runs the session there.
+    async fn hand_over(
+        &self,
+        io: TcpStream,
+        leftover: BytesMut,
+        params: ListenParams,
+        guard: SessionGuard,
+    ) {
+        let (tx, rx) = oneshot::channel::<std::net::TcpStream>();
+        let state = Arc::clone(&self.state);
+        let spawned = self.state.pool.spawn(move || async move {
+            if let Ok(stream) = rx.await {
+                run_on_socket(state, params, guard, stream, leftover).await;
+            }
+        });
+        if spawned.is_err() {
+            close_on_worker(io, ws::CloseCode::Error, "server stopping".to_owned()).await;
+            return;
+        }
+        // Leaves this worker's reactor: from now on only the pipeline thread's ticks read it.
+        match io.into_std() {
+            Ok(stream) => {
+                let _ = tx.send(stream);
+            }
+            Err(error) => {
+                // The session task ends when `tx` drops; its guard goes with it.
+                tracing::warn!(message = "Listen socket could not leave the HTTP worker.", %error);
+            }
+        }
+    }
+}
+
+/// A session on its pipeline thread, reading its own socket on every tick; then the close code.
+async fn run_on_socket(
+    state: Arc<ListenState>,
+    params: ListenParams,
+    guard: SessionGuard,
+    stream: std::net::TcpStream,
+    leftover: BytesMut,
+) {
+    metrics::counter!(t::LISTEN_SESSIONS_OPENED_TOTAL, "transport" => "pipeline").increment(1);
+    let (frames, consumer) = frame_ring(ring_bytes(params.codec, state.buffer_ms));
+    let counters = Arc::new(FrameCounters::default());
+    // Controls come through `EventSink::poll_input`; the channel is only kept open.
+    let (ctrl_open, ctrl_rx) = mpsc::channel(1);
+    let input = SessionInput {
+        frames: consumer,
+        counters: Arc::clone(&counters),
+        control: ctrl_rx,
+    };
+    let session_params = SessionParams {
+        uid: Arc::from(guard.uid()),
+        codec: params.codec,
+        language: params.language.clone(),
+        conversation_timeout_ms: params.conversation_timeout_s * 1000,
+    };
+    let conn = Rc::new(RefCell::new(WsConn::new(
+        stream,
+        leftover,
+        ConnParts {
+            frames,
+            counters,
+            splittable: !params.codec.is_opus(),
+            max_message: state.max_message_bytes,
+            idle: state.idle_timeout,
+            guard,
+        },
+    )));
+    let services = Arc::clone(&state.services);
+    let report = run_session(
+        session_params,
+        state.live,
+        services,
+        input,
+        ConnSink(Rc::clone(&conn)),
+    )
+    .await;
+    drop(ctrl_open);
+    let end = conn.borrow().end();
+    let end = match (report.error, end) {
+        (None, Some(end)) => end,
+        _ => End::SessionFailed,
+    };
+    metrics::counter!(t::LISTEN_SESSIONS_CLOSED_TOTAL, "reason" => end.reason()).increment(1);
+    let (code, reason) = close_frame(end, state.max_message_bytes);
+    // The sink went with the session (`run_session` owns and drops it), so this is the only handle left.
+    let Ok(conn) = Rc::try_unwrap(conn) else {
+        tracing::error!(message = "Listen connection still shared after its session; dropped.");
+        return;
+    };
+    let mut conn = conn.into_inner();
+    conn.close(code, reason).await;
+    // The session has metered everything it reported: the drain may now flush the meter.
+    drop(conn.into_guard());
+}
+
+/// Reads the request head (the request timeout and [`MAX_HEAD`] bound it). `None` once the connection is
+/// answered or gone.
+async fn read_head(
+    io: &mut TcpStream,
+    codec: &mut h1::Codec,
+    buf: &mut BytesMut,
+) -> Option<Request> {
+    let deadline = Instant::now() + REQUEST_TIMEOUT;
+    loop {
+        match codec.decode(buf) {
+            Ok(Some(h1::Message::Item(req))) => return Some(req),
+            Ok(Some(h1::Message::Chunk(_))) => return None,
+            Ok(None) if buf.len() >= MAX_HEAD => {
+                answer_status(io, codec, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
+                return None;
+            }
+            Ok(None) => {}
+            Err(actix_http::error::ParseError::TooLarge) => {
+                answer_status(io, codec, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
+                return None;
+            }
+            Err(_) => {
+                answer_status(io, codec, StatusCode::BAD_REQUEST).await;
+                return None;
+            }
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return None,
+            Ok(Ok(_)) => {}
+            Err(_) => {
+                answer_status(io, codec, StatusCode::REQUEST_TIMEOUT).await;
+                return None;
+            }
+        }
+    }
+}
+
+/// An empty answer with `status` (what actix-web sends for an unreadable request), then close.
+async fn answer_status(io: &mut TcpStream, codec: &mut h1::Codec, status: StatusCode) {
+    let mut res = Response::with_body(status, ());
+    res.head_mut().set_connection_type(ConnectionType::Close);
+    let mut out = BytesMut::new();
+    if codec
+        .encode(h1::Message::Item((res, BodySize::Sized(0))), &mut out)
+        .is_ok()
+    {
+        let _ = write_all(io, &out).await;
+    }
+    let _ = io.shutdown().await;
+}
+
+/// The route's JSON error answer (status, headers and body of [`ApiError::error_response`]), then close.
+async fn answer_error(io: &mut TcpStream, codec: &mut h1::Codec, err: &ApiError) {
+    let (res, body) = err.error_response().into_parts();
+    let mut res: Response<()> = res.into();
+    let body = actix_web::body::to_bytes(body).await.unwrap_or_default();
+    res.head_mut().set_connection_type(ConnectionType::Close);
+    res.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    let mut out = BytesMut::new();
+    let size = BodySize::Sized(body.len() as u64);
+    if codec
+        .encode(h1::Message::Item((res, size)), &mut out)
+        .is_ok()
+    {
+        out.extend_from_slice(&body);
+        let _ = write_all(io, &out).await;
+    }
+    let _ = io.shutdown().await;
+}
+
+/// Writes `bytes` within [`ANSWER_TIMEOUT`]; false when the client is gone or too slow.
+async fn write_all(io: &mut TcpStream, bytes: &[u8]) -> bool {
+    matches!(
+        tokio::time::timeout(ANSWER_TIMEOUT, io.write_all(bytes)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Closes an upgraded socket that never became a session (1008, 1011) from the HTTP worker.
+async fn close_on_worker(mut io: TcpStream, code: ws::CloseCode, reason: String) {
+    let mut out = BytesMut::new();
+    let close = ws::Message::Close(Some(ws::CloseReason {
+        code,
+        description: Some(reason),
+    }));
+    if ws::Codec::new().encode(close, &mut out).is_err() || !write_all(&mut io, &out).await {
+        return;
+    }
+    let _ = io.shutdown().await;
+    // Read to the client's end (bounded), so unread bytes never turn the close into a reset.
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
+        while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+fn elapsed(started: Instant) -> f64 {
+    started.elapsed().as_secs_f64()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_get_of_the_listen_path_takes_the_door() {
+        assert_eq!(classify(b"GET /v4/listen?codec=opus HTTP/1.1"), Some(true));
+        assert_eq!(classify(b"GET /v4/listen HTTP/1.1"), Some(true));
+        assert_eq!(classify(b"GET /v4/listener HTTP/1.1"), Some(false));
+        assert_eq!(classify(b"GET /v4/listen/x HTTP/1.1"), Some(false));
+        assert_eq!(classify(b"POST /v4/listen HTTP/1.1"), Some(false));
+        assert_eq!(classify(b"GET /healthz HTTP/1.1"), Some(false));
+        assert_eq!(classify(b"\x16\x03\x01"), Some(false), "a TLS hello");
+    }
+
+    #[test]
+    fn a_prefix_of_the_listen_line_waits_for_more() {
+        assert_eq!(classify(b""), None);
+        assert_eq!(classify(b"GET /v4/li"), None);
+        assert_eq!(classify(b"GET /v4/listen"), None);
+        assert_eq!(classify(b"GET /v5"), Some(false));
+    }
+}

@@ -8,7 +8,7 @@
 #   loadtest/measure.sh sync --uploaders 20 --files 10 --rounds 1
 #
 # Environment: BIN (directory of the release binaries, default target/release), PORT (8089),
-# REDIS_PORT (6390), STORE=memory (the server's in-memory store instead of the redis-server), OUT, NICE (niceness of redis, server and harness, default -10 when root: other work
+# REDIS_PORT (6390), REDIS_NICE (redis-server's niceness, default NICE; lower emulates a Redis on its own host), STORE=memory (the server's in-memory store instead of the redis-server), OUT, NICE (niceness of redis, server and harness, default -10 when root: other work
 # on a shared machine, builds above all, must not starve the measured processes), PERF=1 to record a CPU profile of the server with `perf record` (linux-perf)
 # during the run, SERVE_ARGS (extra `voicegate serve` arguments).
 set -euo pipefail
@@ -26,7 +26,7 @@ run() { nice -n "$NICE" "$@"; }
 # its equal share of the cores.
 if [ "$(id -u)" = 0 ] && [ -w "/proc/$$/autogroup" ]; then echo "$NICE" >"/proc/$$/autogroup" || true; fi
 
-run redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
+nice -n "${REDIS_NICE:-$NICE}" redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
   --pidfile "$OUT/redis.pid" --logfile "$OUT/redis.log" >/dev/null
 server_pid=""
 sampler_pid=""

@@ -33,7 +33,7 @@ pub struct Common {
     /// `iss` claim of minted tokens (when the server checks VOICEGATE_JWT_ISSUER).
     #[arg(long, global = true)]
     pub jwt_issuer: Option<String>,
-    /// Users are named P0…P(N-1); the default is unique per run (`lt<unix seconds>u`), so the
+    /// Users are named P0…P(N-1); the default is unique per run (`lt<unix seconds>p<process id>u`: two runs in one second differ), so the
     /// accounting check never sees an earlier run's speech.
     #[arg(long, global = true)]
     pub users_prefix: Option<String>,
@@ -46,7 +46,8 @@ pub struct Common {
     /// Also write the JSON report to this file.
     #[arg(long, global = true)]
     pub report_file: Option<PathBuf>,
-    /// Runtime worker threads of the harness (it shares the machine with the server).
+    /// Harness threads (it shares the machine with the server): the realtime streams are spread over this
+    /// many sender threads, and the runtime of the uploads and the check has as many workers.
     #[arg(long, global = true, default_value_t = 2)]
     pub threads: usize,
     /// Skip the accounting check (status API and offline pipeline).

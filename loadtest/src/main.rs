@@ -11,9 +11,11 @@ mod check;
 mod cli;
 mod corpus;
 mod live;
+mod pacer;
 mod realtime;
 mod report;
 mod sync;
+mod wsframe;
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -32,6 +34,7 @@ use crate::live::Live;
 use crate::realtime::{RealtimeCtx, StreamOutcome};
 use crate::report::{RealtimeReport, Report, SyncReport, quantiles};
 use crate::sync::{SyncCtx, UploaderOutcome};
+use crate::wsframe::Target;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -61,7 +64,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     let prefix = common
         .users_prefix
         .clone()
-        .unwrap_or_else(|| format!("lt{}u", unix_now()));
+        .unwrap_or_else(|| format!("lt{}p{}u", unix_now(), std::process::id()));
     let corpus = Arc::new(Corpus::load(&fixtures_dir(common.fixtures.clone()))?);
     let (rt_args, sync_args, name) = match &cli.scenario {
         Scenario::Realtime(r) => (Some(r.clone()), None, "realtime"),
@@ -91,8 +94,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     let progress = live::spawn_progress(live.clone(), hidden, streams, uploads);
 
     let rt_task = rt_args.clone().map(|args| {
-        let ctx = realtime_ctx(&args, &url, &corpus, &auth, &live);
-        tokio::spawn(run_realtime(ctx, args, prefix.clone()))
+        realtime_ctx(&args, &url, &corpus, &auth, &live)
+            .map(|ctx| tokio::spawn(run_realtime(ctx, args, prefix.clone(), common.threads)))
     });
     let sync_task = sync_args.clone().map(|args| {
         let ctx = Arc::new(SyncCtx {
@@ -108,7 +111,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         tokio::spawn(run_sync(ctx, args, prefix.clone(), streams))
     });
     let rt = match rt_task {
-        Some(t) => Some(t.await.map_err(|e| format!("realtime task: {e}"))?),
+        Some(t) => Some(t?.await.map_err(|e| format!("realtime task: {e}"))?),
         None => None,
     };
     let sy = match sync_task {
@@ -188,7 +191,7 @@ fn realtime_ctx(
     corpus: &Arc<Corpus>,
     auth: &Authenticator,
     live: &Arc<Live>,
-) -> Arc<RealtimeCtx> {
+) -> Result<Arc<RealtimeCtx>, String> {
     let ws_base = if let Some(rest) = url.strip_prefix("https://") {
         format!("wss://{rest}")
     } else if let Some(rest) = url.strip_prefix("http://") {
@@ -197,44 +200,27 @@ fn realtime_ctx(
         url.to_owned()
     };
     let pace = if args.pace > 0.0 { args.pace } else { 1.0 };
-    Arc::new(RealtimeCtx {
+    let target = Target::parse(&format!("{ws_base}/v4/listen?{}", args.query))?;
+    Ok(Arc::new(RealtimeCtx {
         corpus: corpus.clone(),
-        ws_url: format!("{ws_base}/v4/listen?{}", args.query),
+        target,
         auth: auth.clone(),
         pace,
         frames_per_stream: (args.duration.max(0.0) * 1_000.0 / FRAME_MS as f64).round() as u64,
         keepalive: Duration::from_secs_f64(args.keepalive.max(0.5)),
         close_timeout: Duration::from_secs_f64(args.close_timeout.max(1.0)),
         live: live.clone(),
-    })
+    }))
 }
 
 async fn run_realtime(
     ctx: Arc<RealtimeCtx>,
     args: RealtimeArgs,
     prefix: String,
+    threads: usize,
 ) -> (Vec<StreamOutcome>, f64) {
     let started = Instant::now();
-    let n = args.streams;
-    let handles: Vec<_> = (0..n)
-        .map(|i| {
-            let delay = Duration::from_secs_f64(args.ramp.max(0.0) * i as f64 / n.max(1) as f64);
-            tokio::spawn(realtime::run_stream(
-                ctx.clone(),
-                i,
-                format!("{prefix}{i}"),
-                delay,
-            ))
-        })
-        .collect();
-    let mut outcomes = Vec::with_capacity(n);
-    for (i, h) in handles.into_iter().enumerate() {
-        outcomes.push(h.await.unwrap_or_else(|_| StreamOutcome {
-            user: format!("{prefix}{i}"),
-            errors: vec!["task_panicked".into()],
-            ..StreamOutcome::default()
-        }));
-    }
+    let outcomes = realtime::run_streams(ctx, args.streams, &prefix, args.ramp, threads).await;
     (outcomes, started.elapsed().as_secs_f64())
 }
 

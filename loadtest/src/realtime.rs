@@ -1,45 +1,38 @@
-//! The realtime scenario: one lightweight task per simulated device, each a distinct user.
+//! The realtime scenario: N simulated devices, each a distinct user, on `--threads` harness threads.
 //!
-//! A task connects to `/v4/listen`, sends its frames on absolute deadlines (`t0 + n × 10 ms / pace`, so
-//! a late wake-up never shifts later frames: the sender catches up instead of drifting), reads every
-//! server event in the same `select!`, and records when each frame left so that an event carrying
-//! `frames_received = N` gives the latency of frame N. At the end it sends `CloseStream` and waits for
-//! the final `metadata`, whose `frames_received` is the number of frames acknowledged.
+//! Each thread runs a single-threaded runtime with its share of the streams: a [`Pacer`] writes every
+//! stream's frames on their absolute deadlines, and each stream has a reader task for the server's events.
+//! A stream connects to `/v4/listen`, sends its frames (one 10 ms Opus packet per websocket message) and a
+//! `KeepAlive` every 10 s, and records when each frame left, so that an event carrying
+//! `frames_received = N` gives the latency of frame N. At the end it sends `CloseStream` and waits for the
+//! final `metadata`, whose `frames_received` is the number of frames acknowledged.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::http::header::AUTHORIZATION;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::{Error as WsError, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::auth::Authenticator;
 use crate::corpus::{Corpus, FRAME_MS};
 use crate::live::Live;
+use crate::pacer::{Pacer, StreamTx};
+use crate::wsframe::{self, Parser, ServerMsg, Target};
 
-type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Send times kept per stream (20 s at real time); older frames fall back to their deadline.
-const SEND_RING: usize = 2048;
-/// Read buffer per stream (see [`ws_config`]).
-const READ_BUFFER: usize = 4096;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Frames counted locally before the shared counter is bumped (keeps atomics off the per-frame path).
-const LIVE_BATCH: u64 = 100;
+/// Bytes asked of the socket per read (events are a few hundred bytes).
+const READ_CHUNK: usize = 4096;
 
 /// What every stream shares.
 pub struct RealtimeCtx {
     pub corpus: Arc<Corpus>,
-    pub ws_url: String,
+    pub target: Target,
     pub auth: Authenticator,
     pub pace: f64,
     pub frames_per_stream: u64,
@@ -125,34 +118,95 @@ struct Event<'a> {
     stt_forwarded_ms: Option<u64>,
 }
 
-/// Per-stream sending state used to turn `frames_received` into a latency.
-struct Clock {
-    t0: Instant,
-    interval_ns: u64,
-    sent: u64,
-    ring: Box<[u64]>,
-}
-
-impl Clock {
-    fn sent_at(&self, frame_index: u64) -> Instant {
-        let offset_us = if self.sent - frame_index <= SEND_RING as u64 {
-            self.ring[(frame_index % SEND_RING as u64) as usize]
-        } else {
-            frame_index * self.interval_ns / 1_000
-        };
-        self.t0 + Duration::from_micros(offset_us)
-    }
-}
-
+/// What the reader does after one server message.
 enum Flow {
     Continue,
     Metadata,
     Closed(String),
 }
 
-/// Runs one stream to the end; never panics, every failure is an error kind in the outcome.
-pub async fn run_stream(
+/// Runs `n` streams (users `{prefix}0…`), their starts spread evenly over `ramp` seconds, on `threads`
+/// harness threads; returns each stream's outcome, in order. Never panics: a thread or task that fails
+/// leaves an outcome with the error.
+pub async fn run_streams(
     ctx: Arc<RealtimeCtx>,
+    n: usize,
+    prefix: &str,
+    ramp: f64,
+    threads: usize,
+) -> Vec<StreamOutcome> {
+    let threads = threads.clamp(1, n.max(1));
+    let (tx, mut rx) = mpsc::unbounded_channel::<(usize, StreamOutcome)>();
+    for t in 0..threads {
+        let ids: Vec<usize> = (t..n).step_by(threads).collect();
+        let (ctx, tx, prefix) = (ctx.clone(), tx.clone(), prefix.to_owned());
+        let spawned = std::thread::Builder::new()
+            .name(format!("loadtest-rt-{t}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build();
+                match rt {
+                    Ok(rt) => {
+                        let local = tokio::task::LocalSet::new();
+                        local.block_on(&rt, run_thread(ctx, ids, prefix, ramp, n, tx));
+                    }
+                    Err(e) => eprintln!("voicegate-loadtest: harness thread runtime: {e}"),
+                }
+            });
+        if let Err(e) = spawned {
+            eprintln!("voicegate-loadtest: harness thread: {e}");
+        }
+    }
+    drop(tx);
+    let mut outcomes: Vec<Option<StreamOutcome>> = (0..n).map(|_| None).collect();
+    while let Some((i, o)) = rx.recv().await {
+        if let Some(slot) = outcomes.get_mut(i) {
+            *slot = Some(o);
+        }
+    }
+    outcomes
+        .into_iter()
+        .enumerate()
+        .map(|(i, o)| {
+            o.unwrap_or_else(|| StreamOutcome {
+                user: format!("{prefix}{i}"),
+                errors: vec!["task_failed".into()],
+                ..StreamOutcome::default()
+            })
+        })
+        .collect()
+}
+
+/// One harness thread: its pacer and its streams.
+async fn run_thread(
+    ctx: Arc<RealtimeCtx>,
+    ids: Vec<usize>,
+    prefix: String,
+    ramp: f64,
+    n: usize,
+    results: mpsc::UnboundedSender<(usize, StreamOutcome)>,
+) {
+    let pacer = Rc::new(Pacer::default());
+    let sender = tokio::task::spawn_local(Rc::clone(&pacer).run(ctx.clone()));
+    let mut streams = tokio::task::JoinSet::new();
+    for i in ids {
+        let delay = Duration::from_secs_f64(ramp.max(0.0) * i as f64 / n.max(1) as f64);
+        let (ctx, pacer, user) = (ctx.clone(), Rc::clone(&pacer), format!("{prefix}{i}"));
+        streams.spawn_local(async move { (i, run_stream(ctx, pacer, i, user, delay).await) });
+    }
+    while let Some(done) = streams.join_next().await {
+        if let Ok(result) = done {
+            let _ = results.send(result);
+        }
+    }
+    sender.abort();
+}
+
+/// Runs one stream to the end; never panics, every failure is an error kind in the outcome.
+async fn run_stream(
+    ctx: Arc<RealtimeCtx>,
+    pacer: Rc<Pacer>,
     index: usize,
     user: String,
     start_delay: Duration,
@@ -163,163 +217,123 @@ pub async fn run_stream(
         start_clip: index % ctx.corpus.clips.len(),
         ..StreamOutcome::default()
     };
-    let mut ws = match connect(&ctx, &mut out).await {
-        Ok(ws) => ws,
+    let started = Instant::now();
+    let connected = match ctx.auth.header(&out.user) {
+        Ok(header) => wsframe::connect(&ctx.target, &header, CONNECT_TIMEOUT).await,
+        Err(kind) => Err(kind),
+    };
+    let (stream, leftover) = match connected {
+        Ok(c) => c,
         Err(kind) => {
             out.error(&ctx.live, kind);
             ctx.live.streams_done.fetch_add(1, Relaxed);
             return out;
         }
     };
+    out.setup_us = Some(started.elapsed().as_micros() as u64);
     ctx.live.stream_opened();
-    // The whole session is bounded: sending takes frames × interval, then the close timeout.
-    let send_time = Duration::from_secs_f64(
-        ctx.frames_per_stream as f64 * FRAME_MS as f64 / 1_000.0 / ctx.pace,
-    );
-    let bound = send_time + ctx.close_timeout + Duration::from_secs(30);
-    match tokio::time::timeout(bound, session(&ctx, &mut ws, &mut out)).await {
-        Ok(()) => {}
-        Err(_) => out.error(&ctx.live, "session_timeout"),
-    }
+    let (read, write) = stream.into_split();
+    let seed = (index as u32).wrapping_mul(0x9e37_79b9) ^ 0x5bd1_e995;
+    let tx = Rc::new(RefCell::new(StreamTx::new(
+        write,
+        out.start_clip,
+        seed,
+        &ctx,
+    )));
+    pacer.add(Rc::clone(&tx));
+    read_events(&ctx, &tx, read, leftover, &mut out).await;
+    let mut t = tx.borrow_mut();
+    t.stop("done");
+    out.frames_sent = t.sent;
+    ctx.live.frames_sent.fetch_add(t.take_unreported(), Relaxed);
     ctx.live.stream_closed();
     ctx.live.streams_done.fetch_add(1, Relaxed);
     out
 }
 
-async fn connect(ctx: &RealtimeCtx, out: &mut StreamOutcome) -> Result<Ws, String> {
-    let mut req = ctx
-        .ws_url
-        .as_str()
-        .into_client_request()
-        .map_err(|_| "bad_url".to_owned())?;
-    let header = ctx.auth.header(&out.user)?;
-    let value = HeaderValue::from_str(&header).map_err(|_| "bad_auth_header".to_owned())?;
-    req.headers_mut().insert(AUTHORIZATION, value);
-    let started = Instant::now();
-    let connecting = tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true);
-    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
-        Ok(Ok((ws, _))) => {
-            out.setup_us = Some(started.elapsed().as_micros() as u64);
-            Ok(ws)
-        }
-        Ok(Err(e)) => Err(connect_error_kind(&e)),
-        Err(_) => Err("connect_timeout".into()),
-    }
-}
-
-/// Server events are a few hundred bytes. tungstenite's default 128 KiB read buffer is zero-filled up to
-/// its capacity on every read: that `memset` was 52 % of the harness's CPU at 300 streams (and 128 KiB of
-/// RSS per stream).
-fn ws_config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(0)
-}
-
-fn connect_error_kind(e: &WsError) -> String {
-    match e {
-        WsError::Http(resp) => format!("upgrade_http_{}", resp.status().as_u16()),
-        WsError::Io(io) => format!("connect_io_{:?}", io.kind()).to_lowercase(),
-        _ => "connect_failed".into(),
-    }
-}
-
-async fn session(ctx: &RealtimeCtx, ws: &mut Ws, out: &mut StreamOutcome) {
-    let interval_ns = (FRAME_MS as f64 * 1e6 / ctx.pace).round().max(1.0) as u64;
-    let mut clock = Clock {
-        t0: Instant::now(),
-        interval_ns,
-        sent: 0,
-        ring: vec![0u64; SEND_RING].into_boxed_slice(),
-    };
-    let mut next_keepalive = clock.t0 + ctx.keepalive;
-    let mut unreported = 0u64;
-    let sleep = tokio::time::sleep_until(clock.t0);
-    tokio::pin!(sleep);
-    while clock.sent < ctx.frames_per_stream {
-        let deadline = clock.t0 + Duration::from_nanos(clock.sent * interval_ns);
-        sleep.as_mut().reset(deadline);
-        tokio::select! {
-            biased;
-            msg = ws.next() => match on_message(ctx, msg, &clock, out) {
-                Flow::Continue => {}
-                Flow::Metadata => {
-                    out.error(&ctx.live, "metadata_before_close");
+/// Reads every server message until the close after `metadata` (or an error or a timeout).
+async fn read_events(
+    ctx: &RealtimeCtx,
+    tx: &Rc<RefCell<StreamTx>>,
+    mut read: OwnedReadHalf,
+    mut buf: Vec<u8>,
+    out: &mut StreamOutcome,
+) {
+    // The whole session is bounded: sending takes frames × interval, then the close timeout.
+    let send_time = Duration::from_secs_f64(
+        ctx.frames_per_stream as f64 * FRAME_MS as f64 / 1_000.0 / ctx.pace,
+    );
+    let bound = Instant::now() + send_time + ctx.close_timeout + Duration::from_secs(30);
+    let wake = Rc::clone(&tx.borrow().wake);
+    let mut parser = Parser::default();
+    let mut eof = false;
+    loop {
+        loop {
+            let msg = match parser.next(&mut buf) {
+                Ok(Some(msg)) => msg,
+                Ok(None) if eof => ServerMsg::Close(0),
+                Ok(None) => break,
+                Err(_) => {
+                    out.error(&ctx.live, "read_failed");
                     return;
                 }
+            };
+            let closing = tx.borrow().closing_at;
+            match on_message(ctx, msg, &mut tx.borrow_mut(), out, eof) {
+                Flow::Continue => {}
+                Flow::Metadata => match closing {
+                    None => {
+                        out.error(&ctx.live, "metadata_before_close");
+                        return;
+                    }
+                    Some(at) => {
+                        out.close_us = Some(at.elapsed().as_micros() as u64);
+                        out.held = out.errors.is_empty();
+                    }
+                },
                 Flow::Closed(kind) => {
-                    out.error(&ctx.live, kind);
+                    if closing.is_none() {
+                        out.error(&ctx.live, kind);
+                    } else if out.metadata.is_none() {
+                        out.held = false;
+                        out.error(&ctx.live, format!("{kind}_before_metadata"));
+                    } else if kind != "closed_1000" && kind != "eof" {
+                        out.error(&ctx.live, format!("{kind}_after_metadata"));
+                    }
+                    return;
+                }
+            }
+        }
+        let (closing, stopped) = {
+            let t = tx.borrow();
+            (t.closing_at, t.stopped)
+        };
+        if let Some(why) = stopped {
+            out.error(&ctx.live, why);
+            return;
+        }
+        let deadline = match closing {
+            Some(at) => (at + ctx.close_timeout).min(bound),
+            None => bound,
+        };
+        buf.reserve(READ_CHUNK);
+        tokio::select! {
+            got = read.read_buf(&mut buf) => match got {
+                Ok(0) => eof = true,
+                Ok(_) => {}
+                Err(_) => {
+                    out.error(&ctx.live, "read_failed");
                     return;
                 }
             },
-            () = &mut sleep => {
-                let frame = ctx.corpus.frame(out.start_clip, clock.sent).clone();
-                let now = Instant::now();
-                if ws.send(Message::Binary(frame)).await.is_err() {
-                    out.error(&ctx.live, "send_failed");
-                    return;
-                }
-                clock.ring[(clock.sent % SEND_RING as u64) as usize] =
-                    now.duration_since(clock.t0).as_micros() as u64;
-                clock.sent += 1;
-                out.frames_sent = clock.sent;
-                unreported += 1;
-                if unreported == LIVE_BATCH {
-                    ctx.live.frames_sent.fetch_add(unreported, Relaxed);
-                    unreported = 0;
-                }
-                if now >= next_keepalive {
-                    next_keepalive += ctx.keepalive;
-                    if ws.send(Message::text(r#"{"type":"KeepAlive"}"#)).await.is_err() {
-                        out.error(&ctx.live, "send_failed");
-                        return;
-                    }
-                }
-            }
-        }
-    }
-    ctx.live.frames_sent.fetch_add(unreported, Relaxed);
-    close(ctx, ws, &clock, out).await;
-}
-
-/// `CloseStream`, then read until `metadata` and the server's close.
-async fn close(ctx: &RealtimeCtx, ws: &mut Ws, clock: &Clock, out: &mut StreamOutcome) {
-    let closing = Instant::now();
-    if ws
-        .send(Message::text(r#"{"type":"CloseStream"}"#))
-        .await
-        .is_err()
-    {
-        out.error(&ctx.live, "send_failed");
-        return;
-    }
-    let deadline = closing + ctx.close_timeout;
-    loop {
-        let msg = match tokio::time::timeout_at(deadline, ws.next()).await {
-            Ok(msg) => msg,
-            Err(_) => {
-                let kind = if out.metadata.is_some() {
-                    "close_timeout"
-                } else {
-                    "metadata_timeout"
+            () = wake.notified() => {}
+            () = tokio::time::sleep_until(deadline) => {
+                let kind = match closing {
+                    None => "session_timeout",
+                    Some(_) if out.metadata.is_some() => "close_timeout",
+                    Some(_) => "metadata_timeout",
                 };
                 out.error(&ctx.live, kind);
-                return;
-            }
-        };
-        match on_message(ctx, msg, clock, out) {
-            Flow::Continue => {}
-            Flow::Metadata => {
-                out.close_us = Some(closing.elapsed().as_micros() as u64);
-                out.held = out.errors.is_empty();
-            }
-            Flow::Closed(kind) => {
-                if out.metadata.is_none() {
-                    out.held = false;
-                    out.error(&ctx.live, format!("{kind}_before_metadata"));
-                } else if kind != "closed_1000" && kind != "eof" {
-                    out.error(&ctx.live, format!("{kind}_after_metadata"));
-                }
                 return;
             }
         }
@@ -328,38 +342,33 @@ async fn close(ctx: &RealtimeCtx, ws: &mut Ws, clock: &Clock, out: &mut StreamOu
 
 fn on_message(
     ctx: &RealtimeCtx,
-    msg: Option<Result<Message, WsError>>,
-    clock: &Clock,
+    msg: ServerMsg,
+    tx: &mut StreamTx,
     out: &mut StreamOutcome,
+    eof: bool,
 ) -> Flow {
     let received = Instant::now();
     let text = match msg {
-        None => return Flow::Closed("eof".into()),
-        Some(Err(WsError::ConnectionClosed)) => return Flow::Closed("eof".into()),
-        Some(Err(_)) => return Flow::Closed("read_failed".into()),
-        Some(Ok(Message::Close(frame))) => {
-            let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
-            let code = if code == u16::from(CloseCode::Normal) {
-                1000
-            } else {
-                code
-            };
-            return Flow::Closed(format!("closed_{code}"));
+        ServerMsg::Close(0) if eof => return Flow::Closed("eof".into()),
+        ServerMsg::Close(code) => return Flow::Closed(format!("closed_{code}")),
+        ServerMsg::Ping(payload) => {
+            tx.pong(&payload);
+            return Flow::Continue;
         }
-        Some(Ok(Message::Text(t))) => t,
-        Some(Ok(_)) => return Flow::Continue,
+        ServerMsg::Pong | ServerMsg::Binary => return Flow::Continue,
+        ServerMsg::Text(t) => t,
     };
-    if text.as_str() == "ping" {
+    if text == b"ping" {
         return Flow::Continue;
     }
-    let Ok(event) = serde_json::from_str::<Event>(text.as_str()) else {
+    let Ok(event) = serde_json::from_slice::<Event>(&text) else {
         out.error(&ctx.live, "unparsable_event");
         return Flow::Continue;
     };
     out.events += 1;
     ctx.live.events.fetch_add(1, Relaxed);
     let frames = event.frames_received.unwrap_or(0);
-    if frames > clock.sent {
+    if frames > tx.sent {
         out.error(&ctx.live, "event_ahead_of_frames_sent");
     }
     match event.kind {
@@ -379,8 +388,8 @@ fn on_message(
         }
         _ => {}
     }
-    if (1..=clock.sent).contains(&frames) {
-        let sent = clock.sent_at(frames - 1);
+    if (1..=tx.sent).contains(&frames) {
+        let sent = tx.sent_at(frames - 1);
         out.latencies_us
             .push(received.saturating_duration_since(sent).as_micros() as u64);
         out.latency_kinds.push(kind_index(event.kind));
@@ -403,20 +412,5 @@ mod tests {
         let dropped = r#"{"type":"frames_dropped","frames_received":9,"frames_dropped":3,"reason":"ring_full"}"#;
         let e: Event = serde_json::from_str(dropped).unwrap();
         assert_eq!(e.frames_dropped, Some(3));
-    }
-
-    #[test]
-    fn send_time_comes_from_the_ring_then_from_the_deadline() {
-        let t0 = Instant::now();
-        let mut clock = Clock {
-            t0,
-            interval_ns: 10_000_000,
-            sent: 3,
-            ring: vec![0u64; SEND_RING].into_boxed_slice(),
-        };
-        clock.ring[2] = 25_000;
-        assert_eq!(clock.sent_at(2), t0 + Duration::from_micros(25_000));
-        clock.sent = SEND_RING as u64 + 10;
-        assert_eq!(clock.sent_at(2), t0 + Duration::from_millis(20));
     }
 }

@@ -1,0 +1,131 @@
+//! The harness against a real server (in process, in-memory store, dev auth on loopback): a short
+//! realtime run, a sync run and a mixed run each end with exit code 0 and a JSON report whose accounting
+//! check passed, with every frame acknowledged.
+
+use std::process::Command;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+use voicegate_server::ServeConfig;
+use voicegate_server::serve::{ServerBuilder, wire_engine};
+
+/// Starts `voicegate serve` on a free loopback port in a thread of its own; returns its base URL.
+/// The thread lives as long as the test process.
+fn start_server() -> String {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        actix_web::rt::System::new().block_on(async move {
+            let cfg = ServeConfig {
+                bind: "127.0.0.1:0".into(),
+                ..ServeConfig::default()
+            };
+            let mut builder = ServerBuilder::new(cfg).unwrap_or_else(|e| panic!("{e}"));
+            wire_engine(&mut builder).unwrap_or_else(|e| panic!("{e}"));
+            let running = builder.start().unwrap_or_else(|e| panic!("{e}"));
+            let _ = tx.send(running.addrs()[0]);
+            let _ = running.run_until(std::future::pending::<()>()).await;
+        });
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("server did not start: {e}"));
+    format!("http://{addr}")
+}
+
+/// Runs the harness with `args`; returns its exit code and JSON report.
+fn harness(url: &str, args: &[&str]) -> (i32, Value) {
+    let out = Command::new(env!("CARGO_BIN_EXE_voicegate-loadtest"))
+        .args(["--url", url, "--json", "--quiet", "--settle-secs", "20"])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}); stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code().unwrap_or(-1), report)
+}
+
+#[test]
+fn realtime_sync_and_mixed_runs_pass_their_accounting_check() {
+    let url = start_server();
+
+    let (code, r) = harness(
+        &url,
+        &[
+            "realtime",
+            "--streams",
+            "6",
+            "--duration",
+            "6",
+            "--pace",
+            "3",
+            "--ramp",
+            "0.5",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    let rt = &r["realtime"];
+    assert_eq!(rt["streams_held"], 6, "{rt:#}");
+    assert_eq!(rt["frames_sent"], 6 * 600, "{rt:#}");
+    assert_eq!(rt["frames_acknowledged"], rt["frames_sent"], "{rt:#}");
+    assert_eq!(rt["frames_lost"], 0, "{rt:#}");
+    assert!(rt["latency"]["count"].as_u64().unwrap_or(0) > 0, "{rt:#}");
+    let check = &r["accounting"];
+    assert_eq!(check["passed"], true, "{check:#}");
+    assert!(check["server_ms"].as_u64().unwrap_or(0) > 0, "{check:#}");
+
+    let (code, r) = harness(&url, &["sync", "--uploaders", "2", "--files", "3"]);
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["sync"]["files_ok"], 6, "{r:#}");
+    assert_eq!(r["accounting"]["passed"], true, "{r:#}");
+
+    let (code, r) = harness(
+        &url,
+        &[
+            "mixed",
+            "--streams",
+            "3",
+            "--duration",
+            "4",
+            "--pace",
+            "4",
+            "--uploaders",
+            "2",
+            "--files",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["realtime"]["frames_lost"], 0, "{r:#}");
+    assert_eq!(r["sync"]["files_ok"], 4, "{r:#}");
+    assert_eq!(r["accounting"]["passed"], true, "{r:#}");
+}
+
+#[test]
+fn a_refused_upgrade_is_an_error_kind_and_a_failing_exit_code() {
+    let url = start_server();
+    // A codec the server does not serve: every stream is closed with 1008 right after the upgrade.
+    let (code, r) = harness(
+        &url,
+        &[
+            "--no-check",
+            "realtime",
+            "--streams",
+            "2",
+            "--duration",
+            "1",
+            "--query",
+            "codec=aac",
+        ],
+    );
+    assert_eq!(code, 2, "{r:#}");
+    let errors = r["errors"].as_object().cloned().unwrap_or_default();
+    assert!(
+        errors.keys().any(|k| k.contains("1008")),
+        "the 1008 close shows as an error kind: {errors:?}"
+    );
+}

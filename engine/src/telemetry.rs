@@ -17,7 +17,7 @@ pub const STORE_UP: &str = "voicegate_store_up";
 pub const SERVER_STATE: &str = "voicegate_server_state";
 /// Gauge: open realtime listen sessions.
 pub const LISTEN_SESSIONS_ACTIVE: &str = "voicegate_listen_sessions_active";
-/// Counter, label `reason` (`per_user_limit`, `draining`): listen sessions refused at connect.
+/// Counter, label `reason` (`per_user_limit`, `at_capacity`, `draining`): listen sessions refused at connect.
 pub const LISTEN_SESSIONS_REFUSED_TOTAL: &str = "voicegate_listen_sessions_refused_total";
 /// Counter, label `transport` (`pipeline`: the socket read by its session's pipeline thread, the usual
 /// path; `http_worker`: an upgrade on a connection that already carried a request): listen sessions started.

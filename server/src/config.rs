@@ -26,6 +26,9 @@ pub mod defaults {
     pub const WS_MAX_MESSAGE_BYTES: usize = 64 * 1024;
     /// `VOICEGATE_WS_SESSIONS_PER_USER`.
     pub const WS_SESSIONS_PER_USER: usize = 4;
+    /// `VOICEGATE_WS_MAX_SESSIONS`: listen sessions one node holds at most (each ~40 KiB and a socket; the
+    /// same bound actix-server put on connections per worker).
+    pub const WS_MAX_SESSIONS: usize = 25_000;
     /// `VOICEGATE_DRAIN_TIMEOUT_SECS`.
     pub const DRAIN_TIMEOUT_SECS: u64 = 30;
     /// `VOICEGATE_WORKERS`: 0 = half the CPUs, at least one.
@@ -103,6 +106,10 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_WS_SESSIONS_PER_USER", default_value_t = defaults::WS_SESSIONS_PER_USER)]
     pub ws_sessions_per_user: usize,
 
+    /// Most concurrent listen sessions on this node, all users (503 `at_capacity` above it).
+    #[arg(long, env = "VOICEGATE_WS_MAX_SESSIONS", default_value_t = defaults::WS_MAX_SESSIONS)]
+    pub ws_max_sessions: usize,
+
     /// A listen session with no client message for this long closes with 1001 `idle timeout`.
     #[arg(long, env = "VOICEGATE_WS_IDLE_TIMEOUT_SECS", default_value_t = defaults::WS_IDLE_TIMEOUT_SECS)]
     pub ws_idle_timeout_secs: u64,
@@ -147,6 +154,7 @@ impl Default for ServeConfig {
             upload_dir: None,
             ws_max_message_bytes: defaults::WS_MAX_MESSAGE_BYTES,
             ws_sessions_per_user: defaults::WS_SESSIONS_PER_USER,
+            ws_max_sessions: defaults::WS_MAX_SESSIONS,
             drain_timeout_secs: defaults::DRAIN_TIMEOUT_SECS,
             workers: defaults::WORKERS,
             ws_idle_timeout_secs: defaults::WS_IDLE_TIMEOUT_SECS,
@@ -209,7 +217,7 @@ impl ServeConfig {
                 bind: self.bind.clone(),
             });
         }
-        let limits: [(&'static str, u64); 5] = [
+        let limits: [(&'static str, u64); 6] = [
             (
                 "VOICEGATE_UPLOAD_MAX_FILE_BYTES",
                 self.upload_max_file_bytes,
@@ -227,6 +235,7 @@ impl ServeConfig {
                 "VOICEGATE_WS_SESSIONS_PER_USER",
                 self.ws_sessions_per_user as u64,
             ),
+            ("VOICEGATE_WS_MAX_SESSIONS", self.ws_max_sessions as u64),
         ];
         match limits.iter().find(|(_, v)| *v == 0) {
             Some((name, _)) => Err(ConfigError::ZeroLimit { name }),

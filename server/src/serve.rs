@@ -186,7 +186,7 @@ impl ServerBuilder {
             "memory"
         };
         let store: Arc<dyn StoreHealth> = Arc::new(AlwaysReachable(store_kind));
-        let sessions = SessionRegistry::new(cfg.ws_sessions_per_user);
+        let sessions = SessionRegistry::new(cfg.ws_sessions_per_user, cfg.ws_max_sessions);
         let stripe = StripeWebhook {
             secret: cfg
                 .stripe_webhook_secret

@@ -1,7 +1,8 @@
 //! Admission and drain of realtime listen sessions.
 //!
-//! - [`SessionRegistry::open`] admits a session when the user is under `VOICEGATE_WS_SESSIONS_PER_USER` and
-//!   the server is not draining; the returned [`SessionGuard`] releases the slot when dropped.
+//! - [`SessionRegistry::open`] admits a session when the user is under `VOICEGATE_WS_SESSIONS_PER_USER`, the
+//!   node under `VOICEGATE_WS_MAX_SESSIONS`, and the server is not draining; the returned
+//!   [`SessionGuard`] releases the slot when dropped.
 //! - On drain, [`SessionRegistry::close_all`] tells every session to close (each one closes its socket with
 //!   1001, meters what it had, then drops its guard) and waits until none is left.
 //!
@@ -27,6 +28,10 @@ pub enum SessionRefused {
     PerUserLimit { limit: usize },
     #[error("server is draining; reconnect to another instance")]
     Draining,
+    #[error(
+        "this server holds its most listen sessions ({limit}, VOICEGATE_WS_MAX_SESSIONS); reconnect later or to another instance"
+    )]
+    AtCapacity { limit: usize },
 }
 
 impl From<SessionRefused> for ApiError {
@@ -42,6 +47,10 @@ impl From<SessionRefused> for ApiError {
                 code: "draining",
                 message: e.to_string(),
             },
+            SessionRefused::AtCapacity { .. } => ApiError::Unavailable {
+                code: "at_capacity",
+                message: e.to_string(),
+            },
         }
     }
 }
@@ -54,6 +63,7 @@ pub struct SessionRegistry {
 
 struct Inner {
     per_user_limit: usize,
+    total_limit: usize,
     per_user: Mutex<HashMap<String, usize>>,
     active: AtomicUsize,
     closing: watch::Sender<bool>,
@@ -61,10 +71,12 @@ struct Inner {
 }
 
 impl SessionRegistry {
-    pub fn new(per_user_limit: usize) -> Self {
+    /// At most `per_user_limit` sessions per user and `total_limit` in all.
+    pub fn new(per_user_limit: usize, total_limit: usize) -> Self {
         SessionRegistry {
             inner: Arc::new(Inner {
                 per_user_limit,
+                total_limit,
                 per_user: Mutex::new(HashMap::new()),
                 active: AtomicUsize::new(0),
                 closing: watch::Sender::new(false),
@@ -82,6 +94,16 @@ impl SessionRegistry {
         };
         if *this.closing.borrow() {
             return refused("draining", SessionRefused::Draining);
+        }
+        // Checked before the slot is taken, so a burst may pass the limit by the few connects in flight;
+        // it bounds memory and sockets, not an exact count.
+        if this.active.load(Ordering::Acquire) >= this.total_limit {
+            return refused(
+                "at_capacity",
+                SessionRefused::AtCapacity {
+                    limit: this.total_limit,
+                },
+            );
         }
         {
             let mut map = self
@@ -212,7 +234,7 @@ mod tests {
 
     #[test]
     fn a_user_over_the_limit_is_refused_and_a_released_slot_is_reusable() {
-        let reg = SessionRegistry::new(2);
+        let reg = SessionRegistry::new(2, 100);
         let a = reg.open("u");
         let b = reg.open("u");
         assert!(a.is_ok() && b.is_ok());
@@ -225,9 +247,22 @@ mod tests {
         assert!(reg.open("u").is_ok());
     }
 
+    #[test]
+    fn the_node_wide_limit_refuses_every_user_until_a_slot_frees() {
+        let reg = SessionRegistry::new(4, 2);
+        let a = reg.open("a");
+        let _b = reg.open("b");
+        assert_eq!(
+            reg.open("c").err(),
+            Some(SessionRefused::AtCapacity { limit: 2 })
+        );
+        drop(a);
+        assert!(reg.open("c").is_ok());
+    }
+
     #[tokio::test]
     async fn close_all_signals_sessions_and_waits_until_they_are_gone() {
-        let reg = SessionRegistry::new(4);
+        let reg = SessionRegistry::new(4, 100);
         let mut guard = match reg.open("u") {
             Ok(g) => g,
             Err(e) => panic!("{e}"),
@@ -245,7 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn close_all_gives_up_after_the_timeout() {
-        let reg = SessionRegistry::new(4);
+        let reg = SessionRegistry::new(4, 100);
         let _stuck = reg.open("u");
         assert_eq!(reg.close_all(Duration::from_millis(20)).await, 1);
     }

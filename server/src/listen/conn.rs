@@ -394,7 +394,7 @@ mod tests {
             .unwrap();
         let (frames, consumer) = frame_ring(16 * 1024);
         let counters = Arc::new(FrameCounters::default());
-        let guard = SessionRegistry::new(4).open("u").unwrap();
+        let guard = SessionRegistry::new(4, 100).open("u").unwrap();
         let conn = WsConn::new(
             server,
             BytesMut::new(),

@@ -46,8 +46,10 @@ const ROUTE: &str = "/v4/listen";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read before answering 431.
 const MAX_HEAD: usize = 32 * 1024;
-/// How often a connection whose first bytes are a prefix of [`LISTEN_LINE`] is looked at again.
-const PEEK_RETRY: Duration = Duration::from_millis(5);
+/// How soon a connection whose first bytes are a prefix of [`LISTEN_LINE`] is looked at again; the wait
+/// doubles each time up to [`PEEK_RETRY_MAX`], so a client that stalls mid-line costs a few wake-ups.
+const PEEK_RETRY: Duration = Duration::from_millis(2);
+const PEEK_RETRY_MAX: Duration = Duration::from_millis(250);
 /// How long a refused upgrade's answer may take to leave, and the client to close after a 1008.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -70,6 +72,7 @@ pub fn classify(first: &[u8]) -> Option<bool> {
 pub async fn first_request_is_listen(io: &TcpStream) -> bool {
     let deadline = Instant::now() + REQUEST_TIMEOUT;
     let mut buf = [0u8; 16];
+    let mut retry = PEEK_RETRY;
     loop {
         let peeked = tokio::time::timeout_at(deadline, io.peek(&mut buf)).await;
         match peeked {
@@ -78,7 +81,10 @@ pub async fn first_request_is_listen(io: &TcpStream) -> bool {
                 Some(decided) => return decided,
                 // Part of a request line: the rest is on its way (peek returns at once while unread
                 // bytes wait, so pause rather than spin).
-                None => tokio::time::sleep(PEEK_RETRY).await,
+                None => {
+                    tokio::time::sleep(retry).await;
+                    retry = (retry * 2).min(PEEK_RETRY_MAX);
+                }
             },
         }
     }

@@ -154,8 +154,9 @@ async fn stream_on(mut s: TcpStream, packets: &[Vec<u8>], end: Vec<u8>) -> Recei
             frame(BINARY, true, p)
         };
         s.write_all(&bytes).await.unwrap_or_else(|e| panic!("{e}"));
-        if i % 50 == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        // 10x real time: well inside the 2 s frame queue, even on a busy CI machine.
+        if i % 10 == 9 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
     s.write_all(&frame(PING, true, b"are you there"))
@@ -264,7 +265,11 @@ async fn both_transports_keep_the_contract_and_give_the_same_metadata() {
 
 #[actix_web::test]
 async fn refused_upgrades_get_the_routes_json_answers_and_are_timed_under_the_route() {
-    let server = EngineServer::start(fair_use_on(), |c| c.ws_sessions_per_user = 1).await;
+    let server = EngineServer::start(fair_use_on(), |c| {
+        c.ws_sessions_per_user = 1;
+        c.ws_max_sessions = 2;
+    })
+    .await;
     let addr = server.addr;
     let ask = move |req: String| async move {
         let mut s = TcpStream::connect(addr)
@@ -301,7 +306,13 @@ async fn refused_upgrades_get_the_routes_json_answers_and_are_timed_under_the_ro
     let (status, _, body, _) = ask(upgrade_request(server.addr, "busy", "codec=opus")).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["code"], "too_many_sessions", "{body}");
-    drop(first);
+    // Over the node's limit (2 sessions): 503 at_capacity, whoever asks.
+    let (status, _, _, second) = ask(upgrade_request(server.addr, "other", "codec=opus")).await;
+    assert_eq!(status, 101);
+    let (status, _, body, _) = ask(upgrade_request(server.addr, "third", "codec=opus")).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "at_capacity", "{body}");
+    drop((first, second));
 
     // A request head over the limit: 431, and nothing else happens.
     let huge = format!(

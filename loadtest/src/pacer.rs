@@ -25,7 +25,7 @@ pub const SEND_RING: usize = 2048;
 const MAX_PENDING: usize = 256 * 1024;
 /// Frames sent per stream per wake-up at most (a stalled harness catches up over several).
 const MAX_CATCH_UP: u64 = 200;
-/// How soon output left over after `CloseStream` is tried again.
+/// How soon output left over after `CloseStream` (or a stream still catching up) is tried again.
 const RETRY: Duration = Duration::from_millis(5);
 /// Frames counted locally before the shared counter is bumped (keeps atomics off the per-frame path).
 const LIVE_BATCH: u64 = 100;
@@ -189,6 +189,10 @@ impl StreamTx {
         self.flush();
         if self.stopped.is_some() {
             return None;
+        }
+        if n == MAX_CATCH_UP {
+            // Still behind: come back after every other stream due now had its turn.
+            return Some(now + RETRY);
         }
         Some(self.deadline(self.sent))
     }

@@ -191,6 +191,9 @@ impl Parser {
                     self.partial = Some((opcode, payload));
                     continue;
                 }
+                (OP_TEXT | OP_BINARY, true) if self.partial.is_some() => {
+                    return Err(BadFrame("continuation_started"));
+                }
                 (op, _) => (op, payload),
             };
             return Ok(Some(match whole {

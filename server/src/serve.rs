@@ -161,21 +161,22 @@ pub struct ServerBuilder {
     extra_data: Vec<RoutesFn>,
     hooks: DrainHooks,
     front: Option<Arc<ListenFront>>,
-    /// Bound at [`ServerBuilder::new`]: a port in use is reported before any engine actor starts.
-    listeners: Vec<std::net::TcpListener>,
+    /// Bound at [`ServerBuilder::new`], so a port in use is reported before any engine actor starts;
+    /// listening only from [`ServerBuilder::start`], so no connection waits in a backlog nobody serves.
+    sockets: Vec<socket2::Socket>,
 }
 
 impl ServerBuilder {
     /// Validates `cfg` (refusing dev auth on a public bind), loads the token keys, installs the metrics recorder.
     pub fn new(cfg: ServeConfig) -> Result<Self, ServeError> {
         cfg.validate()?;
-        let mut listeners = Vec::new();
+        let mut sockets = Vec::new();
         for addr in cfg.bind_addrs()? {
-            let listener = listen_on(addr).map_err(|error| ServeError::Bind {
+            let socket = bind_to(addr).map_err(|error| ServeError::Bind {
                 addr: addr.to_string(),
                 error,
             })?;
-            listeners.push(listener);
+            sockets.push(socket);
         }
         let auth = Authenticator::from_config(&cfg)?;
         announce(&cfg, &auth);
@@ -226,7 +227,7 @@ impl ServerBuilder {
             extra_data: Vec::new(),
             hooks,
             front: None,
-            listeners,
+            sockets,
         })
     }
 
@@ -301,7 +302,7 @@ impl ServerBuilder {
             extra_data,
             hooks,
             front,
-            listeners,
+            sockets,
         } = self;
         let cfg = state.config.clone();
         let extra: Option<RoutesFn> = {
@@ -322,8 +323,12 @@ impl ServerBuilder {
             .disable_signals()
             .shutdown_timeout(cfg.drain_timeout_secs);
         let shutdown = builder.graceful_shutdown_signal();
-        let mut bound = Vec::with_capacity(listeners.len());
-        for listener in listeners {
+        let mut bound = Vec::with_capacity(sockets.len());
+        for socket in sockets {
+            // A backlog of 1,024, as actix-web's HttpServer: a ramp of thousands of streams connects
+            // faster than a 128 backlog drains.
+            socket.listen(1024).map_err(ServeError::Server)?;
+            let listener: std::net::TcpListener = socket.into();
             let local = listener.local_addr().map_err(ServeError::Server)?;
             bound.push(local);
             let connection = ConnectionService {
@@ -359,15 +364,13 @@ impl ServerBuilder {
     }
 }
 
-/// A listening socket as actix-web's `HttpServer` makes one: address reuse, a backlog of 1,024 (a ramp of
-/// thousands of streams connects faster than a 128 backlog drains).
-fn listen_on(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// A bound (not yet listening) socket as actix-web's `HttpServer` makes one: with address reuse.
+fn bind_to(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.bind(&addr.into())?;
-    socket.listen(1024)?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 /// What one listener's connections are served with, on every worker.
@@ -405,6 +408,9 @@ impl ConnectionService {
             .client_request_timeout(crate::listen::front::REQUEST_TIMEOUT)
             .client_disconnect_timeout(std::time::Duration::from_secs(1))
             .local_addr(self.addr)
+            // The app's `AppConfig` host and address only serve URL generation (unused here) and the
+            // connection-info fallback for a request without a `Host` header; actix-web's constructor
+            // taking the real ones is crate-private, so the default stands in.
             .finish(actix_service::map_config(app, |_| {
                 actix_web::dev::AppConfig::default()
             }))
@@ -414,19 +420,27 @@ impl ConnectionService {
             let http = http.new_service(());
             let front = front.clone();
             async move {
+                use crate::listen::front::{
+                    FirstRequest, REQUEST_TIMEOUT, answer_timeout, first_request,
+                };
                 let http = std::rc::Rc::new(http.await?);
+                // One per worker: it holds the worker's date-header timer.
+                let h1_config = actix_http::ServiceConfig::default();
                 Ok(actix_service::fn_service(
                     move |io: actix_web::rt::net::TcpStream| {
-                        let http = std::rc::Rc::clone(&http);
-                        let front = front.clone();
+                        let (http, front, h1_config) =
+                            (std::rc::Rc::clone(&http), front.clone(), h1_config.clone());
                         async move {
-                            if let Some(front) = front
-                                && crate::listen::front::first_request_is_listen(&io).await
-                            {
-                                front.serve(io).await;
-                                return Ok(());
+                            let Some(front) = front else {
+                                return http.call(io).await;
+                            };
+                            let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+                            match first_request(&io, deadline).await {
+                                FirstRequest::Listen => front.serve(io, deadline, &h1_config).await,
+                                FirstRequest::TimedOut => answer_timeout(io, &h1_config).await,
+                                FirstRequest::Other => return http.call(io).await,
                             }
-                            http.call(io).await
+                            Ok(())
                         }
                     },
                 ))
@@ -619,10 +633,11 @@ pub fn mount_engine(server: &mut ServerBuilder, engine: &Engine) {
         });
 }
 
-/// HTTP worker threads: `configured`, or half the CPUs (at least one) when 0. The websocket workers only
-/// move bytes into the sessions' frame queues; decode and VAD run on the pipeline threads (one per CPU). On 2
-/// cores, 1 worker + 2 pipeline threads held 600 streams at p99 221 ms; 2 + 2 used the same CPU with a
-/// p99 of 1.3 s (the extra thread only adds preemption; docs/performance.md).
+/// HTTP worker threads: `configured`, or half the CPUs (at least one) when 0. The workers answer HTTP
+/// requests, sync uploads and listen upgrades; a listen session's socket then moves to a pipeline thread
+/// (one per CPU), which reads it, decodes and runs the VAD. On 2 cores, 1 worker + 2 pipeline threads held
+/// 600 streams at p99 221 ms where 2 + 2 gave 1.3 s when the workers still carried the websockets
+/// (docs/performance.md).
 pub fn http_workers(configured: usize) -> usize {
     if configured > 0 {
         return configured;

@@ -122,8 +122,9 @@ impl SessionRegistry {
             }
             *count += 1;
         }
-        let active = this.active.fetch_add(1, Ordering::AcqRel) + 1;
-        metrics::gauge!(LISTEN_SESSIONS_ACTIVE).set(active as f64);
+        this.active.fetch_add(1, Ordering::AcqRel);
+        // Incremented, not set from the count: two threads setting it could leave the older value.
+        metrics::gauge!(LISTEN_SESSIONS_ACTIVE).increment(1.0);
         Ok(SessionGuard {
             registry: self.clone(),
             uid: uid.to_owned(),
@@ -182,7 +183,7 @@ impl SessionRegistry {
             }
         }
         let left = this.active.fetch_sub(1, Ordering::AcqRel).saturating_sub(1);
-        metrics::gauge!(LISTEN_SESSIONS_ACTIVE).set(left as f64);
+        metrics::gauge!(LISTEN_SESSIONS_ACTIVE).decrement(1.0);
         if left == 0 {
             this.all_closed.notify_waiters();
         }

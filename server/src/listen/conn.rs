@@ -1,12 +1,17 @@
-//! A listen websocket read by its session's own pipeline thread, once per tick.
+//! The listen websocket, spoken by its session's own pipeline thread once per tick.
 //!
-//! [`super::front`] answers the upgrade on an HTTP worker, then hands the socket over: non-blocking and
-//! registered with no reactor, it moves to the pipeline thread its session runs on. Every tick (50 ms) the
-//! session calls [`WsConn::poll_input`] before it drains its frame queue: one `read` brings what the
-//! client sent since the last tick (a device: ~5 packets), the websocket frames are decoded, audio goes into
-//! the frame queue (drops counted exactly as on the HTTP-worker path) and control frames are answered.
-//! Events are written the moment the session produces them; what the socket does not take at once waits
-//! (bounded) for the next tick.
+//! Every session's websocket runs here, on the pipeline thread of its session, over one of two [`Wire`]s:
+//! - the socket itself ([`TcpStream`], non-blocking and registered with no reactor), when the connection
+//!   came through the front door ([`super::front`]): the usual path;
+//! - two bounded channels to an HTTP worker that moves the bytes of an actix-web upgrade ([`ChannelWire`]),
+//!   when the upgrade came on a connection that already carried a request.
+//!
+//! Every tick (50 ms) the session calls [`WsConn::poll_input`] before it drains its frame queue: one read
+//! brings what the client sent since the last tick (a device: ~5 packets), the frames are decoded (fragments
+//! joined, pings answered, text controls parsed) and the audio goes into the frame queue. What the queue
+//! cannot take waits in the socket, so a pipeline that falls behind slows its client down (TCP flow
+//! control) and loses nothing. Events are written the moment the session produces them; what the wire does
+//! not take at once waits (bounded) for the next tick.
 //!
 //! Why: read on an HTTP worker, each 10 ms packet cost a wake-up, a `read`, an ACK, the h1 dispatcher,
 //! actix-ws and a cross-thread queue, about 7.5 µs of CPU (39 % of the server at 600 streams). Read per
@@ -21,23 +26,28 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use actix_codec::{Decoder, Encoder};
-use actix_http::ws::{self, CloseReason, Frame, Item, ProtocolError};
-use bytes::{Buf, BytesMut};
+use actix_http::ws::{self, Frame, Item, ProtocolError};
+use bytes::{Buf, Bytes, BytesMut};
 use bytestring::ByteString;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use voicegate_engine::pipeline::live::{Control, EventSink, FrameCounters, FrameProducer};
+use voicegate_engine::pipeline::live::{
+    Control, DropReason, EventSink, FrameCounters, FrameProducer,
+};
 use voicegate_engine::telemetry as t;
 
-use super::{End, PING_INTERVAL, TextControl, control_of};
+use super::{End, PING_INTERVAL, TextControl, close_message, control_of, declared_frame_len};
 use crate::sessions::SessionGuard;
 
 /// Bytes asked of the socket per `read` (a tick of a device's stream is ~0.5 KB).
 const READ_CHUNK: usize = 4096;
-/// Most bytes read in one tick; the rest waits in the socket (TCP flow control holds the client back).
+/// Most bytes read in one tick; the rest waits in the socket.
 const READ_BUDGET: usize = 256 * 1024;
-/// Output not yet taken by the socket past which the client counts as gone (it stopped reading: ~1,000
+/// Output not yet taken by the wire past which the client counts as gone (it stopped reading: ~1,000
 /// events).
 const MAX_PENDING_OUT: usize = 256 * 1024;
+/// Longest websocket frame header (2, then 8 bytes of length, then the 4-byte mask).
+const MAX_HEADER: usize = 14;
 /// A buffer emptied by its tick keeps at most this much capacity.
 const KEEP_CAPACITY: usize = 2048;
 /// How long the close frame may take to leave, and then how long the client has to close its side.
@@ -45,15 +55,122 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 const CLOSE_LINGER: Duration = Duration::from_secs(1);
 const CLOSE_POLL: Duration = Duration::from_millis(20);
 
+/// How a read of the wire ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inflow {
+    /// Nothing more for now.
+    Open,
+    /// The client closed its side (or the wire failed).
+    Closed,
+}
+
+/// The bytes under a [`WsConn`]: non-blocking both ways.
+pub trait Wire {
+    /// Appends at most `budget` bytes of what arrived to `buf` (the rest waits).
+    fn read_into(&mut self, buf: &mut BytesMut, budget: usize) -> Inflow;
+    /// Takes what it can of `buf` now (`WouldBlock` when nothing).
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize>;
+    /// Ends our side (after the close frame).
+    fn shutdown(&mut self);
+}
+
+impl Wire for TcpStream {
+    fn read_into(&mut self, buf: &mut BytesMut, budget: usize) -> Inflow {
+        let mut chunk = [0u8; READ_CHUNK];
+        let mut total = 0;
+        while total < budget {
+            let want = (budget - total).min(READ_CHUNK);
+            match Read::read(self, &mut chunk[..want]) {
+                Ok(0) => return Inflow::Closed,
+                Ok(n) => {
+                    buf.extend_from_slice(&chunk[..n]);
+                    total += n;
+                    // A short read emptied the socket's queue: another read would only say so.
+                    if n < want {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Inflow::Closed,
+            }
+        }
+        Inflow::Open
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        Write::write(self, buf)
+    }
+
+    fn shutdown(&mut self) {
+        let _ = TcpStream::shutdown(self, Shutdown::Write);
+    }
+}
+
+/// The wire of an upgrade served by actix-web: the HTTP worker sends the request payload's chunks in and
+/// streams what comes out as the response body (`super::serve_upgrade`). Both channels are bounded, so a
+/// full one is backpressure, as a full socket is.
+pub struct ChannelWire {
+    from_client: mpsc::Receiver<Bytes>,
+    /// A chunk only partly handed to the connection.
+    part: Bytes,
+    to_client: Option<mpsc::Sender<Bytes>>,
+}
+
+impl ChannelWire {
+    pub fn new(from_client: mpsc::Receiver<Bytes>, to_client: mpsc::Sender<Bytes>) -> Self {
+        ChannelWire {
+            from_client,
+            part: Bytes::new(),
+            to_client: Some(to_client),
+        }
+    }
+}
+
+impl Wire for ChannelWire {
+    fn read_into(&mut self, buf: &mut BytesMut, budget: usize) -> Inflow {
+        let mut total = 0;
+        while total < budget {
+            if self.part.is_empty() {
+                match self.from_client.try_recv() {
+                    Ok(chunk) => self.part = chunk,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Inflow::Closed,
+                }
+            }
+            let take = self.part.len().min(budget - total);
+            buf.extend_from_slice(&self.part.split_to(take));
+            total += take;
+        }
+        Inflow::Open
+    }
+
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let Some(tx) = &self.to_client else {
+            return Err(io::ErrorKind::BrokenPipe.into());
+        };
+        match tx.try_send(Bytes::copy_from_slice(buf)) {
+            Ok(()) => Ok(buf.len()),
+            Err(mpsc::error::TrySendError::Full(_)) => Err(io::ErrorKind::WouldBlock.into()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(io::ErrorKind::BrokenPipe.into()),
+        }
+    }
+
+    fn shutdown(&mut self) {
+        // The response body ends; actix-web then closes the connection.
+        self.to_client = None;
+    }
+}
+
 /// A fragmented message being put together.
 struct Partial {
     text: bool,
     data: BytesMut,
 }
 
-/// The socket half of one listen session, owned by the session's pipeline thread.
-pub struct WsConn {
-    stream: TcpStream,
+/// The websocket half of one listen session, owned by the session's pipeline thread.
+pub struct WsConn<W: Wire> {
+    wire: W,
     rbuf: BytesMut,
     wbuf: BytesMut,
     codec: ws::Codec,
@@ -63,18 +180,20 @@ pub struct WsConn {
     counters: Arc<FrameCounters>,
     /// PCM may be split into several queue records; an Opus packet may not.
     splittable: bool,
+    /// A received frame the queue had no room for (pushed first on the next tick).
+    held: Option<(u32, Bytes)>,
     seq: u32,
     last_msg: Instant,
     next_ping: Instant,
     idle: Duration,
-    guard: SessionGuard,
-    /// Why the session stops, once it does (the socket is not read after that).
+    guard: Option<SessionGuard>,
+    /// Why the session stops, once it does (the wire is not read after that).
     end: Option<End>,
     /// Writing failed or the client stopped reading: events are no longer sent.
     broken: bool,
 }
 
-/// What [`WsConn::new`] needs besides the socket.
+/// What [`WsConn::new`] needs besides the wire.
 pub struct ConnParts {
     pub frames: FrameProducer,
     pub counters: Arc<FrameCounters>,
@@ -84,12 +203,12 @@ pub struct ConnParts {
     pub guard: SessionGuard,
 }
 
-impl WsConn {
-    /// `stream` is non-blocking; `leftover` holds bytes read past the upgrade request (the first frames).
-    pub fn new(stream: TcpStream, leftover: BytesMut, parts: ConnParts) -> Self {
+impl<W: Wire> WsConn<W> {
+    /// `leftover` holds bytes read past the upgrade request (the first frames).
+    pub fn new(wire: W, leftover: BytesMut, parts: ConnParts) -> Self {
         let now = Instant::now();
         WsConn {
-            stream,
+            wire,
             rbuf: leftover,
             wbuf: BytesMut::new(),
             codec: ws::Codec::new().max_size(parts.max_message),
@@ -98,11 +217,12 @@ impl WsConn {
             frames: parts.frames,
             counters: parts.counters,
             splittable: parts.splittable,
+            held: None,
             seq: 0,
             last_msg: now,
             next_ping: now + PING_INTERVAL,
             idle: parts.idle,
-            guard: parts.guard,
+            guard: Some(parts.guard),
             end: None,
             broken: false,
         }
@@ -115,29 +235,19 @@ impl WsConn {
 
     /// Reads what arrived, queues its audio, answers its control frames, checks the idle timeout, the
     /// drain and the ping timer. Returns [`Control::Stop`] once (the session then processes what the queue
-    /// holds and ends), a [`Control::Finalize`] the client asked for, or nothing.
+    /// holds and ends), a [`Control::Finalize`] the client asked for, or nothing. (A `Finalize` and a stop
+    /// in one tick give the stop: the end of a session flushes the STT stream anyway.)
     pub fn poll_input(&mut self) -> Option<Control> {
         if self.end.is_some() {
             return None;
         }
         let mut finalize = false;
-        let read = self.read_socket();
-        while self.end.is_none() {
-            match self.codec.decode(&mut self.rbuf) {
-                Ok(Some(frame)) => self.on_frame(frame, &mut finalize),
-                Ok(None) => break,
-                Err(e) => self.end = Some(protocol_end(&e)),
-            }
-        }
-        if self.end.is_none() {
-            match read {
-                Inflow::Open => {}
-                Inflow::Eof | Inflow::Failed => self.end = Some(End::ClientClosed),
-            }
+        if self.push_held() {
+            self.read_and_decode(&mut finalize);
         }
         let now = Instant::now();
         if self.end.is_none() {
-            if self.guard.is_closing() {
+            if self.guard.as_ref().is_some_and(SessionGuard::is_closing) {
                 self.end = Some(End::Drain);
             } else if now.saturating_duration_since(self.last_msg) >= self.idle {
                 self.end = Some(End::Idle);
@@ -161,31 +271,71 @@ impl WsConn {
         }
     }
 
-    /// Reads until the socket has nothing more (a short read), the tick's budget is spent, or it ends.
-    fn read_socket(&mut self) -> Inflow {
-        let mut chunk = [0u8; READ_CHUNK];
-        let mut total = 0;
-        loop {
-            match (&self.stream).read(&mut chunk) {
-                Ok(0) => return Inflow::Eof,
-                Ok(n) => {
-                    self.rbuf.extend_from_slice(&chunk[..n]);
-                    total += n;
-                    // A short read emptied the socket's queue: another read would only say so.
-                    if n < READ_CHUNK || total >= READ_BUDGET {
-                        return Inflow::Open;
+    /// Reads as much as the frame queue has room for (but always enough to complete the largest allowed
+    /// frame, so a frame bigger than the room left can still arrive and wait whole) and decodes it.
+    fn read_and_decode(&mut self, finalize: &mut bool) {
+        let budget = self
+            .frames
+            .vacant()
+            .min(READ_BUDGET)
+            .max(self.max_message + MAX_HEADER)
+            .saturating_sub(self.rbuf.len());
+        let before = self.rbuf.len();
+        let inflow = self.wire.read_into(&mut self.rbuf, budget);
+        if self.rbuf.len() > before {
+            // Bytes from the client: it is alive, even while the queue holds back their decoding.
+            self.last_msg = Instant::now();
+        }
+        while self.end.is_none() && self.held.is_none() {
+            match self.codec.decode(&mut self.rbuf) {
+                Ok(Some(frame)) => self.on_frame(frame, finalize),
+                Ok(None) => {
+                    // The codec waits for a whole frame before it checks its size: refuse one declared
+                    // over the limit now, instead of buffering it.
+                    if declared_frame_len(&self.rbuf).is_some_and(|n| n > self.max_message as u64) {
+                        self.end = Some(End::TooLarge);
                     }
+                    break;
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Inflow::Open,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => return Inflow::Failed,
+                Err(e) => self.end = Some(protocol_end(&e)),
+            }
+        }
+        if self.end.is_none() && inflow == Inflow::Closed && self.held.is_none() {
+            self.end = Some(End::ClientClosed);
+        }
+    }
+
+    /// Pushes the frame held back on an earlier tick; false while the queue still has no room for it.
+    fn push_held(&mut self) -> bool {
+        let Some((seq, bytes)) = self.held.take() else {
+            return true;
+        };
+        self.push(seq, bytes)
+    }
+
+    /// Queues one frame; keeps it (returns false) while the queue is full. Dropped (and counted) only when
+    /// it could never fit: an Opus packet over the record limit, or a frame larger than the whole queue.
+    fn push(&mut self, seq: u32, bytes: Bytes) -> bool {
+        match self.frames.push(seq, &bytes, self.splittable) {
+            Ok(()) => true,
+            Err(DropReason::RingFull) if self.frames.fits(bytes.len()) => {
+                self.held = Some((seq, bytes));
+                false
+            }
+            Err(reason) => {
+                self.counters
+                    .dropped(reason)
+                    .fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(t::LISTEN_FRAMES_DROPPED_TOTAL, "reason" => reason.as_str())
+                    .increment(1);
+                true
             }
         }
     }
 
     fn on_frame(&mut self, frame: Frame, finalize: &mut bool) {
         match frame {
-            Frame::Binary(bytes) => self.on_binary(&bytes),
+            Frame::Binary(bytes) => self.on_binary(bytes),
             Frame::Text(bytes) => self.on_text(&bytes, finalize),
             Frame::Continuation(item) => self.on_continuation(item, finalize),
             Frame::Ping(bytes) => {
@@ -197,7 +347,7 @@ impl WsConn {
         }
     }
 
-    fn on_binary(&mut self, bytes: &[u8]) {
+    fn on_binary(&mut self, bytes: Bytes) {
         self.last_msg = Instant::now();
         self.seq = self.seq.wrapping_add(1);
         self.counters
@@ -206,19 +356,13 @@ impl WsConn {
         if bytes.len() <= 2 {
             return; // keepalive
         }
-        if let Err(reason) = self.frames.push(self.seq, bytes, self.splittable) {
-            self.counters
-                .dropped(reason)
-                .fetch_add(1, Ordering::Relaxed);
-            metrics::counter!(t::LISTEN_FRAMES_DROPPED_TOTAL, "reason" => reason.as_str())
-                .increment(1);
-        }
+        self.push(self.seq, bytes);
     }
 
     fn on_text(&mut self, bytes: &[u8], finalize: &mut bool) {
         self.last_msg = Instant::now();
         let Ok(text) = std::str::from_utf8(bytes) else {
-            // Invalid UTF-8 in a text message breaks the protocol (as on the HTTP-worker path).
+            // Invalid UTF-8 in a text message breaks the protocol.
             self.end = Some(End::Protocol);
             return;
         };
@@ -259,12 +403,12 @@ impl WsConn {
             if whole.text {
                 self.on_text(&whole.data, finalize);
             } else {
-                self.on_binary(&whole.data);
+                self.on_binary(whole.data.freeze());
             }
         }
     }
 
-    /// Queues one message and writes what the socket takes now.
+    /// Queues one message and writes what the wire takes now.
     fn queue(&mut self, msg: ws::Message) {
         if self.broken {
             return;
@@ -288,7 +432,7 @@ impl WsConn {
 
     fn flush(&mut self) {
         while !self.wbuf.is_empty() && !self.broken {
-            match (&self.stream).write(&self.wbuf) {
+            match self.wire.write(&self.wbuf) {
                 Ok(0) => self.broken = true,
                 Ok(n) => self.wbuf.advance(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -311,43 +455,38 @@ impl WsConn {
         }
     }
 
-    /// Sends the close frame, waits (bounded) for it to leave, ends our side, and lets the client close
-    /// its own: reading to its end means the kernel never answers unread data with a reset, which could
-    /// discard the close (and the `metadata` before it) on the client's side.
-    pub async fn close(&mut self, code: ws::CloseCode, description: Option<String>) {
-        self.queue(ws::Message::Close(Some(CloseReason { code, description })));
+    /// Sends the close frame, waits (bounded) for it to leave, gives the session slot back (the session
+    /// has metered everything it reported), ends our side, and lets the client close its own: reading to
+    /// its end means the kernel never answers unread data with a reset, which could discard the close (and
+    /// the `metadata` before it) on the client's side.
+    pub async fn close(mut self, code: ws::CloseCode, description: Option<String>) {
+        self.queue(close_message(code, description));
         let deadline = Instant::now() + CLOSE_FLUSH;
         while !self.wbuf.is_empty() && !self.broken && Instant::now() < deadline {
             tokio::time::sleep(CLOSE_POLL).await;
             self.flush();
         }
-        let _ = self.stream.shutdown(Shutdown::Write);
+        // The drain may now flush the meter; the per-user slot is free for a reconnect.
+        drop(self.guard.take());
+        self.wire.shutdown();
         let deadline = Instant::now() + CLOSE_LINGER;
-        let mut sink = [0u8; READ_CHUNK];
         while Instant::now() < deadline {
-            match (&self.stream).read(&mut sink) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    tokio::time::sleep(CLOSE_POLL).await;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+            self.rbuf.clear();
+            if self.wire.read_into(&mut self.rbuf, READ_CHUNK) == Inflow::Closed {
+                break;
+            }
+            if self.rbuf.is_empty() {
+                tokio::time::sleep(CLOSE_POLL).await;
             }
         }
-    }
-
-    /// Gives the session slot back (after [`WsConn::close`]).
-    pub fn into_guard(self) -> SessionGuard {
-        self.guard
     }
 }
 
 /// The session's event sink and input: the connection, shared with the task that closes it afterwards
 /// (both on the session's pipeline thread).
-pub struct ConnSink(pub Rc<RefCell<WsConn>>);
+pub struct ConnSink<W: Wire>(pub Rc<RefCell<WsConn<W>>>);
 
-impl EventSink for ConnSink {
+impl<W: Wire> EventSink for ConnSink<W> {
     async fn send(&mut self, text: String) -> bool {
         self.0.borrow_mut().send_text(text)
     }
@@ -355,15 +494,6 @@ impl EventSink for ConnSink {
     fn poll_input(&mut self) -> Option<Control> {
         self.0.borrow_mut().poll_input()
     }
-}
-
-/// How a tick's read ended.
-enum Inflow {
-    /// Nothing more for now.
-    Open,
-    /// The client closed its side.
-    Eof,
-    Failed,
 }
 
 /// A websocket protocol error as the way the session ends.
@@ -381,10 +511,29 @@ mod tests {
     use std::net::TcpListener;
     use voicegate_engine::pipeline::live::{FrameConsumer, frame_ring};
 
-    const MAX: usize = 1024;
+    const MAX: usize = 8192;
 
     /// A connected pair: the server end in a [`WsConn`], the client end as a plain blocking socket.
-    fn pair(idle: Duration) -> (WsConn, FrameConsumer, Arc<FrameCounters>, TcpStream) {
+    fn pair(
+        idle: Duration,
+    ) -> (
+        WsConn<TcpStream>,
+        FrameConsumer,
+        Arc<FrameCounters>,
+        TcpStream,
+    ) {
+        pair_with(idle, 16 * 1024)
+    }
+
+    fn pair_with(
+        idle: Duration,
+        queue: usize,
+    ) -> (
+        WsConn<TcpStream>,
+        FrameConsumer,
+        Arc<FrameCounters>,
+        TcpStream,
+    ) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
@@ -392,7 +541,7 @@ mod tests {
         client
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        let (frames, consumer) = frame_ring(16 * 1024);
+        let (frames, consumer) = frame_ring(queue);
         let counters = Arc::new(FrameCounters::default());
         let guard = SessionRegistry::new(4, 100).open("u").unwrap();
         let conn = WsConn::new(
@@ -543,6 +692,74 @@ mod tests {
         let (mut conn, _, _, _client) = pair(Duration::ZERO);
         assert_eq!(conn.poll_input(), Some(Control::Stop));
         assert_eq!(conn.end(), Some(End::Idle));
+    }
+
+    #[test]
+    fn a_full_queue_holds_frames_back_in_the_socket_and_loses_none() {
+        // Room for one 4 KB frame at a time.
+        let (mut conn, mut q, counters, mut client) = pair_with(IDLE, 4102);
+        let frames: Vec<Vec<u8>> = (0..5u8).map(|i| frame(0x2, true, &vec![i; 4000])).collect();
+        send(&mut client, &frames);
+        let mut got = Vec::new();
+        for _ in 0..10 {
+            assert_eq!(conn.poll_input(), None);
+            got.extend(queued(&mut q).into_iter().map(|(seq, b)| (seq, b[0])));
+        }
+        assert_eq!(
+            got,
+            (1..=5u32).map(|s| (s, (s - 1) as u8)).collect::<Vec<_>>()
+        );
+        assert_eq!(counters.dropped_ring_full.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_frame_larger_than_the_whole_queue_is_dropped_and_counted() {
+        let (mut conn, mut q, counters, mut client) = pair_with(IDLE, 4102);
+        let mut c = conn;
+        c.splittable = true;
+        conn = c;
+        send(
+            &mut client,
+            &[frame(0x2, true, &vec![1; 5000]), frame(0x2, true, &[2; 10])],
+        );
+        assert_eq!(conn.poll_input(), None);
+        assert_eq!(queued(&mut q), vec![(2, vec![2; 10])]);
+        assert_eq!(counters.dropped_ring_full.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_frame_declared_over_the_limit_ends_the_session_before_it_arrives() {
+        let (mut conn, _, _, mut client) = pair(IDLE);
+        let mut header = vec![0x82, 0x80 | 127];
+        header.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        header.extend_from_slice(&[0, 0, 0, 0, 1, 2, 3]);
+        send(&mut client, &[header]);
+        assert_eq!(conn.poll_input(), Some(Control::Stop));
+        assert_eq!(conn.end(), Some(End::TooLarge));
+    }
+
+    #[test]
+    fn the_channel_wire_carries_both_ways_and_ends() {
+        let (in_tx, in_rx) = mpsc::channel(4);
+        let (out_tx, mut out_rx) = mpsc::channel(1);
+        let mut wire = ChannelWire::new(in_rx, out_tx);
+        in_tx.try_send(Bytes::from_static(b"abcdef")).unwrap();
+        let mut buf = BytesMut::new();
+        assert_eq!(wire.read_into(&mut buf, 4), Inflow::Open);
+        assert_eq!(&buf[..], b"abcd", "the budget holds the rest back");
+        assert_eq!(wire.read_into(&mut buf, 100), Inflow::Open);
+        assert_eq!(&buf[..], b"abcdef");
+        assert_eq!(wire.write(b"xy").unwrap(), 2);
+        assert_eq!(
+            wire.write(b"z").unwrap_err().kind(),
+            io::ErrorKind::WouldBlock,
+            "a full channel is backpressure"
+        );
+        assert_eq!(out_rx.try_recv().unwrap(), Bytes::from_static(b"xy"));
+        drop(in_tx);
+        assert_eq!(wire.read_into(&mut buf, 100), Inflow::Closed);
+        wire.shutdown();
+        assert!(wire.write(b"z").is_err());
     }
 
     #[tokio::test]

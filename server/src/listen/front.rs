@@ -8,8 +8,6 @@
 //! server cannot serve), each error with the JSON body of [`ApiError`]; the request's latency is recorded
 //! under the route `/v4/listen` as the middleware would.
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,15 +22,11 @@ use actix_web::web;
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio::time::Instant;
-use voicegate_engine::pipeline::live::{
-    FrameCounters, SessionInput, SessionParams, frame_ring, run_session,
-};
 use voicegate_engine::telemetry as t;
 
-use super::conn::{ConnParts, ConnSink, WsConn};
-use super::{End, ListenParams, ListenState, close_frame, ring_bytes};
+use super::{ListenParams, ListenState, close_message, run_on};
 use crate::auth::{Authenticator, authenticate_headers};
 use crate::error::ApiError;
 use crate::prometheus::record_request;
@@ -67,27 +61,49 @@ pub fn classify(first: &[u8]) -> Option<bool> {
     Some(&first[..n] == LISTEN_LINE && matches!(first[n], b'?' | b' '))
 }
 
-/// Peeks at a new connection (never consuming a byte) until [`classify`] decides or the request timeout
-/// passes (then actix-web gets it and answers the timeout itself).
-pub async fn first_request_is_listen(io: &TcpStream) -> bool {
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
+/// What a new connection's first bytes say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstRequest {
+    /// `GET /v4/listen`: the front door answers it.
+    Listen,
+    /// Anything else (or nothing, the client gone): actix-web's.
+    Other,
+    /// A prefix of the listen line, or nothing at all, until the request timeout.
+    TimedOut,
+}
+
+/// Peeks at a new connection (never consuming a byte) until [`classify`] decides or `deadline` passes.
+pub async fn first_request(io: &TcpStream, deadline: Instant) -> FirstRequest {
     let mut buf = [0u8; 16];
     let mut retry = PEEK_RETRY;
     loop {
         let peeked = tokio::time::timeout_at(deadline, io.peek(&mut buf)).await;
         match peeked {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return false,
+            Err(_) => return FirstRequest::TimedOut,
+            Ok(Ok(0)) | Ok(Err(_)) => return FirstRequest::Other,
             Ok(Ok(n)) => match classify(&buf[..n]) {
-                Some(decided) => return decided,
+                Some(true) => return FirstRequest::Listen,
+                Some(false) => return FirstRequest::Other,
                 // Part of a request line: the rest is on its way (peek returns at once while unread
                 // bytes wait, so pause rather than spin).
                 None => {
-                    tokio::time::sleep(retry).await;
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return FirstRequest::TimedOut;
+                    }
+                    tokio::time::sleep(retry.min(left)).await;
                     retry = (retry * 2).min(PEEK_RETRY_MAX);
                 }
             },
         }
     }
+}
+
+/// The answer to a connection that sent no request line within the request timeout: 408, as actix-web
+/// answers (given the connection now, it would wait a timeout more).
+pub async fn answer_timeout(io: TcpStream, config: &ServiceConfig) {
+    let mut codec = h1::Codec::new(config.clone());
+    answer_status(io, &mut codec, StatusCode::REQUEST_TIMEOUT).await;
 }
 
 /// What the door needs: the listen state (pipeline threads, engine services, limits), the token check and
@@ -111,11 +127,18 @@ impl ListenFront {
         }
     }
 
-    /// Answers the connection's listen request; on success the socket leaves for a pipeline thread.
-    pub async fn serve(self: Arc<Self>, mut io: TcpStream) {
-        let mut codec = h1::Codec::new(ServiceConfig::default());
+    /// Answers the connection's listen request (its head due by `deadline`, the one the peek had); on
+    /// success the socket leaves for a pipeline thread. `config` is the worker's (one per worker: each
+    /// holds a date-header timer).
+    pub async fn serve(
+        self: Arc<Self>,
+        mut io: TcpStream,
+        deadline: Instant,
+        config: &ServiceConfig,
+    ) {
+        let mut codec = h1::Codec::new(config.clone());
         let mut buf = BytesMut::with_capacity(1024);
-        let Some(req) = read_head(&mut io, &mut codec, &mut buf).await else {
+        let Some(req) = read_head(&mut io, &mut codec, &mut buf, deadline).await else {
             return;
         };
         let started = Instant::now();
@@ -124,7 +147,7 @@ impl ListenFront {
             Ok(a) => a,
             Err(err) => {
                 let status = err.status_code().as_u16();
-                answer_error(&mut io, &mut codec, &err).await;
+                answer_error(io, &mut codec, &err).await;
                 record_request(ROUTE.to_owned(), "GET", status, elapsed(started));
                 return;
             }
@@ -192,7 +215,7 @@ impl ListenFront {
         let state = Arc::clone(&self.state);
         let spawned = self.state.pool.spawn(move || async move {
             if let Ok(stream) = rx.await {
-                run_on_socket(state, params, guard, stream, leftover).await;
+                run_on(state, params, guard, stream, leftover, "pipeline").await;
             }
         });
         if spawned.is_err() {
@@ -212,109 +235,41 @@ impl ListenFront {
     }
 }
 
-/// A session on its pipeline thread, reading its own socket on every tick; then the close code.
-async fn run_on_socket(
-    state: Arc<ListenState>,
-    params: ListenParams,
-    guard: SessionGuard,
-    stream: std::net::TcpStream,
-    leftover: BytesMut,
-) {
-    metrics::counter!(t::LISTEN_SESSIONS_OPENED_TOTAL, "transport" => "pipeline").increment(1);
-    let (frames, consumer) = frame_ring(ring_bytes(params.codec, state.buffer_ms));
-    let counters = Arc::new(FrameCounters::default());
-    // Controls come through `EventSink::poll_input`; the channel is only kept open.
-    let (ctrl_open, ctrl_rx) = mpsc::channel(1);
-    let input = SessionInput {
-        frames: consumer,
-        counters: Arc::clone(&counters),
-        control: ctrl_rx,
-    };
-    let session_params = SessionParams {
-        uid: Arc::from(guard.uid()),
-        codec: params.codec,
-        language: params.language.clone(),
-        conversation_timeout_ms: params.conversation_timeout_s * 1000,
-    };
-    let conn = Rc::new(RefCell::new(WsConn::new(
-        stream,
-        leftover,
-        ConnParts {
-            frames,
-            counters,
-            splittable: !params.codec.is_opus(),
-            max_message: state.max_message_bytes,
-            idle: state.idle_timeout,
-            guard,
-        },
-    )));
-    let services = Arc::clone(&state.services);
-    let report = run_session(
-        session_params,
-        state.live,
-        services,
-        input,
-        ConnSink(Rc::clone(&conn)),
-    )
-    .await;
-    drop(ctrl_open);
-    let end = conn.borrow().end();
-    let end = match (report.error, end) {
-        (None, Some(end)) => end,
-        _ => End::SessionFailed,
-    };
-    metrics::counter!(t::LISTEN_SESSIONS_CLOSED_TOTAL, "reason" => end.reason()).increment(1);
-    let (code, reason) = close_frame(end, state.max_message_bytes);
-    // The sink went with the session (`run_session` owns and drops it), so this is the only handle left.
-    let Ok(conn) = Rc::try_unwrap(conn) else {
-        tracing::error!(message = "Listen connection still shared after its session; dropped.");
-        return;
-    };
-    let mut conn = conn.into_inner();
-    conn.close(code, reason).await;
-    // The session has metered everything it reported: the drain may now flush the meter.
-    drop(conn.into_guard());
-}
-
 /// Reads the request head (the request timeout and [`MAX_HEAD`] bound it). `None` once the connection is
 /// answered or gone.
 async fn read_head(
     io: &mut TcpStream,
     codec: &mut h1::Codec,
     buf: &mut BytesMut,
+    deadline: Instant,
 ) -> Option<Request> {
-    let deadline = Instant::now() + REQUEST_TIMEOUT;
     loop {
-        match codec.decode(buf) {
+        let refuse = match codec.decode(buf) {
             Ok(Some(h1::Message::Item(req))) => return Some(req),
             Ok(Some(h1::Message::Chunk(_))) => return None,
-            Ok(None) if buf.len() >= MAX_HEAD => {
-                answer_status(io, codec, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
-                return None;
-            }
-            Ok(None) => {}
+            Ok(None) if buf.len() >= MAX_HEAD => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Ok(None) => match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return None,
+                Ok(Ok(_)) => continue,
+                Err(_) => StatusCode::REQUEST_TIMEOUT,
+            },
             Err(actix_http::error::ParseError::TooLarge) => {
-                answer_status(io, codec, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await;
-                return None;
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
             }
-            Err(_) => {
-                answer_status(io, codec, StatusCode::BAD_REQUEST).await;
-                return None;
-            }
-        }
-        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => return None,
-            Ok(Ok(_)) => {}
-            Err(_) => {
-                answer_status(io, codec, StatusCode::REQUEST_TIMEOUT).await;
-                return None;
-            }
-        }
+            Err(_) => StatusCode::BAD_REQUEST,
+        };
+        // The connection is answered and closed; `io` is left to the caller to drop.
+        answer_status_in_place(io, codec, refuse).await;
+        return None;
     }
 }
 
 /// An empty answer with `status` (what actix-web sends for an unreadable request), then close.
-async fn answer_status(io: &mut TcpStream, codec: &mut h1::Codec, status: StatusCode) {
+async fn answer_status(mut io: TcpStream, codec: &mut h1::Codec, status: StatusCode) {
+    answer_status_in_place(&mut io, codec, status).await;
+}
+
+async fn answer_status_in_place(io: &mut TcpStream, codec: &mut h1::Codec, status: StatusCode) {
     let mut res = Response::with_body(status, ());
     res.head_mut().set_connection_type(ConnectionType::Close);
     let mut out = BytesMut::new();
@@ -324,11 +279,11 @@ async fn answer_status(io: &mut TcpStream, codec: &mut h1::Codec, status: Status
     {
         let _ = write_all(io, &out).await;
     }
-    let _ = io.shutdown().await;
+    end_answer(io).await;
 }
 
 /// The route's JSON error answer (status, headers and body of [`ApiError::error_response`]), then close.
-async fn answer_error(io: &mut TcpStream, codec: &mut h1::Codec, err: &ApiError) {
+async fn answer_error(mut io: TcpStream, codec: &mut h1::Codec, err: &ApiError) {
     let (res, body) = err.error_response().into_parts();
     let mut res: Response<()> = res.into();
     let body = actix_web::body::to_bytes(body).await.unwrap_or_default();
@@ -344,9 +299,9 @@ async fn answer_error(io: &mut TcpStream, codec: &mut h1::Codec, err: &ApiError)
         .is_ok()
     {
         out.extend_from_slice(&body);
-        let _ = write_all(io, &out).await;
+        let _ = write_all(&mut io, &out).await;
     }
-    let _ = io.shutdown().await;
+    end_answer(&mut io).await;
 }
 
 /// Writes `bytes` within [`ANSWER_TIMEOUT`]; false when the client is gone or too slow.
@@ -360,15 +315,18 @@ async fn write_all(io: &mut TcpStream, bytes: &[u8]) -> bool {
 /// Closes an upgraded socket that never became a session (1008, 1011) from the HTTP worker.
 async fn close_on_worker(mut io: TcpStream, code: ws::CloseCode, reason: String) {
     let mut out = BytesMut::new();
-    let close = ws::Message::Close(Some(ws::CloseReason {
-        code,
-        description: Some(reason),
-    }));
+    let close = close_message(code, Some(reason));
     if ws::Codec::new().encode(close, &mut out).is_err() || !write_all(&mut io, &out).await {
         return;
     }
+    end_answer(&mut io).await;
+}
+
+/// Ends our side after an answer and reads to the client's end (bounded): closing over unread bytes
+/// (a pipelined request, early frames) makes the kernel reset the connection, which can discard the
+/// answer before the client reads it.
+async fn end_answer(io: &mut TcpStream) {
     let _ = io.shutdown().await;
-    // Read to the client's end (bounded), so unread bytes never turn the close into a reset.
     let mut sink = [0u8; 1024];
     let _ = tokio::time::timeout(ANSWER_TIMEOUT, async {
         while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}

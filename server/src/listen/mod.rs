@@ -2,33 +2,35 @@
 //!
 //! - The upgrade is authenticated (401) and admitted by the [`SessionRegistry`] (429 / 503) before any
 //!   socket exists; parameters the server cannot serve close the socket with 1008 and the reason.
-//! - `front` + `conn` (the usual path): a connection whose first request is the listen upgrade is answered
-//!   by [`ListenFront`] on the HTTP worker, then its socket moves to the session's pipeline thread, which
-//!   reads it on every tick (frames into the session's bounded queue, control frames, pings, idle, drain)
-//!   and writes the events.
-//! - This module (the same contract for an upgrade on a connection that already carried a request, which
-//!   actix-web serves): the session's I/O half on the actix worker moves binary frames into the queue
-//!   (drops counted by reason), answers text control messages, pings every 10 s, closes idle sockets.
-//! - Both turn the way a session ended into a close code ([`close_frame`]). The pipeline half
-//!   ([`voicegate_engine::pipeline::live`]) runs on a pipeline thread: decode → resample → VAD, events,
-//!   metering, STT allowance, conversations, and the final `metadata`.
+//! - `front`: a connection whose first request is the listen upgrade is answered by [`ListenFront`] on the
+//!   HTTP worker, then its socket moves to the session's pipeline thread (the usual path).
+//! - This module's actix-web route: an upgrade on a connection that already carried a request. The HTTP
+//!   worker only moves bytes between the request payload, two bounded channels and the response body.
+//! - `conn`: either way the websocket itself (frames, control messages, pings, idle, drain, close codes) is
+//!   spoken by the session's pipeline thread on every tick, over the socket or the channels; [`run_on`]
+//!   runs the session and turns the way it ended into a close code ([`close_frame`]). The pipeline half
+//!   ([`voicegate_engine::pipeline::live`]) decodes, resamples, runs the VAD, sends the events, meters,
+//!   applies the STT allowance, closes conversations, and sends the final `metadata`.
 
 mod conn;
 pub mod front;
 pub mod params;
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use actix_codec::Encoder;
+use actix_http::ws::{self, CloseCode};
 use actix_web::{HttpRequest, HttpResponse, web};
-use actix_ws::{AggregatedMessage, CloseCode, CloseReason, ProtocolError};
-use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use tokio::sync::mpsc;
 use voicegate_engine::audio::codec::Codec;
 use voicegate_engine::pipeline::live::{
-    Control, EventSink, FrameCounters, LiveConfig, LiveServices, PipelinePool, SessionInput,
-    SessionParams, SessionReport, frame_ring, run_session,
+    FrameCounters, LiveConfig, LiveServices, PipelinePool, SessionInput, SessionParams, frame_ring,
+    run_session,
 };
 use voicegate_engine::stt::NoTranscriber;
 use voicegate_engine::telemetry as t;
@@ -39,6 +41,7 @@ use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::serve::ServerBuilder;
 use crate::sessions::{DRAIN_CLOSE_REASON, SessionGuard, SessionRegistry};
+use conn::{ChannelWire, ConnParts, ConnSink, Wire, WsConn};
 pub use front::ListenFront;
 pub use params::{ListenParams, ParamError};
 
@@ -47,6 +50,11 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// Bytes of ring per ms of Opus audio: 64 kbit/s (far above a voice packet) plus the 6-byte record header
 /// of one 10 ms packet.
 const OPUS_RING_BYTES_PER_MS: u64 = 9;
+/// Chunks in flight each way between the HTTP worker and the pipeline thread of an actix-web upgrade
+/// (the payload arrives in chunks of up to 32 KB; events are small).
+const CHANNEL_CHUNKS: usize = 16;
+/// Longest close reason: a control frame's payload is at most 125 bytes, 2 of them the code.
+const MAX_CLOSE_REASON: usize = 123;
 
 /// What every listen session shares: the pipeline threads, the engine services, the limits.
 pub struct ListenState {
@@ -125,44 +133,79 @@ async fn listen(
 ) -> Result<HttpResponse, ApiError> {
     let guard = sessions.open(&user.uid)?;
     let params = ListenParams::from_query(req.query_string());
-    let (resp, session, stream) =
-        actix_ws::handle(&req, body).map_err(|e| ApiError::BadRequest {
-            code: "ws_handshake",
-            message: e.to_string(),
-        })?;
-    let max = state.max_message_bytes;
-    let stream = stream
-        .max_frame_size(max)
-        .aggregate_continuations()
-        .max_continuation_size(max);
+    let upgrade = ws::handshake(req.head()).map_err(|e| ApiError::BadRequest {
+        code: "ws_handshake",
+        message: e.to_string(),
+    })?;
+    let (in_tx, in_rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
+    let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
+    let body_stream = futures_util::stream::poll_fn(move |cx| {
+        out_rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(Ok::<_, std::convert::Infallible>))
+    });
+    let mut upgrade = upgrade;
+    let resp = HttpResponse::from(
+        upgrade
+            .message_body(actix_web::body::BodyStream::new(body_stream))
+            .map_err(|e| ApiError::internal("ws_response", e))?,
+    )
+    .map_into_boxed_body();
     match params {
         Ok(params) => {
             let state = state.into_inner();
-            actix_web::rt::spawn(run_socket(state, params, guard, session, stream));
+            actix_web::rt::spawn(carry_payload(body, in_tx));
+            let wire = ChannelWire::new(in_rx, out_tx.clone());
+            let spawned = state.pool.spawn({
+                let state = Arc::clone(&state);
+                move || run_on(state, params, guard, wire, BytesMut::new(), "http_worker")
+            });
+            if spawned.is_err() {
+                send_close(&out_tx, CloseCode::Error, "server stopping".to_owned());
+            }
         }
         Err(e) => {
-            actix_web::rt::spawn(async move {
-                metrics::counter!(t::LISTEN_SESSIONS_CLOSED_TOTAL, "reason" => "bad_params")
-                    .increment(1);
-                close(session, CloseCode::Policy, Some(e.to_string())).await;
-                drop(stream);
-                drop(guard);
-            });
+            metrics::counter!(t::LISTEN_SESSIONS_CLOSED_TOTAL, "reason" => "bad_params")
+                .increment(1);
+            send_close(&out_tx, CloseCode::Policy, e.to_string());
+            drop(guard);
         }
     }
     Ok(resp)
 }
 
-/// How the I/O loop ended.
+/// Moves the request payload (the client's websocket bytes) into the session's channel; the channel's
+/// bound is the backpressure. Ends when the client does or the session drops its end.
+async fn carry_payload(mut body: web::Payload, to_session: mpsc::Sender<Bytes>) {
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else { break };
+        if to_session.send(chunk).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Queues a close frame as the whole answer of an upgrade that never became a session.
+fn send_close(out: &mpsc::Sender<Bytes>, code: CloseCode, reason: String) {
+    let mut frame = BytesMut::new();
+    if ws::Codec::new()
+        .encode(close_message(code, Some(reason)), &mut frame)
+        .is_ok()
+    {
+        let _ = out.try_send(frame.freeze());
+    }
+}
+
+/// How a session's websocket ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
+pub(crate) enum End {
     CloseStream,
     ClientClosed,
     Idle,
     Drain,
     TooLarge,
     Protocol,
-    /// The session task stopped by itself (pipeline failure) or vanished.
+    /// The session stopped by itself (pipeline failure).
     SessionFailed,
 }
 
@@ -180,15 +223,6 @@ impl End {
     }
 }
 
-/// The websocket end of a session's events.
-struct WsSink(actix_ws::Session);
-
-impl EventSink for WsSink {
-    async fn send(&mut self, text: String) -> bool {
-        self.0.text(text).await.is_ok()
-    }
-}
-
 fn ring_bytes(codec: Codec, buffer_ms: u64) -> usize {
     let per_ms = match codec {
         Codec::Opus { .. } => OPUS_RING_BYTES_PER_MS,
@@ -197,18 +231,20 @@ fn ring_bytes(codec: Codec, buffer_ms: u64) -> usize {
     usize::try_from(per_ms.saturating_mul(buffer_ms)).unwrap_or(usize::MAX)
 }
 
-async fn run_socket(
+/// One session on its pipeline thread, speaking the websocket over `wire` on every tick; then the close.
+async fn run_on<W: Wire>(
     state: Arc<ListenState>,
     params: ListenParams,
-    mut guard: SessionGuard,
-    session: actix_ws::Session,
-    mut stream: actix_ws::AggregatedMessageStream,
+    guard: SessionGuard,
+    wire: W,
+    leftover: BytesMut,
+    transport: &'static str,
 ) {
-    metrics::counter!(t::LISTEN_SESSIONS_OPENED_TOTAL, "transport" => "http_worker").increment(1);
-    let (mut frames, consumer) = frame_ring(ring_bytes(params.codec, state.buffer_ms));
+    metrics::counter!(t::LISTEN_SESSIONS_OPENED_TOTAL, "transport" => transport).increment(1);
+    let (frames, consumer) = frame_ring(ring_bytes(params.codec, state.buffer_ms));
     let counters = Arc::new(FrameCounters::default());
-    let (ctrl_tx, ctrl_rx) = mpsc::channel(4);
-    let (done_tx, mut done_rx) = oneshot::channel::<SessionReport>();
+    // Controls come through `EventSink::poll_input`; the channel is only kept open.
+    let (ctrl_open, ctrl_rx) = mpsc::channel(1);
     let input = SessionInput {
         frames: consumer,
         counters: Arc::clone(&counters),
@@ -220,111 +256,40 @@ async fn run_socket(
         language: params.language.clone(),
         conversation_timeout_ms: params.conversation_timeout_s * 1000,
     };
-    let (services, live, sink) = (
-        Arc::clone(&state.services),
+    let conn = Rc::new(RefCell::new(WsConn::new(
+        wire,
+        leftover,
+        ConnParts {
+            frames,
+            counters,
+            splittable: !params.codec.is_opus(),
+            max_message: state.max_message_bytes,
+            idle: state.idle_timeout,
+            guard,
+        },
+    )));
+    let services = Arc::clone(&state.services);
+    let report = run_session(
+        session_params,
         state.live,
-        WsSink(session.clone()),
-    );
-    let spawned = state.pool.spawn(move || async move {
-        let report = run_session(session_params, live, services, input, sink).await;
-        let _ = done_tx.send(report);
-    });
-    if spawned.is_err() {
-        close(session, CloseCode::Error, Some("server stopping".into())).await;
-        return;
-    }
-
-    let splittable = !params.codec.is_opus();
-    let mut pinger = session.clone();
-    let mut seq: u32 = 0;
-    let mut last_msg = Instant::now();
-    let idle = tokio::time::sleep(state.idle_timeout);
-    tokio::pin!(idle);
-    let mut ping = tokio::time::interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
-    let mut early_report = None;
-    // One drain future for the session's life: made afresh on every message, it registered with (and
-    // left) the watch channel every session shares, a lock taken 100 times a second per stream.
-    let end = {
-        let closing = guard.closing();
-        tokio::pin!(closing);
-        loop {
-            tokio::select! {
-                biased;
-                report = &mut done_rx => {
-                    early_report = Some(report.ok());
-                    break End::SessionFailed;
-                }
-                () = &mut closing => break End::Drain,
-                msg = stream.recv() => match msg {
-                    None => break End::ClientClosed,
-                    Some(Err(e)) => break protocol_end(&e),
-                    Some(Ok(AggregatedMessage::Binary(bytes))) => {
-                        last_msg = Instant::now();
-                        seq = seq.wrapping_add(1);
-                        counters.received.store(u64::from(seq), Ordering::Relaxed);
-                        if bytes.len() <= 2 {
-                            continue; // keepalive
-                        }
-                        if let Err(reason) = frames.push(seq, &bytes, splittable) {
-                            counters.dropped(reason).fetch_add(1, Ordering::Relaxed);
-                            metrics::counter!(t::LISTEN_FRAMES_DROPPED_TOTAL, "reason" => reason.as_str())
-                                .increment(1);
-                        }
-                    }
-                    Some(Ok(AggregatedMessage::Text(text))) => {
-                        last_msg = Instant::now();
-                        match control_of(&text) {
-                            Ok(TextControl::KeepAlive) => {}
-                            Ok(TextControl::Finalize) => {
-                                // A full control queue already holds a pending Finalize or Stop.
-                                let _ = ctrl_tx.try_send(Control::Finalize);
-                            }
-                            Ok(TextControl::CloseStream) => break End::CloseStream,
-                            Err(reason) => {
-                                metrics::counter!(t::LISTEN_TEXT_IGNORED_TOTAL, "reason" => reason)
-                                    .increment(1);
-                            }
-                        }
-                    }
-                    Some(Ok(AggregatedMessage::Ping(bytes))) => {
-                        last_msg = Instant::now();
-                        let _ = pinger.pong(&bytes).await;
-                    }
-                    Some(Ok(AggregatedMessage::Pong(_))) => last_msg = Instant::now(),
-                    Some(Ok(AggregatedMessage::Close(_))) => break End::ClientClosed,
-                },
-                _ = ping.tick() => {
-                    if pinger.text("ping").await.is_err() {
-                        break End::ClientClosed;
-                    }
-                }
-                () = &mut idle => {
-                    let deadline = last_msg + state.idle_timeout;
-                    if Instant::now() >= deadline {
-                        break End::Idle;
-                    }
-                    idle.as_mut().reset(deadline);
-                }
-            }
-        }
-    };
-    // Nothing is pushed after this point: the session processes exactly what the ring holds.
-    let report = match early_report {
-        Some(report) => report,
-        None => {
-            let _ = ctrl_tx.send(Control::Stop).await;
-            done_rx.await.ok()
-        }
-    };
-    let end = match report {
-        Some(r) if r.error.is_none() => end,
+        services,
+        input,
+        ConnSink(Rc::clone(&conn)),
+    )
+    .await;
+    drop(ctrl_open);
+    let end = match (report.error, conn.borrow().end()) {
+        (None, Some(end)) => end,
         _ => End::SessionFailed,
     };
     metrics::counter!(t::LISTEN_SESSIONS_CLOSED_TOTAL, "reason" => end.reason()).increment(1);
     let (code, reason) = close_frame(end, state.max_message_bytes);
-    close(session, code, reason).await;
-    // The session has metered everything it reported: the drain may now flush the meter.
-    drop(guard);
+    // The sink went with the session (`run_session` owns and drops it), so this is the only handle left.
+    let Ok(conn) = Rc::try_unwrap(conn) else {
+        tracing::error!(message = "Listen connection still shared after its session; dropped.");
+        return;
+    };
+    conn.into_inner().close(code, reason).await;
 }
 
 /// The close code and reason of the way a session ended (`docs/protocol.md`, close codes).
@@ -347,19 +312,34 @@ fn close_frame(end: End, max_message_bytes: usize) -> (CloseCode, Option<String>
     }
 }
 
-fn protocol_end(e: &ProtocolError) -> End {
-    match e {
-        ProtocolError::Overflow => End::TooLarge,
-        // actix-ws reports an aggregated message over the continuation limit as this I/O error.
-        ProtocolError::Io(io) if io.to_string().contains("maximum continuation size") => {
-            End::TooLarge
+/// A close message whose reason fits a control frame (cut at a character boundary: a 1008 names the
+/// client's own value, which may be long).
+fn close_message(code: CloseCode, reason: Option<String>) -> ws::Message {
+    let description = reason.map(|mut r| {
+        if r.len() > MAX_CLOSE_REASON {
+            let mut cut = MAX_CLOSE_REASON;
+            while !r.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            r.truncate(cut);
         }
-        _ => End::Protocol,
-    }
+        r
+    });
+    ws::Message::Close(Some(ws::CloseReason { code, description }))
 }
 
-async fn close(session: actix_ws::Session, code: CloseCode, description: Option<String>) {
-    let _ = session.close(Some(CloseReason { code, description })).await;
+/// The payload length a websocket frame header at the front of `buf` declares, once the header's length
+/// bytes are in (the codec only checks it against its limit once the whole frame has arrived).
+fn declared_frame_len(buf: &[u8]) -> Option<u64> {
+    let len7 = *buf.get(1)? & 0x7f;
+    match len7 {
+        126 => Some(u64::from(u16::from_be_bytes([*buf.get(2)?, *buf.get(3)?]))),
+        127 => {
+            let b: [u8; 8] = buf.get(2..10)?.try_into().ok()?;
+            Some(u64::from_be_bytes(b))
+        }
+        n => Some(u64::from(n)),
+    }
 }
 
 /// A text control message of the client.
@@ -407,6 +387,37 @@ mod tests {
         assert_eq!(control_of("hello"), Err("invalid_json"));
         assert_eq!(control_of(r#"{"type":"Nope"}"#), Err("unknown_type"));
         assert_eq!(control_of("[1,2]"), Err("invalid_json"));
+    }
+
+    #[test]
+    fn a_long_close_reason_is_cut_to_fit_a_control_frame() {
+        let long = format!("codec \"{}\" is not supported", "é".repeat(100));
+        let ws::Message::Close(Some(reason)) = close_message(CloseCode::Policy, Some(long)) else {
+            panic!("not a close");
+        };
+        let text = reason.description.unwrap_or_default();
+        assert!(
+            text.len() <= MAX_CLOSE_REASON && text.starts_with("codec \""),
+            "{text}"
+        );
+        let mut frame = BytesMut::new();
+        assert!(
+            ws::Codec::new()
+                .encode(close_message(CloseCode::Policy, Some(text)), &mut frame)
+                .is_ok()
+        );
+        assert!(frame.len() <= 2 + 125);
+    }
+
+    #[test]
+    fn the_declared_length_of_a_frame_is_read_from_its_header() {
+        assert_eq!(declared_frame_len(&[0x82]), None);
+        assert_eq!(declared_frame_len(&[0x82, 0x85]), Some(5));
+        assert_eq!(declared_frame_len(&[0x82, 0xfe, 0x01]), None);
+        assert_eq!(declared_frame_len(&[0x82, 0xfe, 0x01, 0x00]), Some(256));
+        let mut huge = vec![0x82, 0xff];
+        huge.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        assert_eq!(declared_frame_len(&huge), Some(1 << 40));
     }
 
     #[test]

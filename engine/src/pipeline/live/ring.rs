@@ -98,6 +98,11 @@ impl FrameProducer {
         Ok(())
     }
 
+    /// Whether a frame of `len` bytes fits in the queue at all (when it is empty).
+    pub fn fits(&self, len: usize) -> bool {
+        len + len.div_ceil(MAX_RECORD).max(1) * HEADER <= self.shared.bound
+    }
+
     /// Bytes free under the bound.
     pub fn vacant(&self) -> usize {
         self.shared.bound.saturating_sub(self.shared.lock().len())
@@ -190,6 +195,18 @@ mod tests {
             total += buf.len();
         }
         assert_eq!(total, 10_000);
+    }
+
+    #[test]
+    fn fits_tells_a_frame_that_could_never_be_queued() {
+        let (p, _c) = frame_ring(10_000);
+        assert!(p.fits(4000));
+        assert!(
+            p.fits(10_000 - 3 * HEADER),
+            "split into 3 records of at most 4 KiB"
+        );
+        assert!(!p.fits(10_000 - 2 * HEADER));
+        assert!(p.fits(0));
     }
 
     #[test]

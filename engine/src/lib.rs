@@ -14,3 +14,4 @@ pub mod store;
 pub mod stt;
 pub mod supervisor;
 pub mod telemetry;
+pub mod threads;

@@ -99,6 +99,19 @@ pub struct RealtimeArgs {
     /// Extra query parameters for /v4/listen.
     #[arg(long, default_value = "codec=opus&sample_rate=16000&language=en")]
     pub query: String,
+    /// Latency objective: the run fails (exit code 4) when the frame → event p99 is above this many
+    /// milliseconds (the design target is 250). Unset: latency is reported, not judged.
+    #[arg(long, value_parser = positive_ms)]
+    pub max_p99_ms: Option<f64>,
+}
+
+fn positive_ms(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!(
+            "expected a positive number of milliseconds, got {s:?}"
+        )),
+    }
 }
 
 #[derive(Debug, Clone, Args)]

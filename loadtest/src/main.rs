@@ -4,7 +4,8 @@
 //! - `sync`: concurrent device-file uploads to `/v1/sync-local-files`.
 //! - `mixed`: both at once.
 //! - Every run is bounded in count and time, prints a report (table or `--json`) and ends with the
-//!   accounting check; the exit code is 0 only when the run passed (1: accounting, 2: traffic errors).
+//!   accounting check; the exit code is 0 only when the run passed (1: accounting, 2: traffic errors,
+//!   3: the harness could not run, 4: the `--max-p99-ms` latency objective was missed).
 
 mod auth;
 mod check;
@@ -32,7 +33,7 @@ use crate::cli::{Cli, Common, RealtimeArgs, Scenario, SyncArgs};
 use crate::corpus::{Corpus, FRAME_MS, fixtures_dir};
 use crate::live::Live;
 use crate::realtime::{RealtimeCtx, StreamOutcome};
-use crate::report::{RealtimeReport, Report, SyncReport, quantiles};
+use crate::report::{LatencyObjective, RealtimeReport, Report, SyncReport, quantiles};
 use crate::sync::{SyncCtx, UploaderOutcome};
 use crate::wsframe::Target;
 
@@ -161,12 +162,19 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             Some(check::run(corpus.clone(), traffic, client, &url, &auth, settle).await);
     }
     let check_ok = report.accounting.as_ref().is_none_or(|c| c.passed);
-    report.passed = traffic_ok && check_ok;
+    let latency_ok = report
+        .realtime
+        .as_ref()
+        .and_then(|r| r.latency_objective.as_ref())
+        .is_none_or(|l| l.met);
+    report.passed = traffic_ok && check_ok && latency_ok;
     emit(&report, common)?;
     Ok(if !check_ok {
         ExitCode::from(1)
     } else if !traffic_ok {
         ExitCode::from(2)
+    } else if !latency_ok {
+        ExitCode::from(4)
     } else {
         ExitCode::SUCCESS
     })
@@ -297,6 +305,9 @@ fn realtime_report(
     }
     r.connection_setup = quantiles(outcomes.iter().filter_map(|o| o.setup_us.as_ref()));
     r.close_to_metadata = quantiles(outcomes.iter().filter_map(|o| o.close_us.as_ref()));
+    r.latency_objective = args
+        .max_p99_ms
+        .map(|max| LatencyObjective::judge(max, &r.latency));
     r
 }
 

@@ -69,6 +69,27 @@ pub struct RealtimeReport {
     /// `CloseStream` → `metadata`.
     pub close_to_metadata: Quantiles,
     pub wall_s: f64,
+    /// The `--max-p99-ms` verdict, when one was asked for.
+    pub latency_objective: Option<LatencyObjective>,
+}
+
+/// `--max-p99-ms`: the frame → event p99 against the objective.
+#[derive(Debug, Default, Serialize)]
+pub struct LatencyObjective {
+    pub max_p99_ms: f64,
+    pub p99_ms: f64,
+    pub met: bool,
+}
+
+impl LatencyObjective {
+    /// The verdict for `latency` against `max_p99_ms`. No event at all is no evidence: not met.
+    pub fn judge(max_p99_ms: f64, latency: &Quantiles) -> Self {
+        LatencyObjective {
+            max_p99_ms,
+            p99_ms: latency.p99_ms,
+            met: latency.count > 0 && latency.p99_ms <= max_p99_ms,
+        }
+    }
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -97,7 +118,8 @@ pub struct Report {
     pub sync: Option<SyncReport>,
     pub errors: BTreeMap<String, u64>,
     pub accounting: Option<CheckReport>,
-    /// No traffic error, no frame lost or dropped, and the accounting check passed (or was skipped).
+    /// No traffic error, no frame lost or dropped, the accounting check passed (or was skipped) and the
+    /// latency objective, if any, was met.
     pub passed: bool,
 }
 
@@ -144,6 +166,15 @@ impl Report {
             }
             q_row(&mut o, "connection setup", &r.connection_setup);
             q_row(&mut o, "CloseStream→metadata", &r.close_to_metadata);
+            if let Some(l) = &r.latency_objective {
+                let _ = writeln!(
+                    o,
+                    "  latency objective: p99 {:.1} ms against {:.1} ms: {}",
+                    l.p99_ms,
+                    l.max_p99_ms,
+                    if l.met { "met" } else { "MISSED" }
+                );
+            }
         }
         if let Some(s) = &self.sync {
             let _ = writeln!(
@@ -222,6 +253,15 @@ mod tests {
         assert!((q.p50_ms - 500.0).abs() < 1.0, "{}", q.p50_ms);
         assert!((q.p99_ms - 990.0).abs() < 1.0, "{}", q.p99_ms);
         assert!((q.max_ms - 1000.0).abs() < 1.0, "{}", q.max_ms);
+    }
+
+    #[test]
+    fn latency_objective_verdicts() {
+        let samples: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
+        let q = quantiles(&samples);
+        assert!(LatencyObjective::judge(250.0, &q).met == false);
+        assert!(LatencyObjective::judge(990.5, &q).met);
+        assert!(!LatencyObjective::judge(250.0, &quantiles(&[])).met);
     }
 
     #[test]

@@ -65,10 +65,15 @@ fn realtime_sync_and_mixed_runs_pass_their_accounting_check() {
             "3",
             "--ramp",
             "0.5",
+            // An objective no loopback run misses: the verdict is reported and the run still passes.
+            "--max-p99-ms",
+            "600000",
         ],
     );
     assert_eq!(code, 0, "{r:#}");
     let rt = &r["realtime"];
+    assert_eq!(rt["latency_objective"]["met"], true, "{rt:#}");
+    assert_eq!(rt["latency_objective"]["max_p99_ms"], 600000.0, "{rt:#}");
     assert_eq!(rt["streams_held"], 6, "{rt:#}");
     assert_eq!(rt["frames_sent"], 6 * 600, "{rt:#}");
     assert_eq!(rt["frames_acknowledged"], rt["frames_sent"], "{rt:#}");
@@ -128,4 +133,35 @@ fn a_refused_upgrade_is_an_error_kind_and_a_failing_exit_code() {
         errors.keys().any(|k| k.contains("1008")),
         "the 1008 close shows as an error kind: {errors:?}"
     );
+}
+
+#[test]
+fn a_missed_latency_objective_fails_the_run_with_exit_code_4() {
+    let url = start_server();
+    // No event arrives within 1 µs of its frame (the server ticks every 50 ms): the objective is missed,
+    // while traffic and accounting are fine.
+    let (code, r) = harness(
+        &url,
+        &[
+            "realtime",
+            "--streams",
+            "2",
+            "--duration",
+            "6",
+            "--pace",
+            "3",
+            "--max-p99-ms",
+            "0.001",
+        ],
+    );
+    assert_eq!(code, 4, "{r:#}");
+    let rt = &r["realtime"];
+    assert_eq!(rt["frames_lost"], 0, "{rt:#}");
+    assert_eq!(rt["latency_objective"]["met"], false, "{rt:#}");
+    assert!(
+        rt["latency_objective"]["p99_ms"].as_f64().unwrap_or(0.0) > 0.001,
+        "{rt:#}"
+    );
+    assert_eq!(r["accounting"]["passed"], true, "{r:#}");
+    assert_eq!(r["passed"], false, "{r:#}");
 }

@@ -293,7 +293,7 @@ impl Payments for EnginePayments {
 /// flushes and status reads failed for 18 s). The first use here happens before the server accepts.
 /// (A reconnect after a Redis outage is spawned by the request that notices it, wherever that runs.)
 fn redis_io_thread(mut conn: redis::aio::ConnectionManager) -> actix::Arbiter {
-    let arbiter = actix::Arbiter::new();
+    let arbiter = voicegate_engine::threads::named_arbiter("vg-redis-io");
     arbiter.spawn(async move {
         if let Err(error) = redis::cmd("PING").query_async::<String>(&mut conn).await {
             tracing::warn!(message = "Redis not reachable at start; the store reconnects on use.", %error);

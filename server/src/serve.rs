@@ -578,11 +578,16 @@ impl RunningServer {
     }
 }
 
-/// Installs the `tracing` subscriber (`RUST_LOG`, default `info`). Safe to call twice.
+/// Installs the `tracing` subscriber (`RUST_LOG`, default `info`) on standard output, coloured only
+/// when that is a terminal (a log file or collector gets plain text). Safe to call twice.
 pub fn init_logging() {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stdout().is_terminal())
+        .try_init();
 }
 
 /// The `serve` subcommand for `main`: logging, an actix system, [`run`], and an exit code

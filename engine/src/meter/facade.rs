@@ -39,7 +39,9 @@ impl Meter {
         let (arbiters, handles) = if config.shards == 0 {
             (Vec::new(), vec![Arbiter::current()])
         } else {
-            let arbiters: Vec<Arbiter> = (0..config.shards).map(|_| Arbiter::new()).collect();
+            let arbiters: Vec<Arbiter> = (0..config.shards)
+                .map(|i| crate::threads::named_arbiter(&format!("vg-meter-{i}")))
+                .collect();
             let handles = arbiters.iter().map(Arbiter::handle).collect();
             (arbiters, handles)
         };

@@ -27,7 +27,9 @@ impl PipelinePool {
             threads
         };
         PipelinePool {
-            arbiters: (0..n).map(|_| Arbiter::new()).collect(),
+            arbiters: (0..n)
+                .map(|i| crate::threads::named_arbiter(&format!("vg-pipeline-{i}")))
+                .collect(),
             next: AtomicUsize::new(0),
         }
     }

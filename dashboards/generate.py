@@ -125,9 +125,12 @@ def streams():
             row("Frames"),
             panel("Frames received", [q(f"sum(rate(voicegate_listen_frames_total[{R}]))", "frames/s")], unit="ops",
                   desc="Binary websocket frames received (one 10 ms Opus packet each from a device)."),
-            panel("Frames dropped (ring buffer full or too large)", [
+            panel("Frames dropped (larger than the frame queue, or too large)", [
                 q(f"sum by (reason) (rate(voicegate_listen_frames_dropped_total[{R}])) or on() vector(0)", "{{reason}}")
-            ], unit="ops", desc="Any non-zero value is audio a user sent and the server did not analyse."),
+            ], unit="ops", desc="Frames that could never be queued. Any non-zero value is audio a user sent and the server did not analyse. A lagging pipeline does not drop: see the tick lag panel."),
+            panel("Pipeline tick lag (overload)", quantiles("voicegate_listen_tick_lag_seconds"), unit="s",
+                  desc="How late sessions' 50 ms pipeline ticks run (worst per session-second). Near 0 with CPU to spare; "
+                       "above ~0.25 s the node is saturated and events reach devices late."),
             panel("Events sent to clients", [
                 q(f"sum by (type) (rate(voicegate_listen_events_total[{R}]))", "{{type}}")
             ], unit="ops", stack=True),

@@ -86,8 +86,15 @@ pub const CONVERSATIONS_UNLOCKED_TOTAL: &str = "voicegate_conversations_unlocked
 
 /// Counter: binary websocket frames received by listen sessions (keepalives included).
 pub const LISTEN_FRAMES_TOTAL: &str = "voicegate_listen_frames_total";
-/// Counter, label `reason` (`ring_full`, `too_large`): listen frames dropped before the pipeline.
+/// Counter, label `reason` (`ring_full`: a frame larger than the session's whole frame queue; `too_large`:
+/// an Opus packet over the record limit): listen frames dropped before the pipeline. A pipeline that
+/// falls behind never drops: the frame waits and the client is slowed through TCP.
 pub const LISTEN_FRAMES_DROPPED_TOTAL: &str = "voicegate_listen_frames_dropped_total";
+/// Histogram: how late a listen session's pipeline tick ran after its scheduled time, the worst of each
+/// session-second (one observation per session per second, and one for its last part-second). Near 0
+/// on a node with CPU to spare; it grows when the pipeline threads are saturated, which, since a lagging
+/// session slows its client through TCP instead of dropping frames, is the node's overload signal.
+pub const LISTEN_TICK_LAG_SECONDS: &str = "voicegate_listen_tick_lag_seconds";
 /// Counter: ms of audio decoded by listen sessions (added when a session ends).
 pub const LISTEN_AUDIO_MS_TOTAL: &str = "voicegate_listen_audio_ms_total";
 /// Counter, label `type` (`speech_started`, `speech_ended`, `usage`, `fair_use`, `stt_budget_exhausted`,

@@ -259,7 +259,7 @@ mod tests {
     fn latency_objective_verdicts() {
         let samples: Vec<u64> = (1..=1000).map(|i| i * 1000).collect();
         let q = quantiles(&samples);
-        assert!(LatencyObjective::judge(250.0, &q).met == false);
+        assert!(!LatencyObjective::judge(250.0, &q).met);
         assert!(LatencyObjective::judge(990.5, &q).met);
         assert!(!LatencyObjective::judge(250.0, &quantiles(&[])).met);
     }

@@ -607,12 +607,25 @@ pub fn main(cfg: ServeConfig) -> std::process::ExitCode {
 /// `voicegate serve`: the engine (meter, fair use, conversations, plans) behind every route; drains on
 /// SIGTERM/SIGINT (sessions closed and metered, then the meter flushed).
 pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
+    name_rayon_threads();
     let mut server = ServerBuilder::new(cfg)?;
     wire_engine(&mut server)?;
     server
         .start()?
         .run_until(crate::drain::shutdown_signal())
         .await
+}
+
+/// Names the threads of the global rayon pool (sync uploads' decode and VAD) `vg-sync-N`; unnamed, they
+/// inherit the name of whichever thread first used the pool. Best effort: a pool already built keeps its
+/// names.
+fn name_rayon_threads() {
+    if let Err(error) = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("vg-sync-{i}"))
+        .build_global()
+    {
+        tracing::debug!(message = "The rayon pool was already built.", %error);
+    }
 }
 
 /// Builds the engine from the server's configuration and mounts it: routes, `/readyz` store check, the

@@ -165,6 +165,8 @@ struct Live<S: EventSink> {
     /// Sequence of the newest frame the pipeline consumed (= frames received up to it).
     frames_seen: u64,
     frames_metric: u64,
+    /// The latest a tick ran after its scheduled instant since the last second's observation.
+    tick_lag_max: Duration,
     dropped_reported: [u64; 2],
     metered_ms: u64,
     stt_forwarded_ms: u64,
@@ -227,6 +229,7 @@ pub async fn run_session<S: EventSink>(
         buf: Vec::with_capacity(512),
         frames_seen: 0,
         frames_metric: 0,
+        tick_lag_max: Duration::ZERO,
         dropped_reported: [0; 2],
         metered_ms: 0,
         stt_forwarded_ms: 0,
@@ -287,7 +290,8 @@ impl<S: EventSink> Live<S> {
                     self.op = None;
                     Box::pin(self.apply(done)).await;
                 }
-                _ = tick.tick() => {
+                scheduled = tick.tick() => {
+                    self.tick_lag_max = self.tick_lag_max.max(scheduled.elapsed());
                     let ctrl = self.sink.poll_input();
                     self.pump().await;
                     if self.error.is_some() {
@@ -306,6 +310,7 @@ impl<S: EventSink> Live<S> {
                             Box::pin(self.report_drops()).await;
                         }
                         self.count_frames();
+                        self.observe_tick_lag();
                         self.meter_due = true;
                     }
                     if now >= next_usage {
@@ -631,6 +636,12 @@ impl<S: EventSink> Live<S> {
         }
     }
 
+    /// One observation of the worst tick lag since the last one (every second, and at the finish).
+    fn observe_tick_lag(&mut self) {
+        metrics::histogram!(t::LISTEN_TICK_LAG_SECONDS)
+            .record(std::mem::take(&mut self.tick_lag_max).as_secs_f64());
+    }
+
     fn count_frames(&mut self) {
         let frames = self.input.counters.received.load(Ordering::Relaxed);
         metrics::counter!(t::LISTEN_FRAMES_TOTAL)
@@ -803,6 +814,7 @@ impl<S: EventSink> Live<S> {
         self.stt.close();
         // The last second's frames too: a session shorter than the meter interval counts all of its own.
         self.count_frames();
+        self.observe_tick_lag();
         let c = &self.input.counters;
         let frames_received = c.received.load(Ordering::Relaxed).max(self.frames_seen);
         let frames_dropped = c.dropped_ring_full.load(Ordering::Relaxed)

@@ -32,15 +32,15 @@ impl AdminKey {
 
     /// Checks a presented header value.
     pub fn check(&self, presented: Option<&[u8]>) -> Result<(), ApiError> {
-        let presented = presented.ok_or(ApiError::AdminKeyMissing)?;
+        let presented = presented.ok_or_else(ApiError::admin_key_missing)?;
         let Some(expected) = &self.digest else {
-            return Err(ApiError::AdminKeyInvalid);
+            return Err(ApiError::admin_key_invalid());
         };
         let got: [u8; 32] = Sha256::digest(presented).into();
         if bool::from(got.ct_eq(expected)) {
             Ok(())
         } else {
-            Err(ApiError::AdminKeyInvalid)
+            Err(ApiError::admin_key_invalid())
         }
     }
 }
@@ -79,28 +79,31 @@ mod tests {
     #[test]
     fn a_missing_header_is_422_and_a_wrong_key_is_403() {
         let key = AdminKey::new(Some("k3y"));
-        assert!(matches!(key.check(None), Err(ApiError::AdminKeyMissing)));
-        assert!(matches!(
-            key.check(Some(b"k3")),
-            Err(ApiError::AdminKeyInvalid)
-        ));
-        assert!(matches!(
-            key.check(Some(b"")),
-            Err(ApiError::AdminKeyInvalid)
-        ));
+        assert_eq!(
+            key.check(None).err().map(|e| e.code()),
+            Some("admin_key_missing")
+        );
+        assert_eq!(
+            key.check(Some(b"k3")).err().map(|e| e.code()),
+            Some("admin_key_invalid")
+        );
+        assert_eq!(
+            key.check(Some(b"")).err().map(|e| e.code()),
+            Some("admin_key_invalid")
+        );
     }
 
     #[test]
     fn no_configured_key_refuses_everyone() {
         for key in [AdminKey::new(None), AdminKey::new(Some(""))] {
-            assert!(matches!(
-                key.check(Some(b"")),
-                Err(ApiError::AdminKeyInvalid)
-            ));
-            assert!(matches!(
-                key.check(Some(b"anything")),
-                Err(ApiError::AdminKeyInvalid)
-            ));
+            assert_eq!(
+                key.check(Some(b"")).err().map(|e| e.code()),
+                Some("admin_key_invalid")
+            );
+            assert_eq!(
+                key.check(Some(b"anything")).err().map(|e| e.code()),
+                Some("admin_key_invalid")
+            );
         }
     }
 }

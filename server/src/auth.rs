@@ -388,7 +388,7 @@ pub fn authenticate_headers(
     result.map_err(|e| {
         metrics::counter!(voicegate_engine::telemetry::AUTH_REJECTIONS_TOTAL, "reason" => e.code())
             .increment(1);
-        ApiError::Unauthorized(e)
+        ApiError::from(e)
     })
 }
 

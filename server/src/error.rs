@@ -1,8 +1,17 @@
-//! The one place where a failure becomes an HTTP status.
+//! The server's one refusal type: every answer that is not a success, on every route and on the listen
+//! upgrade, is an [`ApiError`], and this is the one place where it becomes an HTTP status, headers and body.
 //!
-//! Every error a client can see has a stable machine-readable `code` (a low-cardinality word, also used as a
-//! metric label) and a human `message`. The body is always `{"code": …, "message": …}`, plus extra fields for
-//! the few errors that carry data (e.g. `retry_after_s` on 429). Clients branch on `code`, never on `message`.
+//! Every refusal carries (DESIGN §3 "Errors"):
+//! - a stable machine-readable `code` (a low-cardinality word, also used as a metric label) and a human
+//!   `message` (may change; clients branch on `code`);
+//! - `retryable`: whether the same request may succeed later;
+//! - when retryable, a `Retry-After` (header and `retry_after_s` body field) bounded by the real reason
+//!   (a restriction's end, the next UTC midnight for daily budgets, a short fixed wait for a transient
+//!   condition whose end nobody knows).
+//!
+//! The body is `{"code", "message", "retryable"[, "retry_after_s"]}` plus the few fields some errors add
+//! (413: `limit`, `limit_value`; the sync 429s: the reference's `new_memories`, …). A 500 never sends its
+//! internal detail (it is logged).
 
 use actix_web::http::StatusCode;
 use actix_web::http::header::{self, HeaderValue};
@@ -13,154 +22,249 @@ use crate::auth::AuthError;
 use crate::stripe::SignatureError;
 use crate::upload::UploadError;
 
-/// Everything a route can answer with that is not a success.
-#[derive(Debug, thiserror::Error)]
-pub enum ApiError {
-    /// 401: missing, malformed, expired or forged bearer token.
-    #[error(transparent)]
-    Unauthorized(#[from] AuthError),
-    /// 422: the `X-Admin-Key` header is absent (the reference answers 422 here, and clients rely on it).
-    #[error("missing X-Admin-Key header")]
-    AdminKeyMissing,
-    /// 403: the `X-Admin-Key` header does not match `ADMIN_KEY`, or no admin key is configured.
-    #[error("invalid admin key")]
-    AdminKeyInvalid,
-    /// 400 / 413: an upload that broke a limit or was not a usable multipart body.
-    #[error(transparent)]
-    Upload(#[from] UploadError),
-    /// 400: the Stripe webhook signature did not verify; nothing was changed.
-    #[error(transparent)]
-    BadSignature(#[from] SignatureError),
-    /// 400 with a route-specific code (`invalid_stage`, `invalid_query`, …).
-    #[error("{message}")]
-    BadRequest { code: &'static str, message: String },
-    /// 402: the resource is locked behind a paid plan.
-    #[error("{message}")]
-    PaymentRequired { code: &'static str, message: String },
-    /// 404: absent, or owned by another user (the two are indistinguishable on purpose).
-    #[error("{message}")]
-    NotFound { code: &'static str, message: String },
-    /// 429: the caller must wait. `retry_after_s` becomes the `Retry-After` header and a body field; `extra`
-    /// fields (e.g. the reference's `new_memories: []`) are merged into the body.
-    #[error("{message}")]
-    TooManyRequests {
-        code: &'static str,
-        message: String,
-        retry_after_s: Option<u64>,
-        extra: Map<String, Value>,
-    },
-    /// 503: the server cannot take this request now (draining, a dependency is required but down).
-    #[error("{message}")]
-    Unavailable { code: &'static str, message: String },
-    /// 500: a bug or an unexpected dependency failure. The detail is logged, never sent to the client.
-    #[error("internal error: {detail}")]
-    Internal { code: &'static str, detail: String },
+/// `Retry-After` of a transient server-side condition whose end is unknown (a dependency down, a busy
+/// store): long enough not to feed a retry storm, short enough that a client barely notices.
+pub const TRANSIENT_RETRY_AFTER_S: u64 = 5;
+/// `Retry-After` of a refusal the client can repeat at once elsewhere or anew (a drain: another node
+/// serves it; a request that timed out: send it again, faster).
+pub const IMMEDIATE_RETRY_AFTER_S: u64 = 1;
+
+/// A refusal: status, `code`, `message`, `retryable` / `Retry-After`, extra body fields.
+///
+/// Build one with the constructor named for its status ([`ApiError::bad_request`],
+/// [`ApiError::too_many_requests`], …); each sets the usual retryability of its status, which
+/// [`retry_after`](Self::retry_after) and [`not_retryable`](Self::not_retryable) override.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    /// `Some` exactly when the refusal is retryable: a retryable refusal always says when.
+    retry_after_s: Option<u64>,
+    fields: Map<String, Value>,
+    /// 401s carry `WWW-Authenticate: Bearer`.
+    bearer_challenge: bool,
+    /// A 500's cause, logged when the answer is rendered, never sent.
+    detail: Option<String>,
 }
 
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.detail {
+            Some(detail) => write!(f, "{} ({}): {detail}", self.message, self.code),
+            None => write!(f, "{} ({})", self.message, self.code),
+        }
+    }
+}
+
+impl std::error::Error for ApiError {}
+
 impl ApiError {
-    /// The stable machine-readable code of this error.
-    pub fn code(&self) -> &'static str {
-        match self {
-            ApiError::Unauthorized(e) => e.code(),
-            ApiError::AdminKeyMissing => "admin_key_missing",
-            ApiError::AdminKeyInvalid => "admin_key_invalid",
-            ApiError::Upload(e) => e.code(),
-            ApiError::BadSignature(e) => e.code(),
-            ApiError::BadRequest { code, .. }
-            | ApiError::PaymentRequired { code, .. }
-            | ApiError::NotFound { code, .. }
-            | ApiError::TooManyRequests { code, .. }
-            | ApiError::Unavailable { code, .. }
-            | ApiError::Internal { code, .. } => code,
+    /// A refusal with `status`, not retryable (use the status-named constructors where one fits).
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after_s: None,
+            fields: Map::new(),
+            bearer_challenge: false,
+            detail: None,
         }
     }
 
-    /// The message sent to the client. Internal errors never leak their detail.
-    pub fn public_message(&self) -> String {
-        match self {
-            ApiError::Internal { .. } => "internal server error".to_owned(),
-            other => other.to_string(),
-        }
+    /// 400 with a route-specific code (`invalid_stage`, `invalid_query`, …). Not retryable.
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 402: the resource is locked behind a paid plan. Not retryable (a payment changes the answer).
+    pub fn payment_required(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYMENT_REQUIRED, code, message)
+    }
+
+    /// 404: absent, or owned by another user (the two are indistinguishable on purpose).
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    /// 408: the client did not send the request (or its body) in time. Retryable at once.
+    pub fn request_timeout(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::REQUEST_TIMEOUT, code, message).retry_after(IMMEDIATE_RETRY_AFTER_S)
+    }
+
+    /// 429: the caller must wait `retry_after_s` (the real reason's end).
+    pub fn too_many_requests(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after_s: u64,
+    ) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, code, message).retry_after(retry_after_s)
+    }
+
+    /// 503: the server cannot take this request now (draining, a dependency down). Retryable after
+    /// [`TRANSIENT_RETRY_AFTER_S`] unless [`retry_after`](Self::retry_after) says otherwise.
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
+            .retry_after(TRANSIENT_RETRY_AFTER_S)
+    }
+
+    /// 500: a bug or an unexpected dependency failure. The detail is logged, never sent to the client.
+    /// Not retryable unless [`retry_after`](Self::retry_after) says the failure is transient.
+    pub fn internal(code: &'static str, detail: impl std::fmt::Display) -> Self {
+        let mut e = Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            code,
+            "internal server error",
+        );
+        e.detail = Some(detail.to_string());
+        e
+    }
+
+    /// 422: the `X-Admin-Key` header is absent (the reference answers 422 here, and clients rely on it).
+    pub fn admin_key_missing() -> Self {
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "admin_key_missing",
+            "missing X-Admin-Key header",
+        )
+    }
+
+    /// 403: the `X-Admin-Key` header does not match `ADMIN_KEY`, or no admin key is configured.
+    pub fn admin_key_invalid() -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "admin_key_invalid",
+            "invalid admin key",
+        )
     }
 
     /// The reference's wording for a locked conversation.
     pub fn conversation_locked() -> Self {
-        ApiError::PaymentRequired {
-            code: "conversation_locked",
-            message: "A paid plan is required to access this conversation.".to_owned(),
-        }
+        Self::payment_required(
+            "conversation_locked",
+            "A paid plan is required to access this conversation.",
+        )
     }
 
-    /// A 500 with its detail kept for the log.
-    pub fn internal(code: &'static str, detail: impl std::fmt::Display) -> Self {
-        ApiError::Internal {
-            code,
-            detail: detail.to_string(),
-        }
+    /// Makes the refusal retryable after `secs` (header `Retry-After` and body `retry_after_s`).
+    #[must_use]
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_s = Some(secs);
+        self
     }
 
-    /// The JSON body: `{code, message}` plus any extra fields.
+    /// Makes the refusal final: the same request will be refused again.
+    #[must_use]
+    pub fn not_retryable(mut self) -> Self {
+        self.retry_after_s = None;
+        self
+    }
+
+    /// Adds a body field (never overriding `code`, `message`, `retryable` or `retry_after_s`).
+    #[must_use]
+    pub fn with_field(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.fields.insert(key.to_owned(), value.into());
+        self
+    }
+
+    /// Adds every field of `fields` (see [`with_field`](Self::with_field)).
+    #[must_use]
+    pub fn with_fields(mut self, fields: Map<String, Value>) -> Self {
+        self.fields.extend(fields);
+        self
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The stable machine-readable code of this error.
+    pub fn code(&self) -> &'static str {
+        self.code
+    }
+
+    /// The message sent to the client. Internal errors never leak their detail.
+    pub fn public_message(&self) -> &str {
+        &self.message
+    }
+
+    /// Whether the same request may succeed later.
+    pub fn retryable(&self) -> bool {
+        self.retry_after_s.is_some()
+    }
+
+    /// When to retry, in seconds (`Some` exactly when [`retryable`](Self::retryable)).
+    pub fn retry_after_s(&self) -> Option<u64> {
+        self.retry_after_s
+    }
+
+    /// The JSON body: `{code, message, retryable[, retry_after_s]}` plus any extra fields.
     pub fn body(&self) -> Value {
         let mut body = Map::new();
-        body.insert("code".to_owned(), Value::from(self.code()));
-        body.insert("message".to_owned(), Value::from(self.public_message()));
-        match self {
-            ApiError::TooManyRequests {
-                retry_after_s,
-                extra,
-                ..
-            } => {
-                if let Some(secs) = retry_after_s {
-                    body.insert("retry_after_s".to_owned(), Value::from(*secs));
-                }
-                for (k, v) in extra {
-                    body.entry(k.clone()).or_insert_with(|| v.clone());
-                }
-            }
-            ApiError::Upload(e) => {
-                if let Some(limit) = e.limit() {
-                    body.insert("limit".to_owned(), Value::from(limit.name));
-                    body.insert("limit_value".to_owned(), Value::from(limit.value));
-                }
-            }
-            _ => {}
+        body.insert("code".to_owned(), Value::from(self.code));
+        body.insert("message".to_owned(), Value::from(self.message.as_str()));
+        body.insert("retryable".to_owned(), Value::from(self.retryable()));
+        if let Some(secs) = self.retry_after_s {
+            body.insert("retry_after_s".to_owned(), Value::from(secs));
+        }
+        for (k, v) in &self.fields {
+            body.entry(k.clone()).or_insert_with(|| v.clone());
         }
         Value::Object(body)
     }
 }
 
+impl From<AuthError> for ApiError {
+    /// 401 with the token's code and a `WWW-Authenticate: Bearer` challenge.
+    fn from(e: AuthError) -> Self {
+        let mut err = Self::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string());
+        err.bearer_challenge = true;
+        err
+    }
+}
+
+impl From<UploadError> for ApiError {
+    /// 400 / 413 (naming the limit) / 500 for temp storage (retryable: the disk may recover).
+    fn from(e: UploadError) -> Self {
+        let mut err = Self::new(e.status(), e.code(), e.to_string());
+        if let Some(limit) = e.limit() {
+            err = err
+                .with_field("limit", limit.name)
+                .with_field("limit_value", limit.value);
+        }
+        if let UploadError::Storage(detail) = &e {
+            err.message = "temporary storage failed".to_owned();
+            err.detail = Some(detail.clone());
+            err = err.retry_after(TRANSIENT_RETRY_AFTER_S);
+        }
+        err
+    }
+}
+
+impl From<SignatureError> for ApiError {
+    /// 400: the Stripe webhook signature did not verify; nothing was changed.
+    fn from(e: SignatureError) -> Self {
+        Self::bad_request(e.code(), e.to_string())
+    }
+}
+
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
-        match self {
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
-            ApiError::AdminKeyMissing => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::AdminKeyInvalid => StatusCode::FORBIDDEN,
-            ApiError::Upload(e) => e.status(),
-            ApiError::BadSignature(_) | ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
-            ApiError::PaymentRequired { .. } => StatusCode::PAYMENT_REQUIRED,
-            ApiError::NotFound { .. } => StatusCode::NOT_FOUND,
-            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal { .. } => StatusCode::INTERNAL_SERVER_ERROR,
-        }
+        self.status
     }
 
     fn error_response(&self) -> HttpResponse {
-        if let ApiError::Internal { code, detail } = self {
-            tracing::error!(message = "Request failed.", code, error = %detail);
+        if let Some(detail) = &self.detail {
+            tracing::error!(message = "Request failed.", code = self.code, error = %detail);
         }
-        let mut resp = HttpResponse::build(self.status_code());
-        match self {
-            ApiError::Unauthorized(_) => {
-                resp.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
-            }
-            ApiError::TooManyRequests {
-                retry_after_s: Some(secs),
-                ..
-            } => {
-                resp.insert_header((header::RETRY_AFTER, secs.to_string()));
-            }
-            _ => {}
+        let mut resp = HttpResponse::build(self.status);
+        if self.bearer_challenge {
+            resp.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
+        }
+        if let Some(secs) = self.retry_after_s {
+            resp.insert_header((header::RETRY_AFTER, secs.to_string()));
         }
         resp.json(self.body())
     }
@@ -170,29 +274,84 @@ impl ResponseError for ApiError {
 mod tests {
     use super::*;
 
+    fn retry_after_header(resp: &HttpResponse) -> Option<&[u8]> {
+        resp.headers()
+            .get(header::RETRY_AFTER)
+            .map(|v| v.as_bytes())
+    }
+
     #[test]
     fn too_many_requests_carries_retry_after_header_and_body_fields() {
         let mut extra = Map::new();
         extra.insert("new_memories".to_owned(), Value::Array(vec![]));
         extra.insert("code".to_owned(), Value::from("must_not_override"));
-        let err = ApiError::TooManyRequests {
-            code: "fair_use_restricted",
-            message: "restricted".to_owned(),
-            retry_after_s: Some(42),
-            extra,
-        };
+        extra.insert("retryable".to_owned(), Value::from(false));
+        let err =
+            ApiError::too_many_requests("fair_use_restricted", "restricted", 42).with_fields(extra);
         let resp = err.error_response();
         assert_eq!(resp.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(
-            resp.headers()
-                .get(header::RETRY_AFTER)
-                .map(|v| v.as_bytes()),
-            Some(&b"42"[..])
-        );
+        assert_eq!(retry_after_header(&resp), Some(&b"42"[..]));
         let body = err.body();
         assert_eq!(body["code"], "fair_use_restricted");
+        assert_eq!(body["retryable"], true);
         assert_eq!(body["retry_after_s"], 42);
         assert_eq!(body["new_memories"], Value::Array(vec![]));
+    }
+
+    #[test]
+    fn a_final_refusal_says_not_retryable_and_sends_no_retry_after() {
+        for err in [
+            ApiError::bad_request("invalid_limit", "limit must be between 1 and 200"),
+            ApiError::not_found("route_not_found", "no such route"),
+            ApiError::from(AuthError::Expired),
+            ApiError::admin_key_invalid(),
+            ApiError::unavailable("x", "y").not_retryable(),
+        ] {
+            let resp = err.error_response();
+            assert_eq!(retry_after_header(&resp), None, "{err}");
+            assert_eq!(err.body()["retryable"], false, "{err}");
+            assert!(err.body().get("retry_after_s").is_none(), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_transient_refusal_is_retryable_with_a_retry_after() {
+        for (err, secs) in [
+            (
+                ApiError::unavailable("draining", "d"),
+                TRANSIENT_RETRY_AFTER_S,
+            ),
+            (
+                ApiError::request_timeout("request_timeout", "t"),
+                IMMEDIATE_RETRY_AFTER_S,
+            ),
+            (
+                ApiError::internal("payment_apply_failed", "x").retry_after(60),
+                60,
+            ),
+        ] {
+            let resp = err.error_response();
+            let expected = secs.to_string();
+            assert_eq!(
+                retry_after_header(&resp),
+                Some(expected.as_bytes()),
+                "{err}"
+            );
+            assert_eq!(err.body()["retryable"], true, "{err}");
+            assert_eq!(err.body()["retry_after_s"], secs, "{err}");
+        }
+    }
+
+    #[test]
+    fn unauthorized_challenges_for_a_bearer_token() {
+        let resp = ApiError::from(AuthError::Missing).error_response();
+        assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            resp.headers()
+                .get(header::WWW_AUTHENTICATE)
+                .map(|v| v.as_bytes()),
+            Some(&b"Bearer"[..])
+        );
     }
 
     #[test]
@@ -201,16 +360,20 @@ mod tests {
         assert_eq!(err.status_code(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(err.body()["message"], "internal server error");
         assert_eq!(err.body()["code"], "store_failed");
+        assert!(!err.body().to_string().contains("NOAUTH"));
+        let storage = ApiError::from(UploadError::Storage("/var/tmp/x: EIO".into()));
+        assert!(!storage.body().to_string().contains("EIO"));
+        assert_eq!(storage.body()["retryable"], true);
     }
 
     #[test]
     fn admin_key_statuses_follow_the_reference() {
         assert_eq!(
-            ApiError::AdminKeyMissing.status_code(),
+            ApiError::admin_key_missing().status_code(),
             StatusCode::UNPROCESSABLE_ENTITY
         );
         assert_eq!(
-            ApiError::AdminKeyInvalid.status_code(),
+            ApiError::admin_key_invalid().status_code(),
             StatusCode::FORBIDDEN
         );
     }

@@ -117,19 +117,16 @@ async fn list_conversations(
 ) -> Result<HttpResponse, ApiError> {
     let limit = query.limit.unwrap_or(50);
     if limit == 0 || limit > MAX_LIST_LIMIT {
-        return Err(ApiError::BadRequest {
-            code: "invalid_limit",
-            message: format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
-        });
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            format!("limit must be between 1 and {MAX_LIST_LIMIT}"),
+        ));
     }
     let page = engine
         .conversations
         .list(&user.uid, limit, query.offset.unwrap_or(0))
         .await
-        .map_err(|e| ApiError::Unavailable {
-            code: e.code(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| ApiError::unavailable(e.code(), e.to_string()))?;
     // Locked ones are listed (clients show them paywalled) without their content.
     let items: Vec<Value> = page
         .conversations
@@ -149,19 +146,16 @@ async fn get_conversation(
         .conversations
         .get(&user.uid, &id)
         .await
-        .map_err(|e| ApiError::Unavailable {
-            code: e.code(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| ApiError::unavailable(e.code(), e.to_string()))?;
     match found {
-        None => Err(ApiError::NotFound {
-            code: "conversation_not_found",
-            message: "no such conversation".into(),
-        }),
-        Some(c) if c.is_locked => Err(ApiError::PaymentRequired {
-            code: "conversation_locked",
-            message: "A paid plan is required to access this conversation.".into(),
-        }),
+        None => Err(ApiError::not_found(
+            "conversation_not_found",
+            "no such conversation",
+        )),
+        Some(c) if c.is_locked => Err(ApiError::payment_required(
+            "conversation_locked",
+            "A paid plan is required to access this conversation.",
+        )),
         Some(c) => {
             let mut body = conversation_summary(&c);
             body["spans"] = json!(c.spans);
@@ -172,14 +166,10 @@ async fn get_conversation(
 
 fn admin_error(e: AdminError) -> ApiError {
     match e {
-        AdminError::InvalidStage(e) => ApiError::BadRequest {
-            code: voicegate_engine::policy::InvalidStage::CODE,
-            message: e.to_string(),
-        },
-        other => ApiError::Unavailable {
-            code: other.code(),
-            message: other.to_string(),
-        },
+        AdminError::InvalidStage(e) => {
+            ApiError::bad_request(voicegate_engine::policy::InvalidStage::CODE, e.to_string())
+        }
+        other => ApiError::unavailable(other.code(), other.to_string()),
     }
 }
 
@@ -200,10 +190,10 @@ async fn admin_flagged(
     };
     let limit = query.limit.unwrap_or(50);
     if limit == 0 || limit > 200 {
-        return Err(ApiError::BadRequest {
-            code: "invalid_limit",
-            message: "limit must be between 1 and 200".into(),
-        });
+        return Err(ApiError::bad_request(
+            "invalid_limit",
+            "limit must be between 1 and 200",
+        ));
     }
     let users = engine
         .fair_use
@@ -256,11 +246,10 @@ async fn admin_set_stage(
 ) -> Result<HttpResponse, ApiError> {
     let uid = path.into_inner();
     let Some(stage) = query.stage.as_deref() else {
-        return Err(ApiError::BadRequest {
-            code: "invalid_stage",
-            message: "the stage query parameter is required (none, warning, throttle, restrict)"
-                .into(),
-        });
+        return Err(ApiError::bad_request(
+            "invalid_stage",
+            "the stage query parameter is required (none, warning, throttle, restrict)",
+        ));
     };
     let applied = engine
         .fair_use
@@ -292,15 +281,10 @@ async fn admin_case(
     engine: web::Data<Engine>,
 ) -> Result<HttpResponse, ApiError> {
     let raw = path.into_inner();
-    let case_ref = CaseRef::parse(&raw).map_err(|_| ApiError::NotFound {
-        code: "case_not_found",
-        message: "no such case".into(),
-    })?;
+    let case_ref =
+        CaseRef::parse(&raw).map_err(|_| ApiError::not_found("case_not_found", "no such case"))?;
     match engine.fair_use.case(&case_ref).await.map_err(admin_error)? {
-        None => Err(ApiError::NotFound {
-            code: "case_not_found",
-            message: "no such case".into(),
-        }),
+        None => Err(ApiError::not_found("case_not_found", "no such case")),
         Some((uid, event)) => Ok(HttpResponse::Ok().json(json!({ "uid": uid, "event": event }))),
     }
 }

@@ -94,40 +94,25 @@ impl AppState {
 }
 
 fn json_errors() -> web::JsonConfig {
-    web::JsonConfig::default().error_handler(|e, _| {
-        ApiError::BadRequest {
-            code: "invalid_json",
-            message: e.to_string(),
-        }
-        .into()
-    })
+    web::JsonConfig::default()
+        .error_handler(|e, _| ApiError::bad_request("invalid_json", e.to_string()).into())
 }
 
 fn query_errors() -> web::QueryConfig {
-    web::QueryConfig::default().error_handler(|e, _| {
-        ApiError::BadRequest {
-            code: "invalid_query",
-            message: e.to_string(),
-        }
-        .into()
-    })
+    web::QueryConfig::default()
+        .error_handler(|e, _| ApiError::bad_request("invalid_query", e.to_string()).into())
 }
 
 fn path_errors() -> web::PathConfig {
-    web::PathConfig::default().error_handler(|e, _| {
-        ApiError::BadRequest {
-            code: "invalid_path",
-            message: e.to_string(),
-        }
-        .into()
-    })
+    web::PathConfig::default()
+        .error_handler(|e, _| ApiError::bad_request("invalid_path", e.to_string()).into())
 }
 
 async fn not_found() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound {
-        code: "route_not_found",
-        message: "no such route".to_owned(),
-    })
+    Err(ApiError::not_found(
+        "route_not_found",
+        "no such route".to_owned(),
+    ))
 }
 
 /// Builds the app for one worker: state, caller routes, latency middleware, JSON 404.

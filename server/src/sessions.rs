@@ -37,20 +37,22 @@ pub enum SessionRefused {
 impl From<SessionRefused> for ApiError {
     fn from(e: SessionRefused) -> Self {
         match e {
-            SessionRefused::PerUserLimit { .. } => ApiError::TooManyRequests {
-                code: "too_many_sessions",
-                message: e.to_string(),
-                retry_after_s: None,
-                extra: serde_json::Map::new(),
-            },
-            SessionRefused::Draining => ApiError::Unavailable {
-                code: "draining",
-                message: e.to_string(),
-            },
-            SessionRefused::AtCapacity { .. } => ApiError::Unavailable {
-                code: "at_capacity",
-                message: e.to_string(),
-            },
+            SessionRefused::PerUserLimit { .. } => {
+                // A session of the user's ends at an unknown time: a short wait, then a new try.
+                ApiError::too_many_requests(
+                    "too_many_sessions",
+                    e.to_string(),
+                    crate::error::TRANSIENT_RETRY_AFTER_S,
+                )
+            }
+            SessionRefused::Draining => {
+                // Another node takes the session at once.
+                ApiError::unavailable("draining", e.to_string())
+                    .retry_after(crate::error::IMMEDIATE_RETRY_AFTER_S)
+            }
+            SessionRefused::AtCapacity { .. } => {
+                ApiError::unavailable("at_capacity", e.to_string())
+            }
         }
     }
 }

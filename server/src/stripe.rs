@@ -226,10 +226,12 @@ pub async fn webhook(
         metrics::counter!(STRIPE_WEBHOOKS_TOTAL, "outcome" => outcome).increment(1)
     };
     let Some(secret) = hook.secret.as_deref() else {
-        return Err(ApiError::Unavailable {
-            code: "stripe_not_configured",
-            message: "STRIPE_WEBHOOK_SECRET is not configured".to_owned(),
-        });
+        // A retry cannot help until an operator configures the secret.
+        return Err(ApiError::unavailable(
+            "stripe_not_configured",
+            "STRIPE_WEBHOOK_SECRET is not configured",
+        )
+        .not_retryable());
     };
     let header = req
         .headers()
@@ -241,14 +243,15 @@ pub async fn webhook(
     if let Err(e) = verified {
         count("bad_signature");
         tracing::warn!(message = "Stripe webhook refused.", reason = e.code());
-        return Err(ApiError::BadSignature(e));
+        return Err(ApiError::from(e));
     }
     match parse_event(&body) {
         Ok(event) => {
             let event_id = event.event_id.clone();
             hook.payments.apply(event).await.map_err(|e| {
                 count("failed");
-                ApiError::internal("payment_apply_failed", e)
+                // Stripe retries on its own schedule; other callers may retry after a minute.
+                ApiError::internal("payment_apply_failed", e).retry_after(60)
             })?;
             count("applied");
             tracing::info!(message = "Payment applied.", %event_id);

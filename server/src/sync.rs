@@ -20,7 +20,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use actix_web::{HttpRequest, HttpResponse, http::StatusCode, web};
+use actix_web::{HttpRequest, HttpResponse, ResponseError, http::StatusCode, web};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
@@ -142,12 +142,10 @@ async fn handle(
         extra.insert("new_memories".into(), json!([]));
         extra.insert("updated_memories".into(), json!([]));
         extra.insert("stage".into(), json!(ent.stage));
-        return Err(ApiError::TooManyRequests {
-            code: reason.code(),
-            message: reason.message().to_owned(),
-            retry_after_s: Some(retry_after_s),
-            extra,
-        });
+        return Err(
+            ApiError::too_many_requests(reason.code(), reason.message(), retry_after_s)
+                .with_fields(extra),
+        );
     }
     let locked = ent.lock;
 
@@ -166,10 +164,7 @@ async fn handle(
             .collect::<Vec<_>>()
     })
     .await
-    .map_err(|e| ApiError::Internal {
-        code: "sync_worker_failed",
-        detail: e.to_string(),
-    })?;
+    .map_err(|e| ApiError::internal("sync_worker_failed", e))?;
     metrics::histogram!(SYNC_PROCESS_DURATION_SECONDS).record(started.elapsed().as_secs_f64());
     drop(batch); // temp files are no longer needed
 
@@ -258,25 +253,29 @@ async fn handle(
     }
     let good = results.iter().filter(|r| r.status != "failed").count();
     if good == 0 {
-        let body = json!({
-            "new_memories": [], "updated_memories": [], "speech_ms": 0, "metered_speech_ms": 0,
-            "locked": locked, "files": results,
-        });
-        return Ok(if server_failures > 0 {
-            error_body(
-                StatusCode::SERVICE_UNAVAILABLE,
+        let refusal = if server_failures > 0 {
+            ApiError::unavailable(
                 "sync_unavailable",
                 "no file could be processed now; retry the upload",
-                body,
             )
         } else {
-            error_body(
-                StatusCode::BAD_REQUEST,
+            ApiError::bad_request(
                 "no_valid_files",
                 "no uploaded file was valid; see files[].error",
-                body,
             )
-        });
+        };
+        // An answer, not a rejection: the files were read and judged (counted as `failed`).
+        return Ok(refusal
+            .with_field("new_memories", json!([]))
+            .with_field("updated_memories", json!([]))
+            .with_field("speech_ms", 0)
+            .with_field("metered_speech_ms", 0)
+            .with_field("locked", locked)
+            .with_field(
+                "files",
+                serde_json::to_value(&results).unwrap_or(Value::Null),
+            )
+            .error_response());
     }
 
     // 5. The daily STT budget of the restrict stage.
@@ -300,13 +299,12 @@ async fn handle(
             "files".into(),
             serde_json::to_value(&results).unwrap_or(Value::Null),
         );
-        return Err(ApiError::TooManyRequests {
-            code: SttDenied::BudgetExhausted.code(),
-            message: "today's transcription budget is used up; the speech was metered, retry after the reset"
-                .into(),
-            retry_after_s: Some(retry_after_s),
-            extra,
-        });
+        return Err(ApiError::too_many_requests(
+            SttDenied::BudgetExhausted.code(),
+            "today's transcription budget is used up; the speech was metered, retry after the reset",
+            retry_after_s,
+        )
+        .with_fields(extra));
     }
 
     // 6. Conversations.
@@ -321,9 +319,11 @@ async fn handle(
             target: query.conversation_id.filter(|s| !s.is_empty()),
         })
         .await
-        .map_err(|e| ApiError::Unavailable {
-            code: e.code(),
-            message: format!("{e}; the speech was metered, retry the upload"),
+        .map_err(|e| {
+            ApiError::unavailable(
+                e.code(),
+                format!("{e}; the speech was metered, retry the upload"),
+            )
         })?;
     let all_ok = results.iter().all(|r| r.status != "failed");
     let body = SyncResponse {
@@ -359,14 +359,6 @@ fn failed(file: String, code: &'static str, error: String, duration_ms: u64) -> 
         error: Some(error),
         warnings: Vec::new(),
     }
-}
-
-fn error_body(status: StatusCode, code: &str, message: &str, mut body: Value) -> HttpResponse {
-    if let Some(obj) = body.as_object_mut() {
-        obj.insert("code".into(), json!(code));
-        obj.insert("message".into(), json!(message));
-    }
-    HttpResponse::build(status).json(body)
 }
 
 fn analyse_file(f: &crate::upload::SavedFile, now_s: u64, cfg: &PipelineConfig) -> Analysed {

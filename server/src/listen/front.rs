@@ -195,10 +195,8 @@ impl ListenFront {
     > {
         let user = authenticate_headers(&self.auth, &req.head().headers)?;
         let guard = self.sessions.open(&user.uid)?;
-        let mut upgrade = ws::handshake(req.head()).map_err(|e| ApiError::BadRequest {
-            code: "ws_handshake",
-            message: e.to_string(),
-        })?;
+        let mut upgrade = ws::handshake(req.head())
+            .map_err(|e| ApiError::bad_request("ws_handshake", e.to_string()))?;
         let params = ListenParams::from_query(req.uri().query().unwrap_or(""));
         Ok((guard, params, upgrade.finish().drop_body()))
     }

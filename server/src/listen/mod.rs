@@ -133,10 +133,8 @@ async fn listen(
 ) -> Result<HttpResponse, ApiError> {
     let guard = sessions.open(&user.uid)?;
     let params = ListenParams::from_query(req.query_string());
-    let upgrade = ws::handshake(req.head()).map_err(|e| ApiError::BadRequest {
-        code: "ws_handshake",
-        message: e.to_string(),
-    })?;
+    let upgrade = ws::handshake(req.head())
+        .map_err(|e| ApiError::bad_request("ws_handshake", e.to_string()))?;
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
     let body_stream = futures_util::stream::poll_fn(move |cx| {

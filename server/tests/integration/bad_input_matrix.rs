@@ -440,10 +440,19 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
                 c.name, c.want_status, c.want_code, c.got_status, c.got
             ));
         }
-        // Every error body is machine-readable: a code and a human message (files[] for per-file errors).
+        // Every error body is machine-readable: a code and a human message (files[] for per-file errors),
+        // and says whether a retry can help: none of these can (the same request is refused again).
         if c.got_status >= 400 {
             assert!(
                 c.got["code"].is_string() || c.got["files"][0]["code"].is_string(),
+                "{}: {}",
+                c.name,
+                c.got
+            );
+            assert!(c.got["message"].is_string(), "{}: {}", c.name, c.got);
+            assert_eq!(c.got["retryable"], false, "{}: {}", c.name, c.got);
+            assert!(
+                c.got.get("retry_after_s").is_none(),
                 "{}: {}",
                 c.name,
                 c.got

@@ -303,15 +303,19 @@ async fn refused_upgrades_get_the_routes_json_answers_and_are_timed_under_the_ro
     // Over the per-user session limit: 429 too_many_sessions while the first session is open.
     let (status, _, _, first) = ask(upgrade_request(server.addr, "busy", "codec=opus")).await;
     assert_eq!(status, 101);
-    let (status, _, body, _) = ask(upgrade_request(server.addr, "busy", "codec=opus")).await;
+    let (status, head, body, _) = ask(upgrade_request(server.addr, "busy", "codec=opus")).await;
     assert_eq!(status, 429, "{body}");
     assert_eq!(body["code"], "too_many_sessions", "{body}");
+    assert_eq!(body["retryable"], true, "{body}");
+    assert!(head.contains("retry-after: 5"), "{head}");
     // Over the node's limit (2 sessions): 503 at_capacity, whoever asks.
     let (status, _, _, second) = ask(upgrade_request(server.addr, "other", "codec=opus")).await;
     assert_eq!(status, 101);
-    let (status, _, body, _) = ask(upgrade_request(server.addr, "third", "codec=opus")).await;
+    let (status, head, body, _) = ask(upgrade_request(server.addr, "third", "codec=opus")).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "at_capacity", "{body}");
+    assert_eq!(body["retryable"], true, "{body}");
+    assert!(head.contains("retry-after: 5"), "{head}");
     drop((first, second));
 
     // A request head over the limit: 431, and nothing else happens.

@@ -25,11 +25,8 @@ async fn listen(
     sessions: web::Data<SessionRegistry>,
 ) -> Result<HttpResponse, ApiError> {
     let mut guard = sessions.open(&user.uid)?;
-    let (resp, session, mut stream) =
-        actix_ws::handle(&req, body).map_err(|e| ApiError::BadRequest {
-            code: "ws_handshake",
-            message: e.to_string(),
-        })?;
+    let (resp, session, mut stream) = actix_ws::handle(&req, body)
+        .map_err(|e| ApiError::bad_request("ws_handshake", e.to_string()))?;
     actix_web::rt::spawn(async move {
         tokio::select! {
             () = guard.closing() => {

@@ -5,6 +5,9 @@
 
 /// Histogram, labels `route` (the matched pattern, or `unmatched`), `method`, `status` (class: `2xx`…`5xx`).
 pub const HTTP_REQUEST_DURATION_SECONDS: &str = "voicegate_http_request_duration_seconds";
+/// Counter, label `phase` (`body_idle`: no body byte within `VOICEGATE_BODY_IDLE_TIMEOUT_SECS`,
+/// `body_total`: the body not complete within `VOICEGATE_BODY_TIMEOUT_SECS`): requests answered 408.
+pub const HTTP_REQUEST_TIMEOUTS_TOTAL: &str = "voicegate_http_request_timeouts_total";
 /// Counter, label `reason` (the stable auth error code, e.g. `token_expired`).
 pub const AUTH_REJECTIONS_TOTAL: &str = "voicegate_auth_rejections_total";
 /// Counter, label `reason` (the stable upload error code, e.g. `upload_file_too_large`).

@@ -31,6 +31,13 @@ pub mod defaults {
     pub const WS_MAX_SESSIONS: usize = 25_000;
     /// `VOICEGATE_DRAIN_TIMEOUT_SECS`.
     pub const DRAIN_TIMEOUT_SECS: u64 = 30;
+    /// `VOICEGATE_HEADER_TIMEOUT_SECS`: time from a connection (or the previous response) to a complete
+    /// request head.
+    pub const HEADER_TIMEOUT_SECS: u64 = 5;
+    /// `VOICEGATE_BODY_IDLE_TIMEOUT_SECS`: longest wait for the next byte of a request body.
+    pub const BODY_IDLE_TIMEOUT_SECS: u64 = 10;
+    /// `VOICEGATE_BODY_TIMEOUT_SECS`: the whole body of one request (a 256 MiB upload at ~4 Mbit/s).
+    pub const BODY_TIMEOUT_SECS: u64 = 600;
     /// `VOICEGATE_WORKERS`: 0 = half the CPUs, at least one.
     pub const WORKERS: usize = 0;
     /// `VOICEGATE_WS_IDLE_TIMEOUT_SECS`: the reference's inactivity timeout.
@@ -126,6 +133,18 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_LISTEN_BUFFER_MS", default_value_t = defaults::LISTEN_BUFFER_MS)]
     pub listen_buffer_ms: u64,
 
+    /// A request head not complete this long after the connection opened (or the previous answer) gets 408 and the connection closes.
+    #[arg(long, env = "VOICEGATE_HEADER_TIMEOUT_SECS", default_value_t = defaults::HEADER_TIMEOUT_SECS)]
+    pub header_timeout_secs: u64,
+
+    /// A request body with no new byte for this long gets 408 `request_body_stalled` (its upload temp files are removed at once).
+    #[arg(long, env = "VOICEGATE_BODY_IDLE_TIMEOUT_SECS", default_value_t = defaults::BODY_IDLE_TIMEOUT_SECS)]
+    pub body_idle_timeout_secs: u64,
+
+    /// A request body not complete this long after its head gets 408 `request_body_timeout` (however steadily it trickles).
+    #[arg(long, env = "VOICEGATE_BODY_TIMEOUT_SECS", default_value_t = defaults::BODY_TIMEOUT_SECS)]
+    pub body_timeout_secs: u64,
+
     /// Time allowed for a drain (close sessions, finish requests, flush the meter) after SIGTERM/SIGINT.
     #[arg(long, env = "VOICEGATE_DRAIN_TIMEOUT_SECS", default_value_t = defaults::DRAIN_TIMEOUT_SECS)]
     pub drain_timeout_secs: u64,
@@ -156,6 +175,9 @@ impl Default for ServeConfig {
             ws_sessions_per_user: defaults::WS_SESSIONS_PER_USER,
             ws_max_sessions: defaults::WS_MAX_SESSIONS,
             drain_timeout_secs: defaults::DRAIN_TIMEOUT_SECS,
+            header_timeout_secs: defaults::HEADER_TIMEOUT_SECS,
+            body_idle_timeout_secs: defaults::BODY_IDLE_TIMEOUT_SECS,
+            body_timeout_secs: defaults::BODY_TIMEOUT_SECS,
             workers: defaults::WORKERS,
             ws_idle_timeout_secs: defaults::WS_IDLE_TIMEOUT_SECS,
             listen_threads: defaults::LISTEN_THREADS,
@@ -217,7 +239,7 @@ impl ServeConfig {
                 bind: self.bind.clone(),
             });
         }
-        let limits: [(&'static str, u64); 6] = [
+        let limits: [(&'static str, u64); 9] = [
             (
                 "VOICEGATE_UPLOAD_MAX_FILE_BYTES",
                 self.upload_max_file_bytes,
@@ -236,10 +258,25 @@ impl ServeConfig {
                 self.ws_sessions_per_user as u64,
             ),
             ("VOICEGATE_WS_MAX_SESSIONS", self.ws_max_sessions as u64),
+            ("VOICEGATE_HEADER_TIMEOUT_SECS", self.header_timeout_secs),
+            (
+                "VOICEGATE_BODY_IDLE_TIMEOUT_SECS",
+                self.body_idle_timeout_secs,
+            ),
+            ("VOICEGATE_BODY_TIMEOUT_SECS", self.body_timeout_secs),
         ];
         match limits.iter().find(|(_, v)| *v == 0) {
             Some((name, _)) => Err(ConfigError::ZeroLimit { name }),
             None => Ok(()),
+        }
+    }
+
+    /// The request timeouts (head, body progress, whole body).
+    pub fn request_timeouts(&self) -> crate::timeouts::RequestTimeouts {
+        crate::timeouts::RequestTimeouts {
+            header: Duration::from_secs(self.header_timeout_secs),
+            body_idle: Duration::from_secs(self.body_idle_timeout_secs),
+            body_total: Duration::from_secs(self.body_timeout_secs),
         }
     }
 

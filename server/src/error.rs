@@ -46,6 +46,8 @@ pub struct ApiError {
     bearer_challenge: bool,
     /// A 500's cause, logged when the answer is rendered, never sent.
     detail: Option<String>,
+    /// The connection cannot carry another request (e.g. an unread body follows): `Connection: close`.
+    close_connection: bool,
 }
 
 impl std::fmt::Display for ApiError {
@@ -70,6 +72,7 @@ impl ApiError {
             fields: Map::new(),
             bearer_challenge: false,
             detail: None,
+            close_connection: false,
         }
     }
 
@@ -151,6 +154,13 @@ impl ApiError {
     #[must_use]
     pub fn retry_after(mut self, secs: u64) -> Self {
         self.retry_after_s = Some(secs);
+        self
+    }
+
+    /// Closes the connection after the answer (the rest of a body the client was sending is not read).
+    #[must_use]
+    pub fn closing_connection(mut self) -> Self {
+        self.close_connection = true;
         self
     }
 
@@ -265,6 +275,9 @@ impl ResponseError for ApiError {
         }
         if let Some(secs) = self.retry_after_s {
             resp.insert_header((header::RETRY_AFTER, secs.to_string()));
+        }
+        if self.close_connection {
+            resp.force_close();
         }
         resp.json(self.body())
     }

@@ -3,7 +3,7 @@
 //! - `config`: every flag, env var and default of `voicegate serve`; `serve`: startup, app, drain.
 //! - `auth` (bearer tokens, dev mode), `admin` (`X-Admin-Key`), `error` (one mapping to statuses and codes).
 //! - `upload` (streaming multipart with limits), `stripe` (webhook signature and events), `sessions`
-//!   (listen admission and drain), `health` (`/healthz`, `/readyz`), `prometheus` (`/metrics`, latency).
+//!   (listen admission and drain), `timeouts` (head, body progress and whole-body 408s), `health` (`/healthz`, `/readyz`), `prometheus` (`/metrics`, latency).
 
 pub mod admin;
 pub mod auth;
@@ -19,6 +19,7 @@ pub mod serve;
 pub mod sessions;
 pub mod stripe;
 pub mod sync;
+pub mod timeouts;
 pub mod upload;
 
 pub use config::ServeConfig;

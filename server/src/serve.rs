@@ -129,6 +129,7 @@ pub fn build_app(
     >,
 > {
     App::new()
+        .wrap(middleware::from_fn(crate::timeouts::enforce))
         .wrap(middleware::from_fn(prometheus::record_latency))
         .configure(|cfg| {
             state.configure(cfg);
@@ -385,12 +386,13 @@ impl ConnectionService {
             .into_factory()
             .map_err(|err: actix_web::Error| err.error_response());
         let signal = self.shutdown.clone();
+        let header_timeout = self.state.config.request_timeouts().header;
         let http = actix_http::HttpService::build()
             .graceful_shutdown_signal(move || {
                 let signal = signal.clone();
                 async move { signal.notified().await }
             })
-            .client_request_timeout(crate::listen::front::REQUEST_TIMEOUT)
+            .client_request_timeout(header_timeout)
             .client_disconnect_timeout(std::time::Duration::from_secs(1))
             .local_addr(self.addr)
             // The app's `AppConfig` host and address only serve URL generation (unused here) and the
@@ -405,9 +407,7 @@ impl ConnectionService {
             let http = http.new_service(());
             let front = front.clone();
             async move {
-                use crate::listen::front::{
-                    FirstRequest, REQUEST_TIMEOUT, answer_timeout, first_request,
-                };
+                use crate::listen::front::{FirstRequest, answer_timeout, first_request};
                 let http = std::rc::Rc::new(http.await?);
                 // One per worker: it holds the worker's date-header timer.
                 let h1_config = actix_http::ServiceConfig::default();
@@ -419,7 +419,7 @@ impl ConnectionService {
                             let Some(front) = front else {
                                 return http.call(io).await;
                             };
-                            let deadline = tokio::time::Instant::now() + REQUEST_TIMEOUT;
+                            let deadline = tokio::time::Instant::now() + header_timeout;
                             match first_request(&io, deadline).await {
                                 FirstRequest::Listen => front.serve(io, deadline, &h1_config).await,
                                 FirstRequest::TimedOut => answer_timeout(io, &h1_config).await,

@@ -17,6 +17,7 @@ mod listen_stream;
 mod listen_transport;
 mod metrics_docs;
 mod metrics_e2e;
+mod request_timeouts;
 mod restricted_realtime;
 mod server_drain;
 mod stripe_webhook;

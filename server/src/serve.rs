@@ -166,6 +166,15 @@ impl ServerBuilder {
         }
         let auth = Authenticator::from_config(&cfg)?;
         announce(&cfg, &auth);
+        let upload_parent = crate::upload::temp_parent(cfg.upload_dir.as_deref());
+        let swept = crate::upload::sweep_leftovers(&upload_parent);
+        if swept > 0 {
+            tracing::warn!(
+                message = "Removed upload temp folders left by an earlier process.",
+                swept,
+                dir = %upload_parent.display()
+            );
+        }
         let metrics = prometheus::install().map_err(|e| ServeError::Metrics(e.to_string()))?;
         let store_kind = if cfg.redis_url.is_some() {
             "redis"
@@ -203,6 +212,19 @@ impl ServerBuilder {
                     tracing::warn!(
                         message = "Listen sessions still open at the drain deadline.",
                         left
+                    );
+                }
+            })
+        });
+        // After the HTTP stop no request runs: a request cut by the drain deadline may have left its folder.
+        let uploads = state.upload_limits.clone();
+        hooks.add(DrainPhase::Flush, "upload_temp_sweep", move || {
+            Box::pin(async move {
+                let swept = crate::upload::sweep_own(&upload_parent, &uploads);
+                if swept > 0 {
+                    tracing::info!(
+                        message = "Removed the temp folders of uploads cut by the drain.",
+                        swept
                     );
                 }
             })

@@ -5,7 +5,13 @@
 //! - Limits (bytes per file, files per request, bytes per request) are enforced while streaming and answer 413
 //!   naming the limit; a body with no `files` part answers 400.
 //! - The SHA-256 of each file is computed while it streams (the metering idempotency key).
-//! - The returned [`UploadBatch`] owns the temp directory: dropping it removes every file, on every path.
+//! - The returned [`UploadBatch`] owns the temp directory: dropping it removes every file, on every path
+//!   (a body timeout drops the request, and with it the batch, at once).
+//! - Temp folders are named `voicegate-upload-<pid>.<process start>.<server>-<random>` in
+//!   `VOICEGATE_UPLOAD_DIR` (default: the system temp directory). A drain removes its server's folders still
+//!   present once requests are stopped ([`sweep_own`]); startup removes folders whose process no longer
+//!   runs ([`sweep_leftovers`]: the pid is gone, or now names a process started at another time). Nothing
+//!   else in that directory is touched: a sync spool must live in a directory of its own.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -20,6 +26,12 @@ use voicegate_engine::telemetry::UPLOAD_REJECTIONS_TOTAL;
 
 use crate::config::ServeConfig;
 
+/// The name prefix of every upload temp folder (followed by its owner: `<pid>.<process start>.<server>-`).
+pub const TEMP_PREFIX: &str = "voicegate-upload-";
+
+/// Numbers the servers of one process (tests run several), so a drain sweeps only its own folders.
+static SERVERS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// The multipart field that carries audio files (the reference's name).
 pub const FILES_FIELD: &str = "files";
 /// Bytes buffered before a write is handed to the blocking pool.
@@ -33,6 +45,8 @@ pub struct UploadLimits {
     pub max_request_bytes: u64,
     /// Parent of the per-request temp directories; `None` = the system temp directory.
     pub dir: Option<PathBuf>,
+    /// `voicegate-upload-<pid>.<process start>.<server>-`: the name prefix of this server's temp folders.
+    pub folder_prefix: String,
 }
 
 impl UploadLimits {
@@ -42,6 +56,7 @@ impl UploadLimits {
             max_files: cfg.upload_max_files,
             max_request_bytes: cfg.upload_max_request_bytes,
             dir: cfg.upload_dir.clone(),
+            folder_prefix: own_prefix(),
         }
     }
 }
@@ -182,7 +197,7 @@ async fn read_upload_inner(
         });
     }
     let mut multipart = Multipart::new(req.headers(), payload);
-    let dir = make_temp_dir(limits.dir.as_deref())?;
+    let dir = make_temp_dir(limits.dir.as_deref(), &limits.folder_prefix)?;
     let mut files = Vec::new();
     let mut request_bytes: u64 = 0;
     let mut saw_part = false;
@@ -258,14 +273,90 @@ fn add_request_bytes(total: u64, more: usize, limits: &UploadLimits) -> Result<u
     Ok(total)
 }
 
-fn make_temp_dir(parent: Option<&Path>) -> Result<TempDir, UploadError> {
+fn make_temp_dir(parent: Option<&Path>, prefix: &str) -> Result<TempDir, UploadError> {
     let mut builder = tempfile::Builder::new();
-    builder.prefix("voicegate-upload-");
+    builder.prefix(prefix);
     let dir = match parent {
         Some(p) => builder.tempdir_in(p),
         None => builder.tempdir(),
     };
     dir.map_err(|e| UploadError::Storage(e.to_string()))
+}
+
+/// The directory holding upload temp folders: `configured`, or the system temp directory.
+pub fn temp_parent(configured: Option<&Path>) -> PathBuf {
+    configured.map_or_else(std::env::temp_dir, Path::to_path_buf)
+}
+
+/// A new server's folder prefix: this process (pid and start time) and a per-process server number.
+fn own_prefix() -> String {
+    let pid = std::process::id();
+    let start = process_start(pid).unwrap_or(0);
+    let server = SERVERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{TEMP_PREFIX}{pid}.{start}.{server}-")
+}
+
+/// When process `pid` started (clock ticks since boot, `/proc/<pid>/stat` field 22): with the pid, it names
+/// one process even after the pid is reused. `None` when no such process runs (or not on Linux).
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: fields after the last ')' are plain.
+    let (_, after_name) = stat.rsplit_once(')')?;
+    after_name.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// The owner (pid, process start) in an upload temp folder's name, if `name` is one.
+fn owner(name: &str) -> Option<(u32, u64)> {
+    let rest = name.strip_prefix(TEMP_PREFIX)?;
+    let (owner, _) = rest.split_once('-')?;
+    let mut parts = owner.split('.');
+    let pid = parts.next()?.parse().ok()?;
+    let start = parts.next()?.parse().ok()?;
+    Some((pid, start))
+}
+
+/// Removes the upload temp folders in `parent` whose name satisfies `remove`; returns how many.
+fn sweep(parent: &Path, remove: impl Fn(&str) -> bool) -> usize {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            continue;
+        };
+        if !remove(name) || !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        match std::fs::remove_dir_all(entry.path()) {
+            Ok(()) => removed += 1,
+            Err(error) => tracing::warn!(
+                message = "Removing an upload temp folder failed.",
+                path = %entry.path().display(),
+                %error
+            ),
+        }
+    }
+    removed
+}
+
+/// At the end of a drain (no request runs any more): removes the temp folders of this server's uploads
+/// that a cut request left behind.
+pub fn sweep_own(parent: &Path, limits: &UploadLimits) -> usize {
+    sweep(parent, |name| name.starts_with(&limits.folder_prefix))
+}
+
+/// At startup: removes upload temp folders whose process no longer runs (a crash, a kill): its pid is
+/// gone or names a process started at another time (pid 1 in a restarted container). Folders of a running
+/// server sharing the directory are kept; on a system without `/proc` nothing is removed.
+pub fn sweep_leftovers(parent: &Path) -> usize {
+    if process_start(std::process::id()).is_none() {
+        return 0;
+    }
+    sweep(parent, |name| {
+        owner(name).is_some_and(|(pid, start)| process_start(pid) != Some(start))
+    })
 }
 
 /// A file being written: hashes on the async side, writes in batches on the blocking pool.
@@ -320,5 +411,81 @@ impl FileSink {
             self.write_out().await?;
         }
         Ok((self.size, self.hasher.finalize().into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder(parent: &Path, name: &str) -> PathBuf {
+        let p = parent.join(name);
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(p.join("0000.bin"), b"x").unwrap_or_else(|e| panic!("{e}"));
+        p
+    }
+
+    #[test]
+    fn startup_sweep_removes_folders_of_dead_processes_and_nothing_else() {
+        let parent = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let me = std::process::id();
+        let my_start = process_start(me).unwrap_or_else(|| panic!("no /proc/self/stat"));
+        // 999_999_999 is above Linux's largest pid: no process runs with it.
+        let dead = folder(parent.path(), &format!("{TEMP_PREFIX}999999999.5.0-abc"));
+        // This pid, but started at another time: an earlier life of the pid (a restarted container).
+        let reused = folder(
+            parent.path(),
+            &format!("{TEMP_PREFIX}{me}.{}.0-def", my_start + 1),
+        );
+        let live = folder(
+            parent.path(),
+            &format!("{TEMP_PREFIX}{me}.{my_start}.3-ghi"),
+        );
+        let spool = folder(parent.path(), "voicegate-spool-999999999");
+        let legacy = folder(parent.path(), &format!("{TEMP_PREFIX}Xy12ab"));
+        assert_eq!(sweep_leftovers(parent.path()), 2);
+        assert!(!dead.exists() && !reused.exists());
+        assert!(live.exists(), "a running process's folder is kept");
+        assert!(
+            spool.exists() && legacy.exists(),
+            "other names are never touched"
+        );
+    }
+
+    #[test]
+    fn drain_sweep_removes_only_this_server_folders() {
+        let parent = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let cfg = ServeConfig::default();
+        let (mine, other_server) = (
+            UploadLimits::from_config(&cfg),
+            UploadLimits::from_config(&cfg),
+        );
+        let a = make_temp_dir(Some(parent.path()), &mine.folder_prefix)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .keep();
+        let b = make_temp_dir(Some(parent.path()), &other_server.folder_prefix)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .keep();
+        assert_eq!(sweep_own(parent.path(), &mine), 1);
+        assert!(!a.exists() && b.exists());
+    }
+
+    #[test]
+    fn temp_folders_are_named_with_the_owner_process() {
+        let parent = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let limits = UploadLimits::from_config(&ServeConfig::default());
+        let dir = make_temp_dir(Some(parent.path()), &limits.folder_prefix)
+            .unwrap_or_else(|e| panic!("{e}"));
+        let name = dir
+            .path()
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_owned);
+        let me = std::process::id();
+        assert_eq!(
+            name.as_deref().and_then(owner),
+            Some((me, process_start(me).unwrap_or(0)))
+        );
+        assert_eq!(sweep_leftovers(parent.path()), 0, "a live folder is kept");
     }
 }

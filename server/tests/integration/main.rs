@@ -11,6 +11,7 @@ mod bad_input_matrix;
 mod config_docs;
 mod dashboards_prometheus;
 mod drain_sigterm;
+mod drain_uploads;
 mod health_metrics;
 mod listen_bad_input;
 mod listen_stream;

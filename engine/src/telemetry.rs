@@ -12,7 +12,7 @@ pub const HTTP_REQUEST_TIMEOUTS_TOTAL: &str = "voicegate_http_request_timeouts_t
 pub const AUTH_REJECTIONS_TOTAL: &str = "voicegate_auth_rejections_total";
 /// Counter, label `reason` (the stable upload error code, e.g. `upload_file_too_large`).
 pub const UPLOAD_REJECTIONS_TOTAL: &str = "voicegate_upload_rejections_total";
-/// Counter, label `outcome` (`applied`, `ignored`, `bad_signature`, `failed`).
+/// Counter, label `outcome` (`applied`, `duplicate`, `ignored`, `bad_signature`, `failed`).
 pub const STRIPE_WEBHOOKS_TOTAL: &str = "voicegate_stripe_webhooks_total";
 /// Gauge: 1 when the last store health check succeeded, 0 otherwise.
 pub const STORE_UP: &str = "voicegate_store_up";

@@ -51,6 +51,8 @@ pub enum AuthError {
     Invalid,
     #[error("uid must be 1-128 characters of [A-Za-z0-9_.:@-]")]
     BadUid,
+    #[error("token is not valid yet (`nbf` or `iat` in the future beyond the 30 s clock skew)")]
+    NotYetValid,
 }
 
 impl AuthError {
@@ -67,6 +69,7 @@ impl AuthError {
             AuthError::WrongAlgorithm => "token_wrong_algorithm",
             AuthError::Invalid => "token_invalid",
             AuthError::BadUid => "uid_invalid",
+            AuthError::NotYetValid => "token_not_yet_valid",
         }
     }
 }
@@ -102,6 +105,8 @@ pub struct AuthedUser {
 struct Claims {
     /// Optional here so a token without `sub` is reported as a missing claim, not as unparsable.
     sub: Option<String>,
+    /// Issued-at: a token issued in the future (beyond the skew) is refused like an early `nbf`.
+    iat: Option<u64>,
 }
 
 struct RsaKey {
@@ -235,6 +240,14 @@ fn finish(
     decoded: jsonwebtoken::errors::Result<jsonwebtoken::TokenData<Claims>>,
 ) -> Result<AuthedUser, AuthError> {
     let data = decoded.map_err(|e| map_jwt_error(e.kind()))?;
+    let now = jsonwebtoken::get_current_timestamp();
+    if data
+        .claims
+        .iat
+        .is_some_and(|iat| iat > now.saturating_add(LEEWAY_SECS))
+    {
+        return Err(AuthError::NotYetValid);
+    }
     let sub = data
         .claims
         .sub
@@ -245,6 +258,7 @@ fn finish(
 fn validation(alg: Algorithm, audience: Option<&str>, issuer: Option<&str>) -> Validation {
     let mut v = Validation::new(alg);
     v.leeway = LEEWAY_SECS;
+    v.validate_nbf = true;
     // jsonwebtoken only checks aud/iss when the claim is present, so a configured check must also require it.
     let mut required = vec!["sub", "exp"];
     match audience {
@@ -281,6 +295,7 @@ fn pick_rsa_key<'a>(keys: &'a [RsaKey], kid: Option<&str>) -> Result<&'a Decodin
 fn map_jwt_error(kind: &ErrorKind) -> AuthError {
     match kind {
         ErrorKind::ExpiredSignature => AuthError::Expired,
+        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
         ErrorKind::InvalidSignature => AuthError::BadSignature,
         ErrorKind::InvalidAudience => AuthError::WrongAudience,
         ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
@@ -290,14 +305,18 @@ fn map_jwt_error(kind: &ErrorKind) -> AuthError {
     }
 }
 
-/// A uid goes into store keys (inside a `{uid}` hash tag) and logs: keep it to a safe, bounded alphabet.
-fn checked_uid(uid: &str) -> Result<AuthedUser, AuthError> {
-    let ok = !uid.is_empty()
+/// Whether `uid` may name a user: 1–128 characters of `[A-Za-z0-9_.:@-]`. A uid goes into store keys
+/// (inside a `{uid}` hash tag) and logs, so every way in (tokens, the Stripe webhook) checks it here.
+pub fn uid_is_valid(uid: &str) -> bool {
+    !uid.is_empty()
         && uid.len() <= MAX_UID_LEN
         && uid
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'));
-    if ok {
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':' | b'@'))
+}
+
+fn checked_uid(uid: &str) -> Result<AuthedUser, AuthError> {
+    if uid_is_valid(uid) {
         Ok(AuthedUser {
             uid: uid.to_owned(),
         })

@@ -32,7 +32,7 @@ use voicegate_engine::telemetry::CONVERSATIONS_UNLOCKED_TOTAL;
 
 use crate::config::ServeConfig;
 use crate::health::StoreHealth;
-use crate::stripe::{PaymentEvent, Payments, PaymentsError};
+use crate::stripe::{PaymentEvent, PaymentOutcome, Payments, PaymentsError};
 
 /// Why the engine could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -241,7 +241,7 @@ struct EnginePayments {
 }
 
 impl Payments for EnginePayments {
-    fn apply(&self, event: PaymentEvent) -> BoxFuture<'_, Result<(), PaymentsError>> {
+    fn apply(&self, event: PaymentEvent) -> BoxFuture<'_, Result<PaymentOutcome, PaymentsError>> {
         Box::pin(async move {
             let value = PlanRecordValue {
                 plan: event.plan.clone(),
@@ -280,7 +280,13 @@ impl Payments for EnginePayments {
                 paid,
                 unlocked
             );
-            Ok(())
+            // A redelivery still unlocks (idempotent: a first delivery may have failed after the plan was
+            // stored) but stored nothing new.
+            Ok(if fresh {
+                PaymentOutcome::Applied
+            } else {
+                PaymentOutcome::Duplicate
+            })
         })
     }
 }

@@ -283,6 +283,47 @@ impl ResponseError for ApiError {
     }
 }
 
+/// Middleware (`middleware::from_fn(error::json_bodies)`): an error the HTTP layer produced itself inside
+/// the app (an extractor's 413 "payload reached size limit", a 400 from a body that is not what it
+/// claims, a 405…) is answered in the one JSON shape, with a code named for its status. Answers that
+/// already are an [`ApiError`] pass unchanged.
+pub async fn json_bodies(
+    req: actix_web::dev::ServiceRequest,
+    next: actix_web::middleware::Next<impl actix_web::body::MessageBody + 'static>,
+) -> Result<actix_web::dev::ServiceResponse<impl actix_web::body::MessageBody>, actix_web::Error> {
+    use actix_web::body::EitherBody;
+    let res = next.call(req).await?;
+    let foreign = res
+        .response()
+        .error()
+        .filter(|e| e.as_error::<ApiError>().is_none())
+        .map(|e| (e.as_response_error().status_code(), e.to_string()));
+    let Some((status, message)) = foreign else {
+        return Ok(res.map_body(|_, b| EitherBody::left(b)));
+    };
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+        StatusCode::REQUEST_TIMEOUT => "request_timeout",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request_head_too_large",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let mut err = if status.is_server_error() {
+        let mut e = ApiError::internal(code, message);
+        e.status = status;
+        e
+    } else {
+        ApiError::new(status, code, message)
+    };
+    if status == StatusCode::REQUEST_TIMEOUT {
+        err = err.retry_after(IMMEDIATE_RETRY_AFTER_S);
+    }
+    let (req, _) = res.into_parts();
+    Ok(actix_web::dev::ServiceResponse::new(req, err.error_response()).map_into_right_body())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

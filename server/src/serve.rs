@@ -130,6 +130,7 @@ pub fn build_app(
 > {
     App::new()
         .wrap(middleware::from_fn(crate::timeouts::enforce))
+        .wrap(middleware::from_fn(crate::error::json_bodies))
         .wrap(middleware::from_fn(prometheus::record_latency))
         .configure(|cfg| {
             state.configure(cfg);

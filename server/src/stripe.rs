@@ -145,6 +145,21 @@ pub enum Ignored {
     NotActive,
     /// A handled event without `metadata.uid` or `metadata.plan`.
     MissingMetadata,
+    /// A `metadata.uid` outside the uid rule of tokens (1–128 of `[A-Za-z0-9_.:@-]`): nothing is written.
+    InvalidUid,
+}
+
+impl Ignored {
+    /// The stable word in the answer's `ignored` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Ignored::Unparsable => "unparsable",
+            Ignored::UnhandledType(_) => "unhandled_type",
+            Ignored::NotActive => "not_active",
+            Ignored::MissingMetadata => "missing_metadata",
+            Ignored::InvalidUid => "uid_invalid",
+        }
+    }
 }
 
 /// Parses a verified webhook payload into the event this server acts on.
@@ -169,6 +184,7 @@ pub fn parse_event(payload: &[u8]) -> Result<PaymentEvent, Ignored> {
             .filter(|s| !s.is_empty())
     };
     match (meta("uid"), meta("plan")) {
+        (Some(uid), Some(_)) if !crate::auth::uid_is_valid(uid) => Err(Ignored::InvalidUid),
         (Some(uid), Some(plan)) => Ok(PaymentEvent {
             event_id: raw.id,
             kind,
@@ -184,10 +200,19 @@ pub fn parse_event(payload: &[u8]) -> Result<PaymentEvent, Ignored> {
 #[error("payment could not be applied: {0}")]
 pub struct PaymentsError(pub String);
 
+/// What applying a verified payment did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PaymentOutcome {
+    /// First delivery of this event: the plan is stored.
+    Applied,
+    /// The event was applied before (Stripe redelivers): nothing new was stored.
+    Duplicate,
+}
+
 /// Where verified payments go: store the plan, unlock the user's conversations, clear credit-caused
 /// enforcement. Implemented by the engine; must be idempotent on `event_id`.
 pub trait Payments: Send + Sync + 'static {
-    fn apply(&self, event: PaymentEvent) -> BoxFuture<'_, Result<(), PaymentsError>>;
+    fn apply(&self, event: PaymentEvent) -> BoxFuture<'_, Result<PaymentOutcome, PaymentsError>>;
 }
 
 /// A sink that only logs: the default until the engine is wired.
@@ -195,9 +220,9 @@ pub trait Payments: Send + Sync + 'static {
 pub struct LogOnlyPayments;
 
 impl Payments for LogOnlyPayments {
-    fn apply(&self, event: PaymentEvent) -> BoxFuture<'_, Result<(), PaymentsError>> {
+    fn apply(&self, event: PaymentEvent) -> BoxFuture<'_, Result<PaymentOutcome, PaymentsError>> {
         tracing::warn!(message = "Payment received but no payments sink is wired.", event_id = %event.event_id);
-        Box::pin(async { Ok(()) })
+        Box::pin(async { Ok(PaymentOutcome::Applied) })
     }
 }
 
@@ -248,19 +273,30 @@ pub async fn webhook(
     match parse_event(&body) {
         Ok(event) => {
             let event_id = event.event_id.clone();
-            hook.payments.apply(event).await.map_err(|e| {
+            let outcome = hook.payments.apply(event).await.map_err(|e| {
                 count("failed");
                 // Stripe retries on its own schedule; other callers may retry after a minute.
                 ApiError::internal("payment_apply_failed", e).retry_after(60)
             })?;
+            if outcome == PaymentOutcome::Duplicate {
+                count("duplicate");
+                tracing::info!(message = "Payment already applied (redelivery).", %event_id);
+                return Ok(HttpResponse::Ok().json(
+                    serde_json::json!({"received": true, "applied": false, "duplicate": true}),
+                ));
+            }
             count("applied");
             tracing::info!(message = "Payment applied.", %event_id);
             Ok(HttpResponse::Ok().json(serde_json::json!({"received": true, "applied": true})))
         }
+        // A verified event that changes nothing answers 200 (Stripe would redeliver anything else for days),
+        // saying why.
         Err(reason) => {
             count("ignored");
             tracing::info!(message = "Stripe event ignored.", ?reason);
-            Ok(HttpResponse::Ok().json(serde_json::json!({"received": true, "applied": false})))
+            Ok(HttpResponse::Ok().json(
+                serde_json::json!({"received": true, "applied": false, "ignored": reason.code()}),
+            ))
         }
     }
 }

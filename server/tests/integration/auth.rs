@@ -273,3 +273,23 @@ async fn rotated_key_is_accepted_after_the_jwks_file_is_reloaded() {
         "a failed reload keeps the keys in use"
     );
 }
+
+#[actix_web::test]
+async fn a_token_not_valid_yet_answers_401_token_not_yet_valid() {
+    // `nbf` an hour ahead: refused (it was ignored before).
+    let (status, body) = hs_status(with(good_claims(), "nbf", json!(now() + 3_600))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["code"], "token_not_yet_valid", "{body}");
+    // `iat` an hour ahead: a token from the future is refused the same way.
+    let (status, body) = hs_status(with(good_claims(), "iat", json!(now() + 3_600))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["code"], "token_not_yet_valid", "{body}");
+    // Within the documented 30 s clock skew both pass.
+    let skewed = with(
+        with(good_claims(), "nbf", json!(now() + 10)),
+        "iat",
+        json!(now() + 10),
+    );
+    let (status, body) = hs_status(skewed).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}

@@ -22,6 +22,7 @@ mod request_timeouts;
 mod restricted_realtime;
 mod server_drain;
 mod stripe_webhook;
+mod stripe_webhook_engine;
 mod sync_e2e;
 mod sync_gates;
 mod upload;

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use voicegate_server::ServeConfig;
 use voicegate_server::serve::{ServerBuilder, build_app};
 use voicegate_server::stripe::{
-    PaymentEvent, PaymentEventKind, Payments, PaymentsError, sign_payload,
+    PaymentEvent, PaymentEventKind, PaymentOutcome, Payments, PaymentsError, sign_payload,
 };
 
 const SECRET: &str = "whsec_test_secret";
@@ -23,7 +23,7 @@ struct Recorder {
 }
 
 impl Payments for Recorder {
-    fn apply(&self, event: PaymentEvent) -> BoxFuture<'_, Result<(), PaymentsError>> {
+    fn apply(&self, event: PaymentEvent) -> BoxFuture<'_, Result<PaymentOutcome, PaymentsError>> {
         Box::pin(async move {
             if self.fail {
                 return Err(PaymentsError("store down".into()));
@@ -32,7 +32,7 @@ impl Payments for Recorder {
                 .lock()
                 .map_err(|e| PaymentsError(e.to_string()))?
                 .push(event);
-            Ok(())
+            Ok(PaymentOutcome::Applied)
         })
     }
 }

@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::future::join_all;
-use voicegate_engine::meter::time::MS_PER_HOUR;
-use voicegate_engine::meter::{
-    Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource, SystemClock,
-};
+use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
 use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_engine::store::{MemoryStore, RedisStore, RedisStoreConfig, Store};
+use voicegate_engine::time::MS_PER_HOUR;
+use voicegate_engine::time::SystemClock;
 
 const T0: u64 = 1_795_737_600_000 + 12 * MS_PER_HOUR;
 const USERS: usize = 1000;

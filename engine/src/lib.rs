@@ -3,15 +3,22 @@
 //! - `audio`: the `.bin` container, device file names, codecs, resampling, VAD and speech segments.
 //! - `pipeline`: one sync upload (offline) or one realtime session (live) from bytes to metered speech.
 //! - `meter`: per-user actors holding rolling speech windows, with exactly-once write-behind to a `store`.
-//! - `policy`: pure fair-use decisions (caps, stages, entitlement); `supervisor`: the cap supervisor actor.
+//! - `policy`: pure fair-use decisions (caps, stages, entitlement); `fair_use`: the fair-use service (the
+//!   [`fair_use::FairUse`] handle, the ledger, the cap supervisor actor and its classifiers).
+//! - `store`, `conversation`: the outside state (Redis or in memory) behind traits.
+//! - `time`: the leaf module for time and units ([`time::Clock`], ms ↔ samples, [`time::Span`]).
+//!
+//! Who messages whom on which thread, where each state lives and where the bounded queues are:
+//! `docs/architecture.md`.
 
 pub mod audio;
 pub mod conversation;
+pub mod fair_use;
 pub mod meter;
 pub mod pipeline;
 pub mod policy;
 pub mod store;
 pub mod stt;
-pub mod supervisor;
 pub mod telemetry;
 pub mod threads;
+pub mod time;

@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use voicegate_engine::audio::codec::Codec;
 use voicegate_engine::audio::resample::TARGET_RATE;
-use voicegate_engine::audio::segments::samples_to_ms;
 use voicegate_engine::audio::vad::SileroModel;
 use voicegate_engine::pipeline::offline::{analyze, format_for_name};
 use voicegate_engine::pipeline::stream::{PipelineConfig, SpeechPipeline};
+use voicegate_engine::time::samples_to_ms;
 
 use crate::auth::Authenticator;
 use crate::corpus::Corpus;

@@ -9,6 +9,7 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io;
 use std::rc::Rc;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -16,8 +17,22 @@ use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::realtime::RealtimeCtx;
-use crate::wsframe::{OP_BINARY, OP_PONG, OP_TEXT, encode};
+use crate::auth::Authenticator;
+use crate::corpus::Corpus;
+use crate::live::Live;
+use crate::wsframe::{OP_BINARY, OP_PONG, OP_TEXT, Target, encode};
+
+/// What every stream shares.
+pub struct RealtimeCtx {
+    pub corpus: Arc<Corpus>,
+    pub target: Target,
+    pub auth: Authenticator,
+    pub pace: f64,
+    pub frames_per_stream: u64,
+    pub keepalive: Duration,
+    pub close_timeout: Duration,
+    pub live: Arc<Live>,
+}
 
 /// Send times kept per stream (20 s at real time); older frames fall back to their deadline.
 pub const SEND_RING: usize = 2048;
@@ -236,7 +251,7 @@ impl Pacer {
     }
 
     /// Runs until aborted.
-    pub async fn run(self: Rc<Self>, ctx: std::sync::Arc<RealtimeCtx>) {
+    pub async fn run(self: Rc<Self>, ctx: Arc<RealtimeCtx>) {
         loop {
             let next = self.due.borrow().peek().map(|Reverse((at, _))| *at);
             match next {

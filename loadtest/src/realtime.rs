@@ -19,27 +19,14 @@ use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::auth::Authenticator;
-use crate::corpus::{Corpus, FRAME_MS};
+use crate::corpus::FRAME_MS;
 use crate::live::Live;
-use crate::pacer::{Pacer, StreamTx};
-use crate::wsframe::{self, Parser, ServerMsg, Target};
+use crate::pacer::{Pacer, RealtimeCtx, StreamTx};
+use crate::wsframe::{self, Parser, ServerMsg};
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes asked of the socket per read (events are a few hundred bytes).
 const READ_CHUNK: usize = 4096;
-
-/// What every stream shares.
-pub struct RealtimeCtx {
-    pub corpus: Arc<Corpus>,
-    pub target: Target,
-    pub auth: Authenticator,
-    pub pace: f64,
-    pub frames_per_stream: u64,
-    pub keepalive: Duration,
-    pub close_timeout: Duration,
-    pub live: Arc<Live>,
-}
 
 /// The server's final `metadata` event.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]

@@ -12,7 +12,8 @@ use futures_util::future::BoxFuture;
 use voicegate_engine::conversation::{
     ConversationStore, MemoryConversationStore, RedisConversationStore,
 };
-use voicegate_engine::meter::time::{Clock, SystemClock};
+use voicegate_engine::fair_use::classifier::NoSessions;
+use voicegate_engine::fair_use::{FairUse, FairUseParts, PlanRecord, classifier_from_config};
 use voicegate_engine::meter::{Meter, MeterConfig};
 use voicegate_engine::pipeline::stream::PipelineConfig;
 use voicegate_engine::policy::FairUseConfig;
@@ -24,11 +25,8 @@ use voicegate_engine::store::plans::{
     MemoryPlanStore, PlanRecordValue, PlanStore, PlanStoreError, RedisPlanStore,
 };
 use voicegate_engine::store::{MemoryStore, RedisStore, RedisStoreConfig, Store};
-use voicegate_engine::supervisor::classifier::NoSessions;
-use voicegate_engine::supervisor::fair_use::{
-    FairUse, FairUseParts, PlanRecord, classifier_from_config,
-};
 use voicegate_engine::telemetry::CONVERSATIONS_UNLOCKED_TOTAL;
+use voicegate_engine::time::{Clock, SystemClock};
 
 use crate::config::ServeConfig;
 use crate::health::StoreHealth;

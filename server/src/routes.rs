@@ -4,8 +4,8 @@ use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use voicegate_engine::conversation::MAX_LIST_LIMIT;
+use voicegate_engine::fair_use::{AdminError, FairUseStatus};
 use voicegate_engine::policy::{CaseRef, CreditLookup, Stage, SttAllowance};
-use voicegate_engine::supervisor::fair_use::{AdminError, FairUseStatus};
 
 use crate::admin::Admin;
 use crate::auth::AuthedUser;

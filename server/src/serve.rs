@@ -646,7 +646,16 @@ pub fn wire_engine(server: &mut ServerBuilder) -> Result<Engine, ServeError> {
 
 /// Mounts an engine built by the caller (see [`wire_engine`]).
 pub fn mount_engine(server: &mut ServerBuilder, engine: &Engine) {
-    crate::listen::mount(server, engine);
+    let listen = crate::listen::mount(
+        &server.state().config,
+        server.state().auth.clone(),
+        server.state().sessions.get_ref().clone(),
+        engine,
+    );
+    server
+        .listen_front(listen.front)
+        .app_data(listen.state)
+        .routes(crate::listen::configure);
     let flush_limit = server.state().config.drain_timeout();
     let flushing = engine.clone();
     server

@@ -25,7 +25,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use voicegate_engine::audio::filename::parse_sync_name;
-use voicegate_engine::conversation::{Span, Upsert};
+use voicegate_engine::conversation::Upsert;
 use voicegate_engine::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
 use voicegate_engine::pipeline::offline::{FileAnalysis, InputFormat, analyze};
 use voicegate_engine::pipeline::stream::PipelineConfig;
@@ -33,6 +33,7 @@ use voicegate_engine::policy::{Admission, Mode, SttAllowance, SttDenied};
 use voicegate_engine::telemetry::{
     SYNC_AUDIO_SECONDS_TOTAL, SYNC_FILES_TOTAL, SYNC_PROCESS_DURATION_SECONDS, SYNC_REQUESTS_TOTAL,
 };
+use voicegate_engine::time::Span;
 
 use crate::auth::AuthedUser;
 use crate::engine::Engine;
@@ -233,8 +234,8 @@ async fn handle(
                 .iter()
                 .filter(|[s, e]| e.saturating_sub(*s) >= MIN_SEGMENT_MS)
                 .map(|[s, e]| Span {
-                    start_ms: a.start_ms + s,
-                    end_ms: a.start_ms + e,
+                    start: a.start_ms + s,
+                    end: a.start_ms + e,
                 }),
         );
         results.push(FileResult {

@@ -3,6 +3,7 @@
 //! Decoders produce mono f32 samples in [-1, 1] at the codec's own rate. A corrupt Opus packet is
 //! skipped and counted by the caller, never fatal.
 
+pub use super::opus_dec::DecodeError;
 use super::opus_dec::OpusDecoder;
 
 /// Opus sample rates libopus decodes at natively.
@@ -44,15 +45,6 @@ impl Codec {
     pub fn is_opus(&self) -> bool {
         matches!(self, Codec::Opus { .. })
     }
-}
-
-/// Decoder errors. A `Packet` error concerns one packet only.
-#[derive(Debug, thiserror::Error)]
-pub enum DecodeError {
-    #[error("opus decoder could not be created: {0}")]
-    Init(String),
-    #[error("corrupt opus packet: {0}")]
-    Packet(String),
 }
 
 /// A streaming decoder for one codec.

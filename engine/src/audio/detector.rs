@@ -5,8 +5,8 @@
 //! **if** the low stretch lasts at least `hangover` samples (shorter dips are bridged). A finished run
 //! shorter than `min_speech` is discarded as a click. Everything is in samples at 16 kHz.
 
-use super::segments::Span;
 use super::vad::{WINDOW, WindowProb};
+use crate::time::Span;
 
 /// Detector parameters (samples at 16 kHz).
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -12,13 +12,20 @@
 //! reaches its fixed point after the 5th identical silence packet.
 //!
 //! Cost when it does not pay: a repeated short packet is decoded with a snapshot and comparison of
-//! the ~18 KB state, at most [`MAX_ATTEMPTS`] times per run; other packets pay one short slice
+//! the ~18 KB state, at most `MAX_ATTEMPTS` times per run; other packets pay one short slice
 //! comparison.
 
 use opusic_sys as ffi;
 use std::ffi::CStr;
 
-use super::codec::DecodeError;
+/// Decoder errors. A `Packet` error concerns one packet only.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("opus decoder could not be created: {0}")]
+    Init(String),
+    #[error("corrupt opus packet: {0}")]
+    Packet(String),
+}
 
 /// Only packets up to this many bytes are candidates (silence and DTX frames are 1–3 bytes).
 const MAX_REPEAT_PACKET: usize = 8;

@@ -6,29 +6,7 @@
 //! at most the split length (300 s), and merged pieces shorter than the minimum (1 s) are dropped.
 //! All values share one unit (samples at 16 kHz in the pipeline, ms in tests and reports).
 
-/// A half-open span `[start, end)`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct Span {
-    pub start: u64,
-    pub end: u64,
-}
-
-impl Span {
-    pub fn new(start: u64, end: u64) -> Span {
-        Span {
-            start,
-            end: end.max(start),
-        }
-    }
-
-    pub fn len(&self) -> u64 {
-        self.end - self.start
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.end == self.start
-    }
-}
+use crate::time::Span;
 
 /// The merge rules for STT segments, in the spans' unit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,12 +62,6 @@ pub fn merge_for_stt(raw: &[Span], rules: MergeRules) -> Vec<Span> {
         }
     }
     out
-}
-
-/// Convert samples at `rate` to milliseconds, rounding to nearest.
-pub fn samples_to_ms(samples: u64, rate: u32) -> u64 {
-    let rate = u64::from(rate.max(1));
-    (samples * 1000 + rate / 2) / rate
 }
 
 #[cfg(test)]
@@ -168,12 +140,5 @@ mod tests {
         let raw = spans(&[(0.0, 0.5)]);
         assert!(merge_for_stt(&raw, MergeRules::reference(S)).is_empty());
         assert_eq!(metered(&raw), 500);
-    }
-
-    #[test]
-    fn sample_to_ms_rounds_to_nearest() {
-        assert_eq!(samples_to_ms(8, 16_000), 1);
-        assert_eq!(samples_to_ms(7, 16_000), 0);
-        assert_eq!(samples_to_ms(16_000, 16_000), 1000);
     }
 }

@@ -25,7 +25,11 @@ use realfft::num_complex::Complex;
 use realfft::{RealFftPlanner, RealToComplex};
 
 use super::gemm::{Packed, gemm, gemv};
-use super::vad::{CONTEXT, WINDOW};
+
+/// Samples per VAD window (the network's input) at 16 kHz (32 ms).
+pub const WINDOW: usize = 512;
+/// Context samples prepended to every window (the tail of the previous window).
+pub const CONTEXT: usize = 64;
 
 const INPUT: usize = WINDOW + CONTEXT;
 const FFT: usize = 256;

@@ -17,12 +17,9 @@ use std::cell::RefCell;
 use std::sync::{Arc, OnceLock};
 use tract_onnx::prelude::*;
 
+pub use super::silero_net::{CONTEXT, WINDOW};
 use super::silero_net::{HIDDEN, Scratch, SileroNet};
 
-/// Samples per VAD window at 16 kHz (32 ms).
-pub const WINDOW: usize = 512;
-/// Context samples prepended to every window (the tail of the previous window).
-pub const CONTEXT: usize = 64;
 /// Windows per full batch (about one second of audio).
 pub const BATCH: usize = 32;
 /// Batch sizes with a compiled tract plan, largest first. Every count of windows is a sum of these.

@@ -2,9 +2,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use crate::time::Span;
+
 use super::{
     Conversation, ConversationError, ConversationPage, MAX_CONVERSATION_MS, MAX_LIST_LIMIT,
-    MAX_SPANS_PER_CONVERSATION, MERGE_GAP_MS, Span, Upsert, UpsertOutcome, new_id, normalise_spans,
+    MAX_SPANS_PER_CONVERSATION, MERGE_GAP_MS, Upsert, UpsertOutcome, dedup_key, new_id,
+    normalise_spans,
 };
 
 pub const DAY_MS: u64 = 86_400_000;
@@ -20,8 +23,8 @@ pub fn day_of(ms: u64) -> u64 {
 pub fn days_to_read(spans: &[Span], target: Option<&str>) -> BTreeSet<u64> {
     let mut days = BTreeSet::new();
     for s in spans {
-        let first = day_of(s.start_ms).saturating_sub(1);
-        let last = day_of(s.end_ms) + 1;
+        let first = day_of(s.start).saturating_sub(1);
+        let last = day_of(s.end) + 1;
         days.extend(first..=last);
     }
     if let Some(day) = target.and_then(Conversation::day_of_id) {
@@ -34,11 +37,11 @@ pub fn days_to_read(spans: &[Span], target: Option<&str>) -> BTreeSet<u64> {
 fn distance(c: &Conversation, span: &Span) -> Option<u64> {
     // After the conversation, before it, or overlapping (both terms 0).
     let gap = span
-        .start_ms
+        .start
         .saturating_sub(c.finished_at_ms)
-        .max(c.started_at_ms.saturating_sub(span.end_ms));
-    let start = c.started_at_ms.min(span.start_ms);
-    let end = c.finished_at_ms.max(span.end_ms);
+        .max(c.started_at_ms.saturating_sub(span.end));
+    let start = c.started_at_ms.min(span.start);
+    let end = c.finished_at_ms.max(span.end);
     (gap < MERGE_GAP_MS
         && end - start <= MAX_CONVERSATION_MS
         && c.spans.len() < MAX_SPANS_PER_CONVERSATION)
@@ -47,13 +50,13 @@ fn distance(c: &Conversation, span: &Span) -> Option<u64> {
 
 /// Adds `span` to `c` unless it is a duplicate; returns whether `c` changed.
 fn add_span(c: &mut Conversation, span: Span, locked: bool, now_ms: u64) -> bool {
-    let key = span.dedup_key();
+    let key = dedup_key(&span);
     let mut changed = false;
-    if !c.spans.iter().any(|s| s.dedup_key() == key) {
+    if !c.spans.iter().any(|s| dedup_key(s) == key) {
         let at = c.spans.partition_point(|s| *s < span);
         c.spans.insert(at, span);
-        c.started_at_ms = c.started_at_ms.min(span.start_ms);
-        c.finished_at_ms = c.finished_at_ms.max(span.end_ms);
+        c.started_at_ms = c.started_at_ms.min(span.start);
+        c.finished_at_ms = c.finished_at_ms.max(span.end);
         changed = true;
     }
     if locked && !c.is_locked {
@@ -128,11 +131,11 @@ pub fn apply_upsert(
                 }
             }
             None => {
-                let day = day_of(span.start_ms);
+                let day = day_of(span.start);
                 let c = Conversation {
                     id: new_id(day),
-                    started_at_ms: span.start_ms,
-                    finished_at_ms: span.end_ms,
+                    started_at_ms: span.start,
+                    finished_at_ms: span.end,
                     spans: vec![span],
                     is_locked: req.locked,
                     source: req.source.clone(),
@@ -199,8 +202,8 @@ mod tests {
             spans: spans
                 .iter()
                 .map(|&(s, e)| Span {
-                    start_ms: T0 + s,
-                    end_ms: T0 + e,
+                    start: T0 + s,
+                    end: T0 + e,
                 })
                 .collect(),
             locked,
@@ -275,7 +278,7 @@ mod tests {
         let o = run(&mut b, &r);
         assert_eq!(o.updated, first.new);
         r.target = Some("1-deadbeef".into());
-        r.spans[0].start_ms += 1;
+        r.spans[0].start += 1;
         let o = run(&mut b, &r);
         assert_eq!(
             o.updated, first.new,

@@ -11,7 +11,7 @@ use super::{
     Conversation, ConversationError, ConversationPage, ConversationStore, Upsert, UpsertOutcome,
     normalise_spans,
 };
-use crate::meter::time::{Clock, SystemClock};
+use crate::time::{Clock, SystemClock};
 
 type Buckets = BTreeMap<u64, Vec<Conversation>>;
 

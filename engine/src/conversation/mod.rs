@@ -20,7 +20,7 @@ mod logic;
 mod memory;
 mod redis_store;
 
-use std::fmt;
+use crate::time::Span;
 
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -40,22 +40,9 @@ pub const MAX_SPANS_PER_CONVERSATION: usize = 5_000;
 /// Largest page of [`ConversationStore::list`].
 pub const MAX_LIST_LIMIT: usize = 200;
 
-/// A time span in absolute UTC epoch milliseconds, `start_ms < end_ms`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
-pub struct Span {
-    pub start_ms: u64,
-    pub end_ms: u64,
-}
-
-impl Span {
-    pub fn len_ms(&self) -> u64 {
-        self.end_ms.saturating_sub(self.start_ms)
-    }
-
-    /// The duplicate key: both ends rounded to 10 ms (the reference rounds to 0.01 s).
-    pub fn dedup_key(&self) -> (u64, u64) {
-        ((self.start_ms + 5) / 10, (self.end_ms + 5) / 10)
-    }
+/// The duplicate key of a span: both ends rounded to 10 ms (the reference rounds to 0.01 s).
+pub fn dedup_key(span: &Span) -> (u64, u64) {
+    ((span.start + 5) / 10, (span.end + 5) / 10)
 }
 
 /// One conversation as stored and served.
@@ -64,7 +51,7 @@ pub struct Conversation {
     pub id: String,
     pub started_at_ms: u64,
     pub finished_at_ms: u64,
-    /// The recorded spans, sorted by start.
+    /// The recorded spans in absolute UTC epoch ms, sorted by start.
     pub spans: Vec<Span>,
     pub is_locked: bool,
     /// `omi`, `limitless`, `realtime`, …
@@ -76,7 +63,7 @@ pub struct Conversation {
 impl Conversation {
     /// The recorded time (sum of span lengths; spans never overlap).
     pub fn recorded_ms(&self) -> u64 {
-        self.spans.iter().map(Span::len_ms).sum()
+        self.spans.iter().map(Span::len).sum()
     }
 
     /// The UTC day (since the epoch) of the bucket this conversation lives in, from its id.
@@ -165,12 +152,6 @@ pub trait ConversationStore: Send + Sync + 'static {
     fn unlock_all<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<u64, ConversationError>>;
 }
 
-impl fmt::Display for Span {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}..{}", self.start_ms, self.end_ms)
-    }
-}
-
 /// Validates and normalises spans: drops empty ones, sorts, bounds the count.
 pub fn normalise_spans(mut spans: Vec<Span>) -> Result<Vec<Span>, ConversationError> {
     if spans.len() > MAX_SPANS_PER_UPSERT {
@@ -179,9 +160,9 @@ pub fn normalise_spans(mut spans: Vec<Span>) -> Result<Vec<Span>, ConversationEr
             spans.len()
         )));
     }
-    spans.retain(|s| s.end_ms > s.start_ms);
+    spans.retain(|s| s.end > s.start);
     spans.sort_unstable();
-    spans.dedup_by_key(|s| s.dedup_key());
+    spans.dedup_by_key(|s| dedup_key(s));
     Ok(spans)
 }
 

@@ -24,7 +24,7 @@ use super::{
     Conversation, ConversationError, ConversationPage, ConversationStore, MAX_LIST_LIMIT, Upsert,
     UpsertOutcome, normalise_spans,
 };
-use crate::meter::time::{Clock, SystemClock};
+use crate::time::{Clock, SystemClock};
 
 /// Commit attempts before an upsert gives up with `conversation_store_busy`.
 pub const MAX_ATTEMPTS: u32 = 16;

@@ -19,12 +19,12 @@ use super::messages::{
 use super::pending::{Pending, add_sorted};
 use super::placement::place_speech;
 use super::registry::Shared;
-use super::time::month_of_ms;
 use super::window::MinuteWindow;
 use crate::store::{
-    ApplyOutcome, Batch, Delta, KeyedDelta, MonthKey, StoreError, StoreTime, UserSnapshot, WriterId,
+    ApplyOutcome, Batch, Delta, KeyedDelta, StoreError, StoreTime, UserSnapshot, WriterId,
 };
 use crate::telemetry;
+use crate::time::{MonthKey, month_of_ms};
 
 /// A sealed batch: sent, or waiting to be sent again. Never merged with newer deltas.
 struct Sealed {
@@ -81,7 +81,8 @@ pub struct UserMeter {
     records_since_total_check: u32,
     over_total: bool,
     unreported_ms: [u64; 3],
-    // Fair-use state (issue 4) belongs here, next to the totals it reads: e.g. `fair_use: FairUseState`.
+    // Fair-use state (stage, case, STT budget) is not here: it lives in the fair-use store, read and changed
+    // only through `crate::fair_use::FairUseLedger` (load → pure policy → compare-and-set commit).
 }
 
 impl UserMeter {

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::time::MS_PER_DAY;
+use crate::time::MS_PER_DAY;
 
 /// Settings of the meter (actors, write-behind, retention). `Default` gives the production defaults;
 /// [`MeterConfig::from_env`] overrides them from `VOICEGATE_*` variables.

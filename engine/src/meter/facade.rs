@@ -10,8 +10,8 @@ use super::MeterConfig;
 use super::flusher::{Command, Flusher, RoundReport, ShutdownReport};
 use super::messages::{FlushReport, MeterError, RecordOutcome, RecordSpeech, UsageTotals, UserMsg};
 use super::registry::Shared;
-use super::time::Clock;
 use crate::store::Store;
+use crate::time::Clock;
 
 /// The metering engine: per-user actors plus the write-behind flusher.
 #[derive(Clone)]

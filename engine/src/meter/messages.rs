@@ -5,9 +5,10 @@ use std::sync::Arc;
 use actix::Message;
 use tokio::sync::oneshot;
 
-use super::time::samples_to_ms;
-use super::window::RollingTotals;
-use crate::store::{Batch, MonthKey, StoreError};
+use crate::policy::RollingTotals;
+use crate::store::{Batch, StoreError};
+use crate::time::MonthKey;
+use crate::time::samples_to_ms;
 
 /// How much speech a record carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

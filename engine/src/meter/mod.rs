@@ -1,6 +1,7 @@
 //! Metering: every user's real speech time in rolling windows, exactly once in the store.
 //!
-//! - [`window`], [`placement`], [`time`]: pure minute buckets, rolling totals and where speech lands.
+//! - [`window`], [`placement`]: pure minute buckets, rolling totals and where speech lands (time and units
+//!   come from [`crate::time`]).
 //! - [`Meter`]: the facade; one actix actor per active user, sharded over arbiters by uid hash, hydrated
 //!   from the [`Store`](crate::store::Store) and passivated when idle.
 //! - write-behind: a flusher sends dirty users' batches every interval, many users per pipeline, one
@@ -14,7 +15,6 @@ mod messages;
 mod pending;
 pub mod placement;
 mod registry;
-pub mod time;
 pub mod window;
 
 pub use config::MeterConfig;
@@ -24,5 +24,4 @@ pub use messages::{
     FlushReport, MeterError, RecordOutcome, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource,
     UsageTotals,
 };
-pub use time::{Clock, ManualClock, SystemClock, TokioClock};
-pub use window::{MinuteWindow, RollingTotals};
+pub use window::MinuteWindow;

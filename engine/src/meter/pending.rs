@@ -1,6 +1,7 @@
 //! Deltas recorded by an actor and not yet sealed into a batch.
 
-use crate::store::{Delta, KeyedDelta, Minute, MonthKey};
+use crate::store::{Delta, KeyedDelta};
+use crate::time::{Minute, MonthKey};
 
 /// Adds `ms` to the entry for `key` in a list sorted by key (appending is the common case).
 /// Returns true when a new entry was created.

@@ -5,9 +5,9 @@
 //! the weekly cap. A record spanning minutes is split exactly at minute boundaries; any part that would
 //! run past `now` lands in `now`'s minute. The split never loses or invents a millisecond.
 
-use super::time::{MS_PER_MINUTE, minute_of_ms, minute_start_ms};
 use super::window::{WINDOWS_MS, window_first_minute};
-use crate::store::Minute;
+use crate::time::Minute;
+use crate::time::{MS_PER_MINUTE, minute_of_ms, minute_start_ms};
 
 /// The effective start of a record starting at `start_ms`, seen at `now_ms`.
 pub fn clamp_start(start_ms: u64, now_ms: u64) -> u64 {
@@ -43,7 +43,7 @@ pub fn place_speech(start_ms: u64, speech_ms: u64, now_ms: u64, mut put: impl Fn
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::meter::time::MS_PER_HOUR;
+    use crate::time::MS_PER_HOUR;
 
     const NOW: u64 = 1_795_737_600_000 + 12 * MS_PER_HOUR + 30_000; // 2026-11-27T12:00:30Z
 

@@ -16,8 +16,8 @@ use tokio::sync::mpsc;
 
 use super::MeterConfig;
 use super::actor::UserMeter;
-use super::time::Clock;
 use crate::store::Store;
+use crate::time::Clock;
 
 const STRIPES_PER_SHARD: usize = 64;
 

@@ -7,14 +7,14 @@
 //! Memory: buckets are stored as two parallel vectors, a `u16` minute offset from `origin` and a `u32` ms
 //! value (6 bytes per bucket), grown by 1/8 at a time: a full day (1440 buckets) takes about 9.7 KiB.
 
-use super::time::{MS_PER_HOUR, MS_PER_MINUTE};
-use crate::store::Minute;
+use crate::time::Minute;
+use crate::time::{MS_PER_HOUR, MS_PER_MINUTE};
 
 /// The rolling windows, shortest first.
 pub const WINDOWS_MS: [u64; 3] = [24 * MS_PER_HOUR, 72 * MS_PER_HOUR, 168 * MS_PER_HOUR];
 
 /// Rolling speech totals in ms: the policy's type, so meter and caps share one definition.
-pub use crate::policy::RollingTotals;
+use crate::policy::RollingTotals;
 
 /// The first minute that counts in a window of `window_ms` ending at `now_ms`.
 pub fn window_first_minute(now_ms: u64, window_ms: u64) -> Minute {

@@ -13,9 +13,10 @@ use crate::audio::container::{MAX_OPUS_RECORD, MAX_PCM_RECORD, Next, RecordReade
 use crate::audio::detector::SpeechEvent;
 use crate::audio::filename::FileSpec;
 use crate::audio::resample::TARGET_RATE;
-use crate::audio::segments::{Span, merge_for_stt, samples_to_ms};
+use crate::audio::segments::merge_for_stt;
 use crate::audio::vad::SileroModel;
 use crate::audio::wav::read_wav;
+use crate::time::{Span, samples_to_ms};
 
 /// How a file's bytes are to be read.
 #[derive(Debug, Clone, PartialEq)]

@@ -19,6 +19,15 @@ pub struct MonthUsage {
     pub month_ms: u64,
 }
 
+/// Exact speech per rolling window and this month: what the status view and the live `usage` event show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct SpeechMs {
+    pub daily_ms: u64,
+    pub three_day_ms: u64,
+    pub weekly_ms: u64,
+    pub month_ms: u64,
+}
+
 /// One of the three rolling windows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum CapKind {

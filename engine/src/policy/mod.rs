@@ -16,7 +16,7 @@ pub mod plan;
 pub mod stage;
 pub mod verdict;
 
-pub use caps::{CapKind, CapTrigger, MonthUsage, RollingTotals, SoftCaps};
+pub use caps::{CapKind, CapTrigger, MonthUsage, RollingTotals, SoftCaps, SpeechMs};
 pub use case_ref::{CaseRef, InvalidCaseRef};
 pub use config::{ClassifierKind, ClassifierSettings, ConfigError, FairUseConfig};
 pub use entitlement::{

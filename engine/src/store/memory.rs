@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use futures_util::future::{BoxFuture, FutureExt};
 
 use super::{
-    ApplyOutcome, ApplyResults, Batch, Delta, Minute, MonthKey, Store, StoreError, StoreTime,
-    UserSnapshot, WriterId,
+    ApplyOutcome, ApplyResults, Batch, Delta, Store, StoreError, StoreTime, UserSnapshot, WriterId,
 };
+use crate::time::{Minute, MonthKey};
 
 #[derive(Debug, Default, Clone)]
 pub(crate) struct UserState {

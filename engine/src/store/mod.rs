@@ -1,7 +1,7 @@
 //! Durable per-user state behind one trait.
 //!
 //! - [`Store`]: what the meter needs (load a user's base, apply idempotent batches), async and `now`-driven.
-//! - [`RedisStore`]: the production store; one Lua script call per user batch ([`redis_store`]).
+//! - [`RedisStore`]: the production store; one Lua script call per user batch (`redis_store`).
 //! - [`MemoryStore`]: the embedded default, same semantics, no durability.
 //! - [`keys`]: every Redis key name, each carrying the `{uid}` hash tag.
 
@@ -20,13 +20,10 @@ use std::sync::Arc;
 
 use futures_util::future::BoxFuture;
 
+use crate::time::{Minute, MonthKey};
+
 pub use memory::MemoryStore;
 pub use redis_store::{RedisStore, RedisStoreConfig};
-
-/// Minutes since the Unix epoch (UTC): the index of a speech bucket.
-pub type Minute = u32;
-/// A calendar month as `yyyy * 100 + mm` (UTC), e.g. `202611`.
-pub type MonthKey = u32;
 
 /// Identity of one meter actor incarnation: drawn at random (128 bits) when the actor starts.
 /// The store remembers each writer's highest applied sequence, which makes retries no-ops.
@@ -130,8 +127,8 @@ impl StoreTime {
 
     /// The first month kept (the month before the current one): older month totals are pruned.
     pub fn first_kept_month(&self) -> MonthKey {
-        let current = crate::meter::time::month_of_ms(self.now_ms);
-        crate::meter::time::previous_month(current)
+        let current = crate::time::month_of_ms(self.now_ms);
+        crate::time::previous_month(current)
     }
 }
 

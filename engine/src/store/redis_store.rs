@@ -11,9 +11,9 @@ use redis::{RedisError, ServerErrorKind, Value};
 
 use super::keys;
 use super::{
-    ApplyOutcome, ApplyResults, Batch, Delta, Minute, MonthKey, Store, StoreError, StoreTime,
-    UserSnapshot, WriterId,
+    ApplyOutcome, ApplyResults, Batch, Delta, Store, StoreError, StoreTime, UserSnapshot, WriterId,
 };
+use crate::time::{Minute, MonthKey};
 
 const METER_SCRIPT: &str = include_str!("meter_apply.lua");
 /// TTL backstop of a user's metering keys beyond the retention passed by the caller.

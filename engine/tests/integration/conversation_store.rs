@@ -4,10 +4,11 @@
 use std::sync::Arc;
 
 use voicegate_engine::conversation::{
-    ConversationStore, MemoryConversationStore, RedisConversationStore, Span, Upsert,
+    ConversationStore, MemoryConversationStore, RedisConversationStore, Upsert,
 };
 use voicegate_engine::store::plans::{MemoryPlanStore, PlanRecordValue, PlanStore, RedisPlanStore};
 use voicegate_engine::store::test_redis::RedisServer;
+use voicegate_engine::time::Span;
 
 const T0: u64 = 1_790_000_000_000;
 
@@ -17,8 +18,8 @@ fn upsert(uid: &str, spans: &[(u64, u64)], locked: bool) -> Upsert {
         spans: spans
             .iter()
             .map(|&(s, e)| Span {
-                start_ms: T0 + s,
-                end_ms: T0 + e,
+                start: T0 + s,
+                end: T0 + e,
             })
             .collect(),
         locked,

@@ -8,14 +8,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fair_use_support::{Scripted, Step};
-use voicegate_engine::meter::time::ManualClock;
+use voicegate_engine::fair_use::{
+    FairUse, FairUseParts, GetSupervisorStats, NoSessions, PlanRecord,
+};
 use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
 use voicegate_engine::policy::{Admission, Mode, Stage, SttAllowance, SttDenied};
 use voicegate_engine::store::MemoryStore;
 use voicegate_engine::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
-use voicegate_engine::supervisor::{
-    FairUse, FairUseParts, GetSupervisorStats, NoSessions, PlanRecord,
-};
+use voicegate_engine::time::ManualClock;
 
 const T0: u64 = 1_790_000_000_000;
 const HOUR: u64 = 3_600_000;

@@ -7,17 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use voicegate_engine::meter::time::{Clock, ManualClock};
+use voicegate_engine::fair_use::{
+    CapBreached, CapSupervisor, FairUseLedger, GetSupervisorStats, HeuristicClassifier,
+    LogNotifier, NoSessions, SupervisorDeps,
+};
 use voicegate_engine::policy::stage::DAY_MS;
 use voicegate_engine::policy::{
     CapKind, CapTrigger, CaseRef, EventKind, FairUseConfig, RollingTotals, Stage,
 };
 use voicegate_engine::store::fair_use_redis::{RedisCooldownLock, RedisFairUseStore, lock_key};
 use voicegate_engine::store::test_redis::RedisServer;
-use voicegate_engine::supervisor::{
-    CapBreached, CapSupervisor, FairUseLedger, GetSupervisorStats, HeuristicClassifier,
-    LogNotifier, NoSessions, SupervisorDeps,
-};
+use voicegate_engine::time::{Clock, ManualClock};
 
 const T0: u64 = 1_790_000_000_000;
 const HOUR: u64 = 3_600_000;

@@ -12,6 +12,7 @@ mod fair_use_lifecycle;
 mod fair_use_resolver;
 mod fair_use_stages;
 mod fair_use_store;
+mod layers;
 mod meter_actor;
 mod meter_config;
 mod meter_memory;

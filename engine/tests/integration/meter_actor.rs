@@ -3,12 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use voicegate_engine::meter::time::{MS_PER_DAY, MS_PER_HOUR, MS_PER_MINUTE};
 use voicegate_engine::meter::{
-    Meter, MeterConfig, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource, TokioClock,
-    UsageTotals,
+    Meter, MeterConfig, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource, UsageTotals,
 };
 use voicegate_engine::store::{MemoryStore, Store, StoreTime};
+use voicegate_engine::time::TokioClock;
+use voicegate_engine::time::{MS_PER_DAY, MS_PER_HOUR, MS_PER_MINUTE};
 
 /// 2026-11-27T12:00:00Z
 const T0: u64 = 1_795_737_600_000 + 12 * MS_PER_HOUR;
@@ -92,7 +92,7 @@ async fn recorded_speech_reaches_the_store_within_one_flush_interval() {
     meter.record(ms("u", 7_000, T0 - 3 * MS_PER_HOUR, SpeechSource::Sync));
     sleep(Duration::from_millis(1_100)).await;
     let at = StoreTime {
-        now_ms: voicegate_engine::meter::Clock::now_ms(&*clock),
+        now_ms: voicegate_engine::time::Clock::now_ms(&*clock),
         retention_ms: RETENTION,
     };
     let snap = store.snapshot("u", at);
@@ -170,7 +170,7 @@ async fn a_30s_store_outage_keeps_every_ms_pending_and_flushes_it_after() {
             meter.record(ms(
                 uid,
                 500 + i,
-                voicegate_engine::meter::Clock::now_ms(&*clock),
+                voicegate_engine::time::Clock::now_ms(&*clock),
                 SpeechSource::Realtime,
             ));
             expected += 500 + i;
@@ -186,7 +186,7 @@ async fn a_30s_store_outage_keeps_every_ms_pending_and_flushes_it_after() {
     sleep(Duration::from_secs(8)).await;
     assert_eq!(meter.pending_speech_ms(), 0);
     let at = StoreTime {
-        now_ms: voicegate_engine::meter::Clock::now_ms(&*clock),
+        now_ms: voicegate_engine::time::Clock::now_ms(&*clock),
         retention_ms: RETENTION,
     };
     let total: u64 = ["u1", "u2", "u3"]

@@ -10,13 +10,12 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt};
-use voicegate_engine::meter::time::{MS_PER_DAY, MS_PER_HOUR};
-use voicegate_engine::meter::{
-    ManualClock, Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource,
-};
+use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
 use voicegate_engine::store::{
     ApplyOutcome, ApplyResults, Batch, Store, StoreError, StoreTime, UserSnapshot, WriterId,
 };
+use voicegate_engine::time::ManualClock;
+use voicegate_engine::time::{MS_PER_DAY, MS_PER_HOUR};
 
 const T0: u64 = 1_795_737_600_000 + 12 * MS_PER_HOUR;
 const ACTORS: usize = 2000;

@@ -10,14 +10,14 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use voicegate_engine::meter::time::{MS_PER_DAY, MS_PER_HOUR, MS_PER_MINUTE};
 use voicegate_engine::meter::{
-    Clock, ManualClock, Meter, MeterConfig, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource,
-    UsageTotals,
+    Meter, MeterConfig, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource, UsageTotals,
 };
 use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_engine::store::testing::FaultyStore;
 use voicegate_engine::store::{RedisStore, RedisStoreConfig, Store, StoreTime, WriterId};
+use voicegate_engine::time::{Clock, ManualClock};
+use voicegate_engine::time::{MS_PER_DAY, MS_PER_HOUR, MS_PER_MINUTE};
 
 /// 2026-11-03T00:00:00Z: runs stay inside one month (month boundaries are covered by `meter_actor`).
 const T0: u64 = 1_793_664_000_000;

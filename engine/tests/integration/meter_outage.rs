@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use voicegate_engine::meter::{
-    Clock, Meter, MeterConfig, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource, SystemClock,
+    Meter, MeterConfig, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource,
 };
 use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_engine::store::{RedisStore, RedisStoreConfig, Store, StoreTime, WriterId};
+use voicegate_engine::time::{Clock, SystemClock};
 
 #[actix::test]
 async fn redis_down_while_recording_loses_nothing() {

@@ -4,14 +4,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use voicegate_engine::meter::Clock;
 use voicegate_engine::meter::{
-    Meter, MeterConfig, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource, SystemClock,
-    UsageTotals,
+    Meter, MeterConfig, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource, UsageTotals,
 };
 use voicegate_engine::policy::{CapKind, SoftCaps};
 use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_engine::store::{RedisStore, RedisStoreConfig, Store};
+use voicegate_engine::time::Clock;
+use voicegate_engine::time::SystemClock;
 
 struct Rig {
     _server: RedisServer,

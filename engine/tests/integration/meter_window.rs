@@ -1,7 +1,7 @@
 //! The pure rolling window: table tests (omi-behaviour §7 C39, G65) and its memory cost.
 
-use voicegate_engine::meter::time::{MS_PER_DAY, MS_PER_HOUR, MS_PER_MINUTE, minute_of_ms};
 use voicegate_engine::meter::window::{MinuteWindow, WINDOWS_MS, window_first_minute};
+use voicegate_engine::time::{MS_PER_DAY, MS_PER_HOUR, MS_PER_MINUTE, minute_of_ms};
 
 const NOW: u64 = 1_795_737_600_000 + 12 * MS_PER_HOUR + 17_000;
 

@@ -2,12 +2,12 @@
 
 use std::sync::Arc;
 
-use voicegate_engine::meter::time::{MS_PER_DAY, MS_PER_HOUR, minute_of_ms};
 use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_engine::store::{
     ApplyOutcome, Batch, Delta, KeyedDelta, MemoryStore, RedisStore, RedisStoreConfig, Store,
     StoreTime, WriterId, keys,
 };
+use voicegate_engine::time::{MS_PER_DAY, MS_PER_HOUR, minute_of_ms};
 
 const T0: u64 = 1_795_737_600_000 + 12 * MS_PER_HOUR;
 const RETENTION: u64 = 8 * MS_PER_DAY;

@@ -228,20 +228,20 @@ async fn a_lock_store_error_is_a_counted_failure_not_a_crash_d49() {
     tokio::time::pause();
     let h = Harness::start(Scripted::new(vec![Step::Score(1.0)]));
     let cfg = h.cfg.clone();
-    let deps = voicegate_engine::supervisor::SupervisorDeps {
+    let deps = voicegate_engine::fair_use::SupervisorDeps {
         classifier: Arc::new(Scripted::new(vec![Step::Score(1.0)])),
         lock: Arc::new(Broken),
         sink: Arc::new(h.ledger.clone()),
         notifier: Arc::new(h.notifier.clone()),
-        sessions: Arc::new(voicegate_engine::supervisor::NoSessions),
+        sessions: Arc::new(voicegate_engine::fair_use::NoSessions),
         clock: h.clock.clone(),
     };
     use actix::Actor as _;
-    let addr = voicegate_engine::supervisor::CapSupervisor::new(&cfg, deps).start();
+    let addr = voicegate_engine::fair_use::CapSupervisor::new(&cfg, deps).start();
     addr.send(breach("x", Stage::None)).await.unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let s = addr
-        .send(voicegate_engine::supervisor::GetSupervisorStats)
+        .send(voicegate_engine::fair_use::GetSupervisorStats)
         .await
         .unwrap();
     assert_eq!(s.failed.get("lock"), Some(&1));

@@ -1,8 +1,8 @@
 //! The heuristic classifier: deterministic, conservative (volume alone never passes the 0.7 gate), and
 //! machine-like patterns on top of high volume do.
 
+use voicegate_engine::fair_use::{HeuristicClassifier, SessionSummary, UsageSnapshot};
 use voicegate_engine::policy::{RollingTotals, UsageType};
-use voicegate_engine::supervisor::{HeuristicClassifier, SessionSummary, UsageSnapshot};
 
 const HOUR: u64 = 3_600_000;
 const MIN: u64 = 60_000;

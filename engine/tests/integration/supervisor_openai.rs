@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use actix_web::{App, HttpRequest, HttpResponse, HttpServer, web};
 use serde_json::{Value, json};
+use voicegate_engine::fair_use::{Classifier, ClassifierError, OpenAiClassifier, UsageSnapshot};
 use voicegate_engine::policy::{ClassifierSettings, RollingTotals, UsageType};
-use voicegate_engine::supervisor::{Classifier, ClassifierError, OpenAiClassifier, UsageSnapshot};
 
 /// (authorization header, JSON body) of each request.
 type Request = (Option<String>, Value);

@@ -108,7 +108,7 @@ impl Wire for TcpStream {
 }
 
 /// The wire of an upgrade served by actix-web: the HTTP worker sends the request payload's chunks in and
-/// streams what comes out as the response body (`super::serve_upgrade`). Both channels are bounded, so a
+/// streams what comes out as the response body (the route `listen` in [`super`]). Both channels are bounded, so a
 /// full one is backpressure, as a full socket is.
 pub struct ChannelWire {
     from_client: mpsc::Receiver<Bytes>,

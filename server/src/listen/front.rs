@@ -1,7 +1,8 @@
 //! The listen websocket's front door: a connection whose first request is `GET /v4/listen` is answered here
-//! on the HTTP worker that accepted it, then handed to its session's pipeline thread ([`super::conn`]), which
+//! on the HTTP worker that accepted it, then handed to its session's pipeline thread (`super::conn`), which
 //! reads it on its own tick. Every other connection goes to actix-web untouched (so does a listen upgrade
-//! sent on a connection that already carried a request: the actix-ws route in [`super`] serves it).
+//! sent on a connection that already carried a request: the actix-web route in [`super`] serves it, over a
+//! `conn::ChannelWire`; there is no actix-ws).
 //!
 //! The answers are the route's: 401 (token, same checks and rejection counter as every route), 429 / 503
 //! (session admission), 400 `ws_handshake` (not a websocket upgrade), 101 then close 1008 (a parameter the
@@ -40,7 +41,7 @@ const ROUTE: &str = "/v4/listen";
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read before answering 431.
 const MAX_HEAD: usize = 32 * 1024;
-/// How soon a connection whose first bytes are a prefix of [`LISTEN_LINE`] is looked at again; the wait
+/// How soon a connection whose first bytes are a prefix of `LISTEN_LINE` is looked at again; the wait
 /// doubles each time up to [`PEEK_RETRY_MAX`], so a client that stalls mid-line costs a few wake-ups.
 const PEEK_RETRY: Duration = Duration::from_millis(2);
 const PEEK_RETRY_MAX: Duration = Duration::from_millis(250);
@@ -48,7 +49,7 @@ const PEEK_RETRY_MAX: Duration = Duration::from_millis(250);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether a connection's first bytes are a listen request: `Some(true)` / `Some(false)` once known,
-/// `None` while they are a strict prefix of [`LISTEN_LINE`] and the next bytes decide.
+/// `None` while they are a strict prefix of `LISTEN_LINE` and the next bytes decide.
 pub fn classify(first: &[u8]) -> Option<bool> {
     let n = LISTEN_LINE.len();
     if first.len() <= n {

@@ -7,8 +7,8 @@
 //! - This module's actix-web route: an upgrade on a connection that already carried a request. The HTTP
 //!   worker only moves bytes between the request payload, two bounded channels and the response body.
 //! - `conn`: either way the websocket itself (frames, control messages, pings, idle, drain, close codes) is
-//!   spoken by the session's pipeline thread on every tick, over the socket or the channels; [`run_on`]
-//!   runs the session and turns the way it ended into a close code ([`close_frame`]). The pipeline half
+//!   spoken by the session's pipeline thread on every tick, over the socket or the channels; `run_on`
+//!   runs the session and turns the way it ended into a close code (`close_frame`). The pipeline half
 //!   ([`voicegate_engine::pipeline::live`]) decodes, resamples, runs the VAD, sends the events, meters,
 //!   applies the STT allowance, closes conversations, and sends the final `metadata`.
 
@@ -35,11 +35,10 @@ use voicegate_engine::pipeline::live::{
 use voicegate_engine::stt::NoTranscriber;
 use voicegate_engine::telemetry as t;
 
-use crate::auth::AuthedUser;
+use crate::auth::{AuthedUser, Authenticator};
 use crate::config::ServeConfig;
 use crate::engine::Engine;
 use crate::error::ApiError;
-use crate::serve::ServerBuilder;
 use crate::sessions::{DRAIN_CLOSE_REASON, SessionGuard, SessionRegistry};
 use conn::{ChannelWire, ConnParts, ConnSink, Wire, WsConn};
 pub use front::ListenFront;
@@ -92,10 +91,22 @@ impl ListenState {
     }
 }
 
-/// Mounts `GET /v4/listen` on an engine-wired server: starts the pipeline threads and shares the engine's
+/// What the server mounts for `GET /v4/listen`: the front door and the route's shared state.
+pub struct Mounted {
+    pub front: Arc<ListenFront>,
+    pub state: web::Data<ListenState>,
+}
+
+/// Builds `GET /v4/listen` for an engine-wired server: starts the pipeline threads and shares the engine's
 /// fair use, plans, conversations and clock with every session (the transcriber is the no-op default).
+/// The caller (`crate::serve::mount_engine`) registers the front door, the state and [`configure`].
 /// Must run inside an actix `System`.
-pub fn mount(server: &mut ServerBuilder, engine: &Engine) {
+pub fn mount(
+    config: &ServeConfig,
+    auth: web::Data<Authenticator>,
+    sessions: SessionRegistry,
+    engine: &Engine,
+) -> Mounted {
     let services = LiveServices {
         fair_use: engine.fair_use.clone(),
         plans: Arc::clone(&engine.plans),
@@ -107,16 +118,12 @@ pub fn mount(server: &mut ServerBuilder, engine: &Engine) {
         pipeline: engine.pipeline,
         ..LiveConfig::default()
     };
-    let state = Arc::new(ListenState::start(&server.state().config, services, live));
-    let front = ListenFront::new(
-        Arc::clone(&state),
-        server.state().auth.clone(),
-        server.state().sessions.get_ref().clone(),
-    );
-    server
-        .listen_front(Arc::new(front))
-        .app_data(web::Data::from(state))
-        .routes(configure);
+    let state = Arc::new(ListenState::start(config, services, live));
+    let front = ListenFront::new(Arc::clone(&state), auth, sessions);
+    Mounted {
+        front: Arc::new(front),
+        state: web::Data::from(state),
+    }
 }
 
 /// Mounts `GET /v4/listen` (needs `web::Data<ListenState>` in the app data).

@@ -12,9 +12,10 @@ use futures_util::{SinkExt, StreamExt};
 use listen_support::{AWAY, Seen, connect, fixture_packets, read_all};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-use voicegate_engine::meter::{Meter, MeterConfig, SystemClock};
+use voicegate_engine::meter::{Meter, MeterConfig};
 use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_engine::store::{RedisStore, RedisStoreConfig};
+use voicegate_engine::time::SystemClock;
 use voicegate_server::sessions::DRAIN_CLOSE_REASON;
 
 const STREAMS: usize = 50;

@@ -4,9 +4,9 @@
 use crate::common;
 
 use common::engine_server::{EngineServer, fair_use_on, fixtures, offline_speech_ms, omi_name};
-use voicegate_engine::meter::time::SystemClock;
 use voicegate_engine::meter::{Meter, MeterConfig};
 use voicegate_engine::store::{RedisStore, RedisStoreConfig};
+use voicegate_engine::time::SystemClock;
 
 #[actix_web::test]
 async fn fixtures_meter_what_analyze_finds_and_a_reupload_changes_nothing() {

@@ -5,8 +5,7 @@
 
 use serde::Serialize;
 
-use crate::policy::Stage;
-use crate::supervisor::fair_use::SpeechMs;
+use crate::policy::{SpeechMs, Stage};
 
 /// One server → client event.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -24,11 +24,11 @@ pub use session::{ChannelSink, EventSink, SessionReport, VecSink, run_session};
 
 use crate::audio::codec::Codec;
 use crate::conversation::ConversationStore;
-use crate::meter::Clock;
+use crate::fair_use::FairUse;
 use crate::pipeline::stream::PipelineConfig;
 use crate::store::plans::PlanStore;
 use crate::stt::Transcriber;
-use crate::supervisor::FairUse;
+use crate::time::Clock;
 
 /// Session timing and the speech pipeline's tunables.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -1,5 +1,6 @@
-//! The bounded byte queue between a session's websocket reader (producer, on an I/O worker) and its
-//! pipeline task (consumer, on a pipeline thread).
+//! The bounded byte queue between a session's websocket reader (producer) and its pipeline task (consumer).
+//! Both run on the session's pipeline thread today (the pipeline thread reads the socket itself, see
+//! `server/src/listen/conn.rs`); the queue still bounds the bytes read ahead of the decoder.
 //!
 //! Records are `[u16 LE length][u32 LE frame sequence][payload]`. A frame that does not fit under the
 //! byte bound is dropped whole and the caller counts it with its reason. PCM frames larger than

@@ -26,15 +26,15 @@ use super::ring::DropReason;
 use super::{Control, LiveConfig, LiveServices, SessionInput, SessionParams};
 use crate::audio::detector::SpeechEvent;
 use crate::audio::resample::TARGET_RATE;
-use crate::audio::segments::{Span, samples_to_ms};
 use crate::audio::vad::SileroModel;
 use crate::conversation::{self, ConversationStore, Upsert};
+use crate::fair_use::{FairUseStatus, PlanRecord};
 use crate::meter::{RecordSpeech, SpeechAmount, SpeechSource};
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
 use crate::policy::{Stage, SttAllowance, SttDenied};
 use crate::stt::{SttSegment, SttSessionInfo, SttStream};
-use crate::supervisor::{FairUseStatus, PlanRecord};
 use crate::telemetry as t;
+use crate::time::{Span, samples_to_ms};
 
 /// Where a session's events go (the websocket). `send` answers false once the client is gone; the
 /// session then keeps metering but stops sending.
@@ -145,7 +145,7 @@ async fn next_op(op: &mut Option<Op>) -> OpDone {
 /// The conversation being built (absolute epoch ms spans).
 #[derive(Default)]
 struct OpenConversation {
-    spans: Vec<conversation::Span>,
+    spans: Vec<Span>,
     speech_samples: u64,
     /// End of the last speech run, in samples at 16 kHz.
     last_end: u64,
@@ -459,9 +459,9 @@ impl<S: EventSink> Live<S> {
         let conv = self
             .conversation
             .get_or_insert_with(OpenConversation::default);
-        conv.spans.push(conversation::Span {
-            start_ms: self.started_at_ms + ms(span.start),
-            end_ms: self.started_at_ms + ms(span.end),
+        conv.spans.push(Span {
+            start: self.started_at_ms + ms(span.start),
+            end: self.started_at_ms + ms(span.end),
         });
         conv.speech_samples += span.len();
         conv.last_end = span.end;
@@ -872,7 +872,7 @@ async fn upsert_conversation(
     store: &dyn ConversationStore,
     uid: &str,
     locked: bool,
-    spans: Vec<conversation::Span>,
+    spans: Vec<Span>,
 ) -> Result<String, &'static str> {
     let mut rest = spans.into_iter();
     let first = rest.next().ok_or("empty")?;

@@ -10,15 +10,15 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use futures_util::future::BoxFuture;
-use voicegate_engine::meter::time::{Clock, TokioClock};
+use voicegate_engine::fair_use::{
+    CapBreached, CapSupervisor, Classifier, ClassifierError, FairUseLedger, GetSupervisorStats,
+    LogNotifier, NoSessions, SupervisorDeps, SupervisorStats, UsageSnapshot,
+};
 use voicegate_engine::policy::{
     CapKind, CapTrigger, FairUseConfig, RollingTotals, Stage, UsageType, Verdict,
 };
 use voicegate_engine::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
-use voicegate_engine::supervisor::{
-    CapBreached, CapSupervisor, Classifier, ClassifierError, FairUseLedger, GetSupervisorStats,
-    LogNotifier, NoSessions, SupervisorDeps, SupervisorStats, UsageSnapshot,
-};
+use voicegate_engine::time::{Clock, TokioClock};
 
 pub const T0: u64 = 1_790_000_000_000;
 pub const HOUR_MS: u64 = 3_600_000;

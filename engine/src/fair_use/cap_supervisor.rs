@@ -1,6 +1,7 @@
 //! The cap supervisor actor.
 //!
-//! A user's actor sends [`CapBreached`] after a record leaves a total over a cap. The supervisor:
+//! The fair-use facade ([`crate::fair_use::FairUse`]) sends [`CapBreached`] after a record it forwarded to the
+//! meter leaves a rolling total over a cap (at most once per user per report interval). The supervisor:
 //! 1. skips users at restrict (nothing higher to reach: no lock, no classifier, E55);
 //! 2. deduplicates per user: one job queued or running at a time, then nothing until the cooldown ends, which
 //!    across nodes is the store's token lock (acquired before classifying, kept for the cooldown on success);
@@ -8,8 +9,8 @@
 //!    error, a panic or a hang is caught;
 //! 4. on failure: logs uid and reason, counts it, releases the lock (compare-and-delete) and retries later with
 //!    exponential backoff. A failure is never a benign verdict and never changes the stage;
-//! 5. on success: sends the verdict to the [`VerdictSink`] (the user's actor), which applies at most one step
-//!    and records the event; a stage change up sends a notice.
+//! 5. on success: sends the verdict to the [`VerdictSink`] (the [`FairUseLedger`](crate::fair_use::FairUseLedger)),
+//!    which applies at most one step by compare-and-set and records the event; a stage change up sends a notice.
 //!
 //! Time: cooldowns compare the [`Clock`] (wall ms); tokio timers only schedule retries and time out tasks.
 
@@ -20,16 +21,16 @@ use std::time::Duration;
 use actix::prelude::*;
 use rand::RngExt as _;
 
-use crate::meter::time::Clock;
+use crate::fair_use::classifier::{Classifier, MAX_SESSIONS, UsageSnapshot, UsageSource};
+use crate::fair_use::ledger::{Applied, VerdictSink};
+use crate::fair_use::notifier::Notifier;
 use crate::policy::notice::notice_for;
 use crate::policy::{
     BreachContext, CapTrigger, ClassifierSettings, FairUseConfig, RollingTotals, SoftCaps, Stage,
 };
 use crate::store::fair_use::CooldownLock;
-use crate::supervisor::classifier::{Classifier, MAX_SESSIONS, UsageSnapshot, UsageSource};
-use crate::supervisor::ledger::{Applied, VerdictSink};
-use crate::supervisor::notifier::Notifier;
 use crate::telemetry;
+use crate::time::Clock;
 
 /// A record left a user's rolling totals over at least one cap.
 #[derive(Debug, Clone, PartialEq, Message)]

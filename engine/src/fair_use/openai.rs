@@ -11,8 +11,8 @@ use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::fair_use::classifier::{Classifier, ClassifierError, MAX_SESSIONS, UsageSnapshot};
 use crate::policy::{ClassifierSettings, Evidence, UsageType, Verdict};
-use crate::supervisor::classifier::{Classifier, ClassifierError, MAX_SESSIONS, UsageSnapshot};
 
 pub const PROMPT_VERSION: &str = "vg-1";
 

@@ -1,6 +1,8 @@
 //! The fair-use ledger: every read and change of a user's fair-use state, as load → pure policy → atomic
-//! compare-and-set commit (re-applied on conflict). It is what the user's actor calls, so changes for one user
-//! are serial on a node, and the version check keeps them race-free across nodes and against admin calls.
+//! compare-and-set commit (re-applied on conflict). The facade (reads for admission and status), the cap
+//! supervisor (verdicts) and the admin routes call it concurrently; the version check keeps their changes
+//! race-free on one node, across nodes and against admin calls. The state itself lives in the
+//! [`FairUseStore`] (a Redis hash per user, or one mutex-guarded map in memory), never in a meter actor.
 //! Decay steps that fell due are persisted (with their events) on the read that notices them.
 
 use std::sync::Arc;
@@ -209,8 +211,8 @@ impl FairUseLedger {
     }
 }
 
-/// Where the supervisor sends a successful verdict: the user's actor (which applies it serially), or the
-/// ledger directly when no actor is wired.
+/// Where the supervisor sends a successful verdict: the [`FairUseLedger`] in production (compare-and-set, so
+/// concurrent verdicts and admin changes serialise on the state's version); tests substitute their own.
 pub trait VerdictSink: Send + Sync + 'static {
     fn apply(
         &self,

@@ -10,8 +10,8 @@
 
 use futures_util::future::BoxFuture;
 
+use crate::fair_use::classifier::{Classifier, ClassifierError, UsageSnapshot};
 use crate::policy::{Evidence, UsageType, Verdict};
-use crate::supervisor::classifier::{Classifier, ClassifierError, UsageSnapshot};
 
 pub const MODEL: &str = "heuristic-v1";
 const HOUR_MS: f64 = 3_600_000.0;

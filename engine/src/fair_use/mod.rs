@@ -1,18 +1,20 @@
-//! The cap supervisor and what it runs.
+//! The fair-use service: everything that turns metered speech into fair-use state, behind one handle.
 //!
+//! - `facade`: [`FairUse`], the handle the server and the live pipeline hold (meter + ledger + cap supervisor
+//!   behind one entitlement resolver), and the status view.
 //! - `cap_supervisor`: the actor that receives cap breaches, deduplicates them per user (cooldown lock), runs
 //!   classifier tasks with bounded concurrency and a timeout, survives errors, panics and hangs (logged with
 //!   uid and reason, counted, lock released, retried with backoff) and sends successes to a [`VerdictSink`].
 //! - `classifier`, `heuristic`, `openai`: the classifier trait and its two implementations.
 //! - `ledger`: load → pure policy → compare-and-set commit of a user's fair-use state (what the user's actor calls).
 //! - `notifier`: notices on stage changes.
-//! - `fair_use`: [`FairUse`], the handle the server holds (meter + ledger + supervisor behind one resolver).
 //!
-//! Wall-clock time comes from [`crate::meter::time::Clock`] (the meter's clock), so tests drive both alike.
+//! Wall-clock time comes from [`crate::time::Clock`] (the same clock as the meter's), so tests drive both
+//! alike. Who messages whom, on which thread: `docs/architecture.md`.
 
 pub mod cap_supervisor;
 pub mod classifier;
-pub mod fair_use;
+pub mod facade;
 pub mod heuristic;
 pub mod ledger;
 pub mod notifier;
@@ -24,7 +26,7 @@ pub use cap_supervisor::{
 pub use classifier::{
     Classifier, ClassifierError, NoSessions, SessionSummary, UsageSnapshot, UsageSource,
 };
-pub use fair_use::{
+pub use facade::{
     AdminError, FairUse, FairUseParts, FairUseStatus, PlanRecord, UserDetail,
     classifier_from_config,
 };

@@ -1,12 +1,18 @@
-//! Time for metering: integer unix ms, minute indexes, UTC months, and the injectable clock.
+//! Time and units, the engine's leaf module: integer unix ms, minute indexes, UTC months, sample ↔ ms
+//! conversion, half-open [`Span`]s, and the injectable [`Clock`].
 //!
-//! Every decision takes `now` as an argument; only the [`Clock`] reads time, and tests replace it.
+//! Every decision takes `now` as an argument; only a [`Clock`] reads the time of day, and tests replace it.
+//! This module imports nothing from the rest of the crate, so every layer (audio, store, meter, policy,
+//! pipeline, fair-use service) can use it without an import cycle (see `docs/architecture.md`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::store::{Minute, MonthKey};
+/// Minutes since the Unix epoch (UTC): the index of a speech bucket.
+pub type Minute = u32;
+/// A calendar month as `yyyy * 100 + mm` (UTC), e.g. `202611`.
+pub type MonthKey = u32;
 
 pub const MS_PER_MINUTE: u64 = 60_000;
 pub const MS_PER_HOUR: u64 = 60 * MS_PER_MINUTE;
@@ -51,16 +57,57 @@ fn civil_year_month(days: i64) -> (i64, u32) {
     (year, month)
 }
 
-/// Converts a sample count to ms, rounding to the nearest ms (half up). `rate_hz == 0` gives 0.
+/// Converts a sample count to ms, rounding to the nearest ms (half up), computed in 128 bits so no count
+/// overflows (the result saturates at `u64::MAX`). `rate_hz == 0` gives 0.
 pub fn samples_to_ms(samples: u64, rate_hz: u32) -> u64 {
     if rate_hz == 0 {
         return 0;
     }
     let rate = u128::from(rate_hz);
-    ((u128::from(samples) * 1000 + rate / 2) / rate) as u64
+    let ms = (u128::from(samples) * 1000 + rate / 2) / rate;
+    u64::try_from(ms).unwrap_or(u64::MAX)
 }
 
-/// The one place the meter reads the time of day.
+/// A half-open span `[start, end)` of integers in one unit, which its holder names: samples at 16 kHz
+/// relative to a stream's start in the audio pipeline, absolute unix ms in conversations.
+///
+/// Serialised (conversations only) as `{"start_ms", "end_ms"}`: sample spans never leave the engine.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct Span {
+    #[serde(rename = "start_ms")]
+    pub start: u64,
+    #[serde(rename = "end_ms")]
+    pub end: u64,
+}
+
+impl Span {
+    /// `[start, end)`; an `end` before `start` gives an empty span at `start`.
+    pub fn new(start: u64, end: u64) -> Span {
+        Span {
+            start,
+            end: end.max(start),
+        }
+    }
+
+    /// The length (0 for an inverted span built by hand).
+    pub fn len(&self) -> u64 {
+        self.end.saturating_sub(self.start)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl std::fmt::Display for Span {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}..{}", self.start, self.end)
+    }
+}
+
+/// The one place the engine reads the time of day.
 pub trait Clock: Send + Sync + 'static {
     /// Unix ms, UTC.
     fn now_ms(&self) -> u64;
@@ -157,5 +204,29 @@ mod tests {
         assert_eq!(samples_to_ms(7, 16_000), 0);
         assert_eq!(samples_to_ms(1, 0), 0);
         assert_eq!(samples_to_ms(u64::MAX, 1000), u64::MAX);
+        // Saturates instead of overflowing: u64::MAX samples at 1 Hz are more ms than a u64 holds.
+        assert_eq!(samples_to_ms(u64::MAX, 1), u64::MAX);
+        assert_eq!(
+            samples_to_ms(u64::MAX / 16, 16_000),
+            (u64::MAX / 16).div_ceil(16)
+        );
+    }
+
+    #[test]
+    fn spans_are_half_open_and_never_negative() {
+        assert_eq!(Span::new(5, 3), Span { start: 5, end: 5 });
+        assert!(Span::new(5, 3).is_empty());
+        assert_eq!(Span::new(3, 5).len(), 2);
+        assert_eq!(Span { start: 5, end: 3 }.len(), 0);
+    }
+
+    #[test]
+    fn spans_serialise_with_the_conversation_field_names() {
+        let json = serde_json::to_string(&Span::new(1, 2)).unwrap();
+        assert_eq!(json, r#"{"start_ms":1,"end_ms":2}"#);
+        assert_eq!(
+            serde_json::from_str::<Span>(&json).unwrap(),
+            Span::new(1, 2)
+        );
     }
 }

@@ -12,21 +12,21 @@ use std::sync::{Arc, Mutex};
 use actix::prelude::*;
 use serde::Serialize;
 
-use crate::meter::time::Clock;
+use crate::fair_use::cap_supervisor::{CapBreached, CapSupervisor, SupervisorDeps};
+use crate::fair_use::classifier::{Classifier, ClassifierError, UsageSource};
+use crate::fair_use::heuristic::HeuristicClassifier;
+use crate::fair_use::ledger::{Applied, FairUseLedger, LedgerError};
+use crate::fair_use::notifier::{LogNotifier, Notifier};
+use crate::fair_use::openai::OpenAiClassifier;
 use crate::meter::{Meter, MeterError, RecordOutcome, RecordSpeech, RecordStatus, UsageTotals};
 use crate::policy::notice::{Notice, status_message};
 use crate::policy::{
     CaseRef, ClassifierKind, CreditLookup, Enforcement, Entitlement, EntitlementInput,
-    FairUseConfig, FairUseEvent, InvalidStage, Mode, MonthUsage, SoftCaps, Stage, StageState,
-    SttAllowance, SttUsage, resolve,
+    FairUseConfig, FairUseEvent, InvalidStage, Mode, MonthUsage, SoftCaps, SpeechMs, Stage,
+    StageState, SttAllowance, SttUsage, resolve,
 };
 use crate::store::fair_use::{CooldownLock, FairUseStore};
-use crate::supervisor::cap_supervisor::{CapBreached, CapSupervisor, SupervisorDeps};
-use crate::supervisor::classifier::{Classifier, ClassifierError, UsageSource};
-use crate::supervisor::heuristic::HeuristicClassifier;
-use crate::supervisor::ledger::{Applied, FairUseLedger, LedgerError};
-use crate::supervisor::notifier::{LogNotifier, Notifier};
-use crate::supervisor::openai::OpenAiClassifier;
+use crate::time::Clock;
 
 /// A user over a cap is reported to the supervisor at most once per this interval (the supervisor
 /// deduplicates anyway; this only saves store reads on a hot realtime path).
@@ -58,15 +58,6 @@ impl AdminError {
             AdminError::Ledger(e) => e.code(),
         }
     }
-}
-
-/// Exact speech per window and this month.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct SpeechMs {
-    pub daily_ms: u64,
-    pub three_day_ms: u64,
-    pub weekly_ms: u64,
-    pub month_ms: u64,
 }
 
 /// Three numbers per window (hours or percent), rounded for display only.

@@ -15,9 +15,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
-use voicegate_engine::meter::{Meter, MeterConfig, SystemClock};
+use voicegate_engine::meter::{Meter, MeterConfig};
 use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_engine::store::{RedisStore, RedisStoreConfig};
+use voicegate_engine::time::SystemClock;
 
 const STREAMS: usize = 10;
 const UPLOADS: usize = 10;

@@ -46,16 +46,18 @@ fn record_speech(c: &mut Criterion) {
                     let start = Instant::now();
                     for i in 0..MESSAGES {
                         let uid = &uids[i % USERS];
-                        meter.record(RecordSpeech {
-                            uid: Arc::clone(uid),
-                            amount: SpeechAmount::Samples {
-                                samples: 512,
-                                rate_hz: 16_000,
-                            },
-                            audio_start_ms: T0,
-                            source: SpeechSource::Realtime,
-                            idempotency_key: None,
-                        });
+                        meter
+                            .record(RecordSpeech {
+                                uid: Arc::clone(uid),
+                                amount: SpeechAmount::Samples {
+                                    samples: 512,
+                                    rate_hz: 16_000,
+                                },
+                                audio_start_ms: T0,
+                                source: SpeechSource::Realtime,
+                                idempotency_key: None,
+                            })
+                            .await;
                     }
                     // Every actor has handled its messages once it answers a read queued behind them.
                     join_all(uids.iter().map(|u| meter.totals(u))).await;
@@ -90,7 +92,7 @@ fn flush_10k_dirty_users(c: &mut Criterion) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     for uid in &uids {
-                        meter.record(RecordSpeech::new(uid.as_str(), SpeechAmount::Ms(1_500), T0, SpeechSource::Realtime));
+                        meter.record(RecordSpeech::new(uid.as_str(), SpeechAmount::Ms(1_500), T0, SpeechSource::Realtime)).await;
                     }
                     join_all(uids.iter().map(|u| meter.totals(u))).await;
                     let calls_before = server.command_calls("evalsha").unwrap_or(0);

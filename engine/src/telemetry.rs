@@ -50,6 +50,12 @@ pub const METER_RECORDS_DEDUPLICATED_TOTAL: &str = "voicegate_meter_records_dedu
 pub const METER_RECORDS_DROPPED_TOTAL: &str = "voicegate_meter_records_dropped_total";
 /// Counter, label `reason` (`unavailable`, `timeout`): failed hydrations or refreshes of a user's base.
 pub const METER_HYDRATION_ERRORS_TOTAL: &str = "voicegate_meter_hydration_errors_total";
+/// Histogram: seconds a record (or read) waited for room in a user actor's full mailbox (the meter's
+/// backpressure: never a drop). Its `_count` is how many sends found a mailbox full.
+pub const METER_MAILBOX_BLOCKED_SECONDS: &str = "voicegate_meter_mailbox_blocked_seconds";
+/// Counter, label `reason` (`panic`): user meter actors restarted in place (pending deltas kept, base
+/// re-hydrated from the store).
+pub const METER_ACTOR_RESTARTS_TOTAL: &str = "voicegate_meter_actor_restarts_total";
 
 // --- Fair use (engine::policy, engine::supervisor) ---
 

@@ -60,17 +60,18 @@ impl Meter {
         &self.shared.config
     }
 
-    /// Meters speech without waiting (the hot path): never blocks, never waits for the store.
-    pub fn record(&self, rec: RecordSpeech) {
+    /// Meters speech without waiting for the answer: waits only while the user's mailbox is full
+    /// (backpressure), never for the store.
+    pub async fn record(&self, rec: RecordSpeech) {
         let uid = Arc::clone(&rec.uid);
-        self.shared.send(&uid, UserMsg::Record(rec, None));
+        self.shared.send(&uid, UserMsg::Record(rec, None)).await;
     }
 
     /// Meters speech and returns its status with the user's totals after it (for cap checks).
     pub async fn record_and_read(&self, rec: RecordSpeech) -> Result<RecordOutcome, MeterError> {
         let (tx, rx) = oneshot::channel();
         let uid = Arc::clone(&rec.uid);
-        self.shared.send(&uid, UserMsg::Record(rec, Some(tx)));
+        self.shared.send(&uid, UserMsg::Record(rec, Some(tx))).await;
         rx.await.map_err(|_| MeterError::ActorGone)
     }
 
@@ -78,27 +79,27 @@ impl Meter {
     /// could not be read.
     pub async fn totals(&self, uid: &str) -> Result<UsageTotals, MeterError> {
         let (tx, rx) = oneshot::channel();
-        self.shared.send(uid, UserMsg::ReadTotals(tx));
+        self.shared.send(uid, UserMsg::ReadTotals(tx)).await;
         rx.await.map_err(|_| MeterError::ActorGone)
     }
 
     /// Flushes one user now (retrying the sealed batch first) and waits for the store's answer.
     pub async fn flush_user(&self, uid: &str) -> Result<FlushReport, MeterError> {
         let (tx, rx) = oneshot::channel();
-        self.shared.send(uid, UserMsg::FlushNow(tx));
+        self.shared.send(uid, UserMsg::FlushNow(tx)).await;
         rx.await.map_err(|_| MeterError::ActorGone)?
     }
 
     /// Reloads one user's base from the store now (other writers' speech becomes visible).
     pub async fn refresh_user(&self, uid: &str) -> Result<(), MeterError> {
         let (tx, rx) = oneshot::channel();
-        self.shared.send(uid, UserMsg::RefreshNow(tx));
+        self.shared.send(uid, UserMsg::RefreshNow(tx)).await;
         rx.await.map_err(|_| MeterError::ActorGone)?
     }
 
-    /// Asks a user's actor to flush and stop (what idleness does after `idle_passivation`).
+    /// Asks a user's actor, if it runs, to flush and stop (what idleness does after `idle_passivation`).
     pub fn passivate_user(&self, uid: &str) {
-        self.shared.send(uid, UserMsg::Passivate);
+        self.shared.send_control(uid, UserMsg::Passivate);
     }
 
     /// One flush round over every dirty user now, ignoring retry backoff.
@@ -123,6 +124,16 @@ impl Meter {
     /// Live user actors.
     pub fn live_actors(&self) -> usize {
         self.shared.live_actors().max(0) as usize
+    }
+
+    /// Sends that found a user's mailbox full and waited (backpressure) since the start.
+    pub fn mailbox_blocked(&self) -> u64 {
+        self.shared.mailbox_blocked()
+    }
+
+    /// User actors restarted in place after a panic since the start.
+    pub fn actor_restarts(&self) -> u64 {
+        self.shared.restarts()
     }
 
     /// Speech ms recorded on this node and not yet acknowledged by the store.

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::actor::UserMeter;
-use super::messages::{BatchDone, Take, TakeBatch};
+use super::messages::{BatchDone, Envelope, Take, TakeBatch, UserMsg};
 use super::registry::{Dirty, Shared};
 use crate::store::{ApplyOutcome, Batch, StoreError, StoreTime};
 use crate::telemetry;
@@ -188,7 +188,7 @@ impl Flusher {
         let mut report = ShutdownReport::default();
         // Actors queue their pending deltas when they passivate; ask every registered one to flush.
         for addr in self.shared.all_actors() {
-            addr.do_send(super::messages::UserMsg::Passivate);
+            addr.do_send(Envelope::new(UserMsg::Passivate, None));
         }
         loop {
             // Let BatchDone answers and registrations land before asking again.

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use actix::Message;
-use tokio::sync::oneshot;
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use crate::policy::RollingTotals;
 use crate::store::{Batch, StoreError};
@@ -137,10 +137,24 @@ pub enum MeterError {
     Store(#[from] StoreError),
 }
 
-/// Internal envelope: every facade message is delivered with `do_send` while the registry lock is held,
-/// so it is never lost to a retiring actor; answers come back through a oneshot.
+/// A facade message in one of its actor's mailbox slots (the slot is given back when the actor dropped the
+/// envelope, i.e. handled the message). Delivered with `do_send` while the registry lock is held, so it is
+/// never lost to a retiring actor; answers come back through a oneshot.
 #[derive(Message)]
 #[rtype(result = "()")]
+pub(crate) struct Envelope {
+    pub msg: UserMsg,
+    /// `None` for the control messages outside the bound (see `registry`).
+    pub slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Envelope {
+    pub(crate) fn new(msg: UserMsg, slot: Option<OwnedSemaphorePermit>) -> Self {
+        Envelope { msg, slot }
+    }
+}
+
+/// What the facade asks of a user's actor.
 pub(crate) enum UserMsg {
     Record(RecordSpeech, Option<oneshot::Sender<RecordOutcome>>),
     ReadTotals(oneshot::Sender<UsageTotals>),

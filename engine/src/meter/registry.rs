@@ -4,24 +4,47 @@
 //! registry under the write lock and then queues `Retire` to itself. So every message sent to an actor is
 //! in its mailbox before `Retire`, and none is lost to passivation. No global lock: a send takes one
 //! stripe's read lock.
+//!
+//! **Bounded mailboxes.** Every facade message ([`UserMsg`]) takes one of its actor's
+//! [`MAILBOX_CAPACITY`] slots (a semaphore permit carried in the message, given back once the actor
+//! handled it). A sender that finds the mailbox full waits for a slot outside the lock, then delivers:
+//! backpressure, never a drop, and the wait is measured (`voicegate_meter_mailbox_blocked_seconds`, the
+//! model being Quickwit's backpressure counter). The actor's internal messages are bounded by their
+//! senders instead: the flusher awaits `TakeBatch` (actix's own bounded `send`) and sends one `BatchDone`
+//! per batch it took (at most one per actor at a time); `Retire` is sent once per actor; `Passivate`
+//! once per actor by a shutdown (and by an explicit [`super::Meter::passivate_user`]).
 
 use std::collections::HashMap;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
-use actix::dev::ToEnvelope;
 use actix::prelude::*;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::time::Instant;
 
 use super::MeterConfig;
 use super::actor::UserMeter;
+use super::messages::{Envelope, UserMsg};
 use crate::store::Store;
+use crate::telemetry;
 use crate::time::Clock;
 
 const STRIPES_PER_SHARD: usize = 64;
 
-type Stripe = RwLock<HashMap<Arc<str>, Addr<UserMeter>>>;
+/// Facade messages one user actor may have queued at once. A user's senders are its sessions (one record
+/// or read in flight each) and its uploads and requests, so 64 is only reached when the actor's thread is
+/// far behind; then senders wait.
+pub(crate) const MAILBOX_CAPACITY: usize = 64;
+
+/// A registered actor: its address and the slots of its mailbox.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    pub addr: Addr<UserMeter>,
+    room: Arc<Semaphore>,
+}
+
+type Stripe = RwLock<HashMap<Arc<str>, Handle>>;
 
 /// Gauges of one shard, updated by its actors (one thread) and summed by the flusher. Aligned to its own
 /// cache lines so two shards' threads never write the same line (false sharing on every record).
@@ -65,6 +88,10 @@ pub(crate) struct Shared {
     dirty_tx: mpsc::UnboundedSender<Dirty>,
     next_id: AtomicU64,
     hasher: std::collections::hash_map::RandomState,
+    /// Sends that found a mailbox full (also in the blocked-seconds histogram's count).
+    mailbox_blocked: AtomicU64,
+    /// Actors restarted after a panic (also `voicegate_meter_actor_restarts_total`).
+    restarts: AtomicU64,
 }
 
 impl Shared {
@@ -93,7 +120,22 @@ impl Shared {
             dirty_tx,
             next_id: AtomicU64::new(1),
             hasher: std::collections::hash_map::RandomState::new(),
+            mailbox_blocked: AtomicU64::new(0),
+            restarts: AtomicU64::new(0),
         }
+    }
+
+    pub(crate) fn mailbox_blocked(&self) -> u64 {
+        self.mailbox_blocked.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn count_restart(&self) {
+        self.restarts.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(telemetry::METER_ACTOR_RESTARTS_TOTAL, "reason" => "panic").increment(1);
     }
 
     fn locate(&self, uid: &str) -> (usize, usize) {
@@ -148,32 +190,111 @@ impl Shared {
         let _ = self.dirty_tx.send(Dirty { id, addr });
     }
 
-    /// Enqueues `msg` to the user's actor, creating it first if needed, under the stripe lock.
-    pub(crate) fn send<M>(self: &Arc<Self>, uid: &str, msg: M)
-    where
-        M: Message + Send + 'static,
-        M::Result: Send,
-        UserMeter: Handler<M>,
-        <UserMeter as Actor>::Context: ToEnvelope<UserMeter, M>,
-    {
+    /// Enqueues `msg` to the user's actor (creating it first if needed) in one of its mailbox slots,
+    /// waiting for a slot while the mailbox is full.
+    pub(crate) async fn send(self: &Arc<Self>, uid: &str, msg: UserMsg) {
+        let mut msg = msg;
+        loop {
+            // Fast path: a free slot, taken and used under one read lock.
+            let room = match self.try_deliver(uid, msg) {
+                Ok(()) => return,
+                Err((back, room)) => {
+                    msg = back;
+                    room
+                }
+            };
+            self.mailbox_blocked.fetch_add(1, Ordering::Relaxed);
+            let started = Instant::now();
+            // Never closed: the semaphore lives as long as a handle to it.
+            let Ok(permit) = room.clone().acquire_owned().await else {
+                continue;
+            };
+            metrics::histogram!(telemetry::METER_MAILBOX_BLOCKED_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            match self.deliver_with(uid, &room, msg, permit) {
+                Ok(()) => return,
+                // The actor left the registry while we waited: its successor has its own mailbox.
+                Err(back) => msg = back,
+            }
+        }
+    }
+
+    /// Delivers with a free slot of the registered (or a new) actor; otherwise hands the message back
+    /// with the full mailbox's slots.
+    fn try_deliver(
+        self: &Arc<Self>,
+        uid: &str,
+        msg: UserMsg,
+    ) -> Result<(), (UserMsg, Arc<Semaphore>)> {
         let (shard, stripe) = self.locate(uid);
         let lock = &self.shards[shard].stripes[stripe];
         {
             let map = lock.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(addr) = map.get(uid) {
-                addr.do_send(msg);
-                return;
+            if let Some(h) = map.get(uid) {
+                return match Arc::clone(&h.room).try_acquire_owned() {
+                    Ok(permit) => {
+                        h.addr.do_send(Envelope::new(msg, Some(permit)));
+                        Ok(())
+                    }
+                    Err(_) => Err((msg, Arc::clone(&h.room))),
+                };
             }
         }
         let mut map = lock.write().unwrap_or_else(|e| e.into_inner());
-        let addr = map.entry(Arc::from(uid)).or_insert_with_key(|uid| {
-            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            let (uid, shared) = (uid.clone(), Arc::clone(self));
-            UserMeter::start_in_arbiter(&self.shards[shard].arbiter, move |_| {
-                UserMeter::new(uid, id, shard, shared)
-            })
+        let h = map
+            .entry(Arc::from(uid))
+            .or_insert_with_key(|uid| self.start_actor(shard, uid.clone()));
+        match Arc::clone(&h.room).try_acquire_owned() {
+            Ok(permit) => {
+                h.addr.do_send(Envelope::new(msg, Some(permit)));
+                Ok(())
+            }
+            Err(_) => Err((msg, Arc::clone(&h.room))),
+        }
+    }
+
+    /// Delivers with a slot taken from `room`, if `room` is still the registered actor's.
+    fn deliver_with(
+        &self,
+        uid: &str,
+        room: &Arc<Semaphore>,
+        msg: UserMsg,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<(), UserMsg> {
+        let (shard, stripe) = self.locate(uid);
+        let map = self.shards[shard].stripes[stripe]
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        match map.get(uid) {
+            Some(h) if Arc::ptr_eq(&h.room, room) => {
+                h.addr.do_send(Envelope::new(msg, Some(permit)));
+                Ok(())
+            }
+            _ => Err(msg),
+        }
+    }
+
+    /// A control message outside the mailbox bound (see the module doc), to the registered actor only.
+    pub(crate) fn send_control(&self, uid: &str, msg: UserMsg) {
+        let (shard, stripe) = self.locate(uid);
+        let map = self.shards[shard].stripes[stripe]
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(h) = map.get(uid) {
+            h.addr.do_send(Envelope::new(msg, None));
+        }
+    }
+
+    fn start_actor(self: &Arc<Self>, shard: usize, uid: Arc<str>) -> Handle {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let shared = Arc::clone(self);
+        let addr = UserMeter::start_in_arbiter(&self.shards[shard].arbiter, move |_| {
+            UserMeter::new(uid, id, shard, shared)
         });
-        addr.do_send(msg);
+        Handle {
+            addr,
+            room: Arc::new(Semaphore::new(MAILBOX_CAPACITY)),
+        }
     }
 
     /// Removes the actor from the registry if `addr` is still the one registered for `uid`.
@@ -182,7 +303,7 @@ impl Shared {
         let mut map = self.shards[shard].stripes[stripe]
             .write()
             .unwrap_or_else(|e| e.into_inner());
-        if map.get(uid).is_some_and(|a| a == addr) {
+        if map.get(uid).is_some_and(|h| &h.addr == addr) {
             map.remove(uid);
         }
     }
@@ -197,7 +318,7 @@ impl Shared {
                         .read()
                         .unwrap_or_else(|e| e.into_inner())
                         .values()
-                        .cloned(),
+                        .map(|h| h.addr.clone()),
                 );
             }
         }

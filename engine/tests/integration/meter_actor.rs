@@ -48,9 +48,15 @@ async fn sleep(d: Duration) {
 async fn speech_lands_in_the_minute_of_the_audio_and_counts_per_window() {
     let store = Arc::new(MemoryStore::new());
     let (meter, _) = start(store, config());
-    meter.record(ms("u", 1_000, T0 - MS_PER_HOUR, SpeechSource::Realtime));
-    meter.record(ms("u", 2_000, T0 - 2 * MS_PER_DAY, SpeechSource::Sync));
-    meter.record(ms("u", 3_000, T0 - 5 * MS_PER_DAY, SpeechSource::Sync));
+    meter
+        .record(ms("u", 1_000, T0 - MS_PER_HOUR, SpeechSource::Realtime))
+        .await;
+    meter
+        .record(ms("u", 2_000, T0 - 2 * MS_PER_DAY, SpeechSource::Sync))
+        .await;
+    meter
+        .record(ms("u", 3_000, T0 - 5 * MS_PER_DAY, SpeechSource::Sync))
+        .await;
     let t = meter.totals("u").await.unwrap();
     assert!(t.known);
     assert_eq!(daily(&t), (1_000, 3_000, 6_000));
@@ -61,7 +67,9 @@ async fn speech_lands_in_the_minute_of_the_audio_and_counts_per_window() {
 async fn realtime_and_sync_share_one_pool() {
     let store = Arc::new(MemoryStore::new());
     let (meter, _) = start(store, config());
-    meter.record(ms("u", 10_000, T0, SpeechSource::Realtime));
+    meter
+        .record(ms("u", 10_000, T0, SpeechSource::Realtime))
+        .await;
     let out = meter
         .record_and_read(ms("u", 20_000, T0, SpeechSource::Sync))
         .await
@@ -88,8 +96,12 @@ async fn zero_speech_is_a_no_op() {
 async fn recorded_speech_reaches_the_store_within_one_flush_interval() {
     let store = Arc::new(MemoryStore::new());
     let (meter, clock) = start(store.clone(), config());
-    meter.record(ms("u", 5_000, T0, SpeechSource::Realtime));
-    meter.record(ms("u", 7_000, T0 - 3 * MS_PER_HOUR, SpeechSource::Sync));
+    meter
+        .record(ms("u", 5_000, T0, SpeechSource::Realtime))
+        .await;
+    meter
+        .record(ms("u", 7_000, T0 - 3 * MS_PER_HOUR, SpeechSource::Sync))
+        .await;
     sleep(Duration::from_millis(1_100)).await;
     let at = StoreTime {
         now_ms: voicegate_engine::time::Clock::now_ms(&*clock),
@@ -110,7 +122,9 @@ async fn recorded_speech_reaches_the_store_within_one_flush_interval() {
 async fn an_idle_actor_is_passivated_after_15_minutes_and_rehydrates_from_the_store() {
     let store = Arc::new(MemoryStore::new());
     let (meter, _) = start(store.clone(), config());
-    meter.record(ms("u", 4_000, T0, SpeechSource::Realtime));
+    meter
+        .record(ms("u", 4_000, T0, SpeechSource::Realtime))
+        .await;
     sleep(Duration::from_secs(5)).await;
     assert_eq!(meter.live_actors(), 1);
     sleep(Duration::from_secs(16 * 60)).await;
@@ -127,7 +141,7 @@ async fn a_failed_hydration_answers_unknown_totals_then_recovers() {
     {
         // Speech already in the store from an earlier incarnation.
         let (meter, _) = start(store.clone(), config());
-        meter.record(ms("u", 9_000, T0, SpeechSource::Sync));
+        meter.record(ms("u", 9_000, T0, SpeechSource::Sync)).await;
         meter.flush_user("u").await.unwrap();
         meter.shutdown(Duration::from_secs(5)).await;
     }
@@ -161,18 +175,22 @@ async fn a_failed_hydration_answers_unknown_totals_then_recovers() {
 async fn a_30s_store_outage_keeps_every_ms_pending_and_flushes_it_after() {
     let store = Arc::new(MemoryStore::new());
     let (meter, clock) = start(store.clone(), config());
-    meter.record(ms("u1", 1_000, T0, SpeechSource::Realtime));
+    meter
+        .record(ms("u1", 1_000, T0, SpeechSource::Realtime))
+        .await;
     sleep(Duration::from_millis(1_500)).await;
     store.set_unavailable(true);
     let mut expected = 1_000;
     for i in 0..30u64 {
         for uid in ["u1", "u2", "u3"] {
-            meter.record(ms(
-                uid,
-                500 + i,
-                voicegate_engine::time::Clock::now_ms(&*clock),
-                SpeechSource::Realtime,
-            ));
+            meter
+                .record(ms(
+                    uid,
+                    500 + i,
+                    voicegate_engine::time::Clock::now_ms(&*clock),
+                    SpeechSource::Realtime,
+                ))
+                .await;
             expected += 500 + i;
         }
         sleep(Duration::from_secs(1)).await;
@@ -235,7 +253,7 @@ async fn keys_expire_after_the_retention() {
     let store = Arc::new(MemoryStore::new());
     let (meter, _) = start(store.clone(), config());
     let rec = ms("u", 1_000, T0, SpeechSource::Sync).with_idempotency_key("k");
-    meter.record(rec.clone());
+    meter.record(rec.clone()).await;
     meter.flush_user("u").await.unwrap();
     sleep(Duration::from_millis(RETENTION + MS_PER_MINUTE)).await;
     assert_eq!(
@@ -273,8 +291,8 @@ async fn two_writers_see_each_others_speech_after_a_refresh() {
         store.clone() as Arc<dyn Store>,
         TokioClock::new(T0),
     );
-    a.record(ms("u", 1_000, T0, SpeechSource::Realtime));
-    b.record(ms("u", 2_000, T0, SpeechSource::Sync));
+    a.record(ms("u", 1_000, T0, SpeechSource::Realtime)).await;
+    b.record(ms("u", 2_000, T0, SpeechSource::Sync)).await;
     a.flush_user("u").await.unwrap();
     b.flush_user("u").await.unwrap();
     assert_eq!(
@@ -306,12 +324,14 @@ async fn month_usage_is_charged_in_the_month_of_arrival() {
         store as Arc<dyn Store>,
         TokioClock::new(end_of_november),
     );
-    meter.record(ms(
-        "u",
-        5_000,
-        end_of_november - 40 * MS_PER_DAY,
-        SpeechSource::Sync,
-    ));
+    meter
+        .record(ms(
+            "u",
+            5_000,
+            end_of_november - 40 * MS_PER_DAY,
+            SpeechSource::Sync,
+        ))
+        .await;
     let t = meter.totals("u").await.unwrap();
     assert_eq!((t.month, t.month_ms), (202611, 5_000));
     assert_eq!(
@@ -335,7 +355,9 @@ async fn shutdown_flushes_every_actor_and_reports_it() {
         },
     );
     for i in 0..50 {
-        meter.record(ms(&format!("u{i}"), 100 + i, T0, SpeechSource::Realtime));
+        meter
+            .record(ms(&format!("u{i}"), 100 + i, T0, SpeechSource::Realtime))
+            .await;
     }
     meter.totals("u49").await.unwrap();
     let report = meter.shutdown(Duration::from_secs(10)).await;
@@ -402,9 +424,13 @@ async fn a_retried_batch_is_resent_unchanged_and_newer_speech_waits_for_the_next
     let meter = Meter::start(config(), spy.clone() as Arc<dyn Store>, TokioClock::new(T0));
     meter.totals("u").await.unwrap();
     spy.inner.set_unavailable(true);
-    meter.record(ms("u", 1_000, T0, SpeechSource::Realtime));
+    meter
+        .record(ms("u", 1_000, T0, SpeechSource::Realtime))
+        .await;
     sleep(Duration::from_millis(1_100)).await; // batch 1 fails
-    meter.record(ms("u", 2_000, T0, SpeechSource::Realtime));
+    meter
+        .record(ms("u", 2_000, T0, SpeechSource::Realtime))
+        .await;
     sleep(Duration::from_secs(3)).await; // batch 1 retried, still failing
     spy.inner.set_unavailable(false);
     sleep(Duration::from_secs(8)).await;

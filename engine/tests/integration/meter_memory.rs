@@ -102,12 +102,14 @@ async fn a_live_actor_with_a_day_of_minute_buckets_costs_at_most_16_kib() {
     let meter = Meter::start(config, Arc::new(NullStore), ManualClock::new(T0));
     // Warm up allocator arenas and the runtime with a few actors first.
     for i in 0..50 {
-        meter.record(RecordSpeech::new(
-            format!("warm{i}"),
-            SpeechAmount::Ms(MS_PER_DAY),
-            T0 - MS_PER_DAY,
-            SpeechSource::Sync,
-        ));
+        meter
+            .record(RecordSpeech::new(
+                format!("warm{i}"),
+                SpeechAmount::Ms(MS_PER_DAY),
+                T0 - MS_PER_DAY,
+                SpeechSource::Sync,
+            ))
+            .await;
     }
     meter.flush_all().await;
     let before = rss_bytes();
@@ -115,12 +117,14 @@ async fn a_live_actor_with_a_day_of_minute_buckets_costs_at_most_16_kib() {
     for i in 0..ACTORS {
         // One record spanning the last 24 h: 1440 full minute buckets.
         let uid = format!("user-{i:05}");
-        meter.record(RecordSpeech::new(
-            uid,
-            SpeechAmount::Ms(MS_PER_DAY),
-            T0 - MS_PER_DAY,
-            SpeechSource::Sync,
-        ));
+        meter
+            .record(RecordSpeech::new(
+                uid,
+                SpeechAmount::Ms(MS_PER_DAY),
+                T0 - MS_PER_DAY,
+                SpeechSource::Sync,
+            ))
+            .await;
     }
     let t = meter.totals("user-00000").await.unwrap();
     assert_eq!(t.rolling.daily_ms, MS_PER_DAY);

@@ -41,12 +41,14 @@ async fn redis_down_while_recording_loses_nothing() {
     let uids = ["alice", "bob", "carol"];
     let mut recorded = 0;
     for uid in uids {
-        meter.record(RecordSpeech::new(
-            uid,
-            SpeechAmount::Ms(1_000),
-            SystemClock.now_ms(),
-            SpeechSource::Realtime,
-        ));
+        meter
+            .record(RecordSpeech::new(
+                uid,
+                SpeechAmount::Ms(1_000),
+                SystemClock.now_ms(),
+                SpeechSource::Realtime,
+            ))
+            .await;
         recorded += 1_000;
         meter.flush_user(uid).await.expect("flush while up");
     }

@@ -77,7 +77,9 @@ fn caps(daily: u64, three_day: u64, weekly: u64) -> SoftCaps {
 #[actix::test]
 async fn b32_sync_speech_counts_in_every_window() {
     let r = rig();
-    r.meter.record(rec("user1", 30_000, SpeechSource::Sync));
+    r.meter
+        .record(rec("user1", 30_000, SpeechSource::Sync))
+        .await;
     assert_eq!(
         windows(&from_redis(&r.meter, "user1").await),
         (30_000, 30_000, 30_000)
@@ -87,15 +89,21 @@ async fn b32_sync_speech_counts_in_every_window() {
 #[actix::test]
 async fn b33_realtime_and_sync_share_one_pool() {
     let r = rig();
-    r.meter.record(rec("user1", 10_000, SpeechSource::Realtime));
-    r.meter.record(rec("user1", 20_000, SpeechSource::Sync));
+    r.meter
+        .record(rec("user1", 10_000, SpeechSource::Realtime))
+        .await;
+    r.meter
+        .record(rec("user1", 20_000, SpeechSource::Sync))
+        .await;
     assert_eq!(from_redis(&r.meter, "user1").await.rolling.daily_ms, 30_000);
 }
 
 #[actix::test]
 async fn b34_a_little_speech_triggers_no_cap() {
     let r = rig();
-    r.meter.record(rec("user1", 1_000, SpeechSource::Sync));
+    r.meter
+        .record(rec("user1", 1_000, SpeechSource::Sync))
+        .await;
     let t = from_redis(&r.meter, "user1").await;
     assert!(SoftCaps::default().triggered(&t.rolling).is_empty());
 }
@@ -145,12 +153,14 @@ async fn b37_three_raw_30s_runs_meter_90_s() {
     let r = rig();
     let file_start = now() - 10 * 60_000;
     for offset_s in [0u64, 150, 300] {
-        r.meter.record(RecordSpeech::new(
-            "user1",
-            SpeechAmount::Ms(30_000),
-            file_start + offset_s * 1000,
-            SpeechSource::Sync,
-        ));
+        r.meter
+            .record(RecordSpeech::new(
+                "user1",
+                SpeechAmount::Ms(30_000),
+                file_start + offset_s * 1000,
+                SpeechSource::Sync,
+            ))
+            .await;
     }
     let t = from_redis(&r.meter, "user1").await;
     assert_eq!(t.rolling.daily_ms, 90_000);
@@ -160,13 +170,19 @@ async fn b37_three_raw_30s_runs_meter_90_s() {
 #[actix::test]
 async fn g65_records_accumulate_and_zero_is_ignored() {
     let r = rig();
-    r.meter.record(rec("a", 5_000, SpeechSource::Realtime));
+    r.meter
+        .record(rec("a", 5_000, SpeechSource::Realtime))
+        .await;
     assert_eq!(
         windows(&from_redis(&r.meter, "a").await),
         (5_000, 5_000, 5_000)
     );
-    r.meter.record(rec("b", 3_000, SpeechSource::Realtime));
-    r.meter.record(rec("b", 4_000, SpeechSource::Realtime));
+    r.meter
+        .record(rec("b", 3_000, SpeechSource::Realtime))
+        .await;
+    r.meter
+        .record(rec("b", 4_000, SpeechSource::Realtime))
+        .await;
     assert_eq!(
         windows(&from_redis(&r.meter, "b").await),
         (7_000, 7_000, 7_000)
@@ -200,7 +216,7 @@ async fn g66_caps_of_10_20_30_s_trigger_strictly_above() {
         ),
         ("exactly-ten", 10_000, vec![]),
     ] {
-        r.meter.record(rec(uid, ms, SpeechSource::Sync));
+        r.meter.record(rec(uid, ms, SpeechSource::Sync)).await;
         assert_eq!(
             triggered(&from_redis(&r.meter, uid).await),
             expected,

@@ -10,7 +10,8 @@
 # Environment: BIN (directory of the release binaries, default target/release), PORT (8089),
 # REDIS_PORT (6390), REDIS_NICE (redis-server's niceness, default NICE; lower emulates a Redis on its own host), STORE=memory (the server's in-memory store instead of the redis-server), OUT, NICE (niceness of redis, server and harness, default -10 when root: other work
 # on a shared machine, builds above all, must not starve the measured processes), PERF=1 to record a CPU profile of the server with `perf record` (linux-perf)
-# during the run, SERVE_ARGS (extra `voicegate serve` arguments).
+# during the run, SERVE_ARGS (extra `voicegate serve` arguments), VOICEGATE_STT (default none here, so figures
+# stay comparable with the runs before speech-to-text; set it to measure a provider).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}
@@ -53,7 +54,7 @@ trap cleanup EXIT
 
 redis_url="redis://127.0.0.1:$REDIS_PORT"
 [ "${STORE:-redis}" = memory ] && redis_url=""
-VOICEGATE_REDIS_URL="$redis_url" RUST_LOG=${RUST_LOG:-warn} \
+VOICEGATE_REDIS_URL="$redis_url" VOICEGATE_STT="${VOICEGATE_STT:-none}" RUST_LOG=${RUST_LOG:-warn} \
   nice -n "$NICE" "$BIN/voicegate" serve --bind "127.0.0.1:$PORT" ${SERVE_ARGS:-} >"$OUT/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 100); do

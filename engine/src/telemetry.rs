@@ -123,3 +123,27 @@ pub const LISTEN_PIPELINE_ERRORS_TOTAL: &str = "voicegate_listen_pipeline_errors
 pub const LISTEN_METER_ERRORS_TOTAL: &str = "voicegate_listen_meter_errors_total";
 /// Counter, label `reason` (the conversation store's error code): realtime conversations not saved.
 pub const LISTEN_CONVERSATION_ERRORS_TOTAL: &str = "voicegate_listen_conversation_errors_total";
+
+// --- Speech-to-text providers (engine::stt) ---
+// Label `provider` is one of `local`, `deepgram`, `openai`, `none` (`VOICEGATE_STT`).
+
+/// Counter, label `provider`: 16 kHz samples handed to a provider (counted at the FFI call or socket write;
+/// exactly what users are charged). Audio seconds sent = this / 16,000.
+pub const STT_FORWARDED_SAMPLES_TOTAL: &str = "voicegate_stt_forwarded_samples_total";
+/// Counter, labels `provider`, `reason` (`queue_full`: the provider's bounded queue was full; `closed`: the
+/// session had gone before its audio reached the engine): samples pushed but never sent (nor charged).
+pub const STT_DROPPED_SAMPLES_TOTAL: &str = "voicegate_stt_dropped_samples_total";
+/// Counter, label `provider`: results a provider could not deliver because the session's bounded results
+/// channel was full.
+pub const STT_RESULTS_DROPPED_TOTAL: &str = "voicegate_stt_results_dropped_total";
+/// Counter, labels `provider`, `reason` (`engine`, `unauthorized`, `payment`, `rate_limited`, `network`,
+/// `protocol`, `bad_request`): provider errors.
+pub const STT_ERRORS_TOTAL: &str = "voicegate_stt_errors_total";
+/// Gauge, label `provider`: chunks or requests waiting for the provider (local: for a worker).
+pub const STT_QUEUE_DEPTH: &str = "voicegate_stt_queue_depth";
+/// Histogram, label `provider`: seconds a chunk waited for a worker (how far transcription is behind).
+pub const STT_QUEUE_WAIT_SECONDS: &str = "voicegate_stt_queue_wait_seconds";
+/// Counter, label `provider`: chunks that waited longer than the lateness threshold (local: 2 s).
+pub const STT_LATE_CHUNKS_TOTAL: &str = "voicegate_stt_late_chunks_total";
+/// Histogram, label `provider`: seconds the engine (or the provider's request) took per chunk.
+pub const STT_ENGINE_DURATION_SECONDS: &str = "voicegate_stt_engine_duration_seconds";

@@ -48,6 +48,8 @@ pub mod defaults {
     pub const LISTEN_TICK_MS: u64 = 50;
     /// `VOICEGATE_LISTEN_BUFFER_MS`: audio one session's ring holds before frames are dropped.
     pub const LISTEN_BUFFER_MS: u64 = 2_000;
+    /// `VOICEGATE_STT_LOCAL_THREADS`: one model (~180 MB idle, up to ~800 MB on a 10 s chunk).
+    pub const STT_LOCAL_THREADS: usize = 1;
 }
 
 /// Flags and environment of `voicegate serve`. Secrets are never printed (`hide_env_values`).
@@ -152,6 +154,22 @@ pub struct ServeConfig {
     /// HTTP worker threads (the websocket I/O only moves bytes; decode and VAD run on the pipeline threads); 0 = half the CPUs, at least one.
     #[arg(long, env = "VOICEGATE_WORKERS", default_value_t = defaults::WORKERS)]
     pub workers: usize,
+
+    /// Speech-to-text provider: local, deepgram, openai or none (docs/stt.md). Unset: local when its engine is installed, else none, said in one log line.
+    #[arg(long, env = "VOICEGATE_STT")]
+    pub stt: Option<String>,
+
+    /// Worker threads of the local speech-to-text engine (one model each, ~180 MB idle, up to ~800 MB while transcribing), run below the pipeline's priority.
+    #[arg(long, env = "VOICEGATE_STT_LOCAL_THREADS", default_value_t = defaults::STT_LOCAL_THREADS)]
+    pub stt_local_threads: usize,
+
+    /// Folder of the local speech-to-text engine, as scripts/deps.sh unpacks it. Unset: ~/.cache/voicegate/moonshine-cpp-0.1.4 ($XDG_CACHE_HOME honoured).
+    #[arg(long, env = "VOICEGATE_STT_LOCAL_DIR")]
+    pub stt_local_dir: Option<PathBuf>,
+
+    /// Deepgram API key, for VOICEGATE_STT=deepgram.
+    #[arg(long, env = "DEEPGRAM_API_KEY", hide_env_values = true)]
+    pub deepgram_api_key: Option<String>,
 }
 
 impl Default for ServeConfig {
@@ -183,6 +201,12 @@ impl Default for ServeConfig {
             listen_threads: defaults::LISTEN_THREADS,
             listen_tick_ms: defaults::LISTEN_TICK_MS,
             listen_buffer_ms: defaults::LISTEN_BUFFER_MS,
+            // Embedders and tests start many servers: none of them loads a speech-to-text model unless it
+            // asks for one. (The command line's default is unset: local when installed.)
+            stt: Some("none".to_owned()),
+            stt_local_threads: defaults::STT_LOCAL_THREADS,
+            stt_local_dir: None,
+            deepgram_api_key: None,
         }
     }
 }
@@ -239,7 +263,7 @@ impl ServeConfig {
                 bind: self.bind.clone(),
             });
         }
-        let limits: [(&'static str, u64); 9] = [
+        let limits: [(&'static str, u64); 10] = [
             (
                 "VOICEGATE_UPLOAD_MAX_FILE_BYTES",
                 self.upload_max_file_bytes,
@@ -264,6 +288,7 @@ impl ServeConfig {
                 self.body_idle_timeout_secs,
             ),
             ("VOICEGATE_BODY_TIMEOUT_SECS", self.body_timeout_secs),
+            ("VOICEGATE_STT_LOCAL_THREADS", self.stt_local_threads as u64),
         ];
         match limits.iter().find(|(_, v)| *v == 0) {
             Some((name, _)) => Err(ConfigError::ZeroLimit { name }),

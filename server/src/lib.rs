@@ -18,6 +18,7 @@ pub mod routes;
 pub mod serve;
 pub mod sessions;
 pub mod stripe;
+pub mod stt;
 pub mod sync;
 pub mod timeouts;
 pub mod upload;

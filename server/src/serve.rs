@@ -18,6 +18,7 @@ use std::time::Instant;
 use actix_web::{App, HttpResponse, middleware, web};
 use futures_util::future::BoxFuture;
 use metrics_exporter_prometheus::PrometheusHandle;
+use voicegate_engine::stt::SttProvider;
 use voicegate_engine::telemetry::DRAIN_DURATION_SECONDS;
 
 use crate::admin::AdminKey;
@@ -48,6 +49,8 @@ pub enum ServeError {
     Server(std::io::Error),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Stt(#[from] crate::stt::SttStartError),
 }
 
 /// Routes added by the caller, applied to every worker's app.
@@ -69,6 +72,8 @@ pub struct AppState {
     pub upload_limits: web::Data<UploadLimits>,
     pub sessions: web::Data<SessionRegistry>,
     pub metrics: web::Data<PrometheusHandle>,
+    /// The node's speech-to-text provider (`VOICEGATE_STT`), built at startup.
+    pub stt: web::Data<dyn SttProvider>,
 }
 
 impl AppState {
@@ -83,6 +88,7 @@ impl AppState {
             .app_data(self.upload_limits.clone())
             .app_data(self.sessions.clone())
             .app_data(self.metrics.clone())
+            .app_data(self.stt.clone())
             .app_data(json_errors())
             .app_data(query_errors())
             .app_data(path_errors())
@@ -183,6 +189,7 @@ impl ServerBuilder {
             "memory"
         };
         let store: Arc<dyn StoreHealth> = Arc::new(AlwaysReachable(store_kind));
+        let stt = crate::stt::build(&cfg)?;
         let sessions = SessionRegistry::new(cfg.ws_sessions_per_user, cfg.ws_max_sessions);
         let stripe = StripeWebhook {
             secret: cfg
@@ -203,6 +210,7 @@ impl ServerBuilder {
             stripe: web::Data::new(stripe),
             sessions: web::Data::new(sessions.clone()),
             metrics: web::Data::new(metrics),
+            stt: web::Data::from(stt),
         };
         let mut hooks = DrainHooks::default();
         let timeout = state.config.drain_timeout();

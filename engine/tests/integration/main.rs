@@ -21,6 +21,7 @@ mod meter_outage;
 mod meter_reference;
 mod meter_window;
 mod store_redis;
+mod stt_local;
 mod supervisor_concurrency;
 mod supervisor_faults;
 mod supervisor_heuristic;

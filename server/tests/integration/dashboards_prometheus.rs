@@ -316,6 +316,8 @@ fn every_panel_query_and_alert_expression_runs_against_a_real_prometheus() {
         .env_remove("VOICEGATE_JWKS")
         .env_remove("VOICEGATE_JWT_HS256_SECRET")
         .env("RUST_LOG", "warn")
+        // Not about transcription: no model loads (the default is local when installed).
+        .env("VOICEGATE_STT", "none")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

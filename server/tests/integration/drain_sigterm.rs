@@ -83,6 +83,8 @@ async fn sigterm_with_50_streams_closes_each_with_1001_and_every_reported_ms_is_
         .env("VOICEGATE_REDIS_URL", redis.url())
         .env("VOICEGATE_DRAIN_TIMEOUT_SECS", "20")
         .env("RUST_LOG", "warn")
+        // Not about transcription: no model loads (the default is local when installed).
+        .env("VOICEGATE_STT", "none")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -23,6 +23,7 @@ mod restricted_realtime;
 mod server_drain;
 mod stripe_webhook;
 mod stripe_webhook_engine;
+mod stt_config;
 mod sync_e2e;
 mod sync_gates;
 mod upload;

@@ -1,0 +1,85 @@
+//! The node's speech-to-text provider, built once at startup from the configuration (docs/stt.md).
+//!
+//! The rules (engine `stt::select`): an unknown `VOICEGATE_STT` refuses to start naming the valid values;
+//! unset gives `local` when its engine is installed, else `none` with one log line; an explicit `local`
+//! without the engine refuses to start; a provider that needs a key refuses to start without it.
+
+use std::sync::Arc;
+
+use voicegate_engine::stt::local::{LocalConfig, LocalProvider};
+use voicegate_engine::stt::none::NoneProvider;
+use voicegate_engine::stt::select::{self, Facts, SelectError};
+use voicegate_engine::stt::{ProviderKind, SttError, SttProvider};
+
+use crate::config::ServeConfig;
+
+/// Why the provider could not be built: the server refuses to start.
+#[derive(Debug, thiserror::Error)]
+pub enum SttStartError {
+    #[error("refusing to start: {0}")]
+    Select(#[from] SelectError),
+    #[error(
+        "refusing to start: VOICEGATE_STT={0} is not available in this build yet (docs/stt.md lists what is)"
+    )]
+    NotAvailable(ProviderKind),
+    #[error("refusing to start: the local speech-to-text engine failed to load: {0}")]
+    Local(SttError),
+}
+
+/// The local engine's settings from the server's.
+pub fn local_config(cfg: &ServeConfig) -> LocalConfig {
+    let mut local = LocalConfig {
+        threads: cfg.stt_local_threads.max(1),
+        ..LocalConfig::default()
+    };
+    if let Some(dir) = &cfg.stt_local_dir {
+        local.dir = dir.clone();
+    }
+    local
+}
+
+/// Decides and builds the provider, logging which one runs.
+pub fn build(cfg: &ServeConfig) -> Result<Arc<dyn SttProvider>, SttStartError> {
+    let requested = cfg.stt.as_deref().map(select::parse).transpose()?;
+    let local = local_config(cfg);
+    let facts = Facts {
+        local_missing: voicegate_engine::stt::local::ffi::EngineFiles::new(&local.dir)
+            .missing()
+            .map(|p| format!("{} is missing", p.display())),
+        deepgram_key: cfg
+            .deepgram_api_key
+            .as_deref()
+            .is_some_and(|k| !k.trim().is_empty()),
+        openai_key_or_self_hosted: false,
+    };
+    let selection = select::select(requested, &facts)?;
+    if let Some(note) = &selection.note {
+        tracing::warn!(message = %note, provider = "none");
+    }
+    match selection.kind {
+        ProviderKind::None => {
+            if selection.note.is_none() {
+                tracing::info!(
+                    message = "Speech-to-text provider: none (metering only).",
+                    provider = "none"
+                );
+            }
+            Ok(Arc::new(NoneProvider))
+        }
+        ProviderKind::Local => {
+            let started = std::time::Instant::now();
+            let provider = LocalProvider::start(&local).map_err(SttStartError::Local)?;
+            tracing::info!(
+                message = "Speech-to-text provider: local (Moonshine base-en).",
+                provider = "local",
+                threads = local.threads,
+                dir = %local.dir.display(),
+                load_ms = started.elapsed().as_millis() as u64
+            );
+            Ok(Arc::new(provider))
+        }
+        kind @ (ProviderKind::Deepgram | ProviderKind::OpenAi) => {
+            Err(SttStartError::NotAvailable(kind))
+        }
+    }
+}

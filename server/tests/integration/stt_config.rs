@@ -1,0 +1,74 @@
+//! `VOICEGATE_STT` at startup: which provider a server builds, and when it refuses to start.
+
+use crate::common;
+
+use voicegate_engine::stt::ProviderKind;
+use voicegate_server::ServeConfig;
+use voicegate_server::serve::{ServeError, ServerBuilder};
+
+fn with_stt(stt: Option<&str>, local_dir: Option<&std::path::Path>) -> ServeConfig {
+    ServeConfig {
+        stt: stt.map(str::to_owned),
+        stt_local_dir: local_dir.map(std::path::Path::to_path_buf),
+        ..common::config()
+    }
+}
+
+fn refusal(cfg: ServeConfig) -> String {
+    match ServerBuilder::new(cfg) {
+        Err(e @ ServeError::Stt(_)) => e.to_string(),
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("the server must refuse to start"),
+    }
+}
+
+#[actix_web::test]
+async fn an_unknown_provider_refuses_to_start_naming_the_valid_ones() {
+    let message = refusal(with_stt(Some("whisper"), None));
+    assert!(
+        message.contains("\"whisper\"") && message.contains("local, deepgram, openai, none"),
+        "{message}"
+    );
+}
+
+#[actix_web::test]
+async fn explicit_local_without_the_engine_refuses_to_start() {
+    let empty = tempfile::tempdir().unwrap();
+    let message = refusal(with_stt(Some("local"), Some(empty.path())));
+    assert!(message.contains("scripts/deps.sh"), "{message}");
+}
+
+#[actix_web::test]
+async fn unset_without_the_engine_starts_with_none() {
+    let empty = tempfile::tempdir().unwrap();
+    let builder =
+        ServerBuilder::new(with_stt(None, Some(empty.path()))).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(builder.state().stt.kind(), ProviderKind::None);
+}
+
+#[actix_web::test]
+async fn deepgram_without_a_key_refuses_to_start_naming_the_setting() {
+    let message = refusal(ServeConfig {
+        deepgram_api_key: Some("  ".into()),
+        ..with_stt(Some("deepgram"), None)
+    });
+    assert!(message.contains("DEEPGRAM_API_KEY"), "{message}");
+}
+
+#[actix_web::test]
+async fn none_starts_without_looking_for_an_engine() {
+    let builder = ServerBuilder::new(with_stt(
+        Some("NONE"),
+        Some(std::path::Path::new("/nonexistent")),
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(builder.state().stt.kind(), ProviderKind::None);
+}
+
+/// The engine is installed by `scripts/deps.sh` (CI runs it first): unset means local, loaded at startup.
+#[actix_web::test]
+async fn unset_with_the_engine_installed_starts_the_local_provider() {
+    let builder = ServerBuilder::new(with_stt(None, None))
+        .unwrap_or_else(|e| panic!("{e} (the local engine must be installed: scripts/deps.sh)"));
+    assert_eq!(builder.state().stt.kind(), ProviderKind::Local);
+}

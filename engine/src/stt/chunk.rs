@@ -131,7 +131,7 @@ mod tests {
     fn a_cut_never_exceeds_the_cap_even_without_a_quiet_frame() {
         let audio = tone(170_000);
         let cut = cut_point(&audio, MAX_CHUNK_SAMPLES, CUT_SEARCH_SAMPLES);
-        assert!(cut <= MAX_CHUNK_SAMPLES && cut >= MAX_CHUNK_SAMPLES - CUT_SEARCH_SAMPLES);
+        assert!((MAX_CHUNK_SAMPLES - CUT_SEARCH_SAMPLES..=MAX_CHUNK_SAMPLES).contains(&cut));
         // Shorter than one frame: cut at the cap.
         assert_eq!(cut_point(&tone(100), 50, 10), 50);
     }

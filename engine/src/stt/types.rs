@@ -1,6 +1,6 @@
 //! The plain data that crosses the provider seam: audio in, transcripts and events out.
 
-use crate::audio::segments::samples_to_ms;
+use crate::time::samples_to_ms;
 
 /// Every provider takes 16 kHz mono audio; stream-time offsets are counted in samples at this rate.
 pub const SAMPLE_RATE: u32 = 16_000;

@@ -48,7 +48,7 @@ pub mod defaults {
     pub const LISTEN_TICK_MS: u64 = 50;
     /// `VOICEGATE_LISTEN_BUFFER_MS`: audio one session's ring holds before frames are dropped.
     pub const LISTEN_BUFFER_MS: u64 = 2_000;
-    /// `VOICEGATE_STT_LOCAL_THREADS`: one model (~180 MB idle, up to ~800 MB on a 10 s chunk).
+    /// `VOICEGATE_STT_LOCAL_THREADS`: one model (~180 MB idle, ~1.5 GB peak measured while transcribing).
     pub const STT_LOCAL_THREADS: usize = 1;
 }
 
@@ -159,7 +159,7 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_STT")]
     pub stt: Option<String>,
 
-    /// Worker threads of the local speech-to-text engine (one model each, ~180 MB idle, up to ~800 MB while transcribing), run below the pipeline's priority.
+    /// Worker threads of the local speech-to-text engine (one model each: ~180 MB idle, up to ~1.5 GB while transcribing), run below the pipeline's priority.
     #[arg(long, env = "VOICEGATE_STT_LOCAL_THREADS", default_value_t = defaults::STT_LOCAL_THREADS)]
     pub stt_local_threads: usize,
 

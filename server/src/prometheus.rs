@@ -157,11 +157,50 @@ mod tests {
         assert_eq!(status_class(999), "5xx");
     }
 
+    /// The value of the sample line `series` (name and labels exactly as rendered) in `text`.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
     #[test]
-    fn install_twice_returns_a_working_handle() {
-        let a = install();
-        let b = install();
-        assert!(a.is_ok() && b.is_ok());
+    fn install_twice_returns_one_recorder_whose_scrape_shows_what_was_recorded() {
+        let a = install().expect("first install");
+        let b = install().expect("second install returns the same recorder");
+        metrics::counter!("house_test_requests_total", "route" => "/x").increment(3);
+        metrics::histogram!("house_test_latency_seconds").record(0.003);
+        metrics::histogram!("house_test_audio_ms").record(7.0);
+        for text in [a.render(), b.render()] {
+            assert_eq!(
+                sample(&text, r#"house_test_requests_total{route="/x"}"#),
+                Some(3.0),
+                "{text}"
+            );
+            // `_seconds` histograms use SECONDS_BUCKETS: 3 ms falls in the 5 ms bucket, not the 2.5 ms one.
+            assert_eq!(
+                sample(&text, r#"house_test_latency_seconds_bucket{le="0.0025"}"#),
+                Some(0.0)
+            );
+            assert_eq!(
+                sample(&text, r#"house_test_latency_seconds_bucket{le="0.005"}"#),
+                Some(1.0)
+            );
+            assert_eq!(sample(&text, "house_test_latency_seconds_count"), Some(1.0));
+            // `_ms` histograms use MILLIS_BUCKETS (first bound 1, then 5, 10).
+            assert_eq!(
+                sample(&text, r#"house_test_audio_ms_bucket{le="5"}"#),
+                Some(0.0)
+            );
+            assert_eq!(
+                sample(&text, r#"house_test_audio_ms_bucket{le="10"}"#),
+                Some(1.0)
+            );
+        }
     }
 
     #[test]

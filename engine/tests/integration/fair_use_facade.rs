@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fair_use_support::{Scripted, Step};
 use voicegate_engine::fair_use::{
-    FairUse, FairUseParts, GetSupervisorStats, NoSessions, PlanRecord,
+    FairUse, FairUseParts, GetSupervisorStats, NoSessions, PlanRecord, SupervisorStats,
 };
 use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
 use voicegate_engine::policy::{Admission, Mode, Stage, SttAllowance, SttDenied};
@@ -48,15 +48,27 @@ async fn speak(fu: &FairUse, uid: &str, ms: u64, at: u64) {
     fu.record(rec).await.unwrap();
 }
 
-async fn until_classified(fu: &FairUse, n: u64) {
+/// Waits (at most 2.5 s) until the supervisor's stats satisfy `done`; panics with `what` otherwise.
+async fn until_stats(
+    fu: &FairUse,
+    what: &str,
+    done: impl Fn(&SupervisorStats) -> bool,
+) -> SupervisorStats {
     for _ in 0..500 {
         let s = fu.supervisor().send(GetSupervisorStats).await.unwrap();
-        if s.escalated + s.unchanged >= n && s.in_flight == 0 {
-            return;
+        if done(&s) {
+            return s;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    panic!("no classification");
+    panic!("the supervisor never {what}");
+}
+
+async fn until_classified(fu: &FairUse, n: u64) {
+    until_stats(fu, "classified", |s| {
+        s.escalated + s.unchanged >= n && s.in_flight == 0
+    })
+    .await;
 }
 
 #[actix::test]
@@ -130,10 +142,9 @@ async fn restrict_over_a_cap_rejects_sync_with_retry_after_but_never_realtime() 
         }
     ));
     assert_eq!(rt.admission, Admission::Admit, "realtime stays connected");
-    // Restricted users are not classified again (E55).
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let s = fu.supervisor().send(GetSupervisorStats).await.unwrap();
-    assert_eq!(s.started, 0);
+    // Restricted users are not classified again (E55): the breach reaches the supervisor, which skips it.
+    let s = until_stats(&fu, "received the breach", |s| s.skipped_restrict >= 1).await;
+    assert_eq!((s.skipped_restrict, s.started, s.queued), (1, 0, 0));
     // Admin reset: back to none, sync admitted.
     fu.reset("r", "ops").await.unwrap();
     let sync = fu

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use listen_support::{AWAY, Seen, connect, fixture_packets, read_all};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use voicegate_engine::meter::{Meter, MeterConfig};
@@ -54,12 +55,27 @@ async fn wait_ready(addr: std::net::SocketAddr) {
     }
 }
 
-/// One device: streams d01 in real time from `offset` until the server closes the socket.
-async fn device(addr: std::net::SocketAddr, uid: String, packets: Arc<Vec<Vec<u8>>>) -> Seen {
+/// One device: streams d01 in real time until the server closes the socket. `spoke` fires when the server
+/// reported the device's first finished speech run (`speech_ended`), i.e. once it has metered speech.
+async fn device(
+    addr: std::net::SocketAddr,
+    uid: String,
+    packets: Arc<Vec<Vec<u8>>>,
+    spoke: mpsc::UnboundedSender<()>,
+) -> Seen {
     let ws = connect(addr, Some(&uid), "codec=opus&sample_rate=16000")
         .await
         .unwrap_or_else(|s| panic!("{uid}: upgrade {s}"));
     let (mut tx, rx) = ws.split();
+    let mut spoke = Some(spoke);
+    let rx = rx.inspect(move |m| {
+        if let Ok(Message::Text(t)) = m
+            && t.as_str().contains("\"speech_ended\"")
+            && let Some(spoke) = spoke.take()
+        {
+            let _ = spoke.send(());
+        }
+    });
     let reader = tokio::spawn(read_all(rx, Duration::from_secs(60)));
     let t0 = Instant::now();
     for (i, p) in packets.iter().enumerate() {
@@ -94,13 +110,21 @@ async fn sigterm_with_50_streams_closes_each_with_1001_and_every_reported_ms_is_
 
     let packets = Arc::new(fixture_packets("d01"));
     let mut devices = Vec::with_capacity(STREAMS);
+    let (spoke_tx, mut spoke_rx) = mpsc::unbounded_channel();
     for i in 0..STREAMS {
         let (uid, packets) = (format!("drain{i:02}"), Arc::clone(&packets));
-        devices.push(tokio::spawn(device(addr, uid, packets)));
+        devices.push(tokio::spawn(device(addr, uid, packets, spoke_tx.clone())));
         // Staggered starts: at the signal some streams are inside a speech run, some between runs.
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
-    tokio::time::sleep(Duration::from_millis(4_000)).await;
+    drop(spoke_tx);
+    // The signal goes once every stream has metered speech (its first `speech_ended`), not after a guess.
+    for n in 0..STREAMS {
+        tokio::time::timeout(Duration::from_secs(60), spoke_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {n} of {STREAMS} streams reported speech within 60 s"))
+            .unwrap_or_else(|| panic!("a device ended before it spoke ({n} had spoken)"));
+    }
     let pid = child.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
     assert!(killed.is_ok_and(|s| s.success()), "kill -TERM {pid}");
@@ -129,8 +153,8 @@ async fn sigterm_with_50_streams_closes_each_with_1001_and_every_reported_ms_is_
     };
     assert!(status.success(), "voicegate exited with {status}");
     assert!(
-        told.iter().filter(|&&ms| ms > 0).count() >= STREAMS / 2,
-        "most streams had spoken by the signal: {told:?}"
+        told.iter().all(|&ms| ms > 0 && ms != u64::MAX),
+        "every stream had spoken by the signal and reported it in its metadata: {told:?}"
     );
 
     // What the store holds, read by a fresh meter (as another node would after the restart).

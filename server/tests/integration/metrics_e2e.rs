@@ -30,9 +30,13 @@ async fn metrics_after_traffic_are_documented_and_never_per_user() {
         .upload("alice", "", &[("bad.bin".into(), vec![1, 2, 3])])
         .await;
     assert_eq!(code, 400);
-    // The meter's gauges are set by its flusher; give it a round.
-    server.engine.meter.flush_all().await;
-    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
+    // The meter's gauges are set by its flusher at the end of a round, and `flush_all` answers after the
+    // round: once it returns they are published (no wait needed).
+    let round = server.engine.meter.flush_all().await;
+    assert_eq!(
+        round.batches_acked, 2,
+        "alice's and bob's speech flushed: {round:?}"
+    );
 
     let text = server
         .http

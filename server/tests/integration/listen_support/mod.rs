@@ -105,7 +105,10 @@ impl Seen {
 }
 
 /// Reads until the server closes (or `limit` passes).
-pub async fn read_all(mut rx: futures_util::stream::SplitStream<Ws>, limit: Duration) -> Seen {
+pub async fn read_all<S>(mut rx: S, limit: Duration) -> Seen
+where
+    S: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+{
     let t0 = Instant::now();
     let mut seen = Seen::default();
     let deadline = t0 + limit;

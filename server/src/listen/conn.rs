@@ -6,9 +6,10 @@
 //! - two bounded channels to an HTTP worker that moves the bytes of an actix-web upgrade ([`ChannelWire`]),
 //!   when the upgrade came on a connection that already carried a request.
 //!
-//! Every tick (50 ms) the session calls [`WsConn::poll_input`] before it drains its frame queue: one read
-//! brings what the client sent since the last tick (a device: ~5 packets), the frames are decoded (fragments
-//! joined, pings answered, text controls parsed) and the audio goes into the frame queue. What the queue
+//! [`WsConn`] is the session's [`Transport`]: every tick (50 ms) the session polls it before it drains its
+//! frame queue: one read brings what the client sent since the last tick (a device: ~5 packets), the frames
+//! are decoded (fragments joined, pings answered, text controls parsed) and the audio goes into the frame
+//! queue. What the queue
 //! cannot take waits in the socket, so a pipeline that falls behind slows its client down (TCP flow
 //! control) and loses nothing. Events are written the moment the session produces them; what the wire does
 //! not take at once waits (bounded) for the next tick.
@@ -17,12 +18,8 @@
 //! actix-ws and a cross-thread queue, about 7.5 µs of CPU (39 % of the server at 600 streams). Read per
 //! tick, reads and ACKs come once per ~5 packets and nothing wakes per packet (`docs/performance.md`).
 
-use std::cell::RefCell;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::rc::Rc;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use actix_codec::{Decoder, Encoder};
@@ -31,9 +28,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use bytestring::ByteString;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use voicegate_engine::pipeline::live::{
-    Control, DropReason, EventSink, FrameCounters, FrameProducer,
-};
+use voicegate_engine::pipeline::live::{Control, DropReason, FrameCounts, FrameQueue, Transport};
 use voicegate_engine::telemetry as t;
 
 use super::{End, PING_INTERVAL, TextControl, close_message, control_of, declared_frame_len};
@@ -176,8 +171,7 @@ pub struct WsConn<W: Wire> {
     codec: ws::Codec,
     partial: Option<Partial>,
     max_message: usize,
-    frames: FrameProducer,
-    counters: Arc<FrameCounters>,
+    counts: FrameCounts,
     /// PCM may be split into several queue records; an Opus packet may not.
     splittable: bool,
     /// A received frame the queue had no room for (pushed first on the next tick).
@@ -195,8 +189,6 @@ pub struct WsConn<W: Wire> {
 
 /// What [`WsConn::new`] needs besides the wire.
 pub struct ConnParts {
-    pub frames: FrameProducer,
-    pub counters: Arc<FrameCounters>,
     pub splittable: bool,
     pub max_message: usize,
     pub idle: Duration,
@@ -214,8 +206,7 @@ impl<W: Wire> WsConn<W> {
             codec: ws::Codec::new().max_size(parts.max_message),
             partial: None,
             max_message: parts.max_message,
-            frames: parts.frames,
-            counters: parts.counters,
+            counts: FrameCounts::default(),
             splittable: parts.splittable,
             held: None,
             seq: 0,
@@ -237,13 +228,13 @@ impl<W: Wire> WsConn<W> {
     /// drain and the ping timer. Returns [`Control::Stop`] once (the session then processes what the queue
     /// holds and ends), a [`Control::Finalize`] the client asked for, or nothing. (A `Finalize` and a stop
     /// in one tick give the stop: the end of a session flushes the STT stream anyway.)
-    pub fn poll_input(&mut self) -> Option<Control> {
+    pub fn poll_input(&mut self, frames: &mut FrameQueue) -> Option<Control> {
         if self.end.is_some() {
             return None;
         }
         let mut finalize = false;
-        if self.push_held() {
-            self.read_and_decode(&mut finalize);
+        if self.push_held(frames) {
+            self.read_and_decode(frames, &mut finalize);
         }
         let now = Instant::now();
         if self.end.is_none() {
@@ -273,9 +264,8 @@ impl<W: Wire> WsConn<W> {
 
     /// Reads as much as the frame queue has room for (but always enough to complete the largest allowed
     /// frame, so a frame bigger than the room left can still arrive and wait whole) and decodes it.
-    fn read_and_decode(&mut self, finalize: &mut bool) {
-        let budget = self
-            .frames
+    fn read_and_decode(&mut self, frames: &mut FrameQueue, finalize: &mut bool) {
+        let budget = frames
             .vacant()
             .min(READ_BUDGET)
             .max(self.max_message + MAX_HEADER)
@@ -288,7 +278,7 @@ impl<W: Wire> WsConn<W> {
         }
         while self.end.is_none() && self.held.is_none() {
             match self.codec.decode(&mut self.rbuf) {
-                Ok(Some(frame)) => self.on_frame(frame, finalize),
+                Ok(Some(frame)) => self.on_frame(frames, frame, finalize),
                 Ok(None) => {
                     // The codec waits for a whole frame before it checks its size: refuse one declared
                     // over the limit now, instead of buffering it.
@@ -306,26 +296,27 @@ impl<W: Wire> WsConn<W> {
     }
 
     /// Pushes the frame held back on an earlier tick; false while the queue still has no room for it.
-    fn push_held(&mut self) -> bool {
+    fn push_held(&mut self, frames: &mut FrameQueue) -> bool {
         let Some((seq, bytes)) = self.held.take() else {
             return true;
         };
-        self.push(seq, bytes)
+        self.push(frames, seq, bytes)
     }
 
     /// Queues one frame; keeps it (returns false) while the queue is full. Dropped (and counted) only when
     /// it could never fit: an Opus packet over the record limit, or a frame larger than the whole queue.
-    fn push(&mut self, seq: u32, bytes: Bytes) -> bool {
-        match self.frames.push(seq, &bytes, self.splittable) {
+    fn push(&mut self, frames: &mut FrameQueue, seq: u32, bytes: Bytes) -> bool {
+        match frames.push(seq, &bytes, self.splittable) {
             Ok(()) => true,
-            Err(DropReason::RingFull) if self.frames.fits(bytes.len()) => {
+            Err(DropReason::RingFull) if frames.fits(bytes.len()) => {
                 self.held = Some((seq, bytes));
                 false
             }
             Err(reason) => {
-                self.counters
-                    .dropped(reason)
-                    .fetch_add(1, Ordering::Relaxed);
+                match reason {
+                    DropReason::RingFull => self.counts.dropped_ring_full += 1,
+                    DropReason::TooLarge => self.counts.dropped_too_large += 1,
+                }
                 metrics::counter!(t::LISTEN_FRAMES_DROPPED_TOTAL, "reason" => reason.as_str())
                     .increment(1);
                 true
@@ -333,11 +324,11 @@ impl<W: Wire> WsConn<W> {
         }
     }
 
-    fn on_frame(&mut self, frame: Frame, finalize: &mut bool) {
+    fn on_frame(&mut self, frames: &mut FrameQueue, frame: Frame, finalize: &mut bool) {
         match frame {
-            Frame::Binary(bytes) => self.on_binary(bytes),
+            Frame::Binary(bytes) => self.on_binary(frames, bytes),
             Frame::Text(bytes) => self.on_text(&bytes, finalize),
-            Frame::Continuation(item) => self.on_continuation(item, finalize),
+            Frame::Continuation(item) => self.on_continuation(frames, item, finalize),
             Frame::Ping(bytes) => {
                 self.last_msg = Instant::now();
                 self.queue(ws::Message::Pong(bytes));
@@ -347,16 +338,14 @@ impl<W: Wire> WsConn<W> {
         }
     }
 
-    fn on_binary(&mut self, bytes: Bytes) {
+    fn on_binary(&mut self, frames: &mut FrameQueue, bytes: Bytes) {
         self.last_msg = Instant::now();
         self.seq = self.seq.wrapping_add(1);
-        self.counters
-            .received
-            .store(u64::from(self.seq), Ordering::Relaxed);
+        self.counts.received = u64::from(self.seq);
         if bytes.len() <= 2 {
             return; // keepalive
         }
-        self.push(self.seq, bytes);
+        self.push(frames, self.seq, bytes);
     }
 
     fn on_text(&mut self, bytes: &[u8], finalize: &mut bool) {
@@ -376,7 +365,7 @@ impl<W: Wire> WsConn<W> {
         }
     }
 
-    fn on_continuation(&mut self, item: Item, finalize: &mut bool) {
+    fn on_continuation(&mut self, frames: &mut FrameQueue, item: Item, finalize: &mut bool) {
         // The codec refuses a continuation that was not started, or a new message inside one.
         let (first, last, bytes) = match item {
             Item::FirstText(b) => (Some(true), false, b),
@@ -403,7 +392,7 @@ impl<W: Wire> WsConn<W> {
             if whole.text {
                 self.on_text(&whole.data, finalize);
             } else {
-                self.on_binary(whole.data.freeze());
+                self.on_binary(frames, whole.data.freeze());
             }
         }
     }
@@ -482,17 +471,17 @@ impl<W: Wire> WsConn<W> {
     }
 }
 
-/// The session's event sink and input: the connection, shared with the task that closes it afterwards
-/// (both on the session's pipeline thread).
-pub struct ConnSink<W: Wire>(pub Rc<RefCell<WsConn<W>>>);
-
-impl<W: Wire> EventSink for ConnSink<W> {
-    async fn send(&mut self, text: String) -> bool {
-        self.0.borrow_mut().send_text(text)
+impl<W: Wire> Transport for WsConn<W> {
+    fn poll(&mut self, frames: &mut FrameQueue) -> Option<Control> {
+        self.poll_input(frames)
     }
 
-    fn poll_input(&mut self) -> Option<Control> {
-        self.0.borrow_mut().poll_input()
+    fn send(&mut self, text: String) -> bool {
+        self.send_text(text)
+    }
+
+    fn counts(&self) -> FrameCounts {
+        self.counts
     }
 }
 
@@ -509,31 +498,15 @@ mod tests {
     use super::*;
     use crate::sessions::SessionRegistry;
     use std::net::TcpListener;
-    use voicegate_engine::pipeline::live::{FrameConsumer, frame_ring};
 
     const MAX: usize = 8192;
 
     /// A connected pair: the server end in a [`WsConn`], the client end as a plain blocking socket.
-    fn pair(
-        idle: Duration,
-    ) -> (
-        WsConn<TcpStream>,
-        FrameConsumer,
-        Arc<FrameCounters>,
-        TcpStream,
-    ) {
+    fn pair(idle: Duration) -> (WsConn<TcpStream>, FrameQueue, TcpStream) {
         pair_with(idle, 16 * 1024)
     }
 
-    fn pair_with(
-        idle: Duration,
-        queue: usize,
-    ) -> (
-        WsConn<TcpStream>,
-        FrameConsumer,
-        Arc<FrameCounters>,
-        TcpStream,
-    ) {
+    fn pair_with(idle: Duration, queue: usize) -> (WsConn<TcpStream>, FrameQueue, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let (server, _) = listener.accept().unwrap();
@@ -541,22 +514,19 @@ mod tests {
         client
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        let (frames, consumer) = frame_ring(queue);
-        let counters = Arc::new(FrameCounters::default());
+        let frames = FrameQueue::new(queue);
         let guard = SessionRegistry::new(4, 100).open("u").unwrap();
         let conn = WsConn::new(
             server,
             BytesMut::new(),
             ConnParts {
-                frames,
-                counters: Arc::clone(&counters),
                 splittable: false,
                 max_message: MAX,
                 idle,
                 guard,
             },
         );
-        (conn, consumer, counters, client)
+        (conn, frames, client)
     }
 
     /// A masked client frame.
@@ -580,7 +550,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    fn queued(consumer: &mut FrameConsumer) -> Vec<(u32, Vec<u8>)> {
+    fn queued(consumer: &mut FrameQueue) -> Vec<(u32, Vec<u8>)> {
         let mut out = Vec::new();
         let mut buf = Vec::new();
         while let Some(seq) = consumer.pop(&mut buf) {
@@ -593,7 +563,7 @@ mod tests {
 
     #[test]
     fn frames_fragments_and_keepalives_reach_the_queue_in_order() {
-        let (mut conn, mut q, counters, mut client) = pair(IDLE);
+        let (mut conn, mut q, mut client) = pair(IDLE);
         send(
             &mut client,
             &[
@@ -605,13 +575,13 @@ mod tests {
                 frame(0x0, true, &[23, 24]),
             ],
         );
-        assert_eq!(conn.poll_input(), None);
+        assert_eq!(conn.poll_input(&mut q), None);
         assert_eq!(
             queued(&mut q),
             vec![(1, vec![10, 11, 12]), (3, vec![20, 21, 22, 23, 24])],
             "the keepalive is counted (seq 2), not queued; fragments make one frame"
         );
-        assert_eq!(counters.received.load(Ordering::Relaxed), 3);
+        assert_eq!(conn.counts().received, 3);
         // The ping in the middle of the fragments was answered.
         let mut pong = [0u8; 3];
         client.read_exact(&mut pong).unwrap();
@@ -620,7 +590,7 @@ mod tests {
 
     #[test]
     fn close_stream_stops_and_nothing_after_it_is_queued() {
-        let (mut conn, mut q, _, mut client) = pair(IDLE);
+        let (mut conn, mut q, mut client) = pair(IDLE);
         send(
             &mut client,
             &[
@@ -629,15 +599,15 @@ mod tests {
                 frame(0x2, true, &[4, 5, 6]),
             ],
         );
-        assert_eq!(conn.poll_input(), Some(Control::Stop));
+        assert_eq!(conn.poll_input(&mut q), Some(Control::Stop));
         assert_eq!(conn.end(), Some(End::CloseStream));
         assert_eq!(queued(&mut q), vec![(1, vec![1, 2, 3])]);
-        assert_eq!(conn.poll_input(), None, "Stop is returned once");
+        assert_eq!(conn.poll_input(&mut q), None, "Stop is returned once");
     }
 
     #[test]
     fn finalize_is_returned_and_garbage_text_is_ignored() {
-        let (mut conn, _, _, mut client) = pair(IDLE);
+        let (mut conn, mut q, mut client) = pair(IDLE);
         send(
             &mut client,
             &[
@@ -646,7 +616,7 @@ mod tests {
                 frame(0x1, true, br#"{"type":"Finalize"}"#),
             ],
         );
-        assert_eq!(conn.poll_input(), Some(Control::Finalize));
+        assert_eq!(conn.poll_input(&mut q), Some(Control::Finalize));
         assert_eq!(conn.end(), None);
     }
 
@@ -674,47 +644,47 @@ mod tests {
             (frame(0x8, true, &1000u16.to_be_bytes()), End::ClientClosed),
         ];
         for (bytes, end) in cases {
-            let (mut conn, _, _, mut client) = pair(IDLE);
+            let (mut conn, mut q, mut client) = pair(IDLE);
             send(&mut client, &[bytes]);
-            assert_eq!(conn.poll_input(), Some(Control::Stop), "{end:?}");
+            assert_eq!(conn.poll_input(&mut q), Some(Control::Stop), "{end:?}");
             assert_eq!(conn.end(), Some(end));
         }
     }
 
     #[test]
     fn the_clients_end_and_the_idle_timeout_stop_the_session() {
-        let (mut conn, _, _, client) = pair(IDLE);
+        let (mut conn, mut q, client) = pair(IDLE);
         drop(client);
         std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(conn.poll_input(), Some(Control::Stop));
+        assert_eq!(conn.poll_input(&mut q), Some(Control::Stop));
         assert_eq!(conn.end(), Some(End::ClientClosed));
 
-        let (mut conn, _, _, _client) = pair(Duration::ZERO);
-        assert_eq!(conn.poll_input(), Some(Control::Stop));
+        let (mut conn, mut q, _client) = pair(Duration::ZERO);
+        assert_eq!(conn.poll_input(&mut q), Some(Control::Stop));
         assert_eq!(conn.end(), Some(End::Idle));
     }
 
     #[test]
     fn a_full_queue_holds_frames_back_in_the_socket_and_loses_none() {
         // Room for one 4 KB frame at a time.
-        let (mut conn, mut q, counters, mut client) = pair_with(IDLE, 4102);
+        let (mut conn, mut q, mut client) = pair_with(IDLE, 4102);
         let frames: Vec<Vec<u8>> = (0..5u8).map(|i| frame(0x2, true, &vec![i; 4000])).collect();
         send(&mut client, &frames);
         let mut got = Vec::new();
         for _ in 0..10 {
-            assert_eq!(conn.poll_input(), None);
+            assert_eq!(conn.poll_input(&mut q), None);
             got.extend(queued(&mut q).into_iter().map(|(seq, b)| (seq, b[0])));
         }
         assert_eq!(
             got,
             (1..=5u32).map(|s| (s, (s - 1) as u8)).collect::<Vec<_>>()
         );
-        assert_eq!(counters.dropped_ring_full.load(Ordering::Relaxed), 0);
+        assert_eq!(conn.counts().dropped_ring_full, 0);
     }
 
     #[test]
     fn a_frame_larger_than_the_whole_queue_is_dropped_and_counted() {
-        let (mut conn, mut q, counters, mut client) = pair_with(IDLE, 4102);
+        let (mut conn, mut q, mut client) = pair_with(IDLE, 4102);
         let mut c = conn;
         c.splittable = true;
         conn = c;
@@ -722,19 +692,19 @@ mod tests {
             &mut client,
             &[frame(0x2, true, &vec![1; 5000]), frame(0x2, true, &[2; 10])],
         );
-        assert_eq!(conn.poll_input(), None);
+        assert_eq!(conn.poll_input(&mut q), None);
         assert_eq!(queued(&mut q), vec![(2, vec![2; 10])]);
-        assert_eq!(counters.dropped_ring_full.load(Ordering::Relaxed), 1);
+        assert_eq!(conn.counts().dropped_ring_full, 1);
     }
 
     #[test]
     fn a_frame_declared_over_the_limit_ends_the_session_before_it_arrives() {
-        let (mut conn, _, _, mut client) = pair(IDLE);
+        let (mut conn, mut q, mut client) = pair(IDLE);
         let mut header = vec![0x82, 0x80 | 127];
         header.extend_from_slice(&(1u64 << 40).to_be_bytes());
         header.extend_from_slice(&[0, 0, 0, 0, 1, 2, 3]);
         send(&mut client, &[header]);
-        assert_eq!(conn.poll_input(), Some(Control::Stop));
+        assert_eq!(conn.poll_input(&mut q), Some(Control::Stop));
         assert_eq!(conn.end(), Some(End::TooLarge));
     }
 
@@ -764,7 +734,7 @@ mod tests {
 
     #[tokio::test]
     async fn events_then_the_close_frame_reach_the_client() {
-        let (mut conn, _, _, mut client) = pair(IDLE);
+        let (mut conn, _, mut client) = pair(IDLE);
         assert!(conn.send_text("{\"type\":\"x\"}".to_owned()));
         conn.close(ws::CloseCode::Away, Some("idle timeout".to_owned()))
             .await;

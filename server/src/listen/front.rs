@@ -4,10 +4,10 @@
 //! sent on a connection that already carried a request: the actix-web route in [`super`] serves it, over a
 //! `conn::ChannelWire`; there is no actix-ws).
 //!
-//! The answers are the route's: 401 (token, same checks and rejection counter as every route), 429 / 503
-//! (session admission), 400 `ws_handshake` (not a websocket upgrade), 101 then close 1008 (a parameter the
-//! server cannot serve), each error with the JSON body of [`ApiError`]; the request's latency is recorded
-//! under the route `/v4/listen` as the middleware would.
+//! The answers are the route's, from the same admission (`super::admit`): 401, 429 / 503, 400
+//! `ws_handshake`, 101 then close 1008 (a parameter the server cannot serve), each error with the JSON
+//! body of [`ApiError`]; the request's latency is recorded under the route `/v4/listen` as the middleware
+//! would.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,16 +27,14 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use voicegate_engine::telemetry as t;
 
+use super::admit::{Admission, admit, record_latency};
 use super::{ListenParams, ListenState, close_message, run_on};
-use crate::auth::{Authenticator, authenticate_headers};
+use crate::auth::Authenticator;
 use crate::error::ApiError;
-use crate::prometheus::record_request;
 use crate::sessions::{SessionGuard, SessionRegistry};
 
 /// The request line (method and path) this door takes; the next byte must start the query or end the path.
 const LISTEN_LINE: &[u8] = b"GET /v4/listen";
-/// The route label of the request-latency metric.
-const ROUTE: &str = "/v4/listen";
 /// How long a new connection may take to send its request head (actix-web's client request timeout).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read before answering 431.
@@ -143,16 +141,22 @@ impl ListenFront {
             return;
         };
         let started = Instant::now();
-        let admitted = self.admit(&req);
-        let (guard, params, upgrade) = match admitted {
+        let query = req.uri().query().unwrap_or("");
+        let admitted = admit(&self.auth, &self.sessions, req.head(), query);
+        let Admission {
+            guard,
+            params,
+            mut upgrade,
+        } = match admitted {
             Ok(a) => a,
             Err(err) => {
                 let status = err.status_code().as_u16();
                 answer_error(io, &mut codec, &err).await;
-                record_request(ROUTE.to_owned(), "GET", status, elapsed(started));
+                record_latency(status, started);
                 return;
             }
         };
+        let upgrade = upgrade.finish().drop_body();
         let mut out = BytesMut::new();
         if codec
             .encode(h1::Message::Item((upgrade, BodySize::None)), &mut out)
@@ -161,7 +165,7 @@ impl ListenFront {
             return;
         }
         let sent = write_all(&mut io, &out).await;
-        record_request(ROUTE.to_owned(), "GET", 101, elapsed(started));
+        record_latency(101, started);
         if !sent {
             return;
         }
@@ -177,29 +181,6 @@ impl ListenFront {
             }
         };
         self.hand_over(io, buf, params, guard).await;
-    }
-
-    /// 401, then 429 / 503, then 400 for a request that is not a websocket upgrade, in the order of the
-    /// actix-web route (its extractor authenticates before its handler admits). The parameters are checked
-    /// after the upgrade (a refusal is a close code).
-    #[allow(clippy::type_complexity)]
-    fn admit(
-        &self,
-        req: &Request,
-    ) -> Result<
-        (
-            SessionGuard,
-            Result<ListenParams, super::ParamError>,
-            Response<()>,
-        ),
-        ApiError,
-    > {
-        let user = authenticate_headers(&self.auth, &req.head().headers)?;
-        let guard = self.sessions.open(&user.uid)?;
-        let mut upgrade = ws::handshake(req.head())
-            .map_err(|e| ApiError::bad_request("ws_handshake", e.to_string()))?;
-        let params = ListenParams::from_query(req.uri().query().unwrap_or(""));
-        Ok((guard, params, upgrade.finish().drop_body()))
     }
 
     /// Moves the socket to the session's pipeline thread and runs the session there.
@@ -331,10 +312,6 @@ async fn end_answer(io: &mut TcpStream) {
         while matches!(io.read(&mut sink).await, Ok(n) if n > 0) {}
     })
     .await;
-}
-
-fn elapsed(started: Instant) -> f64 {
-    started.elapsed().as_secs_f64()
 }
 
 #[cfg(test)]

@@ -1,23 +1,24 @@
 //! `GET /v4/listen`: the realtime websocket (contract in `docs/protocol.md`).
 //!
-//! - The upgrade is authenticated (401) and admitted by the [`SessionRegistry`] (429 / 503) before any
-//!   socket exists; parameters the server cannot serve close the socket with 1008 and the reason.
+//! - `admit`: one admission for both paths: the upgrade is authenticated (401) and admitted by the
+//!   [`SessionRegistry`] (429 / 503) before any socket exists; parameters the server cannot serve close
+//!   the socket with 1008 and the reason.
 //! - `front`: a connection whose first request is the listen upgrade is answered by [`ListenFront`] on the
 //!   HTTP worker, then its socket moves to the session's pipeline thread (the usual path).
 //! - This module's actix-web route: an upgrade on a connection that already carried a request. The HTTP
 //!   worker only moves bytes between the request payload, two bounded channels and the response body.
 //! - `conn`: either way the websocket itself (frames, control messages, pings, idle, drain, close codes) is
-//!   spoken by the session's pipeline thread on every tick, over the socket or the channels; `run_on`
+//!   spoken by the session's pipeline thread on every tick, over the socket or the channels: the
+//!   connection is the session's [`Transport`](voicegate_engine::pipeline::live::Transport). `run_on`
 //!   runs the session and turns the way it ended into a close code (`close_frame`). The pipeline half
 //!   ([`voicegate_engine::pipeline::live`]) decodes, resamples, runs the VAD, sends the events, meters,
 //!   applies the STT allowance, closes conversations, and sends the final `metadata`.
 
+mod admit;
 mod conn;
 pub mod front;
 pub mod params;
 
-use std::cell::RefCell;
-use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,18 +30,18 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use voicegate_engine::audio::codec::Codec;
 use voicegate_engine::pipeline::live::{
-    FrameCounters, LiveConfig, LiveServices, PipelinePool, SessionInput, SessionParams, frame_ring,
-    run_session,
+    LiveConfig, LiveServices, PipelinePool, SessionParams, run_session,
 };
 use voicegate_engine::stt::NoTranscriber;
 use voicegate_engine::telemetry as t;
 
-use crate::auth::{AuthedUser, Authenticator};
+use crate::auth::Authenticator;
 use crate::config::ServeConfig;
 use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::sessions::{DRAIN_CLOSE_REASON, SessionGuard, SessionRegistry};
-use conn::{ChannelWire, ConnParts, ConnSink, Wire, WsConn};
+use admit::{Admission, admit};
+use conn::{ChannelWire, ConnParts, Wire, WsConn};
 pub use front::ListenFront;
 pub use params::{ListenParams, ParamError};
 
@@ -134,14 +135,15 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
 async fn listen(
     req: HttpRequest,
     body: web::Payload,
-    user: AuthedUser,
+    auth: web::Data<Authenticator>,
     sessions: web::Data<SessionRegistry>,
     state: web::Data<ListenState>,
 ) -> Result<HttpResponse, ApiError> {
-    let guard = sessions.open(&user.uid)?;
-    let params = ListenParams::from_query(req.query_string());
-    let upgrade = ws::handshake(req.head())
-        .map_err(|e| ApiError::bad_request("ws_handshake", e.to_string()))?;
+    let Admission {
+        guard,
+        params,
+        upgrade,
+    } = admit(&auth, &sessions, req.head(), req.query_string())?;
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
     let body_stream = futures_util::stream::poll_fn(move |cx| {
@@ -246,55 +248,32 @@ async fn run_on<W: Wire>(
     transport: &'static str,
 ) {
     metrics::counter!(t::LISTEN_SESSIONS_OPENED_TOTAL, "transport" => transport).increment(1);
-    let (frames, consumer) = frame_ring(ring_bytes(params.codec, state.buffer_ms));
-    let counters = Arc::new(FrameCounters::default());
-    // Controls come through `EventSink::poll_input`; the channel is only kept open.
-    let (ctrl_open, ctrl_rx) = mpsc::channel(1);
-    let input = SessionInput {
-        frames: consumer,
-        counters: Arc::clone(&counters),
-        control: ctrl_rx,
-    };
     let session_params = SessionParams {
         uid: Arc::from(guard.uid()),
         codec: params.codec,
         language: params.language.clone(),
         conversation_timeout_ms: params.conversation_timeout_s * 1000,
     };
-    let conn = Rc::new(RefCell::new(WsConn::new(
+    let mut conn = WsConn::new(
         wire,
         leftover,
         ConnParts {
-            frames,
-            counters,
             splittable: !params.codec.is_opus(),
             max_message: state.max_message_bytes,
             idle: state.idle_timeout,
             guard,
         },
-    )));
+    );
     let services = Arc::clone(&state.services);
-    let report = run_session(
-        session_params,
-        state.live,
-        services,
-        input,
-        ConnSink(Rc::clone(&conn)),
-    )
-    .await;
-    drop(ctrl_open);
-    let end = match (report.error, conn.borrow().end()) {
+    let queue_bytes = ring_bytes(params.codec, state.buffer_ms);
+    let report = run_session(session_params, state.live, services, &mut conn, queue_bytes).await;
+    let end = match (report.error, conn.end()) {
         (None, Some(end)) => end,
         _ => End::SessionFailed,
     };
     metrics::counter!(t::LISTEN_SESSIONS_CLOSED_TOTAL, "reason" => end.reason()).increment(1);
     let (code, reason) = close_frame(end, state.max_message_bytes);
-    // The sink went with the session (`run_session` owns and drops it), so this is the only handle left.
-    let Ok(conn) = Rc::try_unwrap(conn) else {
-        tracing::error!(message = "Listen connection still shared after its session; dropped.");
-        return;
-    };
-    conn.into_inner().close(code, reason).await;
+    conn.close(code, reason).await;
 }
 
 /// The close code and reason of the way a session ended (`docs/protocol.md`, close codes).

@@ -1,26 +1,35 @@
 //! Live pipeline: one realtime listen session, from websocket frames to events and metered speech.
 //!
-//! - `ring`: the bounded byte queue from the websocket reader to the session (drops counted).
-//! - `session`: the session task (decode → resample → VAD on every tick, metering each second, STT
-//!   allowance, conversations, the final `metadata`).
-//! - `pool`: the pipeline threads sessions run on (round-robin), off the websocket I/O workers.
+//! - [`SessionCore`] (`core`): the session as a sans-IO state machine: frames, the VAD step, ticks and
+//!   store results in; events, STT commands and store operations out. Unit-tested on virtual time.
+//! - `driver`: [`run_session`] runs a core on its pipeline thread: ticks on a shared grid, reads the
+//!   [`Transport`] (the websocket) on each tick, runs the store operations (`ops`) beside the ticks.
+//! - `frames`: the bounded per-tick frame queue between the transport and the pipeline.
+//! - `gate`: the STT allowance as the session applies it.
+//! - `pool`: the pipeline threads sessions run on (round-robin), off the HTTP workers.
 //! - `events`: the JSON events sent to the client.
 
+mod core;
+mod driver;
 mod events;
+mod frames;
+mod gate;
+mod ops;
 mod pool;
-mod ring;
-mod session;
+#[cfg(test)]
+mod tests;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
+pub use core::{
+    FrameCounts, InFlight, Lifecycle, MAX_CLOSING, SessionCore, SessionReport, SttCommand,
+};
+pub use driver::{Transport, run_session};
 pub use events::LiveEvent;
+pub use frames::{DropReason, FrameQueue, MAX_RECORD};
+pub use ops::{OpResult, StoreOp};
 pub use pool::{PipelinePool, PoolStopped};
-pub use ring::{DropReason, FrameConsumer, FrameProducer, MAX_RECORD, frame_ring};
-pub use session::{ChannelSink, EventSink, SessionReport, VecSink, run_session};
 
 use crate::audio::codec::Codec;
 use crate::conversation::ConversationStore;
@@ -34,7 +43,7 @@ use crate::time::Clock;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LiveConfig {
     pub pipeline: PipelineConfig,
-    /// How often a session drains its ring and runs the VAD on what arrived (bounds event latency).
+    /// How often a session reads its transport and runs the VAD on what arrived (bounds event latency).
     pub tick: Duration,
     /// How often finished speech is sent to the meter (and STT usage recorded).
     pub meter_interval: Duration,
@@ -72,37 +81,11 @@ pub struct SessionParams {
     pub conversation_timeout_ms: u64,
 }
 
-/// Counters the websocket reader writes and the session reads (relaxed: they are statistics, and the
-/// reader stops writing before it asks the session to stop).
-#[derive(Debug, Default)]
-pub struct FrameCounters {
-    /// Binary messages received (keepalives included): the sequence of the newest frame.
-    pub received: AtomicU64,
-    pub dropped_ring_full: AtomicU64,
-    pub dropped_too_large: AtomicU64,
-}
-
-impl FrameCounters {
-    pub fn dropped(&self, reason: DropReason) -> &AtomicU64 {
-        match reason {
-            DropReason::RingFull => &self.dropped_ring_full,
-            DropReason::TooLarge => &self.dropped_too_large,
-        }
-    }
-}
-
-/// Commands from the websocket reader to its session (rare; audio goes through the ring).
+/// What the client asked of its session (read by the transport on the session's tick).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {
-    /// `{"type":"Finalize"}`: process what arrived now and flush the STT stream.
+    /// `{"type":"Finalize"}`: the STT stream flushes what it has.
     Finalize,
-    /// Finish: process everything already in the ring, meter it, send `metadata`.
+    /// Finish: process everything already received, meter it, send `metadata`.
     Stop,
-}
-
-/// The session's inputs.
-pub struct SessionInput {
-    pub frames: FrameConsumer,
-    pub counters: Arc<FrameCounters>,
-    pub control: mpsc::Receiver<Control>,
 }

@@ -1,0 +1,658 @@
+//! The live session's core: a state machine with no I/O and no clock of its own (sans-IO).
+//!
+//! - **In**: frames ([`SessionCore::push_frame`]: decode and resample), the VAD step
+//!   ([`SessionCore::run_vad`]: complete windows through the model, speech events), ticks carrying the
+//!   time ([`SessionCore::tick`]), the client's controls, and the results of store operations
+//!   ([`SessionCore::op_done`]).
+//! - **Out**: client events ([`SessionCore::take_events`]), STT commands ([`SessionCore::take_stt`]) and
+//!   the next store operation ([`SessionCore::next_op`]), one in flight at a time.
+//!
+//! The driver ([`super::run_session`]) does the I/O around it; the unit tests drive it on virtual time.
+//! Two seams are kept apart on purpose: the VAD step is a call of its own, so a pipeline thread can later
+//! batch its sessions' windows through the model; and STT leaves as commands ([`SttCommand`]), where a
+//! later change can add the speech run's samples (a run started / continued with its 16 kHz audio).
+//!
+//! Accounting is exact: the meter receives `total - metered` each second from the session's cumulative
+//! speech in samples, so the metered sum equals the `metadata` `speech_ms` to the millisecond. A slow
+//! store delays the `usage` event and the meter, never the audio: operations run beside the ticks.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::events::LiveEvent;
+use super::frames::DropReason;
+use super::gate::{Budget, Gate};
+use super::ops::{OpResult, StoreOp};
+use super::{LiveConfig, SessionParams};
+use crate::audio::detector::SpeechEvent;
+use crate::audio::resample::TARGET_RATE;
+use crate::conversation;
+use crate::fair_use::FairUseStatus;
+use crate::pipeline::stream::{PipelineError, SpeechPipeline};
+use crate::policy::{Stage, SttAllowance, SttDenied};
+use crate::stt::SttSegment;
+use crate::telemetry as t;
+use crate::time::{Span, samples_to_ms};
+
+/// Speech runs that ended before the first entitlement read; past this many the rest are not forwarded
+/// (an unknown entitlement fails closed). A run is at least 250 ms: 256 runs is over a minute of speech.
+const MAX_DEFERRED_STT: usize = 256;
+/// Conversations closed but not yet written; past this many (a store down for many conversation
+/// timeouts) the driver completes writes before it takes more audio ([`SessionCore::backlogged`]).
+pub const MAX_CLOSING: usize = 8;
+
+/// Frames the transport received and dropped so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FrameCounts {
+    /// Binary messages received (keepalives included): the sequence of the newest frame.
+    pub received: u64,
+    pub dropped_ring_full: u64,
+    pub dropped_too_large: u64,
+}
+
+impl FrameCounts {
+    fn dropped(&self) -> [u64; 2] {
+        [self.dropped_ring_full, self.dropped_too_large]
+    }
+}
+
+/// What the STT stream is told.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SttCommand {
+    Forward(SttSegment),
+    Finalize,
+    Close,
+}
+
+/// What a finished session did (also what its `metadata` event said).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionReport {
+    pub frames_received: u64,
+    pub frames_dropped: u64,
+    pub audio_ms: u64,
+    pub speech_ms: u64,
+    /// Speech ms the meter acknowledged; equals `speech_ms` unless the meter failed.
+    pub metered_ms: u64,
+    pub stt_forwarded_ms: u64,
+    /// A stable code when the pipeline failed (the server closes with 1011).
+    pub error: Option<&'static str>,
+}
+
+/// Where the session is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    /// The first status read (which decides the STT gate and `locked`) has not started.
+    Starting,
+    Running,
+    /// Stopped: the rest of the audio is processed, closed conversations written, the meter settled.
+    Finishing,
+    /// `metadata` sent.
+    Finished,
+}
+
+/// The store operation in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InFlight {
+    None,
+    Meter,
+    Status { first: bool },
+    Conversation,
+}
+
+/// The conversation being built (absolute epoch ms spans).
+#[derive(Debug, Default)]
+struct OpenConversation {
+    spans: Vec<Span>,
+    speech_samples: u64,
+    /// End of the last speech run, in samples at 16 kHz.
+    last_end: u64,
+}
+
+/// STT accounting: the gate, what was forwarded, and what the meter has not recorded yet.
+#[derive(Debug)]
+struct Stt {
+    gate: Gate,
+    forwarded_ms: u64,
+    unrecorded_ms: u64,
+    exhausted_announced: bool,
+    /// Speech runs (and their ms) waiting for the first entitlement read ([`Gate::Pending`]).
+    deferred: Vec<(Span, u64)>,
+}
+
+/// One live session's state.
+pub struct SessionCore {
+    params: SessionParams,
+    cfg: LiveConfig,
+    pipeline: SpeechPipeline,
+    lifecycle: Lifecycle,
+    in_flight: InFlight,
+    /// Scratch for the pipeline's speech events.
+    speech: Vec<SpeechEvent>,
+    out: Vec<LiveEvent>,
+    stt_out: Vec<SttCommand>,
+    /// Sequence of the newest frame the pipeline consumed (= frames received up to it).
+    frames_seen: u64,
+    dropped_reported: [u64; 2],
+    metered_ms: u64,
+    stt: Stt,
+    stage: Stage,
+    locked: bool,
+    conversation: Option<OpenConversation>,
+    /// Closed conversations waiting to be written, oldest first (written before any other operation).
+    closing: VecDeque<OpenConversation>,
+    next_meter: Instant,
+    next_usage: Instant,
+    meter_due: bool,
+    status_due: bool,
+    started_at_ms: u64,
+    error: Option<&'static str>,
+}
+
+impl SessionCore {
+    /// A session starting at `now` (its tick clock) and `started_at_ms` (epoch ms: conversation spans).
+    pub fn new(
+        params: SessionParams,
+        cfg: LiveConfig,
+        pipeline: SpeechPipeline,
+        now: Instant,
+        started_at_ms: u64,
+    ) -> Self {
+        SessionCore {
+            params,
+            cfg,
+            pipeline,
+            lifecycle: Lifecycle::Starting,
+            in_flight: InFlight::None,
+            speech: Vec::with_capacity(8),
+            out: Vec::with_capacity(4),
+            stt_out: Vec::new(),
+            frames_seen: 0,
+            dropped_reported: [0; 2],
+            metered_ms: 0,
+            stt: Stt {
+                gate: Gate::Pending,
+                forwarded_ms: 0,
+                unrecorded_ms: 0,
+                exhausted_announced: false,
+                deferred: Vec::new(),
+            },
+            stage: Stage::None,
+            locked: false,
+            conversation: None,
+            closing: VecDeque::new(),
+            next_meter: now + cfg.meter_interval,
+            next_usage: now + cfg.usage_interval,
+            meter_due: false,
+            status_due: false,
+            started_at_ms,
+            error: None,
+        }
+    }
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle
+    }
+
+    pub fn in_flight(&self) -> InFlight {
+        self.in_flight
+    }
+
+    /// The pipeline's failure code, once it failed (the session then finishes).
+    pub fn error(&self) -> Option<&'static str> {
+        self.error
+    }
+
+    /// Events for the client, in order (drained).
+    pub fn take_events(&mut self) -> std::vec::Drain<'_, LiveEvent> {
+        self.out.drain(..)
+    }
+
+    /// Commands for the STT stream, in order (drained).
+    pub fn take_stt(&mut self) -> std::vec::Drain<'_, SttCommand> {
+        self.stt_out.drain(..)
+    }
+
+    /// Decodes and resamples one frame (the VAD runs on [`Self::run_vad`]).
+    pub fn push_frame(&mut self, seq: u32, payload: &[u8]) {
+        if self.error.is_some() {
+            return;
+        }
+        self.frames_seen = u64::from(seq);
+        if let Err(e) = self.pipeline.push_payload(payload, &mut self.speech) {
+            self.fail(e);
+        }
+    }
+
+    /// The VAD step of a tick: runs every complete window and turns speech into events.
+    pub fn run_vad(&mut self) {
+        if self.error.is_some() {
+            return;
+        }
+        if let Err(e) = self.pipeline.flush(&mut self.speech) {
+            self.fail(e);
+            return;
+        }
+        if !self.speech.is_empty() {
+            self.handle_speech_events();
+        }
+    }
+
+    /// The client asked to finalize: the STT stream flushes what it has.
+    pub fn finalize(&mut self) {
+        self.stt_out.push(SttCommand::Finalize);
+    }
+
+    /// A tick at `now`: closes a conversation after its silence, and schedules the meter (with the
+    /// report of dropped frames) every meter interval and the status read every usage interval. Returns
+    /// whether a meter interval ended (the driver's per-second metrics).
+    pub fn tick(&mut self, now: Instant, counts: FrameCounts) -> bool {
+        self.maybe_close_conversation(false);
+        let mut second = false;
+        if now >= self.next_meter {
+            self.next_meter = now + self.cfg.meter_interval;
+            self.report_drops(counts);
+            self.meter_due = true;
+            second = true;
+        }
+        if now >= self.next_usage {
+            self.next_usage = now + self.cfg.usage_interval;
+            self.status_due = true;
+        }
+        second
+    }
+
+    /// Whether [`Self::next_op`] would start an operation now (cheap: the driver asks on every tick).
+    pub fn op_due(&self) -> bool {
+        self.in_flight == InFlight::None
+            && match self.lifecycle {
+                Lifecycle::Starting => true,
+                Lifecycle::Running => !self.closing.is_empty() || self.meter_due || self.status_due,
+                Lifecycle::Finishing => !self.closing.is_empty(),
+                Lifecycle::Finished => false,
+            }
+    }
+
+    /// The next store operation to run, when none is in flight: the first status read before anything,
+    /// then closed conversations (in order), then the meter, then the status read (which then reads
+    /// fresher totals). While finishing, only conversations; the final meter is [`Self::final_meter_op`].
+    pub fn next_op(&mut self, now_ms: u64) -> Option<StoreOp> {
+        if self.in_flight != InFlight::None || self.lifecycle == Lifecycle::Finished {
+            return None;
+        }
+        if self.lifecycle == Lifecycle::Starting {
+            self.lifecycle = Lifecycle::Running;
+            self.in_flight = InFlight::Status { first: true };
+            return Some(StoreOp::Status { first: true });
+        }
+        if let Some(conv) = self.closing.pop_front() {
+            self.in_flight = InFlight::Conversation;
+            return Some(StoreOp::Conversation {
+                spans: conv.spans,
+                speech_ms: ms(conv.speech_samples),
+                locked: self.locked,
+            });
+        }
+        if self.lifecycle == Lifecycle::Finishing {
+            return None;
+        }
+        if self.meter_due {
+            self.meter_due = false;
+            if let Some(op) = self.meter_op(now_ms) {
+                return Some(op);
+            }
+        }
+        if self.status_due {
+            self.status_due = false;
+            self.in_flight = InFlight::Status { first: false };
+            return Some(StoreOp::Status { first: false });
+        }
+        None
+    }
+
+    /// A record of the speech certain so far (finished runs and the committed part of an open one) since
+    /// the last accepted one, and of the STT forwarded; `None` when there is nothing to record.
+    fn meter_op(&mut self, now_ms: u64) -> Option<StoreOp> {
+        let total_ms = ms(self.pipeline.speech_samples_committed());
+        let delta_ms = total_ms.saturating_sub(self.metered_ms);
+        let stt_ms = self.stt.unrecorded_ms;
+        if delta_ms == 0 && stt_ms == 0 {
+            return None;
+        }
+        self.in_flight = InFlight::Meter;
+        Some(StoreOp::Meter {
+            delta_ms,
+            total_ms,
+            stt_ms,
+            now_ms,
+        })
+    }
+
+    /// Whether closed conversations piled up past [`MAX_CLOSING`]: the driver then completes store
+    /// operations before it reads more audio.
+    pub fn backlogged(&self) -> bool {
+        self.closing.len() > MAX_CLOSING
+    }
+
+    /// Applies a finished operation.
+    pub fn op_done(&mut self, done: OpResult) {
+        self.in_flight = InFlight::None;
+        match done {
+            OpResult::Meter {
+                metered_to,
+                stt_recorded,
+            } => {
+                if let Some(total) = metered_to {
+                    self.metered_ms = self.metered_ms.max(total);
+                }
+                self.stt.unrecorded_ms = self.stt.unrecorded_ms.saturating_sub(stt_recorded);
+            }
+            OpResult::Status { first, status } => self.apply_status(first, *status),
+            OpResult::Conversation {
+                stored,
+                speech_ms,
+                locked,
+            } => match stored {
+                Ok(id) => self.out.push(LiveEvent::ConversationClosed {
+                    frames_received: self.frames_seen,
+                    conversation_id: id,
+                    speech_ms,
+                    locked,
+                }),
+                Err(code) => {
+                    metrics::counter!(t::LISTEN_CONVERSATION_ERRORS_TOTAL, "reason" => code)
+                        .increment(1);
+                }
+            },
+        }
+    }
+
+    /// Stops the session: returns whether the operation in flight must still be awaited (a record must
+    /// land, or its speech could be metered twice; the first status read decides the STT gate of what is
+    /// still to come). A periodic status read only reads: it is abandoned (`false`), and the driver drops
+    /// it.
+    pub fn begin_finish(&mut self) -> bool {
+        self.lifecycle = Lifecycle::Finishing;
+        let wait = match self.in_flight {
+            InFlight::None => false,
+            InFlight::Status { first: false } => self.stt.gate == Gate::Pending,
+            InFlight::Status { first: true } | InFlight::Meter | InFlight::Conversation => true,
+        };
+        if !wait {
+            self.in_flight = InFlight::None;
+        }
+        wait
+    }
+
+    /// The end of the stream, once every frame received was pushed: flushes the pipeline, closes the open
+    /// run and the open conversation.
+    pub fn end_of_stream(&mut self) {
+        if self.error.is_none() {
+            match self.pipeline.finish(&mut self.speech) {
+                Ok(()) => self.handle_speech_events(),
+                Err(e) => self.fail(e),
+            }
+        }
+        self.maybe_close_conversation(true);
+    }
+
+    /// The final record (retried by the driver a few times: what the metadata says must be in the meter).
+    pub fn final_meter_op(&mut self, now_ms: u64) -> Option<StoreOp> {
+        if self.in_flight != InFlight::None {
+            return None;
+        }
+        self.meter_op(now_ms)
+    }
+
+    /// Whether the meter holds all of the session's speech and STT.
+    pub fn settled(&self) -> bool {
+        self.metered_ms == ms(self.pipeline.speech_samples()) && self.stt.unrecorded_ms == 0
+    }
+
+    /// The last step: drops reported, the STT stream closed, the `metadata` event, the report.
+    pub fn finish(&mut self, counts: FrameCounts) -> SessionReport {
+        self.report_drops(counts);
+        self.stt_out.push(SttCommand::Close);
+        let frames_received = counts.received.max(self.frames_seen);
+        let frames_dropped = counts.dropped_ring_full + counts.dropped_too_large;
+        let report = SessionReport {
+            frames_received,
+            frames_dropped,
+            audio_ms: samples_to_ms(self.pipeline.decoded_samples(), self.pipeline.codec_rate()),
+            speech_ms: ms(self.pipeline.speech_samples()),
+            metered_ms: self.metered_ms,
+            stt_forwarded_ms: self.stt.forwarded_ms,
+            error: self.error,
+        };
+        self.out.push(LiveEvent::Metadata {
+            frames_received,
+            frames_dropped,
+            audio_ms: report.audio_ms,
+            speech_ms: report.speech_ms,
+            stt_forwarded_ms: report.stt_forwarded_ms,
+        });
+        self.lifecycle = Lifecycle::Finished;
+        report
+    }
+
+    fn fail(&mut self, e: PipelineError) {
+        tracing::error!(message = "Live pipeline failed.", uid = %self.params.uid, error = %e);
+        metrics::counter!(t::LISTEN_PIPELINE_ERRORS_TOTAL, "reason" => e.code()).increment(1);
+        self.error = Some(e.code());
+    }
+
+    fn handle_speech_events(&mut self) {
+        let mut events = std::mem::take(&mut self.speech);
+        for e in events.drain(..) {
+            match e {
+                SpeechEvent::Started(start) => {
+                    // Decided on the run's own start, not on when the tick saw it: batching (a lagging
+                    // pipeline, a fast client) never merges what the timeout separates.
+                    let gap_over = self.conversation.as_ref().is_some_and(|c| {
+                        start.saturating_sub(c.last_end) >= self.timeout_samples()
+                    });
+                    if gap_over {
+                        self.close_conversation();
+                    }
+                    self.out.push(LiveEvent::SpeechStarted {
+                        frames_received: self.frames_seen,
+                        at_ms: ms(start),
+                    });
+                }
+                SpeechEvent::Ended(span) => self.speech_ended(span),
+            }
+        }
+        self.speech = events;
+    }
+
+    fn speech_ended(&mut self, span: Span) {
+        let speech_ms = ms(span.len());
+        self.out.push(LiveEvent::SpeechEnded {
+            frames_received: self.frames_seen,
+            at_ms: ms(span.end),
+            speech_ms,
+        });
+        let conv = self
+            .conversation
+            .get_or_insert_with(OpenConversation::default);
+        conv.spans.push(Span {
+            start: self.started_at_ms + ms(span.start),
+            end: self.started_at_ms + ms(span.end),
+        });
+        conv.speech_samples += span.len();
+        conv.last_end = span.end;
+        self.forward_stt(span, speech_ms);
+    }
+
+    /// Forwards what the STT allowance permits of one speech run.
+    fn forward_stt(&mut self, span: Span, speech_ms: u64) {
+        let Some(allowed) = self.stt.gate.allows(speech_ms) else {
+            if self.stt.deferred.len() < MAX_DEFERRED_STT {
+                self.stt.deferred.push((span, speech_ms));
+            }
+            return;
+        };
+        if allowed > 0 {
+            let start_ms = ms(span.start);
+            self.stt_out.push(SttCommand::Forward(SttSegment {
+                start_ms,
+                end_ms: start_ms + allowed,
+            }));
+            self.stt.forwarded_ms += allowed;
+            self.stt.unrecorded_ms += allowed;
+            metrics::counter!(t::LISTEN_STT_FORWARDED_MS_TOTAL).increment(allowed);
+            if let Gate::Budget(b) = &mut self.stt.gate {
+                b.forwarded_since_check_ms += allowed;
+            }
+        }
+        self.announce_exhausted();
+    }
+
+    fn announce_exhausted(&mut self) {
+        let Gate::Budget(b) = self.stt.gate else {
+            return;
+        };
+        if b.remaining() > 0 || self.stt.exhausted_announced {
+            return;
+        }
+        self.stt.exhausted_announced = true;
+        self.out.push(LiveEvent::SttBudgetExhausted {
+            frames_received: self.frames_seen,
+            used_ms: b.used_at_check_ms + b.forwarded_since_check_ms,
+            daily_limit_ms: b.daily_limit_ms,
+            resets_at_ms: b.resets_at_ms,
+        });
+    }
+
+    /// Closes the open conversation after `conversation_timeout` of silence (stream audio time), when it
+    /// holds as many spans as one conversation may, or unconditionally at the end (`force`).
+    fn maybe_close_conversation(&mut self, force: bool) {
+        let Some(conv) = &self.conversation else {
+            return;
+        };
+        let due = force
+            || conv.spans.len() >= conversation::MAX_SPANS_PER_CONVERSATION
+            || (!self.pipeline.in_speech()
+                && self.position_16k().saturating_sub(conv.last_end) >= self.timeout_samples());
+        if due {
+            self.close_conversation();
+        }
+    }
+
+    /// Queues the open conversation to be written (an operation: a slow store never holds up the audio).
+    /// Its `conversation_closed` event follows when the store answers.
+    fn close_conversation(&mut self) {
+        if let Some(conv) = self.conversation.take() {
+            self.closing.push_back(conv);
+        }
+    }
+
+    /// `conversation_timeout` in samples at 16 kHz.
+    fn timeout_samples(&self) -> u64 {
+        self.params.conversation_timeout_ms * u64::from(TARGET_RATE) / 1000
+    }
+
+    /// Stream position in samples at 16 kHz.
+    fn position_16k(&self) -> u64 {
+        let rate = u64::from(self.pipeline.codec_rate().max(1));
+        self.pipeline.decoded_samples() * u64::from(TARGET_RATE) / rate
+    }
+
+    /// Applies a status read: the usage event, stage/lock changes, and the STT allowance (which releases
+    /// speech deferred until the first read).
+    fn apply_status(&mut self, first: bool, status: FairUseStatus) {
+        if !first {
+            self.out.push(LiveEvent::Usage {
+                frames_received: self.frames_seen,
+                session_speech_ms: ms(self.pipeline.speech_samples()),
+                speech_ms: status.speech_ms,
+                stage: status.stage,
+            });
+        }
+        let changed = (status.stage, status.locked) != (self.stage, self.locked);
+        self.stage = status.stage;
+        self.locked = status.locked;
+        if changed {
+            self.out.push(LiveEvent::FairUse {
+                frames_received: self.frames_seen,
+                stage: status.stage,
+                locked: status.locked,
+            });
+        }
+        self.apply_allowance(status.stt);
+        for (span, speech_ms) in std::mem::take(&mut self.stt.deferred) {
+            self.forward_stt(span, speech_ms);
+        }
+    }
+
+    fn apply_allowance(&mut self, stt: SttAllowance) {
+        // What this session forwarded but has not yet recorded is not in the store's `used_ms`.
+        let pending = self.stt.unrecorded_ms;
+        self.stt.gate = match stt {
+            SttAllowance::Unlimited => Gate::Unlimited,
+            SttAllowance::Remaining {
+                remaining_ms,
+                daily_limit_ms,
+                used_ms,
+                resets_at_ms,
+            } => Gate::Budget(Budget {
+                daily_limit_ms,
+                used_at_check_ms: used_ms,
+                remaining_at_check_ms: remaining_ms,
+                resets_at_ms,
+                forwarded_since_check_ms: pending,
+            }),
+            SttAllowance::None {
+                reason: SttDenied::BudgetExhausted,
+                daily_limit_ms,
+                used_ms,
+                resets_at_ms,
+            } => Gate::Budget(Budget {
+                daily_limit_ms: daily_limit_ms.unwrap_or(0),
+                used_at_check_ms: used_ms,
+                remaining_at_check_ms: 0,
+                resets_at_ms: resets_at_ms.unwrap_or(0),
+                forwarded_since_check_ms: pending,
+            }),
+            // An unknown entitlement fails closed for paid STT, silently: nothing is known to announce.
+            SttAllowance::None {
+                reason: SttDenied::EntitlementUnknown,
+                ..
+            } => Gate::Closed,
+        };
+        match self.stt.gate {
+            Gate::Budget(b) if b.remaining() == 0 => self.announce_exhausted(),
+            // Budget available again (a new day, a stage change): re-arm the announcement.
+            _ => self.stt.exhausted_announced = false,
+        }
+    }
+
+    /// Tells the client about frames dropped since the last report.
+    fn report_drops(&mut self, counts: FrameCounts) {
+        let now = counts.dropped();
+        for (i, reason) in [DropReason::RingFull, DropReason::TooLarge]
+            .into_iter()
+            .enumerate()
+        {
+            if now[i] > self.dropped_reported[i] {
+                self.dropped_reported[i] = now[i];
+                self.out.push(LiveEvent::FramesDropped {
+                    frames_received: self.frames_seen,
+                    frames_dropped: now[0] + now[1],
+                    reason: reason.as_str(),
+                });
+            }
+        }
+    }
+}
+
+/// Samples at 16 kHz → ms, rounded once.
+fn ms(samples: u64) -> u64 {
+    samples_to_ms(samples, TARGET_RATE)
+}
+
+/// How long the driver waits between attempts of the final record.
+pub(super) fn final_retry_delay(attempt: u64) -> Duration {
+    Duration::from_millis(50 * (attempt + 1))
+}

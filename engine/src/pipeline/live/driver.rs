@@ -1,0 +1,277 @@
+//! The I/O around a [`SessionCore`]: ticks on a shared grid, the transport read on each tick, the store
+//! operations run beside the ticks, events and STT commands delivered, and the finish.
+//!
+//! Runs on a pipeline thread (see [`super::PipelinePool`]), never on an HTTP worker. Metering and the
+//! entitlement re-read are store round trips (user actors, Redis): they run as the session's one in-flight
+//! operation, polled beside the ticks, never inline. (Inline, a status read queued 2–3 s behind saturated
+//! threads at 600 streams stalled its session's pump that long.)
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::core::{FrameCounts, SessionCore, SessionReport, SttCommand, final_retry_delay};
+use super::frames::FrameQueue;
+use super::ops::{OpResult, StoreOp, execute};
+use super::{Control, LiveConfig, LiveServices, SessionParams};
+use crate::audio::vad::SileroModel;
+use crate::pipeline::stream::{PipelineError, SpeechPipeline};
+use crate::stt::{SttSessionInfo, SttStream};
+use crate::telemetry as t;
+
+/// What a session speaks through: the websocket (over the socket itself, or channels to an HTTP worker).
+/// Read and written on the session's own thread, once per tick; nothing in it blocks.
+pub trait Transport {
+    /// Reads what arrived since the last tick and queues its audio frames in `frames`; what the queue has
+    /// no room for waits in the wire (backpressure). Returns the strongest control received
+    /// ([`Control::Stop`] ends the session after this tick's frames).
+    fn poll(&mut self, frames: &mut FrameQueue) -> Option<Control>;
+    /// Sends one event; false once the client is gone or stopped reading.
+    fn send(&mut self, text: String) -> bool;
+    /// Frames received and dropped so far.
+    fn counts(&self) -> FrameCounts;
+}
+
+/// The session's in-flight store operation (boxed: only while one runs does it take memory).
+type Op = Pin<Box<dyn Future<Output = OpResult>>>;
+
+/// Resolves with the in-flight operation's result; never while there is none.
+async fn next_done(op: &mut Option<Op>) -> OpResult {
+    match op {
+        Some(f) => f.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next instant on a process-wide grid of `tick` periods (phase taken from the wall clock).
+///
+/// Every session ticks on the same grid, so a pipeline thread wakes once per tick and runs all its
+/// sessions back to back, with the VAD weights still in cache, instead of waking for each session at
+/// its own phase (at 300 streams that was ~6,000 wake-ups a second, each on a cold cache).
+fn grid_start(tick: Duration) -> Instant {
+    let period = tick.as_nanos().max(1);
+    let phase = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() % period);
+    let wait = u64::try_from(period - phase).unwrap_or(0);
+    Instant::now() + Duration::from_nanos(wait)
+}
+
+struct Driver<'t, T: Transport> {
+    core: SessionCore,
+    transport: &'t mut T,
+    /// False once the transport refused an event: the session keeps metering but stops sending.
+    open: bool,
+    frames: FrameQueue,
+    buf: Vec<u8>,
+    stt: Box<dyn SttStream>,
+    services: Arc<LiveServices>,
+    uid: Arc<str>,
+    op: Option<Op>,
+    frames_metric: u64,
+    /// The latest a tick ran after its scheduled instant since the last second's observation.
+    tick_lag_max: Duration,
+}
+
+/// Runs a session over `transport` (its frame queue holds at most `queue_bytes`) until the client or
+/// the pipeline stops it, then finishes it. The transport stays the caller's (to close it afterwards).
+pub async fn run_session<T: Transport>(
+    params: SessionParams,
+    cfg: LiveConfig,
+    services: Arc<LiveServices>,
+    transport: &mut T,
+    queue_bytes: usize,
+) -> SessionReport {
+    let pipeline = SileroModel::shared()
+        .map_err(PipelineError::from)
+        .and_then(|model| SpeechPipeline::for_codec(params.codec, &cfg.pipeline, model));
+    let pipeline = match pipeline {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(message = "Live pipeline could not start.", error = %e);
+            return SessionReport {
+                error: Some(e.code()),
+                ..SessionReport::default()
+            };
+        }
+    };
+    let stt = services.transcriber.open(&SttSessionInfo {
+        uid: Arc::clone(&params.uid),
+        language: params.language.clone(),
+        codec: params.codec,
+    });
+    let uid = Arc::clone(&params.uid);
+    let started_at_ms = services.clock.now_ms();
+    let mut driver = Driver {
+        core: SessionCore::new(params, cfg, pipeline, Instant::now(), started_at_ms),
+        transport,
+        open: true,
+        frames: FrameQueue::new(queue_bytes),
+        buf: Vec::with_capacity(512),
+        stt,
+        services,
+        uid,
+        op: None,
+        frames_metric: 0,
+        tick_lag_max: Duration::ZERO,
+    };
+    driver.run(cfg.tick).await
+}
+
+impl<T: Transport> Driver<'_, T> {
+    async fn run(&mut self, period: Duration) -> SessionReport {
+        let mut tick = tokio::time::interval_at(grid_start(period), period);
+        // `Skip` keeps a late session on the shared grid (`Delay` would shift it off for good).
+        tick.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        loop {
+            self.start_op();
+            tokio::select! {
+                biased;
+                done = next_done(&mut self.op) => {
+                    self.op = None;
+                    self.core.op_done(done);
+                    self.deliver();
+                }
+                scheduled = tick.tick() => {
+                    self.tick_lag_max = self.tick_lag_max.max(scheduled.elapsed());
+                    let ctrl = self.transport.poll(&mut self.frames);
+                    self.pump();
+                    if self.core.error().is_some() {
+                        break;
+                    }
+                    match ctrl {
+                        Some(Control::Stop) => break,
+                        Some(Control::Finalize) => self.core.finalize(),
+                        None => {}
+                    }
+                    if self.core.tick(Instant::now(), self.transport.counts()) {
+                        self.count_frames();
+                        self.observe_tick_lag();
+                    }
+                    self.deliver();
+                    if self.core.backlogged() {
+                        // Boxed, like the other rare, deep calls: an `async fn` future reserves room for
+                        // every future it may await for the session's whole life.
+                        Box::pin(self.relieve_backlog()).await;
+                    }
+                }
+            }
+        }
+        Box::pin(self.finish()).await
+    }
+
+    /// Starts the next due store operation when none is in flight.
+    fn start_op(&mut self) {
+        if self.op.is_some() || !self.core.op_due() {
+            return;
+        }
+        if let Some(op) = self.core.next_op(self.services.clock.now_ms()) {
+            self.spawn_op(op);
+        }
+    }
+
+    fn spawn_op(&mut self, op: StoreOp) {
+        let fut = execute(Arc::clone(&self.services), Arc::clone(&self.uid), op);
+        self.op = Some(Box::pin(fut));
+    }
+
+    /// Waits for the in-flight operation, if any, and applies it.
+    async fn complete_op(&mut self) {
+        if let Some(op) = self.op.take() {
+            let done = op.await;
+            self.core.op_done(done);
+            self.deliver();
+        }
+    }
+
+    /// Writes closed conversations until they are back under the bound.
+    async fn relieve_backlog(&mut self) {
+        while self.core.backlogged() {
+            self.complete_op().await;
+            self.start_op();
+            self.complete_op().await;
+        }
+    }
+
+    /// Takes the queued frames through decode and resample, then the VAD step.
+    fn pump(&mut self) {
+        let mut pushed = 0u32;
+        while let Some(seq) = self.frames.pop(&mut self.buf) {
+            self.core.push_frame(seq, &self.buf);
+            pushed += 1;
+        }
+        if pushed > 0 {
+            self.core.run_vad();
+            self.deliver();
+        }
+    }
+
+    /// Sends the core's events and STT commands.
+    fn deliver(&mut self) {
+        for ev in self.core.take_events() {
+            metrics::counter!(t::LISTEN_EVENTS_TOTAL, "type" => ev.kind()).increment(1);
+            if self.open && !self.transport.send(ev.to_json()) {
+                self.open = false;
+            }
+        }
+        for cmd in self.core.take_stt() {
+            match cmd {
+                SttCommand::Forward(segment) => self.stt.forward(segment),
+                SttCommand::Finalize => self.stt.finalize(),
+                SttCommand::Close => self.stt.close(),
+            }
+        }
+    }
+
+    /// One observation of the worst tick lag since the last one (every second, and at the finish).
+    fn observe_tick_lag(&mut self) {
+        metrics::histogram!(t::LISTEN_TICK_LAG_SECONDS)
+            .record(std::mem::take(&mut self.tick_lag_max).as_secs_f64());
+    }
+
+    fn count_frames(&mut self) {
+        let frames = self.transport.counts().received;
+        metrics::counter!(t::LISTEN_FRAMES_TOTAL)
+            .increment(frames.saturating_sub(self.frames_metric));
+        self.frames_metric = frames;
+    }
+
+    /// End of session: everything received before the stop is processed, metered, and reported.
+    async fn finish(&mut self) -> SessionReport {
+        if self.core.begin_finish() {
+            self.complete_op().await;
+        } else {
+            self.op = None;
+        }
+        self.pump();
+        self.core.end_of_stream();
+        self.deliver();
+        // The conversations first: their events then do not wait for the meter.
+        self.complete_op().await;
+        while let Some(op) = self.core.next_op(self.services.clock.now_ms()) {
+            self.spawn_op(op);
+            self.complete_op().await;
+        }
+        // The final record is retried a few times: what the metadata says must be in the meter.
+        for attempt in 0..3u64 {
+            if let Some(op) = self.core.final_meter_op(self.services.clock.now_ms()) {
+                self.spawn_op(op);
+                self.complete_op().await;
+            }
+            if self.core.settled() {
+                break;
+            }
+            tokio::time::sleep(final_retry_delay(attempt)).await;
+        }
+        // The last second's frames too: a session shorter than the meter interval counts all of its own.
+        self.count_frames();
+        self.observe_tick_lag();
+        let report = self.core.finish(self.transport.counts());
+        metrics::counter!(t::LISTEN_AUDIO_MS_TOTAL).increment(report.audio_ms);
+        self.deliver();
+        report
+    }
+}

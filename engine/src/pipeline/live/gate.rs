@@ -1,0 +1,40 @@
+//! The STT gate of a live session: what the user's STT allowance lets through, as last resolved.
+
+/// The daily STT budget as last resolved, and what this session forwarded since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Budget {
+    pub daily_limit_ms: u64,
+    pub used_at_check_ms: u64,
+    pub remaining_at_check_ms: u64,
+    pub resets_at_ms: u64,
+    pub forwarded_since_check_ms: u64,
+}
+
+impl Budget {
+    pub fn remaining(&self) -> u64 {
+        self.remaining_at_check_ms
+            .saturating_sub(self.forwarded_since_check_ms)
+    }
+}
+
+/// The STT gate: unlimited, a budget, closed, or not known yet (the session's first status read is in
+/// flight: speech that ends meanwhile waits, deferred).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Gate {
+    Pending,
+    Unlimited,
+    Budget(Budget),
+    Closed,
+}
+
+impl Gate {
+    /// How much of a run of `speech_ms` may be forwarded now (`None` while the gate is pending).
+    pub fn allows(&self, speech_ms: u64) -> Option<u64> {
+        match self {
+            Gate::Pending => None,
+            Gate::Unlimited => Some(speech_ms),
+            Gate::Budget(b) => Some(b.remaining().min(speech_ms)),
+            Gate::Closed => Some(0),
+        }
+    }
+}

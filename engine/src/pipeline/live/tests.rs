@@ -1,0 +1,456 @@
+//! The session core on virtual time: no socket, no server, no store. Audio is the first seconds of fixture
+//! `d01` (speech 598–2738 ms, 3876–6141 ms, …), decoded to 16 kHz PCM, and digital silence.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::core::{FrameCounts, InFlight, Lifecycle, SessionCore, SttCommand};
+use super::events::LiveEvent;
+use super::ops::{OpResult, StoreOp};
+use super::{LiveConfig, SessionParams};
+use crate::audio::codec::{Codec, Decoder};
+use crate::audio::vad::SileroModel;
+use crate::fair_use::FairUseStatus;
+use crate::fair_use::facade::PerWindow;
+use crate::pipeline::stream::SpeechPipeline;
+use crate::policy::SpeechMs;
+use crate::policy::{CreditLookup, Enforcement, Stage, SttAllowance, SttDenied};
+
+/// Wall clock of the session's start (epoch ms).
+const WALL0: u64 = 1_795_737_600_000;
+/// 10 ms of PCM16 at 16 kHz.
+const FRAME: usize = 320;
+
+/// `d01` decoded to 16-bit little-endian PCM at 16 kHz.
+fn speech_pcm() -> Vec<u8> {
+    let path = format!("{}/../fixtures/d01.bin", env!("CARGO_MANIFEST_DIR"));
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    let mut decoder = Decoder::new(Codec::opus(16_000).unwrap()).unwrap();
+    let mut samples = Vec::new();
+    let mut rest = &bytes[..];
+    while rest.len() >= 4 {
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+        decoder.decode(&rest[4..4 + len], &mut samples).unwrap();
+        rest = &rest[4 + len..];
+    }
+    samples
+        .iter()
+        .flat_map(|s| ((s.clamp(-1.0, 1.0) * 32767.0).round() as i16).to_le_bytes())
+        .collect()
+}
+
+/// A session core, its virtual time, and everything it put out.
+struct Session {
+    core: SessionCore,
+    now: Instant,
+    pcm: Arc<Vec<u8>>,
+    /// Bytes of `pcm` fed so far.
+    at: usize,
+    seq: u32,
+    events: Vec<LiveEvent>,
+    stt: Vec<SttCommand>,
+    /// Answer meter operations at once as accepted (a healthy meter); off, they stay in flight.
+    auto_meter: bool,
+}
+
+impl Session {
+    fn new(conversation_timeout_ms: u64) -> Self {
+        let cfg = LiveConfig::default();
+        let pipeline =
+            SpeechPipeline::for_codec(Codec::Pcm16, &cfg.pipeline, SileroModel::shared().unwrap())
+                .unwrap();
+        let params = SessionParams {
+            uid: Arc::from("u"),
+            codec: Codec::Pcm16,
+            language: "en".to_owned(),
+            conversation_timeout_ms,
+        };
+        let now = Instant::now();
+        Session {
+            core: SessionCore::new(params, cfg, pipeline, now, WALL0),
+            now,
+            pcm: Arc::new(speech_pcm()),
+            at: 0,
+            seq: 0,
+            events: Vec::new(),
+            stt: Vec::new(),
+            auto_meter: true,
+        }
+    }
+
+    fn counts(&self) -> FrameCounts {
+        FrameCounts {
+            received: u64::from(self.seq),
+            ..FrameCounts::default()
+        }
+    }
+
+    /// `ms` of stream time in 50 ms ticks: five 10 ms frames of speech (or of silence), the VAD step,
+    /// the tick. Returns the store operations the core asked for on the way (each left in flight).
+    fn stream(&mut self, ms: u64, silence: bool) -> Vec<StoreOp> {
+        let mut ops = Vec::new();
+        for _ in 0..ms / 50 {
+            for _ in 0..5 {
+                self.seq += 1;
+                let frame = if silence {
+                    vec![0u8; FRAME]
+                } else {
+                    let f = self.pcm[self.at..self.at + FRAME].to_vec();
+                    self.at += FRAME;
+                    f
+                };
+                self.core.push_frame(self.seq, &frame);
+            }
+            self.core.run_vad();
+            self.now += Duration::from_millis(50);
+            self.core.tick(self.now, self.counts());
+            if let Some(op) = self.core.next_op(WALL0) {
+                if self.auto_meter && matches!(op, StoreOp::Meter { .. }) {
+                    self.accept(&op);
+                }
+                ops.push(op);
+            }
+            self.collect();
+        }
+        ops
+    }
+
+    fn collect(&mut self) {
+        self.events.extend(self.core.take_events());
+        self.stt.extend(self.core.take_stt());
+    }
+
+    fn kinds(&self) -> Vec<&'static str> {
+        self.events.iter().map(LiveEvent::kind).collect()
+    }
+
+    fn done(&mut self, result: OpResult) {
+        self.core.op_done(result);
+        self.collect();
+    }
+
+    /// Answers a meter operation as the meter accepting it.
+    fn accept(&mut self, op: &StoreOp) {
+        let StoreOp::Meter {
+            total_ms, stt_ms, ..
+        } = op
+        else {
+            panic!("not a meter op: {op:?}");
+        };
+        self.done(OpResult::Meter {
+            metered_to: Some(*total_ms),
+            stt_recorded: *stt_ms,
+        });
+    }
+
+    fn forwarded_ms(&self) -> u64 {
+        self.stt
+            .iter()
+            .map(|c| match c {
+                SttCommand::Forward(s) => s.end_ms - s.start_ms,
+                _ => 0,
+            })
+            .sum()
+    }
+}
+
+fn status(stage: Stage, locked: bool, stt: SttAllowance) -> OpResult {
+    let zero = PerWindow {
+        daily: 0.0,
+        three_day: 0.0,
+        weekly: 0.0,
+    };
+    OpResult::Status {
+        first: false,
+        status: Box::new(FairUseStatus {
+            stage,
+            enforced_stage: stage,
+            enforcement: Enforcement::Active,
+            case_ref: None,
+            message: String::new(),
+            speech_ms: SpeechMs {
+                daily_ms: 0,
+                three_day_ms: 0,
+                weekly_ms: 0,
+                month_ms: 0,
+            },
+            speech_hours: zero,
+            limits_hours: zero,
+            usage_pct: zero,
+            stt,
+            credits: CreditLookup::Unavailable,
+            locked,
+            totals_known: true,
+            notice: None,
+        }),
+    }
+}
+
+fn first(result: OpResult) -> OpResult {
+    match result {
+        OpResult::Status { status, .. } => OpResult::Status {
+            first: true,
+            status,
+        },
+        other => other,
+    }
+}
+
+/// A started session whose first status read answered "unlimited".
+fn running(conversation_timeout_ms: u64) -> Session {
+    let mut s = Session::new(conversation_timeout_ms);
+    assert_eq!(s.core.next_op(WALL0), Some(StoreOp::Status { first: true }));
+    s.done(first(status(Stage::None, false, SttAllowance::Unlimited)));
+    s
+}
+
+#[test]
+fn the_first_status_read_comes_first_and_stt_waits_for_it() {
+    let mut s = Session::new(60_000);
+    assert_eq!(s.core.lifecycle(), Lifecycle::Starting);
+    assert_eq!(s.core.next_op(WALL0), Some(StoreOp::Status { first: true }));
+    assert_eq!(s.core.in_flight(), InFlight::Status { first: true });
+    // The store is slow: three seconds of speech pass with the first read still in flight.
+    let ops = s.stream(3_000, false);
+    assert!(ops.is_empty(), "one operation at a time: {ops:?}");
+    assert_eq!(s.kinds(), ["speech_started", "speech_ended"]);
+    assert!(
+        s.stt.is_empty(),
+        "nothing forwarded while the entitlement is unknown"
+    );
+    s.done(first(status(Stage::None, false, SttAllowance::Unlimited)));
+    assert!(
+        s.forwarded_ms() > 1_500,
+        "the deferred run is forwarded once allowed"
+    );
+    assert_eq!(
+        s.kinds(),
+        ["speech_started", "speech_ended"],
+        "no usage event for the first read"
+    );
+}
+
+#[test]
+fn speech_is_metered_each_second_and_the_finish_settles_exactly() {
+    let mut s = running(60_000);
+    let mut metered = 0;
+    for _ in 0..7 {
+        for op in s.stream(1_000, false) {
+            let StoreOp::Meter { delta_ms, .. } = op else {
+                panic!("{op:?}");
+            };
+            metered += delta_ms;
+        }
+    }
+    assert!(
+        metered > 3_000,
+        "two runs metered as they happened: {metered}"
+    );
+    assert!(!s.core.begin_finish(), "nothing in flight");
+    s.core.end_of_stream();
+    while let Some(op) = s.core.next_op(WALL0) {
+        assert!(matches!(op, StoreOp::Conversation { .. }), "{op:?}");
+        s.done(OpResult::Conversation {
+            stored: Ok("c1".to_owned()),
+            speech_ms: 0,
+            locked: false,
+        });
+    }
+    if let Some(op) = s.core.final_meter_op(WALL0) {
+        if let StoreOp::Meter { delta_ms, .. } = op {
+            metered += delta_ms;
+        }
+        s.accept(&op);
+    }
+    assert!(s.core.settled());
+    let report = s.core.finish(s.counts());
+    s.collect();
+    assert_eq!(report.metered_ms, metered);
+    assert_eq!(
+        report.speech_ms, metered,
+        "the metered sum is the reported speech, to the ms"
+    );
+    assert_eq!(report.frames_received, 700);
+    assert_eq!(report.audio_ms, 7_000);
+    assert_eq!(s.core.lifecycle(), Lifecycle::Finished);
+    assert_eq!(s.kinds().last(), Some(&"metadata"));
+    assert_eq!(s.stt.last(), Some(&SttCommand::Close));
+}
+
+#[test]
+fn silence_closes_the_conversation_through_a_store_write() {
+    let mut s = running(1_000);
+    s.stream(3_000, false);
+    let ops = s.stream(1_500, true);
+    let conv = ops
+        .iter()
+        .find(|op| matches!(op, StoreOp::Conversation { .. }))
+        .expect("a second of silence closes the conversation");
+    let StoreOp::Conversation { spans, locked, .. } = conv else {
+        unreachable!()
+    };
+    assert_eq!(spans.len(), 1);
+    assert!(spans[0].start >= WALL0 + 500 && spans[0].end <= WALL0 + 3_000);
+    assert!(!locked);
+    assert!(
+        !s.kinds().contains(&"conversation_closed"),
+        "announced only once written"
+    );
+    s.done(OpResult::Conversation {
+        stored: Ok("c1".to_owned()),
+        speech_ms: 2_000,
+        locked: false,
+    });
+    assert_eq!(s.kinds().last(), Some(&"conversation_closed"));
+}
+
+#[test]
+fn a_mid_session_restriction_locks_and_closes_the_stt_budget() {
+    let mut s = running(60_000);
+    let mut status_op = None;
+    for op in s.stream(10_500, false) {
+        match op {
+            StoreOp::Meter { .. } => {}
+            StoreOp::Status { first: false } => status_op = Some(op),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(
+        status_op.is_some(),
+        "the status is re-read every usage interval"
+    );
+    let before = s.forwarded_ms();
+    s.done(status(
+        Stage::Restrict,
+        true,
+        SttAllowance::None {
+            reason: SttDenied::BudgetExhausted,
+            daily_limit_ms: Some(1_800_000),
+            used_ms: 1_800_000,
+            resets_at_ms: Some(WALL0 + 3_600_000),
+        },
+    ));
+    let kinds = s.kinds();
+    let tail = &kinds[kinds.len() - 3..];
+    assert_eq!(tail, ["usage", "fair_use", "stt_budget_exhausted"]);
+    assert!(matches!(
+        s.events.iter().rev().nth(1),
+        Some(LiveEvent::FairUse {
+            stage: Stage::Restrict,
+            locked: true,
+            ..
+        })
+    ));
+    s.stream(5_000, false);
+    assert_eq!(
+        s.forwarded_ms(),
+        before,
+        "speech is still metered, no longer forwarded"
+    );
+    assert!(
+        s.kinds()
+            .iter()
+            .filter(|k| **k == "stt_budget_exhausted")
+            .count()
+            == 1,
+        "announced once"
+    );
+}
+
+#[test]
+fn a_failing_meter_keeps_the_speech_pending_and_sends_it_again() {
+    let mut s = running(60_000);
+    s.auto_meter = false;
+    let ops = s.stream(3_000, false);
+    let meters: Vec<_> = ops
+        .iter()
+        .filter_map(|op| match op {
+            StoreOp::Meter { delta_ms, .. } => Some(*delta_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(meters.len(), 1, "one in flight at a time: {ops:?}");
+    // The store fails every record.
+    s.done(OpResult::Meter {
+        metered_to: None,
+        stt_recorded: 0,
+    });
+    let retry = s
+        .stream(1_000, false)
+        .into_iter()
+        .find_map(|op| match op {
+            StoreOp::Meter { delta_ms, .. } => Some(delta_ms),
+            _ => None,
+        })
+        .expect("metered again the next second");
+    assert!(
+        retry >= meters[0],
+        "the failed delta is part of the next one"
+    );
+}
+
+#[test]
+fn stopping_waits_for_a_record_in_flight_and_drops_a_periodic_read() {
+    let mut s = running(60_000);
+    s.auto_meter = false;
+    let op = s
+        .stream(1_000, false)
+        .pop()
+        .expect("a meter op after a second of speech");
+    assert!(matches!(op, StoreOp::Meter { .. }));
+    assert!(s.core.begin_finish(), "a record in flight must land");
+
+    let mut s = running(60_000);
+    let mut status = None;
+    for op in s.stream(10_500, false) {
+        match op {
+            StoreOp::Meter { .. } => {}
+            op => status = Some(op),
+        }
+    }
+    assert_eq!(status, Some(StoreOp::Status { first: false }));
+    assert!(!s.core.begin_finish(), "a periodic read is abandoned");
+    assert_eq!(s.core.in_flight(), InFlight::None);
+    assert_eq!(s.core.lifecycle(), Lifecycle::Finishing);
+}
+
+#[test]
+fn closed_conversations_pile_up_to_a_bound_while_the_store_is_down() {
+    let mut s = running(1_000);
+    s.auto_meter = false;
+    // The first status read is long done; now the store hangs on a meter record.
+    let op = s.stream(1_000, false).pop().expect("meter op");
+    assert!(matches!(op, StoreOp::Meter { .. }));
+    let mut closed = 0;
+    while !s.core.backlogged() {
+        s.stream(2_000, false);
+        s.stream(1_500, true);
+        closed += 1;
+        assert!(closed < 20, "never backlogged");
+    }
+    assert_eq!(
+        s.core.in_flight(),
+        InFlight::Meter,
+        "still waiting for the store"
+    );
+    assert_eq!(
+        s.core.next_op(WALL0),
+        None,
+        "nothing overlaps the record in flight"
+    );
+    // The record lands; the writes drain in order, oldest first.
+    s.accept(&op);
+    let mut writes = 0;
+    while let Some(StoreOp::Conversation { .. }) = s.core.next_op(WALL0) {
+        writes += 1;
+        s.done(OpResult::Conversation {
+            stored: Ok(format!("c{writes}")),
+            speech_ms: 1,
+            locked: false,
+        });
+    }
+    assert!(writes > super::MAX_CLOSING);
+    assert!(!s.core.backlogged());
+}

@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::core::{FrameCounts, SessionCore, SessionReport, SttCommand, final_retry_delay};
+use super::contract::{FrameCounts, SessionReport, SttCommand};
+use super::core::{SessionCore, final_retry_delay};
 use super::frames::FrameQueue;
 use super::ops::{OpResult, StoreOp, execute};
 use super::{Control, LiveConfig, LiveServices, SessionParams};

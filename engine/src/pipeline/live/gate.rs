@@ -1,5 +1,7 @@
 //! The STT gate of a live session: what the user's STT allowance lets through, as last resolved.
 
+use crate::policy::{SttAllowance, SttDenied};
+
 /// The daily STT budget as last resolved, and what this session forwarded since.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Budget {
@@ -28,6 +30,44 @@ pub(super) enum Gate {
 }
 
 impl Gate {
+    /// The gate a status read's allowance sets; `pending_ms` is what the session forwarded but has not yet
+    /// recorded (not in the store's `used_ms`).
+    pub fn resolve(stt: SttAllowance, pending_ms: u64) -> Gate {
+        let pending = pending_ms;
+        match stt {
+            SttAllowance::Unlimited => Gate::Unlimited,
+            SttAllowance::Remaining {
+                remaining_ms,
+                daily_limit_ms,
+                used_ms,
+                resets_at_ms,
+            } => Gate::Budget(Budget {
+                daily_limit_ms,
+                used_at_check_ms: used_ms,
+                remaining_at_check_ms: remaining_ms,
+                resets_at_ms,
+                forwarded_since_check_ms: pending,
+            }),
+            SttAllowance::None {
+                reason: SttDenied::BudgetExhausted,
+                daily_limit_ms,
+                used_ms,
+                resets_at_ms,
+            } => Gate::Budget(Budget {
+                daily_limit_ms: daily_limit_ms.unwrap_or(0),
+                used_at_check_ms: used_ms,
+                remaining_at_check_ms: 0,
+                resets_at_ms: resets_at_ms.unwrap_or(0),
+                forwarded_since_check_ms: pending,
+            }),
+            // An unknown entitlement fails closed for paid STT, silently: nothing is known to announce.
+            SttAllowance::None {
+                reason: SttDenied::EntitlementUnknown,
+                ..
+            } => Gate::Closed,
+        }
+    }
+
     /// How much of a run of `speech_ms` may be forwarded now (`None` while the gate is pending).
     pub fn allows(&self, speech_ms: u64) -> Option<u64> {
         match self {

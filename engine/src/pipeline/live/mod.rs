@@ -4,11 +4,13 @@
 //!   store results in; events, STT commands and store operations out. Unit-tested on virtual time.
 //! - `driver`: [`run_session`] runs a core on its pipeline thread: ticks on a shared grid, reads the
 //!   [`Transport`] (the websocket) on each tick, runs the store operations (`ops`) beside the ticks.
+//! - `contract`: the core's other inputs and outputs, and its states.
 //! - `frames`: the bounded per-tick frame queue between the transport and the pipeline.
 //! - `gate`: the STT allowance as the session applies it.
 //! - `pool`: the pipeline threads sessions run on (round-robin), off the HTTP workers.
 //! - `events`: the JSON events sent to the client.
 
+mod contract;
 mod core;
 mod driver;
 mod events;
@@ -22,9 +24,8 @@ mod tests;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use core::{
-    FrameCounts, InFlight, Lifecycle, MAX_CLOSING, SessionCore, SessionReport, SttCommand,
-};
+pub use contract::{FrameCounts, InFlight, Lifecycle, SessionReport, SttCommand};
+pub use core::{MAX_CLOSING, SessionCore};
 pub use driver::{Transport, run_session};
 pub use events::LiveEvent;
 pub use frames::{DropReason, FrameQueue, MAX_RECORD};

@@ -6,7 +6,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::core::{FrameCounts, InFlight, Lifecycle, SessionCore, SttCommand};
+use super::contract::{FrameCounts, InFlight, Lifecycle, SttCommand};
+use super::core::SessionCore;
 use super::events::LiveEvent;
 use super::ops::{OpResult, StoreOp};
 use super::{LiveConfig, SessionParams};

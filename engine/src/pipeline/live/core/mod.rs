@@ -16,22 +16,24 @@
 //! speech in samples, so the metered sum equals the `metadata` `speech_ms` to the millisecond. A slow
 //! store delays the `usage` event and the meter, never the audio: operations run beside the ticks.
 
+mod conversations;
+
 use std::collections::VecDeque;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::contract::{FrameCounts, InFlight, Lifecycle, SessionReport, SttCommand};
 use super::events::LiveEvent;
 use super::frames::DropReason;
-use super::gate::{Budget, Gate};
+use super::gate::Gate;
 use super::ops::{OpResult, StoreOp};
 use super::{LiveConfig, SessionParams};
 use crate::audio::detector::SpeechEvent;
 use crate::audio::resample::TARGET_RATE;
-use crate::conversation;
 use crate::fair_use::FairUseStatus;
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
-use crate::policy::{Stage, SttAllowance, SttDenied};
+use crate::policy::{Stage, SttAllowance};
 use crate::stt::SttSegment;
 use crate::telemetry as t;
 use crate::time::{Span, samples_to_ms};
@@ -42,73 +44,6 @@ const MAX_DEFERRED_STT: usize = 256;
 /// Conversations closed but not yet written; past this many (a store down for many conversation
 /// timeouts) the driver completes writes before it takes more audio ([`SessionCore::backlogged`]).
 pub const MAX_CLOSING: usize = 8;
-
-/// Frames the transport received and dropped so far.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FrameCounts {
-    /// Binary messages received (keepalives included): the sequence of the newest frame.
-    pub received: u64,
-    pub dropped_ring_full: u64,
-    pub dropped_too_large: u64,
-}
-
-impl FrameCounts {
-    fn dropped(&self) -> [u64; 2] {
-        [self.dropped_ring_full, self.dropped_too_large]
-    }
-}
-
-/// What the STT stream is told.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SttCommand {
-    Forward(SttSegment),
-    Finalize,
-    Close,
-}
-
-/// What a finished session did (also what its `metadata` event said).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct SessionReport {
-    pub frames_received: u64,
-    pub frames_dropped: u64,
-    pub audio_ms: u64,
-    pub speech_ms: u64,
-    /// Speech ms the meter acknowledged; equals `speech_ms` unless the meter failed.
-    pub metered_ms: u64,
-    pub stt_forwarded_ms: u64,
-    /// A stable code when the pipeline failed (the server closes with 1011).
-    pub error: Option<&'static str>,
-}
-
-/// Where the session is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Lifecycle {
-    /// The first status read (which decides the STT gate and `locked`) has not started.
-    Starting,
-    Running,
-    /// Stopped: the rest of the audio is processed, closed conversations written, the meter settled.
-    Finishing,
-    /// `metadata` sent.
-    Finished,
-}
-
-/// The store operation in flight.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InFlight {
-    None,
-    Meter,
-    Status { first: bool },
-    Conversation,
-}
-
-/// The conversation being built (absolute epoch ms spans).
-#[derive(Debug, Default)]
-struct OpenConversation {
-    spans: Vec<Span>,
-    speech_samples: u64,
-    /// End of the last speech run, in samples at 16 kHz.
-    last_end: u64,
-}
 
 /// STT accounting: the gate, what was forwarded, and what the meter has not recorded yet.
 #[derive(Debug)]
@@ -139,9 +74,9 @@ pub struct SessionCore {
     stt: Stt,
     stage: Stage,
     locked: bool,
-    conversation: Option<OpenConversation>,
+    conversation: Option<conversations::OpenConversation>,
     /// Closed conversations waiting to be written, oldest first (written before any other operation).
-    closing: VecDeque<OpenConversation>,
+    closing: VecDeque<conversations::OpenConversation>,
     next_meter: Instant,
     next_usage: Instant,
     meter_due: bool,
@@ -466,25 +401,6 @@ impl SessionCore {
         self.speech = events;
     }
 
-    fn speech_ended(&mut self, span: Span) {
-        let speech_ms = ms(span.len());
-        self.out.push(LiveEvent::SpeechEnded {
-            frames_received: self.frames_seen,
-            at_ms: ms(span.end),
-            speech_ms,
-        });
-        let conv = self
-            .conversation
-            .get_or_insert_with(OpenConversation::default);
-        conv.spans.push(Span {
-            start: self.started_at_ms + ms(span.start),
-            end: self.started_at_ms + ms(span.end),
-        });
-        conv.speech_samples += span.len();
-        conv.last_end = span.end;
-        self.forward_stt(span, speech_ms);
-    }
-
     /// Forwards what the STT allowance permits of one speech run.
     fn forward_stt(&mut self, span: Span, speech_ms: u64) {
         let Some(allowed) = self.stt.gate.allows(speech_ms) else {
@@ -525,40 +441,6 @@ impl SessionCore {
         });
     }
 
-    /// Closes the open conversation after `conversation_timeout` of silence (stream audio time), when it
-    /// holds as many spans as one conversation may, or unconditionally at the end (`force`).
-    fn maybe_close_conversation(&mut self, force: bool) {
-        let Some(conv) = &self.conversation else {
-            return;
-        };
-        let due = force
-            || conv.spans.len() >= conversation::MAX_SPANS_PER_CONVERSATION
-            || (!self.pipeline.in_speech()
-                && self.position_16k().saturating_sub(conv.last_end) >= self.timeout_samples());
-        if due {
-            self.close_conversation();
-        }
-    }
-
-    /// Queues the open conversation to be written (an operation: a slow store never holds up the audio).
-    /// Its `conversation_closed` event follows when the store answers.
-    fn close_conversation(&mut self) {
-        if let Some(conv) = self.conversation.take() {
-            self.closing.push_back(conv);
-        }
-    }
-
-    /// `conversation_timeout` in samples at 16 kHz.
-    fn timeout_samples(&self) -> u64 {
-        self.params.conversation_timeout_ms * u64::from(TARGET_RATE) / 1000
-    }
-
-    /// Stream position in samples at 16 kHz.
-    fn position_16k(&self) -> u64 {
-        let rate = u64::from(self.pipeline.codec_rate().max(1));
-        self.pipeline.decoded_samples() * u64::from(TARGET_RATE) / rate
-    }
-
     /// Applies a status read: the usage event, stage/lock changes, and the STT allowance (which releases
     /// speech deferred until the first read).
     fn apply_status(&mut self, first: bool, status: FairUseStatus) {
@@ -589,38 +471,7 @@ impl SessionCore {
     fn apply_allowance(&mut self, stt: SttAllowance) {
         // What this session forwarded but has not yet recorded is not in the store's `used_ms`.
         let pending = self.stt.unrecorded_ms;
-        self.stt.gate = match stt {
-            SttAllowance::Unlimited => Gate::Unlimited,
-            SttAllowance::Remaining {
-                remaining_ms,
-                daily_limit_ms,
-                used_ms,
-                resets_at_ms,
-            } => Gate::Budget(Budget {
-                daily_limit_ms,
-                used_at_check_ms: used_ms,
-                remaining_at_check_ms: remaining_ms,
-                resets_at_ms,
-                forwarded_since_check_ms: pending,
-            }),
-            SttAllowance::None {
-                reason: SttDenied::BudgetExhausted,
-                daily_limit_ms,
-                used_ms,
-                resets_at_ms,
-            } => Gate::Budget(Budget {
-                daily_limit_ms: daily_limit_ms.unwrap_or(0),
-                used_at_check_ms: used_ms,
-                remaining_at_check_ms: 0,
-                resets_at_ms: resets_at_ms.unwrap_or(0),
-                forwarded_since_check_ms: pending,
-            }),
-            // An unknown entitlement fails closed for paid STT, silently: nothing is known to announce.
-            SttAllowance::None {
-                reason: SttDenied::EntitlementUnknown,
-                ..
-            } => Gate::Closed,
-        };
+        self.stt.gate = Gate::resolve(stt, pending);
         match self.stt.gate {
             Gate::Budget(b) if b.remaining() == 0 => self.announce_exhausted(),
             // Budget available again (a new day, a stage change): re-arm the announcement.

@@ -1,0 +1,72 @@
+//! The session core's conversations: built from speech runs, closed after `conversation_timeout` of
+//! silence (stream audio time), and queued to be written as store operations.
+
+use super::{SessionCore, ms};
+use crate::audio::resample::TARGET_RATE;
+use crate::conversation;
+use crate::pipeline::live::events::LiveEvent;
+use crate::time::Span;
+
+/// The conversation being built (absolute epoch ms spans).
+#[derive(Debug, Default)]
+pub(super) struct OpenConversation {
+    pub spans: Vec<Span>,
+    pub speech_samples: u64,
+    /// End of the last speech run, in samples at 16 kHz.
+    pub last_end: u64,
+}
+
+impl SessionCore {
+    pub(super) fn speech_ended(&mut self, span: Span) {
+        let speech_ms = ms(span.len());
+        self.out.push(LiveEvent::SpeechEnded {
+            frames_received: self.frames_seen,
+            at_ms: ms(span.end),
+            speech_ms,
+        });
+        let conv = self
+            .conversation
+            .get_or_insert_with(OpenConversation::default);
+        conv.spans.push(Span {
+            start: self.started_at_ms + ms(span.start),
+            end: self.started_at_ms + ms(span.end),
+        });
+        conv.speech_samples += span.len();
+        conv.last_end = span.end;
+        self.forward_stt(span, speech_ms);
+    }
+
+    /// Closes the open conversation after `conversation_timeout` of silence (stream audio time), when it
+    /// holds as many spans as one conversation may, or unconditionally at the end (`force`).
+    pub(super) fn maybe_close_conversation(&mut self, force: bool) {
+        let Some(conv) = &self.conversation else {
+            return;
+        };
+        let due = force
+            || conv.spans.len() >= conversation::MAX_SPANS_PER_CONVERSATION
+            || (!self.pipeline.in_speech()
+                && self.position_16k().saturating_sub(conv.last_end) >= self.timeout_samples());
+        if due {
+            self.close_conversation();
+        }
+    }
+
+    /// Queues the open conversation to be written (an operation: a slow store never holds up the audio).
+    /// Its `conversation_closed` event follows when the store answers.
+    pub(super) fn close_conversation(&mut self) {
+        if let Some(conv) = self.conversation.take() {
+            self.closing.push_back(conv);
+        }
+    }
+
+    /// `conversation_timeout` in samples at 16 kHz.
+    pub(super) fn timeout_samples(&self) -> u64 {
+        self.params.conversation_timeout_ms * u64::from(TARGET_RATE) / 1000
+    }
+
+    /// Stream position in samples at 16 kHz.
+    fn position_16k(&self) -> u64 {
+        let rate = u64::from(self.pipeline.codec_rate().max(1));
+        self.pipeline.decoded_samples() * u64::from(TARGET_RATE) / rate
+    }
+}

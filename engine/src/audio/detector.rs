@@ -3,7 +3,9 @@
 //! A run starts at the first window whose probability is at least `threshold`. It continues while
 //! windows stay above `neg_threshold`; once they fall below, the run ends at the first low window
 //! **if** the low stretch lasts at least `hangover` samples (shorter dips are bridged). A finished run
-//! shorter than `min_speech` is discarded as a click. Everything is in samples at 16 kHz.
+//! shorter than `min_speech` is discarded as a click. A kept run is then widened by `pad` at each edge
+//! (never before the previous run's end, never past the audio seen; `pad` is at most `hangover`, so a
+//! padded end is always audio already classified). Everything is in samples at 16 kHz.
 
 use super::vad::{WINDOW, WindowProb};
 use crate::time::Span;
@@ -15,6 +17,8 @@ pub struct DetectorParams {
     pub neg_threshold: f32,
     pub min_speech: u64,
     pub hangover: u64,
+    /// Added before a run's first and after its last speech window (at most `hangover`).
+    pub pad: u64,
 }
 
 impl Default for DetectorParams {
@@ -22,8 +26,10 @@ impl Default for DetectorParams {
         DetectorParams {
             threshold: 0.5,
             neg_threshold: 0.35,
-            min_speech: 4_000,
+            // Measured on the fixtures and the development corpus (docs/metering.md, "What counts as speech").
+            min_speech: 1_600,
             hangover: 1_600,
+            pad: 128,
         }
     }
 }
@@ -49,6 +55,8 @@ pub struct SpeechDetector {
     announced: bool,
     /// End of the last window seen.
     last_end: u64,
+    /// End of the last run handed out (a padded start never reaches before it).
+    prev_end: u64,
 }
 
 impl SpeechDetector {
@@ -59,7 +67,17 @@ impl SpeechDetector {
             low_start: None,
             announced: false,
             last_end: 0,
+            prev_end: 0,
         }
+    }
+
+    fn pad(&self) -> u64 {
+        self.params.pad.min(self.params.hangover)
+    }
+
+    /// Where the run that started (unpadded) at `start` begins once padded.
+    fn padded_start(&self, start: u64) -> u64 {
+        start.saturating_sub(self.pad()).max(self.prev_end)
     }
 
     /// Feed one window's probability; events are appended to `out`.
@@ -91,16 +109,19 @@ impl SpeechDetector {
             && end - start >= self.params.min_speech
         {
             self.announced = true;
-            out.push(SpeechEvent::Started(start));
+            out.push(SpeechEvent::Started(self.padded_start(start)));
         }
     }
 
     fn close(&mut self, start: u64, end: u64, out: &mut Vec<SpeechEvent>) {
         if end - start >= self.params.min_speech {
+            let start = self.padded_start(start);
             if !self.announced {
                 out.push(SpeechEvent::Started(start));
             }
+            let end = end.saturating_add(self.pad()).min(self.last_end).max(end);
             out.push(SpeechEvent::Ended(Span::new(start, end)));
+            self.prev_end = end;
         }
         self.run_start = None;
         self.low_start = None;
@@ -124,7 +145,7 @@ impl SpeechDetector {
             Some(start) if self.announced => self
                 .low_start
                 .unwrap_or(self.last_end)
-                .saturating_sub(start),
+                .saturating_sub(self.padded_start(start)),
             _ => 0,
         }
     }
@@ -173,6 +194,7 @@ mod tests {
             neg_threshold: 0.35,
             min_speech: 2 * WINDOW as u64,
             hangover: 2 * WINDOW as u64,
+            pad: 0,
         }
     }
 
@@ -214,6 +236,35 @@ mod tests {
         assert!(saw_open);
         assert_eq!(d.committed_open(), 0);
         assert_eq!(closed(&out), last, "after the end, certain = counted");
+    }
+
+    #[test]
+    fn a_kept_run_is_padded_at_both_edges_but_never_into_the_previous_run() {
+        let p = DetectorParams {
+            pad: 100,
+            ..params()
+        };
+        let probs = [0.0, 0.9, 0.9, 0.0, 0.0, 0.9, 0.9, 0.0, 0.0];
+        let spans = detect(p, &windows(&probs));
+        assert_eq!(
+            spans,
+            vec![
+                Span::new(512 - 100, 3 * 512 + 100),
+                Span::new(5 * 512 - 100, 7 * 512 + 100)
+            ]
+        );
+        // At the stream's start and end the padding stops at the audio.
+        let spans = detect(p, &windows(&[0.9, 0.9, 0.9]));
+        assert_eq!(spans, vec![Span::new(0, 3 * 512)]);
+        // Padding never exceeds the hangover, so a padded end is audio already classified.
+        let wide = DetectorParams {
+            pad: 10_000,
+            ..params()
+        };
+        assert_eq!(
+            detect(wide, &windows(&probs))[0],
+            Span::new(0, 3 * 512 + 2 * 512)
+        );
     }
 
     #[test]

@@ -168,13 +168,17 @@ fn initializers(bytes: &[u8]) -> Result<std::collections::HashMap<String, Init>,
 }
 
 impl SileroNet {
-    /// Read the weights from the ONNX model bytes.
+    /// Read the weights from the ONNX model bytes. Refused on a CPU without AVX-512F and FMA: a `SileroNet`
+    /// exists only where [`run`](Self::run) may execute its AVX-512 code.
     pub fn from_onnx(onnx: &[u8]) -> Result<SileroNet, String> {
         SileroNet::build(onnx, true)
     }
 
     /// `fft`: run the STFT as an FFT when the basis allows it (tests turn it off to compare).
     fn build(onnx: &[u8], fft: bool) -> Result<SileroNet, String> {
+        if !super::gemm::available() {
+            return Err("the native Silero network needs a CPU with AVX-512F and FMA".into());
+        }
         let mut inits = initializers(onnx)?;
         let mut take = |name: &str, dims: &[usize]| -> Result<Vec<f32>, String> {
             let t = inits
@@ -384,8 +388,8 @@ impl SileroNet {
         for w in 0..n {
             gemv(&h[..], &self.lstm_rec, &mut s.gates);
             let pre = &s.gates_in[w * lg..][..4 * HIDDEN];
-            // SAFETY: a `SileroNet` only runs where `gemm::available()` (AVX-512F and FMA) holds: `vad`
-            // builds one only after that check, and the function needs nothing else.
+            // SAFETY: a `SileroNet` only exists where `gemm::available()` (AVX-512F and FMA) holds
+            // (`build` checks it), and the function needs nothing else.
             unsafe { lstm_cell(&s.gates[..4 * HIDDEN], pre, h, c) };
             let logit = h
                 .iter()
@@ -470,6 +474,10 @@ mod tests {
             .collect()
     }
 
+    #[cfg_attr(
+        not(host_avx512),
+        ignore = "needs a CPU with AVX-512F and FMA (the native Silero network)"
+    )]
     #[test]
     fn the_model_stft_is_a_windowed_dft_and_runs_as_an_fft() {
         let net = SileroNet::from_onnx(MODEL_BYTES).unwrap();
@@ -486,11 +494,18 @@ mod tests {
     }
 
     #[test]
+    fn the_network_is_refused_on_a_cpu_without_avx512() {
+        let net = SileroNet::from_onnx(MODEL_BYTES);
+        assert_eq!(net.is_ok(), crate::audio::gemm::available());
+    }
+
+    #[cfg_attr(
+        not(host_avx512),
+        ignore = "needs a CPU with AVX-512F and FMA (the native Silero network)"
+    )]
+    #[test]
     fn subnormal_samples_count_as_zero() {
         let net = SileroNet::from_onnx(MODEL_BYTES).unwrap();
-        if !crate::audio::gemm::available() {
-            return;
-        }
         let run = |x: &[f32]| {
             let (mut h, mut c, mut s, mut p) =
                 ([0.0; HIDDEN], [0.0; HIDDEN], Scratch::default(), vec![]);
@@ -503,11 +518,12 @@ mod tests {
         assert_eq!(run(&tiny), run(&vec![0.0; 4 * INPUT]));
     }
 
+    #[cfg_attr(
+        not(host_avx512),
+        ignore = "needs a CPU with AVX-512F and FMA (the native Silero network)"
+    )]
     #[test]
     fn fft_and_matrix_stft_give_the_same_probabilities() {
-        if !crate::audio::gemm::available() {
-            return;
-        }
         let fft = SileroNet::build(MODEL_BYTES, true).unwrap();
         let matrix = SileroNet::build(MODEL_BYTES, false).unwrap();
         assert!(matches!(matrix.stft, Stft::Matrix(_)));

@@ -27,8 +27,6 @@ pub fn available() -> bool {
 #[derive(Debug, Clone)]
 pub struct Packed {
     pub k: usize,
-    /// Logical number of output columns.
-    pub n: usize,
     /// Padded number of columns (`n` rounded up to [`NR`]): the row length of every output.
     pub ld: usize,
     /// Panel-major: column block `q` (columns `q·NR ..`) is `k × NR` contiguous floats. Row-major
@@ -59,7 +57,6 @@ impl Packed {
         }
         Packed {
             k,
-            n,
             ld,
             data,
             bias: b,

@@ -80,6 +80,9 @@ pub const FAIR_USE_CLASSIFIER_DURATION_SECONDS: &str =
 
 /// Counter, label `outcome` (`ok`, `partial`, `failed`, `rejected`): sync upload requests by result.
 pub const SYNC_REQUESTS_TOTAL: &str = "voicegate_sync_requests_total";
+/// Counter, label `lane` (`sync_fresh`, `sync_backfill`, `too_old`): analysed sync files by the backfill
+/// decision (DESIGN §3).
+pub const SYNC_FILES_BY_LANE_TOTAL: &str = "voicegate_sync_files_by_lane_total";
 /// Counter, label `status` (`ok`, `failed`): files of sync uploads by result.
 pub const SYNC_FILES_TOTAL: &str = "voicegate_sync_files_total";
 /// Counter: seconds of audio decoded from sync uploads.

@@ -38,6 +38,11 @@ pub mod defaults {
     pub const BODY_IDLE_TIMEOUT_SECS: u64 = 10;
     /// `VOICEGATE_BODY_TIMEOUT_SECS`: the whole body of one request (a 256 MiB upload at ~4 Mbit/s).
     pub const BODY_TIMEOUT_SECS: u64 = 600;
+    /// `VOICEGATE_BACKFILL_ALLOWANCE_MS`: backfill speech (sync files recorded over 24 h before arrival)
+    /// metered per user per UTC day: 4 speech-hours.
+    pub const BACKFILL_ALLOWANCE_MS: u64 = 4 * 3_600_000;
+    /// `VOICEGATE_BACKFILL_LOOKBACK_DAYS`: sync files recorded longer ago are refused `recording_too_old`.
+    pub const BACKFILL_LOOKBACK_DAYS: u64 = 30;
     /// `VOICEGATE_WORKERS`: 0 = half the CPUs, at least one.
     pub const WORKERS: usize = 0;
     /// `VOICEGATE_WS_IDLE_TIMEOUT_SECS`: the reference's inactivity timeout.
@@ -135,6 +140,14 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_LISTEN_BUFFER_MS", default_value_t = defaults::LISTEN_BUFFER_MS)]
     pub listen_buffer_ms: u64,
 
+    /// Backfill speech (sync files recorded more than 24 h before they arrive) metered per user per UTC day; past it, 429 `backfill_allowance_exhausted` until the next UTC midnight.
+    #[arg(long, env = "VOICEGATE_BACKFILL_ALLOWANCE_MS", default_value_t = defaults::BACKFILL_ALLOWANCE_MS)]
+    pub backfill_allowance_ms: u64,
+
+    /// Sync files recorded more than this many days before they arrive are refused `recording_too_old`.
+    #[arg(long, env = "VOICEGATE_BACKFILL_LOOKBACK_DAYS", default_value_t = defaults::BACKFILL_LOOKBACK_DAYS)]
+    pub backfill_lookback_days: u64,
+
     /// A request head not complete this long after the connection opened (or the previous answer) gets 408 and the connection closes.
     #[arg(long, env = "VOICEGATE_HEADER_TIMEOUT_SECS", default_value_t = defaults::HEADER_TIMEOUT_SECS)]
     pub header_timeout_secs: u64,
@@ -193,6 +206,8 @@ impl Default for ServeConfig {
             ws_sessions_per_user: defaults::WS_SESSIONS_PER_USER,
             ws_max_sessions: defaults::WS_MAX_SESSIONS,
             drain_timeout_secs: defaults::DRAIN_TIMEOUT_SECS,
+            backfill_allowance_ms: defaults::BACKFILL_ALLOWANCE_MS,
+            backfill_lookback_days: defaults::BACKFILL_LOOKBACK_DAYS,
             header_timeout_secs: defaults::HEADER_TIMEOUT_SECS,
             body_idle_timeout_secs: defaults::BODY_IDLE_TIMEOUT_SECS,
             body_timeout_secs: defaults::BODY_TIMEOUT_SECS,
@@ -263,7 +278,7 @@ impl ServeConfig {
                 bind: self.bind.clone(),
             });
         }
-        let limits: [(&'static str, u64); 10] = [
+        let limits: [(&'static str, u64); 11] = [
             (
                 "VOICEGATE_UPLOAD_MAX_FILE_BYTES",
                 self.upload_max_file_bytes,
@@ -289,6 +304,10 @@ impl ServeConfig {
             ),
             ("VOICEGATE_BODY_TIMEOUT_SECS", self.body_timeout_secs),
             ("VOICEGATE_STT_LOCAL_THREADS", self.stt_local_threads as u64),
+            (
+                "VOICEGATE_BACKFILL_LOOKBACK_DAYS",
+                self.backfill_lookback_days,
+            ),
         ];
         match limits.iter().find(|(_, v)| *v == 0) {
             Some((name, _)) => Err(ConfigError::ZeroLimit { name }),
@@ -302,6 +321,15 @@ impl ServeConfig {
             header: Duration::from_secs(self.header_timeout_secs),
             body_idle: Duration::from_secs(self.body_idle_timeout_secs),
             body_total: Duration::from_secs(self.body_timeout_secs),
+        }
+    }
+
+    /// The backfill decision's settings (DESIGN §3 "Backfill").
+    pub fn backfill(&self) -> voicegate_engine::policy::backfill::BackfillConfig {
+        voicegate_engine::policy::backfill::BackfillConfig {
+            allowance_ms: self.backfill_allowance_ms,
+            lookback_ms: self.backfill_lookback_days.saturating_mul(86_400_000),
+            ..Default::default()
         }
     }
 

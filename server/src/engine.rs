@@ -17,6 +17,10 @@ use voicegate_engine::fair_use::{FairUse, FairUseParts, PlanRecord, classifier_f
 use voicegate_engine::meter::{Meter, MeterConfig};
 use voicegate_engine::pipeline::stream::PipelineConfig;
 use voicegate_engine::policy::FairUseConfig;
+use voicegate_engine::policy::backfill::BackfillConfig;
+use voicegate_engine::store::backfill::{
+    BackfillLedger, MemoryBackfillLedger, RedisBackfillLedger,
+};
 use voicegate_engine::store::fair_use::{
     CooldownLock, FairUseStore, MemoryCooldownLock, MemoryFairUseStore,
 };
@@ -67,6 +71,9 @@ pub struct Engine {
     pub conversations: Arc<dyn ConversationStore>,
     pub plans: Arc<dyn PlanStore>,
     pub pipeline: PipelineConfig,
+    /// The backfill decision's settings and its per-user, per-UTC-day ledger.
+    pub backfill: BackfillConfig,
+    pub backfill_ledger: Arc<dyn BackfillLedger>,
     pub clock: Arc<dyn Clock>,
     /// `redis` or `memory`.
     pub store_kind: &'static str,
@@ -108,6 +115,7 @@ impl Engine {
                         Arc::clone(&clock),
                     )),
                     plans: Arc::new(RedisPlanStore::new(conn.clone())),
+                    backfill: Arc::new(RedisBackfillLedger::new(conn.clone())),
                     redis: Some(conn),
                     kind: "redis",
                 }
@@ -118,6 +126,7 @@ impl Engine {
                 lock: Arc::new(MemoryCooldownLock::new()),
                 conversations: Arc::new(MemoryConversationStore::new(Arc::clone(&clock))),
                 plans: Arc::new(MemoryPlanStore::default()),
+                backfill: Arc::new(MemoryBackfillLedger::default()),
                 redis: None,
                 kind: "memory",
             },
@@ -128,6 +137,7 @@ impl Engine {
             lock,
             conversations,
             plans,
+            backfill: backfill_ledger,
             redis,
             kind,
         } = parts;
@@ -150,6 +160,8 @@ impl Engine {
             conversations,
             plans,
             pipeline: PipelineConfig::default(),
+            backfill: cfg.backfill(),
+            backfill_ledger,
             clock,
             store_kind: kind,
             _redis_io: redis.clone().map(|c| Arc::new(redis_io_thread(c))),
@@ -202,6 +214,7 @@ struct Stores {
     lock: Arc<dyn CooldownLock>,
     conversations: Arc<dyn ConversationStore>,
     plans: Arc<dyn PlanStore>,
+    backfill: Arc<dyn BackfillLedger>,
     redis: Option<redis::aio::ConnectionManager>,
     kind: &'static str,
 }

@@ -29,9 +29,12 @@ use voicegate_engine::conversation::Upsert;
 use voicegate_engine::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
 use voicegate_engine::pipeline::offline::{FileAnalysis, InputFormat, analyze};
 use voicegate_engine::pipeline::stream::PipelineConfig;
+use voicegate_engine::policy::backfill::{self, Lane};
 use voicegate_engine::policy::{Admission, Mode, SttAllowance, SttDenied};
+use voicegate_engine::store::backfill::Charge;
 use voicegate_engine::telemetry::{
-    SYNC_AUDIO_SECONDS_TOTAL, SYNC_FILES_TOTAL, SYNC_PROCESS_DURATION_SECONDS, SYNC_REQUESTS_TOTAL,
+    SYNC_AUDIO_SECONDS_TOTAL, SYNC_FILES_BY_LANE_TOTAL, SYNC_FILES_TOTAL,
+    SYNC_PROCESS_DURATION_SECONDS, SYNC_REQUESTS_TOTAL,
 };
 use voicegate_engine::time::Span;
 
@@ -52,14 +55,19 @@ pub struct SyncQuery {
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct FileResult {
     pub file: String,
-    /// `ok`, `duplicate` (already metered by an earlier upload of the same content) or `failed`.
+    /// `ok`, `truncated` (the container was cut at `truncated_at`: the records before it were metered,
+    /// nothing after it), `duplicate` (already metered by an earlier upload of the same content) or
+    /// `failed`.
     pub status: &'static str,
     /// Speech found in the file (raw VAD runs, before the 120 s merge).
     pub speech_ms: u64,
     pub duration_ms: u64,
-    /// Stable code when `failed`.
+    /// Stable code when `failed` or `truncated` (e.g. `empty_record`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub code: Option<&'static str>,
+    /// The byte offset where a truncated file was cut.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated_at: Option<u64>,
     pub error: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -174,7 +182,10 @@ async fn handle(
     let mut spans = Vec::new();
     let (mut speech_ms, mut metered_ms) = (0u64, 0u64);
     let mut server_failures = 0usize;
+    let mut allowance_refused = 0usize;
     let mut limitless = false;
+    let arrival_ms = engine.clock.now_ms();
+    let today = backfill::utc_day(arrival_ms);
     for a in analysed {
         let fa = match a.analysis {
             Ok(fa) => fa,
@@ -185,6 +196,62 @@ async fn handle(
             }
         };
         metrics::counter!(SYNC_AUDIO_SECONDS_TOTAL).increment(fa.duration_ms / 1000);
+        // The backfill decision (DESIGN §3): too old is refused; backfill is charged to today's allowance
+        // before it is metered (and refunded when it turns out not to be metered).
+        let lane = backfill::lane(a.start_ms, arrival_ms, &engine.backfill);
+        metrics::counter!(SYNC_FILES_BY_LANE_TOTAL, "lane" => lane.label()).increment(1);
+        let mut charged = 0u64;
+        match lane {
+            Lane::Fresh => {}
+            Lane::TooOld => {
+                results.push(failed(
+                    a.name,
+                    "recording_too_old",
+                    format!(
+                        "recorded more than {} days before its upload (VOICEGATE_BACKFILL_LOOKBACK_DAYS)",
+                        engine.backfill.lookback_ms / 86_400_000
+                    ),
+                    fa.duration_ms,
+                ));
+                continue;
+            }
+            Lane::Backfill => {
+                let allowance = engine.backfill.allowance_ms;
+                match engine
+                    .backfill_ledger
+                    .charge(uid, today, fa.speech_ms, allowance)
+                    .await
+                {
+                    Ok(Charge::Granted { .. }) => charged = fa.speech_ms,
+                    Ok(Charge::Exhausted { used_ms }) => {
+                        allowance_refused += 1;
+                        results.push(failed(
+                            a.name,
+                            "backfill_allowance_exhausted",
+                            format!(
+                                "{} ms of speech recorded over 24 h ago does not fit today's backfill allowance \
+                                 ({used_ms} of {allowance} ms used, VOICEGATE_BACKFILL_ALLOWANCE_MS); retry after the next UTC midnight",
+                                fa.speech_ms
+                            ),
+                            fa.duration_ms,
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        // The allowance cannot be checked: backfill waits (fresh speech is unaffected).
+                        tracing::warn!(message = "Charging the backfill allowance failed.", uid, error = %e);
+                        server_failures += 1;
+                        results.push(failed(
+                            a.name,
+                            "metering_unavailable",
+                            "the backfill allowance could not be checked; retry the upload".into(),
+                            fa.duration_ms,
+                        ));
+                        continue;
+                    }
+                }
+            }
+        }
         let rec = RecordSpeech::new(
             uid,
             SpeechAmount::Samples {
@@ -195,7 +262,15 @@ async fn handle(
             SpeechSource::Sync,
         )
         .with_idempotency_key(format!("sync:{}", a.sha256));
-        let status = match engine.fair_use.record(rec).await {
+        let recorded = engine.fair_use.record(rec).await;
+        let unmetered = !matches!(&recorded, Ok(o) if o.status == RecordStatus::Recorded);
+        if charged > 0
+            && unmetered
+            && let Err(error) = engine.backfill_ledger.refund(uid, today, charged).await
+        {
+            tracing::warn!(message = "Refunding the backfill allowance failed.", uid, %error);
+        }
+        let status = match recorded {
             Ok(o) => o.status,
             Err(e) => {
                 tracing::warn!(message = "Metering a sync file failed.", uid, file = %a.name, error = %e);
@@ -209,12 +284,17 @@ async fn handle(
                 continue;
             }
         };
+        let whole = if fa.truncated_at.is_some() {
+            "truncated"
+        } else {
+            "ok"
+        };
         let file_status = match status {
             RecordStatus::Recorded => {
                 metered_ms += fa.speech_ms;
-                "ok"
+                whole
             }
-            RecordStatus::Empty => "ok",
+            RecordStatus::Empty => whole,
             RecordStatus::Duplicate => "duplicate",
             RecordStatus::Dropped => {
                 server_failures += 1;
@@ -243,7 +323,8 @@ async fn handle(
             status: file_status,
             speech_ms: fa.speech_ms,
             duration_ms: fa.duration_ms,
-            code: None,
+            code: fa.truncation_code,
+            truncated_at: fa.truncated_at,
             error: None,
             warnings: fa.warnings,
         });
@@ -253,6 +334,17 @@ async fn handle(
         metrics::counter!(SYNC_FILES_TOTAL, "status" => s).increment(1);
     }
     let good = results.iter().filter(|r| r.status != "failed").count();
+    if good == 0 && allowance_refused > 0 {
+        return Err(allowance_exhausted(
+            arrival_ms,
+            locked,
+            &[],
+            &[],
+            0,
+            0,
+            &results,
+        ));
+    }
     if good == 0 {
         let refusal = if server_failures > 0 {
             ApiError::unavailable(
@@ -326,6 +418,18 @@ async fn handle(
                 format!("{e}; the speech was metered, retry the upload"),
             )
         })?;
+    if allowance_refused > 0 {
+        // What fitted was metered and joined conversations; the rest waits for the next UTC day.
+        return Err(allowance_exhausted(
+            arrival_ms,
+            locked,
+            &dedup(outcome.new),
+            &dedup(outcome.updated),
+            speech_ms,
+            metered_ms,
+            &results,
+        ));
+    }
     let all_ok = results.iter().all(|r| r.status != "failed");
     let body = SyncResponse {
         new_memories: dedup(outcome.new),
@@ -343,6 +447,34 @@ async fn handle(
     Ok(HttpResponse::build(status).json(body))
 }
 
+/// 429 `backfill_allowance_exhausted`: some files did not fit today's backfill allowance; `Retry-After` to
+/// the next UTC midnight. The body also says what was accepted (a retry of those is a duplicate).
+fn allowance_exhausted(
+    now_ms: u64,
+    locked: bool,
+    new: &[String],
+    updated: &[String],
+    speech_ms: u64,
+    metered_ms: u64,
+    results: &[FileResult],
+) -> ApiError {
+    ApiError::too_many_requests(
+        "backfill_allowance_exhausted",
+        "today's allowance of backdated speech (files recorded over 24 h ago) is used up; \
+         see files[], retry those after the next UTC midnight",
+        backfill::retry_after_s(now_ms),
+    )
+    .with_field("new_memories", json!(new))
+    .with_field("updated_memories", json!(updated))
+    .with_field("speech_ms", speech_ms)
+    .with_field("metered_speech_ms", metered_ms)
+    .with_field("locked", locked)
+    .with_field(
+        "files",
+        serde_json::to_value(results).unwrap_or(Value::Null),
+    )
+}
+
 fn dedup(ids: Vec<String>) -> Vec<String> {
     ids.into_iter()
         .collect::<BTreeSet<_>>()
@@ -357,6 +489,7 @@ fn failed(file: String, code: &'static str, error: String, duration_ms: u64) -> 
         speech_ms: 0,
         duration_ms,
         code: Some(code),
+        truncated_at: None,
         error: Some(error),
         warnings: Vec::new(),
     }

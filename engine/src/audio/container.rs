@@ -33,6 +33,16 @@ pub enum Truncation {
 }
 
 impl Truncation {
+    /// The stable code of this truncation (a file's status code in a sync answer).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Truncation::PartialLength { .. } => "truncated_length",
+            Truncation::ShortRecord { .. } => "truncated_record",
+            Truncation::Oversized { .. } => "record_too_large",
+            Truncation::Empty { .. } => "empty_record",
+        }
+    }
+
     /// Byte offset of the record where the file was cut.
     pub fn offset(&self) -> u64 {
         match self {

@@ -39,6 +39,14 @@ pub struct FileAnalysis {
     pub raw_segments_ms: Vec<[u64; 2]>,
     pub merged_segments_ms: Vec<[u64; 2]>,
     pub warnings: Vec<String>,
+    /// The byte offset where the container was cut (a truncated, oversized or empty record): the records
+    /// before it were analysed, nothing after it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated_at: Option<u64>,
+    /// Stable code of the truncation (`empty_record`, `truncated_record`, `record_too_large`,
+    /// `truncated_length`), with `truncated_at`.
+    #[serde(skip)]
+    pub truncation_code: Option<&'static str>,
     pub error: Option<String>,
     /// Stable code of `error`, if any.
     #[serde(skip)]
@@ -73,6 +81,8 @@ impl FileAnalysis {
             raw_segments_ms: Vec::new(),
             merged_segments_ms: Vec::new(),
             warnings: Vec::new(),
+            truncated_at: None,
+            truncation_code: None,
             error: Some(error),
             error_code: Some(code),
             speech_samples: 0,
@@ -123,6 +133,7 @@ fn analyze_bin<R: Read>(
     let mut warnings = spec.warnings.clone();
     let mut events = Vec::new();
     let mut buf = Vec::with_capacity(512);
+    let mut truncation = None;
     loop {
         match records.next_record(&mut buf) {
             Ok(Next::Record { .. }) => {
@@ -136,12 +147,18 @@ fn analyze_bin<R: Read>(
                     "truncated: {t}; the {} records before it were kept",
                     pipeline.packet_counts().0
                 ));
+                truncation = Some((t.offset(), t.code()));
                 break;
             }
             Err(e) => return fail("read_failed", format!("reading the file failed: {e}")),
         }
     }
-    finish(name, codec.name(), pipeline, events, warnings, cfg)
+    let mut analysis = finish(name, codec.name(), pipeline, events, warnings, cfg);
+    if let Some((offset, code)) = truncation {
+        analysis.truncated_at = Some(offset);
+        analysis.truncation_code = Some(code);
+    }
+    analysis
 }
 
 fn analyze_wav<R: Read>(

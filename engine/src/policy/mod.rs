@@ -1,12 +1,14 @@
 //! Fair-use policy, **pure**: plain data in, decision out; no I/O, no clock reads, no randomness.
 //!
 //! - `config`: every setting with its default and env name.
+//! - `backfill`: fresh vs backfill sync files, the lookback and the daily backfill allowance.
 //! - `caps`: rolling totals and soft caps (strictly greater triggers).
 //! - `plan`: plans and credits; a credit lookup is `Resolved` or `Unavailable`.
 //! - `stage`: the stage machine (escalation one step at a time, decay on read, admin set-stage/reset).
 //! - `entitlement`: the resolver sync, realtime and status all call.
 //! - `verdict`, `case_ref`, `notice`: classifier results, `FU-` case references, user-facing texts.
 
+pub mod backfill;
 pub mod caps;
 pub mod case_ref;
 pub mod config;

@@ -5,6 +5,7 @@
 //! - [`MemoryStore`]: the embedded default, same semantics, no durability.
 //! - [`keys`]: every Redis key name, each carrying the `{uid}` hash tag.
 
+pub mod backfill;
 pub mod fair_use;
 pub mod fair_use_redis;
 pub mod keys;

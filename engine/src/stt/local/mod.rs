@@ -10,21 +10,31 @@
 //!   load transcription falls behind (counted: queue wait, late chunks, drops when the queue is full), never
 //!   metering or speech events.
 
+mod config;
 pub mod ffi;
+mod pool;
+mod priority;
+mod stream;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
+use std::sync::mpsc::sync_channel;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use self::ffi::{EngineFiles, Model, MoonshineLib};
-use super::chunk::{CUT_SEARCH_SAMPLES, MAX_CHUNK_SAMPLES, batch_chunks, cut_point};
+pub use self::config::LocalConfig;
+use self::ffi::{EngineFiles, MoonshineLib};
+pub use self::pool::BatchEngine;
+use self::pool::{Job, Pool, work};
+#[cfg(target_os = "linux")]
+pub use self::priority::current_niceness;
+pub use self::priority::lower_priority;
+use self::stream::{LocalStream, StreamShared};
+use super::chunk::MAX_CHUNK_SAMPLES;
 use super::provider::{
-    BatchOutput, BatchReply, BatchRequest, BatchTicket, ProviderKind, ResultSink, StreamCounters,
-    StreamHandle, StreamOptions, StreamStats, SttProvider, batch_ticket,
+    BatchRequest, BatchTicket, ProviderKind, ResultSink, StreamHandle, StreamOptions, SttProvider,
+    batch_ticket,
 };
-use super::types::{Pcm, ResultKind, SttError, SttEvent, SttResult, sample_to_ms};
+use super::types::SttError;
 use crate::telemetry;
 
 const KIND: ProviderKind = ProviderKind::Local;
@@ -32,82 +42,11 @@ const KIND: ProviderKind = ProviderKind::Local;
 /// The wheel version `scripts/deps.sh` installs; part of the default install folder's name.
 pub const ENGINE_VERSION: &str = "0.1.4";
 
-/// Settings of the local provider (server flags in docs/stt.md).
-#[derive(Debug, Clone)]
-pub struct LocalConfig {
-    /// The unpacked wheel folder (`VOICEGATE_STT_LOCAL_DIR`; default [`LocalConfig::default_dir`]).
-    pub dir: PathBuf,
-    /// Worker threads, one model each (`VOICEGATE_STT_LOCAL_THREADS`).
-    pub threads: usize,
-    /// Chunks waiting for a worker, at most. A full queue drops the chunk (counted).
-    pub queue_chunks: usize,
-    /// Niceness added to the workers (and the engine threads they start): 10 = well below the pipeline.
-    pub nice: i32,
-    /// A chunk that waited longer than this for a worker counts as late (`voicegate_stt_late_chunks_total`).
-    pub late_after: Duration,
-}
-
-impl Default for LocalConfig {
-    fn default() -> Self {
-        LocalConfig {
-            dir: LocalConfig::default_dir(),
-            threads: 1,
-            queue_chunks: 32,
-            nice: 10,
-            late_after: Duration::from_secs(2),
-        }
-    }
-}
-
-impl LocalConfig {
-    /// `$VOICEGATE_STT_LOCAL_DIR`, else `$XDG_CACHE_HOME/voicegate/moonshine-cpp-0.1.4`, else
-    /// `~/.cache/voicegate/moonshine-cpp-0.1.4`: where `scripts/deps.sh` unpacks the wheel.
-    pub fn default_dir() -> PathBuf {
-        if let Some(dir) = std::env::var_os("VOICEGATE_STT_LOCAL_DIR").filter(|d| !d.is_empty()) {
-            return PathBuf::from(dir);
-        }
-        let cache = std::env::var_os("XDG_CACHE_HOME")
-            .filter(|d| !d.is_empty())
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-            .unwrap_or_else(|| PathBuf::from(".cache"));
-        cache
-            .join("voicegate")
-            .join(format!("moonshine-cpp-{ENGINE_VERSION}"))
-    }
-
-    /// Whether the engine's files are all present in `dir` (no loading).
-    pub fn is_installed(&self) -> bool {
-        EngineFiles::new(&self.dir).missing().is_none()
-    }
-}
-
-enum Job {
-    Chunk {
-        samples: Vec<f32>,
-        /// Stream-time sample offset of `samples[0]`.
-        start: u64,
-        stream: Arc<StreamShared>,
-        enqueued: Instant,
-    },
-    Batch {
-        request: BatchRequest,
-        reply: BatchReply,
-        enqueued: Instant,
-    },
-}
-
 /// The provider: a handle on the worker pool. Dropping the last handle (provider and streams) stops the
 /// workers once the queue is empty.
 #[derive(Clone)]
 pub struct LocalProvider {
     pool: Arc<Pool>,
-}
-
-struct Pool {
-    tx: SyncSender<Job>,
-    depth: AtomicUsize,
-    late_after: Duration,
 }
 
 impl std::fmt::Debug for LocalProvider {
@@ -190,300 +129,6 @@ impl LocalProvider {
     }
 }
 
-impl Pool {
-    fn submit(&self, job: Job) -> Result<(), Job> {
-        // Counted before the send so a worker's decrement can never run first.
-        let depth = self.depth.fetch_add(1, Ordering::Relaxed) + 1;
-        match self.tx.try_send(job) {
-            Ok(()) => {
-                metrics::gauge!(telemetry::STT_QUEUE_DEPTH, "provider" => KIND.name())
-                    .set(depth as f64);
-                Ok(())
-            }
-            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
-                self.depth.fetch_sub(1, Ordering::Relaxed);
-                Err(job)
-            }
-        }
-    }
-
-    fn took(&self, enqueued: Instant) -> Duration {
-        let depth = self.depth.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
-        metrics::gauge!(telemetry::STT_QUEUE_DEPTH, "provider" => KIND.name()).set(depth as f64);
-        let waited = enqueued.elapsed();
-        metrics::histogram!(telemetry::STT_QUEUE_WAIT_SECONDS, "provider" => KIND.name())
-            .record(waited.as_secs_f64());
-        if waited > self.late_after {
-            metrics::counter!(telemetry::STT_LATE_CHUNKS_TOTAL, "provider" => KIND.name())
-                .increment(1);
-        }
-        waited
-    }
-}
-
-/// A batch-only speech-to-text engine: one call per chunk of 16 kHz mono floats.
-pub trait BatchEngine: Send {
-    fn transcribe(&mut self, pcm: &[f32]) -> Result<String, SttError>;
-}
-
-impl BatchEngine for Model {
-    fn transcribe(&mut self, pcm: &[f32]) -> Result<String, SttError> {
-        Model::transcribe(self, pcm)
-    }
-}
-
-fn work(mut model: Box<dyn BatchEngine>, rx: &Mutex<Receiver<Job>>, pool: &std::sync::Weak<Pool>) {
-    loop {
-        // The lock is held only while waiting for the next job, never while transcribing.
-        let job = match rx.lock() {
-            Ok(rx) => rx.recv(),
-            Err(_) => return,
-        };
-        let Ok(job) = job else { return };
-        let Some(pool) = pool.upgrade() else { return };
-        match job {
-            Job::Chunk {
-                samples,
-                start,
-                stream,
-                enqueued,
-            } => {
-                let waited = pool.took(enqueued);
-                if waited > pool.late_after {
-                    stream.sink.send(SttEvent::Behind {
-                        queued_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
-                    });
-                }
-                transcribe_chunk(model.as_mut(), &samples, start, &stream);
-                stream.job_done();
-            }
-            Job::Batch {
-                request,
-                reply,
-                enqueued,
-            } => {
-                pool.took(enqueued);
-                reply.send(transcribe_batch(model.as_mut(), &request));
-            }
-        }
-    }
-}
-
-fn transcribe_chunk(
-    model: &mut dyn BatchEngine,
-    samples: &[f32],
-    start: u64,
-    stream: &StreamShared,
-) {
-    if stream.sink.is_closed() {
-        // The session is gone: nobody would read the words, so nothing is sent (nor charged).
-        stream
-            .counters
-            .dropped(KIND, "closed", samples.len() as u64);
-        return;
-    }
-    stream.counters.forwarded(KIND, samples.len() as u64);
-    match timed_transcribe(model, samples) {
-        Ok(text) if text.is_empty() => {}
-        Ok(text) => {
-            stream.sink.result(final_result(text, start, samples.len()));
-        }
-        Err(e) => {
-            stream.sink.send(SttEvent::Error {
-                reason: e.code(),
-                message: e.to_string(),
-            });
-        }
-    }
-}
-
-fn transcribe_batch(
-    model: &mut dyn BatchEngine,
-    request: &BatchRequest,
-) -> Result<BatchOutput, SttError> {
-    let mut out = BatchOutput::default();
-    for (s, e) in batch_chunks(&request.samples, &request.speech, MAX_CHUNK_SAMPLES) {
-        let chunk = &request.samples[s..e];
-        out.forwarded_samples += chunk.len() as u64;
-        super::provider::count_forwarded(KIND, chunk.len() as u64);
-        let text = timed_transcribe(model, chunk)?;
-        if !text.is_empty() {
-            out.results.push(final_result(text, s as u64, chunk.len()));
-        }
-    }
-    Ok(out)
-}
-
-fn timed_transcribe(model: &mut dyn BatchEngine, samples: &[f32]) -> Result<String, SttError> {
-    let began = Instant::now();
-    let outcome = model.transcribe(samples);
-    metrics::histogram!(telemetry::STT_ENGINE_DURATION_SECONDS, "provider" => KIND.name())
-        .record(began.elapsed().as_secs_f64());
-    if let Err(e) = &outcome {
-        metrics::counter!(telemetry::STT_ERRORS_TOTAL, "provider" => KIND.name(), "reason" => e.code())
-            .increment(1);
-        tracing::warn!(message = "local transcription failed", error = %e, samples = samples.len());
-    }
-    outcome
-}
-
-fn final_result(text: String, start: u64, len: usize) -> SttResult {
-    SttResult {
-        kind: ResultKind::Final,
-        text,
-        start_ms: sample_to_ms(start),
-        end_ms: sample_to_ms(start + len as u64),
-        confidence: None,
-        words: Vec::new(),
-        speaker: None,
-    }
-}
-
-/// What a stream's handle and the workers share.
-struct StreamShared {
-    sink: ResultSink,
-    counters: Arc<StreamCounters>,
-    /// (chunks queued or being transcribed, closed): `Closed` goes out when both say "done".
-    progress: Mutex<(usize, bool)>,
-}
-
-impl StreamShared {
-    fn job_done(&self) {
-        let finished = match self.progress.lock() {
-            Ok(mut p) => {
-                p.0 = p.0.saturating_sub(1);
-                p.0 == 0 && p.1
-            }
-            Err(_) => false,
-        };
-        if finished {
-            self.sink.send(SttEvent::Closed);
-        }
-    }
-}
-
-struct LocalStream {
-    pool: Arc<Pool>,
-    shared: Arc<StreamShared>,
-    /// The current run's samples not yet handed to the pool (at most one chunk's worth).
-    held: Vec<f32>,
-    held_start: u64,
-    closed: bool,
-}
-
-impl LocalStream {
-    /// Queues `held[..len]` as a chunk. Never blocks: a full queue drops it, counted.
-    fn submit(&mut self, len: usize) -> Result<(), SttError> {
-        if len == 0 {
-            return Ok(());
-        }
-        let samples: Vec<f32> = self.held.drain(..len).collect();
-        let start = self.held_start;
-        self.held_start += len as u64;
-        if let Ok(mut p) = self.shared.progress.lock() {
-            p.0 += 1;
-        }
-        let job = Job::Chunk {
-            samples,
-            start,
-            stream: Arc::clone(&self.shared),
-            enqueued: Instant::now(),
-        };
-        match self.pool.submit(job) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                let dropped = len as u64;
-                self.shared.counters.dropped(KIND, "queue_full", dropped);
-                self.shared.job_done();
-                Err(SttError::QueueFull {
-                    dropped_samples: dropped,
-                })
-            }
-        }
-    }
-
-    fn flush(&mut self) -> Result<(), SttError> {
-        let len = self.held.len();
-        self.submit(len)
-    }
-}
-
-/// Keeps the first error of several steps (each step still runs).
-fn first_err(a: Result<(), SttError>, b: Result<(), SttError>) -> Result<(), SttError> {
-    match (a, b) {
-        (
-            Err(SttError::QueueFull { dropped_samples: x }),
-            Err(SttError::QueueFull { dropped_samples: y }),
-        ) => Err(SttError::QueueFull {
-            dropped_samples: x + y,
-        }),
-        (Err(e), _) | (Ok(()), Err(e)) => Err(e),
-        (Ok(()), Ok(())) => Ok(()),
-    }
-}
-
-impl StreamHandle for LocalStream {
-    fn push(&mut self, start: u64, pcm: Pcm<'_>) -> Result<(), SttError> {
-        if self.closed {
-            return Err(SttError::Closed);
-        }
-        let mut outcome = Ok(());
-        if !self.held.is_empty() && start != self.held_start + self.held.len() as u64 {
-            outcome = self.flush();
-        }
-        if self.held.is_empty() {
-            self.held_start = start;
-        }
-        pcm.extend_f32(&mut self.held);
-        while self.held.len() >= MAX_CHUNK_SAMPLES {
-            let cut = cut_point(&self.held, MAX_CHUNK_SAMPLES, CUT_SEARCH_SAMPLES);
-            let step = self.submit(cut);
-            outcome = first_err(outcome, step);
-        }
-        outcome
-    }
-
-    fn end_of_run(&mut self) -> Result<(), SttError> {
-        if self.closed {
-            return Err(SttError::Closed);
-        }
-        self.flush()
-    }
-
-    fn finalize(&mut self) -> Result<(), SttError> {
-        self.end_of_run()
-    }
-
-    fn close(&mut self) {
-        if self.closed {
-            return;
-        }
-        // A drop here is already counted; close has nobody to report it to.
-        let _ = self.flush();
-        self.closed = true;
-        let finished = match self.shared.progress.lock() {
-            Ok(mut p) => {
-                p.1 = true;
-                p.0 == 0
-            }
-            Err(_) => false,
-        };
-        if finished {
-            self.shared.sink.send(SttEvent::Closed);
-        }
-    }
-
-    fn stats(&self) -> StreamStats {
-        self.shared.counters.stats()
-    }
-}
-
-impl Drop for LocalStream {
-    fn drop(&mut self) {
-        self.close();
-    }
-}
-
 impl SttProvider for LocalProvider {
     fn kind(&self) -> ProviderKind {
         KIND
@@ -528,43 +173,6 @@ impl SttProvider for LocalProvider {
             }
             Err(Job::Chunk { .. }) => Err(SttError::Closed),
         }
-    }
-}
-
-/// Adds `nice` to the calling thread's niceness (Linux: niceness is per thread, and threads it starts
-/// inherit it). Elsewhere a no-op.
-pub fn lower_priority(nice: i32) -> std::io::Result<()> {
-    #[cfg(target_os = "linux")]
-    {
-        if nice <= 0 {
-            return Ok(());
-        }
-        // SAFETY: gettid has no preconditions; get/setpriority on our own thread id touch only this thread.
-        unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            *libc::__errno_location() = 0;
-            let current = libc::getpriority(libc::PRIO_PROCESS, tid);
-            if current == -1 && *libc::__errno_location() != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let target = (current + nice).min(19);
-            if libc::setpriority(libc::PRIO_PROCESS, tid, target) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-        }
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = nice;
-    Ok(())
-}
-
-/// The calling thread's niceness (Linux), for tests and diagnostics.
-#[cfg(target_os = "linux")]
-pub fn current_niceness() -> i32 {
-    // SAFETY: as in `lower_priority`.
-    unsafe {
-        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-        libc::getpriority(libc::PRIO_PROCESS, tid)
     }
 }
 

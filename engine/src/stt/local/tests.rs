@@ -2,11 +2,13 @@
 //! exact forwarded samples, bounded queues, priorities. Moonshine itself is tested in
 //! `engine/tests/integration/stt_local.rs`.
 
+use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::*;
 use crate::stt::provider::{ResultReceiver, results_channel};
+use crate::stt::types::{Pcm, ResultKind, SttEvent};
 
 /// Answers every chunk with its length ("n=8000"), optionally waiting for a gate first.
 struct CountingDouble {

@@ -1,0 +1,189 @@
+//! The worker pool's queue and work loop: each worker owns one batch engine and takes chunks (of streams)
+//! and whole files (batches) from one bounded queue.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::KIND;
+use super::ffi::Model;
+use super::stream::StreamShared;
+use crate::stt::chunk::{MAX_CHUNK_SAMPLES, batch_chunks};
+use crate::stt::provider::{BatchOutput, BatchReply, BatchRequest};
+use crate::stt::types::{ResultKind, SttError, SttEvent, SttResult, sample_to_ms};
+use crate::telemetry;
+
+pub(super) enum Job {
+    Chunk {
+        samples: Vec<f32>,
+        /// Stream-time sample offset of `samples[0]`.
+        start: u64,
+        stream: Arc<StreamShared>,
+        enqueued: Instant,
+    },
+    Batch {
+        request: BatchRequest,
+        reply: BatchReply,
+        enqueued: Instant,
+    },
+}
+
+pub(super) struct Pool {
+    pub(super) tx: SyncSender<Job>,
+    pub(super) depth: AtomicUsize,
+    pub(super) late_after: Duration,
+}
+
+impl Pool {
+    pub(super) fn submit(&self, job: Job) -> Result<(), Job> {
+        // Counted before the send so a worker's decrement can never run first.
+        let depth = self.depth.fetch_add(1, Ordering::Relaxed) + 1;
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                metrics::gauge!(telemetry::STT_QUEUE_DEPTH, "provider" => KIND.name())
+                    .set(depth as f64);
+                Ok(())
+            }
+            Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
+                self.depth.fetch_sub(1, Ordering::Relaxed);
+                Err(job)
+            }
+        }
+    }
+
+    fn took(&self, enqueued: Instant) -> Duration {
+        let depth = self.depth.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        metrics::gauge!(telemetry::STT_QUEUE_DEPTH, "provider" => KIND.name()).set(depth as f64);
+        let waited = enqueued.elapsed();
+        metrics::histogram!(telemetry::STT_QUEUE_WAIT_SECONDS, "provider" => KIND.name())
+            .record(waited.as_secs_f64());
+        if waited > self.late_after {
+            metrics::counter!(telemetry::STT_LATE_CHUNKS_TOTAL, "provider" => KIND.name())
+                .increment(1);
+        }
+        waited
+    }
+}
+
+/// A batch-only speech-to-text engine: one call per chunk of 16 kHz mono floats.
+pub trait BatchEngine: Send {
+    fn transcribe(&mut self, pcm: &[f32]) -> Result<String, SttError>;
+}
+
+impl BatchEngine for Model {
+    fn transcribe(&mut self, pcm: &[f32]) -> Result<String, SttError> {
+        Model::transcribe(self, pcm)
+    }
+}
+
+pub(super) fn work(
+    mut model: Box<dyn BatchEngine>,
+    rx: &Mutex<Receiver<Job>>,
+    pool: &std::sync::Weak<Pool>,
+) {
+    loop {
+        // The lock is held only while waiting for the next job, never while transcribing.
+        let job = match rx.lock() {
+            Ok(rx) => rx.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        let Some(pool) = pool.upgrade() else { return };
+        match job {
+            Job::Chunk {
+                samples,
+                start,
+                stream,
+                enqueued,
+            } => {
+                let waited = pool.took(enqueued);
+                if waited > pool.late_after {
+                    stream.sink.send(SttEvent::Behind {
+                        queued_ms: u64::try_from(waited.as_millis()).unwrap_or(u64::MAX),
+                    });
+                }
+                transcribe_chunk(model.as_mut(), &samples, start, &stream);
+                stream.job_done();
+            }
+            Job::Batch {
+                request,
+                reply,
+                enqueued,
+            } => {
+                pool.took(enqueued);
+                reply.send(transcribe_batch(model.as_mut(), &request));
+            }
+        }
+    }
+}
+
+fn transcribe_chunk(
+    model: &mut dyn BatchEngine,
+    samples: &[f32],
+    start: u64,
+    stream: &StreamShared,
+) {
+    if stream.sink.is_closed() {
+        // The session is gone: nobody would read the words, so nothing is sent (nor charged).
+        stream
+            .counters
+            .dropped(KIND, "closed", samples.len() as u64);
+        return;
+    }
+    stream.counters.forwarded(KIND, samples.len() as u64);
+    match timed_transcribe(model, samples) {
+        Ok(text) if text.is_empty() => {}
+        Ok(text) => {
+            stream.sink.result(final_result(text, start, samples.len()));
+        }
+        Err(e) => {
+            stream.sink.send(SttEvent::Error {
+                reason: e.code(),
+                message: e.to_string(),
+            });
+        }
+    }
+}
+
+fn transcribe_batch(
+    model: &mut dyn BatchEngine,
+    request: &BatchRequest,
+) -> Result<BatchOutput, SttError> {
+    let mut out = BatchOutput::default();
+    for (s, e) in batch_chunks(&request.samples, &request.speech, MAX_CHUNK_SAMPLES) {
+        let chunk = &request.samples[s..e];
+        out.forwarded_samples += chunk.len() as u64;
+        crate::stt::provider::count_forwarded(KIND, chunk.len() as u64);
+        let text = timed_transcribe(model, chunk)?;
+        if !text.is_empty() {
+            out.results.push(final_result(text, s as u64, chunk.len()));
+        }
+    }
+    Ok(out)
+}
+
+fn timed_transcribe(model: &mut dyn BatchEngine, samples: &[f32]) -> Result<String, SttError> {
+    let began = Instant::now();
+    let outcome = model.transcribe(samples);
+    metrics::histogram!(telemetry::STT_ENGINE_DURATION_SECONDS, "provider" => KIND.name())
+        .record(began.elapsed().as_secs_f64());
+    if let Err(e) = &outcome {
+        metrics::counter!(telemetry::STT_ERRORS_TOTAL, "provider" => KIND.name(), "reason" => e.code())
+            .increment(1);
+        tracing::warn!(message = "local transcription failed", error = %e, samples = samples.len());
+    }
+    outcome
+}
+
+fn final_result(text: String, start: u64, len: usize) -> SttResult {
+    SttResult {
+        kind: ResultKind::Final,
+        text,
+        start_ms: sample_to_ms(start),
+        end_ms: sample_to_ms(start + len as u64),
+        confidence: None,
+        words: Vec::new(),
+        speaker: None,
+    }
+}

@@ -24,11 +24,12 @@ use std::time::Instant;
 pub use self::config::LocalConfig;
 use self::ffi::{EngineFiles, MoonshineLib};
 pub use self::pool::BatchEngine;
+use self::pool::StreamShared;
 use self::pool::{Job, Pool, work};
 #[cfg(target_os = "linux")]
 pub use self::priority::current_niceness;
 pub use self::priority::lower_priority;
-use self::stream::{LocalStream, StreamShared};
+use self::stream::LocalStream;
 use super::chunk::MAX_CHUNK_SAMPLES;
 use super::provider::{
     BatchRequest, BatchTicket, ProviderKind, ResultSink, StreamHandle, StreamOptions, SttProvider,

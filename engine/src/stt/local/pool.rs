@@ -1,5 +1,6 @@
 //! The worker pool's queue and work loop: each worker owns one batch engine and takes chunks (of streams)
-//! and whole files (batches) from one bounded queue.
+//! and whole files (batches) from one bounded queue; [`StreamShared`] is what a stream's handle shares
+//! with the workers.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
@@ -8,9 +9,8 @@ use std::time::{Duration, Instant};
 
 use super::KIND;
 use super::ffi::Model;
-use super::stream::StreamShared;
 use crate::stt::chunk::{MAX_CHUNK_SAMPLES, batch_chunks};
-use crate::stt::provider::{BatchOutput, BatchReply, BatchRequest};
+use crate::stt::provider::{BatchOutput, BatchReply, BatchRequest, ResultSink, StreamCounters};
 use crate::stt::types::{ResultKind, SttError, SttEvent, SttResult, sample_to_ms};
 use crate::telemetry;
 
@@ -185,5 +185,28 @@ fn final_result(text: String, start: u64, len: usize) -> SttResult {
         confidence: None,
         words: Vec::new(),
         speaker: None,
+    }
+}
+
+/// What a stream's handle and the workers share.
+pub(super) struct StreamShared {
+    pub(super) sink: ResultSink,
+    pub(super) counters: Arc<StreamCounters>,
+    /// (chunks queued or being transcribed, closed): `Closed` goes out when both say "done".
+    pub(super) progress: Mutex<(usize, bool)>,
+}
+
+impl StreamShared {
+    pub(super) fn job_done(&self) {
+        let finished = match self.progress.lock() {
+            Ok(mut p) => {
+                p.0 = p.0.saturating_sub(1);
+                p.0 == 0 && p.1
+            }
+            Err(_) => false,
+        };
+        if finished {
+            self.sink.send(SttEvent::Closed);
+        }
     }
 }

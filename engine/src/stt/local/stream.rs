@@ -1,37 +1,14 @@
 //! A stream's handle: holds the current speech run's samples and hands them to the pool in chunks cut at
 //! pauses; sends `Closed` once the last chunk is transcribed.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::KIND;
-use super::pool::{Job, Pool};
+use super::pool::{Job, Pool, StreamShared};
 use crate::stt::chunk::{CUT_SEARCH_SAMPLES, MAX_CHUNK_SAMPLES, cut_point};
-use crate::stt::provider::{ResultSink, StreamCounters, StreamHandle, StreamStats};
+use crate::stt::provider::{StreamHandle, StreamStats};
 use crate::stt::types::{Pcm, SttError, SttEvent};
-
-/// What a stream's handle and the workers share.
-pub(super) struct StreamShared {
-    pub(super) sink: ResultSink,
-    pub(super) counters: Arc<StreamCounters>,
-    /// (chunks queued or being transcribed, closed): `Closed` goes out when both say "done".
-    pub(super) progress: Mutex<(usize, bool)>,
-}
-
-impl StreamShared {
-    pub(super) fn job_done(&self) {
-        let finished = match self.progress.lock() {
-            Ok(mut p) => {
-                p.0 = p.0.saturating_sub(1);
-                p.0 == 0 && p.1
-            }
-            Err(_) => false,
-        };
-        if finished {
-            self.sink.send(SttEvent::Closed);
-        }
-    }
-}
 
 pub(super) struct LocalStream {
     pub(super) pool: Arc<Pool>,

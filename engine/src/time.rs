@@ -1,9 +1,13 @@
 //! Time and units, the engine's leaf module: integer unix ms, minute indexes, UTC months, sample ↔ ms
-//! conversion, half-open [`Span`]s, and the injectable [`Clock`].
+//! conversion, half-open [`Span`]s, the injectable [`Clock`], and the one retry delay, [`Backoff`].
 //!
 //! Every decision takes `now` as an argument; only a [`Clock`] reads the time of day, and tests replace it.
 //! This module imports nothing from the rest of the crate, so every layer (audio, store, meter, policy,
 //! pipeline, fair-use service) can use it without an import cycle (see `docs/architecture.md`).
+
+mod backoff;
+
+pub use backoff::Backoff;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -24,10 +24,15 @@ use super::{
     Conversation, ConversationError, ConversationPage, ConversationStore, MAX_LIST_LIMIT, Upsert,
     UpsertOutcome, normalise_spans,
 };
-use crate::time::{Clock, SystemClock};
+use crate::time::{Backoff, Clock, SystemClock};
 
 /// Commit attempts before an upsert gives up with `conversation_store_busy`.
 pub const MAX_ATTEMPTS: u32 = 16;
+/// The pause between two commit attempts that lost a compare-and-set (jittered, so two writers that
+/// collided do not collide again in step).
+fn conflict_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(2), Duration::from_millis(128))
+}
 const LOCAL_LOCKS: usize = 64;
 
 pub fn bucket_key(uid: &str, day: u64) -> String {
@@ -163,7 +168,8 @@ impl RedisConversationStore {
         let spans = normalise_spans(req.spans.clone())?;
         let days = days_to_read(&spans, req.target.as_deref());
         let _local = self.local_lock(&req.uid).lock().await;
-        for attempt in 0..MAX_ATTEMPTS {
+        let mut backoff = conflict_backoff();
+        for _ in 0..MAX_ATTEMPTS {
             let read = self.read(&req.uid, days.iter().copied()).await?;
             let mut work: BTreeMap<u64, Vec<Conversation>> = read
                 .buckets
@@ -182,7 +188,7 @@ impl RedisConversationStore {
                 return Ok(outcome);
             }
             metrics::counter!(crate::telemetry::CONVERSATION_CONFLICTS_TOTAL).increment(1);
-            tokio::time::sleep(Duration::from_millis(2 << attempt.min(6))).await;
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         Err(ConversationError::Contended(MAX_ATTEMPTS))
     }
@@ -203,7 +209,8 @@ impl RedisConversationStore {
         let mut total = 0;
         for day in self.all_days(uid).await? {
             let mut done = false;
-            for attempt in 0..MAX_ATTEMPTS {
+            let mut backoff = conflict_backoff();
+            for _ in 0..MAX_ATTEMPTS {
                 let read = self.read(uid, [day]).await?;
                 let Some((_, list)) = read.buckets.get(&day) else {
                     break;
@@ -222,7 +229,7 @@ impl RedisConversationStore {
                     done = true;
                     break;
                 }
-                tokio::time::sleep(Duration::from_millis(2 << attempt.min(6))).await;
+                tokio::time::sleep(backoff.next_delay()).await;
             }
             if !done {
                 return Err(ConversationError::Contended(MAX_ATTEMPTS));

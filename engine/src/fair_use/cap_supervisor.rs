@@ -8,7 +8,7 @@
 //! 3. runs at most `concurrency` jobs at once; the classifier runs in its own task under a timeout, so an
 //!    error, a panic or a hang is caught;
 //! 4. on failure: logs uid and reason, counts it, releases the lock (compare-and-delete) and retries later with
-//!    exponential backoff. A failure is never a benign verdict and never changes the stage;
+//!    jittered exponential [`Backoff`]. A failure is never a benign verdict and never changes the stage;
 //! 5. on success: sends the verdict to the [`VerdictSink`] (the [`FairUseLedger`](crate::fair_use::FairUseLedger)),
 //!    which applies at most one step by compare-and-set and records the event; a stage change up sends a notice.
 //!
@@ -30,7 +30,7 @@ use crate::policy::{
 };
 use crate::store::fair_use::CooldownLock;
 use crate::telemetry;
-use crate::time::Clock;
+use crate::time::{Backoff, Clock};
 
 /// A record left a user's rolling totals over at least one cap.
 #[derive(Debug, Clone, PartialEq, Message)]
@@ -94,7 +94,8 @@ enum UserEntry {
 struct Job {
     uid: String,
     breach: BreachContext,
-    attempt: u32,
+    /// The retries of this breach so far (`backoff.attempts()`) and their jittered delays.
+    backoff: Backoff,
 }
 
 #[derive(Debug)]
@@ -197,8 +198,9 @@ impl CapSupervisor {
                 *self.stats.failed.entry(reason).or_default() += 1;
                 self.stats.retries_scheduled += 1;
                 metrics::counter!(telemetry::FAIR_USE_CLASSIFIER_FAILURES_TOTAL, "reason" => reason).increment(1);
-                let attempt = job.attempt.saturating_add(1);
-                let delay = backoff(&self.settings, attempt);
+                let mut job = job;
+                let delay = job.backoff.next_delay();
+                let attempt = job.backoff.attempts();
                 tracing::warn!(
                     message = "Classifier run failed; lock released, will retry.",
                     uid = %job.uid,
@@ -208,7 +210,7 @@ impl CapSupervisor {
                     retry_in_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
                 );
                 self.users.insert(job.uid.clone(), UserEntry::Retrying);
-                let retry = Job { attempt, ..job };
+                let retry = job;
                 ctx.run_later(delay, move |act, ctx| {
                     act.users.insert(retry.uid.clone(), UserEntry::Queued);
                     act.queue.push_back(retry);
@@ -267,7 +269,7 @@ impl Handler<CapBreached> for CapSupervisor {
         self.queue.push_back(Job {
             uid: msg.uid,
             breach,
-            attempt: 0,
+            backoff: retry_backoff(&self.settings),
         });
         self.dispatch(ctx);
     }
@@ -281,16 +283,11 @@ impl Handler<GetSupervisorStats> for CapSupervisor {
     }
 }
 
-/// Backoff before retry `attempt` (1-based): base × 2^(attempt−1), capped.
-pub fn backoff(settings: &ClassifierSettings, attempt: u32) -> Duration {
-    let factor = 1_u64
-        .checked_shl(attempt.saturating_sub(1))
-        .unwrap_or(u64::MAX);
-    Duration::from_millis(
-        settings
-            .retry_base_ms
-            .saturating_mul(factor)
-            .min(settings.retry_max_ms),
+/// The retry delays of a failed classifier run: from `retry_base_ms`, jittered, capped at `retry_max_ms`.
+pub fn retry_backoff(settings: &ClassifierSettings) -> Backoff {
+    Backoff::new(
+        Duration::from_millis(settings.retry_base_ms),
+        Duration::from_millis(settings.retry_max_ms),
     )
 }
 

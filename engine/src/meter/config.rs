@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::time::MS_PER_DAY;
+use crate::time::{Backoff, MS_PER_DAY};
 
 /// Settings of the meter (actors, write-behind, retention). `Default` gives the production defaults;
 /// [`MeterConfig::from_env`] overrides them from `VOICEGATE_*` variables.
@@ -10,7 +10,7 @@ use crate::time::MS_PER_DAY;
 pub struct MeterConfig {
     /// How often dirty actors are flushed to the store. `VOICEGATE_METER_FLUSH_INTERVAL_MS`, default 1000.
     pub flush_interval: Duration,
-    /// Longest wait between retries of a failed flush (backoff doubles from `flush_interval`).
+    /// Longest wait between retries of a failed flush (jittered [`Backoff`](crate::time::Backoff) from `flush_interval`).
     /// `VOICEGATE_METER_FLUSH_MAX_BACKOFF_MS`, default 5000.
     pub flush_max_backoff: Duration,
     /// An actor with no message for this long is flushed and stopped. `VOICEGATE_METER_IDLE_PASSIVATION_S`,
@@ -132,10 +132,12 @@ impl MeterConfig {
         (self.idle_passivation.min(self.refresh_interval) / 3).max(Duration::from_millis(10))
     }
 
-    /// Backoff before retry `attempt` (1, 2, …) of a failed flush or hydration.
-    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
-        let base = self.flush_interval.max(Duration::from_millis(10));
-        base.saturating_mul(1u32 << attempt.min(16))
-            .min(self.flush_max_backoff)
+    /// The backoff of a failed flush or hydration: from `flush_interval` (at least 10 ms), jittered,
+    /// capped at `flush_max_backoff`.
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff::new(
+            self.flush_interval.max(Duration::from_millis(10)),
+            self.flush_max_backoff,
+        )
     }
 }

@@ -15,6 +15,7 @@ use super::messages::{BatchDone, Envelope, Take, TakeBatch, UserMsg};
 use super::registry::{Dirty, Shared};
 use crate::store::{ApplyOutcome, Batch, StoreError, StoreTime};
 use crate::telemetry;
+use crate::time::Backoff;
 
 /// What one flush round did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -186,6 +187,8 @@ impl Flusher {
     async fn shutdown(&mut self, limit: Duration) -> ShutdownReport {
         let started = Instant::now();
         let mut report = ShutdownReport::default();
+        // Between rounds that failed (the store is down): jittered, at most 250 ms so the limit is used.
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_millis(250));
         // Actors queue their pending deltas when they passivate; ask every registered one to flush.
         for addr in self.shared.all_actors() {
             addr.do_send(Envelope::new(UserMsg::Passivate, None));
@@ -202,8 +205,15 @@ impl Flusher {
             if clean || started.elapsed() >= limit {
                 break;
             }
-            if round.batches_sent == 0 || round.batches_failed > 0 {
+            if round.batches_failed > 0 {
+                let left = limit.saturating_sub(started.elapsed());
+                tokio::time::sleep(backoff.next_delay().min(left)).await;
+            } else if round.batches_sent == 0 {
+                // Nothing to send yet: answers or registrations are on their way.
+                backoff.reset();
                 tokio::time::sleep(Duration::from_millis(50)).await;
+            } else {
+                backoff.reset();
             }
         }
         report.users_left = self.dirty.len();

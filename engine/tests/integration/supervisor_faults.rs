@@ -50,10 +50,11 @@ async fn failure_is_contained(step: Step, reason: &str) {
     h.addr.send(breach("user-7", Stage::None)).await.unwrap();
     assert_eq!(h.stats().await.deduplicated, 1);
 
-    // The retry comes after the backoff (60 s), not the 12 h cooldown, and succeeds.
+    // The retry comes after the jittered backoff (first delay in [60 s, 120 s]), not the 12 h cooldown,
+    // and succeeds.
     tokio::time::sleep(Duration::from_secs(59)).await;
     assert_eq!(classifier.calls("user-7"), 1, "not before the backoff");
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(62)).await;
     let s = h.settle().await;
     assert_eq!(classifier.calls("user-7"), 2);
     assert_eq!(s.escalated, 1);
@@ -86,16 +87,65 @@ async fn repeated_failures_back_off_exponentially_up_to_the_cap() {
     let h = Harness::start(classifier.clone());
     h.addr.send(breach("u", Stage::None)).await.unwrap();
     h.settle().await;
-    // Retries 60 s, 120 s, 240 s after each failure (the harness drifts by at most a second per round).
-    for (delay_s, calls) in [(60, 2), (120, 3), (240, 4)] {
-        tokio::time::sleep(Duration::from_secs(delay_s - 3)).await;
-        assert_eq!(classifier.calls("u"), calls - 1, "not before {delay_s} s");
-        tokio::time::sleep(Duration::from_secs(4)).await;
+    // Retry n comes after a jittered delay in [60 s, 60 s × 2ⁿ] (the harness drifts by at most a second
+    // per round): never before the floor, never after the ceiling, which doubles.
+    for (n, calls) in [(1u32, 2), (2, 3), (3, 4)] {
+        let started = tokio::time::Instant::now();
+        tokio::time::sleep(Duration::from_secs(57)).await;
+        assert_eq!(
+            classifier.calls("u"),
+            calls - 1,
+            "not before 60 s (retry {n})"
+        );
+        let ceiling = Duration::from_secs(60 << n);
+        while classifier.calls("u") < calls {
+            assert!(
+                started.elapsed() <= ceiling + Duration::from_secs(2),
+                "retry {n} not within its ceiling {ceiling:?}"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
         h.settle().await;
         assert_eq!(classifier.calls("u"), calls);
     }
     assert_eq!(h.stage("u").await, Stage::None);
     assert_eq!(h.stats().await.failed.get("error"), Some(&4));
+}
+
+#[actix::test]
+async fn simultaneous_failures_retry_at_spread_out_times() {
+    tokio::time::pause();
+    let classifier = Scripted::new(vec![Step::Error]);
+    let h = Harness::start(classifier.clone());
+    let uids: Vec<String> = (0..12).map(|i| format!("u{i}")).collect();
+    for uid in &uids {
+        h.addr.send(breach(uid, Stage::None)).await.unwrap();
+    }
+    h.settle().await;
+    // Each user's first retry lands somewhere in [60 s, 120 s]: record the second it did.
+    let started = tokio::time::Instant::now();
+    let mut retried_at = std::collections::BTreeMap::new();
+    while retried_at.len() < uids.len() {
+        assert!(
+            started.elapsed() <= Duration::from_secs(125),
+            "{retried_at:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for uid in &uids {
+            if classifier.calls(uid) >= 2 {
+                retried_at
+                    .entry(uid.clone())
+                    .or_insert(started.elapsed().as_secs());
+            }
+        }
+    }
+    let seconds: std::collections::BTreeSet<u64> = retried_at.values().copied().collect();
+    assert!(
+        seconds.iter().all(|s| (59..=122).contains(s)),
+        "{retried_at:?}"
+    );
+    // Without jitter all twelve would retry in the same second.
+    assert!(seconds.len() >= 4, "retries not spread: {retried_at:?}");
 }
 
 #[actix::test]

@@ -26,6 +26,7 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use voicegate_engine::telemetry as t;
+use voicegate_engine::time::Backoff;
 
 use super::admit::{Admission, admit, record_latency};
 use super::{ListenParams, ListenState, close_message, run_on};
@@ -40,7 +41,8 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read before answering 431.
 const MAX_HEAD: usize = 32 * 1024;
 /// How soon a connection whose first bytes are a prefix of `LISTEN_LINE` is looked at again; the wait
-/// doubles each time up to [`PEEK_RETRY_MAX`], so a client that stalls mid-line costs a few wake-ups.
+/// grows (a jittered [`Backoff`]) up to [`PEEK_RETRY_MAX`], so a client that stalls mid-line costs a few
+/// wake-ups.
 const PEEK_RETRY: Duration = Duration::from_millis(2);
 const PEEK_RETRY_MAX: Duration = Duration::from_millis(250);
 /// How long a refused upgrade's answer may take to leave, and the client to close after a 1008.
@@ -74,7 +76,7 @@ pub enum FirstRequest {
 /// Peeks at a new connection (never consuming a byte) until [`classify`] decides or `deadline` passes.
 pub async fn first_request(io: &TcpStream, deadline: Instant) -> FirstRequest {
     let mut buf = [0u8; 16];
-    let mut retry = PEEK_RETRY;
+    let mut retry = Backoff::new(PEEK_RETRY, PEEK_RETRY_MAX);
     loop {
         let peeked = tokio::time::timeout_at(deadline, io.peek(&mut buf)).await;
         match peeked {
@@ -90,8 +92,7 @@ pub async fn first_request(io: &TcpStream, deadline: Instant) -> FirstRequest {
                     if left.is_zero() {
                         return FirstRequest::TimedOut;
                     }
-                    tokio::time::sleep(retry.min(left)).await;
-                    retry = (retry * 2).min(PEEK_RETRY_MAX);
+                    tokio::time::sleep(retry.next_delay().min(left)).await;
                 }
             },
         }

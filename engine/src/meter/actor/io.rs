@@ -30,7 +30,7 @@ impl UserMeter {
             let Some(batch) = sealed.batch.take() else {
                 return Take::NotNow;
             };
-            if sealed.attempts > 0 {
+            if sealed.backoff.attempts() > 0 {
                 metrics::counter!(telemetry::METER_FLUSH_RETRIES_TOTAL).increment(1);
             }
             self.k.io = Io::Flushing;
@@ -60,7 +60,7 @@ impl UserMeter {
             batch: None,
             speech_ms,
             entries,
-            attempts: 0,
+            backoff: self.k.shared.config.backoff(),
             retry_at: None,
         });
         self.k.io = Io::Flushing;
@@ -119,17 +119,17 @@ impl UserMeter {
                 let reason = e.reason();
                 metrics::counter!(telemetry::METER_FLUSH_ERRORS_TOTAL, "reason" => reason)
                     .increment(1);
+                let fresh = self.k.shared.config.backoff();
                 let sealed = self.k.sealed.get_or_insert(Sealed {
                     batch: None,
                     speech_ms: batch.speech_ms(),
                     entries: 0,
-                    attempts: 0,
+                    backoff: fresh,
                     retry_at: None,
                 });
-                sealed.attempts += 1;
-                let backoff = self.k.shared.config.backoff(sealed.attempts);
+                let backoff = sealed.backoff.next_delay();
                 sealed.retry_at = Some(Instant::now() + backoff);
-                warn!(uid = %self.k.uid, error = %e, seq = batch.seq, attempts = sealed.attempts, pending_ms = self.k.accounted_ms, "Meter flush failed; will retry.");
+                warn!(uid = %self.k.uid, error = %e, seq = batch.seq, attempts = sealed.backoff.attempts(), pending_ms = self.k.accounted_ms, "Meter flush failed; will retry.");
                 sealed.batch = Some(batch);
                 if !self.k.flush_waiters.is_empty() {
                     self.k.last_flush_error = Some(e);
@@ -215,12 +215,11 @@ impl UserMeter {
                     .increment(1);
                 match &mut self.hydration {
                     Hydration::Known { last_refresh, .. } => *last_refresh = Instant::now(),
-                    Hydration::Unknown { attempts, next_at } => {
-                        *attempts += 1;
-                        let backoff = self.k.shared.config.backoff(*attempts);
-                        *next_at = Some(Instant::now() + backoff);
-                        warn!(uid = %self.k.uid, error = %e, attempts = *attempts, "Meter hydration failed; totals unknown until it succeeds.");
-                        ctx.run_later(backoff, |act, ctx| act.supervised(ctx, Self::drive));
+                    Hydration::Unknown { backoff, next_at } => {
+                        let delay = backoff.next_delay();
+                        *next_at = Some(Instant::now() + delay);
+                        warn!(uid = %self.k.uid, error = %e, attempts = backoff.attempts(), "Meter hydration failed; totals unknown until it succeeds.");
+                        ctx.run_later(delay, |act, ctx| act.supervised(ctx, Self::drive));
                     }
                 }
                 for w in self.k.refresh_waiters.drain(..) {

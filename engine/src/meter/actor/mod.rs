@@ -39,7 +39,7 @@ use super::registry::Shared;
 use super::window::MinuteWindow;
 use crate::store::{Batch, StoreError, StoreTime, WriterId};
 use crate::telemetry;
-use crate::time::MonthKey;
+use crate::time::{Backoff, MonthKey};
 
 /// A sealed batch: sent, or waiting to be sent again. Never merged with newer deltas.
 struct Sealed {
@@ -47,7 +47,8 @@ struct Sealed {
     batch: Option<Batch>,
     speech_ms: u64,
     entries: usize,
-    attempts: u32,
+    /// Failed sends so far are `backoff.attempts()`.
+    backoff: Backoff,
     retry_at: Option<Instant>,
 }
 
@@ -76,7 +77,7 @@ enum Lifecycle {
 enum Hydration {
     /// Not loaded yet (or lost in a restart): totals hold only this actor's own speech (`known: false`).
     Unknown {
-        attempts: u32,
+        backoff: Backoff,
         next_at: Option<Instant>,
     },
     Known {
@@ -157,12 +158,13 @@ impl UserMeter {
 
     /// A fresh actor state around what was kept.
     fn with(k: Kept) -> Self {
+        let backoff = k.shared.config.backoff();
         Self {
             k,
             view: MinuteWindow::new(),
             view_months: Vec::new(),
             hydration: Hydration::Unknown {
-                attempts: 0,
+                backoff,
                 next_at: None,
             },
             known_keys: HashMap::new(),

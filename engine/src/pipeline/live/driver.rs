@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::contract::{FrameCounts, SessionReport, SttCommand};
-use super::core::{SessionCore, final_retry_delay};
+use super::core::SessionCore;
 use super::frames::FrameQueue;
 use super::ops::{OpResult, StoreOp, execute};
 use super::{Control, LiveConfig, LiveServices, SessionParams};
@@ -22,6 +22,7 @@ use crate::audio::vad::SileroModel;
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
 use crate::stt::{SttSessionInfo, SttStream};
 use crate::telemetry as t;
+use crate::time::Backoff;
 
 /// What a session speaks through: the websocket (over the socket itself, or channels to an HTTP worker).
 /// Read and written on the session's own thread, once per tick; nothing in it blocks.
@@ -257,7 +258,8 @@ impl<T: Transport> Driver<'_, T> {
             self.complete_op().await;
         }
         // The final record is retried a few times: what the metadata says must be in the meter.
-        for attempt in 0..3u64 {
+        let mut backoff = final_retry_backoff();
+        for _ in 0..3 {
             if let Some(op) = self.core.final_meter_op(self.services.clock.now_ms()) {
                 self.spawn_op(op);
                 self.complete_op().await;
@@ -265,7 +267,7 @@ impl<T: Transport> Driver<'_, T> {
             if self.core.settled() {
                 break;
             }
-            tokio::time::sleep(final_retry_delay(attempt)).await;
+            tokio::time::sleep(backoff.next_delay()).await;
         }
         // The last second's frames too: a session shorter than the meter interval counts all of its own.
         self.count_frames();
@@ -275,4 +277,9 @@ impl<T: Transport> Driver<'_, T> {
         self.deliver();
         report
     }
+}
+
+/// The waits between attempts of the final record (three attempts: about 0.1 to 0.6 s in all).
+fn final_retry_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(50), Duration::from_millis(200))
 }

@@ -20,7 +20,6 @@ mod conversations;
 mod stt;
 
 use std::collections::VecDeque;
-use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -409,9 +408,4 @@ impl SessionCore {
 /// Samples at 16 kHz → ms, rounded once.
 fn ms(samples: u64) -> u64 {
     samples_to_ms(samples, TARGET_RATE)
-}
-
-/// How long the driver waits between attempts of the final record.
-pub(super) fn final_retry_delay(attempt: u64) -> Duration {
-    Duration::from_millis(50 * (attempt + 1))
 }

@@ -1,0 +1,412 @@
+//! The sync use case: device files uploaded after the fact (`POST /v1/sync-local-files`), beside the live
+//! pipeline. The server admits the request (entitlement for `sync`, before the body), saves the body to temp
+//! files and maps the [`SyncOutcome`] to a response (`server/src/sync.rs`); everything between is here:
+//!
+//! 1. [`analyse`] (blocking, parallel on the rayon pool): every file's name (codec, timestamp) is checked and
+//!    the content decoded and VAD-segmented; a bad file fails only itself.
+//! 2. [`settle`], per good file: the backfill decision ([`crate::policy::backfill`]): too old is refused,
+//!    backfill is charged to today's allowance ([`crate::store::backfill`]) before it is metered and
+//!    refunded when it turns out not to be metered. Then the file's raw (pre-merge) speech is metered under
+//!    its content SHA-256: a re-upload never meters twice.
+//! 3. Restrict stage with the daily STT budget used up: [`SyncOutcome::SttBudgetExhausted`] (speech is
+//!    metered, no conversation is touched; the client retries after the reset).
+//! 4. Merged segments (120 s rule, ≥ [`MIN_SEGMENT_MS`]) become spans of conversations, created or merged
+//!    per user.
+//!
+//! Credits exhausted do not stop a sync: the conversations are locked.
+
+mod files;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use self::files::failed;
+pub use self::files::{Analysed, FileResult, SyncFile, analyse};
+use crate::conversation::{ConversationError, ConversationStore, Upsert};
+use crate::fair_use::FairUse;
+use crate::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
+use crate::pipeline::offline::FileAnalysis;
+use crate::policy::backfill::{self, BackfillConfig, Lane};
+use crate::policy::{SttAllowance, SttDenied};
+use crate::store::backfill::{BackfillLedger, Charge};
+use crate::telemetry::{SYNC_AUDIO_SECONDS_TOTAL, SYNC_FILES_BY_LANE_TOTAL, SYNC_FILES_TOTAL};
+use crate::time::{Clock, Span};
+
+/// Merged segments shorter than this are not conversation content (the reference's 1 s rule).
+pub const MIN_SEGMENT_MS: u64 = 1_000;
+
+/// The services a sync uses. Cheap to clone.
+#[derive(Clone)]
+pub struct SyncServices {
+    pub fair_use: FairUse,
+    pub conversations: Arc<dyn ConversationStore>,
+    /// The backfill decision's settings and its per-user, per-UTC-day ledger.
+    pub backfill: BackfillConfig,
+    pub backfill_ledger: Arc<dyn BackfillLedger>,
+    pub clock: Arc<dyn Clock>,
+}
+
+/// One admitted sync request.
+#[derive(Debug, Clone)]
+pub struct SyncRequest {
+    pub uid: String,
+    /// Content created now is locked (the entitlement's credit lock, read at admission).
+    pub locked: bool,
+    /// The entitlement's STT allowance, read at admission.
+    pub stt: SttAllowance,
+    /// Attach every span to this conversation when it exists (and is the caller's).
+    pub target: Option<String>,
+}
+
+/// What a sync did, file by file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Conversations created and updated (sorted, without repeats).
+    pub new_memories: Vec<String>,
+    pub updated_memories: Vec<String>,
+    /// Speech found in the good files.
+    pub speech_ms: u64,
+    /// Speech metered by this request (0 for content metered before).
+    pub metered_speech_ms: u64,
+    pub locked: bool,
+    pub files: Vec<FileResult>,
+}
+
+impl SyncReport {
+    /// Whether every file succeeded.
+    pub fn all_ok(&self) -> bool {
+        self.files.iter().all(|r| r.status != "failed")
+    }
+}
+
+/// How a sync ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SyncOutcome {
+    /// Some file succeeded; its speech is metered and in conversations ([`SyncReport::all_ok`] says whether
+    /// every file did).
+    Done(SyncReport),
+    /// No file succeeded. `server_side`: some failure was the server's (retry the upload); otherwise no file
+    /// was valid.
+    NoValidFiles {
+        report: SyncReport,
+        server_side: bool,
+    },
+    /// Some files did not fit today's backfill allowance; what fitted was metered and joined
+    /// conversations (a retry of those is a duplicate). Retry the rest after `retry_after_s` (the next UTC
+    /// midnight).
+    BackfillAllowanceExhausted {
+        report: SyncReport,
+        retry_after_s: u64,
+    },
+    /// Restrict stage with today's STT budget used up: the speech was metered, no conversation was
+    /// touched; `skipped_segments` spans wait for the reset, in `retry_after_s`.
+    SttBudgetExhausted {
+        report: SyncReport,
+        skipped_segments: usize,
+        retry_after_s: u64,
+    },
+}
+
+/// Why a file failed, for the request's outcome.
+enum Failure {
+    /// The file's own fault: final.
+    Client,
+    /// The server's (decode pool, meter, ledger): the client retries.
+    Server,
+    /// Today's backfill allowance is used up.
+    Allowance,
+}
+
+/// The request's files settled so far.
+#[derive(Default)]
+struct Tally {
+    results: Vec<FileResult>,
+    spans: Vec<Span>,
+    speech_ms: u64,
+    metered_ms: u64,
+    server_failures: usize,
+    allowance_refused: usize,
+    limitless: bool,
+}
+
+impl Tally {
+    fn fail(&mut self, result: FileResult, why: Failure) {
+        match why {
+            Failure::Client => {}
+            Failure::Server => self.server_failures += 1,
+            Failure::Allowance => self.allowance_refused += 1,
+        }
+        self.results.push(result);
+    }
+
+    fn report(&self, locked: bool, new: Vec<String>, updated: Vec<String>) -> SyncReport {
+        SyncReport {
+            new_memories: dedup(new),
+            updated_memories: dedup(updated),
+            speech_ms: self.speech_ms,
+            metered_speech_ms: self.metered_ms,
+            locked,
+            files: self.results.clone(),
+        }
+    }
+}
+
+/// Meters the analysed files, keyed by their content, and writes their conversations. Fails only when the
+/// conversations cannot be written (the speech is metered then: the client retries the upload).
+pub async fn settle(
+    services: &SyncServices,
+    request: SyncRequest,
+    analysed: Vec<Analysed>,
+) -> Result<SyncOutcome, ConversationError> {
+    let uid = request.uid.as_str();
+    let locked = request.locked;
+    let mut tally = Tally::default();
+    let arrival_ms = services.clock.now_ms();
+    for a in analysed {
+        settle_file(services, uid, a, arrival_ms, &mut tally).await;
+    }
+    for r in &tally.results {
+        let s = if r.status == "failed" { "failed" } else { "ok" };
+        metrics::counter!(SYNC_FILES_TOTAL, "status" => s).increment(1);
+    }
+    let good = tally
+        .results
+        .iter()
+        .filter(|r| r.status != "failed")
+        .count();
+    if good == 0 && tally.allowance_refused > 0 {
+        return Ok(SyncOutcome::BackfillAllowanceExhausted {
+            report: tally.report(locked, Vec::new(), Vec::new()),
+            retry_after_s: backfill::retry_after_s(arrival_ms),
+        });
+    }
+    if good == 0 {
+        return Ok(SyncOutcome::NoValidFiles {
+            report: tally.report(locked, Vec::new(), Vec::new()),
+            server_side: tally.server_failures > 0,
+        });
+    }
+
+    if let SttAllowance::None {
+        reason: SttDenied::BudgetExhausted,
+        resets_at_ms,
+        ..
+    } = request.stt
+    {
+        let retry_after_s = resets_at_ms
+            .map(|at| at.saturating_sub(services.clock.now_ms()).div_ceil(1000))
+            .unwrap_or(3_600);
+        return Ok(SyncOutcome::SttBudgetExhausted {
+            report: tally.report(locked, Vec::new(), Vec::new()),
+            skipped_segments: tally.spans.len(),
+            retry_after_s,
+        });
+    }
+
+    let source = if tally.limitless { "limitless" } else { "omi" };
+    let outcome = services
+        .conversations
+        .upsert(Upsert {
+            uid: uid.to_owned(),
+            spans: std::mem::take(&mut tally.spans),
+            locked,
+            source: source.to_owned(),
+            target: request.target.filter(|s| !s.is_empty()),
+        })
+        .await?;
+    let report = tally.report(locked, outcome.new, outcome.updated);
+    if tally.allowance_refused > 0 {
+        // What fitted was metered and joined conversations; the rest waits for the next UTC day.
+        return Ok(SyncOutcome::BackfillAllowanceExhausted {
+            report,
+            retry_after_s: backfill::retry_after_s(arrival_ms),
+        });
+    }
+    Ok(SyncOutcome::Done(report))
+}
+
+/// One analysed file: the backfill decision, the meter, and its spans.
+async fn settle_file(
+    services: &SyncServices,
+    uid: &str,
+    a: Analysed,
+    arrival_ms: u64,
+    tally: &mut Tally,
+) {
+    let fa = match a.analysis {
+        Ok(fa) => fa,
+        Err((code, error, server_side)) => {
+            let why = if server_side {
+                Failure::Server
+            } else {
+                Failure::Client
+            };
+            tally.fail(failed(a.name, code, error, 0), why);
+            return;
+        }
+    };
+    metrics::counter!(SYNC_AUDIO_SECONDS_TOTAL).increment(fa.duration_ms / 1000);
+    let today = backfill::utc_day(arrival_ms);
+    let charged = match charge_backfill(services, uid, &a.name, &fa, a.start_ms, arrival_ms).await {
+        Ok(charged) => charged,
+        Err((result, why)) => {
+            tally.fail(result, why);
+            return;
+        }
+    };
+    let rec = RecordSpeech::new(
+        uid,
+        SpeechAmount::Samples {
+            samples: fa.speech_samples,
+            rate_hz: 16_000,
+        },
+        a.start_ms,
+        SpeechSource::Sync,
+    )
+    .with_idempotency_key(format!("sync:{}", a.sha256));
+    let recorded = services.fair_use.record(rec).await;
+    let unmetered = !matches!(&recorded, Ok(o) if o.status == RecordStatus::Recorded);
+    if charged > 0
+        && unmetered
+        && let Err(error) = services.backfill_ledger.refund(uid, today, charged).await
+    {
+        tracing::warn!(message = "Refunding the backfill allowance failed.", uid, %error);
+    }
+    let status = match recorded {
+        Ok(o) => o.status,
+        Err(e) => {
+            tracing::warn!(message = "Metering a sync file failed.", uid, file = %a.name, error = %e);
+            tally.fail(
+                failed(
+                    a.name,
+                    "metering_unavailable",
+                    "the speech could not be metered; retry the upload".into(),
+                    fa.duration_ms,
+                ),
+                Failure::Server,
+            );
+            return;
+        }
+    };
+    let whole = if fa.truncated_at.is_some() {
+        "truncated"
+    } else {
+        "ok"
+    };
+    let file_status = match status {
+        RecordStatus::Recorded => {
+            tally.metered_ms += fa.speech_ms;
+            whole
+        }
+        RecordStatus::Empty => whole,
+        RecordStatus::Duplicate => "duplicate",
+        RecordStatus::Dropped => {
+            tally.fail(
+                failed(
+                    a.name,
+                    "metering_overloaded",
+                    "the meter is over its memory bound; retry the upload".into(),
+                    fa.duration_ms,
+                ),
+                Failure::Server,
+            );
+            return;
+        }
+    };
+    tally.limitless |= a.limitless;
+    tally.speech_ms += fa.speech_ms;
+    tally.spans.extend(
+        fa.merged_segments_ms
+            .iter()
+            .filter(|[s, e]| e.saturating_sub(*s) >= MIN_SEGMENT_MS)
+            .map(|[s, e]| Span {
+                start: a.start_ms + s,
+                end: a.start_ms + e,
+            }),
+    );
+    tally.results.push(FileResult {
+        file: a.name,
+        status: file_status,
+        speech_ms: fa.speech_ms,
+        duration_ms: fa.duration_ms,
+        code: fa.truncation_code,
+        truncated_at: fa.truncated_at,
+        error: None,
+        warnings: fa.warnings,
+    });
+}
+
+/// The backfill decision (DESIGN §3): too old is refused; backfill is charged to today's allowance before
+/// it is metered. Returns the ms charged (0 for fresh speech), or the file's failure.
+async fn charge_backfill(
+    services: &SyncServices,
+    uid: &str,
+    name: &str,
+    fa: &FileAnalysis,
+    start_ms: u64,
+    arrival_ms: u64,
+) -> Result<u64, (FileResult, Failure)> {
+    let lane = backfill::lane(start_ms, arrival_ms, &services.backfill);
+    metrics::counter!(SYNC_FILES_BY_LANE_TOTAL, "lane" => lane.label()).increment(1);
+    match lane {
+        Lane::Fresh => Ok(0),
+        Lane::TooOld => Err((
+            failed(
+                name.to_owned(),
+                "recording_too_old",
+                format!(
+                    "recorded more than {} days before its upload (VOICEGATE_BACKFILL_LOOKBACK_DAYS)",
+                    services.backfill.lookback_ms / 86_400_000
+                ),
+                fa.duration_ms,
+            ),
+            Failure::Client,
+        )),
+        Lane::Backfill => {
+            let allowance = services.backfill.allowance_ms;
+            let today = backfill::utc_day(arrival_ms);
+            match services
+                .backfill_ledger
+                .charge(uid, today, fa.speech_ms, allowance)
+                .await
+            {
+                Ok(Charge::Granted { .. }) => Ok(fa.speech_ms),
+                Ok(Charge::Exhausted { used_ms }) => Err((
+                    failed(
+                        name.to_owned(),
+                        "backfill_allowance_exhausted",
+                        format!(
+                            "{} ms of speech recorded over 24 h ago does not fit today's backfill allowance \
+                             ({used_ms} of {allowance} ms used, VOICEGATE_BACKFILL_ALLOWANCE_MS); retry after the next UTC midnight",
+                            fa.speech_ms
+                        ),
+                        fa.duration_ms,
+                    ),
+                    Failure::Allowance,
+                )),
+                Err(e) => {
+                    // The allowance cannot be checked: backfill waits (fresh speech is unaffected).
+                    tracing::warn!(message = "Charging the backfill allowance failed.", uid, error = %e);
+                    Err((
+                        failed(
+                            name.to_owned(),
+                            "metering_unavailable",
+                            "the backfill allowance could not be checked; retry the upload".into(),
+                            fa.duration_ms,
+                        ),
+                        Failure::Server,
+                    ))
+                }
+            }
+        }
+    }
+}
+
+fn dedup(ids: Vec<String>) -> Vec<String> {
+    ids.into_iter()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect()
+}

@@ -1,0 +1,248 @@
+//! The sync use case without a server: real fixtures decoded and VAD-segmented, the real meter, fair-use
+//! facade, backfill ledger and conversation store in memory, on a manual clock. The HTTP mapping is tested
+//! by the server's `sync_*` integration tests.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::*;
+use crate::conversation::MemoryConversationStore;
+use crate::fair_use::{FairUseParts, NoSessions, classifier_from_config};
+use crate::meter::{Meter, MeterConfig};
+use crate::pipeline::stream::PipelineConfig;
+use crate::policy::FairUseConfig;
+use crate::store::MemoryStore;
+use crate::store::backfill::MemoryBackfillLedger;
+use crate::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
+use crate::time::ManualClock;
+
+/// Arrival time (epoch ms): mid-day UTC, so a retry after the next midnight is 12 h away.
+const T0: u64 = 1_790_000_000_000 - 1_790_000_000_000 % 86_400_000 + 43_200_000;
+const DAY_S: u64 = 86_400;
+
+fn fixture(id: &str) -> PathBuf {
+    PathBuf::from(format!(
+        "{}/../fixtures/{id}.bin",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+}
+
+/// A device file name recorded `ago_s` before [`T0`].
+fn name(ago_s: u64) -> String {
+    format!("audio_omi_opus_16000_1_fs160_{}.bin", T0 / 1000 - ago_s)
+}
+
+fn file(name: String, path: PathBuf, sha: &str) -> SyncFile {
+    SyncFile {
+        name,
+        path,
+        sha256_hex: sha.to_owned(),
+    }
+}
+
+struct World {
+    services: SyncServices,
+    conversations: Arc<MemoryConversationStore>,
+}
+
+fn world(backfill: BackfillConfig) -> World {
+    let clock = ManualClock::new(T0);
+    let meter = Meter::start(
+        MeterConfig {
+            shards: 0,
+            ..MeterConfig::default()
+        },
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+    );
+    let fair_cfg = FairUseConfig::default();
+    let classifier = classifier_from_config(&fair_cfg).unwrap();
+    let fair_use = FairUse::start(
+        fair_cfg,
+        meter,
+        FairUseParts {
+            store: Arc::new(MemoryFairUseStore::new()),
+            lock: Arc::new(MemoryCooldownLock::new()),
+            classifier,
+            sessions: Arc::new(NoSessions),
+            notifier: None,
+            clock: clock.clone(),
+        },
+    );
+    let conversations = Arc::new(MemoryConversationStore::new(clock.clone()));
+    World {
+        services: SyncServices {
+            fair_use,
+            conversations: conversations.clone(),
+            backfill,
+            backfill_ledger: Arc::new(MemoryBackfillLedger::default()),
+            clock,
+        },
+        conversations,
+    }
+}
+
+fn request(stt: SttAllowance) -> SyncRequest {
+    SyncRequest {
+        uid: "u".to_owned(),
+        locked: false,
+        stt,
+        target: None,
+    }
+}
+
+fn unlimited() -> SttAllowance {
+    SttAllowance::Unlimited
+}
+
+async fn sync(w: &World, files: &[SyncFile], stt: SttAllowance) -> SyncOutcome {
+    let analysed = analyse(files, T0 / 1000, &PipelineConfig::default());
+    settle(&w.services, request(stt), analysed).await.unwrap()
+}
+
+fn done(outcome: SyncOutcome) -> SyncReport {
+    match outcome {
+        SyncOutcome::Done(report) => report,
+        other => panic!("not done: {other:?}"),
+    }
+}
+
+async fn conversation_count(w: &World) -> usize {
+    w.conversations
+        .list("u", 100, 0)
+        .await
+        .unwrap()
+        .conversations
+        .len()
+}
+
+#[actix::test]
+async fn a_fresh_file_is_metered_once_and_becomes_a_conversation_and_a_reupload_is_a_duplicate() {
+    let w = world(BackfillConfig::default());
+    let files = [file(name(60), fixture("d01"), "aa")];
+    let first = done(sync(&w, &files, unlimited()).await);
+    assert!(first.all_ok(), "{first:?}");
+    assert_eq!(first.files[0].status, "ok");
+    assert!(first.speech_ms > 0, "{first:?}");
+    assert_eq!(first.metered_speech_ms, first.speech_ms);
+    assert_eq!(first.new_memories.len(), 1, "{first:?}");
+    assert_eq!(conversation_count(&w).await, 1);
+
+    // The same content under another name: found again, metered never twice, merged into the same spans.
+    let files = [file(name(30), fixture("d01"), "aa")];
+    let again = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(again.files[0].status, "duplicate", "{again:?}");
+    assert_eq!(again.speech_ms, first.speech_ms);
+    assert_eq!(again.metered_speech_ms, 0);
+}
+
+#[actix::test]
+async fn a_bad_file_fails_only_itself_and_no_valid_file_says_whose_fault() {
+    let w = world(BackfillConfig::default());
+    let files = [
+        file("notes.txt".into(), fixture("d01"), "bb"),
+        file(name(60), fixture("d02"), "cc"),
+    ];
+    let report = done(sync(&w, &files, unlimited()).await);
+    assert!(!report.all_ok());
+    assert_eq!(report.files[0].status, "failed");
+    assert_eq!(report.files[0].code, Some("invalid_file_format"));
+    assert_eq!(report.files[1].status, "ok", "{report:?}");
+
+    // Only the client's faults: final.
+    let files = [file("notes.txt".into(), fixture("d01"), "bb")];
+    match sync(&w, &files, unlimited()).await {
+        SyncOutcome::NoValidFiles {
+            report,
+            server_side: false,
+        } => assert_eq!(report.metered_speech_ms, 0),
+        other => panic!("{other:?}"),
+    }
+    // A saved file that cannot be read is the server's fault: retry.
+    let files = [file(name(60), PathBuf::from("/nonexistent/upload"), "dd")];
+    match sync(&w, &files, unlimited()).await {
+        SyncOutcome::NoValidFiles {
+            report,
+            server_side: true,
+        } => assert_eq!(report.files[0].code, Some("temp_file_unreadable")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[actix::test]
+async fn backdated_speech_over_the_allowance_waits_for_midnight_and_what_fitted_is_kept() {
+    // An allowance of 1 ms: any backdated speech is over it.
+    let w = world(BackfillConfig {
+        allowance_ms: 1,
+        ..BackfillConfig::default()
+    });
+    let files = [
+        file(name(60), fixture("d01"), "ee"),
+        file(name(8 * DAY_S), fixture("d02"), "ff"),
+    ];
+    match sync(&w, &files, unlimited()).await {
+        SyncOutcome::BackfillAllowanceExhausted {
+            report,
+            retry_after_s,
+        } => {
+            assert_eq!(retry_after_s, 12 * 3_600);
+            assert_eq!(report.files[0].status, "ok");
+            assert_eq!(report.files[1].code, Some("backfill_allowance_exhausted"));
+            // The fresh file was metered and joined a conversation; the backdated one was not metered.
+            assert_eq!(report.metered_speech_ms, report.files[0].speech_ms);
+            assert_eq!(report.new_memories.len(), 1);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Only backdated files, none fitting: nothing is written.
+    let files = [file(name(9 * DAY_S), fixture("d03"), "gg")];
+    match sync(&w, &files, unlimited()).await {
+        SyncOutcome::BackfillAllowanceExhausted { report, .. } => {
+            assert!(report.new_memories.is_empty() && report.metered_speech_ms == 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(conversation_count(&w).await, 1);
+}
+
+#[actix::test]
+async fn a_recording_older_than_the_lookback_is_refused_for_good() {
+    let w = world(BackfillConfig::default());
+    let files = [file(name(40 * DAY_S), fixture("d01"), "hh")];
+    match sync(&w, &files, unlimited()).await {
+        SyncOutcome::NoValidFiles {
+            report,
+            server_side: false,
+        } => {
+            assert_eq!(report.files[0].code, Some("recording_too_old"));
+            assert!(report.files[0].duration_ms > 0);
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[actix::test]
+async fn an_exhausted_stt_budget_meters_the_speech_but_touches_no_conversation() {
+    let w = world(BackfillConfig::default());
+    let files = [file(name(60), fixture("d01"), "ii")];
+    let stt = SttAllowance::None {
+        reason: SttDenied::BudgetExhausted,
+        daily_limit_ms: Some(60_000),
+        used_ms: 60_000,
+        resets_at_ms: Some(T0 + 4_500),
+    };
+    match sync(&w, &files, stt).await {
+        SyncOutcome::SttBudgetExhausted {
+            report,
+            skipped_segments,
+            retry_after_s,
+        } => {
+            assert_eq!(retry_after_s, 5);
+            assert!(skipped_segments > 0);
+            assert_eq!(report.metered_speech_ms, report.speech_ms);
+            assert!(report.speech_ms > 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(conversation_count(&w).await, 0);
+}

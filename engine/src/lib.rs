@@ -12,6 +12,7 @@
 //! `docs/architecture.md`.
 
 pub mod audio;
+pub mod config;
 pub mod conversation;
 pub mod fair_use;
 pub mod meter;

@@ -17,7 +17,7 @@ pub mod placement;
 mod registry;
 pub mod window;
 
-pub use config::MeterConfig;
+pub use config::{MeterArgs, MeterConfig};
 pub use facade::Meter;
 pub use flusher::{RoundReport, ShutdownReport};
 pub use messages::{

@@ -1,49 +1,19 @@
-//! Every fair-use setting, its default and its environment variable, in one struct.
+//! Every fair-use setting: [`FairUseArgs`] (flag, environment variable and default of each, a clap `Args`
+//! that `voicegate serve` flattens into its configuration) and the [`FairUseConfig`] the policy runs with.
 //!
 //! The reference's names are kept so its operators can reuse their settings; settings the reference did not
-//! have are prefixed `VOICEGATE_`. Parsing is pure: the caller passes a lookup (`|k| std::env::var(k).ok()`).
-//! A value that does not parse is an error at startup, never a silent default.
+//! have are prefixed `VOICEGATE_`. A value that does not parse, or an impossible combination, is an error at
+//! startup that names the variables, never a silent default. An empty value counts as unset.
 
 use std::collections::BTreeSet;
-use std::str::FromStr;
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::config::{self, ConfigError, Setting, ordered};
+use crate::policy::plan::DEFAULT_PAID_PLANS;
 use crate::policy::stage::DAY_MS;
 use crate::policy::{PlanTable, SoftCaps, StagePolicy};
-
-/// Master enable (default **true** here; the reference defaulted to false).
-pub const ENV_ENABLED: &str = "FAIR_USE_ENABLED";
-/// Turns off caps, stages, STT budgets and 429s (never metering, month usage or the credit lock).
-pub const ENV_KILL_SWITCH: &str = "FAIR_USE_KILL_SWITCH";
-pub const ENV_DAILY_SPEECH_MS: &str = "FAIR_USE_DAILY_SPEECH_MS";
-pub const ENV_3DAY_SPEECH_MS: &str = "FAIR_USE_3DAY_SPEECH_MS";
-pub const ENV_WEEKLY_SPEECH_MS: &str = "FAIR_USE_WEEKLY_SPEECH_MS";
-pub const ENV_SCORE_THRESHOLD: &str = "FAIR_USE_CLASSIFIER_ABUSE_SCORE_THRESHOLD";
-pub const ENV_COOLDOWN_SECONDS: &str = "FAIR_USE_CLASSIFIER_COOLDOWN_SECONDS";
-/// Comma-separated uids; empty items dropped.
-pub const ENV_EXEMPT_UIDS: &str = "FAIR_USE_EXEMPT_UIDS";
-/// Daily STT budget in restrict; 0 disables it.
-pub const ENV_RESTRICT_DAILY_STT_MS: &str = "FAIR_USE_RESTRICT_DAILY_DG_MS";
-/// Free-plan monthly minutes; 0 = unlimited.
-pub const ENV_FREE_MINUTES: &str = "BASIC_TIER_MINUTES_LIMIT_PER_MONTH";
-pub const ENV_CLASSIFIER_MODEL: &str = "FAIR_USE_CLASSIFIER_MODEL";
-pub const ENV_CLASSIFIER_LOOKBACK_DAYS: &str = "FAIR_USE_CLASSIFIER_LOOKBACK_DAYS";
-/// Daily STT budget in throttle; 0 disables it.
-pub const ENV_THROTTLE_DAILY_STT_MS: &str = "VOICEGATE_FAIR_USE_THROTTLE_DAILY_STT_MS";
-/// Comma-separated plan ids with unlimited minutes.
-pub const ENV_PAID_PLANS: &str = "VOICEGATE_FAIR_USE_PAID_PLANS";
-pub const ENV_THROTTLE_DAYS: &str = "VOICEGATE_FAIR_USE_THROTTLE_DAYS";
-pub const ENV_RESTRICT_DAYS: &str = "VOICEGATE_FAIR_USE_RESTRICT_DAYS";
-pub const ENV_WARNING_DECAY_DAYS: &str = "VOICEGATE_FAIR_USE_WARNING_DECAY_DAYS";
-/// `heuristic` (default) or `openai`.
-pub const ENV_CLASSIFIER: &str = "VOICEGATE_CLASSIFIER";
-pub const ENV_CLASSIFIER_BASE_URL: &str = "VOICEGATE_CLASSIFIER_BASE_URL";
-pub const ENV_CLASSIFIER_API_KEY: &str = "VOICEGATE_CLASSIFIER_API_KEY";
-pub const ENV_CLASSIFIER_CONCURRENCY: &str = "VOICEGATE_CLASSIFIER_CONCURRENCY";
-pub const ENV_CLASSIFIER_TIMEOUT_SECONDS: &str = "VOICEGATE_CLASSIFIER_TIMEOUT_SECONDS";
-pub const ENV_CLASSIFIER_RETRY_BASE_SECONDS: &str = "VOICEGATE_CLASSIFIER_RETRY_BASE_SECONDS";
-pub const ENV_CLASSIFIER_RETRY_MAX_SECONDS: &str = "VOICEGATE_CLASSIFIER_RETRY_MAX_SECONDS";
 
 /// Which classifier the supervisor runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -122,265 +92,284 @@ impl Default for FairUseConfig {
     }
 }
 
-/// A setting that does not parse.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid value {value:?} for {var}: expected {expected}")]
-pub struct ConfigError {
-    pub var: &'static str,
-    pub value: String,
-    pub expected: &'static str,
+impl fmt::Display for ClassifierKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ClassifierKind::Heuristic => "heuristic",
+            ClassifierKind::OpenAi => "openai",
+        })
+    }
 }
 
-impl ConfigError {
-    pub const CODE: &'static str = "invalid_fair_use_config";
+const fn classifier_kind() -> Setting<ClassifierKind> {
+    Setting::new(
+        |v| match v.to_ascii_lowercase().as_str() {
+            "heuristic" => Some(ClassifierKind::Heuristic),
+            "openai" => Some(ClassifierKind::OpenAi),
+            _ => None,
+        },
+        "heuristic or openai",
+    )
 }
 
-impl FairUseConfig {
-    /// Defaults overridden by every variable `lookup` knows. Empty values count as unset.
-    pub fn from_lookup(
-        lookup: impl Fn(&str) -> Option<String>,
-    ) -> Result<FairUseConfig, ConfigError> {
-        let get = |var: &'static str| {
-            lookup(var)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
+const ENV_DAILY: &str = "FAIR_USE_DAILY_SPEECH_MS";
+const ENV_3DAY: &str = "FAIR_USE_3DAY_SPEECH_MS";
+const ENV_WEEKLY: &str = "FAIR_USE_WEEKLY_SPEECH_MS";
+const ENV_RESTRICT_STT: &str = "FAIR_USE_RESTRICT_DAILY_DG_MS";
+const ENV_THROTTLE_STT: &str = "VOICEGATE_FAIR_USE_THROTTLE_DAILY_STT_MS";
+const ENV_RETRY_BASE: &str = "VOICEGATE_CLASSIFIER_RETRY_BASE_SECONDS";
+const ENV_RETRY_MAX: &str = "VOICEGATE_CLASSIFIER_RETRY_MAX_SECONDS";
+
+/// The fair-use settings as an operator writes them (units in the names). The defaults are those of
+/// [`FairUseConfig::default`]; [`FairUseArgs::config`] checks them and builds the [`FairUseConfig`].
+#[derive(Debug, Clone, PartialEq, clap::Args)]
+#[command(next_help_heading = "Fair use")]
+pub struct FairUseArgs {
+    /// Master enable of fair use (the reference defaulted to false).
+    #[arg(long = "fair-use-enabled", env = "FAIR_USE_ENABLED", value_name = "BOOL", action = clap::ArgAction::Set,
+          default_value_t = FairUseConfig::default().enabled, value_parser = config::boolean())]
+    pub enabled: bool,
+    /// Turns off caps, stages, STT budgets and 429s (never metering, month usage or the credit lock).
+    #[arg(long = "fair-use-kill-switch", env = "FAIR_USE_KILL_SWITCH", value_name = "BOOL", action = clap::ArgAction::Set,
+          default_value_t = FairUseConfig::default().kill_switch, value_parser = config::boolean())]
+    pub kill_switch: bool,
+    /// Soft cap on speech in the rolling 24 h, in ms (a total strictly greater triggers).
+    #[arg(long = "fair-use-daily-speech-ms", env = ENV_DAILY,
+          default_value_t = SoftCaps::default().daily_ms, value_parser = config::count())]
+    pub daily_speech_ms: u64,
+    /// Soft cap on speech in the rolling 72 h, in ms; at least the daily cap.
+    #[arg(long = "fair-use-3day-speech-ms", env = ENV_3DAY,
+          default_value_t = SoftCaps::default().three_day_ms, value_parser = config::count())]
+    pub three_day_speech_ms: u64,
+    /// Soft cap on speech in the rolling 168 h, in ms; at least the 3-day cap.
+    #[arg(long = "fair-use-weekly-speech-ms", env = ENV_WEEKLY,
+          default_value_t = SoftCaps::default().weekly_ms, value_parser = config::count())]
+    pub weekly_speech_ms: u64,
+    /// The classifier's misuse gate (`score >= threshold`), from 0 to 1.
+    #[arg(long = "fair-use-abuse-score-threshold", env = "FAIR_USE_CLASSIFIER_ABUSE_SCORE_THRESHOLD",
+          default_value_t = StagePolicy::default().misuse_threshold, value_parser = config::fraction())]
+    pub score_threshold: f64,
+    /// At most one classification per user per this many seconds.
+    #[arg(long = "fair-use-classifier-cooldown-seconds", env = "FAIR_USE_CLASSIFIER_COOLDOWN_SECONDS",
+          default_value_t = ClassifierSettings::default().cooldown_ms / 1000, value_parser = config::count())]
+    pub cooldown_seconds: u64,
+    /// Comma-separated uids fair use never applies to (empty items dropped).
+    #[arg(long = "fair-use-exempt-uids", env = "FAIR_USE_EXEMPT_UIDS", value_parser = config::text())]
+    pub exempt_uids: Option<String>,
+    /// Daily speech-to-text budget in the restrict stage, in ms; 0 disables it. At most the throttle budget.
+    #[arg(long = "fair-use-restrict-daily-stt-ms", env = ENV_RESTRICT_STT,
+          default_value_t = FairUseConfig::default().restrict_daily_stt_ms, value_parser = config::count())]
+    pub restrict_daily_stt_ms: u64,
+    /// Daily speech-to-text budget in the throttle stage, in ms; 0 disables it.
+    #[arg(long = "fair-use-throttle-daily-stt-ms", env = ENV_THROTTLE_STT,
+          default_value_t = FairUseConfig::default().throttle_daily_stt_ms, value_parser = config::count())]
+    pub throttle_daily_stt_ms: u64,
+    /// Free-plan minutes per calendar month; 0 = unlimited (the reference's default was 0).
+    #[arg(long = "free-minutes-per-month", env = "BASIC_TIER_MINUTES_LIMIT_PER_MONTH",
+          default_value_t = PlanTable::default().free_minutes_per_month, value_parser = config::count())]
+    pub free_minutes_per_month: u64,
+    /// Comma-separated plan ids with unlimited minutes.
+    #[arg(long = "fair-use-paid-plans", env = "VOICEGATE_FAIR_USE_PAID_PLANS",
+          default_value_t = DEFAULT_PAID_PLANS.join(","), value_parser = config::text())]
+    pub paid_plans: String,
+    /// Days a throttle lasts.
+    #[arg(long = "fair-use-throttle-days", env = "VOICEGATE_FAIR_USE_THROTTLE_DAYS",
+          default_value_t = StagePolicy::default().throttle_ms / DAY_MS, value_parser = config::count())]
+    pub throttle_days: u64,
+    /// Days a restriction lasts.
+    #[arg(long = "fair-use-restrict-days", env = "VOICEGATE_FAIR_USE_RESTRICT_DAYS",
+          default_value_t = StagePolicy::default().restrict_ms / DAY_MS, value_parser = config::count())]
+    pub restrict_days: u64,
+    /// Days without a violation before a warning decays to none.
+    #[arg(long = "fair-use-warning-decay-days", env = "VOICEGATE_FAIR_USE_WARNING_DECAY_DAYS",
+          default_value_t = StagePolicy::default().warning_quiet_ms / DAY_MS, value_parser = config::count())]
+    pub warning_decay_days: u64,
+    /// The misuse classifier: heuristic or openai (docs/fair-use.md).
+    #[arg(long = "classifier", env = "VOICEGATE_CLASSIFIER",
+          default_value_t = ClassifierKind::default(), value_parser = classifier_kind())]
+    pub classifier: ClassifierKind,
+    /// OpenAI-compatible base URL of the classifier (the client appends `/chat/completions`).
+    #[arg(long = "classifier-base-url", env = "VOICEGATE_CLASSIFIER_BASE_URL",
+          default_value_t = ClassifierSettings::default().base_url, value_parser = config::text())]
+    pub classifier_base_url: String,
+    /// Chat model of the openai classifier.
+    #[arg(long = "classifier-model", env = "FAIR_USE_CLASSIFIER_MODEL",
+          default_value_t = ClassifierSettings::default().model, value_parser = config::text())]
+    pub classifier_model: String,
+    /// API key of the openai classifier (never logged).
+    #[arg(long = "classifier-api-key", env = "VOICEGATE_CLASSIFIER_API_KEY", hide_env_values = true,
+          value_parser = config::text())]
+    pub classifier_api_key: Option<String>,
+    /// Days of sessions the classifier sees.
+    #[arg(long = "classifier-lookback-days", env = "FAIR_USE_CLASSIFIER_LOOKBACK_DAYS",
+          default_value_t = ClassifierSettings::default().lookback_days, value_parser = config::positive_count())]
+    pub classifier_lookback_days: u64,
+    /// Classifications in flight at most.
+    #[arg(long = "classifier-concurrency", env = "VOICEGATE_CLASSIFIER_CONCURRENCY",
+          default_value_t = ClassifierSettings::default().concurrency as u64, value_parser = config::positive_count())]
+    pub classifier_concurrency: u64,
+    /// Longest one classification may take, in seconds.
+    #[arg(long = "classifier-timeout-seconds", env = "VOICEGATE_CLASSIFIER_TIMEOUT_SECONDS",
+          default_value_t = ClassifierSettings::default().timeout_ms / 1000, value_parser = config::positive_count())]
+    pub classifier_timeout_seconds: u64,
+    /// First retry of a failed classification after this many seconds; doubles per failure.
+    #[arg(long = "classifier-retry-base-seconds", env = ENV_RETRY_BASE,
+          default_value_t = ClassifierSettings::default().retry_base_ms / 1000, value_parser = config::positive_count())]
+    pub classifier_retry_base_seconds: u64,
+    /// Longest wait between retries of a failed classification, in seconds; at least the base.
+    #[arg(long = "classifier-retry-max-seconds", env = ENV_RETRY_MAX,
+          default_value_t = ClassifierSettings::default().retry_max_ms / 1000, value_parser = config::positive_count())]
+    pub classifier_retry_max_seconds: u64,
+}
+
+impl Default for FairUseArgs {
+    fn default() -> Self {
+        FairUseArgs::from(&FairUseConfig::default())
+    }
+}
+
+impl From<&FairUseConfig> for FairUseArgs {
+    /// The settings that give `c` (sub-second and sub-day parts of its durations dropped).
+    fn from(c: &FairUseConfig) -> Self {
+        let k = &c.classifier;
+        let list = |items: &mut dyn Iterator<Item = &String>| {
+            items.map(String::as_str).collect::<Vec<_>>().join(",")
         };
-        let mut c = FairUseConfig::default();
-        let d = &mut c;
-        set(&mut d.enabled, ENV_ENABLED, get(ENV_ENABLED), parse_bool)?;
-        set(
-            &mut d.kill_switch,
-            ENV_KILL_SWITCH,
-            get(ENV_KILL_SWITCH),
-            parse_bool,
-        )?;
-        set(
-            &mut d.caps.daily_ms,
-            ENV_DAILY_SPEECH_MS,
-            get(ENV_DAILY_SPEECH_MS),
-            parse_u64,
-        )?;
-        set(
-            &mut d.caps.three_day_ms,
-            ENV_3DAY_SPEECH_MS,
-            get(ENV_3DAY_SPEECH_MS),
-            parse_u64,
-        )?;
-        set(
-            &mut d.caps.weekly_ms,
-            ENV_WEEKLY_SPEECH_MS,
-            get(ENV_WEEKLY_SPEECH_MS),
-            parse_u64,
-        )?;
-        set(
-            &mut d.stages.misuse_threshold,
-            ENV_SCORE_THRESHOLD,
-            get(ENV_SCORE_THRESHOLD),
-            parse_unit,
-        )?;
-        set(
-            &mut d.classifier.cooldown_ms,
-            ENV_COOLDOWN_SECONDS,
-            get(ENV_COOLDOWN_SECONDS),
-            parse_secs,
-        )?;
-        if let Some(v) = get(ENV_EXEMPT_UIDS) {
-            d.exempt_uids = split_list(&v).collect();
+        FairUseArgs {
+            enabled: c.enabled,
+            kill_switch: c.kill_switch,
+            daily_speech_ms: c.caps.daily_ms,
+            three_day_speech_ms: c.caps.three_day_ms,
+            weekly_speech_ms: c.caps.weekly_ms,
+            score_threshold: c.stages.misuse_threshold,
+            cooldown_seconds: k.cooldown_ms / 1000,
+            exempt_uids: Some(list(&mut c.exempt_uids.iter())).filter(|s| !s.is_empty()),
+            restrict_daily_stt_ms: c.restrict_daily_stt_ms,
+            throttle_daily_stt_ms: c.throttle_daily_stt_ms,
+            free_minutes_per_month: c.plans.free_minutes_per_month,
+            paid_plans: list(&mut c.plans.paid_plans.iter()),
+            throttle_days: c.stages.throttle_ms / DAY_MS,
+            restrict_days: c.stages.restrict_ms / DAY_MS,
+            warning_decay_days: c.stages.warning_quiet_ms / DAY_MS,
+            classifier: k.kind,
+            classifier_base_url: k.base_url.clone(),
+            classifier_model: k.model.clone(),
+            classifier_api_key: k.api_key.clone(),
+            classifier_lookback_days: k.lookback_days,
+            classifier_concurrency: k.concurrency as u64,
+            classifier_timeout_seconds: k.timeout_ms / 1000,
+            classifier_retry_base_seconds: k.retry_base_ms / 1000,
+            classifier_retry_max_seconds: k.retry_max_ms / 1000,
         }
-        set(
-            &mut d.restrict_daily_stt_ms,
-            ENV_RESTRICT_DAILY_STT_MS,
-            get(ENV_RESTRICT_DAILY_STT_MS),
-            parse_u64,
+    }
+}
+
+impl FairUseArgs {
+    /// The fair-use configuration, or the first impossible setting: caps below each other (daily ≤ 3-day ≤
+    /// weekly), a restrict STT budget above the throttle one (when both are on), a retry base above its
+    /// maximum, or a duration too large to count in ms.
+    pub fn config(&self) -> Result<FairUseConfig, ConfigError> {
+        ordered(
+            (ENV_DAILY, self.daily_speech_ms),
+            (ENV_3DAY, self.three_day_speech_ms),
         )?;
-        set(
-            &mut d.throttle_daily_stt_ms,
-            ENV_THROTTLE_DAILY_STT_MS,
-            get(ENV_THROTTLE_DAILY_STT_MS),
-            parse_u64,
+        ordered(
+            (ENV_3DAY, self.three_day_speech_ms),
+            (ENV_WEEKLY, self.weekly_speech_ms),
         )?;
-        set(
-            &mut d.plans.free_minutes_per_month,
-            ENV_FREE_MINUTES,
-            get(ENV_FREE_MINUTES),
-            parse_u64,
-        )?;
-        if let Some(v) = get(ENV_PAID_PLANS) {
-            d.plans.paid_plans = split_list(&v).collect();
+        if self.restrict_daily_stt_ms > 0 && self.throttle_daily_stt_ms > 0 {
+            ordered(
+                (ENV_RESTRICT_STT, self.restrict_daily_stt_ms),
+                (ENV_THROTTLE_STT, self.throttle_daily_stt_ms),
+            )?;
         }
-        set(
-            &mut d.stages.throttle_ms,
-            ENV_THROTTLE_DAYS,
-            get(ENV_THROTTLE_DAYS),
-            parse_days,
+        ordered(
+            (ENV_RETRY_BASE, self.classifier_retry_base_seconds),
+            (ENV_RETRY_MAX, self.classifier_retry_max_seconds),
         )?;
-        set(
-            &mut d.stages.restrict_ms,
-            ENV_RESTRICT_DAYS,
-            get(ENV_RESTRICT_DAYS),
-            parse_days,
-        )?;
-        set(
-            &mut d.stages.warning_quiet_ms,
-            ENV_WARNING_DECAY_DAYS,
-            get(ENV_WARNING_DECAY_DAYS),
-            parse_days,
-        )?;
-        let k = &mut d.classifier;
-        set(&mut k.kind, ENV_CLASSIFIER, get(ENV_CLASSIFIER), parse_kind)?;
-        set(
-            &mut k.base_url,
-            ENV_CLASSIFIER_BASE_URL,
-            get(ENV_CLASSIFIER_BASE_URL),
-            |v| Some(v.to_owned()),
-        )?;
-        set(
-            &mut k.model,
-            ENV_CLASSIFIER_MODEL,
-            get(ENV_CLASSIFIER_MODEL),
-            |v| Some(v.to_owned()),
-        )?;
-        k.api_key = get(ENV_CLASSIFIER_API_KEY);
-        set(
-            &mut k.lookback_days,
-            ENV_CLASSIFIER_LOOKBACK_DAYS,
-            get(ENV_CLASSIFIER_LOOKBACK_DAYS),
-            parse_positive,
-        )?;
-        set(
-            &mut k.concurrency,
-            ENV_CLASSIFIER_CONCURRENCY,
-            get(ENV_CLASSIFIER_CONCURRENCY),
-            |v| parse_positive(v).and_then(|n| usize::try_from(n).ok()),
-        )?;
-        set(
-            &mut k.timeout_ms,
-            ENV_CLASSIFIER_TIMEOUT_SECONDS,
-            get(ENV_CLASSIFIER_TIMEOUT_SECONDS),
-            parse_secs_pos,
-        )?;
-        let base = get(ENV_CLASSIFIER_RETRY_BASE_SECONDS);
-        set(
-            &mut k.retry_base_ms,
-            ENV_CLASSIFIER_RETRY_BASE_SECONDS,
-            base,
-            parse_secs_pos,
-        )?;
-        let max = get(ENV_CLASSIFIER_RETRY_MAX_SECONDS);
-        set(
-            &mut k.retry_max_ms,
-            ENV_CLASSIFIER_RETRY_MAX_SECONDS,
-            max,
-            parse_secs_pos,
-        )?;
-        Ok(c)
-    }
-
-    /// Every variable this struct reads, for docs and `--help`.
-    pub const ENV_VARS: &'static [&'static str] = &[
-        ENV_ENABLED,
-        ENV_KILL_SWITCH,
-        ENV_DAILY_SPEECH_MS,
-        ENV_3DAY_SPEECH_MS,
-        ENV_WEEKLY_SPEECH_MS,
-        ENV_SCORE_THRESHOLD,
-        ENV_COOLDOWN_SECONDS,
-        ENV_EXEMPT_UIDS,
-        ENV_RESTRICT_DAILY_STT_MS,
-        ENV_FREE_MINUTES,
-        ENV_CLASSIFIER_MODEL,
-        ENV_CLASSIFIER_LOOKBACK_DAYS,
-        ENV_THROTTLE_DAILY_STT_MS,
-        ENV_PAID_PLANS,
-        ENV_THROTTLE_DAYS,
-        ENV_RESTRICT_DAYS,
-        ENV_WARNING_DECAY_DAYS,
-        ENV_CLASSIFIER,
-        ENV_CLASSIFIER_BASE_URL,
-        ENV_CLASSIFIER_API_KEY,
-        ENV_CLASSIFIER_CONCURRENCY,
-        ENV_CLASSIFIER_TIMEOUT_SECONDS,
-        ENV_CLASSIFIER_RETRY_BASE_SECONDS,
-        ENV_CLASSIFIER_RETRY_MAX_SECONDS,
-    ];
-}
-
-fn set<T>(
-    slot: &mut T,
-    var: &'static str,
-    raw: Option<String>,
-    parse: impl Fn(&str) -> Option<T>,
-) -> Result<(), ConfigError> {
-    let Some(raw) = raw else { return Ok(()) };
-    match parse(&raw) {
-        Some(v) => {
-            *slot = v;
-            Ok(())
-        }
-        None => Err(ConfigError {
-            var,
-            value: raw,
-            expected: expected_for(var),
-        }),
-    }
-}
-
-fn expected_for(var: &str) -> &'static str {
-    match var {
-        ENV_ENABLED | ENV_KILL_SWITCH => "true or false",
-        ENV_SCORE_THRESHOLD => "a number from 0 to 1",
-        ENV_CLASSIFIER => "heuristic or openai",
-        ENV_CLASSIFIER_CONCURRENCY
-        | ENV_CLASSIFIER_LOOKBACK_DAYS
-        | ENV_CLASSIFIER_TIMEOUT_SECONDS => "a positive integer",
-        _ => "a non-negative integer",
-    }
-}
-
-fn split_list(v: &str) -> impl Iterator<Item = String> + '_ {
-    v.split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-}
-
-fn parse_bool(v: &str) -> Option<bool> {
-    match v.to_ascii_lowercase().as_str() {
-        "true" | "1" | "yes" | "on" => Some(true),
-        "false" | "0" | "no" | "off" => Some(false),
-        _ => None,
-    }
-}
-
-fn parse_u64(v: &str) -> Option<u64> {
-    u64::from_str(v).ok()
-}
-
-fn parse_positive(v: &str) -> Option<u64> {
-    parse_u64(v).filter(|&n| n > 0)
-}
-
-fn parse_secs(v: &str) -> Option<u64> {
-    parse_u64(v).and_then(|s| s.checked_mul(1_000))
-}
-
-fn parse_secs_pos(v: &str) -> Option<u64> {
-    parse_positive(v).and_then(|s| s.checked_mul(1_000))
-}
-
-fn parse_days(v: &str) -> Option<u64> {
-    parse_u64(v).and_then(|d| d.checked_mul(DAY_MS))
-}
-
-fn parse_unit(v: &str) -> Option<f64> {
-    f64::from_str(v).ok().filter(|x| (0.0..=1.0).contains(x))
-}
-
-fn parse_kind(v: &str) -> Option<ClassifierKind> {
-    match v.to_ascii_lowercase().as_str() {
-        "heuristic" => Some(ClassifierKind::Heuristic),
-        "openai" => Some(ClassifierKind::OpenAi),
-        _ => None,
+        let ms = |setting: &str, value: u64, unit: u64| {
+            value.checked_mul(unit).ok_or_else(|| ConfigError::Invalid {
+                setting: setting.to_owned(),
+                value: value.to_string(),
+                expected: "a duration that fits in u64 milliseconds",
+            })
+        };
+        let list = |v: &str| -> Vec<String> {
+            v.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect()
+        };
+        let stages = StagePolicy {
+            misuse_threshold: self.score_threshold,
+            throttle_ms: ms(
+                "VOICEGATE_FAIR_USE_THROTTLE_DAYS",
+                self.throttle_days,
+                DAY_MS,
+            )?,
+            restrict_ms: ms(
+                "VOICEGATE_FAIR_USE_RESTRICT_DAYS",
+                self.restrict_days,
+                DAY_MS,
+            )?,
+            warning_quiet_ms: ms(
+                "VOICEGATE_FAIR_USE_WARNING_DECAY_DAYS",
+                self.warning_decay_days,
+                DAY_MS,
+            )?,
+            ..StagePolicy::default()
+        };
+        let classifier = ClassifierSettings {
+            kind: self.classifier,
+            base_url: self.classifier_base_url.clone(),
+            model: self.classifier_model.clone(),
+            api_key: self.classifier_api_key.clone().filter(|k| !k.is_empty()),
+            lookback_days: self.classifier_lookback_days,
+            cooldown_ms: ms(
+                "FAIR_USE_CLASSIFIER_COOLDOWN_SECONDS",
+                self.cooldown_seconds,
+                1000,
+            )?,
+            concurrency: usize::try_from(self.classifier_concurrency).map_err(|_| {
+                ConfigError::Invalid {
+                    setting: "VOICEGATE_CLASSIFIER_CONCURRENCY".to_owned(),
+                    value: self.classifier_concurrency.to_string(),
+                    expected: "a smaller positive integer",
+                }
+            })?,
+            timeout_ms: ms(
+                "VOICEGATE_CLASSIFIER_TIMEOUT_SECONDS",
+                self.classifier_timeout_seconds,
+                1000,
+            )?,
+            retry_base_ms: ms(ENV_RETRY_BASE, self.classifier_retry_base_seconds, 1000)?,
+            retry_max_ms: ms(ENV_RETRY_MAX, self.classifier_retry_max_seconds, 1000)?,
+        };
+        Ok(FairUseConfig {
+            enabled: self.enabled,
+            kill_switch: self.kill_switch,
+            caps: SoftCaps {
+                daily_ms: self.daily_speech_ms,
+                three_day_ms: self.three_day_speech_ms,
+                weekly_ms: self.weekly_speech_ms,
+            },
+            stages,
+            exempt_uids: self
+                .exempt_uids
+                .as_deref()
+                .map(list)
+                .unwrap_or_default()
+                .into_iter()
+                .collect(),
+            restrict_daily_stt_ms: self.restrict_daily_stt_ms,
+            throttle_daily_stt_ms: self.throttle_daily_stt_ms,
+            plans: PlanTable {
+                free_minutes_per_month: self.free_minutes_per_month,
+                paid_plans: list(&self.paid_plans),
+            },
+            classifier,
+        })
     }
 }
 
@@ -390,17 +379,21 @@ mod tests {
 
     use super::*;
 
-    fn from(pairs: &[(&str, &str)]) -> Result<FairUseConfig, ConfigError> {
+    /// Parses the way `voicegate serve` does, with `pairs` as the environment.
+    fn from(pairs: &[(&str, &str)]) -> Result<FairUseConfig, String> {
         let map: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        FairUseConfig::from_lookup(|k| map.get(k).cloned())
+        let args: FairUseArgs =
+            config::args_from_lookup(|k| map.get(k).cloned()).map_err(|e| e.to_string())?;
+        args.config().map_err(|e| e.to_string())
     }
 
     #[test]
     fn defaults_are_the_reference_defaults_with_fair_use_on_and_1200_free_minutes() {
         let c = from(&[]).unwrap();
+        assert_eq!(c, FairUseConfig::default());
         assert!(c.enabled && !c.kill_switch);
         assert_eq!(
             c.caps,
@@ -419,6 +412,10 @@ mod tests {
             (c.classifier.concurrency, c.classifier.timeout_ms),
             (8, 120_000)
         );
+        assert_eq!(
+            FairUseArgs::default().config(),
+            Ok(FairUseConfig::default())
+        );
     }
 
     #[test]
@@ -426,10 +423,15 @@ mod tests {
         let c = from(&[
             ("FAIR_USE_ENABLED", "FALSE"),
             ("FAIR_USE_KILL_SWITCH", "true"),
-            ("FAIR_USE_DAILY_SPEECH_MS", "10000"),
+            ("FAIR_USE_DAILY_SPEECH_MS", " 10000 "),
             ("FAIR_USE_EXEMPT_UIDS", " a, ,b,"),
             ("FAIR_USE_CLASSIFIER_COOLDOWN_SECONDS", "60"),
             ("BASIC_TIER_MINUTES_LIMIT_PER_MONTH", "0"),
+            ("VOICEGATE_FAIR_USE_PAID_PLANS", "gold, platinum"),
+            ("VOICEGATE_FAIR_USE_RESTRICT_DAYS", "2"),
+            ("VOICEGATE_CLASSIFIER", "OpenAI"),
+            ("VOICEGATE_CLASSIFIER_API_KEY", "k"),
+            ("VOICEGATE_CLASSIFIER_RETRY_BASE_SECONDS", "5"),
         ])
         .unwrap();
         assert!(!c.enabled && c.kill_switch);
@@ -440,14 +442,84 @@ mod tests {
         );
         assert_eq!(c.classifier.cooldown_ms, 60_000);
         assert_eq!(c.plans.free_minutes_per_month, 0);
+        assert_eq!(c.plans.paid_plans, vec!["gold", "platinum"]);
+        assert_eq!(c.stages.restrict_ms, 2 * DAY_MS);
+        assert_eq!(c.classifier.kind, ClassifierKind::OpenAi);
+        assert_eq!(c.classifier.api_key.as_deref(), Some("k"));
+        assert_eq!(c.classifier.retry_base_ms, 5_000);
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let c = from(&[
+            ("FAIR_USE_ENABLED", ""),
+            ("FAIR_USE_DAILY_SPEECH_MS", "  "),
+            ("VOICEGATE_FAIR_USE_PAID_PLANS", ""),
+            ("VOICEGATE_CLASSIFIER_API_KEY", ""),
+        ])
+        .unwrap();
+        assert_eq!(c, FairUseConfig::default());
     }
 
     #[test]
     fn unparsable_values_are_errors_naming_the_variable() {
-        let e = from(&[("FAIR_USE_CLASSIFIER_ABUSE_SCORE_THRESHOLD", "1.5")]).unwrap_err();
-        assert_eq!(e.var, ENV_SCORE_THRESHOLD);
-        assert!(from(&[("FAIR_USE_ENABLED", "maybe")]).is_err());
-        assert!(from(&[("VOICEGATE_CLASSIFIER_CONCURRENCY", "0")]).is_err());
-        assert!(from(&[("FAIR_USE_DAILY_SPEECH_MS", "-1")]).is_err());
+        for (var, value) in [
+            ("FAIR_USE_CLASSIFIER_ABUSE_SCORE_THRESHOLD", "1.5"),
+            ("FAIR_USE_ENABLED", "maybe"),
+            ("VOICEGATE_CLASSIFIER_CONCURRENCY", "0"),
+            ("FAIR_USE_DAILY_SPEECH_MS", "-1"),
+            ("VOICEGATE_CLASSIFIER", "gpt"),
+            ("VOICEGATE_CLASSIFIER_TIMEOUT_SECONDS", "0"),
+        ] {
+            let e = from(&[(var, value)]).unwrap_err();
+            assert!(e.contains(var) && e.contains(value), "{var}={value}: {e}");
+        }
+    }
+
+    #[test]
+    fn caps_below_each_other_are_refused_naming_both() {
+        let e = from(&[("FAIR_USE_DAILY_SPEECH_MS", "30000000")]).unwrap_err();
+        assert!(e.contains(ENV_DAILY) && e.contains(ENV_3DAY), "{e}");
+        let e = from(&[("FAIR_USE_WEEKLY_SPEECH_MS", "1000")]).unwrap_err();
+        assert!(e.contains(ENV_3DAY) && e.contains(ENV_WEEKLY), "{e}");
+        // Equal caps are allowed.
+        assert!(from(&[("FAIR_USE_3DAY_SPEECH_MS", "36000000")]).is_ok());
+    }
+
+    #[test]
+    fn restrict_budget_above_throttle_budget_is_refused_unless_one_is_off() {
+        let e = from(&[(ENV_RESTRICT_STT, "9000000")]).unwrap_err();
+        assert!(
+            e.contains(ENV_RESTRICT_STT) && e.contains(ENV_THROTTLE_STT),
+            "{e}"
+        );
+        assert!(from(&[(ENV_RESTRICT_STT, "9000000"), (ENV_THROTTLE_STT, "0")]).is_ok());
+        assert!(from(&[(ENV_RESTRICT_STT, "0")]).is_ok());
+    }
+
+    #[test]
+    fn retry_base_above_retry_max_is_refused() {
+        let e = from(&[(ENV_RETRY_BASE, "7200")]).unwrap_err();
+        assert!(
+            e.contains(ENV_RETRY_BASE) && e.contains(ENV_RETRY_MAX),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn days_too_large_for_milliseconds_are_refused() {
+        let e = from(&[("VOICEGATE_FAIR_USE_THROTTLE_DAYS", &u64::MAX.to_string())]).unwrap_err();
+        assert!(e.contains("VOICEGATE_FAIR_USE_THROTTLE_DAYS"), "{e}");
+    }
+
+    #[test]
+    fn args_from_a_config_give_that_config_back() {
+        let mut c = FairUseConfig {
+            exempt_uids: ["u1".to_owned(), "u2".to_owned()].into(),
+            ..FairUseConfig::default()
+        };
+        c.classifier.kind = ClassifierKind::OpenAi;
+        c.caps.daily_ms = 1;
+        assert_eq!(FairUseArgs::from(&c).config(), Ok(c));
     }
 }

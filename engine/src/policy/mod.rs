@@ -20,7 +20,7 @@ pub mod verdict;
 
 pub use caps::{CapKind, CapTrigger, MonthUsage, RollingTotals, SoftCaps, SpeechMs};
 pub use case_ref::{CaseRef, InvalidCaseRef};
-pub use config::{ClassifierKind, ClassifierSettings, ConfigError, FairUseConfig};
+pub use config::{ClassifierKind, ClassifierSettings, FairUseArgs, FairUseConfig};
 pub use entitlement::{
     Admission, Enforcement, Entitlement, EntitlementInput, Mode, RejectReason, SttAllowance,
     SttDenied, SttUsage, resolve, retry_after_s,

@@ -9,6 +9,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, CommandFactory, Parser};
+use voicegate_engine::meter::{MeterArgs, MeterConfig};
+use voicegate_engine::policy::{FairUseArgs, FairUseConfig};
 
 /// Every default of the server, in one place.
 pub mod defaults {
@@ -183,6 +185,14 @@ pub struct ServeConfig {
     /// Deepgram API key, for VOICEGATE_STT=deepgram.
     #[arg(long, env = "DEEPGRAM_API_KEY", hide_env_values = true)]
     pub deepgram_api_key: Option<String>,
+
+    /// The meter's settings (`VOICEGATE_METER_*`).
+    #[command(flatten)]
+    pub meter: MeterArgs,
+
+    /// The fair-use settings (`FAIR_USE_*`, `VOICEGATE_FAIR_USE_*`, `VOICEGATE_CLASSIFIER_*`).
+    #[command(flatten)]
+    pub fair_use: FairUseArgs,
 }
 
 impl Default for ServeConfig {
@@ -222,6 +232,8 @@ impl Default for ServeConfig {
             stt_local_threads: defaults::STT_LOCAL_THREADS,
             stt_local_dir: None,
             deepgram_api_key: None,
+            meter: MeterArgs::default(),
+            fair_use: FairUseArgs::default(),
         }
     }
 }
@@ -238,6 +250,9 @@ pub enum ConfigError {
     DevAuthOnPublicBind { bind: String },
     #[error("{name} must be greater than 0")]
     ZeroLimit { name: &'static str },
+    /// A metering or fair-use setting the engine cannot run with.
+    #[error(transparent)]
+    Engine(#[from] voicegate_engine::config::ConfigError),
 }
 
 impl ServeConfig {
@@ -309,10 +324,22 @@ impl ServeConfig {
                 self.backfill_lookback_days,
             ),
         ];
-        match limits.iter().find(|(_, v)| *v == 0) {
-            Some((name, _)) => Err(ConfigError::ZeroLimit { name }),
-            None => Ok(()),
+        if let Some((name, _)) = limits.iter().find(|(_, v)| *v == 0) {
+            return Err(ConfigError::ZeroLimit { name });
         }
+        self.meter_config()?;
+        self.fair_use_config()?;
+        Ok(())
+    }
+
+    /// The meter's configuration, checked (see [`MeterArgs::config`]).
+    pub fn meter_config(&self) -> Result<MeterConfig, ConfigError> {
+        Ok(self.meter.config()?)
+    }
+
+    /// The fair-use configuration, checked (see [`FairUseArgs::config`]).
+    pub fn fair_use_config(&self) -> Result<FairUseConfig, ConfigError> {
+        Ok(self.fair_use.config()?)
     }
 
     /// The request timeouts (head, body progress, whole body).
@@ -346,14 +373,23 @@ struct ServeOnly {
     config: ServeConfig,
 }
 
-/// The Markdown table of every flag, its environment variable, default and meaning.
+/// The Markdown table of every flag (the server's, then the meter's and fair use's), its environment
+/// variable, default and meaning.
 pub fn markdown_table() -> String {
     let cmd = ServeOnly::command();
     let mut out = String::from("| Flag | Environment | Default | Meaning |\n|---|---|---|---|\n");
+    let mut heading = None;
     for arg in cmd.get_arguments() {
         let Some(long) = arg.get_long() else { continue };
         if long == "help" {
             continue;
+        }
+        // The engine's settings come in groups (`--help` prints them under the same headings).
+        if arg.get_help_heading() != heading {
+            heading = arg.get_help_heading();
+            if let Some(h) = heading {
+                out.push_str(&format!("| **{h}** | | | |\n"));
+            }
         }
         let env = arg
             .get_env()
@@ -400,6 +436,46 @@ mod tests {
         assert_eq!(parsed.upload_max_files, d.upload_max_files);
         assert_eq!(parsed.drain_timeout_secs, d.drain_timeout_secs);
         assert_eq!(parsed.ws_sessions_per_user, d.ws_sessions_per_user);
+    }
+
+    #[test]
+    fn engine_settings_are_flags_of_serve() {
+        let parsed = parse(&[
+            "--meter-flush-interval-ms",
+            "250",
+            "--fair-use-enabled",
+            "false",
+            "--fair-use-exempt-uids",
+            "a,b",
+        ]);
+        assert_eq!(parsed.meter.flush_interval_ms, 250);
+        let fair = parsed.fair_use_config().unwrap_or_else(|e| panic!("{e}"));
+        assert!(!fair.enabled);
+        assert_eq!(fair.exempt_uids.len(), 2);
+    }
+
+    #[test]
+    fn impossible_engine_settings_fail_validation_naming_them() {
+        let mut cfg = ServeConfig::default();
+        cfg.meter.max_pending_total = 1;
+        let err = cfg
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("VOICEGATE_METER_MAX_PENDING_PER_USER")
+                && err.contains("VOICEGATE_METER_MAX_PENDING_TOTAL"),
+            "{err}"
+        );
+        let mut cfg = ServeConfig::default();
+        cfg.fair_use.weekly_speech_ms = 0;
+        let err = cfg
+            .validate()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(err.contains("FAIR_USE_WEEKLY_SPEECH_MS"), "{err}");
     }
 
     #[test]
@@ -467,6 +543,11 @@ mod tests {
             "STRIPE_WEBHOOK_SECRET",
             "VOICEGATE_JWKS",
             "VOICEGATE_WORKERS",
+            "VOICEGATE_METER_FLUSH_INTERVAL_MS",
+            "VOICEGATE_METER_SHARDS",
+            "FAIR_USE_DAILY_SPEECH_MS",
+            "BASIC_TIER_MINUTES_LIMIT_PER_MONTH",
+            "VOICEGATE_CLASSIFIER_RETRY_MAX_SECONDS",
         ] {
             assert!(table.contains(env), "{env} missing from\n{table}");
         }

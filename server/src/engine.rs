@@ -39,8 +39,8 @@ use crate::stripe::{PaymentEvent, PaymentOutcome, Payments, PaymentsError};
 /// Why the engine could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("metering configuration: {0}")]
-    Meter(String),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
     #[error("fair-use configuration: {0}")]
     FairUse(String),
     #[error("redis: {0}")]
@@ -83,13 +83,10 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Builds every part from `cfg` and the environment (metering and fair-use variables). Must run inside an
+    /// Builds every part from `cfg` (its metering and fair-use settings included). Must run inside an
     /// actix system: the meter and the cap supervisor are actors.
     pub fn from_config(cfg: &ServeConfig) -> Result<Engine, EngineError> {
-        let meter_cfg = MeterConfig::from_env().map_err(|e| EngineError::Meter(e.to_string()))?;
-        let fair_cfg = FairUseConfig::from_lookup(|k| std::env::var(k).ok())
-            .map_err(|e| EngineError::FairUse(e.to_string()))?;
-        Self::with_configs(cfg, meter_cfg, fair_cfg)
+        Self::with_configs(cfg, cfg.meter_config()?, cfg.fair_use_config()?)
     }
 
     /// [`Engine::from_config`] with explicit metering and fair-use settings (tests, embedding).

@@ -212,11 +212,11 @@ pub struct FairUseArgs {
     #[arg(long = "classifier-timeout-seconds", env = "VOICEGATE_CLASSIFIER_TIMEOUT_SECONDS",
           default_value_t = ClassifierSettings::default().timeout_ms / 1000, value_parser = config::positive_count())]
     pub classifier_timeout_seconds: u64,
-    /// First retry of a failed classification after this many seconds; doubles per failure.
+    /// Shortest retry delay after a failed classification, in seconds (retry n waits a random delay between it and it × 2ⁿ).
     #[arg(long = "classifier-retry-base-seconds", env = ENV_RETRY_BASE,
           default_value_t = ClassifierSettings::default().retry_base_ms / 1000, value_parser = config::positive_count())]
     pub classifier_retry_base_seconds: u64,
-    /// Longest wait between retries of a failed classification, in seconds; at least the base.
+    /// Longest retry delay after a failed classification, in seconds; at least the base.
     #[arg(long = "classifier-retry-max-seconds", env = ENV_RETRY_MAX,
           default_value_t = ClassifierSettings::default().retry_max_ms / 1000, value_parser = config::positive_count())]
     pub classifier_retry_max_seconds: u64,

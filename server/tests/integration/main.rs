@@ -9,6 +9,7 @@ mod admin_key;
 mod auth;
 mod bad_input_matrix;
 mod config_docs;
+mod config_refusals;
 mod dashboards_prometheus;
 mod drain_sigterm;
 mod drain_uploads;

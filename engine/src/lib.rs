@@ -6,6 +6,8 @@
 //! - `policy`: pure fair-use decisions (caps, stages, entitlement); `fair_use`: the fair-use service (the
 //!   [`fair_use::FairUse`] handle, the ledger, the cap supervisor actor and its classifiers).
 //! - `store`, `conversation`: the outside state (Redis or in memory) behind traits.
+//! - `config`: the engine's one [`config::ConfigError`] and the clap value parser of every setting (the
+//!   settings, e.g. [`meter::MeterArgs`], [`policy::FairUseArgs`], live beside their modules).
 //! - `time`: the leaf module for time and units ([`time::Clock`], ms ↔ samples, [`time::Span`]).
 //!
 //! Who messages whom on which thread, where each state lives and where the bounded queues are:

@@ -535,6 +535,25 @@ mod tests {
     }
 
     #[test]
+    fn every_setting_has_an_env_name_a_help_and_a_unique_env() {
+        let cmd = ServeOnly::command();
+        let mut seen = std::collections::BTreeSet::new();
+        for arg in cmd.get_arguments() {
+            let Some(long) = arg.get_long() else { continue };
+            if long == "help" {
+                continue;
+            }
+            let env = arg
+                .get_env()
+                .map(|e| e.to_string_lossy().into_owned())
+                .unwrap_or_else(|| panic!("--{long} has no environment variable"));
+            assert!(arg.get_help().is_some(), "--{long} has no help");
+            assert!(seen.insert(env.clone()), "{env} is used twice");
+        }
+        assert!(seen.len() > 60, "only {} settings", seen.len());
+    }
+
+    #[test]
     fn table_lists_every_env_name() {
         let table = markdown_table();
         for env in [

@@ -55,6 +55,13 @@ pub enum AuthError {
     NotYetValid,
 }
 
+impl From<AuthError> for ApiError {
+    /// 401 with the token's code and a `WWW-Authenticate: Bearer` challenge.
+    fn from(e: AuthError) -> Self {
+        ApiError::unauthorized(e.code(), e.to_string())
+    }
+}
+
 impl AuthError {
     pub fn code(&self) -> &'static str {
         match self {

@@ -342,15 +342,6 @@ impl ServeConfig {
         Ok(self.fair_use.config()?)
     }
 
-    /// The request timeouts (head, body progress, whole body).
-    pub fn request_timeouts(&self) -> crate::timeouts::RequestTimeouts {
-        crate::timeouts::RequestTimeouts {
-            header: Duration::from_secs(self.header_timeout_secs),
-            body_idle: Duration::from_secs(self.body_idle_timeout_secs),
-            body_total: Duration::from_secs(self.body_timeout_secs),
-        }
-    }
-
     /// The backfill decision's settings (DESIGN §3 "Backfill").
     pub fn backfill(&self) -> voicegate_engine::policy::backfill::BackfillConfig {
         voicegate_engine::policy::backfill::BackfillConfig {

@@ -18,8 +18,6 @@ use actix_web::http::header::{self, HeaderValue};
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::{Map, Value};
 
-use crate::auth::AuthError;
-use crate::stripe::SignatureError;
 use crate::upload::UploadError;
 
 /// `Retry-After` of a transient server-side condition whose end is unknown (a dependency down, a busy
@@ -79,6 +77,13 @@ impl ApiError {
     /// 400 with a route-specific code (`invalid_stage`, `invalid_query`, …). Not retryable.
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 401 with a `WWW-Authenticate: Bearer` challenge (the auth module maps its `AuthError` here).
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        let mut err = Self::new(StatusCode::UNAUTHORIZED, code, message);
+        err.bearer_challenge = true;
+        err
     }
 
     /// 402: the resource is locked behind a paid plan. Not retryable (a payment changes the answer).
@@ -226,15 +231,6 @@ impl ApiError {
     }
 }
 
-impl From<AuthError> for ApiError {
-    /// 401 with the token's code and a `WWW-Authenticate: Bearer` challenge.
-    fn from(e: AuthError) -> Self {
-        let mut err = Self::new(StatusCode::UNAUTHORIZED, e.code(), e.to_string());
-        err.bearer_challenge = true;
-        err
-    }
-}
-
 impl From<UploadError> for ApiError {
     /// 400 / 413 (naming the limit) / 500 for temp storage (retryable: the disk may recover).
     fn from(e: UploadError) -> Self {
@@ -250,13 +246,6 @@ impl From<UploadError> for ApiError {
             err = err.retry_after(TRANSIENT_RETRY_AFTER_S);
         }
         err
-    }
-}
-
-impl From<SignatureError> for ApiError {
-    /// 400: the Stripe webhook signature did not verify; nothing was changed.
-    fn from(e: SignatureError) -> Self {
-        Self::bad_request(e.code(), e.to_string())
     }
 }
 
@@ -327,6 +316,7 @@ pub async fn json_bodies(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::AuthError;
 
     fn retry_after_header(resp: &HttpResponse) -> Option<&[u8]> {
         resp.headers()

@@ -31,6 +31,13 @@ pub enum SignatureError {
     Mismatch,
 }
 
+impl From<SignatureError> for ApiError {
+    /// 400: the Stripe webhook signature did not verify; nothing was changed.
+    fn from(e: SignatureError) -> Self {
+        ApiError::bad_request(e.code(), e.to_string())
+    }
+}
+
 impl SignatureError {
     pub fn code(&self) -> &'static str {
         match self {

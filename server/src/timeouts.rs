@@ -43,6 +43,18 @@ pub struct RequestTimeouts {
     pub body_total: Duration,
 }
 
+impl ServeConfig {
+    /// The request timeouts (head, body progress, whole body). Defined here, not in `config`, so that
+    /// `config` does not import `timeouts` back.
+    pub fn request_timeouts(&self) -> RequestTimeouts {
+        RequestTimeouts {
+            header: Duration::from_secs(self.header_timeout_secs),
+            body_idle: Duration::from_secs(self.body_idle_timeout_secs),
+            body_total: Duration::from_secs(self.body_timeout_secs),
+        }
+    }
+}
+
 /// What the payload wrapper saw, shared with the watchdog (one worker thread: `Cell`s suffice).
 struct Progress {
     last: Cell<Instant>,

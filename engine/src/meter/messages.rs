@@ -137,6 +137,11 @@ pub enum MeterError {
     Store(#[from] StoreError),
 }
 
+/// Facade messages one user actor may have queued at once (its mailbox slots, handed out by the registry).
+/// A user's senders are its sessions (one record or read in flight each) and its uploads and requests, so
+/// 64 is only reached when the actor's thread is far behind; then senders wait.
+pub(crate) const MAILBOX_CAPACITY: usize = 64;
+
 /// A facade message in one of its actor's mailbox slots (the slot is given back when the actor dropped the
 /// envelope, i.e. handled the message). Delivered with `do_send` while the registry lock is held, so it is
 /// never lost to a retiring actor; answers come back through a oneshot.

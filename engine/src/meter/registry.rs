@@ -6,7 +6,7 @@
 //! stripe's read lock.
 //!
 //! **Bounded mailboxes.** Every facade message ([`UserMsg`]) takes one of its actor's
-//! [`MAILBOX_CAPACITY`] slots (a semaphore permit carried in the message, given back once the actor
+//! [`MAILBOX_CAPACITY`](super::messages::MAILBOX_CAPACITY) slots (a semaphore permit carried in the message, given back once the actor
 //! handled it). A sender that finds the mailbox full waits for a slot outside the lock, then delivers:
 //! backpressure, never a drop, and the wait is measured (`voicegate_meter_mailbox_blocked_seconds`, the
 //! model being Quickwit's backpressure counter). The actor's internal messages are bounded by their
@@ -24,18 +24,13 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
 use super::MeterConfig;
-use super::actor::UserMeter;
-use super::messages::{Envelope, UserMsg};
+use super::actor::{Host, UserMeter};
+use super::messages::{Envelope, MAILBOX_CAPACITY, UserMsg};
 use crate::store::Store;
 use crate::telemetry;
 use crate::time::Clock;
 
 const STRIPES_PER_SHARD: usize = 64;
-
-/// Facade messages one user actor may have queued at once. A user's senders are its sessions (one record
-/// or read in flight each) and its uploads and requests, so 64 is only reached when the actor's thread is
-/// far behind; then senders wait.
-pub(crate) const MAILBOX_CAPACITY: usize = 64;
 
 /// A registered actor: its address and the slots of its mailbox.
 #[derive(Clone)]
@@ -323,5 +318,47 @@ impl Shared {
             }
         }
         out
+    }
+}
+
+impl Host for Shared {
+    fn config(&self) -> &MeterConfig {
+        &self.config
+    }
+
+    fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    fn adjust_pending(&self, shard: usize, ms: i64, entries: i64) {
+        self.shard_counters(shard).adjust(ms, entries);
+    }
+
+    fn pending_entries_total(&self) -> i64 {
+        Shared::pending_entries_total(self)
+    }
+
+    fn actor_started(&self, shard: usize) {
+        Shared::actor_started(self, shard);
+    }
+
+    fn actor_stopped(&self, shard: usize) {
+        Shared::actor_stopped(self, shard);
+    }
+
+    fn count_restart(&self) {
+        Shared::count_restart(self);
+    }
+
+    fn register_dirty(&self, id: u64, addr: Addr<UserMeter>) {
+        Shared::register_dirty(self, id, addr);
+    }
+
+    fn leave_registry(&self, shard: usize, uid: &str, addr: &Addr<UserMeter>) {
+        Shared::leave_registry(self, shard, uid, addr);
     }
 }

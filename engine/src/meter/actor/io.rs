@@ -60,7 +60,7 @@ impl UserMeter {
             batch: None,
             speech_ms,
             entries,
-            backoff: self.k.shared.config.backoff(),
+            backoff: self.k.shared.config().backoff(),
             retry_at: None,
         });
         self.k.io = Io::Flushing;
@@ -82,7 +82,7 @@ impl UserMeter {
         ctx: &mut Context<Self>,
     ) {
         self.k.io = Io::Idle;
-        let now = self.k.shared.clock.now_ms();
+        let now = self.k.shared.clock().now_ms();
         match result {
             Ok(outcome) => {
                 let mut rejected_ms = 0;
@@ -119,7 +119,7 @@ impl UserMeter {
                 let reason = e.reason();
                 metrics::counter!(telemetry::METER_FLUSH_ERRORS_TOTAL, "reason" => reason)
                     .increment(1);
-                let fresh = self.k.shared.config.backoff();
+                let fresh = self.k.shared.config().backoff();
                 let sealed = self.k.sealed.get_or_insert(Sealed {
                     batch: None,
                     speech_ms: batch.speech_ms(),
@@ -146,9 +146,9 @@ impl UserMeter {
             return;
         };
         self.sync_accounting();
-        let store = self.k.shared.store.clone();
-        let at = self.store_time(self.k.shared.clock.now_ms());
-        let limit = self.k.shared.config.store_timeout;
+        let store = self.k.shared.store().clone();
+        let at = self.store_time(self.k.shared.clock().now_ms());
+        let limit = self.k.shared.config().store_timeout;
         let fut = async move {
             let apply =
                 AssertUnwindSafe(store.apply(std::slice::from_ref(&batch), at)).catch_unwind();
@@ -174,14 +174,14 @@ impl UserMeter {
         if let Hydration::Known { reload, .. } = &mut self.hydration {
             *reload = false;
         }
-        let store = self.k.shared.store.clone();
+        let store = self.k.shared.store().clone();
         let uid = self.k.uid.clone();
         let writer = self.k.writer;
-        let at = self.store_time(self.k.shared.clock.now_ms());
+        let at = self.store_time(self.k.shared.clock().now_ms());
         let limit = if first {
-            self.k.shared.config.hydrate_timeout
+            self.k.shared.config().hydrate_timeout
         } else {
-            self.k.shared.config.store_timeout
+            self.k.shared.config().store_timeout
         };
         let fut = async move {
             let load = AssertUnwindSafe(store.load(&uid, writer, at)).catch_unwind();
@@ -233,7 +233,7 @@ impl UserMeter {
 
     /// view = snapshot + sealed batch (unless the snapshot already holds it) + pending.
     fn apply_snapshot(&mut self, snapshot: UserSnapshot) {
-        let now = self.k.shared.clock.now_ms();
+        let now = self.k.shared.clock().now_ms();
         self.known_keys.clear();
         for (key, at) in snapshot.idempotency_keys {
             self.known_keys.insert(key.into_boxed_str(), at);

@@ -31,15 +31,15 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::{debug, error, warn};
 
+use super::MeterConfig;
 use super::messages::{
     BatchDone, Envelope, FlushReport, MeterError, Retire, Take, TakeBatch, UserMsg,
 };
 use super::pending::Pending;
-use super::registry::Shared;
 use super::window::MinuteWindow;
-use crate::store::{Batch, StoreError, StoreTime, WriterId};
+use crate::store::{Batch, Store, StoreError, StoreTime, WriterId};
 use crate::telemetry;
-use crate::time::{Backoff, MonthKey};
+use crate::time::{Backoff, Clock, MonthKey};
 
 /// A sealed batch: sent, or waiting to be sent again. Never merged with newer deltas.
 struct Sealed {
@@ -94,13 +94,34 @@ struct TotalCheck {
     over: bool,
 }
 
+/// What an actor needs from the registry that started it. The registry's shared state
+/// ([`super::registry`]) implements it: the registry names the actor (it starts actors), the actor names
+/// only this trait, so the two modules do not import each other.
+pub(crate) trait Host: Send + Sync + 'static {
+    fn config(&self) -> &MeterConfig;
+    fn store(&self) -> &Arc<dyn Store>;
+    fn clock(&self) -> &Arc<dyn Clock>;
+    /// Adds to the pending gauges of the actor's shard.
+    fn adjust_pending(&self, shard: usize, ms: i64, entries: i64);
+    /// Pending entries over every actor (the global pending bound).
+    fn pending_entries_total(&self) -> i64;
+    fn actor_started(&self, shard: usize);
+    fn actor_stopped(&self, shard: usize);
+    /// Counts a restart after a panic.
+    fn count_restart(&self);
+    /// Joins the flusher's dirty set.
+    fn register_dirty(&self, id: u64, addr: Addr<UserMeter>);
+    /// Leaves the registry, if `addr` is still the actor registered for `uid`.
+    fn leave_registry(&self, shard: usize, uid: &str, addr: &Addr<UserMeter>);
+}
+
 /// What survives a restart: the deltas not yet in the store, the identity that keeps their flush
 /// idempotent, the callers waiting, and the I/O in flight (its answer still comes to this mailbox).
 struct Kept {
     uid: Arc<str>,
     id: u64,
     shard: usize,
-    shared: Arc<Shared>,
+    shared: Arc<dyn Host>,
     writer: WriterId,
     next_seq: u64,
     pending: Pending,
@@ -133,7 +154,7 @@ pub struct UserMeter {
 }
 
 impl UserMeter {
-    pub(crate) fn new(uid: Arc<str>, id: u64, shard: usize, shared: Arc<Shared>) -> Self {
+    pub(crate) fn new(uid: Arc<str>, id: u64, shard: usize, shared: Arc<dyn Host>) -> Self {
         Self::with(Kept {
             uid,
             id,
@@ -158,7 +179,7 @@ impl UserMeter {
 
     /// A fresh actor state around what was kept.
     fn with(k: Kept) -> Self {
-        let backoff = k.shared.config.backoff();
+        let backoff = k.shared.config().backoff();
         Self {
             k,
             view: MinuteWindow::new(),
@@ -232,7 +253,7 @@ impl UserMeter {
     fn store_time(&self, now_ms: u64) -> StoreTime {
         StoreTime {
             now_ms,
-            retention_ms: self.k.shared.config.retention_ms(),
+            retention_ms: self.k.shared.config().retention_ms(),
         }
     }
 
@@ -247,7 +268,8 @@ impl UserMeter {
         let sealed_entries = k.sealed.as_ref().map_or(0, |s| s.entries);
         let ms = k.pending.speech_ms() + sealed_ms;
         let entries = k.pending.entries() + sealed_entries;
-        k.shared.shard_counters(k.shard).adjust(
+        k.shared.adjust_pending(
+            k.shard,
             ms as i64 - k.accounted_ms as i64,
             entries as i64 - k.accounted_entries as i64,
         );
@@ -314,17 +336,17 @@ impl UserMeter {
             } => {
                 reload
                     || (self.last_activity > last_refresh
-                        && last_refresh.elapsed() >= self.k.shared.config.refresh_interval)
+                        && last_refresh.elapsed() >= self.k.shared.config().refresh_interval)
             }
         }
     }
 
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
-        let now = self.k.shared.clock.now_ms();
-        let cutoff = now.saturating_sub(self.k.shared.config.retention_ms());
+        let now = self.k.shared.clock().now_ms();
+        let cutoff = now.saturating_sub(self.k.shared.config().retention_ms());
         self.known_keys.retain(|_, &mut at| at >= cutoff);
         if self.k.lifecycle == Lifecycle::Active
-            && self.last_activity.elapsed() >= self.k.shared.config.idle_passivation
+            && self.last_activity.elapsed() >= self.k.shared.config().idle_passivation
         {
             debug!(uid = %self.k.uid, "Meter actor idle: passivating.");
             self.k.lifecycle = Lifecycle::Passivating;
@@ -344,7 +366,7 @@ impl UserMeter {
         match msg {
             UserMsg::Record(rec, reply) => self.record(rec, reply, ctx),
             UserMsg::ReadTotals(reply) => {
-                let now = self.k.shared.clock.now_ms();
+                let now = self.k.shared.clock().now_ms();
                 let _ = reply.send(self.totals(now));
             }
             UserMsg::FlushNow(reply) => {
@@ -365,7 +387,7 @@ impl Actor for UserMeter {
 
     fn started(&mut self, ctx: &mut Self::Context) {
         self.k.shared.actor_started(self.k.shard);
-        ctx.run_interval(self.k.shared.config.actor_tick(), |act, ctx| {
+        ctx.run_interval(self.k.shared.config().actor_tick(), |act, ctx| {
             act.supervised(ctx, Self::on_tick)
         });
         self.start_load(ctx, true);

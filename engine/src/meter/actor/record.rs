@@ -69,7 +69,7 @@ impl UserMeter {
         reply: Option<oneshot::Sender<RecordOutcome>>,
         ctx: &mut Context<Self>,
     ) {
-        let now = self.k.shared.clock.now_ms();
+        let now = self.k.shared.clock().now_ms();
         let ms = rec.amount.to_ms();
         let status = self.record_inner(&rec, ms, now, ctx);
         self.sync_accounting();
@@ -96,7 +96,7 @@ impl UserMeter {
             return RecordStatus::Duplicate;
         }
         let shared = Arc::clone(&self.k.shared);
-        let config = &shared.config;
+        let config = shared.config();
         let entries = self.k.pending.entries();
         // The total over all shards is read when this actor's pending changed since the last look, or
         // every 256 records (a realtime stream adding to the same minute changes nothing), keeping other

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, FutureExt};
 use tokio::sync::Semaphore;
 
-use crate::meter::registry::MAILBOX_CAPACITY;
+use crate::meter::messages::MAILBOX_CAPACITY;
 use crate::meter::{Meter, MeterConfig, MeterError, RecordSpeech, SpeechAmount, SpeechSource};
 use crate::store::{
     ApplyResults, Batch, MemoryStore, Store, StoreError, StoreTime, UserSnapshot, WriterId,

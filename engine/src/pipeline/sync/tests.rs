@@ -43,6 +43,7 @@ fn file(name: String, path: PathBuf, sha: &str) -> SyncFile {
 struct World {
     services: SyncServices,
     conversations: Arc<MemoryConversationStore>,
+    ledger: Arc<MemoryBackfillLedger>,
 }
 
 fn world(backfill: BackfillConfig) -> World {
@@ -70,15 +71,17 @@ fn world(backfill: BackfillConfig) -> World {
         },
     );
     let conversations = Arc::new(MemoryConversationStore::new(clock.clone()));
+    let ledger = Arc::new(MemoryBackfillLedger::default());
     World {
         services: SyncServices {
             fair_use,
             conversations: conversations.clone(),
             backfill,
-            backfill_ledger: Arc::new(MemoryBackfillLedger::default()),
+            backfill_ledger: ledger.clone(),
             clock,
         },
         conversations,
+        ledger,
     }
 }
 
@@ -114,6 +117,14 @@ async fn conversation_count(w: &World) -> usize {
         .unwrap()
         .conversations
         .len()
+}
+
+/// Backfill speech charged to the user today (a zero charge reads the total).
+async fn backfill_used_ms(w: &World) -> u64 {
+    let day = backfill::utc_day(T0);
+    match w.ledger.charge("u", day, 0, u64::MAX).await.unwrap() {
+        Charge::Granted { used_ms } | Charge::Exhausted { used_ms } => used_ms,
+    }
 }
 
 #[actix::test]
@@ -203,6 +214,25 @@ async fn backdated_speech_over_the_allowance_waits_for_midnight_and_what_fitted_
         other => panic!("{other:?}"),
     }
     assert_eq!(conversation_count(&w).await, 1);
+}
+
+#[actix::test]
+async fn backdated_speech_is_charged_once_and_a_duplicate_gives_its_charge_back() {
+    let w = world(BackfillConfig::default());
+    let files = [file(name(8 * DAY_S), fixture("d01"), "jj")];
+    let first = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(first.files[0].status, "ok", "{first:?}");
+    assert!(first.metered_speech_ms > 0);
+    assert_eq!(backfill_used_ms(&w).await, first.metered_speech_ms);
+    // The same content under another backdated name: not metered, so not charged either.
+    let files = [file(name(9 * DAY_S), fixture("d01"), "jj")];
+    let again = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(again.files[0].status, "duplicate", "{again:?}");
+    assert_eq!(backfill_used_ms(&w).await, first.metered_speech_ms);
+    // Fresh speech is never charged.
+    let files = [file(name(60), fixture("d02"), "kk")];
+    done(sync(&w, &files, unlimited()).await);
+    assert_eq!(backfill_used_ms(&w).await, first.metered_speech_ms);
 }
 
 #[actix::test]

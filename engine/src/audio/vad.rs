@@ -3,10 +3,10 @@
 //! The model is `silero_vad_16k_sequence.onnx` from the `silero-vad` 6.2.3 PyPI package (MIT, see
 //! `engine/models/`): input `[S, 576]` = S consecutive windows of 64 context + 512 new samples, LSTM
 //! state `h`, `c` `[1, 1, 128]` carried across calls. On CPUs with AVX-512 the network is evaluated by
-//! [`super::silero_net`] (same weights, read from the file; about twice as fast); elsewhere by
-//! `tract-onnx`. One call over S windows costs far less than S calls over one, so a stream runs full
-//! batches of [`BATCH`] windows and only runs smaller batches when asked to flush (end of file, or a
-//! live session that wants its latest windows now).
+//! the crate-private `audio::silero_net` (same weights, read from the file; about twice as fast);
+//! elsewhere by `tract-onnx`. One call over S windows costs far less than S calls over one, so a stream
+//! runs full batches of [`BATCH`] windows and only runs smaller batches when asked to flush (end of file,
+//! or a live session that wants its latest windows now).
 //!
 //! A cheap energy pre-gate skips windows that are certainly silence (RMS below the gate): they get
 //! probability 0 and do not advance the LSTM state, so the model sees the sequence of speech-bearing

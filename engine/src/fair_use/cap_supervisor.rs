@@ -115,7 +115,10 @@ pub struct CapSupervisor {
     stats: SupervisorStats,
 }
 
-/// Mailbox capacity: breaches are cheap to dedupe, so a large bound only absorbs bursts.
+/// Mailbox capacity for awaited sends (`send`, e.g. [`GetSupervisorStats`]). [`CapBreached`] is delivered
+/// with `do_send`, which actix does not hold to this bound: it is bounded by its sender instead (the facade
+/// reports a user at most once per `BREACH_REPORT_INTERVAL_MS`, so at most one breach per breaching user
+/// per minute is queued).
 pub const MAILBOX_CAPACITY: usize = 4_096;
 const SWEEP_EVERY: Duration = Duration::from_secs(600);
 

@@ -210,6 +210,8 @@ impl FairUse {
         let (ledger, supervisor) = (self.ledger.clone(), self.supervisor.clone());
         actix::spawn(async move {
             match ledger.read(&uid, now).await {
+                // `do_send` is unbounded in actix; the bound is the dedup above (one report per user per
+                // BREACH_REPORT_INTERVAL_MS), so the mailbox holds at most one breach per breaching user.
                 Ok(state) => supervisor.do_send(CapBreached {
                     uid,
                     stage: state.stage,

@@ -1,6 +1,8 @@
-//! The pipeline threads: a fixed set of actix arbiters (one per core by default) that run live sessions'
-//! decode → resample → VAD, so the websocket I/O workers only move bytes. Sessions are assigned
-//! round-robin and stay on their thread for life (their pipeline state is not `Send`-shared).
+//! The pipeline threads: a fixed set of actix arbiters (one per core by default) that run live sessions:
+//! each session reads its websocket on its own thread once per tick (the server's `listen::conn`), then
+//! runs decode → resample → VAD; the HTTP workers only admit the upgrade and hand the socket over.
+//! Sessions are assigned round-robin and stay on their thread for life (their pipeline state is not
+//! `Send`-shared).
 
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Run every test: formatting, clippy (-D warnings), the docs (no broken intra-doc link), then the whole test
-# suite (nextest when present). The suite includes `layers::` in the engine's integration tests: no module
-# imports one that imports it back, in any crate (docs/architecture.md, "Layers").
+# Run every test: formatting, clippy (-D warnings), the docs (-D warnings: no broken or private intra-doc
+# link), then the whole test suite (nextest when present). The suite includes `layers::` in the engine's
+# integration tests: no module imports one that imports it back, in any crate (docs/architecture.md, "Layers").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/deps.sh
@@ -9,7 +9,7 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 start=$(date +%s)
 cargo fmt --all -- --check
 cargo clippy --locked --workspace --all-targets -- -D warnings
-RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links" cargo doc --locked --no-deps --workspace
+RUSTDOCFLAGS="-D warnings" cargo doc --locked --no-deps --workspace
 if cargo nextest --version >/dev/null 2>&1; then
   # (The workspace has no doc tests to run; nextest's summary is the run's closing line.)
   cargo nextest run --locked --workspace --no-fail-fast

@@ -8,11 +8,11 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use listen_support::{AWAY, Seen, connect, fixture_packets, read_all};
+use listen_support::{
+    AWAY, Child, fixture_packets, free_port, speaking_device, until_spoken, wait_ready,
+};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 use voicegate_engine::meter::{Meter, MeterConfig};
 use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_engine::store::{RedisStore, RedisStoreConfig};
@@ -20,72 +20,6 @@ use voicegate_engine::time::SystemClock;
 use voicegate_server::sessions::DRAIN_CLOSE_REASON;
 
 const STREAMS: usize = 50;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Kills the server if the test fails before it exits.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-async fn wait_ready(addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let client = reqwest::Client::new();
-    loop {
-        let ok = client
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ok {
-            return;
-        }
-        assert!(Instant::now() < deadline, "server not ready in 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// One device: streams d01 in real time until the server closes the socket. `spoke` fires when the server
-/// reported the device's first finished speech run (`speech_ended`), i.e. once it has metered speech.
-async fn device(
-    addr: std::net::SocketAddr,
-    uid: String,
-    packets: Arc<Vec<Vec<u8>>>,
-    spoke: mpsc::UnboundedSender<()>,
-) -> Seen {
-    let ws = connect(addr, Some(&uid), "codec=opus&sample_rate=16000")
-        .await
-        .unwrap_or_else(|s| panic!("{uid}: upgrade {s}"));
-    let (mut tx, rx) = ws.split();
-    let mut spoke = Some(spoke);
-    let rx = rx.inspect(move |m| {
-        if let Ok(Message::Text(t)) = m
-            && t.as_str().contains("\"speech_ended\"")
-            && let Some(spoke) = spoke.take()
-        {
-            let _ = spoke.send(());
-        }
-    });
-    let reader = tokio::spawn(read_all(rx, Duration::from_secs(60)));
-    let t0 = Instant::now();
-    for (i, p) in packets.iter().enumerate() {
-        tokio::time::sleep_until(t0 + Duration::from_millis(10 * i as u64)).await;
-        if reader.is_finished() || tx.send(Message::binary(p.clone())).await.is_err() {
-            break;
-        }
-    }
-    reader.await.unwrap_or_else(|e| panic!("{e}"))
-}
 
 #[actix_web::test]
 async fn sigterm_with_50_streams_closes_each_with_1001_and_every_reported_ms_is_in_redis() {
@@ -113,18 +47,18 @@ async fn sigterm_with_50_streams_closes_each_with_1001_and_every_reported_ms_is_
     let (spoke_tx, mut spoke_rx) = mpsc::unbounded_channel();
     for i in 0..STREAMS {
         let (uid, packets) = (format!("drain{i:02}"), Arc::clone(&packets));
-        devices.push(tokio::spawn(device(addr, uid, packets, spoke_tx.clone())));
+        devices.push(tokio::spawn(speaking_device(
+            addr,
+            uid,
+            packets,
+            spoke_tx.clone(),
+        )));
         // Staggered starts: at the signal some streams are inside a speech run, some between runs.
         tokio::time::sleep(Duration::from_millis(40)).await;
     }
     drop(spoke_tx);
     // The signal goes once every stream has metered speech (its first `speech_ended`), not after a guess.
-    for n in 0..STREAMS {
-        tokio::time::timeout(Duration::from_secs(60), spoke_rx.recv())
-            .await
-            .unwrap_or_else(|_| panic!("only {n} of {STREAMS} streams reported speech within 60 s"))
-            .unwrap_or_else(|| panic!("a device ended before it spoke ({n} had spoken)"));
-    }
+    until_spoken(&mut spoke_rx, STREAMS).await;
     let pid = child.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
     assert!(killed.is_ok_and(|s| s.success()), "kill -TERM {pid}");

@@ -9,12 +9,13 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use listen_support::{AWAY, Seen, connect, fixture_packets, read_all};
+use listen_support::{
+    AWAY, Child, fixture_packets, free_port, speaking_device, until_spoken, wait_ready,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::Message;
 use voicegate_engine::meter::{Meter, MeterConfig};
 use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_engine::store::{RedisStore, RedisStoreConfig};
@@ -22,23 +23,6 @@ use voicegate_engine::time::SystemClock;
 
 const STREAMS: usize = 10;
 const UPLOADS: usize = 10;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("{e}"))
-}
-
-/// Kills the server if the test fails before it exits.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn spawn(addr: std::net::SocketAddr, redis: &str, upload_dir: &std::path::Path) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_voicegate"))
@@ -55,23 +39,6 @@ fn spawn(addr: std::net::SocketAddr, redis: &str, upload_dir: &std::path::Path) 
         .spawn()
         .unwrap_or_else(|e| panic!("spawn voicegate: {e}"));
     Child(child)
-}
-
-async fn wait_ready(addr: std::net::SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let client = reqwest::Client::new();
-    loop {
-        let ok = client
-            .get(format!("http://{addr}/readyz"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success());
-        if ok {
-            return;
-        }
-        assert!(Instant::now() < deadline, "server not ready in 60 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn wait_exit(child: &mut Child) -> std::process::ExitStatus {
@@ -111,23 +78,6 @@ async fn paused_upload(addr: std::net::SocketAddr, uid: &str) -> TcpStream {
     s
 }
 
-/// One device: streams d01 in real time until the server closes the socket.
-async fn device(addr: std::net::SocketAddr, uid: String, packets: Arc<Vec<Vec<u8>>>) -> Seen {
-    let ws = connect(addr, Some(&uid), "codec=opus&sample_rate=16000")
-        .await
-        .unwrap_or_else(|s| panic!("{uid}: upgrade {s}"));
-    let (mut tx, rx) = ws.split();
-    let reader = tokio::spawn(read_all(rx, Duration::from_secs(60)));
-    let t0 = Instant::now();
-    for (i, p) in packets.iter().enumerate() {
-        tokio::time::sleep_until(t0 + Duration::from_millis(10 * i as u64)).await;
-        if reader.is_finished() || tx.send(Message::binary(p.clone())).await.is_err() {
-            break;
-        }
-    }
-    reader.await.unwrap_or_else(|e| panic!("{e}"))
-}
-
 #[actix_web::test]
 async fn sigterm_with_paused_uploads_and_streams_leaves_no_temp_folder_and_meters_every_stream() {
     let redis = RedisServer::start().unwrap_or_else(|e| panic!("redis-server: {e}"));
@@ -139,9 +89,14 @@ async fn sigterm_with_paused_uploads_and_streams_leaves_no_temp_folder_and_meter
     wait_ready(addr).await;
 
     let packets = Arc::new(fixture_packets("d01"));
+    let (spoke_tx, mut spoke_rx) = mpsc::unbounded_channel();
     let devices: Vec<_> = (0..STREAMS)
-        .map(|i| tokio::spawn(device(addr, format!("drainup{i:02}"), Arc::clone(&packets))))
+        .map(|i| {
+            let (uid, packets) = (format!("drainup{i:02}"), Arc::clone(&packets));
+            tokio::spawn(speaking_device(addr, uid, packets, spoke_tx.clone()))
+        })
         .collect();
+    drop(spoke_tx);
     let mut paused = Vec::with_capacity(UPLOADS);
     for i in 0..UPLOADS {
         paused.push(paused_upload(addr, &format!("paused{i:02}")).await);
@@ -156,8 +111,8 @@ async fn sigterm_with_paused_uploads_and_streams_leaves_no_temp_folder_and_meter
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Let the streams speak a little before the signal.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    // The signal goes once every stream has metered speech (its first `speech_ended`), not after a guess.
+    until_spoken(&mut spoke_rx, STREAMS).await;
     let pid = child.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
     assert!(killed.is_ok_and(|s| s.success()), "kill -TERM {pid}");
@@ -174,6 +129,10 @@ async fn sigterm_with_paused_uploads_and_streams_leaves_no_temp_folder_and_meter
     }
     let status = wait_exit(&mut child).await;
     assert!(status.success(), "voicegate exited with {status}");
+    assert!(
+        told.iter().all(|&ms| ms > 0 && ms != u64::MAX),
+        "every stream had spoken by the signal and reported it in its metadata: {told:?}"
+    );
     let left = folders(upload_dir.path());
     assert!(left.is_empty(), "temp folders left by the drain: {left:?}");
     drop(paused);

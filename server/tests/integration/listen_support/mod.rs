@@ -2,10 +2,12 @@
 //! at a chosen pace (one packet per message, as a device does), collect every event with its receipt time.
 #![allow(dead_code)]
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -166,4 +168,83 @@ pub const TOO_BIG: u16 = 1009;
 
 pub fn code(c: CloseCode) -> u16 {
     u16::from(c)
+}
+
+/// A free local TCP port (for a server started as a process).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A `voicegate serve` process, killed if the test fails before it exits.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (at most 60 s) until the server at `addr` answers `/readyz` with success.
+pub async fn wait_ready(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let client = reqwest::Client::new();
+    loop {
+        let ok = client
+            .get(format!("http://{addr}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success());
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "server not ready in 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// One device: streams `packets` (Opus, 10 ms each) in real time until the server closes the socket.
+/// `spoke` fires when the server reported the device's first finished speech run (`speech_ended`), i.e.
+/// once it has metered speech: tests synchronise on it, not on a sleep.
+pub async fn speaking_device(
+    addr: std::net::SocketAddr,
+    uid: String,
+    packets: Arc<Vec<Vec<u8>>>,
+    spoke: mpsc::UnboundedSender<()>,
+) -> Seen {
+    let ws = connect(addr, Some(&uid), "codec=opus&sample_rate=16000")
+        .await
+        .unwrap_or_else(|s| panic!("{uid}: upgrade {s}"));
+    let (mut tx, rx) = ws.split();
+    let mut spoke = Some(spoke);
+    let rx = rx.inspect(move |m| {
+        if let Ok(Message::Text(t)) = m
+            && t.as_str().contains("\"speech_ended\"")
+            && let Some(spoke) = spoke.take()
+        {
+            let _ = spoke.send(());
+        }
+    });
+    let reader = tokio::spawn(read_all(rx, Duration::from_secs(60)));
+    let t0 = Instant::now();
+    for (i, p) in packets.iter().enumerate() {
+        tokio::time::sleep_until(t0 + Duration::from_millis(10 * i as u64)).await;
+        if reader.is_finished() || tx.send(Message::binary(p.clone())).await.is_err() {
+            break;
+        }
+    }
+    reader.await.unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Waits (at most 60 s) until `n` devices reported speech on `spoke`.
+pub async fn until_spoken(spoke: &mut mpsc::UnboundedReceiver<()>, n: usize) {
+    for k in 0..n {
+        tokio::time::timeout(Duration::from_secs(60), spoke.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {k} of {n} streams reported speech within 60 s"))
+            .unwrap_or_else(|| panic!("a device ended before it spoke ({k} had spoken)"));
+    }
 }

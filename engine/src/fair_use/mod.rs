@@ -6,7 +6,8 @@
 //!   classifier tasks with bounded concurrency and a timeout, survives errors, panics and hangs (logged with
 //!   uid and reason, counted, lock released, retried with backoff) and sends successes to a [`VerdictSink`].
 //! - `classifier`, `heuristic`, `openai`: the classifier trait and its two implementations.
-//! - `ledger`: load → pure policy → compare-and-set commit of a user's fair-use state (what the user's actor calls).
+//! - `ledger`: load → pure policy → compare-and-set commit of a user's fair-use state (what the facade and
+//!   the cap supervisor's verdicts go through).
 //! - `notifier`: notices on stage changes.
 //!
 //! Wall-clock time comes from [`crate::time::Clock`] (the same clock as the meter's), so tests drive both

@@ -23,7 +23,7 @@ pub enum Mode {
     Status,
 }
 
-/// STT forwarded today (UTC calendar day), as the user's actor counts it.
+/// STT forwarded today (UTC calendar day), as the fair-use store counts it (`FairUse::record_stt`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct SttUsage {
     /// Days since the Unix epoch (UTC) the count belongs to; a count from another day counts as 0.
@@ -37,7 +37,7 @@ impl SttUsage {
     }
 }
 
-/// Everything the resolver decides on. Plain data, gathered by the user's actor.
+/// Everything the resolver decides on. Plain data, gathered by the fair-use facade.
 #[derive(Debug, Clone, Copy)]
 pub struct EntitlementInput<'a> {
     pub uid: &'a str,

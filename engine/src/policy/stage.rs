@@ -208,7 +208,7 @@ impl StageState {
     }
 
     /// The state as of `now_ms`, with every decay step that fell due (in order). Pure: persisting the steps
-    /// is the caller's job (the user's actor), reading never needs to.
+    /// is the caller's job (the fair-use ledger), reading never needs to.
     pub fn decayed(&self, policy: &StagePolicy, now_ms: u64) -> (StageState, Vec<DecayStep>) {
         let mut s = self.clone();
         let mut steps = Vec::new();

@@ -2,8 +2,8 @@
 //!
 //! Both are small traits with a Redis implementation (`fair_use_redis`) and an in-memory one (here).
 //! State changes are compare-and-set on a version, so two writers (two nodes, or an admin call racing the
-//! user's actor) can never lose each other's update: the loser re-reads and re-applies. Nothing here reads the
-//! clock: cooldown expiry is decided from the `now_ms` the caller passes in.
+//! fair-use ledger) can never lose each other's update: the loser re-reads and re-applies. Nothing here
+//! reads the clock: cooldown expiry is decided from the `now_ms` the caller passes in.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};

@@ -12,9 +12,8 @@
 //!    conversations could not be written.
 
 use actix_web::{HttpRequest, HttpResponse, ResponseError, http::StatusCode, web};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
-use voicegate_engine::pipeline::sync::FileResult;
 use voicegate_engine::pipeline::sync::{
     self as use_case, SyncFile, SyncOutcome, SyncReport, SyncRequest, SyncServices,
 };
@@ -29,19 +28,6 @@ use crate::upload::{UploadLimits, read_upload};
 #[derive(Debug, Deserialize)]
 pub struct SyncQuery {
     pub conversation_id: Option<String>,
-}
-
-/// The response body.
-#[derive(Debug, Clone, Serialize)]
-pub struct SyncResponse {
-    pub new_memories: Vec<String>,
-    pub updated_memories: Vec<String>,
-    /// Speech found in this request's good files.
-    pub speech_ms: u64,
-    /// Speech metered by this request (0 for content metered before).
-    pub metered_speech_ms: u64,
-    pub locked: bool,
-    pub files: Vec<FileResult>,
 }
 
 pub async fn sync_local_files(
@@ -150,14 +136,7 @@ async fn handle(
             } else {
                 StatusCode::MULTI_STATUS
             };
-            Ok(HttpResponse::build(status).json(SyncResponse {
-                new_memories: report.new_memories,
-                updated_memories: report.updated_memories,
-                speech_ms: report.speech_ms,
-                metered_speech_ms: report.metered_speech_ms,
-                locked: report.locked,
-                files: report.files,
-            }))
+            Ok(HttpResponse::build(status).json(report))
         }
         SyncOutcome::NoValidFiles {
             report,
@@ -218,14 +197,9 @@ async fn handle(
 /// A refusal that also says what the request did: the conversations touched, the speech found and
 /// metered, the lock, and every file's result (a retry of what was accepted is a duplicate).
 fn with_report(refusal: ApiError, report: &SyncReport) -> ApiError {
-    refusal
-        .with_field("new_memories", json!(report.new_memories))
-        .with_field("updated_memories", json!(report.updated_memories))
-        .with_field("speech_ms", report.speech_ms)
-        .with_field("metered_speech_ms", report.metered_speech_ms)
-        .with_field("locked", report.locked)
-        .with_field(
-            "files",
-            serde_json::to_value(&report.files).unwrap_or(Value::Null),
-        )
+    match serde_json::to_value(report) {
+        Ok(Value::Object(fields)) => refusal.with_fields(fields),
+        // Unreachable (a struct of strings, numbers and bools serialises to an object); the refusal stands.
+        _ => refusal,
+    }
 }

@@ -60,8 +60,9 @@ pub struct SyncRequest {
     pub target: Option<String>,
 }
 
-/// What a sync did, file by file.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// What a sync did, file by file: the response body (`docs/api.md`), and the fields a refusal adds so the
+/// client knows what the request did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SyncReport {
     /// Conversations created and updated (sorted, without repeats).
     pub new_memories: Vec<String>,

@@ -9,14 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use listen_support::{
-    AWAY, Child, fixture_packets, free_port, speaking_device, until_spoken, wait_ready,
+    AWAY, Child, assert_stored_as_told, fixture_packets, free_port, speaking_device, until_spoken,
+    wait_ready,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use voicegate_engine::meter::{Meter, MeterConfig};
 use voicegate_engine::store::test_redis::RedisServer;
-use voicegate_engine::store::{RedisStore, RedisStoreConfig};
-use voicegate_engine::time::SystemClock;
 use voicegate_server::sessions::DRAIN_CLOSE_REASON;
 
 const STREAMS: usize = 50;
@@ -92,26 +90,7 @@ async fn sigterm_with_50_streams_closes_each_with_1001_and_every_reported_ms_is_
     );
 
     // What the store holds, read by a fresh meter (as another node would after the restart).
-    let store =
-        RedisStore::new(&RedisStoreConfig::new(redis.url())).unwrap_or_else(|e| panic!("{e}"));
-    let meter = Meter::start(
-        MeterConfig::default(),
-        Arc::new(store),
-        Arc::new(SystemClock),
-    );
-    for (i, &ms) in told.iter().enumerate() {
-        let totals = meter
-            .totals(&format!("drain{i:02}"))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(totals.known, "store unreadable");
-        assert_eq!(
-            (totals.rolling.daily_ms, totals.month_ms),
-            (ms, ms),
-            "drain{i:02}: told {ms} ms, Redis holds {:?}",
-            totals
-        );
-    }
+    assert_stored_as_told(redis.url(), "drain", &told).await;
     eprintln!(
         "drain: {STREAMS} streams, {} ms of speech told and stored",
         told.iter().sum::<u64>()

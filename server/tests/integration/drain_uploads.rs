@@ -10,16 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use listen_support::{
-    AWAY, Child, fixture_packets, free_port, speaking_device, until_spoken, wait_ready,
+    AWAY, Child, assert_stored_as_told, fixture_packets, free_port, speaking_device, until_spoken,
+    wait_ready,
 };
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use voicegate_engine::meter::{Meter, MeterConfig};
 use voicegate_engine::store::test_redis::RedisServer;
-use voicegate_engine::store::{RedisStore, RedisStoreConfig};
-use voicegate_engine::time::SystemClock;
 
 const STREAMS: usize = 10;
 const UPLOADS: usize = 10;
@@ -137,21 +135,7 @@ async fn sigterm_with_paused_uploads_and_streams_leaves_no_temp_folder_and_meter
     assert!(left.is_empty(), "temp folders left by the drain: {left:?}");
     drop(paused);
 
-    let store =
-        RedisStore::new(&RedisStoreConfig::new(redis.url())).unwrap_or_else(|e| panic!("{e}"));
-    let meter = Meter::start(
-        MeterConfig::default(),
-        Arc::new(store),
-        Arc::new(SystemClock),
-    );
-    for (i, &ms) in told.iter().enumerate() {
-        let totals = meter
-            .totals(&format!("drainup{i:02}"))
-            .await
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(totals.known, "store unreadable");
-        assert_eq!(totals.month_ms, ms, "drainup{i:02}: told {ms} ms");
-    }
+    assert_stored_as_told(redis.url(), "drainup", &told).await;
     eprintln!(
         "drain: {UPLOADS} paused uploads, {STREAMS} streams ({} ms told and stored), 0 temp folders left",
         told.iter().sum::<u64>()

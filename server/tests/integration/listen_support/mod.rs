@@ -248,3 +248,29 @@ pub async fn until_spoken(spoke: &mut mpsc::UnboundedReceiver<()>, n: usize) {
             .unwrap_or_else(|| panic!("a device ended before it spoke ({k} had spoken)"));
     }
 }
+
+/// Asserts that Redis at `redis_url` holds exactly what each device was told (`told[i]` ms for the user
+/// `{prefix}{i:02}`, today and this month), read by a fresh meter as another node would after a restart.
+pub async fn assert_stored_as_told(redis_url: String, prefix: &str, told: &[u64]) {
+    use voicegate_engine::meter::{Meter, MeterConfig};
+    use voicegate_engine::store::{RedisStore, RedisStoreConfig};
+    use voicegate_engine::time::SystemClock;
+
+    let store =
+        RedisStore::new(&RedisStoreConfig::new(redis_url)).unwrap_or_else(|e| panic!("{e}"));
+    let meter = Meter::start(
+        MeterConfig::default(),
+        Arc::new(store),
+        Arc::new(SystemClock),
+    );
+    for (i, &ms) in told.iter().enumerate() {
+        let uid = format!("{prefix}{i:02}");
+        let totals = meter.totals(&uid).await.unwrap_or_else(|e| panic!("{e}"));
+        assert!(totals.known, "store unreadable");
+        assert_eq!(
+            (totals.rolling.daily_ms, totals.month_ms),
+            (ms, ms),
+            "{uid}: told {ms} ms, Redis holds {totals:?}"
+        );
+    }
+}

@@ -57,6 +57,8 @@ pub mod defaults {
     pub const LISTEN_BUFFER_MS: u64 = 2_000;
     /// `VOICEGATE_STT_LOCAL_THREADS`: one model (~180 MB idle, ~1.5 GB peak measured while transcribing).
     pub const STT_LOCAL_THREADS: usize = 1;
+    /// `VOICEGATE_STT_PREROLL_MS`: audio sent before each speech run (the detector confirms a run late).
+    pub const STT_PREROLL_MS: u64 = 300;
 }
 
 /// Flags and environment of `voicegate serve`. Secrets are never printed (`hide_env_values`).
@@ -182,6 +184,10 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_STT_LOCAL_DIR")]
     pub stt_local_dir: Option<PathBuf>,
 
+    /// Audio (ms) before each speech run that is sent to speech-to-text with it (kept by sessions with a provider; charged as sent).
+    #[arg(long, env = "VOICEGATE_STT_PREROLL_MS", default_value_t = defaults::STT_PREROLL_MS)]
+    pub stt_preroll_ms: u64,
+
     /// Deepgram API key, for VOICEGATE_STT=deepgram.
     #[arg(long, env = "DEEPGRAM_API_KEY", hide_env_values = true)]
     pub deepgram_api_key: Option<String>,
@@ -231,6 +237,7 @@ impl Default for ServeConfig {
             stt: Some("none".to_owned()),
             stt_local_threads: defaults::STT_LOCAL_THREADS,
             stt_local_dir: None,
+            stt_preroll_ms: defaults::STT_PREROLL_MS,
             deepgram_api_key: None,
             meter: MeterArgs::default(),
             fair_use: FairUseArgs::default(),

@@ -5,3 +5,4 @@ pub mod live;
 pub mod offline;
 pub mod stream;
 pub mod sync;
+pub mod tap;

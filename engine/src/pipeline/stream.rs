@@ -11,6 +11,7 @@ use crate::audio::resample::{ResampleError, Resampler, TARGET_RATE};
 use crate::audio::segments::MergeRules;
 use crate::audio::simd::clear_upper_simd_state;
 use crate::audio::vad::{SileroModel, VadError, VadStream, WindowProb};
+use crate::pipeline::tap::AudioTap;
 
 /// Tunables of the speech pipeline.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -69,6 +70,8 @@ pub struct SpeechPipeline {
     corrupt_packets: u64,
     /// Sum of finished speech runs, in samples at 16 kHz.
     speech: u64,
+    /// The recent 16 kHz audio, kept only for a session with a speech-to-text provider.
+    tap: Option<AudioTap>,
 }
 
 impl SpeechPipeline {
@@ -108,7 +111,18 @@ impl SpeechPipeline {
             packets: 0,
             corrupt_packets: 0,
             speech: 0,
+            tap: None,
         })
+    }
+
+    /// Keeps the last `capacity` samples at 16 kHz from now on (see [`AudioTap`]).
+    pub fn enable_tap(&mut self, capacity: usize) {
+        self.tap = Some(AudioTap::new(capacity));
+    }
+
+    /// The recent audio, when [`Self::enable_tap`] was called.
+    pub fn tap(&self) -> Option<&AudioTap> {
+        self.tap.as_ref()
     }
 
     /// Decode one payload and run what it completes. A corrupt Opus packet is counted and skipped.
@@ -153,10 +167,18 @@ impl SpeechPipeline {
         self.decoded += samples.len() as u64;
         let before = self.vad.counts().0;
         match self.resampler.as_mut() {
-            None => self.vad.push(samples, &mut self.probs)?,
+            None => {
+                if let Some(tap) = self.tap.as_mut() {
+                    tap.push(samples);
+                }
+                self.vad.push(samples, &mut self.probs)?;
+            }
             Some(r) => {
                 self.at16.clear();
                 r.push(samples, &mut self.at16)?;
+                if let Some(tap) = self.tap.as_mut() {
+                    tap.push(&self.at16);
+                }
                 self.vad.push(&self.at16, &mut self.probs)?;
             }
         }
@@ -196,6 +218,9 @@ impl SpeechPipeline {
         if let Some(r) = self.resampler.as_mut() {
             self.at16.clear();
             r.finish(&mut self.at16)?;
+            if let Some(tap) = self.tap.as_mut() {
+                tap.push(&self.at16);
+            }
             self.vad.push(&self.at16, &mut self.probs)?;
         }
         self.vad.finish(&mut self.probs)?;

@@ -30,9 +30,9 @@ use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use voicegate_engine::audio::codec::Codec;
 use voicegate_engine::pipeline::live::{
-    LiveConfig, LiveServices, PipelinePool, SessionParams, run_session,
+    FeedConfig, LiveConfig, LiveServices, PipelinePool, SessionParams, run_session,
 };
-use voicegate_engine::stt::NoTranscriber;
+use voicegate_engine::stt::SttProvider;
 use voicegate_engine::telemetry as t;
 
 use crate::auth::Authenticator;
@@ -99,7 +99,7 @@ pub struct Mounted {
 }
 
 /// Builds `GET /v4/listen` for an engine-wired server: starts the pipeline threads and shares the engine's
-/// fair use, plans, conversations and clock with every session (the transcriber is the no-op default).
+/// fair use, plans, conversations and clock, and the node's speech-to-text provider, with every session.
 /// The caller (`crate::serve::mount_engine`) registers the front door, the state and [`configure`].
 /// Must run inside an actix `System`.
 pub fn mount(
@@ -107,16 +107,21 @@ pub fn mount(
     auth: web::Data<Authenticator>,
     sessions: SessionRegistry,
     engine: &Engine,
+    stt: Arc<dyn SttProvider>,
 ) -> Mounted {
     let services = LiveServices {
         fair_use: engine.fair_use.clone(),
         plans: Arc::clone(&engine.plans),
         conversations: Arc::clone(&engine.conversations),
-        transcriber: Arc::new(NoTranscriber),
+        stt,
         clock: Arc::clone(&engine.clock),
     };
     let live = LiveConfig {
         pipeline: engine.pipeline,
+        stt: FeedConfig {
+            preroll: Duration::from_millis(config.stt_preroll_ms),
+            ..FeedConfig::default()
+        },
         ..LiveConfig::default()
     };
     let state = Arc::new(ListenState::start(config, services, live));

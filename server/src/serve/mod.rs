@@ -114,6 +114,7 @@ pub fn mount_engine(server: &mut ServerBuilder, engine: &Engine) {
         server.state().auth.clone(),
         server.state().sessions.get_ref().clone(),
         engine,
+        server.state().stt.clone().into_inner(),
     );
     server
         .listen_front(listen.front)

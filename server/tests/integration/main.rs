@@ -16,6 +16,7 @@ mod drain_uploads;
 mod health_metrics;
 mod listen_bad_input;
 mod listen_stream;
+mod listen_transcripts;
 mod listen_transport;
 mod metrics_docs;
 mod metrics_e2e;

@@ -2,8 +2,6 @@
 //! besides events ([`SttCommand`], [`SessionReport`]), and its observable states ([`Lifecycle`],
 //! [`InFlight`]).
 
-use crate::stt::SttSegment;
-
 /// Frames the transport received and dropped so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FrameCounts {
@@ -19,10 +17,14 @@ impl FrameCounts {
     }
 }
 
-/// What the STT stream is told.
+/// What the STT stream is told (only sessions with a provider get `Audio` and `EndOfRun`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SttCommand {
-    Forward(SttSegment),
+    /// Samples `[start, end)` of the stream at 16 kHz, already clipped to the STT allowance and charged:
+    /// read them from the tap [`super::SessionCore::take_stt`] hands out with the commands.
+    Audio { start: u64, end: u64 },
+    /// The speech run (with its hangover) is complete.
+    EndOfRun,
     Finalize,
     Close,
 }

@@ -15,12 +15,14 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use super::contract::{FrameCounts, SessionReport, SttCommand};
 use super::core::SessionCore;
+use super::events::LiveEvent;
 use super::frames::FrameQueue;
+use super::link::SttLink;
 use super::ops::{OpResult, StoreOp, execute};
 use super::{Control, LiveConfig, LiveServices, SessionParams};
 use crate::audio::vad::SileroModel;
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
-use crate::stt::{SttSessionInfo, SttStream};
+use crate::stt::ProviderKind;
 use crate::telemetry as t;
 use crate::time::Backoff;
 
@@ -69,7 +71,9 @@ struct Driver<'t, T: Transport> {
     open: bool,
     frames: FrameQueue,
     buf: Vec<u8>,
-    stt: Box<dyn SttStream>,
+    /// The provider's stream; `None` with `VOICEGATE_STT=none` (or when it could not open).
+    stt: Option<SttLink>,
+    stt_close_wait: Duration,
     services: Arc<LiveServices>,
     uid: Arc<str>,
     op: Option<Op>,
@@ -100,30 +104,109 @@ pub async fn run_session<T: Transport>(
             };
         }
     };
-    let stt = services.transcriber.open(&SttSessionInfo {
-        uid: Arc::clone(&params.uid),
-        language: params.language.clone(),
-        codec: params.codec,
-    });
     let uid = Arc::clone(&params.uid);
     let started_at_ms = services.clock.now_ms();
+    let language = params.language.clone();
     let mut driver = Driver {
         core: SessionCore::new(params, cfg, pipeline, Instant::now(), started_at_ms),
         transport,
         open: true,
         frames: FrameQueue::new(queue_bytes),
         buf: Vec::with_capacity(512),
-        stt,
+        stt: None,
+        stt_close_wait: cfg.stt_close_wait,
         services,
         uid,
         op: None,
         frames_metric: 0,
         tick_lag_max: Duration::ZERO,
     };
+    driver.open_stt(&language);
     driver.run(cfg.tick).await
 }
 
 impl<T: Transport> Driver<'_, T> {
+    /// Opens the provider's stream (none with `VOICEGATE_STT=none`: the session then keeps no audio):
+    /// `service_status` `stt_initiating`, then `ready`, or `stt_unavailable` when it cannot open.
+    fn open_stt(&mut self, language: &str) {
+        let provider = Arc::clone(&self.services.stt);
+        let kind = provider.kind();
+        if kind == ProviderKind::None {
+            return;
+        }
+        self.send_event(&LiveEvent::ServiceStatus {
+            frames_received: 0,
+            status: "stt_initiating",
+        });
+        match SttLink::open(provider.as_ref(), language) {
+            Ok(link) => {
+                self.core.enable_stt_feed(kind);
+                self.stt = Some(link);
+                self.send_event(&LiveEvent::ServiceStatus {
+                    frames_received: 0,
+                    status: "ready",
+                });
+            }
+            Err(error) => {
+                tracing::warn!(message = "The speech-to-text stream could not open; the session goes on without transcripts.", provider = kind.name(), %error);
+                self.send_event(&LiveEvent::SttUnavailable {
+                    frames_received: 0,
+                    reason: "provider_error",
+                });
+            }
+        }
+    }
+
+    fn send_event(&mut self, ev: &LiveEvent) {
+        metrics::counter!(t::LISTEN_EVENTS_TOTAL, "type" => ev.kind()).increment(1);
+        if self.open && !self.transport.send(ev.to_json()) {
+            self.open = false;
+        }
+    }
+
+    /// Reads the provider's results and sends what is due: availability changes, transcript segments.
+    fn poll_stt(&mut self, force: bool) {
+        let Some(link) = self.stt.as_mut() else {
+            return;
+        };
+        link.poll();
+        let (change, segments) = link.outgoing(
+            self.core.stt_gate_reason(),
+            self.core.frames_seen(),
+            Instant::now(),
+            force,
+        );
+        if let Some(ev) = change {
+            self.send_event(&ev);
+        }
+        if let Some(json) = segments {
+            metrics::counter!(t::LISTEN_EVENTS_TOTAL, "type" => "transcript").increment(1);
+            if self.open && !self.transport.send(json) {
+                self.open = false;
+            }
+        }
+    }
+
+    /// The session's end: closes the provider's stream and waits (at most `stt_close_wait`) for its last
+    /// results, so the client gets the last transcript before `metadata`. Metering is settled already.
+    async fn close_stt(&mut self) {
+        let wait = self.stt_close_wait;
+        let Some(link) = self.stt.as_mut() else {
+            return;
+        };
+        link.command(SttCommand::Close, None);
+        let deadline = Instant::now() + wait;
+        while !link.drained() {
+            if tokio::time::timeout_at(deadline, link.recv_one())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+        self.poll_stt(true);
+    }
+
     async fn run(&mut self, period: Duration) -> SessionReport {
         let mut tick = tokio::time::interval_at(grid_start(period), period);
         // `Skip` keeps a late session on the shared grid (`Delay` would shift it off for good).
@@ -154,6 +237,7 @@ impl<T: Transport> Driver<'_, T> {
                         self.observe_tick_lag();
                     }
                     self.deliver();
+                    self.poll_stt(false);
                     if self.core.backlogged() {
                         // Boxed, like the other rare, deep calls: an `async fn` future reserves room for
                         // every future it may await for the session's whole life.
@@ -219,12 +303,10 @@ impl<T: Transport> Driver<'_, T> {
                 self.open = false;
             }
         }
-        for cmd in self.core.take_stt() {
-            match cmd {
-                SttCommand::Forward(segment) => self.stt.forward(segment),
-                SttCommand::Finalize => self.stt.finalize(),
-                SttCommand::Close => self.stt.close(),
-            }
+        let (commands, tap) = self.core.take_stt();
+        match self.stt.as_mut() {
+            Some(link) => commands.for_each(|cmd| link.command(cmd, tap)),
+            None => drop(commands),
         }
     }
 
@@ -272,6 +354,7 @@ impl<T: Transport> Driver<'_, T> {
         // The last second's frames too: a session shorter than the meter interval counts all of its own.
         self.count_frames();
         self.observe_tick_lag();
+        Box::pin(self.close_stt()).await;
         let report = self.core.finish(self.transport.counts());
         metrics::counter!(t::LISTEN_AUDIO_MS_TOTAL).increment(report.audio_ms);
         self.deliver();

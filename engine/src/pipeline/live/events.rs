@@ -52,6 +52,20 @@ pub enum LiveEvent {
         frames_dropped: u64,
         reason: &'static str,
     },
+    /// The speech-to-text service's state: `stt_initiating` at connect, then `ready` once the provider's
+    /// stream is open (sessions with `VOICEGATE_STT=none` send neither).
+    ServiceStatus {
+        frames_received: u64,
+        status: &'static str,
+    },
+    /// Transcription stopped: `reason` is `entitlement_unknown`, `budget_exhausted`, `provider_error`,
+    /// `queue_full`, … (docs/protocol.md). Metering goes on.
+    SttUnavailable {
+        frames_received: u64,
+        reason: &'static str,
+    },
+    /// Transcription works again after an `stt_unavailable`.
+    SttAvailable { frames_received: u64 },
     /// The last event of a session.
     Metadata {
         frames_received: u64,
@@ -73,6 +87,9 @@ impl LiveEvent {
             LiveEvent::SttBudgetExhausted { .. } => "stt_budget_exhausted",
             LiveEvent::ConversationClosed { .. } => "conversation_closed",
             LiveEvent::FramesDropped { .. } => "frames_dropped",
+            LiveEvent::ServiceStatus { .. } => "service_status",
+            LiveEvent::SttUnavailable { .. } => "stt_unavailable",
+            LiveEvent::SttAvailable { .. } => "stt_available",
             LiveEvent::Metadata { .. } => "metadata",
         }
     }

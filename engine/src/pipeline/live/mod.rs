@@ -9,17 +9,22 @@
 //! - `gate`: the STT allowance as the session applies it.
 //! - `pool`: the pipeline threads sessions run on (round-robin), off the HTTP workers.
 //! - `events`: the JSON events sent to the client.
+//! - `feed`: which kept audio goes to the speech-to-text provider (pre-roll, the run, its hangover);
+//!   `link`: the driver's end of the provider's stream; `transcript`: segments and availability for the app.
 
 mod contract;
 mod core;
 mod driver;
 mod events;
+mod feed;
 mod frames;
 mod gate;
+mod link;
 mod ops;
 mod pool;
 #[cfg(test)]
 mod tests;
+pub mod transcript;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +33,7 @@ pub use contract::{FrameCounts, InFlight, Lifecycle, SessionReport, SttCommand};
 pub use core::{MAX_CLOSING, SessionCore};
 pub use driver::{Transport, run_session};
 pub use events::LiveEvent;
+pub use feed::FeedConfig;
 pub use frames::{DropReason, FrameQueue, MAX_RECORD};
 pub use ops::{OpResult, StoreOp};
 pub use pool::{PipelinePool, PoolStopped};
@@ -37,7 +43,7 @@ use crate::conversation::ConversationStore;
 use crate::fair_use::FairUse;
 use crate::pipeline::stream::PipelineConfig;
 use crate::store::plans::PlanStore;
-use crate::stt::Transcriber;
+use crate::stt::SttProvider;
 use crate::time::Clock;
 
 /// Session timing and the speech pipeline's tunables.
@@ -50,6 +56,11 @@ pub struct LiveConfig {
     pub meter_interval: Duration,
     /// How often the `usage` event is sent and the entitlement (stage, lock, STT allowance) re-read.
     pub usage_interval: Duration,
+    /// How speech is forwarded to the speech-to-text provider (unused with `none`).
+    pub stt: FeedConfig,
+    /// At the end of a session, how long the last transcripts may take before `metadata` goes out
+    /// (metering is settled before; only the client's last transcript waits).
+    pub stt_close_wait: Duration,
 }
 
 impl Default for LiveConfig {
@@ -59,16 +70,20 @@ impl Default for LiveConfig {
             tick: Duration::from_millis(50),
             meter_interval: Duration::from_secs(1),
             usage_interval: Duration::from_secs(10),
+            stt: FeedConfig::default(),
+            stt_close_wait: Duration::from_secs(30),
         }
     }
 }
 
-/// What sessions share: fair use (with the meter), plans, conversations, the transcriber, the clock.
+/// What sessions share: fair use (with the meter), plans, conversations, the speech-to-text provider, the
+/// clock.
 pub struct LiveServices {
     pub fair_use: FairUse,
     pub plans: Arc<dyn PlanStore>,
     pub conversations: Arc<dyn ConversationStore>,
-    pub transcriber: Arc<dyn Transcriber>,
+    /// `none` keeps the session's hot path free of STT work: no audio is kept, copied or sent.
+    pub stt: Arc<dyn SttProvider>,
     pub clock: Arc<dyn Clock>,
 }
 

@@ -120,7 +120,7 @@ impl Session {
 
     fn collect(&mut self) {
         self.events.extend(self.core.take_events());
-        self.stt.extend(self.core.take_stt());
+        self.stt.extend(self.core.take_stt().0);
     }
 
     fn kinds(&self) -> Vec<&'static str> {
@@ -147,10 +147,15 @@ impl Session {
     }
 
     fn forwarded_ms(&self) -> u64 {
+        self.core.stt_forwarded_ms()
+    }
+
+    /// Samples of the `Audio` commands so far.
+    fn audio_samples(&self) -> u64 {
         self.stt
             .iter()
             .map(|c| match c {
-                SttCommand::Forward(s) => s.end_ms - s.start_ms,
+                SttCommand::Audio { start, end } => end - start,
                 _ => 0,
             })
             .sum()
@@ -217,8 +222,9 @@ fn the_first_status_read_comes_first_and_stt_waits_for_it() {
     let ops = s.stream(3_000, false);
     assert!(ops.is_empty(), "one operation at a time: {ops:?}");
     assert_eq!(s.kinds(), ["speech_started", "speech_ended"]);
-    assert!(
-        s.stt.is_empty(),
+    assert_eq!(
+        s.forwarded_ms(),
+        0,
         "nothing forwarded while the entitlement is unknown"
     );
     s.done(first(status(Stage::None, false, SttAllowance::Unlimited)));
@@ -454,4 +460,122 @@ fn closed_conversations_pile_up_to_a_bound_while_the_store_is_down() {
     }
     assert!(writes > super::MAX_CLOSING);
     assert!(!s.core.backlogged());
+}
+
+/// A session with a provider: its first status read answered with `stt`.
+fn with_feed(stt: SttAllowance) -> Session {
+    let mut s = Session::new(60_000);
+    s.core.enable_stt_feed(crate::stt::ProviderKind::Local);
+    assert_eq!(s.core.next_op(WALL0), Some(StoreOp::Status { first: true }));
+    s.done(first(status(Stage::None, false, stt)));
+    s
+}
+
+#[test]
+fn with_a_provider_a_run_is_forwarded_while_it_runs_with_preroll_and_hangover() {
+    let mut s = with_feed(SttAllowance::Unlimited);
+    // d01's first run is 598-2738 ms: stream until it started but has not ended.
+    s.stream(1_500, false);
+    assert_eq!(s.kinds(), ["speech_started"]);
+    let first = s.stt.first().copied();
+    let Some(SttCommand::Audio { start, .. }) = first else {
+        panic!("audio goes while the run runs: {:?}", s.stt);
+    };
+    let LiveEvent::SpeechStarted { at_ms, .. } = s.events[0] else {
+        unreachable!()
+    };
+    assert_eq!(start, (at_ms * 16).saturating_sub(4_800), "300 ms pre-roll");
+    s.stream(1_500, false);
+    assert_eq!(s.kinds(), ["speech_started", "speech_ended"]);
+    assert_eq!(s.stt.last(), Some(&SttCommand::EndOfRun));
+    let LiveEvent::SpeechEnded {
+        at_ms: end_ms,
+        speech_ms,
+        ..
+    } = s.events[1]
+    else {
+        unreachable!()
+    };
+    let Some(SttCommand::Audio { end, .. }) = s.stt.iter().rev().nth(1).copied() else {
+        panic!("{:?}", s.stt);
+    };
+    assert_eq!(end, end_ms * 16 + 1_472, "the hangover beyond the padding");
+    // Contiguous audio, charged by the samples sent: the run, its pre-roll and its hangover.
+    assert_eq!(s.audio_samples(), end - start);
+    assert_eq!(s.forwarded_ms(), crate::time::samples_to_ms(end - start, 16_000));
+    assert!(s.forwarded_ms() >= speech_ms + 300);
+}
+
+#[test]
+fn with_a_provider_the_budget_clips_the_samples_sent_to_the_ms() {
+    let mut s = with_feed(SttAllowance::Remaining {
+        remaining_ms: 1_000,
+        daily_limit_ms: 1_800_000,
+        used_ms: 1_799_000,
+        resets_at_ms: WALL0 + 3_600_000,
+    });
+    s.stream(7_000, false);
+    assert_eq!(s.forwarded_ms(), 1_000, "exactly the remaining budget");
+    assert!(s.audio_samples() <= 16_000 + 7);
+    assert_eq!(
+        s.kinds()
+            .iter()
+            .filter(|k| **k == "stt_budget_exhausted")
+            .count(),
+        1
+    );
+    assert_eq!(s.core.stt_gate_reason(), Some("budget_exhausted"));
+}
+
+#[test]
+fn with_a_provider_audio_waits_for_the_first_status_read() {
+    let mut s = Session::new(60_000);
+    s.core.enable_stt_feed(crate::stt::ProviderKind::Local);
+    assert_eq!(s.core.next_op(WALL0), Some(StoreOp::Status { first: true }));
+    s.stream(2_000, false);
+    assert!(s.stt.is_empty(), "nothing goes while the gate is unknown");
+    s.done(first(status(Stage::None, false, SttAllowance::Unlimited)));
+    let Some(SttCommand::Audio { start, .. }) = s.stt.first().copied() else {
+        panic!("{:?}", s.stt);
+    };
+    assert!(start < 598 * 16, "released from the pre-roll on: {start}");
+    assert!(s.audio_samples() > 16_000);
+}
+
+#[test]
+fn without_a_provider_no_audio_is_kept_or_sent() {
+    let mut s = running(60_000);
+    s.stream(3_000, false);
+    assert!(s.core.take_stt().1.is_none(), "no tap");
+    assert!(s.stt.is_empty(), "no commands: {:?}", s.stt);
+    assert!(s.forwarded_ms() > 1_500, "the run is charged as it ends");
+}
+
+#[test]
+fn with_a_provider_a_burst_of_seconds_in_one_tick_loses_no_run_start() {
+    let mut s = with_feed(SttAllowance::Unlimited);
+    // Seven seconds arrive in one tick (a fast client, a lagging pipeline): more than the tap holds.
+    for _ in 0..700 {
+        s.seq += 1;
+        let frame = s.pcm[s.at..s.at + FRAME].to_vec();
+        s.at += FRAME;
+        s.core.push_frame(s.seq, &frame);
+    }
+    s.core.run_vad();
+    s.collect();
+    let starts: Vec<u64> = s
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            LiveEvent::SpeechStarted { at_ms, .. } => Some(*at_ms),
+            _ => None,
+        })
+        .collect();
+    assert!(starts.len() >= 2, "{:?}", s.kinds());
+    let Some(SttCommand::Audio { start, .. }) = s.stt.first().copied() else {
+        panic!("{:?}", s.stt);
+    };
+    assert_eq!(start, starts[0] * 16 - 4_800, "the first run's pre-roll is whole");
+    let ends_of_run = s.stt.iter().filter(|c| **c == SttCommand::EndOfRun).count();
+    assert!(ends_of_run >= 1);
 }

@@ -18,6 +18,7 @@
 
 mod conversations;
 mod stt;
+mod stt_feed;
 
 use std::collections::VecDeque;
 
@@ -34,6 +35,7 @@ use crate::audio::detector::SpeechEvent;
 use crate::audio::resample::TARGET_RATE;
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
 use crate::policy::Stage;
+use crate::pipeline::tap::AudioTap;
 use crate::telemetry as t;
 use crate::time::samples_to_ms;
 
@@ -97,6 +99,8 @@ impl SessionCore {
                 unrecorded_ms: 0,
                 exhausted_announced: false,
                 deferred: Vec::new(),
+                feed: None,
+                provider: crate::stt::ProviderKind::None,
             },
             stage: Stage::None,
             locked: false,
@@ -129,9 +133,14 @@ impl SessionCore {
         self.out.drain(..)
     }
 
-    /// Commands for the STT stream, in order (drained).
-    pub fn take_stt(&mut self) -> std::vec::Drain<'_, SttCommand> {
-        self.stt_out.drain(..)
+    /// Commands for the STT stream, in order (drained), with the kept audio their `Audio` ranges are in.
+    pub fn take_stt(&mut self) -> (std::vec::Drain<'_, SttCommand>, Option<&AudioTap>) {
+        (self.stt_out.drain(..), self.pipeline.tap())
+    }
+
+    /// Sequence of the newest frame the pipeline consumed (what every event carries).
+    pub fn frames_seen(&self) -> u64 {
+        self.frames_seen
     }
 
     /// Decodes and resamples one frame (the VAD runs on [`Self::run_vad`]).
@@ -142,6 +151,10 @@ impl SessionCore {
         self.frames_seen = u64::from(seq);
         if let Err(e) = self.pipeline.push_payload(payload, &mut self.speech) {
             self.fail(e);
+            return;
+        }
+        if self.stt_lagging() {
+            self.run_vad();
         }
     }
 
@@ -157,6 +170,7 @@ impl SessionCore {
         if !self.speech.is_empty() {
             self.handle_speech_events();
         }
+        self.release_stt();
     }
 
     /// The client asked to finalize: the STT stream flushes what it has.
@@ -313,6 +327,7 @@ impl SessionCore {
                 Ok(()) => self.handle_speech_events(),
                 Err(e) => self.fail(e),
             }
+            self.release_stt();
         }
         self.maybe_close_conversation(true);
     }
@@ -379,6 +394,9 @@ impl SessionCore {
                         frames_received: self.frames_seen,
                         at_ms: ms(start),
                     });
+                    if let Some(feed) = self.stt.feed.as_mut() {
+                        feed.started(start);
+                    }
                 }
                 SpeechEvent::Ended(span) => self.speech_ended(span),
             }

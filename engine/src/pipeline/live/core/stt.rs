@@ -3,11 +3,9 @@
 
 use super::{SessionCore, ms};
 use crate::fair_use::FairUseStatus;
-use crate::pipeline::live::contract::SttCommand;
 use crate::pipeline::live::events::LiveEvent;
 use crate::pipeline::live::gate::Gate;
 use crate::policy::SttAllowance;
-use crate::stt::SttSegment;
 use crate::telemetry as t;
 use crate::time::Span;
 
@@ -24,11 +22,21 @@ pub(super) struct Stt {
     pub(super) exhausted_announced: bool,
     /// Speech runs (and their ms) waiting for the first entitlement read ([`Gate::Pending`]).
     pub(super) deferred: Vec<(Span, u64)>,
+    /// With a provider: the audio forwarded (charged by the samples sent, pre-roll and hangover
+    /// included; `stt_feed`). Without (`none`), speech runs are charged as they end and nothing is kept.
+    pub(super) feed: Option<crate::pipeline::live::feed::Feed>,
+    pub(super) provider: crate::stt::ProviderKind,
 }
 
 impl SessionCore {
     /// Forwards what the STT allowance permits of one speech run.
     pub(super) fn forward_stt(&mut self, span: Span, speech_ms: u64) {
+        if let Some(feed) = self.stt.feed.as_mut() {
+            // With a provider the run's audio went (or goes now) through the feed, charged as sent.
+            let received = self.pipeline.tap().map_or(span.end, |t| t.end());
+            feed.ended(span.end, received);
+            return;
+        }
         let Some(allowed) = self.stt.gate.allows(speech_ms) else {
             if self.stt.deferred.len() < MAX_DEFERRED_STT {
                 self.stt.deferred.push((span, speech_ms));
@@ -36,11 +44,6 @@ impl SessionCore {
             return;
         };
         if allowed > 0 {
-            let start_ms = ms(span.start);
-            self.stt_out.push(SttCommand::Forward(SttSegment {
-                start_ms,
-                end_ms: start_ms + allowed,
-            }));
             self.stt.forwarded_ms += allowed;
             self.stt.unrecorded_ms += allowed;
             metrics::counter!(t::LISTEN_STT_FORWARDED_MS_TOTAL).increment(allowed);
@@ -51,7 +54,7 @@ impl SessionCore {
         self.announce_exhausted();
     }
 
-    fn announce_exhausted(&mut self) {
+    pub(super) fn announce_exhausted(&mut self) {
         let Gate::Budget(b) = self.stt.gate else {
             return;
         };
@@ -92,6 +95,7 @@ impl SessionCore {
         for (span, speech_ms) in std::mem::take(&mut self.stt.deferred) {
             self.forward_stt(span, speech_ms);
         }
+        self.release_stt();
     }
 
     fn apply_allowance(&mut self, stt: SttAllowance) {

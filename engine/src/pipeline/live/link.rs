@@ -1,0 +1,167 @@
+//! The driver's end of a session's speech-to-text stream: the core's [`SttCommand`]s handed to the
+//! provider's [`StreamHandle`] (samples read from the session's tap), the provider's results read back
+//! through the bounded channel, turned into transcript messages and availability events for the client.
+//!
+//! Nothing here blocks the pipeline thread: pushing never waits (a full provider queue drops the audio,
+//! counted by the provider and told to the client as `stt_unavailable{queue_full}`), and results are read
+//! with `try_recv` on the session's ticks.
+
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::time::Instant;
+
+use super::contract::SttCommand;
+use super::events::LiveEvent;
+use super::transcript::{Availability, Change, Transcript};
+use crate::pipeline::tap::AudioTap;
+use crate::stt::{
+    Pcm, ResultReceiver, StreamHandle, StreamOptions, SttError, SttEvent, SttProvider,
+    results_channel,
+};
+
+/// Results and events one stream may have waiting for its session (a full channel drops, counted).
+const RESULTS_CAPACITY: usize = 64;
+
+pub(super) struct SttLink {
+    handle: Box<dyn StreamHandle>,
+    rx: ResultReceiver,
+    transcript: Transcript,
+    availability: Availability,
+    /// Why the provider is not transcribing now (`provider_error`, `queue_full`), until it works again.
+    provider_problem: Option<&'static str>,
+    /// The provider sent [`SttEvent::Closed`]: every result is in.
+    drained: bool,
+}
+
+impl SttLink {
+    pub fn open(provider: &dyn SttProvider, language: &str) -> Result<SttLink, SttError> {
+        let (sink, rx) = results_channel(RESULTS_CAPACITY);
+        let handle = provider.open_stream(
+            StreamOptions {
+                language: language.to_string(),
+                interim_results: true,
+            },
+            sink,
+        )?;
+        Ok(SttLink {
+            handle,
+            rx,
+            transcript: Transcript::default(),
+            availability: Availability::default(),
+            provider_problem: None,
+            drained: false,
+        })
+    }
+
+    /// Hands one command to the provider. Never blocks.
+    pub fn command(&mut self, cmd: SttCommand, tap: Option<&AudioTap>) {
+        let outcome = match cmd {
+            SttCommand::Audio { start, end } => {
+                let Some(tap) = tap else { return };
+                let (a, b) = tap.slices(start, end);
+                let first = self.handle.push(start, Pcm::I16(a));
+                if b.is_empty() {
+                    first
+                } else {
+                    let second = self.handle.push(start + a.len() as u64, Pcm::I16(b));
+                    first.and(second)
+                }
+            }
+            SttCommand::EndOfRun => self.handle.end_of_run(),
+            SttCommand::Finalize => self.handle.finalize(),
+            SttCommand::Close => {
+                self.handle.close();
+                Ok(())
+            }
+        };
+        match outcome {
+            Ok(()) => {
+                if self.provider_problem == Some("queue_full")
+                    && matches!(cmd, SttCommand::EndOfRun | SttCommand::Finalize)
+                {
+                    // A chunk was accepted again.
+                    self.provider_problem = None;
+                }
+            }
+            Err(SttError::QueueFull { .. }) => self.provider_problem = Some("queue_full"),
+            Err(SttError::Closed) => {}
+            Err(e) => {
+                tracing::debug!(message = "STT stream refused a command", error = %e);
+                self.provider_problem = Some("provider_error");
+            }
+        }
+    }
+
+    /// Reads the results that arrived (never waits) into the transcript.
+    pub fn poll(&mut self) {
+        loop {
+            match self.rx.try_recv() {
+                Ok(SttEvent::Result(r)) => {
+                    if self.provider_problem == Some("provider_error") {
+                        self.provider_problem = None;
+                    }
+                    self.transcript.apply(&r);
+                }
+                Ok(SttEvent::Error { reason, message }) => {
+                    tracing::debug!(message = "STT provider error", reason, detail = %message);
+                    self.provider_problem = Some(provider_reason(reason));
+                }
+                // Counted by the provider (`voicegate_stt_late_chunks_total`); the results still come.
+                Ok(SttEvent::Behind { .. }) => {}
+                Ok(SttEvent::Closed) | Err(TryRecvError::Disconnected) => {
+                    self.drained = true;
+                    return;
+                }
+                Err(TryRecvError::Empty) => return,
+            }
+        }
+    }
+
+    /// Waits for the next result (the session's end: its last transcripts).
+    pub async fn recv_one(&mut self) {
+        match self.rx.recv().await {
+            Some(SttEvent::Closed) | None => self.drained = true,
+            Some(SttEvent::Result(r)) => self.transcript.apply(&r),
+            Some(SttEvent::Error { reason, .. }) => {
+                self.provider_problem = Some(provider_reason(reason));
+            }
+            Some(SttEvent::Behind { .. }) => {}
+        }
+    }
+
+    /// Every result of the closed stream is in.
+    pub fn drained(&self) -> bool {
+        self.drained
+    }
+
+    /// What to send the client now: an availability change (given the session gate's own reason), then
+    /// the transcript segments that changed, when due.
+    pub fn outgoing(
+        &mut self,
+        gate_reason: Option<&'static str>,
+        frames_received: u64,
+        now: Instant,
+        force: bool,
+    ) -> (Option<LiveEvent>, Option<String>) {
+        let change = self
+            .availability
+            .update(gate_reason.or(self.provider_problem))
+            .map(|c| match c {
+                Change::Unavailable(reason) => LiveEvent::SttUnavailable {
+                    frames_received,
+                    reason,
+                },
+                Change::Available => LiveEvent::SttAvailable { frames_received },
+            });
+        (change, self.transcript.due(now, force))
+    }
+}
+
+/// The client-facing reason of a provider's error code.
+fn provider_reason(code: &str) -> &'static str {
+    match code {
+        "payment" => "provider_payment",
+        "unauthorized" => "provider_unauthorized",
+        "rate_limited" => "provider_rate_limited",
+        _ => "provider_error",
+    }
+}

@@ -134,7 +134,8 @@ pub const LISTEN_CONVERSATION_ERRORS_TOTAL: &str = "voicegate_listen_conversatio
 /// exactly what users are charged). Audio seconds sent = this / 16,000.
 pub const STT_FORWARDED_SAMPLES_TOTAL: &str = "voicegate_stt_forwarded_samples_total";
 /// Counter, labels `provider`, `reason` (`queue_full`: the provider's bounded queue was full; `closed`: the
-/// session had gone before its audio reached the engine): samples pushed but never sent (nor charged).
+/// session had gone before its audio reached the engine; `ring`: a live session's kept audio moved on
+/// before a run's start could be forwarded): samples that never reached the engine.
 pub const STT_DROPPED_SAMPLES_TOTAL: &str = "voicegate_stt_dropped_samples_total";
 /// Counter, label `provider`: results a provider could not deliver because the session's bounded results
 /// channel was full.

@@ -483,6 +483,10 @@ impl<W: Wire> Transport for WsConn<W> {
     fn counts(&self) -> FrameCounts {
         self.counts
     }
+
+    fn draining(&self) -> bool {
+        self.guard.as_ref().is_some_and(SessionGuard::is_closing)
+    }
 }
 
 /// A websocket protocol error as the way the session ends.

@@ -88,7 +88,14 @@ impl Session {
             return;
         };
         for s in array {
-            for field in ["id", "text", "speaker", "speaker_id", "is_user", "person_id"] {
+            for field in [
+                "id",
+                "text",
+                "speaker",
+                "speaker_id",
+                "is_user",
+                "person_id",
+            ] {
                 assert!(s.get(field).is_some(), "segment without {field}: {s}");
             }
             assert!(s["translations"].is_array(), "{s}");
@@ -284,7 +291,10 @@ async fn streamed_fixtures_come_back_as_transcript_segments_matching_their_utter
             "the pre-roll and hangover go with the speech: {meta}"
         );
         for seg in &s.segments {
-            eprintln!("  {id} {:>6}-{:>6} ms  {}", seg.start_ms, seg.end_ms, seg.text);
+            eprintln!(
+                "  {id} {:>6}-{:>6} ms  {}",
+                seg.start_ms, seg.end_ms, seg.text
+            );
         }
         eprintln!(
             "{id} at {speed}x: WER {:.1}% ({} / {} English words, {excluded} excluded), {} segments; runs without words (end ms): {:?}",
@@ -311,7 +321,12 @@ async fn streamed_fixtures_come_back_as_transcript_segments_matching_their_utter
     assert!(total.reference_words >= 100, "{total:?}");
     assert!(total.wer() <= 0.15, "WER {:.1}%", total.wer() * 100.0);
     // What the sessions charged as STT is what the engine received (ms rounding: at most 1 ms a chunk).
-    let engine_ms = metric(&server, "voicegate_stt_forwarded_samples_total{provider=\"local\"}").await / 16;
+    let engine_ms = metric(
+        &server,
+        "voicegate_stt_forwarded_samples_total{provider=\"local\"}",
+    )
+    .await
+        / 16;
     let dropped = metric(&server, "voicegate_stt_dropped_samples_total").await;
     assert_eq!(dropped, 0, "no audio lost on the way to the engine");
     assert!(

@@ -22,7 +22,10 @@ impl FrameCounts {
 pub enum SttCommand {
     /// Samples `[start, end)` of the stream at 16 kHz, already clipped to the STT allowance and charged:
     /// read them from the tap [`super::SessionCore::take_stt`] hands out with the commands.
-    Audio { start: u64, end: u64 },
+    Audio {
+        start: u64,
+        end: u64,
+    },
     /// The speech run (with its hangover) is complete.
     EndOfRun,
     Finalize,

@@ -37,6 +37,10 @@ pub trait Transport {
     fn send(&mut self, text: String) -> bool;
     /// Frames received and dropped so far.
     fn counts(&self) -> FrameCounts;
+    /// Whether the server is draining: a finishing session then does not wait for its last transcripts.
+    fn draining(&self) -> bool {
+        false
+    }
 }
 
 /// The session's in-flight store operation (boxed: only while one runs does it take memory).
@@ -187,10 +191,16 @@ impl<T: Transport> Driver<'_, T> {
         }
     }
 
-    /// The session's end: closes the provider's stream and waits (at most `stt_close_wait`) for its last
-    /// results, so the client gets the last transcript before `metadata`. Metering is settled already.
+    /// The session's end: closes the provider's stream and waits (at most `stt_close_wait`; not at all
+    /// while the server drains or once the client is gone) for its last results, so the client gets the
+    /// last transcript before `metadata`. Metering is settled already.
     async fn close_stt(&mut self) {
-        let wait = self.stt_close_wait;
+        // Nobody to send them to, or the server must stop: the results already in go, no waiting.
+        let wait = if self.open && !self.transport.draining() {
+            self.stt_close_wait
+        } else {
+            Duration::ZERO
+        };
         let Some(link) = self.stt.as_mut() else {
             return;
         };

@@ -502,7 +502,10 @@ fn with_a_provider_a_run_is_forwarded_while_it_runs_with_preroll_and_hangover() 
     assert_eq!(end, end_ms * 16 + 1_472, "the hangover beyond the padding");
     // Contiguous audio, charged by the samples sent: the run, its pre-roll and its hangover.
     assert_eq!(s.audio_samples(), end - start);
-    assert_eq!(s.forwarded_ms(), crate::time::samples_to_ms(end - start, 16_000));
+    assert_eq!(
+        s.forwarded_ms(),
+        crate::time::samples_to_ms(end - start, 16_000)
+    );
     assert!(s.forwarded_ms() >= speech_ms + 300);
 }
 
@@ -575,7 +578,11 @@ fn with_a_provider_a_burst_of_seconds_in_one_tick_loses_no_run_start() {
     let Some(SttCommand::Audio { start, .. }) = s.stt.first().copied() else {
         panic!("{:?}", s.stt);
     };
-    assert_eq!(start, starts[0] * 16 - 4_800, "the first run's pre-roll is whole");
+    assert_eq!(
+        start,
+        starts[0] * 16 - 4_800,
+        "the first run's pre-roll is whole"
+    );
     let ends_of_run = s.stt.iter().filter(|c| **c == SttCommand::EndOfRun).count();
     assert!(ends_of_run >= 1);
 }

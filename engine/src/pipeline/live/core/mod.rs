@@ -34,8 +34,8 @@ use super::{LiveConfig, SessionParams};
 use crate::audio::detector::SpeechEvent;
 use crate::audio::resample::TARGET_RATE;
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
-use crate::policy::Stage;
 use crate::pipeline::tap::AudioTap;
+use crate::policy::Stage;
 use crate::telemetry as t;
 use crate::time::samples_to_ms;
 

@@ -289,11 +289,18 @@ async fn a_lock_store_error_is_a_counted_failure_not_a_crash_d49() {
     use actix::Actor as _;
     let addr = voicegate_engine::fair_use::CapSupervisor::new(&cfg, deps).start();
     addr.send(breach("x", Stage::None)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let s = addr
-        .send(voicegate_engine::fair_use::GetSupervisorStats)
-        .await
-        .unwrap();
+    // Synchronised on the event: the failed lock attempt is counted (virtual time, 1 ms steps, 1 s at most).
+    let mut s = voicegate_engine::fair_use::SupervisorStats::default();
+    for _ in 0..1_000 {
+        s = addr
+            .send(voicegate_engine::fair_use::GetSupervisorStats)
+            .await
+            .unwrap();
+        if s.failed.contains_key("lock") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     assert_eq!(s.failed.get("lock"), Some(&1));
     assert_eq!(h.stage("x").await, Stage::None);
 }

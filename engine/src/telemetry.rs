@@ -124,8 +124,13 @@ pub const LISTEN_SESSIONS_CLOSED_TOTAL: &str = "voicegate_listen_sessions_closed
 pub const LISTEN_PIPELINE_ERRORS_TOTAL: &str = "voicegate_listen_pipeline_errors_total";
 /// Counter, label `reason` (`meter`, `stt`): failed meter or STT-usage records (retried next second).
 pub const LISTEN_METER_ERRORS_TOTAL: &str = "voicegate_listen_meter_errors_total";
-/// Counter, label `reason` (the conversation store's error code): realtime conversations not saved.
+/// Counter, label `reason` (the conversation store's error code): failed realtime conversation writes
+/// (each is retried with backoff while the session lives).
 pub const LISTEN_CONVERSATION_ERRORS_TOTAL: &str = "voicegate_listen_conversation_errors_total";
+/// Counter, label `reason` (`queue_full`: over a session's bound of unwritten conversations;
+/// `session_ended`: still failing when the session ended): realtime conversations never written.
+pub const LISTEN_CONVERSATION_WRITES_DROPPED_TOTAL: &str =
+    "voicegate_listen_conversation_writes_dropped_total";
 
 // --- Speech-to-text providers (engine::stt) ---
 // Label `provider` is one of `local`, `deepgram`, `openai`, `none` (`VOICEGATE_STT`).

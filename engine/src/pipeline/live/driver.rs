@@ -349,6 +349,20 @@ impl<T: Transport> Driver<'_, T> {
             self.spawn_op(op);
             self.complete_op().await;
         }
+        // Writes that failed are tried a few more times (jittered) before the session ends; what is
+        // still unwritten then is counted as dropped by the core's `finish`.
+        let mut backoff = final_retry_backoff();
+        for _ in 0..3 {
+            if self.core.unwritten() == 0 {
+                break;
+            }
+            tokio::time::sleep(backoff.next_delay()).await;
+            self.core.retry_writes_now();
+            while let Some(op) = self.core.next_op(self.services.clock.now_ms()) {
+                self.spawn_op(op);
+                self.complete_op().await;
+            }
+        }
         // The final record is retried a few times: what the metadata says must be in the meter.
         let mut backoff = final_retry_backoff();
         for _ in 0..3 {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::LiveServices;
 use crate::conversation::{self, ConversationStore, Upsert};
 use crate::fair_use::{FairUseStatus, PlanRecord};
-use crate::meter::{RecordSpeech, SpeechAmount, SpeechSource};
+use crate::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
 use crate::telemetry as t;
 use crate::time::Span;
 
@@ -109,6 +109,12 @@ async fn meter(
             SpeechSource::Realtime,
         );
         match services.fair_use.record(rec).await {
+            // `Dropped`: the meter's pending memory is full (the store is down); the speech is not
+            // metered, so it stays the session's to send again the next second.
+            Ok(outcome) if outcome.status == RecordStatus::Dropped => {
+                tracing::warn!(message = "Realtime speech not metered: meter pending memory full.", uid = %uid, delta_ms);
+                metrics::counter!(t::LISTEN_METER_ERRORS_TOTAL, "reason" => "dropped").increment(1);
+            }
             Ok(_) => metered_to = Some(total_ms),
             Err(e) => {
                 // Kept pending: the next second (or the finish) sends it again.

@@ -586,3 +586,186 @@ fn with_a_provider_a_burst_of_seconds_in_one_tick_loses_no_run_start() {
     let ends_of_run = s.stt.iter().filter(|c| **c == SttCommand::EndOfRun).count();
     assert!(ends_of_run >= 1);
 }
+
+/// The next operation at wall time `now_ms`, answering meter records and status reads on the way; `None`
+/// once only a conversation write could come and none is due.
+fn next_write(s: &mut Session, now_ms: u64) -> Option<StoreOp> {
+    loop {
+        match s.core.next_op(now_ms)? {
+            op @ StoreOp::Conversation { .. } => return Some(op),
+            op @ StoreOp::Meter { .. } => s.accept(&op),
+            StoreOp::Status { .. } => s.done(status(Stage::None, false, SttAllowance::Unlimited)),
+        }
+    }
+}
+
+#[test]
+fn a_failed_conversation_write_is_kept_and_retried_with_backoff_until_it_lands() {
+    let mut s = running(1_000);
+    s.stream(3_000, false);
+    let op = s
+        .stream(1_500, true)
+        .into_iter()
+        .find(|op| matches!(op, StoreOp::Conversation { .. }))
+        .expect("a second of silence closes the conversation");
+    let mut t = WALL0;
+    for attempt in 1..=6u64 {
+        // The store is down.
+        s.done(OpResult::Conversation {
+            stored: Err("conversation_store_unavailable"),
+            speech_ms: 2_000,
+            locked: false,
+        });
+        assert_eq!(s.core.unwritten(), 1, "kept after failure {attempt}");
+        assert!(
+            !s.core.backlogged(),
+            "a failing store never stalls the audio"
+        );
+        // Not again at once (the backoff's floor is 250 ms) ...
+        assert_eq!(next_write(&mut s, t), None, "retry {attempt} waits");
+        assert_eq!(next_write(&mut s, t + 249), None, "retry {attempt} waits");
+        // ... but at the latest after the cap (10 s), the same conversation again.
+        t += 10_001;
+        let again = next_write(&mut s, t).unwrap_or_else(|| panic!("retry {attempt} due"));
+        assert_eq!(again, op, "the same conversation, retry {attempt}");
+        assert!(!s.kinds().contains(&"conversation_closed"));
+    }
+    s.done(OpResult::Conversation {
+        stored: Ok("c1".to_owned()),
+        speech_ms: 2_000,
+        locked: false,
+    });
+    assert_eq!(s.kinds().last(), Some(&"conversation_closed"));
+    assert_eq!(s.core.unwritten(), 0);
+    // A success resets the backoff: the next failure waits from the floor again, not from the cap.
+    s.stream(2_000, false);
+    let next = s
+        .stream(1_500, true)
+        .into_iter()
+        .find(|op| matches!(op, StoreOp::Conversation { .. }))
+        .expect("the next conversation");
+    s.done(OpResult::Conversation {
+        stored: Err("conversation_store_unavailable"),
+        speech_ms: 1_000,
+        locked: false,
+    });
+    assert_eq!(next_write(&mut s, t), None);
+    assert_eq!(
+        next_write(&mut s, t + 501),
+        Some(next),
+        "within 2 × the floor"
+    );
+}
+
+#[test]
+fn writes_still_failing_when_the_session_ends_are_counted_not_kept() {
+    let mut s = running(1_000);
+    s.stream(3_000, false);
+    assert!(
+        s.stream(1_500, true)
+            .iter()
+            .any(|op| matches!(op, StoreOp::Conversation { .. }))
+    );
+    s.done(OpResult::Conversation {
+        stored: Err("conversation_store_unavailable"),
+        speech_ms: 2_000,
+        locked: false,
+    });
+    assert!(!s.core.begin_finish());
+    s.core.end_of_stream();
+    // The driver's last attempts: `retry_writes_now` lets the write go at once.
+    assert_eq!(next_write(&mut s, WALL0), None);
+    s.core.retry_writes_now();
+    assert!(matches!(
+        next_write(&mut s, WALL0),
+        Some(StoreOp::Conversation { .. })
+    ));
+    s.done(OpResult::Conversation {
+        stored: Err("conversation_store_unavailable"),
+        speech_ms: 2_000,
+        locked: false,
+    });
+    assert_eq!(s.core.unwritten(), 1);
+    let counts = s.counts();
+    s.core.finish(counts);
+    assert_eq!(s.core.unwritten(), 0, "counted as dropped at the end");
+}
+
+/// A meter record answered `Dropped` (pending memory full while the store is down) is not metered: the
+/// session keeps the speech and sends it again.
+#[actix::test]
+async fn a_record_the_meter_drops_is_not_counted_as_metered() {
+    use crate::fair_use::{FairUse, FairUseParts, HeuristicClassifier, NoSessions};
+    use crate::meter::{Meter, MeterConfig};
+    use crate::store::MemoryStore;
+    use crate::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
+    use crate::time::{Clock, ManualClock};
+
+    let clock = ManualClock::new(WALL0);
+    let store = Arc::new(MemoryStore::new());
+    store.set_unavailable(true);
+    let meter = Meter::start(
+        MeterConfig {
+            shards: 0,
+            max_pending_total: 2,
+            ..MeterConfig::default()
+        },
+        store.clone(),
+        clock.clone(),
+    );
+    let fair_use = FairUse::start(
+        Default::default(),
+        meter.clone(),
+        FairUseParts {
+            store: Arc::new(MemoryFairUseStore::new()),
+            lock: Arc::new(MemoryCooldownLock::new()),
+            classifier: Arc::new(HeuristicClassifier),
+            sessions: Arc::new(NoSessions),
+            notifier: None,
+            clock: clock.clone(),
+        },
+    );
+    let services = Arc::new(super::LiveServices {
+        fair_use,
+        plans: Arc::new(crate::store::plans::MemoryPlanStore::default()),
+        conversations: Arc::new(crate::conversation::MemoryConversationStore::new(
+            clock.clone(),
+        )),
+        stt: Arc::new(crate::stt::none::NoneProvider),
+        clock: clock.clone(),
+    });
+    let record = |uid: &str| {
+        super::ops::execute(
+            Arc::clone(&services),
+            Arc::from(uid),
+            StoreOp::Meter {
+                delta_ms: 1_000,
+                total_ms: 1_000,
+                stt_ms: 0,
+                now_ms: clock.now_ms(),
+            },
+        )
+    };
+    // The first users' speech fits the pending bound; past it the meter answers `Dropped`.
+    let mut dropped = None;
+    for i in 0..20 {
+        let uid = format!("u{i}");
+        match record(&uid).await {
+            OpResult::Meter {
+                metered_to: Some(1_000),
+                ..
+            } => {}
+            OpResult::Meter {
+                metered_to: None, ..
+            } => {
+                dropped = Some(uid);
+                break;
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    let uid = dropped.expect("a record past the pending bound is not metered");
+    assert_ne!(uid, "u0", "the first record fits the bound");
+    // The core keeps what is not metered and sends it again the next second (see
+    // `a_failing_meter_keeps_the_speech_pending_and_sends_it_again`).
+}

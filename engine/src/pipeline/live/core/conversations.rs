@@ -1,10 +1,11 @@
 //! The session core's conversations: built from speech runs, closed after `conversation_timeout` of
 //! silence (stream audio time), and queued to be written as store operations.
 
-use super::{SessionCore, ms};
+use super::{MAX_UNWRITTEN, SessionCore, ms};
 use crate::audio::resample::TARGET_RATE;
 use crate::conversation;
 use crate::pipeline::live::events::LiveEvent;
+use crate::telemetry as t;
 use crate::time::Span;
 
 /// The conversation being built (absolute epoch ms spans).
@@ -52,10 +53,18 @@ impl SessionCore {
     }
 
     /// Queues the open conversation to be written (an operation: a slow store never holds up the audio).
-    /// Its `conversation_closed` event follows when the store answers.
+    /// Its `conversation_closed` event follows when the store answers. Past [`MAX_UNWRITTEN`] (writes
+    /// failing for a long time) the oldest queued one is dropped and counted.
     pub(super) fn close_conversation(&mut self) {
         if let Some(conv) = self.conversation.take() {
             self.closing.push_back(conv);
+            if self.unwritten() > MAX_UNWRITTEN
+                && let Some(oldest) = self.closing.pop_front()
+            {
+                tracing::warn!(message = "Realtime conversation dropped: too many unwritten.", uid = %self.params.uid, spans = oldest.spans.len());
+                metrics::counter!(t::LISTEN_CONVERSATION_WRITES_DROPPED_TOTAL, "reason" => "queue_full")
+                    .increment(1);
+            }
         }
     }
 

@@ -21,6 +21,7 @@ mod stt;
 mod stt_feed;
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use tokio::time::Instant;
 
@@ -37,11 +38,21 @@ use crate::pipeline::stream::{PipelineError, SpeechPipeline};
 use crate::pipeline::tap::AudioTap;
 use crate::policy::Stage;
 use crate::telemetry as t;
-use crate::time::samples_to_ms;
+use crate::time::{Backoff, samples_to_ms};
 
-/// Conversations closed but not yet written; past this many (a store down for many conversation
-/// timeouts) the driver completes writes before it takes more audio ([`SessionCore::backlogged`]).
+/// Conversations closed but not yet written; past this many (a slow store) the driver completes writes
+/// before it takes more audio ([`SessionCore::backlogged`]), unless the writes are failing and wait for
+/// their retry (then the audio goes on and [`MAX_UNWRITTEN`] bounds the queue).
 pub const MAX_CLOSING: usize = 8;
+/// Closed conversations a session holds while their writes fail (each retried with a jittered
+/// [`Backoff`]); past this many the oldest is dropped and counted
+/// (`voicegate_listen_conversation_writes_dropped_total{reason="queue_full"}`).
+pub const MAX_UNWRITTEN: usize = 64;
+
+/// Retries of a failed conversation write: from 250 ms, jittered, capped at 10 s.
+fn write_backoff() -> Backoff {
+    Backoff::new(Duration::from_millis(250), Duration::from_secs(10))
+}
 
 /// One live session's state.
 pub struct SessionCore {
@@ -64,6 +75,14 @@ pub struct SessionCore {
     conversation: Option<conversations::OpenConversation>,
     /// Closed conversations waiting to be written, oldest first (written before any other operation).
     closing: VecDeque<conversations::OpenConversation>,
+    /// The conversation whose write is in flight (queued again at the front if the write fails).
+    writing: Option<conversations::OpenConversation>,
+    /// Retry delays of failed conversation writes (reset by a success).
+    write_backoff: Backoff,
+    /// A failed write's delay, turned into [`Self::write_retry_at_ms`] by the next [`Self::next_op`].
+    write_delay: Option<Duration>,
+    /// No conversation write starts before this (epoch ms) after a failure.
+    write_retry_at_ms: Option<u64>,
     next_meter: Instant,
     next_usage: Instant,
     meter_due: bool,
@@ -106,6 +125,10 @@ impl SessionCore {
             locked: false,
             conversation: None,
             closing: VecDeque::new(),
+            writing: None,
+            write_backoff: write_backoff(),
+            write_delay: None,
+            write_retry_at_ms: None,
             next_meter: now + cfg.meter_interval,
             next_usage: now + cfg.usage_interval,
             meter_due: false,
@@ -220,13 +243,21 @@ impl SessionCore {
             self.in_flight = InFlight::Status { first: true };
             return Some(StoreOp::Status { first: true });
         }
-        if let Some(conv) = self.closing.pop_front() {
+        if let Some(delay) = self.write_delay.take() {
+            let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+            self.write_retry_at_ms = Some(now_ms.saturating_add(delay_ms));
+        }
+        if self.write_retry_at_ms.is_none_or(|at| now_ms >= at)
+            && let Some(conv) = self.closing.pop_front()
+        {
             self.in_flight = InFlight::Conversation;
-            return Some(StoreOp::Conversation {
-                spans: conv.spans,
+            let op = StoreOp::Conversation {
+                spans: conv.spans.clone(),
                 speech_ms: ms(conv.speech_samples),
                 locked: self.locked,
-            });
+            };
+            self.writing = Some(conv);
+            return Some(op);
         }
         if self.lifecycle == Lifecycle::Finishing {
             return None;
@@ -266,7 +297,23 @@ impl SessionCore {
     /// Whether closed conversations piled up past [`MAX_CLOSING`]: the driver then completes store
     /// operations before it reads more audio.
     pub fn backlogged(&self) -> bool {
-        self.closing.len() > MAX_CLOSING
+        self.closing.len() > MAX_CLOSING && !self.write_waiting()
+    }
+
+    /// Whether a failed conversation write waits for its retry.
+    fn write_waiting(&self) -> bool {
+        self.write_delay.is_some() || self.write_retry_at_ms.is_some()
+    }
+
+    /// Closed conversations not written yet (queued, waiting for a retry, or in flight).
+    pub fn unwritten(&self) -> usize {
+        self.closing.len() + usize::from(self.writing.is_some())
+    }
+
+    /// Lets a failed write be retried at once (the driver's last attempts when the session ends).
+    pub fn retry_writes_now(&mut self) {
+        self.write_delay = None;
+        self.write_retry_at_ms = None;
     }
 
     /// Applies a finished operation.
@@ -288,15 +335,26 @@ impl SessionCore {
                 speech_ms,
                 locked,
             } => match stored {
-                Ok(id) => self.out.push(LiveEvent::ConversationClosed {
-                    frames_received: self.frames_seen,
-                    conversation_id: id,
-                    speech_ms,
-                    locked,
-                }),
+                Ok(id) => {
+                    self.writing = None;
+                    self.write_backoff.reset();
+                    self.write_retry_at_ms = None;
+                    self.out.push(LiveEvent::ConversationClosed {
+                        frames_received: self.frames_seen,
+                        conversation_id: id,
+                        speech_ms,
+                        locked,
+                    });
+                }
                 Err(code) => {
+                    // Kept, first in line, and written again after a jittered backoff.
                     metrics::counter!(t::LISTEN_CONVERSATION_ERRORS_TOTAL, "reason" => code)
                         .increment(1);
+                    if let Some(conv) = self.writing.take() {
+                        self.closing.push_front(conv);
+                    }
+                    self.write_retry_at_ms = None;
+                    self.write_delay = Some(self.write_backoff.next_delay());
                 }
             },
         }
@@ -347,6 +405,14 @@ impl SessionCore {
 
     /// The last step: drops reported, the STT stream closed, the `metadata` event, the report.
     pub fn finish(&mut self, counts: FrameCounts) -> SessionReport {
+        let unwritten = self.unwritten();
+        if unwritten > 0 {
+            tracing::warn!(message = "Realtime conversations not written when the session ended.", uid = %self.params.uid, unwritten);
+            metrics::counter!(t::LISTEN_CONVERSATION_WRITES_DROPPED_TOTAL, "reason" => "session_ended")
+                .increment(unwritten as u64);
+            self.closing.clear();
+            self.writing = None;
+        }
         self.report_drops(counts);
         self.stt_out.push(SttCommand::Close);
         let frames_received = counts.received.max(self.frames_seen);

@@ -122,15 +122,17 @@ pub const LISTEN_TEXT_IGNORED_TOTAL: &str = "voicegate_listen_text_ignored_total
 pub const LISTEN_SESSIONS_CLOSED_TOTAL: &str = "voicegate_listen_sessions_closed_total";
 /// Counter, label `reason` (`decoder_failed`, `resampler_failed`, `vad_failed`): live pipelines that failed.
 pub const LISTEN_PIPELINE_ERRORS_TOTAL: &str = "voicegate_listen_pipeline_errors_total";
-/// Counter, label `reason` (`meter`, `stt`): failed meter or STT-usage records (retried next second).
+/// Counter, label `reason` (`meter`, `stt`, `dropped`: the meter's pending memory was full, so the record
+/// was not metered): failed meter or STT-usage records (the speech stays the session's and is sent again
+/// the next second).
 pub const LISTEN_METER_ERRORS_TOTAL: &str = "voicegate_listen_meter_errors_total";
-/// Counter, label `reason` (the conversation store's error code): failed realtime conversation writes
-/// (each is retried with backoff while the session lives).
+/// Counter, label `reason` (the conversation store's error code): failed realtime conversation writes;
+/// each is retried with jittered backoff (250 ms up to 10 s) while the session lives.
 pub const LISTEN_CONVERSATION_ERRORS_TOTAL: &str = "voicegate_listen_conversation_errors_total";
-/// Counter, label `reason` (`queue_full`: over a session's bound of unwritten conversations;
-/// `session_ended`: still failing when the session ended): realtime conversations never written.
-pub const LISTEN_CONVERSATION_WRITES_DROPPED_TOTAL: &str =
-    "voicegate_listen_conversation_writes_dropped_total";
+/// Counter, label `reason` (`queue_full`: more than 64 conversations of one session unwritten, the oldest
+/// dropped; `session_ended`: still failing after the session's last three attempts): realtime
+/// conversations never written.
+pub const LISTEN_CONVERSATIONS_DROPPED_TOTAL: &str = "voicegate_listen_conversations_dropped_total";
 
 // --- Speech-to-text providers (engine::stt) ---
 // Label `provider` is one of `local`, `deepgram`, `openai`, `none` (`VOICEGATE_STT`).

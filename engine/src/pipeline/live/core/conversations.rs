@@ -62,7 +62,7 @@ impl SessionCore {
                 && let Some(oldest) = self.closing.pop_front()
             {
                 tracing::warn!(message = "Realtime conversation dropped: too many unwritten.", uid = %self.params.uid, spans = oldest.spans.len());
-                metrics::counter!(t::LISTEN_CONVERSATION_WRITES_DROPPED_TOTAL, "reason" => "queue_full")
+                metrics::counter!(t::LISTEN_CONVERSATIONS_DROPPED_TOTAL, "reason" => "queue_full")
                     .increment(1);
             }
         }

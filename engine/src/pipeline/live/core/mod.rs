@@ -46,7 +46,7 @@ use crate::time::{Backoff, samples_to_ms};
 pub const MAX_CLOSING: usize = 8;
 /// Closed conversations a session holds while their writes fail (each retried with a jittered
 /// [`Backoff`]); past this many the oldest is dropped and counted
-/// (`voicegate_listen_conversation_writes_dropped_total{reason="queue_full"}`).
+/// (`voicegate_listen_conversations_dropped_total{reason="queue_full"}`).
 pub const MAX_UNWRITTEN: usize = 64;
 
 /// Retries of a failed conversation write: from 250 ms, jittered, capped at 10 s.
@@ -408,7 +408,7 @@ impl SessionCore {
         let unwritten = self.unwritten();
         if unwritten > 0 {
             tracing::warn!(message = "Realtime conversations not written when the session ended.", uid = %self.params.uid, unwritten);
-            metrics::counter!(t::LISTEN_CONVERSATION_WRITES_DROPPED_TOTAL, "reason" => "session_ended")
+            metrics::counter!(t::LISTEN_CONVERSATIONS_DROPPED_TOTAL, "reason" => "session_ended")
                 .increment(unwritten as u64);
             self.closing.clear();
             self.writing = None;

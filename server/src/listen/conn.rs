@@ -548,10 +548,29 @@ mod tests {
         f
     }
 
-    fn send(client: &mut TcpStream, frames: &[Vec<u8>]) {
-        client.write_all(&frames.concat()).unwrap();
-        // Loopback delivers at once; give the kernel a moment anyway.
-        std::thread::sleep(Duration::from_millis(20));
+    /// Writes `frames` and waits until all of their bytes are readable on the server end.
+    fn send(conn: &WsConn<TcpStream>, client: &mut TcpStream, frames: &[Vec<u8>]) {
+        let bytes = frames.concat();
+        client.write_all(&bytes).unwrap();
+        wait_readable(&conn.wire, bytes.len());
+    }
+
+    /// Waits (on the socket's state, not a timer) until `want` bytes are queued on `socket`, or, with
+    /// `want == 0`, until it reads as ended. Loopback usually delivers within the write call, so this
+    /// rarely loops; the deadline only turns a bug into a failure instead of a hang.
+    fn wait_readable(socket: &TcpStream, want: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut buf = vec![0u8; want.max(1)];
+        loop {
+            match socket.peek(&mut buf) {
+                Ok(n) if n >= want => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("peek: {e}"),
+            }
+            assert!(Instant::now() < deadline, "{want} bytes never arrived");
+            std::thread::yield_now();
+        }
     }
 
     fn queued(consumer: &mut FrameQueue) -> Vec<(u32, Vec<u8>)> {
@@ -569,6 +588,7 @@ mod tests {
     fn frames_fragments_and_keepalives_reach_the_queue_in_order() {
         let (mut conn, mut q, mut client) = pair(IDLE);
         send(
+            &conn,
             &mut client,
             &[
                 frame(0x2, true, &[10, 11, 12]),
@@ -596,6 +616,7 @@ mod tests {
     fn close_stream_stops_and_nothing_after_it_is_queued() {
         let (mut conn, mut q, mut client) = pair(IDLE);
         send(
+            &conn,
             &mut client,
             &[
                 frame(0x2, true, &[1, 2, 3]),
@@ -613,6 +634,7 @@ mod tests {
     fn finalize_is_returned_and_garbage_text_is_ignored() {
         let (mut conn, mut q, mut client) = pair(IDLE);
         send(
+            &conn,
             &mut client,
             &[
                 frame(0x1, true, b"hello"),
@@ -649,7 +671,7 @@ mod tests {
         ];
         for (bytes, end) in cases {
             let (mut conn, mut q, mut client) = pair(IDLE);
-            send(&mut client, &[bytes]);
+            send(&conn, &mut client, &[bytes]);
             assert_eq!(conn.poll_input(&mut q), Some(Control::Stop), "{end:?}");
             assert_eq!(conn.end(), Some(end));
         }
@@ -659,7 +681,7 @@ mod tests {
     fn the_clients_end_and_the_idle_timeout_stop_the_session() {
         let (mut conn, mut q, client) = pair(IDLE);
         drop(client);
-        std::thread::sleep(Duration::from_millis(20));
+        wait_readable(&conn.wire, 0);
         assert_eq!(conn.poll_input(&mut q), Some(Control::Stop));
         assert_eq!(conn.end(), Some(End::ClientClosed));
 
@@ -673,7 +695,7 @@ mod tests {
         // Room for one 4 KB frame at a time.
         let (mut conn, mut q, mut client) = pair_with(IDLE, 4102);
         let frames: Vec<Vec<u8>> = (0..5u8).map(|i| frame(0x2, true, &vec![i; 4000])).collect();
-        send(&mut client, &frames);
+        send(&conn, &mut client, &frames);
         let mut got = Vec::new();
         for _ in 0..10 {
             assert_eq!(conn.poll_input(&mut q), None);
@@ -693,6 +715,7 @@ mod tests {
         c.splittable = true;
         conn = c;
         send(
+            &conn,
             &mut client,
             &[frame(0x2, true, &vec![1; 5000]), frame(0x2, true, &[2; 10])],
         );
@@ -707,7 +730,7 @@ mod tests {
         let mut header = vec![0x82, 0x80 | 127];
         header.extend_from_slice(&(1u64 << 40).to_be_bytes());
         header.extend_from_slice(&[0, 0, 0, 0, 1, 2, 3]);
-        send(&mut client, &[header]);
+        send(&conn, &mut client, &[header]);
         assert_eq!(conn.poll_input(&mut q), Some(Control::Stop));
         assert_eq!(conn.end(), Some(End::TooLarge));
     }

@@ -31,6 +31,8 @@ fn spawn(addr: std::net::SocketAddr, redis: &str, upload_dir: &std::path::Path) 
         .env("VOICEGATE_DRAIN_TIMEOUT_SECS", "6")
         .env("VOICEGATE_BODY_IDLE_TIMEOUT_SECS", "600")
         .env("VOICEGATE_BODY_TIMEOUT_SECS", "600")
+        // Drain is under test, not transcription: no speech-to-text engine to load.
+        .env("VOICEGATE_STT", "none")
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())

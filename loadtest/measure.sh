@@ -10,7 +10,7 @@
 # Environment: BIN (directory of the release binaries, default target/release), PORT (8089),
 # REDIS_PORT (6390), REDIS_NICE (redis-server's niceness, default NICE; lower emulates a Redis on its own host), STORE=memory (the server's in-memory store instead of the redis-server), OUT, NICE (niceness of redis, server and harness, default -10 when root: other work
 # on a shared machine, builds above all, must not starve the measured processes), PERF=1 to record a CPU profile of the server with `perf record` (linux-perf)
-# during the run, SERVE_ARGS (extra `voicegate serve` arguments), VOICEGATE_STT (default none here, so figures
+# during the run (the server's /metrics at the end always lands in $OUT/metrics.txt), SERVE_ARGS (extra `voicegate serve` arguments), VOICEGATE_STT (default none here, so figures
 # stay comparable with the runs before speech-to-text; set it to measure a provider).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -85,7 +85,8 @@ fi
 machine_busy() { awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 threads_cpu() {
   for t in /proc/"$server_pid"/task/*; do
-    echo "${t##*/} $(tr ' ' '_' <"$t/comm") $(awk '{print $14 + $15}' "$t/stat")"
+    # tid, name, CPU ticks, then the ns it waited runnable for a core (schedstat: run queue delay).
+    echo "${t##*/} $(tr ' ' '_' <"$t/comm") $(awk '{print $14 + $15}' "$t/stat") $(awk '{print $2}' "$t/schedstat" 2>/dev/null || echo 0)"
   done
 }
 threads_cpu | sort >"$OUT/threads-before.txt"
@@ -99,6 +100,8 @@ run /usr/bin/time -f "%U %S %M" -o "$OUT/harness-time.txt" \
 rc=${PIPESTATUS[0]}
 set -e
 t1=$(date +%s.%N)
+# The server's own view of the run (tick lag, meter mailbox waits, store errors) for diagnosis.
+curl -fs "http://127.0.0.1:$PORT/metrics" >"$OUT/metrics.txt" 2>/dev/null || true
 cpu1=$(cpu_ticks "$server_pid")
 busy1=$(machine_busy)
 threads_cpu | sort >"$OUT/threads-after.txt"
@@ -130,8 +133,9 @@ streams=${streams:-0}
     printf "other processes CPU:    %.1f s (%.2f cores)\n", other, other / (t1 - t0) }'
   echo "server CPU by thread (s):"
   # Threads alive at the end; those born during the run count from 0.
-  join -a 2 -e 0 -o 2.2,1.3,2.3 "$OUT/threads-before.txt" "$OUT/threads-after.txt" |
-    awk -v tck="$tck" '{c[$1] += ($3 - $2) / tck} END {for (k in c) printf "  %-20s %8.1f\n", k, c[k]}' |
+  join -a 2 -e 0 -o 2.2,1.3,2.3,1.4,2.4 "$OUT/threads-before.txt" "$OUT/threads-after.txt" |
+    awk -v tck="$tck" '{c[$1] += ($3 - $2) / tck; w[$1] += ($5 - $4) / 1e9}
+      END {for (k in c) printf "  %-20s %8.1f   (waited for a core %.1f s)\n", k, c[k], w[k]}' |
     sort -k2 -nr
   # Store calls that failed (timeouts above all) mean the node was degraded even when the run passed.
   echo "server warnings:        $(grep -c 'WARN' "$OUT/server.log" || true) (store timeouts: $(grep -c 'timed out' "$OUT/server.log" || true))"

@@ -377,11 +377,37 @@ fn on_message(
     }
     if (1..=tx.sent).contains(&frames) {
         let sent = tx.sent_at(frames - 1);
-        out.latencies_us
-            .push(received.saturating_duration_since(sent).as_micros() as u64);
+        let lat_us = received.saturating_duration_since(sent).as_micros() as u64;
+        if let Some(limit) = slow_trace_us()
+            && lat_us >= limit
+        {
+            eprintln!(
+                "slow_event at={:.3} user={} kind={} frames={} sent={} latency_ms={:.1}",
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64()),
+                out.user,
+                event.kind,
+                frames,
+                tx.sent,
+                lat_us as f64 / 1000.0
+            );
+        }
+        out.latencies_us.push(lat_us);
         out.latency_kinds.push(kind_index(event.kind));
     }
     Flow::Continue
+}
+
+/// `VOICEGATE_LOADTEST_TRACE_SLOW_MS`: print every event at least this late to stderr (diagnosis).
+fn slow_trace_us() -> Option<u64> {
+    static LIMIT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *LIMIT.get_or_init(|| {
+        std::env::var("VOICEGATE_LOADTEST_TRACE_SLOW_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|ms| ms * 1000)
+    })
 }
 
 #[cfg(test)]

@@ -133,6 +133,16 @@ pub const LISTEN_CONVERSATION_ERRORS_TOTAL: &str = "voicegate_listen_conversatio
 /// dropped; `session_ended`: still failing after the session's last three attempts): realtime
 /// conversations never written.
 pub const LISTEN_CONVERSATIONS_DROPPED_TOTAL: &str = "voicegate_listen_conversations_dropped_total";
+/// Counter, label `reason` (the conversation store's error code): failed writes of realtime transcript
+/// segments to their conversation; each is retried with jittered backoff (250 ms up to 10 s) while the
+/// session lives.
+pub const LISTEN_TRANSCRIPT_ERRORS_TOTAL: &str = "voicegate_listen_transcript_errors_total";
+/// Counter, label `reason` (`queue_full`: more final segments waiting than a session holds, the oldest
+/// dropped; `conversation_full`: the conversation holds 10,000 segments; `conversation_gone`: deleted
+/// before its segments were written; `no_conversation`: no conversation covers their time;
+/// `session_ended`: still unwritten after the session's last attempts): final transcript segments of
+/// realtime sessions never stored with their conversation.
+pub const LISTEN_SEGMENTS_DROPPED_TOTAL: &str = "voicegate_listen_segments_dropped_total";
 
 // --- Speech-to-text providers (engine::stt) ---
 // Label `provider` is one of `local`, `deepgram`, `openai`, `none` (`VOICEGATE_STT`).

@@ -1,4 +1,5 @@
-//! The user and admin routes on top of the engine: fair-use status, conversations, admin fair use.
+//! The user and admin routes on top of the engine: fair-use status, conversations (with their transcripts),
+//! admin fair use and conversation erasure.
 
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
@@ -21,6 +22,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     .route("/v1/fair-use/status", web::get().to(status))
     .route("/v1/conversations", web::get().to(list_conversations))
     .route("/v1/conversations/{id}", web::get().to(get_conversation))
+    .route(
+        "/v1/conversations/{id}",
+        web::delete().to(delete_conversation),
+    )
+    .route(
+        "/v1/admin/conversations/user/{uid}",
+        web::delete().to(admin_delete_conversations),
+    )
     .route("/v1/admin/fair-use/flagged", web::get().to(admin_flagged))
     .route("/v1/admin/fair-use/user/{uid}", web::get().to(admin_user))
     .route(
@@ -157,11 +166,60 @@ async fn get_conversation(
             "A paid plan is required to access this conversation.",
         )),
         Some(c) => {
+            // The transcript is the locked content: read only once the lock is known to be open.
+            let segments = engine
+                .conversations
+                .transcript(&user.uid, &id)
+                .await
+                .map_err(|e| ApiError::unavailable(e.code(), e.to_string()))?;
             let mut body = conversation_summary(&c);
             body["spans"] = json!(c.spans);
+            body["transcript_segments"] = segments
+                .iter()
+                .map(|s| s.app_json(c.started_at_ms))
+                .collect::<Vec<Value>>()
+                .into();
             Ok(HttpResponse::Ok().json(body))
         }
     }
+}
+
+/// Deletes one of the caller's conversations with its transcript (locked ones too: deleting is not
+/// reading). Another user's id is indistinguishable from a missing one: 404.
+async fn delete_conversation(
+    user: AuthedUser,
+    path: web::Path<String>,
+    engine: web::Data<Engine>,
+) -> Result<HttpResponse, ApiError> {
+    let id = path.into_inner();
+    let deleted = engine
+        .conversations
+        .delete(&user.uid, &id)
+        .await
+        .map_err(|e| ApiError::unavailable(e.code(), e.to_string()))?;
+    if !deleted {
+        return Err(ApiError::not_found(
+            "conversation_not_found",
+            "no such conversation",
+        ));
+    }
+    Ok(HttpResponse::Ok().json(json!({ "id": id, "deleted": true })))
+}
+
+/// Deletes every conversation of `uid` with their transcripts (a user's erasure request).
+async fn admin_delete_conversations(
+    _: Admin,
+    path: web::Path<String>,
+    engine: web::Data<Engine>,
+) -> Result<HttpResponse, ApiError> {
+    let uid = path.into_inner();
+    let deleted = engine
+        .conversations
+        .delete_all(&uid)
+        .await
+        .map_err(|e| ApiError::unavailable(e.code(), e.to_string()))?;
+    tracing::info!(message = "Admin deleted a user's conversations.", uid = %uid, deleted);
+    Ok(HttpResponse::Ok().json(json!({ "uid": uid, "deleted_conversations": deleted })))
 }
 
 fn admin_error(e: AdminError) -> ApiError {

@@ -7,6 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use futures_util::future::BoxFuture;
 
 use super::logic::{apply_upsert, days_to_read, page, unlock_bucket};
+use super::transcript::{
+    MAX_SEGMENTS_PER_CONVERSATION, SegmentsAdded, TranscriptSegment, check_segments, sort_segments,
+};
 use super::{
     Conversation, ConversationError, ConversationPage, ConversationStore, Upsert, UpsertOutcome,
     normalise_spans,
@@ -15,9 +18,23 @@ use crate::time::{Clock, SystemClock};
 
 type Buckets = BTreeMap<u64, Vec<Conversation>>;
 
+/// One user's conversations (day buckets) and their transcripts (conversation id → segment id → segment).
+#[derive(Default)]
+struct User {
+    buckets: Buckets,
+    transcripts: HashMap<String, BTreeMap<String, TranscriptSegment>>,
+}
+
+impl User {
+    fn find(&self, id: &str) -> Option<&Conversation> {
+        let day = Conversation::day_of_id(id)?;
+        self.buckets.get(&day)?.iter().find(|c| c.id == id)
+    }
+}
+
 /// Conversations in process memory, one mutex for all users (upserts are short and rare next to audio).
 pub struct MemoryConversationStore {
-    users: Mutex<HashMap<String, Buckets>>,
+    users: Mutex<HashMap<String, User>>,
     clock: Arc<dyn Clock>,
 }
 
@@ -35,7 +52,7 @@ impl MemoryConversationStore {
         }
     }
 
-    fn users(&self) -> MutexGuard<'_, HashMap<String, Buckets>> {
+    fn users(&self) -> MutexGuard<'_, HashMap<String, User>> {
         // Every write replaces whole values after the pure merge succeeded: a poisoned map is consistent.
         self.users.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -45,7 +62,7 @@ impl MemoryConversationStore {
         let days = days_to_read(&spans, req.target.as_deref());
         let now = self.clock.now_ms();
         let mut users = self.users();
-        let stored = users.entry(req.uid.clone()).or_default();
+        let stored = &mut users.entry(req.uid.clone()).or_default().buckets;
         // Work on a copy of the buckets read, then write back: the same shape as the Redis store.
         let mut read: Buckets = days
             .iter()
@@ -58,6 +75,46 @@ impl MemoryConversationStore {
             }
         }
         Ok(outcome)
+    }
+
+    fn add_now(
+        &self,
+        uid: &str,
+        id: &str,
+        segments: Vec<TranscriptSegment>,
+    ) -> Result<SegmentsAdded, ConversationError> {
+        check_segments(&segments)?;
+        let mut users = self.users();
+        let user = users.get_mut(uid).ok_or(ConversationError::NotFound)?;
+        if user.find(id).is_none() {
+            return Err(ConversationError::NotFound);
+        }
+        let kept = user.transcripts.entry(id.to_owned()).or_default();
+        let mut added = SegmentsAdded::default();
+        for seg in segments {
+            if kept.contains_key(&seg.id) || kept.len() < MAX_SEGMENTS_PER_CONVERSATION {
+                kept.insert(seg.id.clone(), seg);
+                added.stored += 1;
+            } else {
+                added.refused += 1;
+            }
+        }
+        Ok(added)
+    }
+
+    fn delete_now(&self, uid: &str, id: &str) -> bool {
+        let mut users = self.users();
+        let Some(user) = users.get_mut(uid) else {
+            return false;
+        };
+        user.transcripts.remove(id);
+        let Some(bucket) = Conversation::day_of_id(id).and_then(|d| user.buckets.get_mut(&d))
+        else {
+            return false;
+        };
+        let before = bucket.len();
+        bucket.retain(|c| c.id != id);
+        before != bucket.len()
     }
 }
 
@@ -72,12 +129,7 @@ impl ConversationStore for MemoryConversationStore {
         uid: &'a str,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Option<Conversation>, ConversationError>> {
-        let found = Conversation::day_of_id(id).and_then(|day| {
-            self.users()
-                .get(uid)
-                .and_then(|b| b.get(&day))
-                .and_then(|b| b.iter().find(|c| c.id == id).cloned())
-        });
+        let found = self.users().get(uid).and_then(|u| u.find(id).cloned());
         Box::pin(async move { Ok(found) })
     }
 
@@ -90,7 +142,7 @@ impl ConversationStore for MemoryConversationStore {
         let all: Vec<Conversation> = self
             .users()
             .get(uid)
-            .map(|b| b.values().flatten().cloned().collect())
+            .map(|u| u.buckets.values().flatten().cloned().collect())
             .unwrap_or_default();
         let result = page(all, limit, offset);
         Box::pin(async move { Ok(result) })
@@ -101,8 +153,49 @@ impl ConversationStore for MemoryConversationStore {
         let n = self
             .users()
             .get_mut(uid)
-            .map(|b| b.values_mut().map(|v| unlock_bucket(v, now)).sum())
+            .map(|u| u.buckets.values_mut().map(|v| unlock_bucket(v, now)).sum())
             .unwrap_or(0);
+        Box::pin(async move { Ok(n) })
+    }
+
+    fn add_segments<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+        segments: Vec<TranscriptSegment>,
+    ) -> BoxFuture<'a, Result<SegmentsAdded, ConversationError>> {
+        let result = self.add_now(uid, id, segments);
+        Box::pin(async move { result })
+    }
+
+    fn transcript<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<TranscriptSegment>, ConversationError>> {
+        let mut segments: Vec<TranscriptSegment> = self
+            .users()
+            .get(uid)
+            .and_then(|u| u.transcripts.get(id))
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
+        sort_segments(&mut segments);
+        Box::pin(async move { Ok(segments) })
+    }
+
+    fn delete<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ConversationError>> {
+        let deleted = self.delete_now(uid, id);
+        Box::pin(async move { Ok(deleted) })
+    }
+
+    fn delete_all<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<u64, ConversationError>> {
+        let n = self.users().remove(uid).map_or(0, |u| {
+            u.buckets.values().map(|b| b.len() as u64).sum::<u64>()
+        });
         Box::pin(async move { Ok(n) })
     }
 }

@@ -1,7 +1,7 @@
 //! Conversations: the user's recordings grouped in time, with the paywall lock.
 //!
-//! VoiceGate keeps the conversation *index* (ids, time spans, lock flag, source); transcripts are the STT
-//! service's business. Sync uploads and realtime sessions both go through [`ConversationStore::upsert`], which
+//! VoiceGate keeps the conversation *index* (ids, time spans, lock flag, source) and, beside it, each
+//! conversation's transcript ([`transcript`]: final segments added by id, bounded). Sync uploads and realtime sessions both go through [`ConversationStore::upsert`], which
 //! creates or merges, serialised per user so retries and parallel uploads never duplicate a conversation:
 //!
 //! - A span (absolute epoch ms) joins a conversation when it overlaps it or lies within
@@ -15,10 +15,14 @@
 //!
 //! Storage is bucketed by the UTC day a conversation started (`day-id` ids), so an upsert reads only the days
 //! around its spans and a user's history never has to fit one value.
+//!
+//! Retention: conversations and transcripts are kept until deleted: one by its owner
+//! ([`ConversationStore::delete`]) or all of a user's ([`ConversationStore::delete_all`], the admin route).
 
 mod logic;
 mod memory;
 mod redis_store;
+pub mod transcript;
 
 use crate::time::Span;
 
@@ -28,6 +32,7 @@ use serde::{Deserialize, Serialize};
 pub use logic::{DAY_MS, apply_upsert, day_of, days_to_read};
 pub use memory::MemoryConversationStore;
 pub use redis_store::RedisConversationStore;
+pub use transcript::{SegmentsAdded, TranscriptSegment};
 
 /// Spans closer than this to a conversation join it (the reference's merge distance for sync).
 pub const MERGE_GAP_MS: u64 = 120_000;
@@ -117,6 +122,9 @@ pub enum ConversationError {
     Corrupt(String),
     #[error("invalid request: {0}")]
     Invalid(String),
+    /// The conversation does not exist (any more) for this user.
+    #[error("no such conversation")]
+    NotFound,
 }
 
 impl ConversationError {
@@ -127,6 +135,7 @@ impl ConversationError {
             ConversationError::Contended(_) => "conversation_store_busy",
             ConversationError::Corrupt(_) => "conversation_store_corrupt",
             ConversationError::Invalid(_) => "conversation_invalid",
+            ConversationError::NotFound => "conversation_not_found",
         }
     }
 }
@@ -150,6 +159,29 @@ pub trait ConversationStore: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<ConversationPage, ConversationError>>;
     /// Clears the lock of every conversation of `uid`; returns how many were locked. Idempotent.
     fn unlock_all<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<u64, ConversationError>>;
+    /// Adds final transcript segments to one of `uid`'s conversations, by segment id (the same id again
+    /// replaces: retries are idempotent); past [`transcript::MAX_SEGMENTS_PER_CONVERSATION`] new ids are
+    /// refused. [`ConversationError::NotFound`] when the conversation is missing or another user's.
+    fn add_segments<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+        segments: Vec<TranscriptSegment>,
+    ) -> BoxFuture<'a, Result<SegmentsAdded, ConversationError>>;
+    /// The transcript of one of `uid`'s conversations, in time order (empty when it has none or is missing).
+    fn transcript<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<TranscriptSegment>, ConversationError>>;
+    /// Deletes one of `uid`'s conversations with its transcript; `false` when there was none.
+    fn delete<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ConversationError>>;
+    /// Deletes every conversation of `uid` with their transcripts; returns how many conversations.
+    fn delete_all<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<u64, ConversationError>>;
 }
 
 /// Validates and normalises spans: drops empty ones, sorts, bounds the count.

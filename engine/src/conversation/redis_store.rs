@@ -3,11 +3,16 @@
 //! Keys (the `vg:{uid}:` prefix keeps a user's keys in one cluster slot):
 //! - `vg:{uid}:conv:<day>` HASH `v` (version), `s` (JSON array of that day's conversations)
 //! - `vg:{uid}:conv:days`  ZSET of the days that have a bucket (score = member = day)
+//! - `vg:{uid}:conv:tx:<id>` HASH segment id → JSON segment: the transcript of conversation `<id>`
 //!
 //! An upsert reads the buckets around its spans, merges in Rust ([`super::apply_upsert`]) and commits with one
 //! Lua script that checks the version of **every bucket read** and writes the changed ones: a concurrent
 //! writer on any node makes the commit fail and the upsert retry on fresh data, so nothing is duplicated or
 //! lost. Writers of one user on one node also queue on a local lock, so conflicts only come from other nodes.
+//!
+//! Transcript segments are added by one script that first checks, in the same atomic step, that the
+//! conversation is still in its bucket: a segment that arrives after its conversation was deleted is
+//! refused, never left behind. A delete removes the conversation and its transcript in one script too.
 
 use std::collections::BTreeMap;
 use std::hash::{BuildHasher, RandomState};
@@ -20,6 +25,9 @@ use redis::{RedisError, Script};
 use tokio::sync::Mutex;
 
 use super::logic::{apply_upsert, days_to_read, page, unlock_bucket};
+use super::transcript::{
+    MAX_SEGMENTS_PER_CONVERSATION, SegmentsAdded, TranscriptSegment, check_segments, sort_segments,
+};
 use super::{
     Conversation, ConversationError, ConversationPage, ConversationStore, MAX_LIST_LIMIT, Upsert,
     UpsertOutcome, normalise_spans,
@@ -41,6 +49,52 @@ pub fn bucket_key(uid: &str, day: u64) -> String {
 
 pub fn days_key(uid: &str) -> String {
     format!("vg:{{{uid}}}:conv:days")
+}
+
+pub fn transcript_key(uid: &str, id: &str) -> String {
+    format!("vg:{{{uid}}}:conv:tx:{id}")
+}
+
+/// KEYS: the conversation's bucket, its transcript. ARGV: the conversation's `"id":"…"` as serialised, the
+/// most segments, then (segment id, JSON) pairs. Returns {stored, refused}, or {-1, 0} when the
+/// conversation is not in its bucket.
+const ADD_SEGMENTS_LUA: &str = r"
+local s = redis.call('HGET', KEYS[1], 's')
+if (not s) or (not string.find(s, ARGV[1], 1, true)) then return {-1, 0} end
+local max = tonumber(ARGV[2])
+local stored, refused = 0, 0
+for i = 3, #ARGV, 2 do
+  if redis.call('HEXISTS', KEYS[2], ARGV[i]) == 1 or redis.call('HLEN', KEYS[2]) < max then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    stored = stored + 1
+  else
+    refused = refused + 1
+  end
+end
+return {stored, refused}
+";
+
+/// Removes conversations from one bucket with their transcripts. KEYS: the bucket, the days key, then the
+/// transcripts to delete. ARGV: the expected version, the new content ('' = the bucket is now empty: it is
+/// deleted and its day forgotten), the day. Returns 0 when the bucket changed since it was read.
+const DELETE_LUA: &str = r"
+local v = tonumber(redis.call('HGET', KEYS[1], 'v') or '0')
+if v ~= tonumber(ARGV[1]) then return 0 end
+if ARGV[2] == '' then
+  redis.call('DEL', KEYS[1])
+  redis.call('ZREM', KEYS[2], ARGV[3])
+else
+  redis.call('HSET', KEYS[1], 'v', v + 1, 's', ARGV[2])
+end
+for i = 3, #KEYS do
+  redis.call('DEL', KEYS[i])
+end
+return 1
+";
+
+/// How a conversation id appears in its bucket's JSON (serde writes `id` first, without spaces).
+fn id_needle(id: &str) -> String {
+    format!("\"id\":\"{id}\"")
 }
 
 /// KEYS: n bucket keys, then the days key. ARGV: n, n expected versions, n new contents ('' = unchanged),
@@ -74,6 +128,8 @@ fn corrupt(e: serde_json::Error) -> ConversationError {
 pub struct RedisConversationStore {
     conn: ConnectionManager,
     commit: Script,
+    add_segments: Script,
+    delete: Script,
     locks: Arc<[Mutex<()>]>,
     hasher: RandomState,
     clock: Arc<dyn Clock>,
@@ -93,6 +149,8 @@ impl RedisConversationStore {
         RedisConversationStore {
             conn,
             commit: Script::new(COMMIT_LUA),
+            add_segments: Script::new(ADD_SEGMENTS_LUA),
+            delete: Script::new(DELETE_LUA),
             locks: (0..LOCAL_LOCKS).map(|_| Mutex::new(())).collect(),
             hasher: RandomState::new(),
             clock,
@@ -238,6 +296,118 @@ impl RedisConversationStore {
         Ok(total)
     }
 
+    async fn add_inner(
+        &self,
+        uid: &str,
+        id: &str,
+        segments: Vec<TranscriptSegment>,
+    ) -> Result<SegmentsAdded, ConversationError> {
+        check_segments(&segments)?;
+        let day = Conversation::day_of_id(id).ok_or(ConversationError::NotFound)?;
+        if segments.is_empty() {
+            return Ok(SegmentsAdded::default());
+        }
+        let mut inv = self.add_segments.prepare_invoke();
+        inv.key(bucket_key(uid, day))
+            .key(transcript_key(uid, id))
+            .arg(id_needle(id))
+            .arg(MAX_SEGMENTS_PER_CONVERSATION);
+        for seg in &segments {
+            inv.arg(&seg.id)
+                .arg(serde_json::to_string(seg).map_err(corrupt)?);
+        }
+        let mut conn = self.conn.clone();
+        let (stored, refused): (i64, i64) =
+            inv.invoke_async(&mut conn).await.map_err(store_error)?;
+        if stored < 0 {
+            return Err(ConversationError::NotFound);
+        }
+        Ok(SegmentsAdded {
+            stored: stored.unsigned_abs(),
+            refused: refused.unsigned_abs(),
+        })
+    }
+
+    async fn transcript_inner(
+        &self,
+        uid: &str,
+        id: &str,
+    ) -> Result<Vec<TranscriptSegment>, ConversationError> {
+        if Conversation::day_of_id(id).is_none() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn.clone();
+        let values: Vec<String> = redis::cmd("HVALS")
+            .arg(transcript_key(uid, id))
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        let mut segments = values
+            .iter()
+            .map(|v| serde_json::from_str(v).map_err(corrupt))
+            .collect::<Result<Vec<TranscriptSegment>, _>>()?;
+        sort_segments(&mut segments);
+        Ok(segments)
+    }
+
+    /// Removes the conversations `remove` selects from the bucket of `day`, with their transcripts, retrying
+    /// on conflicts; returns how many were removed.
+    async fn delete_in_day(
+        &self,
+        uid: &str,
+        day: u64,
+        remove: impl Fn(&Conversation) -> bool,
+    ) -> Result<u64, ConversationError> {
+        let mut backoff = conflict_backoff();
+        for _ in 0..MAX_ATTEMPTS {
+            let read = self.read(uid, [day]).await?;
+            let Some((version, list)) = read.buckets.get(&day) else {
+                return Ok(0);
+            };
+            let (gone, kept): (Vec<&Conversation>, Vec<&Conversation>) =
+                list.iter().partition(|c| remove(c));
+            if gone.is_empty() {
+                return Ok(0);
+            }
+            let content = if kept.is_empty() {
+                String::new()
+            } else {
+                serde_json::to_string(&kept).map_err(corrupt)?
+            };
+            let mut inv = self.delete.prepare_invoke();
+            inv.key(bucket_key(uid, day)).key(days_key(uid));
+            for c in &gone {
+                inv.key(transcript_key(uid, &c.id));
+            }
+            inv.arg(*version).arg(content).arg(day);
+            let mut conn = self.conn.clone();
+            let ok: i64 = inv.invoke_async(&mut conn).await.map_err(store_error)?;
+            if ok == 1 {
+                return Ok(gone.len() as u64);
+            }
+            metrics::counter!(crate::telemetry::CONVERSATION_CONFLICTS_TOTAL).increment(1);
+            tokio::time::sleep(backoff.next_delay()).await;
+        }
+        Err(ConversationError::Contended(MAX_ATTEMPTS))
+    }
+
+    async fn delete_inner(&self, uid: &str, id: &str) -> Result<bool, ConversationError> {
+        let Some(day) = Conversation::day_of_id(id) else {
+            return Ok(false);
+        };
+        let _local = self.local_lock(uid).lock().await;
+        Ok(self.delete_in_day(uid, day, |c| c.id == id).await? > 0)
+    }
+
+    async fn delete_all_inner(&self, uid: &str) -> Result<u64, ConversationError> {
+        let _local = self.local_lock(uid).lock().await;
+        let mut total = 0;
+        for day in self.all_days(uid).await? {
+            total += self.delete_in_day(uid, day, |_| true).await?;
+        }
+        Ok(total)
+    }
+
     async fn list_inner(
         &self,
         uid: &str,
@@ -298,5 +468,34 @@ impl ConversationStore for RedisConversationStore {
 
     fn unlock_all<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<u64, ConversationError>> {
         Box::pin(self.unlock_inner(uid))
+    }
+
+    fn add_segments<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+        segments: Vec<TranscriptSegment>,
+    ) -> BoxFuture<'a, Result<SegmentsAdded, ConversationError>> {
+        Box::pin(self.add_inner(uid, id, segments))
+    }
+
+    fn transcript<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<TranscriptSegment>, ConversationError>> {
+        Box::pin(self.transcript_inner(uid, id))
+    }
+
+    fn delete<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ConversationError>> {
+        Box::pin(self.delete_inner(uid, id))
+    }
+
+    fn delete_all<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<u64, ConversationError>> {
+        Box::pin(self.delete_all_inner(uid))
     }
 }

@@ -1,10 +1,14 @@
 //! The conversation store contract, in memory and against a real redis-server: create-or-merge, idempotent
-//! retries, per-user isolation, unlock-all, and no duplicates under concurrent writers on two "nodes".
+//! retries, per-user isolation, unlock-all, no duplicates under concurrent writers on two "nodes", and
+//! transcripts: added by segment id (bounded), refused for a missing or another user's conversation, gone
+//! with their conversation when it is deleted (one, or all of a user's).
 
 use std::sync::Arc;
 
+use voicegate_engine::conversation::transcript::MAX_SEGMENTS_PER_CONVERSATION;
 use voicegate_engine::conversation::{
-    ConversationStore, MemoryConversationStore, RedisConversationStore, Upsert,
+    ConversationError, ConversationStore, MemoryConversationStore, RedisConversationStore,
+    SegmentsAdded, TranscriptSegment, Upsert,
 };
 use voicegate_engine::store::plans::{MemoryPlanStore, PlanRecordValue, PlanStore, RedisPlanStore};
 use voicegate_engine::store::test_redis::RedisServer;
@@ -168,6 +172,136 @@ async fn concurrent_uploads_on_two_nodes_never_duplicate() {
             .sum::<usize>(),
         3
     );
+}
+
+fn segment(id: &str, start: u64, text: &str) -> TranscriptSegment {
+    TranscriptSegment::new(id.into(), text, 0, T0 + start, T0 + start + 900)
+}
+
+async fn transcript_contract(store: Arc<dyn ConversationStore>) {
+    let a = store
+        .upsert(upsert("a", &[(0, 30_000), (700_000, 720_000)], false))
+        .await
+        .unwrap();
+    let (first, second) = (&a.new[0], &a.new[1]);
+    assert!(store.transcript("a", first).await.unwrap().is_empty());
+    let added = store
+        .add_segments(
+            "a",
+            first,
+            vec![
+                segment("s-2", 5_000, "second"),
+                segment("s-1", 1_000, "first"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        added,
+        SegmentsAdded {
+            stored: 2,
+            refused: 0
+        }
+    );
+    // A retry (the same ids) replaces, never duplicates.
+    store
+        .add_segments("a", first, vec![segment("s-1", 1_000, "first, corrected")])
+        .await
+        .unwrap();
+    let t = store.transcript("a", first).await.unwrap();
+    let texts: Vec<&str> = t.iter().map(|s| s.text.as_str()).collect();
+    assert_eq!(texts, ["first, corrected", "second"], "in time order");
+    // Another user's conversation, or a missing one, takes nothing and shows nothing.
+    for (uid, id) in [("b", first.as_str()), ("a", "20000-ffff"), ("a", "../x")] {
+        let err = store
+            .add_segments(uid, id, vec![segment("x", 0, "intruder")])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, ConversationError::NotFound),
+            "{uid} {id}: {err}"
+        );
+    }
+    assert!(store.transcript("b", first).await.unwrap().is_empty());
+    // Bounded: past the limit new ids are refused (counted by the caller), known ids still replace.
+    let many: Vec<TranscriptSegment> = (0..MAX_SEGMENTS_PER_CONVERSATION)
+        .map(|i| segment(&format!("m-{i}"), 40_000, "w"))
+        .collect();
+    let mut stored = 0;
+    let mut refused = 0;
+    for chunk in many.chunks(1_000) {
+        let r = store
+            .add_segments("a", second, chunk.to_vec())
+            .await
+            .unwrap();
+        stored += r.stored;
+        refused += r.refused;
+    }
+    assert_eq!((stored, refused), (MAX_SEGMENTS_PER_CONVERSATION as u64, 0));
+    let over = store
+        .add_segments(
+            "a",
+            second,
+            vec![
+                segment("m-0", 40_000, "again"),
+                segment("extra", 41_000, "no room"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        over,
+        SegmentsAdded {
+            stored: 1,
+            refused: 1
+        }
+    );
+
+    // Only the owner deletes; the transcript goes with the conversation, and late segments find nothing.
+    assert!(!store.delete("b", first).await.unwrap());
+    assert!(store.delete("a", first).await.unwrap());
+    assert!(!store.delete("a", first).await.unwrap());
+    assert!(store.get("a", first).await.unwrap().is_none());
+    assert!(store.transcript("a", first).await.unwrap().is_empty());
+    assert!(matches!(
+        store
+            .add_segments("a", first, vec![segment("late", 2_000, "late")])
+            .await,
+        Err(ConversationError::NotFound)
+    ));
+    assert!(store.transcript("a", first).await.unwrap().is_empty());
+    assert!(
+        store.get("a", second).await.unwrap().is_some(),
+        "the other stays"
+    );
+
+    // All of a user's: conversations and transcripts; another user's stay.
+    let b = store
+        .upsert(upsert("b", &[(0, 10_000)], false))
+        .await
+        .unwrap();
+    assert_eq!(store.delete_all("a").await.unwrap(), 1);
+    assert_eq!(store.list("a", 10, 0).await.unwrap().conversations.len(), 0);
+    assert!(store.transcript("a", second).await.unwrap().is_empty());
+    assert!(store.get("b", &b.new[0]).await.unwrap().is_some());
+    assert_eq!(store.delete_all("a").await.unwrap(), 0);
+    // A user starts again after an erasure.
+    let again = store
+        .upsert(upsert("a", &[(0, 30_000)], false))
+        .await
+        .unwrap();
+    assert_eq!(again.new.len(), 1);
+}
+
+#[tokio::test]
+async fn memory_store_keeps_the_transcript_contract() {
+    transcript_contract(Arc::new(MemoryConversationStore::default())).await;
+}
+
+#[tokio::test]
+async fn redis_store_keeps_the_transcript_contract() {
+    let (_server, conn) = redis().await;
+    transcript_contract(Arc::new(RedisConversationStore::new(conn))).await;
 }
 
 async fn plan_contract(store: Arc<dyn PlanStore>) {

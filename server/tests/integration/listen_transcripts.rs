@@ -19,7 +19,7 @@ use crate::listen_support;
 use common::engine_server::{EngineServer, fair_use_on};
 use listen_support::{NORMAL, Ws, connect, fixture_packets, offline};
 
-const OPUS16: &str = "codec=opus&sample_rate=16000";
+pub(crate) const OPUS16: &str = "codec=opus&sample_rate=16000";
 /// A result and an utterance that overlap by more than this are scored together.
 const MIN_OVERLAP_MS: u64 = 100;
 
@@ -48,26 +48,26 @@ fn utterances(id: &str) -> Vec<Utterance> {
 
 /// A final transcript segment as the client last saw it, with when it first arrived.
 #[derive(Debug, Clone)]
-struct Seg {
-    id: String,
-    text: String,
-    start_ms: u64,
-    end_ms: u64,
+pub(crate) struct Seg {
+    pub(crate) id: String,
+    pub(crate) text: String,
+    pub(crate) start_ms: u64,
+    pub(crate) end_ms: u64,
     arrived_ms: u64,
 }
 
 /// What one streamed session gave the client.
 #[derive(Debug, Default)]
-struct Session {
+pub(crate) struct Session {
     events: Vec<(Value, u64)>,
-    segments: Vec<Seg>,
+    pub(crate) segments: Vec<Seg>,
     /// `sent[i]`: ms after the start when packet `i` left.
     sent: Vec<u64>,
-    close: Option<u16>,
+    pub(crate) close: Option<u16>,
 }
 
 impl Session {
-    fn of_type(&self, t: &str) -> Vec<&Value> {
+    pub(crate) fn of_type(&self, t: &str) -> Vec<&Value> {
         self.events
             .iter()
             .map(|(v, _)| v)
@@ -135,7 +135,7 @@ impl Session {
 
 /// Streams a fixture at `speed`x real time, one 10 ms packet per message, then `CloseStream`, and reads
 /// until the close: the server sends the last transcripts before `metadata` (it waits for the engine).
-async fn stream(ws: Ws, id: &str, speed: u32) -> Session {
+pub(crate) async fn stream(ws: Ws, id: &str, speed: u32) -> Session {
     let packets = fixture_packets(id);
     let (mut tx, mut rx) = ws.split();
     let t0 = Instant::now();
@@ -235,7 +235,7 @@ fn end_to_transcript_ms(s: &Session) -> Vec<u64> {
     out
 }
 
-fn local_stt(cfg: &mut voicegate_server::ServeConfig) {
+pub(crate) fn local_stt(cfg: &mut voicegate_server::ServeConfig) {
     cfg.stt = Some("local".into());
     // The whole fixture fits: a lagging pipeline delays, never drops (as in listen_stream).
     cfg.listen_buffer_ms = 200_000;

@@ -10,6 +10,7 @@ mod auth;
 mod bad_input_matrix;
 mod config_docs;
 mod config_refusals;
+mod conversation_transcripts;
 mod dashboards_prometheus;
 mod drain_sigterm;
 mod drain_uploads;

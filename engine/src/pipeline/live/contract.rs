@@ -63,6 +63,10 @@ pub enum Lifecycle {
 pub enum InFlight {
     None,
     Meter,
-    Status { first: bool },
+    Status {
+        first: bool,
+    },
     Conversation,
+    /// Transcript segments added to a written conversation.
+    Transcript,
 }

@@ -174,6 +174,13 @@ impl<T: Transport> Driver<'_, T> {
             return;
         };
         link.poll();
+        let finals = link.take_finals();
+        if !finals.is_empty() {
+            self.core.transcript_finals(finals);
+        }
+        let Some(link) = self.stt.as_mut() else {
+            return;
+        };
         let (change, segments) = link.outgoing(
             self.core.stt_gate_reason(),
             self.core.frames_seen(),
@@ -192,11 +199,12 @@ impl<T: Transport> Driver<'_, T> {
     }
 
     /// The session's end: closes the provider's stream and waits (at most `stt_close_wait`; not at all
-    /// while the server drains or once the client is gone) for its last results, so the client gets the
-    /// last transcript before `metadata`. Metering is settled already.
+    /// while the server drains) for its last results, so the client gets the last transcript before
+    /// `metadata` and the conversation gets it too (also when the client is gone). Metering is settled
+    /// already.
     async fn close_stt(&mut self) {
-        // Nobody to send them to, or the server must stop: the results already in go, no waiting.
-        let wait = if self.open && !self.transport.draining() {
+        // The server must stop: the results already in go, no waiting.
+        let wait = if !self.transport.draining() {
             self.stt_close_wait
         } else {
             Duration::ZERO
@@ -379,10 +387,33 @@ impl<T: Transport> Driver<'_, T> {
         self.count_frames();
         self.observe_tick_lag();
         Box::pin(self.close_stt()).await;
+        self.core.end_of_transcripts();
+        Box::pin(self.write_segments()).await;
         let report = self.core.finish(self.transport.counts());
         metrics::counter!(t::LISTEN_AUDIO_MS_TOTAL).increment(report.audio_ms);
         self.deliver();
         report
+    }
+}
+
+impl<T: Transport> Driver<'_, T> {
+    /// The last transcript segments added to their conversations, failed adds tried a few more times
+    /// (jittered); what is still unwritten then is counted as dropped by the core's `finish`.
+    async fn write_segments(&mut self) {
+        let mut backoff = final_retry_backoff();
+        for attempt in 0..4 {
+            if attempt > 0 {
+                if self.core.unwritten_segments() == 0 {
+                    break;
+                }
+                tokio::time::sleep(backoff.next_delay()).await;
+                self.core.retry_adds_now();
+            }
+            while let Some(op) = self.core.next_op(self.services.clock.now_ms()) {
+                self.spawn_op(op);
+                self.complete_op().await;
+            }
+        }
     }
 }
 

@@ -128,6 +128,11 @@ impl SttLink {
         }
     }
 
+    /// The segments that became final since the last call (stream-time ms), for the conversation.
+    pub fn take_finals(&mut self) -> Vec<crate::conversation::TranscriptSegment> {
+        self.transcript.take_finals()
+    }
+
     /// Every result of the closed stream is in.
     pub fn drained(&self) -> bool {
         self.drained

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub use contract::{FrameCounts, InFlight, Lifecycle, SessionReport, SttCommand};
-pub use core::{MAX_CLOSING, MAX_UNWRITTEN, SessionCore};
+pub use core::{MAX_CLOSING, MAX_HELD_SEGMENTS, MAX_UNWRITTEN, SessionCore};
 pub use driver::{Transport, run_session};
 pub use events::LiveEvent;
 pub use feed::FeedConfig;

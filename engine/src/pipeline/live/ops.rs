@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use super::LiveServices;
-use crate::conversation::{self, ConversationStore, Upsert};
+use crate::conversation::{self, ConversationStore, SegmentsAdded, TranscriptSegment, Upsert};
 use crate::fair_use::{FairUseStatus, PlanRecord};
 use crate::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
 use crate::telemetry as t;
@@ -29,6 +29,11 @@ pub enum StoreOp {
         speech_ms: u64,
         locked: bool,
     },
+    /// Add final transcript segments to the written conversation `id`.
+    Transcript {
+        id: String,
+        segments: Vec<TranscriptSegment>,
+    },
 }
 
 /// A finished [`StoreOp`].
@@ -49,6 +54,10 @@ pub enum OpResult {
         stored: Result<String, &'static str>,
         speech_ms: u64,
         locked: bool,
+    },
+    Transcript {
+        /// What the store did, or its error code (`conversation_not_found`: deleted meanwhile).
+        stored: Result<SegmentsAdded, &'static str>,
     },
 }
 
@@ -88,6 +97,17 @@ pub async fn execute(services: Arc<LiveServices>, uid: Arc<str>, op: StoreOp) ->
                 speech_ms,
                 locked,
             }
+        }
+        StoreOp::Transcript { id, segments } => {
+            let stored = services
+                .conversations
+                .add_segments(&uid, &id, segments)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(message = "Adding realtime transcript segments failed.", uid = %uid, error = %e);
+                    e.code()
+                });
+            OpResult::Transcript { stored }
         }
     }
 }

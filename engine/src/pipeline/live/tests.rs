@@ -588,11 +588,11 @@ fn with_a_provider_a_burst_of_seconds_in_one_tick_loses_no_run_start() {
 }
 
 /// The next operation at wall time `now_ms`, answering meter records and status reads on the way; `None`
-/// once only a conversation write could come and none is due.
+/// once only a conversation write or a transcript add could come and none is due.
 fn next_write(s: &mut Session, now_ms: u64) -> Option<StoreOp> {
     loop {
         match s.core.next_op(now_ms)? {
-            op @ StoreOp::Conversation { .. } => return Some(op),
+            op @ (StoreOp::Conversation { .. } | StoreOp::Transcript { .. }) => return Some(op),
             op @ StoreOp::Meter { .. } => s.accept(&op),
             StoreOp::Status { .. } => s.done(status(Stage::None, false, SttAllowance::Unlimited)),
         }
@@ -768,4 +768,115 @@ async fn a_record_the_meter_drops_is_not_counted_as_metered() {
     assert_ne!(uid, "u0", "the first record fits the bound");
     // The core keeps what is not metered and sends it again the next second (see
     // `a_failing_meter_keeps_the_speech_pending_and_sends_it_again`).
+}
+
+fn seg(id: &str, start_ms: u64, end_ms: u64) -> crate::conversation::TranscriptSegment {
+    crate::conversation::TranscriptSegment::new(id.into(), "some words", 0, start_ms, end_ms)
+}
+
+fn added(n: u64) -> OpResult {
+    OpResult::Transcript {
+        stored: Ok(crate::conversation::SegmentsAdded {
+            stored: n,
+            refused: 0,
+        }),
+    }
+}
+
+#[test]
+fn final_segments_follow_their_conversation_and_late_ones_are_added_by_id() {
+    let mut s = running(1_000);
+    s.stream(3_000, false);
+    // d01's first run is 598-2738 ms: a final segment of it arrives while the conversation is open.
+    s.core.transcript_finals(vec![seg("a", 600, 2_700)]);
+    assert!(
+        s.stream(1_500, true)
+            .iter()
+            .any(|op| matches!(op, StoreOp::Conversation { .. })),
+        "a second of silence closes the conversation"
+    );
+    s.done(OpResult::Conversation {
+        stored: Ok("c1".to_owned()),
+        speech_ms: 2_000,
+        locked: false,
+    });
+    let add = next_write(&mut s, WALL0).expect("its segments follow the conversation");
+    assert_eq!(
+        add,
+        StoreOp::Transcript {
+            id: "c1".to_owned(),
+            segments: vec![seg("a", WALL0 + 600, WALL0 + 2_700)],
+        },
+        "by id, in absolute time"
+    );
+    // The store is down: the add is kept and retried after the backoff, never blocking the audio.
+    s.done(OpResult::Transcript {
+        stored: Err("conversation_store_unavailable"),
+    });
+    assert_eq!(s.core.unwritten_segments(), 1);
+    assert!(!s.core.backlogged());
+    assert_eq!(next_write(&mut s, WALL0 + 100), None, "waits for the retry");
+    assert_eq!(next_write(&mut s, WALL0 + 20_000), Some(add));
+    s.done(added(1));
+    assert_eq!(s.core.unwritten_segments(), 0);
+    // A segment that arrives after the write (the engine was slow) is added to the same conversation.
+    s.core.transcript_finals(vec![seg("b", 2_000, 2_800)]);
+    assert_eq!(
+        next_write(&mut s, WALL0 + 20_000),
+        Some(StoreOp::Transcript {
+            id: "c1".to_owned(),
+            segments: vec![seg("b", WALL0 + 2_000, WALL0 + 2_800)],
+        })
+    );
+    // Deleted meanwhile: dropped (counted), not retried.
+    s.done(OpResult::Transcript {
+        stored: Err("conversation_not_found"),
+    });
+    assert_eq!(s.core.unwritten_segments(), 0);
+    assert_eq!(next_write(&mut s, WALL0 + 60_000), None);
+}
+
+#[test]
+fn a_segment_before_its_run_ends_waits_for_the_conversation_and_the_end_places_the_rest() {
+    let mut s = running(1_000);
+    s.stream(1_000, false);
+    // A provider that finalizes mid-run (Deepgram does): no conversation holds this time yet.
+    s.core.transcript_finals(vec![seg("early", 600, 900)]);
+    s.stream(2_000, false);
+    let op = s
+        .stream(1_500, true)
+        .into_iter()
+        .find(|op| matches!(op, StoreOp::Conversation { .. }));
+    assert!(op.is_some());
+    s.done(OpResult::Conversation {
+        stored: Ok("c1".to_owned()),
+        speech_ms: 2_000,
+        locked: false,
+    });
+    assert_eq!(
+        next_write(&mut s, WALL0),
+        Some(StoreOp::Transcript {
+            id: "c1".to_owned(),
+            segments: vec![seg("early", WALL0 + 600, WALL0 + 900)],
+        })
+    );
+    s.done(added(1));
+    // Far from every conversation: held until the provider's results are all in, then the nearest takes it.
+    s.core.transcript_finals(vec![seg("far", 60_000, 61_000)]);
+    assert_eq!(next_write(&mut s, WALL0), None);
+    assert!(!s.core.begin_finish());
+    s.core.end_of_stream();
+    s.core.end_of_transcripts();
+    assert!(matches!(
+        next_write(&mut s, WALL0),
+        Some(StoreOp::Transcript { id, .. }) if id == "c1"
+    ));
+    // Still failing at the very end: counted as dropped by the finish, not kept.
+    s.done(OpResult::Transcript {
+        stored: Err("conversation_store_unavailable"),
+    });
+    assert_eq!(s.core.unwritten_segments(), 1);
+    let counts = s.counts();
+    s.core.finish(counts);
+    assert_eq!(s.core.unwritten_segments(), 0);
 }

@@ -9,12 +9,15 @@ use rand::RngExt as _;
 use serde::Serialize;
 use tokio::time::Instant;
 
+use crate::conversation::TranscriptSegment;
 use crate::stt::{ResultKind, SttResult};
 
 /// The shortest time between two transcript messages (the reference sends about every 0.6 s).
 pub const SEND_INTERVAL: Duration = Duration::from_millis(600);
 /// Segments a session keeps (the newest); older ones were sent long ago.
 const MAX_SEGMENTS: usize = 1_000;
+/// Final segments waiting for the session to take them (it does every tick); past it the oldest go.
+const MAX_FINALS: usize = 256;
 
 /// One transcript segment as the app reads it (DESIGN §7; the reference's `TranscriptSegment`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -45,6 +48,8 @@ pub struct Transcript {
     /// Random per session: segment ids are `<session>-<n>`.
     session: u64,
     next: u64,
+    /// Segments that became final since [`Self::take_finals`] (stream-time ms), for the conversation.
+    finals: Vec<TranscriptSegment>,
 }
 
 impl Default for Transcript {
@@ -54,6 +59,7 @@ impl Default for Transcript {
             last_sent: None,
             session: rand::rng().random(),
             next: 0,
+            finals: Vec::new(),
         }
     }
 }
@@ -74,6 +80,10 @@ impl Transcript {
             last.speaker_id = speaker_id;
             last.interim = interim;
             last.changed = true;
+            if !interim {
+                let done = final_of(last, r);
+                self.keep_final(done);
+            }
             return;
         }
         if self.segments.len() >= MAX_SEGMENTS {
@@ -93,6 +103,25 @@ impl Transcript {
             interim,
             changed: true,
         });
+        if !interim && let Some(last) = self.segments.back() {
+            let done = final_of(last, r);
+            self.keep_final(done);
+        }
+    }
+
+    fn keep_final(&mut self, seg: Option<TranscriptSegment>) {
+        let Some(seg) = seg else { return };
+        if self.finals.len() >= MAX_FINALS {
+            self.finals.remove(0);
+            metrics::counter!(crate::telemetry::LISTEN_SEGMENTS_DROPPED_TOTAL, "reason" => "queue_full")
+                .increment(1);
+        }
+        self.finals.push(seg);
+    }
+
+    /// The segments that became final since the last call (times in stream ms), oldest first.
+    pub fn take_finals(&mut self) -> Vec<TranscriptSegment> {
+        std::mem::take(&mut self.finals)
     }
 
     /// The JSON array of the segments changed since the last message, when there are some and the last
@@ -121,6 +150,19 @@ impl Transcript {
     pub fn segments(&self) -> impl Iterator<Item = &Segment> {
         self.segments.iter()
     }
+}
+
+/// The stored form of a segment that just became final; `None` when it holds no words.
+fn final_of(seg: &Segment, r: &SttResult) -> Option<TranscriptSegment> {
+    (!seg.text.is_empty()).then(|| {
+        TranscriptSegment::new(
+            seg.id.clone(),
+            &seg.text,
+            seg.speaker_id,
+            r.start_ms,
+            r.end_ms,
+        )
+    })
 }
 
 fn secs(ms: u64) -> f64 {
@@ -218,6 +260,26 @@ mod tests {
         assert_eq!(t.segments().count(), 1);
         t.apply(&result(ResultKind::Final, "next", 2_000, 2_500));
         assert_eq!(t.segments().count(), 2, "a final segment is never replaced");
+    }
+
+    #[test]
+    fn final_segments_are_handed_over_once_with_their_stream_times() {
+        let mut t = Transcript::default();
+        t.apply(&result(ResultKind::Interim, "hel", 100, 500));
+        assert!(
+            t.take_finals().is_empty(),
+            "an interim result is not stored"
+        );
+        t.apply(&result(ResultKind::Final, " hello ", 100, 900));
+        t.apply(&result(ResultKind::Final, "", 1_000, 1_200));
+        t.apply(&result(ResultKind::Final, "again", 2_000, 2_500));
+        let finals = t.take_finals();
+        let texts: Vec<_> = finals.iter().map(|s| s.text.as_str()).collect();
+        assert_eq!(texts, ["hello", "again"], "empty results carry no words");
+        assert_eq!((finals[0].start_ms, finals[0].end_ms), (100, 900));
+        let sent: Vec<String> = t.segments().map(|s| s.id.clone()).collect();
+        assert_eq!(finals[0].id, sent[0], "the id the app saw");
+        assert!(t.take_finals().is_empty());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use super::{MAX_UNWRITTEN, SessionCore, ms};
 use crate::audio::resample::TARGET_RATE;
-use crate::conversation;
+use crate::conversation::{self, TranscriptSegment};
 use crate::pipeline::live::events::LiveEvent;
 use crate::telemetry as t;
 use crate::time::Span;
@@ -15,6 +15,8 @@ pub(super) struct OpenConversation {
     pub speech_samples: u64,
     /// End of the last speech run, in samples at 16 kHz.
     pub last_end: u64,
+    /// Final transcript segments of its time (absolute ms), written with it (`super::transcripts`).
+    pub segments: Vec<TranscriptSegment>,
 }
 
 impl SessionCore {
@@ -35,6 +37,8 @@ impl SessionCore {
         conv.speech_samples += span.len();
         conv.last_end = span.end;
         self.forward_stt(span, speech_ms);
+        // Segments of this run that came before it ended now have a conversation.
+        self.route_segments(false);
     }
 
     /// Closes the open conversation after `conversation_timeout` of silence (stream audio time), when it
@@ -64,6 +68,10 @@ impl SessionCore {
                 tracing::warn!(message = "Realtime conversation dropped: too many unwritten.", uid = %self.params.uid, spans = oldest.spans.len());
                 metrics::counter!(t::LISTEN_CONVERSATIONS_DROPPED_TOTAL, "reason" => "queue_full")
                     .increment(1);
+                if !oldest.segments.is_empty() {
+                    metrics::counter!(t::LISTEN_SEGMENTS_DROPPED_TOTAL, "reason" => "queue_full")
+                        .increment(oldest.segments.len() as u64);
+                }
             }
         }
     }

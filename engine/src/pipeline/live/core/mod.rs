@@ -19,6 +19,7 @@
 mod conversations;
 mod stt;
 mod stt_feed;
+mod transcripts;
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -26,6 +27,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use self::stt::Stt;
+use self::transcripts::Transcripts;
 use super::contract::{FrameCounts, InFlight, Lifecycle, SessionReport, SttCommand};
 use super::events::LiveEvent;
 use super::frames::DropReason;
@@ -48,6 +50,7 @@ pub const MAX_CLOSING: usize = 8;
 /// [`Backoff`]); past this many the oldest is dropped and counted
 /// (`voicegate_listen_conversations_dropped_total{reason="queue_full"}`).
 pub const MAX_UNWRITTEN: usize = 64;
+pub use self::transcripts::MAX_HELD_SEGMENTS;
 
 /// Retries of a failed conversation write: from 250 ms, jittered, capped at 10 s.
 fn write_backoff() -> Backoff {
@@ -83,6 +86,8 @@ pub struct SessionCore {
     write_delay: Option<Duration>,
     /// No conversation write starts before this (epoch ms) after a failure.
     write_retry_at_ms: Option<u64>,
+    /// Final transcript segments on their way to their conversation.
+    tx: Transcripts,
     next_meter: Instant,
     next_usage: Instant,
     meter_due: bool,
@@ -129,6 +134,7 @@ impl SessionCore {
             write_backoff: write_backoff(),
             write_delay: None,
             write_retry_at_ms: None,
+            tx: Transcripts::default(),
             next_meter: now + cfg.meter_interval,
             next_usage: now + cfg.usage_interval,
             meter_due: false,
@@ -225,15 +231,21 @@ impl SessionCore {
         self.in_flight == InFlight::None
             && match self.lifecycle {
                 Lifecycle::Starting => true,
-                Lifecycle::Running => !self.closing.is_empty() || self.meter_due || self.status_due,
-                Lifecycle::Finishing => !self.closing.is_empty(),
+                Lifecycle::Running => {
+                    !self.closing.is_empty()
+                        || self.meter_due
+                        || self.status_due
+                        || self.tx.has_adds()
+                }
+                Lifecycle::Finishing => !self.closing.is_empty() || self.tx.has_adds(),
                 Lifecycle::Finished => false,
             }
     }
 
     /// The next store operation to run, when none is in flight: the first status read before anything,
     /// then closed conversations (in order), then the meter, then the status read (which then reads
-    /// fresher totals). While finishing, only conversations; the final meter is [`Self::final_meter_op`].
+    /// fresher totals), then transcript segments for written conversations. While finishing, only
+    /// conversations and segments; the final meter is [`Self::final_meter_op`].
     pub fn next_op(&mut self, now_ms: u64) -> Option<StoreOp> {
         if self.in_flight != InFlight::None || self.lifecycle == Lifecycle::Finished {
             return None;
@@ -260,7 +272,7 @@ impl SessionCore {
             return Some(op);
         }
         if self.lifecycle == Lifecycle::Finishing {
-            return None;
+            return self.add_op(now_ms);
         }
         if self.meter_due {
             self.meter_due = false;
@@ -273,7 +285,7 @@ impl SessionCore {
             self.in_flight = InFlight::Status { first: false };
             return Some(StoreOp::Status { first: false });
         }
-        None
+        self.add_op(now_ms)
     }
 
     /// A record of the speech certain so far (finished runs and the committed part of an open one) since
@@ -336,7 +348,9 @@ impl SessionCore {
                 locked,
             } => match stored {
                 Ok(id) => {
-                    self.writing = None;
+                    if let Some(conv) = self.writing.take() {
+                        self.conversation_written(&id, conv);
+                    }
                     self.write_backoff.reset();
                     self.write_retry_at_ms = None;
                     self.out.push(LiveEvent::ConversationClosed {
@@ -357,6 +371,7 @@ impl SessionCore {
                     self.write_delay = Some(self.write_backoff.next_delay());
                 }
             },
+            OpResult::Transcript { stored } => self.add_done(stored),
         }
     }
 
@@ -369,7 +384,10 @@ impl SessionCore {
         let wait = match self.in_flight {
             InFlight::None => false,
             InFlight::Status { first: false } => self.stt.gate == Gate::Pending,
-            InFlight::Status { first: true } | InFlight::Meter | InFlight::Conversation => true,
+            InFlight::Status { first: true }
+            | InFlight::Meter
+            | InFlight::Conversation
+            | InFlight::Transcript => true,
         };
         if !wait {
             self.in_flight = InFlight::None;
@@ -410,9 +428,20 @@ impl SessionCore {
             tracing::warn!(message = "Realtime conversations not written when the session ended.", uid = %self.params.uid, unwritten);
             metrics::counter!(t::LISTEN_CONVERSATIONS_DROPPED_TOTAL, "reason" => "session_ended")
                 .increment(unwritten as u64);
+            let segments: usize = self
+                .closing
+                .iter()
+                .chain(self.writing.iter())
+                .map(|c| c.segments.len())
+                .sum();
+            if segments > 0 {
+                metrics::counter!(t::LISTEN_SEGMENTS_DROPPED_TOTAL, "reason" => "session_ended")
+                    .increment(segments as u64);
+            }
             self.closing.clear();
             self.writing = None;
         }
+        self.drop_held_segments();
         self.report_drops(counts);
         self.stt_out.push(SttCommand::Close);
         let frames_received = counts.received.max(self.frames_seen);

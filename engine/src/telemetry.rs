@@ -10,6 +10,13 @@ pub const HTTP_REQUEST_DURATION_SECONDS: &str = "voicegate_http_request_duration
 pub const HTTP_REQUEST_TIMEOUTS_TOTAL: &str = "voicegate_http_request_timeouts_total";
 /// Counter, label `reason` (the stable auth error code, e.g. `token_expired`).
 pub const AUTH_REJECTIONS_TOTAL: &str = "voicegate_auth_rejections_total";
+/// Counter, label `kind` (`token`: bearer tokens, `admin_key`: `X-Admin-Key`): requests answered 429
+/// `too_many_auth_failures` because their client address failed authentication too often
+/// (`VOICEGATE_AUTH_FAILURES_PER_MINUTE`).
+pub const AUTH_THROTTLED_TOTAL: &str = "voicegate_auth_throttled_total";
+/// Counter, label `kind`: failed authentications of an address the throttle had no room to track
+/// (`VOICEGATE_AUTH_THROTTLE_MAX_ADDRESSES` full of recent failures): not throttled, should stay 0.
+pub const AUTH_THROTTLE_UNTRACKED_TOTAL: &str = "voicegate_auth_throttle_untracked_total";
 /// Counter, label `reason` (the stable upload error code, e.g. `upload_file_too_large`).
 pub const UPLOAD_REJECTIONS_TOTAL: &str = "voicegate_upload_rejections_total";
 /// Counter, label `outcome` (`applied`, `duplicate`, `ignored`, `bad_signature`, `failed`).
@@ -80,6 +87,11 @@ pub const FAIR_USE_CLASSIFIER_DURATION_SECONDS: &str =
 
 /// Counter, label `outcome` (`ok`, `partial`, `failed`, `rejected`): sync upload requests by result.
 pub const SYNC_REQUESTS_TOTAL: &str = "voicegate_sync_requests_total";
+/// Gauge: sync uploads in progress on this node (from admission to the answer).
+pub const SYNC_UPLOADS_ACTIVE: &str = "voicegate_sync_uploads_active";
+/// Counter, label `reason` (`per_user_limit`: 429 `too_many_uploads`, `at_capacity`: 503
+/// `uploads_at_capacity`): sync uploads refused before their body was read.
+pub const SYNC_UPLOADS_REFUSED_TOTAL: &str = "voicegate_sync_uploads_refused_total";
 /// Counter, label `lane` (`sync_fresh`, `sync_backfill`, `too_old`): analysed sync files by the backfill
 /// decision (DESIGN §3).
 pub const SYNC_FILES_BY_LANE_TOTAL: &str = "voicegate_sync_files_by_lane_total";
@@ -102,6 +114,10 @@ pub const LISTEN_FRAMES_TOTAL: &str = "voicegate_listen_frames_total";
 /// an Opus packet over the record limit): listen frames dropped before the pipeline. A pipeline that
 /// falls behind never drops: the frame waits and the client is slowed through TCP.
 pub const LISTEN_FRAMES_DROPPED_TOTAL: &str = "voicegate_listen_frames_dropped_total";
+/// Counter: times a listen session started holding frames back because its client sends audio faster
+/// than `VOICEGATE_LISTEN_MAX_PACE` × real time beyond the `VOICEGATE_LISTEN_BURST_MS` burst (the frames
+/// wait, then the socket is not read: the client is slowed through TCP, nothing is dropped).
+pub const LISTEN_PACE_LIMITED_TOTAL: &str = "voicegate_listen_pace_limited_total";
 /// Histogram: how late a listen session's pipeline tick ran after its scheduled time, the worst of each
 /// session-second (one observation per session per second, and one for its last part-second). Measured
 /// on 2 cores: median ~70 ms and p99 ~0.4 s at 1,200 streams (within capacity), p99 seconds past it.

@@ -2,7 +2,8 @@
 //!
 //! Statuses follow the reference so its tooling keeps working: a missing header answers **422**, a wrong key
 //! (or no `ADMIN_KEY` configured at all) answers **403**. The compare is constant-time over SHA-256 digests, so
-//! neither the content nor the length of the key leaks through timing.
+//! neither the content nor the length of the key leaks through timing. Wrong keys are throttled per client
+//! address ([`crate::throttle`]): past `VOICEGATE_AUTH_FAILURES_PER_MINUTE`, 429 `too_many_auth_failures`.
 
 use std::future::{Ready, ready};
 
@@ -11,13 +12,15 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
+use crate::throttle::AuthThrottle;
 
 /// The header the admin key travels in.
 pub const ADMIN_KEY_HEADER: &str = "X-Admin-Key";
 
-/// The configured admin key, kept only as its digest.
+/// The configured admin key, kept only as its digest, and the throttle of wrong keys per client address.
 pub struct AdminKey {
     digest: Option<[u8; 32]>,
+    throttle: AuthThrottle,
 }
 
 impl AdminKey {
@@ -27,7 +30,30 @@ impl AdminKey {
             digest: key
                 .filter(|k| !k.is_empty())
                 .map(|k| Sha256::digest(k.as_bytes()).into()),
+            throttle: AuthThrottle::new(Default::default(), "admin_key"),
         }
+    }
+
+    /// Throttles wrong keys with `throttle` (`VOICEGATE_AUTH_FAILURES_PER_MINUTE` per client address).
+    #[must_use]
+    pub fn with_throttle(mut self, throttle: AuthThrottle) -> Self {
+        self.throttle = throttle;
+        self
+    }
+
+    /// Checks the request's header; an address with too many wrong keys gets 429
+    /// `too_many_auth_failures` before its key is looked at.
+    pub fn check_request(&self, head: &actix_http::RequestHead) -> Result<(), ApiError> {
+        let client = self.throttle.client(head);
+        self.throttle.admit(client)?;
+        let result = self.check(head.headers.get(ADMIN_KEY_HEADER).map(|v| v.as_bytes()));
+        if result
+            .as_ref()
+            .is_err_and(|e| e.code() == "admin_key_invalid")
+        {
+            self.throttle.failed(client);
+        }
+        result
     }
 
     /// Checks a presented header value.
@@ -55,9 +81,7 @@ impl FromRequest for Admin {
 
     fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
         let result = match req.app_data::<web::Data<AdminKey>>() {
-            Some(key) => key
-                .check(req.headers().get(ADMIN_KEY_HEADER).map(|v| v.as_bytes()))
-                .map(|()| Admin),
+            Some(key) => key.check_request(req.head()).map(|()| Admin),
             None => Err(ApiError::internal(
                 "admin_not_configured",
                 "no AdminKey in app data",

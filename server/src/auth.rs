@@ -20,6 +20,7 @@ use serde::Deserialize;
 
 use crate::config::ServeConfig;
 use crate::error::ApiError;
+use crate::throttle::AuthThrottle;
 
 /// Clock skew tolerated on `exp`, in seconds.
 const LEEWAY_SECS: u64 = 30;
@@ -139,6 +140,8 @@ struct Verifier {
 /// Verifies bearer tokens. Built once at startup, shared by every worker.
 pub struct Authenticator {
     mode: Mode,
+    /// Failed authentications per client address ([`crate::throttle`]).
+    throttle: AuthThrottle,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -155,7 +158,10 @@ impl Authenticator {
     /// Dev mode: the bearer token is the uid. Callers must have checked the bind is loopback
     /// ([`ServeConfig::validate`] does).
     pub fn dev() -> Self {
-        Authenticator { mode: Mode::Dev }
+        Authenticator {
+            mode: Mode::Dev,
+            throttle: AuthThrottle::default(),
+        }
     }
 
     /// Builds the verifier the configuration asks for: dev mode when nothing is configured.
@@ -182,7 +188,15 @@ impl Authenticator {
                 rs_validation: validation(Algorithm::RS256, audience, issuer),
                 hs_validation: validation(Algorithm::HS256, audience, issuer),
             })),
+            throttle: AuthThrottle::default(),
         })
+    }
+
+    /// Throttles failed authentications with `throttle` (the server's settings; the default otherwise).
+    #[must_use]
+    pub fn with_throttle(mut self, throttle: AuthThrottle) -> Self {
+        self.throttle = throttle;
+        self
     }
 
     pub fn is_dev(&self) -> bool {
@@ -394,16 +408,20 @@ pub fn authenticate_request(req: &HttpRequest) -> Result<AuthedUser, ApiError> {
             "no Authenticator in app data",
         ));
     };
-    authenticate_headers(auth, req.headers())
+    authenticate_head(auth, req.head())
 }
 
-/// Authenticates the `Authorization` header of `headers` (also the listen websocket's own upgrade, which
-/// is answered outside actix-web's extractors); counts every rejection by reason.
-pub fn authenticate_headers(
+/// Authenticates the `Authorization` header of a request (also the listen websocket's own upgrade, which
+/// is answered outside actix-web's extractors); counts every rejection by reason. A client address with
+/// too many failures is answered 429 `too_many_auth_failures` before its token is looked at.
+pub fn authenticate_head(
     auth: &Authenticator,
-    headers: &actix_web::http::header::HeaderMap,
+    head: &actix_web::dev::RequestHead,
 ) -> Result<AuthedUser, ApiError> {
-    let value = headers
+    let client = auth.throttle.client(head);
+    auth.throttle.admit(client)?;
+    let value = head
+        .headers
         .get(header::AUTHORIZATION)
         .map(|v| v.to_str().map_err(|_| AuthError::Malformed));
     let result = match value {
@@ -414,6 +432,7 @@ pub fn authenticate_headers(
     result.map_err(|e| {
         metrics::counter!(voicegate_engine::telemetry::AUTH_REJECTIONS_TOTAL, "reason" => e.code())
             .increment(1);
+        auth.throttle.failed(client);
         ApiError::from(e)
     })
 }

@@ -55,6 +55,18 @@ pub mod defaults {
     pub const LISTEN_TICK_MS: u64 = 50;
     /// `VOICEGATE_LISTEN_BUFFER_MS`: audio one session's ring holds before frames are dropped.
     pub const LISTEN_BUFFER_MS: u64 = 2_000;
+    /// `VOICEGATE_LISTEN_MAX_PACE`: a device streams at 1x; 4x leaves room for catching up after a stall.
+    pub const LISTEN_MAX_PACE: f64 = 4.0;
+    /// `VOICEGATE_LISTEN_BURST_MS`: a reconnecting device's backlog taken in at once (30 s of audio).
+    pub const LISTEN_BURST_MS: u64 = 30_000;
+    /// `VOICEGATE_SYNC_UPLOADS_PER_USER`.
+    pub const SYNC_UPLOADS_PER_USER: usize = 2;
+    /// `VOICEGATE_SYNC_MAX_UPLOADS`: each holds a descriptor and up to 256 MiB of temp storage.
+    pub const SYNC_MAX_UPLOADS: usize = 64;
+    /// `VOICEGATE_AUTH_FAILURES_PER_MINUTE`: a burst of this many, then this many a minute.
+    pub const AUTH_FAILURES_PER_MINUTE: u32 = 30;
+    /// `VOICEGATE_AUTH_THROTTLE_MAX_ADDRESSES`: ~100 bytes each.
+    pub const AUTH_THROTTLE_MAX_ADDRESSES: usize = 100_000;
     /// `VOICEGATE_STT_LOCAL_THREADS`: one model (~180 MB idle, ~1.5 GB peak measured while transcribing).
     pub const STT_LOCAL_THREADS: usize = 1;
     /// `VOICEGATE_STT_PREROLL_MS`: audio sent before each speech run (the detector confirms a run late).
@@ -144,6 +156,34 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_LISTEN_BUFFER_MS", default_value_t = defaults::LISTEN_BUFFER_MS)]
     pub listen_buffer_ms: u64,
 
+    /// Most audio one listen session takes in per second of wall time, sustained, as a multiple of real time; a faster client is slowed (its socket is not read), never metered faster.
+    #[arg(long, env = "VOICEGATE_LISTEN_MAX_PACE", default_value_t = defaults::LISTEN_MAX_PACE)]
+    pub listen_max_pace: f64,
+
+    /// Audio (ms) a listen session takes in at once above the pace (a reconnect's backlog; at least 1 s), refilled at the pace.
+    #[arg(long, env = "VOICEGATE_LISTEN_BURST_MS", default_value_t = defaults::LISTEN_BURST_MS)]
+    pub listen_burst_ms: u64,
+
+    /// Most concurrent sync uploads per user (429 `too_many_uploads` above it).
+    #[arg(long, env = "VOICEGATE_SYNC_UPLOADS_PER_USER", default_value_t = defaults::SYNC_UPLOADS_PER_USER)]
+    pub sync_uploads_per_user: usize,
+
+    /// Most concurrent sync uploads on this node, all users (503 `uploads_at_capacity` above it).
+    #[arg(long, env = "VOICEGATE_SYNC_MAX_UPLOADS", default_value_t = defaults::SYNC_MAX_UPLOADS)]
+    pub sync_max_uploads: usize,
+
+    /// Failed authentications (bad or missing tokens; wrong admin keys, counted apart) one client address may make at once, and then per minute; past it, 429 `too_many_auth_failures`.
+    #[arg(long, env = "VOICEGATE_AUTH_FAILURES_PER_MINUTE", default_value_t = defaults::AUTH_FAILURES_PER_MINUTE)]
+    pub auth_failures_per_minute: u32,
+
+    /// Client addresses whose failures are tracked at once (bounded memory); past it, new addresses share one budget.
+    #[arg(long, env = "VOICEGATE_AUTH_THROTTLE_MAX_ADDRESSES", default_value_t = defaults::AUTH_THROTTLE_MAX_ADDRESSES)]
+    pub auth_throttle_max_addresses: usize,
+
+    /// Comma-separated addresses or CIDRs of reverse proxies whose `X-Forwarded-For` names the client. Unset: the peer address is the client.
+    #[arg(long, env = "VOICEGATE_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
     /// Backfill speech (sync files recorded more than 24 h before they arrive) metered per user per UTC day; past it, 429 `backfill_allowance_exhausted` until the next UTC midnight.
     #[arg(long, env = "VOICEGATE_BACKFILL_ALLOWANCE_MS", default_value_t = defaults::BACKFILL_ALLOWANCE_MS)]
     pub backfill_allowance_ms: u64,
@@ -232,6 +272,13 @@ impl Default for ServeConfig {
             listen_threads: defaults::LISTEN_THREADS,
             listen_tick_ms: defaults::LISTEN_TICK_MS,
             listen_buffer_ms: defaults::LISTEN_BUFFER_MS,
+            listen_max_pace: defaults::LISTEN_MAX_PACE,
+            listen_burst_ms: defaults::LISTEN_BURST_MS,
+            sync_uploads_per_user: defaults::SYNC_UPLOADS_PER_USER,
+            sync_max_uploads: defaults::SYNC_MAX_UPLOADS,
+            auth_failures_per_minute: defaults::AUTH_FAILURES_PER_MINUTE,
+            auth_throttle_max_addresses: defaults::AUTH_THROTTLE_MAX_ADDRESSES,
+            trusted_proxies: Vec::new(),
             // Embedders and tests start many servers: none of them loads a speech-to-text model unless it
             // asks for one. (The command line's default is unset: local when installed.)
             stt: Some("none".to_owned()),
@@ -257,6 +304,12 @@ pub enum ConfigError {
     DevAuthOnPublicBind { bind: String },
     #[error("{name} must be greater than 0")]
     ZeroLimit { name: &'static str },
+    #[error(
+        "VOICEGATE_LISTEN_MAX_PACE={0} must be a number of at least 1 (a multiple of real time)"
+    )]
+    BadPace(f64),
+    #[error("VOICEGATE_TRUSTED_PROXIES: {0}")]
+    BadTrustedProxy(String),
     /// A metering or fair-use setting the engine cannot run with.
     #[error(transparent)]
     Engine(#[from] voicegate_engine::config::ConfigError),
@@ -300,7 +353,7 @@ impl ServeConfig {
                 bind: self.bind.clone(),
             });
         }
-        let limits: [(&'static str, u64); 11] = [
+        let limits: [(&'static str, u64); 15] = [
             (
                 "VOICEGATE_UPLOAD_MAX_FILE_BYTES",
                 self.upload_max_file_bytes,
@@ -330,10 +383,28 @@ impl ServeConfig {
                 "VOICEGATE_BACKFILL_LOOKBACK_DAYS",
                 self.backfill_lookback_days,
             ),
+            (
+                "VOICEGATE_SYNC_UPLOADS_PER_USER",
+                self.sync_uploads_per_user as u64,
+            ),
+            ("VOICEGATE_SYNC_MAX_UPLOADS", self.sync_max_uploads as u64),
+            (
+                "VOICEGATE_AUTH_FAILURES_PER_MINUTE",
+                u64::from(self.auth_failures_per_minute),
+            ),
+            (
+                "VOICEGATE_AUTH_THROTTLE_MAX_ADDRESSES",
+                self.auth_throttle_max_addresses as u64,
+            ),
         ];
         if let Some((name, _)) = limits.iter().find(|(_, v)| *v == 0) {
             return Err(ConfigError::ZeroLimit { name });
         }
+        if !(self.listen_max_pace.is_finite() && self.listen_max_pace >= 1.0) {
+            return Err(ConfigError::BadPace(self.listen_max_pace));
+        }
+        crate::client_addr::TrustedProxies::parse(&self.trusted_proxies)
+            .map_err(ConfigError::BadTrustedProxy)?;
         self.meter_config()?;
         self.fair_use_config()?;
         Ok(())
@@ -356,6 +427,14 @@ impl ServeConfig {
             lookback_ms: self.backfill_lookback_days.saturating_mul(86_400_000),
             ..Default::default()
         }
+    }
+
+    /// The listen sessions' intake limit (`VOICEGATE_LISTEN_MAX_PACE`, `VOICEGATE_LISTEN_BURST_MS`).
+    pub fn listen_pace(&self) -> voicegate_engine::pipeline::live::PaceConfig {
+        voicegate_engine::pipeline::live::PaceConfig::new(
+            self.listen_max_pace,
+            Duration::from_millis(self.listen_burst_ms),
+        )
     }
 
     pub fn drain_timeout(&self) -> Duration {

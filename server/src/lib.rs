@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod client_addr;
 pub mod config;
 pub mod drain;
 pub mod engine;
@@ -20,8 +21,10 @@ pub mod sessions;
 pub mod stripe;
 pub mod stt;
 pub mod sync;
+pub mod throttle;
 pub mod timeouts;
 pub mod upload;
+pub mod upload_slots;
 
 pub use config::ServeConfig;
 pub use error::ApiError;

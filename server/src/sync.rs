@@ -1,6 +1,8 @@
 //! `POST /v1/sync-local-files`: device files uploaded after the fact. The use case (decode, VAD, the backfill
 //! decision, metering, conversations, per-file status) is the engine's [`voicegate_engine::pipeline::sync`];
 //! this handler keeps the HTTP around it:
+//! 0. Admission: at most `VOICEGATE_SYNC_UPLOADS_PER_USER` uploads per user (429 `too_many_uploads`) and
+//!    `VOICEGATE_SYNC_MAX_UPLOADS` on the node (503 `uploads_at_capacity`) at once ([`crate::upload_slots`]).
 //! 1. Entitlement for `sync`: restricted and over a cap → 429 with `Retry-After`, before the body is read.
 //!    Credits exhausted → processing continues and the conversations are locked.
 //! 2. The body is streamed to a per-request temp directory under the upload limits (413 names the limit).
@@ -24,6 +26,7 @@ use crate::auth::AuthedUser;
 use crate::engine::Engine;
 use crate::error::ApiError;
 use crate::upload::{UploadLimits, read_upload};
+use crate::upload_slots::UploadSlots;
 
 #[derive(Debug, Deserialize)]
 pub struct SyncQuery {
@@ -37,7 +40,16 @@ pub async fn sync_local_files(
     payload: web::Payload,
     engine: web::Data<Engine>,
     limits: web::Data<UploadLimits>,
+    slots: web::Data<UploadSlots>,
 ) -> Result<HttpResponse, ApiError> {
+    // Held until the answer (dropped with the request on every other path).
+    let _slot = match slots.acquire(&user.uid) {
+        Ok(slot) => slot,
+        Err(refused) => {
+            metrics::counter!(SYNC_REQUESTS_TOTAL, "outcome" => "rejected").increment(1);
+            return Err(refused.into());
+        }
+    };
     let result = handle(
         &req,
         &user.uid,

@@ -1,5 +1,6 @@
 //! The one admission of a listen upgrade, shared by the front door ([`super::front`]) and the actix-web
-//! route ([`super::listen`]): the token (401, rejections counted by reason), the session limits (429 per
+//! route ([`super::listen`]): the token (401, rejections counted by reason; 429 for an address with too many
+//! failures), the session limits (429 per
 //! user, 503 node-wide or draining), the websocket handshake (400 `ws_handshake`), then the query
 //! parameters (refused after the upgrade, with a close code). Errors are [`ApiError`]s, answered with the
 //! same status, headers and JSON body on both paths; the request's latency is recorded under [`ROUTE`]
@@ -10,7 +11,7 @@ use actix_http::{RequestHead, ResponseBuilder};
 use tokio::time::Instant;
 
 use super::params::{ListenParams, ParamError};
-use crate::auth::{Authenticator, authenticate_headers};
+use crate::auth::{Authenticator, authenticate_head};
 use crate::error::ApiError;
 use crate::prometheus::record_request;
 use crate::sessions::{SessionGuard, SessionRegistry};
@@ -35,7 +36,7 @@ pub fn admit(
     head: &RequestHead,
     query: &str,
 ) -> Result<Admission, ApiError> {
-    let user = authenticate_headers(auth, &head.headers)?;
+    let user = authenticate_head(auth, head)?;
     let guard = sessions.open(&user.uid)?;
     let upgrade =
         ws::handshake(head).map_err(|e| ApiError::bad_request("ws_handshake", e.to_string()))?;

@@ -138,9 +138,11 @@ impl ListenFront {
     ) {
         let mut codec = h1::Codec::new(config.clone());
         let mut buf = BytesMut::with_capacity(1024);
-        let Some(req) = read_head(&mut io, &mut codec, &mut buf, deadline).await else {
+        let Some(mut req) = read_head(&mut io, &mut codec, &mut buf, deadline).await else {
             return;
         };
+        // The client address (the auth throttle's key), as actix-web's dispatcher records it.
+        req.head_mut().peer_addr = io.peer_addr().ok();
         let started = Instant::now();
         let query = req.uri().query().unwrap_or("");
         let admitted = admit(&self.auth, &self.sessions, req.head(), query);

@@ -83,6 +83,7 @@ impl ListenState {
             services: Arc::new(services),
             live: LiveConfig {
                 tick: Duration::from_millis(cfg.listen_tick_ms.max(1)),
+                pace: cfg.listen_pace(),
                 ..live
             },
             buffer_ms: cfg.listen_buffer_ms,

@@ -16,6 +16,7 @@ use crate::prometheus;
 use crate::sessions::SessionRegistry;
 use crate::stripe::{self, StripeWebhook};
 use crate::upload::UploadLimits;
+use crate::upload_slots::UploadSlots;
 
 /// Routes added by the caller, applied to every worker's app.
 pub type RoutesFn = Arc<dyn Fn(&mut web::ServiceConfig) + Send + Sync>;
@@ -34,6 +35,8 @@ pub struct AppState {
     pub store_health: web::Data<dyn StoreHealth>,
     pub stripe: web::Data<StripeWebhook>,
     pub upload_limits: web::Data<UploadLimits>,
+    /// Concurrent sync uploads, per user and on this node.
+    pub upload_slots: web::Data<UploadSlots>,
     pub sessions: web::Data<SessionRegistry>,
     pub metrics: web::Data<PrometheusHandle>,
     /// The node's speech-to-text provider (`VOICEGATE_STT`), built at startup.
@@ -50,6 +53,7 @@ impl AppState {
             .app_data(self.store_health.clone())
             .app_data(self.stripe.clone())
             .app_data(self.upload_limits.clone())
+            .app_data(self.upload_slots.clone())
             .app_data(self.sessions.clone())
             .app_data(self.metrics.clone())
             .app_data(self.stt.clone())

@@ -21,7 +21,9 @@ use crate::listen::ListenFront;
 use crate::prometheus;
 use crate::sessions::SessionRegistry;
 use crate::stripe::{LogOnlyPayments, Payments, StripeWebhook};
+use crate::throttle::{AuthThrottle, ThrottleConfig};
 use crate::upload::UploadLimits;
+use crate::upload_slots::UploadSlots;
 
 /// Startup: configuration checked, keys loaded, app state built. Add engine wiring, then [`start`](Self::start).
 pub struct ServerBuilder {
@@ -47,7 +49,10 @@ impl ServerBuilder {
             })?;
             sockets.push(socket);
         }
-        let auth = Authenticator::from_config(&cfg)?;
+        let auth = Authenticator::from_config(&cfg)?.with_throttle(AuthThrottle::new(
+            ThrottleConfig::from_config(&cfg),
+            "token",
+        ));
         announce(&cfg, &auth);
         let upload_parent = crate::upload::temp_parent(cfg.upload_dir.as_deref());
         let swept = crate::upload::sweep_leftovers(&upload_parent);
@@ -77,8 +82,14 @@ impl ServerBuilder {
             payments: Arc::new(LogOnlyPayments),
         };
         let state = AppState {
-            admin_key: web::Data::new(AdminKey::new(cfg.admin_key.as_deref())),
+            admin_key: web::Data::new(AdminKey::new(cfg.admin_key.as_deref()).with_throttle(
+                AuthThrottle::new(ThrottleConfig::from_config(&cfg), "admin_key"),
+            )),
             upload_limits: web::Data::new(UploadLimits::from_config(&cfg)),
+            upload_slots: web::Data::new(UploadSlots::new(
+                cfg.sync_uploads_per_user,
+                cfg.sync_max_uploads,
+            )),
             config: web::Data::new(cfg),
             auth: web::Data::new(auth),
             readiness: web::Data::new(Readiness::new()),

@@ -318,6 +318,8 @@ fn every_panel_query_and_alert_expression_runs_against_a_real_prometheus() {
         .env("RUST_LOG", "warn")
         // Not about transcription: no model loads (the default is local when installed).
         .env("VOICEGATE_STT", "none")
+        // The stream runs at 10x, over the default intake limit of 4x.
+        .env("VOICEGATE_LISTEN_MAX_PACE", "20")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

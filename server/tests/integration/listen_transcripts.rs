@@ -239,6 +239,8 @@ pub(crate) fn local_stt(cfg: &mut voicegate_server::ServeConfig) {
     cfg.stt = Some("local".into());
     // The whole fixture fits: a lagging pipeline delays, never drops (as in listen_stream).
     cfg.listen_buffer_ms = 200_000;
+    // The tests stream at up to 10x, over the default intake limit of 4x.
+    cfg.listen_max_pace = 20.0;
 }
 
 /// The sum of a metric's series starting with `prefix`, read from the node's `/metrics` (one test per

@@ -178,7 +178,8 @@ fn metadata(r: &Received) -> &Value {
 
 #[actix_web::test]
 async fn both_transports_keep_the_contract_and_give_the_same_metadata() {
-    let server = EngineServer::start(fair_use_on(), |_| {}).await;
+    // The client writes at 10x, over the default intake limit of 4x.
+    let server = EngineServer::start(fair_use_on(), |c| c.listen_max_pace = 20.0).await;
     let packets: Vec<Vec<u8>> = fixture_packets("d02").into_iter().take(600).collect();
     let query = "codec=opus&sample_rate=16000";
     let close_frame = frame(CLOSE, true, &1000u16.to_be_bytes());

@@ -18,7 +18,8 @@ async fn restricted_over_a_cap_sync_gets_429_while_realtime_keeps_streaming() {
         },
         ..fair_use_on()
     };
-    let server = EngineServer::start(fair, |_| {}).await;
+    // The stream runs at 10x, over the default intake limit of 4x.
+    let server = EngineServer::start(fair, |c| c.listen_max_pace = 20.0).await;
     let fx = fixtures();
     let (code, body, _) = server
         .upload("heavy", "", &[(omi_name(900), fx[0].1.clone())])

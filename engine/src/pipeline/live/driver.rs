@@ -19,6 +19,7 @@ use super::events::LiveEvent;
 use super::frames::FrameQueue;
 use super::link::SttLink;
 use super::ops::{OpResult, StoreOp, execute};
+use super::pace::Pace;
 use super::{Control, LiveConfig, LiveServices, SessionParams};
 use crate::audio::vad::SileroModel;
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
@@ -74,6 +75,8 @@ struct Driver<'t, T: Transport> {
     /// False once the transport refused an event: the session keeps metering but stops sending.
     open: bool,
     frames: FrameQueue,
+    /// What the pipeline may take from `frames` (the intake limit); the rest waits there, then in the socket.
+    pace: Pace,
     buf: Vec<u8>,
     /// The provider's stream; `None` with `VOICEGATE_STT=none` (or when it could not open).
     stt: Option<SttLink>,
@@ -111,11 +114,14 @@ pub async fn run_session<T: Transport>(
     let uid = Arc::clone(&params.uid);
     let started_at_ms = services.clock.now_ms();
     let language = params.language.clone();
+    let now = Instant::now();
+    let pace = Pace::new(cfg.pace, pipeline.codec_rate(), now);
     let mut driver = Driver {
-        core: SessionCore::new(params, cfg, pipeline, Instant::now(), started_at_ms),
+        core: SessionCore::new(params, cfg, pipeline, now, started_at_ms),
         transport,
         open: true,
         frames: FrameQueue::new(queue_bytes),
+        pace,
         buf: Vec::with_capacity(512),
         stt: None,
         stt_close_wait: cfg.stt_close_wait,
@@ -240,6 +246,8 @@ impl<T: Transport> Driver<'_, T> {
                 }
                 scheduled = tick.tick() => {
                     self.tick_lag_max = self.tick_lag_max.max(scheduled.elapsed());
+                    // On the schedule, not the wake-up: a late tick does not mint extra credit.
+                    self.pace.refill(scheduled);
                     let ctrl = self.transport.poll(&mut self.frames);
                     self.pump();
                     if self.core.error().is_some() {
@@ -300,12 +308,21 @@ impl<T: Transport> Driver<'_, T> {
         }
     }
 
-    /// Takes the queued frames through decode and resample, then the VAD step.
+    /// Takes the queued frames the pace allows through decode and resample, then the VAD step. Frames
+    /// past the pace stay queued; with the queue full the transport leaves the rest in the socket.
     fn pump(&mut self) {
         let mut pushed = 0u32;
-        while let Some(seq) = self.frames.pop(&mut self.buf) {
+        while self.pace.open()
+            && let Some(seq) = self.frames.pop(&mut self.buf)
+        {
+            let before = self.core.decoded_samples();
             self.core.push_frame(seq, &self.buf);
+            self.pace
+                .take(self.core.decoded_samples().saturating_sub(before));
             pushed += 1;
+        }
+        if self.pace.note_waiting(self.frames.occupied() > 0) {
+            metrics::counter!(t::LISTEN_PACE_LIMITED_TOTAL).increment(1);
         }
         if pushed > 0 {
             self.core.run_vad();
@@ -348,6 +365,8 @@ impl<T: Transport> Driver<'_, T> {
         } else {
             self.op = None;
         }
+        // Everything received is processed (the queue bounds it), whatever the pace.
+        self.pace.lift();
         self.pump();
         self.core.end_of_stream();
         self.deliver();

@@ -6,6 +6,8 @@
 //!   [`Transport`] (the websocket) on each tick, runs the store operations (`ops`) beside the ticks.
 //! - `contract`: the core's other inputs and outputs, and its states.
 //! - `frames`: the bounded per-tick frame queue between the transport and the pipeline.
+//! - `pace`: the session's intake limit (a multiple of real time plus a burst), applied by the driver
+//!   between the frame queue and the pipeline, so a fast client is slowed by backpressure.
 //! - `gate`: the STT allowance as the session applies it.
 //! - `pool`: the pipeline threads sessions run on (round-robin), off the HTTP workers.
 //! - `events`: the JSON events sent to the client.
@@ -21,6 +23,7 @@ mod frames;
 mod gate;
 mod link;
 mod ops;
+mod pace;
 mod pool;
 #[cfg(test)]
 mod tests;
@@ -36,6 +39,7 @@ pub use events::LiveEvent;
 pub use feed::FeedConfig;
 pub use frames::{DropReason, FrameQueue, MAX_RECORD};
 pub use ops::{OpResult, StoreOp};
+pub use pace::{Pace, PaceConfig};
 pub use pool::{PipelinePool, PoolStopped};
 
 use crate::audio::codec::Codec;
@@ -61,6 +65,8 @@ pub struct LiveConfig {
     /// At the end of a session, how long the last transcripts may take before `metadata` goes out
     /// (metering is settled before; only the client's last transcript waits).
     pub stt_close_wait: Duration,
+    /// Most audio taken in per second of wall time (sustained), and the burst above it.
+    pub pace: PaceConfig,
 }
 
 impl Default for LiveConfig {
@@ -72,6 +78,7 @@ impl Default for LiveConfig {
             usage_interval: Duration::from_secs(10),
             stt: FeedConfig::default(),
             stt_close_wait: Duration::from_secs(30),
+            pace: PaceConfig::default(),
         }
     }
 }

@@ -172,6 +172,11 @@ impl SessionCore {
         self.frames_seen
     }
 
+    /// Samples decoded so far, at the codec's rate (what the intake limit charges).
+    pub fn decoded_samples(&self) -> u64 {
+        self.pipeline.decoded_samples()
+    }
+
     /// Decodes and resamples one frame (the VAD runs on [`Self::run_vad`]).
     pub fn push_frame(&mut self, seq: u32, payload: &[u8]) {
         if self.error.is_some() {

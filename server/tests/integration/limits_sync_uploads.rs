@@ -1,0 +1,108 @@
+//! Concurrent sync uploads (issue 17 item 5): at most `VOICEGATE_SYNC_UPLOADS_PER_USER` per user (429
+//! `too_many_uploads`) and `VOICEGATE_SYNC_MAX_UPLOADS` on the node (503 `uploads_at_capacity`), both
+//! retryable with `Retry-After`, refused before the body is read; a finished upload frees its place.
+
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::common::engine_server::{EngineServer, fair_use_on, fixtures, omi_name};
+
+/// An upload that sends its head and 1 KB of its first file, then pauses (its socket is kept open).
+async fn paused_upload(addr: std::net::SocketAddr, uid: &str) -> TcpStream {
+    let mut s = TcpStream::connect(addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut req = format!(
+        "POST /v1/sync-local-files HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {uid}\r\n\
+         Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 100000\r\n\r\n\
+         --xyz\r\nContent-Disposition: form-data; name=\"files\"; filename=\"a.bin\"\r\n\r\n"
+    )
+    .into_bytes();
+    req.extend(std::iter::repeat_n(7u8, 1024));
+    s.write_all(&req).await.unwrap_or_else(|e| panic!("{e}"));
+    s
+}
+
+/// Waits (on the event, bounded) until `dir` holds `n` upload temp folders: `n` uploads were admitted.
+async fn until_folders(dir: &std::path::Path, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let have = std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0);
+        if have == n {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{have} temp folders, want {n}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[actix_web::test]
+async fn a_users_third_upload_gets_429_and_the_nodes_fourth_503_both_with_retry_after() {
+    let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let dir = temp.path().to_path_buf();
+    let server = EngineServer::start(fair_use_on(), |c| {
+        c.upload_dir = Some(dir.clone());
+        c.sync_uploads_per_user = 2;
+        c.sync_max_uploads = 3;
+        c.body_idle_timeout_secs = 120;
+    })
+    .await;
+    let fx = fixtures();
+    let file = vec![(omi_name(300), fx[0].1.clone())];
+
+    let mut held = vec![
+        paused_upload(server.addr, "busy").await,
+        paused_upload(server.addr, "busy").await,
+    ];
+    until_folders(&dir, 2).await;
+    let (code, body, headers) = server.upload("busy", "", &file).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["code"], "too_many_uploads", "{body}");
+    assert_eq!(body["retryable"], true, "{body}");
+    assert_eq!(body["retry_after_s"], 5, "{body}");
+    assert_eq!(body["limit_value"], 2, "{body}");
+    assert_eq!(
+        headers.get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"5"[..])
+    );
+    // Another user is not held back by it.
+    let (code, body, _) = server.upload("other", "", &file).await;
+    assert_eq!(code, 200, "{body}");
+
+    held.push(paused_upload(server.addr, "third").await);
+    until_folders(&dir, 3).await;
+    let (code, body, headers) = server.upload("fourth", "", &file).await;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["code"], "uploads_at_capacity", "{body}");
+    assert_eq!(body["retryable"], true, "{body}");
+    assert!(headers.get("retry-after").is_some());
+
+    // The user's paused uploads end (the client gives up): their places are free again.
+    let third = held.pop();
+    drop(held);
+    until_folders(&dir, 1).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body, _) = server.upload("busy", "", &file).await;
+        if code == 200 {
+            break;
+        }
+        // Only the slot's release may still be on its way (it follows the folder's removal).
+        assert!(
+            matches!(code, 429 | 503) && Instant::now() < deadline,
+            "{code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(third);
+    server.shutdown().await;
+}
+
+#[test]
+fn the_defaults_are_2_per_user_and_64_per_node() {
+    let cfg = voicegate_server::ServeConfig::default();
+    assert_eq!((cfg.sync_uploads_per_user, cfg.sync_max_uploads), (2, 64));
+}

@@ -99,8 +99,9 @@ pub async fn first_request(io: &TcpStream, deadline: Instant) -> FirstRequest {
     }
 }
 
-/// The answer to a connection that sent no request line within the request timeout: 408, as actix-web
-/// answers (given the connection now, it would wait a timeout more).
+/// The answer to a connection that sent no request line within the request timeout: 408 (as actix-web
+/// answers; given the connection now, it would wait a timeout more) with the JSON error body
+/// `request_head_timeout`.
 pub async fn answer_timeout(io: TcpStream, config: &ServiceConfig) {
     let mut codec = h1::Codec::new(config.clone());
     answer_status(io, &mut codec, StatusCode::REQUEST_TIMEOUT).await;
@@ -247,26 +248,38 @@ async fn read_head(
     }
 }
 
-/// An empty answer with `status` (what actix-web sends for an unreadable request), then close.
+/// The JSON error answer of a request head the door could not take (408, 431 or 400), then close.
 async fn answer_status(mut io: TcpStream, codec: &mut h1::Codec, status: StatusCode) {
-    answer_status_in_place(&mut io, codec, status).await;
+    answer_error_in_place(&mut io, codec, &head_error(status)).await;
 }
 
 async fn answer_status_in_place(io: &mut TcpStream, codec: &mut h1::Codec, status: StatusCode) {
-    let mut res = Response::with_body(status, ());
-    res.head_mut().set_connection_type(ConnectionType::Close);
-    let mut out = BytesMut::new();
-    if codec
-        .encode(h1::Message::Item((res, BodySize::Sized(0))), &mut out)
-        .is_ok()
-    {
-        let _ = write_all(io, &out).await;
+    answer_error_in_place(io, codec, &head_error(status)).await;
+}
+
+/// What a request head the door could not take is answered with: the documented JSON error shape, where
+/// actix-web sends an empty body.
+fn head_error(status: StatusCode) -> ApiError {
+    match status {
+        StatusCode::REQUEST_TIMEOUT => ApiError::request_timeout(
+            "request_head_timeout",
+            "the request head did not arrive in time (VOICEGATE_HEADER_TIMEOUT_SECS)",
+        ),
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ApiError::new(
+            status,
+            "request_head_too_large",
+            format!("the request head is over {} KiB", MAX_HEAD / 1024),
+        ),
+        _ => ApiError::bad_request("bad_request", "the request head cannot be parsed"),
     }
-    end_answer(io).await;
 }
 
 /// The route's JSON error answer (status, headers and body of [`ApiError::error_response`]), then close.
 async fn answer_error(mut io: TcpStream, codec: &mut h1::Codec, err: &ApiError) {
+    answer_error_in_place(&mut io, codec, err).await;
+}
+
+async fn answer_error_in_place(io: &mut TcpStream, codec: &mut h1::Codec, err: &ApiError) {
     let (res, body) = err.error_response().into_parts();
     let mut res: Response<()> = res.into();
     let body = actix_web::body::to_bytes(body).await.unwrap_or_default();
@@ -282,9 +295,9 @@ async fn answer_error(mut io: TcpStream, codec: &mut h1::Codec, err: &ApiError) 
         .is_ok()
     {
         out.extend_from_slice(&body);
-        let _ = write_all(&mut io, &out).await;
+        let _ = write_all(io, &out).await;
     }
-    end_answer(&mut io).await;
+    end_answer(io).await;
 }
 
 /// Writes `bytes` within [`ANSWER_TIMEOUT`]; false when the client is gone or too slow.

@@ -253,3 +253,31 @@ async fn a_body_trickling_past_the_whole_body_timeout_gets_408_request_body_time
     assert_eq!(upload_dirs(&upload_dir), 0);
     server.shutdown().await;
 }
+
+#[actix_web::test]
+async fn a_head_that_never_comes_and_an_oversized_listen_head_get_the_json_error_shape() {
+    let server = EngineServer::start(fair_use_on(), |c| c.header_timeout_secs = 1).await;
+    // Connected, nothing sent: 408 when the head timeout passes, with the JSON body.
+    let mut silent = TcpStream::connect(server.addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let (status, body) = read_answer(&mut silent, Duration::from_secs(10)).await;
+    assert_eq!(status, 408, "{body}");
+    assert_eq!(body["code"], "request_head_timeout", "{body}");
+    assert_eq!(body["retryable"], true, "{body}");
+    // A listen request head over 32 KiB: 431 with the JSON body.
+    let mut huge = TcpStream::connect(server.addr)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let req = format!(
+        "GET /v4/listen HTTP/1.1\r\nHost: {}\r\nX-Pad: {}\r\n\r\n",
+        server.addr,
+        "a".repeat(40_000)
+    );
+    let _ = huge.write_all(req.as_bytes()).await;
+    let (status, body) = read_answer(&mut huge, Duration::from_secs(10)).await;
+    assert_eq!(status, 431, "{body}");
+    assert_eq!(body["code"], "request_head_too_large", "{body}");
+    assert_eq!(body["retryable"], false, "{body}");
+    server.shutdown().await;
+}

@@ -5,7 +5,8 @@
 //! - `meter`: per-user actors holding rolling speech windows, with exactly-once write-behind to a `store`.
 //! - `policy`: pure fair-use decisions (caps, stages, entitlement); `fair_use`: the fair-use service (the
 //!   [`fair_use::FairUse`] handle, the ledger, the cap supervisor actor and its classifiers).
-//! - `store`, `conversation`: the outside state (Redis or in memory) behind traits.
+//! - `store`, `conversation`: the outside state (Redis or in memory) behind traits; `lease`: the slots of
+//!   per-user limits this node holds in the store, with their heartbeat.
 //! - `config`: the engine's one [`config::ConfigError`] and the clap value parser of every setting (the
 //!   settings, e.g. [`meter::MeterArgs`], [`policy::FairUseArgs`], live beside their modules).
 //! - `time`: the leaf module for time and units ([`time::Clock`], ms ↔ samples, [`time::Span`]).
@@ -17,6 +18,7 @@ pub mod audio;
 pub mod config;
 pub mod conversation;
 pub mod fair_use;
+pub mod lease;
 pub mod meter;
 pub mod pipeline;
 pub mod policy;

@@ -35,6 +35,20 @@ pub const LISTEN_SESSIONS_OPENED_TOTAL: &str = "voicegate_listen_sessions_opened
 /// Histogram: seconds the drain took, by `outcome` (`complete`, `timed_out`).
 pub const DRAIN_DURATION_SECONDS: &str = "voicegate_drain_duration_seconds";
 
+// --- Leases (engine::lease: per-user limits counted across nodes) ---
+
+/// Counter, labels `kind` (the limit: `listen_session`, …) and `outcome` (`granted`, `refused`,
+/// `unavailable`: the store did not answer in time): lease acquires.
+pub const LEASE_ACQUIRES_TOTAL: &str = "voicegate_lease_acquires_total";
+/// Counter, label `outcome` (`extended`; `restored`: the slot had expired in the store and was free again;
+/// `lost`: it had expired and others filled the limit; `failed`: no answer): heartbeat refreshes of held leases.
+pub const LEASE_REFRESHES_TOTAL: &str = "voicegate_lease_refreshes_total";
+/// Counter, label `outcome` (`released`, `failed`, `queue_full`: not sent, the slot expires within the TTL):
+/// leases given back.
+pub const LEASE_RELEASES_TOTAL: &str = "voicegate_lease_releases_total";
+/// Gauge, label `kind`: leases this node holds (backed by the store or not yet).
+pub const LEASES_HELD: &str = "voicegate_leases_held";
+
 // --- Metering (engine::meter, engine::store) ---
 
 /// Gauge: user meter actors currently alive (hydrated or not, including retiring ones).

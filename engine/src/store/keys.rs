@@ -35,6 +35,16 @@ pub fn idempotency_keys(uid: &str) -> String {
     format!("vg:{{{uid}}}:idem")
 }
 
+/// Sorted set: member = lease holder id, score = unix ms the holder's lease expires (`store::lease`).
+/// One key per limited thing: `vg:{uid}:lease:<kind>` for a per-user limit (e.g. listen sessions),
+/// `vg:{uid}:lease:<kind>:<id>` for one job of the user.
+pub fn lease(uid: &str, kind: &str, id: Option<&str>) -> String {
+    match id {
+        Some(id) => format!("vg:{{{uid}}}:lease:{kind}:{id}"),
+        None => format!("vg:{{{uid}}}:lease:{kind}"),
+    }
+}
+
 /// The keys of the metering script, in its `KEYS[1..6]` order.
 pub fn meter_script_keys(uid: &str) -> [String; 6] {
     [
@@ -70,5 +80,15 @@ mod tests {
             }
         }
         assert_eq!(hash_tag(&speech_buckets("u1")), Some("u1"));
+        for uid in ["u1", "weird}uid"] {
+            assert_eq!(
+                hash_tag(&lease(uid, "listen_session", None)),
+                hash_tag(&speech_buckets(uid))
+            );
+            assert_eq!(
+                hash_tag(&lease(uid, "sync_job", Some("j{1}"))),
+                hash_tag(&speech_buckets(uid))
+            );
+        }
     }
 }

@@ -3,12 +3,14 @@
 //! - [`Store`]: what the meter needs (load a user's base, apply idempotent batches), async and `now`-driven.
 //! - [`RedisStore`]: the production store; one Lua script call per user batch (`redis_store`).
 //! - [`MemoryStore`]: the embedded default, same semantics, no durability.
+//! - [`lease`]: the one lease primitive (slots of a per-user or per-job limit, with an expiry).
 //! - [`keys`]: every Redis key name, each carrying the `{uid}` hash tag.
 
 pub mod backfill;
 pub mod fair_use;
 pub mod fair_use_redis;
 pub mod keys;
+pub mod lease;
 mod memory;
 pub mod plans;
 mod redis_store;

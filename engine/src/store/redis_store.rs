@@ -60,7 +60,7 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
-fn store_error(e: RedisError) -> StoreError {
+pub(super) fn store_error(e: RedisError) -> StoreError {
     if e.is_timeout() {
         StoreError::Timeout
     } else if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {

@@ -13,6 +13,7 @@ mod fair_use_resolver;
 mod fair_use_stages;
 mod fair_use_store;
 mod layers;
+mod lease_store;
 mod meter_actor;
 mod meter_config;
 mod meter_memory;

@@ -16,7 +16,7 @@
 //! }
 //! ```
 //! Add a new limit's row (kind, scope, default, refusal, failure mode) to `docs/operations.md`
-//! ("Per-user limits").
+//! ("Per-user and per-address limits").
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

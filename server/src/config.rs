@@ -31,6 +31,12 @@ pub mod defaults {
     /// `VOICEGATE_WS_MAX_SESSIONS`: listen sessions one node holds at most (each ~40 KiB and a socket; the
     /// same bound actix-server put on connections per worker).
     pub const WS_MAX_SESSIONS: usize = 25_000;
+    /// `VOICEGATE_LEASE_TTL_SECS`: a per-user limit's slot (e.g. a listen session) not refreshed for this
+    /// long is free again: how long a crashed node's sessions still count.
+    pub const LEASE_TTL_SECS: u64 = 30;
+    /// `VOICEGATE_LEASE_TIMEOUT_MS`: longest wait for the store when taking a slot, before the decision's
+    /// failure mode applies.
+    pub const LEASE_TIMEOUT_MS: u64 = 1_000;
     /// `VOICEGATE_DRAIN_TIMEOUT_SECS`.
     pub const DRAIN_TIMEOUT_SECS: u64 = 30;
     /// `VOICEGATE_HEADER_TIMEOUT_SECS`: time from a connection (or the previous response) to a complete
@@ -132,13 +138,21 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_WS_MAX_MESSAGE_BYTES", default_value_t = defaults::WS_MAX_MESSAGE_BYTES)]
     pub ws_max_message_bytes: usize,
 
-    /// Most concurrent listen sessions per user (429 `too_many_sessions` above it).
+    /// Most concurrent listen sessions per user, counted on every node sharing the store (429 `too_many_sessions` above it).
     #[arg(long, env = "VOICEGATE_WS_SESSIONS_PER_USER", default_value_t = defaults::WS_SESSIONS_PER_USER)]
     pub ws_sessions_per_user: usize,
 
     /// Most concurrent listen sessions on this node, all users (503 `at_capacity` above it).
     #[arg(long, env = "VOICEGATE_WS_MAX_SESSIONS", default_value_t = defaults::WS_MAX_SESSIONS)]
     pub ws_max_sessions: usize,
+
+    /// Seconds a slot of a per-user limit (sessions, …) lives without its node's heartbeat (refreshed every third of it): how long a crashed node's sessions still count.
+    #[arg(long, env = "VOICEGATE_LEASE_TTL_SECS", default_value_t = defaults::LEASE_TTL_SECS)]
+    pub lease_ttl_secs: u64,
+
+    /// Longest wait (ms) for the store when taking a slot of a per-user limit; past it the limit's failure mode applies (docs/operations.md#per-user-and-per-address-limits).
+    #[arg(long, env = "VOICEGATE_LEASE_TIMEOUT_MS", default_value_t = defaults::LEASE_TIMEOUT_MS)]
+    pub lease_timeout_ms: u64,
 
     /// A listen session with no client message for this long closes with 1001 `idle timeout`.
     #[arg(long, env = "VOICEGATE_WS_IDLE_TIMEOUT_SECS", default_value_t = defaults::WS_IDLE_TIMEOUT_SECS)]
@@ -261,6 +275,8 @@ impl Default for ServeConfig {
             ws_max_message_bytes: defaults::WS_MAX_MESSAGE_BYTES,
             ws_sessions_per_user: defaults::WS_SESSIONS_PER_USER,
             ws_max_sessions: defaults::WS_MAX_SESSIONS,
+            lease_ttl_secs: defaults::LEASE_TTL_SECS,
+            lease_timeout_ms: defaults::LEASE_TIMEOUT_MS,
             drain_timeout_secs: defaults::DRAIN_TIMEOUT_SECS,
             backfill_allowance_ms: defaults::BACKFILL_ALLOWANCE_MS,
             backfill_lookback_days: defaults::BACKFILL_LOOKBACK_DAYS,
@@ -353,7 +369,7 @@ impl ServeConfig {
                 bind: self.bind.clone(),
             });
         }
-        let limits: [(&'static str, u64); 15] = [
+        let limits: [(&'static str, u64); 17] = [
             (
                 "VOICEGATE_UPLOAD_MAX_FILE_BYTES",
                 self.upload_max_file_bytes,
@@ -372,6 +388,8 @@ impl ServeConfig {
                 self.ws_sessions_per_user as u64,
             ),
             ("VOICEGATE_WS_MAX_SESSIONS", self.ws_max_sessions as u64),
+            ("VOICEGATE_LEASE_TTL_SECS", self.lease_ttl_secs),
+            ("VOICEGATE_LEASE_TIMEOUT_MS", self.lease_timeout_ms),
             ("VOICEGATE_HEADER_TIMEOUT_SECS", self.header_timeout_secs),
             (
                 "VOICEGATE_BODY_IDLE_TIMEOUT_SECS",
@@ -439,6 +457,14 @@ impl ServeConfig {
 
     pub fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.drain_timeout_secs)
+    }
+
+    /// The lifetime and store timeout of the slots of per-user limits.
+    pub fn lease(&self) -> voicegate_engine::lease::LeaseConfig {
+        voicegate_engine::lease::LeaseConfig {
+            ttl: Duration::from_secs(self.lease_ttl_secs),
+            timeout: Duration::from_millis(self.lease_timeout_ms),
+        }
     }
 }
 

@@ -14,6 +14,7 @@ use voicegate_engine::conversation::{
 };
 use voicegate_engine::fair_use::classifier::NoSessions;
 use voicegate_engine::fair_use::{FairUse, FairUseParts, PlanRecord, classifier_from_config};
+use voicegate_engine::lease::Leases;
 use voicegate_engine::meter::{Meter, MeterConfig};
 use voicegate_engine::pipeline::stream::PipelineConfig;
 use voicegate_engine::policy::FairUseConfig;
@@ -25,6 +26,7 @@ use voicegate_engine::store::fair_use::{
     CooldownLock, FairUseStore, MemoryCooldownLock, MemoryFairUseStore,
 };
 use voicegate_engine::store::fair_use_redis::{RedisCooldownLock, RedisFairUseStore};
+use voicegate_engine::store::lease::{LeaseStore, MemoryLeaseStore, RedisLeaseStore};
 use voicegate_engine::store::plans::{
     MemoryPlanStore, PlanRecordValue, PlanStore, PlanStoreError, RedisPlanStore,
 };
@@ -74,6 +76,8 @@ pub struct Engine {
     /// The backfill decision's settings and its per-user, per-UTC-day ledger.
     pub backfill: BackfillConfig,
     pub backfill_ledger: Arc<dyn BackfillLedger>,
+    /// The slots of per-user limits this node holds (sessions, …), counted across nodes in the store.
+    pub leases: Leases,
     pub clock: Arc<dyn Clock>,
     /// `redis` or `memory`.
     pub store_kind: &'static str,
@@ -113,6 +117,7 @@ impl Engine {
                     )),
                     plans: Arc::new(RedisPlanStore::new(conn.clone())),
                     backfill: Arc::new(RedisBackfillLedger::new(conn.clone())),
+                    leases: Arc::new(RedisLeaseStore::new(conn.clone())),
                     redis: Some(conn),
                     kind: "redis",
                 }
@@ -124,6 +129,7 @@ impl Engine {
                 conversations: Arc::new(MemoryConversationStore::new(Arc::clone(&clock))),
                 plans: Arc::new(MemoryPlanStore::default()),
                 backfill: Arc::new(MemoryBackfillLedger::default()),
+                leases: Arc::new(MemoryLeaseStore::new()),
                 redis: None,
                 kind: "memory",
             },
@@ -135,9 +141,11 @@ impl Engine {
             conversations,
             plans,
             backfill: backfill_ledger,
+            leases,
             redis,
             kind,
         } = parts;
+        let leases = Leases::start(leases, Arc::clone(&clock), cfg.lease());
         let meter = Meter::start(meter_cfg, store, Arc::clone(&clock));
         let fair_use = FairUse::start(
             fair_cfg,
@@ -159,6 +167,7 @@ impl Engine {
             pipeline: PipelineConfig::default(),
             backfill: cfg.backfill(),
             backfill_ledger,
+            leases,
             clock,
             store_kind: kind,
             _redis_io: redis.clone().map(|c| Arc::new(redis_io_thread(c))),
@@ -212,6 +221,7 @@ struct Stores {
     conversations: Arc<dyn ConversationStore>,
     plans: Arc<dyn PlanStore>,
     backfill: Arc<dyn BackfillLedger>,
+    leases: Arc<dyn LeaseStore>,
     redis: Option<redis::aio::ConnectionManager>,
     kind: &'static str,
 }

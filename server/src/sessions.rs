@@ -3,6 +3,12 @@
 //! - [`SessionRegistry::open`] admits a session when the user is under `VOICEGATE_WS_SESSIONS_PER_USER`, the
 //!   node under `VOICEGATE_WS_MAX_SESSIONS`, and the server is not draining; the returned
 //!   [`SessionGuard`] releases the slot when dropped.
+//! - The per-user limit counts across every node sharing the store: each session holds a lease
+//!   ([`voicegate_engine::lease`], kind [`LISTEN_SESSION_LEASE`]) once the engine is mounted
+//!   ([`SessionRegistry::use_leases`]). The node's own count is checked first (no store call for a user
+//!   already at the limit here). While the store does not answer, a session is admitted against the node's
+//!   own count (fail open for audio, DESIGN §4) and its lease is written by the heartbeat once the store
+//!   answers; so during an outage a user may hold the limit on each node.
 //! - On drain, [`SessionRegistry::close_all`] tells every session to close (each one closes its socket with
 //!   1001, meters what it had, then drops its guard) and waits until none is left.
 //!
@@ -10,13 +16,18 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
+use voicegate_engine::lease::{Acquired, LeaseGuard, Leases};
+use voicegate_engine::store::lease::LeaseKey;
 use voicegate_engine::telemetry::{LISTEN_SESSIONS_ACTIVE, LISTEN_SESSIONS_REFUSED_TOTAL};
 
 use crate::error::ApiError;
+
+/// The lease kind of a listen session (the store key `vg:{uid}:lease:listen_session`, the metric label).
+pub const LISTEN_SESSION_LEASE: &str = "listen_session";
 
 /// The close reason sessions send while the server drains.
 pub const DRAIN_CLOSE_REASON: &str = "server draining";
@@ -24,7 +35,9 @@ pub const DRAIN_CLOSE_REASON: &str = "server draining";
 /// Why a session was not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SessionRefused {
-    #[error("at most {limit} concurrent listen sessions per user (VOICEGATE_WS_SESSIONS_PER_USER)")]
+    #[error(
+        "at most {limit} concurrent listen sessions per user, on all servers together (VOICEGATE_WS_SESSIONS_PER_USER)"
+    )]
     PerUserLimit { limit: usize },
     #[error("server is draining; reconnect to another instance")]
     Draining,
@@ -67,6 +80,8 @@ struct Inner {
     per_user_limit: usize,
     total_limit: usize,
     per_user: Mutex<HashMap<String, usize>>,
+    /// Set once the engine is mounted; without it the limit is this node's count alone.
+    leases: OnceLock<Leases>,
     active: AtomicUsize,
     closing: watch::Sender<bool>,
     all_closed: Notify,
@@ -80,6 +95,7 @@ impl SessionRegistry {
                 per_user_limit,
                 total_limit,
                 per_user: Mutex::new(HashMap::new()),
+                leases: OnceLock::new(),
                 active: AtomicUsize::new(0),
                 closing: watch::Sender::new(false),
                 all_closed: Notify::new(),
@@ -87,8 +103,52 @@ impl SessionRegistry {
         }
     }
 
-    /// Admits one session for `uid`.
-    pub fn open(&self, uid: &str) -> Result<SessionGuard, SessionRefused> {
+    /// Counts the per-user limit across nodes through `leases` from now on (once; later calls are ignored).
+    pub fn use_leases(&self, leases: Leases) {
+        if self.inner.leases.set(leases).is_err() {
+            tracing::debug!(message = "Session leases were already set.");
+        }
+    }
+
+    /// Admits one session for `uid`: the node's checks, then (with leases) a slot of the user's limit in the
+    /// store.
+    pub async fn open(&self, uid: &str) -> Result<SessionGuard, SessionRefused> {
+        let mut guard = self.open_here(uid)?;
+        let Some(leases) = self.inner.leases.get() else {
+            return Ok(guard);
+        };
+        let limit = u32::try_from(self.inner.per_user_limit).unwrap_or(u32::MAX);
+        match leases
+            .acquire(LeaseKey::user(LISTEN_SESSION_LEASE, uid), limit)
+            .await
+        {
+            Acquired::Granted(lease) => guard.lease = Some(lease),
+            Acquired::Unavailable {
+                guard: lease,
+                error,
+            } => {
+                // Fail open (audio is admitted, DESIGN §4): this node's count still bounds the user here.
+                tracing::debug!(
+                    message = "Session lease not confirmed by the store; admitted on this node's count.",
+                    uid,
+                    %error
+                );
+                guard.lease = Some(lease);
+            }
+            Acquired::Refused { limit, .. } => {
+                metrics::counter!(LISTEN_SESSIONS_REFUSED_TOTAL, "reason" => "per_user_limit")
+                    .increment(1);
+                // Dropping `guard` gives the node's slot back.
+                return Err(SessionRefused::PerUserLimit {
+                    limit: limit as usize,
+                });
+            }
+        }
+        Ok(guard)
+    }
+
+    /// The node's own checks: draining, capacity, the user's sessions on this node.
+    fn open_here(&self, uid: &str) -> Result<SessionGuard, SessionRefused> {
         let this = &self.inner;
         let refused = |reason: &'static str, e: SessionRefused| {
             metrics::counter!(LISTEN_SESSIONS_REFUSED_TOTAL, "reason" => reason).increment(1);
@@ -131,6 +191,7 @@ impl SessionRegistry {
             registry: self.clone(),
             uid: uid.to_owned(),
             closing: this.closing.subscribe(),
+            lease: None,
         })
     }
 
@@ -197,11 +258,19 @@ pub struct SessionGuard {
     registry: SessionRegistry,
     uid: String,
     closing: watch::Receiver<bool>,
+    /// The session's slot of the user's limit in the store (given back after the node's, on drop).
+    lease: Option<LeaseGuard>,
 }
 
 impl SessionGuard {
     pub fn uid(&self) -> &str {
         &self.uid
+    }
+
+    /// True when the session's slot is recorded in the store (false without leases, or while a session
+    /// admitted during a store outage waits for its slot).
+    pub fn lease_backed(&self) -> bool {
+        self.lease.as_ref().is_some_and(LeaseGuard::is_backed)
     }
 
     /// True once the server has asked sessions to close.
@@ -227,6 +296,7 @@ impl std::fmt::Debug for SessionGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SessionGuard")
             .field("uid", &self.uid)
+            .field("lease", &self.lease)
             .finish()
     }
 }
@@ -235,38 +305,87 @@ impl std::fmt::Debug for SessionGuard {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_user_over_the_limit_is_refused_and_a_released_slot_is_reusable() {
+    #[tokio::test]
+    async fn a_user_over_the_limit_is_refused_and_a_released_slot_is_reusable() {
         let reg = SessionRegistry::new(2, 100);
-        let a = reg.open("u");
-        let b = reg.open("u");
+        let a = reg.open("u").await;
+        let b = reg.open("u").await;
         assert!(a.is_ok() && b.is_ok());
         assert_eq!(
-            reg.open("u").err(),
+            reg.open("u").await.err(),
             Some(SessionRefused::PerUserLimit { limit: 2 })
         );
-        assert!(reg.open("other").is_ok(), "limits are per user");
+        assert!(reg.open("other").await.is_ok(), "limits are per user");
         drop(a);
-        assert!(reg.open("u").is_ok());
+        assert!(reg.open("u").await.is_ok());
     }
 
-    #[test]
-    fn the_node_wide_limit_refuses_every_user_until_a_slot_frees() {
+    #[tokio::test]
+    async fn the_node_wide_limit_refuses_every_user_until_a_slot_frees() {
         let reg = SessionRegistry::new(4, 2);
-        let a = reg.open("a");
-        let _b = reg.open("b");
+        let a = reg.open("a").await;
+        let _b = reg.open("b").await;
         assert_eq!(
-            reg.open("c").err(),
+            reg.open("c").await.err(),
             Some(SessionRefused::AtCapacity { limit: 2 })
         );
         drop(a);
-        assert!(reg.open("c").is_ok());
+        assert!(reg.open("c").await.is_ok());
+    }
+
+    /// Two registries (two nodes) on one lease store: the limit is the user's, whichever node counts.
+    #[tokio::test]
+    async fn with_leases_the_per_user_limit_counts_the_sessions_of_every_node() {
+        use voicegate_engine::lease::LeaseConfig;
+        use voicegate_engine::store::lease::{LeaseStore, MemoryLeaseStore};
+        use voicegate_engine::time::SystemClock;
+
+        let store: Arc<dyn LeaseStore> = Arc::new(MemoryLeaseStore::new());
+        let nodes = [SessionRegistry::new(2, 100), SessionRegistry::new(2, 100)];
+        for node in &nodes {
+            node.use_leases(Leases::start(
+                Arc::clone(&store),
+                Arc::new(SystemClock),
+                LeaseConfig::default(),
+            ));
+        }
+        let a = nodes[0].open("u").await;
+        let b = nodes[1].open("u").await;
+        assert!(a.as_ref().is_ok_and(SessionGuard::lease_backed));
+        assert!(b.as_ref().is_ok_and(SessionGuard::lease_backed));
+        for node in &nodes {
+            assert_eq!(
+                node.open("u").await.err(),
+                Some(SessionRefused::PerUserLimit { limit: 2 })
+            );
+        }
+        assert_eq!(
+            nodes[0].active_for("u"),
+            1,
+            "the refused session left no slot behind"
+        );
+        assert!(nodes[1].open("v").await.is_ok(), "limits are per user");
+        drop(a);
+        // The release reaches the store through node 0's heartbeat task.
+        let reopened = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Ok(g) = nodes[1].open("u").await {
+                    return g;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(
+            reopened.is_ok(),
+            "node 0's released slot was not free for node 1"
+        );
     }
 
     #[tokio::test]
     async fn close_all_signals_sessions_and_waits_until_they_are_gone() {
         let reg = SessionRegistry::new(4, 100);
-        let mut guard = match reg.open("u") {
+        let mut guard = match reg.open("u").await {
             Ok(g) => g,
             Err(e) => panic!("{e}"),
         };
@@ -277,14 +396,14 @@ mod tests {
         });
         let left = reg.close_all(Duration::from_secs(5)).await;
         assert_eq!(left, 0);
-        assert_eq!(reg.open("u").err(), Some(SessionRefused::Draining));
+        assert_eq!(reg.open("u").await.err(), Some(SessionRefused::Draining));
         assert!(session.await.is_ok());
     }
 
     #[tokio::test]
     async fn close_all_gives_up_after_the_timeout() {
         let reg = SessionRegistry::new(4, 100);
-        let _stuck = reg.open("u");
+        let _stuck = reg.open("u").await;
         assert_eq!(reg.close_all(Duration::from_millis(20)).await, 1);
     }
 }

@@ -29,15 +29,16 @@ pub struct Admission {
     pub upgrade: ResponseBuilder,
 }
 
-/// Admits (or refuses) the upgrade request `head` with query string `query`.
-pub fn admit(
+/// Admits (or refuses) the upgrade request `head` with query string `query` (the per-user limit may ask the
+/// store: at most `VOICEGATE_LEASE_TIMEOUT_MS`).
+pub async fn admit(
     auth: &Authenticator,
     sessions: &SessionRegistry,
     head: &RequestHead,
     query: &str,
 ) -> Result<Admission, ApiError> {
     let user = authenticate_head(auth, head)?;
-    let guard = sessions.open(&user.uid)?;
+    let guard = sessions.open(&user.uid).await?;
     let upgrade =
         ws::handshake(head).map_err(|e| ApiError::bad_request("ws_handshake", e.to_string()))?;
     Ok(Admission {

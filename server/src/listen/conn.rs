@@ -519,7 +519,10 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         let frames = FrameQueue::new(queue);
-        let guard = SessionRegistry::new(4, 100).open("u").unwrap();
+        // Without leases the admission never waits.
+        let guard = futures_util::FutureExt::now_or_never(SessionRegistry::new(4, 100).open("u"))
+            .unwrap()
+            .unwrap();
         let conn = WsConn::new(
             server,
             BytesMut::new(),

@@ -146,7 +146,7 @@ impl ListenFront {
         req.head_mut().peer_addr = io.peer_addr().ok();
         let started = Instant::now();
         let query = req.uri().query().unwrap_or("");
-        let admitted = admit(&self.auth, &self.sessions, req.head(), query);
+        let admitted = admit(&self.auth, &self.sessions, req.head(), query).await;
         let Admission {
             guard,
             params,

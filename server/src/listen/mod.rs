@@ -149,7 +149,7 @@ async fn listen(
         guard,
         params,
         upgrade,
-    } = admit(&auth, &sessions, req.head(), req.query_string())?;
+    } = admit(&auth, &sessions, req.head(), req.query_string()).await?;
     let (in_tx, in_rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
     let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(CHANNEL_CHUNKS);
     let body_stream = futures_util::stream::poll_fn(move |cx| {

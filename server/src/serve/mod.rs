@@ -109,6 +109,12 @@ pub fn wire_engine(server: &mut ServerBuilder) -> Result<Engine, ServeError> {
 
 /// Mounts an engine built by the caller (see [`wire_engine`]).
 pub fn mount_engine(server: &mut ServerBuilder, engine: &Engine) {
+    // The per-user session limit counts across nodes from here on.
+    server
+        .state()
+        .sessions
+        .get_ref()
+        .use_leases(engine.leases.clone());
     let listen = crate::listen::mount(
         &server.state().config,
         server.state().auth.clone(),

@@ -27,6 +27,7 @@ mod metrics_e2e;
 mod request_timeouts;
 mod restricted_realtime;
 mod server_drain;
+mod sessions_across_nodes;
 mod stripe_webhook;
 mod stripe_webhook_engine;
 mod stt_config;

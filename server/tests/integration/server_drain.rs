@@ -24,7 +24,7 @@ async fn listen(
     user: AuthedUser,
     sessions: web::Data<SessionRegistry>,
 ) -> Result<HttpResponse, ApiError> {
-    let mut guard = sessions.open(&user.uid)?;
+    let mut guard = sessions.open(&user.uid).await?;
     let (resp, session, mut stream) = actix_ws::handle(&req, body)
         .map_err(|e| ApiError::bad_request("ws_handshake", e.to_string()))?;
     actix_web::rt::spawn(async move {

@@ -14,6 +14,7 @@ pub mod engine;
 pub mod error;
 pub mod health;
 pub mod listen;
+pub mod part_headers;
 pub mod prometheus;
 pub mod routes;
 pub mod serve;

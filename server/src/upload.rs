@@ -196,6 +196,14 @@ async fn read_upload_inner(
             limit: limits.max_request_bytes,
         });
     }
+    // A NUL in one part's headers must fail that file only (`crate::part_headers`).
+    let content_type = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let boundary = crate::part_headers::boundary(content_type).unwrap_or("");
+    let payload = crate::part_headers::NulInPartHeaders::new(payload, boundary);
     let mut multipart = Multipart::new(req.headers(), payload);
     let dir = make_temp_dir(limits.dir.as_deref(), &limits.folder_prefix)?;
     let mut files = Vec::new();
@@ -222,7 +230,7 @@ async fn read_upload_inner(
             .content_disposition()
             .and_then(|cd| cd.get_filename())
             .unwrap_or_default()
-            .to_owned();
+            .replace(char::from(crate::part_headers::NUL_STAND_IN), "\0");
         let path = dir.path().join(format!("{:04}.bin", files.len()));
         let mut sink = FileSink::create(&path)?;
         while let Some(chunk) = field.next().await {

@@ -44,6 +44,8 @@ pub enum NameError {
     TimestampInFuture(u64),
     #[error("the file name must end with .bin")]
     NotBin,
+    #[error("the file name holds a control character (NUL, tab, newline, …)")]
+    ControlCharacter,
 }
 
 impl NameError {
@@ -57,6 +59,7 @@ impl NameError {
             NameError::TimestampTooOld(_) => "timestamp_too_old",
             NameError::TimestampInFuture(_) => "timestamp_in_future",
             NameError::NotBin => "invalid_file_format",
+            NameError::ControlCharacter => "invalid_file_name",
         }
     }
 }
@@ -154,6 +157,10 @@ pub fn parse_timestamp_ms(name: &str, now_s: u64) -> Result<u64, NameError> {
 
 /// Full check for a metered sync file: `.bin`, a usable codec and a timestamp in range.
 pub fn parse_sync_name(name: &str, now_s: u64) -> Result<(FileSpec, u64), NameError> {
+    // Names end up in logs and in the answer; a control character is never part of a device's name.
+    if name.chars().any(char::is_control) {
+        return Err(NameError::ControlCharacter);
+    }
     if !basename(name).to_ascii_lowercase().ends_with(".bin") {
         return Err(NameError::NotBin);
     }
@@ -167,6 +174,21 @@ mod tests {
     use super::*;
 
     const NOW: u64 = 1_780_000_000;
+
+    #[test]
+    fn a_control_character_anywhere_refuses_the_name() {
+        for name in [
+            "audio_omi\0_opus_16000_1_fs160_1779990000.bin",
+            "audio_omi_opus_16000_1_fs160_1779990000.bin\0.bin",
+            "audio\t_omi_opus_16000_1_fs160_1779990000.bin",
+        ] {
+            assert_eq!(
+                parse_sync_name(name, NOW).err().map(|e| e.code()),
+                Some("invalid_file_name"),
+                "{name:?}"
+            );
+        }
+    }
 
     #[test]
     fn omi_opus_name_gives_codec_rate_frame_size_and_timestamp() {

@@ -41,3 +41,31 @@ async fn a_zero_length_record_mid_file_is_the_file_status_with_its_offset() {
     assert_eq!(file["speech_ms"], offline_speech_ms(&name, &head), "{body}");
     server.shutdown().await;
 }
+
+/// A NUL in one file's name (a raw byte in its part header) fails that file, not the request (issue #17
+/// item 4).
+#[actix_web::test]
+async fn a_nul_in_one_file_name_fails_only_that_file() {
+    let server = EngineServer::start(fair_use_on(), |_| {}).await;
+    let fx = fixtures();
+    let good = omi_name(3_600);
+    let bad = format!("{}\0.bin", omi_name(3_000));
+    let (code, body, _) = server
+        .upload(
+            "nul",
+            "",
+            &[(good.clone(), fx[0].1.clone()), (bad, fx[1].1.clone())],
+        )
+        .await;
+    assert_eq!(code, 207, "{body}");
+    let files = body["files"].as_array().cloned().unwrap_or_default();
+    assert_eq!(files.len(), 2, "{body}");
+    assert_eq!(files[0]["status"], "ok", "{body}");
+    assert_eq!(files[1]["code"], "invalid_file_name", "{body}");
+    assert!(
+        files[1]["file"].as_str().is_some_and(|n| n.contains('\0')),
+        "the name as sent: {body}"
+    );
+    assert!(body["speech_ms"].as_u64().unwrap_or(0) > 0, "{body}");
+    server.shutdown().await;
+}

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages VoiceGate needs on a Debian machine, only those missing.
 #   cmake + a C compiler: the `opus` crate builds libopus from source.
-#   redis-server: tests start their own on a free loopback port (and `serve --redis-url` can use one).
+#   redis-server: tests start their own on a free loopback port (and `serve --redis-url` can use one);
+#   redis-tools (redis-cli): loadtest/redis-cluster.sh joins a local Redis Cluster for the cluster tests.
 #   pkg-config: build scripts that look for system libraries.
 #   prometheus (+ promtool): server/tests/integration/dashboards_prometheus.rs runs the dashboards and alert rules.
 #   python3-pip: fetches the local speech-to-text engine's wheel (below); nothing runs Python afterwards.
@@ -13,6 +14,7 @@ command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
+command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 if [ ${#need[@]} -gt 0 ]; then

@@ -21,6 +21,7 @@ mod meter_oracle;
 mod meter_outage;
 mod meter_reference;
 mod meter_window;
+mod store_cluster;
 mod store_redis;
 mod stt_local;
 mod supervisor_concurrency;

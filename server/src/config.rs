@@ -178,7 +178,7 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_LISTEN_BURST_MS", default_value_t = defaults::LISTEN_BURST_MS)]
     pub listen_burst_ms: u64,
 
-    /// Most concurrent sync uploads per user (429 `too_many_uploads` above it).
+    /// Most concurrent sync uploads per user, counted on every node sharing the store (429 `too_many_uploads` above it).
     #[arg(long, env = "VOICEGATE_SYNC_UPLOADS_PER_USER", default_value_t = defaults::SYNC_UPLOADS_PER_USER)]
     pub sync_uploads_per_user: usize,
 

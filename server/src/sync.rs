@@ -1,7 +1,8 @@
 //! `POST /v1/sync-local-files`: device files uploaded after the fact. The use case (decode, VAD, the backfill
 //! decision, metering, conversations, per-file status) is the engine's [`voicegate_engine::pipeline::sync`];
 //! this handler keeps the HTTP around it:
-//! 0. Admission: at most `VOICEGATE_SYNC_UPLOADS_PER_USER` uploads per user (429 `too_many_uploads`) and
+//! 0. Admission: at most `VOICEGATE_SYNC_UPLOADS_PER_USER` uploads per user on all nodes (a lease; 429
+//!    `too_many_uploads`) and
 //!    `VOICEGATE_SYNC_MAX_UPLOADS` on the node (503 `uploads_at_capacity`) at once ([`crate::upload_slots`]).
 //! 1. Entitlement for `sync`: restricted and over a cap → 429 with `Retry-After`, before the body is read.
 //!    Credits exhausted → processing continues and the conversations are locked.
@@ -43,7 +44,7 @@ pub async fn sync_local_files(
     slots: web::Data<UploadSlots>,
 ) -> Result<HttpResponse, ApiError> {
     // Held until the answer (dropped with the request on every other path).
-    let _slot = match slots.acquire(&user.uid) {
+    let _slot = match slots.acquire(&user.uid).await {
         Ok(slot) => slot,
         Err(refused) => {
             metrics::counter!(SYNC_REQUESTS_TOTAL, "outcome" => "rejected").increment(1);

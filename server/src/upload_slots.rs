@@ -7,23 +7,31 @@
 //!
 //! The [`UploadSlot`] an admitted upload holds gives its place back when the request ends, on every path
 //! (answered, refused later, timed out, cut by a drain: the handler's future is dropped with it).
-//! The per-user count is this node's; counting it across nodes goes through the store's lease primitive
-//! (DESIGN §3) where [`UploadSlots::acquire`] takes the local slot.
+//! The per-user limit counts across every node sharing the store once the engine is mounted
+//! ([`UploadSlots::use_leases`]): each upload then holds a lease of kind [`SYNC_UPLOAD_LEASE`]
+//! ([`voicegate_engine::lease`]), after the node's own count (a user at the limit here costs no store
+//! call). While the store does not answer, an upload is admitted on the node's count (fail open: admitting
+//! audio fails open, DESIGN §4) and the heartbeat writes its slot once the store answers.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use serde_json::json;
+use voicegate_engine::lease::{Acquired, LeaseGuard, Leases};
+use voicegate_engine::store::lease::LeaseKey;
 use voicegate_engine::telemetry as t;
 
 use crate::error::{ApiError, TRANSIENT_RETRY_AFTER_S};
+
+/// The lease kind of a sync upload (the store key `vg:{uid}:lease:sync_upload`, the metric label).
+pub const SYNC_UPLOAD_LEASE: &str = "sync_upload";
 
 /// Why an upload was not admitted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UploadRefused {
     #[error(
-        "at most {limit} concurrent sync uploads per user (VOICEGATE_SYNC_UPLOADS_PER_USER); retry when one of yours has finished"
+        "at most {limit} concurrent sync uploads per user, on all servers together (VOICEGATE_SYNC_UPLOADS_PER_USER); retry when one of yours has finished"
     )]
     PerUser { limit: usize },
     #[error(
@@ -77,6 +85,8 @@ struct Inner {
     total_limit: usize,
     per_user: Mutex<HashMap<String, usize>>,
     active: AtomicUsize,
+    /// Set once the engine is mounted; without it the per-user limit is this node's count alone.
+    leases: OnceLock<Leases>,
 }
 
 impl UploadSlots {
@@ -87,12 +97,58 @@ impl UploadSlots {
                 total_limit,
                 per_user: Mutex::new(HashMap::new()),
                 active: AtomicUsize::new(0),
+                leases: OnceLock::new(),
             }),
         }
     }
 
-    /// Admits one upload of `uid` (counted by reason when refused).
-    pub fn acquire(&self, uid: &str) -> Result<UploadSlot, UploadRefused> {
+    /// Counts the per-user limit across nodes through `leases` from now on (once; later calls are ignored).
+    pub fn use_leases(&self, leases: Leases) {
+        if self.inner.leases.set(leases).is_err() {
+            tracing::debug!(message = "Upload leases were already set.");
+        }
+    }
+
+    /// Admits one upload of `uid`: the node's checks, then (with leases) a slot of the user's limit in the
+    /// store (at most `VOICEGATE_LEASE_TIMEOUT_MS`). Refusals are counted by reason.
+    pub async fn acquire(&self, uid: &str) -> Result<UploadSlot, UploadRefused> {
+        let mut slot = self.acquire_here(uid)?;
+        let Some(leases) = self.inner.leases.get() else {
+            return Ok(slot);
+        };
+        let limit = u32::try_from(self.inner.per_user_limit).unwrap_or(u32::MAX);
+        match leases
+            .acquire(LeaseKey::user(SYNC_UPLOAD_LEASE, uid), limit)
+            .await
+        {
+            Acquired::Granted(lease) => slot.lease = Some(lease),
+            Acquired::Unavailable {
+                guard: lease,
+                error,
+            } => {
+                // Fail open: this node's count still bounds the user here.
+                tracing::debug!(
+                    message = "Upload lease not confirmed by the store; admitted on this node's count.",
+                    uid,
+                    %error
+                );
+                slot.lease = Some(lease);
+            }
+            Acquired::Refused { limit, .. } => {
+                let e = UploadRefused::PerUser {
+                    limit: limit as usize,
+                };
+                metrics::counter!(t::SYNC_UPLOADS_REFUSED_TOTAL, "reason" => e.reason())
+                    .increment(1);
+                // Dropping `slot` gives the node's place back.
+                return Err(e);
+            }
+        }
+        Ok(slot)
+    }
+
+    /// The node's own checks: its capacity, the user's uploads on this node.
+    fn acquire_here(&self, uid: &str) -> Result<UploadSlot, UploadRefused> {
         let refused = |e: UploadRefused| {
             metrics::counter!(t::SYNC_UPLOADS_REFUSED_TOTAL, "reason" => e.reason()).increment(1);
             Err(e)
@@ -121,6 +177,7 @@ impl UploadSlots {
         Ok(UploadSlot {
             slots: self.clone(),
             uid: uid.to_owned(),
+            lease: None,
         })
     }
 
@@ -148,10 +205,12 @@ impl UploadSlots {
     }
 }
 
-/// One admitted upload; its place is given back when dropped.
+/// One admitted upload; its place (and its lease) is given back when dropped.
 pub struct UploadSlot {
     slots: UploadSlots,
     uid: String,
+    /// The upload's slot of the user's limit in the store (given back after the node's, on drop).
+    lease: Option<LeaseGuard>,
 }
 
 impl Drop for UploadSlot {
@@ -164,23 +223,23 @@ impl Drop for UploadSlot {
 mod tests {
     use super::*;
 
-    #[test]
-    fn per_user_then_node_limits_refuse_and_a_release_admits_again() {
+    #[tokio::test]
+    async fn per_user_then_node_limits_refuse_and_a_release_admits_again() {
         let slots = UploadSlots::new(2, 3);
-        let a1 = slots.acquire("a").unwrap_or_else(|e| panic!("{e}"));
-        let _a2 = slots.acquire("a").unwrap_or_else(|e| panic!("{e}"));
+        let a1 = slots.acquire("a").await.unwrap_or_else(|e| panic!("{e}"));
+        let _a2 = slots.acquire("a").await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            slots.acquire("a").err(),
+            slots.acquire("a").await.err(),
             Some(UploadRefused::PerUser { limit: 2 })
         );
-        let _b1 = slots.acquire("b").unwrap_or_else(|e| panic!("{e}"));
+        let _b1 = slots.acquire("b").await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
-            slots.acquire("c").err(),
+            slots.acquire("c").await.err(),
             Some(UploadRefused::AtCapacity { limit: 3 })
         );
         assert_eq!(slots.active(), 3, "refusals hold nothing");
         drop(a1);
-        assert!(slots.acquire("a").is_ok());
+        assert!(slots.acquire("a").await.is_ok());
         assert_eq!(slots.active(), 2, "the temporary slot was given back");
     }
 

@@ -115,6 +115,12 @@ pub fn mount_engine(server: &mut ServerBuilder, engine: &Engine) {
         .sessions
         .get_ref()
         .use_leases(engine.leases.clone());
+    // So does the per-user upload limit.
+    server
+        .state()
+        .upload_slots
+        .get_ref()
+        .use_leases(engine.leases.clone());
     let listen = crate::listen::mount(
         &server.state().config,
         server.state().auth.clone(),

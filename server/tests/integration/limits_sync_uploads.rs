@@ -1,14 +1,22 @@
 //! Concurrent sync uploads (issue 17 item 5): at most `VOICEGATE_SYNC_UPLOADS_PER_USER` per user (429
-//! `too_many_uploads`) and `VOICEGATE_SYNC_MAX_UPLOADS` on the node (503 `uploads_at_capacity`), both
-//! retryable with `Retry-After`, refused before the body is read; a finished upload frees its place.
+//! `too_many_uploads`), counted on all nodes sharing the store (leases), and `VOICEGATE_SYNC_MAX_UPLOADS`
+//! on the node (503 `uploads_at_capacity`), both retryable with `Retry-After`, refused before the body is
+//! read; a finished upload frees its place.
 
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::common::engine_server::{EngineServer, fair_use_on, fixtures, omi_name};
+use voicegate_engine::store::test_redis::RedisServer;
+
+use crate::common::engine_server::{
+    EngineServer, fair_use_on, fixtures, multipart, omi_name, split,
+};
+use crate::listen_support::{Child, free_port, wait_ready};
 
 /// An upload that sends its head and 1 KB of its first file, then pauses (its socket is kept open).
 async fn paused_upload(addr: std::net::SocketAddr, uid: &str) -> TcpStream {
@@ -105,4 +113,82 @@ async fn a_users_third_upload_gets_429_and_the_nodes_fourth_503_both_with_retry_
 fn the_defaults_are_2_per_user_and_64_per_node() {
     let cfg = voicegate_server::ServeConfig::default();
     assert_eq!((cfg.sync_uploads_per_user, cfg.sync_max_uploads), (2, 64));
+}
+
+fn serve(addr: SocketAddr, redis_url: &str, upload_dir: &std::path::Path) -> Child {
+    let child = Command::new(env!("CARGO_BIN_EXE_voicegate"))
+        .arg("serve")
+        .env("VOICEGATE_BIND", addr.to_string())
+        .env("VOICEGATE_REDIS_URL", redis_url)
+        .env("VOICEGATE_UPLOAD_DIR", upload_dir)
+        .env("VOICEGATE_SYNC_UPLOADS_PER_USER", "2")
+        .env("VOICEGATE_BODY_IDLE_TIMEOUT_SECS", "120")
+        .env("VOICEGATE_WORKERS", "1")
+        .env("VOICEGATE_LISTEN_THREADS", "1")
+        .env("VOICEGATE_STT", "none")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn voicegate: {e}"));
+    Child(child)
+}
+
+async fn upload_to(
+    addr: SocketAddr,
+    uid: &str,
+    files: &[(String, Vec<u8>)],
+) -> (u16, serde_json::Value) {
+    let (ctype, body) = multipart(files);
+    let resp = reqwest::Client::new()
+        .post(format!("http://{addr}/v1/sync-local-files"))
+        .bearer_auth(uid)
+        .header("content-type", ctype)
+        .body(body)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("upload: {e}"));
+    split(resp).await
+}
+
+#[actix_web::test]
+async fn the_per_user_limit_counts_the_uploads_on_every_node_sharing_the_store() {
+    let redis = RedisServer::start().unwrap_or_else(|e| panic!("redis-server: {e}"));
+    let (dir1, dir2) = (
+        tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
+        tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
+    );
+    let a1 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let a2 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let _node1 = serve(a1, &redis.url(), dir1.path());
+    let _node2 = serve(a2, &redis.url(), dir2.path());
+    wait_ready(a1).await;
+    wait_ready(a2).await;
+    let fx = fixtures();
+    let file = vec![(omi_name(300), fx[0].1.clone())];
+
+    // One upload of the user on each node: the user's limit (2) is full, though each node holds one.
+    let on1 = paused_upload(a1, "spread").await;
+    until_folders(dir1.path(), 1).await;
+    let on2 = paused_upload(a2, "spread").await;
+    until_folders(dir2.path(), 1).await;
+    let (code, body) = upload_to(a1, "spread", &file).await;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["code"], "too_many_uploads", "{body}");
+    let (code, body) = upload_to(a2, "other", &file).await;
+    assert_eq!(code, 200, "{body}");
+
+    // The upload on node 2 ends: node 1 admits the user again (once node 2 has given its lease back).
+    drop(on2);
+    until_folders(dir2.path(), 0).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (code, body) = upload_to(a1, "spread", &file).await;
+        if code == 200 {
+            break;
+        }
+        assert!(code == 429 && Instant::now() < deadline, "{code} {body}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(on1);
 }

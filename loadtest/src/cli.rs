@@ -84,7 +84,8 @@ pub struct RealtimeArgs {
     /// Seconds of audio each stream sends (wall seconds at --pace 1).
     #[arg(long, default_value_t = 30.0)]
     pub duration: f64,
-    /// Audio seconds sent per wall second (1.0 = real time, as devices send).
+    /// Audio seconds sent per wall second (1.0 = real time, as devices send). Above the server's
+    /// VOICEGATE_LISTEN_MAX_PACE (4) the server slows each stream to it after its burst: raise it there.
     #[arg(long, default_value_t = 1.0)]
     pub pace: f64,
     /// Seconds over which stream starts are spread evenly.

@@ -147,6 +147,23 @@ impl ApiError {
         )
     }
 
+    /// A request head the server could not take (408 not in time, 431 too large, else 400), in the JSON
+    /// shape where actix-http answers with an empty body (`serve::head_errors`, the listen front door).
+    pub fn request_head(status: StatusCode) -> Self {
+        match status {
+            StatusCode::REQUEST_TIMEOUT => Self::request_timeout(
+                "request_head_timeout",
+                "the request head did not arrive in time (VOICEGATE_HEADER_TIMEOUT_SECS)",
+            ),
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => Self::new(
+                status,
+                "request_head_too_large",
+                "the request head is too large",
+            ),
+            _ => Self::bad_request("bad_request", "the request head cannot be parsed"),
+        }
+    }
+
     /// The reference's wording for a locked conversation.
     pub fn conversation_locked() -> Self {
         Self::payment_required(

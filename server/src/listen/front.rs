@@ -250,28 +250,11 @@ async fn read_head(
 
 /// The JSON error answer of a request head the door could not take (408, 431 or 400), then close.
 async fn answer_status(mut io: TcpStream, codec: &mut h1::Codec, status: StatusCode) {
-    answer_error_in_place(&mut io, codec, &head_error(status)).await;
+    answer_error_in_place(&mut io, codec, &ApiError::request_head(status)).await;
 }
 
 async fn answer_status_in_place(io: &mut TcpStream, codec: &mut h1::Codec, status: StatusCode) {
-    answer_error_in_place(io, codec, &head_error(status)).await;
-}
-
-/// What a request head the door could not take is answered with: the documented JSON error shape, where
-/// actix-web sends an empty body.
-fn head_error(status: StatusCode) -> ApiError {
-    match status {
-        StatusCode::REQUEST_TIMEOUT => ApiError::request_timeout(
-            "request_head_timeout",
-            "the request head did not arrive in time (VOICEGATE_HEADER_TIMEOUT_SECS)",
-        ),
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => ApiError::new(
-            status,
-            "request_head_too_large",
-            format!("the request head is over {} KiB", MAX_HEAD / 1024),
-        ),
-        _ => ApiError::bad_request("bad_request", "the request head cannot be parsed"),
-    }
+    answer_error_in_place(io, codec, &ApiError::request_head(status)).await;
 }
 
 /// The route's JSON error answer (status, headers and body of [`ApiError::error_response`]), then close.

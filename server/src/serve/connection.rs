@@ -48,8 +48,18 @@ impl ConnectionService {
             // taking the real ones is crate-private, so the default stands in.
             .finish(actix_service::map_config(app, |_| {
                 actix_web::dev::AppConfig::default()
-            }))
-            .tcp();
+            }));
+        // As `HttpService::tcp`, over the socket wrapped so that actix-http's own head-level error
+        // answers get the JSON error body (`super::head_errors`).
+        let http = actix_service::fn_service(|io: actix_web::rt::net::TcpStream| {
+            let peer = io.peer_addr().ok();
+            std::future::ready(Ok::<_, actix_http::error::DispatchError>((
+                super::head_errors::JsonHeadErrors::new(io),
+                actix_http::Protocol::Http1,
+                peer,
+            )))
+        })
+        .and_then(http);
         let front = self.front.clone();
         actix_service::fn_factory(move || {
             let http = http.new_service(());

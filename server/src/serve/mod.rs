@@ -19,6 +19,7 @@
 mod app;
 mod builder;
 mod connection;
+mod head_errors;
 mod running;
 
 pub use app::{AppState, RoutesFn, build_app};

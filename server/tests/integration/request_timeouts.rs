@@ -255,7 +255,7 @@ async fn a_body_trickling_past_the_whole_body_timeout_gets_408_request_body_time
 }
 
 #[actix_web::test]
-async fn a_head_that_never_comes_and_an_oversized_listen_head_get_the_json_error_shape() {
+async fn head_level_errors_get_the_json_error_shape_on_every_route() {
     let server = EngineServer::start(fair_use_on(), |c| c.header_timeout_secs = 1).await;
     // Connected, nothing sent: 408 when the head timeout passes, with the JSON body.
     let mut silent = TcpStream::connect(server.addr)
@@ -279,5 +279,29 @@ async fn a_head_that_never_comes_and_an_oversized_listen_head_get_the_json_error
     assert_eq!(status, 431, "{body}");
     assert_eq!(body["code"], "request_head_too_large", "{body}");
     assert_eq!(body["retryable"], false, "{body}");
+    // The same on any other route (actix-http's own answers), and a head that cannot be parsed: 400.
+    for (req, status, code) in [
+        (
+            format!(
+                "GET /healthz HTTP/1.1\r\nHost: {}\r\nX-Pad: {}\r\n\r\n",
+                server.addr,
+                "a".repeat(200_000)
+            ),
+            431,
+            "request_head_too_large",
+        ),
+        (
+            "GET /healthz HTTP/1.1\r\nBad Header\r\n\r\n".to_owned(),
+            400,
+            "bad_request",
+        ),
+    ] {
+        let mut s = TcpStream::connect(server.addr)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let _ = s.write_all(req.as_bytes()).await;
+        let (got, body) = read_answer(&mut s, Duration::from_secs(10)).await;
+        assert_eq!((got, body["code"].as_str()), (status, Some(code)), "{body}");
+    }
     server.shutdown().await;
 }

@@ -12,6 +12,8 @@
 # on a shared machine, builds above all, must not starve the measured processes), PERF=1 to record a CPU profile of the server with `perf record` (linux-perf)
 # during the run (the server's /metrics at the end always lands in $OUT/metrics.txt), SERVE_ARGS (extra `voicegate serve` arguments), VOICEGATE_STT (default none here, so figures
 # stay comparable with the runs before speech-to-text; set it to measure a provider).
+# A realtime run with --pace above 4 needs the server's intake limit raised, e.g.
+# VOICEGATE_LISTEN_MAX_PACE=10 loadtest/measure.sh realtime --pace 10 … (the environment reaches the server).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-target/release}

@@ -90,6 +90,10 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_REDIS_URL")]
     pub redis_url: Option<String>,
 
+    /// Redis Cluster instead of one Redis: comma-separated seed URLs (`redis://host:port`) of some of its nodes. Setting both it and VOICEGATE_REDIS_URL refuses to start.
+    #[arg(long, env = "VOICEGATE_REDIS_CLUSTER_NODES", value_delimiter = ',')]
+    pub redis_cluster_nodes: Vec<String>,
+
     /// Key for the `/v1/admin/…` routes (header `X-Admin-Key`). Unset: admin routes answer 403.
     #[arg(long, env = "ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
@@ -261,6 +265,7 @@ impl Default for ServeConfig {
         ServeConfig {
             bind: defaults::BIND.to_owned(),
             redis_url: None,
+            redis_cluster_nodes: Vec::new(),
             admin_key: None,
             jwks: None,
             jwt_hs256_secret: None,
@@ -321,6 +326,10 @@ pub enum ConfigError {
     #[error("{name} must be greater than 0")]
     ZeroLimit { name: &'static str },
     #[error(
+        "refusing to start: both VOICEGATE_REDIS_URL and VOICEGATE_REDIS_CLUSTER_NODES are set; set the URL for one Redis, or the seed nodes for a Redis Cluster"
+    )]
+    BothRedisModes,
+    #[error(
         "VOICEGATE_LISTEN_MAX_PACE={0} must be a number of at least 1 (a multiple of real time)"
     )]
     BadPace(f64),
@@ -362,8 +371,34 @@ impl ServeConfig {
         self.jwks.is_some() || self.jwt_hs256_secret.is_some()
     }
 
+    /// The Redis to use: `None` for the embedded in-memory store.
+    pub fn redis(&self) -> Option<voicegate_engine::store::RedisStoreConfig> {
+        use voicegate_engine::store::RedisStoreConfig;
+        let seeds: Vec<String> = self
+            .redis_cluster_nodes
+            .iter()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if !seeds.is_empty() {
+            return Some(RedisStoreConfig::cluster(seeds));
+        }
+        self.redis_url
+            .as_deref()
+            .filter(|u| !u.is_empty())
+            .map(RedisStoreConfig::new)
+    }
+
     /// Checks everything that can be checked without I/O beyond name resolution.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.redis_url.as_deref().is_some_and(|u| !u.is_empty())
+            && self
+                .redis_cluster_nodes
+                .iter()
+                .any(|s| !s.trim().is_empty())
+        {
+            return Err(ConfigError::BothRedisModes);
+        }
         if !self.has_token_verification() && !self.bind_is_loopback()? {
             return Err(ConfigError::DevAuthOnPublicBind {
                 bind: self.bind.clone(),

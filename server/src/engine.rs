@@ -22,6 +22,7 @@ use voicegate_engine::policy::backfill::BackfillConfig;
 use voicegate_engine::store::backfill::{
     BackfillLedger, MemoryBackfillLedger, RedisBackfillLedger,
 };
+use voicegate_engine::store::connection::RedisConnection;
 use voicegate_engine::store::fair_use::{
     CooldownLock, FairUseStore, MemoryCooldownLock, MemoryFairUseStore,
 };
@@ -30,7 +31,7 @@ use voicegate_engine::store::lease::{LeaseStore, MemoryLeaseStore, RedisLeaseSto
 use voicegate_engine::store::plans::{
     MemoryPlanStore, PlanRecordValue, PlanStore, PlanStoreError, RedisPlanStore,
 };
-use voicegate_engine::store::{MemoryStore, RedisStore, RedisStoreConfig, Store};
+use voicegate_engine::store::{MemoryStore, RedisStore, Store};
 use voicegate_engine::telemetry::CONVERSATIONS_UNLOCKED_TOTAL;
 use voicegate_engine::time::{Clock, SystemClock};
 
@@ -79,9 +80,9 @@ pub struct Engine {
     /// The slots of per-user limits this node holds (sessions, …), counted across nodes in the store.
     pub leases: Leases,
     pub clock: Arc<dyn Clock>,
-    /// `redis` or `memory`.
+    /// `redis`, `redis_cluster` or `memory`.
     pub store_kind: &'static str,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<RedisConnection>,
     /// The thread the Redis connection's I/O task runs on (see [`redis_io_thread`]).
     _redis_io: Option<Arc<actix::Arbiter>>,
 }
@@ -102,10 +103,10 @@ impl Engine {
         let classifier =
             classifier_from_config(&fair_cfg).map_err(|e| EngineError::FairUse(e.to_string()))?;
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
-        let parts = match cfg.redis_url.as_deref().filter(|u| !u.is_empty()) {
-            Some(url) => {
-                let store = RedisStore::new(&RedisStoreConfig::new(url))
-                    .map_err(|e| EngineError::Redis(e.to_string()))?;
+        let parts = match cfg.redis() {
+            Some(redis_cfg) => {
+                let store =
+                    RedisStore::new(&redis_cfg).map_err(|e| EngineError::Redis(e.to_string()))?;
                 let conn = store.connection();
                 Stores {
                     meter: Arc::new(store),
@@ -119,7 +120,11 @@ impl Engine {
                     backfill: Arc::new(RedisBackfillLedger::new(conn.clone())),
                     leases: Arc::new(RedisLeaseStore::new(conn.clone())),
                     redis: Some(conn),
-                    kind: "redis",
+                    kind: if redis_cfg.cluster_nodes.is_empty() {
+                        "redis"
+                    } else {
+                        "redis_cluster"
+                    },
                 }
             }
             None => Stores {
@@ -222,13 +227,13 @@ struct Stores {
     plans: Arc<dyn PlanStore>,
     backfill: Arc<dyn BackfillLedger>,
     leases: Arc<dyn LeaseStore>,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<RedisConnection>,
     kind: &'static str,
 }
 
 struct EngineHealth {
     kind: &'static str,
-    redis: Option<redis::aio::ConnectionManager>,
+    redis: Option<RedisConnection>,
 }
 
 impl StoreHealth for EngineHealth {
@@ -316,7 +321,7 @@ impl Payments for EnginePayments {
 /// websocket; at 600 streams on 2 cores it queued Redis replies past the 2 s response timeout (meter
 /// flushes and status reads failed for 18 s). The first use here happens before the server accepts.
 /// (A reconnect after a Redis outage is spawned by the request that notices it, wherever that runs.)
-fn redis_io_thread(mut conn: redis::aio::ConnectionManager) -> actix::Arbiter {
+fn redis_io_thread(mut conn: RedisConnection) -> actix::Arbiter {
     let arbiter = voicegate_engine::threads::named_arbiter("vg-redis-io");
     arbiter.spawn(async move {
         if let Err(error) = redis::cmd("PING").query_async::<String>(&mut conn).await {

@@ -19,8 +19,8 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::store::connection::RedisConnection;
 use futures_util::future::BoxFuture;
-use redis::aio::ConnectionManager;
 use redis::{RedisError, Script};
 use tokio::sync::Mutex;
 
@@ -126,7 +126,7 @@ fn corrupt(e: serde_json::Error) -> ConversationError {
 /// The Redis conversation store. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisConversationStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     commit: Script,
     add_segments: Script,
     delete: Script,
@@ -141,13 +141,13 @@ struct Read {
 }
 
 impl RedisConversationStore {
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         Self::with_clock(conn, Arc::new(SystemClock))
     }
 
-    pub fn with_clock(conn: ConnectionManager, clock: Arc<dyn Clock>) -> Self {
+    pub fn with_clock(conn: impl Into<RedisConnection>, clock: Arc<dyn Clock>) -> Self {
         RedisConversationStore {
-            conn,
+            conn: conn.into(),
             commit: Script::new(COMMIT_LUA),
             add_segments: Script::new(ADD_SEGMENTS_LUA),
             delete: Script::new(DELETE_LUA),

@@ -8,8 +8,8 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
+use crate::store::connection::RedisConnection;
 use futures_util::future::BoxFuture;
-use redis::aio::ConnectionManager;
 
 /// How long a day's counter is kept (the day itself and one more, for clock skew between nodes).
 const DAY_TTL_MS: u64 = 2 * 86_400_000;
@@ -115,15 +115,15 @@ return left
 /// The ledger in Redis.
 #[derive(Clone)]
 pub struct RedisBackfillLedger {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     charge: redis::Script,
     refund: redis::Script,
 }
 
 impl RedisBackfillLedger {
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         RedisBackfillLedger {
-            conn,
+            conn: conn.into(),
             charge: redis::Script::new(CHARGE_LUA),
             refund: redis::Script::new(REFUND_LUA),
         }

@@ -12,7 +12,7 @@
 //! indexes live in other slots, so they are written by separate commands right after; they are indexes only
 //! (admin views re-read the state), and a lost index write is repaired by the user's next commit.
 
-use redis::aio::ConnectionManager;
+use crate::store::connection::RedisConnection;
 use redis::{AsyncCommands, Script};
 
 use crate::policy::{CaseRef, FairUseEvent, Stage, StageState};
@@ -85,14 +85,14 @@ return 0
 /// Fair-use state and events in Redis.
 #[derive(Clone)]
 pub struct RedisFairUseStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     commit: Script,
 }
 
 impl RedisFairUseStore {
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         RedisFairUseStore {
-            conn,
+            conn: conn.into(),
             commit: Script::new(COMMIT_LUA),
         }
     }
@@ -228,15 +228,15 @@ impl FairUseStore for RedisFairUseStore {
 /// The classifier cooldown lock in Redis, shared by every node on the same Redis.
 #[derive(Clone)]
 pub struct RedisCooldownLock {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     acquire: Script,
     release: Script,
 }
 
 impl RedisCooldownLock {
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         RedisCooldownLock {
-            conn,
+            conn: conn.into(),
             acquire: Script::new(ACQUIRE_LUA),
             release: Script::new(RELEASE_LUA),
         }

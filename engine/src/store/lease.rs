@@ -15,8 +15,8 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 
+use crate::store::connection::RedisConnection;
 use futures_util::future::BoxFuture;
-use redis::aio::ConnectionManager;
 
 use super::StoreError;
 use super::keys;
@@ -123,14 +123,14 @@ const GC_SLACK_MS: u64 = 60_000;
 /// Leases in Redis.
 #[derive(Clone)]
 pub struct RedisLeaseStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     acquire: redis::Script,
 }
 
 impl RedisLeaseStore {
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         RedisLeaseStore {
-            conn,
+            conn: conn.into(),
             acquire: redis::Script::new(ACQUIRE_LUA),
         }
     }

@@ -7,6 +7,7 @@
 //! - [`keys`]: every Redis key name, each carrying the `{uid}` hash tag.
 
 pub mod backfill;
+pub mod connection;
 pub mod fair_use;
 pub mod fair_use_redis;
 pub mod keys;

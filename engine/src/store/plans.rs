@@ -6,8 +6,8 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
 
+use crate::store::connection::RedisConnection;
 use futures_util::future::BoxFuture;
-use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
 /// What the store keeps for a user.
@@ -89,14 +89,14 @@ return 0
 /// Plans in Redis.
 #[derive(Clone)]
 pub struct RedisPlanStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     script: redis::Script,
 }
 
 impl RedisPlanStore {
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: impl Into<RedisConnection>) -> Self {
         RedisPlanStore {
-            conn,
+            conn: conn.into(),
             script: redis::Script::new(SET_LUA),
         }
     }

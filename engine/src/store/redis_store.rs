@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+use super::connection::{LazyCluster, RedisConnection};
 use redis::{RedisError, ServerErrorKind, Value};
 
 use super::keys;
@@ -24,8 +26,10 @@ const MONTH_TTL_S: u64 = 40 * 24 * 3600;
 /// Connection settings of the Redis store.
 #[derive(Clone, Debug)]
 pub struct RedisStoreConfig {
-    /// `redis://host:port/db`. `VOICEGATE_REDIS_URL` (read by the server).
+    /// `redis://host:port/db`. `VOICEGATE_REDIS_URL` (read by the server). Unused in cluster mode.
     pub url: String,
+    /// Seed URLs of a Redis Cluster (`VOICEGATE_REDIS_CLUSTER_NODES`); empty: the single instance at `url`.
+    pub cluster_nodes: Vec<String>,
     /// Each connection attempt times out after this.
     pub connect_timeout: Duration,
     /// Each reply times out after this (the meter also bounds whole calls).
@@ -33,9 +37,18 @@ pub struct RedisStoreConfig {
 }
 
 impl RedisStoreConfig {
+    /// A Redis Cluster reached through `seeds` (`redis://host:port` of some of its nodes).
+    pub fn cluster(seeds: Vec<String>) -> Self {
+        Self {
+            cluster_nodes: seeds,
+            ..Self::new(String::new())
+        }
+    }
+
     pub fn new(url: impl Into<String>) -> Self {
         Self {
             url: url.into(),
+            cluster_nodes: Vec::new(),
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(2),
         }
@@ -45,7 +58,7 @@ impl RedisStoreConfig {
 /// [`Store`] on Redis (or Redis Cluster: every key of a user shares the `{uid}` hash tag).
 #[derive(Clone)]
 pub struct RedisStore {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     script_sha: String,
     /// False until the script was loaded through this store (and again after a `NOSCRIPT`), so the
     /// first pipeline does not bounce off an empty script cache.
@@ -74,15 +87,28 @@ impl RedisStore {
     /// Creates the store without waiting for Redis: the connection is made (and remade) on demand, so
     /// the engine starts, and meters into memory, while Redis is down.
     pub fn new(config: &RedisStoreConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(config.url.as_str())
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(config.connect_timeout))
-            .set_response_timeout(Some(config.response_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client, manager_config).map_err(store_error)?;
+        let conn = if config.cluster_nodes.is_empty() {
+            let client = redis::Client::open(config.url.as_str())
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            let manager_config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(config.connect_timeout))
+                .set_response_timeout(Some(config.response_timeout))
+                .set_number_of_retries(1)
+                .set_max_delay(Duration::from_millis(500));
+            RedisConnection::Single(
+                ConnectionManager::new_lazy_with_config(client, manager_config)
+                    .map_err(store_error)?,
+            )
+        } else {
+            RedisConnection::Cluster(
+                LazyCluster::new(
+                    &config.cluster_nodes,
+                    config.connect_timeout,
+                    config.response_timeout,
+                )
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+            )
+        };
         let script_sha = redis::Script::new(METER_SCRIPT).get_hash().to_string();
         Ok(Self {
             conn,
@@ -92,7 +118,7 @@ impl RedisStore {
     }
 
     /// A clone of the connection (other stores of the engine share it).
-    pub fn connection(&self) -> ConnectionManager {
+    pub fn connection(&self) -> RedisConnection {
         self.conn.clone()
     }
 
@@ -125,6 +151,7 @@ impl RedisStore {
                 self.script_sha
             )));
         }
+        self.script_loaded.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -158,6 +185,31 @@ impl RedisStore {
     }
 
     async fn apply_batches(
+        &self,
+        batches: &[Batch],
+        at: StoreTime,
+    ) -> Result<ApplyResults, StoreError> {
+        if !self.conn.is_cluster() {
+            return self.apply_pipeline(batches, at).await;
+        }
+        // A cluster pipeline must stay within one slot: one script call per user, all in flight at once (the
+        // cluster connection pipelines them per node).
+        let calls = batches
+            .iter()
+            .map(|b| self.apply_pipeline(std::slice::from_ref(b), at));
+        let replies = futures_util::future::join_all(calls).await;
+        Ok(replies
+            .into_iter()
+            .map(|r| match r {
+                Ok(mut one) => one
+                    .pop()
+                    .unwrap_or_else(|| Err(StoreError::Protocol("no reply".into()))),
+                Err(e) => Err(e),
+            })
+            .collect())
+    }
+
+    async fn apply_pipeline(
         &self,
         batches: &[Batch],
         at: StoreTime,

@@ -1,6 +1,7 @@
 //! A throw-away `redis-server` for tests (feature `test-util`): a free loopback port, its own temp dir,
 //! killed on drop. With [`RedisServer::start_durable`] it runs `appendonly yes` + `appendfsync always`
-//! and can be restarted on the same directory (`SHUTDOWN` then start), keeping its data.
+//! and can be restarted on the same directory (`SHUTDOWN` then start), keeping its data. [`RedisCluster`]:
+//! a local 6-node Redis Cluster (`loadtest/redis-cluster.sh`).
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -201,6 +202,121 @@ impl RedisServer {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// A local Redis Cluster owned by a test: 6 nodes (3 masters, 3 replicas) on free loopback ports, started and
+/// stopped by `loadtest/redis-cluster.sh` (stopped on drop).
+pub struct RedisCluster {
+    dir: PathBuf,
+    ports: Vec<u16>,
+}
+
+fn cluster_script() -> String {
+    format!(
+        "{}/../loadtest/redis-cluster.sh",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+/// A free loopback port whose cluster-bus port (+10000) is free too.
+fn free_cluster_port(taken: &[u16]) -> std::io::Result<u16> {
+    loop {
+        let port = free_port()?;
+        if port > 55_000 || taken.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Ok(port);
+        }
+    }
+}
+
+impl RedisCluster {
+    /// Starts the nodes, joins them and waits until every node says `cluster_state:ok`.
+    pub fn start() -> std::io::Result<Self> {
+        let dir = unique_dir()?;
+        let mut ports = Vec::new();
+        for _ in 0..6 {
+            let p = free_cluster_port(&ports)?;
+            ports.push(p);
+        }
+        let cluster = RedisCluster { dir, ports };
+        let out = Command::new("bash")
+            .arg(cluster_script())
+            .arg("start")
+            .arg(&cluster.dir)
+            .args(cluster.ports.iter().map(u16::to_string))
+            .output()?;
+        if !out.status.success() {
+            return Err(std::io::Error::other(format!(
+                "redis-cluster.sh start: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(cluster)
+    }
+
+    /// `redis://127.0.0.1:<port>/` of every node (any of them is a seed).
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}/"))
+            .collect()
+    }
+
+    /// `redis-cli` on the first node; its standard output.
+    pub fn cli(&self, args: &[&str]) -> std::io::Result<String> {
+        let out = Command::new("redis-cli")
+            .arg("-p")
+            .arg(self.ports[0].to_string())
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// The port of the master serving `key`'s slot (from `CLUSTER KEYSLOT` and `CLUSTER NODES`).
+    pub fn master_for(&self, key: &str) -> std::io::Result<u16> {
+        let slot: u16 = self
+            .cli(&["cluster", "keyslot", key])?
+            .trim()
+            .parse()
+            .map_err(|e| std::io::Error::other(format!("keyslot {key}: {e}")))?;
+        for line in self.cli(&["cluster", "nodes"])?.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") {
+                continue;
+            }
+            let Some(port) = fields[1]
+                .split(['@', ':'])
+                .nth(1)
+                .and_then(|p| p.parse::<u16>().ok())
+            else {
+                continue;
+            };
+            for range in &fields[8..] {
+                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
+                if let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>())
+                    && (lo..=hi).contains(&slot)
+                {
+                    return Ok(port);
+                }
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "no master serves slot {slot}"
+        )))
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(cluster_script())
+            .arg("stop")
+            .arg(&self.dir)
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -2,14 +2,14 @@
 //! `loadtest/redis-cluster.sh`): each user's metering batch, load, lease and backfill charge runs on the
 //! master of the user's slot with no CROSSSLOT or MOVED error (every key of one call carries the `{uid}`
 //! hash tag), while one pipeline of several users' scripts sent to one master is refused for the users
-//! whose slot lives elsewhere (why a cluster client must group a flush by slot).
+//! whose slot lives elsewhere (why a cluster client must group a flush by slot). Then the store's cluster
+//! client (`RedisStoreConfig::cluster`, seeds only) flushes many users in one `apply` and reads them back.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::sync::Arc;
 
 use voicegate_engine::store::backfill::{BackfillLedger, Charge, RedisBackfillLedger};
 use voicegate_engine::store::lease::{LeaseKey, LeaseOutcome, LeaseStore, RedisLeaseStore};
+use voicegate_engine::store::test_redis::RedisCluster;
 use voicegate_engine::store::{
     ApplyOutcome, Batch, Delta, RedisStore, RedisStoreConfig, Store, StoreError, StoreTime,
     WriterId, keys,
@@ -17,113 +17,6 @@ use voicegate_engine::store::{
 use voicegate_engine::time::{MS_PER_DAY, MS_PER_HOUR, minute_of_ms};
 
 const T0: u64 = 1_795_737_600_000 + 12 * MS_PER_HOUR;
-
-/// A cluster owned by the test, stopped (by its pid files) on drop.
-struct Cluster {
-    dir: PathBuf,
-    ports: Vec<u16>,
-}
-
-fn script() -> String {
-    format!(
-        "{}/../loadtest/redis-cluster.sh",
-        env!("CARGO_MANIFEST_DIR")
-    )
-}
-
-/// A free loopback port whose cluster-bus port (+10000) is free too.
-fn free_cluster_port(taken: &[u16]) -> u16 {
-    loop {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
-        let port = l.local_addr().unwrap_or_else(|e| panic!("{e}")).port();
-        if port > 55_000 || taken.contains(&port) {
-            continue;
-        }
-        if std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-            return port;
-        }
-    }
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = std::env::temp_dir().join(format!(
-            "voicegate-cluster-{}-{}",
-            std::process::id(),
-            rand::random::<u32>()
-        ));
-        let mut ports = Vec::new();
-        for _ in 0..6 {
-            let p = free_cluster_port(&ports);
-            ports.push(p);
-        }
-        let cluster = Cluster { dir, ports };
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(&cluster.dir)
-            .args(cluster.ports.iter().map(u16::to_string))
-            .output()
-            .unwrap_or_else(|e| panic!("{e}"));
-        assert!(
-            out.status.success(),
-            "redis-cluster.sh start: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        cluster
-    }
-
-    fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .arg("-p")
-            .arg(self.ports[0].to_string())
-            .args(args)
-            .output()
-            .unwrap_or_else(|e| panic!("{e}"));
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The port of the master serving `key`'s slot (from `CLUSTER KEYSLOT` and `CLUSTER NODES`).
-    fn master_for(&self, key: &str) -> u16 {
-        let slot: u16 = self
-            .cli(&["cluster", "keyslot", key])
-            .trim()
-            .parse()
-            .unwrap_or_else(|e| panic!("keyslot {key}: {e}"));
-        for line in self.cli(&["cluster", "nodes"]).lines() {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            if fields.len() < 9 || !fields[2].contains("master") {
-                continue;
-            }
-            let port: u16 = fields[1]
-                .split(['@', ':'])
-                .nth(1)
-                .and_then(|p| p.parse().ok())
-                .unwrap_or_else(|| panic!("node address in {line}"));
-            for range in &fields[8..] {
-                let (lo, hi) = range.split_once('-').unwrap_or((range, range));
-                let (Ok(lo), Ok(hi)) = (lo.parse::<u16>(), hi.parse::<u16>()) else {
-                    continue;
-                };
-                if (lo..=hi).contains(&slot) {
-                    return port;
-                }
-            }
-        }
-        panic!("no master serves slot {slot}")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(script())
-            .arg("stop")
-            .arg(&self.dir)
-            .status();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 fn store_on(port: u16) -> RedisStore {
     RedisStore::new(&RedisStoreConfig::new(format!("redis://127.0.0.1:{port}/")))
@@ -153,12 +46,14 @@ fn batch(uid: &str, ms: u64) -> Batch {
 #[tokio::test]
 async fn every_users_scripts_run_on_the_master_of_their_slot_and_a_pipeline_across_slots_is_refused()
  {
-    let cluster = Cluster::start();
+    let cluster = RedisCluster::start().unwrap_or_else(|e| panic!("{e}"));
     let mut masters_used = std::collections::BTreeSet::new();
     let mut by_master: std::collections::BTreeMap<u16, Vec<String>> = Default::default();
     for i in 0..24u64 {
         let uid = format!("cluster-user-{i}");
-        let port = cluster.master_for(&keys::speech_buckets(&uid));
+        let port = cluster
+            .master_for(&keys::speech_buckets(&uid))
+            .unwrap_or_else(|e| panic!("{e}"));
         masters_used.insert(port);
         by_master.entry(port).or_default().push(uid.clone());
         let store = store_on(port);
@@ -228,4 +123,71 @@ async fn every_users_scripts_run_on_the_master_of_their_slot_and_a_pipeline_acro
         matches!(&results[1], Err(StoreError::Script(m)) if m.to_lowercase().contains("moved")),
         "{results:?}"
     );
+}
+
+#[tokio::test]
+async fn the_cluster_client_applies_many_users_in_one_call_and_reads_them_back() {
+    let cluster = RedisCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    // Two seeds: the client discovers the other nodes.
+    let seeds = cluster.urls()[..2].to_vec();
+    let store =
+        RedisStore::new(&RedisStoreConfig::cluster(seeds)).unwrap_or_else(|e| panic!("{e}"));
+    let uids: Vec<String> = (0..60).map(|i| format!("cl-{i}")).collect();
+    let batches: Vec<Batch> = uids
+        .iter()
+        .enumerate()
+        .map(|(i, u)| batch(u, 100 + i as u64))
+        .collect();
+    let first = store
+        .apply(&batches, at())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.len(), 60);
+    assert!(
+        first
+            .iter()
+            .all(|r| matches!(r, Ok(ApplyOutcome::Applied { .. }))),
+        "{first:?}"
+    );
+    let again = store
+        .apply(&batches, at())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        again
+            .iter()
+            .all(|r| matches!(r, Ok(ApplyOutcome::Duplicate))),
+        "{again:?}"
+    );
+    let leases = RedisLeaseStore::new(store.connection());
+    for (i, uid) in uids.iter().enumerate() {
+        let snap = store
+            .load(uid, WriterId(7), at())
+            .await
+            .unwrap_or_else(|e| panic!("{uid}: {e}"));
+        assert_eq!(
+            snap.buckets,
+            vec![(minute_of_ms(T0), 100 + i as u64)],
+            "{uid}"
+        );
+        assert_eq!(snap.writer_seq, 1, "{uid}");
+        let key = LeaseKey::user("listen_session", uid.as_str());
+        assert_eq!(
+            leases.acquire(&key, "n1", 1, T0, 30_000).await.ok(),
+            Some(LeaseOutcome::Granted {
+                held: 1,
+                renewed: false
+            })
+        );
+        assert_eq!(
+            leases.acquire(&key, "n2", 1, T0, 30_000).await.ok(),
+            Some(LeaseOutcome::Refused { held: 1 })
+        );
+    }
+    let masters: std::collections::BTreeSet<u16> = uids
+        .iter()
+        .map(|u| cluster.master_for(&keys::speech_buckets(u)).unwrap_or(0))
+        .collect();
+    assert_eq!(masters.len(), 3, "the users live on all three masters");
+    assert!(store.ping().await.is_ok());
 }

@@ -64,7 +64,7 @@ impl ServerBuilder {
             );
         }
         let metrics = prometheus::install().map_err(|e| ServeError::Metrics(e.to_string()))?;
-        let store_kind = if cfg.redis_url.is_some() {
+        let store_kind = if cfg.redis().is_some() {
             "redis"
         } else {
             "memory"
@@ -312,7 +312,7 @@ fn announce(cfg: &ServeConfig, auth: &Authenticator) {
             issuer = cfg.jwt_issuer.as_deref().unwrap_or("-")
         );
     }
-    if cfg.redis_url.is_none() {
+    if cfg.redis().is_none() {
         tracing::warn!(
             message =
                 "No VOICEGATE_REDIS_URL: embedded in-memory store, NOT DURABLE, SINGLE NODE only."

@@ -87,3 +87,19 @@ fn the_default_serve_configuration_is_valid() {
         .validate()
         .unwrap_or_else(|e| panic!("{e}"));
 }
+
+#[test]
+fn setting_both_a_redis_url_and_cluster_nodes_stops_serve_naming_both() {
+    let (code, stderr) = serve_with(&[
+        ("VOICEGATE_REDIS_URL", "redis://127.0.0.1:1/"),
+        (
+            "VOICEGATE_REDIS_CLUSTER_NODES",
+            "redis://127.0.0.1:2/,redis://127.0.0.1:3/",
+        ),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("VOICEGATE_REDIS_URL") && stderr.contains("VOICEGATE_REDIS_CLUSTER_NODES"),
+        "{stderr}"
+    );
+}

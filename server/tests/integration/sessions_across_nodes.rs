@@ -1,13 +1,14 @@
 //! Two `voicegate serve` processes on one redis-server: a user's listen sessions count against one limit
 //! whichever node they reach (leases in the store), a session closed on one node frees its slot for the
-//! other, and the sessions of a node killed with SIGKILL stop counting once their leases expire.
+//! other, and the sessions of a node killed with SIGKILL stop counting once their leases expire. The limit
+//! holds the same way with both nodes on a Redis Cluster (`VOICEGATE_REDIS_CLUSTER_NODES`).
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use voicegate_engine::store::test_redis::RedisServer;
+use voicegate_engine::store::test_redis::{RedisCluster, RedisServer};
 
 use crate::listen_support::{Child, Ws, connect, free_port, wait_ready};
 
@@ -18,10 +19,15 @@ const NODE1_TTL_S: u64 = 4;
 const NODE2_TTL_S: u64 = 600;
 
 fn serve(addr: SocketAddr, redis_url: &str, lease_ttl_s: u64) -> Child {
+    serve_on(addr, ("VOICEGATE_REDIS_URL", redis_url), lease_ttl_s)
+}
+
+/// `voicegate serve` on `addr` with `store` (`VOICEGATE_REDIS_URL` or `VOICEGATE_REDIS_CLUSTER_NODES`).
+fn serve_on(addr: SocketAddr, store: (&str, &str), lease_ttl_s: u64) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_voicegate"))
         .arg("serve")
         .env("VOICEGATE_BIND", addr.to_string())
-        .env("VOICEGATE_REDIS_URL", redis_url)
+        .env(store.0, store.1)
         .env("VOICEGATE_WS_SESSIONS_PER_USER", "4")
         .env("VOICEGATE_LEASE_TTL_SECS", lease_ttl_s.to_string())
         .env("VOICEGATE_WORKERS", "1")
@@ -127,4 +133,38 @@ async fn a_fifth_session_is_refused_on_either_node_and_a_killed_nodes_sessions_e
         Some(429),
         "the limit holds on the survivor"
     );
+}
+
+#[actix_web::test]
+async fn on_a_redis_cluster_a_fifth_session_is_refused_on_either_node() {
+    let cluster = RedisCluster::start().unwrap_or_else(|e| panic!("redis cluster: {e}"));
+    let seeds = cluster.urls()[..3].join(",");
+    let (a1, a2) = (addr(), addr());
+    let _node1 = serve_on(a1, ("VOICEGATE_REDIS_CLUSTER_NODES", &seeds), NODE2_TTL_S);
+    let _node2 = serve_on(a2, ("VOICEGATE_REDIS_CLUSTER_NODES", &seeds), NODE2_TTL_S);
+    wait_ready(a1).await;
+    wait_ready(a2).await;
+    let mut open_ws = Vec::new();
+    for _ in 0..2 {
+        open_ws.push(open(a1).await.unwrap_or_else(|s| panic!("node 1: {s}")));
+        open_ws.push(open(a2).await.unwrap_or_else(|s| panic!("node 2: {s}")));
+    }
+    assert_eq!(open(a1).await.err(), Some(429), "fifth session, node 1");
+    assert_eq!(open(a2).await.err(), Some(429), "fifth session, node 2");
+    // The store health check talks to the cluster.
+    let ready: serde_json::Value = reqwest::get(format!("http://{a1}/readyz"))
+        .await
+        .unwrap_or_else(|e| panic!("{e}"))
+        .json()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ready["store"]["kind"], "redis_cluster", "{ready}");
+    assert_eq!(ready["store"]["reachable"], true, "{ready}");
+    let mut closing = open_ws.pop().unwrap_or_else(|| panic!("four sessions"));
+    closing
+        .close(None)
+        .await
+        .unwrap_or_else(|e| panic!("close: {e}"));
+    let (_ws, took) = open_when_free(a1, Duration::from_secs(20)).await;
+    eprintln!("cluster: a slot released on node 2 was taken on node 1 after {took:?}");
 }

@@ -1,0 +1,109 @@
+//! The one Redis connection every Redis store of a node shares: a single instance (redis-rs's
+//! `ConnectionManager`: reconnects on its own) or a Redis Cluster (redis-rs's async cluster connection:
+//! routes each command by its key's slot, follows MOVED / ASK, retries node failures with bounded backoff).
+//!
+//! Both are made without waiting for Redis (the engine starts, and meters into memory, while Redis is down):
+//! the cluster connection is opened on first use, and again after a failed attempt.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::FutureExt;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
+
+/// A single-instance or cluster connection. Cheap to clone (clones share the connection).
+#[derive(Clone)]
+pub enum RedisConnection {
+    Single(ConnectionManager),
+    Cluster(LazyCluster),
+}
+
+impl From<ConnectionManager> for RedisConnection {
+    fn from(conn: ConnectionManager) -> Self {
+        RedisConnection::Single(conn)
+    }
+}
+
+impl RedisConnection {
+    /// True for a Redis Cluster (one pipeline must then stay within one slot).
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, RedisConnection::Cluster(_))
+    }
+}
+
+/// A cluster connection opened on first use.
+#[derive(Clone)]
+pub struct LazyCluster {
+    client: Arc<ClusterClient>,
+    conn: Arc<tokio::sync::Mutex<Option<ClusterConnection>>>,
+}
+
+impl LazyCluster {
+    /// `seeds`: `redis://host:port` URLs of some cluster nodes (the others are discovered).
+    pub fn new(
+        seeds: &[String],
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Result<Self, RedisError> {
+        let client = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+            .connection_timeout(connect_timeout)
+            .response_timeout(response_timeout)
+            .retries(3)
+            .min_retry_wait(10)
+            .max_retry_wait(500)
+            .build()?;
+        Ok(LazyCluster {
+            client: Arc::new(client),
+            conn: Arc::new(tokio::sync::Mutex::new(None)),
+        })
+    }
+
+    async fn connection(&self) -> Result<ClusterConnection, RedisError> {
+        let mut slot = self.conn.lock().await;
+        if let Some(conn) = slot.as_ref() {
+            return Ok(conn.clone());
+        }
+        let conn = self.client.get_async_connection().await?;
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Single(conn) => conn.req_packed_command(cmd),
+            RedisConnection::Cluster(lazy) => async move {
+                let mut conn = lazy.connection().await?;
+                conn.req_packed_command(cmd).await
+            }
+            .boxed(),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
+            RedisConnection::Cluster(lazy) => async move {
+                let mut conn = lazy.connection().await?;
+                conn.req_packed_commands(pipeline, offset, count).await
+            }
+            .boxed(),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(conn) => conn.get_db(),
+            RedisConnection::Cluster(_) => 0,
+        }
+    }
+}

@@ -233,14 +233,27 @@ fn free_cluster_port(taken: &[u16]) -> std::io::Result<u16> {
 }
 
 impl RedisCluster {
-    /// Starts the nodes, joins them and waits until every node says `cluster_state:ok`.
+    /// Starts the nodes, joins them and waits until every node says `cluster_state:ok`. Tries three times
+    /// (a port found free may be taken by another test before the node binds it).
     pub fn start() -> std::io::Result<Self> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::try_start() {
+                Ok(cluster) => return Ok(cluster),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("redis cluster did not start")))
+    }
+
+    fn try_start() -> std::io::Result<Self> {
         let dir = unique_dir()?;
         let mut ports = Vec::new();
         for _ in 0..6 {
             let p = free_cluster_port(&ports)?;
             ports.push(p);
         }
+        // Dropped (nodes stopped, folder removed) if the start fails.
         let cluster = RedisCluster { dir, ports };
         let out = Command::new("bash")
             .arg(cluster_script())

@@ -15,7 +15,7 @@ use crate::listen_support::{Child, Ws, connect, free_port, wait_ready};
 const QUERY: &str = "codec=opus&sample_rate=16000";
 const UID: &str = "two-nodes";
 /// Node 1's lease TTL (it is the one killed); node 2's is long, so only a release can free its slots.
-const NODE1_TTL_S: u64 = 4;
+const NODE1_TTL_S: u64 = 6;
 const NODE2_TTL_S: u64 = 600;
 
 fn serve(addr: SocketAddr, redis_url: &str, lease_ttl_s: u64) -> Child {
@@ -101,8 +101,8 @@ async fn a_fifth_session_is_refused_on_either_node_and_a_killed_nodes_sessions_e
     eprintln!("two nodes: a slot released on node 2 was taken on node 1 after {took:?}");
     assert_eq!(open(a2).await.err(), Some(429), "full again: 3 + 1");
 
-    // Node 1 dies holding 3 sessions: their leases still count until they expire (TTL 4 s, refreshed
-    // every 1.3 s), then node 2 admits the user up to the limit again, and no further.
+    // Node 1 dies holding 3 sessions: their leases still count until they expire (TTL 6 s, refreshed
+    // every 2 s), then node 2 admits the user up to the limit again, and no further.
     let killed = Command::new("kill")
         .args(["-KILL", &node1.0.id().to_string()])
         .status();

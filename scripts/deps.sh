@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Installs the system packages VoiceGate needs on a Debian machine, only those missing.
-#   cmake + a C compiler: the `opus` crate builds libopus from source.
+#   cmake + a C compiler: the `opus` crate builds libopus from source, and `aws-lc-sys` (rustls' crypto
+#   provider for the outbound TLS client) builds AWS-LC.
 #   redis-server: tests start their own on a free loopback port (and `serve --redis-url` can use one);
 #   redis-tools (redis-cli): loadtest/redis-cluster.sh joins a local Redis Cluster for the cluster tests.
 #   pkg-config: build scripts that look for system libraries.
+#   openssl (the command): engine/src/outbound.rs's tests make a test CA and a server certificate with it.
 #   prometheus (+ promtool): server/tests/integration/dashboards_prometheus.rs runs the dashboards and alert rules.
 #   python3-pip: fetches the local speech-to-text engine's wheel (below); nothing runs Python afterwards.
 # Then the local speech-to-text engine (docs/stt.md): Moonshine base-en from the PyPI wheel moonshine-cpp,
@@ -13,6 +15,7 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v cc >/dev/null 2>&1 || need+=(gcc)
 command -v pkg-config >/dev/null 2>&1 || need+=(pkg-config)
+command -v openssl >/dev/null 2>&1 || need+=(openssl)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v redis-cli >/dev/null 2>&1 || need+=(redis-tools)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)

@@ -9,6 +9,7 @@
 //!   per-user limits this node holds in the store, with their heartbeat.
 //! - `config`: the engine's one [`config::ConfigError`] and the clap value parser of every setting (the
 //!   settings, e.g. [`meter::MeterArgs`], [`policy::FairUseArgs`], live beside their modules).
+//! - `outbound`: the one outbound HTTP/websocket client ([`outbound::Outbound`], rustls, one CA setting).
 //! - `time`: the leaf module for time and units ([`time::Clock`], ms ↔ samples, [`time::Span`]).
 //!
 //! Who messages whom on which thread, where each state lives and where the bounded queues are:
@@ -20,6 +21,7 @@ pub mod conversation;
 pub mod fair_use;
 pub mod lease;
 pub mod meter;
+pub mod outbound;
 pub mod pipeline;
 pub mod policy;
 pub mod store;

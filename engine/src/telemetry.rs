@@ -182,8 +182,16 @@ pub const LISTEN_SEGMENTS_DROPPED_TOTAL: &str = "voicegate_listen_segments_dropp
 pub const STT_FORWARDED_SAMPLES_TOTAL: &str = "voicegate_stt_forwarded_samples_total";
 /// Counter, labels `provider`, `reason` (`queue_full`: the provider's bounded queue was full; `closed`: the
 /// session had gone before its audio reached the engine; `ring`: a live session's kept audio moved on
-/// before a run's start could be forwarded): samples that never reached the engine.
+/// before a run's start could be forwarded; `provider_down`: a remote provider could not be reached while
+/// the audio was kept, and the run moved on): samples that never reached the engine.
 pub const STT_DROPPED_SAMPLES_TOTAL: &str = "voicegate_stt_dropped_samples_total";
+/// Counter, label `provider`: 16 kHz samples written again after a reconnect (the open utterance, already
+/// counted in `voicegate_stt_forwarded_samples_total` when first sent): never charged to the user.
+pub const STT_RESENT_SAMPLES_TOTAL: &str = "voicegate_stt_resent_samples_total";
+/// Counter, labels `provider`, `outcome` (`opened`; `refused`: the provider answered the connect with an
+/// HTTP error such as 401, 402, 429; `failed`: unreachable, TLS or timeout; `lost`: closed mid-stream):
+/// connections of a remote streaming provider.
+pub const STT_CONNECTIONS_TOTAL: &str = "voicegate_stt_connections_total";
 /// Counter, label `provider`: results a provider could not deliver because the session's bounded results
 /// channel was full.
 pub const STT_RESULTS_DROPPED_TOTAL: &str = "voicegate_stt_results_dropped_total";

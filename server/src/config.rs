@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, CommandFactory, Parser};
 use voicegate_engine::meter::{MeterArgs, MeterConfig};
 use voicegate_engine::policy::{FairUseArgs, FairUseConfig};
+use voicegate_engine::stt::deepgram::DeepgramArgs;
 
 /// Every default of the server, in one place.
 pub mod defaults {
@@ -246,9 +247,13 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_STT_PREROLL_MS", default_value_t = defaults::STT_PREROLL_MS)]
     pub stt_preroll_ms: u64,
 
-    /// Deepgram API key, for VOICEGATE_STT=deepgram.
-    #[arg(long, env = "DEEPGRAM_API_KEY", hide_env_values = true)]
-    pub deepgram_api_key: Option<String>,
+    /// PEM file of the certificate authorities every outbound TLS connection (speech-to-text providers) trusts, instead of the Mozilla roots built in (e.g. /etc/ssl/certs/ca-certificates.crt, or a private CA).
+    #[arg(long, env = "VOICEGATE_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+
+    /// Deepgram's settings (`DEEPGRAM_API_KEY`, `VOICEGATE_DEEPGRAM_*`).
+    #[command(flatten)]
+    pub deepgram: DeepgramArgs,
 
     /// The meter's settings (`VOICEGATE_METER_*`).
     #[command(flatten)]
@@ -306,7 +311,8 @@ impl Default for ServeConfig {
             stt_local_threads: defaults::STT_LOCAL_THREADS,
             stt_local_dir: None,
             stt_preroll_ms: defaults::STT_PREROLL_MS,
-            deepgram_api_key: None,
+            tls_ca_file: None,
+            deepgram: DeepgramArgs::default(),
             meter: MeterArgs::default(),
             fair_use: FairUseArgs::default(),
         }

@@ -2,10 +2,14 @@
 //!
 //! The rules (engine `stt::select`): an unknown `VOICEGATE_STT` refuses to start naming the valid values;
 //! unset gives `local` when its engine is installed, else `none` with one log line; an explicit `local`
-//! without the engine refuses to start; a provider that needs a key refuses to start without it.
+//! without the engine refuses to start; a provider that needs a key refuses to start without it; bad
+//! Deepgram settings (URL, key file) refuse to start. An unreachable provider is not checked at startup:
+//! each session is told (`stt_unavailable`) and the session goes on.
 
 use std::sync::Arc;
 
+use voicegate_engine::outbound::Outbound;
+use voicegate_engine::stt::deepgram::{DeepgramConfigError, DeepgramProvider};
 use voicegate_engine::stt::local::{LocalConfig, LocalProvider};
 use voicegate_engine::stt::none::NoneProvider;
 use voicegate_engine::stt::select::{self, Facts, SelectError};
@@ -24,6 +28,10 @@ pub enum SttStartError {
     NotAvailable(ProviderKind),
     #[error("refusing to start: the local speech-to-text engine failed to load: {0}")]
     Local(SttError),
+    #[error("refusing to start: {0}")]
+    Deepgram(#[from] DeepgramConfigError),
+    #[error("refusing to start: the Deepgram provider could not start: {0}")]
+    DeepgramStart(SttError),
 }
 
 /// The local engine's settings from the server's.
@@ -38,18 +46,18 @@ pub fn local_config(cfg: &ServeConfig) -> LocalConfig {
     local
 }
 
-/// Decides and builds the provider, logging which one runs.
-pub fn build(cfg: &ServeConfig) -> Result<Arc<dyn SttProvider>, SttStartError> {
+/// Decides and builds the provider, logging which one runs. Remote providers connect through `outbound`.
+pub fn build(
+    cfg: &ServeConfig,
+    outbound: &Outbound,
+) -> Result<Arc<dyn SttProvider>, SttStartError> {
     let requested = cfg.stt.as_deref().map(select::parse).transpose()?;
     let local = local_config(cfg);
     let facts = Facts {
         local_missing: voicegate_engine::stt::local::ffi::EngineFiles::new(&local.dir)
             .missing()
             .map(|p| format!("{} is missing", p.display())),
-        deepgram_key: cfg
-            .deepgram_api_key
-            .as_deref()
-            .is_some_and(|k| !k.trim().is_empty()),
+        deepgram_key: cfg.deepgram.has_key(),
         openai_key_or_self_hosted: false,
     };
     let selection = select::select(requested, &facts)?;
@@ -78,8 +86,19 @@ pub fn build(cfg: &ServeConfig) -> Result<Arc<dyn SttProvider>, SttStartError> {
             );
             Ok(Arc::new(provider))
         }
-        kind @ (ProviderKind::Deepgram | ProviderKind::OpenAi) => {
-            Err(SttStartError::NotAvailable(kind))
+        ProviderKind::Deepgram => {
+            let dg = cfg.deepgram.config()?;
+            tracing::info!(
+                message = "Speech-to-text provider: deepgram (live websocket API).",
+                provider = "deepgram",
+                url = %dg.url,
+                model = %dg.model,
+                key = if cfg.deepgram.key_file.is_some() { "file" } else { "env" }
+            );
+            let provider = DeepgramProvider::start(dg, outbound.clone())
+                .map_err(SttStartError::DeepgramStart)?;
+            Ok(Arc::new(provider))
         }
+        kind @ ProviderKind::OpenAi => Err(SttStartError::NotAvailable(kind)),
     }
 }

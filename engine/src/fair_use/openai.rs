@@ -3,7 +3,7 @@
 //! `POST {base_url}/chat/completions` with the model, a conservative system prompt and the usage snapshot as
 //! JSON; the reply's message content must be one JSON object (markdown fences tolerated) with exactly the
 //! fields below, scores within 0–1. Anything else is [`ClassifierError::Malformed`], a failure, never score 0.
-//! The client speaks plain HTTP (see `docs/fair-use.md`: HTTPS endpoints go through a TLS egress proxy).
+//! The client speaks HTTP and HTTPS (reqwest with rustls; see `docs/fair-use.md` §9 for the shared client).
 
 use std::time::Duration;
 

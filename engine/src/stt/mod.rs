@@ -2,13 +2,15 @@
 //!
 //! - [`provider`]: the [`SttProvider`] trait (a streaming handle per session, a batch API for sync spans),
 //!   results through a bounded channel, exact `forwarded_samples` counted at the hand-off point.
-//! - Providers: [`local`] (Moonshine, embedded, loaded at run time), [`none`] (metering only).
+//! - Providers: [`local`] (Moonshine, embedded, loaded at run time), [`deepgram`] (Deepgram's live
+//!   websocket API, through the shared [`crate::outbound::Outbound`] client), [`none`] (metering only).
 //! - [`select`]: which provider `VOICEGATE_STT` and the installed engine give at startup.
 //! - [`chunk`]: cutting audio for a batch-only engine; [`wer`]: scoring transcripts.
 //!
 //! A live session talks to its provider through `pipeline::live` (the feed, the link, the transcript).
 
 pub mod chunk;
+pub mod deepgram;
 pub mod local;
 pub mod none;
 pub mod provider;

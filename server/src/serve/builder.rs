@@ -70,7 +70,9 @@ impl ServerBuilder {
             "memory"
         };
         let store: Arc<dyn StoreHealth> = Arc::new(AlwaysReachable(store_kind));
-        let stt = crate::stt::build(&cfg)?;
+        // The one outbound client (TLS, `VOICEGATE_TLS_CA_FILE`) every provider connects through.
+        let outbound = voicegate_engine::outbound::Outbound::new(cfg.tls_ca_file.as_deref())?;
+        let stt = crate::stt::build(&cfg, &outbound)?;
         let sessions = SessionRegistry::new(cfg.ws_sessions_per_user, cfg.ws_max_sessions);
         let stripe = StripeWebhook {
             secret: cfg

@@ -48,6 +48,8 @@ pub enum ServeError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Stt(#[from] crate::stt::SttStartError),
+    #[error("refusing to start: {0}")]
+    Outbound(#[from] voicegate_engine::outbound::OutboundError),
 }
 
 /// Installs the `tracing` subscriber (`RUST_LOG`, default `info`) on standard output, coloured only

@@ -31,6 +31,7 @@ mod sessions_across_nodes;
 mod stripe_webhook;
 mod stripe_webhook_engine;
 mod stt_config;
+mod stt_deepgram;
 mod sync_backfill;
 mod sync_e2e;
 mod sync_file_status;

@@ -48,11 +48,43 @@ async fn unset_without_the_engine_starts_with_none() {
 
 #[actix_web::test]
 async fn deepgram_without_a_key_refuses_to_start_naming_the_setting() {
-    let message = refusal(ServeConfig {
-        deepgram_api_key: Some("  ".into()),
-        ..with_stt(Some("deepgram"), None)
-    });
+    let mut cfg = with_stt(Some("deepgram"), None);
+    cfg.deepgram.api_key = Some("  ".into());
+    let message = refusal(cfg);
     assert!(message.contains("DEEPGRAM_API_KEY"), "{message}");
+}
+
+#[actix_web::test]
+async fn deepgram_with_a_bad_url_or_a_missing_key_file_refuses_to_start() {
+    let mut cfg = with_stt(Some("deepgram"), None);
+    cfg.deepgram.api_key = Some("k".into());
+    cfg.deepgram.url = "api.deepgram.com".into();
+    let message = refusal(cfg.clone());
+    assert!(message.contains("VOICEGATE_DEEPGRAM_URL"), "{message}");
+    cfg.deepgram.url = "wss://api.deepgram.com".into();
+    cfg.deepgram.key_file = Some("/nonexistent/dg.key".into());
+    let message = refusal(cfg);
+    assert!(message.contains("VOICEGATE_DEEPGRAM_KEY_FILE"), "{message}");
+}
+
+/// Deepgram unreachable at startup is a degraded start: nothing connects until a session opens.
+#[actix_web::test]
+async fn deepgram_starts_without_reaching_the_provider() {
+    let mut cfg = with_stt(Some("Deepgram"), None);
+    cfg.deepgram.api_key = Some("k".into());
+    cfg.deepgram.url = "ws://127.0.0.1:9".into();
+    let builder = ServerBuilder::new(cfg).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(builder.state().stt.kind(), ProviderKind::Deepgram);
+}
+
+#[actix_web::test]
+async fn a_bad_ca_file_refuses_to_start_naming_the_setting() {
+    let mut cfg = with_stt(Some("none"), None);
+    cfg.tls_ca_file = Some("/nonexistent/ca.pem".into());
+    match ServerBuilder::new(cfg) {
+        Err(e) => assert!(e.to_string().contains("VOICEGATE_TLS_CA_FILE"), "{e}"),
+        Ok(_) => panic!("the server must refuse to start"),
+    }
 }
 
 #[actix_web::test]

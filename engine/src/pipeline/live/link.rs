@@ -96,7 +96,11 @@ impl SttLink {
         loop {
             match self.rx.try_recv() {
                 Ok(SttEvent::Result(r)) => {
-                    if self.provider_problem == Some("provider_error") {
+                    // The provider works again (a reconnect succeeded, a key was rotated, a balance paid).
+                    if self
+                        .provider_problem
+                        .is_some_and(|p| p.starts_with("provider_"))
+                    {
                         self.provider_problem = None;
                     }
                     self.transcript.apply(&r);
@@ -161,12 +165,12 @@ impl SttLink {
     }
 }
 
-/// The client-facing reason of a provider's error code.
+/// The client-facing reason of a provider's error code: `provider_payment` when the provider's account
+/// cannot pay (a fallback or an operator can act on it), else `provider_error` (the detailed code is in
+/// the logs and `voicegate_stt_errors_total{reason}`; the app can do nothing about a key or a rate limit).
 fn provider_reason(code: &str) -> &'static str {
     match code {
         "payment" => "provider_payment",
-        "unauthorized" => "provider_unauthorized",
-        "rate_limited" => "provider_rate_limited",
         _ => "provider_error",
     }
 }

@@ -1,0 +1,606 @@
+//! `VOICEGATE_STT=deepgram` through `voicegate serve`, against [`DeepgramDouble`]: a local websocket server
+//! in this test suite that speaks Deepgram's documented live protocol (the pages are cited in
+//! `engine/src/stt/deepgram/protocol.rs`): `Authorization: Token`, `/v1/listen` query parameters, binary
+//! linear16 audio, `KeepAlive` / `Finalize` / `CloseStream` text messages, `Results` (interim, and final
+//! with `from_finalize`), `Metadata` then the close after `CloseStream`; and its failures: a handshake
+//! refused with 401, 402 or 429, a close mid-stream.
+//!
+//! What is checked: the message sequence; the samples the double received equal
+//! `voicegate_stt_forwarded_samples_total` exactly (and, after a reconnect, forwarded + resent); the
+//! session's STT charge is the audio it handed to the provider: forwarded, plus what the provider could
+//! not deliver while failing (dropped, counted), never the resent; transcripts come back in stream time;
+//! every failure is an `stt_unavailable` event, the session goes on and its metering stays exact.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+use crate::common;
+use crate::listen_support;
+
+use common::engine_server::{EngineServer, fair_use_on};
+use listen_support::{NORMAL, Seen, Ws, connect, fixture_packets, offline, read_all};
+
+const KEY: &str = "test-deepgram-key";
+const OPUS16: &str = "codec=opus&sample_rate=16000&language=en";
+
+/// What the double does with one connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Plan {
+    /// Transcribes: an interim result every 0.5 s of audio, a final one on `Finalize` and `CloseStream`.
+    Serve,
+    /// Answers the upgrade with this HTTP status (401 bad key, 402 no balance, 429 rate limited).
+    Refuse(u16),
+    /// Serves, then closes mid-stream (1011, as Deepgram does on a failure) once it has this many samples,
+    /// reading what the client had already written until the client's close.
+    CloseAfter(u64),
+}
+
+/// What the double saw on one connection, in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Ev {
+    Audio(u64),
+    KeepAlive,
+    Finalize,
+    CloseStream,
+    Other(String),
+}
+
+#[derive(Debug, Clone, Default)]
+struct ConnLog {
+    authorization: String,
+    path_and_query: String,
+    refused: Option<u16>,
+    events: Vec<Ev>,
+}
+
+impl ConnLog {
+    fn samples(&self) -> u64 {
+        self.events
+            .iter()
+            .map(|e| if let Ev::Audio(n) = e { *n } else { 0 })
+            .sum()
+    }
+}
+
+/// A Deepgram double (see the module docs). Connections take the plans in order; the last one repeats.
+struct DeepgramDouble {
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<ConnLog>>>,
+}
+
+impl DeepgramDouble {
+    async fn start(plans: &[Plan]) -> DeepgramDouble {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let mut plans: VecDeque<Plan> = plans.iter().copied().collect();
+        let shared = Arc::clone(&log);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let plan = if plans.len() > 1 {
+                    plans.pop_front().unwrap()
+                } else {
+                    plans[0]
+                };
+                let idx = {
+                    let mut l = shared.lock().unwrap();
+                    l.push(ConnLog::default());
+                    l.len() - 1
+                };
+                tokio::spawn(serve(stream, plan, Arc::clone(&shared), idx));
+            }
+        });
+        DeepgramDouble { addr, log }
+    }
+
+    fn url(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    fn connections(&self) -> Vec<ConnLog> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+fn results(start: u64, end: u64, is_final: bool, from_finalize: bool, text: &str) -> String {
+    let secs = |s: u64| s as f64 / 16_000.0;
+    json!({
+        "type": "Results",
+        "channel_index": [0, 1],
+        "start": secs(start),
+        "duration": secs(end - start),
+        "is_final": is_final,
+        "speech_final": is_final,
+        "from_finalize": from_finalize,
+        "channel": {"alternatives": [{
+            "transcript": text,
+            "confidence": 0.9,
+            "words": [{"word": "utterance", "punctuated_word": "Utterance", "start": secs(start),
+                       "end": secs(end), "confidence": 0.9}]
+        }]},
+        "metadata": {"request_id": "double"}
+    })
+    .to_string()
+}
+
+async fn serve(
+    stream: tokio::net::TcpStream,
+    plan: Plan,
+    log: Arc<Mutex<Vec<ConnLog>>>,
+    idx: usize,
+) {
+    let handshake_log = Arc::clone(&log);
+    // The signature is tungstenite's handshake callback's.
+    #[allow(clippy::result_large_err)]
+    let callback = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        let mut l = handshake_log.lock().unwrap();
+        let c = &mut l[idx];
+        c.authorization = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        c.path_and_query = req.uri().to_string();
+        if let Plan::Refuse(status) = plan {
+            c.refused = Some(status);
+            let mut r = ErrorResponse::new(Some(format!("{{\"err_code\":\"REFUSED_{status}\"}}")));
+            *r.status_mut() = StatusCode::from_u16(status).unwrap();
+            return Err(r);
+        }
+        Ok(resp)
+    };
+    let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, callback).await else {
+        return;
+    };
+    let record = |e: Ev| log.lock().unwrap()[idx].events.push(e);
+    let (mut received, mut pending_from, mut next_interim, mut finals) = (0u64, 0u64, 8_000u64, 0);
+    let mut closing = false;
+    while let Some(Ok(msg)) = ws.next().await {
+        let mut out = Vec::new();
+        match msg {
+            Message::Binary(b) => {
+                let n = b.len() as u64 / 2;
+                received += n;
+                record(Ev::Audio(n));
+                if closing {
+                    continue;
+                }
+                if let Plan::CloseAfter(limit) = plan
+                    && received >= limit
+                {
+                    closing = true;
+                    let frame = CloseFrame {
+                        code: CloseCode::Error,
+                        reason: "NET-0000 the double drops the stream".into(),
+                    };
+                    let _ = ws.send(Message::Close(Some(frame))).await;
+                    continue;
+                }
+                if received - pending_from >= next_interim {
+                    next_interim += 8_000;
+                    out.push(results(pending_from, received, false, false, "hearing"));
+                }
+            }
+            Message::Text(t) => {
+                let kind = serde_json::from_str::<Value>(t.as_str()).unwrap()["type"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                let done = kind == "CloseStream";
+                match kind.as_str() {
+                    "KeepAlive" => record(Ev::KeepAlive),
+                    "Finalize" => record(Ev::Finalize),
+                    "CloseStream" => record(Ev::CloseStream),
+                    other => record(Ev::Other(other.to_string())),
+                }
+                if (kind == "Finalize" || done) && received > pending_from && !closing {
+                    finals += 1;
+                    out.push(results(
+                        pending_from,
+                        received,
+                        true,
+                        true,
+                        &format!("utterance {finals}"),
+                    ));
+                    pending_from = received;
+                    next_interim = 8_000;
+                }
+                if done && !closing {
+                    out.push(
+                        json!({"type": "Metadata", "request_id": "double", "sha256": "",
+                               "created": "2026-12-04T00:00:00Z", "duration": received as f64 / 16_000.0,
+                               "channels": 1})
+                        .to_string(),
+                    );
+                }
+                for text in out.drain(..) {
+                    let _ = ws.send(Message::text(text)).await;
+                }
+                if done && !closing {
+                    closing = true;
+                    let _ = ws.send(Message::Close(None)).await;
+                }
+                continue;
+            }
+            Message::Close(_) => break,
+            _ => {}
+        }
+        for text in out {
+            let _ = ws.send(Message::text(text)).await;
+        }
+    }
+}
+
+fn deepgram(double: &DeepgramDouble) -> impl FnOnce(&mut voicegate_server::ServeConfig) {
+    let url = double.url();
+    move |cfg| {
+        cfg.stt = Some("deepgram".into());
+        cfg.deepgram.api_key = Some(KEY.into());
+        cfg.deepgram.url = url;
+        cfg.deepgram.keepalive_ms = 100;
+        // The whole fixture fits: a lagging pipeline delays, never drops (as in listen_stream).
+        cfg.listen_buffer_ms = 200_000;
+    }
+}
+
+/// Streams `packets` at `speed`x real time, a client `Finalize` after packet `finalize_at` (if any), then
+/// `CloseStream`; returns what the client saw.
+async fn stream(ws: Ws, packets: &[Vec<u8>], speed: u32, finalize_at: Option<usize>) -> Seen {
+    let (mut tx, rx) = ws.split();
+    let limit = Duration::from_millis(packets.len() as u64 * 10 / u64::from(speed) + 40_000);
+    let reader = tokio::spawn(read_all(rx, limit));
+    let t0 = Instant::now();
+    let step = Duration::from_micros(10_000 / u64::from(speed));
+    for (i, p) in packets.iter().enumerate() {
+        tokio::time::sleep_until(t0 + step * i as u32).await;
+        tx.send(Message::binary(p.clone())).await.unwrap();
+        if finalize_at == Some(i) {
+            tx.send(Message::text(r#"{"type":"Finalize"}"#))
+                .await
+                .unwrap();
+        }
+    }
+    tx.send(Message::text(r#"{"type":"CloseStream"}"#))
+        .await
+        .unwrap();
+    reader.await.unwrap()
+}
+
+/// The sum of a metric's series starting with `prefix` on the node's `/metrics` (one test per process
+/// under nextest, so the figures are this test's).
+async fn metric(server: &EngineServer, prefix: &str) -> u64 {
+    let text = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+const FORWARDED: &str = "voicegate_stt_forwarded_samples_total{provider=\"deepgram\"}";
+const RESENT: &str = "voicegate_stt_resent_samples_total{provider=\"deepgram\"}";
+/// Every reason (`queue_full`, `provider_down`, `closed`).
+const DROPPED: &str = "voicegate_stt_dropped_samples_total{provider=\"deepgram\"";
+
+/// The session's STT charge for `samples` forwarded (ms, rounded half up, as the session converts).
+fn charged_ms(samples: u64) -> u64 {
+    (samples + 8) / 16
+}
+
+fn unavailable_reasons(seen: &Seen) -> Vec<String> {
+    seen.of_type("stt_unavailable")
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// Final transcript segments as the client last saw them: (text, start ms, end ms).
+fn segments(seen: &Seen) -> Vec<(String, u64, u64)> {
+    let mut by_id: Vec<(String, (String, u64, u64))> = Vec::new();
+    for (v, _) in &seen.events {
+        let Some(array) = v.as_array() else { continue };
+        for s in array {
+            let seg = (
+                s["text"].as_str().unwrap().to_string(),
+                (s["start"].as_f64().unwrap() * 1000.0).round() as u64,
+                (s["end"].as_f64().unwrap() * 1000.0).round() as u64,
+            );
+            let id = s["id"].as_str().unwrap().to_string();
+            match by_id.iter_mut().find(|(i, _)| *i == id) {
+                Some(old) => old.1 = seg,
+                None => by_id.push((id, seg)),
+            }
+        }
+    }
+    by_id.into_iter().map(|(_, s)| s).collect()
+}
+
+/// Metering is what it is without STT: the offline analysis of the same packets, and the store.
+async fn assert_metered_exactly(
+    server: &EngineServer,
+    uid: &str,
+    seen: &Seen,
+    packets: &[Vec<u8>],
+) {
+    let expect = offline(packets);
+    let meta = seen.metadata();
+    let speech = meta["speech_ms"].as_u64().unwrap();
+    assert_eq!(meta["frames_received"], packets.len() as u64, "{meta}");
+    assert_eq!(meta["frames_dropped"], 0, "{meta}");
+    assert!(
+        speech.abs_diff(expect.speech_ms) <= expect.speech_ms / 100,
+        "speech {speech} vs offline {}",
+        expect.speech_ms
+    );
+    let status = server.status_speech_ms(uid).await;
+    assert_eq!(status["daily_ms"], speech, "metered exactly: {status}");
+}
+
+#[actix_web::test]
+async fn the_stream_speaks_the_documented_protocol_and_the_double_received_exactly_what_was_forwarded()
+ {
+    let double = DeepgramDouble::start(&[Plan::Serve]).await;
+    let server = EngineServer::start(fair_use_on(), deepgram(&double)).await;
+    let packets = fixture_packets("d01");
+    let ws = connect(server.addr, Some("alice"), OPUS16).await.unwrap();
+    // The client's Finalize 1.5 s into the first utterance (598-2738 ms).
+    let seen = stream(ws, &packets, 4, Some(150)).await;
+    assert_eq!(
+        seen.close.as_ref().map(|c| c.0),
+        Some(NORMAL),
+        "{:?}",
+        seen.events
+    );
+    let statuses: Vec<&str> = seen
+        .of_type("service_status")
+        .iter()
+        .map(|e| e["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(statuses, ["stt_initiating", "ready"]);
+    assert!(unavailable_reasons(&seen).is_empty(), "{:?}", seen.events);
+
+    let conns = double.connections();
+    assert_eq!(conns.len(), 1, "one connection: {conns:?}");
+    let c = &conns[0];
+    assert_eq!(c.authorization, format!("Token {KEY}"));
+    for param in [
+        "/v1/listen?",
+        "model=nova-3",
+        "language=en",
+        "encoding=linear16",
+        "sample_rate=16000",
+        "channels=1",
+        "interim_results=true",
+    ] {
+        assert!(
+            c.path_and_query.contains(param),
+            "{param} in {}",
+            c.path_and_query
+        );
+    }
+    // The sequence: audio of each run, its Finalize; KeepAlive only in gated silence (after a Finalize,
+    // before the next audio); the client's Finalize; CloseStream last.
+    let runs = seen.runs();
+    let finalizes = c.events.iter().filter(|e| **e == Ev::Finalize).count();
+    assert_eq!(
+        finalizes,
+        runs.len() + 1,
+        "a Finalize per run and the client's: {:?}",
+        c.events
+    );
+    assert_eq!(c.events.last(), Some(&Ev::CloseStream), "{:?}", c.events);
+    assert_eq!(
+        c.events.iter().filter(|e| **e == Ev::CloseStream).count(),
+        1
+    );
+    let mut idle = false;
+    let mut keepalives_in_silence = 0;
+    for e in &c.events {
+        match e {
+            Ev::Audio(_) => idle = false,
+            Ev::Finalize => idle = true,
+            Ev::KeepAlive if idle => keepalives_in_silence += 1,
+            _ => {}
+        }
+    }
+    assert!(keepalives_in_silence >= 1, "{:?}", c.events);
+    assert!(
+        !c.events.iter().any(|e| matches!(e, Ev::Other(_))),
+        "{:?}",
+        c.events
+    );
+
+    // Exactly what was forwarded (and charged), nothing resent.
+    let received = c.samples();
+    assert!(received > 16_000 * 10, "received {received} samples");
+    assert_eq!(metric(&server, FORWARDED).await, received);
+    assert_eq!(metric(&server, RESENT).await, 0);
+    assert_eq!(metric(&server, DROPPED).await, 0);
+    let meta = seen.metadata();
+    assert_eq!(
+        meta["stt_forwarded_ms"].as_u64().unwrap(),
+        charged_ms(received),
+        "{meta}"
+    );
+
+    // Transcripts come back in the session's time: each final segment lies on a speech run (with its
+    // pre-roll and hangover), though the provider's clock skipped the gated silence.
+    let segs: Vec<_> = segments(&seen)
+        .into_iter()
+        .filter(|s| s.0.starts_with("utterance"))
+        .collect();
+    assert!(segs.len() >= runs.len(), "{segs:?} for runs {runs:?}");
+    for (text, start, end) in &segs {
+        assert!(
+            runs.iter()
+                .any(|r| *start + 450 >= r[0] && *end <= r[1] + 250 && *start < r[1]),
+            "{text} [{start}, {end}] ms lies on no speech run of {runs:?}"
+        );
+    }
+    assert_metered_exactly(&server, "alice", &seen, &packets).await;
+    server.shutdown().await;
+}
+
+#[actix_web::test]
+async fn a_mid_stream_close_reconnects_and_resends_only_the_open_utterance_uncharged() {
+    // Half a second into the first utterance the double drops the stream.
+    let double = DeepgramDouble::start(&[Plan::CloseAfter(8_000), Plan::Serve]).await;
+    let server = EngineServer::start(fair_use_on(), deepgram(&double)).await;
+    let packets = fixture_packets("d01");
+    let ws = connect(server.addr, Some("bob"), OPUS16).await.unwrap();
+    // At 2x the reconnect (after 250-500 ms) comes while the first run (2.1 s) is still open.
+    let seen = stream(ws, &packets, 2, None).await;
+    assert_eq!(seen.close.as_ref().map(|c| c.0), Some(NORMAL));
+    let kinds: Vec<String> = seen
+        .events
+        .iter()
+        .filter_map(|(v, _)| v["type"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(unavailable_reasons(&seen), ["provider_error"], "{kinds:?}");
+    let lost = kinds.iter().position(|k| k == "stt_unavailable").unwrap();
+    assert!(
+        kinds[lost..].iter().any(|k| k == "stt_available"),
+        "transcripts came back after the reconnect: {kinds:?}"
+    );
+
+    let conns = double.connections();
+    assert_eq!(conns.len(), 2, "{conns:?}");
+    let (first, second) = (conns[0].samples(), conns[1].samples());
+    let (forwarded, resent) = (
+        metric(&server, FORWARDED).await,
+        metric(&server, RESENT).await,
+    );
+    assert!(first >= 8_000, "{first}");
+    assert_eq!(
+        first + second,
+        forwarded + resent,
+        "every sample the double read is counted once"
+    );
+    assert!(
+        resent > 0 && resent <= first,
+        "resent {resent} of the {first} the lost stream had"
+    );
+    // The open utterance only: its start is in the first run, so at most the first run's audio.
+    let runs = seen.runs();
+    let first_run_samples = (runs[0][1] - runs[0][0] + 300 + 100) * 16;
+    assert!(
+        resent <= first_run_samples,
+        "resent {resent} > first run {first_run_samples}"
+    );
+    let dropped = metric(&server, DROPPED).await;
+    let meta = seen.metadata();
+    assert_eq!(
+        meta["stt_forwarded_ms"].as_u64().unwrap(),
+        charged_ms(forwarded + dropped),
+        "charged once, never for the resent audio: {meta}"
+    );
+    assert!(!segments(&seen).is_empty());
+    assert_metered_exactly(&server, "bob", &seen, &packets).await;
+    server.shutdown().await;
+}
+
+#[actix_web::test]
+async fn a_reconnect_answered_402_tells_provider_payment_and_the_session_goes_on_metered_exactly() {
+    let double = DeepgramDouble::start(&[Plan::CloseAfter(8_000), Plan::Refuse(402)]).await;
+    let server = EngineServer::start(fair_use_on(), deepgram(&double)).await;
+    let packets = fixture_packets("d01");
+    let ws = connect(server.addr, Some("carol"), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets, 6, None).await;
+    assert_eq!(seen.close.as_ref().map(|c| c.0), Some(NORMAL));
+    let reasons = unavailable_reasons(&seen);
+    assert_eq!(
+        reasons.last().map(String::as_str),
+        Some("provider_payment"),
+        "{reasons:?}"
+    );
+    let conns = double.connections();
+    assert!(
+        conns.len() >= 2 && conns[1..].iter().all(|c| c.refused == Some(402)),
+        "{conns:?}"
+    );
+    // What went before the close is all that was forwarded; nothing was resent; the rest was dropped
+    // (counted) and charged at hand-off.
+    let forwarded = metric(&server, FORWARDED).await;
+    assert_eq!(forwarded, conns[0].samples());
+    assert_eq!(metric(&server, RESENT).await, 0);
+    let dropped = metric(&server, DROPPED).await;
+    assert!(dropped > 16_000, "{dropped}");
+    assert_eq!(
+        seen.metadata()["stt_forwarded_ms"].as_u64().unwrap(),
+        charged_ms(forwarded + dropped)
+    );
+    assert!(
+        metric(
+            &server,
+            "voicegate_stt_errors_total{provider=\"deepgram\",reason=\"payment\"}"
+        )
+        .await
+            >= 1
+    );
+    assert_metered_exactly(&server, "carol", &seen, &packets).await;
+    server.shutdown().await;
+}
+
+/// A connect refused with `status` (every attempt): `provider_error`, counted under `reason`; the session
+/// goes on, metered exactly.
+async fn refused_at_connect(status: u16, uid: &str, reason: &str) {
+    let double = DeepgramDouble::start(&[Plan::Refuse(status)]).await;
+    let server = EngineServer::start(fair_use_on(), deepgram(&double)).await;
+    let packets = fixture_packets("d01");
+    let ws = connect(server.addr, Some(uid), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets[..1_000], 8, None).await;
+    assert_eq!(seen.close.as_ref().map(|c| c.0), Some(NORMAL));
+    assert_eq!(
+        unavailable_reasons(&seen),
+        ["provider_error"],
+        "{status}: {:?}",
+        seen.events
+    );
+    let conns = double.connections();
+    assert!(
+        !conns.is_empty() && conns.iter().all(|c| c.refused == Some(status)),
+        "{conns:?}"
+    );
+    assert_eq!(conns[0].authorization, format!("Token {KEY}"));
+    assert_eq!(metric(&server, FORWARDED).await, 0);
+    let errors = format!("voicegate_stt_errors_total{{provider=\"deepgram\",reason=\"{reason}\"}}");
+    assert!(metric(&server, &errors).await >= 1, "{errors}");
+    // Nothing reached the provider; what the session handed over was dropped, counted, and charged.
+    let dropped = metric(&server, DROPPED).await;
+    assert_eq!(
+        seen.metadata()["stt_forwarded_ms"].as_u64().unwrap(),
+        charged_ms(dropped)
+    );
+    assert_metered_exactly(&server, uid, &seen, &packets[..1_000]).await;
+    server.shutdown().await;
+}
+
+#[actix_web::test]
+async fn a_refused_key_is_provider_error_and_the_session_goes_on() {
+    refused_at_connect(401, "dave", "unauthorized").await;
+}
+
+#[actix_web::test]
+async fn a_rate_limited_connect_is_provider_error_and_the_session_goes_on() {
+    refused_at_connect(429, "erin", "rate_limited").await;
+}

@@ -30,7 +30,7 @@ pub struct DeepgramArgs {
     #[arg(long = "deepgram-key-file", env = "VOICEGATE_DEEPGRAM_KEY_FILE")]
     pub key_file: Option<PathBuf>,
 
-    /// Deepgram's base URL (wss:// or ws://; https:// and http:// are taken as wss:// and ws://); the live API is <URL>/v1/listen.
+    /// Deepgram's base URL (wss:// or ws://; https:// and http:// are taken as wss:// and ws://); the live API is URL/v1/listen.
     #[arg(long = "deepgram-url", env = "VOICEGATE_DEEPGRAM_URL", default_value = DEFAULT_URL)]
     pub url: String,
 

@@ -6,8 +6,8 @@
 //!   task through a bounded channel (at most 10 s of audio; beyond it pushes are dropped and counted).
 //! - The protocol ([`protocol`]): `KeepAlive` while gated silence keeps the stream idle, `Finalize` at the
 //!   end of each run and on the client's Finalize, `CloseStream` at the end; `Results` and `Metadata`
-//!   parsed; results mapped back from the connection's audio clock to stream time ([`clock`]).
-//! - Failures ([`connection`]): a refused connect (401, 402, 429, ...) or a mid-stream close is told to
+//!   parsed; results mapped back from the connection's audio clock to stream time (`clock.rs`).
+//! - Failures (`connection.rs`): a refused connect (401, 402, 429, ...) or a mid-stream close is told to
 //!   the session (`stt_unavailable`), counted, and retried with the shared backoff while there is audio
 //!   to send; the open utterance is sent again after a reconnect, counted apart and never charged twice.
 //! - The key: `DEEPGRAM_API_KEY`, or a key file read again at every connection ([`config::KeySource`]).

@@ -4,7 +4,7 @@
 use actix_web::{HttpResponse, web};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use voicegate_engine::conversation::MAX_LIST_LIMIT;
+use voicegate_engine::conversation::{MAX_LIST_LIMIT, TranscriptStatus};
 use voicegate_engine::fair_use::{AdminError, FairUseStatus};
 use voicegate_engine::policy::{CaseRef, CreditLookup, Stage, SttAllowance};
 
@@ -172,8 +172,15 @@ async fn get_conversation(
                 .transcript(&user.uid, &id)
                 .await
                 .map_err(|e| ApiError::unavailable(e.code(), e.to_string()))?;
+            let statuses = engine
+                .conversations
+                .span_statuses(&user.uid, &id)
+                .await
+                .map_err(|e| ApiError::unavailable(e.code(), e.to_string()))?;
             let mut body = conversation_summary(&c);
             body["spans"] = json!(c.spans);
+            // The worst of its sync spans' statuses; null when no sync span of it was ever transcribed.
+            body["transcript_status"] = json!(TranscriptStatus::worst(statuses.values().copied()));
             body["transcript_segments"] = segments
                 .iter()
                 .map(|s| s.app_json(c.started_at_ms))

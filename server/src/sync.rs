@@ -7,12 +7,13 @@
 //! 1. Entitlement for `sync`: restricted and over a cap → 429 with `Retry-After`, before the body is read.
 //!    Credits exhausted → processing continues and the conversations are locked.
 //! 2. The body is streamed to a per-request temp directory under the upload limits (413 names the limit).
-//! 3. The engine analyses the files on the rayon pool (off the I/O threads), then settles them; the temp
-//!    files are removed once analysed (and on every path).
+//! 3. The engine analyses the files on the rayon pool (off the I/O threads), then settles them (meter,
+//!    conversations, and the spans' transcription through the node's provider, which reads the files
+//!    again); the temp files are removed once settled (and on every path).
 //! 4. The outcome becomes the response: 200 when every file succeeded, 207 when some failed, 400 when no
 //!    file was valid (503 when the failures were the server's: the client should retry), 429
-//!    `backfill_allowance_exhausted` or `stt_budget_exhausted` with `Retry-After`, 503 when the
-//!    conversations could not be written.
+//!    `backfill_allowance_exhausted` with `Retry-After`, 503 when the conversations could not be written.
+//!    An exhausted STT budget refuses nothing: the spans it does not cover are stored `budget_exhausted`.
 
 use actix_web::{HttpRequest, HttpResponse, ResponseError, http::StatusCode, web};
 use serde::Deserialize;
@@ -20,7 +21,8 @@ use serde_json::{Map, Value, json};
 use voicegate_engine::pipeline::sync::{
     self as use_case, SyncFile, SyncOutcome, SyncReport, SyncRequest, SyncServices,
 };
-use voicegate_engine::policy::{Admission, Mode, SttDenied};
+use voicegate_engine::policy::{Admission, Mode};
+use voicegate_engine::stt::SttProvider;
 use voicegate_engine::telemetry::SYNC_REQUESTS_TOTAL;
 
 use crate::auth::AuthedUser;
@@ -42,6 +44,7 @@ pub async fn sync_local_files(
     engine: web::Data<Engine>,
     limits: web::Data<UploadLimits>,
     slots: web::Data<UploadSlots>,
+    stt: web::Data<dyn SttProvider>,
 ) -> Result<HttpResponse, ApiError> {
     // Held until the answer (dropped with the request on every other path).
     let _slot = match slots.acquire(&user.uid).await {
@@ -58,6 +61,7 @@ pub async fn sync_local_files(
         payload,
         &engine,
         &limits,
+        stt,
     )
     .await;
     let outcome = match &result {
@@ -77,6 +81,7 @@ async fn handle(
     payload: web::Payload,
     engine: &Engine,
     limits: &UploadLimits,
+    stt: web::Data<dyn SttProvider>,
 ) -> Result<HttpResponse, ApiError> {
     // 1. Gates, before reading the body.
     let plan = engine.plan(uid).await;
@@ -118,13 +123,13 @@ async fn handle(
     let analysed = web::block(move || use_case::analyse(&files, now_s, &cfg))
         .await
         .map_err(|e| ApiError::internal("sync_worker_failed", e))?;
-    drop(batch); // temp files are no longer needed
     let services = SyncServices {
         fair_use: engine.fair_use.clone(),
         conversations: engine.conversations.clone(),
         backfill: engine.backfill,
         backfill_ledger: engine.backfill_ledger.clone(),
         clock: engine.clock.clone(),
+        stt: Some(stt.into_inner()),
     };
     let request = SyncRequest {
         uid: uid.to_owned(),
@@ -140,6 +145,7 @@ async fn handle(
                 format!("{e}; the speech was metered, retry the upload"),
             )
         })?;
+    drop(batch); // the temp files were read again to transcribe the spans: no longer needed
 
     // 4. The response.
     match outcome {
@@ -181,29 +187,6 @@ async fn handle(
             ),
             &report,
         )),
-        SyncOutcome::SttBudgetExhausted {
-            report,
-            skipped_segments,
-            retry_after_s,
-        } => {
-            let mut extra = Map::new();
-            extra.insert("new_memories".into(), json!([]));
-            extra.insert("updated_memories".into(), json!([]));
-            extra.insert("credits_exhausted".into(), json!(report.locked));
-            extra.insert("dg_budget_exhausted".into(), json!(true));
-            extra.insert("skipped_segments".into(), json!(skipped_segments));
-            extra.insert("speech_ms".into(), json!(report.speech_ms));
-            extra.insert(
-                "files".into(),
-                serde_json::to_value(&report.files).unwrap_or(Value::Null),
-            );
-            Err(ApiError::too_many_requests(
-                SttDenied::BudgetExhausted.code(),
-                "today's transcription budget is used up; the speech was metered, retry after the reset",
-                retry_after_s,
-            )
-            .with_fields(extra))
-        }
     }
 }
 

@@ -8,7 +8,8 @@ use futures_util::future::BoxFuture;
 
 use super::logic::{apply_upsert, days_to_read, page, unlock_bucket};
 use super::transcript::{
-    MAX_SEGMENTS_PER_CONVERSATION, SegmentsAdded, TranscriptSegment, check_segments, sort_segments,
+    MAX_SEGMENTS_PER_CONVERSATION, MAX_SPAN_STATUSES_PER_CONVERSATION, SegmentsAdded,
+    TranscriptSegment, TranscriptStatus, check_segments, sort_segments,
 };
 use super::{
     Conversation, ConversationError, ConversationPage, ConversationStore, Upsert, UpsertOutcome,
@@ -23,6 +24,8 @@ type Buckets = BTreeMap<u64, Vec<Conversation>>;
 struct User {
     buckets: Buckets,
     transcripts: HashMap<String, BTreeMap<String, TranscriptSegment>>,
+    /// Conversation id → span key → transcription status.
+    statuses: HashMap<String, BTreeMap<String, TranscriptStatus>>,
 }
 
 impl User {
@@ -102,12 +105,33 @@ impl MemoryConversationStore {
         Ok(added)
     }
 
+    fn set_statuses_now(
+        &self,
+        uid: &str,
+        id: &str,
+        statuses: Vec<(String, TranscriptStatus)>,
+    ) -> Result<(), ConversationError> {
+        let mut users = self.users();
+        let user = users.get_mut(uid).ok_or(ConversationError::NotFound)?;
+        if user.find(id).is_none() {
+            return Err(ConversationError::NotFound);
+        }
+        let kept = user.statuses.entry(id.to_owned()).or_default();
+        for (key, status) in statuses {
+            if kept.contains_key(&key) || kept.len() < MAX_SPAN_STATUSES_PER_CONVERSATION {
+                kept.insert(key, status);
+            }
+        }
+        Ok(())
+    }
+
     fn delete_now(&self, uid: &str, id: &str) -> bool {
         let mut users = self.users();
         let Some(user) = users.get_mut(uid) else {
             return false;
         };
         user.transcripts.remove(id);
+        user.statuses.remove(id);
         let Some(bucket) = Conversation::day_of_id(id).and_then(|d| user.buckets.get_mut(&d))
         else {
             return false;
@@ -181,6 +205,29 @@ impl ConversationStore for MemoryConversationStore {
             .unwrap_or_default();
         sort_segments(&mut segments);
         Box::pin(async move { Ok(segments) })
+    }
+
+    fn set_span_statuses<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+        statuses: Vec<(String, TranscriptStatus)>,
+    ) -> BoxFuture<'a, Result<(), ConversationError>> {
+        let result = self.set_statuses_now(uid, id, statuses);
+        Box::pin(async move { result })
+    }
+
+    fn span_statuses<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<BTreeMap<String, TranscriptStatus>, ConversationError>> {
+        let found = self
+            .users()
+            .get(uid)
+            .and_then(|u| u.statuses.get(id).cloned())
+            .unwrap_or_default();
+        Box::pin(async move { Ok(found) })
     }
 
     fn delete<'a>(

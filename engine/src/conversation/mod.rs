@@ -1,7 +1,8 @@
 //! Conversations: the user's recordings grouped in time, with the paywall lock.
 //!
 //! VoiceGate keeps the conversation *index* (ids, time spans, lock flag, source) and, beside it, each
-//! conversation's transcript ([`transcript`]: final segments added by id, bounded). Sync uploads and realtime sessions both go through [`ConversationStore::upsert`], which
+//! conversation's transcript ([`transcript`]: final segments added by id, bounded, and the transcription status
+//! of its sync spans). Sync uploads and realtime sessions both go through [`ConversationStore::upsert`], which
 //! creates or merges, serialised per user so retries and parallel uploads never duplicate a conversation:
 //!
 //! - A span (absolute epoch ms) joins a conversation when it overlaps it or lies within
@@ -32,7 +33,7 @@ use serde::{Deserialize, Serialize};
 pub use logic::{DAY_MS, apply_upsert, day_of, days_to_read};
 pub use memory::MemoryConversationStore;
 pub use redis_store::RedisConversationStore;
-pub use transcript::{SegmentsAdded, TranscriptSegment};
+pub use transcript::{SegmentsAdded, TranscriptSegment, TranscriptStatus};
 
 /// Spans closer than this to a conversation join it (the reference's merge distance for sync).
 pub const MERGE_GAP_MS: u64 = 120_000;
@@ -174,6 +175,25 @@ pub trait ConversationStore: Send + Sync + 'static {
         uid: &'a str,
         id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<TranscriptSegment>, ConversationError>>;
+    /// Sets the transcription status of stretches of one of `uid`'s conversations, by key (a sync span's
+    /// `<content sha256>:<start ms>-<end ms>`; the same key again replaces). Past
+    /// [`transcript::MAX_SPAN_STATUSES_PER_CONVERSATION`] new keys are ignored. [`ConversationError::NotFound`]
+    /// when the conversation is missing or another user's.
+    fn set_span_statuses<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+        statuses: Vec<(String, TranscriptStatus)>,
+    ) -> BoxFuture<'a, Result<(), ConversationError>>;
+    /// The span statuses of one of `uid`'s conversations (empty when it has none or is missing).
+    fn span_statuses<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<
+        'a,
+        Result<std::collections::BTreeMap<String, TranscriptStatus>, ConversationError>,
+    >;
     /// Deletes one of `uid`'s conversations with its transcript; `false` when there was none.
     fn delete<'a>(
         &'a self,

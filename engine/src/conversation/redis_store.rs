@@ -4,6 +4,7 @@
 //! - `vg:{uid}:conv:<day>` HASH `v` (version), `s` (JSON array of that day's conversations)
 //! - `vg:{uid}:conv:days`  ZSET of the days that have a bucket (score = member = day)
 //! - `vg:{uid}:conv:tx:<id>` HASH segment id → JSON segment: the transcript of conversation `<id>`
+//! - `vg:{uid}:conv:txs:<id>` HASH span key → transcription status (`done`, `pending`, …) of its sync spans
 //!
 //! An upsert reads the buckets around its spans, merges in Rust ([`super::apply_upsert`]) and commits with one
 //! Lua script that checks the version of **every bucket read** and writes the changed ones: a concurrent
@@ -26,7 +27,8 @@ use tokio::sync::Mutex;
 
 use super::logic::{apply_upsert, days_to_read, page, unlock_bucket};
 use super::transcript::{
-    MAX_SEGMENTS_PER_CONVERSATION, SegmentsAdded, TranscriptSegment, check_segments, sort_segments,
+    MAX_SEGMENTS_PER_CONVERSATION, MAX_SPAN_STATUSES_PER_CONVERSATION, SegmentsAdded,
+    TranscriptSegment, TranscriptStatus, check_segments, sort_segments,
 };
 use super::{
     Conversation, ConversationError, ConversationPage, ConversationStore, MAX_LIST_LIMIT, Upsert,
@@ -55,7 +57,11 @@ pub fn transcript_key(uid: &str, id: &str) -> String {
     format!("vg:{{{uid}}}:conv:tx:{id}")
 }
 
-/// KEYS: the conversation's bucket, its transcript. ARGV: the conversation's `"id":"…"` as serialised, the
+pub fn status_key(uid: &str, id: &str) -> String {
+    format!("vg:{{{uid}}}:conv:txs:{id}")
+}
+
+/// KEYS: the conversation's bucket, its transcript (or its span statuses: the same guarded write). ARGV: the conversation's `"id":"…"` as serialised, the
 /// most segments, then (segment id, JSON) pairs. Returns {stored, refused}, or {-1, 0} when the
 /// conversation is not in its bucket.
 const ADD_SEGMENTS_LUA: &str = r"
@@ -328,6 +334,58 @@ impl RedisConversationStore {
         })
     }
 
+    async fn set_statuses_inner(
+        &self,
+        uid: &str,
+        id: &str,
+        statuses: Vec<(String, TranscriptStatus)>,
+    ) -> Result<(), ConversationError> {
+        let day = Conversation::day_of_id(id).ok_or(ConversationError::NotFound)?;
+        if statuses.is_empty() {
+            return Ok(());
+        }
+        // The segments' guarded write: refused once the conversation left its bucket (deleted).
+        let mut inv = self.add_segments.prepare_invoke();
+        inv.key(bucket_key(uid, day))
+            .key(status_key(uid, id))
+            .arg(id_needle(id))
+            .arg(MAX_SPAN_STATUSES_PER_CONVERSATION);
+        for (key, status) in &statuses {
+            inv.arg(key).arg(status.as_str());
+        }
+        let mut conn = self.conn.clone();
+        let (stored, _refused): (i64, i64) =
+            inv.invoke_async(&mut conn).await.map_err(store_error)?;
+        if stored < 0 {
+            return Err(ConversationError::NotFound);
+        }
+        Ok(())
+    }
+
+    async fn statuses_inner(
+        &self,
+        uid: &str,
+        id: &str,
+    ) -> Result<BTreeMap<String, TranscriptStatus>, ConversationError> {
+        if Conversation::day_of_id(id).is_none() {
+            return Ok(BTreeMap::new());
+        }
+        let mut conn = self.conn.clone();
+        let all: BTreeMap<String, String> = redis::cmd("HGETALL")
+            .arg(status_key(uid, id))
+            .query_async(&mut conn)
+            .await
+            .map_err(store_error)?;
+        all.into_iter()
+            .map(|(k, v)| match TranscriptStatus::parse(&v) {
+                Some(s) => Ok((k, s)),
+                None => Err(ConversationError::Corrupt(format!(
+                    "unknown transcript status {v:?}"
+                ))),
+            })
+            .collect()
+    }
+
     async fn transcript_inner(
         &self,
         uid: &str,
@@ -377,7 +435,8 @@ impl RedisConversationStore {
             let mut inv = self.delete.prepare_invoke();
             inv.key(bucket_key(uid, day)).key(days_key(uid));
             for c in &gone {
-                inv.key(transcript_key(uid, &c.id));
+                inv.key(transcript_key(uid, &c.id))
+                    .key(status_key(uid, &c.id));
             }
             inv.arg(*version).arg(content).arg(day);
             let mut conn = self.conn.clone();
@@ -485,6 +544,23 @@ impl ConversationStore for RedisConversationStore {
         id: &'a str,
     ) -> BoxFuture<'a, Result<Vec<TranscriptSegment>, ConversationError>> {
         Box::pin(self.transcript_inner(uid, id))
+    }
+
+    fn set_span_statuses<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+        statuses: Vec<(String, TranscriptStatus)>,
+    ) -> BoxFuture<'a, Result<(), ConversationError>> {
+        Box::pin(self.set_statuses_inner(uid, id, statuses))
+    }
+
+    fn span_statuses<'a>(
+        &'a self,
+        uid: &'a str,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<BTreeMap<String, TranscriptStatus>, ConversationError>> {
+        Box::pin(self.statuses_inner(uid, id))
     }
 
     fn delete<'a>(

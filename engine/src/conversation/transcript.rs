@@ -74,6 +74,53 @@ impl TranscriptSegment {
     }
 }
 
+/// How far a stretch of a conversation's audio (a sync span) got through transcription. A conversation's
+/// own status is the worst of its spans' ([`TranscriptStatus::worst`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TranscriptStatus {
+    /// Transcribed and stored: a re-upload sends none of it again.
+    Done,
+    /// Not transcribed yet (the request's time ran out, the engine's queue was full, or the entitlement could
+    /// not be read): a re-upload retries it.
+    Pending,
+    /// Beyond the user's STT budget for the day: a re-upload after the reset transcribes it.
+    BudgetExhausted,
+    /// The provider failed on it: a re-upload retries it.
+    Failed,
+}
+
+impl TranscriptStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TranscriptStatus::Done => "done",
+            TranscriptStatus::Pending => "pending",
+            TranscriptStatus::BudgetExhausted => "budget_exhausted",
+            TranscriptStatus::Failed => "failed",
+        }
+    }
+
+    pub fn parse(word: &str) -> Option<TranscriptStatus> {
+        [
+            TranscriptStatus::Done,
+            TranscriptStatus::Pending,
+            TranscriptStatus::BudgetExhausted,
+            TranscriptStatus::Failed,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == word)
+    }
+
+    /// The worst of some statuses (`None` when there are none): failed, then budget_exhausted, then
+    /// pending, then done.
+    pub fn worst(statuses: impl IntoIterator<Item = TranscriptStatus>) -> Option<TranscriptStatus> {
+        statuses.into_iter().max()
+    }
+}
+
+/// Span statuses one conversation keeps (a sync span is at least 1 s, a conversation at most 4 h).
+pub const MAX_SPAN_STATUSES_PER_CONVERSATION: usize = 20_000;
+
 /// What an add did: `stored` segments written (new or replaced), `refused` ones past
 /// [`MAX_SEGMENTS_PER_CONVERSATION`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -133,6 +180,27 @@ mod tests {
             0.0,
             "pre-roll before the start"
         );
+    }
+
+    #[test]
+    fn the_worst_status_wins_and_words_round_trip() {
+        use TranscriptStatus::*;
+        assert_eq!(TranscriptStatus::worst([]), None);
+        assert_eq!(TranscriptStatus::worst([Done, Done]), Some(Done));
+        assert_eq!(TranscriptStatus::worst([Done, Pending]), Some(Pending));
+        assert_eq!(
+            TranscriptStatus::worst([Pending, BudgetExhausted, Done]),
+            Some(BudgetExhausted)
+        );
+        assert_eq!(
+            TranscriptStatus::worst([Failed, BudgetExhausted]),
+            Some(Failed)
+        );
+        for s in [Done, Pending, BudgetExhausted, Failed] {
+            assert_eq!(TranscriptStatus::parse(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        assert_eq!(TranscriptStatus::parse("Done"), None);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
+use crate::audio::codec::Codec;
 use crate::audio::filename::parse_sync_name;
 use crate::pipeline::offline::{FileAnalysis, InputFormat, analyze};
 use crate::pipeline::stream::PipelineConfig;
@@ -31,6 +32,9 @@ pub struct Analysed {
     pub(super) sha256: String,
     pub(super) start_ms: u64,
     pub(super) limitless: bool,
+    /// The saved file (read again to transcribe its spans) and its codec, once the name was valid.
+    pub(super) path: PathBuf,
+    pub(super) codec: Option<Codec>,
     /// Err: (code, message, whether the failure is the server's).
     pub(super) analysis: Result<FileAnalysis, (&'static str, String, bool)>,
 }
@@ -98,6 +102,8 @@ fn analyse_file(f: &SyncFile, now_s: u64, cfg: &PipelineConfig) -> Analysed {
         sha256: f.sha256_hex.clone(),
         start_ms: 0,
         limitless: false,
+        path: f.path.clone(),
+        codec: None,
         analysis: Err(("internal", String::new(), true)),
     };
     let (spec, start_ms) = match parse_sync_name(&f.name, now_s) {
@@ -109,6 +115,7 @@ fn analyse_file(f: &SyncFile, now_s: u64, cfg: &PipelineConfig) -> Analysed {
     };
     out.start_ms = start_ms;
     out.limitless = spec.limitless;
+    out.codec = Some(spec.codec);
     let file = match File::open(&f.path) {
         Ok(file) => file,
         Err(e) => {

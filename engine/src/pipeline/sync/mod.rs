@@ -8,29 +8,36 @@
 //!    backfill is charged to today's allowance ([`crate::store::backfill`]) before it is metered and
 //!    refunded when it turns out not to be metered. Then the file's raw (pre-merge) speech is metered under
 //!    its content SHA-256: a re-upload never meters twice.
-//! 3. Restrict stage with the daily STT budget used up: [`SyncOutcome::SttBudgetExhausted`] (speech is
-//!    metered, no conversation is touched; the client retries after the reset).
+//! 3. The daily STT budget (throttle, restrict) never refuses a sync: the speech is metered and the
+//!    conversations written as always; what the budget does not cover is stored `budget_exhausted` (step 5).
 //! 4. Merged segments (120 s rule, ≥ [`MIN_SEGMENT_MS`]) become spans of conversations, created or merged
 //!    per user.
+//! 5. With a speech-to-text provider, each span is transcribed ([`transcribe`]): segments stored with its
+//!    conversation, a per-span `transcript_status`, spans already `done` never sent (nor charged) again.
+//!    The upload's temp files must stay readable until [`settle`] returns.
 //!
 //! Credits exhausted do not stop a sync: the conversations are locked.
 
 mod files;
 #[cfg(test)]
 mod tests;
+mod transcribe;
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use self::files::failed;
 pub use self::files::{Analysed, FileResult, SyncFile, analyse};
-use crate::conversation::{ConversationError, ConversationStore, Upsert};
+use self::transcribe::SpanWork;
+pub use self::transcribe::{STT_WAIT, decode_span};
+use crate::conversation::{ConversationError, ConversationStore, TranscriptStatus, Upsert};
 use crate::fair_use::FairUse;
 use crate::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
 use crate::pipeline::offline::FileAnalysis;
+use crate::policy::SttAllowance;
 use crate::policy::backfill::{self, BackfillConfig, Lane};
-use crate::policy::{SttAllowance, SttDenied};
 use crate::store::backfill::{BackfillLedger, Charge};
+use crate::stt::SttProvider;
 use crate::telemetry::{SYNC_AUDIO_SECONDS_TOTAL, SYNC_FILES_BY_LANE_TOTAL, SYNC_FILES_TOTAL};
 use crate::time::{Clock, Span};
 
@@ -46,6 +53,8 @@ pub struct SyncServices {
     pub backfill: BackfillConfig,
     pub backfill_ledger: Arc<dyn BackfillLedger>,
     pub clock: Arc<dyn Clock>,
+    /// The node's speech-to-text provider; `None` (or the `none` provider) transcribes nothing.
+    pub stt: Option<Arc<dyn SttProvider>>,
 }
 
 /// One admitted sync request.
@@ -72,6 +81,12 @@ pub struct SyncReport {
     /// Speech metered by this request (0 for content metered before).
     pub metered_speech_ms: u64,
     pub locked: bool,
+    /// The worst transcription status of the request's spans (`done`, `pending`, `budget_exhausted`,
+    /// `failed`); absent when nothing was to be transcribed (no provider, no span).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transcript_status: Option<TranscriptStatus>,
+    /// STT charged to the user's daily counter by this request (what the provider received).
+    pub stt_ms: u64,
     pub files: Vec<FileResult>,
 }
 
@@ -101,13 +116,6 @@ pub enum SyncOutcome {
         report: SyncReport,
         retry_after_s: u64,
     },
-    /// Restrict stage with today's STT budget used up: the speech was metered, no conversation was
-    /// touched; `skipped_segments` spans wait for the reset, in `retry_after_s`.
-    SttBudgetExhausted {
-        report: SyncReport,
-        skipped_segments: usize,
-        retry_after_s: u64,
-    },
 }
 
 /// Why a file failed, for the request's outcome.
@@ -125,6 +133,8 @@ enum Failure {
 struct Tally {
     results: Vec<FileResult>,
     spans: Vec<Span>,
+    /// The spans again, with what transcribing them needs.
+    work: Vec<SpanWork>,
     speech_ms: u64,
     metered_ms: u64,
     server_failures: usize,
@@ -149,6 +159,8 @@ impl Tally {
             speech_ms: self.speech_ms,
             metered_speech_ms: self.metered_ms,
             locked,
+            transcript_status: None,
+            stt_ms: 0,
             files: self.results.clone(),
         }
     }
@@ -190,22 +202,6 @@ pub async fn settle(
         });
     }
 
-    if let SttAllowance::None {
-        reason: SttDenied::BudgetExhausted,
-        resets_at_ms,
-        ..
-    } = request.stt
-    {
-        let retry_after_s = resets_at_ms
-            .map(|at| at.saturating_sub(services.clock.now_ms()).div_ceil(1000))
-            .unwrap_or(3_600);
-        return Ok(SyncOutcome::SttBudgetExhausted {
-            report: tally.report(locked, Vec::new(), Vec::new()),
-            skipped_segments: tally.spans.len(),
-            retry_after_s,
-        });
-    }
-
     let source = if tally.limitless { "limitless" } else { "omi" };
     let outcome = services
         .conversations
@@ -217,7 +213,17 @@ pub async fn settle(
             target: request.target.filter(|s| !s.is_empty()),
         })
         .await?;
-    let report = tally.report(locked, outcome.new, outcome.updated);
+    let touched: Vec<String> = outcome
+        .new
+        .iter()
+        .chain(&outcome.updated)
+        .cloned()
+        .collect();
+    let work = std::mem::take(&mut tally.work);
+    let transcribed = transcribe::transcribe(services, uid, request.stt, &touched, work).await;
+    let mut report = tally.report(locked, outcome.new, outcome.updated);
+    report.transcript_status = transcribed.status;
+    report.stt_ms = transcribed.stt_ms;
     if tally.allowance_refused > 0 {
         // What fitted was metered and joined conversations; the rest waits for the next UTC day.
         return Ok(SyncOutcome::BackfillAllowanceExhausted {
@@ -318,15 +324,26 @@ async fn settle_file(
     };
     tally.limitless |= a.limitless;
     tally.speech_ms += fa.speech_ms;
-    tally.spans.extend(
-        fa.merged_segments_ms
-            .iter()
-            .filter(|[s, e]| e.saturating_sub(*s) >= MIN_SEGMENT_MS)
-            .map(|[s, e]| Span {
-                start: a.start_ms + s,
-                end: a.start_ms + e,
-            }),
-    );
+    let merged = fa
+        .merged_segments_ms
+        .iter()
+        .filter(|[s, e]| e.saturating_sub(*s) >= MIN_SEGMENT_MS);
+    tally.spans.extend(merged.clone().map(|[s, e]| Span {
+        start: a.start_ms + s,
+        end: a.start_ms + e,
+    }));
+    if let Some(codec) = a.codec {
+        tally.work.extend(merged.map(|m| {
+            SpanWork::new(
+                &a.sha256,
+                a.path.clone(),
+                codec,
+                a.start_ms,
+                *m,
+                &fa.raw_spans,
+            )
+        }));
+    }
     tally.results.push(FileResult {
         file: a.name,
         status: file_status,

@@ -10,7 +10,7 @@ use crate::conversation::MemoryConversationStore;
 use crate::fair_use::{FairUseParts, NoSessions, classifier_from_config};
 use crate::meter::{Meter, MeterConfig};
 use crate::pipeline::stream::PipelineConfig;
-use crate::policy::FairUseConfig;
+use crate::policy::{FairUseConfig, SttDenied};
 use crate::store::MemoryStore;
 use crate::store::backfill::MemoryBackfillLedger;
 use crate::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
@@ -79,6 +79,7 @@ fn world(backfill: BackfillConfig) -> World {
             backfill,
             backfill_ledger: ledger.clone(),
             clock,
+            stt: None,
         },
         conversations,
         ledger,
@@ -251,9 +252,125 @@ async fn a_recording_older_than_the_lookback_is_refused_for_good() {
     }
 }
 
+/// A batch provider double: answers every request at once with one result per chunk the local engine would
+/// send (cut at the speech runs), and records what it received.
+#[derive(Default)]
+struct BatchDouble {
+    /// Per request: (samples in the request, samples forwarded).
+    received: std::sync::Mutex<Vec<(usize, u64)>>,
+}
+
+impl BatchDouble {
+    fn forwarded_samples(&self) -> u64 {
+        self.received.lock().unwrap().iter().map(|r| r.1).sum()
+    }
+    fn requests(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+}
+
+impl crate::stt::SttProvider for BatchDouble {
+    fn kind(&self) -> crate::stt::ProviderKind {
+        crate::stt::ProviderKind::Local
+    }
+    fn open_stream(
+        &self,
+        _: crate::stt::StreamOptions,
+        _: crate::stt::ResultSink,
+    ) -> Result<Box<dyn crate::stt::StreamHandle>, crate::stt::SttError> {
+        Err(crate::stt::SttError::Closed)
+    }
+    fn transcribe_batch(
+        &self,
+        request: crate::stt::BatchRequest,
+    ) -> Result<crate::stt::BatchTicket, crate::stt::SttError> {
+        use crate::stt::chunk::{MAX_CHUNK_SAMPLES, batch_chunks};
+        let mut out = crate::stt::BatchOutput::default();
+        for (n, (s, e)) in batch_chunks(&request.samples, &request.speech, MAX_CHUNK_SAMPLES)
+            .into_iter()
+            .enumerate()
+        {
+            out.forwarded_samples += (e - s) as u64;
+            out.results.push(crate::stt::SttResult {
+                kind: crate::stt::ResultKind::Final,
+                text: format!("chunk {n}"),
+                start_ms: s as u64 / 16,
+                end_ms: e as u64 / 16,
+                confidence: None,
+                words: Vec::new(),
+                speaker: None,
+            });
+        }
+        self.received
+            .lock()
+            .unwrap()
+            .push((request.samples.len(), out.forwarded_samples));
+        let (reply, ticket) = crate::stt::provider::batch_ticket();
+        reply.send(Ok(out));
+        Ok(ticket)
+    }
+}
+
+fn transcribing(w: &mut World) -> Arc<BatchDouble> {
+    let double = Arc::new(BatchDouble::default());
+    w.services.stt = Some(double.clone());
+    double
+}
+
+async fn statuses(w: &World, id: &str) -> Vec<TranscriptStatus> {
+    let all = w.conversations.span_statuses("u", id).await.unwrap();
+    all.values().copied().collect()
+}
+
 #[actix::test]
-async fn an_exhausted_stt_budget_meters_the_speech_but_touches_no_conversation() {
-    let w = world(BackfillConfig::default());
+async fn spans_are_transcribed_once_and_a_reupload_charges_nothing_again() {
+    let mut w = world(BackfillConfig::default());
+    let double = transcribing(&mut w);
+    let files = [file(name(60), fixture("d01"), "aa")];
+    let first = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(
+        first.transcript_status,
+        Some(TranscriptStatus::Done),
+        "{first:?}"
+    );
+    let forwarded = double.forwarded_samples();
+    assert!(forwarded > 0);
+    assert_eq!(first.stt_ms, crate::time::samples_to_ms(forwarded, 16_000));
+    // Only the speech runs were sent: no more than the file's speech (the runs are what is metered).
+    assert!(first.stt_ms <= first.speech_ms + 1, "{first:?}");
+    let id = &first.new_memories[0];
+    let segments = w.conversations.transcript("u", id).await.unwrap();
+    assert!(!segments.is_empty());
+    assert!(
+        segments.iter().all(|s| s.id.starts_with("aa:")),
+        "{segments:?}"
+    );
+    let conv = w.conversations.get("u", id).await.unwrap().unwrap();
+    assert!(
+        segments
+            .iter()
+            .all(|s| s.start_ms >= conv.started_at_ms && s.end_ms <= conv.finished_at_ms)
+    );
+    assert!(
+        statuses(&w, id)
+            .await
+            .iter()
+            .all(|s| *s == TranscriptStatus::Done)
+    );
+    let requests = double.requests();
+
+    let again = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(again.files[0].status, "duplicate");
+    assert_eq!(again.transcript_status, Some(TranscriptStatus::Done));
+    assert_eq!(again.stt_ms, 0, "nothing charged twice");
+    assert_eq!(double.requests(), requests, "nothing sent twice");
+    assert_eq!(w.conversations.transcript("u", id).await.unwrap(), segments);
+}
+
+#[actix::test]
+async fn an_exhausted_stt_budget_still_writes_the_conversation_and_defers_its_transcript() {
+    let mut w = world(BackfillConfig::default());
+    let double = transcribing(&mut w);
     let files = [file(name(60), fixture("d01"), "ii")];
     let stt = SttAllowance::None {
         reason: SttDenied::BudgetExhausted,
@@ -261,18 +378,63 @@ async fn an_exhausted_stt_budget_meters_the_speech_but_touches_no_conversation()
         used_ms: 60_000,
         resets_at_ms: Some(T0 + 4_500),
     };
-    match sync(&w, &files, stt).await {
-        SyncOutcome::SttBudgetExhausted {
-            report,
-            skipped_segments,
-            retry_after_s,
-        } => {
-            assert_eq!(retry_after_s, 5);
-            assert!(skipped_segments > 0);
-            assert_eq!(report.metered_speech_ms, report.speech_ms);
-            assert!(report.speech_ms > 0);
-        }
-        other => panic!("{other:?}"),
+    let report = done(sync(&w, &files, stt).await);
+    assert_eq!(report.metered_speech_ms, report.speech_ms);
+    assert!(report.speech_ms > 0);
+    assert_eq!(
+        report.transcript_status,
+        Some(TranscriptStatus::BudgetExhausted)
+    );
+    assert_eq!((report.stt_ms, double.requests()), (0, 0), "nothing sent");
+    assert_eq!(conversation_count(&w).await, 1);
+    // The budget is back (a new day): the re-upload transcribes what was deferred, and meters nothing.
+    let again = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(again.metered_speech_ms, 0);
+    assert_eq!(again.transcript_status, Some(TranscriptStatus::Done));
+    assert!(again.stt_ms > 0 && double.requests() > 0);
+}
+
+#[actix::test]
+async fn a_partial_budget_transcribes_the_spans_it_covers_and_a_reupload_only_the_rest() {
+    let mut w = world(BackfillConfig::default());
+    let double = transcribing(&mut w);
+    // Two files an hour apart: two conversations, one span each at least.
+    let files = [
+        file(name(7_200), fixture("d01"), "p1"),
+        file(name(3_600), fixture("d09"), "p2"),
+    ];
+    let first_alone = analyse(&files[..1], T0 / 1000, &PipelineConfig::default());
+    let first_speech = match &first_alone[0].analysis {
+        Ok(fa) => fa.speech_ms,
+        Err(e) => panic!("{e:?}"),
+    };
+    let stt = SttAllowance::Remaining {
+        remaining_ms: first_speech + 10,
+        daily_limit_ms: 1_800_000,
+        used_ms: 0,
+        resets_at_ms: T0 + 4_500,
+    };
+    let report = done(sync(&w, &files, stt).await);
+    assert_eq!(report.new_memories.len(), 2, "{report:?}");
+    assert_eq!(
+        report.transcript_status,
+        Some(TranscriptStatus::BudgetExhausted)
+    );
+    assert!(report.stt_ms <= first_speech + 10, "{report:?}");
+    let sent = double.requests();
+    let mut all = Vec::new();
+    for id in &report.new_memories {
+        all.extend(statuses(&w, id).await);
     }
-    assert_eq!(conversation_count(&w).await, 0);
+    assert!(all.contains(&TranscriptStatus::Done), "{all:?}");
+    assert!(all.contains(&TranscriptStatus::BudgetExhausted), "{all:?}");
+    let deferred = all.iter().filter(|s| **s != TranscriptStatus::Done).count();
+
+    let again = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(again.transcript_status, Some(TranscriptStatus::Done));
+    assert_eq!(
+        double.requests(),
+        sent + deferred,
+        "only the deferred spans are sent"
+    );
 }

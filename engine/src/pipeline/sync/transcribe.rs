@@ -1,0 +1,327 @@
+//! A sync upload's transcription: each merged span of its files (120 s merge, 300 s split, ≥ 1 s) is decoded
+//! again from the upload's temp file, sent through the provider's batch path with its speech runs, and its
+//! segments stored with the conversation it joined, with a per-span status (`done`, `pending`,
+//! `budget_exhausted`, `failed`) keyed by `<content sha256>:<start ms>-<end ms>` (times in the file).
+//!
+//! - A span already `done` (an earlier upload of the same content) is skipped: nothing is sent or charged
+//!   twice. Any other status is retried by a re-upload.
+//! - What the provider received (`forwarded_samples`) is charged to the user's daily STT counter. Under a
+//!   daily budget a span is sent only when its speech fits what is left; beyond it: `budget_exhausted`.
+//! - The request stays bounded: no span starts after [`STT_WAIT`] (the rest is `pending`), one span is at
+//!   most 300 s of audio, and a full engine queue leaves the span `pending`.
+//! - Segment ids are `<span key>:<n>`: a retry replaces, never duplicates.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::audio::codec::{Codec, DecodeError, Decoder};
+use crate::audio::container::{MAX_OPUS_RECORD, MAX_PCM_RECORD, Next, RecordReader};
+use crate::audio::resample::{Resampler, TARGET_RATE};
+use crate::conversation::{ConversationStore, TranscriptSegment, TranscriptStatus, dedup_key};
+use crate::policy::{SttAllowance, SttDenied};
+use crate::stt::{BatchRequest, ProviderKind, SttError, SttProvider};
+use crate::time::{Span, samples_to_ms};
+
+use super::SyncServices;
+
+/// No span starts transcribing after the request has spent this long on transcription: the rest is stored
+/// `pending` (a re-upload transcribes it), so an upload never holds its connection for long.
+pub const STT_WAIT: Duration = Duration::from_secs(60);
+
+/// One merged span of one file, to transcribe.
+#[derive(Debug, Clone)]
+pub(super) struct SpanWork {
+    /// `<sha256>:<start ms>-<end ms>`, times relative to the file's start.
+    pub(super) key: String,
+    pub(super) path: PathBuf,
+    pub(super) codec: Codec,
+    /// The span in 16 kHz samples from the file's start.
+    pub(super) samples: (u64, u64),
+    /// The speech runs inside it, relative to its first sample.
+    pub(super) runs: Vec<(u64, u64)>,
+    /// The span in absolute epoch ms (as the conversation holds it).
+    pub(super) abs: Span,
+}
+
+impl SpanWork {
+    /// The span of `merged_ms` (file-relative ms) of a file starting at `start_ms` with raw runs `raw`
+    /// (file-relative 16 kHz samples).
+    pub(super) fn new(
+        sha256: &str,
+        path: PathBuf,
+        codec: Codec,
+        start_ms: u64,
+        merged_ms: [u64; 2],
+        raw: &[Span],
+    ) -> SpanWork {
+        let per_ms = u64::from(TARGET_RATE) / 1000;
+        let (s, e) = (merged_ms[0] * per_ms, merged_ms[1] * per_ms);
+        let runs = raw
+            .iter()
+            .filter(|r| r.end > s && r.start < e)
+            .map(|r| (r.start.max(s) - s, r.end.min(e) - s))
+            .collect();
+        SpanWork {
+            key: format!("{sha256}:{}-{}", merged_ms[0], merged_ms[1]),
+            path,
+            codec,
+            samples: (s, e),
+            runs,
+            abs: Span {
+                start: start_ms + merged_ms[0],
+                end: start_ms + merged_ms[1],
+            },
+        }
+    }
+
+    fn speech_samples(&self) -> u64 {
+        self.runs.iter().map(|(s, e)| e - s).sum()
+    }
+}
+
+/// What the request's transcription did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Transcribed {
+    /// The worst status of the request's spans (`None`: nothing to transcribe, or no provider).
+    pub(super) status: Option<TranscriptStatus>,
+    /// STT ms charged to the user by this request.
+    pub(super) stt_ms: u64,
+}
+
+/// Transcribes the spans the request put into conversations (`ids`: the conversations it touched).
+pub(super) async fn transcribe(
+    services: &SyncServices,
+    uid: &str,
+    allowance: SttAllowance,
+    ids: &[String],
+    work: Vec<SpanWork>,
+) -> Transcribed {
+    let Some(provider) = services
+        .stt
+        .clone()
+        .filter(|p| p.kind() != ProviderKind::None)
+    else {
+        return Transcribed::default();
+    };
+    if work.is_empty() {
+        return Transcribed::default();
+    }
+    let store = services.conversations.as_ref();
+    let owners = owners(store, uid, ids).await;
+    let mut budget_ms = match allowance {
+        SttAllowance::Unlimited => None,
+        SttAllowance::Remaining { remaining_ms, .. } => Some(remaining_ms),
+        SttAllowance::None { .. } => Some(0),
+    };
+    // Paid STT fails closed on an unknown entitlement: the spans wait (`pending`) for a re-upload.
+    let closed = matches!(
+        allowance,
+        SttAllowance::None {
+            reason: SttDenied::EntitlementUnknown,
+            ..
+        }
+    );
+    let began = Instant::now();
+    let mut out = Transcribed::default();
+    let mut known: HashMap<String, BTreeMap<String, TranscriptStatus>> = HashMap::new();
+    for span in work {
+        let Some(id) = owners.get(&dedup_key(&span.abs)) else {
+            tracing::warn!(message = "A sync span is in no conversation it touched.", uid, key = %span.key);
+            continue;
+        };
+        if !known.contains_key(id) {
+            let statuses = store.span_statuses(uid, id).await.unwrap_or_else(|e| {
+                tracing::warn!(message = "Reading span statuses failed.", uid, error = %e);
+                BTreeMap::new()
+            });
+            known.insert(id.clone(), statuses);
+        }
+        if known
+            .get(id)
+            .and_then(|k| k.get(&span.key))
+            .is_some_and(|s| *s == TranscriptStatus::Done)
+        {
+            out.status = out.status.max(Some(TranscriptStatus::Done));
+            continue;
+        }
+        let speech_ms = samples_to_ms(span.speech_samples(), TARGET_RATE);
+        let status = if closed || began.elapsed() >= STT_WAIT {
+            TranscriptStatus::Pending
+        } else if budget_ms.is_some_and(|left| left < speech_ms) {
+            TranscriptStatus::BudgetExhausted
+        } else {
+            let (status, charged) = one_span(services, provider.as_ref(), uid, id, &span).await;
+            out.stt_ms += charged;
+            budget_ms = budget_ms.map(|left| left.saturating_sub(charged));
+            status
+        };
+        if let Err(e) = store
+            .set_span_statuses(uid, id, vec![(span.key.clone(), status)])
+            .await
+        {
+            tracing::warn!(message = "Storing a span status failed.", uid, error = %e);
+        }
+        out.status = out.status.max(Some(status));
+    }
+    out
+}
+
+/// Which conversation holds each span (by its duplicate key).
+async fn owners(
+    store: &dyn ConversationStore,
+    uid: &str,
+    ids: &[String],
+) -> HashMap<(u64, u64), String> {
+    let mut owners = HashMap::new();
+    for id in ids {
+        match store.get(uid, id).await {
+            Ok(Some(c)) => {
+                for s in &c.spans {
+                    owners.insert(dedup_key(s), c.id.clone());
+                }
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(message = "Reading a conversation failed.", uid, error = %e),
+        }
+    }
+    owners
+}
+
+/// Decodes, transcribes, charges and stores one span; returns its status and the STT ms charged.
+async fn one_span(
+    services: &SyncServices,
+    provider: &dyn SttProvider,
+    uid: &str,
+    id: &str,
+    span: &SpanWork,
+) -> (TranscriptStatus, u64) {
+    let (path, codec, range) = (span.path.clone(), span.codec, span.samples);
+    let samples = match tokio::task::spawn_blocking(move || decode_span(&path, codec, range)).await
+    {
+        Ok(Ok(samples)) => samples,
+        Ok(Err(error)) => {
+            tracing::warn!(message = "Decoding a sync span failed.", uid, key = %span.key, %error);
+            return (TranscriptStatus::Failed, 0);
+        }
+        Err(error) => {
+            tracing::warn!(message = "The span decoder task failed.", uid, %error);
+            return (TranscriptStatus::Pending, 0);
+        }
+    };
+    let request = BatchRequest {
+        samples: Arc::from(samples),
+        speech: span.runs.clone(),
+        language: "en".to_owned(),
+    };
+    let output = match provider.transcribe_batch(request) {
+        Ok(ticket) => ticket.recv().await,
+        Err(e) => Err(e),
+    };
+    let output = match output {
+        Ok(output) => output,
+        Err(SttError::QueueFull { .. }) => return (TranscriptStatus::Pending, 0),
+        Err(error) => {
+            tracing::warn!(message = "Transcribing a sync span failed.", uid, key = %span.key, %error);
+            return (TranscriptStatus::Failed, 0);
+        }
+    };
+    let charged = samples_to_ms(output.forwarded_samples, TARGET_RATE);
+    if charged > 0
+        && let Err(error) = services.fair_use.record_stt(uid, charged).await
+    {
+        tracing::warn!(message = "Recording sync STT usage failed.", uid, %error);
+    }
+    let segments: Vec<TranscriptSegment> = output
+        .results
+        .iter()
+        .filter(|r| !r.text.trim().is_empty())
+        .enumerate()
+        .map(|(n, r)| {
+            TranscriptSegment::new(
+                format!("{}:{n}", span.key),
+                &r.text,
+                r.speaker.unwrap_or(0),
+                span.abs.start + r.start_ms,
+                span.abs.start + r.end_ms,
+            )
+        })
+        .collect();
+    match services.conversations.add_segments(uid, id, segments).await {
+        Ok(_) => (TranscriptStatus::Done, charged),
+        Err(error) => {
+            tracing::warn!(message = "Storing sync transcript segments failed.", uid, %error);
+            (TranscriptStatus::Failed, charged)
+        }
+    }
+}
+
+/// The 16 kHz samples `[start, end)` of a saved device file, decoded again from its start (the analysis
+/// kept no audio). Blocking. A corrupt packet is skipped as the analysis skipped it, so positions agree.
+pub fn decode_span(
+    path: &PathBuf,
+    codec: Codec,
+    (start, end): (u64, u64),
+) -> Result<Vec<f32>, String> {
+    let file = File::open(path).map_err(|e| format!("temp file unreadable: {e}"))?;
+    let max = if codec.is_opus() {
+        MAX_OPUS_RECORD
+    } else {
+        MAX_PCM_RECORD
+    };
+    let mut records = RecordReader::new(BufReader::new(file), max);
+    let mut decoder = Decoder::new(codec).map_err(|e| e.to_string())?;
+    let mut resampler = if codec.sample_rate() == TARGET_RATE {
+        None
+    } else {
+        Some(Resampler::new(codec.sample_rate()).map_err(|e| e.to_string())?)
+    };
+    let cap = usize::try_from(end.saturating_sub(start)).unwrap_or(0);
+    let mut out = Vec::with_capacity(cap);
+    let (mut native, mut at16, mut buf) = (Vec::new(), Vec::new(), Vec::new());
+    let mut pos = 0u64;
+    let keep = |chunk: &[f32], pos: &mut u64, out: &mut Vec<f32>| {
+        let (from, to) = (*pos, *pos + chunk.len() as u64);
+        if to > start && from < end {
+            let a = (start.max(from) - from) as usize;
+            let b = (end.min(to) - from) as usize;
+            out.extend_from_slice(&chunk[a..b]);
+        }
+        *pos = to;
+    };
+    loop {
+        if pos >= end {
+            break;
+        }
+        match records.next_record(&mut buf) {
+            Ok(Next::Record { .. }) => {}
+            Ok(Next::End | Next::Truncated(_)) => break,
+            Err(e) => return Err(format!("reading the file failed: {e}")),
+        }
+        native.clear();
+        match decoder.decode(&buf, &mut native) {
+            Ok(_) => {}
+            Err(DecodeError::Packet(_)) => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+        match resampler.as_mut() {
+            None => keep(&native, &mut pos, &mut out),
+            Some(r) => {
+                at16.clear();
+                r.push(&native, &mut at16).map_err(|e| e.to_string())?;
+                keep(&at16, &mut pos, &mut out);
+            }
+        }
+    }
+    if pos < end
+        && let Some(r) = resampler.as_mut()
+    {
+        at16.clear();
+        r.finish(&mut at16).map_err(|e| e.to_string())?;
+        keep(&at16, &mut pos, &mut out);
+    }
+    Ok(out)
+}

@@ -80,6 +80,8 @@ pub struct Engine {
     /// The slots of per-user limits this node holds (sessions, …), counted across nodes in the store.
     pub leases: Leases,
     pub clock: Arc<dyn Clock>,
+    /// Audio sent to the STT provider before each speech run (`VOICEGATE_STT_PREROLL_MS`), for sync spans.
+    pub stt_preroll_ms: u64,
     /// `redis`, `redis_cluster` or `memory`.
     pub store_kind: &'static str,
     redis: Option<RedisConnection>,
@@ -174,6 +176,7 @@ impl Engine {
             backfill_ledger,
             leases,
             clock,
+            stt_preroll_ms: cfg.stt_preroll_ms,
             store_kind: kind,
             _redis_io: redis.clone().map(|c| Arc::new(redis_io_thread(c))),
             redis,

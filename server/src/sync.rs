@@ -130,6 +130,7 @@ async fn handle(
         backfill_ledger: engine.backfill_ledger.clone(),
         clock: engine.clock.clone(),
         stt: Some(stt.into_inner()),
+        stt_preroll_ms: engine.stt_preroll_ms,
     };
     let request = SyncRequest {
         uid: uid.to_owned(),

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use voicegate_engine::conversation::transcript::MAX_SEGMENTS_PER_CONVERSATION;
 use voicegate_engine::conversation::{
     ConversationError, ConversationStore, MemoryConversationStore, RedisConversationStore,
-    SegmentsAdded, TranscriptSegment, Upsert,
+    SegmentsAdded, TranscriptSegment, TranscriptStatus, Upsert,
 };
 use voicegate_engine::store::plans::{MemoryPlanStore, PlanRecordValue, PlanStore, RedisPlanStore};
 use voicegate_engine::store::test_redis::RedisServer;
@@ -223,6 +223,37 @@ async fn transcript_contract(store: Arc<dyn ConversationStore>) {
         );
     }
     assert!(store.transcript("b", first).await.unwrap().is_empty());
+    // Span statuses: set by key (the same key replaces), the owner's only.
+    assert!(store.span_statuses("a", first).await.unwrap().is_empty());
+    let set = |id: &str, uid: &str, key: &str, s: TranscriptStatus| {
+        let (store, id, uid, key) = (store.clone(), id.to_owned(), uid.to_owned(), key.to_owned());
+        async move { store.set_span_statuses(&uid, &id, vec![(key, s)]).await }
+    };
+    set(first, "a", "h:0-1000", TranscriptStatus::Pending)
+        .await
+        .unwrap();
+    set(first, "a", "h:2000-3000", TranscriptStatus::BudgetExhausted)
+        .await
+        .unwrap();
+    set(first, "a", "h:0-1000", TranscriptStatus::Done)
+        .await
+        .unwrap();
+    set(second, "a", "h:5000-9000", TranscriptStatus::Failed)
+        .await
+        .unwrap();
+    let st = store.span_statuses("a", first).await.unwrap();
+    assert_eq!(
+        st.into_iter().collect::<Vec<_>>(),
+        [
+            ("h:0-1000".to_owned(), TranscriptStatus::Done),
+            ("h:2000-3000".to_owned(), TranscriptStatus::BudgetExhausted)
+        ]
+    );
+    assert!(matches!(
+        set(first, "b", "h:0-1000", TranscriptStatus::Done).await,
+        Err(ConversationError::NotFound)
+    ));
+    assert!(store.span_statuses("b", first).await.unwrap().is_empty());
     // Bounded: past the limit new ids are refused (counted by the caller), known ids still replace.
     let many: Vec<TranscriptSegment> = (0..MAX_SEGMENTS_PER_CONVERSATION)
         .map(|i| segment(&format!("m-{i}"), 40_000, "w"))
@@ -263,12 +294,18 @@ async fn transcript_contract(store: Arc<dyn ConversationStore>) {
     assert!(!store.delete("a", first).await.unwrap());
     assert!(store.get("a", first).await.unwrap().is_none());
     assert!(store.transcript("a", first).await.unwrap().is_empty());
+    assert!(store.span_statuses("a", first).await.unwrap().is_empty());
     assert!(matches!(
         store
             .add_segments("a", first, vec![segment("late", 2_000, "late")])
             .await,
         Err(ConversationError::NotFound)
     ));
+    assert!(matches!(
+        set(first, "a", "h:0-1000", TranscriptStatus::Done).await,
+        Err(ConversationError::NotFound)
+    ));
+    assert_eq!(store.span_statuses("a", second).await.unwrap().len(), 1);
     assert!(store.transcript("a", first).await.unwrap().is_empty());
     assert!(
         store.get("a", second).await.unwrap().is_some(),
@@ -283,6 +320,7 @@ async fn transcript_contract(store: Arc<dyn ConversationStore>) {
     assert_eq!(store.delete_all("a").await.unwrap(), 1);
     assert_eq!(store.list("a", 10, 0).await.unwrap().conversations.len(), 0);
     assert!(store.transcript("a", second).await.unwrap().is_empty());
+    assert!(store.span_statuses("a", second).await.unwrap().is_empty());
     assert!(store.get("b", &b.new[0]).await.unwrap().is_some());
     assert_eq!(store.delete_all("a").await.unwrap(), 0);
     // A user starts again after an erasure.

@@ -36,5 +36,6 @@ mod sync_backfill;
 mod sync_e2e;
 mod sync_file_status;
 mod sync_gates;
+mod sync_transcripts;
 mod upload;
 mod upload_real_server;

@@ -1,6 +1,7 @@
 //! The gates of sync uploads end to end (real redis-server): restricted over a cap → 429 + Retry-After;
 //! credits exhausted → 200 with locked conversations that answer 402; a signed payment unlocks them and a
-//! badly signed one changes nothing; the restrict stage's STT budget → 429 `stt_budget_exhausted`.
+//! badly signed one changes nothing; the restrict stage's used-up STT budget refuses nothing (200, metered,
+//! conversations written; with no provider nothing is transcribed).
 
 use crate::common;
 
@@ -145,7 +146,7 @@ async fn exhausted_credits_lock_and_a_signed_payment_unlocks() {
 }
 
 #[actix_web::test]
-async fn restrict_stage_with_the_stt_budget_used_up_answers_429_and_meters_once() {
+async fn restrict_stage_with_the_stt_budget_used_up_still_answers_200_and_meters_once() {
     let mut fair = fair_use_on();
     fair.restrict_daily_stt_ms = 1_000;
     let server = EngineServer::start(fair, |_| {}).await;
@@ -157,15 +158,19 @@ async fn restrict_stage_with_the_stt_budget_used_up_answers_429_and_meters_once(
     assert_eq!(code, 200, "{body}");
     server.engine.fair_use.record_stt("r", 1_000).await.unwrap();
     let files = one_fixture(5, 900);
-    let (code, body, headers) = server.upload("r", "", &files).await;
-    assert_eq!(code, 429, "{body}");
-    assert_eq!(body["code"], "stt_budget_exhausted");
-    assert_eq!(body["dg_budget_exhausted"], true);
-    assert!(headers.contains_key("retry-after"));
+    let (code, body, _) = server.upload("r", "", &files).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["new_memories"].as_array().unwrap().len(), 1, "{body}");
+    assert_eq!(body["stt_ms"], 0, "{body}");
+    assert!(
+        body.get("transcript_status").is_none(),
+        "VOICEGATE_STT=none transcribes nothing: {body}"
+    );
     let metered = server.status_speech_ms("r").await["daily_ms"].clone();
     assert_eq!(metered, body["speech_ms"], "the speech is metered");
-    // A retry after the refusal does not meter it twice.
-    let (code, _, _) = server.upload("r", "", &files).await;
-    assert_eq!(code, 429);
+    // A retry does not meter it twice.
+    let (code, again, _) = server.upload("r", "", &files).await;
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(again["files"][0]["status"], "duplicate");
     assert_eq!(server.status_speech_ms("r").await["daily_ms"], metered);
 }

@@ -55,6 +55,8 @@ pub struct SyncServices {
     pub clock: Arc<dyn Clock>,
     /// The node's speech-to-text provider; `None` (or the `none` provider) transcribes nothing.
     pub stt: Option<Arc<dyn SttProvider>>,
+    /// Audio sent before each speech run (`VOICEGATE_STT_PREROLL_MS`), as for a live session.
+    pub stt_preroll_ms: u64,
 }
 
 /// One admitted sync request.
@@ -336,11 +338,11 @@ async fn settle_file(
         tally.work.extend(merged.map(|m| {
             SpanWork::new(
                 &a.sha256,
-                a.path.clone(),
-                codec,
+                (a.path.clone(), codec),
                 a.start_ms,
                 *m,
                 &fa.raw_spans,
+                services.stt_preroll_ms,
             )
         }));
     }

@@ -80,6 +80,7 @@ fn world(backfill: BackfillConfig) -> World {
             backfill_ledger: ledger.clone(),
             clock,
             stt: None,
+            stt_preroll_ms: 300,
         },
         conversations,
         ledger,
@@ -336,8 +337,10 @@ async fn spans_are_transcribed_once_and_a_reupload_charges_nothing_again() {
     let forwarded = double.forwarded_samples();
     assert!(forwarded > 0);
     assert_eq!(first.stt_ms, crate::time::samples_to_ms(forwarded, 16_000));
-    // Only the speech runs were sent: no more than the file's speech (the runs are what is metered).
-    assert!(first.stt_ms <= first.speech_ms + 1, "{first:?}");
+    // Only the speech runs were sent, with their pre-roll and hangover: more than the metered speech, far
+    // less than the file.
+    assert!(first.stt_ms >= first.speech_ms, "{first:?}");
+    assert!(first.stt_ms < first.files[0].duration_ms, "{first:?}");
     let id = &first.new_memories[0];
     let segments = w.conversations.transcript("u", id).await.unwrap();
     assert!(!segments.is_empty());
@@ -404,10 +407,12 @@ async fn a_partial_budget_transcribes_the_spans_it_covers_and_a_reupload_only_th
         file(name(3_600), fixture("d09"), "p2"),
     ];
     let first_alone = analyse(&files[..1], T0 / 1000, &PipelineConfig::default());
+    // What d01 costs with its pre-roll and hangover: transcribed alone, unlimited.
     let first_speech = match &first_alone[0].analysis {
         Ok(fa) => fa.speech_ms,
         Err(e) => panic!("{e:?}"),
     };
+    let first_speech = first_speech + first_speech / 2;
     let stt = SttAllowance::Remaining {
         remaining_ms: first_speech + 10,
         daily_limit_ms: 1_800_000,

@@ -10,6 +10,8 @@
 //! - The request stays bounded: no span starts after [`STT_WAIT`] (the rest is `pending`), one span is at
 //!   most 300 s of audio, and a full engine queue leaves the span `pending`.
 //! - Segment ids are `<span key>:<n>`: a retry replaces, never duplicates.
+//! - Each speech run goes with a pre-roll before it (`VOICEGATE_STT_PREROLL_MS`) and [`HANGOVER_MS`] after
+//!   it, within the span, as a live session sends it; that padded audio is what is charged.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -23,6 +25,7 @@ use crate::audio::container::{MAX_OPUS_RECORD, MAX_PCM_RECORD, Next, RecordReade
 use crate::audio::resample::{Resampler, TARGET_RATE};
 use crate::conversation::{ConversationStore, TranscriptSegment, TranscriptStatus, dedup_key};
 use crate::policy::{SttAllowance, SttDenied};
+use crate::stt::chunk::pad_runs;
 use crate::stt::{BatchRequest, ProviderKind, SttError, SttProvider};
 use crate::time::{Span, samples_to_ms};
 
@@ -32,6 +35,9 @@ use super::SyncServices;
 /// `pending` (a re-upload transcribes it), so an upload never holds its connection for long.
 pub const STT_WAIT: Duration = Duration::from_secs(60);
 
+/// Audio after each speech run that goes with it (a live session's detector hangover, docs/stt.md).
+pub const HANGOVER_MS: u64 = 100;
+
 /// One merged span of one file, to transcribe.
 #[derive(Debug, Clone)]
 pub(super) struct SpanWork {
@@ -39,42 +45,50 @@ pub(super) struct SpanWork {
     pub(super) key: String,
     pub(super) path: PathBuf,
     pub(super) codec: Codec,
-    /// The span in 16 kHz samples from the file's start.
+    /// The stretch decoded: the span in 16 kHz samples from the file's start, widened by the pre-roll and
+    /// hangover (the file may end sooner: the decoder stops there).
     pub(super) samples: (u64, u64),
     /// The speech runs inside it, relative to its first sample.
     pub(super) runs: Vec<(u64, u64)>,
     /// The span in absolute epoch ms (as the conversation holds it).
     pub(super) abs: Span,
+    /// Absolute epoch ms of the first decoded sample (`samples.0`): results' times count from it.
+    pub(super) from_ms: u64,
 }
 
 impl SpanWork {
     /// The span of `merged_ms` (file-relative ms) of a file starting at `start_ms` with raw runs `raw`
-    /// (file-relative 16 kHz samples).
+    /// (file-relative 16 kHz samples), each padded with `preroll_ms` before and [`HANGOVER_MS`] after.
     pub(super) fn new(
         sha256: &str,
-        path: PathBuf,
-        codec: Codec,
+        (path, codec): (PathBuf, Codec),
         start_ms: u64,
         merged_ms: [u64; 2],
         raw: &[Span],
+        preroll_ms: u64,
     ) -> SpanWork {
         let per_ms = u64::from(TARGET_RATE) / 1000;
+        let (pre, post) = (preroll_ms.saturating_mul(per_ms), HANGOVER_MS * per_ms);
+        // The decoded stretch reaches the pre-roll of the span's first run and the hangover of its last (the
+        // merged span runs from the first run's start to the last run's end).
         let (s, e) = (merged_ms[0] * per_ms, merged_ms[1] * per_ms);
-        let runs = raw
+        let (from, to) = (s.saturating_sub(pre), e + post);
+        let runs: Vec<(u64, u64)> = raw
             .iter()
             .filter(|r| r.end > s && r.start < e)
-            .map(|r| (r.start.max(s) - s, r.end.min(e) - s))
+            .map(|r| (r.start.max(s) - from, r.end.min(e) - from))
             .collect();
         SpanWork {
             key: format!("{sha256}:{}-{}", merged_ms[0], merged_ms[1]),
             path,
             codec,
-            samples: (s, e),
-            runs,
+            samples: (from, to),
+            runs: pad_runs(&runs, pre, post, to - from),
             abs: Span {
                 start: start_ms + merged_ms[0],
                 end: start_ms + merged_ms[1],
             },
+            from_ms: start_ms + samples_to_ms(from, TARGET_RATE),
         }
     }
 
@@ -245,8 +259,8 @@ async fn one_span(
                 format!("{}:{n}", span.key),
                 &r.text,
                 r.speaker.unwrap_or(0),
-                span.abs.start + r.start_ms,
-                span.abs.start + r.end_ms,
+                span.from_ms + r.start_ms,
+                span.from_ms + r.end_ms,
             )
         })
         .collect();

@@ -44,7 +44,6 @@ pub async fn sync_local_files(
     engine: web::Data<Engine>,
     limits: web::Data<UploadLimits>,
     slots: web::Data<UploadSlots>,
-    stt: web::Data<dyn SttProvider>,
 ) -> Result<HttpResponse, ApiError> {
     // Held until the answer (dropped with the request on every other path).
     let _slot = match slots.acquire(&user.uid).await {
@@ -61,7 +60,6 @@ pub async fn sync_local_files(
         payload,
         &engine,
         &limits,
-        stt,
     )
     .await;
     let outcome = match &result {
@@ -81,7 +79,6 @@ async fn handle(
     payload: web::Payload,
     engine: &Engine,
     limits: &UploadLimits,
-    stt: web::Data<dyn SttProvider>,
 ) -> Result<HttpResponse, ApiError> {
     // 1. Gates, before reading the body.
     let plan = engine.plan(uid).await;
@@ -129,7 +126,10 @@ async fn handle(
         backfill: engine.backfill,
         backfill_ledger: engine.backfill_ledger.clone(),
         clock: engine.clock.clone(),
-        stt: Some(stt.into_inner()),
+        // The node's provider (`VOICEGATE_STT`), registered by the app state; absent: nothing is transcribed.
+        stt: req
+            .app_data::<web::Data<dyn SttProvider>>()
+            .map(|p| p.clone().into_inner()),
         stt_preroll_ms: engine.stt_preroll_ms,
     };
     let request = SyncRequest {

@@ -12,7 +12,7 @@
 //!    conversations written as always; what the budget does not cover is stored `budget_exhausted` (step 5).
 //! 4. Merged segments (120 s rule, ≥ [`MIN_SEGMENT_MS`]) become spans of conversations, created or merged
 //!    per user.
-//! 5. With a speech-to-text provider, each span is transcribed ([`transcribe`]): segments stored with its
+//! 5. With a speech-to-text provider, each span is transcribed (`transcribe.rs`): segments stored with its
 //!    conversation, a per-span `transcript_status`, spans already `done` never sent (nor charged) again.
 //!    The upload's temp files must stay readable until [`settle`] returns.
 //!

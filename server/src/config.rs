@@ -8,77 +8,17 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, CommandFactory, Parser};
+use clap::Args;
 use voicegate_engine::meter::{MeterArgs, MeterConfig};
 use voicegate_engine::policy::{FairUseArgs, FairUseConfig};
 use voicegate_engine::stt::deepgram::DeepgramArgs;
 
-/// Every default of the server, in one place.
-pub mod defaults {
-    /// `VOICEGATE_BIND`.
-    pub const BIND: &str = "127.0.0.1:8080";
-    /// `VOICEGATE_STRIPE_TOLERANCE_SECS`: Stripe's own recommendation.
-    pub const STRIPE_TOLERANCE_SECS: u64 = 300;
-    /// `VOICEGATE_UPLOAD_MAX_FILE_BYTES`: 64 MiB, about 35 min of 16 kHz PCM or hours of Opus.
-    pub const UPLOAD_MAX_FILE_BYTES: u64 = 64 * 1024 * 1024;
-    /// `VOICEGATE_UPLOAD_MAX_FILES`.
-    pub const UPLOAD_MAX_FILES: usize = 64;
-    /// `VOICEGATE_UPLOAD_MAX_REQUEST_BYTES`: 256 MiB; also bounds the temp storage one request can hold.
-    pub const UPLOAD_MAX_REQUEST_BYTES: u64 = 256 * 1024 * 1024;
-    /// `VOICEGATE_WS_MAX_MESSAGE_BYTES`: 64 KiB, far above one Opus packet (≤ 4 KiB) or 1 s of 16 kHz PCM.
-    pub const WS_MAX_MESSAGE_BYTES: usize = 64 * 1024;
-    /// `VOICEGATE_WS_SESSIONS_PER_USER`.
-    pub const WS_SESSIONS_PER_USER: usize = 4;
-    /// `VOICEGATE_WS_MAX_SESSIONS`: listen sessions one node holds at most (each ~40 KiB and a socket; the
-    /// same bound actix-server put on connections per worker).
-    pub const WS_MAX_SESSIONS: usize = 25_000;
-    /// `VOICEGATE_LEASE_TTL_SECS`: a per-user limit's slot (e.g. a listen session) not refreshed for this
-    /// long is free again: how long a crashed node's sessions still count.
-    pub const LEASE_TTL_SECS: u64 = 30;
-    /// `VOICEGATE_LEASE_TIMEOUT_MS`: longest wait for the store when taking a slot, before the decision's
-    /// failure mode applies.
-    pub const LEASE_TIMEOUT_MS: u64 = 1_000;
-    /// `VOICEGATE_DRAIN_TIMEOUT_SECS`.
-    pub const DRAIN_TIMEOUT_SECS: u64 = 30;
-    /// `VOICEGATE_HEADER_TIMEOUT_SECS`: time from a connection (or the previous response) to a complete
-    /// request head.
-    pub const HEADER_TIMEOUT_SECS: u64 = 5;
-    /// `VOICEGATE_BODY_IDLE_TIMEOUT_SECS`: longest wait for the next byte of a request body.
-    pub const BODY_IDLE_TIMEOUT_SECS: u64 = 10;
-    /// `VOICEGATE_BODY_TIMEOUT_SECS`: the whole body of one request (a 256 MiB upload at ~4 Mbit/s).
-    pub const BODY_TIMEOUT_SECS: u64 = 600;
-    /// `VOICEGATE_BACKFILL_ALLOWANCE_MS`: backfill speech (sync files recorded over 24 h before arrival)
-    /// metered per user per UTC day: 4 speech-hours.
-    pub const BACKFILL_ALLOWANCE_MS: u64 = 4 * 3_600_000;
-    /// `VOICEGATE_BACKFILL_LOOKBACK_DAYS`: sync files recorded longer ago are refused `recording_too_old`.
-    pub const BACKFILL_LOOKBACK_DAYS: u64 = 30;
-    /// `VOICEGATE_WORKERS`: 0 = half the CPUs, at least one.
-    pub const WORKERS: usize = 0;
-    /// `VOICEGATE_WS_IDLE_TIMEOUT_SECS`: the reference's inactivity timeout.
-    pub const WS_IDLE_TIMEOUT_SECS: u64 = 90;
-    /// `VOICEGATE_LISTEN_THREADS`: 0 = one per CPU.
-    pub const LISTEN_THREADS: usize = 0;
-    /// `VOICEGATE_LISTEN_TICK_MS`: how often a session runs its pipeline on what arrived.
-    pub const LISTEN_TICK_MS: u64 = 50;
-    /// `VOICEGATE_LISTEN_BUFFER_MS`: audio one session's ring holds before frames are dropped.
-    pub const LISTEN_BUFFER_MS: u64 = 2_000;
-    /// `VOICEGATE_LISTEN_MAX_PACE`: a device streams at 1x; 4x leaves room for catching up after a stall.
-    pub const LISTEN_MAX_PACE: f64 = 4.0;
-    /// `VOICEGATE_LISTEN_BURST_MS`: a reconnecting device's backlog taken in at once (30 s of audio).
-    pub const LISTEN_BURST_MS: u64 = 30_000;
-    /// `VOICEGATE_SYNC_UPLOADS_PER_USER`.
-    pub const SYNC_UPLOADS_PER_USER: usize = 2;
-    /// `VOICEGATE_SYNC_MAX_UPLOADS`: each holds a descriptor and up to 256 MiB of temp storage.
-    pub const SYNC_MAX_UPLOADS: usize = 64;
-    /// `VOICEGATE_AUTH_FAILURES_PER_MINUTE`: a burst of this many, then this many a minute.
-    pub const AUTH_FAILURES_PER_MINUTE: u32 = 30;
-    /// `VOICEGATE_AUTH_THROTTLE_MAX_ADDRESSES`: ~100 bytes each.
-    pub const AUTH_THROTTLE_MAX_ADDRESSES: usize = 100_000;
-    /// `VOICEGATE_STT_LOCAL_THREADS`: one model (~180 MB idle, ~1.5 GB peak measured while transcribing).
-    pub const STT_LOCAL_THREADS: usize = 1;
-    /// `VOICEGATE_STT_PREROLL_MS`: audio sent before each speech run (the detector confirms a run late).
-    pub const STT_PREROLL_MS: u64 = 300;
-}
+pub mod defaults;
+mod table;
+
+#[cfg(test)]
+use table::ServeOnly;
+pub use table::markdown_table;
 
 /// Flags and environment of `voicegate serve`. Secrets are never printed (`hide_env_values`).
 #[derive(Debug, Clone, Args)]
@@ -509,59 +449,10 @@ impl ServeConfig {
     }
 }
 
-/// A stand-alone parser over [`ServeConfig`], used to introspect the flags for the docs table.
-#[derive(Debug, Parser)]
-#[command(name = "serve")]
-struct ServeOnly {
-    #[command(flatten)]
-    config: ServeConfig,
-}
-
-/// The Markdown table of every flag (the server's, then the meter's and fair use's), its environment
-/// variable, default and meaning.
-pub fn markdown_table() -> String {
-    let cmd = ServeOnly::command();
-    let mut out = String::from("| Flag | Environment | Default | Meaning |\n|---|---|---|---|\n");
-    let mut heading = None;
-    for arg in cmd.get_arguments() {
-        let Some(long) = arg.get_long() else { continue };
-        if long == "help" {
-            continue;
-        }
-        // The engine's settings come in groups (`--help` prints them under the same headings).
-        if arg.get_help_heading() != heading {
-            heading = arg.get_help_heading();
-            if let Some(h) = heading {
-                out.push_str(&format!("| **{h}** | | | |\n"));
-            }
-        }
-        let env = arg
-            .get_env()
-            .map(|e| format!("`{}`", e.to_string_lossy()))
-            .unwrap_or_default();
-        let default: Vec<String> = arg
-            .get_default_values()
-            .iter()
-            .map(|v| v.to_string_lossy().into_owned())
-            .collect();
-        let default = if default.is_empty() {
-            "unset".to_owned()
-        } else {
-            format!("`{}`", default.join(","))
-        };
-        let help = arg
-            .get_help()
-            .map(|h| h.to_string())
-            .unwrap_or_default()
-            .replace('|', "\\|");
-        out.push_str(&format!("| `--{long}` | {env} | {default} | {help} |\n"));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, Parser};
 
     fn parse(args: &[&str]) -> ServeConfig {
         let mut full = vec!["serve"];

@@ -311,28 +311,6 @@ impl SessionCore {
         })
     }
 
-    /// Whether closed conversations piled up past [`MAX_CLOSING`]: the driver then completes store
-    /// operations before it reads more audio.
-    pub fn backlogged(&self) -> bool {
-        self.closing.len() > MAX_CLOSING && !self.write_waiting()
-    }
-
-    /// Whether a failed conversation write waits for its retry.
-    fn write_waiting(&self) -> bool {
-        self.write_delay.is_some() || self.write_retry_at_ms.is_some()
-    }
-
-    /// Closed conversations not written yet (queued, waiting for a retry, or in flight).
-    pub fn unwritten(&self) -> usize {
-        self.closing.len() + usize::from(self.writing.is_some())
-    }
-
-    /// Lets a failed write be retried at once (the driver's last attempts when the session ends).
-    pub fn retry_writes_now(&mut self) {
-        self.write_delay = None;
-        self.write_retry_at_ms = None;
-    }
-
     /// Applies a finished operation.
     pub fn op_done(&mut self, done: OpResult) {
         self.in_flight = InFlight::None;
@@ -475,33 +453,6 @@ impl SessionCore {
         tracing::error!(message = "Live pipeline failed.", uid = %self.params.uid, error = %e);
         metrics::counter!(t::LISTEN_PIPELINE_ERRORS_TOTAL, "reason" => e.code()).increment(1);
         self.error = Some(e.code());
-    }
-
-    fn handle_speech_events(&mut self) {
-        let mut events = std::mem::take(&mut self.speech);
-        for e in events.drain(..) {
-            match e {
-                SpeechEvent::Started(start) => {
-                    // Decided on the run's own start, not on when the tick saw it: batching (a lagging
-                    // pipeline, a fast client) never merges what the timeout separates.
-                    let gap_over = self.conversation.as_ref().is_some_and(|c| {
-                        start.saturating_sub(c.last_end) >= self.timeout_samples()
-                    });
-                    if gap_over {
-                        self.close_conversation();
-                    }
-                    self.out.push(LiveEvent::SpeechStarted {
-                        frames_received: self.frames_seen,
-                        at_ms: ms(start),
-                    });
-                    if let Some(feed) = self.stt.feed.as_mut() {
-                        feed.started(start);
-                    }
-                }
-                SpeechEvent::Ended(span) => self.speech_ended(span),
-            }
-        }
-        self.speech = events;
     }
 
     /// Tells the client about frames dropped since the last report.

@@ -18,6 +18,7 @@ use voicegate_engine::pipeline::stream::{PipelineConfig, SpeechPipeline};
 use voicegate_engine::time::samples_to_ms;
 
 use crate::auth::Authenticator;
+use crate::cli::Nodes;
 use crate::corpus::Corpus;
 use crate::sync::{SentFile, device_file_name, request_error_kind};
 
@@ -83,7 +84,7 @@ pub async fn run(
     corpus: Arc<Corpus>,
     traffic: Vec<UserTraffic>,
     client: reqwest::Client,
-    url: &str,
+    nodes: &Nodes,
     auth: &Authenticator,
     settle: Duration,
 ) -> CheckReport {
@@ -109,8 +110,10 @@ pub async fn run(
     };
     let deadline = Instant::now() + settle;
     let server: Vec<(Option<u64>, &'static str)> =
-        futures_util::stream::iter(traffic.iter().map(|t| {
+        futures_util::stream::iter(traffic.iter().enumerate().map(|(k, t)| {
             let client = client.clone();
+            // User k's first stream went to node k (one stream per user): its status is read on the next.
+            let url = nodes.pick(k + 1);
             async move { settled_status(&client, url, auth, t, deadline).await }
         }))
         .buffered(32)

@@ -21,9 +21,12 @@ pub struct Cli {
 
 #[derive(Debug, Args)]
 pub struct Common {
-    /// Base URL of the server (http://host:port); websocket URLs are derived from it.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:8080")]
-    pub url: String,
+    /// Base URL of the server (http://host:port); websocket URLs are derived from it. Several nodes of one
+    /// deployment: their URLs comma-separated. Realtime stream i goes to node i mod N (a user's streams to
+    /// consecutive nodes), a user's sync uploads and status reads to nodes other than its first stream's, on
+    /// purpose: nothing may depend on sticky routing.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8080", value_parser = parse_nodes)]
+    pub url: Nodes,
     /// `dev` (bearer = uid, for a loopback server in dev mode) or `hs256:<secret>` (mints JWTs).
     #[arg(long, global = true, default_value = "dev", value_parser = AuthMode::parse)]
     pub auth: AuthMode,
@@ -67,20 +70,68 @@ pub enum Scenario {
     Realtime(RealtimeArgs),
     /// Concurrent uploads of fixture files with Omi device names.
     Sync(SyncArgs),
-    /// Realtime streams and sync uploads at the same time (uploaders are the users after the streams).
+    /// Realtime streams and sync uploads at the same time (uploaders are the users after the streams,
+    /// or the streams' own users with --shared-users).
     Mixed {
         #[command(flatten)]
         realtime: RealtimeArgs,
         #[command(flatten)]
         sync: SyncArgs,
+        /// The uploaders are the first realtime users: one user streams and syncs at once (with several
+        /// nodes, on different nodes), and the check compares the sum with the status API.
+        #[arg(long)]
+        shared_users: bool,
     },
+}
+
+/// The base URLs of the nodes under test, without trailing slashes; never empty.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nodes(Vec<String>);
+
+impl Nodes {
+    pub fn all(&self) -> &[String] {
+        &self.0
+    }
+
+    /// Node `i` mod the number of nodes.
+    pub fn pick(&self, i: usize) -> &str {
+        // The list is never empty (`parse_nodes` refuses that), so the modulo is defined.
+        &self.0[i % self.0.len()]
+    }
+
+    /// The URLs comma-separated, as given (for the report).
+    pub fn joined(&self) -> String {
+        self.0.join(",")
+    }
+}
+
+fn parse_nodes(s: &str) -> Result<Nodes, String> {
+    let urls: Vec<String> = s
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/').to_owned())
+        .filter(|u| !u.is_empty())
+        .collect();
+    if urls.is_empty() {
+        return Err("expected at least one base URL (http://host:port)".into());
+    }
+    if let Some(bad) = urls
+        .iter()
+        .find(|u| !u.starts_with("http://") && !u.starts_with("https://"))
+    {
+        return Err(format!("{bad:?} is not an http:// or https:// base URL"));
+    }
+    Ok(Nodes(urls))
 }
 
 #[derive(Debug, Clone, Args)]
 pub struct RealtimeArgs {
-    /// Concurrent streams (one user each).
+    /// Concurrent streams.
     #[arg(long, default_value_t = 10)]
     pub streams: usize,
+    /// Streams per user (at most the server's VOICEGATE_WS_SESSIONS_PER_USER): streams i·K … i·K+K−1 are
+    /// user i's, and with several nodes they go to different nodes.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub streams_per_user: u16,
     /// Seconds of audio each stream sends (wall seconds at --pace 1).
     #[arg(long, default_value_t = 30.0)]
     pub duration: f64,
@@ -106,6 +157,13 @@ pub struct RealtimeArgs {
     pub max_p99_ms: Option<f64>,
 }
 
+impl RealtimeArgs {
+    /// How many users the streams belong to.
+    pub fn users(&self) -> usize {
+        self.streams.div_ceil(usize::from(self.streams_per_user))
+    }
+}
+
 fn positive_ms(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
@@ -129,4 +187,24 @@ pub struct SyncArgs {
     /// Seconds one upload may take before it counts as failed.
     #[arg(long, default_value_t = 300.0)]
     pub request_timeout: f64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_lists_are_trimmed_and_checked() {
+        let n = parse_nodes("http://a:1/, http://b:2").unwrap();
+        assert_eq!(n.all(), ["http://a:1", "http://b:2"]);
+        assert_eq!(n.pick(0), "http://a:1");
+        assert_eq!(n.pick(3), "http://b:2");
+        assert_eq!(n.joined(), "http://a:1,http://b:2");
+        assert!(parse_nodes(" , ").is_err());
+        assert!(
+            parse_nodes("http://a:1,b:2")
+                .unwrap_err()
+                .contains("\"b:2\"")
+        );
+    }
 }

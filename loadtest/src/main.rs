@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::auth::{Authenticator, unix_now};
 use crate::check::UserTraffic;
-use crate::cli::{Cli, Common, RealtimeArgs, Scenario, SyncArgs};
+use crate::cli::{Cli, Common, Nodes, RealtimeArgs, Scenario, SyncArgs};
 use crate::corpus::{Corpus, FRAME_MS, fixtures_dir};
 use crate::live::Live;
 use crate::pacer::RealtimeCtx;
@@ -62,16 +62,25 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<ExitCode, String> {
     let common = &cli.common;
-    let url = common.url.trim_end_matches('/').to_owned();
+    let nodes = common.url.clone();
     let prefix = common
         .users_prefix
         .clone()
         .unwrap_or_else(|| format!("lt{}p{}u", unix_now(), std::process::id()));
     let corpus = Arc::new(Corpus::load(&fixtures_dir(common.fixtures.clone()))?);
-    let (rt_args, sync_args, name) = match &cli.scenario {
-        Scenario::Realtime(r) => (Some(r.clone()), None, "realtime"),
-        Scenario::Sync(s) => (None, Some(s.clone()), "sync"),
-        Scenario::Mixed { realtime, sync } => (Some(realtime.clone()), Some(sync.clone()), "mixed"),
+    let (rt_args, sync_args, name, shared_users) = match &cli.scenario {
+        Scenario::Realtime(r) => (Some(r.clone()), None, "realtime", false),
+        Scenario::Sync(s) => (None, Some(s.clone()), "sync", false),
+        Scenario::Mixed {
+            realtime,
+            sync,
+            shared_users,
+        } => (
+            Some(realtime.clone()),
+            Some(sync.clone()),
+            "mixed",
+            *shared_users,
+        ),
     };
     let longest = rt_args
         .as_ref()
@@ -89,6 +98,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         .map_err(|e| format!("http client: {e}"))?;
     let live = Arc::new(Live::default());
     let streams = rt_args.as_ref().map_or(0, |r| r.streams);
+    let rt_users = rt_args.as_ref().map_or(0, |r| r.users());
+    let first_sync_user = if shared_users { 0 } else { rt_users };
     let uploads = sync_args
         .as_ref()
         .map_or(0, |s| (s.uploaders * s.rounds) as u64);
@@ -96,21 +107,22 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     let progress = live::spawn_progress(live.clone(), hidden, streams, uploads);
 
     let rt_task = rt_args.clone().map(|args| {
-        realtime_ctx(&args, &url, &corpus, &auth, &live)
+        realtime_ctx(&args, &nodes, &corpus, &auth, &live)
             .map(|ctx| tokio::spawn(run_realtime(ctx, args, prefix.clone(), common.threads)))
     });
     let sync_task = sync_args.clone().map(|args| {
         let ctx = Arc::new(SyncCtx {
             corpus: corpus.clone(),
             client: client.clone(),
-            url: url.clone(),
+            nodes: nodes.clone(),
+            first_user: first_sync_user,
             auth: auth.clone(),
             files: args.files,
             rounds: args.rounds,
             request_timeout: Duration::from_secs_f64(args.request_timeout.max(1.0)),
             live: live.clone(),
         });
-        tokio::spawn(run_sync(ctx, args, prefix.clone(), streams))
+        tokio::spawn(run_sync(ctx, args, prefix.clone(), first_sync_user))
     });
     let rt = match rt_task {
         Some(t) => Some(t?.await.map_err(|e| format!("realtime task: {e}"))?),
@@ -124,7 +136,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
 
     let mut report = Report {
         scenario: name.to_owned(),
-        url: url.clone(),
+        url: nodes.joined(),
         users_prefix: prefix,
         ..Report::default()
     };
@@ -133,21 +145,19 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         let mut r = realtime_report(outcomes, args, *wall, &mut report.errors);
         r.peak_concurrent = live.streams_peak.load(std::sync::atomic::Ordering::Relaxed);
         report.realtime = Some(r);
-        traffic.extend(outcomes.iter().map(|o| UserTraffic {
-            user: o.user.clone(),
-            sessions: vec![(o.start_clip, o.frames_sent)],
-            files: Vec::new(),
-            reported_ms: o.metadata.map_or(0, |m| m.speech_ms),
-        }));
+        for o in outcomes {
+            let t = user_traffic(&mut traffic, &o.user);
+            t.sessions.push((o.start_clip, o.frames_sent));
+            t.reported_ms += o.metadata.map_or(0, |m| m.speech_ms);
+        }
     }
     if let (Some((outcomes, wall)), Some(args)) = (&sy, &sync_args) {
         report.sync = Some(sync_report(outcomes, args, *wall, &mut report.errors));
-        traffic.extend(outcomes.iter().map(|o| UserTraffic {
-            user: o.user.clone(),
-            sessions: Vec::new(),
-            files: o.files_sent.clone(),
-            reported_ms: o.speech_ms,
-        }));
+        for o in outcomes {
+            let t = user_traffic(&mut traffic, &o.user);
+            t.files.extend(o.files_sent.iter().copied());
+            t.reported_ms += o.speech_ms;
+        }
     }
     let traffic_ok = report.errors.is_empty()
         && report
@@ -160,7 +170,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         let settle = Duration::from_secs(common.settle_secs);
         report.accounting =
-            Some(check::run(corpus.clone(), traffic, client, &url, &auth, settle).await);
+            Some(check::run(corpus.clone(), traffic, client, &nodes, &auth, settle).await);
     }
     let check_ok = report.accounting.as_ref().is_none_or(|c| c.passed);
     let latency_ok = report
@@ -194,25 +204,49 @@ fn emit(report: &Report, common: &Common) -> Result<(), String> {
     Ok(())
 }
 
+/// The traffic of `user`, added at the end the first time it is seen (users stay in order).
+fn user_traffic<'a>(traffic: &'a mut Vec<UserTraffic>, user: &str) -> &'a mut UserTraffic {
+    let at = match traffic.iter().position(|t| t.user == user) {
+        Some(at) => at,
+        None => {
+            traffic.push(UserTraffic {
+                user: user.to_owned(),
+                sessions: Vec::new(),
+                files: Vec::new(),
+                reported_ms: 0,
+            });
+            traffic.len() - 1
+        }
+    };
+    &mut traffic[at]
+}
+
 fn realtime_ctx(
     args: &RealtimeArgs,
-    url: &str,
+    nodes: &Nodes,
     corpus: &Arc<Corpus>,
     auth: &Authenticator,
     live: &Arc<Live>,
 ) -> Result<Arc<RealtimeCtx>, String> {
-    let ws_base = if let Some(rest) = url.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else if let Some(rest) = url.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else {
-        url.to_owned()
-    };
+    let targets = nodes
+        .all()
+        .iter()
+        .map(|url| {
+            let ws_base = if let Some(rest) = url.strip_prefix("https://") {
+                format!("wss://{rest}")
+            } else if let Some(rest) = url.strip_prefix("http://") {
+                format!("ws://{rest}")
+            } else {
+                url.to_owned()
+            };
+            Target::parse(&format!("{ws_base}/v4/listen?{}", args.query))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let pace = if args.pace > 0.0 { args.pace } else { 1.0 };
-    let target = Target::parse(&format!("{ws_base}/v4/listen?{}", args.query))?;
     Ok(Arc::new(RealtimeCtx {
         corpus: corpus.clone(),
-        target,
+        targets,
+        streams_per_user: usize::from(args.streams_per_user),
         auth: auth.clone(),
         pace,
         frames_per_stream: (args.duration.max(0.0) * 1_000.0 / FRAME_MS as f64).round() as u64,

@@ -25,7 +25,10 @@ use crate::wsframe::{OP_BINARY, OP_PONG, OP_TEXT, Target, encode};
 /// What every stream shares.
 pub struct RealtimeCtx {
     pub corpus: Arc<Corpus>,
-    pub target: Target,
+    /// One per node; stream i connects to `targets[i % len]` (never empty).
+    pub targets: Vec<Target>,
+    /// Stream i belongs to user i / this.
+    pub streams_per_user: usize,
     pub auth: Authenticator,
     pub pace: f64,
     pub frames_per_stream: u64,

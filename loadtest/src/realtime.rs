@@ -112,7 +112,7 @@ enum Flow {
     Closed(String),
 }
 
-/// Runs `n` streams (users `{prefix}0…`), their starts spread evenly over `ramp` seconds, on `threads`
+/// Runs `n` streams (users `{prefix}0…`, `ctx.streams_per_user` streams each, stream i on node i mod N), their starts spread evenly over `ramp` seconds, on `threads`
 /// harness threads; returns each stream's outcome, in order. Never panics: a thread or task that fails
 /// leaves an outcome with the error.
 pub async fn run_streams(
@@ -123,6 +123,7 @@ pub async fn run_streams(
     threads: usize,
 ) -> Vec<StreamOutcome> {
     let threads = threads.clamp(1, n.max(1));
+    let ctx_users_div = ctx.streams_per_user.max(1);
     let (tx, mut rx) = mpsc::unbounded_channel::<(usize, StreamOutcome)>();
     for t in 0..threads {
         let ids: Vec<usize> = (t..n).step_by(threads).collect();
@@ -157,7 +158,7 @@ pub async fn run_streams(
         .enumerate()
         .map(|(i, o)| {
             o.unwrap_or_else(|| StreamOutcome {
-                user: format!("{prefix}{i}"),
+                user: format!("{prefix}{}", i / ctx_users_div),
                 errors: vec!["task_failed".into()],
                 ..StreamOutcome::default()
             })
@@ -179,7 +180,8 @@ async fn run_thread(
     let mut streams = tokio::task::JoinSet::new();
     for i in ids {
         let delay = Duration::from_secs_f64(ramp.max(0.0) * i as f64 / n.max(1) as f64);
-        let (ctx, pacer, user) = (ctx.clone(), Rc::clone(&pacer), format!("{prefix}{i}"));
+        let user = format!("{prefix}{}", i / ctx.streams_per_user.max(1));
+        let (ctx, pacer) = (ctx.clone(), Rc::clone(&pacer));
         streams.spawn_local(async move { (i, run_stream(ctx, pacer, i, user, delay).await) });
     }
     while let Some(done) = streams.join_next().await {
@@ -206,7 +208,10 @@ async fn run_stream(
     };
     let started = Instant::now();
     let connected = match ctx.auth.header(&out.user) {
-        Ok(header) => wsframe::connect(&ctx.target, &header, CONNECT_TIMEOUT).await,
+        Ok(header) => match ctx.targets.get(index % ctx.targets.len().max(1)) {
+            Some(target) => wsframe::connect(target, &header, CONNECT_TIMEOUT).await,
+            None => Err("no_node".to_owned()),
+        },
         Err(kind) => Err(kind),
     };
     let (stream, leftover) = match connected {

@@ -14,13 +14,17 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::auth::{Authenticator, unix_now};
+use crate::cli::Nodes;
 use crate::corpus::Corpus;
 use crate::live::Live;
 
 pub struct SyncCtx {
     pub corpus: Arc<Corpus>,
     pub client: reqwest::Client,
-    pub url: String,
+    pub nodes: Nodes,
+    /// The number of the first uploader's user: uploader u is user `first_user + u` and sends its round r
+    /// to node `first_user + u + r + 1` (a user's realtime streams start on node `first_user + u`).
+    pub first_user: usize,
     pub auth: Authenticator,
     pub files: usize,
     pub rounds: usize,
@@ -105,7 +109,8 @@ pub async fn run_uploader(ctx: Arc<SyncCtx>, index: usize, user: String) -> Uplo
             }
         };
         let started = Instant::now();
-        let result = upload(&ctx, header, form).await;
+        let node = ctx.nodes.pick(ctx.first_user + index + round + 1);
+        let result = upload(&ctx, node, header, form).await;
         ctx.live.uploads_done.fetch_add(1, Relaxed);
         match result {
             Ok(resp) => {
@@ -143,10 +148,15 @@ pub async fn run_uploader(ctx: Arc<SyncCtx>, index: usize, user: String) -> Uplo
     out
 }
 
-async fn upload(ctx: &SyncCtx, header: String, form: Form) -> Result<SyncResponse, String> {
+async fn upload(
+    ctx: &SyncCtx,
+    node: &str,
+    header: String,
+    form: Form,
+) -> Result<SyncResponse, String> {
     let resp = ctx
         .client
-        .post(format!("{}/v1/sync-local-files", ctx.url))
+        .post(format!("{node}/v1/sync-local-files"))
         .header(reqwest::header::AUTHORIZATION, header)
         .multipart(form)
         .timeout(ctx.request_timeout)

@@ -1,23 +1,31 @@
 //! The harness against a real server (in process, in-memory store, dev auth on loopback): a short
 //! realtime run, a sync run and a mixed run each end with exit code 0 and a JSON report whose accounting
-//! check passed, with every frame acknowledged.
+//! check passed, with every frame acknowledged. And against two nodes on one redis-server: a user streams
+//! on both nodes and syncs through the other, its status read on either, and the accounting is exact.
 
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
+use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_server::ServeConfig;
 use voicegate_server::serve::{ServerBuilder, wire_engine};
 
 /// Starts `voicegate serve` on a free loopback port in a thread of its own; returns its base URL.
 /// The thread lives as long as the test process.
 fn start_server() -> String {
+    start_node(None)
+}
+
+/// Starts one node, on `redis_url` when given (else the in-memory store); returns its base URL.
+fn start_node(redis_url: Option<String>) -> String {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
             let cfg = ServeConfig {
                 bind: "127.0.0.1:0".into(),
+                redis_url,
                 ..ServeConfig::default()
             };
             let mut builder = ServerBuilder::new(cfg).unwrap_or_else(|e| panic!("{e}"));
@@ -164,4 +172,62 @@ fn a_missed_latency_objective_fails_the_run_with_exit_code_4() {
     );
     assert_eq!(r["accounting"]["passed"], true, "{r:#}");
     assert_eq!(r["passed"], false, "{r:#}");
+}
+
+#[test]
+fn two_nodes_on_one_redis_meter_a_user_spread_over_both_exactly() {
+    let redis = RedisServer::start().unwrap_or_else(|e| panic!("redis-server: {e}"));
+    let nodes = format!(
+        "{},{}",
+        start_node(Some(redis.url())),
+        start_node(Some(redis.url()))
+    );
+    // 4 streams of 2 users, 2 each: each user streams on node 0 and node 1 at once. The 2 uploaders are
+    // those users (--shared-users) and upload through the node after their first stream's; the check reads
+    // each user's status through another node than its uploads'.
+    let (code, r) = harness(
+        &nodes,
+        &[
+            "mixed",
+            "--shared-users",
+            "--streams",
+            "4",
+            "--streams-per-user",
+            "2",
+            "--duration",
+            "4",
+            "--pace",
+            "4",
+            "--uploaders",
+            "2",
+            "--files",
+            "2",
+            "--rounds",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["url"], nodes.as_str(), "{r:#}");
+    assert_eq!(r["realtime"]["streams_held"], 4, "{r:#}");
+    assert_eq!(r["realtime"]["frames_lost"], 0, "{r:#}");
+    assert_eq!(r["sync"]["files_ok"], 8, "{r:#}");
+    let check = &r["accounting"];
+    assert_eq!(check["passed"], true, "{check:#}");
+    assert_eq!(check["users"], 2, "{check:#}");
+    assert_eq!(check["server_ms"], check["reported_ms"], "{check:#}");
+    assert!(check["server_ms"].as_u64().unwrap_or(0) > 0, "{check:#}");
+}
+
+#[test]
+fn a_node_list_with_a_bad_url_is_refused_by_name() {
+    let out = Command::new(env!("CARGO_BIN_EXE_voicegate-loadtest"))
+        .args(["--url", "http://127.0.0.1:1,127.0.0.1:2", "realtime"])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("\"127.0.0.1:2\" is not an http"),
+        "{stderr}"
+    );
 }

@@ -99,7 +99,16 @@ pub fn status_body(s: &FairUseStatus) -> Value {
     })
 }
 
+/// Longest wait for the store when a status read reloads the user's totals; past it (or when the store
+/// fails) the status answers from this node's current view, as before.
+pub const STATUS_REFRESH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn status(user: AuthedUser, engine: web::Data<Engine>) -> HttpResponse {
+    // Speech metered by other nodes reaches this node's view of the user when its meter actor reloads
+    // the base from the store (every VOICEGATE_METER_REFRESH_INTERVAL_S while active): reload it now, so a
+    // status read is exact on whichever node it lands (no sticky routing). Concurrent reads share a load.
+    let _ =
+        tokio::time::timeout(STATUS_REFRESH_TIMEOUT, engine.meter.refresh_user(&user.uid)).await;
     let plan = engine.plan(&user.uid).await;
     let s = engine.fair_use.status(&user.uid, plan.as_record()).await;
     HttpResponse::Ok().json(status_body(&s))

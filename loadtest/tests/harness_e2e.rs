@@ -1,31 +1,34 @@
 //! The harness against a real server (in process, in-memory store, dev auth on loopback): a short
 //! realtime run, a sync run and a mixed run each end with exit code 0 and a JSON report whose accounting
-//! check passed, with every frame acknowledged. And against two nodes on one redis-server: a user streams
-//! on both nodes and syncs through the other, its status read on either, and the accounting is exact.
+//! check passed, with every frame acknowledged. And against two nodes on one redis-server, then on a
+//! 3-master Redis Cluster: a user streams on both nodes and syncs through the other, its status read on
+//! either, and the accounting is exact.
 
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
-use voicegate_engine::store::test_redis::RedisServer;
+use voicegate_engine::store::test_redis::{RedisCluster, RedisServer};
 use voicegate_server::ServeConfig;
 use voicegate_server::serve::{ServerBuilder, wire_engine};
 
 /// Starts `voicegate serve` on a free loopback port in a thread of its own; returns its base URL.
 /// The thread lives as long as the test process.
 fn start_server() -> String {
-    start_node(None)
+    start_node(None, Vec::new())
 }
 
-/// Starts one node, on `redis_url` when given (else the in-memory store); returns its base URL.
-fn start_node(redis_url: Option<String>) -> String {
+/// Starts one node, on `redis_url` or the Redis Cluster of `cluster_nodes` when given (else the
+/// in-memory store); returns its base URL.
+fn start_node(redis_url: Option<String>, redis_cluster_nodes: Vec<String>) -> String {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
             let cfg = ServeConfig {
                 bind: "127.0.0.1:0".into(),
                 redis_url,
+                redis_cluster_nodes,
                 ..ServeConfig::default()
             };
             let mut builder = ServerBuilder::new(cfg).unwrap_or_else(|e| panic!("{e}"));
@@ -179,14 +182,29 @@ fn two_nodes_on_one_redis_meter_a_user_spread_over_both_exactly() {
     let redis = RedisServer::start().unwrap_or_else(|e| panic!("redis-server: {e}"));
     let nodes = format!(
         "{},{}",
-        start_node(Some(redis.url())),
-        start_node(Some(redis.url()))
+        start_node(Some(redis.url()), Vec::new()),
+        start_node(Some(redis.url()), Vec::new())
     );
+    two_nodes_meter_a_user_spread_over_both_exactly(&nodes);
+}
+
+#[test]
+fn two_nodes_on_a_redis_cluster_meter_a_user_spread_over_both_exactly() {
+    let cluster = RedisCluster::start().unwrap_or_else(|e| panic!("redis cluster: {e}"));
+    let nodes = format!(
+        "{},{}",
+        start_node(None, cluster.urls()),
+        start_node(None, cluster.urls())
+    );
+    two_nodes_meter_a_user_spread_over_both_exactly(&nodes);
+}
+
+fn two_nodes_meter_a_user_spread_over_both_exactly(nodes: &str) {
     // 4 streams of 2 users, 2 each: each user streams on node 0 and node 1 at once. The 2 uploaders are
     // those users (--shared-users) and upload through the node after their first stream's; the check reads
     // each user's status through another node than its uploads'.
     let (code, r) = harness(
-        &nodes,
+        nodes,
         &[
             "mixed",
             "--shared-users",
@@ -207,7 +225,7 @@ fn two_nodes_on_one_redis_meter_a_user_spread_over_both_exactly() {
         ],
     );
     assert_eq!(code, 0, "{r:#}");
-    assert_eq!(r["url"], nodes.as_str(), "{r:#}");
+    assert_eq!(r["url"], nodes, "{r:#}");
     assert_eq!(r["realtime"]["streams_held"], 4, "{r:#}");
     assert_eq!(r["realtime"]["frames_lost"], 0, "{r:#}");
     assert_eq!(r["sync"]["files_ok"], 8, "{r:#}");

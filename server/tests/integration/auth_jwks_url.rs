@@ -1,7 +1,7 @@
 //! `VOICEGATE_JWKS` as a URL, against a local double of Google's key URL: the served key verifies tokens,
 //! a rotated key is picked up by the unknown-`kid` refresh (rate-limited), a failing URL keeps the last
-//! good keys, `Cache-Control: max-age` drives the schedule, and a node whose first fetch fails starts
-//! degraded and recovers.
+//! good keys (also against an oversized body), `Cache-Control: max-age` drives the schedule, and a node
+//! whose first fetch fails starts degraded (the real `voicegate serve` too) and recovers.
 
 use crate::common;
 
@@ -16,7 +16,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::watch;
 use voicegate_server::ServeConfig;
-use voicegate_server::auth::remote::RefreshCounts;
+use voicegate_server::auth::remote::{JwksFetchError, MAX_BODY_BYTES, RefreshCounts};
 use voicegate_server::auth::{AuthError, Authenticator};
 use voicegate_server::config::ConfigError;
 use voicegate_server::serve::{ServeError, ServerBuilder, build_app};
@@ -258,6 +258,22 @@ async fn a_failing_url_keeps_the_last_good_keys() {
 }
 
 #[actix_web::test]
+async fn a_body_over_the_bound_is_refused_and_the_keys_kept() {
+    let double = JwksDouble::start(jwks_json(&fixture(OLD), "k1"), 21_600).await;
+    let auth = Authenticator::from_config(&url_config(&double), &outbound())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(matches!(auth.refresh_jwks_url().await, Some(Ok(1))));
+    let mut huge = jwks_json(&fixture(NEW), "k2");
+    huge["padding"] = json!("x".repeat(MAX_BODY_BYTES));
+    double.serve(Some(huge), 21_600);
+    assert_eq!(
+        auth.refresh_jwks_url().await,
+        Some(Err(JwksFetchError::TooLarge))
+    );
+    assert!(auth.verify(&token(OLD, "k1")).is_ok());
+}
+
+#[actix_web::test]
 async fn max_age_drives_the_scheduled_refresh() {
     let double = JwksDouble::start(jwks_json(&fixture(OLD), "k1"), 1).await;
     let cfg = ServeConfig {
@@ -325,4 +341,45 @@ async fn plain_http_to_a_host_that_is_not_loopback_refuses_to_start() {
         Err(other) => panic!("wrong error: {other}"),
         Ok(_) => panic!("plain http to a public host must not start"),
     }
+}
+
+#[actix_web::test]
+async fn serve_with_an_unreachable_jwks_url_starts_degraded_and_stays_up() {
+    use crate::listen_support::{Child, free_port, wait_ready};
+    use std::process::{Command, Stdio};
+    // A loopback port nobody listens on: every fetch is refused at once.
+    let dead = format!("http://127.0.0.1:{}/jwks", free_port());
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let child = Command::new(env!("CARGO_BIN_EXE_voicegate"))
+        .arg("serve")
+        .env("VOICEGATE_BIND", addr.to_string())
+        .env("VOICEGATE_STT", "none")
+        .env("VOICEGATE_JWKS", &dead)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn voicegate: {e}"));
+    let mut child = Child(child);
+    wait_ready(addr).await;
+    let resp = reqwest::Client::new()
+        .get(format!("http://{addr}/v1/conversations"))
+        .bearer_auth(token(OLD, "k1"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(resp.status().as_u16(), 503);
+    let body: Value = resp.json().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(body["code"], "auth_keys_unavailable", "{body}");
+    assert!(
+        child
+            .0
+            .try_wait()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .is_none(),
+        "the server must not exit over its key URL"
+    );
 }

@@ -28,7 +28,7 @@ use super::{
     AuthError, Authenticator, JwksParseError, JwksSource, Mode, RsaKey, Verifier, parse_jwks,
 };
 
-/// At most one refresh asked for by an unknown `kid` per this interval.
+/// At most one refresh asked for by an unknown `kid` per this interval (longer than [`FETCH_TIMEOUT`]).
 pub const UNKNOWN_KID_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// How long a key set is kept when its answer carries no `max-age` (then bounded by the settings).
 pub const DEFAULT_FRESHNESS: Duration = Duration::from_secs(3_600);
@@ -136,15 +136,14 @@ impl RemoteJwks {
     /// token may verify once it is done).
     pub(super) fn request_refresh(&self) -> bool {
         let mut state = self.state();
-        if state.refreshing {
-            return true;
-        }
         let now = Instant::now();
+        // A fetch takes at most FETCH_TIMEOUT, shorter than the interval: one still "pending" past the
+        // interval had no refresher to run it, and a new request is made.
         if state
             .last_kid_refresh
             .is_some_and(|t| now.duration_since(t) < UNKNOWN_KID_REFRESH_INTERVAL)
         {
-            return false;
+            return state.refreshing;
         }
         state.last_kid_refresh = Some(now);
         state.refreshing = true;

@@ -17,6 +17,13 @@ pub const AUTH_THROTTLED_TOTAL: &str = "voicegate_auth_throttled_total";
 /// Counter, label `kind`: failed authentications of an address the throttle had no room to track
 /// (`VOICEGATE_AUTH_THROTTLE_MAX_ADDRESSES` full of recent failures): not throttled, should stay 0.
 pub const AUTH_THROTTLE_UNTRACKED_TOTAL: &str = "voicegate_auth_throttle_untracked_total";
+/// Counter, label `result` (`ok`; failures: `status` (not a 2xx), `unreachable` (connect, TLS, timeout),
+/// `too_large` (body over 256 KiB), `invalid` (not a JWK set with an RS256 key)): fetches of a
+/// `VOICEGATE_JWKS` URL. A failed fetch keeps the keys in use.
+pub const JWKS_REFRESH_TOTAL: &str = "voicegate_jwks_refresh_total";
+/// Gauge: RS256 keys held from the `VOICEGATE_JWKS` URL; 0 while none was ever fetched (RS256 tokens
+/// answered 503 `auth_keys_unavailable`).
+pub const JWKS_KEYS: &str = "voicegate_jwks_keys";
 /// Counter, label `reason` (the stable upload error code, e.g. `upload_file_too_large`).
 pub const UPLOAD_REJECTIONS_TOTAL: &str = "voicegate_upload_rejections_total";
 /// Counter, label `outcome` (`applied`, `duplicate`, `ignored`, `bad_signature`, `failed`).

@@ -1,10 +1,15 @@
 //! Bearer-token authentication for every user route and the websocket upgrade.
 //!
-//! - RS256 ID tokens (Firebase-compatible) verified against a JWKS file, and/or HS256 tokens against a secret.
-//!   Both require `sub` (the uid) and `exp`; `aud`/`iss` are required and checked when configured.
+//! - RS256 ID tokens (Firebase-compatible) verified against a JWKS, and/or HS256 tokens against a secret.
+//!   Both require `sub` (the uid) and `exp`; `aud`/`iss` are required and checked when configured. The JWKS
+//!   is a file (re-read every minute) or a URL kept fresh by [`remote`] (Cache-Control, unknown `kid`).
 //! - Dev mode (bearer = uid) exists only when no verification is configured and the bind is loopback; the
 //!   config refuses a public bind without verification, so dev mode can never face the network.
-//! - Handlers take an [`AuthedUser`] argument; a rejection is a 401 with a stable `code`.
+//! - Handlers take an [`AuthedUser`] argument; a rejection is a 401 with a stable `code`, except the two
+//!   answers of a JWKS URL not (yet) holding the token's key: 503 `auth_keys_unavailable` (no key fetched
+//!   yet) and 503 `token_key_refreshing` (an unknown `kid` is being looked up), both retryable.
+
+pub mod remote;
 
 use std::collections::HashSet;
 use std::future::{Ready, ready};
@@ -18,8 +23,11 @@ use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode, decode_header};
 use serde::Deserialize;
 
+use voicegate_engine::outbound::Outbound;
+
 use crate::config::ServeConfig;
 use crate::error::ApiError;
+use crate::error::IMMEDIATE_RETRY_AFTER_S;
 use crate::throttle::AuthThrottle;
 
 /// Clock skew tolerated on `exp`, in seconds.
@@ -54,12 +62,25 @@ pub enum AuthError {
     BadUid,
     #[error("token is not valid yet (`nbf` or `iat` in the future beyond the 30 s clock skew)")]
     NotYetValid,
+    #[error("the RS256 signing keys (VOICEGATE_JWKS URL) could not be fetched yet; retry shortly")]
+    KeysUnavailable,
+    #[error(
+        "token was signed by a key not known yet; the key set is being refreshed, retry in a second"
+    )]
+    KeyRefreshing,
 }
 
 impl From<AuthError> for ApiError {
-    /// 401 with the token's code and a `WWW-Authenticate: Bearer` challenge.
+    /// 401 with the token's code and a `WWW-Authenticate: Bearer` challenge; the server-side misses of a
+    /// JWKS URL are 503s, retryable.
     fn from(e: AuthError) -> Self {
-        ApiError::unauthorized(e.code(), e.to_string())
+        match e {
+            AuthError::KeysUnavailable => ApiError::unavailable(e.code(), e.to_string()),
+            AuthError::KeyRefreshing => {
+                ApiError::unavailable(e.code(), e.to_string()).retry_after(IMMEDIATE_RETRY_AFTER_S)
+            }
+            _ => ApiError::unauthorized(e.code(), e.to_string()),
+        }
     }
 }
 
@@ -78,18 +99,22 @@ impl AuthError {
             AuthError::Invalid => "token_invalid",
             AuthError::BadUid => "uid_invalid",
             AuthError::NotYetValid => "token_not_yet_valid",
+            AuthError::KeysUnavailable => "auth_keys_unavailable",
+            AuthError::KeyRefreshing => "token_key_refreshing",
         }
+    }
+
+    /// True for the answers that are the server's miss, not the client's fault (not throttled).
+    pub fn is_server_side(&self) -> bool {
+        matches!(self, AuthError::KeysUnavailable | AuthError::KeyRefreshing)
     }
 }
 
 /// The JWKS or secret could not be loaded at startup.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyLoadError {
-    #[error(
-        "VOICEGATE_JWKS={0}: fetching a JWKS URL is not supported by this build; save the JWKS to a file and point \
-         VOICEGATE_JWKS at it"
-    )]
-    UrlUnsupported(String),
+    #[error(transparent)]
+    Url(#[from] crate::config::ConfigError),
     #[error("cannot read JWKS file {path}: {error}")]
     Read { path: String, error: std::io::Error },
     #[error("JWKS file {path} is not a JWK set: {error}")]
@@ -128,10 +153,17 @@ enum Mode {
     Verify(Box<Verifier>),
 }
 
+/// Where the RS256 keys come from.
+enum JwksSource {
+    File(String),
+    Url(Box<remote::RemoteJwks>),
+}
+
 struct Verifier {
-    /// Swapped whole by [`Authenticator::reload_jwks`]; readers clone the `Arc` and never block a reload.
+    /// Swapped whole by [`Authenticator::reload_jwks`] (a file) or [`remote`] (a URL); readers clone the
+    /// `Arc` and never block a reload.
     rsa: RwLock<Arc<Vec<RsaKey>>>,
-    jwks_path: Option<String>,
+    jwks: Option<JwksSource>,
     hs256: Option<DecodingKey>,
     rs_validation: Validation,
     hs_validation: Validation,
@@ -164,14 +196,24 @@ impl Authenticator {
         }
     }
 
-    /// Builds the verifier the configuration asks for: dev mode when nothing is configured.
-    pub fn from_config(cfg: &ServeConfig) -> Result<Self, KeyLoadError> {
+    /// Builds the verifier the configuration asks for: dev mode when nothing is configured. A JWKS file is
+    /// read now; a JWKS URL starts with no key and is fetched through `outbound` by
+    /// [`refresh_jwks_url`](Self::refresh_jwks_url) and [`remote::refresh_forever`].
+    pub fn from_config(cfg: &ServeConfig, outbound: &Outbound) -> Result<Self, KeyLoadError> {
         if !cfg.has_token_verification() {
             return Ok(Self::dev());
         }
-        let rsa = match &cfg.jwks {
-            Some(source) => load_jwks(source)?,
-            None => Vec::new(),
+        let (rsa, jwks) = match (cfg.jwks_url()?, &cfg.jwks) {
+            (Some(url), _) => {
+                let remote = remote::RemoteJwks::new(
+                    url,
+                    outbound.http().clone(),
+                    cfg.jwks_refresh_bounds(),
+                );
+                (Vec::new(), Some(JwksSource::Url(Box::new(remote))))
+            }
+            (None, Some(path)) => (load_jwks(path)?, Some(JwksSource::File(path.clone()))),
+            (None, None) => (Vec::new(), None),
         };
         let hs256 = match &cfg.jwt_hs256_secret {
             Some(s) if s.is_empty() => return Err(KeyLoadError::EmptySecret),
@@ -183,7 +225,7 @@ impl Authenticator {
         Ok(Authenticator {
             mode: Mode::Verify(Box::new(Verifier {
                 rsa: RwLock::new(Arc::new(rsa)),
-                jwks_path: cfg.jwks.clone(),
+                jwks,
                 hs256,
                 rs_validation: validation(Algorithm::RS256, audience, issuer),
                 hs_validation: validation(Algorithm::HS256, audience, issuer),
@@ -224,8 +266,10 @@ impl Authenticator {
         let (key, validation) = match head.alg {
             Algorithm::RS256 => {
                 let keys = Arc::clone(&v.rsa.read().unwrap_or_else(|p| p.into_inner()));
-                let key = pick_rsa_key(&keys, head.kid.as_deref())?;
-                return finish(decode::<Claims>(token, key, &v.rs_validation));
+                return match pick_rsa_key(&keys, head.kid.as_deref()) {
+                    Ok(key) => finish(decode::<Claims>(token, key, &v.rs_validation)),
+                    Err(e) => Err(v.missing_key(&keys, head.kid.is_some(), e)),
+                };
             }
             Algorithm::HS256 => (
                 v.hs256.as_ref().ok_or(AuthError::WrongAlgorithm)?,
@@ -237,12 +281,13 @@ impl Authenticator {
     }
 
     /// Re-reads the JWKS file (Firebase rotates its keys; a sidecar refreshes the file). On error the keys in
-    /// use are kept. Returns the number of keys now loaded; `Ok(0)` when no JWKS is configured.
+    /// use are kept. Returns the number of keys now loaded; `Ok(0)` when no JWKS file is configured (a JWKS
+    /// URL is refreshed by [`refresh_jwks_url`](Self::refresh_jwks_url)).
     pub fn reload_jwks(&self) -> Result<usize, KeyLoadError> {
         let Mode::Verify(v) = &self.mode else {
             return Ok(0);
         };
-        let Some(path) = &v.jwks_path else {
+        let Some(JwksSource::File(path)) = &v.jwks else {
             return Ok(0);
         };
         let keys = load_jwks(path)?;
@@ -253,7 +298,7 @@ impl Authenticator {
 
     /// True when RS256 keys come from a JWKS file that [`reload_jwks`](Self::reload_jwks) can refresh.
     pub fn has_jwks(&self) -> bool {
-        matches!(&self.mode, Mode::Verify(v) if v.jwks_path.is_some())
+        matches!(&self.mode, Mode::Verify(v) if matches!(v.jwks, Some(JwksSource::File(_))))
     }
 }
 
@@ -347,9 +392,6 @@ fn checked_uid(uid: &str) -> Result<AuthedUser, AuthError> {
 }
 
 fn load_jwks(source: &str) -> Result<Vec<RsaKey>, KeyLoadError> {
-    if source.starts_with("http://") || source.starts_with("https://") {
-        return Err(KeyLoadError::UrlUnsupported(source.to_owned()));
-    }
     let text = std::fs::read_to_string(Path::new(source)).map_err(|error| KeyLoadError::Read {
         path: source.to_owned(),
         error,
@@ -432,7 +474,9 @@ pub fn authenticate_head(
     result.map_err(|e| {
         metrics::counter!(voicegate_engine::telemetry::AUTH_REJECTIONS_TOTAL, "reason" => e.code())
             .increment(1);
-        auth.throttle.failed(client);
+        if !e.is_server_side() {
+            auth.throttle.failed(client);
+        }
         ApiError::from(e)
     })
 }
@@ -488,14 +532,5 @@ mod tests {
             parse_jwks("not json"),
             Err(JwksParseError::Json(_))
         ));
-    }
-
-    #[test]
-    fn jwks_url_is_refused_with_a_clear_error() {
-        let err = load_jwks("https://example.com/jwks.json")
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(err.contains("save the JWKS to a file"), "{err}");
     }
 }

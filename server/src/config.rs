@@ -14,6 +14,7 @@ use voicegate_engine::policy::{FairUseArgs, FairUseConfig};
 use voicegate_engine::stt::deepgram::DeepgramArgs;
 
 pub mod defaults;
+mod jwks;
 mod table;
 
 #[cfg(test)]
@@ -39,9 +40,17 @@ pub struct ServeConfig {
     #[arg(long, env = "ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
 
-    /// JWKS for RS256 ID tokens (Firebase-compatible): a file path (URLs are not fetched by this build).
+    /// JWKS for RS256 ID tokens (Firebase-compatible): an `https://` URL (e.g. Firebase's, refreshed per its Cache-Control and on an unknown `kid`; `http://` only to a loopback host), or a file path (re-read every minute).
     #[arg(long, env = "VOICEGATE_JWKS")]
     pub jwks: Option<String>,
+
+    /// Shortest time (s) a fetched JWKS URL is kept before the next scheduled fetch, whatever its `Cache-Control: max-age` says.
+    #[arg(long, env = "VOICEGATE_JWKS_REFRESH_MIN_SECS", default_value_t = defaults::JWKS_REFRESH_MIN_SECS)]
+    pub jwks_refresh_min_secs: u64,
+
+    /// Longest time (s) a fetched JWKS URL is kept before the next scheduled fetch, whatever its `Cache-Control: max-age` says (without one: an hour, within both bounds).
+    #[arg(long, env = "VOICEGATE_JWKS_REFRESH_MAX_SECS", default_value_t = defaults::JWKS_REFRESH_MAX_SECS)]
+    pub jwks_refresh_max_secs: u64,
 
     /// Shared secret for HS256 tokens.
     #[arg(long, env = "VOICEGATE_JWT_HS256_SECRET", hide_env_values = true)]
@@ -191,6 +200,10 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
 
+    /// Log line format on standard output: `text` (human-readable) or `json` (one JSON object per line, for a log collector).
+    #[arg(long, env = "VOICEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
     /// Deepgram's settings (`DEEPGRAM_API_KEY`, `VOICEGATE_DEEPGRAM_*`).
     #[command(flatten)]
     pub deepgram: DeepgramArgs,
@@ -213,6 +226,8 @@ impl Default for ServeConfig {
             redis_cluster_nodes: Vec::new(),
             admin_key: None,
             jwks: None,
+            jwks_refresh_min_secs: defaults::JWKS_REFRESH_MIN_SECS,
+            jwks_refresh_max_secs: defaults::JWKS_REFRESH_MAX_SECS,
             jwt_hs256_secret: None,
             jwt_audience: None,
             jwt_issuer: None,
@@ -252,11 +267,22 @@ impl Default for ServeConfig {
             stt_local_dir: None,
             stt_preroll_ms: defaults::STT_PREROLL_MS,
             tls_ca_file: None,
+            log_format: LogFormat::Text,
             deepgram: DeepgramArgs::default(),
             meter: MeterArgs::default(),
             fair_use: FairUseArgs::default(),
         }
     }
+}
+
+/// `VOICEGATE_LOG_FORMAT`: how `voicegate serve` writes its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines (coloured on a terminal).
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `fields`, `target`), for a log collector.
+    Json,
 }
 
 /// A configuration that cannot start.
@@ -279,6 +305,16 @@ pub enum ConfigError {
         "VOICEGATE_LISTEN_MAX_PACE={0} must be a number of at least 1 (a multiple of real time)"
     )]
     BadPace(f64),
+    #[error(
+        "refusing to start: VOICEGATE_JWKS={0} is a plain http:// URL to a host that is not loopback; use https:// (http:// is only for a JWKS served on this machine, e.g. in tests)"
+    )]
+    JwksPlainHttp(String),
+    #[error("VOICEGATE_JWKS={url} is not a usable URL: {reason}")]
+    BadJwksUrl { url: String, reason: String },
+    #[error(
+        "VOICEGATE_JWKS_REFRESH_MIN_SECS={min} must be at least 1 and at most VOICEGATE_JWKS_REFRESH_MAX_SECS={max}"
+    )]
+    BadJwksRefresh { min: u64, max: u64 },
     #[error("VOICEGATE_TRUSTED_PROXIES: {0}")]
     BadTrustedProxy(String),
     /// A metering or fair-use setting the engine cannot run with.
@@ -402,6 +438,7 @@ impl ServeConfig {
         if !(self.listen_max_pace.is_finite() && self.listen_max_pace >= 1.0) {
             return Err(ConfigError::BadPace(self.listen_max_pace));
         }
+        self.check_jwks()?;
         crate::client_addr::TrustedProxies::parse(&self.trusted_proxies)
             .map_err(ConfigError::BadTrustedProxy)?;
         self.meter_config()?;

@@ -63,3 +63,8 @@ pub const AUTH_THROTTLE_MAX_ADDRESSES: usize = 100_000;
 pub const STT_LOCAL_THREADS: usize = 1;
 /// `VOICEGATE_STT_PREROLL_MS`: audio sent before each speech run (the detector confirms a run late).
 pub const STT_PREROLL_MS: u64 = 300;
+/// `VOICEGATE_JWKS_REFRESH_MIN_SECS`: a JWKS URL answering `max-age=0` (or a tiny one) is still fetched at
+/// most once a minute on schedule.
+pub const JWKS_REFRESH_MIN_SECS: u64 = 60;
+/// `VOICEGATE_JWKS_REFRESH_MAX_SECS`: a day; Google's key URL says `max-age` of about 6 h.
+pub const JWKS_REFRESH_MAX_SECS: u64 = 86_400;

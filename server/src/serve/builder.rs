@@ -49,7 +49,9 @@ impl ServerBuilder {
             })?;
             sockets.push(socket);
         }
-        let auth = Authenticator::from_config(&cfg)?.with_throttle(AuthThrottle::new(
+        // The one outbound client (TLS, `VOICEGATE_TLS_CA_FILE`) every provider and the JWKS URL go through.
+        let outbound = voicegate_engine::outbound::Outbound::new(cfg.tls_ca_file.as_deref())?;
+        let auth = Authenticator::from_config(&cfg, &outbound)?.with_throttle(AuthThrottle::new(
             ThrottleConfig::from_config(&cfg),
             "token",
         ));
@@ -70,8 +72,6 @@ impl ServerBuilder {
             "memory"
         };
         let store: Arc<dyn StoreHealth> = Arc::new(AlwaysReachable(store_kind));
-        // The one outbound client (TLS, `VOICEGATE_TLS_CA_FILE`) every provider connects through.
-        let outbound = voicegate_engine::outbound::Outbound::new(cfg.tls_ca_file.as_deref())?;
         let stt = crate::stt::build(&cfg, &outbound)?;
         let sessions = SessionRegistry::new(cfg.ws_sessions_per_user, cfg.ws_max_sessions);
         let stripe = StripeWebhook {
@@ -135,6 +135,20 @@ impl ServerBuilder {
             front: None,
             sockets,
         })
+    }
+
+    /// With `VOICEGATE_JWKS` a URL: fetches it once (at most [`crate::auth::remote::FETCH_TIMEOUT`]), so that
+    /// the node listens with its keys. A failure is logged and the node starts degraded (RS256 tokens
+    /// answered 503 `auth_keys_unavailable` until the refresher started by [`start`](Self::start) succeeds).
+    /// Without this call, that refresher fetches at once.
+    pub async fn fetch_jwks_url(&self) {
+        if let Some(Err(error)) = self.state.auth.refresh_jwks_url().await {
+            tracing::error!(
+                message = "The JWKS URL could not be fetched at startup; starting degraded (RS256 tokens are \
+                           answered 503 auth_keys_unavailable) and retrying.",
+                %error
+            );
+        }
     }
 
     /// The shared state (readiness, sessions, limits…), e.g. to hand to engine-side tasks.
@@ -257,6 +271,11 @@ impl ServerBuilder {
         actix_web::rt::spawn(prometheus::upkeep(state.metrics.get_ref().clone()));
         if state.auth.has_jwks() {
             actix_web::rt::spawn(reload_jwks_forever(state.auth.clone()));
+        }
+        if state.auth.has_jwks_url() {
+            actix_web::rt::spawn(crate::auth::remote::refresh_forever(
+                state.auth.clone().into_inner(),
+            ));
         }
         state.readiness.set_ready();
         tracing::info!(message = "Listening.", addrs = ?bound);

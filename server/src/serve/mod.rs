@@ -27,7 +27,7 @@ pub use builder::{JWKS_RELOAD_INTERVAL, ServerBuilder};
 pub use running::RunningServer;
 
 use crate::auth::KeyLoadError;
-use crate::config::{ConfigError, ServeConfig};
+use crate::config::{ConfigError, LogFormat, ServeConfig};
 use crate::drain::DrainPhase;
 use crate::engine::{Engine, EngineError};
 
@@ -52,22 +52,26 @@ pub enum ServeError {
     Outbound(#[from] voicegate_engine::outbound::OutboundError),
 }
 
-/// Installs the `tracing` subscriber (`RUST_LOG`, default `info`) on standard output, coloured only
-/// when that is a terminal (a log file or collector gets plain text). Safe to call twice.
-pub fn init_logging() {
+/// Installs the `tracing` subscriber (`RUST_LOG`, default `info`) on standard output: `text` lines,
+/// coloured only when that is a terminal (a log file or collector gets plain text), or `json`, one object
+/// per line (`VOICEGATE_LOG_FORMAT`). Safe to call twice.
+pub fn init_logging(format: LogFormat) {
     use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stdout().is_terminal())
-        .try_init();
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
 }
 
 /// The `serve` subcommand for `main`: logging, an actix system, [`run`], and an exit code
 /// (0 after a drain, 2 when the server cannot start or fails).
 pub fn main(cfg: ServeConfig) -> std::process::ExitCode {
-    init_logging();
+    init_logging(cfg.log_format);
     match actix_web::rt::System::new().block_on(run(cfg)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -83,6 +87,7 @@ pub fn main(cfg: ServeConfig) -> std::process::ExitCode {
 pub async fn run(cfg: ServeConfig) -> Result<(), ServeError> {
     name_rayon_threads();
     let mut server = ServerBuilder::new(cfg)?;
+    server.fetch_jwks_url().await;
     wire_engine(&mut server)?;
     server
         .start()?

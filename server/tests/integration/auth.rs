@@ -254,7 +254,8 @@ async fn rotated_key_is_accepted_after_the_jwks_file_is_reloaded() {
     let old_key = fixture("test_rsa_key.der");
     let new_key = fixture("other_rsa_key.der");
     let jwks = jwks_file(&old_key, "k1");
-    let auth = Authenticator::from_config(&rs_config(&jwks)).unwrap_or_else(|e| panic!("{e}"));
+    let auth = Authenticator::from_config(&rs_config(&jwks), &outbound())
+        .unwrap_or_else(|e| panic!("{e}"));
     let token = rs256_token(&new_key, Some("k2"), rs_claims());
     assert_eq!(auth.verify(&token), Err(AuthError::UnknownKey));
 

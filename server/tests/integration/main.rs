@@ -7,6 +7,7 @@ mod listen_support;
 
 mod admin_key;
 mod auth;
+mod auth_jwks_url;
 mod bad_input_matrix;
 mod config_docs;
 mod config_refusals;
@@ -22,6 +23,7 @@ mod listen_bad_input;
 mod listen_stream;
 mod listen_transcripts;
 mod listen_transport;
+mod log_format;
 mod metrics_docs;
 mod metrics_e2e;
 mod request_timeouts;

@@ -49,13 +49,23 @@ pub fn rs256_token(key_der: &[u8], kid: Option<&str>, claims: serde_json::Value)
         .unwrap_or_else(|e| panic!("{e}"))
 }
 
-/// Writes a JWKS holding the public half of `key_der` under `kid`; returns the file.
-pub fn jwks_file(key_der: &[u8], kid: &str) -> tempfile::NamedTempFile {
+/// A JWK set holding the public half of `key_der` under `kid`.
+pub fn jwks_json(key_der: &[u8], kid: &str) -> serde_json::Value {
     let key = EncodingKey::from_rsa_der(key_der);
     let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::RS256)
         .unwrap_or_else(|e| panic!("{e}"));
     jwk.common.key_id = Some(kid.to_owned());
-    let set = json!({ "keys": [jwk] });
+    json!({ "keys": [jwk] })
+}
+
+/// The shared outbound client with the built-in roots.
+pub fn outbound() -> voicegate_engine::outbound::Outbound {
+    voicegate_engine::outbound::Outbound::new(None).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Writes a JWKS holding the public half of `key_der` under `kid`; returns the file.
+pub fn jwks_file(key_der: &[u8], kid: &str) -> tempfile::NamedTempFile {
+    let set = jwks_json(key_der, kid);
     let file = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(file.path(), set.to_string()).unwrap_or_else(|e| panic!("{e}"));
     file

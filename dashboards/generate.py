@@ -216,7 +216,8 @@ def speech_to_text():
               "or on() vector(0)", f"p{int(p * 100)} {{{{provider}}}}")
             for p in (0.5, 0.95)
         ], unit="s", desc="From the detector's end of a speech run to the first final result covering it reaching the "
-                          "session. Alert: VoiceGateSttFinalLatencyHigh (p95 over 5 s for 10 minutes)."),
+                          "session (0 on a node that never had one, e.g. STT off). Alert: VoiceGateSttFinalLatencyHigh (p95 over 5 s "
+                          "for 10 minutes)."),
         panel("Provider errors by reason", [
             q(f"sum by (provider, reason) (rate(voicegate_stt_errors_total[{R}])) or on() vector(0)",
               "{{provider}} {{reason}}"),

@@ -191,8 +191,55 @@ def pipeline():
                 q(f"sum(rate(voicegate_conversation_conflicts_total[{R}])) or on() vector(0)", "CAS conflicts (retried)"),
                 q(f"sum(rate(voicegate_conversations_unlocked_total[{R}])) or on() vector(0)", "unlocked by payment"),
             ], unit="ops"),
+            *speech_to_text(),
         ],
     )
+
+
+def speech_to_text():
+    """The "Speech-to-text" row (docs/stt.md, Telemetry): what goes to the provider and what it costs."""
+    sent = f"sum by (provider) (rate(voicegate_stt_forwarded_samples_total[{R}]))"
+    offered = f"sum by (provider) (rate(voicegate_stt_audio_in_samples_total[{R}]))"
+    return [
+        row("Speech-to-text"),
+        panel("Audio sent to the provider", [
+            q(f"{sent} / 16000 or on() vector(0)", "{{provider}}"),
+        ], unit="s", stack=True, desc="Audio seconds handed to each provider per wall second (counted at the FFI call or "
+                                      "socket write): what users are charged and what a paid provider bills."),
+        panel("Seconds saved by the speech gate", [
+            q(f"({offered} - {sent}) / 16000 or on() vector(0)", "{{provider}}"),
+        ], unit="s", stack=True, desc="Audio offered to the gate (live sessions with a provider, sync spans) minus what "
+                                      "was sent, per wall second: silence never sent, plus audio dropped or past the "
+                                      "STT budget (see Dropped and late)."),
+        panel("Speech end to final transcript", [
+            q(f"histogram_quantile({p}, sum by (le, provider) (rate(voicegate_stt_final_latency_seconds_bucket[{R}]))) "
+              "or on() vector(0)", f"p{int(p * 100)} {{{{provider}}}}")
+            for p in (0.5, 0.95)
+        ], unit="s", desc="From the detector's end of a speech run to the first final result covering it reaching the "
+                          "session (0 on a node that never had one, e.g. STT off). Alert: VoiceGateSttFinalLatencyHigh (p95 over 5 s "
+                          "for 10 minutes)."),
+        panel("Provider errors by reason", [
+            q(f"sum by (provider, reason) (rate(voicegate_stt_errors_total[{R}])) or on() vector(0)",
+              "{{provider}} {{reason}}"),
+            q(f"sum by (provider, outcome) (rate(voicegate_stt_connections_total{{outcome!=\"opened\"}}[{R}])) "
+              "or on() vector(0)", "{{provider}} connection {{outcome}}"),
+        ], unit="ops", desc="Alert: VoiceGateSttProviderErrors (over 0.05/s for 5 minutes). unauthorized / payment: "
+                            "the key or the account; rate_limited / network: the provider or the path to it; "
+                            "engine: the local engine (docs/stt.md)."),
+        panel("Provider queue depth", [
+            q("sum by (provider) (voicegate_stt_queue_depth) or on() vector(0)", "{{provider}}"),
+        ], desc="local: chunks and sync spans waiting for a worker; deepgram: audio chunks waiting for their "
+                "connection. A queue that stays up means the provider is behind."),
+        panel("Dropped and late", [
+            q(f"sum by (provider, reason) (rate(voicegate_stt_dropped_samples_total[{R}])) / 16000 or on() vector(0)",
+              "dropped s/s {{provider}} {{reason}}"),
+            q(f"sum by (provider) (rate(voicegate_stt_late_chunks_total[{R}])) or on() vector(0)",
+              "late chunks/s {{provider}}"),
+            q(f"sum by (provider) (rate(voicegate_stt_results_dropped_total[{R}])) or on() vector(0)",
+              "results dropped/s {{provider}}"),
+        ], desc="Audio that never reached the provider (queue_full, closed, ring, provider_down), chunks that "
+                "waited past the lateness threshold, and results a session's channel had no room for."),
+    ]
 
 
 def metering():

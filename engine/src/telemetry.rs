@@ -187,6 +187,14 @@ pub const LISTEN_SEGMENTS_DROPPED_TOTAL: &str = "voicegate_listen_segments_dropp
 /// Counter, label `provider`: 16 kHz samples handed to a provider (counted at the FFI call or socket write;
 /// exactly what users are charged). Audio seconds sent = this / 16,000.
 pub const STT_FORWARDED_SAMPLES_TOTAL: &str = "voicegate_stt_forwarded_samples_total";
+/// Counter, label `provider`: 16 kHz samples offered to the speech gate of a provider: all the decoded audio
+/// of live sessions whose STT stream is open (speech or not, counted as the session decodes it), plus the
+/// decoded spans of sync uploads handed to the provider. What would have been sent without the gate:
+/// seconds saved by gating = (this − `voicegate_stt_forwarded_samples_total`) / 16,000.
+pub const STT_AUDIO_IN_SAMPLES_TOTAL: &str = "voicegate_stt_audio_in_samples_total";
+/// Histogram, label `provider`: seconds from the detector's end of a speech run (wall time on the live
+/// session) to the first final transcript result covering that end reaching the session. Buckets 0.1–30 s.
+pub const STT_FINAL_LATENCY_SECONDS: &str = "voicegate_stt_final_latency_seconds";
 /// Counter, labels `provider`, `reason` (`queue_full`: the provider's bounded queue was full; `closed`: the
 /// session had gone before its audio reached the engine; `ring`: a live session's kept audio moved on
 /// before a run's start could be forwarded; `provider_down`: a remote provider could not be reached while
@@ -203,9 +211,11 @@ pub const STT_CONNECTIONS_TOTAL: &str = "voicegate_stt_connections_total";
 /// channel was full.
 pub const STT_RESULTS_DROPPED_TOTAL: &str = "voicegate_stt_results_dropped_total";
 /// Counter, labels `provider`, `reason` (`engine`, `unauthorized`, `payment`, `rate_limited`, `network`,
-/// `protocol`, `bad_request`): provider errors.
+/// `protocol`, `bad_request`): provider errors. Every reason a provider can report is exported at 0 from
+/// startup (local: `engine`; deepgram: the other six).
 pub const STT_ERRORS_TOTAL: &str = "voicegate_stt_errors_total";
-/// Gauge, label `provider`: chunks or requests waiting for the provider (local: for a worker).
+/// Gauge, label `provider`: work waiting for the provider (local: chunks and sync spans waiting for a
+/// worker; deepgram: audio chunks waiting in the streams' channels for their connection). 0 from startup.
 pub const STT_QUEUE_DEPTH: &str = "voicegate_stt_queue_depth";
 /// Histogram, label `provider`: seconds a chunk waited for a worker (how far transcription is behind).
 pub const STT_QUEUE_WAIT_SECONDS: &str = "voicegate_stt_queue_wait_seconds";

@@ -13,7 +13,7 @@ use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::middleware::Next;
 use actix_web::{HttpResponse, web};
 use metrics_exporter_prometheus::{BuildError, Matcher, PrometheusBuilder, PrometheusHandle};
-use voicegate_engine::telemetry::HTTP_REQUEST_DURATION_SECONDS;
+use voicegate_engine::telemetry::{HTTP_REQUEST_DURATION_SECONDS, STT_FINAL_LATENCY_SECONDS};
 
 /// How often idle histogram buckets are rotated and the recorder's internal state is tidied.
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
@@ -22,6 +22,11 @@ pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 pub const SECONDS_BUCKETS: &[f64] = &[
     0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
     30.0, 60.0,
+];
+/// Buckets for `voicegate_stt_final_latency_seconds` (speech end to final transcript): 0.1 … 30 s, finer
+/// where a provider's normal latency lies (0.25–3 s), so p50 and p95 are read within ~25 %.
+pub const FINAL_LATENCY_BUCKETS: &[f64] = &[
+    0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0,
 ];
 /// Buckets for `*_ms` histograms.
 pub const MILLIS_BUCKETS: &[f64] = &[
@@ -53,6 +58,11 @@ pub fn install() -> Result<PrometheusHandle, BuildError> {
     }
     let handle = PrometheusBuilder::new()
         .set_buckets(SECONDS_BUCKETS)?
+        // A full name wins over a suffix (the exporter tries `Full` matchers first).
+        .set_buckets_for_metric(
+            Matcher::Full(STT_FINAL_LATENCY_SECONDS.to_owned()),
+            FINAL_LATENCY_BUCKETS,
+        )?
         .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_ms".to_owned()), MILLIS_BUCKETS)?
         .set_buckets_for_metric(Matcher::Suffix("_bytes".to_owned()), BYTES_BUCKETS)?

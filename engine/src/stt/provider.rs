@@ -152,6 +152,21 @@ impl StreamCounters {
     }
 }
 
+/// Exports a provider's series from its start, at zero: its error counters (one per `reason` it can
+/// report), its queue depth, and the audio in / forwarded counters. A first error then shows as an
+/// increase (`rate()` sees nothing of a series that first appears at 1, so an alert would miss it), and
+/// the dashboards show 0 rather than no data. Values already counted are left as they are.
+pub fn register_metrics(provider: ProviderKind, error_reasons: &[&'static str]) {
+    let name = provider.name();
+    for &reason in error_reasons {
+        metrics::counter!(telemetry::STT_ERRORS_TOTAL, "provider" => name, "reason" => reason)
+            .increment(0);
+    }
+    metrics::gauge!(telemetry::STT_QUEUE_DEPTH, "provider" => name).increment(0.0);
+    metrics::counter!(telemetry::STT_AUDIO_IN_SAMPLES_TOTAL, "provider" => name).increment(0);
+    metrics::counter!(telemetry::STT_FORWARDED_SAMPLES_TOTAL, "provider" => name).increment(0);
+}
+
 /// Counts samples handed to a provider in the node-wide metric (streams also count them per stream through
 /// [`StreamCounters::forwarded`]; batch callers read [`BatchOutput::forwarded_samples`]).
 pub fn count_forwarded(provider: ProviderKind, samples: u64) {

@@ -365,5 +365,46 @@ async fn metering_stays_exact_with_transcription_on() {
     let status = server.status_speech_ms("bob").await;
     assert_eq!(status["daily_ms"], speech, "metered exactly: {status}");
     assert!(!s.segments.is_empty(), "and transcribed");
+    // Telemetry: the audio offered to the gate is all the session decoded, more than it sent; a latency
+    // observation for each run whose final transcript came (a run the engine heard no words in gives
+    // none); the engine's error reason and the queue depth exported from startup.
+    let audio_in = metric(
+        &server,
+        "voicegate_stt_audio_in_samples_total{provider=\"local\"}",
+    )
+    .await;
+    let audio_ms = meta["audio_ms"].as_u64().unwrap();
+    assert!(
+        audio_in.abs_diff(audio_ms * 16) <= 16 * 20,
+        "audio in {audio_in} samples for {audio_ms} ms"
+    );
+    let sent = metric(
+        &server,
+        "voicegate_stt_forwarded_samples_total{provider=\"local\"}",
+    )
+    .await;
+    assert!(sent > 0 && sent < audio_in, "sent {sent} of {audio_in}");
+    let finals = metric(
+        &server,
+        "voicegate_stt_final_latency_seconds_count{provider=\"local\"}",
+    )
+    .await;
+    let runs = s.of_type("speech_ended").len() as u64;
+    assert!((1..=runs).contains(&finals), "{finals} for {runs} runs");
+    let text = server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "voicegate_stt_errors_total{provider=\"local\",reason=\"engine\"} 0",
+        "voicegate_stt_queue_depth{provider=\"local\"} 0",
+    ] {
+        assert!(text.lines().any(|l| l == series), "{series} in:\n{text}");
+    }
     server.shutdown().await;
 }

@@ -604,3 +604,94 @@ async fn a_refused_key_is_provider_error_and_the_session_goes_on() {
 async fn a_rate_limited_connect_is_provider_error_and_the_session_goes_on() {
     refused_at_connect(429, "erin", "rate_limited").await;
 }
+
+/// The node's `/metrics` text.
+async fn metrics_text(server: &EngineServer) -> String {
+    server
+        .http
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[actix_web::test]
+async fn telemetry_gives_audio_in_and_sent_one_final_latency_per_speech_end_errors_and_queue_depth()
+{
+    let double = DeepgramDouble::start(&[Plan::Serve]).await;
+    let server = EngineServer::start(fair_use_on(), deepgram(&double)).await;
+    // From startup, before any session: every error reason and the queue depth, at zero (an alert's
+    // `rate()` then sees the first error).
+    let text = metrics_text(&server).await;
+    for reason in [
+        "unauthorized",
+        "payment",
+        "rate_limited",
+        "network",
+        "protocol",
+        "bad_request",
+    ] {
+        let line =
+            format!("voicegate_stt_errors_total{{provider=\"deepgram\",reason=\"{reason}\"}} 0");
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l == "voicegate_stt_queue_depth{provider=\"deepgram\"} 0"),
+        "{text}"
+    );
+
+    let packets = fixture_packets("d01");
+    let ws = connect(server.addr, Some("frank"), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets, 4, None).await;
+    assert_eq!(seen.close.as_ref().map(|c| c.0), Some(NORMAL));
+    assert!(unavailable_reasons(&seen).is_empty(), "{:?}", seen.events);
+    let runs = seen.runs();
+    assert!(runs.len() >= 3, "{runs:?}");
+
+    // Audio in: all the session decoded (16 kHz); sent: what the double received; the rest is silence the
+    // gate kept back (seconds saved = in - forwarded).
+    let audio_in = metric(
+        &server,
+        "voicegate_stt_audio_in_samples_total{provider=\"deepgram\"}",
+    )
+    .await;
+    let audio_ms = seen.metadata()["audio_ms"].as_u64().unwrap();
+    assert!(
+        audio_in.abs_diff(audio_ms * 16) <= 16 * 20,
+        "audio in {audio_in} samples for {audio_ms} ms decoded"
+    );
+    let sent = metric(&server, FORWARDED).await;
+    assert_eq!(sent, double.connections()[0].samples());
+    assert!(
+        sent > 0 && sent < audio_in,
+        "sent {sent} of {audio_in}: the gate saved the silence"
+    );
+
+    // One latency observation per speech end: each run's Finalize brings the final covering its end.
+    let text = metrics_text(&server).await;
+    let count = metric(
+        &server,
+        "voicegate_stt_final_latency_seconds_count{provider=\"deepgram\"}",
+    )
+    .await;
+    assert_eq!(count, runs.len() as u64, "one per run {runs:?}:\n{text}");
+    // Its own buckets (0.1 to 30 s), not the generic seconds ones.
+    assert!(
+        text.contains(
+            "voicegate_stt_final_latency_seconds_bucket{provider=\"deepgram\",le=\"0.75\"}"
+        ),
+        "{text}"
+    );
+    // Every queued chunk was taken by the connection task.
+    assert!(
+        text.lines()
+            .any(|l| l == "voicegate_stt_queue_depth{provider=\"deepgram\"} 0"),
+        "{text}"
+    );
+    assert_metered_exactly(&server, "frank", &seen, &packets).await;
+    server.shutdown().await;
+}

@@ -334,6 +334,9 @@ impl<T: Transport> Driver<'_, T> {
     fn deliver(&mut self) {
         for ev in self.core.take_events() {
             metrics::counter!(t::LISTEN_EVENTS_TOTAL, "type" => ev.kind()).increment(1);
+            if let (LiveEvent::SpeechEnded { at_ms, .. }, Some(link)) = (&ev, self.stt.as_mut()) {
+                link.speech_ended(*at_ms);
+            }
             if self.open && !self.transport.send(ev.to_json()) {
                 self.open = false;
             }

@@ -99,12 +99,15 @@ impl Feed {
         self.open = false;
     }
 
-    /// While a run is open, everything received so far goes.
-    pub fn advance(&mut self, received: u64) {
-        self.seen = received;
+    /// While a run is open, everything received so far goes. Returns the samples received since the last
+    /// call (the audio offered to the gate: `voicegate_stt_audio_in_samples_total`).
+    pub fn advance(&mut self, received: u64) -> u64 {
+        let new = received.saturating_sub(self.seen);
+        self.seen = self.seen.max(received);
         if self.open {
             self.range_to(received);
         }
+        new
     }
 
     /// Whether a second or more arrived since the last [`Feed::advance`]: one tick bringing a burst (a
@@ -154,10 +157,10 @@ mod tests {
     #[test]
     fn a_run_goes_with_its_preroll_while_it_runs_then_its_hangover() {
         let mut f = feed();
-        f.advance(20_000);
+        assert_eq!(f.advance(20_000), 20_000, "all of it is offered");
         assert!(f.take().next().is_none(), "no run, nothing goes");
         f.started(16_000);
-        f.advance(21_000);
+        assert_eq!(f.advance(21_000), 1_000, "only what is new");
         assert_eq!(
             f.take().collect::<Vec<_>>(),
             vec![Raw::Audio {

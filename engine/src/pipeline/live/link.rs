@@ -5,18 +5,23 @@
 //! Nothing here blocks the pipeline thread: pushing never waits (a full provider queue drops the audio,
 //! counted by the provider and told to the client as `stt_unavailable{queue_full}`), and results are read
 //! with `try_recv` on the session's ticks.
+//!
+//! The link also times each speech run's end to the first final covering it
+//! (`voicegate_stt_final_latency_seconds`, see [`super::latency`]).
 
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::Instant;
 
 use super::contract::SttCommand;
 use super::events::LiveEvent;
+use super::latency::FinalLatency;
 use super::transcript::{Availability, Change, Transcript};
 use crate::pipeline::tap::AudioTap;
 use crate::stt::{
-    Pcm, ResultReceiver, StreamHandle, StreamOptions, SttError, SttEvent, SttProvider,
-    results_channel,
+    Pcm, ProviderKind, ResultKind, ResultReceiver, StreamHandle, StreamOptions, SttError, SttEvent,
+    SttProvider, SttResult, results_channel,
 };
+use crate::telemetry as t;
 
 /// Results and events one stream may have waiting for its session (a full channel drops, counted).
 const RESULTS_CAPACITY: usize = 64;
@@ -30,6 +35,8 @@ pub(super) struct SttLink {
     provider_problem: Option<&'static str>,
     /// The provider sent [`SttEvent::Closed`]: every result is in.
     drained: bool,
+    provider: ProviderKind,
+    latency: FinalLatency,
 }
 
 impl SttLink {
@@ -49,6 +56,8 @@ impl SttLink {
             availability: Availability::default(),
             provider_problem: None,
             drained: false,
+            provider: provider.kind(),
+            latency: FinalLatency::default(),
         })
     }
 
@@ -103,7 +112,7 @@ impl SttLink {
                     {
                         self.provider_problem = None;
                     }
-                    self.transcript.apply(&r);
+                    self.result(&r);
                 }
                 Ok(SttEvent::Error { reason, message }) => {
                     tracing::debug!(message = "STT provider error", reason, detail = %message);
@@ -124,12 +133,30 @@ impl SttLink {
     pub async fn recv_one(&mut self) {
         match self.rx.recv().await {
             Some(SttEvent::Closed) | None => self.drained = true,
-            Some(SttEvent::Result(r)) => self.transcript.apply(&r),
+            Some(SttEvent::Result(r)) => self.result(&r),
             Some(SttEvent::Error { reason, .. }) => {
                 self.provider_problem = Some(provider_reason(reason));
             }
             Some(SttEvent::Behind { .. }) => {}
         }
+    }
+
+    /// The detector ended a speech run at stream time `end_ms` (the session learnt it now): timed until
+    /// the first final result covering it arrives.
+    pub fn speech_ended(&mut self, end_ms: u64) {
+        self.latency.speech_ended(end_ms, Instant::now());
+    }
+
+    /// One result in: into the transcript; a final also resolves the speech ends it covers.
+    fn result(&mut self, r: &SttResult) {
+        if r.kind == ResultKind::Final {
+            let now = Instant::now();
+            for waited in self.latency.final_result(r.start_ms, r.end_ms, now) {
+                metrics::histogram!(t::STT_FINAL_LATENCY_SECONDS, "provider" => self.provider.name())
+                    .record(waited.as_secs_f64());
+            }
+        }
+        self.transcript.apply(r);
     }
 
     /// The segments that became final since the last call (stream-time ms), for the conversation.

@@ -21,6 +21,7 @@ mod events;
 mod feed;
 mod frames;
 mod gate;
+mod latency;
 mod link;
 mod ops;
 mod pace;

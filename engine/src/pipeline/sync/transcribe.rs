@@ -27,6 +27,7 @@ use crate::conversation::{ConversationStore, TranscriptSegment, TranscriptStatus
 use crate::policy::{SttAllowance, SttDenied};
 use crate::stt::chunk::pad_runs;
 use crate::stt::{BatchRequest, ProviderKind, SttError, SttProvider};
+use crate::telemetry;
 use crate::time::{Span, samples_to_ms};
 
 use super::SyncServices;
@@ -226,6 +227,7 @@ async fn one_span(
             return (TranscriptStatus::Pending, 0);
         }
     };
+    let offered = samples.len() as u64;
     let request = BatchRequest {
         samples: Arc::from(samples),
         speech: span.runs.clone(),
@@ -243,6 +245,10 @@ async fn one_span(
             return (TranscriptStatus::Failed, 0);
         }
     };
+    // The span is what the gate offered the provider (the file's silence between spans never is; a
+    // refused or failed span is no audio in: nothing of it was forwarded either).
+    metrics::counter!(telemetry::STT_AUDIO_IN_SAMPLES_TOTAL, "provider" => provider.kind().name())
+        .increment(offered);
     let charged = samples_to_ms(output.forwarded_samples, TARGET_RATE);
     if charged > 0
         && let Err(error) = services.fair_use.record_stt(uid, charged).await

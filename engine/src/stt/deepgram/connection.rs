@@ -29,7 +29,7 @@ use super::KIND;
 use super::clock::TimeMap;
 use super::config::DeepgramConfig;
 use super::protocol::{self, CLOSE_STREAM, FINALIZE, KEEP_ALIVE, Results, ServerMessage};
-use super::stream::Cmd;
+use super::stream::{Cmd, Depth};
 use crate::outbound::{Outbound, WsConnectError, WsStream};
 use crate::stt::provider::{ResultSink, StreamCounters, StreamOptions};
 use crate::stt::types::{ResultKind, SttError, SttEvent, SttResult, Word, sample_to_ms};
@@ -45,6 +45,8 @@ const WRITE_CHUNK: usize = 8_000;
 pub(super) struct Ctx {
     pub cfg: DeepgramConfig,
     pub outbound: Outbound,
+    /// Audio chunks waiting in all streams' channels (`voicegate_stt_queue_depth`).
+    pub depth: Arc<Depth>,
 }
 
 struct Conn {
@@ -186,6 +188,7 @@ impl Task {
                 cmd = rx.recv(), if closing.is_none() => match cmd {
                     Some(Cmd::Audio { start, pcm }) => {
                         self.queued.fetch_sub(pcm.len() as u64, Ordering::Relaxed);
+                        self.ctx.depth.took();
                         self.audio(start, pcm).await;
                     }
                     Some(Cmd::EndOfRun) => {
@@ -467,6 +470,7 @@ impl Task {
         while let Ok(cmd) = rx.try_recv() {
             if let Cmd::Audio { pcm, .. } = cmd {
                 self.queued.fetch_sub(pcm.len() as u64, Ordering::Relaxed);
+                self.ctx.depth.took();
                 self.counters.dropped(KIND, "closed", pcm.len() as u64);
             }
         }

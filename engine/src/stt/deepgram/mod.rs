@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 
 pub use self::config::{DeepgramArgs, DeepgramConfig, DeepgramConfigError, KeySource};
 use self::connection::Ctx;
-use self::stream::{CMD_CAPACITY, DeepgramStream};
+use self::stream::{CMD_CAPACITY, DeepgramStream, Depth};
 use super::provider::{
     BatchRequest, BatchTicket, ProviderKind, ResultSink, StreamHandle, StreamOptions, SttProvider,
 };
@@ -74,8 +74,25 @@ impl DeepgramProvider {
             .enable_all()
             .build()
             .map_err(|e| SttError::LoadFailed(format!("cannot start the Deepgram runtime: {e}")))?;
+        // Every reason a stream's failure can have (`connection.rs`: the connect's HTTP answer, the
+        // network, the messages).
+        super::provider::register_metrics(
+            KIND,
+            &[
+                "unauthorized",
+                "payment",
+                "rate_limited",
+                "network",
+                "protocol",
+                "bad_request",
+            ],
+        );
         Ok(DeepgramProvider {
-            ctx: Arc::new(Ctx { cfg, outbound }),
+            ctx: Arc::new(Ctx {
+                cfg,
+                outbound,
+                depth: Arc::new(Depth::default()),
+            }),
             runtime: Arc::new(OwnedRuntime(Some(runtime))),
         })
     }
@@ -107,6 +124,7 @@ impl SttProvider for DeepgramProvider {
         Ok(Box::new(DeepgramStream {
             tx: Some(tx),
             queued,
+            depth: Arc::clone(&self.ctx.depth),
             sink,
             closed: false,
         }))

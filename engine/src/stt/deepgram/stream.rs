@@ -2,13 +2,14 @@
 //! bounded channel, never waiting (the pipeline thread calls these).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
 use super::KIND;
 use crate::stt::provider::{ResultSink, StreamHandle, StreamStats};
 use crate::stt::types::{Pcm, SttError};
+use crate::telemetry;
 
 /// Commands one stream's channel holds at most (audio is bounded by [`MAX_QUEUED_SAMPLES`] first).
 pub(super) const CMD_CAPACITY: usize = 1_024;
@@ -24,10 +25,34 @@ pub(super) enum Cmd {
     Close,
 }
 
+/// Audio chunks waiting in every stream's channel for its connection task: the provider's
+/// `voicegate_stt_queue_depth` (one per provider, shared by its streams and their tasks).
+#[derive(Debug, Default)]
+pub(super) struct Depth(AtomicUsize);
+
+impl Depth {
+    /// One chunk more is waiting (counted before the send, so a task's [`Depth::took`] never runs first).
+    pub(super) fn add(&self) {
+        let depth = self.0.fetch_add(1, Ordering::Relaxed) + 1;
+        Self::export(depth);
+    }
+
+    /// A chunk left the channel (taken by its task, dropped at the end, or never sent).
+    pub(super) fn took(&self) {
+        let depth = self.0.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
+        Self::export(depth);
+    }
+
+    fn export(depth: usize) {
+        metrics::gauge!(telemetry::STT_QUEUE_DEPTH, "provider" => KIND.name()).set(depth as f64);
+    }
+}
+
 pub(super) struct DeepgramStream {
     pub(super) tx: Option<mpsc::Sender<Cmd>>,
     /// Samples in the channel (the task subtracts what it takes).
     pub(super) queued: Arc<AtomicU64>,
+    pub(super) depth: Arc<Depth>,
     pub(super) sink: ResultSink,
     pub(super) closed: bool,
 }
@@ -70,6 +95,7 @@ impl StreamHandle for DeepgramStream {
         let mut samples = Vec::with_capacity(pcm.len());
         pcm.extend_i16(&mut samples);
         self.queued.fetch_add(n, Ordering::Relaxed);
+        self.depth.add();
         match tx.try_send(Cmd::Audio {
             start,
             pcm: samples,
@@ -77,6 +103,7 @@ impl StreamHandle for DeepgramStream {
             Ok(()) => Ok(()),
             Err(e) => {
                 self.queued.fetch_sub(n, Ordering::Relaxed);
+                self.depth.took();
                 let (reason, err) = match e {
                     mpsc::error::TrySendError::Full(_) => {
                         ("queue_full", SttError::QueueFull { dropped_samples: n })

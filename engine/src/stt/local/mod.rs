@@ -121,6 +121,8 @@ impl LocalProvider {
                 }
             }
         }
+        // The engine's failures are its one error reason (`pool::timed_transcribe`).
+        super::provider::register_metrics(KIND, &["engine"]);
         Ok(LocalProvider { pool })
     }
 

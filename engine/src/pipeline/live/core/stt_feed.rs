@@ -50,7 +50,11 @@ impl SessionCore {
         let Some(tap) = self.pipeline.tap() else {
             return;
         };
-        feed.advance(tap.end());
+        let offered = feed.advance(tap.end());
+        if offered > 0 {
+            metrics::counter!(t::STT_AUDIO_IN_SAMPLES_TOTAL, "provider" => self.stt.provider.name())
+                .increment(offered);
+        }
         if self.stt.gate == Gate::Pending {
             return;
         }

@@ -36,6 +36,14 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_REDIS_CLUSTER_NODES", value_delimiter = ',')]
     pub redis_cluster_nodes: Vec<String>,
 
+    /// Replicas that must acknowledge each meter flush (`WAIT` after the scripts, to the master of the users' slot), so an acknowledged minute survives a master failover; fewer in time fails the flush, which is retried. 0 = off. Refuses to start when the store answers with fewer replicas (docs/metering.md#delivery-guarantees).
+    #[arg(long, env = "VOICEGATE_REDIS_WAIT_REPLICAS", default_value_t = defaults::REDIS_WAIT_REPLICAS)]
+    pub redis_wait_replicas: u32,
+
+    /// Longest wait (ms) for the replicas' acknowledgement of one flush (with VOICEGATE_REDIS_WAIT_REPLICAS).
+    #[arg(long, env = "VOICEGATE_REDIS_WAIT_TIMEOUT_MS", default_value_t = defaults::REDIS_WAIT_TIMEOUT_MS)]
+    pub redis_wait_timeout_ms: u64,
+
     /// Key for the `/v1/admin/…` routes (header `X-Admin-Key`). Unset: admin routes answer 403.
     #[arg(long, env = "ADMIN_KEY", hide_env_values = true)]
     pub admin_key: Option<String>,
@@ -224,6 +232,8 @@ impl Default for ServeConfig {
             bind: defaults::BIND.to_owned(),
             redis_url: None,
             redis_cluster_nodes: Vec::new(),
+            redis_wait_replicas: defaults::REDIS_WAIT_REPLICAS,
+            redis_wait_timeout_ms: defaults::REDIS_WAIT_TIMEOUT_MS,
             admin_key: None,
             jwks: None,
             jwks_refresh_min_secs: defaults::JWKS_REFRESH_MIN_SECS,
@@ -362,13 +372,16 @@ impl ServeConfig {
             .map(|s| s.trim().to_owned())
             .filter(|s| !s.is_empty())
             .collect();
-        if !seeds.is_empty() {
-            return Some(RedisStoreConfig::cluster(seeds));
-        }
-        self.redis_url
-            .as_deref()
-            .filter(|u| !u.is_empty())
-            .map(RedisStoreConfig::new)
+        let config = if !seeds.is_empty() {
+            RedisStoreConfig::cluster(seeds)
+        } else {
+            RedisStoreConfig::new(self.redis_url.as_deref().filter(|u| !u.is_empty())?)
+        };
+        Some(RedisStoreConfig {
+            wait_replicas: self.redis_wait_replicas,
+            wait_timeout: Duration::from_millis(self.redis_wait_timeout_ms),
+            ..config
+        })
     }
 
     /// Checks everything that can be checked without I/O beyond name resolution.
@@ -386,7 +399,7 @@ impl ServeConfig {
                 bind: self.bind.clone(),
             });
         }
-        let limits: [(&'static str, u64); 17] = [
+        let limits: [(&'static str, u64); 18] = [
             (
                 "VOICEGATE_UPLOAD_MAX_FILE_BYTES",
                 self.upload_max_file_bytes,
@@ -407,6 +420,10 @@ impl ServeConfig {
             ("VOICEGATE_WS_MAX_SESSIONS", self.ws_max_sessions as u64),
             ("VOICEGATE_LEASE_TTL_SECS", self.lease_ttl_secs),
             ("VOICEGATE_LEASE_TIMEOUT_MS", self.lease_timeout_ms),
+            (
+                "VOICEGATE_REDIS_WAIT_TIMEOUT_MS",
+                self.redis_wait_timeout_ms,
+            ),
             ("VOICEGATE_HEADER_TIMEOUT_SECS", self.header_timeout_secs),
             (
                 "VOICEGATE_BODY_IDLE_TIMEOUT_SECS",

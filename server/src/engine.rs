@@ -32,6 +32,7 @@ use voicegate_engine::store::plans::{
     MemoryPlanStore, PlanRecordValue, PlanStore, PlanStoreError, RedisPlanStore,
 };
 use voicegate_engine::store::{MemoryStore, RedisStore, Store};
+use voicegate_engine::store::{ReplicaCheckError, check_replicas};
 use voicegate_engine::telemetry::CONVERSATIONS_UNLOCKED_TOTAL;
 use voicegate_engine::time::{Clock, SystemClock};
 
@@ -65,6 +66,9 @@ impl PlanLookup {
         }
     }
 }
+
+/// Bound of each connection and reply of the startup check of `VOICEGATE_REDIS_WAIT_REPLICAS`.
+const REPLICA_CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Everything the routes use. Cheap to clone.
 #[derive(Clone)]
@@ -107,6 +111,17 @@ impl Engine {
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let parts = match cfg.redis() {
             Some(redis_cfg) => {
+                match check_replicas(&redis_cfg, REPLICA_CHECK_TIMEOUT) {
+                    Ok(()) => {}
+                    Err(e @ ReplicaCheckError::TooFew { .. }) => {
+                        return Err(EngineError::Redis(e.to_string()));
+                    }
+                    // Redis may be down at startup (the node meters into memory meanwhile): flushes then fail
+                    // as `not_replicated` until the replicas answer.
+                    Err(e @ ReplicaCheckError::Unreachable(_)) => {
+                        tracing::warn!(message = "VOICEGATE_REDIS_WAIT_REPLICAS could not be checked at startup.", error = %e);
+                    }
+                }
                 let store =
                     RedisStore::new(&redis_cfg).map_err(|e| EngineError::Redis(e.to_string()))?;
                 let conn = store.connection();

@@ -15,6 +15,7 @@ pub mod lease;
 mod memory;
 pub mod plans;
 mod redis_store;
+mod replicas;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_redis;
 #[cfg(any(test, feature = "test-util"))]
@@ -28,6 +29,7 @@ use crate::time::{Minute, MonthKey};
 
 pub use memory::MemoryStore;
 pub use redis_store::{RedisStore, RedisStoreConfig};
+pub use replicas::{ReplicaCheckError, check_replicas};
 
 /// Identity of one meter actor incarnation: drawn at random (128 bits) when the actor starts.
 /// The store remembers each writer's highest applied sequence, which makes retries no-ops.
@@ -137,7 +139,7 @@ impl StoreTime {
 }
 
 /// Errors of a store call. A `StoreError` never means "partly applied": batches are atomic.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     #[error("store unavailable: {0}")]
     Unavailable(String),
@@ -147,6 +149,15 @@ pub enum StoreError {
     Script(String),
     #[error("store returned an unexpected reply: {0}")]
     Protocol(String),
+    /// The write ran on the master, but fewer replicas than `VOICEGATE_REDIS_WAIT_REPLICAS` acknowledged it.
+    #[error(
+        "{acked} of {wanted} replicas acknowledged the write within {timeout_ms} ms (VOICEGATE_REDIS_WAIT_REPLICAS)"
+    )]
+    NotReplicated {
+        acked: u32,
+        wanted: u32,
+        timeout_ms: u64,
+    },
 }
 
 impl StoreError {
@@ -157,6 +168,7 @@ impl StoreError {
             StoreError::Timeout => "timeout",
             StoreError::Script(_) => "script",
             StoreError::Protocol(_) => "protocol",
+            StoreError::NotReplicated { .. } => "not_replicated",
         }
     }
 }

@@ -34,6 +34,13 @@ pub struct RedisStoreConfig {
     pub connect_timeout: Duration,
     /// Each reply times out after this (the meter also bounds whole calls).
     pub response_timeout: Duration,
+    /// Replica acknowledgement of each flush (`VOICEGATE_REDIS_WAIT_REPLICAS`; 0 = off): after a pipeline of
+    /// meter scripts, `WAIT` on the same connection (so to the master of the users' slot) for this many
+    /// replicas; fewer within `wait_timeout` fails the flush ([`StoreError::NotReplicated`]), which the meter
+    /// retries (the retry is a no-op where the script ran), so an acknowledged batch survives a failover.
+    pub wait_replicas: u32,
+    /// Longest `WAIT` for the replicas (`VOICEGATE_REDIS_WAIT_TIMEOUT_MS`).
+    pub wait_timeout: Duration,
 }
 
 impl RedisStoreConfig {
@@ -51,6 +58,8 @@ impl RedisStoreConfig {
             cluster_nodes: Vec::new(),
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(2),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -63,6 +72,8 @@ pub struct RedisStore {
     /// False until the script was loaded through this store (and again after a `NOSCRIPT`), so the
     /// first pipeline does not bounce off an empty script cache.
     script_loaded: Arc<AtomicBool>,
+    wait_replicas: u32,
+    wait_timeout_ms: u64,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -114,6 +125,12 @@ impl RedisStore {
             conn,
             script_sha,
             script_loaded: Arc::new(AtomicBool::new(false)),
+            wait_replicas: config.wait_replicas,
+            wait_timeout_ms: config
+                .wait_timeout
+                .as_millis()
+                .try_into()
+                .unwrap_or(u64::MAX),
         })
     }
 
@@ -181,6 +198,13 @@ impl RedisStore {
             }
             pipe.add_command(cmd);
         }
+        if self.wait_replicas > 0 {
+            // Same connection, after the scripts: the master of their slot answers once this many replicas
+            // hold every write made on the connection so far (or the timeout passes).
+            pipe.cmd("WAIT")
+                .arg(self.wait_replicas)
+                .arg(self.wait_timeout_ms);
+        }
         pipe
     }
 
@@ -223,7 +247,12 @@ impl RedisStore {
         }
         for attempt in 0..2 {
             let mut conn = self.conn.clone();
-            let replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(store_error)?;
+            let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(store_error)?;
+            let acked = if self.wait_replicas > 0 {
+                replies.pop()
+            } else {
+                None
+            };
             if replies.len() != batches.len() {
                 return Err(StoreError::Protocol(format!(
                     "{} replies for {} batches",
@@ -241,9 +270,31 @@ impl RedisStore {
                 self.load_script().await?;
                 continue;
             }
+            if let Some(acked) = acked {
+                self.check_acknowledged(acked)?;
+            }
             return Ok(replies.into_iter().map(parse_apply_reply).collect());
         }
         Err(StoreError::Script("NOSCRIPT after SCRIPT LOAD".into()))
+    }
+
+    /// The `WAIT` reply: enough replicas, or [`StoreError::NotReplicated`] (the scripts ran on the master, but
+    /// an acknowledgement now could be lost by a failover: the caller keeps the batch and retries it).
+    fn check_acknowledged(&self, reply: Value) -> Result<(), StoreError> {
+        let wanted = self.wait_replicas;
+        match reply {
+            Value::Int(n) if n >= i64::from(wanted) => Ok(()),
+            // Counted by the meter as `voicegate_meter_flush_errors_total{reason="not_replicated"}`.
+            Value::Int(n) => Err(StoreError::NotReplicated {
+                acked: u32::try_from(n.max(0)).unwrap_or(0),
+                wanted,
+                timeout_ms: self.wait_timeout_ms,
+            }),
+            Value::ServerError(e) => Err(StoreError::Script(format!("WAIT: {e}"))),
+            other => Err(StoreError::Protocol(format!(
+                "unexpected WAIT reply {other:?}"
+            ))),
+        }
     }
 
     async fn load_user(

@@ -23,6 +23,7 @@ mod meter_reference;
 mod meter_window;
 mod store_cluster;
 mod store_redis;
+mod store_replicas;
 mod stt_local;
 mod supervisor_concurrency;
 mod supervisor_faults;

@@ -23,6 +23,11 @@ pub const LEASE_TTL_SECS: u64 = 30;
 /// `VOICEGATE_LEASE_TIMEOUT_MS`: longest wait for the store when taking a slot, before the decision's
 /// failure mode applies.
 pub const LEASE_TIMEOUT_MS: u64 = 1_000;
+/// `VOICEGATE_REDIS_WAIT_REPLICAS`: off (a flush is acknowledged once the master ran it).
+pub const REDIS_WAIT_REPLICAS: u32 = 0;
+/// `VOICEGATE_REDIS_WAIT_TIMEOUT_MS`: a replica on the same network acknowledges in about a millisecond;
+/// this only bounds a flush while a replica is away (the flush then fails and is retried).
+pub const REDIS_WAIT_TIMEOUT_MS: u64 = 500;
 /// `VOICEGATE_DRAIN_TIMEOUT_SECS`.
 pub const DRAIN_TIMEOUT_SECS: u64 = 30;
 /// `VOICEGATE_HEADER_TIMEOUT_SECS`: time from a connection (or the previous response) to a complete

@@ -103,3 +103,19 @@ fn setting_both_a_redis_url_and_cluster_nodes_stops_serve_naming_both() {
         "{stderr}"
     );
 }
+
+#[test]
+fn replica_acknowledgement_against_a_lone_redis_stops_serve_naming_the_setting() {
+    let redis = voicegate_engine::store::test_redis::RedisServer::start()
+        .unwrap_or_else(|e| panic!("redis-server: {e}"));
+    let url = redis.url();
+    let (code, stderr) = serve_with(&[
+        ("VOICEGATE_REDIS_URL", url.as_str()),
+        ("VOICEGATE_REDIS_WAIT_REPLICAS", "1"),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("VOICEGATE_REDIS_WAIT_REPLICAS=1 but the store has 0 connected replicas"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,225 @@
+//! Replica acknowledgement of meter flushes (`VOICEGATE_REDIS_WAIT_REPLICAS`) against a real master and
+//! replica: an acknowledged batch is on the replica when `apply` returns; with the replica gone the flush
+//! fails `not_replicated` (the script ran on the master), and its retry once the replica is back is a
+//! no-op that is acknowledged. The startup check refuses a lone server and accepts a replicated one. On a
+//! Redis Cluster (3 masters, a replica each) the `WAIT` goes with each user's script to its slot's master.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use voicegate_engine::store::test_redis::{RedisCluster, RedisServer};
+use voicegate_engine::store::{
+    ApplyOutcome, Batch, Delta, RedisStore, RedisStoreConfig, ReplicaCheckError, Store, StoreError,
+    StoreTime, WriterId, check_replicas, keys,
+};
+use voicegate_engine::time::{MS_PER_DAY, MS_PER_HOUR, minute_of_ms};
+
+const T0: u64 = 1_795_737_600_000 + 12 * MS_PER_HOUR;
+
+fn at() -> StoreTime {
+    StoreTime {
+        now_ms: T0,
+        retention_ms: 8 * MS_PER_DAY,
+    }
+}
+
+fn config(url: String, replicas: u32) -> RedisStoreConfig {
+    RedisStoreConfig {
+        wait_replicas: replicas,
+        wait_timeout: Duration::from_millis(300),
+        ..RedisStoreConfig::new(url)
+    }
+}
+
+fn batch(seq: u64, ms: u64) -> Batch {
+    Batch {
+        uid: Arc::from("replicated"),
+        writer: WriterId(9),
+        seq,
+        plain: Delta {
+            buckets: vec![(minute_of_ms(T0), ms)],
+            months: vec![(202611, ms)],
+        },
+        keyed: vec![],
+    }
+}
+
+/// Polls `INFO replication` of `server` until `field:value` shows (the replication link is an event the
+/// server reports; there is nothing to subscribe to).
+fn wait_for(server: &RedisServer, field: &str, value: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let needle = format!("{field}:{value}");
+    loop {
+        let info = server.command(&["INFO", "replication"]).unwrap_or_default();
+        if info.lines().any(|l| l.trim() == needle) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {needle} in:\n{info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn follow(replica: &RedisServer, master: &RedisServer) {
+    let port = master.port().to_string();
+    let reply = replica
+        .command(&["REPLICAOF", "127.0.0.1", &port])
+        .unwrap_or_else(|e| panic!("REPLICAOF: {e}"));
+    assert!(reply.starts_with("+OK"), "{reply}");
+    wait_for(replica, "master_link_status", "up");
+    wait_for(master, "connected_slaves", "1");
+}
+
+fn speech_on(server: &RedisServer) -> String {
+    let minute = minute_of_ms(T0).to_string();
+    server
+        .command(&["HGET", &keys::speech_buckets("replicated"), &minute])
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn an_acknowledged_flush_is_on_the_replica_and_without_it_the_flush_fails_until_it_returns() {
+    let master = RedisServer::start().expect("master");
+    let mut replica = RedisServer::start().expect("replica");
+    follow(&replica, &master);
+
+    // Startup check: one replica is there; two are not.
+    assert_eq!(
+        check_replicas(&config(master.url(), 1), Duration::from_secs(2)),
+        Ok(())
+    );
+    let err = check_replicas(&config(master.url(), 2), Duration::from_secs(2)).unwrap_err();
+    assert!(
+        matches!(&err, ReplicaCheckError::TooFew { wanted: 2, what } if what.contains("1 connected replicas")),
+        "{err}"
+    );
+
+    let store = RedisStore::new(&config(master.url(), 1)).expect("store");
+    let first = store.apply(&[batch(1, 4_000)], at()).await.expect("apply");
+    assert_eq!(
+        first[0],
+        Ok(ApplyOutcome::Applied {
+            rejected_keys: vec![]
+        })
+    );
+    // Acknowledged means replicated: the replica has it the moment `apply` returns.
+    assert!(
+        speech_on(&replica).contains("4000"),
+        "{}",
+        speech_on(&replica)
+    );
+
+    // The replica goes away: the script still runs on the master, but the flush is not acknowledged.
+    replica.stop().expect("stop replica");
+    wait_for(&master, "connected_slaves", "0");
+    let started = Instant::now();
+    let err = store
+        .apply(&[batch(2, 1_000)], at())
+        .await
+        .expect_err("not acknowledged");
+    assert_eq!(
+        err,
+        StoreError::NotReplicated {
+            acked: 0,
+            wanted: 1,
+            timeout_ms: 300
+        }
+    );
+    assert_eq!(err.reason(), "not_replicated");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "bounded by the WAIT timeout"
+    );
+    assert!(speech_on(&master).contains("5000"), "ran on the master");
+
+    // Back: the meter's retry of the same (writer, seq) is a no-op, and now it is acknowledged.
+    replica.resume().expect("resume replica");
+    follow(&replica, &master);
+    let retry = store.apply(&[batch(2, 1_000)], at()).await.expect("retry");
+    assert_eq!(retry[0], Ok(ApplyOutcome::Duplicate));
+    assert!(
+        speech_on(&replica).contains("5000"),
+        "{}",
+        speech_on(&replica)
+    );
+}
+
+#[tokio::test]
+async fn the_startup_check_refuses_a_lone_server_and_passes_when_off() {
+    let lone = RedisServer::start().expect("redis");
+    let err = check_replicas(&config(lone.url(), 1), Duration::from_secs(2)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("VOICEGATE_REDIS_WAIT_REPLICAS=1 but the store has 0 connected replicas"),
+        "{err}"
+    );
+    assert_eq!(
+        check_replicas(&config(lone.url(), 0), Duration::from_secs(2)),
+        Ok(())
+    );
+    // Nothing listening: not a refusal (the server starts while Redis is down), but said.
+    let port = lone.port();
+    drop(lone);
+    let down = check_replicas(
+        &config(format!("redis://127.0.0.1:{port}/"), 1),
+        Duration::from_millis(500),
+    );
+    assert!(
+        matches!(down, Err(ReplicaCheckError::Unreachable(_))),
+        "{down:?}"
+    );
+}
+
+#[tokio::test]
+async fn on_a_cluster_each_users_flush_is_acknowledged_by_its_masters_replica() {
+    let cluster = RedisCluster::start().expect("cluster");
+    let cfg = |replicas| RedisStoreConfig {
+        wait_replicas: replicas,
+        wait_timeout: Duration::from_millis(300),
+        ..RedisStoreConfig::cluster(cluster.urls())
+    };
+    // `cluster_state:ok` comes before every node's gossip lists each replica under its master: poll until
+    // the cluster reports a replica for every master (what the startup check asks).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match check_replicas(&cfg(1), Duration::from_secs(2)) {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "{e}"),
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let err = check_replicas(&cfg(2), Duration::from_secs(2)).unwrap_err();
+    assert!(err.to_string().contains("has 1 healthy replicas"), "{err}");
+
+    let store = RedisStore::new(&cfg(1)).expect("store");
+    // Users spread over the three masters, one script and one WAIT each on its own master.
+    let batches: Vec<Batch> = (0..12)
+        .map(|u| Batch {
+            uid: Arc::from(format!("spread-{u}").as_str()),
+            ..batch(1, 1_000 + u)
+        })
+        .collect();
+    let results = store.apply(&batches, at()).await.expect("apply");
+    assert_eq!(results.len(), 12);
+    for r in results {
+        assert_eq!(
+            r,
+            Ok(ApplyOutcome::Applied {
+                rejected_keys: vec![]
+            })
+        );
+    }
+    // A store asking for more replicas than the cluster has: the scripts run, the flush is not acknowledged.
+    let greedy = RedisStore::new(&cfg(2)).expect("store");
+    let results = greedy.apply(&[batch(1, 500)], at()).await.expect("apply");
+    assert!(
+        matches!(
+            results[0],
+            Err(StoreError::NotReplicated {
+                acked: 1,
+                wanted: 2,
+                ..
+            })
+        ),
+        "{results:?}"
+    );
+}

@@ -28,4 +28,5 @@ mod stt_local;
 mod supervisor_concurrency;
 mod supervisor_faults;
 mod supervisor_heuristic;
+mod supervisor_nodes;
 mod supervisor_openai;

@@ -260,23 +260,19 @@ mod tests {
             .collect();
         c.push(16_000, Pcm::I16(&loud), &mut out);
         assert!(out.is_empty());
-        // A quiet 40 ms 1 s before the cap, then more of the run: the cut lands in it.
+        // A quiet 40 ms 1.25 s before the cap, then more of the run: the cut lands in it.
         let mut more = vec![0i16; 640];
         more.extend(std::iter::repeat_n(9_000i16, 100_000));
         c.push(156_000, Pcm::I16(&more[..44_000]), &mut out);
         c.push(200_000, Pcm::I16(&more[44_000..]), &mut out);
         assert_eq!(out.len(), 1, "one cut at the cap");
-        let (s, first) = &out[0];
-        assert_eq!(*s, 16_000);
-        assert!(
-            (140_000..=140_640).contains(&first.len()),
-            "{}",
-            first.len()
-        );
+        let (s, first) = (out[0].0, out[0].1.len());
+        assert_eq!(s, 16_000);
+        assert!((140_000..=140_640).contains(&first), "{first}");
         // A push that does not follow ends the chunk; flush gives the rest, contiguous.
         c.push(900_000, Pcm::I16(&loud[..10]), &mut out);
         assert_eq!(out.len(), 2);
-        assert_eq!(out[1].0, 16_000 + first.len() as u64);
+        assert_eq!(out[1].0, 16_000 + first as u64);
         assert_eq!(out[0].1.len() + out[1].1.len(), 240_640);
         assert_eq!(c.flush(), Some((900_000, loud[..10].to_vec())));
         assert_eq!(c.flush(), None);

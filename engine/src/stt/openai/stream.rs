@@ -97,8 +97,13 @@ impl StreamHandle for OpenAiStream {
         }
         let mut done = Vec::new();
         self.run.push(start, pcm, &mut done);
-        done.into_iter()
-            .fold(Ok(()), |acc, (s, p)| first_err(acc, self.submit(s, p)))
+        // Every chunk is submitted (a drop of one does not stop the next); the first error is reported.
+        let mut outcome = Ok(());
+        for (s, p) in done {
+            let step = self.submit(s, p);
+            outcome = first_err(outcome, step);
+        }
+        outcome
     }
 
     fn end_of_run(&mut self) -> Result<(), SttError> {

@@ -212,12 +212,13 @@ pub const STT_CONNECTIONS_TOTAL: &str = "voicegate_stt_connections_total";
 pub const STT_RESULTS_DROPPED_TOTAL: &str = "voicegate_stt_results_dropped_total";
 /// Counter, labels `provider`, `reason` (`engine`, `unauthorized`, `payment`, `rate_limited`, `network`,
 /// `protocol`, `bad_request`): provider errors. Every reason a provider can report is exported at 0 from
-/// startup (local: `engine`; deepgram: the other six).
+/// startup (local: `engine`; deepgram: the other six; openai: all seven).
 pub const STT_ERRORS_TOTAL: &str = "voicegate_stt_errors_total";
 /// Gauge, label `provider`: work waiting for the provider (local: chunks and sync spans waiting for a
-/// worker; deepgram: audio chunks waiting in the streams' channels for their connection). 0 from startup.
+/// worker; deepgram: audio chunks waiting in the streams' channels for their connection; openai: chunks
+/// held, waiting for a request slot or in flight). 0 from startup.
 pub const STT_QUEUE_DEPTH: &str = "voicegate_stt_queue_depth";
-/// Histogram, label `provider`: seconds a chunk waited for a worker (how far transcription is behind).
+/// Histogram, label `provider`: seconds a chunk waited for a worker (openai: for a request slot) (how far transcription is behind).
 pub const STT_QUEUE_WAIT_SECONDS: &str = "voicegate_stt_queue_wait_seconds";
 /// Counter, label `provider`: chunks that waited longer than the lateness threshold (local: 2 s).
 pub const STT_LATE_CHUNKS_TOTAL: &str = "voicegate_stt_late_chunks_total";

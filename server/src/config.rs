@@ -12,6 +12,7 @@ use clap::Args;
 use voicegate_engine::meter::{MeterArgs, MeterConfig};
 use voicegate_engine::policy::{FairUseArgs, FairUseConfig};
 use voicegate_engine::stt::deepgram::DeepgramArgs;
+use voicegate_engine::stt::openai::OpenAiArgs;
 
 pub mod defaults;
 mod jwks;
@@ -216,6 +217,10 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub deepgram: DeepgramArgs,
 
+    /// The OpenAI-compatible provider's settings (`OPENAI_API_KEY`, `VOICEGATE_OPENAI_*`).
+    #[command(flatten)]
+    pub openai: OpenAiArgs,
+
     /// The meter's settings (`VOICEGATE_METER_*`).
     #[command(flatten)]
     pub meter: MeterArgs,
@@ -279,6 +284,7 @@ impl Default for ServeConfig {
             tls_ca_file: None,
             log_format: LogFormat::Text,
             deepgram: DeepgramArgs::default(),
+            openai: OpenAiArgs::default(),
             meter: MeterArgs::default(),
             fair_use: FairUseArgs::default(),
         }

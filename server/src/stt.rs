@@ -2,9 +2,10 @@
 //!
 //! The rules (engine `stt::select`): an unknown `VOICEGATE_STT` refuses to start naming the valid values;
 //! unset gives `local` when its engine is installed, else `none` with one log line; an explicit `local`
-//! without the engine refuses to start; a provider that needs a key refuses to start without it; bad
-//! Deepgram settings (URL, key file) refuse to start. An unreachable provider is not checked at startup:
-//! each session is told (`stt_unavailable`) and the session goes on.
+//! without the engine refuses to start; a provider that needs a key refuses to start without it (`openai`
+//! needs one for api.openai.com, not for a self-hosted base URL); bad Deepgram or OpenAI-compatible
+//! settings (URL, key file, bounds) refuse to start. An unreachable provider never stops the start: the
+//! `openai` provider logs it once, and each session is told (`stt_unavailable`) and goes on.
 
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use voicegate_engine::outbound::Outbound;
 use voicegate_engine::stt::deepgram::{DeepgramConfigError, DeepgramProvider};
 use voicegate_engine::stt::local::{LocalConfig, LocalProvider};
 use voicegate_engine::stt::none::NoneProvider;
+use voicegate_engine::stt::openai::{OpenAiConfigError, OpenAiProvider};
 use voicegate_engine::stt::select::{self, Facts, SelectError};
 use voicegate_engine::stt::{ProviderKind, SttError, SttProvider};
 
@@ -22,16 +24,16 @@ use crate::config::ServeConfig;
 pub enum SttStartError {
     #[error("refusing to start: {0}")]
     Select(#[from] SelectError),
-    #[error(
-        "refusing to start: VOICEGATE_STT={0} is not available in this build yet (docs/stt.md lists what is)"
-    )]
-    NotAvailable(ProviderKind),
     #[error("refusing to start: the local speech-to-text engine failed to load: {0}")]
     Local(SttError),
     #[error("refusing to start: {0}")]
     Deepgram(#[from] DeepgramConfigError),
     #[error("refusing to start: the Deepgram provider could not start: {0}")]
     DeepgramStart(SttError),
+    #[error("refusing to start: {0}")]
+    OpenAi(#[from] OpenAiConfigError),
+    #[error("refusing to start: the OpenAI-compatible provider could not start: {0}")]
+    OpenAiStart(SttError),
 }
 
 /// The local engine's settings from the server's.
@@ -58,7 +60,7 @@ pub fn build(
             .missing()
             .map(|p| format!("{} is missing", p.display())),
         deepgram_key: cfg.deepgram.has_key(),
-        openai_key_or_self_hosted: false,
+        openai_key_or_self_hosted: cfg.openai.has_key_or_self_hosted(),
     };
     let selection = select::select(requested, &facts)?;
     if let Some(note) = &selection.note {
@@ -99,6 +101,22 @@ pub fn build(
                 .map_err(SttStartError::DeepgramStart)?;
             Ok(Arc::new(provider))
         }
-        kind @ ProviderKind::OpenAi => Err(SttStartError::NotAvailable(kind)),
+        ProviderKind::OpenAi => {
+            let oa = cfg.openai.config()?;
+            tracing::info!(
+                message = "Speech-to-text provider: openai (OpenAI-compatible transcriptions, one request per chunk).",
+                provider = "openai",
+                url = %oa.url,
+                model = %oa.model,
+                key = match (&cfg.openai.key_file, &oa.key) {
+                    (Some(_), _) => "file",
+                    (None, Some(_)) => "env",
+                    (None, None) => "none",
+                }
+            );
+            let provider =
+                OpenAiProvider::start(oa, outbound.clone()).map_err(SttStartError::OpenAiStart)?;
+            Ok(Arc::new(provider))
+        }
     }
 }

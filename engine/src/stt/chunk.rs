@@ -5,6 +5,8 @@
 //! never longer than [`MAX_CHUNK_SAMPLES`]. A speech run longer than that is cut at its quietest 20 ms
 //! within the last [`CUT_SEARCH_SAMPLES`] before the cap, which is most likely between words.
 
+use super::types::Pcm;
+
 /// The longest chunk handed to a batch engine: 10 s at 16 kHz.
 pub const MAX_CHUNK_SAMPLES: usize = 160_000;
 /// How far back from the cap a forced cut looks for a quiet frame: 2 s.
@@ -104,6 +106,62 @@ pub fn pad_runs(runs: &[(u64, u64)], before: u64, after: u64, len: u64) -> Vec<(
     out
 }
 
+/// A live stream's current speech run, held as 16-bit PCM and cut into chunks for a per-chunk engine or
+/// API: a run ends its chunk where it ends (the VAD's pause, [`RunChunker::flush`]) or where the next push
+/// does not follow it; a run longer than `max` samples is cut at its quietest frame before the cap, as
+/// [`cut_point`] cuts. Holds at most `max` samples.
+#[derive(Debug)]
+pub struct RunChunker {
+    held: Vec<i16>,
+    /// Stream-time offset of `held[0]`.
+    start: u64,
+    max: usize,
+}
+
+impl RunChunker {
+    /// Chunks of at most `max` samples (at least one frame's worth).
+    pub fn new(max: usize) -> RunChunker {
+        RunChunker {
+            held: Vec::new(),
+            start: 0,
+            max: max.max(2 * FRAME),
+        }
+    }
+
+    /// Adds `pcm` at stream offset `start`; the chunks it completes go to `out` as (stream offset, samples).
+    pub fn push(&mut self, start: u64, pcm: Pcm<'_>, out: &mut Vec<(u64, Vec<i16>)>) {
+        if !self.held.is_empty() && start != self.start + self.held.len() as u64 {
+            out.extend(self.flush());
+        }
+        if self.held.is_empty() {
+            self.start = start;
+        }
+        pcm.extend_i16(&mut self.held);
+        while self.held.len() >= self.max {
+            let search = CUT_SEARCH_SAMPLES.min(self.max / 2);
+            let from = self.max - search;
+            let window: Vec<f32> = self.held[from..self.max]
+                .iter()
+                .map(|&v| f32::from(v) / 32_768.0)
+                .collect();
+            let cut = from + cut_point(&window, search, search);
+            let chunk: Vec<i16> = self.held.drain(..cut).collect();
+            out.push((self.start, chunk));
+            self.start += cut as u64;
+        }
+    }
+
+    /// The run ended: what is held, as one chunk.
+    pub fn flush(&mut self) -> Option<(u64, Vec<i16>)> {
+        if self.held.is_empty() {
+            return None;
+        }
+        let start = self.start;
+        self.start += self.held.len() as u64;
+        Some((start, std::mem::take(&mut self.held)))
+    }
+}
+
 fn clip(v: u64, len: usize) -> usize {
     usize::try_from(v).map_or(len, |v| v.min(len))
 }
@@ -191,6 +249,39 @@ mod tests {
             pad_runs(&[(1_000, 2_000)], 4_800, 1_000, 2_500),
             vec![(0, 2_500)]
         );
+    }
+
+    #[test]
+    fn a_run_chunker_cuts_at_gaps_run_ends_and_quiet_points_before_the_cap() {
+        let mut c = RunChunker::new(MAX_CHUNK_SAMPLES);
+        let mut out = Vec::new();
+        let loud: Vec<i16> = (0..140_000)
+            .map(|i| if i % 2 == 0 { 9_000 } else { -9_000 })
+            .collect();
+        c.push(16_000, Pcm::I16(&loud), &mut out);
+        assert!(out.is_empty());
+        // A quiet 40 ms 1.25 s before the cap, then more of the run: the cut lands in it.
+        let mut more = vec![0i16; 640];
+        more.extend(std::iter::repeat_n(9_000i16, 100_000));
+        c.push(156_000, Pcm::I16(&more[..44_000]), &mut out);
+        c.push(200_000, Pcm::I16(&more[44_000..]), &mut out);
+        assert_eq!(out.len(), 1, "one cut at the cap");
+        let (s, first) = (out[0].0, out[0].1.len());
+        assert_eq!(s, 16_000);
+        assert!((140_000..=140_640).contains(&first), "{first}");
+        // A push that does not follow ends the chunk; flush gives the rest, contiguous.
+        c.push(900_000, Pcm::I16(&loud[..10]), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].0, 16_000 + first as u64);
+        assert_eq!(out[0].1.len() + out[1].1.len(), 240_640);
+        assert_eq!(c.flush(), Some((900_000, loud[..10].to_vec())));
+        assert_eq!(c.flush(), None);
+        // Never more than the cap, even without a quiet frame.
+        c.push(0, Pcm::I16(&vec![9_000i16; 350_000]), &mut out);
+        assert!(out[2..].iter().all(|(_, p)| p.len() <= MAX_CHUNK_SAMPLES));
+        let total: usize = out[2..].iter().map(|(_, p)| p.len()).sum::<usize>()
+            + c.flush().map_or(0, |(_, p)| p.len());
+        assert_eq!(total, 350_000);
     }
 
     #[test]

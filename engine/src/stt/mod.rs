@@ -3,7 +3,9 @@
 //! - [`provider`]: the [`SttProvider`] trait (a streaming handle per session, a batch API for sync spans),
 //!   results through a bounded channel, exact `forwarded_samples` counted at the hand-off point.
 //! - Providers: [`local`] (Moonshine, embedded, loaded at run time), [`deepgram`] (Deepgram's live
-//!   websocket API, through the shared [`crate::outbound::Outbound`] client), [`none`] (metering only).
+//!   websocket API), [`openai`] (an OpenAI-compatible `POST /v1/audio/transcriptions`, one request per
+//!   chunk), [`none`] (metering only). Remote providers connect through the shared
+//!   [`crate::outbound::Outbound`] client and take their key from a [`key::KeySource`].
 //! - [`select`]: which provider `VOICEGATE_STT` and the installed engine give at startup.
 //! - [`chunk`]: cutting audio for a batch-only engine; [`wer`]: scoring transcripts.
 //!
@@ -11,9 +13,12 @@
 
 pub mod chunk;
 pub mod deepgram;
+pub mod key;
 pub mod local;
 pub mod none;
+pub mod openai;
 pub mod provider;
+mod runtime;
 pub mod select;
 pub mod types;
 pub mod wer;

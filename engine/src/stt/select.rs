@@ -5,7 +5,8 @@
 //! | unset | yes | `local` |
 //! | unset | no | `none`, with one log line saying why and how to install it |
 //! | `local` | no | refuses to start |
-//! | `deepgram`, `openai` | — | that provider; refuses to start without its key |
+//! | `deepgram` | — | that provider; refuses to start without its key |
+//! | `openai` | — | that provider; refuses to start without its key unless the base URL is self-hosted |
 //! | `none` | — | `none` |
 //! | anything else | — | refuses to start, naming the valid values |
 
@@ -59,7 +60,8 @@ pub struct Facts {
     /// `None` when the local engine is installed, else what is missing.
     pub local_missing: Option<String>,
     pub deepgram_key: bool,
-    /// Whether the OpenAI-compatible provider has a key, or does not need one (a self-hosted base URL).
+    /// Whether the OpenAI-compatible provider has a key, or does not need one (a self-hosted base URL:
+    /// whisper.cpp's server, faster-whisper-server and vLLM run without keys by default).
     pub openai_key_or_self_hosted: bool,
 }
 
@@ -88,7 +90,7 @@ pub fn select(requested: Option<ProviderKind>, facts: &Facts) -> Result<Selectio
         Some(ProviderKind::OpenAi) if !facts.openai_key_or_self_hosted => {
             Err(SelectError::MissingKey {
                 provider: ProviderKind::OpenAi,
-                setting: "VOICEGATE_STT_OPENAI_KEY (or VOICEGATE_STT_OPENAI_URL for a server without keys)",
+                setting: "OPENAI_API_KEY or VOICEGATE_OPENAI_API_KEY_FILE (a self-hosted VOICEGATE_OPENAI_BASE_URL may need none)",
             })
         }
         Some(kind) => chosen(kind),

@@ -34,6 +34,7 @@ mod stripe_webhook;
 mod stripe_webhook_engine;
 mod stt_config;
 mod stt_deepgram;
+mod stt_openai;
 mod sync_backfill;
 mod sync_e2e;
 mod sync_file_status;

@@ -78,6 +78,42 @@ async fn deepgram_starts_without_reaching_the_provider() {
 }
 
 #[actix_web::test]
+async fn openai_without_a_key_refuses_to_start_naming_the_settings() {
+    let mut cfg = with_stt(Some("openai"), None);
+    cfg.openai.api_key = Some(" ".into());
+    let message = refusal(cfg);
+    assert!(
+        message.contains("OPENAI_API_KEY") && message.contains("VOICEGATE_OPENAI_API_KEY_FILE"),
+        "{message}"
+    );
+}
+
+#[actix_web::test]
+async fn openai_with_a_bad_url_or_a_missing_key_file_refuses_to_start() {
+    let mut cfg = with_stt(Some("openai"), None);
+    cfg.openai.api_key = Some("k".into());
+    cfg.openai.base_url = "api.openai.com".into();
+    let message = refusal(cfg.clone());
+    assert!(message.contains("VOICEGATE_OPENAI_BASE_URL"), "{message}");
+    cfg.openai.base_url = "https://api.openai.com".into();
+    cfg.openai.key_file = Some("/nonexistent/openai.key".into());
+    let message = refusal(cfg);
+    assert!(
+        message.contains("VOICEGATE_OPENAI_API_KEY_FILE"),
+        "{message}"
+    );
+}
+
+/// A self-hosted server needs no key, and one that is unreachable at startup is a degraded start (logged).
+#[actix_web::test]
+async fn openai_self_hosted_starts_without_a_key_and_without_reaching_the_server() {
+    let mut cfg = with_stt(Some("OpenAI"), None);
+    cfg.openai.base_url = "http://127.0.0.1:9".into();
+    let builder = ServerBuilder::new(cfg).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(builder.state().stt.kind(), ProviderKind::OpenAi);
+}
+
+#[actix_web::test]
 async fn a_bad_ca_file_refuses_to_start_naming_the_setting() {
     let mut cfg = with_stt(Some("none"), None);
     cfg.tls_ca_file = Some("/nonexistent/ca.pem".into());

@@ -258,7 +258,12 @@ fn deepgram(double: &DeepgramDouble) -> impl FnOnce(&mut voicegate_server::Serve
 
 /// Streams `packets` at `speed`x real time, a client `Finalize` after packet `finalize_at` (if any), then
 /// `CloseStream`; returns what the client saw.
-async fn stream(ws: Ws, packets: &[Vec<u8>], speed: u32, finalize_at: Option<usize>) -> Seen {
+pub(crate) async fn stream(
+    ws: Ws,
+    packets: &[Vec<u8>],
+    speed: u32,
+    finalize_at: Option<usize>,
+) -> Seen {
     let (mut tx, rx) = ws.split();
     let limit = Duration::from_millis(packets.len() as u64 * 10 / u64::from(speed) + 40_000);
     let reader = tokio::spawn(read_all(rx, limit));
@@ -281,7 +286,7 @@ async fn stream(ws: Ws, packets: &[Vec<u8>], speed: u32, finalize_at: Option<usi
 
 /// The sum of a metric's series starting with `prefix` on the node's `/metrics` (one test per process
 /// under nextest, so the figures are this test's).
-async fn metric(server: &EngineServer, prefix: &str) -> u64 {
+pub(crate) async fn metric(server: &EngineServer, prefix: &str) -> u64 {
     let text = server
         .http
         .get(server.url("/metrics"))
@@ -303,11 +308,11 @@ const RESENT: &str = "voicegate_stt_resent_samples_total{provider=\"deepgram\"}"
 const DROPPED: &str = "voicegate_stt_dropped_samples_total{provider=\"deepgram\"";
 
 /// The session's STT charge for `samples` forwarded (ms, rounded half up, as the session converts).
-fn charged_ms(samples: u64) -> u64 {
+pub(crate) fn charged_ms(samples: u64) -> u64 {
     (samples + 8) / 16
 }
 
-fn unavailable_reasons(seen: &Seen) -> Vec<String> {
+pub(crate) fn unavailable_reasons(seen: &Seen) -> Vec<String> {
     seen.of_type("stt_unavailable")
         .iter()
         .map(|e| e["reason"].as_str().unwrap_or_default().to_string())
@@ -315,7 +320,7 @@ fn unavailable_reasons(seen: &Seen) -> Vec<String> {
 }
 
 /// Final transcript segments as the client last saw them: (text, start ms, end ms).
-fn segments(seen: &Seen) -> Vec<(String, u64, u64)> {
+pub(crate) fn segments(seen: &Seen) -> Vec<(String, u64, u64)> {
     let mut by_id: Vec<(String, (String, u64, u64))> = Vec::new();
     for (v, _) in &seen.events {
         let Some(array) = v.as_array() else { continue };
@@ -336,7 +341,7 @@ fn segments(seen: &Seen) -> Vec<(String, u64, u64)> {
 }
 
 /// Metering is what it is without STT: the offline analysis of the same packets, and the store.
-async fn assert_metered_exactly(
+pub(crate) async fn assert_metered_exactly(
     server: &EngineServer,
     uid: &str,
     seen: &Seen,

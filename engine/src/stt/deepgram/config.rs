@@ -1,10 +1,10 @@
 //! The Deepgram provider's settings ([`DeepgramArgs`], flattened into `voicegate serve`) and its key.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::protocol;
-use crate::stt::types::SttError;
+pub use crate::stt::key::KeySource;
 
 /// `VOICEGATE_DEEPGRAM_URL`.
 pub const DEFAULT_URL: &str = "wss://api.deepgram.com";
@@ -111,49 +111,6 @@ impl DeepgramArgs {
             ..DeepgramConfig::default()
         })
     }
-}
-
-/// Where the key comes from. A file is read at every connection (a few bytes), so rotating the key
-/// takes effect for the next connection or reconnect, without a restart.
-#[derive(Clone, PartialEq, Eq)]
-pub enum KeySource {
-    Fixed(String),
-    File(PathBuf),
-}
-
-impl std::fmt::Debug for KeySource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            KeySource::Fixed(_) => f.write_str("Fixed(<redacted>)"),
-            KeySource::File(p) => write!(f, "File({})", p.display()),
-        }
-    }
-}
-
-impl KeySource {
-    /// The key now.
-    pub fn current(&self) -> Result<String, SttError> {
-        match self {
-            KeySource::Fixed(k) if !k.is_empty() => Ok(k.clone()),
-            KeySource::Fixed(_) => Err(SttError::Unauthorized(
-                "no Deepgram key is configured".into(),
-            )),
-            KeySource::File(path) => read_key(path),
-        }
-    }
-}
-
-fn read_key(path: &Path) -> Result<String, SttError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| SttError::Unauthorized(format!("{}: {e}", path.display())))?;
-    let key = text.trim();
-    if key.is_empty() {
-        return Err(SttError::Unauthorized(format!(
-            "{} is empty",
-            path.display()
-        )));
-    }
-    Ok(key.to_string())
 }
 
 /// The provider's configuration.

@@ -34,6 +34,7 @@ use super::provider::{
 };
 use super::types::SttError;
 use crate::outbound::Outbound;
+use crate::stt::runtime::OwnedRuntime;
 
 const KIND: ProviderKind = ProviderKind::Deepgram;
 
@@ -53,26 +54,11 @@ impl std::fmt::Debug for DeepgramProvider {
     }
 }
 
-/// A runtime that may be dropped anywhere, an async context included (it shuts down in the background).
-struct OwnedRuntime(Option<tokio::runtime::Runtime>);
-
-impl Drop for OwnedRuntime {
-    fn drop(&mut self) {
-        if let Some(rt) = self.0.take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
 impl DeepgramProvider {
     /// Starts the provider's runtime. Nothing is connected until a session opens a stream, so an
     /// unreachable Deepgram at startup is a degraded start (each session is told), never a crash.
     pub fn start(cfg: DeepgramConfig, outbound: Outbound) -> Result<DeepgramProvider, SttError> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("vg-deepgram")
-            .enable_all()
-            .build()
+        let runtime = OwnedRuntime::start("vg-deepgram")
             .map_err(|e| SttError::LoadFailed(format!("cannot start the Deepgram runtime: {e}")))?;
         // Every reason a stream's failure can have (`connection.rs`: the connect's HTTP answer, the
         // network, the messages).
@@ -93,7 +79,7 @@ impl DeepgramProvider {
                 outbound,
                 depth: Arc::new(Depth::default()),
             }),
-            runtime: Arc::new(OwnedRuntime(Some(runtime))),
+            runtime: Arc::new(runtime),
         })
     }
 }
@@ -108,7 +94,7 @@ impl SttProvider for DeepgramProvider {
         options: StreamOptions,
         results: ResultSink,
     ) -> Result<Box<dyn StreamHandle>, SttError> {
-        let Some(runtime) = self.runtime.0.as_ref() else {
+        let Some(runtime) = self.runtime.get() else {
             return Err(SttError::Closed);
         };
         let sink = results.for_provider(KIND);

@@ -1,0 +1,507 @@
+//! `VOICEGATE_STT=openai` through `voicegate serve`, against [`OpenAiDouble`]: a local HTTP server in this
+//! test suite that speaks the OpenAI audio transcriptions API as documented (OpenAI's API reference,
+//! "Create transcription", cited in `engine/src/stt/openai/protocol.rs`): `POST /v1/audio/transcriptions`,
+//! `Authorization: Bearer`, a `multipart/form-data` body with `file` (a WAV), `model`,
+//! `response_format` and `language`; a `verbose_json` answer with `segments[]`, or an error status with
+//! `{"error": {...}}`. It checks every request as the API would (a malformed one gets 400) and records the
+//! samples of every WAV it read.
+//!
+//! What is checked: one request per utterance chunk (at most 10 s); the samples the double received equal
+//! `voicegate_stt_forwarded_samples_total` exactly and are what the session charged; transcripts come
+//! back in stream time; a sync upload's spans are transcribed (`transcript_status: done`) and charged
+//! what was sent; a 401 or 500 is `stt_unavailable{provider_error}`, counted by reason, and the session
+//! and its metering go on.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::common;
+use crate::listen_support;
+use crate::stt_deepgram::{
+    assert_metered_exactly, charged_ms, metric, segments, stream, unavailable_reasons,
+};
+
+use common::engine_server::{EngineServer, fair_use_on, fixtures, now_s};
+use listen_support::{NORMAL, connect, fixture_packets};
+
+const KEY: &str = "sk-test-openai-key";
+const OPUS16: &str = "codec=opus&sample_rate=16000&language=en";
+const FORWARDED: &str = "voicegate_stt_forwarded_samples_total{provider=\"openai\"}";
+/// Every reason (`queue_full`, `provider_down`, `closed`).
+const DROPPED: &str = "voicegate_stt_dropped_samples_total{provider=\"openai\"";
+
+/// What the double answers one request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Plan {
+    /// `verbose_json`: one segment over the whole file, `utterance <n>`.
+    Serve,
+    /// This HTTP status with an OpenAI-style error body.
+    Status(u16),
+}
+
+/// One request as the double read it.
+#[derive(Debug, Clone, Default)]
+struct Request {
+    path: String,
+    authorization: String,
+    model: String,
+    response_format: String,
+    language: Option<String>,
+    /// 16-bit samples of the WAV `file` part.
+    samples: u64,
+    answered: u16,
+}
+
+/// An OpenAI transcriptions double (see the module docs). Requests take the plans in order; the last
+/// one repeats.
+struct OpenAiDouble {
+    addr: SocketAddr,
+    log: Arc<Mutex<Vec<Request>>>,
+}
+
+impl OpenAiDouble {
+    async fn start(plans: &[Plan]) -> OpenAiDouble {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let plans = Arc::new(Mutex::new(plans.iter().copied().collect::<VecDeque<_>>()));
+        let shared = Arc::clone(&log);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(serve(stream, Arc::clone(&plans), Arc::clone(&shared)));
+            }
+        });
+        OpenAiDouble { addr, log }
+    }
+
+    fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn requests(&self) -> Vec<Request> {
+        self.log.lock().unwrap().clone()
+    }
+
+    fn samples(&self) -> u64 {
+        self.requests().iter().map(|r| r.samples).sum()
+    }
+}
+
+fn next_plan(plans: &Mutex<VecDeque<Plan>>) -> Plan {
+    let mut p = plans.lock().unwrap();
+    if p.len() > 1 {
+        p.pop_front().unwrap()
+    } else {
+        p[0]
+    }
+}
+
+/// Serves the requests of one connection (HTTP/1.1, `Content-Length` bodies, keep-alive).
+async fn serve(
+    mut stream: TcpStream,
+    plans: Arc<Mutex<VecDeque<Plan>>>,
+    log: Arc<Mutex<Vec<Request>>>,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // The head.
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 8192];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let request_line = lines.next().unwrap_or_default().to_string();
+        let header = |name: &str| {
+            head.split("\r\n")
+                .skip(1)
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.trim()
+                        .eq_ignore_ascii_case(name)
+                        .then(|| v.trim().to_string())
+                })
+                .unwrap_or_default()
+        };
+        let length: usize = header("content-length").parse().unwrap_or(0);
+        while buf.len() < head_end + length {
+            let mut chunk = [0u8; 65536];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: Vec<u8> = buf[head_end..head_end + length].to_vec();
+        buf.drain(..head_end + length);
+        let mut parts = request_line.split(' ');
+        let (method, path) = (
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+        );
+        let mut req = Request {
+            path: path.to_string(),
+            authorization: header("authorization"),
+            ..Request::default()
+        };
+        let (status, answer) = if method != "POST" {
+            // The startup probe (a GET): the API allows POST only.
+            (
+                405,
+                json!({"error": {"message": "method not allowed", "type": "invalid_request_error"}}),
+            )
+        } else {
+            match read_form(&header("content-type"), &body, &mut req) {
+                Err(why) => (
+                    400,
+                    json!({"error": {"message": why, "type": "invalid_request_error"}}),
+                ),
+                Ok(()) => {
+                    let n = log
+                        .lock()
+                        .unwrap()
+                        .iter()
+                        .filter(|r| r.answered == 200)
+                        .count()
+                        + 1;
+                    match next_plan(&plans) {
+                        Plan::Serve => {
+                            let secs = req.samples as f64 / 16_000.0;
+                            (
+                                200,
+                                json!({
+                                    "task": "transcribe", "language": "english", "duration": secs,
+                                    "text": format!(" Utterance {n}."),
+                                    "segments": [{"id": 0, "seek": 0, "start": 0.0, "end": secs,
+                                        "text": format!(" Utterance {n}."), "tokens": [50364],
+                                        "temperature": 0.0, "avg_logprob": -0.25,
+                                        "compression_ratio": 1.1, "no_speech_prob": 0.01}]
+                                }),
+                            )
+                        }
+                        Plan::Status(s) => (
+                            s,
+                            json!({"error": {
+                                "message": format!("the double answers {s}"),
+                                "type": if s == 401 { "invalid_request_error" } else { "server_error" },
+                                "code": if s == 401 { "invalid_api_key" } else { "server_error" }
+                            }}),
+                        ),
+                    }
+                }
+            }
+        };
+        if method == "POST" {
+            req.answered = status;
+            log.lock().unwrap().push(req);
+        }
+        let text = answer.to_string();
+        let out = format!(
+            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if stream.write_all(out.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads the multipart form as the API does; `Err` names what is wrong.
+fn read_form(content_type: &str, body: &[u8], req: &mut Request) -> Result<(), String> {
+    let boundary = content_type
+        .strip_prefix("multipart/form-data; boundary=")
+        .ok_or_else(|| format!("not multipart/form-data: {content_type}"))?;
+    let delimiter = format!("\r\n--{boundary}");
+    // The body starts with the first delimiter (without its CRLF) and ends with the closing one.
+    let body = [b"\r\n".as_slice(), body].concat();
+    let mut file = None;
+    let mut rest = &body[..];
+    loop {
+        let at = find(rest, delimiter.as_bytes()).ok_or("a delimiter is missing")?;
+        rest = &rest[at + delimiter.len()..];
+        if rest.starts_with(b"--") {
+            break;
+        }
+        rest = rest
+            .strip_prefix(b"\r\n")
+            .ok_or("no CRLF after a delimiter")?;
+        let head_end = find(rest, b"\r\n\r\n").ok_or("a part has no header end")?;
+        let head = String::from_utf8_lossy(&rest[..head_end]).into_owned();
+        let content_end = find(rest, delimiter.as_bytes()).ok_or("a part is not closed")?;
+        let content = &rest[head_end + 4..content_end];
+        let name = head
+            .split("name=\"")
+            .nth(1)
+            .and_then(|s| s.split('"').next())
+            .ok_or("a part has no name")?;
+        let text = || String::from_utf8_lossy(content).into_owned();
+        match name {
+            "model" => req.model = text(),
+            "response_format" => req.response_format = text(),
+            "language" => req.language = Some(text()),
+            "file" => file = Some(content.to_vec()),
+            other => return Err(format!("unknown field {other}")),
+        }
+        rest = &rest[content_end..];
+    }
+    let wav = file.ok_or("no file")?;
+    let u16_at = |i: usize| u16::from_le_bytes([wav[i], wav[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes([wav[i], wav[i + 1], wav[i + 2], wav[i + 3]]);
+    if wav.len() < 44
+        || &wav[0..4] != b"RIFF"
+        || &wav[8..16] != b"WAVEfmt "
+        || &wav[36..40] != b"data"
+        || u32_at(4) as usize != wav.len() - 8
+        || u16_at(20) != 1
+        || u16_at(22) != 1
+        || u32_at(24) != 16_000
+        || u16_at(34) != 16
+        || u32_at(40) as usize != wav.len() - 44
+    {
+        return Err("the file is not a 16 kHz mono 16-bit PCM WAV".into());
+    }
+    if req.model.is_empty() {
+        return Err("model is required".into());
+    }
+    req.samples = (wav.len() as u64 - 44) / 2;
+    Ok(())
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn openai(double: &OpenAiDouble) -> impl FnOnce(&mut voicegate_server::ServeConfig) {
+    let url = double.base_url();
+    move |cfg| {
+        cfg.stt = Some("openai".into());
+        cfg.openai.api_key = Some(KEY.into());
+        cfg.openai.base_url = url;
+        // The whole fixture fits: a lagging pipeline delays, never drops (as in listen_stream).
+        cfg.listen_buffer_ms = 200_000;
+    }
+}
+
+#[actix_web::test]
+async fn a_live_session_gets_one_request_per_utterance_and_the_double_received_exactly_what_was_forwarded()
+ {
+    let double = OpenAiDouble::start(&[Plan::Serve]).await;
+    let server = EngineServer::start(fair_use_on(), openai(&double)).await;
+    let packets = fixture_packets("d01");
+    let ws = connect(server.addr, Some("alice"), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets, 4, None).await;
+    assert_eq!(
+        seen.close.as_ref().map(|c| c.0),
+        Some(NORMAL),
+        "{:?}",
+        seen.events
+    );
+    assert!(unavailable_reasons(&seen).is_empty(), "{:?}", seen.events);
+
+    let requests = double.requests();
+    let runs = seen.runs();
+    assert!(
+        requests.len() >= runs.len(),
+        "a request per run at least: {} for {runs:?}",
+        requests.len()
+    );
+    for r in &requests {
+        assert_eq!(r.path, "/v1/audio/transcriptions");
+        assert_eq!(r.authorization, format!("Bearer {KEY}"));
+        assert_eq!(r.model, "whisper-1");
+        assert_eq!(r.response_format, "verbose_json");
+        assert_eq!(r.language.as_deref(), Some("en"));
+        assert_eq!(r.answered, 200);
+        assert!(r.samples > 0 && r.samples <= 160_000, "{r:?}");
+    }
+    // Exactly what was forwarded (and charged).
+    let received = double.samples();
+    assert!(received > 16_000 * 10, "received {received} samples");
+    assert_eq!(metric(&server, FORWARDED).await, received);
+    assert_eq!(metric(&server, DROPPED).await, 0);
+    let meta = seen.metadata();
+    assert_eq!(
+        meta["stt_forwarded_ms"].as_u64().unwrap(),
+        charged_ms(received),
+        "{meta}"
+    );
+    // Every answer became a final segment in the session's time, on a speech run (with its pre-roll
+    // and hangover).
+    let segs = segments(&seen);
+    assert_eq!(segs.len(), requests.len(), "{segs:?}");
+    for (text, start, end) in &segs {
+        assert!(text.starts_with("Utterance "), "{text}");
+        assert!(
+            runs.iter()
+                .any(|r| *start + 450 >= r[0] && *end <= r[1] + 250 && *start < r[1]),
+            "{text} [{start}, {end}] ms lies on no speech run of {runs:?}"
+        );
+    }
+    assert_metered_exactly(&server, "alice", &seen, &packets).await;
+    server.shutdown().await;
+}
+
+/// The double answers `first` for the first request(s), then serves: `stt_unavailable{provider_error}`,
+/// counted under `reason`, transcripts again afterwards; forwarded and charged as received.
+async fn a_failing_request(first: &[Plan], uid: &str, reason: &str) {
+    let mut plans = first.to_vec();
+    plans.push(Plan::Serve);
+    let double = OpenAiDouble::start(&plans).await;
+    let server = EngineServer::start(fair_use_on(), openai(&double)).await;
+    let packets = fixture_packets("d01");
+    let ws = connect(server.addr, Some(uid), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets, 4, None).await;
+    assert_eq!(seen.close.as_ref().map(|c| c.0), Some(NORMAL));
+    let kinds: Vec<String> = seen
+        .events
+        .iter()
+        .filter_map(|(v, _)| v["type"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(unavailable_reasons(&seen), ["provider_error"], "{kinds:?}");
+    let lost = kinds.iter().position(|k| k == "stt_unavailable").unwrap();
+    assert!(
+        kinds[lost..].iter().any(|k| k == "stt_available"),
+        "transcripts came back after the failure: {kinds:?}"
+    );
+    let requests = double.requests();
+    let failed = requests.iter().filter(|r| r.answered != 200).count();
+    assert_eq!(failed, first.len(), "{requests:?}");
+    let errors = format!("voicegate_stt_errors_total{{provider=\"openai\",reason=\"{reason}\"}}");
+    assert_eq!(
+        metric(&server, &errors).await,
+        first.len() as u64,
+        "{errors}"
+    );
+    // The failed requests' audio was handed over (the double read it): forwarded and charged, no
+    // transcript for it.
+    let received = double.samples();
+    assert_eq!(metric(&server, FORWARDED).await, received);
+    assert_eq!(metric(&server, DROPPED).await, 0);
+    assert_eq!(
+        seen.metadata()["stt_forwarded_ms"].as_u64().unwrap(),
+        charged_ms(received)
+    );
+    assert_eq!(segments(&seen).len(), requests.len() - failed);
+    assert_metered_exactly(&server, uid, &seen, &packets).await;
+    server.shutdown().await;
+}
+
+#[actix_web::test]
+async fn a_refused_key_is_provider_error_and_the_session_goes_on() {
+    a_failing_request(&[Plan::Status(401)], "dave", "unauthorized").await;
+}
+
+#[actix_web::test]
+async fn a_server_error_is_provider_error_and_the_session_goes_on() {
+    a_failing_request(&[Plan::Status(500)], "erin", "engine").await;
+}
+
+#[actix_web::test]
+async fn an_unreachable_server_drops_the_audio_counted_and_the_session_goes_on() {
+    // A port nothing listens on.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let server = EngineServer::start(fair_use_on(), move |cfg| {
+        cfg.stt = Some("openai".into());
+        cfg.openai.base_url = url;
+        cfg.listen_buffer_ms = 200_000;
+    })
+    .await;
+    let packets = fixture_packets("d01");
+    let ws = connect(server.addr, Some("frank"), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets[..1_000], 8, None).await;
+    assert_eq!(seen.close.as_ref().map(|c| c.0), Some(NORMAL));
+    assert_eq!(
+        unavailable_reasons(&seen),
+        ["provider_error"],
+        "{:?}",
+        seen.events
+    );
+    assert_eq!(metric(&server, FORWARDED).await, 0);
+    let dropped = metric(&server, DROPPED).await;
+    assert!(dropped > 0);
+    assert!(
+        metric(
+            &server,
+            "voicegate_stt_errors_total{provider=\"openai\",reason=\"network\"}"
+        )
+        .await
+            >= 1
+    );
+    // What the session handed over was dropped (counted) and charged at hand-off, as with Deepgram.
+    assert_eq!(
+        seen.metadata()["stt_forwarded_ms"].as_u64().unwrap(),
+        charged_ms(dropped)
+    );
+    assert_metered_exactly(&server, "frank", &seen, &packets[..1_000]).await;
+    server.shutdown().await;
+}
+
+#[actix_web::test]
+async fn a_sync_upload_gets_its_spans_transcribed_and_charged_what_was_sent() {
+    let double = OpenAiDouble::start(&[Plan::Serve]).await;
+    let server = EngineServer::start(fair_use_on(), openai(&double)).await;
+    let bytes = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "d01.bin")
+        .unwrap()
+        .1;
+    let files = vec![(
+        format!("audio_omi_opus_16000_1_fs160_{}.bin", now_s() - 3_600),
+        bytes,
+    )];
+    let (code, body, _) = server.upload("grace", "", &files).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["transcript_status"], "done", "{body}");
+    let ids = body["new_memories"].as_array().unwrap();
+    assert_eq!(ids.len(), 1, "{body}");
+    let requests = double.requests();
+    assert!(!requests.is_empty());
+    assert!(
+        requests
+            .iter()
+            .all(|r| r.answered == 200 && r.samples <= 160_000 && r.model == "whisper-1"),
+        "{requests:?}"
+    );
+    let received = double.samples();
+    assert_eq!(metric(&server, FORWARDED).await, received);
+    // Charged what was sent (ms rounding: at most 1 ms a span).
+    let charged = body["stt_ms"].as_u64().unwrap();
+    assert!(
+        (received / 16).abs_diff(charged) <= 4,
+        "sent {} ms, charged {charged} ms",
+        received / 16
+    );
+    let (code, conv) = server
+        .get(
+            &format!("/v1/conversations/{}", ids[0].as_str().unwrap()),
+            "grace",
+        )
+        .await;
+    assert_eq!(code, 200, "{conv}");
+    assert_eq!(conv["transcript_status"], "done", "{conv}");
+    let segments = conv["transcript_segments"].as_array().unwrap();
+    assert_eq!(segments.len(), requests.len(), "{conv}");
+    let started = conv["started_at_ms"].as_u64().unwrap();
+    for s in segments {
+        assert!(s["text"].as_str().unwrap().starts_with("Utterance "), "{s}");
+        // In the conversation's time: a segment may start up to the pre-roll (300 ms) before its speech.
+        let (start, end) = (
+            s["start_ms"].as_u64().unwrap(),
+            s["end_ms"].as_u64().unwrap(),
+        );
+        assert!(start + 300 >= started && start < end, "{s}");
+    }
+    server.shutdown().await;
+}

@@ -187,6 +187,32 @@ async fn on_a_cluster_each_users_flush_is_acknowledged_by_its_masters_replica() 
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+    // A replica listed in the gossip may still be in its first sync: WAIT counts it only once it is online
+    // (under CI load that took longer than the 300 ms WAIT). Wait until every master says so.
+    loop {
+        let online = cluster
+            .urls()
+            .iter()
+            .filter_map(|url| {
+                let client = redis::Client::open(url.as_str()).ok()?;
+                let mut conn = client.get_connection().ok()?;
+                redis::cmd("INFO")
+                    .arg("replication")
+                    .query::<String>(&mut conn)
+                    .ok()
+            })
+            .filter(|info| info.contains("role:master"))
+            .map(|info| {
+                info.lines()
+                    .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
+            })
+            .collect::<Vec<bool>>();
+        if online.len() == 3 && online.iter().all(|&o| o) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas not online: {online:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let err = check_replicas(&cfg(2), Duration::from_secs(2)).unwrap_err();
     assert!(err.to_string().contains("has 1 healthy replicas"), "{err}");
 

@@ -25,6 +25,7 @@ const OPENAI_HOST: &str = "api.openai.com";
 pub struct OpenAiArgs {
     /// API key, for VOICEGATE_STT=openai (sent as `Authorization: Bearer`). Or VOICEGATE_OPENAI_API_KEY_FILE. Needed for api.openai.com; a self-hosted base URL may run without one.
     #[arg(
+        id = "openai_api_key",
         long = "openai-api-key",
         env = "OPENAI_API_KEY",
         hide_env_values = true
@@ -32,27 +33,31 @@ pub struct OpenAiArgs {
     pub api_key: Option<String>,
 
     /// File holding the OpenAI-compatible API key, read again at every request, so a rotated key applies without a restart (wins over OPENAI_API_KEY).
-    #[arg(long = "openai-api-key-file", env = "VOICEGATE_OPENAI_API_KEY_FILE")]
+    #[arg(
+        id = "openai_api_key_file",
+        long = "openai-api-key-file",
+        env = "VOICEGATE_OPENAI_API_KEY_FILE"
+    )]
     pub key_file: Option<PathBuf>,
 
     /// Base URL of the OpenAI-compatible server (http:// or https://); requests go to URL/v1/audio/transcriptions (a URL ending in /v1 gets /audio/transcriptions).
-    #[arg(long = "openai-base-url", env = "VOICEGATE_OPENAI_BASE_URL", default_value = DEFAULT_BASE_URL)]
+    #[arg(id = "openai_base_url", long = "openai-base-url", env = "VOICEGATE_OPENAI_BASE_URL", default_value = DEFAULT_BASE_URL)]
     pub base_url: String,
 
     /// Transcription model (whisper-1 at OpenAI; the name a self-hosted server expects).
-    #[arg(long = "openai-model", env = "VOICEGATE_OPENAI_MODEL", default_value = DEFAULT_MODEL)]
+    #[arg(id = "openai_model", long = "openai-model", env = "VOICEGATE_OPENAI_MODEL", default_value = DEFAULT_MODEL)]
     pub model: String,
 
     /// Longest time one transcription request may take, sending included; past it the chunk fails (`network`).
-    #[arg(long = "openai-timeout-secs", env = "VOICEGATE_OPENAI_TIMEOUT_SECS", default_value_t = DEFAULT_TIMEOUT_SECS)]
+    #[arg(id = "openai_timeout_secs", long = "openai-timeout-secs", env = "VOICEGATE_OPENAI_TIMEOUT_SECS", default_value_t = DEFAULT_TIMEOUT_SECS)]
     pub timeout_secs: u64,
 
     /// Transcription requests one node has open at once.
-    #[arg(long = "openai-max-in-flight", env = "VOICEGATE_OPENAI_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
+    #[arg(id = "openai_max_in_flight", long = "openai-max-in-flight", env = "VOICEGATE_OPENAI_MAX_IN_FLIGHT", default_value_t = DEFAULT_MAX_IN_FLIGHT)]
     pub max_in_flight: usize,
 
     /// Chunks (of at most 10 s) one node holds for the provider, in flight or waiting; past it a chunk is dropped (counted, `queue_full`).
-    #[arg(long = "openai-queue-chunks", env = "VOICEGATE_OPENAI_QUEUE_CHUNKS", default_value_t = DEFAULT_QUEUE_CHUNKS)]
+    #[arg(id = "openai_queue_chunks", long = "openai-queue-chunks", env = "VOICEGATE_OPENAI_QUEUE_CHUNKS", default_value_t = DEFAULT_QUEUE_CHUNKS)]
     pub queue_chunks: usize,
 }
 

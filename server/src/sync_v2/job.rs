@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use voicegate_engine::conversation::TranscriptStatus;
 use voicegate_engine::pipeline::sync::{self as use_case, SyncFile, SyncOutcome, SyncRequest};
-use voicegate_engine::policy::Mode;
+use voicegate_engine::policy::{Mode, backfill};
 use voicegate_engine::store::StoreError;
 use voicegate_engine::store::sync_jobs::QueuedJob;
 use voicegate_engine::telemetry::SYNC_JOBS_TOTAL;
@@ -15,6 +15,8 @@ use voicegate_engine::time::Backoff;
 
 use super::record::{FileState, JobError, JobRecord, JobStage, JobStatus};
 use super::worker::{Inner, MAX_ATTEMPTS, lane_label};
+
+const DAY_MS: u64 = 86_400_000;
 
 /// Why a run stopped before the job's end (the job stays queued and is resumed).
 #[derive(Debug, thiserror::Error)]
@@ -125,10 +127,11 @@ pub(super) async fn run(inner: &Inner, job: &QueuedJob) -> Result<(), RunError> 
     let (report, deferred_until) = match outcome {
         Err(e) => return retry_later(inner, job, rec, e.code(), &e.to_string()).await,
         Ok(SyncOutcome::Done(report) | SyncOutcome::NoValidFiles { report, .. }) => (report, None),
-        Ok(SyncOutcome::BackfillAllowanceExhausted {
-            report,
-            retry_after_s,
-        }) => (report, Some(engine.clock.now_ms() + retry_after_s * 1000)),
+        // The allowance is per UTC day: the deferred files run again at the next UTC midnight.
+        Ok(SyncOutcome::BackfillAllowanceExhausted { report, .. }) => {
+            let next_day = backfill::utc_day(engine.clock.now_ms()) + 1;
+            (report, Some(next_day.saturating_mul(DAY_MS)))
+        }
     };
     // Settled only once the speech is in the store: a crash after this point must not lose it (the
     // meter's write-behind would otherwise hold it up to a flush interval).

@@ -42,5 +42,6 @@ mod sync_gates;
 mod sync_transcripts;
 mod sync_v2;
 mod sync_v2_crash;
+mod sync_v2_lanes;
 mod upload;
 mod upload_real_server;

@@ -187,6 +187,10 @@ pub struct SyncArgs {
     /// Seconds one upload may take before it counts as failed.
     #[arg(long, default_value_t = 300.0)]
     pub request_timeout: f64,
+    /// Upload through `POST /v2/sync-local-files` and poll the job until it ends (its latency is the
+    /// time to the poll that saw it end; polls every 50 ms) instead of v1.
+    #[arg(long)]
+    pub v2: bool,
 }
 
 #[cfg(test)]

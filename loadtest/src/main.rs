@@ -120,6 +120,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             files: args.files,
             rounds: args.rounds,
             request_timeout: Duration::from_secs_f64(args.request_timeout.max(1.0)),
+            v2: args.v2,
             live: live.clone(),
         });
         tokio::spawn(run_sync(ctx, args, prefix.clone(), first_sync_user))

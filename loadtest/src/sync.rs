@@ -1,4 +1,5 @@
-//! The sync scenario: uploaders, each a distinct user, posting device files to `/v1/sync-local-files`.
+//! The sync scenario: uploaders, each a distinct user, posting device files to `/v1/sync-local-files`
+//! (or, with `--v2`, to `/v2/sync-local-files`, polling each job until it ends: its `result` is v1's body).
 //!
 //! Upload `i` of an uploader carries clip `(uploader + i) % clips` without its first `i / clips` packets,
 //! so no user ever uploads the same bytes twice (the server meters a content hash once) and the check can
@@ -29,6 +30,8 @@ pub struct SyncCtx {
     pub files: usize,
     pub rounds: usize,
     pub request_timeout: Duration,
+    /// Through v2 (a job, polled) instead of v1.
+    pub v2: bool,
     pub live: Arc<Live>,
 }
 
@@ -154,6 +157,9 @@ async fn upload(
     header: String,
     form: Form,
 ) -> Result<SyncResponse, String> {
+    if ctx.v2 {
+        return upload_v2(ctx, node, header, form).await;
+    }
     let resp = ctx
         .client
         .post(format!("{node}/v1/sync-local-files"))
@@ -169,6 +175,73 @@ async fn upload(
         return Err(format!("upload_http_{status}"));
     }
     serde_json::from_slice(&body).map_err(|_| "upload_unparsable_response".to_owned())
+}
+
+/// How often a v2 job is polled.
+const POLL: Duration = Duration::from_millis(50);
+
+/// A v2 upload: 202, then the job polled until it ends (within the request timeout).
+async fn upload_v2(
+    ctx: &SyncCtx,
+    node: &str,
+    header: String,
+    form: Form,
+) -> Result<SyncResponse, String> {
+    let deadline = Instant::now() + ctx.request_timeout;
+    let resp = ctx
+        .client
+        .post(format!("{node}/v2/sync-local-files"))
+        .header(reqwest::header::AUTHORIZATION, header.clone())
+        .multipart(form)
+        .timeout(ctx.request_timeout)
+        .send()
+        .await
+        .map_err(|e| request_error_kind(&e))?;
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|_| "upload_unparsable_response".to_owned())?;
+    if status != 202 {
+        return Err(format!("upload_http_{status}"));
+    }
+    let id = body["job_id"]
+        .as_str()
+        .ok_or_else(|| "upload_no_job_id".to_owned())?
+        .to_owned();
+    loop {
+        if Instant::now() > deadline {
+            return Err("request_timeout".into());
+        }
+        tokio::time::sleep(POLL).await;
+        let resp = ctx
+            .client
+            .get(format!("{node}/v2/sync-local-files/{id}"))
+            .header(reqwest::header::AUTHORIZATION, header.clone())
+            .timeout(ctx.request_timeout)
+            .send()
+            .await
+            .map_err(|e| request_error_kind(&e))?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            return Err(format!("job_poll_http_{status}"));
+        }
+        let job: serde_json::Value = resp
+            .json()
+            .await
+            .map_err(|_| "job_unparsable_response".to_owned())?;
+        match job["status"].as_str() {
+            Some("completed" | "partial_failure") => {
+                return serde_json::from_value(job["result"].clone())
+                    .map_err(|_| "job_unparsable_result".to_owned());
+            }
+            Some("failed") => {
+                let code = job["error"]["code"].as_str().unwrap_or("files_failed");
+                return Err(format!("job_failed_{code}"));
+            }
+            _ => {}
+        }
+    }
 }
 
 pub fn request_error_kind(e: &reqwest::Error) -> String {

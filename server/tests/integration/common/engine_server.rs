@@ -111,6 +111,18 @@ impl EngineServer {
         split(resp).await
     }
 
+    /// [`Self::get`] with the `Retry-After` header, to check a refusal's shape.
+    pub async fn get_reply(&self, path: &str, bearer: &str) -> super::refusal::Reply {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .bearer_auth(bearer)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        super::refusal::Reply::of(resp).await
+    }
+
     pub async fn status_speech_ms(&self, uid: &str) -> Value {
         let (code, body) = self.get("/v1/fair-use/status", uid).await;
         assert_eq!(code, 200, "{body}");

@@ -131,11 +131,7 @@ fn serve(addr: SocketAddr, redis_url: &str, upload_dir: &std::path::Path) -> Chi
     Child(child)
 }
 
-async fn upload_to(
-    addr: SocketAddr,
-    uid: &str,
-    files: &[(String, Vec<u8>)],
-) -> (u16, serde_json::Value) {
+async fn upload_to(addr: SocketAddr, uid: &str, files: &[(String, Vec<u8>)]) -> Reply {
     let (ctype, body) = multipart(files);
     let resp = reqwest::Client::new()
         .post(format!("http://{addr}/v1/sync-local-files"))
@@ -145,7 +141,7 @@ async fn upload_to(
         .send()
         .await
         .unwrap_or_else(|e| panic!("upload: {e}"));
-    split(resp).await
+    Reply::of(resp).await
 }
 
 #[actix_web::test]
@@ -169,10 +165,12 @@ async fn the_per_user_limit_counts_the_uploads_on_every_node_sharing_the_store()
     until_folders(dir1.path(), 1).await;
     let on2 = paused_upload(a2, "spread").await;
     until_folders(dir2.path(), 1).await;
-    let (code, body) = upload_to(a1, "spread", &file).await;
+    let refusal = upload_to(a1, "spread", &file).await;
+    let (code, body) = refusal.pair();
     assert_eq!(code, 429, "{body}");
     assert_eq!(body["code"], "too_many_uploads", "{body}");
-    let (code, body) = upload_to(a2, "other", &file).await;
+    assert_eq!(refusal.assert_refusal("third upload across nodes"), Some(5));
+    let (code, body) = upload_to(a2, "other", &file).await.pair();
     assert_eq!(code, 200, "{body}");
 
     // The upload on node 2 ends: node 1 admits the user again (once node 2 has given its lease back).
@@ -180,7 +178,7 @@ async fn the_per_user_limit_counts_the_uploads_on_every_node_sharing_the_store()
     until_folders(dir2.path(), 0).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (code, body) = upload_to(a1, "spread", &file).await;
+        let (code, body) = upload_to(a1, "spread", &file).await.pair();
         if code == 200 {
             break;
         }

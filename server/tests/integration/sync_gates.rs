@@ -31,7 +31,7 @@ async fn admin_post(server: &EngineServer, path: &str) -> (u16, Value) {
     common::engine_server::split(resp).await
 }
 
-async fn webhook(server: &EngineServer, payload: &Value, secret: &str) -> (u16, Value) {
+async fn webhook(server: &EngineServer, payload: &Value, secret: &str) -> Reply {
     let bytes = payload.to_string().into_bytes();
     let sig = sign_payload(&bytes, secret.as_bytes(), common::now());
     let resp = server
@@ -43,7 +43,7 @@ async fn webhook(server: &EngineServer, payload: &Value, secret: &str) -> (u16, 
         .send()
         .await
         .unwrap();
-    common::engine_server::split(resp).await
+    Reply::of(resp).await
 }
 
 #[actix_web::test]
@@ -184,11 +184,16 @@ async fn exhausted_credits_lock_and_a_signed_payment_unlocks() {
     assert_eq!(code, 200, "{second}");
     assert_eq!(second["locked"], true, "{second}");
     let locked_id = second["new_memories"][0].as_str().unwrap().to_owned();
-    let (code, body) = server
-        .get(&format!("/v1/conversations/{locked_id}"), "free")
+    let locked = server
+        .get_reply(&format!("/v1/conversations/{locked_id}"), "free")
         .await;
-    assert_eq!(code, 402, "{body}");
-    assert_eq!(body["code"], "conversation_locked");
+    assert_eq!(locked.status, 402, "{}", locked.body);
+    assert_eq!(locked.body["code"], "conversation_locked");
+    assert_eq!(
+        locked.assert_refusal("locked conversation"),
+        None,
+        "a payment, not time, unlocks it"
+    );
     let open_id = first["new_memories"][0].as_str().unwrap().to_owned();
     let (code, _) = server
         .get(&format!("/v1/conversations/{open_id}"), "free")
@@ -201,15 +206,16 @@ async fn exhausted_credits_lock_and_a_signed_payment_unlocks() {
         "id": "evt_paid_1", "type": "checkout.session.completed",
         "data": {"object": {"metadata": {"uid": "free", "plan": "unlimited"}}}
     });
-    // Badly signed: 400 and still locked.
-    let (code, body) = webhook(&server, &event, "whsec_wrong").await;
-    assert_eq!(code, 400, "{body}");
+    // Badly signed: 400 (final) and still locked.
+    let bad = webhook(&server, &event, "whsec_wrong").await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(bad.assert_refusal("bad signature"), None);
     let (code, _) = server
         .get(&format!("/v1/conversations/{locked_id}"), "free")
         .await;
     assert_eq!(code, 402);
     // Correctly signed: unlocked, and new uploads are no longer locked.
-    let (code, body) = webhook(&server, &event, STRIPE_SECRET).await;
+    let (code, body) = webhook(&server, &event, STRIPE_SECRET).await.pair();
     assert_eq!(code, 200, "{body}");
     let (code, body) = server
         .get(&format!("/v1/conversations/{locked_id}"), "free")

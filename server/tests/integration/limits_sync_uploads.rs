@@ -13,9 +13,7 @@ use tokio::time::Instant;
 
 use voicegate_engine::store::test_redis::RedisServer;
 
-use crate::common::engine_server::{
-    EngineServer, fair_use_on, fixtures, multipart, omi_name, split,
-};
+use crate::common::engine_server::{EngineServer, fair_use_on, fixtures, multipart, omi_name};
 use crate::common::refusal::{Reply, header_str};
 use crate::listen_support::{Child, free_port, wait_ready};
 

@@ -100,15 +100,13 @@ impl EngineServer {
         self.redis
     }
 
+    /// GETs `path`; a refusal is checked for the one refusal shape (`common::refusal`) on the way.
     pub async fn get(&self, path: &str, bearer: &str) -> (u16, Value) {
-        let resp = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(bearer)
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-        split(resp).await
+        let reply = self.get_reply(path, bearer).await;
+        if reply.status >= 400 {
+            reply.assert_refusal(&format!("GET {path}"));
+        }
+        reply.pair()
     }
 
     /// [`Self::get`] with the `Retry-After` header, to check a refusal's shape.
@@ -129,7 +127,8 @@ impl EngineServer {
         body["speech_ms"].clone()
     }
 
-    /// Posts `files` (name, bytes) as multipart `files` parts.
+    /// Posts `files` (name, bytes) as multipart `files` parts; a refusal is checked for the one refusal
+    /// shape (`common::refusal`) on the way.
     pub async fn upload(
         &self,
         bearer: &str,
@@ -148,6 +147,10 @@ impl EngineServer {
             .unwrap_or_else(|e| panic!("upload: {e}"));
         let headers = resp.headers().clone();
         let (code, body) = split(resp).await;
+        if code >= 400 {
+            let retry_after = super::refusal::header_str(&headers);
+            super::refusal::assert_refusal("sync upload", code, retry_after.as_deref(), &body);
+        }
         (code, body, headers)
     }
 }

@@ -116,6 +116,14 @@ pub const SYNC_UPLOADS_REFUSED_TOTAL: &str = "voicegate_sync_uploads_refused_tot
 /// Counter, label `lane` (`sync_fresh`, `sync_backfill`, `too_old`): analysed sync files by the backfill
 /// decision (DESIGN §3).
 pub const SYNC_FILES_BY_LANE_TOTAL: &str = "voicegate_sync_files_by_lane_total";
+/// Counter, label `lane` (`sync_fresh`, `sync_backfill`): sync v2 jobs accepted (202).
+pub const SYNC_JOBS_CREATED_TOTAL: &str = "voicegate_sync_jobs_created_total";
+/// Counter, labels `status` (`completed`, `partial_failure`, `failed`) and `lane`: sync v2 jobs ended.
+pub const SYNC_JOBS_TOTAL: &str = "voicegate_sync_jobs_total";
+/// Gauge, label `lane`: sync v2 jobs running on this node.
+pub const SYNC_JOBS_RUNNING: &str = "voicegate_sync_jobs_running";
+/// Gauge: sync v2 jobs in the queue on all nodes (due or deferred), as this node last read it (each second).
+pub const SYNC_JOBS_QUEUED: &str = "voicegate_sync_jobs_queued";
 /// Counter, label `status` (`ok`, `failed`): files of sync uploads by result.
 pub const SYNC_FILES_TOTAL: &str = "voicegate_sync_files_total";
 /// Counter: seconds of audio decoded from sync uploads.

@@ -16,8 +16,10 @@ use voicegate_engine::stt::openai::OpenAiArgs;
 
 pub mod defaults;
 mod jwks;
+mod sync_jobs;
 mod table;
 
+pub use sync_jobs::SyncJobArgs;
 #[cfg(test)]
 use table::ServeOnly;
 pub use table::markdown_table;
@@ -221,6 +223,10 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub openai: OpenAiArgs,
 
+    /// Sync v2 jobs' settings (`VOICEGATE_SYNC_SPOOL_DIR`, workers, quotas, retention).
+    #[command(flatten)]
+    pub sync_jobs: SyncJobArgs,
+
     /// The meter's settings (`VOICEGATE_METER_*`).
     #[command(flatten)]
     pub meter: MeterArgs,
@@ -285,6 +291,7 @@ impl Default for ServeConfig {
             log_format: LogFormat::Text,
             deepgram: DeepgramArgs::default(),
             openai: OpenAiArgs::default(),
+            sync_jobs: SyncJobArgs::default(),
             meter: MeterArgs::default(),
             fair_use: FairUseArgs::default(),
         }
@@ -455,7 +462,11 @@ impl ServeConfig {
                 self.auth_throttle_max_addresses as u64,
             ),
         ];
-        if let Some((name, _)) = limits.iter().find(|(_, v)| *v == 0) {
+        if let Some((name, _)) = limits
+            .iter()
+            .chain(&self.sync_jobs.limits())
+            .find(|(_, v)| *v == 0)
+        {
             return Err(ConfigError::ZeroLimit { name });
         }
         if !(self.listen_max_pace.is_finite() && self.listen_max_pace >= 1.0) {

@@ -31,6 +31,7 @@ use voicegate_engine::store::lease::{LeaseStore, MemoryLeaseStore, RedisLeaseSto
 use voicegate_engine::store::plans::{
     MemoryPlanStore, PlanRecordValue, PlanStore, PlanStoreError, RedisPlanStore,
 };
+use voicegate_engine::store::sync_jobs::{MemorySyncJobStore, RedisSyncJobStore, SyncJobStore};
 use voicegate_engine::store::{MemoryStore, RedisStore, Store};
 use voicegate_engine::store::{ReplicaCheckError, check_replicas};
 use voicegate_engine::telemetry::CONVERSATIONS_UNLOCKED_TOTAL;
@@ -83,6 +84,8 @@ pub struct Engine {
     pub backfill_ledger: Arc<dyn BackfillLedger>,
     /// The slots of per-user limits this node holds (sessions, …), counted across nodes in the store.
     pub leases: Leases,
+    /// Sync v2 jobs (`crate::sync_v2`).
+    pub sync_jobs: Arc<dyn SyncJobStore>,
     pub clock: Arc<dyn Clock>,
     /// Audio sent to the STT provider before each speech run (`VOICEGATE_STT_PREROLL_MS`), for sync spans.
     pub stt_preroll_ms: u64,
@@ -136,6 +139,7 @@ impl Engine {
                     plans: Arc::new(RedisPlanStore::new(conn.clone())),
                     backfill: Arc::new(RedisBackfillLedger::new(conn.clone())),
                     leases: Arc::new(RedisLeaseStore::new(conn.clone())),
+                    sync_jobs: Arc::new(RedisSyncJobStore::new(conn.clone())),
                     redis: Some(conn),
                     kind: if redis_cfg.cluster_nodes.is_empty() {
                         "redis"
@@ -152,6 +156,7 @@ impl Engine {
                 plans: Arc::new(MemoryPlanStore::default()),
                 backfill: Arc::new(MemoryBackfillLedger::default()),
                 leases: Arc::new(MemoryLeaseStore::new()),
+                sync_jobs: Arc::new(MemorySyncJobStore::new()),
                 redis: None,
                 kind: "memory",
             },
@@ -164,6 +169,7 @@ impl Engine {
             plans,
             backfill: backfill_ledger,
             leases,
+            sync_jobs,
             redis,
             kind,
         } = parts;
@@ -190,6 +196,7 @@ impl Engine {
             backfill: cfg.backfill(),
             backfill_ledger,
             leases,
+            sync_jobs,
             clock,
             stt_preroll_ms: cfg.stt_preroll_ms,
             store_kind: kind,
@@ -245,6 +252,7 @@ struct Stores {
     plans: Arc<dyn PlanStore>,
     backfill: Arc<dyn BackfillLedger>,
     leases: Arc<dyn LeaseStore>,
+    sync_jobs: Arc<dyn SyncJobStore>,
     redis: Option<RedisConnection>,
     kind: &'static str,
 }

@@ -22,6 +22,7 @@ pub mod sessions;
 pub mod stripe;
 pub mod stt;
 pub mod sync;
+pub mod sync_v2;
 pub mod throttle;
 pub mod timeouts;
 pub mod upload;

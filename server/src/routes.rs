@@ -15,9 +15,23 @@ use crate::error::ApiError;
 
 /// Mounts the sync, status, conversation and admin routes.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    cfg.route(
-        "/v1/sync-local-files",
-        web::post().to(crate::sync::sync_local_files),
+    cfg.service(
+        web::resource("/v1/sync-local-files")
+            // v1 is deprecated in favour of v2, with the reference's headers (RFC 8594 / 9745).
+            .wrap(
+                actix_web::middleware::DefaultHeaders::new()
+                    .add(("Deprecation", "true"))
+                    .add(("Link", "</v2/sync-local-files>; rel=\"successor-version\"")),
+            )
+            .route(web::post().to(crate::sync::sync_local_files)),
+    )
+    .route(
+        "/v2/sync-local-files",
+        web::post().to(crate::sync_v2::create),
+    )
+    .route(
+        "/v2/sync-local-files/{job_id}",
+        web::get().to(crate::sync_v2::status),
     )
     .route("/v1/fair-use/status", web::get().to(status))
     .route("/v1/conversations", web::get().to(list_conversations))

@@ -106,7 +106,8 @@ async fn handle(
 
     // 3. The use case: names, decode and VAD on the rayon pool (off the I/O threads), then the meter and
     //    the conversations.
-    let now_s = engine.clock.now_ms() / 1000;
+    let arrival_ms = engine.clock.now_ms();
+    let now_s = arrival_ms / 1000;
     let files: Vec<SyncFile> = batch
         .files
         .iter()
@@ -137,6 +138,7 @@ async fn handle(
         locked: ent.lock,
         stt: ent.stt,
         target: query.conversation_id,
+        arrival_ms,
     };
     let outcome = use_case::settle(&services, request, analysed)
         .await

@@ -91,6 +91,25 @@ impl UploadBatch {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+
+    /// Moves the batch's directory to `dest` (same file system: a rename, so a crash leaves either the temp
+    /// folder, swept at the next start, or the whole destination) and returns the files at their new paths.
+    pub fn persist(self, dest: &Path) -> std::io::Result<Vec<SavedFile>> {
+        let from = self.dir.path().to_path_buf();
+        std::fs::rename(&from, dest)?;
+        // Renamed: the temp guard must not delete anything now (the old path no longer exists).
+        let _ = self.dir.keep();
+        Ok(self
+            .files
+            .into_iter()
+            .map(|mut f| {
+                if let Ok(rel) = f.path.strip_prefix(&from) {
+                    f.path = dest.join(rel);
+                }
+                f
+            })
+            .collect())
+    }
 }
 
 /// The name and value of a limit that was hit (reported in the 413 body as `limit` / `limit_value`).

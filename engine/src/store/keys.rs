@@ -45,6 +45,20 @@ pub fn lease(uid: &str, kind: &str, id: Option<&str>) -> String {
     }
 }
 
+/// STRING: a sync v2 job's record (JSON, the server's model), expiring after the job retention.
+pub fn sync_job(uid: &str, job_id: &str) -> String {
+    format!("vg:{{{uid}}}:syncjob:{job_id}")
+}
+
+/// Sorted set: member = job id, score = created ms: the user's unfinished sync v2 jobs (the per-user quota).
+pub fn sync_jobs_open(uid: &str) -> String {
+    format!("vg:{{{uid}}}:syncjobs:open")
+}
+
+/// Sorted set: member = `<lane>\t<uid>\t<job id>`, score = due ms: the sync v2 jobs every node's workers
+/// run. Not a user's key (one cluster slot); touched a few times per job.
+pub const SYNC_JOB_QUEUE: &str = "vg:syncjobs:queue";
+
 /// The keys of the metering script, in its `KEYS[1..6]` order.
 pub fn meter_script_keys(uid: &str) -> [String; 6] {
     [

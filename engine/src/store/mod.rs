@@ -16,6 +16,7 @@ mod memory;
 pub mod plans;
 mod redis_store;
 mod replicas;
+pub mod sync_jobs;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_redis;
 #[cfg(any(test, feature = "test-util"))]

@@ -60,6 +60,18 @@ pub const LISTEN_BURST_MS: u64 = 30_000;
 pub const SYNC_UPLOADS_PER_USER: usize = 2;
 /// `VOICEGATE_SYNC_MAX_UPLOADS`: each holds a descriptor and up to 256 MiB of temp storage.
 pub const SYNC_MAX_UPLOADS: usize = 64;
+/// `VOICEGATE_SYNC_WORKERS`: on 2 cores, two jobs keep the decode pool busy while one waits on the store.
+pub const SYNC_WORKERS: usize = 2;
+/// `VOICEGATE_SYNC_BACKFILL_WORKERS`: one of them, so fresh uploads always find a free worker.
+pub const SYNC_BACKFILL_WORKERS: usize = 1;
+/// `VOICEGATE_SYNC_BACKFILL_JOBS_PER_USER` (DESIGN §3: backfill's own per-user concurrency).
+pub const SYNC_BACKFILL_JOBS_PER_USER: usize = 1;
+/// `VOICEGATE_SYNC_JOBS_PER_USER`: 50 uploads of up to 64 files.
+pub const SYNC_JOBS_PER_USER: usize = 50;
+/// `VOICEGATE_SYNC_QUEUE_MAX`.
+pub const SYNC_QUEUE_MAX: usize = 10_000;
+/// `VOICEGATE_SYNC_JOB_RETENTION_SECS`: 7 days.
+pub const SYNC_JOB_RETENTION_SECS: u64 = 7 * 86_400;
 /// `VOICEGATE_AUTH_FAILURES_PER_MINUTE`: a burst of this many, then this many a minute.
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 30;
 /// `VOICEGATE_AUTH_THROTTLE_MAX_ADDRESSES`: ~100 bytes each.

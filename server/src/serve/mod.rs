@@ -28,6 +28,8 @@ pub use running::RunningServer;
 
 use crate::auth::KeyLoadError;
 use crate::config::{ConfigError, LogFormat, ServeConfig};
+use actix_web::web;
+
 use crate::drain::DrainPhase;
 use crate::engine::{Engine, EngineError};
 
@@ -140,6 +142,18 @@ pub fn mount_engine(server: &mut ServerBuilder, engine: &Engine) {
         .listen_front(listen.front)
         .app_data(listen.state)
         .routes(crate::listen::configure);
+    let jobs = crate::sync_v2::start(
+        &server.state().config,
+        engine,
+        server.state().stt.clone().into_inner(),
+    );
+    let stopping = jobs.workers.clone();
+    server
+        .app_data(web::Data::new(jobs))
+        .on_drain(DrainPhase::Sessions, "sync_jobs", move || {
+            // Running jobs hand their leases back at once; another node (or this one restarted) resumes them.
+            Box::pin(async move { stopping.stop() })
+        });
     let flush_limit = server.state().config.drain_timeout();
     let flushing = engine.clone();
     server

@@ -40,5 +40,8 @@ mod sync_e2e;
 mod sync_file_status;
 mod sync_gates;
 mod sync_transcripts;
+mod sync_v2;
+mod sync_v2_crash;
+mod sync_v2_lanes;
 mod upload;
 mod upload_real_server;

@@ -37,11 +37,13 @@ const DROPPED: &str = "voicegate_stt_dropped_samples_total{provider=\"openai\"";
 
 /// What the double answers one request.
 #[derive(Debug, Clone, Copy, PartialEq)]
-enum Plan {
+pub(crate) enum Plan {
     /// `verbose_json`: one segment over the whole file, `utterance <n>`.
     Serve,
     /// This HTTP status with an OpenAI-style error body.
     Status(u16),
+    /// No answer: the connection is held open (a provider that hangs; `held` counts them).
+    Hold,
 }
 
 /// One request as the double read it.
@@ -59,27 +61,51 @@ struct Request {
 
 /// An OpenAI transcriptions double (see the module docs). Requests take the plans in order; the last
 /// one repeats.
-struct OpenAiDouble {
+pub(crate) struct OpenAiDouble {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<Request>>>,
+    plans: Arc<Mutex<VecDeque<Plan>>>,
+    held: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl OpenAiDouble {
-    async fn start(plans: &[Plan]) -> OpenAiDouble {
+    pub(crate) async fn start(plans: &[Plan]) -> OpenAiDouble {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
         let plans = Arc::new(Mutex::new(plans.iter().copied().collect::<VecDeque<_>>()));
         let shared = Arc::clone(&log);
+        let held = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        let (p, h) = (Arc::clone(&plans), Arc::clone(&held));
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(serve(stream, Arc::clone(&plans), Arc::clone(&shared)));
+                tokio::spawn(serve(
+                    stream,
+                    Arc::clone(&p),
+                    Arc::clone(&shared),
+                    Arc::clone(&h),
+                ));
             }
         });
-        OpenAiDouble { addr, log }
+        OpenAiDouble {
+            addr,
+            log,
+            plans,
+            held,
+        }
     }
 
-    fn base_url(&self) -> String {
+    /// Replaces the plans of the requests to come.
+    pub(crate) fn set_plans(&self, plans: &[Plan]) {
+        *self.plans.lock().unwrap() = plans.iter().copied().collect();
+    }
+
+    /// Requests held unanswered so far (tests wait on it).
+    pub(crate) fn held(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.held.subscribe()
+    }
+
+    pub(crate) fn base_url(&self) -> String {
         format!("http://{}", self.addr)
     }
 
@@ -106,6 +132,7 @@ async fn serve(
     mut stream: TcpStream,
     plans: Arc<Mutex<VecDeque<Plan>>>,
     log: Arc<Mutex<Vec<Request>>>,
+    held: Arc<tokio::sync::watch::Sender<u64>>,
 ) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -188,6 +215,11 @@ async fn serve(
                                         "compression_ratio": 1.1, "no_speech_prob": 0.01}]
                                 }),
                             )
+                        }
+                        Plan::Hold => {
+                            held.send_modify(|n| *n += 1);
+                            std::future::pending::<()>().await;
+                            return;
                         }
                         Plan::Status(s) => (
                             s,

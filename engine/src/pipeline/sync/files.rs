@@ -39,6 +39,19 @@ pub struct Analysed {
     pub(super) analysis: Result<FileAnalysis, (&'static str, String, bool)>,
 }
 
+impl Analysed {
+    /// The file's conversation segments (merged speech of at least [`super::MIN_SEGMENT_MS`]); 0 for a file
+    /// that failed.
+    pub fn segments(&self) -> usize {
+        self.analysis.as_ref().map_or(0, |fa| {
+            fa.merged_segments_ms
+                .iter()
+                .filter(|[s, e]| e.saturating_sub(*s) >= super::MIN_SEGMENT_MS)
+                .count()
+        })
+    }
+}
+
 /// One file's result.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct FileResult {

@@ -69,6 +69,9 @@ pub struct SyncRequest {
     pub stt: SttAllowance,
     /// Attach every span to this conversation when it exists (and is the caller's).
     pub target: Option<String>,
+    /// When the files arrived (epoch ms): decides each file's lane and the backfill allowance's day. A v2
+    /// job resumed later keeps its upload's arrival, so a file fresh at upload stays fresh.
+    pub arrival_ms: u64,
 }
 
 /// What a sync did, file by file: the response body (`docs/api.md`), and the fields a refusal adds so the
@@ -178,9 +181,14 @@ pub async fn settle(
     let uid = request.uid.as_str();
     let locked = request.locked;
     let mut tally = Tally::default();
-    let arrival_ms = services.clock.now_ms();
+    // The lane is the upload's (its arrival); the allowance's day and Retry-After are today's (a deferred
+    // v2 job runs again on a later day).
+    let at = At {
+        arrival_ms: request.arrival_ms,
+        now_ms: services.clock.now_ms(),
+    };
     for a in analysed {
-        settle_file(services, uid, a, arrival_ms, &mut tally).await;
+        settle_file(services, uid, a, at, &mut tally).await;
     }
     for r in &tally.results {
         let s = if r.status == "failed" { "failed" } else { "ok" };
@@ -194,7 +202,7 @@ pub async fn settle(
     if good == 0 && tally.allowance_refused > 0 {
         return Ok(SyncOutcome::BackfillAllowanceExhausted {
             report: tally.report(locked, Vec::new(), Vec::new()),
-            retry_after_s: backfill::retry_after_s(arrival_ms),
+            retry_after_s: backfill::retry_after_s(at.now_ms),
         });
     }
     if good == 0 {
@@ -230,20 +238,21 @@ pub async fn settle(
         // What fitted was metered and joined conversations; the rest waits for the next UTC day.
         return Ok(SyncOutcome::BackfillAllowanceExhausted {
             report,
-            retry_after_s: backfill::retry_after_s(arrival_ms),
+            retry_after_s: backfill::retry_after_s(at.now_ms),
         });
     }
     Ok(SyncOutcome::Done(report))
 }
 
-/// One analysed file: the backfill decision, the meter, and its spans.
-async fn settle_file(
-    services: &SyncServices,
-    uid: &str,
-    a: Analysed,
+/// When files are settled: their upload's arrival (the lane) and now (the allowance's day).
+#[derive(Clone, Copy)]
+struct At {
     arrival_ms: u64,
-    tally: &mut Tally,
-) {
+    now_ms: u64,
+}
+
+/// One analysed file: the backfill decision, the meter, and its spans.
+async fn settle_file(services: &SyncServices, uid: &str, a: Analysed, at: At, tally: &mut Tally) {
     let fa = match a.analysis {
         Ok(fa) => fa,
         Err((code, error, server_side)) => {
@@ -257,8 +266,8 @@ async fn settle_file(
         }
     };
     metrics::counter!(SYNC_AUDIO_SECONDS_TOTAL).increment(fa.duration_ms / 1000);
-    let today = backfill::utc_day(arrival_ms);
-    let charged = match charge_backfill(services, uid, &a.name, &fa, a.start_ms, arrival_ms).await {
+    let today = backfill::utc_day(at.now_ms);
+    let charged = match charge_backfill(services, uid, &a.name, &fa, a.start_ms, at).await {
         Ok(charged) => charged,
         Err((result, why)) => {
             tally.fail(result, why);
@@ -366,9 +375,9 @@ async fn charge_backfill(
     name: &str,
     fa: &FileAnalysis,
     start_ms: u64,
-    arrival_ms: u64,
+    at: At,
 ) -> Result<u64, (FileResult, Failure)> {
-    let lane = backfill::lane(start_ms, arrival_ms, &services.backfill);
+    let lane = backfill::lane(start_ms, at.arrival_ms, &services.backfill);
     metrics::counter!(SYNC_FILES_BY_LANE_TOTAL, "lane" => lane.label()).increment(1);
     match lane {
         Lane::Fresh => Ok(0),
@@ -386,7 +395,7 @@ async fn charge_backfill(
         )),
         Lane::Backfill => {
             let allowance = services.backfill.allowance_ms;
-            let today = backfill::utc_day(arrival_ms);
+            let today = backfill::utc_day(at.now_ms);
             match services
                 .backfill_ledger
                 .charge(uid, today, fa.speech_ms, allowance)

@@ -93,6 +93,7 @@ fn request(stt: SttAllowance) -> SyncRequest {
         locked: false,
         stt,
         target: None,
+        arrival_ms: T0,
     }
 }
 

@@ -127,6 +127,59 @@ impl EngineServer {
         body["speech_ms"].clone()
     }
 
+    /// Posts `files` as multipart `files` parts to `path` (v1 or v2); a refusal is checked for the one
+    /// refusal shape (`common::refusal`) on the way.
+    pub async fn post_files(
+        &self,
+        path: &str,
+        bearer: &str,
+        files: &[(String, Vec<u8>)],
+    ) -> (u16, Value, reqwest::header::HeaderMap) {
+        let (ctype, body) = multipart(files);
+        let resp = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(bearer)
+            .header("content-type", ctype)
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let headers = resp.headers().clone();
+        let (code, body) = split(resp).await;
+        if code >= 400 {
+            let retry_after = super::refusal::header_str(&headers);
+            super::refusal::assert_refusal(
+                &format!("POST {path}"),
+                code,
+                retry_after.as_deref(),
+                &body,
+            );
+        }
+        (code, body, headers)
+    }
+
+    /// Polls a sync v2 job as its client would (every 50 ms, at most `limit`) until it is terminal.
+    pub async fn wait_job(&self, bearer: &str, job_id: &str, limit: Duration) -> Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let (code, job) = self
+                .get(&format!("/v2/sync-local-files/{job_id}"), bearer)
+                .await;
+            assert_eq!(code, 200, "{job}");
+            if ["completed", "partial_failure", "failed"]
+                .contains(&job["status"].as_str().unwrap_or(""))
+            {
+                return job;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job not finished in {limit:?}: {job}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Posts `files` (name, bytes) as multipart `files` parts; a refusal is checked for the one refusal
     /// shape (`common::refusal`) on the way.
     pub async fn upload(

@@ -1,0 +1,76 @@
+//! Sync v2 jobs' settings (`crate::sync_v2`), flattened into [`super::ServeConfig`].
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::defaults;
+
+#[derive(Args, Debug, Clone, PartialEq, Eq)]
+pub struct SyncJobArgs {
+    /// Spool of sync v2 uploads (jobs' files until they end). Several nodes sharing a store must share it (a network volume). Unset: `voicegate-spool` in the system temp directory.
+    #[arg(
+        id = "sync_spool_dir",
+        long = "sync-spool-dir",
+        env = "VOICEGATE_SYNC_SPOOL_DIR"
+    )]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Sync v2 jobs this node runs at once (each decodes one file at a time on the shared decode pool).
+    #[arg(id = "sync_workers", long = "sync-workers", env = "VOICEGATE_SYNC_WORKERS", default_value_t = defaults::SYNC_WORKERS)]
+    pub workers: usize,
+
+    /// Of those, the most running jobs with backdated files (the backfill lane) at once, so backfill never delays fresh uploads.
+    #[arg(id = "sync_backfill_workers", long = "sync-backfill-workers", env = "VOICEGATE_SYNC_BACKFILL_WORKERS", default_value_t = defaults::SYNC_BACKFILL_WORKERS)]
+    pub backfill_workers: usize,
+
+    /// Backfill-lane jobs of one user running at once, on all nodes (a lease).
+    #[arg(id = "sync_backfill_jobs_per_user", long = "sync-backfill-jobs-per-user", env = "VOICEGATE_SYNC_BACKFILL_JOBS_PER_USER", default_value_t = defaults::SYNC_BACKFILL_JOBS_PER_USER)]
+    pub backfill_jobs_per_user: usize,
+
+    /// Unfinished sync v2 jobs per user (429 `too_many_sync_jobs` above it).
+    #[arg(id = "sync_jobs_per_user", long = "sync-jobs-per-user", env = "VOICEGATE_SYNC_JOBS_PER_USER", default_value_t = defaults::SYNC_JOBS_PER_USER)]
+    pub jobs_per_user: usize,
+
+    /// Sync v2 jobs queued on all nodes at most (503 `sync_queue_full` above it).
+    #[arg(id = "sync_queue_max", long = "sync-queue-max", env = "VOICEGATE_SYNC_QUEUE_MAX", default_value_t = defaults::SYNC_QUEUE_MAX)]
+    pub queue_max: usize,
+
+    /// How long a sync v2 job's record is kept after its last change (its status then answers 404).
+    #[arg(id = "sync_job_retention_secs", long = "sync-job-retention-secs", env = "VOICEGATE_SYNC_JOB_RETENTION_SECS", default_value_t = defaults::SYNC_JOB_RETENTION_SECS)]
+    pub retention_secs: u64,
+}
+
+impl Default for SyncJobArgs {
+    fn default() -> Self {
+        SyncJobArgs {
+            spool_dir: None,
+            workers: defaults::SYNC_WORKERS,
+            backfill_workers: defaults::SYNC_BACKFILL_WORKERS,
+            backfill_jobs_per_user: defaults::SYNC_BACKFILL_JOBS_PER_USER,
+            jobs_per_user: defaults::SYNC_JOBS_PER_USER,
+            queue_max: defaults::SYNC_QUEUE_MAX,
+            retention_secs: defaults::SYNC_JOB_RETENTION_SECS,
+        }
+    }
+}
+
+impl SyncJobArgs {
+    /// The settings that must not be 0, by name (checked with the server's other limits).
+    pub fn limits(&self) -> [(&'static str, u64); 6] {
+        [
+            ("VOICEGATE_SYNC_WORKERS", self.workers as u64),
+            (
+                "VOICEGATE_SYNC_BACKFILL_WORKERS",
+                self.backfill_workers as u64,
+            ),
+            (
+                "VOICEGATE_SYNC_BACKFILL_JOBS_PER_USER",
+                self.backfill_jobs_per_user as u64,
+            ),
+            ("VOICEGATE_SYNC_JOBS_PER_USER", self.jobs_per_user as u64),
+            ("VOICEGATE_SYNC_QUEUE_MAX", self.queue_max as u64),
+            ("VOICEGATE_SYNC_JOB_RETENTION_SECS", self.retention_secs),
+        ]
+    }
+}

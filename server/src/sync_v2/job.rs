@@ -1,0 +1,309 @@
+//! One run of a sync v2 job (the pool that starts runs is [`super::worker`]): the unsettled files decoded
+//! one at a time, then settled together as v1 settles an upload; each file's state written to the record;
+//! the job's end, its deferral to the next UTC day, or its retry after a server-side failure.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use voicegate_engine::conversation::TranscriptStatus;
+use voicegate_engine::pipeline::sync::{self as use_case, SyncFile, SyncOutcome, SyncRequest};
+use voicegate_engine::policy::{Mode, backfill};
+use voicegate_engine::store::StoreError;
+use voicegate_engine::store::sync_jobs::QueuedJob;
+use voicegate_engine::telemetry::SYNC_JOBS_TOTAL;
+use voicegate_engine::time::Backoff;
+
+use super::record::{FileState, JobError, JobRecord, JobStage, JobStatus};
+use super::worker::{Inner, MAX_ATTEMPTS, lane_label};
+
+const DAY_MS: u64 = 86_400_000;
+
+/// Why a run stopped before the job's end (the job stays queued and is resumed).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum RunError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("record: {0}")]
+    Record(#[from] serde_json::Error),
+}
+
+/// One run of a job: every file not yet settled, in order, then the job's end (or its deferral).
+pub(super) async fn run(inner: &Inner, job: &QueuedJob) -> Result<(), RunError> {
+    let store = &inner.store;
+    let engine = &inner.engine;
+    let Some(text) = store.get(&job.uid, &job.job_id).await? else {
+        // Expired (or never written by a node that died while creating it): nothing to run.
+        tracing::warn!(message = "A queued sync job has no record; dropped.", uid = %job.uid, job_id = %job.job_id);
+        store.unqueue(job).await?;
+        return Ok(());
+    };
+    let mut rec: JobRecord = serde_json::from_str(&text)?;
+    if rec.status.is_terminal() {
+        store.unqueue(job).await?;
+        return Ok(());
+    }
+    let started = Instant::now();
+    rec.status = JobStatus::Running;
+    rec.attempts += 1;
+    rec.resumes_at_ms = None;
+    rec.error = None;
+    save(inner, &mut rec).await?;
+
+    let dir = inner.cfg.spool.join(&rec.job_id);
+    if rec
+        .files
+        .iter()
+        .any(|f| f.state != FileState::Done && !dir.join(&f.spool_name).is_file())
+    {
+        rec.error = Some(JobError {
+            code: "sync_job_files_lost".into(),
+            message:
+                "the job's uploaded files are no longer in the spool (VOICEGATE_SYNC_SPOOL_DIR); \
+                      upload them again (nothing is metered twice)"
+                    .into(),
+            retryable: true,
+        });
+        return end(inner, job, rec, JobStatus::Failed).await;
+    }
+
+    // The entitlement at run time (the STT allowance; the credit lock is the upload's).
+    let plan = engine.plan(&rec.uid).await;
+    let ent = engine
+        .fair_use
+        .entitlement(&rec.uid, Mode::Sync, plan.as_record())
+        .await;
+    let services = use_case::SyncServices {
+        fair_use: engine.fair_use.clone(),
+        conversations: engine.conversations.clone(),
+        backfill: engine.backfill,
+        backfill_ledger: engine.backfill_ledger.clone(),
+        clock: engine.clock.clone(),
+        stt: inner.stt.clone(),
+        stt_preroll_ms: engine.stt_preroll_ms,
+    };
+    // 1. Decode and segment the unsettled files one at a time (the status shows the progress).
+    let todo: Vec<usize> = (0..rec.files.len())
+        .filter(|&i| rec.files[i].state != FileState::Done)
+        .collect();
+    rec.stage = Some(JobStage::Decoding);
+    let mut analysed = Vec::with_capacity(todo.len());
+    for &i in &todo {
+        rec.files[i].decoded = false;
+    }
+    for &i in &todo {
+        save(inner, &mut rec).await?;
+        let f = &rec.files[i];
+        let file = SyncFile {
+            name: f.name.clone(),
+            path: dir.join(&f.spool_name),
+            sha256_hex: f.sha256.clone(),
+        };
+        let t = Instant::now();
+        let cfg = engine.pipeline;
+        let now_s = rec.created_at_ms / 1000;
+        let one = tokio::task::spawn_blocking(move || use_case::analyse(&[file], now_s, &cfg))
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("decode worker: {e}")))?;
+        rec.timings.decode_ms += elapsed_ms(t);
+        rec.files[i].segments = one.iter().map(|a| a.segments() as u64).sum();
+        rec.files[i].decoded = true;
+        analysed.extend(one);
+    }
+
+    // 2. Settle them together, as v1 does (metering, conversations, transcription): the job's
+    //    conversations are exactly the ones v1 makes of the same files.
+    rec.stage = Some(JobStage::Processing);
+    save(inner, &mut rec).await?;
+    let t = Instant::now();
+    let request = SyncRequest {
+        uid: rec.uid.clone(),
+        locked: rec.locked,
+        stt: ent.stt,
+        target: rec.target.clone(),
+        arrival_ms: rec.created_at_ms,
+    };
+    let outcome = use_case::settle(&services, request, analysed).await;
+    rec.timings.processing_ms += elapsed_ms(t);
+    let (report, deferred_until) = match outcome {
+        Err(e) => return retry_later(inner, job, rec, e.code(), &e.to_string()).await,
+        Ok(SyncOutcome::Done(report) | SyncOutcome::NoValidFiles { report, .. }) => (report, None),
+        // The allowance is per UTC day: the deferred files run again at the next UTC midnight.
+        Ok(SyncOutcome::BackfillAllowanceExhausted { report, .. }) => {
+            let next_day = backfill::utc_day(engine.clock.now_ms()) + 1;
+            (report, Some(next_day.saturating_mul(DAY_MS)))
+        }
+    };
+    // Settled only once the speech is in the store: a crash after this point must not lose it (the
+    // meter's write-behind would otherwise hold it up to a flush interval).
+    if report.metered_speech_ms > 0
+        && let Err(e) = engine.meter.flush_user(&rec.uid).await
+    {
+        return retry_later(inner, job, rec, "metering_unavailable", &e.to_string()).await;
+    }
+    // 3. Each file's state from its result (the report lists them in order).
+    let mut server_side = false;
+    for (&i, result) in todo.iter().zip(&report.files) {
+        let f = &mut rec.files[i];
+        f.state = match (result.status, result.code) {
+            ("failed", Some("backfill_allowance_exhausted")) => FileState::Deferred,
+            (
+                "failed",
+                Some("metering_unavailable" | "metering_overloaded" | "vad_unavailable"),
+            ) if rec.attempts < MAX_ATTEMPTS => {
+                server_side = true;
+                FileState::Pending
+            }
+            _ => FileState::Done,
+        };
+        if f.state == FileState::Done {
+            f.result = serde_json::to_value(result).ok();
+        }
+    }
+    add_report(&mut rec, &report);
+    rec.timings.total_ms += elapsed_ms(started);
+    rec.stage = None;
+    if server_side {
+        return retry_later(
+            inner,
+            job,
+            rec,
+            "sync_unavailable",
+            "some files could not be processed now",
+        )
+        .await;
+    }
+    if let Some(until) =
+        deferred_until.filter(|_| rec.files.iter().any(|f| f.state == FileState::Deferred))
+    {
+        rec.status = JobStatus::Queued;
+        rec.resumes_at_ms = Some(until);
+        save(inner, &mut rec).await?;
+        store.schedule(job, until).await?;
+        tracing::info!(message = "Sync job deferred to the next UTC day (backfill allowance).", uid = %rec.uid, job_id = %rec.job_id, resumes_at_ms = until);
+        return Ok(());
+    }
+    let status = rec.final_status();
+    end(inner, job, rec, status).await
+}
+
+/// Adds what one settle did to the job's totals.
+fn add_report(rec: &mut JobRecord, report: &use_case::SyncReport) {
+    rec.speech_ms += report.speech_ms;
+    rec.metered_speech_ms += report.metered_speech_ms;
+    rec.stt_ms += report.stt_ms;
+    for id in &report.new_memories {
+        if !rec.new_memories.contains(id) {
+            rec.new_memories.push(id.clone());
+        }
+        rec.updated_memories.retain(|u| u != id);
+    }
+    for id in &report.updated_memories {
+        if !rec.new_memories.contains(id) && !rec.updated_memories.contains(id) {
+            rec.updated_memories.push(id.clone());
+        }
+    }
+    rec.new_memories.sort();
+    rec.updated_memories.sort();
+    let statuses = rec
+        .transcript_status
+        .as_deref()
+        .and_then(TranscriptStatus::parse)
+        .into_iter()
+        .chain(report.transcript_status);
+    rec.transcript_status = TranscriptStatus::worst(statuses).map(|s| s.as_str().to_owned());
+}
+
+async fn save(inner: &Inner, rec: &mut JobRecord) -> Result<(), RunError> {
+    rec.updated_at_ms = inner.engine.clock.now_ms();
+    let text = serde_json::to_string(&rec)?;
+    inner
+        .store
+        .save(&rec.uid, &rec.job_id, &text, inner.cfg.retention_ms)
+        .await?;
+    Ok(())
+}
+
+/// A server-side failure: the job goes back to the queue after a backoff (or fails once it ran
+/// [`MAX_ATTEMPTS`] times).
+async fn retry_later(
+    inner: &Inner,
+    job: &QueuedJob,
+    mut rec: JobRecord,
+    code: &str,
+    message: &str,
+) -> Result<(), RunError> {
+    rec.error = Some(JobError {
+        code: code.to_owned(),
+        message: format!("{message}; the job is retried"),
+        retryable: true,
+    });
+    if rec.attempts >= MAX_ATTEMPTS {
+        rec.error = Some(JobError {
+            code: "sync_unavailable".into(),
+            message: format!(
+                "{message}; the job failed after {MAX_ATTEMPTS} runs, upload the files again \
+                 (nothing is metered twice)"
+            ),
+            retryable: true,
+        });
+        return end(inner, job, rec, JobStatus::Failed).await;
+    }
+    let mut backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(120));
+    let mut delay = backoff.next_delay();
+    for _ in 1..rec.attempts {
+        delay = backoff.next_delay();
+    }
+    let due = inner.engine.clock.now_ms() + u64::try_from(delay.as_millis()).unwrap_or(120_000);
+    rec.status = JobStatus::Queued;
+    rec.stage = None;
+    rec.resumes_at_ms = Some(due);
+    save(inner, &mut rec).await?;
+    inner.store.schedule(job, due).await?;
+    Ok(())
+}
+
+/// The job's end: the final record, off the queue, its spool folder removed.
+async fn end(
+    inner: &Inner,
+    job: &QueuedJob,
+    mut rec: JobRecord,
+    status: JobStatus,
+) -> Result<(), RunError> {
+    let now = inner.engine.clock.now_ms();
+    rec.status = status;
+    rec.stage = None;
+    rec.finished_at_ms = Some(now);
+    rec.updated_at_ms = now;
+    let text = serde_json::to_string(&rec)?;
+    inner
+        .store
+        .finish(job, &text, inner.cfg.retention_ms)
+        .await?;
+    remove_spool(&inner.cfg.spool.join(&rec.job_id));
+    metrics::counter!(SYNC_JOBS_TOTAL, "status" => status_label(status), "lane" => lane_label(job))
+        .increment(1);
+    tracing::info!(message = "Sync job ended.", uid = %rec.uid, job_id = %rec.job_id, status = status_label(status), files = rec.files.len(), speech_ms = rec.speech_ms);
+    Ok(())
+}
+
+fn remove_spool(dir: &Path) {
+    if let Err(error) = std::fs::remove_dir_all(dir)
+        && error.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(message = "Removing a finished sync job's spool folder failed.", dir = %dir.display(), %error);
+    }
+}
+
+fn status_label(s: JobStatus) -> &'static str {
+    match s {
+        JobStatus::Queued => "queued",
+        JobStatus::Running => "running",
+        JobStatus::Completed => "completed",
+        JobStatus::PartialFailure => "partial_failure",
+        JobStatus::Failed => "failed",
+    }
+}
+
+fn elapsed_ms(t: Instant) -> u64 {
+    u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX)
+}

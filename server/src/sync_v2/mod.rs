@@ -1,0 +1,354 @@
+//! Sync v2: `POST /v2/sync-local-files` stores the upload durably and answers **202** with a job;
+//! `GET /v2/sync-local-files/{job_id}` reports it (`docs/api.md`, "Sync v2").
+//!
+//! 1. Admission as v1 (`crate::sync`): the per-user and per-node upload limits, then the entitlement (429
+//!    for a restricted user over a cap, before the body; the credit lock is read and kept in the job).
+//! 2. The queue's bound (`VOICEGATE_SYNC_QUEUE_MAX` jobs on all nodes, else 503 `sync_queue_full`).
+//! 3. The body is streamed under the upload limits into the spool (`VOICEGATE_SYNC_SPOOL_DIR`; shared by the
+//!    nodes that share a store) and moved to `<spool>/<job id>/` with one rename; nothing is decoded.
+//! 4. The job's record is written (the user's quota of unfinished jobs, `VOICEGATE_SYNC_JOBS_PER_USER`, else
+//!    429 `too_many_sync_jobs`), queued, and the node's [`worker`] pool woken.
+//!
+//! The job record and the status body are [`record`]'s; running, resuming and lanes are [`worker`]'s.
+
+mod job;
+pub mod record;
+pub mod worker;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix_web::{HttpRequest, HttpResponse, http::header, web};
+use serde_json::json;
+use voicegate_engine::audio::filename::parse_sync_name;
+use voicegate_engine::policy::backfill;
+use voicegate_engine::policy::{Admission, Mode};
+use voicegate_engine::store::sync_jobs::{CreateLimits, Created, QueuedJob, SyncJobStore};
+use voicegate_engine::telemetry::SYNC_JOBS_CREATED_TOTAL;
+
+use self::record::{FileState, JobFile, JobRecord, JobStatus, POLL_AFTER_MS, StageTimings};
+use self::worker::Workers;
+use crate::auth::AuthedUser;
+use crate::engine::Engine;
+use crate::error::ApiError;
+use crate::sync::SyncQuery;
+use crate::upload::{UploadLimits, read_upload};
+use crate::upload_slots::UploadSlots;
+
+/// The v2 settings.
+#[derive(Clone, Debug)]
+pub struct JobsConfig {
+    pub spool: PathBuf,
+    pub jobs_per_user: u64,
+    pub queue_max: u64,
+    pub retention_ms: u64,
+}
+
+/// The v2 app data: the job store, the settings and the node's worker pool.
+#[derive(Clone)]
+pub struct SyncJobs {
+    pub store: Arc<dyn SyncJobStore>,
+    pub cfg: JobsConfig,
+    pub workers: Workers,
+}
+
+impl SyncJobs {
+    /// Where uploads are written before they become a job (the spool's file system, so the move is a
+    /// rename).
+    pub fn incoming(&self) -> PathBuf {
+        self.cfg.spool.join("incoming")
+    }
+}
+
+/// Builds the v2 app data from the configuration and starts the node's worker pool (inside the actix
+/// system). Sweeps upload folders a crashed process left in the spool's `incoming` folder.
+pub fn start(
+    cfg: &crate::ServeConfig,
+    engine: &Engine,
+    stt: Arc<dyn voicegate_engine::stt::SttProvider>,
+) -> SyncJobs {
+    let spool = cfg
+        .sync_jobs
+        .spool_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("voicegate-spool"));
+    let swept = crate::upload::sweep_leftovers(&spool.join("incoming"));
+    if swept > 0 {
+        tracing::info!(
+            message = "Removed unfinished sync v2 uploads of a previous process.",
+            folders = swept
+        );
+    }
+    let retention_ms = cfg.sync_jobs.retention_secs.saturating_mul(1000);
+    let workers = Workers::start(
+        engine.clone(),
+        Arc::clone(&engine.sync_jobs),
+        Some(stt),
+        worker::WorkerConfig {
+            workers: cfg.sync_jobs.workers,
+            backfill_workers: cfg.sync_jobs.backfill_workers,
+            backfill_jobs_per_user: u32::try_from(cfg.sync_jobs.backfill_jobs_per_user)
+                .unwrap_or(u32::MAX),
+            retention_ms,
+            spool: spool.clone(),
+        },
+    );
+    SyncJobs {
+        store: Arc::clone(&engine.sync_jobs),
+        cfg: JobsConfig {
+            spool,
+            jobs_per_user: cfg.sync_jobs.jobs_per_user as u64,
+            queue_max: cfg.sync_jobs.queue_max as u64,
+            retention_ms,
+        },
+        workers,
+    }
+}
+
+/// A new job id: a random UUID v4 (as the reference's).
+fn new_job_id() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+/// A job id as [`new_job_id`] makes them (anything else is unknown, without a store call).
+fn valid_job_id(id: &str) -> bool {
+    id.len() == 36
+        && id.bytes().enumerate().all(|(i, c)| {
+            matches!(i, 8 | 13 | 18 | 23) == (c == b'-') && (c == b'-' || c.is_ascii_hexdigit())
+        })
+}
+
+#[allow(clippy::too_many_arguments)]
+pub async fn create(
+    req: HttpRequest,
+    user: AuthedUser,
+    query: web::Query<SyncQuery>,
+    payload: web::Payload,
+    engine: web::Data<Engine>,
+    limits: web::Data<UploadLimits>,
+    slots: web::Data<UploadSlots>,
+    jobs: web::Data<SyncJobs>,
+) -> Result<HttpResponse, ApiError> {
+    let uid = user.uid.as_str();
+    // Held while the body is read (the same limits as v1).
+    let _slot = slots.acquire(uid).await?;
+
+    // 1. Gates, before reading the body.
+    let plan = engine.plan(uid).await;
+    let ent = engine
+        .fair_use
+        .entitlement(uid, Mode::Sync, plan.as_record())
+        .await;
+    if let Admission::Reject {
+        reason,
+        retry_after_s,
+    } = ent.admission
+    {
+        return Err(
+            ApiError::too_many_requests(reason.code(), reason.message(), retry_after_s)
+                .with_field("stage", json!(ent.stage)),
+        );
+    }
+    // 2. The queue's bound.
+    match jobs.store.queued().await {
+        Ok(n) if n >= jobs.cfg.queue_max => {
+            return Err(ApiError::unavailable(
+                "sync_queue_full",
+                format!(
+                    "{n} sync jobs are queued on all servers (VOICEGATE_SYNC_QUEUE_MAX); retry later"
+                ),
+            ));
+        }
+        Ok(_) => {}
+        Err(e) => return Err(store_down(&e)),
+    }
+
+    // 3. The body, into the spool.
+    let mut spool_limits = limits.get_ref().clone();
+    spool_limits.dir = Some(jobs.incoming());
+    std::fs::create_dir_all(jobs.incoming()).map_err(|e| spool_down(&e))?;
+    let batch = read_upload(&req, payload, &spool_limits).await?;
+    let job_id = new_job_id();
+    let dest = jobs.cfg.spool.join(&job_id);
+    let files = batch.persist(&dest).map_err(|e| spool_down(&e))?;
+
+    // 4. The record, queued.
+    let now = engine.clock.now_ms();
+    let files: Vec<JobFile> = files
+        .iter()
+        .map(|f| JobFile {
+            name: f.name.clone(),
+            spool_name: f
+                .path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            sha256: f.sha256_hex(),
+            bytes: f.size,
+            lane: match parse_sync_name(&f.name, now / 1000) {
+                Ok((_, start_ms)) => backfill::lane(start_ms, now, &engine.backfill)
+                    .label()
+                    .to_owned(),
+                Err(_) => "unknown".to_owned(),
+            },
+            state: FileState::Pending,
+            decoded: false,
+            segments: 0,
+            result: None,
+        })
+        .collect();
+    let rec = JobRecord {
+        job_id: job_id.clone(),
+        uid: uid.to_owned(),
+        status: JobStatus::Queued,
+        stage: None,
+        locked: ent.lock,
+        target: query.into_inner().conversation_id.filter(|s| !s.is_empty()),
+        created_at_ms: now,
+        updated_at_ms: now,
+        finished_at_ms: None,
+        resumes_at_ms: None,
+        attempts: 0,
+        files,
+        new_memories: Vec::new(),
+        updated_memories: Vec::new(),
+        speech_ms: 0,
+        metered_speech_ms: 0,
+        stt_ms: 0,
+        transcript_status: None,
+        timings: StageTimings::default(),
+        error: None,
+    };
+    let queued = QueuedJob {
+        uid: uid.to_owned(),
+        job_id: job_id.clone(),
+        backfill: rec.is_backfill(),
+    };
+    let text = serde_json::to_string(&rec).map_err(|e| ApiError::internal("sync_job_record", e))?;
+    let limits = CreateLimits {
+        max_open_per_user: jobs.cfg.jobs_per_user,
+        retention_ms: jobs.cfg.retention_ms,
+    };
+    let created = jobs.store.create(uid, &job_id, &text, now, limits).await;
+    let created = match created {
+        Ok(c) => c,
+        Err(e) => {
+            discard(&dest);
+            return Err(store_down(&e));
+        }
+    };
+    if let Created::UserQuotaFull { open } = created {
+        discard(&dest);
+        return Err(ApiError::too_many_requests(
+            "too_many_sync_jobs",
+            format!(
+                "{open} of your sync jobs are not finished (VOICEGATE_SYNC_JOBS_PER_USER); poll them and \
+                 upload more once one has ended"
+            ),
+            POLL_AFTER_MS.div_ceil(1000).max(1) * 10,
+        ));
+    }
+    if let Err(e) = jobs.store.schedule(&queued, now).await {
+        // The record stays `queued` until it expires; the client's retry creates another job and meters
+        // nothing twice.
+        discard(&dest);
+        return Err(store_down(&e));
+    }
+    jobs.workers.wake();
+    metrics::counter!(SYNC_JOBS_CREATED_TOTAL, "lane" => worker::lane_label(&queued)).increment(1);
+    tracing::info!(
+        message = "Sync job queued.",
+        uid,
+        job_id,
+        files = rec.files.len(),
+        backfill = queued.backfill
+    );
+    Ok(HttpResponse::Accepted()
+        .insert_header((header::LOCATION, format!("/v2/sync-local-files/{job_id}")))
+        .json(json!({
+            "job_id": job_id,
+            "status": "queued",
+            "total_files": rec.files.len(),
+            "total_segments": 0,
+            "poll_after_ms": POLL_AFTER_MS,
+        })))
+}
+
+pub async fn status(
+    user: AuthedUser,
+    path: web::Path<String>,
+    jobs: web::Data<SyncJobs>,
+) -> Result<HttpResponse, ApiError> {
+    let job_id = path.into_inner();
+    let not_found = || ApiError::not_found("sync_job_not_found", "Sync job not found or expired");
+    if !valid_job_id(&job_id) {
+        return Err(not_found());
+    }
+    // The key holds the caller's uid: another user's job is simply not found (never revealed).
+    let text = jobs
+        .store
+        .get(&user.uid, &job_id)
+        .await
+        .map_err(|e| store_down(&e))?
+        .ok_or_else(not_found)?;
+    let rec: JobRecord =
+        serde_json::from_str(&text).map_err(|e| ApiError::internal("sync_job_record", e))?;
+    if rec.uid != user.uid {
+        return Err(not_found());
+    }
+    Ok(HttpResponse::Ok().json(rec.view()))
+}
+
+fn store_down(e: &voicegate_engine::store::StoreError) -> ApiError {
+    tracing::warn!(message = "The sync job store failed.", error = %e);
+    ApiError::unavailable(
+        "sync_jobs_unavailable",
+        "the job store is not reachable; retry the request",
+    )
+}
+
+fn spool_down(e: &std::io::Error) -> ApiError {
+    tracing::error!(message = "The sync spool is not writable.", error = %e);
+    ApiError::unavailable(
+        "sync_spool_unavailable",
+        "the upload could not be stored; retry the request",
+    )
+}
+
+fn discard(dir: &std::path::Path) {
+    if let Err(error) = std::fs::remove_dir_all(dir) {
+        tracing::warn!(message = "Removing a refused job's spool folder failed.", dir = %dir.display(), %error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn job_ids_are_uuid_v4_and_only_they_are_valid() {
+        let id = new_job_id();
+        assert!(valid_job_id(&id), "{id}");
+        assert_eq!(&id[14..15], "4");
+        assert_ne!(new_job_id(), id);
+        for bad in [
+            "",
+            "../x",
+            "0123456789abcdef0123456789abcdef0123",
+            &id.to_uppercase()[..35],
+        ] {
+            assert!(!valid_job_id(bad), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,261 @@
+//! The sync v2 job worker pool of one node.
+//!
+//! - A dispatcher task wakes on every new job (this node's) and once a second (other nodes' jobs, jobs
+//!   whose deferral ended, jobs a dead node held), reads the jobs due from the store's queue and starts
+//!   up to `VOICEGATE_SYNC_WORKERS` at once.
+//! - **Fair across users**: among the jobs due, those of users with the fewest jobs running on this node go
+//!   first (then the oldest), so one user's 500 files never starve another's 2.
+//! - **Lanes** (DESIGN §3): a job holding backdated files runs in the backfill lane: at most
+//!   `VOICEGATE_SYNC_BACKFILL_WORKERS` of the node's workers, and per user at most
+//!   `VOICEGATE_SYNC_BACKFILL_JOBS_PER_USER` jobs on all nodes (a lease), so backfill never delays fresh
+//!   uploads.
+//! - **Ownership**: a job runs only under its lease (`sync_job`, limit 1, [`crate::engine::Engine::leases`];
+//!   the heartbeat refreshes it). A node that dies stops refreshing; within `VOICEGATE_LEASE_TTL_SECS` another
+//!   node (or this one restarted) takes the job from the queue and **resumes** it: files already settled are
+//!   skipped, a file cut off mid-way is settled again (its metering is keyed by its content hash, its spans
+//!   are deduplicated by the conversations, a span already transcribed is not sent again).
+//! - **Drain**: the node stops taking jobs and aborts the ones running, which gives their leases back at
+//!   once; another node (or this one after its restart) resumes them.
+//! - A server-side failure (store, conversations) puts the job back in the queue with [`Backoff`]; after
+//!   [`MAX_ATTEMPTS`] runs the job fails `sync_unavailable`, `retryable: true`. A job whose spooled files are
+//!   gone fails `sync_job_files_lost`, `retryable: true` (upload again).
+
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use voicegate_engine::lease::{Acquired, LeaseGuard};
+use voicegate_engine::store::lease::LeaseKey;
+use voicegate_engine::store::sync_jobs::{QueuedJob, SyncJobStore};
+use voicegate_engine::stt::SttProvider;
+use voicegate_engine::telemetry::{SYNC_JOBS_QUEUED, SYNC_JOBS_RUNNING};
+
+use crate::engine::Engine;
+
+/// Runs of one job at most before a persistent server-side failure fails it.
+pub const MAX_ATTEMPTS: u32 = 8;
+/// How often the dispatcher looks at the queue without being woken.
+const POLL: Duration = Duration::from_secs(1);
+/// Queue entries read per dispatch round.
+const DUE_BATCH: usize = 256;
+/// Lease kinds (metric labels; `docs/operations.md` limits table).
+pub const JOB_LEASE: &str = "sync_job";
+pub const BACKFILL_LEASE: &str = "sync_backfill_job";
+
+/// The pool's settings.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    pub workers: usize,
+    pub backfill_workers: usize,
+    pub backfill_jobs_per_user: u32,
+    pub retention_ms: u64,
+    pub spool: PathBuf,
+}
+
+/// The node's worker pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Workers {
+    inner: Arc<Inner>,
+}
+
+pub(super) struct Inner {
+    pub(super) engine: Engine,
+    pub(super) store: Arc<dyn SyncJobStore>,
+    pub(super) stt: Option<Arc<dyn SttProvider>>,
+    pub(super) cfg: WorkerConfig,
+    wake: Notify,
+    stopping: AtomicBool,
+    running: Mutex<HashMap<QueuedJob, tokio::task::AbortHandle>>,
+}
+
+impl Workers {
+    /// Starts the dispatcher on the current runtime.
+    pub fn start(
+        engine: Engine,
+        store: Arc<dyn SyncJobStore>,
+        stt: Option<Arc<dyn SttProvider>>,
+        cfg: WorkerConfig,
+    ) -> Workers {
+        let workers = Workers {
+            inner: Arc::new(Inner {
+                engine,
+                store,
+                stt,
+                cfg,
+                wake: Notify::new(),
+                stopping: AtomicBool::new(false),
+                running: Mutex::new(HashMap::new()),
+            }),
+        };
+        let w = workers.clone();
+        tokio::spawn(async move {
+            while !w.inner.stopping.load(Ordering::Acquire) {
+                w.dispatch().await;
+                tokio::select! {
+                    () = w.inner.wake.notified() => {}
+                    () = tokio::time::sleep(POLL) => {}
+                }
+            }
+        });
+        workers
+    }
+
+    /// A job was queued (or a worker freed): look at the queue now.
+    pub fn wake(&self) {
+        self.inner.wake.notify_one();
+    }
+
+    /// Jobs running on this node.
+    pub fn running(&self) -> usize {
+        self.running_jobs().len()
+    }
+
+    /// Drain: take no more jobs and abort the running ones; their leases go back at once and the jobs stay
+    /// queued, so another node (or this one restarted) resumes them.
+    pub fn stop(&self) {
+        self.inner.stopping.store(true, Ordering::Release);
+        self.inner.wake.notify_one();
+        let running: Vec<_> = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .drain()
+            .collect();
+        for (job, handle) in running {
+            tracing::info!(message = "Sync job handed back at drain.", uid = %job.uid, job_id = %job.job_id);
+            handle.abort();
+        }
+    }
+
+    fn running_jobs(&self) -> Vec<QueuedJob> {
+        self.inner
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    async fn dispatch(&self) {
+        let cfg = &self.inner.cfg;
+        let running = self.running_jobs();
+        if running.len() >= cfg.workers {
+            return;
+        }
+        if let Ok(n) = self.inner.store.queued().await {
+            metrics::gauge!(SYNC_JOBS_QUEUED).set(n as f64);
+        }
+        let now = self.inner.engine.clock.now_ms();
+        let due = match self.inner.store.due(now, DUE_BATCH).await {
+            Ok(due) => due,
+            Err(error) => {
+                tracing::warn!(message = "Reading the sync job queue failed.", %error);
+                return;
+            }
+        };
+        let mut per_user: HashMap<String, usize> = HashMap::new();
+        for j in &running {
+            *per_user.entry(j.uid.clone()).or_default() += 1;
+        }
+        let mut backfill_running = running.iter().filter(|j| j.backfill).count();
+        let mut busy = running.len();
+        let mut tried = HashSet::new();
+        while busy < cfg.workers {
+            // Fewest jobs of the same user running here first, then the queue's order (oldest due first).
+            let next = due
+                .iter()
+                .filter(|j| !tried.contains(*j) && !running.contains(j))
+                .filter(|j| !j.backfill || backfill_running < cfg.backfill_workers)
+                .min_by_key(|j| per_user.get(&j.uid).copied().unwrap_or(0));
+            let Some(job) = next.cloned() else { break };
+            tried.insert(job.clone());
+            let Some(leases) = self.take(&job).await else {
+                continue;
+            };
+            *per_user.entry(job.uid.clone()).or_default() += 1;
+            busy += 1;
+            if job.backfill {
+                backfill_running += 1;
+            }
+            self.spawn(job, leases);
+        }
+    }
+
+    /// The job's lease (and, for backfill, one of the user's backfill slots), or `None` when another node
+    /// runs it, the user's backfill slots are taken, or the store does not answer (a job never runs without
+    /// its lease).
+    async fn take(&self, job: &QueuedJob) -> Option<Vec<LeaseGuard>> {
+        let leases = &self.inner.engine.leases;
+        let own = match leases
+            .acquire(LeaseKey::job(JOB_LEASE, &job.uid, &job.job_id), 1)
+            .await
+        {
+            Acquired::Granted(g) => g,
+            Acquired::Refused { .. } | Acquired::Unavailable { .. } => return None,
+        };
+        let mut held = vec![own];
+        if job.backfill {
+            match leases
+                .acquire(
+                    LeaseKey::user(BACKFILL_LEASE, &job.uid),
+                    self.inner.cfg.backfill_jobs_per_user,
+                )
+                .await
+            {
+                Acquired::Granted(g) => held.push(g),
+                Acquired::Refused { .. } | Acquired::Unavailable { .. } => return None,
+            }
+        }
+        Some(held)
+    }
+
+    fn spawn(&self, job: QueuedJob, leases: Vec<LeaseGuard>) {
+        let w = self.clone();
+        let key = job.clone();
+        let mut running = self
+            .inner
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let lane = lane_label(&job);
+        metrics::gauge!(SYNC_JOBS_RUNNING, "lane" => lane).increment(1.0);
+        let task = tokio::spawn(async move {
+            let _leases = leases; // held while the job runs; dropped (given back) when it ends or is aborted
+            let _running = RunningGauge(lane);
+            let uid = job.uid.clone();
+            let job_id = job.job_id.clone();
+            if let Err(error) = super::job::run(&w.inner, &job).await {
+                tracing::warn!(message = "A sync job run failed; it stays queued.", uid, job_id, %error);
+            }
+            w.inner
+                .running
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&job);
+            w.wake();
+        });
+        running.insert(key, task.abort_handle());
+    }
+}
+
+/// Counts a job in `voicegate_sync_jobs_running` until dropped (also when the task is aborted).
+struct RunningGauge(&'static str);
+
+impl Drop for RunningGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(SYNC_JOBS_RUNNING, "lane" => self.0).decrement(1.0);
+    }
+}
+
+pub fn lane_label(job: &QueuedJob) -> &'static str {
+    if job.backfill {
+        "sync_backfill"
+    } else {
+        "sync_fresh"
+    }
+}

@@ -6,8 +6,9 @@
 //!   `message` (may change; clients branch on `code`);
 //! - `retryable`: whether the same request may succeed later;
 //! - when retryable, a `Retry-After` (header and `retry_after_s` body field) bounded by the real reason
-//!   (a restriction's end, the next UTC midnight for daily budgets, a short fixed wait for a transient
-//!   condition whose end nobody knows).
+//!   (for a restricted user over a cap the earlier of the restriction's end and the moment the rolling
+//!   totals fall back under the caps, the next UTC midnight for daily allowances, a short fixed wait for a
+//!   transient condition whose end nobody knows).
 //!
 //! The body is `{"code", "message", "retryable"[, "retry_after_s"]}` plus the few fields some errors add
 //! (413: `limit`, `limit_value`; the sync 429s: the reference's `new_memories`, …). A 500 never sends its

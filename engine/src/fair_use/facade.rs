@@ -245,7 +245,14 @@ impl FairUse {
         plan: PlanRecord<'_>,
     ) -> (Entitlement, UsageTotals, CreditLookup) {
         let now = self.clock.now_ms();
-        let totals = match self.meter.totals(uid).await {
+        // Realtime is never refused, so only the other modes need the moment the totals fall back under
+        // the caps (a Retry-After bound); the meter computes it only when a cap is exceeded.
+        let read = if mode == Mode::Realtime {
+            self.meter.totals(uid).await
+        } else {
+            self.meter.totals_against(uid, self.cfg.caps).await
+        };
+        let totals = match read {
             Ok(t) => t,
             Err(e) => {
                 tracing::warn!(message = "Reading usage totals failed.", uid, error = %e);
@@ -289,6 +296,7 @@ impl FairUse {
             },
             stage: &state,
             totals: totals.rolling,
+            under_caps_at_ms: totals.under_caps_at_ms,
             stt_today,
             now_ms: now,
         };

@@ -10,6 +10,7 @@ use super::MeterConfig;
 use super::flusher::{Command, Flusher, RoundReport, ShutdownReport};
 use super::messages::{FlushReport, MeterError, RecordOutcome, RecordSpeech, UsageTotals, UserMsg};
 use super::registry::Shared;
+use crate::policy::SoftCaps;
 use crate::store::Store;
 use crate::time::Clock;
 
@@ -78,8 +79,26 @@ impl Meter {
     /// The user's totals (store base + this node's pending speech). `known` is false while the store
     /// could not be read.
     pub async fn totals(&self, uid: &str) -> Result<UsageTotals, MeterError> {
+        self.read_totals(uid, None).await
+    }
+
+    /// [`totals`](Self::totals), plus, when they exceed a cap in `caps`, the instant they fall back under
+    /// every cap with no new speech (`under_caps_at_ms`): what bounds a refusal's `Retry-After`.
+    pub async fn totals_against(
+        &self,
+        uid: &str,
+        caps: SoftCaps,
+    ) -> Result<UsageTotals, MeterError> {
+        self.read_totals(uid, Some(caps)).await
+    }
+
+    async fn read_totals(
+        &self,
+        uid: &str,
+        caps: Option<SoftCaps>,
+    ) -> Result<UsageTotals, MeterError> {
         let (tx, rx) = oneshot::channel();
-        self.shared.send(uid, UserMsg::ReadTotals(tx)).await;
+        self.shared.send(uid, UserMsg::ReadTotals(caps, tx)).await;
         rx.await.map_err(|_| MeterError::ActorGone)
     }
 

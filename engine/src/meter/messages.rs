@@ -5,7 +5,7 @@ use std::sync::Arc;
 use actix::Message;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
-use crate::policy::RollingTotals;
+use crate::policy::{RollingTotals, SoftCaps};
 use crate::store::{Batch, StoreError};
 use crate::time::MonthKey;
 use crate::time::samples_to_ms;
@@ -63,6 +63,10 @@ pub struct UsageTotals {
     /// this actor's own pending speech. Callers must admit audio, apply no caps and treat credits as
     /// unavailable.
     pub known: bool,
+    /// When read with caps ([`Meter::totals_against`](super::Meter::totals_against)) and a cap is
+    /// exceeded: the earliest instant (Unix ms) at which, with no new speech, none is
+    /// ([`under_caps_at`](super::under_caps_at)). `None` otherwise.
+    pub under_caps_at_ms: Option<u64>,
 }
 
 /// What happened to one record.
@@ -162,7 +166,8 @@ impl Envelope {
 /// What the facade asks of a user's actor.
 pub(crate) enum UserMsg {
     Record(RecordSpeech, Option<oneshot::Sender<RecordOutcome>>),
-    ReadTotals(oneshot::Sender<UsageTotals>),
+    /// With caps: also compute `under_caps_at_ms` when a cap is exceeded.
+    ReadTotals(Option<SoftCaps>, oneshot::Sender<UsageTotals>),
     FlushNow(oneshot::Sender<Result<FlushReport, MeterError>>),
     RefreshNow(oneshot::Sender<Result<(), MeterError>>),
     Passivate,

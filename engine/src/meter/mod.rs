@@ -2,6 +2,8 @@
 //!
 //! - [`window`], [`placement`]: pure minute buckets, rolling totals and where speech lands (time and units
 //!   come from [`crate::time`]).
+//! - [`under_caps`]: when the rolling totals fall back under the soft caps (bounds a refusal's
+//!   `Retry-After`).
 //! - [`Meter`]: the facade; one actix actor per active user, sharded over arbiters by uid hash, hydrated
 //!   from the [`Store`](crate::store::Store) and passivated when idle.
 //! - write-behind: a flusher sends dirty users' batches every interval, many users per pipeline, one
@@ -15,6 +17,7 @@ mod messages;
 mod pending;
 pub mod placement;
 mod registry;
+pub mod under_caps;
 pub mod window;
 
 pub use config::{MeterArgs, MeterConfig};
@@ -24,4 +27,5 @@ pub use messages::{
     FlushReport, MeterError, RecordOutcome, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource,
     UsageTotals,
 };
+pub use under_caps::under_caps_at;
 pub use window::MinuteWindow;

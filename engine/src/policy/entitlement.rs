@@ -46,6 +46,10 @@ pub struct EntitlementInput<'a> {
     pub month: MonthUsage,
     pub stage: &'a StageState,
     pub totals: RollingTotals,
+    /// When `totals` fall back under every cap with no new speech (the meter's
+    /// [`under_caps_at`](crate::meter::under_caps_at) over the same buckets), if known. Bounds the
+    /// Retry-After of a restricted-over-cap refusal; `None` leaves the restriction's end as the bound.
+    pub under_caps_at_ms: Option<u64>,
     pub stt_today: SttUsage,
     pub now_ms: u64,
 }
@@ -199,7 +203,13 @@ pub fn resolve(cfg: &FairUseConfig, input: &EntitlementInput<'_>) -> Entitlement
         && enforced_stage == Stage::Restrict
         && !caps_triggered.is_empty()
     {
-        let until = state.restrict_until_ms.unwrap_or(now);
+        // The refusal lasts until the restriction ends or the totals fall back under the caps, whichever
+        // comes first (DESIGN §3 "Errors"); either end admits the same upload.
+        let until = [state.restrict_until_ms, input.under_caps_at_ms]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(now);
         Admission::Reject {
             reason: RejectReason::RestrictedOverCap,
             retry_after_s: retry_after_s(until, now),

@@ -113,7 +113,12 @@ async fn restrict_over_a_cap_rejects_sync_with_retry_after_but_never_realtime() 
             retry_after_s,
         } => {
             assert_eq!(reason.code(), "fair_use_restricted");
-            assert_eq!(retry_after_s, 30 * 86_400);
+            // Not the restriction's 30 days: the daily total (3 h, still pending in the meter) is 1 h over
+            // the 2 h cap, and that first hour has left the 24 h window 21 h from now. To the minute
+            // bucket: T0 is 20 s into a minute, so the speech started 20 s into its first bucket, and the
+            // bucket that completes the hour starts 20 s before T0 - 3 h and leaves 24 h + 1 ms after it.
+            assert_eq!(T0 % 60_000, 20_000);
+            assert_eq!(retry_after_s, 21 * 3_600 - 20 + 1);
         }
         Admission::Admit => panic!("restrict over cap must 429"),
     }

@@ -111,6 +111,7 @@ fn run(
             month: MonthUsage::default(),
             stage: st,
             totals: t,
+            under_caps_at_ms: None,
             stt_today: SttUsage {
                 day: SttUsage::day_of(NOW),
                 used_ms: used,
@@ -345,6 +346,56 @@ fn hard_restriction_cases_c42_g68() {
     assert_eq!(e.state.restrict_until_ms, None);
 }
 
+/// Restricted until `restrict_until`, over the daily cap until `under_caps_at`: the sync refusal's
+/// Retry-After in seconds.
+fn restricted_retry_after(restrict_until: Option<u64>, under_caps_at: Option<u64>) -> u64 {
+    let mut st = state(Stage::Restrict);
+    st.restrict_until_ms = restrict_until;
+    let cr = credit(Credit::WithCredits);
+    let e = resolve(
+        &cfg(true, false, false),
+        &EntitlementInput {
+            uid: UID,
+            mode: Mode::Sync,
+            credits: &cr,
+            month: MonthUsage::default(),
+            stage: &st,
+            totals: totals(Caps::Over),
+            under_caps_at_ms: under_caps_at,
+            stt_today: SttUsage::default(),
+            now_ms: NOW,
+        },
+    );
+    match e.admission {
+        Admission::Reject {
+            reason: RejectReason::RestrictedOverCap,
+            retry_after_s,
+        } => retry_after_s,
+        other => panic!("restrict over a cap must reject: {other:?}"),
+    }
+}
+
+#[test]
+fn retry_after_is_the_earlier_of_the_restrictions_end_and_the_fall_under_moment() {
+    let in_30_days = Some(NOW + 30 * DAY_MS);
+    // The totals fall back under the caps in 5 h: that, not the restriction's 30 days, bounds the wait.
+    assert_eq!(
+        restricted_retry_after(in_30_days, Some(NOW + 5 * 3_600_000)),
+        5 * 3_600
+    );
+    // The restriction ends first (in 2 min) while the totals stay over for 6 days: its end wins.
+    assert_eq!(
+        restricted_retry_after(Some(NOW + 120_000), Some(NOW + 6 * DAY_MS)),
+        120
+    );
+    // Unknown fall-under moment (the meter did not say): the restriction's end, as before.
+    assert_eq!(restricted_retry_after(in_30_days, None), 30 * 86_400);
+    // Rounded up to whole seconds, never below 1.
+    assert_eq!(restricted_retry_after(in_30_days, Some(NOW + 1_001)), 2);
+    assert_eq!(restricted_retry_after(in_30_days, Some(NOW + 1)), 1);
+    assert_eq!(restricted_retry_after(None, Some(NOW + 42_000)), 42);
+}
+
 #[test]
 fn retry_after_counts_down_to_restrict_until_a28_a29_a30() {
     let c = cfg(true, false, false);
@@ -481,6 +532,7 @@ fn stt_budget_used_on_another_utc_day_counts_as_zero_and_resets_at_midnight() {
             month: MonthUsage::default(),
             stage: &st,
             totals: RollingTotals::default(),
+            under_caps_at_ms: None,
             stt_today: SttUsage {
                 day: SttUsage::day_of(NOW) - 1,
                 used_ms: 99_999_999,

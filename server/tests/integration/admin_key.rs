@@ -31,7 +31,20 @@ async fn call(admin_key: Option<&str>, header: Option<&str>) -> (StatusCode, Val
     }
     let resp = test::call_service(&app, req.to_request()).await;
     let status = resp.status();
-    (status, test::read_body_json(resp).await)
+    let retry_after = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap_or("<not text>").to_owned());
+    let body: Value = test::read_body_json(resp).await;
+    if status.as_u16() >= 400 {
+        crate::common::refusal::assert_refusal(
+            "admin key refusal",
+            status.as_u16(),
+            retry_after.as_deref(),
+            &body,
+        );
+    }
+    (status, body)
 }
 
 #[actix_web::test]

@@ -25,7 +25,19 @@ async fn call(cfg: ServeConfig, authorization: Option<String>) -> (StatusCode, V
     }
     let resp = test::call_service(&app, req.to_request()).await;
     let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap_or("<not text>").to_owned());
     let body: Value = test::read_body_json(resp).await;
+    if status.as_u16() >= 400 {
+        crate::common::refusal::assert_refusal(
+            "auth refusal",
+            status.as_u16(),
+            retry_after.as_deref(),
+            &body,
+        );
+    }
     (status, body)
 }
 

@@ -163,8 +163,20 @@ async fn whoami_status(builder: &ServerBuilder, token: &str) -> (StatusCode, Val
         .to_request();
     let resp = test::call_service(&app, req).await;
     let status = resp.status();
-    let retry_after = resp.headers().contains_key(header::RETRY_AFTER);
-    (status, test::read_body_json(resp).await, retry_after)
+    let retry_after = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap_or("<not text>").to_owned());
+    let body: Value = test::read_body_json(resp).await;
+    if status.as_u16() >= 400 {
+        crate::common::refusal::assert_refusal(
+            "whoami",
+            status.as_u16(),
+            retry_after.as_deref(),
+            &body,
+        );
+    }
+    (status, body, retry_after.is_some())
 }
 
 #[actix_web::test]

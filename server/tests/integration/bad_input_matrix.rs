@@ -4,9 +4,8 @@
 
 use crate::common;
 
-use common::engine_server::{
-    ADMIN_KEY, EngineServer, fair_use_on, fixtures, now_s, omi_name, split,
-};
+use common::engine_server::{ADMIN_KEY, EngineServer, fair_use_on, fixtures, now_s, omi_name};
+use common::refusal::{Reply, header_str};
 use serde_json::{Value, json};
 use voicegate_server::ServeConfig;
 use voicegate_server::serve::ServerBuilder;
@@ -21,8 +20,7 @@ struct Case {
     name: &'static str,
     want_status: u16,
     want_code: &'static str,
-    got_status: u16,
-    got: Value,
+    got: Reply,
 }
 
 fn code_of(body: &Value) -> String {
@@ -57,20 +55,19 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
     let attacker = token("attacker");
 
     let mut cases: Vec<Case> = Vec::new();
-    let mut add = |name, want_status, want_code, (got_status, got): (u16, Value)| {
+    let mut add = |name, want_status, want_code, got: Reply| {
         cases.push(Case {
             name,
             want_status,
             want_code,
-            got_status,
             got,
         });
     };
     let upload = |bearer: String, files: Vec<(String, Vec<u8>)>| {
         let server = &server;
         async move {
-            let (c, b, _) = server.upload(&bearer, "", &files).await;
-            (c, b)
+            let (c, b, h) = server.upload(&bearer, "", &files).await;
+            Reply::new(c, header_str(&h).as_deref(), b)
         }
     };
     let raw_post = |bearer: Option<String>, ctype: &'static str, body: Vec<u8>| {
@@ -84,7 +81,7 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
             if let Some(b) = bearer {
                 req = req.bearer_auth(b);
             }
-            split(req.send().await.unwrap()).await
+            Reply::of(req.send().await.unwrap()).await
         }
     };
 
@@ -157,7 +154,7 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
             .send()
             .await
             .unwrap();
-        split(resp).await
+        Reply::of(resp).await
     });
 
     // Upload bodies and limits.
@@ -329,7 +326,7 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
         404,
         "conversation_not_found",
         server
-            .get(&format!("/v1/conversations/{victim_conv}"), &attacker)
+            .get_reply(&format!("/v1/conversations/{victim_conv}"), &attacker)
             .await,
     );
     add(
@@ -337,20 +334,24 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
         404,
         "conversation_not_found",
         server
-            .get("/v1/conversations/..%2F..%2Fetc", &attacker)
+            .get_reply("/v1/conversations/..%2F..%2Fetc", &attacker)
             .await,
     );
     add(
         "conversation list limit 0",
         400,
         "invalid_limit",
-        server.get("/v1/conversations?limit=0", &attacker).await,
+        server
+            .get_reply("/v1/conversations?limit=0", &attacker)
+            .await,
     );
     add(
         "admin route without key",
         422,
         "admin_key_missing",
-        server.get("/v1/admin/fair-use/flagged", &attacker).await,
+        server
+            .get_reply("/v1/admin/fair-use/flagged", &attacker)
+            .await,
     );
     add("admin route with a wrong key", 403, "admin_key_invalid", {
         let resp = server
@@ -360,7 +361,7 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
             .send()
             .await
             .unwrap();
-        split(resp).await
+        Reply::of(resp).await
     });
     add(
         "admin set-stage with an invalid stage",
@@ -374,7 +375,7 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
                 .send()
                 .await
                 .unwrap();
-            split(resp).await
+            Reply::of(resp).await
         },
     );
     add("stripe webhook without signature", 400, "", {
@@ -385,7 +386,7 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
             .send()
             .await
             .unwrap();
-        split(resp).await
+        Reply::of(resp).await
     });
     add("stripe webhook with a forged signature", 400, "", {
         let body = json!({"id": "evt_x", "type": "checkout.session.completed", "data": {"object": {"metadata": {"uid": "attacker", "plan": "unlimited"}}}}).to_string();
@@ -400,13 +401,13 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
             .send()
             .await
             .unwrap();
-        split(resp).await
+        Reply::of(resp).await
     });
     add(
         "unknown route",
         404,
         "route_not_found",
-        server.get("/v1/nope", &attacker).await,
+        server.get_reply("/v1/nope", &attacker).await,
     );
 
     // A sync upload that names the victim's conversation never touches it.
@@ -429,34 +430,21 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
     println!("{:<52} {:>6} {:>6}  code", "case", "want", "got");
     let mut failures = Vec::new();
     for c in &cases {
-        let code = code_of(&c.got);
+        let code = code_of(&c.got.body);
         println!(
             "{:<52} {:>6} {:>6}  {code}",
-            c.name, c.want_status, c.got_status
+            c.name, c.want_status, c.got.status
         );
-        if c.got_status != c.want_status || (!c.want_code.is_empty() && code != c.want_code) {
+        if c.got.status != c.want_status || (!c.want_code.is_empty() && code != c.want_code) {
             failures.push(format!(
                 "{}: want {} {}, got {} {}",
-                c.name, c.want_status, c.want_code, c.got_status, c.got
+                c.name, c.want_status, c.want_code, c.got.status, c.got.body
             ));
         }
-        // Every error body is machine-readable: a code and a human message (files[] for per-file errors),
-        // and says whether a retry can help: none of these can (the same request is refused again).
-        if c.got_status >= 400 {
-            assert!(
-                c.got["code"].is_string() || c.got["files"][0]["code"].is_string(),
-                "{}: {}",
-                c.name,
-                c.got
-            );
-            assert!(c.got["message"].is_string(), "{}: {}", c.name, c.got);
-            assert_eq!(c.got["retryable"], false, "{}: {}", c.name, c.got);
-            assert!(
-                c.got.get("retry_after_s").is_none(),
-                "{}: {}",
-                c.name,
-                c.got
-            );
+        // Every refusal has the one shape (code, message, retryable, Retry-After exactly when retryable),
+        // a per-file failure also names its code in files[]; and none of these can succeed on a retry.
+        if c.got.status >= 400 {
+            assert_eq!(c.got.assert_refusal(c.name), None, "{}: retryable", c.name);
         }
     }
     assert!(cases.len() >= 25, "{} cases", cases.len());

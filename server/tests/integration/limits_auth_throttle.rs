@@ -6,7 +6,8 @@
 use serde_json::Value;
 
 use crate::common::engine_server::{ADMIN_KEY, EngineServer, fair_use_on, split};
-use crate::listen_support::connect;
+use crate::common::refusal::{Reply, assert_refusal};
+use crate::listen_support::connect_or_refusal;
 
 const BUDGET: u32 = 3;
 /// Dev mode: the bearer is the uid, and a uid with a slash is refused 401 `uid_invalid`.
@@ -34,7 +35,7 @@ async fn status(
     (code, body, retry_after)
 }
 
-async fn admin(server: &EngineServer, key: &str) -> (u16, Value) {
+async fn admin(server: &EngineServer, key: &str) -> Reply {
     let resp = server
         .http
         .get(server.url("/v1/admin/fair-use/flagged"))
@@ -42,27 +43,28 @@ async fn admin(server: &EngineServer, key: &str) -> (u16, Value) {
         .send()
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    split(resp).await
+    Reply::of(resp).await
 }
 
 #[actix_web::test]
 async fn an_address_past_its_failures_gets_429_everywhere_and_forwarded_for_does_not_dodge_it() {
     let server = EngineServer::start(fair_use_on(), |c| c.auth_failures_per_minute = BUDGET).await;
     for i in 0..BUDGET {
-        let (code, body, _) = status(&server, BAD_TOKEN, None).await;
+        let (code, body, retry_after) = status(&server, BAD_TOKEN, None).await;
         assert_eq!(
             (code, body["code"].as_str()),
             (401, Some("uid_invalid")),
             "attempt {i}"
         );
+        let final_401 = assert_refusal("bad token", code, retry_after.as_deref(), &body);
+        assert_eq!(final_401, None, "attempt {i}: a bad token stays bad");
     }
     let (code, body, retry_after) = status(&server, BAD_TOKEN, None).await;
     assert_eq!(code, 429, "{body}");
     assert_eq!(body["code"], "too_many_auth_failures", "{body}");
-    assert_eq!(body["retryable"], true, "{body}");
-    // 3 a minute: one more attempt in 20 s.
-    assert_eq!(body["retry_after_s"], 20, "{body}");
-    assert_eq!(retry_after.as_deref(), Some("20"));
+    // 3 a minute: one more attempt in 20 s (header and body alike).
+    let retry = assert_refusal("auth throttled", code, retry_after.as_deref(), &body);
+    assert_eq!(retry, Some(20), "{body}");
     // Checked before the token: a right one waits too, and a forged X-Forwarded-For changes nothing
     // (no trusted proxy is configured).
     let (code, body, _) = status(&server, "alice", None).await;
@@ -73,28 +75,37 @@ async fn an_address_past_its_failures_gets_429_everywhere_and_forwarded_for_does
     let (code, _, _) = status(&server, "alice", Some("203.0.113.50")).await;
     assert_eq!(code, 429);
     // The listen upgrade is answered the same.
+    let Err(upgrade) =
+        connect_or_refusal(server.addr, Some("alice"), "codec=opus&sample_rate=16000").await
+    else {
+        panic!("a throttled address was upgraded");
+    };
     assert_eq!(
-        connect(server.addr, Some("alice"), "codec=opus&sample_rate=16000")
-            .await
-            .err(),
-        Some(429)
+        (upgrade.status, upgrade.body["code"].as_str()),
+        (429, Some("too_many_auth_failures")),
+        "{:?}",
+        upgrade.body
     );
+    assert!(upgrade.assert_refusal("throttled upgrade").is_some());
     // Admin keys have their own budget.
-    let (code, body) = admin(&server, ADMIN_KEY).await;
+    let (code, body) = admin(&server, ADMIN_KEY).await.pair();
     assert_eq!(code, 200, "{body}");
     for _ in 0..BUDGET {
-        let (code, body) = admin(&server, "guess").await;
+        let reply = admin(&server, "guess").await;
         assert_eq!(
-            (code, body["code"].as_str()),
+            (reply.status, reply.body["code"].as_str()),
             (403, Some("admin_key_invalid"))
         );
+        assert_eq!(reply.assert_refusal("wrong admin key"), None);
     }
-    let (code, body) = admin(&server, ADMIN_KEY).await;
+    let reply = admin(&server, ADMIN_KEY).await;
     assert_eq!(
-        (code, body["code"].as_str()),
+        (reply.status, reply.body["code"].as_str()),
         (429, Some("too_many_auth_failures")),
-        "{body}"
+        "{:?}",
+        reply.body
     );
+    assert!(reply.assert_refusal("admin key throttled").is_some());
     server.shutdown().await;
 }
 

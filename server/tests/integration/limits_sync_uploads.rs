@@ -13,9 +13,8 @@ use tokio::time::Instant;
 
 use voicegate_engine::store::test_redis::RedisServer;
 
-use crate::common::engine_server::{
-    EngineServer, fair_use_on, fixtures, multipart, omi_name, split,
-};
+use crate::common::engine_server::{EngineServer, fair_use_on, fixtures, multipart, omi_name};
+use crate::common::refusal::{Reply, header_str};
 use crate::listen_support::{Child, free_port, wait_ready};
 
 /// An upload that sends its head and 1 KB of its first file, then pauses (its socket is kept open).
@@ -69,13 +68,9 @@ async fn a_users_third_upload_gets_429_and_the_nodes_fourth_503_both_with_retry_
     let (code, body, headers) = server.upload("busy", "", &file).await;
     assert_eq!(code, 429, "{body}");
     assert_eq!(body["code"], "too_many_uploads", "{body}");
-    assert_eq!(body["retryable"], true, "{body}");
-    assert_eq!(body["retry_after_s"], 5, "{body}");
     assert_eq!(body["limit_value"], 2, "{body}");
-    assert_eq!(
-        headers.get("retry-after").map(|v| v.as_bytes()),
-        Some(&b"5"[..])
-    );
+    let refusal = Reply::new(code, header_str(&headers).as_deref(), body);
+    assert_eq!(refusal.assert_refusal("user's third upload"), Some(5));
     // Another user is not held back by it.
     let (code, body, _) = server.upload("other", "", &file).await;
     assert_eq!(code, 200, "{body}");
@@ -85,8 +80,8 @@ async fn a_users_third_upload_gets_429_and_the_nodes_fourth_503_both_with_retry_
     let (code, body, headers) = server.upload("fourth", "", &file).await;
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["code"], "uploads_at_capacity", "{body}");
-    assert_eq!(body["retryable"], true, "{body}");
-    assert!(headers.get("retry-after").is_some());
+    let refusal = Reply::new(code, header_str(&headers).as_deref(), body);
+    assert_eq!(refusal.assert_refusal("node's fourth upload"), Some(5));
 
     // The user's paused uploads end (the client gives up): their places are free again.
     let third = held.pop();
@@ -134,11 +129,7 @@ fn serve(addr: SocketAddr, redis_url: &str, upload_dir: &std::path::Path) -> Chi
     Child(child)
 }
 
-async fn upload_to(
-    addr: SocketAddr,
-    uid: &str,
-    files: &[(String, Vec<u8>)],
-) -> (u16, serde_json::Value) {
+async fn upload_to(addr: SocketAddr, uid: &str, files: &[(String, Vec<u8>)]) -> Reply {
     let (ctype, body) = multipart(files);
     let resp = reqwest::Client::new()
         .post(format!("http://{addr}/v1/sync-local-files"))
@@ -148,7 +139,7 @@ async fn upload_to(
         .send()
         .await
         .unwrap_or_else(|e| panic!("upload: {e}"));
-    split(resp).await
+    Reply::of(resp).await
 }
 
 #[actix_web::test]
@@ -172,10 +163,12 @@ async fn the_per_user_limit_counts_the_uploads_on_every_node_sharing_the_store()
     until_folders(dir1.path(), 1).await;
     let on2 = paused_upload(a2, "spread").await;
     until_folders(dir2.path(), 1).await;
-    let (code, body) = upload_to(a1, "spread", &file).await;
+    let refusal = upload_to(a1, "spread", &file).await;
+    let (code, body) = refusal.pair();
     assert_eq!(code, 429, "{body}");
     assert_eq!(body["code"], "too_many_uploads", "{body}");
-    let (code, body) = upload_to(a2, "other", &file).await;
+    assert_eq!(refusal.assert_refusal("third upload across nodes"), Some(5));
+    let (code, body) = upload_to(a2, "other", &file).await.pair();
     assert_eq!(code, 200, "{body}");
 
     // The upload on node 2 ends: node 1 admits the user again (once node 2 has given its lease back).
@@ -183,7 +176,7 @@ async fn the_per_user_limit_counts_the_uploads_on_every_node_sharing_the_store()
     until_folders(dir2.path(), 0).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let (code, body) = upload_to(a1, "spread", &file).await;
+        let (code, body) = upload_to(a1, "spread", &file).await.pair();
         if code == 200 {
             break;
         }

@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::engine_server::{EngineServer, fair_use_on};
 use futures_util::{SinkExt, StreamExt};
-use listen_support::{AWAY, NORMAL, POLICY, Seen, TOO_BIG, Ws, connect, fixture_packets, read_all};
+use listen_support::{
+    AWAY, NORMAL, POLICY, Seen, TOO_BIG, Ws, connect, connect_or_refusal, fixture_packets, read_all,
+};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use voicegate_engine::meter::{RecordSpeech, SpeechAmount, SpeechSource};
@@ -67,24 +69,28 @@ async fn websocket_bad_inputs_get_their_documented_answers_and_meter_nothing() {
         .unwrap_or_else(|e| panic!("{e}"));
     let victim_before = server.status_speech_ms(&token("victim")).await;
 
-    // Upgrade refused before any socket exists.
-    assert_eq!(connect(server.addr, None, OPUS16).await.err(), Some(401));
+    // Upgrade refused before any socket exists: 401 in the one refusal shape, final.
     let expired = common::hs256_token(json!({"sub": "x", "exp": common::now() - 60, "aud": AUD}));
-    assert_eq!(
-        connect(server.addr, Some(&expired), OPUS16).await.err(),
-        Some(401)
-    );
     let wrong_aud =
         common::hs256_token(json!({"sub": "x", "exp": common::now() + 60, "aud": "other"}));
-    assert_eq!(
-        connect(server.addr, Some(&wrong_aud), OPUS16).await.err(),
-        Some(401)
-    );
-    assert_eq!(
-        connect(server.addr, Some("attacker"), OPUS16).await.err(),
-        Some(401),
-        "a dev token is not accepted once verification is configured"
-    );
+    for (what, bearer, code) in [
+        ("no token", None, "auth_missing"),
+        ("expired token", Some(expired.as_str()), "token_expired"),
+        (
+            "wrong audience",
+            Some(wrong_aud.as_str()),
+            "token_wrong_audience",
+        ),
+        // A dev token is not accepted once verification is configured.
+        ("dev token", Some("attacker"), "token_invalid"),
+    ] {
+        let Err(refusal) = connect_or_refusal(server.addr, bearer, OPUS16).await else {
+            panic!("{what}: the upgrade was accepted");
+        };
+        assert_eq!(refusal.status, 401, "{what}: {:?}", refusal.body);
+        assert_eq!(refusal.body["code"], code, "{what}");
+        assert_eq!(refusal.assert_refusal(what), None, "{what}: final");
+    }
 
     // Parameters the server cannot serve: 1008 with the reason, nothing else.
     for (query, needle) in [

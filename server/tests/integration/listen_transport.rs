@@ -10,6 +10,7 @@ use crate::listen_support;
 use std::time::Duration;
 
 use common::engine_server::{EngineServer, fair_use_on};
+use common::refusal::assert_refusal;
 use listen_support::fixture_packets;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -281,6 +282,14 @@ async fn refused_upgrades_get_the_routes_json_answers_and_are_timed_under_the_ro
             .unwrap_or_else(|e| panic!("{e}"));
         let (status, head, body) = read_response(&mut s).await;
         let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        if status >= 400 {
+            // Every refused upgrade has the one refusal shape (the head is read lower-cased).
+            let retry_after = head
+                .lines()
+                .find_map(|l| l.strip_prefix("retry-after:"))
+                .map(str::trim);
+            assert_refusal("refused upgrade", status, retry_after, &body);
+        }
         (status, head, body, s)
     };
 

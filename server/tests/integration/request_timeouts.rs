@@ -12,6 +12,7 @@ use crate::listen_support;
 use std::time::Duration;
 
 use common::engine_server::{EngineServer, fair_use_on, fixtures, omi_name};
+use common::refusal::Reply;
 use listen_support::{NORMAL, connect, fixture_packets, offline, stream_packets};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -59,8 +60,32 @@ fn upload_prefix() -> Vec<u8> {
     body
 }
 
+/// The answer in `text` once its head and `Content-Length` body are complete (or the peer closed).
+fn parse_answer(text: &str, closed: bool) -> Option<Reply> {
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let header = |name: &str| {
+        head.lines().find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.trim().eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    };
+    let len = header("content-length")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(0);
+    if body.len() < len && !closed {
+        return None;
+    }
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = serde_json::from_str(body).unwrap_or(Value::Null);
+    Some(Reply::new(status, header("retry-after"), body))
+}
+
 /// Reads one answer (head and `Content-Length` body) or panics after `limit`.
-async fn read_answer(s: &mut TcpStream, limit: Duration) -> (u16, Value) {
+async fn read_answer(s: &mut TcpStream, limit: Duration) -> Reply {
     let mut raw = Vec::new();
     let mut buf = [0u8; 4096];
     let deadline = Instant::now() + limit;
@@ -71,24 +96,8 @@ async fn read_answer(s: &mut TcpStream, limit: Duration) -> (u16, Value) {
             .unwrap_or(0);
         raw.extend_from_slice(&buf[..n]);
         let text = String::from_utf8_lossy(&raw).into_owned();
-        if let Some((head, body)) = text.split_once("\r\n\r\n") {
-            let len = head
-                .lines()
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.eq_ignore_ascii_case("content-length")
-                        .then(|| v.trim().parse::<usize>().ok())
-                        .flatten()
-                })
-                .unwrap_or(0);
-            if body.len() >= len || n == 0 {
-                let status = head
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|s| s.parse().ok())
-                    .unwrap_or(0);
-                return (status, serde_json::from_str(body).unwrap_or(Value::Null));
-            }
+        if let Some(answer) = parse_answer(&text, n == 0) {
+            return answer;
         }
         assert!(n > 0, "closed without an answer: {text}");
     }
@@ -157,13 +166,14 @@ async fn stalled_uploads_and_webhooks_get_408_and_free_everything_while_others_p
 
     let mut latest = Duration::ZERO;
     for (kind, mut s) in stalled {
-        let (status, body) = read_answer(&mut s, Duration::from_secs(TOTAL_S + 10)).await;
+        let answer = read_answer(&mut s, Duration::from_secs(TOTAL_S + 10)).await;
         let at = started.elapsed();
         latest = latest.max(at);
+        let (status, body) = answer.pair();
         assert_eq!(status, 408, "{kind}: {body}");
         assert_eq!(body["code"], "request_body_stalled", "{kind}: {body}");
-        assert_eq!(body["retryable"], true, "{kind}: {body}");
-        assert!(body["message"].is_string(), "{kind}: {body}");
+        // Retryable at once: the client sends the request again, faster.
+        assert_eq!(answer.assert_refusal(kind), Some(1), "{kind}");
     }
     let (seen, _) = stream.await.unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(seen.close.as_ref().map(|c| c.0), Some(NORMAL), "{seen:?}");
@@ -245,7 +255,9 @@ async fn a_body_trickling_past_the_whole_body_timeout_gets_408_request_body_time
     trickle.abort();
     let text = String::from_utf8_lossy(&raw).into_owned();
     assert!(text.starts_with("HTTP/1.1 408"), "{text}");
-    assert!(text.contains("\"request_body_timeout\""), "{text}");
+    let answer = parse_answer(&text, true).unwrap_or_else(|| panic!("no answer: {text}"));
+    assert_eq!(answer.body["code"], "request_body_timeout", "{text}");
+    assert_eq!(answer.assert_refusal("body timeout"), Some(1), "{text}");
     assert!(
         at >= Duration::from_secs(TOTAL_S) && at < Duration::from_secs(TOTAL_S + 2),
         "answered after {at:?}"
@@ -261,10 +273,11 @@ async fn head_level_errors_get_the_json_error_shape_on_every_route() {
     let mut silent = TcpStream::connect(server.addr)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let (status, body) = read_answer(&mut silent, Duration::from_secs(10)).await;
+    let answer = read_answer(&mut silent, Duration::from_secs(10)).await;
+    let (status, body) = answer.pair();
     assert_eq!(status, 408, "{body}");
     assert_eq!(body["code"], "request_head_timeout", "{body}");
-    assert_eq!(body["retryable"], true, "{body}");
+    assert_eq!(answer.assert_refusal("head timeout"), Some(1), "{body}");
     // A listen request head over 32 KiB: 431 with the JSON body.
     let mut huge = TcpStream::connect(server.addr)
         .await
@@ -275,10 +288,15 @@ async fn head_level_errors_get_the_json_error_shape_on_every_route() {
         "a".repeat(40_000)
     );
     let _ = huge.write_all(req.as_bytes()).await;
-    let (status, body) = read_answer(&mut huge, Duration::from_secs(10)).await;
+    let answer = read_answer(&mut huge, Duration::from_secs(10)).await;
+    let (status, body) = answer.pair();
     assert_eq!(status, 431, "{body}");
     assert_eq!(body["code"], "request_head_too_large", "{body}");
-    assert_eq!(body["retryable"], false, "{body}");
+    assert_eq!(
+        answer.assert_refusal("listen head too large"),
+        None,
+        "{body}"
+    );
     // The same on any other route (actix-http's own answers), and a head that cannot be parsed: 400.
     for (req, status, code) in [
         (
@@ -300,8 +318,10 @@ async fn head_level_errors_get_the_json_error_shape_on_every_route() {
             .await
             .unwrap_or_else(|e| panic!("{e}"));
         let _ = s.write_all(req.as_bytes()).await;
-        let (got, body) = read_answer(&mut s, Duration::from_secs(10)).await;
+        let answer = read_answer(&mut s, Duration::from_secs(10)).await;
+        let (got, body) = answer.pair();
         assert_eq!((got, body["code"].as_str()), (status, Some(code)), "{body}");
+        assert_eq!(answer.assert_refusal(code), None, "{body}");
     }
     server.shutdown().await;
 }

@@ -5,6 +5,7 @@ use crate::common;
 use crate::listen_support;
 
 use common::engine_server::{ADMIN_KEY, EngineServer, fair_use_on, fixtures, omi_name, split};
+use common::refusal::{Reply, header_str};
 use listen_support::{NORMAL, connect, fixture_packets, stream_packets};
 use voicegate_engine::policy::{FairUseConfig, SoftCaps};
 
@@ -50,7 +51,8 @@ async fn restricted_over_a_cap_sync_gets_429_while_realtime_keeps_streaming() {
         .await;
     assert_eq!(code, 429, "{body}");
     assert_eq!(body["code"], "fair_use_restricted");
-    assert!(headers.contains_key("retry-after"));
+    let refusal = Reply::new(code, header_str(&headers).as_deref(), body);
+    assert!(refusal.assert_refusal("restricted sync").is_some());
 
     let (seen, _) = streaming.await.unwrap();
     assert_eq!(

@@ -8,6 +8,7 @@
 use crate::common;
 
 use common::engine_server::{EngineServer, fair_use_on, fixtures, offline_speech_ms, omi_name};
+use common::refusal::{assert_refusal, header_str};
 
 const DAY_S: u64 = 86_400;
 
@@ -59,27 +60,30 @@ async fn backdated_speech_is_bounded_by_the_daily_allowance_and_recent_speech_me
         offered += ms;
         assert_eq!(code, 429, "{body}");
         assert_eq!(body["code"], "backfill_allowance_exhausted", "{body}");
-        assert_eq!(body["retryable"], true, "{body}");
         assert_eq!(
             body["files"][0]["code"], "backfill_allowance_exhausted",
             "{body}"
         );
-        let retry: u64 = headers["retry-after"]
-            .to_str()
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let retry = assert_refusal(
+            "backfill allowance",
+            code,
+            header_str(&headers).as_deref(),
+            &body,
+        )
+        .unwrap_or_else(|| panic!("retryable: {body}"));
         assert!(
             retry.abs_diff(retry_after_to_midnight()) <= 2,
             "Retry-After {retry}"
         );
     }
     // Older than the 30-day lookback: refused for good.
-    let (code, body, _) = server
+    let (code, body, headers) = server
         .upload(backdater, "", &[(days_ago(31), fx[2].1.clone())])
         .await;
     assert_eq!(code, 400, "{body}");
     assert_eq!(body["files"][0]["code"], "recording_too_old", "{body}");
+    let retry = assert_refusal("too old", code, header_str(&headers).as_deref(), &body);
+    assert_eq!(retry, None, "final");
 
     let metered = server.status_speech_ms(backdater).await;
     assert_eq!(metered["month_ms"], allowance, "{metered}");

@@ -5,9 +5,12 @@
 
 use crate::common;
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
 use common::engine_server::{
-    ADMIN_KEY, EngineServer, STRIPE_SECRET, fair_use_on, fixtures, omi_name,
+    ADMIN_KEY, EngineServer, STRIPE_SECRET, fair_use_on, fixtures, now_s, omi_name,
 };
+use common::refusal::{Reply, header_str};
 use serde_json::{Value, json};
 use voicegate_engine::policy::{FairUseConfig, SoftCaps};
 use voicegate_server::stripe::sign_payload;
@@ -28,7 +31,7 @@ async fn admin_post(server: &EngineServer, path: &str) -> (u16, Value) {
     common::engine_server::split(resp).await
 }
 
-async fn webhook(server: &EngineServer, payload: &Value, secret: &str) -> (u16, Value) {
+async fn webhook(server: &EngineServer, payload: &Value, secret: &str) -> Reply {
     let bytes = payload.to_string().into_bytes();
     let sig = sign_payload(&bytes, secret.as_bytes(), common::now());
     let resp = server
@@ -40,7 +43,7 @@ async fn webhook(server: &EngineServer, payload: &Value, secret: &str) -> (u16, 
         .send()
         .await
         .unwrap();
-    common::engine_server::split(resp).await
+    Reply::of(resp).await
 }
 
 #[actix_web::test]
@@ -66,11 +69,19 @@ async fn restricted_over_a_cap_gets_429_with_retry_after_and_nothing_is_metered(
     .await;
     assert_eq!(code, 200, "{body}");
     let (code, body, headers) = server.upload("heavy", "", &one_fixture(1, 300)).await;
+    let refusal = Reply::new(code, header_str(&headers).as_deref(), body);
+    let retry = refusal.assert_refusal("restricted over a cap");
+    let body = refusal.body;
     assert_eq!(code, 429, "{body}");
     assert_eq!(body["code"], "fair_use_restricted");
     assert_eq!(body["new_memories"], json!([]));
-    let retry: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
-    assert!(retry > 0, "Retry-After {retry}");
+    // Over all three caps: the weekly window holds the speech longest (168 h), well before the
+    // restriction's 30 days end.
+    let retry = retry.unwrap_or_else(|| panic!("a 429 is retryable: {body}"));
+    assert!(
+        (167 * 3_600..=168 * 3_600 + 1).contains(&retry),
+        "Retry-After {retry}"
+    );
     assert_eq!(
         server.status_speech_ms("heavy").await,
         before,
@@ -80,6 +91,77 @@ async fn restricted_over_a_cap_gets_429_with_retry_after_and_nothing_is_metered(
     // Another user is not affected.
     let (code, body, _) = server.upload("light", "", &one_fixture(1, 300)).await;
     assert_eq!(code, 200, "{body}");
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[actix_web::test]
+async fn sync_upload_over_cap_while_restricted_answers_429_with_retry_after_when_the_totals_fall_back_under()
+ {
+    // Over the daily cap only: 1 s of speech a day, the 3-day and weekly caps far away.
+    let fair = FairUseConfig {
+        caps: SoftCaps {
+            daily_ms: 1_000,
+            three_day_ms: 36_000_000,
+            weekly_ms: 36_000_000,
+        },
+        ..fair_use_on()
+    };
+    let server = EngineServer::start(fair, |_| {}).await;
+    // d01 (30 s) named at the start of a minute 2 h ago: all its speech lands in that one minute bucket,
+    // which leaves the 24 h window 1 ms after its start + 24 h (a bucket counts while its start >= now -
+    // 24 h). That is when the totals fall back under the caps, about 22 h from now.
+    let d01 = format!("{}/../fixtures/d01.json", env!("CARGO_MANIFEST_DIR"));
+    let d01: Value = serde_json::from_slice(&std::fs::read(&d01).unwrap()).unwrap();
+    assert!(d01["duration_ms"].as_u64().unwrap() < 60_000, "{d01}");
+    let minute_s = (now_s() - 2 * 3_600) / 60 * 60;
+    let (name, bytes) = fixtures().swap_remove(0);
+    assert_eq!(name, "d01.bin");
+    let file = vec![(
+        format!("audio_omi_opus_16000_1_fs160_{minute_s}.bin"),
+        bytes,
+    )];
+    let (code, body, _) = server.upload("heavy", "", &file).await;
+    assert_eq!(code, 200, "{body}");
+    let speech = server.status_speech_ms("heavy").await;
+    assert!(speech["daily_ms"].as_u64().unwrap() > 1_000, "{speech}");
+    let falls_under_ms = minute_s * 1_000 + 24 * 3_600_000 + 1;
+
+    let (code, body) = admin_post(
+        &server,
+        "/v1/admin/fair-use/user/heavy/set-stage?stage=restrict",
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    let restrict_until_ms = body["state"]["restrict_until_ms"].as_u64().unwrap();
+    assert!(
+        restrict_until_ms > falls_under_ms + 28 * 86_400_000,
+        "{body}"
+    );
+
+    let sent_ms = now_ms();
+    let (code, body, headers) = server.upload("heavy", "", &one_fixture(1, 300)).await;
+    let answered_ms = now_ms();
+    let refusal = Reply::new(code, header_str(&headers).as_deref(), body);
+    let retry = refusal.assert_refusal("restricted over the daily cap");
+    let body = refusal.body;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["code"], "fair_use_restricted", "{body}");
+    // The header equals the body (checked above) and both count whole seconds, rounded up, from the
+    // server's now (somewhere between sending and the answer) to the fall-under moment.
+    let retry = retry.unwrap_or_else(|| panic!("a 429 is retryable: {body}"));
+    let earliest = (falls_under_ms - answered_ms).div_ceil(1_000);
+    let latest = (falls_under_ms - sent_ms).div_ceil(1_000);
+    assert!(
+        (earliest..=latest).contains(&retry),
+        "Retry-After {retry}, want {earliest}..={latest} (the restriction ends in {} s)",
+        (restrict_until_ms - answered_ms) / 1_000
+    );
+    assert_eq!(server.status_speech_ms("heavy").await, speech);
 }
 
 #[actix_web::test]
@@ -102,11 +184,16 @@ async fn exhausted_credits_lock_and_a_signed_payment_unlocks() {
     assert_eq!(code, 200, "{second}");
     assert_eq!(second["locked"], true, "{second}");
     let locked_id = second["new_memories"][0].as_str().unwrap().to_owned();
-    let (code, body) = server
-        .get(&format!("/v1/conversations/{locked_id}"), "free")
+    let locked = server
+        .get_reply(&format!("/v1/conversations/{locked_id}"), "free")
         .await;
-    assert_eq!(code, 402, "{body}");
-    assert_eq!(body["code"], "conversation_locked");
+    assert_eq!(locked.status, 402, "{}", locked.body);
+    assert_eq!(locked.body["code"], "conversation_locked");
+    assert_eq!(
+        locked.assert_refusal("locked conversation"),
+        None,
+        "a payment, not time, unlocks it"
+    );
     let open_id = first["new_memories"][0].as_str().unwrap().to_owned();
     let (code, _) = server
         .get(&format!("/v1/conversations/{open_id}"), "free")
@@ -119,15 +206,16 @@ async fn exhausted_credits_lock_and_a_signed_payment_unlocks() {
         "id": "evt_paid_1", "type": "checkout.session.completed",
         "data": {"object": {"metadata": {"uid": "free", "plan": "unlimited"}}}
     });
-    // Badly signed: 400 and still locked.
-    let (code, body) = webhook(&server, &event, "whsec_wrong").await;
-    assert_eq!(code, 400, "{body}");
+    // Badly signed: 400 (final) and still locked.
+    let bad = webhook(&server, &event, "whsec_wrong").await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(bad.assert_refusal("bad signature"), None);
     let (code, _) = server
         .get(&format!("/v1/conversations/{locked_id}"), "free")
         .await;
     assert_eq!(code, 402);
     // Correctly signed: unlocked, and new uploads are no longer locked.
-    let (code, body) = webhook(&server, &event, STRIPE_SECRET).await;
+    let (code, body) = webhook(&server, &event, STRIPE_SECRET).await.pair();
     assert_eq!(code, 200, "{body}");
     let (code, body) = server
         .get(&format!("/v1/conversations/{locked_id}"), "free")

@@ -112,7 +112,21 @@ async fn post(
     }
     let resp = test::call_service(&app, req).await;
     let status = resp.status();
+    let retry_after = resp
+        .headers()
+        .get(header::RETRY_AFTER)
+        .map(|v| v.to_str().unwrap_or("<not text>").to_owned());
     let body: Value = test::read_body_json(resp).await;
+    if status.as_u16() >= 400 {
+        // Limits and malformed bodies are final: the same request is refused again.
+        let retry = common::refusal::assert_refusal(
+            "upload refusal",
+            status.as_u16(),
+            retry_after.as_deref(),
+            &body,
+        );
+        assert_eq!(retry, None, "{body}");
+    }
     (status, body)
 }
 

@@ -365,9 +365,13 @@ impl UserMeter {
         }
         match msg {
             UserMsg::Record(rec, reply) => self.record(rec, reply, ctx),
-            UserMsg::ReadTotals(reply) => {
+            UserMsg::ReadTotals(caps, reply) => {
                 let now = self.k.shared.clock().now_ms();
-                let _ = reply.send(self.totals(now));
+                let mut totals = self.totals(now);
+                if let Some(caps) = caps {
+                    totals.under_caps_at_ms = self.under_caps_at(&caps, &totals, now);
+                }
+                let _ = reply.send(totals);
             }
             UserMsg::FlushNow(reply) => {
                 self.k.flush_waiters.push(reply);

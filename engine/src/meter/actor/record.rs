@@ -10,6 +10,8 @@ use super::UserMeter;
 use crate::meter::messages::{RecordOutcome, RecordSpeech, RecordStatus, UsageTotals};
 use crate::meter::pending::add_sorted;
 use crate::meter::placement::place_speech;
+use crate::meter::under_caps::under_caps_at;
+use crate::policy::SoftCaps;
 use crate::store::{Delta, KeyedDelta};
 use crate::telemetry;
 use crate::time::month_of_ms;
@@ -31,7 +33,23 @@ impl UserMeter {
             month,
             month_ms,
             known: matches!(self.hydration, super::Hydration::Known { .. }),
+            under_caps_at_ms: None,
         }
+    }
+
+    /// When the view's totals fall back under `caps` (`None` when `totals` exceed none). The buckets are
+    /// copied out only then, so a read under the caps costs nothing more.
+    pub(super) fn under_caps_at(
+        &self,
+        caps: &SoftCaps,
+        totals: &UsageTotals,
+        now_ms: u64,
+    ) -> Option<u64> {
+        if caps.triggered(&totals.rolling).is_empty() {
+            return None;
+        }
+        let buckets: Vec<_> = self.view.buckets().collect();
+        under_caps_at(&buckets, caps, now_ms)
     }
 
     pub(super) fn view_add(&mut self, delta: &Delta) {

@@ -100,7 +100,17 @@ impl EngineServer {
         self.redis
     }
 
+    /// GETs `path`; a refusal is checked for the one refusal shape (`common::refusal`) on the way.
     pub async fn get(&self, path: &str, bearer: &str) -> (u16, Value) {
+        let reply = self.get_reply(path, bearer).await;
+        if reply.status >= 400 {
+            reply.assert_refusal(&format!("GET {path}"));
+        }
+        reply.pair()
+    }
+
+    /// [`Self::get`] with the `Retry-After` header, to check a refusal's shape.
+    pub async fn get_reply(&self, path: &str, bearer: &str) -> super::refusal::Reply {
         let resp = self
             .http
             .get(self.url(path))
@@ -108,7 +118,7 @@ impl EngineServer {
             .send()
             .await
             .unwrap_or_else(|e| panic!("GET {path}: {e}"));
-        split(resp).await
+        super::refusal::Reply::of(resp).await
     }
 
     pub async fn status_speech_ms(&self, uid: &str) -> Value {
@@ -117,7 +127,8 @@ impl EngineServer {
         body["speech_ms"].clone()
     }
 
-    /// Posts `files` as multipart `files` parts to `path` (v1 or v2).
+    /// Posts `files` as multipart `files` parts to `path` (v1 or v2); a refusal is checked for the one
+    /// refusal shape (`common::refusal`) on the way.
     pub async fn post_files(
         &self,
         path: &str,
@@ -136,6 +147,15 @@ impl EngineServer {
             .unwrap_or_else(|e| panic!("POST {path}: {e}"));
         let headers = resp.headers().clone();
         let (code, body) = split(resp).await;
+        if code >= 400 {
+            let retry_after = super::refusal::header_str(&headers);
+            super::refusal::assert_refusal(
+                &format!("POST {path}"),
+                code,
+                retry_after.as_deref(),
+                &body,
+            );
+        }
         (code, body, headers)
     }
 
@@ -160,7 +180,8 @@ impl EngineServer {
         }
     }
 
-    /// Posts `files` (name, bytes) as multipart `files` parts.
+    /// Posts `files` (name, bytes) as multipart `files` parts; a refusal is checked for the one refusal
+    /// shape (`common::refusal`) on the way.
     pub async fn upload(
         &self,
         bearer: &str,
@@ -179,6 +200,10 @@ impl EngineServer {
             .unwrap_or_else(|e| panic!("upload: {e}"));
         let headers = resp.headers().clone();
         let (code, body) = split(resp).await;
+        if code >= 400 {
+            let retry_after = super::refusal::header_str(&headers);
+            super::refusal::assert_refusal("sync upload", code, retry_after.as_deref(), &body);
+        }
         (code, body, headers)
     }
 }

@@ -17,6 +17,8 @@ use voicegate_engine::audio::codec::Codec;
 use voicegate_engine::pipeline::offline::{FileAnalysis, analyze, bin_format};
 use voicegate_engine::pipeline::stream::PipelineConfig;
 
+use crate::common::refusal::Reply;
+
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -26,6 +28,18 @@ pub async fn connect(
     bearer: Option<&str>,
     query: &str,
 ) -> Result<Ws, u16> {
+    connect_or_refusal(addr, bearer, query)
+        .await
+        .map_err(|refusal| refusal.status)
+}
+
+/// Opens `/v4/listen?{query}`; when the upgrade is refused, what the refusal said (status,
+/// `Retry-After`, JSON body) for [`crate::common::refusal::assert_refusal`].
+pub async fn connect_or_refusal(
+    addr: std::net::SocketAddr,
+    bearer: Option<&str>,
+    query: &str,
+) -> Result<Ws, Reply> {
     let mut req = format!("ws://{addr}/v4/listen?{query}")
         .into_client_request()
         .unwrap_or_else(|e| panic!("{e}"));
@@ -35,7 +49,16 @@ pub async fn connect(
     }
     match tokio_tungstenite::connect_async(req).await {
         Ok((ws, _)) => Ok(ws),
-        Err(WsError::Http(resp)) => Err(resp.status().as_u16()),
+        Err(WsError::Http(resp)) => {
+            let retry_after = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap_or("<not text>"));
+            let bytes = resp.body().as_deref().unwrap_or_default();
+            let body = serde_json::from_slice(bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(bytes).into_owned()));
+            Err(Reply::new(resp.status().as_u16(), retry_after, body))
+        }
         Err(e) => panic!("connect: {e}"),
     }
 }

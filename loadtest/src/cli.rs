@@ -188,7 +188,7 @@ pub struct SyncArgs {
     #[arg(long, default_value_t = 300.0)]
     pub request_timeout: f64,
     /// Upload through `POST /v2/sync-local-files` and poll the job until it ends (its latency is the
-    /// time to the poll that saw it end; polls every 50 ms) instead of v1.
+    /// time to the poll that saw it end; polls every 200 ms) instead of v1.
     #[arg(long)]
     pub v2: bool,
 }

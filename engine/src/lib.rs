@@ -18,6 +18,7 @@
 pub mod audio;
 pub mod config;
 pub mod conversation;
+pub mod events;
 pub mod fair_use;
 pub mod lease;
 pub mod meter;

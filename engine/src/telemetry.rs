@@ -116,6 +116,11 @@ pub const SYNC_UPLOADS_REFUSED_TOTAL: &str = "voicegate_sync_uploads_refused_tot
 /// Counter, label `lane` (`sync_fresh`, `sync_backfill`, `too_old`): analysed sync files by the backfill
 /// decision (DESIGN §3).
 pub const SYNC_FILES_BY_LANE_TOTAL: &str = "voicegate_sync_files_by_lane_total";
+/// Counter, label `type` (`sync_job_ended`, `conversation_created`, `conversation_updated`,
+/// `conversations_unlocked`): downstream events queued for the stream or the in-process channel.
+pub const EVENTS_PUBLISHED_TOTAL: &str = "voicegate_events_published_total";
+/// Counter, label `reason` (`queue_full`, `store_failed`): downstream events dropped.
+pub const EVENTS_DROPPED_TOTAL: &str = "voicegate_events_dropped_total";
 /// Counter, label `lane` (`sync_fresh`, `sync_backfill`): sync v2 jobs accepted (202).
 pub const SYNC_JOBS_CREATED_TOTAL: &str = "voicegate_sync_jobs_created_total";
 /// Counter, labels `status` (`completed`, `partial_failure`, `failed`) and `lane`: sync v2 jobs ended.

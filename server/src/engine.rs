@@ -12,6 +12,7 @@ use futures_util::future::BoxFuture;
 use voicegate_engine::conversation::{
     ConversationStore, MemoryConversationStore, RedisConversationStore,
 };
+use voicegate_engine::events::{ConversationEvents, Events};
 use voicegate_engine::fair_use::classifier::NoSessions;
 use voicegate_engine::fair_use::{FairUse, FairUseParts, PlanRecord, classifier_from_config};
 use voicegate_engine::lease::Leases;
@@ -86,6 +87,8 @@ pub struct Engine {
     pub leases: Leases,
     /// Sync v2 jobs (`crate::sync_v2`).
     pub sync_jobs: Arc<dyn SyncJobStore>,
+    /// Downstream events (the Redis stream `vg:events`, or an in-process channel).
+    pub events: Events,
     pub clock: Arc<dyn Clock>,
     /// Audio sent to the STT provider before each speech run (`VOICEGATE_STT_PREROLL_MS`), for sync spans.
     pub stt_preroll_ms: u64,
@@ -95,6 +98,10 @@ pub struct Engine {
     /// The thread the Redis connection's I/O task runs on (see [`redis_io_thread`]).
     _redis_io: Option<Arc<actix::Arbiter>>,
 }
+
+/// Entries the event stream keeps (about: `XADD MAXLEN ~`); at a few events per upload, days of traffic
+/// for a consumer that was down.
+pub const EVENTS_MAX_LEN: u64 = 100_000;
 
 impl Engine {
     /// Builds every part from `cfg` (its metering and fair-use settings included). Must run inside an
@@ -174,6 +181,16 @@ impl Engine {
             kind,
         } = parts;
         let leases = Leases::start(leases, Arc::clone(&clock), cfg.lease());
+        let events = match &redis {
+            Some(conn) => Events::redis(conn.clone(), EVENTS_MAX_LEN),
+            None => Events::local(),
+        };
+        // Every conversation write path publishes through this one decorator.
+        let conversations: Arc<dyn ConversationStore> = Arc::new(ConversationEvents::new(
+            conversations,
+            events.clone(),
+            Arc::clone(&clock),
+        ));
         let meter = Meter::start(meter_cfg, store, Arc::clone(&clock));
         let fair_use = FairUse::start(
             fair_cfg,
@@ -197,6 +214,7 @@ impl Engine {
             backfill_ledger,
             leases,
             sync_jobs,
+            events,
             clock,
             stt_preroll_ms: cfg.stt_preroll_ms,
             store_kind: kind,

@@ -2,21 +2,44 @@
 //! one at a time, then settled together as v1 settles an upload; each file's state written to the record;
 //! the job's end, its deferral to the next UTC day, or its retry after a server-side failure.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use voicegate_engine::conversation::TranscriptStatus;
+use voicegate_engine::events::{Event, EventKind};
 use voicegate_engine::pipeline::sync::{self as use_case, SyncFile, SyncOutcome, SyncRequest};
 use voicegate_engine::policy::{Mode, backfill};
 use voicegate_engine::store::StoreError;
-use voicegate_engine::store::sync_jobs::QueuedJob;
+use voicegate_engine::store::sync_jobs::{QueuedJob, SyncJobStore};
+use voicegate_engine::stt::SttProvider;
 use voicegate_engine::telemetry::SYNC_JOBS_TOTAL;
 use voicegate_engine::time::Backoff;
 
 use super::record::{FileState, JobError, JobRecord, JobStage, JobStatus};
-use super::worker::{Inner, MAX_ATTEMPTS, lane_label};
+use crate::engine::Engine;
 
 const DAY_MS: u64 = 86_400_000;
+/// Runs of one job at most before a persistent server-side failure fails it.
+pub const MAX_ATTEMPTS: u32 = 8;
+
+/// What a run needs (the worker pool holds one).
+pub(super) struct JobContext {
+    pub(super) engine: Engine,
+    pub(super) store: Arc<dyn SyncJobStore>,
+    pub(super) stt: Option<Arc<dyn SttProvider>>,
+    pub(super) retention_ms: u64,
+    pub(super) spool: PathBuf,
+}
+
+/// The metric label of a job's lane.
+pub fn lane_label(job: &QueuedJob) -> &'static str {
+    if job.backfill {
+        "sync_backfill"
+    } else {
+        "sync_fresh"
+    }
+}
 /// Files decoded at once (in parallel on the decode pool), between two progress writes. Measured with
 /// 20 uploaders (`loadtest/measure.sh sync --uploaders 20 --files 10 --rounds 3 --v2`, 2 workers): one file
 /// at a time 2,330-2,443 audio-s per s, 4 at a time 2,541-2,593, 16 at a time 2,645 (v1 in the same
@@ -33,7 +56,7 @@ pub(super) enum RunError {
 }
 
 /// One run of a job: every file not yet settled, in order, then the job's end (or its deferral).
-pub(super) async fn run(inner: &Inner, job: &QueuedJob) -> Result<(), RunError> {
+pub(super) async fn run(inner: &JobContext, job: &QueuedJob) -> Result<(), RunError> {
     let store = &inner.store;
     let engine = &inner.engine;
     let Some(text) = store.get(&job.uid, &job.job_id).await? else {
@@ -54,7 +77,7 @@ pub(super) async fn run(inner: &Inner, job: &QueuedJob) -> Result<(), RunError> 
     rec.error = None;
     save(inner, &mut rec).await?;
 
-    let dir = inner.cfg.spool.join(&rec.job_id);
+    let dir = inner.spool.join(&rec.job_id);
     if rec
         .files
         .iter()
@@ -222,12 +245,12 @@ fn add_report(rec: &mut JobRecord, report: &use_case::SyncReport) {
     rec.transcript_status = TranscriptStatus::worst(statuses).map(|s| s.as_str().to_owned());
 }
 
-async fn save(inner: &Inner, rec: &mut JobRecord) -> Result<(), RunError> {
+async fn save(inner: &JobContext, rec: &mut JobRecord) -> Result<(), RunError> {
     rec.updated_at_ms = inner.engine.clock.now_ms();
     let text = serde_json::to_string(&rec)?;
     inner
         .store
-        .save(&rec.uid, &rec.job_id, &text, inner.cfg.retention_ms)
+        .save(&rec.uid, &rec.job_id, &text, inner.retention_ms)
         .await?;
     Ok(())
 }
@@ -235,7 +258,7 @@ async fn save(inner: &Inner, rec: &mut JobRecord) -> Result<(), RunError> {
 /// A server-side failure: the job goes back to the queue after a backoff (or fails once it ran
 /// [`MAX_ATTEMPTS`] times).
 async fn retry_later(
-    inner: &Inner,
+    inner: &JobContext,
     job: &QueuedJob,
     mut rec: JobRecord,
     code: &str,
@@ -273,7 +296,7 @@ async fn retry_later(
 
 /// The job's end: the final record, off the queue, its spool folder removed.
 async fn end(
-    inner: &Inner,
+    inner: &JobContext,
     job: &QueuedJob,
     mut rec: JobRecord,
     status: JobStatus,
@@ -284,11 +307,22 @@ async fn end(
     rec.finished_at_ms = Some(now);
     rec.updated_at_ms = now;
     let text = serde_json::to_string(&rec)?;
-    inner
-        .store
-        .finish(job, &text, inner.cfg.retention_ms)
-        .await?;
-    remove_spool(&inner.cfg.spool.join(&rec.job_id));
+    inner.store.finish(job, &text, inner.retention_ms).await?;
+    remove_spool(&inner.spool.join(&rec.job_id));
+    inner.engine.events.publish(Event {
+        kind: EventKind::SyncJobEnded,
+        uid: rec.uid.clone(),
+        id: rec.job_id.clone(),
+        version: now,
+        data: serde_json::json!({
+            "status": status,
+            "files": rec.files.len(),
+            "failed_files": rec.failed_files(),
+            "speech_ms": rec.speech_ms,
+            "new_memories": rec.new_memories,
+            "updated_memories": rec.updated_memories,
+        }),
+    });
     metrics::counter!(SYNC_JOBS_TOTAL, "status" => status_label(status), "lane" => lane_label(job))
         .increment(1);
     tracing::info!(message = "Sync job ended.", uid = %rec.uid, job_id = %rec.job_id, status = status_label(status), files = rec.files.len(), speech_ms = rec.speech_ms);

@@ -266,7 +266,7 @@ pub async fn create(
         return Err(store_down(&e));
     }
     jobs.workers.wake();
-    metrics::counter!(SYNC_JOBS_CREATED_TOTAL, "lane" => worker::lane_label(&queued)).increment(1);
+    metrics::counter!(SYNC_JOBS_CREATED_TOTAL, "lane" => job::lane_label(&queued)).increment(1);
     tracing::info!(
         message = "Sync job queued.",
         uid,

@@ -16,8 +16,8 @@
 //!   are deduplicated by the conversations, a span already transcribed is not sent again).
 //! - **Drain**: the node stops taking jobs and aborts the ones running, which gives their leases back at
 //!   once; another node (or this one after its restart) resumes them.
-//! - A server-side failure (store, conversations) puts the job back in the queue with [`Backoff`]; after
-//!   [`MAX_ATTEMPTS`] runs the job fails `sync_unavailable`, `retryable: true`. A job whose spooled files are
+//! - A server-side failure (store, conversations) puts the job back in the queue with the house backoff; after
+//!   8 runs the job fails `sync_unavailable`, `retryable: true`. A job whose spooled files are
 //!   gone fails `sync_job_files_lost`, `retryable: true` (upload again).
 
 use std::collections::{HashMap, HashSet};
@@ -33,10 +33,9 @@ use voicegate_engine::store::sync_jobs::{QueuedJob, SyncJobStore};
 use voicegate_engine::stt::SttProvider;
 use voicegate_engine::telemetry::{SYNC_JOBS_QUEUED, SYNC_JOBS_RUNNING};
 
+use super::job::{JobContext, lane_label};
 use crate::engine::Engine;
 
-/// Runs of one job at most before a persistent server-side failure fails it.
-pub const MAX_ATTEMPTS: u32 = 8;
 /// How often the dispatcher looks at the queue without being woken.
 const POLL: Duration = Duration::from_secs(1);
 /// Queue entries read per dispatch round.
@@ -61,11 +60,9 @@ pub struct Workers {
     inner: Arc<Inner>,
 }
 
-pub(super) struct Inner {
-    pub(super) engine: Engine,
-    pub(super) store: Arc<dyn SyncJobStore>,
-    pub(super) stt: Option<Arc<dyn SttProvider>>,
-    pub(super) cfg: WorkerConfig,
+struct Inner {
+    ctx: JobContext,
+    cfg: WorkerConfig,
     wake: Notify,
     stopping: AtomicBool,
     running: Mutex<HashMap<QueuedJob, tokio::task::AbortHandle>>,
@@ -81,9 +78,13 @@ impl Workers {
     ) -> Workers {
         let workers = Workers {
             inner: Arc::new(Inner {
-                engine,
-                store,
-                stt,
+                ctx: JobContext {
+                    engine,
+                    store,
+                    stt,
+                    retention_ms: cfg.retention_ms,
+                    spool: cfg.spool.clone(),
+                },
                 cfg,
                 wake: Notify::new(),
                 stopping: AtomicBool::new(false),
@@ -147,11 +148,11 @@ impl Workers {
         if running.len() >= cfg.workers {
             return;
         }
-        if let Ok(n) = self.inner.store.queued().await {
+        if let Ok(n) = self.inner.ctx.store.queued().await {
             metrics::gauge!(SYNC_JOBS_QUEUED).set(n as f64);
         }
-        let now = self.inner.engine.clock.now_ms();
-        let due = match self.inner.store.due(now, DUE_BATCH).await {
+        let now = self.inner.ctx.engine.clock.now_ms();
+        let due = match self.inner.ctx.store.due(now, DUE_BATCH).await {
             Ok(due) => due,
             Err(error) => {
                 tracing::warn!(message = "Reading the sync job queue failed.", %error);
@@ -190,7 +191,7 @@ impl Workers {
     /// runs it, the user's backfill slots are taken, or the store does not answer (a job never runs without
     /// its lease).
     async fn take(&self, job: &QueuedJob) -> Option<Vec<LeaseGuard>> {
-        let leases = &self.inner.engine.leases;
+        let leases = &self.inner.ctx.engine.leases;
         let own = match leases
             .acquire(LeaseKey::job(JOB_LEASE, &job.uid, &job.job_id), 1)
             .await
@@ -229,7 +230,7 @@ impl Workers {
             let _running = RunningGauge(lane);
             let uid = job.uid.clone();
             let job_id = job.job_id.clone();
-            if let Err(error) = super::job::run(&w.inner, &job).await {
+            if let Err(error) = super::job::run(&w.inner.ctx, &job).await {
                 tracing::warn!(message = "A sync job run failed; it stays queued.", uid, job_id, %error);
             }
             w.inner
@@ -249,13 +250,5 @@ struct RunningGauge(&'static str);
 impl Drop for RunningGauge {
     fn drop(&mut self) {
         metrics::gauge!(SYNC_JOBS_RUNNING, "lane" => self.0).decrement(1.0);
-    }
-}
-
-pub fn lane_label(job: &QueuedJob) -> &'static str {
-    if job.backfill {
-        "sync_backfill"
-    } else {
-        "sync_fresh"
     }
 }

@@ -222,6 +222,16 @@ async fn exhausted_credits_lock_and_a_signed_payment_unlocks() {
         .await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["is_locked"], false);
+    // Published downstream: the user's conversations were unlocked (one was locked).
+    let events = server
+        .events_until(|evs| evs.iter().any(|e| e["type"] == "conversations_unlocked"))
+        .await;
+    let unlocked = events
+        .iter()
+        .find(|e| e["type"] == "conversations_unlocked")
+        .unwrap();
+    assert_eq!(unlocked["uid"], "free");
+    assert_eq!(unlocked["data"], "{\"count\":1}");
     let (code, third, _) = server.upload("free", "", &one_fixture(8, 300)).await;
     assert_eq!(code, 200, "{third}");
     assert_eq!(third["locked"], false);

@@ -33,38 +33,6 @@ fn statuses(files: &Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The entries of the `vg:events` stream (field → value), read until `done` holds (at most 10 s).
-async fn stream_until(server: &EngineServer, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
-    let client = redis::Client::open(server.redis.url()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
-            .arg("vg:events")
-            .arg("-")
-            .arg("+")
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let evs: Vec<Value> = entries
-            .into_iter()
-            .map(|(_, fields)| {
-                Value::Object(
-                    fields
-                        .into_iter()
-                        .map(|(k, v)| (k, Value::String(v)))
-                        .collect(),
-                )
-            })
-            .collect();
-        if done(&evs) {
-            return evs;
-        }
-        assert!(std::time::Instant::now() < deadline, "events: {evs:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[actix_web::test]
 async fn a_v2_job_ends_with_what_v1_answers_and_a_reupload_meters_nothing() {
     let spool = tempfile::tempdir().unwrap();
@@ -136,11 +104,12 @@ async fn a_v2_job_ends_with_what_v1_answers_and_a_reupload_meters_nothing() {
     assert!(!spool.path().join(&job_id).exists());
 
     // Downstream events in the Redis stream: the job's end and each conversation it created.
-    let events = stream_until(&server, |evs| {
-        evs.iter()
-            .any(|e| e["type"] == "sync_job_ended" && e["id"] == job_id.as_str())
-    })
-    .await;
+    let events = server
+        .events_until(|evs| {
+            evs.iter()
+                .any(|e| e["type"] == "sync_job_ended" && e["id"] == job_id.as_str())
+        })
+        .await;
     let ended = events
         .iter()
         .find(|e| e["type"] == "sync_job_ended" && e["id"] == job_id.as_str())

@@ -127,6 +127,38 @@ impl EngineServer {
         body["speech_ms"].clone()
     }
 
+    /// The entries of the `vg:events` stream (field → value), read until `done` holds (at most 10 s).
+    pub async fn events_until(&self, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let client = redis::Client::open(self.redis.url()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XRANGE")
+                .arg("vg:events")
+                .arg("-")
+                .arg("+")
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            let evs: Vec<Value> = entries
+                .into_iter()
+                .map(|(_, fields)| {
+                    Value::Object(
+                        fields
+                            .into_iter()
+                            .map(|(k, v)| (k, Value::String(v)))
+                            .collect(),
+                    )
+                })
+                .collect();
+            if done(&evs) {
+                return evs;
+            }
+            assert!(std::time::Instant::now() < deadline, "events: {evs:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Posts `files` as multipart `files` parts to `path` (v1 or v2); a refusal is checked for the one
     /// refusal shape (`common::refusal`) on the way.
     pub async fn post_files(

@@ -13,6 +13,7 @@
 
 mod job;
 pub mod record;
+pub mod spool;
 pub mod worker;
 
 use std::path::PathBuf;
@@ -182,6 +183,10 @@ pub async fn create(
     let job_id = new_job_id();
     let dest = jobs.cfg.spool.join(&job_id);
     let files = batch.persist(&dest).map_err(|e| spool_down(&e))?;
+    if let Err(e) = spool::write_owner(&dest, uid) {
+        discard(&dest);
+        return Err(spool_down(&e));
+    }
 
     // 4. The record, queued.
     let now = engine.clock.now_ms();

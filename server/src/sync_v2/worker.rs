@@ -93,7 +93,14 @@ impl Workers {
         };
         let w = workers.clone();
         tokio::spawn(async move {
+            let mut next_sweep = tokio::time::Instant::now();
             while !w.inner.stopping.load(Ordering::Acquire) {
+                if tokio::time::Instant::now() >= next_sweep {
+                    next_sweep += super::spool::SWEEP_EVERY;
+                    let ctx = &w.inner.ctx;
+                    super::spool::sweep(&ctx.spool, ctx.store.as_ref(), super::spool::MIN_AGE)
+                        .await;
+                }
                 w.dispatch().await;
                 tokio::select! {
                     () = w.inner.wake.notified() => {}

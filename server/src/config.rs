@@ -482,7 +482,10 @@ impl ServeConfig {
 
     /// The meter's configuration, checked (see [`MeterArgs::config`]).
     pub fn meter_config(&self) -> Result<MeterConfig, ConfigError> {
-        Ok(self.meter.config()?)
+        let mut cfg = self.meter.config()?;
+        // A sync file's content hash is kept as long as a recording that old can be uploaded (+2 days).
+        cfg.keys_retention = Duration::from_millis(self.backfill().idempotency_retention_ms());
+        Ok(cfg)
     }
 
     /// The fair-use configuration, checked (see [`FairUseArgs::config`]).
@@ -676,5 +679,17 @@ mod tests {
         ] {
             assert!(table.contains(env), "{env} missing from\n{table}");
         }
+    }
+
+    #[test]
+    fn sync_content_hashes_are_kept_the_backfill_lookback_plus_two_days() {
+        let day = Duration::from_secs(86_400);
+        let meter = ServeConfig::default().meter_config().unwrap();
+        assert_eq!(meter.keys_retention, 32 * day);
+        assert_eq!(meter.retention, 8 * day, "buckets keep their own retention");
+        let longer = parse(&["--backfill-lookback-days", "60"])
+            .meter_config()
+            .unwrap();
+        assert_eq!(longer.keys_retention, 62 * day);
     }
 }

@@ -34,8 +34,12 @@ pub struct MeterConfig {
     pub max_pending_total: usize,
     /// Most user batches in one Redis pipeline. `VOICEGATE_METER_MAX_PIPELINE`.
     pub max_pipeline: usize,
-    /// Buckets, writer sequences and idempotency keys are kept this long. `VOICEGATE_METER_RETENTION_S`.
+    /// Buckets and writer sequences are kept this long. `VOICEGATE_METER_RETENTION_S`.
     pub retention: Duration,
+    /// Idempotency keys (sync files' content hashes) are kept this long, at least `retention`: the backfill
+    /// lookback plus 2 days (DESIGN §3), set by the server from `VOICEGATE_BACKFILL_LOOKBACK_DAYS`
+    /// (default [`defaults::KEYS_RETENTION_S`]).
+    pub keys_retention: Duration,
     /// Arbiter threads the actors are sharded over; 0 runs every actor on the arbiter that started the
     /// meter (tests on virtual time). `VOICEGATE_METER_SHARDS`.
     pub shards: usize,
@@ -112,6 +116,8 @@ pub mod defaults {
     pub const MAX_PIPELINE: usize = 1000;
     /// 8 days: the 168 h window and a day of margin.
     pub const RETENTION_S: u64 = 8 * 86_400;
+    /// The default backfill lookback (30 days) plus 2 days.
+    pub const KEYS_RETENTION_S: u64 = 32 * 86_400;
 }
 
 impl Default for MeterArgs {
@@ -186,6 +192,7 @@ impl MeterArgs {
             max_pending_total: self.max_pending_total,
             max_pipeline: self.max_pipeline,
             retention: Duration::from_secs(self.retention_s),
+            keys_retention: Duration::from_secs(defaults::KEYS_RETENTION_S.max(self.retention_s)),
             shards: self.shards.unwrap_or_else(available_cpus),
         }
     }
@@ -198,6 +205,11 @@ fn available_cpus() -> usize {
 impl MeterConfig {
     pub(crate) fn retention_ms(&self) -> u64 {
         self.retention.as_millis() as u64
+    }
+
+    /// How long idempotency keys are kept, in ms (never below the retention).
+    pub(crate) fn keys_retention_ms(&self) -> u64 {
+        self.keys_retention.max(self.retention).as_millis() as u64
     }
 
     /// How often an actor checks idleness, refresh and retirement.

@@ -143,6 +143,7 @@ impl Flusher {
             let at = StoreTime {
                 now_ms,
                 retention_ms: self.shared.config.retention_ms(),
+                keys_retention_ms: self.shared.config.keys_retention_ms(),
             };
             let started = Instant::now();
             let chunk = self.shared.config.max_pipeline.max(1);

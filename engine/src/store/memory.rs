@@ -30,7 +30,8 @@ impl UserState {
         self.months = self.months.split_off(&first_month);
         let cutoff = at.now_ms.saturating_sub(at.retention_ms);
         self.writers.retain(|_, &mut (_, seen)| seen >= cutoff);
-        self.keys.retain(|_, &mut claimed| claimed >= cutoff);
+        let keys_cutoff = at.keys_cutoff_ms();
+        self.keys.retain(|_, &mut claimed| claimed >= keys_cutoff);
     }
 
     fn add(&mut self, delta: &Delta, first_kept: Minute) {
@@ -71,7 +72,7 @@ impl UserState {
 
     pub(crate) fn snapshot(&self, writer: WriterId, at: StoreTime) -> UserSnapshot {
         let first = at.first_kept_minute();
-        let cutoff = at.now_ms.saturating_sub(at.retention_ms);
+        let cutoff = at.keys_cutoff_ms();
         let mut idempotency_keys: Vec<(String, u64)> = self
             .keys
             .iter()

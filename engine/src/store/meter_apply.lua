@@ -5,6 +5,7 @@
 --       5 writer seen (zset writer scored by last apply ms), 6 idempotency keys (zset key scored by ms)
 -- ARGV: 1 writer (32 hex), 2 seq, 3 now ms, 4 first kept minute, 5 cutoff ms (now - retention),
 --       6 first kept month (yyyymm), 7 ttl s (per-user keys), 8 month ttl s,
+--       9 idempotency keys' cutoff ms (now - their longer retention: the backfill lookback + 2 days),
 --       then the plain delta, then the keyed deltas:
 --       delta = nb, nb x (minute, ms), nm, nm x (yyyymm, ms)
 --       keyed = nk, nk x (key, delta)
@@ -40,7 +41,7 @@ if #stale_writers > 0 then
   hdel_all(writers, stale_writers)
   redis.call('ZREMRANGEBYSCORE', seen, '-inf', '(' .. cutoff_ms)
 end
-redis.call('ZREMRANGEBYSCORE', idem, '-inf', '(' .. cutoff_ms)
+redis.call('ZREMRANGEBYSCORE', idem, '-inf', '(' .. ARGV[9])
 local old_months = {}
 for _, m in ipairs(redis.call('HKEYS', months)) do
   if tonumber(m) < first_month then
@@ -51,7 +52,7 @@ if #old_months > 0 then
   hdel_all(months, old_months)
 end
 
-local pos = 9
+local pos = 10
 local function delta(apply)
   local nb = tonumber(ARGV[pos])
   pos = pos + 1

@@ -121,8 +121,12 @@ pub struct UserSnapshot {
 pub struct StoreTime {
     /// Unix ms.
     pub now_ms: u64,
-    /// Buckets, writer sequences and idempotency keys older than this are pruned.
+    /// Buckets and writer sequences older than this are pruned.
     pub retention_ms: u64,
+    /// Idempotency keys (sync files' content hashes) older than this are pruned: at least the backfill
+    /// lookback plus 2 days (DESIGN §3), so a re-upload of any admissible recording is never metered twice.
+    /// Never below `retention_ms`.
+    pub keys_retention_ms: u64,
 }
 
 impl StoreTime {
@@ -130,6 +134,12 @@ impl StoreTime {
     pub fn first_kept_minute(&self) -> Minute {
         let cutoff = self.now_ms.saturating_sub(self.retention_ms);
         cutoff.div_ceil(60_000) as Minute
+    }
+
+    /// Idempotency keys claimed before this (unix ms) are pruned.
+    pub fn keys_cutoff_ms(&self) -> u64 {
+        self.now_ms
+            .saturating_sub(self.keys_retention_ms.max(self.retention_ms))
     }
 
     /// The first month kept (the month before the current one): older month totals are pruned.

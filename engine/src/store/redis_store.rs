@@ -175,7 +175,7 @@ impl RedisStore {
     fn pipeline(&self, batches: &[Batch], at: StoreTime) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        let ttl = at.retention_ms / 1000 + TTL_SLACK_S;
+        let ttl = at.retention_ms.max(at.keys_retention_ms) / 1000 + TTL_SLACK_S;
         for batch in batches {
             let mut cmd = redis::cmd("EVALSHA");
             cmd.arg(&self.script_sha).arg(6);
@@ -189,7 +189,8 @@ impl RedisStore {
                 .arg(at.now_ms.saturating_sub(at.retention_ms))
                 .arg(at.first_kept_month())
                 .arg(ttl)
-                .arg(MONTH_TTL_S);
+                .arg(MONTH_TTL_S)
+                .arg(at.keys_cutoff_ms());
             push_delta(&mut cmd, &batch.plain);
             cmd.arg(batch.keyed.len());
             for keyed in &batch.keyed {
@@ -304,7 +305,7 @@ impl RedisStore {
         at: StoreTime,
     ) -> Result<UserSnapshot, StoreError> {
         let mut conn = self.conn.clone();
-        let cutoff = at.now_ms.saturating_sub(at.retention_ms);
+        let cutoff = at.keys_cutoff_ms();
         let (buckets, months, keys_scored, writer_seq): LoadReply = redis::pipe()
             .atomic()
             .hgetall(keys::speech_buckets(uid))

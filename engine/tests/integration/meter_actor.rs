@@ -106,6 +106,7 @@ async fn recorded_speech_reaches_the_store_within_one_flush_interval() {
     let at = StoreTime {
         now_ms: voicegate_engine::time::Clock::now_ms(&*clock),
         retention_ms: RETENTION,
+        keys_retention_ms: RETENTION,
     };
     let snap = store.snapshot("u", at);
     assert_eq!(snap.buckets.iter().map(|b| b.1).sum::<u64>(), 12_000);
@@ -206,6 +207,7 @@ async fn a_30s_store_outage_keeps_every_ms_pending_and_flushes_it_after() {
     let at = StoreTime {
         now_ms: voicegate_engine::time::Clock::now_ms(&*clock),
         retention_ms: RETENTION,
+        keys_retention_ms: RETENTION,
     };
     let total: u64 = ["u1", "u2", "u3"]
         .iter()
@@ -249,13 +251,23 @@ async fn the_same_idempotency_key_never_meters_twice() {
 }
 
 #[actix::test]
-async fn keys_expire_after_the_retention() {
+async fn keys_expire_after_their_own_longer_retention() {
     let store = Arc::new(MemoryStore::new());
-    let (meter, _) = start(store.clone(), config());
+    let cfg = config();
+    let keys_retention = cfg.keys_retention.as_millis() as u64;
+    assert!(keys_retention > RETENTION, "{keys_retention}");
+    let (meter, _) = start(store.clone(), cfg);
     let rec = ms("u", 1_000, T0, SpeechSource::Sync).with_idempotency_key("k");
     meter.record(rec.clone()).await;
     meter.flush_user("u").await.unwrap();
+    // Past the buckets' retention the key is still known (a backdated file uploaded again)...
     sleep(Duration::from_millis(RETENTION + MS_PER_MINUTE)).await;
+    assert_eq!(
+        meter.record_and_read(rec.clone()).await.unwrap().status,
+        RecordStatus::Duplicate
+    );
+    // ...and forgotten after its own.
+    sleep(Duration::from_millis(keys_retention - RETENTION)).await;
     assert_eq!(
         meter.record_and_read(rec).await.unwrap().status,
         RecordStatus::Recorded

@@ -249,6 +249,7 @@ async fn run_case(server: &mut RedisServer, case: &Case) -> (u64, u64, bool) {
     let at = StoreTime {
         now_ms: now,
         retention_ms: RETENTION,
+        keys_retention_ms: RETENTION,
     };
     let mut total = 0;
     for uid in &uids {

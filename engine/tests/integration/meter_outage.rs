@@ -93,6 +93,7 @@ async fn redis_down_while_recording_loses_nothing() {
     let at = StoreTime {
         now_ms: SystemClock.now_ms(),
         retention_ms: meter.config().retention.as_millis() as u64,
+        keys_retention_ms: meter.config().keys_retention.as_millis() as u64,
     };
     let mut in_redis = 0;
     for uid in uids {

@@ -27,6 +27,7 @@ fn at() -> StoreTime {
     StoreTime {
         now_ms: T0,
         retention_ms: 8 * MS_PER_DAY,
+        keys_retention_ms: 8 * MS_PER_DAY,
     }
 }
 

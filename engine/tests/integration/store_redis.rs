@@ -16,6 +16,7 @@ fn at(now_ms: u64) -> StoreTime {
     StoreTime {
         now_ms,
         retention_ms: RETENTION,
+        keys_retention_ms: RETENTION,
     }
 }
 
@@ -137,6 +138,60 @@ async fn apply_prunes_what_fell_out_of_the_retention_at_the_callers_now() {
         "keys forgotten after the retention"
     );
     assert_eq!(snap.writer_seq, 0, "writer 1 forgotten after the retention");
+}
+
+/// A sync file's content hash outlives the buckets: kept the backfill lookback + 2 days (32 days here
+/// against the 8 days of buckets and writers), in both stores, so a backdated recording uploaded again
+/// three weeks later is still a duplicate (DESIGN §3).
+#[tokio::test]
+async fn idempotency_keys_are_kept_their_own_longer_retention() {
+    let (_server, redis) = redis();
+    let memory = MemoryStore::new();
+    let long = |now_ms| StoreTime {
+        now_ms,
+        retention_ms: RETENTION,
+        keys_retention_ms: 32 * MS_PER_DAY,
+    };
+    for store in [&redis as &dyn Store, &memory as &dyn Store] {
+        let m = minute_of_ms(T0);
+        let keyed = || {
+            vec![KeyedDelta {
+                key: "backdated-file".into(),
+                delta: delta(&[(m, 4_000)], 4_000),
+            }]
+        };
+        let first = batch("u", 1, 1, Delta::default(), keyed());
+        let applied = store.apply(&[first], long(T0)).await.unwrap();
+        assert_eq!(
+            applied[0].as_ref().unwrap(),
+            &ApplyOutcome::Applied {
+                rejected_keys: vec![]
+            }
+        );
+        // 21 days later: the buckets and the writer are pruned, the key is not.
+        let later = T0 + 21 * MS_PER_DAY;
+        let again = batch("u", 2, 1, Delta::default(), keyed());
+        let applied = store.apply(&[again], long(later)).await.unwrap();
+        assert_eq!(
+            applied[0].as_ref().unwrap(),
+            &ApplyOutcome::Applied {
+                rejected_keys: vec!["backdated-file".into()]
+            },
+            "re-upload after 21 days metered again"
+        );
+        let snap = store.load("u", WriterId(1), long(later)).await.unwrap();
+        assert!(snap.buckets.is_empty());
+        assert_eq!(
+            snap.idempotency_keys,
+            vec![("backdated-file".to_string(), T0)]
+        );
+        // Past the keys' retention, the key is forgotten too.
+        let snap = store
+            .load("u", WriterId(1), long(T0 + 33 * MS_PER_DAY))
+            .await
+            .unwrap();
+        assert!(snap.idempotency_keys.is_empty());
+    }
 }
 
 #[tokio::test]

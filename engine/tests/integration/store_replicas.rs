@@ -20,13 +20,16 @@ fn at() -> StoreTime {
     StoreTime {
         now_ms: T0,
         retention_ms: 8 * MS_PER_DAY,
+        keys_retention_ms: 8 * MS_PER_DAY,
     }
 }
 
+/// WAIT's timeout in these tests: a healthy replica acknowledges in milliseconds, but under a loaded CI
+/// machine 300 ms was once not enough; kept under the store's 2 s response timeout.
 fn config(url: String, replicas: u32) -> RedisStoreConfig {
     RedisStoreConfig {
         wait_replicas: replicas,
-        wait_timeout: Duration::from_millis(300),
+        wait_timeout: Duration::from_millis(1_500),
         ..RedisStoreConfig::new(url)
     }
 }
@@ -121,7 +124,7 @@ async fn an_acknowledged_flush_is_on_the_replica_and_without_it_the_flush_fails_
         StoreError::NotReplicated {
             acked: 0,
             wanted: 1,
-            timeout_ms: 300
+            timeout_ms: 1_500
         }
     );
     assert_eq!(err.reason(), "not_replicated");
@@ -172,9 +175,11 @@ async fn the_startup_check_refuses_a_lone_server_and_passes_when_off() {
 #[tokio::test]
 async fn on_a_cluster_each_users_flush_is_acknowledged_by_its_masters_replica() {
     let cluster = RedisCluster::start().expect("cluster");
+    // A replica acknowledges in milliseconds on an idle machine, but a loaded CI machine (other tests'
+    // builds and servers) delayed it past 300 ms: give WAIT 1.5 s, under the 2 s response timeout.
     let cfg = |replicas| RedisStoreConfig {
         wait_replicas: replicas,
-        wait_timeout: Duration::from_millis(300),
+        wait_timeout: Duration::from_millis(1_500),
         ..RedisStoreConfig::cluster(cluster.urls())
     };
     // `cluster_state:ok` comes before every node's gossip lists each replica under its master: poll until
@@ -213,8 +218,14 @@ async fn on_a_cluster_each_users_flush_is_acknowledged_by_its_masters_replica() 
         assert!(Instant::now() < deadline, "replicas not online: {online:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // Asking for 2 is refused at startup. (Each master has 1; under load a node's gossip may briefly count
+    // a replica as failing, so the message may say 0.)
     let err = check_replicas(&cfg(2), Duration::from_secs(2)).unwrap_err();
-    assert!(err.to_string().contains("has 1 healthy replicas"), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("has 1 healthy replicas") || msg.contains("has 0 healthy replicas"),
+        "{err}"
+    );
 
     let store = RedisStore::new(&cfg(1)).expect("store");
     // Users spread over the three masters, one script and one WAIT each on its own master.

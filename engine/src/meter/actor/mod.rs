@@ -254,6 +254,7 @@ impl UserMeter {
         StoreTime {
             now_ms,
             retention_ms: self.k.shared.config().retention_ms(),
+            keys_retention_ms: self.k.shared.config().keys_retention_ms(),
         }
     }
 
@@ -343,7 +344,7 @@ impl UserMeter {
 
     fn on_tick(&mut self, ctx: &mut Context<Self>) {
         let now = self.k.shared.clock().now_ms();
-        let cutoff = now.saturating_sub(self.k.shared.config().retention_ms());
+        let cutoff = now.saturating_sub(self.k.shared.config().keys_retention_ms());
         self.known_keys.retain(|_, &mut at| at >= cutoff);
         if self.k.lifecycle == Lifecycle::Active
             && self.last_activity.elapsed() >= self.k.shared.config().idle_passivation

@@ -35,6 +35,7 @@ fn stored_ms(store: &MemoryStore) -> u64 {
     let at = StoreTime {
         now_ms: T0,
         retention_ms: 8 * MS_PER_DAY,
+        keys_retention_ms: 8 * MS_PER_DAY,
     };
     store.snapshot("u", at).buckets.iter().map(|b| b.1).sum()
 }

@@ -17,11 +17,11 @@
 
 use actix_web::{HttpRequest, HttpResponse, ResponseError, http::StatusCode, web};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
 use voicegate_engine::pipeline::sync::{
     self as use_case, SyncFile, SyncOutcome, SyncReport, SyncRequest, SyncServices,
 };
-use voicegate_engine::policy::{Admission, Mode};
+use voicegate_engine::policy::{Admission, Entitlement, Mode};
 use voicegate_engine::stt::SttProvider;
 use voicegate_engine::telemetry::SYNC_REQUESTS_TOTAL;
 
@@ -80,26 +80,12 @@ async fn handle(
     engine: &Engine,
     limits: &UploadLimits,
 ) -> Result<HttpResponse, ApiError> {
-    // 1. Gates, before reading the body.
-    let plan = engine.plan(uid).await;
-    let ent = engine
-        .fair_use
-        .entitlement(uid, Mode::Sync, plan.as_record())
-        .await;
-    if let Admission::Reject {
-        reason,
-        retry_after_s,
-    } = ent.admission
-    {
-        let mut extra = Map::new();
-        extra.insert("new_memories".into(), json!([]));
-        extra.insert("updated_memories".into(), json!([]));
-        extra.insert("stage".into(), json!(ent.stage));
-        return Err(
-            ApiError::too_many_requests(reason.code(), reason.message(), retry_after_s)
-                .with_fields(extra),
-        );
-    }
+    // 1. Gates, before reading the body (the reference's v1 body fields on a refusal).
+    let ent = admit(engine, uid).await.map_err(|refusal| {
+        refusal
+            .with_field("new_memories", json!([]))
+            .with_field("updated_memories", json!([]))
+    })?;
 
     // 2. The body.
     let batch = read_upload(req, payload, limits).await?;
@@ -190,6 +176,27 @@ async fn handle(
             ),
             &report,
         )),
+    }
+}
+
+/// The sync gate of v1 and v2, before the body is read: the caller's entitlement for `sync`, or the 429
+/// of a restricted user over a cap (`fair_use_restricted`, `Retry-After` bounded by the policy) with the
+/// user's `stage`. Credits exhausted admit (the entitlement's `lock` says to lock what is created).
+pub async fn admit(engine: &Engine, uid: &str) -> Result<Entitlement, ApiError> {
+    let plan = engine.plan(uid).await;
+    let ent = engine
+        .fair_use
+        .entitlement(uid, Mode::Sync, plan.as_record())
+        .await;
+    match ent.admission {
+        Admission::Reject {
+            reason,
+            retry_after_s,
+        } => Err(
+            ApiError::too_many_requests(reason.code(), reason.message(), retry_after_s)
+                .with_field("stage", json!(ent.stage)),
+        ),
+        Admission::Admit => Ok(ent),
     }
 }
 

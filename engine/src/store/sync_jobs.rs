@@ -409,12 +409,7 @@ impl SyncJobStore for RedisSyncJobStore {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(store_error)?;
-            redis::cmd("ZREM")
-                .arg(keys::SYNC_JOB_QUEUE)
-                .arg(job.member())
-                .query_async::<()>(&mut conn)
-                .await
-                .map_err(store_error)
+            self.unqueue(job).await
         })
     }
 

@@ -23,7 +23,6 @@ use actix_web::{HttpRequest, HttpResponse, http::header, web};
 use serde_json::json;
 use voicegate_engine::audio::filename::parse_sync_name;
 use voicegate_engine::policy::backfill;
-use voicegate_engine::policy::{Admission, Mode};
 use voicegate_engine::store::sync_jobs::{CreateLimits, Created, QueuedJob, SyncJobStore};
 use voicegate_engine::telemetry::SYNC_JOBS_CREATED_TOTAL;
 
@@ -145,22 +144,8 @@ pub async fn create(
     // Held while the body is read (the same limits as v1).
     let _slot = slots.acquire(uid).await?;
 
-    // 1. Gates, before reading the body.
-    let plan = engine.plan(uid).await;
-    let ent = engine
-        .fair_use
-        .entitlement(uid, Mode::Sync, plan.as_record())
-        .await;
-    if let Admission::Reject {
-        reason,
-        retry_after_s,
-    } = ent.admission
-    {
-        return Err(
-            ApiError::too_many_requests(reason.code(), reason.message(), retry_after_s)
-                .with_field("stage", json!(ent.stage)),
-        );
-    }
+    // 1. Gates, before reading the body (v1's).
+    let ent = crate::sync::admit(&engine, uid).await?;
     // 2. The queue's bound.
     match jobs.store.queued().await {
         Ok(n) if n >= jobs.cfg.queue_max => {

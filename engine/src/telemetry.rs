@@ -106,7 +106,7 @@ pub const FAIR_USE_CLASSIFIER_DURATION_SECONDS: &str =
 
 // --- Sync uploads and conversations (server sync route, engine::conversation) ---
 
-/// Counter, label `outcome` (`ok`, `partial`, `failed`, `rejected`): sync upload requests by result.
+/// Counter, label `outcome` (`ok`, `partial`, `running`: 202 with the job still settling, `failed`, `rejected`): v1 sync upload requests by result.
 pub const SYNC_REQUESTS_TOTAL: &str = "voicegate_sync_requests_total";
 /// Gauge: sync uploads in progress on this node (from admission to the answer).
 pub const SYNC_UPLOADS_ACTIVE: &str = "voicegate_sync_uploads_active";

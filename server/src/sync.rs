@@ -16,26 +16,19 @@
 //!    An exhausted STT budget refuses nothing: the spans it does not cover are stored `budget_exhausted`.
 
 use actix_web::{HttpRequest, HttpResponse, ResponseError, http::StatusCode, web};
-use serde::Deserialize;
 use serde_json::{Value, json};
-use voicegate_engine::pipeline::sync::{
-    self as use_case, SyncFile, SyncOutcome, SyncReport, SyncRequest, SyncServices,
-};
-use voicegate_engine::policy::{Admission, Entitlement, Mode};
-use voicegate_engine::stt::SttProvider;
+use voicegate_engine::pipeline::sync::{SyncOutcome, SyncReport};
 use voicegate_engine::telemetry::SYNC_REQUESTS_TOTAL;
 
 use crate::auth::AuthedUser;
 use crate::engine::Engine;
 use crate::error::ApiError;
+use crate::sync_v2::record::{Origin, POLL_AFTER_MS};
+use crate::sync_v2::{self, Progress, SyncJobs, SyncQuery, admit};
 use crate::upload::{UploadLimits, read_upload};
 use crate::upload_slots::UploadSlots;
 
-#[derive(Debug, Deserialize)]
-pub struct SyncQuery {
-    pub conversation_id: Option<String>,
-}
-
+#[allow(clippy::too_many_arguments)] // actix extractors
 pub async fn sync_local_files(
     req: HttpRequest,
     user: AuthedUser,
@@ -44,6 +37,7 @@ pub async fn sync_local_files(
     engine: web::Data<Engine>,
     limits: web::Data<UploadLimits>,
     slots: web::Data<UploadSlots>,
+    jobs: web::Data<SyncJobs>,
 ) -> Result<HttpResponse, ApiError> {
     // Held until the answer (dropped with the request on every other path).
     let _slot = match slots.acquire(&user.uid).await {
@@ -60,11 +54,13 @@ pub async fn sync_local_files(
         payload,
         &engine,
         &limits,
+        &jobs,
     )
     .await;
     let outcome = match &result {
         Ok(r) if r.status() == StatusCode::OK => "ok",
         Ok(r) if r.status() == StatusCode::MULTI_STATUS => "partial",
+        Ok(r) if r.status() == StatusCode::ACCEPTED => "running",
         Ok(_) => "failed",
         Err(_) => "rejected",
     };
@@ -79,6 +75,7 @@ async fn handle(
     payload: web::Payload,
     engine: &Engine,
     limits: &UploadLimits,
+    jobs: &SyncJobs,
 ) -> Result<HttpResponse, ApiError> {
     // 1. Gates, before reading the body (the reference's v1 body fields on a refusal).
     let ent = admit(engine, uid).await.map_err(|refusal| {
@@ -87,56 +84,75 @@ async fn handle(
             .with_field("updated_memories", json!([]))
     })?;
 
-    // 2. The body.
+    // 2. The body, then a job of it (spooled, recorded, queued under the lease this request runs it with).
     let batch = read_upload(req, payload, limits).await?;
+    let submitted = sync_v2::submit(
+        engine,
+        jobs,
+        uid,
+        ent.lock,
+        query.conversation_id,
+        batch,
+        Origin::V1,
+    )
+    .await?;
+    let job_id = submitted.queued.job_id.clone();
+    let Some(lease) = submitted.lease else {
+        // `submit` returns a v1 job's lease or an error.
+        return Err(ApiError::internal(
+            "sync_job_lease",
+            "a v1 job without its lease",
+        ));
+    };
 
-    // 3. The use case: names, decode and VAD on the rayon pool (off the I/O threads), then the meter and
-    //    the conversations.
-    let arrival_ms = engine.clock.now_ms();
-    let now_s = arrival_ms / 1000;
-    let files: Vec<SyncFile> = batch
-        .files
-        .iter()
-        .map(|f| SyncFile {
-            name: f.name.clone(),
-            path: f.path.clone(),
-            sha256_hex: f.sha256_hex(),
-        })
-        .collect();
-    let cfg = engine.pipeline;
-    let analysed = web::block(move || use_case::analyse(&files, now_s, &cfg))
-        .await
-        .map_err(|e| ApiError::internal("sync_worker_failed", e))?;
-    let services = SyncServices {
-        fair_use: engine.fair_use.clone(),
-        conversations: engine.conversations.clone(),
-        backfill: engine.backfill,
-        backfill_ledger: engine.backfill_ledger.clone(),
-        clock: engine.clock.clone(),
-        // The node's provider (`VOICEGATE_STT`), registered by the app state; absent: nothing is transcribed.
-        stt: req
-            .app_data::<web::Data<dyn SttProvider>>()
-            .map(|p| p.clone().into_inner()),
-        stt_preroll_ms: engine.stt_preroll_ms,
-    };
-    let request = SyncRequest {
-        uid: uid.to_owned(),
-        locked: ent.lock,
-        stt: ent.stt,
-        target: query.conversation_id,
-        arrival_ms,
-    };
-    let outcome = use_case::settle(&services, request, analysed)
-        .await
-        .map_err(|e| {
-            ApiError::unavailable(
-                e.code(),
-                format!("{e}; the speech was metered, retry the upload"),
+    // 3. The job runs now, on this node (decode and VAD on the decode pool, then the meter, the
+    //    conversations and the transcription). The answer waits for the speech to be settled, then a
+    //    little for the transcription; whatever outlives the request goes on in the job.
+    let mut progress = jobs.workers.run_inline(submitted.queued, lease);
+    let settled = tokio::time::timeout(jobs.cfg.v1_wait, async {
+        progress
+            .wait_for(|p| !matches!(p, Progress::Running))
+            .await
+            .map(|p| p.clone())
+    })
+    .await;
+    let mut now = match settled {
+        Ok(Ok(p)) => p,
+        Err(_) => return Ok(still_running(&job_id, &jobs.cfg)),
+        Ok(Err(_)) => {
+            return Err(ApiError::unavailable(
+                "sync_unavailable",
+                "the upload could not be processed now; retry it (nothing is metered twice)",
             )
-        })?;
-    drop(batch); // the temp files were read again to transcribe the spans: no longer needed
+            .with_field("job_id", json!(job_id)));
+        }
+    };
+    if matches!(now, Progress::Settled(_))
+        && let Ok(Ok(p)) = tokio::time::timeout(jobs.cfg.v1_transcript_wait, async {
+            progress
+                .wait_for(|p| matches!(p, Progress::Ended(_) | Progress::Failed(_)))
+                .await
+                .map(|p| p.clone())
+        })
+        .await
+    {
+        now = p;
+    }
 
     // 4. The response.
+    let outcome = match now {
+        Progress::Settled(outcome) | Progress::Ended(outcome) => outcome,
+        Progress::Failed(e) => {
+            return Err(ApiError::unavailable(failure_code(&e.code), e.message)
+                .with_field("job_id", json!(job_id)));
+        }
+        Progress::Running => {
+            return Err(ApiError::internal(
+                "sync_job_progress",
+                "still running after waiting",
+            ));
+        }
+    };
     match outcome {
         SyncOutcome::Done(report) => {
             let status = if report.all_ok() {
@@ -144,7 +160,7 @@ async fn handle(
             } else {
                 StatusCode::MULTI_STATUS
             };
-            Ok(HttpResponse::build(status).json(report))
+            Ok(HttpResponse::build(status).json(body(&report, &job_id)))
         }
         SyncOutcome::NoValidFiles {
             report,
@@ -162,7 +178,7 @@ async fn handle(
                 )
             };
             // An answer, not a rejection: the files were read and judged (counted as `failed`).
-            Ok(with_report(refusal, &report).error_response())
+            Ok(with_report(refusal, &report, &job_id).error_response())
         }
         SyncOutcome::BackfillAllowanceExhausted {
             report,
@@ -175,36 +191,63 @@ async fn handle(
                 retry_after_s,
             ),
             &report,
+            &job_id,
         )),
     }
 }
 
-/// The sync gate of v1 and v2, before the body is read: the caller's entitlement for `sync`, or the 429
-/// of a restricted user over a cap (`fair_use_restricted`, `Retry-After` bounded by the policy) with the
-/// user's `stage`. Credits exhausted admit (the entitlement's `lock` says to lock what is created).
-pub async fn admit(engine: &Engine, uid: &str) -> Result<Entitlement, ApiError> {
-    let plan = engine.plan(uid).await;
-    let ent = engine
-        .fair_use
-        .entitlement(uid, Mode::Sync, plan.as_record())
-        .await;
-    match ent.admission {
-        Admission::Reject {
-            reason,
-            retry_after_s,
-        } => Err(
-            ApiError::too_many_requests(reason.code(), reason.message(), retry_after_s)
-                .with_field("stage", json!(ent.stage)),
-        ),
-        Admission::Admit => Ok(ent),
+/// The v1 body: the report and the job that holds it (`GET /v2/sync-local-files/{job_id}` follows a
+/// `pending` transcription to its end).
+fn body(report: &SyncReport, job_id: &str) -> Value {
+    let mut body = serde_json::to_value(report).unwrap_or_else(|_| json!({}));
+    if let Some(obj) = body.as_object_mut() {
+        obj.insert("job_id".into(), json!(job_id));
+    }
+    body
+}
+
+/// The speech was not settled within `VOICEGATE_SYNC_V1_WAIT_SECS` (a very large upload on a busy node):
+/// 202 with the job, which goes on; the client follows it on v2 (or uploads again later: nothing is
+/// metered twice).
+fn still_running(job_id: &str, cfg: &sync_v2::JobsConfig) -> HttpResponse {
+    HttpResponse::Accepted()
+        .insert_header((
+            actix_web::http::header::LOCATION,
+            format!("/v2/sync-local-files/{job_id}"),
+        ))
+        .json(json!({
+            "job_id": job_id,
+            "status": "running",
+            "message": format!(
+                "the upload is still being processed after {} s; poll /v2/sync-local-files/{job_id}",
+                cfg.v1_wait.as_secs()
+            ),
+            "poll_after_ms": POLL_AFTER_MS,
+            "new_memories": [],
+            "updated_memories": [],
+        }))
+}
+
+/// A job error's code as a refusal code (the codes a run can fail with; anything else is
+/// `sync_unavailable`).
+fn failure_code(code: &str) -> &'static str {
+    match code {
+        "metering_unavailable" => "metering_unavailable",
+        "conversation_store_unavailable" => "conversation_store_unavailable",
+        "conversation_store_busy" => "conversation_store_busy",
+        "conversation_store_corrupt" => "conversation_store_corrupt",
+        "conversation_invalid" => "conversation_invalid",
+        "conversation_not_found" => "conversation_not_found",
+        "sync_job_files_lost" => "sync_job_files_lost",
+        _ => "sync_unavailable",
     }
 }
 
 /// A refusal that also says what the request did: the conversations touched, the speech found and
 /// metered, the lock, and every file's result (a retry of what was accepted is a duplicate).
-fn with_report(refusal: ApiError, report: &SyncReport) -> ApiError {
-    match serde_json::to_value(report) {
-        Ok(Value::Object(fields)) => refusal.with_fields(fields),
+fn with_report(refusal: ApiError, report: &SyncReport, job_id: &str) -> ApiError {
+    match body(report, job_id) {
+        Value::Object(fields) => refusal.with_fields(fields),
         // Unreachable (a struct of strings, numbers and bools serialises to an object); the refusal stands.
         _ => refusal,
     }

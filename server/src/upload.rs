@@ -92,13 +92,23 @@ impl UploadBatch {
         self.dir.path()
     }
 
-    /// Moves the batch's directory to `dest` (same file system: a rename, so a crash leaves either the temp
-    /// folder, swept at the next start, or the whole destination) and returns the files at their new paths.
+    /// Moves the batch's directory to `dest` and returns the files at their new paths. On one file system
+    /// it is a rename, so a crash leaves either the temp folder (swept at the next start) or the whole
+    /// destination. Across file systems (a v1 upload read under `VOICEGATE_UPLOAD_DIR` into a spool on
+    /// another volume) the files are copied into `<dest>.part` first, then that folder is renamed to `dest`.
     pub fn persist(self, dest: &Path) -> std::io::Result<Vec<SavedFile>> {
         let from = self.dir.path().to_path_buf();
-        std::fs::rename(&from, dest)?;
-        // Renamed: the temp guard must not delete anything now (the old path no longer exists).
-        let _ = self.dir.keep();
+        match std::fs::rename(&from, dest) {
+            // Renamed: the temp guard must not delete anything now (the old path no longer exists).
+            Ok(()) => {
+                let _ = self.dir.keep();
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
+                copy_flat(&from, dest)?;
+                // `self.dir` deletes the source when dropped below.
+            }
+            Err(e) => return Err(e),
+        }
         Ok(self
             .files
             .into_iter()
@@ -110,6 +120,27 @@ impl UploadBatch {
             })
             .collect())
     }
+}
+
+/// Copies the files of the flat folder `from` into `<dest>.part`, then renames that to `dest`.
+fn copy_flat(from: &Path, dest: &Path) -> std::io::Result<()> {
+    let mut part = dest.as_os_str().to_owned();
+    part.push(".part");
+    let part = std::path::PathBuf::from(part);
+    std::fs::create_dir_all(&part)?;
+    let copied = (|| {
+        for entry in std::fs::read_dir(from)? {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::copy(entry.path(), part.join(entry.file_name()))?;
+            }
+        }
+        std::fs::rename(&part, dest)
+    })();
+    if copied.is_err() {
+        let _ = std::fs::remove_dir_all(&part);
+    }
+    copied
 }
 
 /// The name and value of a limit that was hit (reported in the 413 body as `limit` / `limit_value`).

@@ -208,7 +208,9 @@ impl FairUse {
             reported.insert(uid.clone(), now);
         }
         let (ledger, supervisor) = (self.ledger.clone(), self.supervisor.clone());
-        actix::spawn(async move {
+        // `tokio::spawn`, not `actix::spawn`: speech is also recorded from tasks outside an actix arbiter's
+        // local set (sync v2 job workers), where a local spawn panics.
+        tokio::spawn(async move {
             match ledger.read(&uid, now).await {
                 // `do_send` is unbounded in actix; the bound is the dedup above (one report per user per
                 // BREACH_REPORT_INTERVAL_MS), so the mailbox holds at most one breach per breaching user.

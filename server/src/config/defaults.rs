@@ -62,6 +62,14 @@ pub const SYNC_UPLOADS_PER_USER: usize = 2;
 pub const SYNC_MAX_UPLOADS: usize = 64;
 /// `VOICEGATE_SYNC_WORKERS`: on 2 cores, two jobs keep the decode pool busy while one waits on the store.
 pub const SYNC_WORKERS: usize = 2;
+/// `VOICEGATE_SYNC_V1_WAIT_SECS`: a v1 upload's speech is settled well within this (decode runs at ~1,300
+/// audio-s per s per core, so even the largest upload the limits admit is a few seconds of work); past it
+/// the answer is 202 with the job instead of holding the connection.
+pub const SYNC_V1_WAIT_SECS: u64 = 120;
+/// `VOICEGATE_SYNC_V1_TRANSCRIPT_WAIT_SECS`: a short upload's transcript comes back in the answer, a long
+/// one's is `pending` and finished by the job (the reference held v1 connections for the whole
+/// transcription: minutes).
+pub const SYNC_V1_TRANSCRIPT_WAIT_SECS: u64 = 30;
 /// `VOICEGATE_SYNC_BACKFILL_WORKERS`: one of them, so fresh uploads always find a free worker.
 pub const SYNC_BACKFILL_WORKERS: usize = 1;
 /// `VOICEGATE_SYNC_BACKFILL_JOBS_PER_USER` (DESIGN §3: backfill's own per-user concurrency).

@@ -39,6 +39,14 @@ pub struct SyncJobArgs {
     /// How long a sync v2 job's record is kept after its last change (its status then answers 404).
     #[arg(id = "sync_job_retention_secs", long = "sync-job-retention-secs", env = "VOICEGATE_SYNC_JOB_RETENTION_SECS", default_value_t = defaults::SYNC_JOB_RETENTION_SECS)]
     pub retention_secs: u64,
+
+    /// How long a v1 upload (`POST /v1/sync-local-files`, run as a job on the request's node) waits for its speech to be metered and in conversations; past it the answer is 202 with the job to follow on v2.
+    #[arg(id = "sync_v1_wait_secs", long = "sync-v1-wait-secs", env = "VOICEGATE_SYNC_V1_WAIT_SECS", default_value_t = defaults::SYNC_V1_WAIT_SECS)]
+    pub v1_wait_secs: u64,
+
+    /// Then how long a v1 upload waits for its spans' transcription; past it the answer says `transcript_status: pending` and the job finishes the transcription (its `job_id` is in the answer).
+    #[arg(id = "sync_v1_transcript_wait_secs", long = "sync-v1-transcript-wait-secs", env = "VOICEGATE_SYNC_V1_TRANSCRIPT_WAIT_SECS", default_value_t = defaults::SYNC_V1_TRANSCRIPT_WAIT_SECS)]
+    pub v1_transcript_wait_secs: u64,
 }
 
 impl Default for SyncJobArgs {
@@ -51,13 +59,15 @@ impl Default for SyncJobArgs {
             jobs_per_user: defaults::SYNC_JOBS_PER_USER,
             queue_max: defaults::SYNC_QUEUE_MAX,
             retention_secs: defaults::SYNC_JOB_RETENTION_SECS,
+            v1_wait_secs: defaults::SYNC_V1_WAIT_SECS,
+            v1_transcript_wait_secs: defaults::SYNC_V1_TRANSCRIPT_WAIT_SECS,
         }
     }
 }
 
 impl SyncJobArgs {
     /// The settings that must not be 0, by name (checked with the server's other limits).
-    pub fn limits(&self) -> [(&'static str, u64); 6] {
+    pub fn limits(&self) -> [(&'static str, u64); 7] {
         [
             ("VOICEGATE_SYNC_WORKERS", self.workers as u64),
             (
@@ -71,6 +81,7 @@ impl SyncJobArgs {
             ("VOICEGATE_SYNC_JOBS_PER_USER", self.jobs_per_user as u64),
             ("VOICEGATE_SYNC_QUEUE_MAX", self.queue_max as u64),
             ("VOICEGATE_SYNC_JOB_RETENTION_SECS", self.retention_secs),
+            ("VOICEGATE_SYNC_V1_WAIT_SECS", self.v1_wait_secs),
         ]
     }
 }

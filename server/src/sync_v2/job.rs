@@ -16,7 +16,7 @@ use voicegate_engine::stt::SttProvider;
 use voicegate_engine::telemetry::SYNC_JOBS_TOTAL;
 use voicegate_engine::time::Backoff;
 
-use super::record::{FileState, JobError, JobRecord, JobStage, JobStatus};
+use super::record::{FileState, JobError, JobRecord, JobStage, JobStatus, Origin};
 use crate::engine::Engine;
 
 const DAY_MS: u64 = 86_400_000;
@@ -46,6 +46,30 @@ pub fn lane_label(job: &QueuedJob) -> &'static str {
 /// session: 2,653-2,852); each chunk ends on its slowest file, so small chunks leave a core idle.
 const DECODE_CHUNK: usize = 16;
 
+/// What a v1 request waits for while its job runs (`crate::sync`), through a `watch` channel.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// Decoding, metering, writing the conversations.
+    Running,
+    /// Metered and in conversations; the spans are being transcribed (the outcome's `transcript_status` is
+    /// `pending`).
+    Settled(SyncOutcome),
+    /// The job ended with this outcome.
+    Ended(SyncOutcome),
+    /// The run stopped before the speech was settled: the job's error (the job ends `failed`).
+    Failed(JobError),
+}
+
+/// Where a run reports its progress (a v1 request waits on the other end; nobody for a v2 job).
+pub(super) type Observer = Option<tokio::sync::watch::Sender<Progress>>;
+
+fn tell(observer: &Observer, progress: Progress) {
+    if let Some(tx) = observer {
+        // The request may be gone (the client left): the job goes on regardless.
+        let _ = tx.send(progress);
+    }
+}
+
 /// Why a run stopped before the job's end (the job stays queued and is resumed).
 #[derive(Debug, thiserror::Error)]
 pub(super) enum RunError {
@@ -56,7 +80,11 @@ pub(super) enum RunError {
 }
 
 /// One run of a job: every file not yet settled, in order, then the job's end (or its deferral).
-pub(super) async fn run(inner: &JobContext, job: &QueuedJob) -> Result<(), RunError> {
+pub(super) async fn run(
+    inner: &JobContext,
+    job: &QueuedJob,
+    observer: &Observer,
+) -> Result<(), RunError> {
     let store = &inner.store;
     let engine = &inner.engine;
     let Some(text) = store.get(&job.uid, &job.job_id).await? else {
@@ -91,6 +119,9 @@ pub(super) async fn run(inner: &JobContext, job: &QueuedJob) -> Result<(), RunEr
                     .into(),
             retryable: true,
         });
+        if let Some(e) = &rec.error {
+            tell(observer, Progress::Failed(e.clone()));
+        }
         return end(inner, job, rec, JobStatus::Failed).await;
     }
 
@@ -154,34 +185,45 @@ pub(super) async fn run(inner: &JobContext, job: &QueuedJob) -> Result<(), RunEr
         target: rec.target.clone(),
         arrival_ms: rec.created_at_ms,
     };
-    let outcome = use_case::settle(&services, request, analysed).await;
-    rec.timings.processing_ms += elapsed_ms(t);
-    let (report, deferred_until) = match outcome {
-        Err(e) => return retry_later(inner, job, rec, e.code(), &e.to_string()).await,
-        Ok(SyncOutcome::Done(report) | SyncOutcome::NoValidFiles { report, .. }) => (report, None),
-        // The allowance is per UTC day: the deferred files run again at the next UTC midnight.
-        Ok(SyncOutcome::BackfillAllowanceExhausted { report, .. }) => {
-            let next_day = backfill::utc_day(engine.clock.now_ms()) + 1;
-            (report, Some(next_day.saturating_mul(DAY_MS)))
-        }
+    let settled = match use_case::settle_speech(&services, request, analysed).await {
+        Ok(settled) => settled,
+        Err(e) => return retry_later(inner, job, rec, e.code(), &e.to_string(), observer).await,
     };
     // Settled only once the speech is in the store: a crash after this point must not lose it (the
     // meter's write-behind would otherwise hold it up to a flush interval).
-    if report.metered_speech_ms > 0
+    if settled.outcome().report().metered_speech_ms > 0
         && let Err(e) = engine.meter.flush_user(&rec.uid).await
     {
-        return retry_later(inner, job, rec, "metering_unavailable", &e.to_string()).await;
+        let message = e.to_string();
+        return retry_later(inner, job, rec, "metering_unavailable", &message, observer).await;
     }
+    if settled.transcribing() {
+        tell(observer, Progress::Settled(settled.outcome().clone()));
+    }
+    let outcome = settled.transcribe(&services).await;
+    rec.timings.processing_ms += elapsed_ms(t);
+    let report = outcome.report().clone();
+    // The allowance is per UTC day: a v2 job's deferred files run again at the next UTC midnight (a v1
+    // answer tells the client to retry them then).
+    let deferred_until = match &outcome {
+        SyncOutcome::BackfillAllowanceExhausted { .. } if rec.origin == Origin::V2 => {
+            let next_day = backfill::utc_day(engine.clock.now_ms()) + 1;
+            Some(next_day.saturating_mul(DAY_MS))
+        }
+        _ => None,
+    };
     // 3. Each file's state from its result (the report lists them in order).
     let mut server_side = false;
     for (&i, result) in todo.iter().zip(&report.files) {
         let f = &mut rec.files[i];
+        // A v1 job settles its files once: the answer tells the client what to retry.
+        let v2 = rec.origin == Origin::V2;
         f.state = match (result.status, result.code) {
-            ("failed", Some("backfill_allowance_exhausted")) => FileState::Deferred,
+            ("failed", Some("backfill_allowance_exhausted")) if v2 => FileState::Deferred,
             (
                 "failed",
                 Some("metering_unavailable" | "metering_overloaded" | "vad_unavailable"),
-            ) if rec.attempts < MAX_ATTEMPTS => {
+            ) if v2 && rec.attempts < MAX_ATTEMPTS => {
                 server_side = true;
                 FileState::Pending
             }
@@ -201,6 +243,7 @@ pub(super) async fn run(inner: &JobContext, job: &QueuedJob) -> Result<(), RunEr
             rec,
             "sync_unavailable",
             "some files could not be processed now",
+            observer,
         )
         .await;
     }
@@ -215,7 +258,9 @@ pub(super) async fn run(inner: &JobContext, job: &QueuedJob) -> Result<(), RunEr
         return Ok(());
     }
     let status = rec.final_status();
-    end(inner, job, rec, status).await
+    end(inner, job, rec, status).await?;
+    tell(observer, Progress::Ended(outcome));
+    Ok(())
 }
 
 /// Adds what one settle did to the job's totals.
@@ -256,14 +301,26 @@ async fn save(inner: &JobContext, rec: &mut JobRecord) -> Result<(), RunError> {
 }
 
 /// A server-side failure: the job goes back to the queue after a backoff (or fails once it ran
-/// [`MAX_ATTEMPTS`] times).
+/// [`MAX_ATTEMPTS`] times). A v1 job fails at once: its answer tells the client to retry the upload (the
+/// speech already metered is not metered again).
 async fn retry_later(
     inner: &JobContext,
     job: &QueuedJob,
     mut rec: JobRecord,
     code: &str,
     message: &str,
+    observer: &Observer,
 ) -> Result<(), RunError> {
+    if rec.origin == Origin::V1 {
+        let error = JobError {
+            code: code.to_owned(),
+            message: format!("{message}; the speech was metered, retry the upload"),
+            retryable: true,
+        };
+        tell(observer, Progress::Failed(error.clone()));
+        rec.error = Some(error);
+        return end(inner, job, rec, JobStatus::Failed).await;
+    }
     rec.error = Some(JobError {
         code: code.to_owned(),
         message: format!("{message}; the job is retried"),

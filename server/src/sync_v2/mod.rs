@@ -16,29 +16,66 @@ pub mod record;
 pub mod spool;
 pub mod worker;
 
+pub use self::job::Progress;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use actix_web::{HttpRequest, HttpResponse, http::header, web};
+use serde::Deserialize;
 use serde_json::json;
 use voicegate_engine::audio::filename::parse_sync_name;
-use voicegate_engine::policy::backfill;
+use voicegate_engine::lease::{Acquired, LeaseGuard};
+use voicegate_engine::policy::{Admission, Entitlement, Mode, backfill};
+use voicegate_engine::store::lease::LeaseKey;
 use voicegate_engine::store::sync_jobs::{CreateLimits, Created, QueuedJob, SyncJobStore};
 use voicegate_engine::telemetry::SYNC_JOBS_CREATED_TOTAL;
 
-use self::record::{FileState, JobFile, JobRecord, JobStatus, POLL_AFTER_MS, StageTimings};
+use self::record::{FileState, JobFile, JobRecord, JobStatus, Origin, POLL_AFTER_MS, StageTimings};
 use self::worker::Workers;
 use crate::auth::AuthedUser;
 use crate::engine::Engine;
 use crate::error::ApiError;
-use crate::sync::SyncQuery;
-use crate::upload::{UploadLimits, read_upload};
+use crate::upload::{UploadBatch, UploadLimits, read_upload};
 use crate::upload_slots::UploadSlots;
+
+/// `?conversation_id=` of an upload (v1 and v2).
+#[derive(Debug, Deserialize)]
+pub struct SyncQuery {
+    pub conversation_id: Option<String>,
+}
+
+/// The sync gate of v1 and v2, before the body is read: the caller's entitlement for `sync`, or the 429
+/// of a restricted user over a cap (`fair_use_restricted`, `Retry-After` bounded by the policy) with the
+/// user's `stage`. Credits exhausted admit (the entitlement's `lock` says to lock what is created).
+pub async fn admit(engine: &Engine, uid: &str) -> Result<Entitlement, ApiError> {
+    let plan = engine.plan(uid).await;
+    let ent = engine
+        .fair_use
+        .entitlement(uid, Mode::Sync, plan.as_record())
+        .await;
+    match ent.admission {
+        Admission::Reject {
+            reason,
+            retry_after_s,
+        } => Err(
+            ApiError::too_many_requests(reason.code(), reason.message(), retry_after_s)
+                .with_field("stage", json!(ent.stage)),
+        ),
+        Admission::Admit => Ok(ent),
+    }
+}
 
 /// The v2 settings.
 #[derive(Clone, Debug)]
 pub struct JobsConfig {
     pub spool: PathBuf,
+    /// How long a v1 upload waits for its speech to be metered and in conversations
+    /// (`VOICEGATE_SYNC_V1_WAIT_SECS`; then 202 with the job).
+    pub v1_wait: std::time::Duration,
+    /// Then how long it waits for the transcription (`VOICEGATE_SYNC_V1_TRANSCRIPT_WAIT_SECS`; then
+    /// `transcript_status: pending`, the job goes on).
+    pub v1_transcript_wait: std::time::Duration,
     pub jobs_per_user: u64,
     pub queue_max: u64,
     pub retention_ms: u64,
@@ -97,6 +134,10 @@ pub fn start(
         store: Arc::clone(&engine.sync_jobs),
         cfg: JobsConfig {
             spool,
+            v1_wait: std::time::Duration::from_secs(cfg.sync_jobs.v1_wait_secs),
+            v1_transcript_wait: std::time::Duration::from_secs(
+                cfg.sync_jobs.v1_transcript_wait_secs,
+            ),
             jobs_per_user: cfg.sync_jobs.jobs_per_user as u64,
             queue_max: cfg.sync_jobs.queue_max as u64,
             retention_ms,
@@ -145,7 +186,7 @@ pub async fn create(
     let _slot = slots.acquire(uid).await?;
 
     // 1. Gates, before reading the body (v1's).
-    let ent = crate::sync::admit(&engine, uid).await?;
+    let ent = admit(&engine, uid).await?;
     // 2. The queue's bound.
     match jobs.store.queued().await {
         Ok(n) if n >= jobs.cfg.queue_max => {
@@ -165,6 +206,42 @@ pub async fn create(
     spool_limits.dir = Some(jobs.incoming());
     std::fs::create_dir_all(jobs.incoming()).map_err(|e| spool_down(&e))?;
     let batch = read_upload(&req, payload, &spool_limits).await?;
+
+    // 4. The record, queued.
+    let target = query.into_inner().conversation_id;
+    let Submitted { queued, rec, .. } =
+        submit(&engine, &jobs, uid, ent.lock, target, batch, Origin::V2).await?;
+    let job_id = queued.job_id;
+    Ok(HttpResponse::Accepted()
+        .insert_header((header::LOCATION, format!("/v2/sync-local-files/{job_id}")))
+        .json(json!({
+            "job_id": job_id,
+            "status": "queued",
+            "total_files": rec.files.len(),
+            "total_segments": 0,
+            "poll_after_ms": POLL_AFTER_MS,
+        })))
+}
+
+/// An upload made a job: its record, its queue entry and, for v1, the job's lease.
+pub(crate) struct Submitted {
+    pub queued: QueuedJob,
+    pub rec: JobRecord,
+    pub lease: Option<LeaseGuard>,
+}
+
+/// Makes a job of an upload read by the caller: the files moved into the spool, the record created under the
+/// user's quota (`VOICEGATE_SYNC_JOBS_PER_USER`, else 429 `too_many_sync_jobs`) and queued. A v2 job is then
+/// run by the worker pool; a v1 job comes with its lease, for its request to run it ([`Workers::run_inline`]).
+pub(crate) async fn submit(
+    engine: &Engine,
+    jobs: &SyncJobs,
+    uid: &str,
+    locked: bool,
+    target: Option<String>,
+    batch: UploadBatch,
+    origin: Origin,
+) -> Result<Submitted, ApiError> {
     let job_id = new_job_id();
     let dest = jobs.cfg.spool.join(&job_id);
     let files = batch.persist(&dest).map_err(|e| spool_down(&e))?;
@@ -203,8 +280,8 @@ pub async fn create(
         uid: uid.to_owned(),
         status: JobStatus::Queued,
         stage: None,
-        locked: ent.lock,
-        target: query.into_inner().conversation_id.filter(|s| !s.is_empty()),
+        locked,
+        target: target.filter(|s| !s.is_empty()),
         created_at_ms: now,
         updated_at_ms: now,
         finished_at_ms: None,
@@ -219,6 +296,7 @@ pub async fn create(
         transcript_status: None,
         timings: StageTimings::default(),
         error: None,
+        origin,
     };
     let queued = QueuedJob {
         uid: uid.to_owned(),
@@ -249,30 +327,45 @@ pub async fn create(
             POLL_AFTER_MS.div_ceil(1000).max(1) * 10,
         ));
     }
+    // A v1 job is run by its request's node: its lease is taken before it is queued, so no worker (here
+    // or on another node) takes it first.
+    let lease = if origin == Origin::V1 {
+        match engine
+            .leases
+            .acquire(LeaseKey::job(worker::JOB_LEASE, uid, &job_id), 1)
+            .await
+        {
+            Acquired::Granted(g) => Some(g),
+            Acquired::Refused { .. } | Acquired::Unavailable { .. } => {
+                discard(&dest);
+                return Err(ApiError::unavailable(
+                    "sync_jobs_unavailable",
+                    "the job's lease could not be taken; retry the request",
+                ));
+            }
+        }
+    } else {
+        None
+    };
     if let Err(e) = jobs.store.schedule(&queued, now).await {
         // The record stays `queued` until it expires; the client's retry creates another job and meters
         // nothing twice.
         discard(&dest);
         return Err(store_down(&e));
     }
-    jobs.workers.wake();
+    if lease.is_none() {
+        jobs.workers.wake();
+    }
     metrics::counter!(SYNC_JOBS_CREATED_TOTAL, "lane" => job::lane_label(&queued)).increment(1);
     tracing::info!(
         message = "Sync job queued.",
         uid,
         job_id,
         files = rec.files.len(),
-        backfill = queued.backfill
+        backfill = queued.backfill,
+        origin = ?origin
     );
-    Ok(HttpResponse::Accepted()
-        .insert_header((header::LOCATION, format!("/v2/sync-local-files/{job_id}")))
-        .json(json!({
-            "job_id": job_id,
-            "status": "queued",
-            "total_files": rec.files.len(),
-            "total_segments": 0,
-            "poll_after_ms": POLL_AFTER_MS,
-        })))
+    Ok(Submitted { queued, rec, lease })
 }
 
 pub async fn status(

@@ -88,6 +88,17 @@ pub struct StageTimings {
     pub total_ms: u64,
 }
 
+/// Which endpoint made a job. A v1 upload is a job too, run at once by the request's node under its lease
+/// (`crate::sync`): its files are settled once (no deferral, no background retry of a failed file: the v1
+/// answer tells the client what to retry), and only its transcription may outlive the request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Origin {
+    #[default]
+    V2,
+    V1,
+}
+
 /// A job, as stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
@@ -116,6 +127,8 @@ pub struct JobRecord {
     pub transcript_status: Option<String>,
     pub timings: StageTimings,
     pub error: Option<JobError>,
+    #[serde(default)]
+    pub origin: Origin,
 }
 
 impl JobRecord {
@@ -248,6 +261,7 @@ impl JobRecord {
             "speech_ms": self.speech_ms,
             "lanes": self.lanes(),
             "attempts": self.attempts,
+            "origin": self.origin,
             "created_at_ms": self.created_at_ms,
             "updated_at_ms": self.updated_at_ms,
             "resumes_at_ms": self.resumes_at_ms,
@@ -309,6 +323,7 @@ mod tests {
             transcript_status: None,
             timings: StageTimings::default(),
             error: None,
+            origin: Origin::V2,
         }
     }
 

@@ -26,14 +26,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use voicegate_engine::lease::{Acquired, LeaseGuard};
 use voicegate_engine::store::lease::LeaseKey;
 use voicegate_engine::store::sync_jobs::{QueuedJob, SyncJobStore};
 use voicegate_engine::stt::SttProvider;
 use voicegate_engine::telemetry::{SYNC_JOBS_QUEUED, SYNC_JOBS_RUNNING};
 
-use super::job::{JobContext, lane_label};
+use super::job::{JobContext, Progress, lane_label};
 use crate::engine::Engine;
 
 /// How often the dispatcher looks at the queue without being woken.
@@ -237,7 +237,7 @@ impl Workers {
             let _running = RunningGauge(lane);
             let uid = job.uid.clone();
             let job_id = job.job_id.clone();
-            if let Err(error) = super::job::run(&w.inner.ctx, &job).await {
+            if let Err(error) = super::job::run(&w.inner.ctx, &job, &None).await {
                 tracing::warn!(message = "A sync job run failed; it stays queued.", uid, job_id, %error);
             }
             w.inner
@@ -248,6 +248,28 @@ impl Workers {
             w.wake();
         });
         running.insert(key, task.abort_handle());
+    }
+}
+
+impl Workers {
+    /// Runs a v1 upload's job now, on this node, under `lease` (taken before the job was queued), outside
+    /// the pool's workers (v1 uploads are bounded by the upload limits) and not aborted by a drain (the
+    /// request is answered first). The receiver follows the run; the job goes on if it is dropped (the
+    /// client left), and if this process dies the job is resumed from the queue like any other.
+    pub fn run_inline(&self, job: QueuedJob, lease: LeaseGuard) -> watch::Receiver<Progress> {
+        let (tx, rx) = watch::channel(Progress::Running);
+        let w = self.clone();
+        let lane = lane_label(&job);
+        metrics::gauge!(SYNC_JOBS_RUNNING, "lane" => lane).increment(1.0);
+        tokio::spawn(async move {
+            let _lease = lease;
+            let _running = RunningGauge(lane);
+            if let Err(error) = super::job::run(&w.inner.ctx, &job, &Some(tx)).await {
+                tracing::warn!(message = "A v1 sync job run failed; it stays queued.", uid = %job.uid, job_id = %job.job_id, %error);
+            }
+            w.wake();
+        });
+        rx
     }
 }
 

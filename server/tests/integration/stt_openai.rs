@@ -15,6 +15,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,7 +43,8 @@ pub(crate) enum Plan {
     Serve,
     /// This HTTP status with an OpenAI-style error body.
     Status(u16),
-    /// No answer: the connection is held open (a provider that hangs; `held` counts them).
+    /// No answer until [`OpenAiDouble::release`] (then as `Serve`): the connection is held open (a provider
+    /// that hangs; `held` counts them).
     Hold,
 }
 
@@ -66,6 +68,7 @@ pub(crate) struct OpenAiDouble {
     log: Arc<Mutex<Vec<Request>>>,
     plans: Arc<Mutex<VecDeque<Plan>>>,
     held: Arc<tokio::sync::watch::Sender<u64>>,
+    released: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl OpenAiDouble {
@@ -76,7 +79,8 @@ impl OpenAiDouble {
         let plans = Arc::new(Mutex::new(plans.iter().copied().collect::<VecDeque<_>>()));
         let shared = Arc::clone(&log);
         let held = Arc::new(tokio::sync::watch::Sender::new(0u64));
-        let (p, h) = (Arc::clone(&plans), Arc::clone(&held));
+        let released = Arc::new(tokio::sync::watch::Sender::new(false));
+        let (p, h, r) = (Arc::clone(&plans), Arc::clone(&held), Arc::clone(&released));
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 tokio::spawn(serve(
@@ -84,6 +88,7 @@ impl OpenAiDouble {
                     Arc::clone(&p),
                     Arc::clone(&shared),
                     Arc::clone(&h),
+                    r.subscribe(),
                 ));
             }
         });
@@ -92,7 +97,13 @@ impl OpenAiDouble {
             log,
             plans,
             held,
+            released,
         }
+    }
+
+    /// Answers the held requests (and any later `Hold`) as `Serve`.
+    pub(crate) fn release(&self) {
+        self.released.send_replace(true);
     }
 
     /// Replaces the plans of the requests to come.
@@ -133,6 +144,7 @@ async fn serve(
     plans: Arc<Mutex<VecDeque<Plan>>>,
     log: Arc<Mutex<Vec<Request>>>,
     held: Arc<tokio::sync::watch::Sender<u64>>,
+    mut released: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -201,8 +213,16 @@ async fn serve(
                         .filter(|r| r.answered == 200)
                         .count()
                         + 1;
-                    match next_plan(&plans) {
-                        Plan::Serve => {
+                    let mut plan = next_plan(&plans);
+                    if plan == Plan::Hold {
+                        held.send_modify(|n| *n += 1);
+                        if released.wait_for(|r| *r).await.is_err() {
+                            return; // the double is gone
+                        }
+                        plan = Plan::Serve;
+                    }
+                    match plan {
+                        Plan::Serve | Plan::Hold => {
                             let secs = req.samples as f64 / 16_000.0;
                             (
                                 200,
@@ -215,11 +235,6 @@ async fn serve(
                                         "compression_ratio": 1.1, "no_speech_prob": 0.01}]
                                 }),
                             )
-                        }
-                        Plan::Hold => {
-                            held.send_modify(|n| *n += 1);
-                            std::future::pending::<()>().await;
-                            return;
                         }
                         Plan::Status(s) => (
                             s,
@@ -535,5 +550,78 @@ async fn a_sync_upload_gets_its_spans_transcribed_and_charged_what_was_sent() {
         );
         assert!(start + 300 >= started && start < end, "{s}");
     }
+    server.shutdown().await;
+}
+
+/// A v1 upload runs as a job (issue #15): the answer comes once the speech is metered and in its
+/// conversation, with `transcript_status: pending` and the `job_id` while the provider is still busy; the
+/// job then finishes the transcription (the v2 status follows it to `done`).
+#[actix_web::test]
+async fn a_v1_upload_answers_pending_and_its_job_finishes_the_transcription() {
+    // The first span's request is held until released: the answer cannot wait for it.
+    let double = OpenAiDouble::start(&[Plan::Hold, Plan::Serve]).await;
+    let with_double = openai(&double);
+    let server = EngineServer::start(fair_use_on(), move |cfg| {
+        with_double(cfg);
+        cfg.sync_jobs.v1_transcript_wait_secs = 0;
+    })
+    .await;
+    let bytes = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "d01.bin")
+        .unwrap()
+        .1;
+    let files = vec![(
+        format!("audio_omi_opus_16000_1_fs160_{}.bin", now_s() - 3_600),
+        bytes,
+    )];
+    let (code, body, _) = server.upload("heidi", "", &files).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["transcript_status"], "pending", "{body}");
+    assert_eq!(body["stt_ms"], 0, "{body}");
+    assert!(body["speech_ms"].as_u64().unwrap() > 0, "{body}");
+    assert_eq!(body["metered_speech_ms"], body["speech_ms"], "{body}");
+    let ids = body["new_memories"].as_array().unwrap().clone();
+    assert_eq!(ids.len(), 1, "{body}");
+    let job_id = body["job_id"].as_str().unwrap().to_owned();
+    // The job goes on after the answer: its first request reaches the double (and is held there).
+    let mut held = double.held();
+    tokio::time::timeout(Duration::from_secs(60), held.wait_for(|n| *n >= 1))
+        .await
+        .expect("no transcription request reached the double")
+        .expect("double gone");
+    let (code, running) = server
+        .get(&format!("/v2/sync-local-files/{job_id}"), "heidi")
+        .await;
+    assert_eq!(code, 200, "{running}");
+    assert_eq!(running["status"], "running", "{running}");
+    assert_eq!(running["origin"], "v1", "{running}");
+
+    double.release();
+    let job = server
+        .wait_job("heidi", &job_id, Duration::from_secs(60))
+        .await;
+    assert_eq!(job["status"], "completed", "{job}");
+    assert_eq!(job["result"]["transcript_status"], "done", "{job}");
+    assert_eq!(job["result"]["new_memories"], json!(ids), "{job}");
+    let charged = job["result"]["stt_ms"].as_u64().unwrap();
+    assert!(
+        (double.samples() / 16).abs_diff(charged) <= 4,
+        "sent {} ms, charged {charged} ms",
+        double.samples() / 16
+    );
+    let (code, conv) = server
+        .get(
+            &format!("/v1/conversations/{}", ids[0].as_str().unwrap()),
+            "heidi",
+        )
+        .await;
+    assert_eq!(code, 200, "{conv}");
+    assert_eq!(conv["transcript_status"], "done", "{conv}");
+    assert_eq!(
+        conv["transcript_segments"].as_array().unwrap().len(),
+        double.requests().len(),
+        "{conv}"
+    );
     server.shutdown().await;
 }

@@ -48,7 +48,12 @@ const FORWARDED: &str = "voicegate_stt_forwarded_samples_total{provider=\"local\
 
 #[actix_web::test]
 async fn uploaded_fixtures_get_stored_transcripts_and_a_reupload_transcribes_nothing_again() {
-    let server = EngineServer::start(fair_use_on(), local_stt).await;
+    let server = EngineServer::start(fair_use_on(), |cfg| {
+        local_stt(cfg);
+        // The answer waits for the whole transcription here (the local engine on a loaded CI machine).
+        cfg.sync_jobs.v1_transcript_wait_secs = 600;
+    })
+    .await;
     let all = fixtures();
     let now = now_s();
     // d01 and d05 (all English), recorded an hour apart: one conversation each.

@@ -229,25 +229,27 @@ async fn a_job_resumes_after_kill_9_on_the_restarted_node_and_on_another_node() 
     // 1. The node restarts and resumes its own job.
     let (mut a, addr_a) = start(&redis.url(), spool.path()).await;
     let (job_id, _) = submit_and_kill(&mut a, addr_a, "crash-user", &files).await;
-    let (_a2, addr_a2) = start(&redis.url(), spool.path()).await;
+    let (a2, addr_a2) = start(&redis.url(), spool.path()).await;
     let job = poll_until(addr_a2, "crash-user", &job_id, terminal).await;
     check(addr_a2, "crash-user", &job, expected, "reference-1", &files).await;
     assert!(!spool.path().join(&job_id).exists(), "spool folder left");
 
-    // 2. Two nodes: the one running the job dies, the other finishes it.
+    // 2. Two nodes: the one running the job dies, the other finishes it. Only B is up when the job is
+    //    submitted (so B, not a poller on another node, runs it); C joins while B runs it.
+    drop(a2);
     let (mut b, addr_b) = start(&redis.url(), spool.path()).await;
     let (code, accepted) = post(addr_b, "/v2/sync-local-files", "two-node-user", &files).await;
     assert_eq!(code, 202, "{accepted}");
     let job_id = accepted["job_id"].as_str().unwrap().to_owned();
-    // B woke on its own upload and took the job; kill it once 2 files are settled (a2 polls the queue
-    // every second but the job is leased to B).
-    let running = poll_until(addr_b, "two-node-user", &job_id, mid_job).await;
+    let (_c, addr_c) = start(&redis.url(), spool.path()).await;
+    let running = poll_until(addr_c, "two-node-user", &job_id, mid_job).await;
     assert_eq!(running["status"], "running", "{running}");
+    assert_eq!(running["attempts"], 1, "{running}");
     let _ = b.0.kill();
     let _ = b.0.wait();
-    let job = poll_until(addr_a2, "two-node-user", &job_id, terminal).await;
+    let job = poll_until(addr_c, "two-node-user", &job_id, terminal).await;
     check(
-        addr_a2,
+        addr_c,
         "two-node-user",
         &job,
         expected,

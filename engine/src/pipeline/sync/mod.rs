@@ -37,7 +37,7 @@ use crate::pipeline::offline::FileAnalysis;
 use crate::policy::SttAllowance;
 use crate::policy::backfill::{self, BackfillConfig, Lane};
 use crate::store::backfill::{BackfillLedger, Charge};
-use crate::stt::SttProvider;
+use crate::stt::{ProviderKind, SttProvider};
 use crate::telemetry::{SYNC_AUDIO_SECONDS_TOTAL, SYNC_FILES_BY_LANE_TOTAL, SYNC_FILES_TOTAL};
 use crate::time::{Clock, Span};
 
@@ -171,13 +171,87 @@ impl Tally {
     }
 }
 
-/// Meters the analysed files, keyed by their content, and writes their conversations. Fails only when the
-/// conversations cannot be written (the speech is metered then: the client retries the upload).
+/// Meters the analysed files, keyed by their content, writes their conversations, then transcribes their
+/// spans ([`settle_speech`] then [`Settled::transcribe`]). Fails only when the conversations cannot be written
+/// (the speech is metered then: the client retries the upload).
 pub async fn settle(
     services: &SyncServices,
     request: SyncRequest,
     analysed: Vec<Analysed>,
 ) -> Result<SyncOutcome, ConversationError> {
+    Ok(settle_speech(services, request, analysed)
+        .await?
+        .transcribe(services)
+        .await)
+}
+
+/// A sync whose speech is metered and whose conversations are written; transcribing its spans is what is
+/// left ([`Settled::transcribe`]).
+pub struct Settled {
+    outcome: SyncOutcome,
+    uid: String,
+    stt: SttAllowance,
+    touched: Vec<String>,
+    work: Vec<SpanWork>,
+}
+
+impl Settled {
+    /// The outcome before transcription: `transcript_status` is `pending` when spans are to be transcribed
+    /// ([`Settled::transcribing`]), absent otherwise.
+    pub fn outcome(&self) -> &SyncOutcome {
+        &self.outcome
+    }
+
+    /// Whether [`Settled::transcribe`] has spans to send (a provider other than `none`, and spans).
+    pub fn transcribing(&self) -> bool {
+        self.outcome.report().transcript_status.is_some()
+    }
+
+    /// Transcribes the spans (`transcribe.rs`) and returns the final outcome.
+    pub async fn transcribe(self, services: &SyncServices) -> SyncOutcome {
+        let Settled {
+            mut outcome,
+            uid,
+            stt,
+            touched,
+            work,
+        } = self;
+        if work.is_empty() {
+            return outcome;
+        }
+        let transcribed = transcribe::transcribe(services, &uid, stt, &touched, work).await;
+        let report = outcome.report_mut();
+        report.transcript_status = transcribed.status;
+        report.stt_ms = transcribed.stt_ms;
+        outcome
+    }
+}
+
+impl SyncOutcome {
+    /// The report, whatever the outcome.
+    pub fn report(&self) -> &SyncReport {
+        match self {
+            SyncOutcome::Done(report)
+            | SyncOutcome::NoValidFiles { report, .. }
+            | SyncOutcome::BackfillAllowanceExhausted { report, .. } => report,
+        }
+    }
+
+    fn report_mut(&mut self) -> &mut SyncReport {
+        match self {
+            SyncOutcome::Done(report)
+            | SyncOutcome::NoValidFiles { report, .. }
+            | SyncOutcome::BackfillAllowanceExhausted { report, .. } => report,
+        }
+    }
+}
+
+/// The first part of [`settle`]: the backfill decision and the meter per file, then the conversations.
+pub async fn settle_speech(
+    services: &SyncServices,
+    request: SyncRequest,
+    analysed: Vec<Analysed>,
+) -> Result<Settled, ConversationError> {
     let uid = request.uid.as_str();
     let locked = request.locked;
     let mut tally = Tally::default();
@@ -199,17 +273,24 @@ pub async fn settle(
         .iter()
         .filter(|r| r.status != "failed")
         .count();
+    let nothing = |outcome| Settled {
+        outcome,
+        uid: request.uid.clone(),
+        stt: request.stt,
+        touched: Vec::new(),
+        work: Vec::new(),
+    };
     if good == 0 && tally.allowance_refused > 0 {
-        return Ok(SyncOutcome::BackfillAllowanceExhausted {
+        return Ok(nothing(SyncOutcome::BackfillAllowanceExhausted {
             report: tally.report(locked, Vec::new(), Vec::new()),
             retry_after_s: backfill::retry_after_s(at.now_ms),
-        });
+        }));
     }
     if good == 0 {
-        return Ok(SyncOutcome::NoValidFiles {
+        return Ok(nothing(SyncOutcome::NoValidFiles {
             report: tally.report(locked, Vec::new(), Vec::new()),
             server_side: tally.server_failures > 0,
-        });
+        }));
     }
 
     let source = if tally.limitless { "limitless" } else { "omi" };
@@ -220,7 +301,7 @@ pub async fn settle(
             spans: std::mem::take(&mut tally.spans),
             locked,
             source: source.to_owned(),
-            target: request.target.filter(|s| !s.is_empty()),
+            target: request.target.clone().filter(|s| !s.is_empty()),
         })
         .await?;
     let touched: Vec<String> = outcome
@@ -229,19 +310,35 @@ pub async fn settle(
         .chain(&outcome.updated)
         .cloned()
         .collect();
-    let work = std::mem::take(&mut tally.work);
-    let transcribed = transcribe::transcribe(services, uid, request.stt, &touched, work).await;
+    let provider_on = services
+        .stt
+        .as_ref()
+        .is_some_and(|p| p.kind() != ProviderKind::None);
+    let work = if provider_on {
+        std::mem::take(&mut tally.work)
+    } else {
+        Vec::new()
+    };
     let mut report = tally.report(locked, outcome.new, outcome.updated);
-    report.transcript_status = transcribed.status;
-    report.stt_ms = transcribed.stt_ms;
-    if tally.allowance_refused > 0 {
+    if !work.is_empty() {
+        report.transcript_status = Some(TranscriptStatus::Pending);
+    }
+    let outcome = if tally.allowance_refused > 0 {
         // What fitted was metered and joined conversations; the rest waits for the next UTC day.
-        return Ok(SyncOutcome::BackfillAllowanceExhausted {
+        SyncOutcome::BackfillAllowanceExhausted {
             report,
             retry_after_s: backfill::retry_after_s(at.now_ms),
-        });
-    }
-    Ok(SyncOutcome::Done(report))
+        }
+    } else {
+        SyncOutcome::Done(report)
+    };
+    Ok(Settled {
+        outcome,
+        uid: request.uid,
+        stt: request.stt,
+        touched,
+        work,
+    })
 }
 
 /// When files are settled: their upload's arrival (the lane) and now (the allowance's day).

@@ -6,6 +6,12 @@
 #
 #   loadtest/measure.sh realtime --streams 600 --duration 300 --ramp 30
 #   loadtest/measure.sh sync --uploaders 20 --files 10 --rounds 1
+#   ADMIN_KEY=storm FAIR_USE_DAILY_SPEECH_MS=600000 loadtest/measure.sh realtime --streams 0 --retry-storm 1000
+#
+# The environment reaches both the server and the harness (ADMIN_KEY above: the server's admin routes and
+# the storm's key); the harness also gets VOICEGATE_SERVER_PID, so a retry storm (--retry-storm) reads the
+# server's CPU over its own window from /proc, and the summary prints the CPU per refusal
+# (docs/performance.md, "Retry storm").
 #
 # Environment: BIN (directory of the release binaries, default target/release), PORT (8089),
 # REDIS_PORT (6390), REDIS_NICE (redis-server's niceness, default NICE; lower emulates a Redis on its own host), STORE=memory (the server's in-memory store instead of the redis-server), OUT, NICE (niceness of redis, server and harness, default -10 when root: other work
@@ -95,6 +101,8 @@ threads_cpu | sort >"$OUT/threads-before.txt"
 cpu0=$(cpu_ticks "$server_pid")
 busy0=$(machine_busy)
 t0=$(date +%s.%N)
+# The harness's retry storm (--retry-storm) reads the server's CPU over its window from /proc/<pid>.
+export VOICEGATE_SERVER_PID=$server_pid
 set +e
 run /usr/bin/time -f "%U %S %M" -o "$OUT/harness-time.txt" \
   "$BIN/voicegate-loadtest" --url "http://127.0.0.1:$PORT" --quiet --report-file "$OUT/report.json" "$@" \
@@ -139,6 +147,16 @@ streams=${streams:-0}
     awk -v tck="$tck" '{c[$1] += ($3 - $2) / tck; w[$1] += ($5 - $4) / 1e9}
       END {for (k in c) printf "  %-20s %8.1f   (waited for a core %.1f s)\n", k, c[k], w[k]}' |
     sort -k2 -nr
+  # A retry storm: the server's CPU over the storm's window (the harness reads it), per refusal. With
+  # streams running meanwhile it includes theirs: the clean figure is from a run with --streams 0.
+  per_refusal=$(sed -n 's/.*"server_cpu_us_per_refusal": \([0-9.e+-]*\).*/\1/p' "$OUT/report.json" | head -1)
+  if [ -n "$per_refusal" ]; then
+    refusals=$(sed -n 's/.*"refusals": \([0-9]*\).*/\1/p' "$OUT/report.json" | head -1)
+    note=""
+    [ "$streams" -gt 0 ] && note=" (includes the ${streams} streams' CPU in the storm window)"
+    awk -v p="$per_refusal" -v n="$refusals" -v note="$note" \
+      'BEGIN {printf "CPU per refusal:        %.1f µs (%d refusals)%s\n", p, n, note}'
+  fi
   # Store calls that failed (timeouts above all) mean the node was degraded even when the run passed.
   echo "server warnings:        $(grep -c 'WARN' "$OUT/server.log" || true) (store timeouts: $(grep -c 'timed out' "$OUT/server.log" || true))"
   echo "loadtest exit code:     $rc"

@@ -62,6 +62,36 @@ pub struct Common {
     /// Hide the progress bar.
     #[arg(long, global = true)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub storm: StormArgs,
+}
+
+/// A retry storm beside the scenario (`--retry-storm N`): see `storm.rs`.
+#[derive(Debug, Clone, Args)]
+pub struct StormArgs {
+    /// Retry storm beside the scenario: storm clients, each a user restricted and over a fair-use cap,
+    /// retry their refused sync upload (429 fair_use_restricted) this many times, each retry as soon as
+    /// the previous answer arrived, on one keep-alive connection. Needs the server's ADMIN_KEY
+    /// (--admin-key) and caps low enough to reach (e.g. FAIR_USE_DAILY_SPEECH_MS=300000).
+    #[arg(long, global = true, value_name = "N")]
+    pub retry_storm: Option<u64>,
+    /// Concurrent storm clients (a user each).
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub storm_clients: u16,
+    /// Device files in the body each retry re-sends.
+    #[arg(long, global = true, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub storm_files: u16,
+    /// Seconds after the scenario's traffic starts before the storm begins (its users are set up
+    /// before that traffic, not during it).
+    #[arg(long, global = true, default_value_t = 0.0)]
+    pub storm_after: f64,
+    /// The server's `X-Admin-Key`, to restrict the storm users.
+    #[arg(long, global = true, env = "ADMIN_KEY", hide_env_values = true)]
+    pub admin_key: Option<String>,
+    /// The server's process id (on this machine): the storm reports the server's CPU over its window
+    /// and per refusal. `measure.sh` sets VOICEGATE_SERVER_PID.
+    #[arg(long, global = true, env = "VOICEGATE_SERVER_PID")]
+    pub server_pid: Option<u32>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -3,6 +3,8 @@
 //! - `realtime`: N devices streaming fixture audio to `/v4/listen` at real-time pace (or faster).
 //! - `sync`: concurrent device-file uploads to `/v1/sync-local-files`.
 //! - `mixed`: both at once.
+//! - `--retry-storm N` beside any of them: restricted users over a cap retry a refused upload N times at
+//!   once; the report gives the refusals' latency and, with `--server-pid`, the server's CPU per refusal.
 //! - Every run is bounded in count and time, prints a report (table or `--json`) and ends with the
 //!   accounting check; the exit code is 0 only when the run passed (1: accounting, 2: traffic errors,
 //!   3: the harness could not run, 4: the `--max-p99-ms` latency objective was missed).
@@ -11,10 +13,12 @@ mod auth;
 mod check;
 mod cli;
 mod corpus;
+mod http1;
 mod live;
 mod pacer;
 mod realtime;
 mod report;
+mod storm;
 mod sync;
 mod wsframe;
 
@@ -35,6 +39,7 @@ use crate::live::Live;
 use crate::pacer::RealtimeCtx;
 use crate::realtime::StreamOutcome;
 use crate::report::{LatencyObjective, RealtimeReport, Report, SyncReport, quantiles};
+use crate::storm::StormCtx;
 use crate::sync::{SyncCtx, UploaderOutcome};
 use crate::wsframe::Target;
 
@@ -104,8 +109,46 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         .as_ref()
         .map_or(0, |s| (s.uploaders * s.rounds) as u64);
     let hidden = common.quiet || common.json || !std::io::stderr().is_terminal();
+    // The storm users are armed before the scenario's traffic starts: that traffic runs beside the storm,
+    // not beside the arming uploads.
+    let armed = match common.storm.retry_storm {
+        Some(_) => {
+            let admin_key = common.storm.admin_key.clone().ok_or(
+                "--retry-storm needs the server's admin key (--admin-key or ADMIN_KEY) to restrict its users",
+            )?;
+            if !hidden {
+                eprintln!("retry storm: restricting its users and taking them over a cap…");
+            }
+            let ctx = StormCtx {
+                corpus: corpus.clone(),
+                nodes: nodes.clone(),
+                auth: auth.clone(),
+                admin_key,
+                prefix: prefix.clone(),
+                clients: usize::from(common.storm.storm_clients),
+                files: usize::from(common.storm.storm_files),
+                timeout: Duration::from_secs(60),
+            };
+            let armed = storm::arm(&ctx).await?;
+            warn_if_streams_reach_the_cap(rt_args.as_ref(), &armed);
+            Some(armed)
+        }
+        None => None,
+    };
     let progress = live::spawn_progress(live.clone(), hidden, streams, uploads);
 
+    let scenario_started = Instant::now();
+    let storm_task = armed.map(|armed| {
+        let (retries, files) = (
+            common.storm.retry_storm.unwrap_or(0),
+            usize::from(common.storm.storm_files),
+        );
+        let (after, pid) = (common.storm.storm_after.max(0.0), common.storm.server_pid);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(after)).await;
+            storm::fire(armed, retries, files, pid, scenario_started).await
+        })
+    });
     let rt_task = rt_args.clone().map(|args| {
         realtime_ctx(&args, &nodes, &corpus, &auth, &live)
             .map(|ctx| tokio::spawn(run_realtime(ctx, args, prefix.clone(), common.threads)))
@@ -131,6 +174,10 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     };
     let sy = match sync_task {
         Some(t) => Some(t.await.map_err(|e| format!("sync task: {e}"))?),
+        None => None,
+    };
+    let storm = match storm_task {
+        Some(t) => Some(t.await.map_err(|e| format!("storm task: {e}"))?),
         None => None,
     };
     progress.abort();
@@ -159,6 +206,17 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             t.files.extend(o.files_sent.iter().copied());
             t.reported_ms += o.speech_ms;
         }
+    }
+    if let Some(s) = storm {
+        for a in &s.arming {
+            let t = user_traffic(&mut traffic, &a.user);
+            t.files.extend(a.files.iter().copied());
+            t.reported_ms += a.speech_ms;
+        }
+        for (kind, n) in &s.report.other_answers {
+            *report.errors.entry(kind.clone()).or_insert(0) += n;
+        }
+        report.storm = Some(s.report);
     }
     let traffic_ok = report.errors.is_empty()
         && report
@@ -190,6 +248,26 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// A realtime user whose speech could reach the storm's cap would breach it too: its classification would
+/// then be part of what a storm run measures.
+fn warn_if_streams_reach_the_cap(rt: Option<&RealtimeArgs>, armed: &[storm::Armed]) {
+    let cap_above_ms = armed
+        .iter()
+        .map(|a| a.arming.speech_before_last_ms)
+        .max()
+        .unwrap_or(0);
+    let Some(r) = rt.filter(|r| r.streams > 0) else {
+        return;
+    };
+    let audio_s = r.duration * f64::from(r.streams_per_user);
+    if audio_s * 1_000.0 >= cap_above_ms as f64 {
+        eprintln!(
+            "retry storm: warning: a realtime user sends up to {audio_s:.0} s of audio and the cap lies above \
+             {cap_above_ms} ms of speech only: streaming users may cross it too"
+        );
+    }
 }
 
 fn emit(report: &Report, common: &Common) -> Result<(), String> {

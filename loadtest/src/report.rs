@@ -109,6 +109,46 @@ pub struct SyncReport {
     pub wall_s: f64,
 }
 
+/// The retry storm (`--retry-storm`): refusals of restricted users over a cap, retried immediately.
+#[derive(Debug, Default, Serialize)]
+pub struct StormReport {
+    pub clients: usize,
+    pub retries_per_client: u64,
+    /// Files in the body every retry re-sends.
+    pub files_per_request: usize,
+    /// One request, head and body.
+    pub request_bytes: u64,
+    /// Arming: the uploads (and their files) that took the storm users over a cap, metered.
+    pub arming_uploads: u64,
+    pub arming_files: u64,
+    /// The refusing cap lies above this much speech (the users' before their last accepted upload)…
+    pub cap_above_ms: u64,
+    /// …and at most this much (their speech when refused).
+    pub cap_at_most_ms: u64,
+    /// `Retry-After` of the first client's first refusal (before the storm).
+    pub first_retry_after_s: Option<u64>,
+    /// When the storm began, from the start of the scenario's traffic.
+    pub started_after_s: f64,
+    /// Answers received (refusals and anything else).
+    pub answers: u64,
+    /// 429 `fair_use_restricted`: every retry must be one.
+    pub refusals: u64,
+    /// Anything else, by kind (`storm_http_<status>_<code>`, `storm_<io error>`); also in `errors`.
+    pub other_answers: BTreeMap<String, u64>,
+    /// TCP connections opened during the storm (1 per client when the server keeps them alive).
+    pub connections: u64,
+    /// Request sent → answer read, connection setup included when one was opened.
+    pub latency: Quantiles,
+    pub wall_s: f64,
+    pub refusals_per_s: f64,
+    /// The server process whose CPU was read (`--server-pid`), if any.
+    pub server_pid: Option<u32>,
+    /// Its threads' on-CPU time over the storm window: everything it did then, concurrent traffic too.
+    pub server_cpu_s: Option<f64>,
+    /// `server_cpu_s` / `refusals`, µs: the cost of a refusal when the storm ran alone.
+    pub server_cpu_us_per_refusal: Option<f64>,
+}
+
 #[derive(Debug, Default, Serialize)]
 pub struct Report {
     pub scenario: String,
@@ -116,6 +156,7 @@ pub struct Report {
     pub users_prefix: String,
     pub realtime: Option<RealtimeReport>,
     pub sync: Option<SyncReport>,
+    pub storm: Option<StormReport>,
     pub errors: BTreeMap<String, u64>,
     pub accounting: Option<CheckReport>,
     /// No traffic error, no frame lost or dropped, the accounting check passed (or was skipped) and the
@@ -129,6 +170,58 @@ fn q_row(out: &mut String, name: &str, q: &Quantiles) {
         "  {name:<22} n={:<8} p50 {:>9.1} ms  p95 {:>9.1} ms  p99 {:>9.1} ms  max {:>9.1} ms",
         q.count, q.p50_ms, q.p95_ms, q.p99_ms, q.max_ms
     );
+}
+
+fn storm_rows(o: &mut String, s: &StormReport) {
+    let _ = writeln!(
+        o,
+        "retry storm: {} client(s) × {} immediate retries of {} file(s) ({} bytes a request), {:.1} s into the run ({:.2} s wall)",
+        s.clients,
+        s.retries_per_client,
+        s.files_per_request,
+        s.request_bytes,
+        s.started_after_s,
+        s.wall_s
+    );
+    let _ = writeln!(
+        o,
+        "  armed with {} uploads ({} files): the cap is above {} ms and at most {} ms of speech; first Retry-After {}",
+        s.arming_uploads,
+        s.arming_files,
+        s.cap_above_ms,
+        s.cap_at_most_ms,
+        s.first_retry_after_s
+            .map_or_else(|| "none".to_owned(), |r| format!("{r} s"))
+    );
+    let _ = writeln!(
+        o,
+        "  answers {}  429 {}: {}  other {}  connections opened {}  ({:.0} refusals/s)",
+        s.answers,
+        crate::storm::REFUSAL_CODE,
+        s.refusals,
+        s.other_answers.values().sum::<u64>(),
+        s.connections,
+        s.refusals_per_s
+    );
+    q_row(o, "refusal latency", &s.latency);
+    match (s.server_pid, s.server_cpu_s, s.server_cpu_us_per_refusal) {
+        (Some(pid), Some(cpu), Some(per)) => {
+            let _ = writeln!(
+                o,
+                "  server CPU in the storm window: {:.3} s = {per:.1} µs per refusal (pid {pid}; all the server did meanwhile)",
+                cpu
+            );
+        }
+        (Some(pid), _, _) => {
+            let _ = writeln!(o, "  server CPU: not readable for pid {pid}");
+        }
+        (None, _, _) => {
+            let _ = writeln!(
+                o,
+                "  server CPU: not measured (--server-pid / VOICEGATE_SERVER_PID unset)"
+            );
+        }
+    }
 }
 
 impl Report {
@@ -193,6 +286,9 @@ impl Report {
                 s.uploads_per_s, s.files_per_s, s.audio_s, s.audio_s_per_s
             );
             q_row(&mut o, "upload latency", &s.latency);
+        }
+        if let Some(s) = &self.storm {
+            storm_rows(&mut o, s);
         }
         if self.errors.is_empty() {
             let _ = writeln!(o, "errors: none");

@@ -2,13 +2,15 @@
 //! realtime run, a sync run and a mixed run each end with exit code 0 and a JSON report whose accounting
 //! check passed, with every frame acknowledged. And against two nodes on one redis-server, then on a
 //! 3-master Redis Cluster: a user streams on both nodes and syncs through the other, its status read on
-//! either, and the accounting is exact.
+//! either, and the accounting is exact. And a retry storm (restricted users over a cap retrying a refused
+//! upload) beside streams: every answer is 429 `fair_use_restricted`, and the report has its figures.
 
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
+use voicegate_engine::policy::FairUseArgs;
 use voicegate_engine::store::test_redis::{RedisCluster, RedisServer};
 use voicegate_server::ServeConfig;
 use voicegate_server::serve::{ServerBuilder, wire_engine};
@@ -22,15 +24,19 @@ fn start_server() -> String {
 /// Starts one node, on `redis_url` or the Redis Cluster of `cluster_nodes` when given (else the
 /// in-memory store); returns its base URL.
 fn start_node(redis_url: Option<String>, redis_cluster_nodes: Vec<String>) -> String {
+    start_with(ServeConfig {
+        bind: "127.0.0.1:0".into(),
+        redis_url,
+        redis_cluster_nodes,
+        ..ServeConfig::default()
+    })
+}
+
+/// Starts a node with `cfg` (bind it to `127.0.0.1:0`); returns its base URL.
+fn start_with(cfg: ServeConfig) -> String {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         actix_web::rt::System::new().block_on(async move {
-            let cfg = ServeConfig {
-                bind: "127.0.0.1:0".into(),
-                redis_url,
-                redis_cluster_nodes,
-                ..ServeConfig::default()
-            };
             let mut builder = ServerBuilder::new(cfg).unwrap_or_else(|e| panic!("{e}"));
             wire_engine(&mut builder).unwrap_or_else(|e| panic!("{e}"));
             let running = builder.start().unwrap_or_else(|e| panic!("{e}"));
@@ -247,5 +253,154 @@ fn a_node_list_with_a_bad_url_is_refused_by_name() {
     assert!(
         stderr.contains("\"127.0.0.1:2\" is not an http"),
         "{stderr}"
+    );
+}
+
+const ADMIN_KEY: &str = "storm-admin-key";
+/// The storm's cap: one or two fixture files (19 s of speech or so each) take a user over it.
+const STORM_CAP_MS: u64 = 20_000;
+
+/// A node with the admin routes on and a 20 s daily speech cap.
+fn start_storm_server() -> String {
+    start_with(ServeConfig {
+        bind: "127.0.0.1:0".into(),
+        admin_key: Some(ADMIN_KEY.into()),
+        fair_use: FairUseArgs {
+            daily_speech_ms: STORM_CAP_MS,
+            ..FairUseArgs::default()
+        },
+        ..ServeConfig::default()
+    })
+}
+
+#[test]
+fn a_retry_storm_beside_streams_is_refused_429_fair_use_restricted_every_time() {
+    let url = start_storm_server();
+    let pid = std::process::id().to_string();
+    // Two storm clients of 50 retries each beside two streams; the server runs in this process, so its
+    // CPU is this process's.
+    let (code, r) = harness(
+        &url,
+        &[
+            "--admin-key",
+            ADMIN_KEY,
+            "--server-pid",
+            &pid,
+            "--retry-storm",
+            "50",
+            "--storm-clients",
+            "2",
+            "realtime",
+            "--streams",
+            "2",
+            "--duration",
+            "4",
+            "--pace",
+            "4",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    let s = &r["storm"];
+    assert_eq!(s["clients"], 2, "{s:#}");
+    assert_eq!(s["retries_per_client"], 50, "{s:#}");
+    assert_eq!(s["answers"], 100, "{s:#}");
+    assert_eq!(s["refusals"], 100, "every retry is the refusal: {s:#}");
+    assert_eq!(s["other_answers"], serde_json::json!({}), "{s:#}");
+    assert_eq!(r["errors"], serde_json::json!({}), "{r:#}");
+    assert_eq!(s["latency"]["count"], 100, "{s:#}");
+    assert!(
+        s["latency"]["p99_ms"].as_f64().unwrap_or(0.0) > 0.0,
+        "{s:#}"
+    );
+    assert!(s["connections"].as_u64().unwrap_or(0) >= 1, "{s:#}");
+    assert!(
+        s["request_bytes"].as_u64().unwrap_or(0) > 10_000,
+        "a real body: {s:#}"
+    );
+    // The refusing cap lies between the speech before the last accepted arming upload and the speech
+    // when refused.
+    let (above, at_most) = (
+        s["cap_above_ms"].as_u64().unwrap_or(u64::MAX),
+        s["cap_at_most_ms"].as_u64().unwrap_or(0),
+    );
+    assert!(above <= STORM_CAP_MS && STORM_CAP_MS < at_most, "{s:#}");
+    assert!(s["first_retry_after_s"].as_u64().unwrap_or(0) > 0, "{s:#}");
+    assert!(s["server_cpu_s"].as_f64().unwrap_or(0.0) > 0.0, "{s:#}");
+    assert!(
+        s["server_cpu_us_per_refusal"].as_f64().unwrap_or(0.0) > 0.0,
+        "{s:#}"
+    );
+    assert!(s["wall_s"].as_f64().unwrap_or(0.0) > 0.0, "{s:#}");
+    // The streams held, and the check (storm users included: their arming uploads, never the refused
+    // retries) is exact.
+    assert_eq!(r["realtime"]["streams_held"], 2, "{r:#}");
+    let check = &r["accounting"];
+    assert_eq!(check["passed"], true, "{check:#}");
+    assert_eq!(check["users"], 4, "{check:#}");
+    assert_eq!(check["server_ms"], check["reported_ms"], "{check:#}");
+}
+
+#[test]
+fn a_retry_storm_alone_reports_its_refusals_in_the_table() {
+    let url = start_storm_server();
+    let out = Command::new(env!("CARGO_BIN_EXE_voicegate-loadtest"))
+        .args([
+            "--url",
+            &url,
+            "--quiet",
+            "--no-check",
+            "--admin-key",
+            ADMIN_KEY,
+        ])
+        .args(["realtime", "--streams", "0", "--retry-storm", "20"])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{table}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("answers 20  429 fair_use_restricted: 20  other 0"),
+        "{table}"
+    );
+    assert!(table.contains("refusal latency"), "{table}");
+    assert!(table.contains("server CPU: not measured"), "{table}");
+}
+
+#[test]
+fn a_retry_storm_without_the_admin_routes_fails_loudly_before_any_traffic() {
+    // Admin routes off (no ADMIN_KEY on the server): the storm users cannot be restricted.
+    let url = start_server();
+    let out = Command::new(env!("CARGO_BIN_EXE_voicegate-loadtest"))
+        .args(["--url", &url, "--quiet", "--admin-key", "wrong"])
+        .args(["realtime", "--streams", "1", "--retry-storm", "5"])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(3));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("set-stage restrict") && stderr.contains("answered 403"),
+        "{stderr}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no report: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+
+    let out = Command::new(env!("CARGO_BIN_EXE_voicegate-loadtest"))
+        .args(["--url", &url, "--quiet"])
+        .args(["realtime", "--streams", "1", "--retry-storm", "5"])
+        .env_remove("ADMIN_KEY")
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("needs the server's admin key"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }

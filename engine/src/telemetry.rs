@@ -110,8 +110,11 @@ pub const FAIR_USE_CLASSIFIER_DURATION_SECONDS: &str =
 pub const SYNC_REQUESTS_TOTAL: &str = "voicegate_sync_requests_total";
 /// Gauge: sync uploads in progress on this node (from admission to the answer).
 pub const SYNC_UPLOADS_ACTIVE: &str = "voicegate_sync_uploads_active";
-/// Counter, label `reason` (`per_user_limit`: 429 `too_many_uploads`, `at_capacity`: 503
-/// `uploads_at_capacity`): sync uploads refused before their body was read.
+/// Counter, label `reason`: sync uploads refused for a limit. Before their body was read:
+/// `per_user_limit` (429 `too_many_uploads`), `at_capacity` (503 `uploads_at_capacity`), `queue_full` (v2:
+/// 503 `sync_queue_full`), `spool_full` (v2: 507 `sync_spool_full`, the spool's bytes or its volume's free
+/// space); once the body is in the spool (v2): `jobs_per_user` (429 `too_many_sync_jobs`),
+/// `spool_user_quota` (429 `sync_spool_user_quota`).
 pub const SYNC_UPLOADS_REFUSED_TOTAL: &str = "voicegate_sync_uploads_refused_total";
 /// Counter, label `lane` (`sync_fresh`, `sync_backfill`, `too_old`): analysed sync files by the backfill
 /// decision (DESIGN §3).
@@ -129,6 +132,14 @@ pub const SYNC_JOBS_TOTAL: &str = "voicegate_sync_jobs_total";
 pub const SYNC_JOBS_RUNNING: &str = "voicegate_sync_jobs_running";
 /// Gauge: sync v2 jobs in the queue on all nodes (due or deferred), as this node last read it (each second).
 pub const SYNC_JOBS_QUEUED: &str = "voicegate_sync_jobs_queued";
+/// Gauge, label `lane` (`sync_fresh`, `sync_backfill`): seconds since the oldest sync v2 job waiting in that
+/// lane on all nodes became due (0 when none waits). A job deferred to a later time is not waiting until
+/// then, nor is a running one. Read by every node every 5 s: take the `max` over nodes.
+pub const SYNC_OLDEST_QUEUED_JOB_AGE_SECONDS: &str = "voicegate_sync_oldest_queued_job_age_seconds";
+/// Gauge: bytes in the sync v2 spool (`VOICEGATE_SYNC_SPOOL_DIR`: jobs' files and uploads being written)
+/// as this node counts them: measured every 10 s, plus the jobs this node queued since. Nodes sharing a
+/// spool report the same volume: take the `max` over them.
+pub const SYNC_SPOOL_BYTES: &str = "voicegate_sync_spool_bytes";
 /// Counter, label `status` (`ok`, `failed`): files of sync uploads by result.
 pub const SYNC_FILES_TOTAL: &str = "voicegate_sync_files_total";
 /// Counter: seconds of audio decoded from sync uploads.

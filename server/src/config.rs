@@ -338,6 +338,14 @@ pub enum ConfigError {
         "VOICEGATE_JWKS_REFRESH_MIN_SECS={min} must be at least 1 and at most VOICEGATE_JWKS_REFRESH_MAX_SECS={max}"
     )]
     BadJwksRefresh { min: u64, max: u64 },
+    #[error(
+        "{name}={value} is less than VOICEGATE_UPLOAD_MAX_REQUEST_BYTES={request}: an upload of the full size would never fit"
+    )]
+    SpoolBelowRequest {
+        name: &'static str,
+        value: u64,
+        request: u64,
+    },
     #[error("VOICEGATE_TRUSTED_PROXIES: {0}")]
     BadTrustedProxy(String),
     /// A metering or fair-use setting the engine cannot run with.
@@ -469,6 +477,18 @@ impl ServeConfig {
         {
             return Err(ConfigError::ZeroLimit { name });
         }
+        if let Some((name, value)) = self
+            .sync_jobs
+            .spool_bounds()
+            .into_iter()
+            .find(|(_, v)| *v < self.upload_max_request_bytes)
+        {
+            return Err(ConfigError::SpoolBelowRequest {
+                name,
+                value,
+                request: self.upload_max_request_bytes,
+            });
+        }
         if !(self.listen_max_pace.is_finite() && self.listen_max_pace >= 1.0) {
             return Err(ConfigError::BadPace(self.listen_max_pace));
         }
@@ -585,6 +605,32 @@ mod tests {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(err.contains("FAIR_USE_WEEKLY_SPEECH_MS"), "{err}");
+    }
+
+    #[test]
+    fn spool_bounds_below_one_full_upload_fail_validation_naming_them() {
+        assert!(ServeConfig::default().validate().is_ok());
+        let mut cfg = ServeConfig::default();
+        cfg.sync_jobs.spool_bytes_per_user = cfg.upload_max_request_bytes - 1;
+        let err = cfg.validate().err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("VOICEGATE_SYNC_SPOOL_BYTES_PER_USER")),
+            "{err:?}"
+        );
+        let mut cfg = ServeConfig::default();
+        cfg.sync_jobs.spool_max_bytes = 1;
+        let err = cfg.validate().err().map(|e| e.to_string());
+        assert!(
+            err.as_deref()
+                .is_some_and(|e| e.contains("VOICEGATE_SYNC_SPOOL_MAX_BYTES")),
+            "{err:?}"
+        );
+        // Equal is enough; the free-space reserve may be 0 (off).
+        let mut cfg = ServeConfig::default();
+        cfg.sync_jobs.spool_bytes_per_user = cfg.upload_max_request_bytes;
+        cfg.sync_jobs.spool_min_free_bytes = 0;
+        assert!(cfg.validate().is_ok());
     }
 
     #[test]

@@ -32,7 +32,8 @@ use voicegate_engine::store::lease::{LeaseStore, MemoryLeaseStore, RedisLeaseSto
 use voicegate_engine::store::plans::{
     MemoryPlanStore, PlanRecordValue, PlanStore, PlanStoreError, RedisPlanStore,
 };
-use voicegate_engine::store::sync_jobs::{MemorySyncJobStore, RedisSyncJobStore, SyncJobStore};
+use voicegate_engine::store::sync_jobs::{MemorySyncJobStore, SyncJobStore};
+use voicegate_engine::store::sync_jobs_redis::RedisSyncJobStore;
 use voicegate_engine::store::{MemoryStore, RedisStore, Store};
 use voicegate_engine::store::{ReplicaCheckError, check_replicas};
 use voicegate_engine::telemetry::CONVERSATIONS_UNLOCKED_TOTAL;

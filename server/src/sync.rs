@@ -84,18 +84,17 @@ async fn handle(
             .with_field("updated_memories", json!([]))
     })?;
 
-    // 2. The body, then a job of it (spooled, recorded, queued under the lease this request runs it with).
+    // 2. The spool's room for it, the body, then a job of it (spooled, recorded, queued under the lease
+    //    this request runs it with).
+    let room = sync_v2::reserve_room(req, jobs, limits)?;
     let batch = read_upload(req, payload, limits).await?;
-    let submitted = sync_v2::submit(
-        engine,
-        jobs,
-        uid,
-        ent.lock,
-        query.conversation_id,
+    let upload = sync_v2::Upload {
         batch,
-        Origin::V1,
-    )
-    .await?;
+        room,
+        locked: ent.lock,
+        target: query.conversation_id,
+    };
+    let submitted = sync_v2::submit(engine, jobs, uid, upload, Origin::V1).await?;
     let job_id = submitted.queued.job_id.clone();
     let Some(lease) = submitted.lease else {
         // `submit` returns a v1 job's lease or an error.

@@ -55,6 +55,12 @@ pub fn sync_jobs_open(uid: &str) -> String {
     format!("vg:{{{uid}}}:syncjobs:open")
 }
 
+/// Hash: job id → bytes of the job's spooled files, for each entry of [`sync_jobs_open`] (the per-user
+/// spool quota); written and removed with it.
+pub fn sync_jobs_bytes(uid: &str) -> String {
+    format!("vg:{{{uid}}}:syncjobs:bytes")
+}
+
 /// Sorted set: member = `<lane>\t<uid>\t<job id>`, score = due ms: the sync v2 jobs every node's workers
 /// run. Not a user's key (one cluster slot); touched a few times per job.
 pub const SYNC_JOB_QUEUE: &str = "vg:syncjobs:queue";
@@ -98,6 +104,10 @@ mod tests {
             assert_eq!(
                 hash_tag(&lease(uid, "listen_session", None)),
                 hash_tag(&speech_buckets(uid))
+            );
+            assert_eq!(
+                hash_tag(&sync_jobs_bytes(uid)),
+                hash_tag(&sync_jobs_open(uid))
             );
             assert_eq!(
                 hash_tag(&lease(uid, "sync_job", Some("j{1}"))),

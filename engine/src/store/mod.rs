@@ -17,6 +17,7 @@ pub mod plans;
 mod redis_store;
 mod replicas;
 pub mod sync_jobs;
+pub mod sync_jobs_redis;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_redis;
 #[cfg(any(test, feature = "test-util"))]

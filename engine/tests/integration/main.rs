@@ -30,3 +30,4 @@ mod supervisor_faults;
 mod supervisor_heuristic;
 mod supervisor_nodes;
 mod supervisor_openai;
+mod sync_jobs_store;

@@ -78,6 +78,18 @@ pub const SYNC_BACKFILL_JOBS_PER_USER: usize = 1;
 pub const SYNC_JOBS_PER_USER: usize = 50;
 /// `VOICEGATE_SYNC_QUEUE_MAX`.
 pub const SYNC_QUEUE_MAX: usize = 10_000;
+/// `VOICEGATE_SYNC_SPOOL_BYTES_PER_USER`: 2 GiB of one user's unfinished jobs' files, on all nodes: 8
+/// requests at `VOICEGATE_UPLOAD_MAX_REQUEST_BYTES` (256 MiB) or 32 files at `VOICEGATE_UPLOAD_MAX_FILE_BYTES`
+/// (64 MiB), about 18 hours of 16 kHz PCM and far more of Opus: a device's whole backlog after days offline
+/// fits, while the 50 jobs of `VOICEGATE_SYNC_JOBS_PER_USER` at 256 MiB each (12.5 GiB) would not be one
+/// user's to take. Must be at least `VOICEGATE_UPLOAD_MAX_REQUEST_BYTES` (else a full-size upload never fits).
+pub const SYNC_SPOOL_BYTES_PER_USER: u64 = 2 * 1024 * 1024 * 1024;
+/// `VOICEGATE_SYNC_SPOOL_MAX_BYTES`: 32 GiB, 16 users at their full quota or 128 full-size requests; the
+/// volume's own free space is guarded apart (`VOICEGATE_SYNC_SPOOL_MIN_FREE_BYTES`).
+pub const SYNC_SPOOL_MAX_BYTES: u64 = 32 * 1024 * 1024 * 1024;
+/// `VOICEGATE_SYNC_SPOOL_MIN_FREE_BYTES`: 1 GiB left free on the spool's file system (logs, Redis
+/// snapshots, the system's own temp files often share it).
+pub const SYNC_SPOOL_MIN_FREE_BYTES: u64 = 1024 * 1024 * 1024;
 /// `VOICEGATE_SYNC_JOB_RETENTION_SECS`: 7 days.
 pub const SYNC_JOB_RETENTION_SECS: u64 = 7 * 86_400;
 /// `VOICEGATE_AUTH_FAILURES_PER_MINUTE`: a burst of this many, then this many a minute.

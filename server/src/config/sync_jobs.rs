@@ -36,6 +36,18 @@ pub struct SyncJobArgs {
     #[arg(id = "sync_queue_max", long = "sync-queue-max", env = "VOICEGATE_SYNC_QUEUE_MAX", default_value_t = defaults::SYNC_QUEUE_MAX)]
     pub queue_max: usize,
 
+    /// Bytes of one user's unfinished sync v2 jobs' files, on all nodes (429 `sync_spool_user_quota` above it). At least VOICEGATE_UPLOAD_MAX_REQUEST_BYTES.
+    #[arg(id = "sync_spool_bytes_per_user", long = "sync-spool-bytes-per-user", env = "VOICEGATE_SYNC_SPOOL_BYTES_PER_USER", default_value_t = defaults::SYNC_SPOOL_BYTES_PER_USER)]
+    pub spool_bytes_per_user: u64,
+
+    /// Bytes in the spool at most, uploads being read included (507 `sync_spool_full` above it, before the body is read). At least VOICEGATE_UPLOAD_MAX_REQUEST_BYTES.
+    #[arg(id = "sync_spool_max_bytes", long = "sync-spool-max-bytes", env = "VOICEGATE_SYNC_SPOOL_MAX_BYTES", default_value_t = defaults::SYNC_SPOOL_MAX_BYTES)]
+    pub spool_max_bytes: u64,
+
+    /// Free space kept on the spool's file system: an upload that would leave less is refused (507 `sync_spool_full`, before the body is read). 0 turns the check off.
+    #[arg(id = "sync_spool_min_free_bytes", long = "sync-spool-min-free-bytes", env = "VOICEGATE_SYNC_SPOOL_MIN_FREE_BYTES", default_value_t = defaults::SYNC_SPOOL_MIN_FREE_BYTES)]
+    pub spool_min_free_bytes: u64,
+
     /// How long a sync v2 job's record is kept after its last change (its status then answers 404).
     #[arg(id = "sync_job_retention_secs", long = "sync-job-retention-secs", env = "VOICEGATE_SYNC_JOB_RETENTION_SECS", default_value_t = defaults::SYNC_JOB_RETENTION_SECS)]
     pub retention_secs: u64,
@@ -58,6 +70,9 @@ impl Default for SyncJobArgs {
             backfill_jobs_per_user: defaults::SYNC_BACKFILL_JOBS_PER_USER,
             jobs_per_user: defaults::SYNC_JOBS_PER_USER,
             queue_max: defaults::SYNC_QUEUE_MAX,
+            spool_bytes_per_user: defaults::SYNC_SPOOL_BYTES_PER_USER,
+            spool_max_bytes: defaults::SYNC_SPOOL_MAX_BYTES,
+            spool_min_free_bytes: defaults::SYNC_SPOOL_MIN_FREE_BYTES,
             retention_secs: defaults::SYNC_JOB_RETENTION_SECS,
             v1_wait_secs: defaults::SYNC_V1_WAIT_SECS,
             v1_transcript_wait_secs: defaults::SYNC_V1_TRANSCRIPT_WAIT_SECS,
@@ -66,8 +81,19 @@ impl Default for SyncJobArgs {
 }
 
 impl SyncJobArgs {
+    /// The spool's byte bounds, by name: each must hold at least one request of the upload limit.
+    pub fn spool_bounds(&self) -> [(&'static str, u64); 2] {
+        [
+            (
+                "VOICEGATE_SYNC_SPOOL_BYTES_PER_USER",
+                self.spool_bytes_per_user,
+            ),
+            ("VOICEGATE_SYNC_SPOOL_MAX_BYTES", self.spool_max_bytes),
+        ]
+    }
+
     /// The settings that must not be 0, by name (checked with the server's other limits).
-    pub fn limits(&self) -> [(&'static str, u64); 7] {
+    pub fn limits(&self) -> [(&'static str, u64); 9] {
         [
             ("VOICEGATE_SYNC_WORKERS", self.workers as u64),
             (
@@ -80,6 +106,11 @@ impl SyncJobArgs {
             ),
             ("VOICEGATE_SYNC_JOBS_PER_USER", self.jobs_per_user as u64),
             ("VOICEGATE_SYNC_QUEUE_MAX", self.queue_max as u64),
+            (
+                "VOICEGATE_SYNC_SPOOL_BYTES_PER_USER",
+                self.spool_bytes_per_user,
+            ),
+            ("VOICEGATE_SYNC_SPOOL_MAX_BYTES", self.spool_max_bytes),
             ("VOICEGATE_SYNC_JOB_RETENTION_SECS", self.retention_secs),
             ("VOICEGATE_SYNC_V1_WAIT_SECS", self.v1_wait_secs),
         ]

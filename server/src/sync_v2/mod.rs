@@ -3,16 +3,22 @@
 //!
 //! 1. Admission as v1 (`crate::sync`): the per-user and per-node upload limits, then the entitlement (429
 //!    for a restricted user over a cap, before the body; the credit lock is read and kept in the job).
-//! 2. The queue's bound (`VOICEGATE_SYNC_QUEUE_MAX` jobs on all nodes, else 503 `sync_queue_full`).
+//! 2. The queue's bound (`VOICEGATE_SYNC_QUEUE_MAX` jobs on all nodes, else 503 `sync_queue_full`), then the
+//!    spool's room for the declared length ([`room`]: `VOICEGATE_SYNC_SPOOL_MAX_BYTES` and the volume's
+//!    `VOICEGATE_SYNC_SPOOL_MIN_FREE_BYTES`, else 507 `sync_spool_full`), all before the body.
 //! 3. The body is streamed under the upload limits into the spool (`VOICEGATE_SYNC_SPOOL_DIR`; shared by the
 //!    nodes that share a store) and moved to `<spool>/<job id>/` with one rename; nothing is decoded.
-//! 4. The job's record is written (the user's quota of unfinished jobs, `VOICEGATE_SYNC_JOBS_PER_USER`, else
-//!    429 `too_many_sync_jobs`), queued, and the node's [`worker`] pool woken.
+//! 4. The job's record is written under the user's quotas, counted on all nodes and checked at once by the
+//!    store: unfinished jobs (`VOICEGATE_SYNC_JOBS_PER_USER`, else 429 `too_many_sync_jobs`) and their
+//!    files' bytes (`VOICEGATE_SYNC_SPOOL_BYTES_PER_USER`, else 429 `sync_spool_user_quota`; only the body
+//!    tells the bytes, so this one is after it). A refused job's folder is removed. Then the job is queued
+//!    and the node's [`worker`] pool woken.
 //!
 //! The job record and the status body are [`record`]'s; running, resuming and lanes are [`worker`]'s.
 
 mod job;
 pub mod record;
+pub mod room;
 pub mod spool;
 pub mod worker;
 
@@ -29,9 +35,10 @@ use voicegate_engine::lease::{Acquired, LeaseGuard};
 use voicegate_engine::policy::{Admission, Entitlement, Mode, backfill};
 use voicegate_engine::store::lease::LeaseKey;
 use voicegate_engine::store::sync_jobs::{CreateLimits, Created, QueuedJob, SyncJobStore};
-use voicegate_engine::telemetry::SYNC_JOBS_CREATED_TOTAL;
+use voicegate_engine::telemetry::{SYNC_JOBS_CREATED_TOTAL, SYNC_UPLOADS_REFUSED_TOTAL};
 
 use self::record::{FileState, JobFile, JobRecord, JobStatus, Origin, POLL_AFTER_MS, StageTimings};
+use self::room::{Reservation, SpoolRoom};
 use self::worker::Workers;
 use crate::auth::AuthedUser;
 use crate::engine::Engine;
@@ -77,17 +84,22 @@ pub struct JobsConfig {
     /// `transcript_status: pending`, the job goes on).
     pub v1_transcript_wait: std::time::Duration,
     pub jobs_per_user: u64,
+    pub spool_bytes_per_user: u64,
     pub queue_max: u64,
     pub retention_ms: u64,
 }
 
-/// The v2 app data: the job store, the settings and the node's worker pool.
+/// The v2 app data: the job store, the settings, the spool's room and the node's worker pool.
 #[derive(Clone)]
 pub struct SyncJobs {
     pub store: Arc<dyn SyncJobStore>,
     pub cfg: JobsConfig,
+    pub room: Arc<SpoolRoom>,
     pub workers: Workers,
 }
+
+/// `Retry-After` of a refusal that lasts until some queued jobs end: ten of a job's polls.
+const JOBS_END_RETRY_AFTER_S: u64 = 10 * POLL_AFTER_MS.div_ceil(1000);
 
 impl SyncJobs {
     /// Where uploads are written before they become a job (the spool's file system, so the move is a
@@ -117,6 +129,15 @@ pub fn start(
         );
     }
     let retention_ms = cfg.sync_jobs.retention_secs.saturating_mul(1000);
+    if let Err(error) = std::fs::create_dir_all(&spool) {
+        // Not fatal: uploads answer 503 `sync_spool_unavailable` until the folder can be made.
+        tracing::error!(message = "The sync spool folder cannot be made.", dir = %spool.display(), %error);
+    }
+    let room = SpoolRoom::new(
+        spool.clone(),
+        cfg.sync_jobs.spool_max_bytes,
+        cfg.sync_jobs.spool_min_free_bytes,
+    );
     let workers = Workers::start(
         engine.clone(),
         Arc::clone(&engine.sync_jobs),
@@ -128,6 +149,7 @@ pub fn start(
                 .unwrap_or(u32::MAX),
             retention_ms,
             spool: spool.clone(),
+            room: Arc::clone(&room),
         },
     );
     SyncJobs {
@@ -139,9 +161,11 @@ pub fn start(
                 cfg.sync_jobs.v1_transcript_wait_secs,
             ),
             jobs_per_user: cfg.sync_jobs.jobs_per_user as u64,
+            spool_bytes_per_user: cfg.sync_jobs.spool_bytes_per_user,
             queue_max: cfg.sync_jobs.queue_max as u64,
             retention_ms,
         },
+        room,
         workers,
     }
 }
@@ -190,27 +214,36 @@ pub async fn create(
     // 2. The queue's bound.
     match jobs.store.queued().await {
         Ok(n) if n >= jobs.cfg.queue_max => {
-            return Err(ApiError::unavailable(
-                "sync_queue_full",
-                format!(
-                    "{n} sync jobs are queued on all servers (VOICEGATE_SYNC_QUEUE_MAX); retry later"
+            return Err(refused(
+                "queue_full",
+                ApiError::unavailable(
+                    "sync_queue_full",
+                    format!(
+                        "{n} sync jobs are queued on all servers (VOICEGATE_SYNC_QUEUE_MAX); retry later"
+                    ),
                 ),
             ));
         }
         Ok(_) => {}
         Err(e) => return Err(store_down(&e)),
     }
+    std::fs::create_dir_all(jobs.incoming()).map_err(|e| spool_down(&e))?;
+    let room = reserve_room(&req, &jobs, &limits)?;
 
-    // 3. The body, into the spool.
+    // 3. The body, into the spool (a refused or failed upload's files go with its batch).
     let mut spool_limits = limits.get_ref().clone();
     spool_limits.dir = Some(jobs.incoming());
-    std::fs::create_dir_all(jobs.incoming()).map_err(|e| spool_down(&e))?;
     let batch = read_upload(&req, payload, &spool_limits).await?;
 
     // 4. The record, queued.
     let target = query.into_inner().conversation_id;
-    let Submitted { queued, rec, .. } =
-        submit(&engine, &jobs, uid, ent.lock, target, batch, Origin::V2).await?;
+    let upload = Upload {
+        batch,
+        room,
+        locked: ent.lock,
+        target,
+    };
+    let Submitted { queued, rec, .. } = submit(&engine, &jobs, uid, upload, Origin::V2).await?;
     let job_id = queued.job_id;
     Ok(HttpResponse::Accepted()
         .insert_header((header::LOCATION, format!("/v2/sync-local-files/{job_id}")))
@@ -230,18 +263,70 @@ pub(crate) struct Submitted {
     pub lease: Option<LeaseGuard>,
 }
 
+/// An upload read by its request, to become a job.
+pub(crate) struct Upload {
+    pub batch: UploadBatch,
+    /// Its room in the spool ([`reserve_room`], before the body was read).
+    pub room: Reservation,
+    /// The entitlement's credit lock at admission.
+    pub locked: bool,
+    /// `?conversation_id=`.
+    pub target: Option<String>,
+}
+
+/// The spool's room for what a request's body can hold (its declared length, else the request limit; a
+/// longer body is cut by the HTTP framing or refused 413 by the reader), before the body is read: 507
+/// `sync_spool_full` when the spool (`VOICEGATE_SYNC_SPOOL_MAX_BYTES`) or its volume
+/// (`VOICEGATE_SYNC_SPOOL_MIN_FREE_BYTES`) has no room for it.
+pub(crate) fn reserve_room(
+    req: &HttpRequest,
+    jobs: &SyncJobs,
+    limits: &UploadLimits,
+) -> Result<Reservation, ApiError> {
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    jobs.room
+        .reserve(declared.map_or(limits.max_request_bytes, |n| {
+            n.min(limits.max_request_bytes)
+        }))
+        .map_err(|full| {
+            let (limit, value) = full.limit();
+            refused(
+                "spool_full",
+                ApiError::new(
+                    actix_web::http::StatusCode::INSUFFICIENT_STORAGE,
+                    "sync_spool_full",
+                    full.to_string(),
+                )
+                .retry_after(JOBS_END_RETRY_AFTER_S)
+                .with_field("limit", limit)
+                .with_field("limit_value", value)
+                .closing_connection(),
+            )
+        })
+}
+
 /// Makes a job of an upload read by the caller: the files moved into the spool, the record created under the
-/// user's quota (`VOICEGATE_SYNC_JOBS_PER_USER`, else 429 `too_many_sync_jobs`) and queued. A v2 job is then
-/// run by the worker pool; a v1 job comes with its lease, for its request to run it ([`Workers::run_inline`]).
+/// user's quotas (`VOICEGATE_SYNC_JOBS_PER_USER`, else 429 `too_many_sync_jobs`;
+/// `VOICEGATE_SYNC_SPOOL_BYTES_PER_USER`, else 429 `sync_spool_user_quota`) and queued. A v2 job is then run
+/// by the worker pool; a v1 job comes with its lease, for its request to run it ([`Workers::run_inline`]).
 pub(crate) async fn submit(
     engine: &Engine,
     jobs: &SyncJobs,
     uid: &str,
-    locked: bool,
-    target: Option<String>,
-    batch: UploadBatch,
+    upload: Upload,
     origin: Origin,
 ) -> Result<Submitted, ApiError> {
+    let Upload {
+        batch,
+        room,
+        locked,
+        target,
+    } = upload;
+    let bytes: u64 = batch.files.iter().map(|f| f.size).sum();
     let job_id = new_job_id();
     let dest = jobs.cfg.spool.join(&job_id);
     let files = batch.persist(&dest).map_err(|e| spool_down(&e))?;
@@ -306,9 +391,13 @@ pub(crate) async fn submit(
     let text = serde_json::to_string(&rec).map_err(|e| ApiError::internal("sync_job_record", e))?;
     let limits = CreateLimits {
         max_open_per_user: jobs.cfg.jobs_per_user,
+        max_bytes_per_user: jobs.cfg.spool_bytes_per_user,
         retention_ms: jobs.cfg.retention_ms,
     };
-    let created = jobs.store.create(uid, &job_id, &text, now, limits).await;
+    let created = jobs
+        .store
+        .create(uid, &job_id, &text, bytes, now, limits)
+        .await;
     let created = match created {
         Ok(c) => c,
         Err(e) => {
@@ -316,16 +405,39 @@ pub(crate) async fn submit(
             return Err(store_down(&e));
         }
     };
-    if let Created::UserQuotaFull { open } = created {
-        discard(&dest);
-        return Err(ApiError::too_many_requests(
-            "too_many_sync_jobs",
-            format!(
-                "{open} of your sync jobs are not finished (VOICEGATE_SYNC_JOBS_PER_USER); poll them and \
-                 upload more once one has ended"
-            ),
-            POLL_AFTER_MS.div_ceil(1000).max(1) * 10,
-        ));
+    match created {
+        Created::Created => {}
+        Created::UserQuotaFull { open } => {
+            discard(&dest);
+            return Err(refused(
+                "jobs_per_user",
+                ApiError::too_many_requests(
+                    "too_many_sync_jobs",
+                    format!(
+                        "{open} of your sync jobs are not finished (VOICEGATE_SYNC_JOBS_PER_USER); poll them \
+                         and upload more once one has ended"
+                    ),
+                    JOBS_END_RETRY_AFTER_S,
+                ),
+            ));
+        }
+        Created::UserBytesFull { bytes: held } => {
+            discard(&dest);
+            return Err(refused(
+                "spool_user_quota",
+                ApiError::too_many_requests(
+                    "sync_spool_user_quota",
+                    format!(
+                        "your unfinished sync jobs hold {held} bytes; this upload's {bytes} would pass \
+                         VOICEGATE_SYNC_SPOOL_BYTES_PER_USER ({}); poll them and upload more once one has ended",
+                        jobs.cfg.spool_bytes_per_user
+                    ),
+                    JOBS_END_RETRY_AFTER_S,
+                )
+                .with_field("limit", "VOICEGATE_SYNC_SPOOL_BYTES_PER_USER")
+                .with_field("limit_value", jobs.cfg.spool_bytes_per_user),
+            ));
+        }
     }
     // A v1 job is run by its request's node: its lease is taken before it is queued, so no worker (here
     // or on another node) takes it first.
@@ -353,6 +465,7 @@ pub(crate) async fn submit(
         discard(&dest);
         return Err(store_down(&e));
     }
+    room.commit(bytes);
     if lease.is_none() {
         jobs.workers.wake();
     }
@@ -391,6 +504,12 @@ pub async fn status(
         return Err(not_found());
     }
     Ok(HttpResponse::Ok().json(rec.view()))
+}
+
+/// Counts a refusal of an upload for a limit (`voicegate_sync_uploads_refused_total{reason}`).
+fn refused(reason: &'static str, err: ApiError) -> ApiError {
+    metrics::counter!(SYNC_UPLOADS_REFUSED_TOTAL, "reason" => reason).increment(1);
+    err
 }
 
 fn store_down(e: &voicegate_engine::store::StoreError) -> ApiError {

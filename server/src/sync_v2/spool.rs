@@ -95,6 +95,7 @@ mod tests {
         let store = MemorySyncJobStore::new();
         let limits = CreateLimits {
             max_open_per_user: 10,
+            max_bytes_per_user: u64::MAX,
             retention_ms: u64::MAX / 4,
         };
         let record = |status: &str| {
@@ -107,11 +108,11 @@ mod tests {
             )
         };
         store
-            .create("u", "live", &record("queued"), 1, limits)
+            .create("u", "live", &record("queued"), 0, 1, limits)
             .await
             .unwrap();
         store
-            .create("u", "done", &record("completed"), 1, limits)
+            .create("u", "done", &record("completed"), 0, 1, limits)
             .await
             .unwrap();
         for id in ["live", "done", "orphan"] {

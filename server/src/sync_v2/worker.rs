@@ -16,6 +16,10 @@
 //!   are deduplicated by the conversations, a span already transcribed is not sent again).
 //! - **Drain**: the node stops taking jobs and aborts the ones running, which gives their leases back at
 //!   once; another node (or this one after its restart) resumes them.
+//! - **Watched**: every [`WATCH_EVERY`] the pool publishes how long the oldest job waiting in each lane has
+//!   been due (`voicegate_sync_oldest_queued_job_age_seconds`; a deferred job is not waiting until its time,
+//!   a running one, here or on another node, not at all), and every [`super::room::MEASURE_EVERY`] it
+//!   measures the spool's bytes.
 //! - A server-side failure (store, conversations) puts the job back in the queue with the house backoff; after
 //!   8 runs the job fails `sync_unavailable`, `retryable: true`. A job whose spooled files are
 //!   gone fails `sync_job_files_lost`, `retryable: true` (upload again).
@@ -28,18 +32,27 @@ use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use voicegate_engine::lease::{Acquired, LeaseGuard};
+use voicegate_engine::store::StoreError;
 use voicegate_engine::store::lease::LeaseKey;
-use voicegate_engine::store::sync_jobs::{QueuedJob, SyncJobStore};
+use voicegate_engine::store::sync_jobs::{DueJob, OldestDue, QueuedJob, SyncJobStore};
 use voicegate_engine::stt::SttProvider;
-use voicegate_engine::telemetry::{SYNC_JOBS_QUEUED, SYNC_JOBS_RUNNING};
+use voicegate_engine::telemetry::{
+    SYNC_JOBS_QUEUED, SYNC_JOBS_RUNNING, SYNC_OLDEST_QUEUED_JOB_AGE_SECONDS,
+};
 
 use super::job::{JobContext, Progress, lane_label};
+use super::room::SpoolRoom;
 use crate::engine::Engine;
 
 /// How often the dispatcher looks at the queue without being woken.
 const POLL: Duration = Duration::from_secs(1);
 /// Queue entries read per dispatch round.
 const DUE_BATCH: usize = 256;
+/// How often the age of the oldest waiting job is read.
+pub const WATCH_EVERY: Duration = Duration::from_secs(5);
+/// Rounds of looking past jobs running on other nodes (one job per lane a round) when finding the oldest
+/// waiting one; past them, the age reported may be a running job's (the alert errs on the loud side).
+const MAX_RUNNING_SKIPPED: usize = 64;
 /// Lease kinds (metric labels; `docs/operations.md` limits table).
 pub const JOB_LEASE: &str = "sync_job";
 pub const BACKFILL_LEASE: &str = "sync_backfill_job";
@@ -52,6 +65,7 @@ pub struct WorkerConfig {
     pub backfill_jobs_per_user: u32,
     pub retention_ms: u64,
     pub spool: PathBuf,
+    pub room: Arc<SpoolRoom>,
 }
 
 /// The node's worker pool. Cheap to clone.
@@ -93,13 +107,23 @@ impl Workers {
         };
         let w = workers.clone();
         tokio::spawn(async move {
-            let mut next_sweep = tokio::time::Instant::now();
+            let start = tokio::time::Instant::now();
+            let (mut next_sweep, mut next_watch, mut next_measure) = (start, start, start);
             while !w.inner.stopping.load(Ordering::Acquire) {
-                if tokio::time::Instant::now() >= next_sweep {
+                let now = tokio::time::Instant::now();
+                if now >= next_sweep {
                     next_sweep += super::spool::SWEEP_EVERY;
                     let ctx = &w.inner.ctx;
                     super::spool::sweep(&ctx.spool, ctx.store.as_ref(), super::spool::MIN_AGE)
                         .await;
+                }
+                if now >= next_measure {
+                    next_measure = now + super::room::MEASURE_EVERY;
+                    w.inner.cfg.room.measure().await;
+                }
+                if now >= next_watch {
+                    next_watch = now + WATCH_EVERY;
+                    w.watch().await;
                 }
                 w.dispatch().await;
                 tokio::select! {
@@ -149,14 +173,54 @@ impl Workers {
             .collect()
     }
 
+    /// Publishes the age of the oldest job waiting in each lane.
+    async fn watch(&self) {
+        let now = self.inner.ctx.engine.clock.now_ms();
+        // A store error keeps the last ages (`voicegate_store_up` says why); the dispatcher logs it.
+        if let Ok(oldest) = self.oldest_waiting(now).await {
+            for (lane, due) in [
+                ("sync_fresh", &oldest.fresh),
+                ("sync_backfill", &oldest.backfill),
+            ] {
+                metrics::gauge!(SYNC_OLDEST_QUEUED_JOB_AGE_SECONDS, "lane" => lane)
+                    .set(age_seconds(now, due.as_ref()));
+            }
+        }
+    }
+
+    /// The oldest due job of each lane that is not running: the store's oldest due, skipping the jobs running
+    /// here and those whose lease another node holds.
+    async fn oldest_waiting(&self, now_ms: u64) -> Result<OldestDue, StoreError> {
+        let store = &self.inner.ctx.store;
+        let leases = &self.inner.ctx.engine.leases;
+        let mut skip = self.running_jobs();
+        let mut skipped = 0;
+        loop {
+            let oldest = store.oldest_due(now_ms, &skip).await?;
+            let mut running_elsewhere = Vec::new();
+            for due in [&oldest.fresh, &oldest.backfill].into_iter().flatten() {
+                let key = LeaseKey::job(JOB_LEASE, &due.job.uid, &due.job.job_id);
+                if leases.holders(&key).await.is_ok_and(|h| !h.is_empty()) {
+                    running_elsewhere.push(due.job.clone());
+                }
+            }
+            if running_elsewhere.is_empty() || skipped >= MAX_RUNNING_SKIPPED {
+                return Ok(oldest);
+            }
+            skipped += 1;
+            skip.extend(running_elsewhere);
+        }
+    }
+
     async fn dispatch(&self) {
         let cfg = &self.inner.cfg;
+        // Read before the early return: the gauge must move while every worker is busy too.
+        if let Ok(n) = self.inner.ctx.store.queued().await {
+            metrics::gauge!(SYNC_JOBS_QUEUED).set(n as f64);
+        }
         let running = self.running_jobs();
         if running.len() >= cfg.workers {
             return;
-        }
-        if let Ok(n) = self.inner.ctx.store.queued().await {
-            metrics::gauge!(SYNC_JOBS_QUEUED).set(n as f64);
         }
         let now = self.inner.ctx.engine.clock.now_ms();
         let due = match self.inner.ctx.store.due(now, DUE_BATCH).await {
@@ -273,11 +337,40 @@ impl Workers {
     }
 }
 
+/// Whole seconds since `due` became due (0 when nothing waits), rounded to the nearest.
+fn age_seconds(now_ms: u64, due: Option<&DueJob>) -> f64 {
+    let ms = due.map_or(0, |d| now_ms.saturating_sub(d.due_ms));
+    (ms.saturating_add(500) / 1000) as f64
+}
+
 /// Counts a job in `voicegate_sync_jobs_running` until dropped (also when the task is aborted).
 struct RunningGauge(&'static str);
 
 impl Drop for RunningGauge {
     fn drop(&mut self) {
         metrics::gauge!(SYNC_JOBS_RUNNING, "lane" => self.0).decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_job_s_age_counts_from_its_due_time_and_nothing_waiting_is_zero() {
+        let due = |due_ms| DueJob {
+            job: QueuedJob {
+                uid: "u".into(),
+                job_id: "j".into(),
+                backfill: false,
+            },
+            due_ms,
+        };
+        assert_eq!(age_seconds(10_000, None), 0.0);
+        assert_eq!(age_seconds(610_000, Some(&due(10_000))), 600.0);
+        assert_eq!(age_seconds(10_499, Some(&due(10_000))), 0.0);
+        assert_eq!(age_seconds(10_500, Some(&due(10_000))), 1.0);
+        // A clock behind the due time (another node's) is not a negative age.
+        assert_eq!(age_seconds(5_000, Some(&due(10_000))), 0.0);
     }
 }

@@ -43,5 +43,6 @@ mod sync_transcripts;
 mod sync_v2;
 mod sync_v2_crash;
 mod sync_v2_lanes;
+mod sync_v2_spool;
 mod upload;
 mod upload_real_server;

@@ -7,100 +7,15 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::future::BoxFuture;
 use serde_json::Value;
 use tokio::sync::watch;
-use voicegate_engine::conversation::{
-    Conversation, ConversationError, ConversationPage, ConversationStore, SegmentsAdded,
-    TranscriptSegment, TranscriptStatus, Upsert, UpsertOutcome,
-};
 
 use crate::common;
 
 use common::engine_server::{EngineServer, fair_use_on, fixtures, now_s, omi_name};
+use common::gated::Gated;
 
 const DAY_MS: u64 = 86_400_000;
-
-/// The engine's conversation store, with `uid`'s upserts held until the gate opens (`true`).
-struct Gated {
-    inner: Arc<dyn ConversationStore>,
-    uid: &'static str,
-    open: watch::Receiver<bool>,
-}
-
-impl ConversationStore for Gated {
-    fn upsert(&self, req: Upsert) -> BoxFuture<'_, Result<UpsertOutcome, ConversationError>> {
-        let mut open = self.open.clone();
-        let held = req.uid == self.uid;
-        Box::pin(async move {
-            if held {
-                let _ = open.wait_for(|o| *o).await;
-            }
-            self.inner.upsert(req).await
-        })
-    }
-    fn get<'a>(
-        &'a self,
-        uid: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Conversation>, ConversationError>> {
-        self.inner.get(uid, id)
-    }
-    fn list<'a>(
-        &'a self,
-        uid: &'a str,
-        limit: usize,
-        offset: usize,
-    ) -> BoxFuture<'a, Result<ConversationPage, ConversationError>> {
-        self.inner.list(uid, limit, offset)
-    }
-    fn unlock_all<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<u64, ConversationError>> {
-        self.inner.unlock_all(uid)
-    }
-    fn add_segments<'a>(
-        &'a self,
-        uid: &'a str,
-        id: &'a str,
-        segments: Vec<TranscriptSegment>,
-    ) -> BoxFuture<'a, Result<SegmentsAdded, ConversationError>> {
-        self.inner.add_segments(uid, id, segments)
-    }
-    fn transcript<'a>(
-        &'a self,
-        uid: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<TranscriptSegment>, ConversationError>> {
-        self.inner.transcript(uid, id)
-    }
-    fn set_span_statuses<'a>(
-        &'a self,
-        uid: &'a str,
-        id: &'a str,
-        statuses: Vec<(String, TranscriptStatus)>,
-    ) -> BoxFuture<'a, Result<(), ConversationError>> {
-        self.inner.set_span_statuses(uid, id, statuses)
-    }
-    fn span_statuses<'a>(
-        &'a self,
-        uid: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<
-        'a,
-        Result<std::collections::BTreeMap<String, TranscriptStatus>, ConversationError>,
-    > {
-        self.inner.span_statuses(uid, id)
-    }
-    fn delete<'a>(
-        &'a self,
-        uid: &'a str,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<bool, ConversationError>> {
-        self.inner.delete(uid, id)
-    }
-    fn delete_all<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<u64, ConversationError>> {
-        self.inner.delete_all(uid)
-    }
-}
 
 /// `n` distinct device files (fixtures concatenated three at a time), recorded `ago_s` before now, a
 /// minute apart.

@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 pub mod engine_server;
+pub mod gated;
 pub mod refusal;
 
 use std::time::{SystemTime, UNIX_EPOCH};

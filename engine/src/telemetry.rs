@@ -112,8 +112,8 @@ pub const SYNC_REQUESTS_TOTAL: &str = "voicegate_sync_requests_total";
 pub const SYNC_UPLOADS_ACTIVE: &str = "voicegate_sync_uploads_active";
 /// Counter, label `reason`: sync uploads refused for a limit. Before their body was read:
 /// `per_user_limit` (429 `too_many_uploads`), `at_capacity` (503 `uploads_at_capacity`), `queue_full` (v2:
-/// 503 `sync_queue_full`), `spool_full` (v2: 507 `sync_spool_full`, the spool's bytes or its volume's free
-/// space); once the body is in the spool (v2): `jobs_per_user` (429 `too_many_sync_jobs`),
+/// 503 `sync_queue_full`), `spool_full` (v1 and v2: 507 `sync_spool_full`, the spool's bytes or its volume's free
+/// space); once the body is in the spool (v1 and v2): `jobs_per_user` (429 `too_many_sync_jobs`),
 /// `spool_user_quota` (429 `sync_spool_user_quota`).
 pub const SYNC_UPLOADS_REFUSED_TOTAL: &str = "voicegate_sync_uploads_refused_total";
 /// Counter, label `lane` (`sync_fresh`, `sync_backfill`, `too_old`): analysed sync files by the backfill
@@ -124,11 +124,11 @@ pub const SYNC_FILES_BY_LANE_TOTAL: &str = "voicegate_sync_files_by_lane_total";
 pub const EVENTS_PUBLISHED_TOTAL: &str = "voicegate_events_published_total";
 /// Counter, label `reason` (`queue_full`, `store_failed`): downstream events dropped.
 pub const EVENTS_DROPPED_TOTAL: &str = "voicegate_events_dropped_total";
-/// Counter, label `lane` (`sync_fresh`, `sync_backfill`): sync v2 jobs accepted (202).
+/// Counter, label `lane` (`sync_fresh`, `sync_backfill`): sync jobs created (v2 uploads accepted with 202, and v1 uploads, each run as a job).
 pub const SYNC_JOBS_CREATED_TOTAL: &str = "voicegate_sync_jobs_created_total";
-/// Counter, labels `status` (`completed`, `partial_failure`, `failed`) and `lane`: sync v2 jobs ended.
+/// Counter, labels `status` (`completed`, `partial_failure`, `failed`) and `lane`: sync jobs (v1 and v2) ended.
 pub const SYNC_JOBS_TOTAL: &str = "voicegate_sync_jobs_total";
-/// Gauge, label `lane`: sync v2 jobs running on this node.
+/// Gauge, label `lane`: sync jobs running on this node (the pool's v2 jobs and the v1 uploads' own).
 pub const SYNC_JOBS_RUNNING: &str = "voicegate_sync_jobs_running";
 /// Gauge: sync v2 jobs in the queue on all nodes (due or deferred), as this node last read it (each second).
 pub const SYNC_JOBS_QUEUED: &str = "voicegate_sync_jobs_queued";

@@ -195,9 +195,8 @@ fn storm_rows(o: &mut String, s: &StormReport) {
     );
     let _ = writeln!(
         o,
-        "  answers {}  429 {}: {}  other {}  connections opened {}  ({:.0} refusals/s)",
+        "  answers {}  429 fair_use_restricted: {}  other {}  connections opened {}  ({:.0} refusals/s)",
         s.answers,
-        crate::storm::REFUSAL_CODE,
         s.refusals,
         s.other_answers.values().sum::<u64>(),
         s.connections,

@@ -1,15 +1,19 @@
-//! `POST /v1/sync-local-files`: device files uploaded after the fact. The use case (decode, VAD, the backfill
-//! decision, metering, conversations, per-file status) is the engine's [`voicegate_engine::pipeline::sync`];
-//! this handler keeps the HTTP around it:
+//! `POST /v1/sync-local-files`: device files uploaded after the fact, deprecated in favour of v2 and run on
+//! its machinery (`crate::sync_v2`; `docs/api.md`). The use case (decode, VAD, the backfill decision,
+//! metering, conversations, transcription) is the engine's [`voicegate_engine::pipeline::sync`]; this
+//! handler keeps the HTTP around it:
 //! 0. Admission: at most `VOICEGATE_SYNC_UPLOADS_PER_USER` uploads per user on all nodes (a lease; 429
-//!    `too_many_uploads`) and
-//!    `VOICEGATE_SYNC_MAX_UPLOADS` on the node (503 `uploads_at_capacity`) at once ([`crate::upload_slots`]).
+//!    `too_many_uploads`) and `VOICEGATE_SYNC_MAX_UPLOADS` on the node (503 `uploads_at_capacity`) at once
+//!    ([`crate::upload_slots`]); the slot is held until the upload's job has run.
 //! 1. Entitlement for `sync`: restricted and over a cap → 429 with `Retry-After`, before the body is read.
 //!    Credits exhausted → processing continues and the conversations are locked.
-//! 2. The body is streamed to a per-request temp directory under the upload limits (413 names the limit).
-//! 3. The engine analyses the files on the rayon pool (off the I/O threads), then settles them (meter,
-//!    conversations, and the spans' transcription through the node's provider, which reads the files
-//!    again); the temp files are removed once settled (and on every path).
+//! 2. The spool's room (507 `sync_spool_full`), then the body, streamed to a per-request temp directory
+//!    under the upload limits (413 names the limit), becomes a job: moved into the spool, recorded under the
+//!    user's quotas (429 `too_many_sync_jobs`, `sync_spool_user_quota`), queued under this node's lease.
+//! 3. The job runs now on this node ([`crate::sync_v2::worker::Workers::run_inline`]); the answer waits for
+//!    its speech to be metered and in conversations (`VOICEGATE_SYNC_V1_WAIT_SECS`, else 202 with the job),
+//!    then briefly for the transcription (`VOICEGATE_SYNC_V1_TRANSCRIPT_WAIT_SECS`, else `pending`: the job
+//!    finishes it).
 //! 4. The outcome becomes the response: 200 when every file succeeded, 207 when some failed, 400 when no
 //!    file was valid (503 when the failures were the server's: the client should retry), 429
 //!    `backfill_allowance_exhausted` with `Retry-After`, 503 when the conversations could not be written.
@@ -26,7 +30,7 @@ use crate::error::ApiError;
 use crate::sync_v2::record::{Origin, POLL_AFTER_MS};
 use crate::sync_v2::{self, Progress, SyncJobs, SyncQuery, admit};
 use crate::upload::{UploadLimits, read_upload};
-use crate::upload_slots::UploadSlots;
+use crate::upload_slots::{UploadSlot, UploadSlots};
 
 #[allow(clippy::too_many_arguments)] // actix extractors
 pub async fn sync_local_files(
@@ -39,8 +43,9 @@ pub async fn sync_local_files(
     slots: web::Data<UploadSlots>,
     jobs: web::Data<SyncJobs>,
 ) -> Result<HttpResponse, ApiError> {
-    // Held until the answer (dropped with the request on every other path).
-    let _slot = match slots.acquire(&user.uid).await {
+    // Held until the answer, or until the upload's job has run (dropped with the request on every other
+    // path).
+    let slot = match slots.acquire(&user.uid).await {
         Ok(slot) => slot,
         Err(refused) => {
             metrics::counter!(SYNC_REQUESTS_TOTAL, "outcome" => "rejected").increment(1);
@@ -55,6 +60,7 @@ pub async fn sync_local_files(
         &engine,
         &limits,
         &jobs,
+        slot,
     )
     .await;
     let outcome = match &result {
@@ -68,6 +74,7 @@ pub async fn sync_local_files(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle(
     req: &HttpRequest,
     uid: &str,
@@ -76,6 +83,7 @@ async fn handle(
     engine: &Engine,
     limits: &UploadLimits,
     jobs: &SyncJobs,
+    slot: UploadSlot,
 ) -> Result<HttpResponse, ApiError> {
     // 1. Gates, before reading the body (the reference's v1 body fields on a refusal).
     let ent = admit(engine, uid).await.map_err(|refusal| {
@@ -86,7 +94,7 @@ async fn handle(
 
     // 2. The spool's room for it, the body, then a job of it (spooled, recorded, queued under the lease
     //    this request runs it with).
-    let room = sync_v2::reserve_room(req, jobs, limits)?;
+    let room = sync_v2::reserve_room(req, jobs, limits).map_err(v1_refusal)?;
     let batch = read_upload(req, payload, limits).await?;
     let upload = sync_v2::Upload {
         batch,
@@ -94,7 +102,9 @@ async fn handle(
         locked: ent.lock,
         target: query.conversation_id,
     };
-    let submitted = sync_v2::submit(engine, jobs, uid, upload, Origin::V1).await?;
+    let submitted = sync_v2::submit(engine, jobs, uid, upload, Origin::V1)
+        .await
+        .map_err(v1_refusal)?;
     let job_id = submitted.queued.job_id.clone();
     let Some(lease) = submitted.lease else {
         // `submit` returns a v1 job's lease or an error.
@@ -107,7 +117,7 @@ async fn handle(
     // 3. The job runs now, on this node (decode and VAD on the decode pool, then the meter, the
     //    conversations and the transcription). The answer waits for the speech to be settled, then a
     //    little for the transcription; whatever outlives the request goes on in the job.
-    let mut progress = jobs.workers.run_inline(submitted.queued, lease);
+    let mut progress = jobs.workers.run_inline(submitted.queued, lease, slot);
     let settled = tokio::time::timeout(jobs.cfg.v1_wait, async {
         progress
             .wait_for(|p| !matches!(p, Progress::Running))
@@ -117,14 +127,9 @@ async fn handle(
     .await;
     let mut now = match settled {
         Ok(Ok(p)) => p,
-        Err(_) => return Ok(still_running(&job_id, &jobs.cfg)),
-        Ok(Err(_)) => {
-            return Err(ApiError::unavailable(
-                "sync_unavailable",
-                "the upload could not be processed now; retry it (nothing is metered twice)",
-            )
-            .with_field("job_id", json!(job_id)));
-        }
+        // Not settled in time; or the run stopped before it was (a drain, a store error): the job is in
+        // the queue and is resumed (here or on another node).
+        Err(_) | Ok(Err(_)) => return Ok(still_running(&job_id, &jobs.cfg)),
     };
     if matches!(now, Progress::Settled(_))
         && let Ok(Ok(p)) = tokio::time::timeout(jobs.cfg.v1_transcript_wait, async {
@@ -205,9 +210,9 @@ fn body(report: &SyncReport, job_id: &str) -> Value {
     body
 }
 
-/// The speech was not settled within `VOICEGATE_SYNC_V1_WAIT_SECS` (a very large upload on a busy node):
-/// 202 with the job, which goes on; the client follows it on v2 (or uploads again later: nothing is
-/// metered twice).
+/// The speech was not settled within `VOICEGATE_SYNC_V1_WAIT_SECS` (a very large upload on a busy node), or
+/// its run was stopped (a drain): 202 with the job, which goes on or is resumed; the client follows it on v2
+/// (or uploads again later: nothing is metered twice).
 fn still_running(job_id: &str, cfg: &sync_v2::JobsConfig) -> HttpResponse {
     HttpResponse::Accepted()
         .insert_header((
@@ -218,13 +223,21 @@ fn still_running(job_id: &str, cfg: &sync_v2::JobsConfig) -> HttpResponse {
             "job_id": job_id,
             "status": "running",
             "message": format!(
-                "the upload is still being processed after {} s; poll /v2/sync-local-files/{job_id}",
+                "the upload is accepted and still being processed (at most {} s were waited); poll \
+                 /v2/sync-local-files/{job_id}",
                 cfg.v1_wait.as_secs()
             ),
             "poll_after_ms": POLL_AFTER_MS,
             "new_memories": [],
             "updated_memories": [],
         }))
+}
+
+/// A refusal of v1 with the reference's v1 body fields (nothing was created).
+fn v1_refusal(refusal: ApiError) -> ApiError {
+    refusal
+        .with_field("new_memories", json!([]))
+        .with_field("updated_memories", json!([]))
 }
 
 /// A job error's code as a refusal code (the codes a run can fail with; anything else is

@@ -95,8 +95,10 @@ impl UploadBatch {
     /// Moves the batch's directory to `dest` and returns the files at their new paths. On one file system
     /// it is a rename, so a crash leaves either the temp folder (swept at the next start) or the whole
     /// destination. Across file systems (a v1 upload read under `VOICEGATE_UPLOAD_DIR` into a spool on
-    /// another volume) the files are copied into `<dest>.part` first, then that folder is renamed to `dest`.
-    pub fn persist(self, dest: &Path) -> std::io::Result<Vec<SavedFile>> {
+    /// another volume) the files are first copied into a folder of the same temp name under `staging` (the
+    /// spool's `incoming`, on the destination's file system, swept like any upload temp folder), which is then
+    /// renamed to `dest`. Blocking: call it off the async workers.
+    pub fn persist(self, dest: &Path, staging: &Path) -> std::io::Result<Vec<SavedFile>> {
         let from = self.dir.path().to_path_buf();
         match std::fs::rename(&from, dest) {
             // Renamed: the temp guard must not delete anything now (the old path no longer exists).
@@ -104,7 +106,8 @@ impl UploadBatch {
                 let _ = self.dir.keep();
             }
             Err(e) if e.kind() == std::io::ErrorKind::CrossesDevices => {
-                copy_flat(&from, dest)?;
+                let name = from.file_name().unwrap_or_default();
+                copy_flat(&from, &staging.join(name), dest)?;
                 // `self.dir` deletes the source when dropped below.
             }
             Err(e) => return Err(e),
@@ -122,12 +125,9 @@ impl UploadBatch {
     }
 }
 
-/// Copies the files of the flat folder `from` into `<dest>.part`, then renames that to `dest`.
-fn copy_flat(from: &Path, dest: &Path) -> std::io::Result<()> {
-    let mut part = dest.as_os_str().to_owned();
-    part.push(".part");
-    let part = std::path::PathBuf::from(part);
-    std::fs::create_dir_all(&part)?;
+/// Copies the files of the flat folder `from` into `part`, then renames that to `dest`.
+fn copy_flat(from: &Path, part: &Path, dest: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(part)?;
     let copied = (|| {
         for entry in std::fs::read_dir(from)? {
             let entry = entry?;
@@ -135,10 +135,10 @@ fn copy_flat(from: &Path, dest: &Path) -> std::io::Result<()> {
                 std::fs::copy(entry.path(), part.join(entry.file_name()))?;
             }
         }
-        std::fs::rename(&part, dest)
+        std::fs::rename(part, dest)
     })();
     if copied.is_err() {
-        let _ = std::fs::remove_dir_all(&part);
+        let _ = std::fs::remove_dir_all(part);
     }
     copied
 }

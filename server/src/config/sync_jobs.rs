@@ -8,7 +8,7 @@ use super::defaults;
 
 #[derive(Args, Debug, Clone, PartialEq, Eq)]
 pub struct SyncJobArgs {
-    /// Spool of sync v2 uploads (jobs' files until they end). Several nodes sharing a store must share it (a network volume). Unset: `voicegate-spool` in the system temp directory.
+    /// Spool of sync uploads, v1 and v2 (jobs' files until they end). Several nodes sharing a store must share it (a network volume). Unset: `voicegate-spool` in the system temp directory.
     #[arg(
         id = "sync_spool_dir",
         long = "sync-spool-dir",
@@ -28,7 +28,7 @@ pub struct SyncJobArgs {
     #[arg(id = "sync_backfill_jobs_per_user", long = "sync-backfill-jobs-per-user", env = "VOICEGATE_SYNC_BACKFILL_JOBS_PER_USER", default_value_t = defaults::SYNC_BACKFILL_JOBS_PER_USER)]
     pub backfill_jobs_per_user: usize,
 
-    /// Unfinished sync v2 jobs per user (429 `too_many_sync_jobs` above it).
+    /// Unfinished sync jobs per user (v1 and v2) (429 `too_many_sync_jobs` above it).
     #[arg(id = "sync_jobs_per_user", long = "sync-jobs-per-user", env = "VOICEGATE_SYNC_JOBS_PER_USER", default_value_t = defaults::SYNC_JOBS_PER_USER)]
     pub jobs_per_user: usize,
 
@@ -36,7 +36,7 @@ pub struct SyncJobArgs {
     #[arg(id = "sync_queue_max", long = "sync-queue-max", env = "VOICEGATE_SYNC_QUEUE_MAX", default_value_t = defaults::SYNC_QUEUE_MAX)]
     pub queue_max: usize,
 
-    /// Bytes of one user's unfinished sync v2 jobs' files, on all nodes (429 `sync_spool_user_quota` above it). At least VOICEGATE_UPLOAD_MAX_REQUEST_BYTES.
+    /// Bytes of one user's unfinished sync jobs' files (v1 and v2), on all nodes (429 `sync_spool_user_quota` above it). At least VOICEGATE_UPLOAD_MAX_REQUEST_BYTES.
     #[arg(id = "sync_spool_bytes_per_user", long = "sync-spool-bytes-per-user", env = "VOICEGATE_SYNC_SPOOL_BYTES_PER_USER", default_value_t = defaults::SYNC_SPOOL_BYTES_PER_USER)]
     pub spool_bytes_per_user: u64,
 

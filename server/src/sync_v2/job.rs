@@ -63,11 +63,17 @@ pub enum Progress {
 /// Where a run reports its progress (a v1 request waits on the other end; nobody for a v2 job).
 pub(super) type Observer = Option<tokio::sync::watch::Sender<Progress>>;
 
-fn tell(observer: &Observer, progress: Progress) {
-    if let Some(tx) = observer {
-        // The request may be gone (the client left): the job goes on regardless.
-        let _ = tx.send(progress);
-    }
+/// Tells the waiting request, if any; whether one is still there (the client may have left, or the request
+/// answered 202: the job goes on regardless).
+fn tell(observer: &Observer, progress: Progress) -> bool {
+    observer
+        .as_ref()
+        .is_some_and(|tx| tx.send(progress).is_ok())
+}
+
+/// Whether a v1 request still waits on this run (then it tells its client what to retry).
+fn watched(observer: &Observer) -> bool {
+    observer.as_ref().is_some_and(|tx| !tx.is_closed())
 }
 
 /// Why a run stopped before the job's end (the job stays queued and is resumed).
@@ -120,7 +126,7 @@ pub(super) async fn run(
             retryable: true,
         });
         if let Some(e) = &rec.error {
-            tell(observer, Progress::Failed(e.clone()));
+            let _ = tell(observer, Progress::Failed(e.clone()));
         }
         return end(inner, job, rec, JobStatus::Failed).await;
     }
@@ -197,16 +203,16 @@ pub(super) async fn run(
         let message = e.to_string();
         return retry_later(inner, job, rec, "metering_unavailable", &message, observer).await;
     }
-    if settled.transcribing() {
-        tell(observer, Progress::Settled(settled.outcome().clone()));
-    }
+    // A v1 request that receives this outcome tells its client which files to retry (`files[]`): then
+    // they are settled once. Otherwise (a v2 job, or nobody got the answer) the job retries them itself.
+    let answered =
+        rec.origin == Origin::V1 && tell(observer, Progress::Settled(settled.outcome().clone()));
     let outcome = settled.transcribe(&services).await;
     rec.timings.processing_ms += elapsed_ms(t);
     let report = outcome.report().clone();
-    // The allowance is per UTC day: a v2 job's deferred files run again at the next UTC midnight (a v1
-    // answer tells the client to retry them then).
+    // The allowance is per UTC day: deferred files run again at the next UTC midnight.
     let deferred_until = match &outcome {
-        SyncOutcome::BackfillAllowanceExhausted { .. } if rec.origin == Origin::V2 => {
+        SyncOutcome::BackfillAllowanceExhausted { .. } if !answered => {
             let next_day = backfill::utc_day(engine.clock.now_ms()) + 1;
             Some(next_day.saturating_mul(DAY_MS))
         }
@@ -216,8 +222,8 @@ pub(super) async fn run(
     let mut server_side = false;
     for (&i, result) in todo.iter().zip(&report.files) {
         let f = &mut rec.files[i];
-        // A v1 job settles its files once: the answer tells the client what to retry.
-        let v2 = rec.origin == Origin::V2;
+        // Settled once when the v1 answer tells the client what to retry.
+        let v2 = !answered;
         f.state = match (result.status, result.code) {
             ("failed", Some("backfill_allowance_exhausted")) if v2 => FileState::Deferred,
             (
@@ -258,9 +264,9 @@ pub(super) async fn run(
         return Ok(());
     }
     let status = rec.final_status();
-    end(inner, job, rec, status).await?;
+    // Told first: the speech is settled whatever `end` (a store write) does.
     tell(observer, Progress::Ended(outcome));
-    Ok(())
+    end(inner, job, rec, status).await
 }
 
 /// Adds what one settle did to the job's totals.
@@ -301,8 +307,8 @@ async fn save(inner: &JobContext, rec: &mut JobRecord) -> Result<(), RunError> {
 }
 
 /// A server-side failure: the job goes back to the queue after a backoff (or fails once it ran
-/// [`MAX_ATTEMPTS`] times). A v1 job fails at once: its answer tells the client to retry the upload (the
-/// speech already metered is not metered again).
+/// [`MAX_ATTEMPTS`] times). A v1 job whose request still waits fails at once: the answer tells the client to
+/// retry the upload (the speech already metered is not metered again).
 async fn retry_later(
     inner: &JobContext,
     job: &QueuedJob,
@@ -311,13 +317,13 @@ async fn retry_later(
     message: &str,
     observer: &Observer,
 ) -> Result<(), RunError> {
-    if rec.origin == Origin::V1 {
+    if rec.origin == Origin::V1 && watched(observer) {
         let error = JobError {
             code: code.to_owned(),
             message: format!("{message}; the speech was metered, retry the upload"),
             retryable: true,
         };
-        tell(observer, Progress::Failed(error.clone()));
+        let _ = tell(observer, Progress::Failed(error.clone()));
         rec.error = Some(error);
         return end(inner, job, rec, JobStatus::Failed).await;
     }

@@ -329,7 +329,31 @@ pub(crate) async fn submit(
     let bytes: u64 = batch.files.iter().map(|f| f.size).sum();
     let job_id = new_job_id();
     let dest = jobs.cfg.spool.join(&job_id);
-    let files = batch.persist(&dest).map_err(|e| spool_down(&e))?;
+    // A v1 job is run by its request's node: its lease is taken first (before the job exists, so a refusal
+    // leaves nothing behind) and held while it is queued, so no worker (here or on another node) takes it.
+    let lease = if origin == Origin::V1 {
+        match engine
+            .leases
+            .acquire(LeaseKey::job(worker::JOB_LEASE, uid, &job_id), 1)
+            .await
+        {
+            Acquired::Granted(g) => Some(g),
+            Acquired::Refused { .. } | Acquired::Unavailable { .. } => {
+                return Err(ApiError::unavailable(
+                    "sync_jobs_unavailable",
+                    "the job's lease could not be taken; retry the request",
+                ));
+            }
+        }
+    } else {
+        None
+    };
+    let (to, staging) = (dest.clone(), jobs.incoming());
+    // Off the async workers: across file systems the move is a copy.
+    let files = actix_web::web::block(move || batch.persist(&to, &staging))
+        .await
+        .map_err(|e| ApiError::internal("sync_spool_worker", e))?
+        .map_err(|e| spool_down(&e))?;
     if let Err(e) = spool::write_owner(&dest, uid) {
         discard(&dest);
         return Err(spool_down(&e));
@@ -439,30 +463,35 @@ pub(crate) async fn submit(
             ));
         }
     }
-    // A v1 job is run by its request's node: its lease is taken before it is queued, so no worker (here
-    // or on another node) takes it first.
-    let lease = if origin == Origin::V1 {
-        match engine
-            .leases
-            .acquire(LeaseKey::job(worker::JOB_LEASE, uid, &job_id), 1)
-            .await
-        {
-            Acquired::Granted(g) => Some(g),
-            Acquired::Refused { .. } | Acquired::Unavailable { .. } => {
-                discard(&dest);
-                return Err(ApiError::unavailable(
-                    "sync_jobs_unavailable",
-                    "the job's lease could not be taken; retry the request",
-                ));
-            }
-        }
-    } else {
-        None
+    // A v1 job runs now under its lease; its queue entry is only the resume point should this process die,
+    // due once the request's waits are over (no dispatcher probes it meanwhile).
+    let due = match origin {
+        Origin::V2 => now,
+        Origin::V1 => now.saturating_add(
+            u64::try_from((jobs.cfg.v1_wait + jobs.cfg.v1_transcript_wait).as_millis())
+                .unwrap_or(u64::MAX),
+        ),
     };
-    if let Err(e) = jobs.store.schedule(&queued, now).await {
-        // The record stays `queued` until it expires; the client's retry creates another job and meters
-        // nothing twice.
+    if let Err(e) = jobs.store.schedule(&queued, due).await {
+        // Closed as failed (best effort: the store just failed), so the user's quotas are not held by a job
+        // that never runs; the client's retry creates another job and meters nothing twice.
         discard(&dest);
+        let mut failed = rec.clone();
+        failed.status = JobStatus::Failed;
+        failed.finished_at_ms = Some(now);
+        failed.error = Some(record::JobError {
+            code: "sync_jobs_unavailable".into(),
+            message: "the job could not be queued; upload the files again".into(),
+            retryable: true,
+        });
+        if let Ok(text) = serde_json::to_string(&failed)
+            && let Err(error) = jobs
+                .store
+                .finish(&queued, &text, jobs.cfg.retention_ms)
+                .await
+        {
+            tracing::warn!(message = "Closing a sync job that could not be queued failed; it holds its quotas until it expires.", uid, job_id, %error);
+        }
         return Err(store_down(&e));
     }
     room.commit(bytes);

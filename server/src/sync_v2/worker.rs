@@ -80,6 +80,8 @@ struct Inner {
     wake: Notify,
     stopping: AtomicBool,
     running: Mutex<HashMap<QueuedJob, tokio::task::AbortHandle>>,
+    /// v1 jobs run by their requests ([`Workers::run_inline`]), outside the pool's count.
+    inline: Mutex<HashMap<QueuedJob, tokio::task::AbortHandle>>,
 }
 
 impl Workers {
@@ -103,6 +105,7 @@ impl Workers {
                 wake: Notify::new(),
                 stopping: AtomicBool::new(false),
                 running: Mutex::new(HashMap::new()),
+                inline: Mutex::new(HashMap::new()),
             }),
         };
         let w = workers.clone();
@@ -150,13 +153,20 @@ impl Workers {
     pub fn stop(&self) {
         self.inner.stopping.store(true, Ordering::Release);
         self.inner.wake.notify_one();
-        let running: Vec<_> = self
+        let mut running: Vec<_> = self
             .inner
             .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .drain()
             .collect();
+        running.extend(
+            self.inner
+                .inline
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .drain(),
+        );
         for (job, handle) in running {
             tracing::info!(message = "Sync job handed back at drain.", uid = %job.uid, job_id = %job.job_id);
             handle.abort();
@@ -317,22 +327,40 @@ impl Workers {
 
 impl Workers {
     /// Runs a v1 upload's job now, on this node, under `lease` (taken before the job was queued), outside
-    /// the pool's workers (v1 uploads are bounded by the upload limits) and not aborted by a drain (the
-    /// request is answered first). The receiver follows the run; the job goes on if it is dropped (the
+    /// the pool's workers (v1 uploads are bounded by the upload limits, whose slot `hold` is), aborted by a drain like the pool's (the request then answers 202: the job
+    /// is resumed elsewhere). The receiver follows the run; the job goes on if it is dropped (the
     /// client left), and if this process dies the job is resumed from the queue like any other.
-    pub fn run_inline(&self, job: QueuedJob, lease: LeaseGuard) -> watch::Receiver<Progress> {
+    pub fn run_inline(
+        &self,
+        job: QueuedJob,
+        lease: LeaseGuard,
+        hold: impl Send + 'static,
+    ) -> watch::Receiver<Progress> {
         let (tx, rx) = watch::channel(Progress::Running);
         let w = self.clone();
         let lane = lane_label(&job);
         metrics::gauge!(SYNC_JOBS_RUNNING, "lane" => lane).increment(1.0);
-        tokio::spawn(async move {
-            let _lease = lease;
+        let mut inline = self
+            .inner
+            .inline
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let key = job.clone();
+        let task = tokio::spawn(async move {
+            // The upload's slot (`VOICEGATE_SYNC_MAX_UPLOADS`, per user) and the lease are held until the job's
+            // run ends, also when it outlives the request (a pending transcription, a 202).
+            let _held = (lease, hold);
             let _running = RunningGauge(lane);
             if let Err(error) = super::job::run(&w.inner.ctx, &job, &Some(tx)).await {
                 tracing::warn!(message = "A v1 sync job run failed; it stays queued.", uid = %job.uid, job_id = %job.job_id, %error);
             }
-            w.wake();
+            w.inner
+                .inline
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&job);
         });
+        inline.insert(key, task.abort_handle());
         rx
     }
 }

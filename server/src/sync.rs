@@ -2,11 +2,12 @@
 //! its machinery (`crate::sync_v2`; `docs/api.md`). The use case (decode, VAD, the backfill decision,
 //! metering, conversations, transcription) is the engine's [`voicegate_engine::pipeline::sync`]; this
 //! handler keeps the HTTP around it:
-//! 0. Admission: at most `VOICEGATE_SYNC_UPLOADS_PER_USER` uploads per user on all nodes (a lease; 429
+//! 0. Entitlement for `sync`: restricted and over a cap → 429 with `Retry-After`, before anything else (a
+//!    client retrying into it costs one entitlement read). Credits exhausted → processing continues and the
+//!    conversations are locked.
+//! 1. Admission: at most `VOICEGATE_SYNC_UPLOADS_PER_USER` uploads per user on all nodes (a lease; 429
 //!    `too_many_uploads`) and `VOICEGATE_SYNC_MAX_UPLOADS` on the node (503 `uploads_at_capacity`) at once
 //!    ([`crate::upload_slots`]); the slot is held until the upload's job has run.
-//! 1. Entitlement for `sync`: restricted and over a cap → 429 with `Retry-After`, before the body is read.
-//!    Credits exhausted → processing continues and the conversations are locked.
 //! 2. The spool's room (507 `sync_spool_full`), then the body, streamed to a per-request temp directory
 //!    under the upload limits (413 names the limit), becomes a job: moved into the spool, recorded under the
 //!    user's quotas (429 `too_many_sync_jobs`, `sync_spool_user_quota`), queued under this node's lease.
@@ -22,6 +23,7 @@
 use actix_web::{HttpRequest, HttpResponse, ResponseError, http::StatusCode, web};
 use serde_json::{Value, json};
 use voicegate_engine::pipeline::sync::{SyncOutcome, SyncReport};
+use voicegate_engine::policy::Entitlement;
 use voicegate_engine::telemetry::SYNC_REQUESTS_TOTAL;
 
 use crate::auth::AuthedUser;
@@ -43,17 +45,24 @@ pub async fn sync_local_files(
     slots: web::Data<UploadSlots>,
     jobs: web::Data<SyncJobs>,
 ) -> Result<HttpResponse, ApiError> {
+    let rejected = |refusal: ApiError| {
+        metrics::counter!(SYNC_REQUESTS_TOTAL, "outcome" => "rejected").increment(1);
+        refusal
+    };
+    // 1. The gate, first: a restricted client retrying in a loop costs one entitlement read per retry, not
+    //    an upload slot's lease taken and given back as well (docs/performance.md, "Retry storm").
+    let ent = admit(&engine, &user.uid)
+        .await
+        .map_err(|refusal| rejected(v1_refusal(refusal)))?;
     // Held until the answer, or until the upload's job has run (dropped with the request on every other
     // path).
-    let slot = match slots.acquire(&user.uid).await {
-        Ok(slot) => slot,
-        Err(refused) => {
-            metrics::counter!(SYNC_REQUESTS_TOTAL, "outcome" => "rejected").increment(1);
-            return Err(refused.into());
-        }
-    };
+    let slot = slots
+        .acquire(&user.uid)
+        .await
+        .map_err(|refused| rejected(refused.into()))?;
     let result = handle(
         &req,
+        ent,
         &user.uid,
         query.into_inner(),
         payload,
@@ -77,6 +86,7 @@ pub async fn sync_local_files(
 #[allow(clippy::too_many_arguments)]
 async fn handle(
     req: &HttpRequest,
+    ent: Entitlement,
     uid: &str,
     query: SyncQuery,
     payload: web::Payload,
@@ -85,13 +95,6 @@ async fn handle(
     jobs: &SyncJobs,
     slot: UploadSlot,
 ) -> Result<HttpResponse, ApiError> {
-    // 1. Gates, before reading the body (the reference's v1 body fields on a refusal).
-    let ent = admit(engine, uid).await.map_err(|refusal| {
-        refusal
-            .with_field("new_memories", json!([]))
-            .with_field("updated_memories", json!([]))
-    })?;
-
     // 2. The spool's room for it, the body, then a job of it (spooled, recorded, queued under the lease
     //    this request runs it with).
     let room = sync_v2::reserve_room(req, jobs, limits).map_err(v1_refusal)?;
@@ -233,7 +236,8 @@ fn still_running(job_id: &str, cfg: &sync_v2::JobsConfig) -> HttpResponse {
         }))
 }
 
-/// A refusal of v1 with the reference's v1 body fields (nothing was created).
+/// A refusal of v1 with the reference's v1 body fields (nothing was created; the gate's refusals carry
+/// them as the reference's do).
 fn v1_refusal(refusal: ApiError) -> ApiError {
     refusal
         .with_field("new_memories", json!([]))

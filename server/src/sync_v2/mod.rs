@@ -1,8 +1,8 @@
 //! Sync v2: `POST /v2/sync-local-files` stores the upload durably and answers **202** with a job;
 //! `GET /v2/sync-local-files/{job_id}` reports it (`docs/api.md`, "Sync v2").
 //!
-//! 1. Admission as v1 (`crate::sync`): the per-user and per-node upload limits, then the entitlement (429
-//!    for a restricted user over a cap, before the body; the credit lock is read and kept in the job).
+//! 1. Admission as v1 (`crate::sync`): the entitlement (429 for a restricted user over a cap, before the
+//!    body; the credit lock is read and kept in the job), then the per-user and per-node upload limits.
 //! 2. The queue's bound (`VOICEGATE_SYNC_QUEUE_MAX` jobs on all nodes, else 503 `sync_queue_full`), then the
 //!    spool's room for the declared length ([`room`]: `VOICEGATE_SYNC_SPOOL_MAX_BYTES` and the volume's
 //!    `VOICEGATE_SYNC_SPOOL_MIN_FREE_BYTES`, else 507 `sync_spool_full`), all before the body.
@@ -206,11 +206,10 @@ pub async fn create(
     jobs: web::Data<SyncJobs>,
 ) -> Result<HttpResponse, ApiError> {
     let uid = user.uid.as_str();
-    // Held while the body is read (the same limits as v1).
-    let _slot = slots.acquire(uid).await?;
-
-    // 1. Gates, before reading the body (v1's).
+    // 1. Gates, before reading the body (v1's): the entitlement first (a refused retry costs no slot), then
+    //    the upload slot, held while the body is read (the same limits as v1).
     let ent = admit(&engine, uid).await?;
+    let _slot = slots.acquire(uid).await?;
     // 2. The queue's bound.
     match jobs.store.queued().await {
         Ok(n) if n >= jobs.cfg.queue_max => {

@@ -70,6 +70,10 @@ pub const SYNC_V1_WAIT_SECS: u64 = 120;
 /// one's is `pending` and finished by the job (the reference held v1 connections for the whole
 /// transcription: minutes).
 pub const SYNC_V1_TRANSCRIPT_WAIT_SECS: u64 = 30;
+/// `VOICEGATE_SYNC_STT_WAIT_SECS`: an hour of transcription per job run. It was 60 s while v1 held its
+/// connection through the transcription; a job's transcription has no client waiting on it (the local engine
+/// needs ~20 min for an hour of speech on one core, stt-notes.md).
+pub const SYNC_STT_WAIT_SECS: u64 = 3_600;
 /// `VOICEGATE_SYNC_BACKFILL_WORKERS`: one of them, so fresh uploads always find a free worker.
 pub const SYNC_BACKFILL_WORKERS: usize = 1;
 /// `VOICEGATE_SYNC_BACKFILL_JOBS_PER_USER` (DESIGN §3: backfill's own per-user concurrency).

@@ -59,6 +59,10 @@ pub struct SyncJobArgs {
     /// Then how long a v1 upload waits for its spans' transcription; past it the answer says `transcript_status: pending` and the job finishes the transcription (its `job_id` is in the answer).
     #[arg(id = "sync_v1_transcript_wait_secs", long = "sync-v1-transcript-wait-secs", env = "VOICEGATE_SYNC_V1_TRANSCRIPT_WAIT_SECS", default_value_t = defaults::SYNC_V1_TRANSCRIPT_WAIT_SECS)]
     pub v1_transcript_wait_secs: u64,
+
+    /// A sync job run transcribes its spans for at most this long: spans not started by then are stored `pending` (a re-upload transcribes them). Nobody waits on it; it bounds a run against a stalled provider.
+    #[arg(id = "sync_stt_wait_secs", long = "sync-stt-wait-secs", env = "VOICEGATE_SYNC_STT_WAIT_SECS", default_value_t = defaults::SYNC_STT_WAIT_SECS)]
+    pub stt_wait_secs: u64,
 }
 
 impl Default for SyncJobArgs {
@@ -76,6 +80,7 @@ impl Default for SyncJobArgs {
             retention_secs: defaults::SYNC_JOB_RETENTION_SECS,
             v1_wait_secs: defaults::SYNC_V1_WAIT_SECS,
             v1_transcript_wait_secs: defaults::SYNC_V1_TRANSCRIPT_WAIT_SECS,
+            stt_wait_secs: defaults::SYNC_STT_WAIT_SECS,
         }
     }
 }
@@ -93,7 +98,7 @@ impl SyncJobArgs {
     }
 
     /// The settings that must not be 0, by name (checked with the server's other limits).
-    pub fn limits(&self) -> [(&'static str, u64); 9] {
+    pub fn limits(&self) -> [(&'static str, u64); 10] {
         [
             ("VOICEGATE_SYNC_WORKERS", self.workers as u64),
             (
@@ -113,6 +118,7 @@ impl SyncJobArgs {
             ("VOICEGATE_SYNC_SPOOL_MAX_BYTES", self.spool_max_bytes),
             ("VOICEGATE_SYNC_JOB_RETENTION_SECS", self.retention_secs),
             ("VOICEGATE_SYNC_V1_WAIT_SECS", self.v1_wait_secs),
+            ("VOICEGATE_SYNC_STT_WAIT_SECS", self.stt_wait_secs),
         ]
     }
 }

@@ -30,6 +30,8 @@ pub(super) struct JobContext {
     pub(super) stt: Option<Arc<dyn SttProvider>>,
     pub(super) retention_ms: u64,
     pub(super) spool: PathBuf,
+    /// `VOICEGATE_SYNC_STT_WAIT_SECS`.
+    pub(super) stt_wait: Duration,
 }
 
 /// The metric label of a job's lane.
@@ -145,6 +147,7 @@ pub(super) async fn run(
         clock: engine.clock.clone(),
         stt: inner.stt.clone(),
         stt_preroll_ms: engine.stt_preroll_ms,
+        stt_wait: inner.stt_wait,
     };
     // 1. Decode and segment the unsettled files, a few at a time (the status shows the progress).
     let todo: Vec<usize> = (0..rec.files.len())

@@ -144,6 +144,7 @@ pub fn start(
         Some(stt),
         worker::WorkerConfig {
             workers: cfg.sync_jobs.workers,
+            stt_wait: std::time::Duration::from_secs(cfg.sync_jobs.stt_wait_secs),
             backfill_workers: cfg.sync_jobs.backfill_workers,
             backfill_jobs_per_user: u32::try_from(cfg.sync_jobs.backfill_jobs_per_user)
                 .unwrap_or(u32::MAX),

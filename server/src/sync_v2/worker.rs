@@ -61,6 +61,8 @@ pub const BACKFILL_LEASE: &str = "sync_backfill_job";
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     pub workers: usize,
+    /// `VOICEGATE_SYNC_STT_WAIT_SECS`: a run's transcription bound.
+    pub stt_wait: Duration,
     pub backfill_workers: usize,
     pub backfill_jobs_per_user: u32,
     pub retention_ms: u64,
@@ -100,6 +102,7 @@ impl Workers {
                     stt,
                     retention_ms: cfg.retention_ms,
                     spool: cfg.spool.clone(),
+                    stt_wait: cfg.stt_wait,
                 },
                 cfg,
                 wake: Notify::new(),

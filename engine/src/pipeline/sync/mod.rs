@@ -29,7 +29,7 @@ use std::sync::Arc;
 use self::files::failed;
 pub use self::files::{Analysed, FileResult, SyncFile, analyse};
 use self::transcribe::SpanWork;
-pub use self::transcribe::{STT_WAIT, decode_span};
+pub use self::transcribe::decode_span;
 use crate::conversation::{ConversationError, ConversationStore, TranscriptStatus, Upsert};
 use crate::fair_use::FairUse;
 use crate::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
@@ -57,6 +57,11 @@ pub struct SyncServices {
     pub stt: Option<Arc<dyn SttProvider>>,
     /// Audio sent before each speech run (`VOICEGATE_STT_PREROLL_MS`), as for a live session.
     pub stt_preroll_ms: u64,
+    /// No span starts transcribing once a run has spent this long on transcription
+    /// (`VOICEGATE_SYNC_STT_WAIT_SECS`): the rest is stored `pending`, and a re-upload transcribes it. Nobody
+    /// waits on a job's transcription (a v1 answer waits at most `VOICEGATE_SYNC_V1_TRANSCRIPT_WAIT_SECS`), so
+    /// this only bounds one run against a stalled provider.
+    pub stt_wait: std::time::Duration,
 }
 
 /// One admitted sync request.

@@ -81,6 +81,7 @@ fn world(backfill: BackfillConfig) -> World {
             clock,
             stt: None,
             stt_preroll_ms: 300,
+            stt_wait: std::time::Duration::from_secs(60),
         },
         conversations,
         ledger,

@@ -7,8 +7,9 @@
 //!   twice. Any other status is retried by a re-upload.
 //! - What the provider received (`forwarded_samples`) is charged to the user's daily STT counter. Under a
 //!   daily budget a span is sent only when its speech fits what is left; beyond it: `budget_exhausted`.
-//! - The request stays bounded: no span starts after [`STT_WAIT`] (the rest is `pending`), one span is at
-//!   most 300 s of audio, and a full engine queue leaves the span `pending`.
+//! - A run stays bounded: no span starts after [`SyncServices::stt_wait`] (`VOICEGATE_SYNC_STT_WAIT_SECS`;
+//!   the rest is `pending`), one span is at most 300 s of audio, and a full engine queue leaves the span
+//!   `pending`.
 //! - Segment ids are `<span key>:<n>`: a retry replaces, never duplicates.
 //! - Each speech run goes with a pre-roll before it (`VOICEGATE_STT_PREROLL_MS`) and [`HANGOVER_MS`] after
 //!   it, within the span, as a live session sends it; that padded audio is what is charged.
@@ -18,7 +19,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::audio::codec::{Codec, DecodeError, Decoder};
 use crate::audio::container::{MAX_OPUS_RECORD, MAX_PCM_RECORD, Next, RecordReader};
@@ -31,10 +32,6 @@ use crate::telemetry;
 use crate::time::{Span, samples_to_ms};
 
 use super::SyncServices;
-
-/// No span starts transcribing after the request has spent this long on transcription: the rest is stored
-/// `pending` (a re-upload transcribes it), so an upload never holds its connection for long.
-pub const STT_WAIT: Duration = Duration::from_secs(60);
 
 /// Audio after each speech run that goes with it (a live session's detector hangover, docs/stt.md).
 pub const HANGOVER_MS: u64 = 100;
@@ -164,7 +161,7 @@ pub(super) async fn transcribe(
             continue;
         }
         let speech_ms = samples_to_ms(span.speech_samples(), TARGET_RATE);
-        let status = if closed || began.elapsed() >= STT_WAIT {
+        let status = if closed || began.elapsed() >= services.stt_wait {
             TranscriptStatus::Pending
         } else if budget_ms.is_some_and(|left| left < speech_ms) {
             TranscriptStatus::BudgetExhausted

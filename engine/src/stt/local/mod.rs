@@ -25,7 +25,7 @@ pub use self::config::LocalConfig;
 use self::ffi::{EngineFiles, MoonshineLib};
 pub use self::pool::BatchEngine;
 use self::pool::StreamShared;
-use self::pool::{Job, Pool, work};
+use self::pool::{Job, Pool, Workers, work};
 #[cfg(target_os = "linux")]
 pub use self::priority::current_niceness;
 pub use self::priority::lower_priority;
@@ -83,13 +83,14 @@ impl LocalProvider {
             tx,
             depth: AtomicUsize::new(0),
             late_after: config.late_after,
+            workers: Workers::default(),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         for n in 0..threads {
             let (make, rx, ready) = (Arc::clone(&make), Arc::clone(&rx), ready_tx.clone());
-            let pool = Arc::downgrade(&pool);
+            let weak = Arc::downgrade(&pool);
             let nice = config.nice;
-            std::thread::Builder::new()
+            let handle = std::thread::Builder::new()
                 .name(format!("vg-stt-{n}"))
                 .spawn(move || {
                     // Lowered before the model loads: the engine's own threads inherit it.
@@ -105,9 +106,14 @@ impl LocalProvider {
                     };
                     let _ = ready.send(Ok(()));
                     drop(ready);
-                    work(model, &rx, &pool);
+                    work(model, &rx, &weak);
                 })
                 .map_err(|e| SttError::LoadFailed(format!("cannot start an STT worker: {e}")))?;
+            pool.workers
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push(handle);
         }
         drop(ready_tx);
         for _ in 0..threads {

@@ -33,6 +33,45 @@ pub(super) struct Pool {
     pub(super) tx: SyncSender<Job>,
     pub(super) depth: AtomicUsize,
     pub(super) late_after: Duration,
+    /// Declared after `tx`: dropped after it, so the workers see the channel closed, free their models and
+    /// end before the pool's drop returns.
+    pub(super) workers: Workers,
+}
+
+/// How long the pool's drop waits for its workers to end.
+const WORKERS_JOIN_LIMIT: Duration = Duration::from_secs(5);
+
+/// The worker threads, joined when the pool goes (its last provider or stream dropped). Without the join, a
+/// worker freeing its model (ONNX Runtime) could still run while the process exits and the runtime's
+/// static destructors run: a test process once died with SIGSEGV after its test had passed.
+#[derive(Default)]
+pub(super) struct Workers(pub(super) Mutex<Vec<std::thread::JoinHandle<()>>>);
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let handles = std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        let me = std::thread::current().id();
+        // Bounded: a worker in the middle of a long batch (a 300 s span takes ~2 min on one core) is left to
+        // finish on its own rather than hold a shutdown.
+        let deadline = Instant::now() + WORKERS_JOIN_LIMIT;
+        for handle in handles {
+            // A worker holding the pool's last reference drops it on its own thread: it is ending anyway.
+            if handle.thread().id() == me {
+                continue;
+            }
+            while !handle.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            }
+        }
+    }
 }
 
 impl Pool {

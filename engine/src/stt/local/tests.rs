@@ -321,3 +321,34 @@ fn a_missing_engine_is_reported_as_not_installed() {
         other => panic!("expected NotInstalled, got {other:?}"),
     }
 }
+
+/// An engine whose model takes a while to free (as ONNX Runtime's does), and says when it has.
+struct SlowToFree(Arc<std::sync::atomic::AtomicUsize>);
+
+impl BatchEngine for SlowToFree {
+    fn transcribe(&mut self, pcm: &[f32]) -> Result<String, SttError> {
+        Ok(format!("n={}", pcm.len()))
+    }
+}
+
+impl Drop for SlowToFree {
+    fn drop(&mut self) {
+        // The time a real model's free takes: the provider's drop must not return before it is over.
+        std::thread::sleep(Duration::from_millis(50));
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn dropping_the_provider_waits_for_its_workers_to_free_their_models() {
+    let freed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let made = Arc::clone(&freed);
+    let provider = LocalProvider::start_with(&config(2, 4), move || {
+        Ok(Box::new(SlowToFree(Arc::clone(&made))) as Box<dyn BatchEngine>)
+    })
+    .expect("pool starts");
+    drop(provider);
+    // No engine thread is left running ONNX Runtime code once the provider is gone (a process exiting then
+    // would run the runtime's static destructors under it).
+    assert_eq!(freed.load(Ordering::SeqCst), 2);
+}

@@ -19,6 +19,7 @@
 //! Credits exhausted do not stop a sync: the conversations are locked.
 
 mod files;
+mod settled;
 #[cfg(test)]
 mod tests;
 mod transcribe;
@@ -28,6 +29,7 @@ use std::sync::Arc;
 
 use self::files::failed;
 pub use self::files::{Analysed, FileResult, SyncFile, analyse};
+pub use self::settled::Settled;
 use self::transcribe::SpanWork;
 pub use self::transcribe::decode_span;
 use crate::conversation::{ConversationError, ConversationStore, TranscriptStatus, Upsert};
@@ -188,67 +190,6 @@ pub async fn settle(
         .await?
         .transcribe(services)
         .await)
-}
-
-/// A sync whose speech is metered and whose conversations are written; transcribing its spans is what is
-/// left ([`Settled::transcribe`]).
-pub struct Settled {
-    outcome: SyncOutcome,
-    uid: String,
-    stt: SttAllowance,
-    touched: Vec<String>,
-    work: Vec<SpanWork>,
-}
-
-impl Settled {
-    /// The outcome before transcription: `transcript_status` is `pending` when spans are to be transcribed
-    /// ([`Settled::transcribing`]), absent otherwise.
-    pub fn outcome(&self) -> &SyncOutcome {
-        &self.outcome
-    }
-
-    /// Whether [`Settled::transcribe`] has spans to send (a provider other than `none`, and spans).
-    pub fn transcribing(&self) -> bool {
-        self.outcome.report().transcript_status.is_some()
-    }
-
-    /// Transcribes the spans (`transcribe.rs`) and returns the final outcome.
-    pub async fn transcribe(self, services: &SyncServices) -> SyncOutcome {
-        let Settled {
-            mut outcome,
-            uid,
-            stt,
-            touched,
-            work,
-        } = self;
-        if work.is_empty() {
-            return outcome;
-        }
-        let transcribed = transcribe::transcribe(services, &uid, stt, &touched, work).await;
-        let report = outcome.report_mut();
-        report.transcript_status = transcribed.status;
-        report.stt_ms = transcribed.stt_ms;
-        outcome
-    }
-}
-
-impl SyncOutcome {
-    /// The report, whatever the outcome.
-    pub fn report(&self) -> &SyncReport {
-        match self {
-            SyncOutcome::Done(report)
-            | SyncOutcome::NoValidFiles { report, .. }
-            | SyncOutcome::BackfillAllowanceExhausted { report, .. } => report,
-        }
-    }
-
-    fn report_mut(&mut self) -> &mut SyncReport {
-        match self {
-            SyncOutcome::Done(report)
-            | SyncOutcome::NoValidFiles { report, .. }
-            | SyncOutcome::BackfillAllowanceExhausted { report, .. } => report,
-        }
-    }
 }
 
 /// The first part of [`settle`]: the backfill decision and the meter per file, then the conversations.

@@ -499,15 +499,7 @@ async fn an_unreachable_server_drops_the_audio_counted_and_the_session_goes_on()
 async fn a_sync_upload_gets_its_spans_transcribed_and_charged_what_was_sent() {
     let double = OpenAiDouble::start(&[Plan::Serve]).await;
     let server = EngineServer::start(fair_use_on(), openai(&double)).await;
-    let bytes = fixtures()
-        .into_iter()
-        .find(|(n, _)| n == "d01.bin")
-        .unwrap()
-        .1;
-    let files = vec![(
-        format!("audio_omi_opus_16000_1_fs160_{}.bin", now_s() - 3_600),
-        bytes,
-    )];
+    let files = d01_an_hour_ago();
     let (code, body, _) = server.upload("grace", "", &files).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["transcript_status"], "done", "{body}");
@@ -566,15 +558,7 @@ async fn a_v1_upload_answers_pending_and_its_job_finishes_the_transcription() {
         cfg.sync_jobs.v1_transcript_wait_secs = 0;
     })
     .await;
-    let bytes = fixtures()
-        .into_iter()
-        .find(|(n, _)| n == "d01.bin")
-        .unwrap()
-        .1;
-    let files = vec![(
-        format!("audio_omi_opus_16000_1_fs160_{}.bin", now_s() - 3_600),
-        bytes,
-    )];
+    let files = d01_an_hour_ago();
     let (code, body, _) = server.upload("heidi", "", &files).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["transcript_status"], "pending", "{body}");
@@ -624,4 +608,17 @@ async fn a_v1_upload_answers_pending_and_its_job_finishes_the_transcription() {
         "{conv}"
     );
     server.shutdown().await;
+}
+
+/// The d01 fixture as one device file recorded an hour ago (English speech, one conversation).
+fn d01_an_hour_ago() -> Vec<(String, Vec<u8>)> {
+    let bytes = fixtures()
+        .into_iter()
+        .find(|(n, _)| n == "d01.bin")
+        .unwrap()
+        .1;
+    vec![(
+        format!("audio_omi_opus_16000_1_fs160_{}.bin", now_s() - 3_600),
+        bytes,
+    )]
 }

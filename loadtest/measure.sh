@@ -6,6 +6,7 @@
 #
 #   loadtest/measure.sh realtime --streams 600 --duration 300 --ramp 30
 #   loadtest/measure.sh sync --uploaders 20 --files 10 --rounds 1
+#   loadtest/measure.sh sync --uploaders 20 --files 10 --rounds 6 --v2 --pipeline   # v2 as the app uses it
 #   ADMIN_KEY=storm FAIR_USE_DAILY_SPEECH_MS=600000 loadtest/measure.sh realtime --streams 0 --retry-storm 1000
 #
 # The environment reaches both the server and the harness (ADMIN_KEY above: the server's admin routes and

@@ -221,6 +221,11 @@ pub struct SyncArgs {
     /// time to the poll that saw it end; polls every 200 ms) instead of v1.
     #[arg(long)]
     pub v2: bool,
+    /// With `--v2`: each uploader submits all its rounds at once (as an app does), then polls its jobs
+    /// at the server's `poll_after_ms`; latency and the run's wall time end at the server's
+    /// `finished_at_ms` of each job.
+    #[arg(long, requires = "v2")]
+    pub pipeline: bool,
 }
 
 #[cfg(test)]

@@ -164,6 +164,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             rounds: args.rounds,
             request_timeout: Duration::from_secs_f64(args.request_timeout.max(1.0)),
             v2: args.v2,
+            pipeline: args.pipeline,
             live: live.clone(),
         });
         tokio::spawn(run_sync(ctx, args, prefix.clone(), first_sync_user))
@@ -353,6 +354,9 @@ async fn run_sync(
     first_user: usize,
 ) -> (Vec<UploaderOutcome>, f64) {
     let started = Instant::now();
+    let started_unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let handles: Vec<_> = (0..args.uploaders)
         .map(|u| {
             let user = format!("{prefix}{}", first_user + u);
@@ -367,7 +371,19 @@ async fn run_sync(
             ..UploaderOutcome::default()
         }));
     }
-    (outcomes, started.elapsed().as_secs_f64())
+    let polled_until = started.elapsed().as_secs_f64();
+    // Pipelined v2 jobs are polled every few seconds: the work ended when the server finished the last.
+    match outcomes
+        .iter()
+        .filter_map(|o| o.last_finished_unix_ms)
+        .max()
+    {
+        Some(last) if args.pipeline => {
+            let wall = last.saturating_sub(started_unix_ms) as f64 / 1_000.0;
+            (outcomes, wall.min(polled_until))
+        }
+        _ => (outcomes, polled_until),
+    }
 }
 
 fn count_errors<'a>(errors: &mut BTreeMap<String, u64>, kinds: impl Iterator<Item = &'a String>) {
@@ -435,6 +451,7 @@ fn sync_report(
         uploaders: args.uploaders,
         files_per_upload: args.files,
         rounds: args.rounds,
+        pipeline: args.pipeline,
         wall_s,
         ..SyncReport::default()
     };

@@ -97,6 +97,9 @@ pub struct SyncReport {
     pub uploaders: usize,
     pub files_per_upload: usize,
     pub rounds: usize,
+    /// Through v2 with every round submitted at once (`--pipeline`): latency and `wall_s` end at the
+    /// server's `finished_at_ms`.
+    pub pipeline: bool,
     pub uploads_ok: u64,
     pub uploads_failed: u64,
     pub files_ok: u64,

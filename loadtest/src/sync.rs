@@ -32,6 +32,8 @@ pub struct SyncCtx {
     pub request_timeout: Duration,
     /// Through v2 (a job, polled) instead of v1.
     pub v2: bool,
+    /// With v2: submit every round at once, then poll the jobs at the server's `poll_after_ms`.
+    pub pipeline: bool,
     pub live: Arc<Live>,
 }
 
@@ -55,6 +57,8 @@ pub struct UploaderOutcome {
     pub speech_ms: u64,
     pub latencies_us: Vec<u64>,
     pub errors: Vec<String>,
+    /// With `--pipeline`: when the server finished this uploader's last job (its `finished_at_ms`).
+    pub last_finished_unix_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -75,72 +79,101 @@ pub fn device_file_name(ts: u64) -> String {
     format!("audio_omi_opus_16000_1_fs160_{ts}.bin")
 }
 
-/// Runs one uploader's rounds one after the other.
+/// One round's request body: its files, what was sent, and their audio.
+fn round_form(
+    ctx: &SyncCtx,
+    index: usize,
+    round: usize,
+    first_ts: u64,
+) -> (Form, Vec<SentFile>, u64) {
+    let clips = ctx.corpus.clips.len();
+    let mut form = Form::new();
+    let mut batch = Vec::with_capacity(ctx.files);
+    let mut audio_ms = 0;
+    for k in 0..ctx.files {
+        let i = round * ctx.files + k;
+        let file = SentFile {
+            clip: (index + i) % clips,
+            skip: i / clips,
+        };
+        let (bytes, ms) = ctx.corpus.device_file(file.clip, file.skip);
+        audio_ms += ms;
+        let len = bytes.len() as u64;
+        let part = Part::stream_with_length(reqwest::Body::from(bytes), len)
+            .file_name(device_file_name(first_ts + 45 * i as u64));
+        form = form.part("files", part);
+        batch.push(file);
+    }
+    (form, batch, audio_ms)
+}
+
+/// Counts one answered upload (v1's body, or a v2 job's `result`) into the outcome.
+fn record_answer(
+    ctx: &SyncCtx,
+    out: &mut UploaderOutcome,
+    resp: SyncResponse,
+    batch: Vec<SentFile>,
+    audio_ms: u64,
+    latency_us: u64,
+) {
+    out.latencies_us.push(latency_us);
+    out.requests_ok += 1;
+    out.audio_ms_ok += audio_ms;
+    out.speech_ms += resp.speech_ms;
+    let failed: Vec<_> = resp.files.iter().filter(|f| f.error.is_some()).collect();
+    out.files_failed += failed.len() as u64;
+    out.files_ok += (resp.files.len() - failed.len()) as u64;
+    ctx.live
+        .files_done
+        .fetch_add(resp.files.len() as u64, Relaxed);
+    for f in failed {
+        let code = match &f.error {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Object(o)) => o
+                .get("code")
+                .and_then(|c| c.as_str())
+                .unwrap_or("unknown")
+                .to_owned(),
+            _ => "unknown".into(),
+        };
+        out.errors.push(format!("file_{code}"));
+        ctx.live.errors.fetch_add(1, Relaxed);
+    }
+    out.files_sent.extend(batch);
+}
+
+/// Runs one uploader's rounds one after the other (or, with `--pipeline`, submits them all and then
+/// polls the jobs).
 pub async fn run_uploader(ctx: Arc<SyncCtx>, index: usize, user: String) -> UploaderOutcome {
     let mut out = UploaderOutcome {
         user,
         ..UploaderOutcome::default()
     };
-    let clips = ctx.corpus.clips.len();
     let total = ctx.files * ctx.rounds;
     // Recordings end a minute ago, 45 s apart (about one fixture each).
     let first_ts = unix_now().saturating_sub(60 + 45 * total as u64);
-    for round in 0..ctx.rounds {
-        let mut form = Form::new();
-        let mut batch = Vec::with_capacity(ctx.files);
-        let mut audio_ms = 0;
-        for k in 0..ctx.files {
-            let i = round * ctx.files + k;
-            let file = SentFile {
-                clip: (index + i) % clips,
-                skip: i / clips,
-            };
-            let (bytes, ms) = ctx.corpus.device_file(file.clip, file.skip);
-            audio_ms += ms;
-            let len = bytes.len() as u64;
-            let part = Part::stream_with_length(reqwest::Body::from(bytes), len)
-                .file_name(device_file_name(first_ts + 45 * i as u64));
-            form = form.part("files", part);
-            batch.push(file);
+    let header = match ctx.auth.header(&out.user) {
+        Ok(h) => h,
+        Err(e) => {
+            out.errors.push(e);
+            ctx.live.errors.fetch_add(1, Relaxed);
+            return out;
         }
-        let header = match ctx.auth.header(&out.user) {
-            Ok(h) => h,
-            Err(e) => {
-                out.errors.push(e);
-                ctx.live.errors.fetch_add(1, Relaxed);
-                return out;
-            }
-        };
+    };
+    if ctx.v2 && ctx.pipeline {
+        run_pipelined(&ctx, index, first_ts, &header, &mut out).await;
+        return out;
+    }
+    for round in 0..ctx.rounds {
+        let (form, batch, audio_ms) = round_form(&ctx, index, round, first_ts);
         let started = Instant::now();
         let node = ctx.nodes.pick(ctx.first_user + index + round + 1);
-        let result = upload(&ctx, node, header, form).await;
+        let result = upload(&ctx, node, header.clone(), form).await;
         ctx.live.uploads_done.fetch_add(1, Relaxed);
         match result {
             Ok(resp) => {
-                out.latencies_us.push(started.elapsed().as_micros() as u64);
-                out.requests_ok += 1;
-                out.audio_ms_ok += audio_ms;
-                out.speech_ms += resp.speech_ms;
-                let failed: Vec<_> = resp.files.iter().filter(|f| f.error.is_some()).collect();
-                out.files_failed += failed.len() as u64;
-                out.files_ok += (resp.files.len() - failed.len()) as u64;
-                ctx.live
-                    .files_done
-                    .fetch_add(resp.files.len() as u64, Relaxed);
-                for f in failed {
-                    let code = match &f.error {
-                        Some(serde_json::Value::String(s)) => s.clone(),
-                        Some(serde_json::Value::Object(o)) => o
-                            .get("code")
-                            .and_then(|c| c.as_str())
-                            .unwrap_or("unknown")
-                            .to_owned(),
-                        _ => "unknown".into(),
-                    };
-                    out.errors.push(format!("file_{code}"));
-                    ctx.live.errors.fetch_add(1, Relaxed);
-                }
-                out.files_sent.extend(batch);
+                let us = started.elapsed().as_micros() as u64;
+                record_answer(&ctx, &mut out, resp, batch, audio_ms, us);
             }
             Err(kind) => {
                 out.errors.push(kind);
@@ -149,6 +182,88 @@ pub async fn run_uploader(ctx: Arc<SyncCtx>, index: usize, user: String) -> Uplo
         }
     }
     out
+}
+
+/// A submitted v2 job the pipelined uploader still polls.
+struct Pending<'a> {
+    node: &'a str,
+    id: String,
+    batch: Vec<SentFile>,
+    audio_ms: u64,
+    submitted_unix_ms: u64,
+}
+
+/// `--pipeline`: what an app does with v2. Every round is submitted as soon as the previous one is
+/// accepted (202), then the open jobs are polled every `poll_after_ms` the server asks for. A job's latency
+/// is from its submission to the server's `finished_at_ms` (not to the poll that saw it), and the run's
+/// wall time ends at the last `finished_at_ms`, so the 3-s polling does not blur the throughput.
+async fn run_pipelined(
+    ctx: &SyncCtx,
+    index: usize,
+    first_ts: u64,
+    header: &str,
+    out: &mut UploaderOutcome,
+) {
+    let deadline = Instant::now() + ctx.request_timeout;
+    let mut pending = Vec::with_capacity(ctx.rounds);
+    let mut poll_after = POLL;
+    for round in 0..ctx.rounds {
+        let (form, batch, audio_ms) = round_form(ctx, index, round, first_ts);
+        let node = ctx.nodes.pick(ctx.first_user + index + round + 1);
+        let submitted_unix_ms = unix_now_ms();
+        match submit_v2(ctx, node, header, form).await {
+            Ok((id, after)) => {
+                poll_after = after;
+                pending.push(Pending {
+                    node,
+                    id,
+                    batch,
+                    audio_ms,
+                    submitted_unix_ms,
+                });
+            }
+            Err(kind) => {
+                ctx.live.uploads_done.fetch_add(1, Relaxed);
+                out.errors.push(kind);
+                ctx.live.errors.fetch_add(1, Relaxed);
+            }
+        }
+    }
+    while !pending.is_empty() {
+        if Instant::now() > deadline {
+            for _ in pending.drain(..) {
+                out.errors.push("request_timeout".into());
+                ctx.live.errors.fetch_add(1, Relaxed);
+            }
+            break;
+        }
+        tokio::time::sleep(poll_after).await;
+        let mut still = Vec::with_capacity(pending.len());
+        for p in pending {
+            match poll_v2(ctx, p.node, header, &p.id).await {
+                Ok(None) => still.push(p),
+                Ok(Some((resp, finished_unix_ms))) => {
+                    ctx.live.uploads_done.fetch_add(1, Relaxed);
+                    let us = finished_unix_ms.saturating_sub(p.submitted_unix_ms) * 1_000;
+                    out.last_finished_unix_ms =
+                        out.last_finished_unix_ms.max(Some(finished_unix_ms));
+                    record_answer(ctx, out, resp, p.batch, p.audio_ms, us);
+                }
+                Err(kind) => {
+                    ctx.live.uploads_done.fetch_add(1, Relaxed);
+                    out.errors.push(kind);
+                    ctx.live.errors.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        pending = still;
+    }
+}
+
+fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn upload(
@@ -181,7 +296,7 @@ async fn upload(
 /// server 5 % more CPU per audio second in the 20-uploader run).
 const POLL: Duration = Duration::from_millis(200);
 
-/// A v2 upload: 202, then the job polled until it ends (within the request timeout).
+/// A v2 upload: 202, then the job polled every 200 ms until it ends (within the request timeout).
 async fn upload_v2(
     ctx: &SyncCtx,
     node: &str,
@@ -189,10 +304,29 @@ async fn upload_v2(
     form: Form,
 ) -> Result<SyncResponse, String> {
     let deadline = Instant::now() + ctx.request_timeout;
+    let (id, _) = submit_v2(ctx, node, &header, form).await?;
+    loop {
+        if Instant::now() > deadline {
+            return Err("request_timeout".into());
+        }
+        tokio::time::sleep(POLL).await;
+        if let Some((resp, _)) = poll_v2(ctx, node, &header, &id).await? {
+            return Ok(resp);
+        }
+    }
+}
+
+/// `POST /v2/sync-local-files`: the job's id and the `poll_after_ms` the server asks for.
+async fn submit_v2(
+    ctx: &SyncCtx,
+    node: &str,
+    header: &str,
+    form: Form,
+) -> Result<(String, Duration), String> {
     let resp = ctx
         .client
         .post(format!("{node}/v2/sync-local-files"))
-        .header(reqwest::header::AUTHORIZATION, header.clone())
+        .header(reqwest::header::AUTHORIZATION, header)
         .multipart(form)
         .timeout(ctx.request_timeout)
         .send()
@@ -210,38 +344,47 @@ async fn upload_v2(
         .as_str()
         .ok_or_else(|| "upload_no_job_id".to_owned())?
         .to_owned();
-    loop {
-        if Instant::now() > deadline {
-            return Err("request_timeout".into());
+    let after = body["poll_after_ms"]
+        .as_u64()
+        .map_or(POLL, Duration::from_millis);
+    Ok((id, after))
+}
+
+/// One status read: `None` while the job runs, its `result` and `finished_at_ms` once it ended.
+async fn poll_v2(
+    ctx: &SyncCtx,
+    node: &str,
+    header: &str,
+    id: &str,
+) -> Result<Option<(SyncResponse, u64)>, String> {
+    let resp = ctx
+        .client
+        .get(format!("{node}/v2/sync-local-files/{id}"))
+        .header(reqwest::header::AUTHORIZATION, header)
+        .timeout(ctx.request_timeout)
+        .send()
+        .await
+        .map_err(|e| request_error_kind(&e))?;
+    let status = resp.status().as_u16();
+    if status != 200 {
+        return Err(format!("job_poll_http_{status}"));
+    }
+    let job: serde_json::Value = resp
+        .json()
+        .await
+        .map_err(|_| "job_unparsable_response".to_owned())?;
+    match job["status"].as_str() {
+        Some("completed" | "partial_failure") => {
+            let finished = job["finished_at_ms"].as_u64().unwrap_or_else(unix_now_ms);
+            serde_json::from_value(job["result"].clone())
+                .map(|r| Some((r, finished)))
+                .map_err(|_| "job_unparsable_result".to_owned())
         }
-        tokio::time::sleep(POLL).await;
-        let resp = ctx
-            .client
-            .get(format!("{node}/v2/sync-local-files/{id}"))
-            .header(reqwest::header::AUTHORIZATION, header.clone())
-            .timeout(ctx.request_timeout)
-            .send()
-            .await
-            .map_err(|e| request_error_kind(&e))?;
-        let status = resp.status().as_u16();
-        if status != 200 {
-            return Err(format!("job_poll_http_{status}"));
+        Some("failed") => {
+            let code = job["error"]["code"].as_str().unwrap_or("files_failed");
+            Err(format!("job_failed_{code}"))
         }
-        let job: serde_json::Value = resp
-            .json()
-            .await
-            .map_err(|_| "job_unparsable_response".to_owned())?;
-        match job["status"].as_str() {
-            Some("completed" | "partial_failure") => {
-                return serde_json::from_value(job["result"].clone())
-                    .map_err(|_| "job_unparsable_result".to_owned());
-            }
-            Some("failed") => {
-                let code = job["error"]["code"].as_str().unwrap_or("files_failed");
-                return Err(format!("job_failed_{code}"));
-            }
-            _ => {}
-        }
+        _ => Ok(None),
     }
 }
 

@@ -105,6 +105,28 @@ fn realtime_sync_and_mixed_runs_pass_their_accounting_check() {
     assert_eq!(r["sync"]["files_ok"], 6, "{r:#}");
     assert_eq!(r["accounting"]["passed"], true, "{r:#}");
 
+    // v2 as the app uses it: every round submitted at once, the jobs polled at the server's 3 s.
+    let (code, r) = harness(
+        &url,
+        &[
+            "sync",
+            "--v2",
+            "--pipeline",
+            "--uploaders",
+            "2",
+            "--files",
+            "2",
+            "--rounds",
+            "3",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    assert_eq!(r["sync"]["pipeline"], true, "{r:#}");
+    assert_eq!(r["sync"]["uploads_ok"], 6, "{r:#}");
+    assert_eq!(r["sync"]["files_ok"], 12, "{r:#}");
+    assert_eq!(r["sync"]["latency"]["count"], 6, "{r:#}");
+    assert_eq!(r["accounting"]["passed"], true, "{r:#}");
+
     let (code, r) = harness(
         &url,
         &[

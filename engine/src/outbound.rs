@@ -149,42 +149,19 @@ fn roots_from_file(path: &Path) -> Result<rustls::RootCertStore, OutboundError> 
     Ok(roots)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Test helpers for TLS (the `test-util` feature): a private CA with a `localhost` certificate, and the
+/// server end that presents it. Used by this module's tests and by the HTTPS doubles of other tests.
+#[cfg(feature = "test-util")]
+pub mod test_tls {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
 
-    #[test]
-    fn the_default_trusts_the_compiled_in_roots() {
-        let out = Outbound::new(None).unwrap_or_else(|e| panic!("{e}"));
-        assert!(out.ca.is_none());
-        assert!(webpki_roots::TLS_SERVER_ROOTS.len() > 100);
-    }
-
-    #[test]
-    fn a_ca_file_that_is_missing_empty_or_not_pem_refuses_with_its_path() {
-        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let missing = dir.path().join("missing.pem");
-        let err = Outbound::new(Some(&missing)).unwrap_err().to_string();
-        assert!(
-            err.contains("VOICEGATE_TLS_CA_FILE") && err.contains("missing.pem"),
-            "{err}"
-        );
-        let empty = dir.path().join("empty.pem");
-        std::fs::write(&empty, "").unwrap_or_else(|e| panic!("{e}"));
-        let err = Outbound::new(Some(&empty)).unwrap_err().to_string();
-        assert!(err.contains("no PEM certificate"), "{err}");
-        let junk = dir.path().join("junk.pem");
-        std::fs::write(
-            &junk,
-            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
-        assert!(Outbound::new(Some(&junk)).is_err());
-    }
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
     /// A test CA and a `localhost` server certificate it signed, made with the openssl command line
     /// (`scripts/deps.sh` installs it): (CA PEM, server certificate PEM, server key PEM).
-    fn test_pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    pub fn pki(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
         let run = |args: &[&str]| {
             let status = std::process::Command::new("openssl")
                 .args(args)
@@ -251,11 +228,8 @@ mod tests {
         )
     }
 
-    /// A TLS server for `localhost` answering one websocket (echo) and then one HTTP request (`200 ok`).
-    async fn tls_server(cert: &Path, key: &Path) -> std::net::SocketAddr {
-        use futures_util::{SinkExt as _, StreamExt as _};
-        use rustls::pki_types::PrivateKeyDer;
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    /// The TLS server end presenting `cert` (PEM) with `key` (PEM).
+    pub fn acceptor(cert: &Path, key: &Path) -> tokio_rustls::TlsAcceptor {
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
             .unwrap_or_else(|e| panic!("{e}"))
             .map(|c| c.unwrap_or_else(|e| panic!("{e}")))
@@ -269,7 +243,48 @@ mod tests {
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .unwrap_or_else(|e| panic!("{e}"));
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_trusts_the_compiled_in_roots() {
+        let out = Outbound::new(None).unwrap_or_else(|e| panic!("{e}"));
+        assert!(out.ca.is_none());
+        assert!(webpki_roots::TLS_SERVER_ROOTS.len() > 100);
+    }
+
+    #[test]
+    fn a_ca_file_that_is_missing_empty_or_not_pem_refuses_with_its_path() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let missing = dir.path().join("missing.pem");
+        let err = Outbound::new(Some(&missing)).unwrap_err().to_string();
+        assert!(
+            err.contains("VOICEGATE_TLS_CA_FILE") && err.contains("missing.pem"),
+            "{err}"
+        );
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap_or_else(|e| panic!("{e}"));
+        let err = Outbound::new(Some(&empty)).unwrap_err().to_string();
+        assert!(err.contains("no PEM certificate"), "{err}");
+        let junk = dir.path().join("junk.pem");
+        std::fs::write(
+            &junk,
+            "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(Outbound::new(Some(&junk)).is_err());
+    }
+
+    /// A TLS server for `localhost` answering one websocket (echo) and then one HTTP request (`200 ok`).
+    async fn tls_server(cert: &Path, key: &Path) -> std::net::SocketAddr {
+        use futures_util::{SinkExt as _, StreamExt as _};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let acceptor = test_tls::acceptor(cert, key);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .unwrap_or_else(|e| panic!("{e}"));
@@ -309,7 +324,7 @@ mod tests {
         use futures_util::{SinkExt as _, StreamExt as _};
         use tungstenite::client::IntoClientRequest as _;
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-        let (ca, cert, key) = test_pki(dir.path());
+        let (ca, cert, key) = test_tls::pki(dir.path());
         let addr = tls_server(&cert, &key).await;
         let url = format!("wss://localhost:{}/v1/listen", addr.port());
         // The built-in roots do not trust the test CA: the handshake fails, naming the certificate.

@@ -207,7 +207,7 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_STT_PREROLL_MS", default_value_t = defaults::STT_PREROLL_MS)]
     pub stt_preroll_ms: u64,
 
-    /// PEM file of the certificate authorities every outbound TLS connection (speech-to-text providers) trusts, instead of the Mozilla roots built in (e.g. /etc/ssl/certs/ca-certificates.crt, or a private CA).
+    /// PEM file of the certificate authorities every outbound TLS connection (speech-to-text providers, the JWKS URL, the fair-use classifier) trusts, instead of the Mozilla roots built in (e.g. /etc/ssl/certs/ca-certificates.crt, or a private CA).
     #[arg(long, env = "VOICEGATE_TLS_CA_FILE")]
     pub tls_ca_file: Option<PathBuf>,
 

@@ -17,6 +17,7 @@ use voicegate_engine::fair_use::classifier::NoSessions;
 use voicegate_engine::fair_use::{FairUse, FairUseParts, PlanRecord, classifier_from_config};
 use voicegate_engine::lease::Leases;
 use voicegate_engine::meter::{Meter, MeterConfig};
+use voicegate_engine::outbound::Outbound;
 use voicegate_engine::pipeline::stream::PipelineConfig;
 use voicegate_engine::policy::FairUseConfig;
 use voicegate_engine::policy::backfill::BackfillConfig;
@@ -107,8 +108,8 @@ pub const EVENTS_MAX_LEN: u64 = 100_000;
 impl Engine {
     /// Builds every part from `cfg` (its metering and fair-use settings included). Must run inside an
     /// actix system: the meter and the cap supervisor are actors.
-    pub fn from_config(cfg: &ServeConfig) -> Result<Engine, EngineError> {
-        Self::with_configs(cfg, cfg.meter_config()?, cfg.fair_use_config()?)
+    pub fn from_config(cfg: &ServeConfig, outbound: &Outbound) -> Result<Engine, EngineError> {
+        Self::with_configs(cfg, cfg.meter_config()?, cfg.fair_use_config()?, outbound)
     }
 
     /// [`Engine::from_config`] with explicit metering and fair-use settings (tests, embedding).
@@ -116,9 +117,9 @@ impl Engine {
         cfg: &ServeConfig,
         meter_cfg: MeterConfig,
         fair_cfg: FairUseConfig,
+        outbound: &Outbound,
     ) -> Result<Engine, EngineError> {
-        let classifier =
-            classifier_from_config(&fair_cfg).map_err(|e| EngineError::FairUse(e.to_string()))?;
+        let classifier = classifier_from_config(&fair_cfg, outbound);
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let parts = match cfg.redis() {
             Some(redis_cfg) => {

@@ -13,12 +13,13 @@ use actix::prelude::*;
 use serde::Serialize;
 
 use crate::fair_use::cap_supervisor::{CapBreached, CapSupervisor, SupervisorDeps};
-use crate::fair_use::classifier::{Classifier, ClassifierError, UsageSource};
+use crate::fair_use::classifier::{Classifier, UsageSource};
 use crate::fair_use::heuristic::HeuristicClassifier;
 use crate::fair_use::ledger::{Applied, FairUseLedger, LedgerError};
 use crate::fair_use::notifier::{LogNotifier, Notifier};
 use crate::fair_use::openai::OpenAiClassifier;
 use crate::meter::{Meter, MeterError, RecordOutcome, RecordSpeech, RecordStatus, UsageTotals};
+use crate::outbound::Outbound;
 use crate::policy::notice::{Notice, status_message};
 use crate::policy::{
     CaseRef, ClassifierKind, CreditLookup, Enforcement, Entitlement, EntitlementInput,
@@ -110,12 +111,15 @@ pub struct FairUse {
     reported: Arc<Mutex<HashMap<String, u64>>>,
 }
 
-/// The classifier the configuration asks for.
-pub fn classifier_from_config(cfg: &FairUseConfig) -> Result<Arc<dyn Classifier>, ClassifierError> {
-    Ok(match cfg.classifier.kind {
+/// The classifier the configuration asks for; an LLM classifier calls through `outbound`.
+pub fn classifier_from_config(cfg: &FairUseConfig, outbound: &Outbound) -> Arc<dyn Classifier> {
+    match cfg.classifier.kind {
         ClassifierKind::Heuristic => Arc::new(HeuristicClassifier),
-        ClassifierKind::OpenAi => Arc::new(OpenAiClassifier::new(&cfg.classifier)?),
-    })
+        ClassifierKind::OpenAi => Arc::new(OpenAiClassifier::new(
+            &cfg.classifier,
+            outbound.http().clone(),
+        )),
+    }
 }
 
 /// What [`FairUse::start`] needs besides the config and the meter.

@@ -3,7 +3,8 @@
 //! `POST {base_url}/chat/completions` with the model, a conservative system prompt and the usage snapshot as
 //! JSON; the reply's message content must be one JSON object (markdown fences tolerated) with exactly the
 //! fields below, scores within 0–1. Anything else is [`ClassifierError::Malformed`], a failure, never score 0.
-//! The client speaks HTTP and HTTPS (reqwest with rustls; see `docs/fair-use.md` §9 for the shared client).
+//! The client speaks HTTP and HTTPS through the node's one outbound client ([`crate::outbound::Outbound`]: its
+//! TLS configuration and `VOICEGATE_TLS_CA_FILE`), with the classifier's own timeout on every request.
 
 use std::time::Duration;
 
@@ -57,6 +58,7 @@ pub struct OpenAiClassifier {
     url: String,
     model: String,
     api_key: Option<String>,
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for OpenAiClassifier {
@@ -70,12 +72,10 @@ impl std::fmt::Debug for OpenAiClassifier {
 }
 
 impl OpenAiClassifier {
-    pub fn new(settings: &ClassifierSettings) -> Result<Self, ClassifierError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_millis(settings.timeout_ms))
-            .build()
-            .map_err(|e| ClassifierError::NotConfigured(e.to_string()))?;
-        Ok(OpenAiClassifier {
+    /// The classifier `settings` describe, calling through `http` (the node's outbound client,
+    /// [`crate::outbound::Outbound::http`]).
+    pub fn new(settings: &ClassifierSettings, http: reqwest::Client) -> Self {
+        OpenAiClassifier {
             http,
             url: format!(
                 "{}/chat/completions",
@@ -83,7 +83,8 @@ impl OpenAiClassifier {
             ),
             model: settings.model.clone(),
             api_key: settings.api_key.clone(),
-        })
+            timeout: Duration::from_millis(settings.timeout_ms),
+        }
     }
 
     async fn call(self, snapshot: UsageSnapshot) -> Result<Verdict, ClassifierError> {
@@ -99,7 +100,7 @@ impl OpenAiClassifier {
             ],
             "response_format": {"type": "json_object"},
         });
-        let mut req = self.http.post(&self.url).json(&body);
+        let mut req = self.http.post(&self.url).timeout(self.timeout).json(&body);
         if let Some(key) = &self.api_key {
             req = req.bearer_auth(key);
         }

@@ -4,6 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use voicegate_engine::outbound::Outbound;
 
 use actix_web::web;
 use futures_util::future::BoxFuture;
@@ -35,6 +36,8 @@ pub struct ServerBuilder {
     /// Bound at [`ServerBuilder::new`], so a port in use is reported before any engine actor starts;
     /// listening only from [`ServerBuilder::start`], so no connection waits in a backlog nobody serves.
     sockets: Vec<socket2::Socket>,
+    /// The one outbound client (TLS, `VOICEGATE_TLS_CA_FILE`): providers, the JWKS URL, the classifier.
+    outbound: Outbound,
 }
 
 impl ServerBuilder {
@@ -50,7 +53,7 @@ impl ServerBuilder {
             sockets.push(socket);
         }
         // The one outbound client (TLS, `VOICEGATE_TLS_CA_FILE`) every provider and the JWKS URL go through.
-        let outbound = voicegate_engine::outbound::Outbound::new(cfg.tls_ca_file.as_deref())?;
+        let outbound = Outbound::new(cfg.tls_ca_file.as_deref())?;
         let auth = Authenticator::from_config(&cfg, &outbound)?.with_throttle(AuthThrottle::new(
             ThrottleConfig::from_config(&cfg),
             "token",
@@ -134,6 +137,7 @@ impl ServerBuilder {
             hooks,
             front: None,
             sockets,
+            outbound,
         })
     }
 
@@ -154,6 +158,11 @@ impl ServerBuilder {
     /// The shared state (readiness, sessions, limits…), e.g. to hand to engine-side tasks.
     pub fn state(&self) -> &AppState {
         &self.state
+    }
+
+    /// The node's outbound client, for the engine's parts that call out (the fair-use classifier).
+    pub fn outbound(&self) -> &Outbound {
+        &self.outbound
     }
 
     /// Replaces the store health check behind `/readyz` (default: always reachable).
@@ -223,6 +232,7 @@ impl ServerBuilder {
             hooks,
             front,
             sockets,
+            outbound: _,
         } = self;
         let cfg = state.config.clone();
         let extra: Option<RoutesFn> = {

@@ -112,7 +112,7 @@ fn name_rayon_threads() {
 /// Builds the engine from the server's configuration and mounts it: routes, `/readyz` store check, the
 /// Stripe payments sink and the meter flush at drain. Must run inside an actix system.
 pub fn wire_engine(server: &mut ServerBuilder) -> Result<Engine, ServeError> {
-    let engine = Engine::from_config(&server.state().config)?;
+    let engine = Engine::from_config(&server.state().config, server.outbound())?;
     mount_engine(server, &engine);
     Ok(engine)
 }

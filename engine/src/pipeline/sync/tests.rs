@@ -57,7 +57,8 @@ fn world(backfill: BackfillConfig) -> World {
         clock.clone(),
     );
     let fair_cfg = FairUseConfig::default();
-    let classifier = classifier_from_config(&fair_cfg).unwrap();
+    let classifier =
+        classifier_from_config(&fair_cfg, &crate::outbound::Outbound::new(None).unwrap());
     let fair_use = FairUse::start(
         fair_cfg,
         meter,

@@ -58,8 +58,9 @@ impl EngineServer {
         let mut cfg = base_config(redis.url());
         tweak(&mut cfg);
         let mut builder = ServerBuilder::new(cfg.clone()).unwrap_or_else(|e| panic!("{e}"));
-        let mut engine = Engine::with_configs(&cfg, MeterConfig::default(), fair)
-            .unwrap_or_else(|e| panic!("{e}"));
+        let mut engine =
+            Engine::with_configs(&cfg, MeterConfig::default(), fair, builder.outbound())
+                .unwrap_or_else(|e| panic!("{e}"));
         edit(&mut engine);
         mount_engine(&mut builder, &engine);
         let running = builder.start().unwrap_or_else(|e| panic!("{e}"));

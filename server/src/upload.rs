@@ -236,8 +236,22 @@ async fn read_upload_inner(
     payload: web::Payload,
     limits: &UploadLimits,
 ) -> Result<UploadBatch, UploadError> {
-    let declared = req
-        .headers()
+    read_multipart(req.headers(), payload, limits).await
+}
+
+/// The reader behind [`read_upload`] on any body stream (the `multipart` fuzz target drives it with
+/// arbitrary bytes). Runs on an actix system (the file writes use `web::block`).
+pub async fn read_multipart<S>(
+    headers: &actix_web::http::header::HeaderMap,
+    payload: S,
+    limits: &UploadLimits,
+) -> Result<UploadBatch, UploadError>
+where
+    S: futures_util::Stream<Item = Result<bytes::Bytes, actix_web::error::PayloadError>>
+        + Unpin
+        + 'static,
+{
+    let declared = headers
         .get(actix_web::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
@@ -247,14 +261,13 @@ async fn read_upload_inner(
         });
     }
     // A NUL in one part's headers must fail that file only (`crate::part_headers`).
-    let content_type = req
-        .headers()
+    let content_type = headers
         .get(actix_web::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     let boundary = crate::part_headers::boundary(content_type).unwrap_or("");
     let payload = crate::part_headers::NulInPartHeaders::new(payload, boundary);
-    let mut multipart = Multipart::new(req.headers(), payload);
+    let mut multipart = Multipart::new(headers, payload);
     let dir = make_temp_dir(limits.dir.as_deref(), &limits.folder_prefix)?;
     let mut files = Vec::new();
     let mut request_bytes: u64 = 0;

@@ -340,12 +340,27 @@ enum TextControl {
     CloseStream,
 }
 
+/// The client's text message as the session reads it: the control's name (`KeepAlive`, `Finalize`,
+/// `CloseStream`) or why it is ignored (`invalid_json`, `unknown_type`). For the `control` fuzz target.
+pub fn read_control(text: &str) -> Result<&'static str, &'static str> {
+    control_of(text).map(|c| match c {
+        TextControl::KeepAlive => "KeepAlive",
+        TextControl::Finalize => "Finalize",
+        TextControl::CloseStream => "CloseStream",
+    })
+}
+
 /// Parses `{"type": …}`; anything else is ignored with a reason (`invalid_json`, `unknown_type`).
 fn control_of(text: &str) -> Result<TextControl, &'static str> {
     #[derive(serde::Deserialize)]
     struct Typed<'a> {
         #[serde(rename = "type", borrow)]
         kind: Option<std::borrow::Cow<'a, str>>,
+    }
+    // Only a JSON object is a control: serde would also read the struct from an array (`["KeepAlive"]`,
+    // found by the `control` fuzz target).
+    if !text.trim_start().starts_with('{') {
+        return Err("invalid_json");
     }
     let typed: Typed<'_> = serde_json::from_str(text).map_err(|_| "invalid_json")?;
     match typed.kind.as_deref() {
@@ -377,6 +392,13 @@ mod tests {
         assert_eq!(control_of("hello"), Err("invalid_json"));
         assert_eq!(control_of(r#"{"type":"Nope"}"#), Err("unknown_type"));
         assert_eq!(control_of("[1,2]"), Err("invalid_json"));
+        // An array holding a control's name is not that control (the `control` fuzz target's crash).
+        assert_eq!(control_of(r#"["KeepAlive"] "#), Err("invalid_json"));
+        assert_eq!(control_of(r#" ["CloseStream"]"#), Err("invalid_json"));
+        assert_eq!(
+            control_of(" \n{\"type\":\"KeepAlive\"}"),
+            Ok(TextControl::KeepAlive)
+        );
     }
 
     #[test]

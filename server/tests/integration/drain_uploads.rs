@@ -19,8 +19,14 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use voicegate_engine::store::test_redis::RedisServer;
 
-const STREAMS: usize = 10;
-const UPLOADS: usize = 10;
+/// Paused uploads and live streams at the signal: 10 of each in CI; `VOICEGATE_TEST_DRAIN_SIZE=50` for the
+/// acceptance figure of issue #17 (`docs/operations.md`, "Draining").
+fn drain_size() -> usize {
+    std::env::var("VOICEGATE_TEST_DRAIN_SIZE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10)
+}
 
 fn spawn(addr: std::net::SocketAddr, redis: &str, upload_dir: &std::path::Path) -> Child {
     let child = Command::new(env!("CARGO_BIN_EXE_voicegate"))
@@ -87,23 +93,24 @@ async fn sigterm_with_paused_uploads_and_streams_leaves_no_temp_folder_and_meter
         .unwrap_or_else(|e| panic!("{e}"));
     let mut child = spawn(addr, &redis.url(), upload_dir.path());
     wait_ready(addr).await;
+    let (streams, uploads) = (drain_size(), drain_size());
 
     let packets = Arc::new(fixture_packets("d01"));
     let (spoke_tx, mut spoke_rx) = mpsc::unbounded_channel();
-    let devices: Vec<_> = (0..STREAMS)
+    let devices: Vec<_> = (0..streams)
         .map(|i| {
             let (uid, packets) = (format!("drainup{i:02}"), Arc::clone(&packets));
             tokio::spawn(speaking_device(addr, uid, packets, spoke_tx.clone()))
         })
         .collect();
     drop(spoke_tx);
-    let mut paused = Vec::with_capacity(UPLOADS);
-    for i in 0..UPLOADS {
+    let mut paused = Vec::with_capacity(uploads);
+    for i in 0..uploads {
         paused.push(paused_upload(addr, &format!("paused{i:02}")).await);
     }
     // Synchronise on the event: every paused upload holds its temp folder.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while folders(upload_dir.path()).len() < UPLOADS {
+    while folders(upload_dir.path()).len() < uploads {
         assert!(
             Instant::now() < deadline,
             "{:?}",
@@ -112,12 +119,12 @@ async fn sigterm_with_paused_uploads_and_streams_leaves_no_temp_folder_and_meter
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The signal goes once every stream has metered speech (its first `speech_ended`), not after a guess.
-    until_spoken(&mut spoke_rx, STREAMS).await;
+    until_spoken(&mut spoke_rx, streams).await;
     let pid = child.0.id().to_string();
     let killed = Command::new("kill").args(["-TERM", &pid]).status();
     assert!(killed.is_ok_and(|s| s.success()), "kill -TERM {pid}");
 
-    let mut told = Vec::with_capacity(STREAMS);
+    let mut told = Vec::with_capacity(streams);
     for (i, d) in devices.into_iter().enumerate() {
         let seen = d.await.unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
@@ -139,7 +146,7 @@ async fn sigterm_with_paused_uploads_and_streams_leaves_no_temp_folder_and_meter
 
     assert_stored_as_told(redis.url(), "drainup", &told).await;
     eprintln!(
-        "drain: {UPLOADS} paused uploads, {STREAMS} streams ({} ms told and stored), 0 temp folders left",
+        "drain: {uploads} paused uploads, {streams} streams ({} ms told and stored), 0 temp folders left",
         told.iter().sum::<u64>()
     );
 }

@@ -224,9 +224,14 @@ pub const STT_FINAL_LATENCY_SECONDS: &str = "voicegate_stt_final_latency_seconds
 /// before a run's start could be forwarded; `provider_down`: a remote provider could not be reached while
 /// the audio was kept, and the run moved on): samples that never reached the engine.
 pub const STT_DROPPED_SAMPLES_TOTAL: &str = "voicegate_stt_dropped_samples_total";
-/// Counter, label `provider`: 16 kHz samples written again after a reconnect (the open utterance, already
-/// counted in `voicegate_stt_forwarded_samples_total` when first sent): never charged to the user.
+/// Counter, label `provider`: 16 kHz samples written again (deepgram: the open utterance after a
+/// reconnect; openai: a chunk's audio on a retry that went out), already counted in
+/// `voicegate_stt_forwarded_samples_total` when first sent: never charged to the user.
 pub const STT_RESENT_SAMPLES_TOTAL: &str = "voicegate_stt_resent_samples_total";
+/// Counter, labels `provider`, `reason` (`rate_limited`, `engine`, `network`): requests sent again after a
+/// failure a later attempt could fix (openai: `VOICEGATE_OPENAI_RETRIES`). A chunk whose retries all
+/// failed is counted once more in `voicegate_stt_errors_total`.
+pub const STT_RETRIES_TOTAL: &str = "voicegate_stt_retries_total";
 /// Counter, labels `provider`, `outcome` (`opened`; `refused`: the provider answered the connect with an
 /// HTTP error such as 401, 402, 429; `failed`: unreachable, TLS or timeout; `lost`: closed mid-stream):
 /// connections of a remote streaming provider.

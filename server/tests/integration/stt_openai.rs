@@ -398,9 +398,11 @@ async fn a_live_session_gets_one_request_per_utterance_and_the_double_received_e
     server.shutdown().await;
 }
 
-/// The double answers `first` for the first request(s), then serves: `stt_unavailable{provider_error}`,
-/// counted under `reason`, transcripts again afterwards; forwarded and charged as received.
-async fn a_failing_request(first: &[Plan], uid: &str, reason: &str) {
+/// The double answers `first` for the first request(s), then serves. `errors` chunks failed for good
+/// (counted under `reason`; the session is told `stt_unavailable{provider_error}`); every other failed
+/// request was retried (`VOICEGATE_OPENAI_RETRIES`, 2). Transcripts come again afterwards; the user is charged once per
+/// chunk, the audio of each further attempt counted as resent.
+async fn a_failing_request(first: &[Plan], uid: &str, reason: &str, errors: u64) {
     let mut plans = first.to_vec();
     plans.push(Plan::Serve);
     let double = OpenAiDouble::start(&plans).await;
@@ -414,29 +416,40 @@ async fn a_failing_request(first: &[Plan], uid: &str, reason: &str) {
         .iter()
         .filter_map(|(v, _)| v["type"].as_str().map(str::to_string))
         .collect();
-    assert_eq!(unavailable_reasons(&seen), ["provider_error"], "{kinds:?}");
-    let lost = kinds.iter().position(|k| k == "stt_unavailable").unwrap();
-    assert!(
-        kinds[lost..].iter().any(|k| k == "stt_available"),
-        "transcripts came back after the failure: {kinds:?}"
-    );
+    // Told once, while it lasts (a state, not one event per chunk).
+    let expected: &[&str] = if errors > 0 { &["provider_error"] } else { &[] };
+    assert_eq!(unavailable_reasons(&seen), expected, "{kinds:?}");
+    if let Some(lost) = kinds.iter().position(|k| k == "stt_unavailable") {
+        assert!(
+            kinds[lost..].iter().any(|k| k == "stt_available"),
+            "transcripts came back after the failure: {kinds:?}"
+        );
+    }
     let requests = double.requests();
     let failed = requests.iter().filter(|r| r.answered != 200).count();
     assert_eq!(failed, first.len(), "{requests:?}");
-    let errors = format!("voicegate_stt_errors_total{{provider=\"openai\",reason=\"{reason}\"}}");
+    let counted = format!("voicegate_stt_errors_total{{provider=\"openai\",reason=\"{reason}\"}}");
+    assert_eq!(metric(&server, &counted).await, errors, "{counted}");
+    let retried = metric(&server, "voicegate_stt_retries_total{provider=\"openai\"").await;
+    assert_eq!(retried, first.len() as u64 - errors, "retries");
     assert_eq!(
-        metric(&server, &errors).await,
-        first.len() as u64,
-        "{errors}"
+        metric(&server, "voicegate_stt_errors_total{provider=\"openai\"").await,
+        errors,
+        "errors of every reason"
     );
-    // The failed requests' audio was handed over (the double read it): forwarded and charged, no
-    // transcript for it.
+    // Every request's audio was handed over (the double read it). The user is charged each chunk once:
+    // a retry's audio is resent, not forwarded again. A chunk that failed for good has no transcript.
     let received = double.samples();
-    assert_eq!(metric(&server, FORWARDED).await, received);
+    let resent = metric(
+        &server,
+        "voicegate_stt_resent_samples_total{provider=\"openai\"",
+    )
+    .await;
+    assert_eq!(metric(&server, FORWARDED).await, received - resent);
     assert_eq!(metric(&server, DROPPED).await, 0);
     assert_eq!(
         seen.metadata()["stt_forwarded_ms"].as_u64().unwrap(),
-        charged_ms(received)
+        charged_ms(received - resent)
     );
     assert_eq!(segments(&seen).len(), requests.len() - failed);
     assert_metered_exactly(&server, uid, &seen, &packets).await;
@@ -445,12 +458,22 @@ async fn a_failing_request(first: &[Plan], uid: &str, reason: &str) {
 
 #[actix_web::test]
 async fn a_refused_key_is_provider_error_and_the_session_goes_on() {
-    a_failing_request(&[Plan::Status(401)], "dave", "unauthorized").await;
+    // 401 is not retried: a later attempt cannot fix a key.
+    a_failing_request(&[Plan::Status(401)], "dave", "unauthorized", 1).await;
 }
 
 #[actix_web::test]
-async fn a_server_error_is_provider_error_and_the_session_goes_on() {
-    a_failing_request(&[Plan::Status(500)], "erin", "engine").await;
+async fn a_server_error_is_retried_twice_then_provider_error_and_the_session_goes_on() {
+    // Two chunks in a row fail all three attempts: the session hears of it while the chunks queued
+    // behind the retries wait (a single failed chunk followed at once by a transcript would be told
+    // and cleared on the same tick).
+    let six = [Plan::Status(500); 6];
+    a_failing_request(&six, "erin", "engine", 2).await;
+}
+
+#[actix_web::test]
+async fn a_rate_limit_then_a_gateway_error_are_retried_and_the_chunk_is_transcribed() {
+    a_failing_request(&[Plan::Status(429), Plan::Status(503)], "gina", "engine", 0).await;
 }
 
 #[actix_web::test]

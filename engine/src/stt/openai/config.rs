@@ -16,6 +16,11 @@ pub const DEFAULT_TIMEOUT_SECS: u64 = 30;
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
 /// `VOICEGATE_OPENAI_QUEUE_CHUNKS`: chunks one node holds for the provider (in flight or waiting).
 pub const DEFAULT_QUEUE_CHUNKS: usize = 64;
+/// `VOICEGATE_OPENAI_RETRIES`: further attempts of one chunk after a failure a later attempt can fix
+/// (429 rate limit, 5xx, no connection).
+pub const DEFAULT_RETRIES: u32 = 2;
+/// The largest number of retries accepted (each waits up to `request::RETRY_MAX`).
+pub const MAX_RETRIES: u32 = 5;
 /// The host whose API always needs a key.
 const OPENAI_HOST: &str = "api.openai.com";
 
@@ -59,6 +64,10 @@ pub struct OpenAiArgs {
     /// Chunks (of at most 10 s) one node holds for the provider, in flight or waiting; past it a chunk is dropped (counted, `queue_full`).
     #[arg(id = "openai_queue_chunks", long = "openai-queue-chunks", env = "VOICEGATE_OPENAI_QUEUE_CHUNKS", default_value_t = DEFAULT_QUEUE_CHUNKS)]
     pub queue_chunks: usize,
+
+    /// Further attempts of one chunk after a 429 (not `insufficient_quota`), a 5xx or a failed connection, after the house backoff (0.5-5 s, a 429's Retry-After of up to 10 s honoured); a timeout after the audio went out is not retried (the provider may have transcribed it). 0 = never.
+    #[arg(id = "openai_retries", long = "openai-retries", env = "VOICEGATE_OPENAI_RETRIES", default_value_t = DEFAULT_RETRIES)]
+    pub retries: u32,
 }
 
 impl Default for OpenAiArgs {
@@ -71,6 +80,7 @@ impl Default for OpenAiArgs {
             timeout_secs: DEFAULT_TIMEOUT_SECS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             queue_chunks: DEFAULT_QUEUE_CHUNKS,
+            retries: DEFAULT_RETRIES,
         }
     }
 }
@@ -86,6 +96,8 @@ pub enum OpenAiConfigError {
     Timeout,
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
+    #[error("VOICEGATE_OPENAI_RETRIES must be at most {MAX_RETRIES}")]
+    Retries,
     #[error("VOICEGATE_OPENAI_API_KEY_FILE={}: {reason}", path.display())]
     KeyFile { path: PathBuf, reason: String },
 }
@@ -132,6 +144,9 @@ impl OpenAiArgs {
         if self.queue_chunks == 0 {
             return Err(OpenAiConfigError::Zero("VOICEGATE_OPENAI_QUEUE_CHUNKS"));
         }
+        if self.retries > MAX_RETRIES {
+            return Err(OpenAiConfigError::Retries);
+        }
         let key = match (&self.key_file, &self.api_key) {
             (Some(path), _) => {
                 let key = KeySource::File(path.clone());
@@ -151,6 +166,7 @@ impl OpenAiArgs {
             timeout: Duration::from_secs(self.timeout_secs),
             max_in_flight: self.max_in_flight,
             queue_chunks: self.queue_chunks,
+            retries: self.retries,
         })
     }
 }
@@ -167,6 +183,8 @@ pub struct OpenAiConfig {
     pub timeout: Duration,
     pub max_in_flight: usize,
     pub queue_chunks: usize,
+    /// Further attempts of a chunk after a retryable failure.
+    pub retries: u32,
 }
 
 impl Default for OpenAiConfig {
@@ -178,6 +196,7 @@ impl Default for OpenAiConfig {
             timeout: Duration::from_secs(DEFAULT_TIMEOUT_SECS),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             queue_chunks: DEFAULT_QUEUE_CHUNKS,
+            retries: DEFAULT_RETRIES,
         }
     }
 }

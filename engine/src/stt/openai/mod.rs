@@ -17,7 +17,8 @@
 //! - Failures (401/403, 402 or 429 `insufficient_quota`, 429, 5xx, timeouts, unreachable, a malformed
 //!   answer) are counted in `voicegate_stt_errors_total{reason}`, told to the session once each
 //!   ([`SttEvent::Error`]; the session says `stt_unavailable`) and cost that chunk its transcript, never
-//!   the session. There is no retry: the next chunk is the next attempt.
+//!   the session. A 429, a 5xx or a failed connection is first retried (`VOICEGATE_OPENAI_RETRIES`, 2;
+//!   `request.rs`); only the last attempt's failure counts.
 //! - The key: `OPENAI_API_KEY`, or a key file read again at every request; none for a self-hosted server
 //!   that takes none (no `Authorization` header then).
 //!
@@ -86,6 +87,11 @@ impl OpenAiProvider {
                 "engine",
             ],
         );
+        for reason in ["rate_limited", "engine", "network"] {
+            metrics::counter!(t::STT_RETRIES_TOTAL, "provider" => KIND.name(), "reason" => reason)
+                .increment(0);
+        }
+        metrics::counter!(t::STT_RESENT_SAMPLES_TOTAL, "provider" => KIND.name()).increment(0);
         let ctx = Arc::new(Ctx {
             permits: Semaphore::new(cfg.max_in_flight.max(1)),
             held: AtomicUsize::new(0),

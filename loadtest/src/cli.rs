@@ -226,6 +226,24 @@ pub struct SyncArgs {
     /// `finished_at_ms` of each job.
     #[arg(long, requires = "v2")]
     pub pipeline: bool,
+    /// Name every file as recorded MIN-MAX days ago (e.g. `8-30`, spread over the range): backdated speech,
+    /// which the server meters only up to its daily backfill allowance (v1 only: v2 defers it). Uploads and
+    /// files refused `backfill_allowance_exhausted` are counted as refused, not as errors, and the
+    /// accounting check expects exactly the files the server metered.
+    #[arg(long, value_parser = day_range, conflicts_with = "v2")]
+    pub backdate_days: Option<(u64, u64)>,
+}
+
+fn day_range(s: &str) -> Result<(u64, u64), String> {
+    let parsed = s
+        .split_once('-')
+        .and_then(|(a, b)| Some((a.trim().parse::<u64>().ok()?, b.trim().parse::<u64>().ok()?)));
+    match parsed {
+        Some((a, b)) if 1 <= a && a <= b && b <= 365 => Ok((a, b)),
+        _ => Err(format!(
+            "expected MIN-MAX days (1 <= MIN <= MAX <= 365), got {s:?}"
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -165,6 +165,7 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             request_timeout: Duration::from_secs_f64(args.request_timeout.max(1.0)),
             v2: args.v2,
             pipeline: args.pipeline,
+            backdate_days: args.backdate_days,
             live: live.clone(),
         });
         tokio::spawn(run_sync(ctx, args, prefix.clone(), first_sync_user))
@@ -452,6 +453,7 @@ fn sync_report(
         files_per_upload: args.files,
         rounds: args.rounds,
         pipeline: args.pipeline,
+        backdate_days: args.backdate_days,
         wall_s,
         ..SyncReport::default()
     };
@@ -461,9 +463,12 @@ fn sync_report(
         s.uploads_ok += o.requests_ok;
         s.files_ok += o.files_ok;
         s.files_failed += o.files_failed;
+        s.uploads_refused_backfill += o.refused_uploads;
+        s.files_refused_backfill += o.refused_files;
         audio_ms += o.audio_ms_ok;
     }
-    s.uploads_failed = (args.uploaders * args.rounds) as u64 - s.uploads_ok;
+    s.uploads_failed = ((args.uploaders * args.rounds) as u64)
+        .saturating_sub(s.uploads_ok + s.uploads_refused_backfill);
     let wall = wall_s.max(1e-9);
     s.uploads_per_s = s.uploads_ok as f64 / wall;
     s.files_per_s = s.files_ok as f64 / wall;

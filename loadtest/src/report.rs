@@ -100,6 +100,10 @@ pub struct SyncReport {
     /// Through v2 with every round submitted at once (`--pipeline`): latency and `wall_s` end at the
     /// server's `finished_at_ms`.
     pub pipeline: bool,
+    /// `--backdate-days`: the range, and the uploads and files refused for the backfill allowance.
+    pub backdate_days: Option<(u64, u64)>,
+    pub uploads_refused_backfill: u64,
+    pub files_refused_backfill: u64,
     pub uploads_ok: u64,
     pub uploads_failed: u64,
     pub files_ok: u64,
@@ -282,6 +286,13 @@ impl Report {
                 "  uploads ok {}  failed {}  files ok {}  failed {}",
                 s.uploads_ok, s.uploads_failed, s.files_ok, s.files_failed
             );
+            if let Some((lo, hi)) = s.backdate_days {
+                let _ = writeln!(
+                    o,
+                    "  named {lo}-{hi} days old: refused for the backfill allowance {} uploads, {} files",
+                    s.uploads_refused_backfill, s.files_refused_backfill
+                );
+            }
             let _ = writeln!(
                 o,
                 "  {:.2} uploads/s  {:.1} files/s  {:.0} audio s  {:.1} audio s per s",

@@ -34,6 +34,8 @@ pub struct SyncCtx {
     pub v2: bool,
     /// With v2: submit every round at once, then poll the jobs at the server's `poll_after_ms`.
     pub pipeline: bool,
+    /// Files named this many days old (`--backdate-days`), refusals of the backfill allowance expected.
+    pub backdate_days: Option<(u64, u64)>,
     pub live: Arc<Live>,
 }
 
@@ -59,10 +61,20 @@ pub struct UploaderOutcome {
     pub errors: Vec<String>,
     /// With `--pipeline`: when the server finished this uploader's last job (its `finished_at_ms`).
     pub last_finished_unix_ms: Option<u64>,
+    /// With `--backdate-days`: uploads refused whole, and files refused in answered uploads, for the
+    /// backfill allowance (`backfill_allowance_exhausted`).
+    pub refused_uploads: u64,
+    pub refused_files: u64,
 }
+
+/// The refusal `--backdate-days` expects once the day's backfill allowance is spent.
+pub const BACKFILL_REFUSAL: &str = "backfill_allowance_exhausted";
 
 #[derive(Deserialize)]
 struct SyncResponse {
+    /// A refusal's code (v1 answers 429 `backfill_allowance_exhausted` with the files' results).
+    #[serde(default)]
+    code: Option<String>,
     #[serde(default)]
     speech_ms: u64,
     #[serde(default)]
@@ -71,6 +83,9 @@ struct SyncResponse {
 
 #[derive(Deserialize)]
 struct FileResult {
+    /// The failure's stable code (`status: failed`).
+    #[serde(default)]
+    code: Option<String>,
     #[serde(default)]
     error: Option<serde_json::Value>,
 }
@@ -99,8 +114,16 @@ fn round_form(
         let (bytes, ms) = ctx.corpus.device_file(file.clip, file.skip);
         audio_ms += ms;
         let len = bytes.len() as u64;
+        let ts = match ctx.backdate_days {
+            // Spread over the range; later within its day (never past the range's oldest day).
+            Some((lo, hi)) => {
+                let days = lo + (i as u64 * 7) % (hi - lo + 1);
+                unix_now().saturating_sub(days * 86_400) + (i as u64 % 3_600)
+            }
+            None => first_ts + 45 * i as u64,
+        };
         let part = Part::stream_with_length(reqwest::Body::from(bytes), len)
-            .file_name(device_file_name(first_ts + 45 * i as u64));
+            .file_name(device_file_name(ts));
         form = form.part("files", part);
         batch.push(file);
     }
@@ -117,29 +140,48 @@ fn record_answer(
     latency_us: u64,
 ) {
     out.latencies_us.push(latency_us);
-    out.requests_ok += 1;
-    out.audio_ms_ok += audio_ms;
+    if resp.code.as_deref() == Some(BACKFILL_REFUSAL) {
+        // Refused past the allowance; the files that fitted before it ran out were metered.
+        out.refused_uploads += 1;
+    } else {
+        out.requests_ok += 1;
+        out.audio_ms_ok += audio_ms;
+    }
     out.speech_ms += resp.speech_ms;
-    let failed: Vec<_> = resp.files.iter().filter(|f| f.error.is_some()).collect();
-    out.files_failed += failed.len() as u64;
-    out.files_ok += (resp.files.len() - failed.len()) as u64;
-    ctx.live
-        .files_done
-        .fetch_add(resp.files.len() as u64, Relaxed);
-    for f in failed {
-        let code = match &f.error {
+    let answered = resp.files.len();
+    if answered != batch.len() {
+        out.errors.push("upload_file_count_mismatch".into());
+        ctx.live.errors.fetch_add(1, Relaxed);
+    }
+    ctx.live.files_done.fetch_add(answered as u64, Relaxed);
+    for (i, file) in batch.into_iter().enumerate() {
+        let result = resp.files.get(i);
+        let code = match result.and_then(|f| f.error.as_ref()) {
+            None => {
+                out.files_ok += 1;
+                // Only what the server metered is expected by the accounting check.
+                out.files_sent.push(file);
+                continue;
+            }
+            Some(_) if result.and_then(|f| f.code.as_ref()).is_some() => {
+                result.and_then(|f| f.code.clone()).unwrap_or_default()
+            }
             Some(serde_json::Value::String(s)) => s.clone(),
             Some(serde_json::Value::Object(o)) => o
                 .get("code")
                 .and_then(|c| c.as_str())
                 .unwrap_or("unknown")
                 .to_owned(),
-            _ => "unknown".into(),
+            Some(_) => "unknown".into(),
         };
+        if ctx.backdate_days.is_some() && code == BACKFILL_REFUSAL {
+            out.refused_files += 1;
+            continue;
+        }
+        out.files_failed += 1;
         out.errors.push(format!("file_{code}"));
         ctx.live.errors.fetch_add(1, Relaxed);
     }
-    out.files_sent.extend(batch);
 }
 
 /// Runs one uploader's rounds one after the other (or, with `--pipeline`, submits them all and then
@@ -286,8 +328,24 @@ async fn upload(
         .map_err(|e| request_error_kind(&e))?;
     let status = resp.status().as_u16();
     let body = resp.bytes().await.map_err(|e| request_error_kind(&e))?;
+    if status == 429 {
+        // The backfill allowance ran out: the body still reports every file (what fitted was metered;
+        // without `--backdate-days` the refused files count as errors, the metered ones are checked).
+        if let Ok(resp) = serde_json::from_slice::<SyncResponse>(&body)
+            && resp.code.as_deref() == Some(BACKFILL_REFUSAL)
+        {
+            return Ok(resp);
+        }
+    }
     if status != 200 && status != 207 {
-        return Err(format!("upload_http_{status}"));
+        // The refusal's code names the kind (`upload_http_429_fair_use_restricted`).
+        let code = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["code"].as_str().map(str::to_owned));
+        return Err(match code {
+            Some(code) => format!("upload_http_{status}_{code}"),
+            None => format!("upload_http_{status}"),
+        });
     }
     serde_json::from_slice(&body).map_err(|_| "upload_unparsable_response".to_owned())
 }

@@ -426,3 +426,41 @@ fn a_retry_storm_without_the_admin_routes_fails_loudly_before_any_traffic() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn backdated_uploads_past_the_allowance_are_refused_and_the_metered_ones_check_exactly() {
+    // An allowance of 40 s of speech: the first uploads of files named 8-30 days old fit, the rest are
+    // refused `backfill_allowance_exhausted` (one of them after its first files fitted).
+    let url = start_with(ServeConfig {
+        bind: "127.0.0.1:0".into(),
+        backfill_allowance_ms: 40_000,
+        ..ServeConfig::default()
+    });
+    let (code, r) = harness(
+        &url,
+        &[
+            "sync",
+            "--uploaders",
+            "1",
+            "--files",
+            "3",
+            "--rounds",
+            "4",
+            "--backdate-days",
+            "8-30",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    let sync = &r["sync"];
+    assert!(
+        sync["uploads_refused_backfill"].as_u64().unwrap_or(0) >= 1,
+        "{r:#}"
+    );
+    let refused = sync["files_refused_backfill"].as_u64().unwrap_or(0);
+    let ok = sync["files_ok"].as_u64().unwrap_or(0);
+    assert!(refused >= 1 && ok >= 1 && refused + ok == 12, "{r:#}");
+    let check = &r["accounting"];
+    assert_eq!(check["passed"], true, "{check:#}");
+    let metered = check["server_ms"].as_u64().unwrap_or(0);
+    assert!(metered > 0 && metered <= 40_000, "{check:#}");
+}

@@ -355,9 +355,7 @@ async fn run_sync(
     first_user: usize,
 ) -> (Vec<UploaderOutcome>, f64) {
     let started = Instant::now();
-    let started_unix_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let started_unix_ms = sync::unix_now_ms();
     let handles: Vec<_> = (0..args.uploaders)
         .map(|u| {
             let user = format!("{prefix}{}", first_user + u);

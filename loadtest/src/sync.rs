@@ -302,7 +302,8 @@ async fn run_pipelined(
     }
 }
 
-fn unix_now_ms() -> u64 {
+/// Milliseconds since the epoch (the clock the server's `finished_at_ms` uses, on the same machine).
+pub fn unix_now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -132,6 +132,42 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// A new job's record, queued at `now`: nothing run, metered or transcribed yet. `conversations` is the
+    /// upload's credit lock and `?conversation_id=` target.
+    pub fn queued(
+        job_id: String,
+        uid: String,
+        files: Vec<JobFile>,
+        conversations: (bool, Option<String>),
+        now: u64,
+        origin: Origin,
+    ) -> JobRecord {
+        let (locked, target) = conversations;
+        JobRecord {
+            job_id,
+            uid,
+            status: JobStatus::Queued,
+            stage: None,
+            locked,
+            target,
+            created_at_ms: now,
+            updated_at_ms: now,
+            finished_at_ms: None,
+            resumes_at_ms: None,
+            attempts: 0,
+            files,
+            new_memories: Vec::new(),
+            updated_memories: Vec::new(),
+            speech_ms: 0,
+            metered_speech_ms: 0,
+            stt_ms: 0,
+            transcript_status: None,
+            timings: StageTimings::default(),
+            error: None,
+            origin,
+        }
+    }
+
     /// Whether the job holds backdated files (the backfill lane).
     pub fn is_backfill(&self) -> bool {
         self.files.iter().any(|f| f.lane == "sync_backfill")
@@ -303,27 +339,9 @@ mod tests {
 
     fn record(files: Vec<JobFile>) -> JobRecord {
         JobRecord {
-            job_id: "j".into(),
-            uid: "u".into(),
             status: JobStatus::Running,
-            stage: None,
-            locked: false,
-            target: None,
-            created_at_ms: 0,
-            updated_at_ms: 0,
-            finished_at_ms: None,
-            resumes_at_ms: None,
             attempts: 1,
-            files,
-            new_memories: vec![],
-            updated_memories: vec![],
-            speech_ms: 0,
-            metered_speech_ms: 0,
-            stt_ms: 0,
-            transcript_status: None,
-            timings: StageTimings::default(),
-            error: None,
-            origin: Origin::V2,
+            ..JobRecord::queued("j".into(), "u".into(), files, (false, None), 0, Origin::V2)
         }
     }
 

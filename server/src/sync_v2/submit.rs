@@ -11,7 +11,7 @@ use voicegate_engine::store::lease::LeaseKey;
 use voicegate_engine::store::sync_jobs::{CreateLimits, Created, QueuedJob};
 use voicegate_engine::telemetry::SYNC_JOBS_CREATED_TOTAL;
 
-use super::record::{self, FileState, JobFile, JobRecord, JobStatus, Origin, StageTimings};
+use super::record::{self, FileState, JobFile, JobRecord, JobStatus, Origin};
 use super::room::Reservation;
 use super::{
     JOBS_END_RETRY_AFTER_S, SyncJobs, discard, job, new_job_id, refused, spool, spool_down,
@@ -149,29 +149,14 @@ pub(crate) async fn submit(
             result: None,
         })
         .collect();
-    let rec = JobRecord {
-        job_id: job_id.clone(),
-        uid: uid.to_owned(),
-        status: JobStatus::Queued,
-        stage: None,
-        locked,
-        target: target.filter(|s| !s.is_empty()),
-        created_at_ms: now,
-        updated_at_ms: now,
-        finished_at_ms: None,
-        resumes_at_ms: None,
-        attempts: 0,
+    let rec = JobRecord::queued(
+        job_id.clone(),
+        uid.to_owned(),
         files,
-        new_memories: Vec::new(),
-        updated_memories: Vec::new(),
-        speech_ms: 0,
-        metered_speech_ms: 0,
-        stt_ms: 0,
-        transcript_status: None,
-        timings: StageTimings::default(),
-        error: None,
+        (locked, target.filter(|s| !s.is_empty())),
+        now,
         origin,
-    };
+    );
     let queued = QueuedJob {
         uid: uid.to_owned(),
         job_id: job_id.clone(),

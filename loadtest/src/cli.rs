@@ -62,6 +62,15 @@ pub struct Common {
     /// Hide the progress bar.
     #[arg(long, global = true)]
     pub quiet: bool,
+    /// Behave as the app does when a node is lost (a chaos run: `loadtest/chaos.sh`): a realtime stream
+    /// whose connection breaks before its final metadata reconnects (backoff from 0.25 s doubling to 2 s)
+    /// to the next node and goes on as a new session from the frame that was next, with the frames that
+    /// fell due meanwhile sent at once (as a device sends what it buffered); an upload that got no answer
+    /// (connection, timeout, 408, 5xx) is sent again with the same files until answered. The accounting
+    /// check then judges per user what a node's loss may cost (`docs/reliability.md`): no speech doubled,
+    /// and speech lost only within the bound of the broken sessions and of what was told just before.
+    #[arg(long, global = true)]
+    pub survive_node_loss: bool,
     #[command(flatten)]
     pub storm: StormArgs,
 }
@@ -217,6 +226,10 @@ pub struct SyncArgs {
     /// Seconds one upload may take before it counts as failed.
     #[arg(long, default_value_t = 300.0)]
     pub request_timeout: f64,
+    /// Seconds between the starts of an uploader's rounds (a phone syncing now and then); 0: each round
+    /// as soon as the previous one was answered.
+    #[arg(long, default_value_t = 0.0)]
+    pub round_interval: f64,
     /// Upload through `POST /v2/sync-local-files` and poll the job until it ends (its latency is the
     /// time to the poll that saw it end; polls every 200 ms) instead of v1.
     #[arg(long)]

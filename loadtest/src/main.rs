@@ -32,7 +32,7 @@ use clap::Parser;
 use tokio::time::Instant;
 
 use crate::auth::{Authenticator, unix_now};
-use crate::check::UserTraffic;
+use crate::check::{Audio, UserTraffic};
 use crate::cli::{Cli, Common, Nodes, RealtimeArgs, Scenario, SyncArgs};
 use crate::corpus::{Corpus, FRAME_MS, fixtures_dir};
 use crate::live::Live;
@@ -150,8 +150,15 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         })
     });
     let rt_task = rt_args.clone().map(|args| {
-        realtime_ctx(&args, &nodes, &corpus, &auth, &live)
-            .map(|ctx| tokio::spawn(run_realtime(ctx, args, prefix.clone(), common.threads)))
+        realtime_ctx(
+            &args,
+            &nodes,
+            &corpus,
+            &auth,
+            &live,
+            common.survive_node_loss,
+        )
+        .map(|ctx| tokio::spawn(run_realtime(ctx, args, prefix.clone(), common.threads)))
     });
     let sync_task = sync_args.clone().map(|args| {
         let ctx = Arc::new(SyncCtx {
@@ -166,6 +173,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             v2: args.v2,
             pipeline: args.pipeline,
             backdate_days: args.backdate_days,
+            round_interval: Duration::from_secs_f64(args.round_interval.max(0.0)),
+            survive_node_loss: common.survive_node_loss,
             live: live.clone(),
         });
         tokio::spawn(run_sync(ctx, args, prefix.clone(), first_sync_user))
@@ -191,28 +200,55 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         ..Report::default()
     };
     let mut traffic = Vec::new();
+    // With --survive-node-loss: when connections broke (streams and uploads).
+    let mut breaks = Vec::new();
+    let survive = common.survive_node_loss;
     if let (Some((outcomes, wall)), Some(args)) = (&rt, &rt_args) {
         let mut r = realtime_report(outcomes, args, *wall, &mut report.errors);
         r.peak_concurrent = live.streams_peak.load(std::sync::atomic::Ordering::Relaxed);
         report.realtime = Some(r);
         for o in outcomes {
             let t = user_traffic(&mut traffic, &o.user);
-            t.sessions.push((o.start_clip, o.frames_sent));
-            t.reported_ms += o.metadata.map_or(0, |m| m.speech_ms);
+            for part in &o.sessions {
+                let audio = Audio::Session {
+                    start: o.start_clip,
+                    first: part.first_frame,
+                    frames: part.frames,
+                };
+                match (part.metadata, part.broken_at) {
+                    (Some((m, at)), _) => {
+                        t.tell(audio, survive.then_some(at));
+                        t.reported_ms += m.speech_ms;
+                    }
+                    (None, Some(at)) => {
+                        t.broken.push(audio);
+                        breaks.push(at);
+                    }
+                    // Failed without metadata and not survived: counted as sent (an error was recorded).
+                    (None, None) => t.tell(audio, None),
+                }
+            }
         }
     }
     if let (Some((outcomes, wall)), Some(args)) = (&sy, &sync_args) {
         report.sync = Some(sync_report(outcomes, args, *wall, &mut report.errors));
         for o in outcomes {
             let t = user_traffic(&mut traffic, &o.user);
-            t.files.extend(o.files_sent.iter().copied());
+            for (f, at) in o.files_sent.iter().zip(&o.files_told_at) {
+                t.tell(Audio::File(*f), survive.then_some(*at));
+            }
+            t.broken
+                .extend(o.files_unanswered.iter().map(|f| Audio::File(*f)));
+            breaks.extend(o.breaks.iter().copied());
             t.reported_ms += o.speech_ms;
         }
     }
     if let Some(s) = storm {
         for a in &s.arming {
             let t = user_traffic(&mut traffic, &a.user);
-            t.files.extend(a.files.iter().copied());
+            for f in &a.files {
+                t.tell(Audio::File(*f), None);
+            }
             t.reported_ms += a.speech_ms;
         }
         for (kind, n) in &s.report.other_answers {
@@ -230,8 +266,18 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             eprintln!("accounting check: status API and offline pipeline…");
         }
         let settle = Duration::from_secs(common.settle_secs);
-        report.accounting =
-            Some(check::run(corpus.clone(), traffic, client, &nodes, &auth, settle).await);
+        report.accounting = Some(
+            check::run(
+                corpus.clone(),
+                traffic,
+                client,
+                &nodes,
+                &auth,
+                settle,
+                survive.then_some(breaks),
+            )
+            .await,
+        );
     }
     let check_ok = report.accounting.as_ref().is_none_or(|c| c.passed);
     let latency_ok = report
@@ -292,9 +338,7 @@ fn user_traffic<'a>(traffic: &'a mut Vec<UserTraffic>, user: &str) -> &'a mut Us
         None => {
             traffic.push(UserTraffic {
                 user: user.to_owned(),
-                sessions: Vec::new(),
-                files: Vec::new(),
-                reported_ms: 0,
+                ..UserTraffic::default()
             });
             traffic.len() - 1
         }
@@ -308,6 +352,7 @@ fn realtime_ctx(
     corpus: &Arc<Corpus>,
     auth: &Authenticator,
     live: &Arc<Live>,
+    survive_node_loss: bool,
 ) -> Result<Arc<RealtimeCtx>, String> {
     let targets = nodes
         .all()
@@ -333,6 +378,7 @@ fn realtime_ctx(
         frames_per_stream: (args.duration.max(0.0) * 1_000.0 / FRAME_MS as f64).round() as u64,
         keepalive: Duration::from_secs_f64(args.keepalive.max(0.5)),
         close_timeout: Duration::from_secs_f64(args.close_timeout.max(1.0)),
+        survive_node_loss,
         live: live.clone(),
     }))
 }
@@ -410,10 +456,16 @@ fn realtime_report(
         r.streams_held += usize::from(o.held);
         r.frames_sent += o.frames_sent;
         r.events += o.events;
-        if let Some(m) = o.metadata {
-            r.frames_acknowledged += m.frames_received;
-            r.frames_lost += o.frames_sent.saturating_sub(m.frames_received);
-            r.frames_dropped += m.frames_dropped;
+        r.reconnect_attempts += o.reconnect_attempts;
+        for part in &o.sessions {
+            if let Some((m, _)) = part.metadata {
+                r.frames_acknowledged += m.frames_received;
+                r.frames_lost += part.frames.saturating_sub(m.frames_received);
+                r.frames_dropped += m.frames_dropped;
+            } else if part.broken_at.is_some() {
+                r.sessions_broken += 1;
+                r.frames_in_broken_sessions += part.frames;
+            }
         }
     }
     r.audio_s_sent = (r.frames_sent * FRAME_MS) as f64 / 1_000.0;
@@ -461,6 +513,7 @@ fn sync_report(
         s.uploads_ok += o.requests_ok;
         s.files_ok += o.files_ok;
         s.files_failed += o.files_failed;
+        s.uploads_resent += o.retries;
         s.uploads_refused_backfill += o.refused_uploads;
         s.files_refused_backfill += o.refused_files;
         audio_ms += o.audio_ms_ok;

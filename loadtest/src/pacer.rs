@@ -34,6 +34,8 @@ pub struct RealtimeCtx {
     pub frames_per_stream: u64,
     pub keepalive: Duration,
     pub close_timeout: Duration,
+    /// `--survive-node-loss`: a broken connection is replaced, the stream goes on.
+    pub survive_node_loss: bool,
     pub live: Arc<Live>,
 }
 
@@ -56,7 +58,10 @@ pub struct StreamTx {
     pub start_clip: usize,
     pub t0: Instant,
     pub interval_ns: u64,
+    /// Frames the stream sent so far, over all its connections.
     pub sent: u64,
+    /// The stream's frame index of this connection's first frame (its session counts from here).
+    pub base: u64,
     /// Send time of frame `i` (µs after `t0`) at `ring[i % SEND_RING]`.
     pub ring: Box<[u64]>,
     next_keepalive: Instant,
@@ -82,8 +87,31 @@ impl StreamTx {
                 .round()
                 .max(1.0) as u64,
             sent: 0,
+            base: 0,
             ring: vec![0u64; SEND_RING].into_boxed_slice(),
             next_keepalive: t0 + ctx.keepalive,
+            unreported: 0,
+            closing_at: None,
+            stopped: None,
+            wake: Rc::new(Notify::new()),
+        }
+    }
+
+    /// The sending side of the stream's next connection, after this one broke: the same schedule (frames
+    /// that fell due during the outage leave at once, as a device sends what it buffered), from the frame
+    /// that was next.
+    pub fn reconnected(&self, write: OwnedWriteHalf) -> Self {
+        StreamTx {
+            write,
+            pending: Vec::with_capacity(256),
+            mask: self.mask,
+            start_clip: self.start_clip,
+            t0: self.t0,
+            interval_ns: self.interval_ns,
+            sent: self.sent,
+            base: self.sent,
+            ring: self.ring.clone(),
+            next_keepalive: self.next_keepalive,
             unreported: 0,
             closing_at: None,
             stopped: None,

@@ -38,6 +38,19 @@ pub struct Metadata {
     pub stt_forwarded_ms: u64,
 }
 
+/// One connection of a stream: a session on the server.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionPart {
+    /// The stream's frame index of the session's first frame (0, or where a reconnect went on).
+    pub first_frame: u64,
+    /// Frames written on this connection.
+    pub frames: u64,
+    /// The session's final `metadata`, and when it arrived.
+    pub metadata: Option<(Metadata, Instant)>,
+    /// When the connection was seen to break before its metadata (`--survive-node-loss`).
+    pub broken_at: Option<Instant>,
+}
+
 /// One stream's result.
 #[derive(Debug, Default)]
 pub struct StreamOutcome {
@@ -45,6 +58,12 @@ pub struct StreamOutcome {
     pub start_clip: usize,
     pub setup_us: Option<u64>,
     pub frames_sent: u64,
+    /// Its sessions, in order: one, or with `--survive-node-loss` one per connection.
+    pub sessions: Vec<SessionPart>,
+    /// Connection attempts that failed and were tried again (`--survive-node-loss`).
+    pub reconnect_attempts: u64,
+    /// The current connection's metadata, moved into its [`SessionPart`] when the connection ends.
+    last_metadata: Option<(Metadata, Instant)>,
     /// Connected, sent every frame, and got `metadata`.
     pub held: bool,
     pub metadata: Option<Metadata>,
@@ -111,6 +130,20 @@ enum Flow {
     Metadata,
     Closed(String),
 }
+
+/// How one connection ended.
+enum End {
+    /// The session ended (its metadata arrived), or an error was recorded in the outcome.
+    Over,
+    /// The connection broke before the session's metadata: the error kind, not yet recorded.
+    Lost(String),
+}
+
+/// First wait before a reconnect (`--survive-node-loss`), doubled per failed attempt up to the next.
+const RECONNECT_FIRST: Duration = Duration::from_millis(250);
+const RECONNECT_MAX: Duration = Duration::from_secs(2);
+/// Extra time a surviving stream may take beyond its audio and close timeout: outages and reconnects.
+const SURVIVE_SLACK: Duration = Duration::from_secs(180);
 
 /// Runs `n` streams (users `{prefix}0…`, `ctx.streams_per_user` streams each, stream i on node i mod N), their starts spread evenly over `ramp` seconds, on `threads`
 /// harness threads; returns each stream's outcome, in order. Never panics: a thread or task that fails
@@ -192,7 +225,9 @@ async fn run_thread(
     sender.abort();
 }
 
-/// Runs one stream to the end; never panics, every failure is an error kind in the outcome.
+/// Runs one stream to the end; never panics, every failure is an error kind in the outcome. With
+/// `--survive-node-loss` a connection that breaks before its metadata is replaced by a new one (to the
+/// next node) that goes on from the next frame.
 async fn run_stream(
     ctx: Arc<RealtimeCtx>,
     pacer: Rc<Pacer>,
@@ -207,55 +242,109 @@ async fn run_stream(
         ..StreamOutcome::default()
     };
     let started = Instant::now();
-    let connected = match ctx.auth.header(&out.user) {
-        Ok(header) => match ctx.targets.get(index % ctx.targets.len().max(1)) {
-            Some(target) => wsframe::connect(target, &header, CONNECT_TIMEOUT).await,
-            None => Err("no_node".to_owned()),
-        },
-        Err(kind) => Err(kind),
-    };
-    let (stream, leftover) = match connected {
-        Ok(c) => c,
+    // The whole stream is bounded: sending takes frames × interval, then the close timeout.
+    let send_time = Duration::from_secs_f64(
+        ctx.frames_per_stream as f64 * FRAME_MS as f64 / 1_000.0 / ctx.pace,
+    );
+    let mut bound = started + send_time + ctx.close_timeout + Duration::from_secs(30);
+    if ctx.survive_node_loss {
+        bound += SURVIVE_SLACK;
+    }
+    let header = match ctx.auth.header(&out.user) {
+        Ok(h) => h,
         Err(kind) => {
             out.error(&ctx.live, kind);
             ctx.live.streams_done.fetch_add(1, Relaxed);
             return out;
         }
     };
-    out.setup_us = Some(started.elapsed().as_micros() as u64);
-    ctx.live.stream_opened();
-    let (read, write) = stream.into_split();
     let seed = (index as u32).wrapping_mul(0x9e37_79b9) ^ 0x5bd1_e995;
-    let tx = Rc::new(RefCell::new(StreamTx::new(
-        write,
-        out.start_clip,
-        seed,
-        &ctx,
-    )));
-    pacer.add(Rc::clone(&tx));
-    read_events(&ctx, &tx, read, leftover, &mut out).await;
-    let mut t = tx.borrow_mut();
-    t.stop("done");
-    out.frames_sent = t.sent;
-    ctx.live.frames_sent.fetch_add(t.take_unreported(), Relaxed);
-    ctx.live.stream_closed();
+    let mut previous: Option<Rc<RefCell<StreamTx>>> = None;
+    let mut attempt = 0usize;
+    let mut backoff = RECONNECT_FIRST;
+    loop {
+        let connected = match ctx
+            .targets
+            .get((index + attempt) % ctx.targets.len().max(1))
+        {
+            Some(target) => wsframe::connect(target, &header, CONNECT_TIMEOUT).await,
+            None => Err("no_node".to_owned()),
+        };
+        attempt += 1;
+        let (stream, leftover) = match connected {
+            Ok(c) => c,
+            Err(kind) => {
+                if ctx.survive_node_loss && Instant::now() + backoff < bound {
+                    out.reconnect_attempts += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RECONNECT_MAX);
+                    continue;
+                }
+                out.error(&ctx.live, kind);
+                break;
+            }
+        };
+        backoff = RECONNECT_FIRST;
+        if out.setup_us.is_none() {
+            out.setup_us = Some(started.elapsed().as_micros() as u64);
+        }
+        ctx.live.stream_opened();
+        let (read, write) = stream.into_split();
+        let tx = Rc::new(RefCell::new(match &previous {
+            None => StreamTx::new(write, out.start_clip, seed, &ctx),
+            Some(p) => p.borrow().reconnected(write),
+        }));
+        pacer.add(Rc::clone(&tx));
+        let end = read_events(&ctx, &tx, read, leftover, &mut out, bound).await;
+        let mut t = tx.borrow_mut();
+        t.stop("done");
+        out.frames_sent = t.sent;
+        ctx.live.frames_sent.fetch_add(t.take_unreported(), Relaxed);
+        ctx.live.stream_closed();
+        let mut part = SessionPart {
+            first_frame: t.base,
+            frames: t.sent - t.base,
+            metadata: out.last_metadata.take(),
+            broken_at: None,
+        };
+        let more = t.sent < ctx.frames_per_stream;
+        drop(t);
+        match end {
+            End::Lost(_) if ctx.survive_node_loss => {
+                part.broken_at = Some(Instant::now());
+                out.sessions.push(part);
+                if !more || Instant::now() >= bound {
+                    // Everything was sent: the stream is over, only its last session's end was lost.
+                    break;
+                }
+                previous = Some(tx);
+            }
+            End::Lost(kind) => {
+                out.sessions.push(part);
+                out.error(&ctx.live, kind);
+                break;
+            }
+            End::Over => {
+                out.sessions.push(part);
+                break;
+            }
+        }
+    }
+    out.metadata = out.sessions.last().and_then(|p| p.metadata.map(|(m, _)| m));
     ctx.live.streams_done.fetch_add(1, Relaxed);
     out
 }
 
-/// Reads every server message until the close after `metadata` (or an error or a timeout).
+/// Reads every server message until the close after `metadata` (or an error or a timeout, recorded in
+/// `out`, or the connection's loss, returned).
 async fn read_events(
     ctx: &RealtimeCtx,
     tx: &Rc<RefCell<StreamTx>>,
     mut read: OwnedReadHalf,
     mut buf: Vec<u8>,
     out: &mut StreamOutcome,
-) {
-    // The whole session is bounded: sending takes frames × interval, then the close timeout.
-    let send_time = Duration::from_secs_f64(
-        ctx.frames_per_stream as f64 * FRAME_MS as f64 / 1_000.0 / ctx.pace,
-    );
-    let bound = Instant::now() + send_time + ctx.close_timeout + Duration::from_secs(30);
+    bound: Instant,
+) -> End {
     let wake = Rc::clone(&tx.borrow().wake);
     let mut parser = Parser::default();
     let mut eof = false;
@@ -265,10 +354,7 @@ async fn read_events(
                 Ok(Some(msg)) => msg,
                 Ok(None) if eof => ServerMsg::Close(0),
                 Ok(None) => break,
-                Err(_) => {
-                    out.error(&ctx.live, "read_failed");
-                    return;
-                }
+                Err(_) => return End::Lost("read_failed".into()),
             };
             let closing = tx.borrow().closing_at;
             match on_message(ctx, msg, &mut tx.borrow_mut(), out, eof) {
@@ -276,7 +362,7 @@ async fn read_events(
                 Flow::Metadata => match closing {
                     None => {
                         out.error(&ctx.live, "metadata_before_close");
-                        return;
+                        return End::Over;
                     }
                     Some(at) => {
                         out.close_us = Some(at.elapsed().as_micros() as u64);
@@ -285,14 +371,14 @@ async fn read_events(
                 },
                 Flow::Closed(kind) => {
                     if closing.is_none() {
-                        out.error(&ctx.live, kind);
-                    } else if out.metadata.is_none() {
+                        return End::Lost(kind);
+                    } else if out.last_metadata.is_none() {
                         out.held = false;
-                        out.error(&ctx.live, format!("{kind}_before_metadata"));
+                        return End::Lost(format!("{kind}_before_metadata"));
                     } else if kind != "closed_1000" && kind != "eof" {
                         out.error(&ctx.live, format!("{kind}_after_metadata"));
                     }
-                    return;
+                    return End::Over;
                 }
             }
         }
@@ -301,8 +387,7 @@ async fn read_events(
             (t.closing_at, t.stopped)
         };
         if let Some(why) = stopped {
-            out.error(&ctx.live, why);
-            return;
+            return End::Lost(why.into());
         }
         let deadline = match closing {
             Some(at) => (at + ctx.close_timeout).min(bound),
@@ -313,20 +398,17 @@ async fn read_events(
             got = read.read_buf(&mut buf) => match got {
                 Ok(0) => eof = true,
                 Ok(_) => {}
-                Err(_) => {
-                    out.error(&ctx.live, "read_failed");
-                    return;
-                }
+                Err(_) => return End::Lost("read_failed".into()),
             },
             () = wake.notified() => {}
             () = tokio::time::sleep_until(deadline) => {
                 let kind = match closing {
                     None => "session_timeout",
-                    Some(_) if out.metadata.is_some() => "close_timeout",
+                    Some(_) if out.last_metadata.is_some() => "close_timeout",
                     Some(_) => "metadata_timeout",
                 };
                 out.error(&ctx.live, kind);
-                return;
+                return End::Over;
             }
         }
     }
@@ -359,19 +441,21 @@ fn on_message(
     };
     out.events += 1;
     ctx.live.events.fetch_add(1, Relaxed);
+    // Counted per session: a reconnected stream's new session starts at frame `tx.base`.
     let frames = event.frames_received.unwrap_or(0);
-    if frames > tx.sent {
+    if frames > tx.sent - tx.base {
         out.error(&ctx.live, "event_ahead_of_frames_sent");
     }
     match event.kind {
         "metadata" => {
-            out.metadata = Some(Metadata {
+            let metadata = Metadata {
                 frames_received: frames,
                 frames_dropped: event.frames_dropped.unwrap_or(0),
                 audio_ms: event.audio_ms.unwrap_or(0),
                 speech_ms: event.speech_ms.and_then(|v| v.as_u64()).unwrap_or(0),
                 stt_forwarded_ms: event.stt_forwarded_ms.unwrap_or(0),
-            });
+            };
+            out.last_metadata = Some((metadata, received));
             return Flow::Metadata;
         }
         "frames_dropped" => {
@@ -380,8 +464,8 @@ fn on_message(
         }
         _ => {}
     }
-    if (1..=tx.sent).contains(&frames) {
-        let sent = tx.sent_at(frames - 1);
+    if (1..=tx.sent - tx.base).contains(&frames) {
+        let sent = tx.sent_at(tx.base + frames - 1);
         let lat_us = received.saturating_duration_since(sent).as_micros() as u64;
         if let Some(limit) = slow_trace_us()
             && lat_us >= limit

@@ -57,6 +57,11 @@ pub struct RealtimeReport {
     pub frames_lost: u64,
     /// Σ `metadata.frames_dropped` (the server's ring buffer overflowed).
     pub frames_dropped: u64,
+    /// `--survive-node-loss`: sessions whose connection broke before their metadata (the stream went on
+    /// in a new one), the frames they carried, and connection attempts that failed and were tried again.
+    pub sessions_broken: usize,
+    pub frames_in_broken_sessions: u64,
+    pub reconnect_attempts: u64,
     pub events: u64,
     pub audio_s_sent: f64,
     pub audio_s_per_s: f64,
@@ -108,6 +113,8 @@ pub struct SyncReport {
     pub uploads_failed: u64,
     pub files_ok: u64,
     pub files_failed: u64,
+    /// `--survive-node-loss`: uploads sent again after no answer (same files).
+    pub uploads_resent: u64,
     pub uploads_per_s: f64,
     pub files_per_s: f64,
     pub audio_s: f64,
@@ -254,6 +261,13 @@ impl Report {
                 "  frames sent {}  acknowledged {}  lost {}  dropped by server {}  events {}",
                 r.frames_sent, r.frames_acknowledged, r.frames_lost, r.frames_dropped, r.events
             );
+            if r.sessions_broken > 0 || r.reconnect_attempts > 0 {
+                let _ = writeln!(
+                    o,
+                    "  sessions broken {} ({} frames)  reconnect attempts failed {}",
+                    r.sessions_broken, r.frames_in_broken_sessions, r.reconnect_attempts
+                );
+            }
             let _ = writeln!(
                 o,
                 "  audio sent {:.0} s  ({:.1} audio s per s)",
@@ -286,6 +300,13 @@ impl Report {
                 "  uploads ok {}  failed {}  files ok {}  failed {}",
                 s.uploads_ok, s.uploads_failed, s.files_ok, s.files_failed
             );
+            if s.uploads_resent > 0 {
+                let _ = writeln!(
+                    o,
+                    "  uploads sent again after no answer {}",
+                    s.uploads_resent
+                );
+            }
             if let Some((lo, hi)) = s.backdate_days {
                 let _ = writeln!(
                     o,
@@ -336,6 +357,20 @@ impl Report {
                     c.reported_vs_offline_abs_ms,
                     c.worst_offline_ratio * 100.0
                 );
+                if let Some(n) = &c.node_loss {
+                    let _ = writeln!(
+                        o,
+                        "  node loss: {} sessions broken, {} files unanswered; doubled {} ms (must be 0)  lost {} ms (bound {} ms: broken sessions {}, unanswered files {}, told within 2 s before a break {})",
+                        n.sessions_broken,
+                        n.files_unanswered,
+                        n.doubled_ms,
+                        n.lost_ms,
+                        n.lost_bound_ms,
+                        n.bound_broken_sessions_ms,
+                        n.bound_unanswered_files_ms,
+                        n.bound_told_before_loss_ms
+                    );
+                }
                 for f in &c.failures {
                     let _ = writeln!(
                         o,

@@ -36,6 +36,10 @@ pub struct SyncCtx {
     pub pipeline: bool,
     /// Files named this many days old (`--backdate-days`), refusals of the backfill allowance expected.
     pub backdate_days: Option<(u64, u64)>,
+    /// Between the starts of an uploader's rounds (`--round-interval`; zero: back to back).
+    pub round_interval: Duration,
+    /// `--survive-node-loss`: an upload that got no answer is sent again until answered.
+    pub survive_node_loss: bool,
     pub live: Arc<Live>,
 }
 
@@ -51,6 +55,13 @@ pub struct UploaderOutcome {
     pub user: String,
     /// Files of requests the server answered 200/207 (those it may have metered).
     pub files_sent: Vec<SentFile>,
+    /// When each of `files_sent` was answered.
+    pub files_told_at: Vec<Instant>,
+    /// With `--survive-node-loss`: files of uploads never answered (the server may have metered them),
+    /// uploads sent again, and when an upload's connection failed.
+    pub files_unanswered: Vec<SentFile>,
+    pub retries: u64,
+    pub breaks: Vec<Instant>,
     pub requests_ok: u64,
     pub files_ok: u64,
     pub files_failed: u64,
@@ -161,6 +172,7 @@ fn record_answer(
                 out.files_ok += 1;
                 // Only what the server metered is expected by the accounting check.
                 out.files_sent.push(file);
+                out.files_told_at.push(Instant::now());
                 continue;
             }
             Some(_) if result.and_then(|f| f.code.as_ref()).is_some() => {
@@ -206,11 +218,38 @@ pub async fn run_uploader(ctx: Arc<SyncCtx>, index: usize, user: String) -> Uplo
         run_pipelined(&ctx, index, first_ts, &header, &mut out).await;
         return out;
     }
+    let rounds_started = Instant::now();
     for round in 0..ctx.rounds {
-        let (form, batch, audio_ms) = round_form(&ctx, index, round, first_ts);
+        if !ctx.round_interval.is_zero() {
+            tokio::time::sleep_until(rounds_started + ctx.round_interval * round as u32).await;
+        }
         let started = Instant::now();
-        let node = ctx.nodes.pick(ctx.first_user + index + round + 1);
-        let result = upload(&ctx, node, header.clone(), form).await;
+        let mut backoff = RESEND_FIRST;
+        let mut attempt = 0;
+        let (result, batch, audio_ms) = loop {
+            // The same files each time (names and bytes depend only on the round): a resend is a retry.
+            let (form, batch, audio_ms) = round_form(&ctx, index, round, first_ts);
+            let node = ctx.nodes.pick(ctx.first_user + index + round + 1 + attempt);
+            let result = upload(&ctx, node, header.clone(), form).await;
+            match result {
+                Err(kind)
+                    if ctx.survive_node_loss
+                        && unanswered(&kind)
+                        && started.elapsed() + backoff < ctx.request_timeout =>
+                {
+                    // A connection that broke under the request: the node may have died just now (a
+                    // refused connect comes later, while it is down).
+                    if kind == "request_failed" {
+                        out.breaks.push(Instant::now());
+                    }
+                    out.retries += 1;
+                    attempt += 1;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RESEND_MAX);
+                }
+                result => break (result, batch, audio_ms),
+            }
+        };
         ctx.live.uploads_done.fetch_add(1, Relaxed);
         match result {
             Ok(resp) => {
@@ -218,12 +257,31 @@ pub async fn run_uploader(ctx: Arc<SyncCtx>, index: usize, user: String) -> Uplo
                 record_answer(&ctx, &mut out, resp, batch, audio_ms, us);
             }
             Err(kind) => {
+                if ctx.survive_node_loss {
+                    out.files_unanswered.extend(batch);
+                }
                 out.errors.push(kind);
                 ctx.live.errors.fetch_add(1, Relaxed);
             }
         }
     }
     out
+}
+
+/// First wait before an unanswered upload is sent again (`--survive-node-loss`), doubled per attempt up
+/// to the next.
+const RESEND_FIRST: Duration = Duration::from_millis(500);
+const RESEND_MAX: Duration = Duration::from_secs(5);
+
+/// Whether a failed upload's error kind means the server gave no answer about the files (connection
+/// lost or refused, timeout, the node draining or its store unavailable), so sending them again is how a
+/// client learns their fate; a refusal with a code (a 4xx) is an answer.
+fn unanswered(kind: &str) -> bool {
+    matches!(
+        kind,
+        "connect_failed" | "request_failed" | "request_timeout" | "upload_unparsable_response"
+    ) || kind.starts_with("upload_http_5")
+        || kind.starts_with("upload_http_408")
 }
 
 /// A submitted v2 job the pipelined uploader still polls.

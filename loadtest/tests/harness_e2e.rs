@@ -464,3 +464,196 @@ fn backdated_uploads_past_the_allowance_are_refused_and_the_metered_ones_check_e
     let metered = check["server_ms"].as_u64().unwrap_or(0);
     assert!(metered > 0 && metered <= 40_000, "{check:#}");
 }
+
+/// A TCP proxy in front of a node that the test can cut: every connection through it broken at once and
+/// new ones accepted and closed at once for a while, which is what clients see when the node dies.
+struct CuttableProxy {
+    addr: std::net::SocketAddr,
+    state: std::sync::Arc<ProxyState>,
+}
+
+#[derive(Default)]
+struct ProxyState {
+    /// Both ends of every connection, and the bytes each carried towards the node.
+    conns: std::sync::Mutex<Vec<(TcpStream, TcpStream, std::sync::Arc<AtomicU64>)>>,
+    refuse_until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+use std::net::{TcpListener, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+impl CuttableProxy {
+    fn start(upstream: &str) -> Self {
+        let upstream: std::net::SocketAddr = upstream
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap_or_else(|e| panic!("{upstream}: {e}"));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let state = std::sync::Arc::new(ProxyState::default());
+        let st = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let refusing = st
+                    .refuse_until
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|t| std::time::Instant::now() < t);
+                if refusing {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(upstream) else {
+                    continue;
+                };
+                let up = std::sync::Arc::new(AtomicU64::new(0));
+                let pipe = |mut from: TcpStream,
+                            mut to: TcpStream,
+                            count: Option<std::sync::Arc<AtomicU64>>| {
+                    std::thread::spawn(move || {
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            match std::io::Read::read(&mut from, &mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    if std::io::Write::write_all(&mut to, &buf[..n]).is_err() {
+                                        break;
+                                    }
+                                    if let Some(c) = &count {
+                                        c.fetch_add(n as u64, Ordering::Relaxed);
+                                    }
+                                }
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                };
+                let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                pipe(c2, s2, Some(up.clone()));
+                let (Ok(c3), Ok(s3)) = (client.try_clone(), server.try_clone()) else {
+                    continue;
+                };
+                pipe(s3, c3, None);
+                st.conns.lock().unwrap().push((client, server, up));
+            }
+        });
+        CuttableProxy { addr, state }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Connections that carried at least `bytes` towards the node.
+    fn busy_connections(&self, bytes: u64) -> usize {
+        let conns = self.state.conns.lock().unwrap();
+        conns
+            .iter()
+            .filter(|(_, _, up)| up.load(Ordering::Relaxed) >= bytes)
+            .count()
+    }
+
+    /// Breaks every connection now, and closes new ones for `refuse`.
+    fn cut(&self, refuse: Duration) {
+        *self.state.refuse_until.lock().unwrap() = Some(std::time::Instant::now() + refuse);
+        for (c, s, _) in self.state.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[test]
+fn streams_and_uploads_survive_a_lost_node_and_the_check_judges_the_loss() {
+    // Clients see the node vanish (every connection broken, new ones closed for 2.5 s): streams reconnect
+    // and go on in a new session, uploads with no answer are sent again, and the node-loss check finds
+    // nothing doubled and no more lost than the bound. (Behind the proxy the node itself lives on and
+    // meters what reached it, so what is lost is only what was in flight.)
+    let node = start_server();
+    let proxy = CuttableProxy::start(&node);
+    let child = Command::new(env!("CARGO_BIN_EXE_voicegate-loadtest"))
+        .args([
+            "--url",
+            &proxy.url(),
+            "--json",
+            "--quiet",
+            "--settle-secs",
+            "20",
+        ])
+        .args([
+            "--survive-node-loss",
+            "mixed",
+            "--streams",
+            "4",
+            "--duration",
+            "10",
+        ])
+        .args([
+            "--uploaders",
+            "2",
+            "--files",
+            "2",
+            "--rounds",
+            "6",
+            "--round-interval",
+            "2",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // The event to cut on: four streams that have each carried about 2 s of audio to the node.
+    let waited = std::time::Instant::now();
+    while proxy.busy_connections(12_000) < 4 {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the streams never got going"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    proxy.cut(Duration::from_millis(2_500));
+    let out = child.wait_with_output().unwrap_or_else(|e| panic!("{e}"));
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "no JSON report ({e}); stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert_eq!(out.status.code(), Some(0), "{r:#}");
+    let rt = &r["realtime"];
+    assert_eq!(
+        rt["frames_sent"],
+        4 * 1_000,
+        "every stream sent all its audio: {rt:#}"
+    );
+    assert!(rt["sessions_broken"].as_u64().unwrap_or(0) >= 4, "{rt:#}");
+    assert!(
+        rt["reconnect_attempts"].as_u64().unwrap_or(0) >= 1,
+        "refused while cut: {rt:#}"
+    );
+    assert_eq!(rt["streams_held"], 4, "{rt:#}");
+    let sync = &r["sync"];
+    assert_eq!(
+        sync["files_ok"],
+        2 * 2 * 6,
+        "every upload answered in the end: {sync:#}"
+    );
+    assert!(
+        sync["uploads_resent"].as_u64().unwrap_or(0) >= 1,
+        "{sync:#}"
+    );
+    let check = &r["accounting"];
+    assert_eq!(check["passed"], true, "{check:#}");
+    let loss = &check["node_loss"];
+    assert_eq!(loss["doubled_ms"], 0, "{loss:#}");
+    assert_eq!(loss["files_unanswered"], 0, "{loss:#}");
+    let lost = loss["lost_ms"].as_u64().unwrap_or(u64::MAX);
+    assert!(
+        lost <= loss["lost_bound_ms"].as_u64().unwrap_or(0),
+        "{loss:#}"
+    );
+    assert!(check["server_ms"].as_u64().unwrap_or(0) > 0, "{check:#}");
+}

@@ -180,18 +180,22 @@ pub async fn run(
     let survive = breaks.is_some();
     let deadline = Instant::now() + settle;
     let server: Vec<(Option<u64>, &'static str)> =
-        futures_util::stream::iter(traffic.iter().zip(&offline).enumerate().map(|(k, (t, o))| {
-            let client = client.clone();
-            // User k's first stream went to node k (one stream per user): its status is read on the next.
-            let url = nodes.pick(k + 1);
-            // Exact: the server settles at what it reported. After a node's loss: at most everything sent.
-            let target = if survive {
-                Settle::AtMost(o.told_ms + o.broken_ms)
-            } else {
-                Settle::Exactly(t.reported_ms)
-            };
-            async move { settled_status(&client, url, auth, &t.user, target, deadline).await }
-        }))
+        futures_util::stream::iter(
+            traffic.iter().zip(&offline).enumerate().map(|(k, (t, o))| {
+                let client = client.clone();
+                // User k's first stream went to node k (one stream per user): its status is read on the next
+                // (and on the ones after it while that one does not answer: a node may be gone).
+                // Exact: the server settles at what it reported. After a node's loss: at most everything sent.
+                let target = if survive {
+                    Settle::AtMost(o.told_ms + o.broken_ms)
+                } else {
+                    Settle::Exactly(t.reported_ms)
+                };
+                async move {
+                    settled_status(&client, nodes, k + 1, auth, &t.user, target, deadline).await
+                }
+            }),
+        )
         .buffered(32)
         .collect()
         .await;
@@ -294,7 +298,8 @@ const STABLE: Duration = Duration::from_secs(4);
 /// The user's metered speech, re-read until it settles (see [`Settle`]) or the deadline passes.
 async fn settled_status(
     client: &reqwest::Client,
-    url: &str,
+    nodes: &Nodes,
+    mut node: usize,
     auth: &Authenticator,
     user: &str,
     target: Settle,
@@ -303,11 +308,14 @@ async fn settled_status(
     let mut last = (None, "");
     let mut since = Instant::now();
     loop {
-        if let Ok(v) = status(client, url, auth, user).await {
-            if v.0 != last.0 {
-                since = Instant::now();
+        match status(client, nodes.pick(node), auth, user).await {
+            Ok(v) => {
+                if v.0 != last.0 {
+                    since = Instant::now();
+                }
+                last = v;
             }
-            last = v;
+            Err(_) => node += 1,
         }
         let settled = match target {
             Settle::Exactly(ms) => last.0 == Some(ms),

@@ -91,6 +91,8 @@ pub struct NodeLoss {
     pub lost_ms: u64,
     /// Σ over users of what a loss may cost: the bound `lost_ms` is judged against, per user.
     pub lost_bound_ms: u64,
+    /// The largest loss of one user with broken sessions, per broken session.
+    pub worst_lost_per_broken_session_ms: u64,
     /// Of the bound: broken sessions (each up to `BROKEN_SESSION_BOUND_MS`), unanswered files, and
     /// sessions and files told within `TOLD_BEFORE_LOSS` before a break.
     pub bound_broken_sessions_ms: u64,
@@ -233,6 +235,11 @@ pub async fn run(
                 loss.doubled_ms += doubled;
                 loss.lost_ms += lost;
                 loss.lost_bound_ms += bound;
+                if o.sessions_broken > 0 {
+                    loss.worst_lost_per_broken_session_ms = loss
+                        .worst_lost_per_broken_session_ms
+                        .max(lost / o.sessions_broken as u64);
+                }
                 loss.bound_broken_sessions_ms += o.broken_bound_ms;
                 loss.bound_unanswered_files_ms += o.unanswered_ms;
                 loss.bound_told_before_loss_ms += told_before_loss;

@@ -190,6 +190,13 @@ pub struct RealtimeArgs {
     /// Extra query parameters for /v4/listen.
     #[arg(long, default_value = "codec=opus&sample_rate=16000&language=en")]
     pub query: String,
+    /// The nodes run a speech-to-text provider: check that the audio their providers received over the run
+    /// (`voicegate_stt_forwarded_samples_total` on every node's `/metrics`, before and after) equals what
+    /// the sessions were charged (Σ `metadata.stt_forwarded_ms`, to each session's rounding), and report
+    /// what fell behind (`voicegate_stt_dropped_samples_total`). Realtime scenario only (sync spans are
+    /// transcribed too); nothing else may use the nodes' providers meanwhile.
+    #[arg(long)]
+    pub check_stt: bool,
     /// Latency objective: the run fails (exit code 4) when the frame → event p99 is above this many
     /// milliseconds (the design target is 250). Unset: latency is reported, not judged.
     #[arg(long, value_parser = positive_ms)]

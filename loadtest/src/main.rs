@@ -19,6 +19,7 @@ mod pacer;
 mod realtime;
 mod report;
 mod storm;
+mod stt_check;
 mod sync;
 mod wsframe;
 
@@ -134,6 +135,17 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             Some(armed)
         }
         None => None,
+    };
+    let check_stt = rt_args.as_ref().is_some_and(|r| r.check_stt);
+    if check_stt && sync_args.is_some() {
+        return Err(
+            "--check-stt needs the realtime scenario (sync spans are transcribed too)".into(),
+        );
+    }
+    let stt_before = if check_stt {
+        Some(stt_check::read(&client, &nodes).await?)
+    } else {
+        None
     };
     let progress = live::spawn_progress(live.clone(), hidden, streams, uploads);
 
@@ -256,6 +268,16 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         }
         report.storm = Some(s.report);
     }
+    if let (Some(before), Some((outcomes, _))) = (stt_before, &rt) {
+        // Every session with metadata has handed all its audio over (the count is at the hand-off).
+        let after = stt_check::read(&client, &nodes).await?;
+        let told: Vec<u64> = outcomes
+            .iter()
+            .flat_map(|o| o.sessions.iter())
+            .filter_map(|p| p.metadata.map(|(m, _)| m.stt_forwarded_ms))
+            .collect();
+        report.stt = Some(stt_check::judge(before, after, &told));
+    }
     let traffic_ok = report.errors.is_empty()
         && report
             .realtime
@@ -279,7 +301,8 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
             .await,
         );
     }
-    let check_ok = report.accounting.as_ref().is_none_or(|c| c.passed);
+    let check_ok = report.accounting.as_ref().is_none_or(|c| c.passed)
+        && report.stt.as_ref().is_none_or(|s| s.passed);
     let latency_ok = report
         .realtime
         .as_ref()
@@ -457,6 +480,8 @@ fn realtime_report(
         r.frames_sent += o.frames_sent;
         r.events += o.events;
         r.reconnect_attempts += o.reconnect_attempts;
+        r.transcript_messages += o.transcript_messages;
+        r.transcript_segments += o.transcript_segments;
         for part in &o.sessions {
             if let Some((m, _)) = part.metadata {
                 r.frames_acknowledged += m.frames_received;

@@ -69,6 +69,9 @@ pub struct StreamOutcome {
     pub metadata: Option<Metadata>,
     /// Sum of `frames_dropped` reported in `frames_dropped` events.
     pub dropped_events: u64,
+    /// Transcript messages (JSON arrays of segments, with a speech-to-text provider) and their segments.
+    pub transcript_messages: u64,
+    pub transcript_segments: u64,
     pub events: u64,
     /// Event receipt − send time of the frame it names, µs (`metadata` excluded).
     pub latencies_us: Vec<u64>,
@@ -433,6 +436,17 @@ fn on_message(
         ServerMsg::Text(t) => t,
     };
     if text == b"ping" {
+        return Flow::Continue;
+    }
+    if text.first() == Some(&b'[') {
+        // Transcript segments (docs/protocol.md): an array, no `type`, no `frames_received`.
+        match serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&text) {
+            Ok(segments) => {
+                out.transcript_messages += 1;
+                out.transcript_segments += segments.len() as u64;
+            }
+            Err(_) => out.error(&ctx.live, "unparsable_transcript"),
+        }
         return Flow::Continue;
     }
     let Ok(event) = serde_json::from_slice::<Event>(&text) else {

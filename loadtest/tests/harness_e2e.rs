@@ -657,3 +657,57 @@ fn streams_and_uploads_survive_a_lost_node_and_the_check_judges_the_loss() {
     );
     assert!(check["server_ms"].as_u64().unwrap_or(0) > 0, "{check:#}");
 }
+
+#[test]
+fn with_the_local_engine_the_audio_its_provider_received_equals_what_sessions_were_charged() {
+    let url = start_with(ServeConfig {
+        bind: "127.0.0.1:0".into(),
+        stt: Some("local".into()),
+        ..ServeConfig::default()
+    });
+    let (code, r) = harness(
+        &url,
+        &[
+            "realtime",
+            "--streams",
+            "3",
+            "--duration",
+            "8",
+            "--pace",
+            "2",
+            "--check-stt",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    let stt = &r["stt"];
+    assert_eq!(stt["passed"], true, "{stt:#}");
+    assert_eq!(stt["sessions"], 3, "{stt:#}");
+    let told = stt["told_ms"].as_u64().unwrap_or(0);
+    assert!(told > 3_000, "speech was sent to the engine: {stt:#}");
+    assert!(
+        r["realtime"]["transcript_segments"].as_u64().unwrap_or(0) >= 3,
+        "the words came back: {r:#}"
+    );
+    assert_eq!(r["accounting"]["passed"], true, "{r:#}");
+}
+
+#[test]
+fn check_stt_is_refused_beside_sync() {
+    let out = Command::new(env!("CARGO_BIN_EXE_voicegate-loadtest"))
+        .args([
+            "--url",
+            "http://127.0.0.1:9",
+            "mixed",
+            "--check-stt",
+            "--streams",
+            "1",
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--check-stt needs the realtime scenario"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

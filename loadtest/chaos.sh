@@ -7,8 +7,13 @@
 #
 #   phase kill   : SIGKILL of the node under load, restarted at once   → 0 ms doubled, lost within the bound
 #   cycle 1, 2   : Redis stopped REDIS_DOWN s under load, restarted    → exact: 0 doubled, 0 lost, 0 broken
-#   after each cycle, idle: descriptors, RSS, upload and spool files   → no leftovers, no descriptor growth,
+#   after each phase, idle: descriptors, RSS, upload and spool files   → no leftovers, no descriptor growth,
 #                                                                        RSS after cycle 2 within 5 % of 1
+#
+# The idle readings come IDLE_SECS (60) after a phase, and the server passivates idle meter actors after
+# PASSIVATION_S (30; VOICEGATE_METER_IDLE_PASSIVATION_S, 900 in production): every reading sees the
+# phase's users' actors gone (the count is printed), so RSS compares the state the node keeps, not how
+# many users happen to be resident. CYCLES (2) sets the number of identical cycles.
 #
 # Prints one line per phase and a verdict, exits non-zero when any judgement fails; leaves reports, logs
 # and samples in $OUT (default /tmp/voicegate-chaos). Redis runs with AOF (appendfsync always), as
@@ -21,7 +26,7 @@
 # STREAMS (300 realtime streams, one user each), UPLOADERS (4 users, FILES 5 files per upload every
 # ROUND_SECS 10 s), STORM (20,000 immediate retries of a refused upload by a restricted user, from 15 s
 # into each phase), KILL_SECS (300: the kill phase's audio per stream), CYCLE_SECS (720: each cycle's),
-# FAULT_AT (120: seconds into a phase when the fault starts), REDIS_DOWN (20 s), IDLE_SECS (15: the pause
+# FAULT_AT (120: seconds into a phase when the fault starts), REDIS_DOWN (20 s), IDLE_SECS (60: the pause
 # before the idle readings).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -38,7 +43,9 @@ KILL_SECS=${KILL_SECS:-300}
 CYCLE_SECS=${CYCLE_SECS:-720}
 FAULT_AT=${FAULT_AT:-120}
 REDIS_DOWN=${REDIS_DOWN:-20}
-IDLE_SECS=${IDLE_SECS:-15}
+IDLE_SECS=${IDLE_SECS:-60}
+CYCLES=${CYCLES:-2}
+PASSIVATION_S=${PASSIVATION_S:-30}
 ADMIN_KEY=${ADMIN_KEY:-chaos-soak}
 export ADMIN_KEY
 rm -rf "$OUT"
@@ -61,6 +68,7 @@ server_start() {
   VOICEGATE_REDIS_URL="redis://127.0.0.1:$REDIS_PORT" VOICEGATE_STT=none RUST_LOG=${RUST_LOG:-warn} \
     VOICEGATE_UPLOAD_DIR="$OUT/uploads" VOICEGATE_SYNC_SPOOL_DIR="$OUT/spool" \
     FAIR_USE_DAILY_SPEECH_MS=${FAIR_USE_DAILY_SPEECH_MS:-600000} \
+    VOICEGATE_METER_IDLE_PASSIVATION_S="$PASSIVATION_S" \
     "$BIN/voicegate" serve --bind "127.0.0.1:$PORT" >>"$OUT/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 1 150); do
@@ -119,8 +127,9 @@ stop_redis() {
 idle_readings() {
   local name=$1
   sleep "$IDLE_SECS"
-  echo "$(fds) $(rss_kib) $(leftovers)" >"$OUT/$name.idle"
+  echo "$(fds) $(rss_kib) $(leftovers) $(live_actors)" >"$OUT/$name.idle"
 }
+live_actors() { curl -fs "http://127.0.0.1:$PORT/metrics" | awk '/^voicegate_meter_live_actors / {print $2}'; }
 
 # The harness's JSON fields the judgements read (jq-free: python3 is on every machine the scripts set up).
 field() {
@@ -134,15 +143,15 @@ print("null" if v is None else v)' "$1" "$2"
 
 redis_start
 server_start
-echo "$(fds) $(rss_kib) $(leftovers)" >"$OUT/start.idle"
+echo "$(fds) $(rss_kib) $(leftovers) $(live_actors)" >"$OUT/start.idle"
 echo "$(date -u +%T) chaos soak: $STREAMS streams, $UPLOADERS uploaders, storm $STORM; kill phase ${KILL_SECS} s, cycles 2 × ${CYCLE_SECS} s" | tee -a "$OUT/events.txt"
 
 phase kill "$KILL_SECS" kill_node
 idle_readings kill
-phase cycle1 "$CYCLE_SECS" stop_redis
-idle_readings cycle1
-phase cycle2 "$CYCLE_SECS" stop_redis
-idle_readings cycle2
+for c in $(seq 1 "$CYCLES"); do
+  phase "cycle$c" "$CYCLE_SECS" stop_redis
+  idle_readings "cycle$c"
+done
 
 ok=1
 report() {
@@ -160,9 +169,9 @@ report() {
   reconnects=$(field "$f" realtime.reconnect_attempts)
   storm_refused=$(field "$f" storm.refusals)
   errors=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["errors"] or "none")' "$f")
-  read -r fd rss left <"$OUT/$name.idle"
-  printf '%-7s harness exit %s; metered %s ms; doubled %s ms; lost %s ms (bound %s); sessions broken %s, files unanswered %s; uploads resent %s, reconnect attempts %s; storm refusals %s; errors %s; idle: %s fds, RSS %s KiB, %s upload/spool files\n' \
-    "$name" "$(cat "$OUT/$name.rc")" "$metered" "$doubled" "$lost" "$bound" "$broken" "$unanswered" "$resent" "$reconnects" "$storm_refused" "$errors" "$fd" "$rss" "$left"
+  read -r fd rss left actors <"$OUT/$name.idle"
+  printf '%-7s harness exit %s; metered %s ms; doubled %s ms; lost %s ms (bound %s); sessions broken %s, files unanswered %s; uploads resent %s, reconnect attempts %s; storm refusals %s; errors %s; idle: %s fds, RSS %s KiB, %s upload/spool files, %s meter actors\n' \
+    "$name" "$(cat "$OUT/$name.rc")" "$metered" "$doubled" "$lost" "$bound" "$broken" "$unanswered" "$resent" "$reconnects" "$storm_refused" "$errors" "$fd" "$rss" "$left" "$actors"
   [ "$passed" = True ] || { echo "  ✗ $name: accounting check failed"; ok=0; }
   [ "$doubled" = 0 ] || { echo "  ✗ $name: speech doubled"; ok=0; }
   if [ "$exact" = 1 ]; then
@@ -170,13 +179,15 @@ report() {
   fi
   [ "$left" = 0 ] || { echo "  ✗ $name: upload or spool files left"; ok=0; }
 }
-echo "start   idle: $(cat "$OUT/start.idle" | awk '{printf "%s fds, RSS %s KiB, %s upload/spool files", $1, $2, $3}')"
+echo "start   idle: $(awk '{printf "%s fds, RSS %s KiB, %s upload/spool files, %s meter actors", $1, $2, $3, $4}' "$OUT/start.idle")"
 report kill 0
-report cycle1 1
-report cycle2 1
+for c in $(seq 1 "$CYCLES"); do report "cycle$c" 1; done
+# Every later cycle against the first: RSS within 5 %, descriptors not above.
 read -r fd1 rss1 _ <"$OUT/cycle1.idle"
-read -r fd2 rss2 _ <"$OUT/cycle2.idle"
-awk -v a="$rss1" -v b="$rss2" 'BEGIN { printf "RSS after cycle 2 vs cycle 1: %+.2f %% (limit ±5 %%)\n", (b - a) * 100 / a }'
-awk -v a="$rss1" -v b="$rss2" 'BEGIN { exit !((b - a) * 100 / a <= 5 && (a - b) * 100 / a <= 5) }' || { echo "  ✗ RSS grew"; ok=0; }
-[ "$fd2" -le "$fd1" ] || { echo "  ✗ descriptors grew ($fd1 → $fd2)"; ok=0; }
+for c in $(seq 2 "$CYCLES"); do
+  read -r fdc rssc _ <"$OUT/cycle$c.idle"
+  awk -v a="$rss1" -v b="$rssc" -v c="$c" 'BEGIN { printf "RSS after cycle %d vs cycle 1: %+.2f %% (limit ±5 %%)\n", c, (b - a) * 100 / a }'
+  awk -v a="$rss1" -v b="$rssc" 'BEGIN { exit !((b - a) * 100 / a <= 5 && (a - b) * 100 / a <= 5) }' || { echo "  ✗ RSS moved"; ok=0; }
+  [ "$fdc" -le "$fd1" ] || { echo "  ✗ descriptors grew ($fd1 → $fdc)"; ok=0; }
+done
 if [ "$ok" = 1 ]; then echo "chaos soak: PASS"; else echo "chaos soak: FAIL"; exit 1; fi

@@ -4,7 +4,8 @@
 #
 #   loadtest/redis-cluster.sh start DIR [PORT…6]   start (default ports 7000-7005; each also uses PORT+10000
 #                                                  for the cluster bus) and wait until every node says
-#                                                  cluster_state:ok (30 s at most); prints the seed URLs
+#                                                  cluster_state:ok and the 3 replicas are attached (30 s at
+#                                                  most each); prints the seed URLs
 #   loadtest/redis-cluster.sh stop DIR             stop the nodes started in DIR (by their pid files)
 #
 # Used by engine/tests/integration/store_cluster.rs. REDIS_SERVER / REDIS_CLI override the binaries.
@@ -68,6 +69,18 @@ start)
       [ "$i" = 600 ] && { echo "node $port: cluster not ok in 30 s" >&2; stop; exit 1; }
       sleep 0.05
     done
+  done
+  # The replicas: each attached to its master with its first sync done (ROLE: slave … connected), so a
+  # failover (manual or after a master's loss) can promote it at once.
+  for i in $(seq 1 600); do
+    attached=0
+    for port in "$@"; do
+      role="$("$cli" -p "$port" role 2>/dev/null | tr '\n' ' ')"
+      case "$role" in slave*connected*) attached=$((attached + 1)) ;; esac
+    done
+    [ "$attached" = 3 ] && break
+    [ "$i" = 600 ] && { echo "replicas not attached in 30 s" >&2; stop; exit 1; }
+    sleep 0.05
   done
   for port in "$@"; do printf 'redis://127.0.0.1:%s/\n' "$port"; done
   ;;

@@ -107,3 +107,49 @@ impl ConnectionLike for RedisConnection {
         }
     }
 }
+
+/// Transactions tried again after a redirect (waits of 20, 40, … 320 ms: 620 ms in all).
+const REDIRECTED_TRANSACTION_RETRIES: usize = 5;
+
+/// Runs `pipe`, an atomic pipeline (`MULTI` … `EXEC`) whose keys all live in the slot of `slot_key`.
+///
+/// redis-rs follows MOVED / ASK for commands and scripts (a MOVED also has it rebuild its slot map, in the
+/// background), but not inside a transaction: after a failover or a resharding the queued commands abort
+/// with the redirect (`EXECABORT`) while the map is stale, and nothing makes it rebuild. So on a cluster
+/// a redirected transaction sends one plain read of the slot (`EXISTS slot_key`), which follows the
+/// redirect and starts the rebuild, then the transaction again once the map has it: a few times with a
+/// short wait. A redirected transaction ran nothing, so sending it again is safe. (Found by the replay
+/// oracle on a cluster, `meter_oracle::replayed_event_logs_meter_exactly_once_on_a_cluster`.)
+pub async fn transaction<T: redis::FromRedisValue>(
+    conn: &mut RedisConnection,
+    pipe: &Pipeline,
+    slot_key: &str,
+) -> Result<T, RedisError> {
+    let mut reply = pipe.query_async(conn).await;
+    let mut wait = Duration::from_millis(20);
+    for _ in 0..REDIRECTED_TRANSACTION_RETRIES {
+        match &reply {
+            Err(e) if conn.is_cluster() && redirected_transaction(e) => {
+                let _: bool = redis::cmd("EXISTS").arg(slot_key).query_async(conn).await?;
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+                reply = pipe.query_async(conn).await;
+            }
+            _ => break,
+        }
+    }
+    reply
+}
+
+/// A transaction whose commands were redirected to another node (`MOVED` / `ASK` inside `MULTI`).
+fn redirected_transaction(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
+        && e.clone().into_server_errors().is_some_and(|errs| {
+            errs.iter().any(|(_, err)| {
+                matches!(
+                    err.kind(),
+                    Some(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)
+                )
+            })
+        })
+}

@@ -12,7 +12,7 @@
 //! indexes live in other slots, so they are written by separate commands right after; they are indexes only
 //! (admin views re-read the state), and a lost index write is repaired by the user's next commit.
 
-use crate::store::connection::RedisConnection;
+use crate::store::connection::{RedisConnection, transaction};
 use redis::{AsyncCommands, Script};
 
 use crate::policy::{CaseRef, FairUseEvent, Stage, StageState};
@@ -200,17 +200,16 @@ impl FairUseStore for RedisFairUseStore {
         let mut conn = self.conn.clone();
         let key = stt_key(uid, day);
         Box::pin(async move {
-            let (total,): (u64,) = redis::pipe()
-                .atomic()
+            let mut pipe = redis::pipe();
+            pipe.atomic()
                 .cmd("INCRBY")
                 .arg(&key)
                 .arg(ms)
                 .cmd("PEXPIRE")
                 .arg(&key)
                 .arg(STT_TTL_MS)
-                .ignore()
-                .query_async(&mut conn)
-                .await?;
+                .ignore();
+            let (total,): (u64,) = transaction(&mut conn, &pipe, &key).await?;
             Ok(total)
         })
     }

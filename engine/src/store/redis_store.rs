@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::connection::{LazyCluster, RedisConnection};
+use super::connection::{LazyCluster, RedisConnection, transaction};
 use redis::{RedisError, ServerErrorKind, Value};
 
 use super::keys;
@@ -305,16 +305,16 @@ impl RedisStore {
         at: StoreTime,
     ) -> Result<UserSnapshot, StoreError> {
         let mut conn = self.conn.clone();
-        let cutoff = at.keys_cutoff_ms();
-        let (buckets, months, keys_scored, writer_seq): LoadReply = redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .hgetall(keys::speech_buckets(uid))
             .hgetall(keys::month_usage(uid))
-            .zrangebyscore_withscores(keys::idempotency_keys(uid), cutoff, "+inf")
-            .hget(keys::writer_seqs(uid), writer.to_hex())
-            .query_async(&mut conn)
-            .await
-            .map_err(store_error)?;
+            .zrangebyscore_withscores(keys::idempotency_keys(uid), at.keys_cutoff_ms(), "+inf")
+            .hget(keys::writer_seqs(uid), writer.to_hex());
+        // The user's keys read together (a flush script never lands between them).
+        let reply: Result<LoadReply, _> =
+            transaction(&mut conn, &pipe, &keys::writer_seqs(uid)).await;
+        let (buckets, months, keys_scored, writer_seq) = reply.map_err(store_error)?;
         let first = at.first_kept_minute();
         let mut buckets: Vec<(Minute, u64)> =
             buckets.into_iter().filter(|&(m, _)| m >= first).collect();

@@ -322,6 +322,91 @@ impl RedisCluster {
     }
 }
 
+impl RedisCluster {
+    /// `redis-cli` on node `port`; its standard output.
+    fn cli_on(&self, port: u16, args: &[&str]) -> std::io::Result<String> {
+        let out = Command::new("redis-cli")
+            .arg("-p")
+            .arg(port.to_string())
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `(port, is master)` of every node that answers, from its own `ROLE` (another node's `CLUSTER
+    /// NODES` may lag a failover).
+    fn roles(&self) -> std::io::Result<Vec<(u16, bool)>> {
+        let mut roles = Vec::new();
+        for &port in &self.ports {
+            let role = self.cli_on(port, &["role"])?;
+            if role.starts_with("master") {
+                roles.push((port, true));
+            } else if role.starts_with("slave") {
+                roles.push((port, false));
+            }
+        }
+        Ok(roles)
+    }
+
+    /// Empties every master (`FLUSHALL`), waiting until the replicas are empty too.
+    pub fn flush_all(&self) -> std::io::Result<()> {
+        for (port, master) in self.roles()? {
+            if master {
+                self.cli_on(port, &["flushall"])?;
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for &port in &self.ports {
+            loop {
+                let size = self.cli_on(port, &["dbsize"])?;
+                if size.trim() == "0" {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    return Err(std::io::Error::other(format!("node {port} not empty")));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        Ok(())
+    }
+
+    /// A graceful manual failover (`CLUSTER FAILOVER` on a replica): the replica catches up with its
+    /// master, then takes its slots over (nothing acknowledged is lost; clients get MOVED). Returns once
+    /// the replica says it is a master. `which` picks the replica (modulo their number).
+    pub fn failover(&self, which: usize) -> std::io::Result<u16> {
+        let replicas: Vec<u16> = self
+            .roles()?
+            .into_iter()
+            .filter(|(_, master)| !master)
+            .map(|(p, _)| p)
+            .collect();
+        let Some(&port) = replicas.get(which % replicas.len().max(1)) else {
+            return Err(std::io::Error::other("no replica"));
+        };
+        // A manual failover the master does not complete in time is abandoned by the replica (after
+        // cluster-node-timeout × 2, 4 s here): ask again, three times at most.
+        for _ in 0..3 {
+            let reply = self.cli_on(port, &["cluster", "failover"])?;
+            if !reply.trim().eq_ignore_ascii_case("ok") {
+                return Err(std::io::Error::other(format!(
+                    "CLUSTER FAILOVER on {port}: {reply}"
+                )));
+            }
+            let deadline = Instant::now() + Duration::from_secs(6);
+            while Instant::now() < deadline {
+                if self.cli_on(port, &["role"])?.starts_with("master") {
+                    return Ok(port);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Err(std::io::Error::other(format!(
+            "replica {port} not promoted in time"
+        )))
+    }
+}
+
 impl Drop for RedisCluster {
     fn drop(&mut self) {
         let _ = Command::new("bash")

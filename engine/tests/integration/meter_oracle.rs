@@ -1,9 +1,13 @@
 //! Replay oracle: seeded event logs run against two meters (two writers) sharing one real, durable
 //! Redis, with injected faults, a Redis restart, passivation and re-hydration; the final Redis state and
-//! every actor's totals must equal a pure reference model exactly (zero ms lost, zero doubled).
+//! every actor's totals must equal a pure reference model exactly (zero ms lost, zero doubled). The same
+//! logs run against a real Redis Cluster (3 masters, 3 replicas, `loadtest/redis-cluster.sh`) through the
+//! store's cluster client, where a case's restart is a manual failover instead (a replica takes its
+//! master's slots over mid-case: the writers follow MOVED).
 //!
-//! `cargo test -p voicegate-engine --test integration meter_oracle::` runs 200 cases.
-//! `VOICEGATE_ORACLE_CASES=10000 cargo test -p voicegate-engine --release --test integration meter_oracle::` runs 10,000;
+//! `cargo test -p voicegate-engine --test integration meter_oracle::` runs 200 cases on each.
+//! `VOICEGATE_ORACLE_CASES=10000 cargo test -p voicegate-engine --release --test integration meter_oracle::` runs 10,000
+//! on each (`…meter_oracle::replayed_event_logs_meter_exactly_once_on_a_cluster` for the cluster alone);
 //! `VOICEGATE_ORACLE_SEED=<n>` replays from another seed (a failure prints its case seed).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -13,7 +17,7 @@ use std::time::Duration;
 use voicegate_engine::meter::{
     Meter, MeterConfig, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource, UsageTotals,
 };
-use voicegate_engine::store::test_redis::RedisServer;
+use voicegate_engine::store::test_redis::{RedisCluster, RedisServer};
 use voicegate_engine::store::testing::FaultyStore;
 use voicegate_engine::store::{RedisStore, RedisStoreConfig, Store, StoreTime, WriterId};
 use voicegate_engine::time::{Clock, ManualClock};
@@ -135,13 +139,46 @@ struct Case {
     events: usize,
 }
 
-/// Runs one case; returns (ms metered, batches applied whose reply was lost, restarted) for the summary.
-async fn run_case(server: &mut RedisServer, case: &Case) -> (u64, u64, bool) {
+/// What the case runs on.
+enum Backend<'a> {
+    /// One durable redis-server; a case's disruption restarts it.
+    Single(&'a mut RedisServer),
+    /// A 3-master cluster; a case's disruption is a manual failover.
+    Cluster(&'a RedisCluster),
+}
+
+impl Backend<'_> {
+    fn reset(&mut self) -> RedisStore {
+        match self {
+            Backend::Single(server) => {
+                server.command(&["FLUSHALL"]).expect("flushall");
+                // Compact the AOF so a restart replays only this case, not every earlier one.
+                let _ = server.command(&["BGREWRITEAOF"]);
+                RedisStore::new(&RedisStoreConfig::new(server.url())).expect("store")
+            }
+            Backend::Cluster(cluster) => {
+                cluster.flush_all().expect("flushall on every master");
+                RedisStore::new(&RedisStoreConfig::cluster(cluster.urls())).expect("cluster store")
+            }
+        }
+    }
+
+    fn disrupt(&mut self, seed: u64) {
+        match self {
+            Backend::Single(server) => server.restart().expect("redis restarts"),
+            Backend::Cluster(cluster) => {
+                cluster
+                    .failover(seed as usize)
+                    .expect("a replica takes over");
+            }
+        }
+    }
+}
+
+/// Runs one case; returns (ms metered, batches applied whose reply was lost, disrupted) for the summary.
+async fn run_case(backend: &mut Backend<'_>, case: &Case) -> (u64, u64, bool) {
     let mut rng = Rng(case.seed);
-    server.command(&["FLUSHALL"]).expect("flushall");
-    // Compact the AOF so a restart replays only this case, not every earlier one.
-    let _ = server.command(&["BGREWRITEAOF"]);
-    let redis = RedisStore::new(&RedisStoreConfig::new(server.url())).expect("store");
+    let redis = backend.reset();
     let faulty = Arc::new(FaultyStore::new(redis.clone(), case.seed));
     faulty.set_fault_rates(10, 10, 5);
     let clock = ManualClock::new(T0 + rng.below(MS_PER_DAY));
@@ -161,7 +198,7 @@ async fn run_case(server: &mut RedisServer, case: &Case) -> (u64, u64, bool) {
     };
     for step in 0..case.events {
         if restart_at == Some(step) {
-            server.restart().expect("redis restarts");
+            backend.disrupt(case.seed);
         }
         let w = rng.below(2) as usize;
         let uid = uids[rng.below(uids.len() as u64) as usize].clone();
@@ -295,6 +332,17 @@ async fn run_case(server: &mut RedisServer, case: &Case) -> (u64, u64, bool) {
 
 #[actix::test]
 async fn replayed_event_logs_meter_exactly_once() {
+    let mut server = RedisServer::start_durable().expect("redis-server starts");
+    replay(Backend::Single(&mut server), "redis").await;
+}
+
+#[actix::test]
+async fn replayed_event_logs_meter_exactly_once_on_a_cluster() {
+    let cluster = RedisCluster::start().expect("redis cluster starts");
+    replay(Backend::Cluster(&cluster), "cluster").await;
+}
+
+async fn replay(mut backend: Backend<'_>, name: &str) {
     let cases: u64 = std::env::var("VOICEGATE_ORACLE_CASES")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -303,13 +351,12 @@ async fn replayed_event_logs_meter_exactly_once() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(0x5EED);
-    let mut server = RedisServer::start_durable().expect("redis-server starts");
     // `VOICEGATE_ORACLE_CASE=<seed>:<users>:<events>` replays one failed case.
     if let Ok(one) = std::env::var("VOICEGATE_ORACLE_CASE") {
         let parts: Vec<u64> = one.split(':').filter_map(|p| p.parse().ok()).collect();
         if let [seed, users, events] = parts[..] {
             run_case(
-                &mut server,
+                &mut backend,
                 &Case {
                     seed,
                     users: users as usize,
@@ -328,17 +375,20 @@ async fn replayed_event_logs_meter_exactly_once() {
             users: 12 + rng.below(24) as usize,
             events: 60 + rng.below(140) as usize,
         };
-        println!("oracle case {}:{}:{}", case.seed, case.users, case.events);
-        let (ms, lost, restarted) = run_case(&mut server, &case).await;
+        println!(
+            "oracle ({name}) case {}:{}:{}",
+            case.seed, case.users, case.events
+        );
+        let (ms, lost, restarted) = run_case(&mut backend, &case).await;
         metered += ms;
         if (done + 1) % 500 == 0 {
-            println!("oracle: {} cases exact so far", done + 1);
+            println!("oracle ({name}): {} cases exact so far", done + 1);
         }
         lost_replies += lost;
         restarts += u64::from(restarted);
     }
     println!(
-        "oracle: {cases} cases exact; {metered} ms metered, {lost_replies} applied-then-lost flush replies retried, {restarts} Redis restarts"
+        "oracle ({name}): {cases} cases exact; {metered} ms metered, {lost_replies} applied-then-lost flush replies retried, {restarts} Redis restarts or failovers"
     );
     assert!(
         cases < 10 || (lost_replies > 0 && restarts > 0),

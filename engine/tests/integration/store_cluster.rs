@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use voicegate_engine::store::backfill::{BackfillLedger, Charge, RedisBackfillLedger};
+use voicegate_engine::store::fair_use::FairUseStore;
 use voicegate_engine::store::lease::{LeaseKey, LeaseOutcome, LeaseStore, RedisLeaseStore};
 use voicegate_engine::store::test_redis::RedisCluster;
 use voicegate_engine::store::{
@@ -191,4 +192,55 @@ async fn the_cluster_client_applies_many_users_in_one_call_and_reads_them_back()
         .collect();
     assert_eq!(masters.len(), 3, "the users live on all three masters");
     assert!(store.ping().await.is_ok());
+}
+
+#[tokio::test]
+async fn transactions_right_after_a_failover_follow_the_slot_to_its_new_master() {
+    // A load (MULTI … EXEC) and the STT counter's INCRBY + PEXPIRE are transactions, which redis-rs does
+    // not redirect: right after a failover they abort with MOVED while its slot map is stale. The store
+    // reads the slot once (following the redirect, which rebuilds the map) and sends them again.
+    let cluster = RedisCluster::start().unwrap_or_else(|e| panic!("{e}"));
+    let store = RedisStore::new(&RedisStoreConfig::cluster(cluster.urls()))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let fair_use =
+        voicegate_engine::store::fair_use_redis::RedisFairUseStore::new(store.connection());
+    let uids: Vec<String> = (0..30).map(|i| format!("fo-{i}")).collect();
+    let batches: Vec<Batch> = uids.iter().map(|u| batch(u, 250)).collect();
+    let applied = store
+        .apply(&batches, at())
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        applied
+            .iter()
+            .all(|r| matches!(r, Ok(ApplyOutcome::Applied { .. })))
+    );
+    for uid in &uids {
+        assert_eq!(
+            fair_use
+                .add_stt_ms(uid, 1, 10)
+                .await
+                .unwrap_or_else(|e| panic!("{e}")),
+            10
+        );
+    }
+    // Every master's slots move to its replica: whatever slot a user lives in, the map is now stale.
+    for which in 0..3 {
+        cluster.failover(which).unwrap_or_else(|e| panic!("{e}"));
+    }
+    for uid in &uids {
+        let snap = store
+            .load(uid, WriterId(7), at())
+            .await
+            .unwrap_or_else(|e| panic!("{uid}: load after the failover: {e}"));
+        assert_eq!(snap.buckets, vec![(minute_of_ms(T0), 250)], "{uid}");
+        assert_eq!(
+            fair_use
+                .add_stt_ms(uid, 1, 5)
+                .await
+                .unwrap_or_else(|e| panic!("{uid}: {e}")),
+            15,
+            "{uid}: applied once"
+        );
+    }
 }

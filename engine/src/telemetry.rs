@@ -232,6 +232,11 @@ pub const STT_RESENT_SAMPLES_TOTAL: &str = "voicegate_stt_resent_samples_total";
 /// failure a later attempt could fix (openai: `VOICEGATE_OPENAI_RETRIES`). A chunk whose retries all
 /// failed is counted once more in `voicegate_stt_errors_total`.
 pub const STT_RETRIES_TOTAL: &str = "voicegate_stt_retries_total";
+/// Counter, labels `what` (`stream_open`: a new live stream opened on it because the primary is failing;
+/// `stream_switch`: a live stream moved onto it, to the fallback on a primary failure or back to the
+/// primary at a speech run's start after the cool-down; `span`: a sync span sent to the fallback), `to`
+/// (a provider name): the fallback's work (`VOICEGATE_STT_FALLBACK`; exported at 0 when one is set).
+pub const STT_FALLBACK_TOTAL: &str = "voicegate_stt_fallback_total";
 /// Counter, labels `provider`, `outcome` (`opened`; `refused`: the provider answered the connect with an
 /// HTTP error such as 401, 402, 429; `failed`: unreachable, TLS or timeout; `lost`: closed mid-stream):
 /// connections of a remote streaming provider.

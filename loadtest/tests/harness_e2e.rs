@@ -660,6 +660,10 @@ fn streams_and_uploads_survive_a_lost_node_and_the_check_judges_the_loss() {
 
 #[test]
 fn with_the_local_engine_the_audio_its_provider_received_equals_what_sessions_were_charged() {
+    if let Some(why) = voicegate_engine::stt::local::ffi::cpu_unsupported() {
+        eprintln!("NOT RUN on this machine: {why}");
+        return;
+    }
     let url = start_with(ServeConfig {
         bind: "127.0.0.1:0".into(),
         stt: Some("local".into()),

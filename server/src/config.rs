@@ -195,6 +195,14 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_STT")]
     pub stt: Option<String>,
 
+    /// A second speech-to-text provider (local, deepgram, openai; none or unset: no fallback) that serves new streams, streams whose provider just failed, and sync spans while the primary is failing (docs/stt.md "Fallback").
+    #[arg(long, env = "VOICEGATE_STT_FALLBACK")]
+    pub stt_fallback: Option<String>,
+
+    /// How long each failure of the primary keeps new streams and spans on the fallback; a stream goes back to the primary at a speech run's start after it.
+    #[arg(long, env = "VOICEGATE_STT_FALLBACK_SECS", default_value_t = defaults::STT_FALLBACK_SECS)]
+    pub stt_fallback_secs: u64,
+
     /// Worker threads of the local speech-to-text engine (one model each: ~180 MB idle, up to ~1.5 GB while transcribing), run below the pipeline's priority.
     #[arg(long, env = "VOICEGATE_STT_LOCAL_THREADS", default_value_t = defaults::STT_LOCAL_THREADS)]
     pub stt_local_threads: usize,
@@ -284,6 +292,8 @@ impl Default for ServeConfig {
             // Embedders and tests start many servers: none of them loads a speech-to-text model unless it
             // asks for one. (The command line's default is unset: local when installed.)
             stt: Some("none".to_owned()),
+            stt_fallback: None,
+            stt_fallback_secs: defaults::STT_FALLBACK_SECS,
             stt_local_threads: defaults::STT_LOCAL_THREADS,
             stt_local_dir: None,
             stt_preroll_ms: defaults::STT_PREROLL_MS,
@@ -420,7 +430,7 @@ impl ServeConfig {
                 bind: self.bind.clone(),
             });
         }
-        let limits: [(&'static str, u64); 18] = [
+        let limits: [(&'static str, u64); 19] = [
             (
                 "VOICEGATE_UPLOAD_MAX_FILE_BYTES",
                 self.upload_max_file_bytes,
@@ -452,6 +462,7 @@ impl ServeConfig {
             ),
             ("VOICEGATE_BODY_TIMEOUT_SECS", self.body_timeout_secs),
             ("VOICEGATE_STT_LOCAL_THREADS", self.stt_local_threads as u64),
+            ("VOICEGATE_STT_FALLBACK_SECS", self.stt_fallback_secs),
             (
                 "VOICEGATE_BACKFILL_LOOKBACK_DAYS",
                 self.backfill_lookback_days,

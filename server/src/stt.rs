@@ -6,11 +6,17 @@
 //! needs one for api.openai.com, not for a self-hosted base URL); bad Deepgram or OpenAI-compatible
 //! settings (URL, key file, bounds) refuse to start. An unreachable provider never stops the start: the
 //! `openai` provider logs it once, and each session is told (`stt_unavailable`) and goes on.
+//!
+//! `VOICEGATE_STT_FALLBACK` names a second provider, held to the same rules as an explicit
+//! `VOICEGATE_STT` (installed, keyed); it must differ from the primary, and needs one (`none` or unset:
+//! no fallback).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use voicegate_engine::outbound::Outbound;
 use voicegate_engine::stt::deepgram::{DeepgramConfigError, DeepgramProvider};
+use voicegate_engine::stt::fallback::FallbackProvider;
 use voicegate_engine::stt::local::{LocalConfig, LocalProvider};
 use voicegate_engine::stt::none::NoneProvider;
 use voicegate_engine::stt::openai::{OpenAiConfigError, OpenAiProvider};
@@ -34,6 +40,23 @@ pub enum SttStartError {
     OpenAi(#[from] OpenAiConfigError),
     #[error("refusing to start: the OpenAI-compatible provider could not start: {0}")]
     OpenAiStart(SttError),
+    #[error(
+        "refusing to start: VOICEGATE_STT_FALLBACK={value:?} is not a speech-to-text provider: valid values are {}",
+        select::valid()
+    )]
+    FallbackUnknown { value: String },
+    #[error(
+        "refusing to start: VOICEGATE_STT_FALLBACK={0} is the primary provider too: name another one, or none"
+    )]
+    FallbackSameAsPrimary(ProviderKind),
+    #[error(
+        "refusing to start: VOICEGATE_STT_FALLBACK={0} needs a primary provider, but speech-to-text is off (none)"
+    )]
+    FallbackWithoutPrimary(ProviderKind),
+    #[error("refusing to start: the fallback provider (VOICEGATE_STT_FALLBACK): {0}")]
+    Fallback(SelectError),
+    #[error("refusing to start: the fallback could not start: {0}")]
+    FallbackStart(SttError),
 }
 
 /// The local engine's settings from the server's.
@@ -48,7 +71,8 @@ pub fn local_config(cfg: &ServeConfig) -> LocalConfig {
     local
 }
 
-/// Decides and builds the provider, logging which one runs. Remote providers connect through `outbound`.
+/// Decides and builds the provider (with its fallback, when one is set), logging which one runs. Remote
+/// providers connect through `outbound`.
 pub fn build(
     cfg: &ServeConfig,
     outbound: &Outbound,
@@ -58,7 +82,8 @@ pub fn build(
     let facts = Facts {
         local_missing: voicegate_engine::stt::local::ffi::EngineFiles::new(&local.dir)
             .missing()
-            .map(|p| format!("{} is missing", p.display())),
+            .map(|p| format!("{} is missing", p.display()))
+            .or_else(voicegate_engine::stt::local::ffi::cpu_unsupported),
         deepgram_key: cfg.deepgram.has_key(),
         openai_key_or_self_hosted: cfg.openai.has_key_or_self_hosted(),
     };
@@ -66,9 +91,62 @@ pub fn build(
     if let Some(note) = &selection.note {
         tracing::warn!(message = %note, provider = "none");
     }
-    match selection.kind {
+    let fallback = fallback_kind(cfg, selection.kind)?;
+    if let Some(kind) = fallback {
+        select::select(Some(kind), &facts).map_err(SttStartError::Fallback)?;
+    }
+    let quiet = selection.note.is_some();
+    let primary = start(selection.kind, cfg, &local, outbound, "primary", quiet)?;
+    let Some(kind) = fallback else {
+        return Ok(primary);
+    };
+    let fallback = start(kind, cfg, &local, outbound, "fallback", false)?;
+    tracing::info!(
+        message = "Speech-to-text fallback: serves while the primary is failing.",
+        provider = selection.kind.name(),
+        fallback = kind.name(),
+        cooldown_secs = cfg.stt_fallback_secs
+    );
+    let provider = FallbackProvider::start(
+        primary,
+        fallback,
+        Duration::from_secs(cfg.stt_fallback_secs),
+    )
+    .map_err(SttStartError::FallbackStart)?;
+    Ok(Arc::new(provider))
+}
+
+/// `VOICEGATE_STT_FALLBACK`, checked against the primary: `None` when unset or `none`.
+fn fallback_kind(
+    cfg: &ServeConfig,
+    primary: ProviderKind,
+) -> Result<Option<ProviderKind>, SttStartError> {
+    let Some(value) = cfg.stt_fallback.as_deref().filter(|v| !v.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let kind = ProviderKind::parse(value).ok_or_else(|| SttStartError::FallbackUnknown {
+        value: value.to_string(),
+    })?;
+    match kind {
+        ProviderKind::None => Ok(None),
+        _ if primary == ProviderKind::None => Err(SttStartError::FallbackWithoutPrimary(kind)),
+        _ if kind == primary => Err(SttStartError::FallbackSameAsPrimary(kind)),
+        _ => Ok(Some(kind)),
+    }
+}
+
+/// Starts one provider (`role`: primary or fallback, for the log line; `quiet`: `none` was already said).
+fn start(
+    kind: ProviderKind,
+    cfg: &ServeConfig,
+    local: &LocalConfig,
+    outbound: &Outbound,
+    role: &'static str,
+    quiet: bool,
+) -> Result<Arc<dyn SttProvider>, SttStartError> {
+    match kind {
         ProviderKind::None => {
-            if selection.note.is_none() {
+            if !quiet {
                 tracing::info!(
                     message = "Speech-to-text provider: none (metering only).",
                     provider = "none"
@@ -78,10 +156,11 @@ pub fn build(
         }
         ProviderKind::Local => {
             let started = std::time::Instant::now();
-            let provider = LocalProvider::start(&local).map_err(SttStartError::Local)?;
+            let provider = LocalProvider::start(local).map_err(SttStartError::Local)?;
             tracing::info!(
                 message = "Speech-to-text provider: local (Moonshine base-en).",
                 provider = "local",
+                role,
                 threads = local.threads,
                 dir = %local.dir.display(),
                 load_ms = started.elapsed().as_millis() as u64
@@ -93,6 +172,7 @@ pub fn build(
             tracing::info!(
                 message = "Speech-to-text provider: deepgram (live websocket API).",
                 provider = "deepgram",
+                role,
                 url = %dg.url,
                 model = %dg.model,
                 key = if cfg.deepgram.key_file.is_some() { "file" } else { "env" }
@@ -106,6 +186,7 @@ pub fn build(
             tracing::info!(
                 message = "Speech-to-text provider: openai (OpenAI-compatible transcriptions, one request per chunk).",
                 provider = "openai",
+                role,
                 url = %oa.url,
                 model = %oa.model,
                 key = match (&cfg.openai.key_file, &oa.key) {

@@ -6,6 +6,7 @@
 //!   websocket API), [`openai`] (an OpenAI-compatible `POST /v1/audio/transcriptions`, one request per
 //!   chunk), [`none`] (metering only). Remote providers connect through the shared
 //!   [`crate::outbound::Outbound`] client and take their key from a [`key::KeySource`].
+//! - [`fallback`]: a second provider serving while the primary fails (`VOICEGATE_STT_FALLBACK`).
 //! - [`select`]: which provider `VOICEGATE_STT` and the installed engine give at startup.
 //! - [`chunk`]: cutting audio for a batch-only engine; [`wer`]: scoring transcripts.
 //!
@@ -13,6 +14,7 @@
 
 pub mod chunk;
 pub mod deepgram;
+pub mod fallback;
 pub mod key;
 pub mod local;
 pub mod none;

@@ -198,6 +198,16 @@ pub fn results_channel(capacity: usize) -> (ResultSink, ResultReceiver) {
     )
 }
 
+/// A bounded results channel whose sink counts into `counters`: a provider wrapping others (the fallback)
+/// gives each inner stream one, so the stream's figures are one sum whatever provider served it.
+pub(crate) fn results_channel_counting(
+    capacity: usize,
+    counters: Arc<StreamCounters>,
+) -> (ResultSink, ResultReceiver) {
+    let (sink, rx) = results_channel(capacity);
+    (ResultSink { counters, ..sink }, rx)
+}
+
 impl ResultSink {
     /// The stream's counters (shared with every clone of this sink).
     pub fn counters(&self) -> &Arc<StreamCounters> {

@@ -5,6 +5,9 @@
 //! | unset | yes | `local` |
 //! | unset | no | `none`, with one log line saying why and how to install it |
 //! | `local` | no | refuses to start |
+//!
+//! "Installed" means usable: the files are there and this CPU can run them (`ffi::cpu_unsupported`); the
+//! reason given says which it is.
 //! | `deepgram` | — | that provider; refuses to start without its key |
 //! | `openai` | — | that provider; refuses to start without its key unless the base URL is self-hosted |
 //! | `none` | — | `none` |
@@ -28,7 +31,7 @@ pub enum SelectError {
     )]
     Unknown { value: String },
     #[error(
-        "VOICEGATE_STT=local but the local engine is not installed ({detail}): run scripts/deps.sh, set VOICEGATE_STT_LOCAL_DIR, or choose another provider"
+        "VOICEGATE_STT=local but the local engine cannot be used ({detail}): run scripts/deps.sh, set VOICEGATE_STT_LOCAL_DIR, or choose another provider"
     )]
     LocalNotInstalled { detail: String },
     #[error("VOICEGATE_STT={provider} needs a key: set {setting}")]
@@ -57,7 +60,7 @@ pub fn parse(value: &str) -> Result<ProviderKind, SelectError> {
 /// What startup knows when it decides.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
-    /// `None` when the local engine is installed, else what is missing.
+    /// `None` when the local engine is installed and this CPU can run it, else what is missing or why not.
     pub local_missing: Option<String>,
     pub deepgram_key: bool,
     /// Whether the OpenAI-compatible provider has a key, or does not need one (a self-hosted base URL:
@@ -73,7 +76,7 @@ pub fn select(requested: Option<ProviderKind>, facts: &Facts) -> Result<Selectio
             Some(detail) => Ok(Selection {
                 kind: ProviderKind::None,
                 note: Some(format!(
-                    "speech-to-text is off (provider none: metering only): VOICEGATE_STT is unset and the local engine is not installed ({detail}); run scripts/deps.sh or set VOICEGATE_STT"
+                    "speech-to-text is off (provider none: metering only): VOICEGATE_STT is unset and the local engine cannot be used ({detail}); run scripts/deps.sh or set VOICEGATE_STT"
                 )),
             }),
         },

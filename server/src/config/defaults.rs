@@ -102,6 +102,9 @@ pub const AUTH_FAILURES_PER_MINUTE: u32 = 30;
 pub const AUTH_THROTTLE_MAX_ADDRESSES: usize = 100_000;
 /// `VOICEGATE_STT_LOCAL_THREADS`: one model (~180 MB idle, ~1.5 GB peak measured while transcribing).
 pub const STT_LOCAL_THREADS: usize = 1;
+/// `VOICEGATE_STT_FALLBACK_SECS`: a minute on the fallback after each failure of the primary, long enough
+/// not to flap on a provider that fails every few seconds, short enough to come back soon after a fix.
+pub const STT_FALLBACK_SECS: u64 = 60;
 /// `VOICEGATE_STT_PREROLL_MS`: audio sent before each speech run (the detector confirms a run late).
 pub const STT_PREROLL_MS: u64 = 300;
 /// `VOICEGATE_JWKS_REFRESH_MIN_SECS`: a JWKS URL answering `max-age=0` (or a tiny one) is still fetched at

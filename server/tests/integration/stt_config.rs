@@ -134,8 +134,21 @@ async fn none_starts_without_looking_for_an_engine() {
 }
 
 /// The engine is installed by `scripts/deps.sh` (CI runs it first): unset means local, loaded at startup.
+/// On a CPU that cannot run it (no AVX-512) unset means none, and an explicit `local` refuses to start
+/// naming what the CPU lacks, instead of the process dying of SIGILL when the model loads.
 #[actix_web::test]
 async fn unset_with_the_engine_installed_starts_the_local_provider() {
+    if let Some(why) = voicegate_engine::stt::local::ffi::cpu_unsupported() {
+        let builder = ServerBuilder::new(with_stt(None, None)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(builder.state().stt.kind(), ProviderKind::None);
+        let refused = refusal(with_stt(Some("local"), None));
+        assert!(
+            refused.contains("VOICEGATE_STT=local") && refused.contains("this CPU lacks avx512f"),
+            "{refused}"
+        );
+        eprintln!("this machine: {why}");
+        return;
+    }
     let builder = ServerBuilder::new(with_stt(None, None))
         .unwrap_or_else(|e| panic!("{e} (the local engine must be installed: scripts/deps.sh)"));
     assert_eq!(builder.state().stt.kind(), ProviderKind::Local);

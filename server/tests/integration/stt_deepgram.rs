@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::common;
 use crate::listen_support;
+use crate::stt_openai::{OpenAiDouble, Plan as OpenAiPlan, d01_an_hour_ago};
 
 use common::engine_server::{EngineServer, fair_use_on};
 use listen_support::{NORMAL, Seen, Ws, connect, fixture_packets, offline, read_all};
@@ -564,6 +565,138 @@ async fn a_reconnect_answered_402_tells_provider_payment_and_the_session_goes_on
     );
     assert_metered_exactly(&server, "carol", &seen, &packets).await;
     server.shutdown().await;
+}
+
+/// `VOICEGATE_STT_FALLBACK=openai` (issue #14): after a dropped connection the reconnect is answered 402
+/// (the account cannot pay: the primary is failing at once), which is told (`provider_payment`); the
+/// stream moves to the fallback at its next audio, transcripts come again (`stt_available`), and what
+/// each provider received is what the session charged, once.
+#[actix_web::test]
+async fn with_a_fallback_a_reconnect_answered_402_moves_the_stream_to_it_and_charges_each_sample_once()
+ {
+    let double = DeepgramDouble::start(&[Plan::CloseAfter(8_000), Plan::Refuse(402)]).await;
+    let fallback = OpenAiDouble::start(&[OpenAiPlan::Serve]).await;
+    let server = EngineServer::start(fair_use_on(), with_fallback(&double, &fallback)).await;
+    let packets = fixture_packets("d01");
+    let ws = connect(server.addr, Some("carol"), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets, 6, None).await;
+    assert_eq!(seen.close.as_ref().map(|c| c.0), Some(NORMAL));
+    // The dropped connection may be told first (`provider_error`: one is not an outage), then the 402;
+    // the fallback's first transcript makes it available again.
+    let reasons = unavailable_reasons(&seen);
+    assert_eq!(
+        reasons.last().map(String::as_str),
+        Some("provider_payment"),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r == "provider_error" || r == "provider_payment"),
+        "{reasons:?}"
+    );
+    let kinds: Vec<&str> = seen
+        .events
+        .iter()
+        .filter_map(|(v, _)| v["type"].as_str())
+        .filter(|t| t.starts_with("stt_"))
+        .collect();
+    assert_eq!(kinds.last(), Some(&"stt_available"), "{:?}", seen.events);
+    let conns = double.connections();
+    assert!(
+        conns[1..].iter().all(|c| c.refused == Some(402)),
+        "{conns:?}"
+    );
+    let deepgram = metric(&server, FORWARDED).await;
+    assert_eq!(deepgram, conns[0].samples());
+    let dropped = metric(&server, DROPPED).await;
+    let received = fallback.samples();
+    assert!(
+        received > 16_000 * 5,
+        "the fallback received {received} samples"
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "voicegate_stt_forwarded_samples_total{provider=\"openai\"}"
+        )
+        .await,
+        received
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "voicegate_stt_fallback_total{what=\"stream_switch\",to=\"openai\"}"
+        )
+        .await,
+        1
+    );
+    // Charged once: what Deepgram received or dropped while failing, and what the fallback received.
+    assert_eq!(
+        seen.metadata()["stt_forwarded_ms"].as_u64().unwrap(),
+        charged_ms(deepgram + dropped + received)
+    );
+    let texts: Vec<String> = segments(&seen).into_iter().map(|s| s.0).collect();
+    assert!(
+        texts.iter().any(|t| t.starts_with("Utterance ")),
+        "the fallback's transcripts reached the client: {texts:?}"
+    );
+    assert_metered_exactly(&server, "carol", &seen, &packets).await;
+    // A new session while the primary is failing opens on the fallback at once.
+    let ws = connect(server.addr, Some("dave"), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets[..1_500], 6, None).await;
+    assert!(unavailable_reasons(&seen).is_empty(), "{:?}", seen.events);
+    assert_eq!(double.connections().len(), conns.len());
+    assert_eq!(
+        metric(
+            &server,
+            "voicegate_stt_fallback_total{what=\"stream_open\",to=\"openai\"}"
+        )
+        .await,
+        1
+    );
+    server.shutdown().await;
+}
+
+/// Deepgram serves live streams only here: with a fallback, a sync upload's spans are transcribed by it
+/// (the primary is not marked failing for it) and charged what it received.
+#[actix_web::test]
+async fn with_a_fallback_sync_spans_are_transcribed_by_it_and_charged_what_it_received() {
+    let double = DeepgramDouble::start(&[Plan::Serve]).await;
+    let fallback = OpenAiDouble::start(&[OpenAiPlan::Serve]).await;
+    let server = EngineServer::start(fair_use_on(), with_fallback(&double, &fallback)).await;
+    let (code, body, _) = server.upload("erin", "", &d01_an_hour_ago()).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["transcript_status"], "done", "{body}");
+    let received = fallback.samples();
+    assert!(received > 16_000 * 5, "{received}");
+    let charged = body["stt_ms"].as_u64().unwrap();
+    assert!(
+        (received / 16).abs_diff(charged) <= 4,
+        "sent {} ms, charged {charged} ms",
+        received / 16
+    );
+    // The primary still serves the live streams.
+    let packets = fixture_packets("d01");
+    let ws = connect(server.addr, Some("erin"), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets[..1_500], 6, None).await;
+    assert!(unavailable_reasons(&seen).is_empty(), "{:?}", seen.events);
+    assert_eq!(double.connections().len(), 1);
+    server.shutdown().await;
+}
+
+fn with_fallback(
+    double: &DeepgramDouble,
+    fallback: &OpenAiDouble,
+) -> impl FnOnce(&mut voicegate_server::ServeConfig) {
+    let primary = deepgram(double);
+    let url = fallback.base_url();
+    move |cfg| {
+        primary(cfg);
+        cfg.stt_fallback = Some("openai".into());
+        cfg.openai.api_key = Some("test-openai-key".into());
+        cfg.openai.base_url = url;
+    }
 }
 
 /// A connect refused with `status` (every attempt): `provider_error`, counted under `reason`; the session

@@ -50,7 +50,7 @@ pub(crate) enum Plan {
 
 /// One request as the double read it.
 #[derive(Debug, Clone, Default)]
-struct Request {
+pub(crate) struct Request {
     path: String,
     authorization: String,
     model: String,
@@ -120,11 +120,11 @@ impl OpenAiDouble {
         format!("http://{}", self.addr)
     }
 
-    fn requests(&self) -> Vec<Request> {
+    pub(crate) fn requests(&self) -> Vec<Request> {
         self.log.lock().unwrap().clone()
     }
 
-    fn samples(&self) -> u64 {
+    pub(crate) fn samples(&self) -> u64 {
         self.requests().iter().map(|r| r.samples).sum()
     }
 }
@@ -634,7 +634,7 @@ async fn a_v1_upload_answers_pending_and_its_job_finishes_the_transcription() {
 }
 
 /// The d01 fixture as one device file recorded an hour ago (English speech, one conversation).
-fn d01_an_hour_ago() -> Vec<(String, Vec<u8>)> {
+pub(crate) fn d01_an_hour_ago() -> Vec<(String, Vec<u8>)> {
     let bytes = fixtures()
         .into_iter()
         .find(|(n, _)| n == "d01.bin")

@@ -48,6 +48,10 @@ const FORWARDED: &str = "voicegate_stt_forwarded_samples_total{provider=\"local\
 
 #[actix_web::test]
 async fn uploaded_fixtures_get_stored_transcripts_and_a_reupload_transcribes_nothing_again() {
+    if let Some(why) = voicegate_engine::stt::local::ffi::cpu_unsupported() {
+        eprintln!("NOT RUN on this machine: {why}");
+        return;
+    }
     let server = EngineServer::start(fair_use_on(), |cfg| {
         local_stt(cfg);
         // The answer waits for the whole transcription here (the local engine on a loaded CI machine).

@@ -64,6 +64,42 @@ impl EngineFiles {
     }
 }
 
+/// Why this CPU cannot run the engine, or `None` when it can.
+///
+/// `libmoonshine.so` of moonshine-cpp 0.1.4 is compiled for AVX-512 outside any run-time dispatch (its
+/// `moonshine_load_model` executes the EVEX form `vpbroadcastq %rax,%xmm0`): on a CPU without it the first
+/// call ends the whole process with SIGILL (measured on an AVX2-only AMD EPYC). ONNX Runtime, beside it,
+/// picks its kernels at run time and is not the constraint. The check asks for the x86-64-v4 set, the
+/// level such a build targets.
+pub fn cpu_unsupported() -> Option<String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let lacking: Vec<&str> = [
+            ("avx512f", std::arch::is_x86_feature_detected!("avx512f")),
+            ("avx512vl", std::arch::is_x86_feature_detected!("avx512vl")),
+            ("avx512bw", std::arch::is_x86_feature_detected!("avx512bw")),
+            ("avx512dq", std::arch::is_x86_feature_detected!("avx512dq")),
+            ("avx512cd", std::arch::is_x86_feature_detected!("avx512cd")),
+        ]
+        .into_iter()
+        .filter_map(|(name, present)| (!present).then_some(name))
+        .collect();
+        if lacking.is_empty() {
+            None
+        } else {
+            Some(format!(
+                "this CPU lacks {}, which libmoonshine.so of moonshine-cpp {} is compiled for (it would end the process with SIGILL)",
+                lacking.join(", "),
+                super::ENGINE_VERSION
+            ))
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Some("the moonshine-cpp wheel's libraries are built for x86_64 only".to_string())
+    }
+}
+
 /// The loaded library. Loading it twice is harmless (the loader counts references).
 pub struct MoonshineLib {
     load_model: LoadModel,
@@ -91,6 +127,9 @@ impl MoonshineLib {
                 "{} is missing (run scripts/deps.sh, or set VOICEGATE_STT_LOCAL_DIR)",
                 missing.display()
             )));
+        }
+        if let Some(why) = cpu_unsupported() {
+            return Err(SttError::LoadFailed(why));
         }
         let open = |path: &Path| {
             // SAFETY: these are the wheel's libraries, whose initialisers only set up their own state.

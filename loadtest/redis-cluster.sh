@@ -82,6 +82,18 @@ start)
     [ "$i" = 600 ] && { echo "replicas not attached in 30 s" >&2; stop; exit 1; }
     sleep 0.05
   done
+  # And every node's view (CLUSTER NODES, gossiped) knows the 3 replicas: a server's startup check
+  # (VOICEGATE_REDIS_WAIT_REPLICAS) reads it from whichever node it asks.
+  for i in $(seq 1 600); do
+    known=0
+    for port in "$@"; do
+      n="$("$cli" -p "$port" cluster nodes 2>/dev/null | awk '$3 ~ /slave/ && $3 !~ /fail/ && $4 != "-"' | wc -l)"
+      [ "$n" = 3 ] && known=$((known + 1))
+    done
+    [ "$known" = "$#" ] && break
+    [ "$i" = 600 ] && { echo "the replicas are not known to every node in 30 s" >&2; stop; exit 1; }
+    sleep 0.05
+  done
   for port in "$@"; do printf 'redis://127.0.0.1:%s/\n' "$port"; done
   ;;
 stop)

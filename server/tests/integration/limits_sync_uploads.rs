@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -46,6 +46,35 @@ async fn until_folders(dir: &std::path::Path, n: usize) {
     }
 }
 
+/// A paused upload of `uid` that the node admitted (its temp folder makes `n` in `dir`). The run of an
+/// upload answered just before still holds its node place until its job's last write (the place is
+/// given back after the answer), so the node may refuse this one 503 `uploads_at_capacity` first: then
+/// it is sent again (bounded).
+async fn admitted_paused_upload(
+    addr: std::net::SocketAddr,
+    uid: &str,
+    dir: &std::path::Path,
+    n: usize,
+) -> TcpStream {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut s = paused_upload(addr, uid).await;
+        let mut answer = vec![0u8; 4096];
+        tokio::select! {
+            () = until_folders(dir, n) => return s,
+            read = s.read(&mut answer) => {
+                let len = read.unwrap_or(0);
+                let text = String::from_utf8_lossy(&answer[..len]);
+                assert!(
+                    text.starts_with("HTTP/1.1 503") && text.contains("uploads_at_capacity"),
+                    "a paused upload was answered: {text}"
+                );
+                assert!(Instant::now() < deadline, "the node's place was not given back: {text}");
+            }
+        }
+    }
+}
+
 #[actix_web::test]
 async fn a_users_third_upload_gets_429_and_the_nodes_fourth_503_both_with_retry_after() {
     let temp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
@@ -75,8 +104,7 @@ async fn a_users_third_upload_gets_429_and_the_nodes_fourth_503_both_with_retry_
     let (code, body, _) = server.upload("other", "", &file).await;
     assert_eq!(code, 200, "{body}");
 
-    held.push(paused_upload(server.addr, "third").await);
-    until_folders(&dir, 3).await;
+    held.push(admitted_paused_upload(server.addr, "third", &dir, 3).await);
     let (code, body, headers) = server.upload("fourth", "", &file).await;
     assert_eq!(code, 503, "{body}");
     assert_eq!(body["code"], "uploads_at_capacity", "{body}");

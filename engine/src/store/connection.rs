@@ -12,6 +12,7 @@ use futures_util::future::FutureExt;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::{Cmd, Pipeline, RedisError, RedisFuture, Value};
 
 /// A single-instance or cluster connection. Cheap to clone (clones share the connection).
@@ -31,6 +32,28 @@ impl RedisConnection {
     /// True for a Redis Cluster (one pipeline must then stay within one slot).
     pub fn is_cluster(&self) -> bool {
         matches!(self, RedisConnection::Cluster(_))
+    }
+
+    /// Sends `cmd` to the master serving `slot` on a cluster (on the node's connection to it, where that
+    /// slot's scripts went); to the one instance otherwise.
+    pub async fn query_slot_master(&mut self, cmd: Cmd, slot: u16) -> Result<Value, RedisError> {
+        match self {
+            RedisConnection::Single(conn) => cmd.query_async(conn).await,
+            RedisConnection::Cluster(lazy) => {
+                let Some(slot) = Slot::new(slot) else {
+                    return Err(RedisError::from((
+                        redis::ErrorKind::Client,
+                        "slot out of range",
+                        slot.to_string(),
+                    )));
+                };
+                let route =
+                    SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master));
+                let mut conn = lazy.connection().await?;
+                conn.route_command(cmd, RoutingInfo::SingleNode(route))
+                    .await
+            }
+        }
     }
 }
 

@@ -170,6 +170,12 @@ pub enum StoreError {
         wanted: u32,
         timeout_ms: u64,
     },
+    /// The write ran on the master, which the node knows has fewer healthy replicas than
+    /// `VOICEGATE_REDIS_WAIT_REPLICAS`: no `WAIT` was sent (it would hold the connection for its timeout).
+    #[error(
+        "the master of the write has {replicas} healthy replicas, fewer than VOICEGATE_REDIS_WAIT_REPLICAS={wanted}: not acknowledged, not waited for"
+    )]
+    TooFewReplicas { replicas: u32, wanted: u32 },
 }
 
 impl StoreError {
@@ -180,7 +186,9 @@ impl StoreError {
             StoreError::Timeout => "timeout",
             StoreError::Script(_) => "script",
             StoreError::Protocol(_) => "protocol",
-            StoreError::NotReplicated { .. } => "not_replicated",
+            StoreError::NotReplicated { .. } | StoreError::TooFewReplicas { .. } => {
+                "not_replicated"
+            }
         }
     }
 }

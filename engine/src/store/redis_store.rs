@@ -9,6 +9,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 use super::connection::{LazyCluster, RedisConnection, transaction};
+use super::replicas::{ReplicaView, key_slot};
 use redis::{RedisError, ServerErrorKind, Value};
 
 use super::keys;
@@ -74,6 +75,8 @@ pub struct RedisStore {
     script_loaded: Arc<AtomicBool>,
     wait_replicas: u32,
     wait_timeout_ms: u64,
+    /// Which masters can acknowledge (with `wait_replicas`): no `WAIT` goes where it cannot succeed.
+    replicas: Arc<ReplicaView>,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -126,6 +129,7 @@ impl RedisStore {
             script_sha,
             script_loaded: Arc::new(AtomicBool::new(false)),
             wait_replicas: config.wait_replicas,
+            replicas: Arc::new(ReplicaView::new(config.wait_replicas)),
             wait_timeout_ms: config
                 .wait_timeout
                 .as_millis()
@@ -172,7 +176,7 @@ impl RedisStore {
         Ok(())
     }
 
-    fn pipeline(&self, batches: &[Batch], at: StoreTime) -> redis::Pipeline {
+    fn pipeline(&self, batches: &[Batch], at: StoreTime, wait: bool) -> redis::Pipeline {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let ttl = at.retention_ms.max(at.keys_retention_ms) / 1000 + TTL_SLACK_S;
@@ -199,7 +203,7 @@ impl RedisStore {
             }
             pipe.add_command(cmd);
         }
-        if self.wait_replicas > 0 {
+        if wait {
             // Same connection, after the scripts: the master of their slot answers once this many replicas
             // hold every write made on the connection so far (or the timeout passes).
             pipe.cmd("WAIT")
@@ -214,46 +218,159 @@ impl RedisStore {
         batches: &[Batch],
         at: StoreTime,
     ) -> Result<ApplyResults, StoreError> {
+        if self.wait_replicas > 0 {
+            self.replicas.refresh(&self.conn).await;
+        }
         if !self.conn.is_cluster() {
-            return self.apply_pipeline(batches, at).await;
+            return self.apply_pipeline(batches, at, Some(None)).await;
+        }
+        if self.wait_replicas > 0 {
+            return self.apply_acknowledged_on_cluster(batches, at).await;
         }
         // A cluster pipeline must stay within one slot: one script call per user, all in flight at once (the
         // cluster connection pipelines them per node).
-        let calls = batches
-            .iter()
-            .map(|b| self.apply_pipeline(std::slice::from_ref(b), at));
-        let replies = futures_util::future::join_all(calls).await;
-        Ok(replies
-            .into_iter()
-            .map(|r| match r {
-                Ok(mut one) => one
-                    .pop()
-                    .unwrap_or_else(|| Err(StoreError::Protocol("no reply".into()))),
-                Err(e) => Err(e),
-            })
-            .collect())
+        let calls = batches.iter().map(|b| self.apply_one(b, at, true));
+        Ok(futures_util::future::join_all(calls).await)
     }
 
-    async fn apply_pipeline(
+    /// One user's script (and `WAIT`, if `wait` and replicas are asked for) in its own pipeline.
+    async fn apply_one(
+        &self,
+        batch: &Batch,
+        at: StoreTime,
+        wait: bool,
+    ) -> Result<ApplyOutcome, StoreError> {
+        let wait = wait.then(|| Some(key_slot(&keys::writer_seqs(&batch.uid))));
+        match self
+            .apply_pipeline(std::slice::from_ref(batch), at, wait)
+            .await
+        {
+            Ok(mut one) => one
+                .pop()
+                .unwrap_or_else(|| Err(StoreError::Protocol("no reply".into()))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A cluster flush with `WAIT`: the users grouped by the master the view puts their slot on. A `WAIT`
+    /// blocks the node's connection to its master until the replicas answer or its timeout passes, and the
+    /// pipelines of one flush queue behind each other there: so each group sends one user's script and
+    /// `WAIT` first, and the others' with `WAIT` only if that one was acknowledged (one timeout per master
+    /// and flush at worst, not one per user). A master the view knows cannot acknowledge gets no `WAIT`.
+    /// Each user's script and `WAIT` stay in one pipeline: a failover between them makes the pipeline fail
+    /// and run again, whole, on the new master.
+    async fn apply_acknowledged_on_cluster(
         &self,
         batches: &[Batch],
         at: StoreTime,
     ) -> Result<ApplyResults, StoreError> {
+        let mut groups: HashMap<String, Vec<usize>> = HashMap::new();
+        for (i, b) in batches.iter().enumerate() {
+            let slot = key_slot(&keys::writer_seqs(&b.uid));
+            groups.entry(self.replicas.group(slot)).or_default().push(i);
+        }
+        let runs = groups.into_values().map(|members| async move {
+            let results = self.apply_group(batches, &members, at).await;
+            members.into_iter().zip(results).collect::<Vec<_>>()
+        });
+        let mut results: Vec<Option<Result<ApplyOutcome, StoreError>>> = vec![None; batches.len()];
+        for (i, r) in futures_util::future::join_all(runs)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            results[i] = Some(r);
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(StoreError::Protocol("no reply".into()))))
+            .collect())
+    }
+
+    /// The users `members` of one master: see [`Self::apply_acknowledged_on_cluster`].
+    async fn apply_group(
+        &self,
+        batches: &[Batch],
+        members: &[usize],
+        at: StoreTime,
+    ) -> ApplyResults {
+        let Some((&first, rest)) = members.split_first() else {
+            return Vec::new();
+        };
+        let slot = key_slot(&keys::writer_seqs(&batches[first].uid));
+        let too_few = match self.replicas.skip(Some(slot)) {
+            Some(replicas) => Some(replicas),
+            None => {
+                let probe = self.apply_one(&batches[first], at, true).await;
+                let short = match &probe {
+                    Err(StoreError::NotReplicated { acked, .. }) => Some(*acked),
+                    _ => None,
+                };
+                let wait = short.is_none();
+                let others = rest.iter().map(|&i| self.apply_one(&batches[i], at, wait));
+                let mut results = vec![probe];
+                results.extend(futures_util::future::join_all(others).await);
+                return match short {
+                    Some(acked) => results
+                        .into_iter()
+                        .enumerate()
+                        .map(|(n, r)| {
+                            if n > 0 {
+                                self.not_acknowledged(r, acked)
+                            } else {
+                                r
+                            }
+                        })
+                        .collect(),
+                    None => results,
+                };
+            }
+        };
+        let calls = members
+            .iter()
+            .map(|&i| self.apply_one(&batches[i], at, false));
+        futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .map(|r| self.not_acknowledged(r, too_few.unwrap_or(0)))
+            .collect()
+    }
+
+    /// A script that ran without a `WAIT` toward a master that cannot acknowledge: not acknowledged.
+    fn not_acknowledged(
+        &self,
+        result: Result<ApplyOutcome, StoreError>,
+        replicas: u32,
+    ) -> Result<ApplyOutcome, StoreError> {
+        result.and(Err(StoreError::TooFewReplicas {
+            replicas,
+            wanted: self.wait_replicas,
+        }))
+    }
+
+    /// `batches` in one pipeline; with `wait` (`Some(Some(slot))`: the users' slot on a cluster,
+    /// `Some(None)`: one Redis; `None`: no `WAIT`) and replicas asked for, `WAIT` after the scripts, unless the view says that master cannot
+    /// acknowledge (then the scripts run and the call fails [`StoreError::TooFewReplicas`]).
+    async fn apply_pipeline(
+        &self,
+        batches: &[Batch],
+        at: StoreTime,
+        wait: Option<Option<u16>>,
+    ) -> Result<ApplyResults, StoreError> {
         if batches.is_empty() {
             return Ok(Vec::new());
         }
-        let pipe = self.pipeline(batches, at);
+        let wait = if self.wait_replicas == 0 { None } else { wait };
+        let too_few = wait.and_then(|slot| self.replicas.skip(slot));
+        let send_wait = wait.is_some() && too_few.is_none();
+        let pipe = self.pipeline(batches, at, send_wait);
         if !self.script_loaded.load(Ordering::Relaxed) {
             self.load_script().await?;
         }
         for attempt in 0..2 {
             let mut conn = self.conn.clone();
             let mut replies: Vec<Value> = pipe.query_async(&mut conn).await.map_err(store_error)?;
-            let acked = if self.wait_replicas > 0 {
-                replies.pop()
-            } else {
-                None
-            };
+            let acked = if send_wait { replies.pop() } else { None };
             if replies.len() != batches.len() {
                 return Err(StoreError::Protocol(format!(
                     "{} replies for {} batches",
@@ -272,7 +389,14 @@ impl RedisStore {
                 continue;
             }
             if let Some(acked) = acked {
-                self.check_acknowledged(acked)?;
+                self.check_acknowledged(acked, wait.flatten())?;
+            }
+            if let Some(replicas) = too_few {
+                // As a short `WAIT`: the scripts ran, the flush is not acknowledged.
+                return Err(StoreError::TooFewReplicas {
+                    replicas,
+                    wanted: self.wait_replicas,
+                });
             }
             return Ok(replies.into_iter().map(parse_apply_reply).collect());
         }
@@ -281,16 +405,21 @@ impl RedisStore {
 
     /// The `WAIT` reply: enough replicas, or [`StoreError::NotReplicated`] (the scripts ran on the master, but
     /// an acknowledgement now could be lost by a failover: the caller keeps the batch and retries it).
-    fn check_acknowledged(&self, reply: Value) -> Result<(), StoreError> {
+    /// A short reply holds that master in the view (`slot`: the users' slot on a cluster).
+    fn check_acknowledged(&self, reply: Value, slot: Option<u16>) -> Result<(), StoreError> {
         let wanted = self.wait_replicas;
         match reply {
             Value::Int(n) if n >= i64::from(wanted) => Ok(()),
             // Counted by the meter as `voicegate_meter_flush_errors_total{reason="not_replicated"}`.
-            Value::Int(n) => Err(StoreError::NotReplicated {
-                acked: u32::try_from(n.max(0)).unwrap_or(0),
-                wanted,
-                timeout_ms: self.wait_timeout_ms,
-            }),
+            Value::Int(n) => {
+                let acked = u32::try_from(n.max(0)).unwrap_or(0);
+                self.replicas.short(slot, acked);
+                Err(StoreError::NotReplicated {
+                    acked,
+                    wanted,
+                    timeout_ms: self.wait_timeout_ms,
+                })
+            }
             Value::ServerError(e) => Err(StoreError::Script(format!("WAIT: {e}"))),
             other => Err(StoreError::Protocol(format!(
                 "unexpected WAIT reply {other:?}"

@@ -348,6 +348,44 @@ impl RedisCluster {
         Ok(roles)
     }
 
+    /// `INFO commandstats` calls of `command` (lower case) on node `port` (0 when never called).
+    pub fn calls_on(&self, port: u16, command: &str) -> std::io::Result<u64> {
+        let info = self.cli_on(port, &["info", "commandstats"])?;
+        let needle = format!("cmdstat_{command}:calls=");
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix(&needle))
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// The port of a replica of the master on `master_port` (from that master's `INFO replication`).
+    pub fn replica_of(&self, master_port: u16) -> std::io::Result<u16> {
+        let info = self.cli_on(master_port, &["info", "replication"])?;
+        info.lines()
+            .filter(|l| l.starts_with("slave"))
+            .find_map(|l| {
+                l.split(',')
+                    .find_map(|f| f.strip_prefix("port="))
+                    .and_then(|p| p.trim().parse().ok())
+            })
+            .ok_or_else(|| std::io::Error::other(format!("no replica of {master_port}: {info}")))
+    }
+
+    /// Stops node `port` (`SHUTDOWN NOSAVE`), waiting until it no longer answers.
+    pub fn shutdown_node(&self, port: u16) -> std::io::Result<()> {
+        self.cli_on(port, &["shutdown", "nosave"])?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!("node {port} still answers")));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     /// Empties every master (`FLUSHALL`), waiting until the replicas are empty too.
     pub fn flush_all(&self) -> std::io::Result<()> {
         for (port, master) in self.roles()? {

@@ -131,8 +131,9 @@ impl ConnectionLike for RedisConnection {
     }
 }
 
-/// Transactions tried again after a redirect (waits of 20, 40, … 320 ms: 620 ms in all).
-const REDIRECTED_TRANSACTION_RETRIES: usize = 5;
+/// Transactions tried again after a redirect or a transient cluster state (waits of 20, 40, … 1,280 ms:
+/// 2.5 s in all, about a failover's election on a cluster with a 2 s node timeout).
+const REDIRECTED_TRANSACTION_RETRIES: usize = 7;
 
 /// Runs `pipe`, an atomic pipeline (`MULTI` … `EXEC`) whose keys all live in the slot of `slot_key`.
 ///
@@ -142,7 +143,10 @@ const REDIRECTED_TRANSACTION_RETRIES: usize = 5;
 /// a redirected transaction sends one plain read of the slot (`EXISTS slot_key`), which follows the
 /// redirect and starts the rebuild, then the transaction again once the map has it: a few times with a
 /// short wait. A redirected transaction ran nothing, so sending it again is safe. (Found by the replay
-/// oracle on a cluster, `meter_oracle::replayed_event_logs_meter_exactly_once_on_a_cluster`.)
+/// oracle on a cluster, `meter_oracle::replayed_event_logs_meter_exactly_once_on_a_cluster`.) The
+/// transient refusals redis-rs waits out and retries for plain commands (`CLUSTERDOWN`, `TRYAGAIN`,
+/// `MASTERDOWN`, `LOADING`; `READONLY` from a master just demoted) abort a transaction the same way, and
+/// are tried again the same way (a CI run under load saw `CLUSTERDOWN` for a moment after a failover).
 pub async fn transaction<T: redis::FromRedisValue>(
     conn: &mut RedisConnection,
     pipe: &Pipeline,
@@ -164,14 +168,23 @@ pub async fn transaction<T: redis::FromRedisValue>(
     reply
 }
 
-/// A transaction whose commands were redirected to another node (`MOVED` / `ASK` inside `MULTI`).
+/// A transaction whose commands were redirected to another node (`MOVED` / `ASK` inside `MULTI`), or refused
+/// for a transient cluster state: it ran nothing, and may run once the cluster has settled.
 fn redirected_transaction(e: &RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ExecAbort)
         && e.clone().into_server_errors().is_some_and(|errs| {
             errs.iter().any(|(_, err)| {
                 matches!(
                     err.kind(),
-                    Some(redis::ServerErrorKind::Moved | redis::ServerErrorKind::Ask)
+                    Some(
+                        redis::ServerErrorKind::Moved
+                            | redis::ServerErrorKind::Ask
+                            | redis::ServerErrorKind::ClusterDown
+                            | redis::ServerErrorKind::TryAgain
+                            | redis::ServerErrorKind::MasterDown
+                            | redis::ServerErrorKind::BusyLoading
+                            | redis::ServerErrorKind::ReadOnly
+                    )
                 )
             })
         })

@@ -342,9 +342,10 @@ impl FallbackStream {
         match provider.open_stream(self.options.clone(), sink) {
             Ok(handle) => {
                 let health = (!fallback).then(|| Arc::clone(&self.health));
+                // The session's channel, its drops labelled with the provider this relay serves.
                 self.runtime.spawn(relay(
                     rx,
-                    self.outer.clone(),
+                    self.outer.clone().for_provider(provider.kind()),
                     Arc::clone(&self.relay),
                     health,
                 ));

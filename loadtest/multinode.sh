@@ -8,7 +8,10 @@
 #                                    unanswered uploads are sent again; nothing doubled, loss within bound
 #   loadtest/multinode.sh failover   a master (the one serving slot 0) SIGKILLed: its replica is promoted,
 #                                    the nodes go on without a restart; nothing doubled, loss within bound
-#                                    (WAIT_REPLICAS=1: zero)
+#                                    (WAIT_REPLICAS=1: zero); RESTART_LOST s after the promotion
+#                                    the lost master is started again and rejoins as a replica (default
+#                                    10 with WAIT_REPLICAS, else not: until then the promoted master has
+#                                    no replica and its users' flushes cannot be acknowledged)
 #   loadtest/multinode.sh reshard    1,000 slots moved between two masters (`redis-cli --cluster reshard`):
 #                                    exact, only retried errors
 #
@@ -19,7 +22,7 @@
 #
 # Environment: BIN (target/release), OUT, STREAMS (600: 300 per node), DURATION (180 s of audio per
 # stream), RAMP (30), UPLOADERS (4, FILES 5 files every ROUND_SECS 10 s), FAULT_AT (90), WAIT_REPLICAS
-# (0: VOICEGATE_REDIS_WAIT_REPLICAS of both nodes), PORT1/PORT2 (8093/8094), REDIS_PORTS (7100…7105).
+# (0: VOICEGATE_REDIS_WAIT_REPLICAS of both nodes), RESTART_LOST (above), PORT1/PORT2 (8093/8094), REDIS_PORTS (7100…7105).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scenario=${1:-}
@@ -38,6 +41,7 @@ FILES=${FILES:-5}
 ROUND_SECS=${ROUND_SECS:-10}
 FAULT_AT=${FAULT_AT:-90}
 WAIT_REPLICAS=${WAIT_REPLICAS:-0}
+if [ "$WAIT_REPLICAS" -gt 0 ]; then RESTART_LOST=${RESTART_LOST:-10}; else RESTART_LOST=${RESTART_LOST:-0}; fi
 PORT1=${PORT1:-8093}
 PORT2=${PORT2:-8094}
 read -r -a ports <<<"${REDIS_PORTS:-7100 7101 7102 7103 7104 7105}"
@@ -120,6 +124,11 @@ fault() {
       fi
       sleep 0.1
     done
+    if [ "$RESTART_LOST" -gt 0 ]; then
+      sleep "$RESTART_LOST"
+      loadtest/redis-cluster.sh restart "$OUT/cluster" "$port"
+      log "the lost master $port started again: a connected replica now"
+    fi
     ;;
   reshard)
     read -r from _ < <(master_of_slot0)

@@ -7,6 +7,10 @@
 #                                                  cluster_state:ok and the 3 replicas are attached (30 s at
 #                                                  most each); prints the seed URLs
 #   loadtest/redis-cluster.sh stop DIR             stop the nodes started in DIR (by their pid files)
+#   loadtest/redis-cluster.sh restart DIR PORT     start node PORT of DIR again (after it was killed): it
+#                                                  rejoins from its nodes.conf (a lost master comes back as
+#                                                  a replica of the one promoted in its place); waits until
+#                                                  it answers ROLE as a connected replica (30 s at most)
 #
 # Used by engine/tests/integration/store_cluster.rs. REDIS_SERVER / REDIS_CLI override the binaries.
 set -euo pipefail
@@ -15,7 +19,7 @@ server="${REDIS_SERVER:-redis-server}"
 cli="${REDIS_CLI:-redis-cli}"
 cmd="${1:-}"
 dir="${2:-}"
-[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 start|stop DIR [PORT…6]" >&2; exit 2; }
+[ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 start|stop|restart DIR [PORT…]" >&2; exit 2; }
 shift 2
 
 stop() {
@@ -36,19 +40,31 @@ stop() {
   done
 }
 
+start_node() {
+  local port=$1
+  local node="$dir/$port"
+  mkdir -p "$node"
+  "$server" --port "$port" --bind 127.0.0.1 --protected-mode no \
+    --cluster-enabled yes --cluster-config-file "$node/nodes.conf" --cluster-node-timeout 2000 \
+    --dir "$node" --save '' --appendonly no --shutdown-on-sigterm "nosave now" --repl-diskless-sync-delay 0 \
+    --daemonize yes --pidfile "$node/redis.pid" --logfile "$node/redis.log"
+}
+
 case "$cmd" in
+restart)
+  [ $# -eq 1 ] || { echo "restart needs one port" >&2; exit 2; }
+  start_node "$1"
+  for i in $(seq 1 600); do
+    case "$("$cli" -p "$1" role 2>/dev/null | tr '\n' ' ')" in slave*connected*) break ;; esac
+    [ "$i" = 600 ] && { echo "node $1 is not a connected replica in 30 s" >&2; exit 1; }
+    sleep 0.05
+  done
+  ;;
 start)
   if [ $# -eq 0 ]; then set -- 7000 7001 7002 7003 7004 7005; fi
   [ $# -eq 6 ] || { echo "6 ports needed, got $#" >&2; exit 2; }
   mkdir -p "$dir"
-  for port in "$@"; do
-    node="$dir/$port"
-    mkdir -p "$node"
-    "$server" --port "$port" --bind 127.0.0.1 --protected-mode no \
-      --cluster-enabled yes --cluster-config-file "$node/nodes.conf" --cluster-node-timeout 2000 \
-      --dir "$node" --save '' --appendonly no --shutdown-on-sigterm "nosave now" --repl-diskless-sync-delay 0 \
-      --daemonize yes --pidfile "$node/redis.pid" --logfile "$node/redis.log"
-  done
+  for port in "$@"; do start_node "$port"; done
   for port in "$@"; do
     for i in $(seq 1 200); do
       [ "$("$cli" -p "$port" ping 2>/dev/null)" = "PONG" ] && break

@@ -247,6 +247,19 @@ pub async fn run_uploader(ctx: Arc<SyncCtx>, index: usize, user: String) -> Uplo
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(RESEND_MAX);
                 }
+                // A resend refused because the user's earlier attempts still hold their places on the
+                // server (an upload the client gave up on runs to its end there): retryable, after the
+                // refusal's Retry-After (5 s), as the app does.
+                Err(kind)
+                    if ctx.survive_node_loss
+                        && attempt > 0
+                        && kind == "upload_http_429_too_many_uploads"
+                        && started.elapsed() + TOO_MANY_UPLOADS_RETRY < ctx.request_timeout =>
+                {
+                    out.retries += 1;
+                    attempt += 1;
+                    tokio::time::sleep(TOO_MANY_UPLOADS_RETRY).await;
+                }
                 result => break (result, batch, audio_ms),
             }
         };
@@ -272,6 +285,8 @@ pub async fn run_uploader(ctx: Arc<SyncCtx>, index: usize, user: String) -> Uplo
 /// to the next.
 const RESEND_FIRST: Duration = Duration::from_millis(500);
 const RESEND_MAX: Duration = Duration::from_secs(5);
+/// The `Retry-After` of a 429 `too_many_uploads` (`server/src/upload_slots.rs`).
+const TOO_MANY_UPLOADS_RETRY: Duration = Duration::from_secs(5);
 
 /// Whether a failed upload's error kind means the server gave no answer about the files (connection
 /// lost or refused, timeout, the node draining or its store unavailable), so sending them again is how a

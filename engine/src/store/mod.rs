@@ -219,6 +219,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// A short name for logs ("redis", "memory").
     fn kind(&self) -> &'static str;
+
+    /// True when a batch counts as written only once replicas acknowledged it
+    /// (`VOICEGATE_REDIS_WAIT_REPLICAS`): then a snapshot that holds a batch is not its acknowledgement
+    /// (the master has it, its replicas may not), and the batch is kept until an `apply` acknowledges it.
+    fn acknowledges_replicas(&self) -> bool {
+        false
+    }
 }
 
 impl<S: Store + ?Sized> Store for Arc<S> {
@@ -241,5 +248,9 @@ impl<S: Store + ?Sized> Store for Arc<S> {
 
     fn kind(&self) -> &'static str {
         (**self).kind()
+    }
+
+    fn acknowledges_replicas(&self) -> bool {
+        (**self).acknowledges_replicas()
     }
 }

@@ -350,7 +350,7 @@ impl RedisStore {
 
     /// `batches` in one pipeline; with `wait` (`Some(Some(slot))`: the users' slot on a cluster,
     /// `Some(None)`: one Redis; `None`: no `WAIT`) and replicas asked for, `WAIT` after the scripts, unless the view says that master cannot
-    /// acknowledge (then the scripts run and the call fails [`StoreError::TooFewReplicas`]).
+    /// acknowledge (then the scripts run and each batch that ran fails [`StoreError::TooFewReplicas`]).
     async fn apply_pipeline(
         &self,
         batches: &[Batch],
@@ -388,17 +388,23 @@ impl RedisStore {
                 self.load_script().await?;
                 continue;
             }
-            if let Some(acked) = acked {
-                self.check_acknowledged(acked, wait.flatten())?;
-            }
-            if let Some(replicas) = too_few {
-                // As a short `WAIT`: the scripts ran, the flush is not acknowledged.
-                return Err(StoreError::TooFewReplicas {
+            // Not acknowledged (a short `WAIT`, or none sent to a master that cannot acknowledge): each batch
+            // whose script ran fails with why; a script's own failure is kept (it says what to fix).
+            let unacknowledged = match acked {
+                Some(acked) => self.check_acknowledged(acked, wait.flatten()).err(),
+                None => too_few.map(|replicas| StoreError::TooFewReplicas {
                     replicas,
                     wanted: self.wait_replicas,
-                });
-            }
-            return Ok(replies.into_iter().map(parse_apply_reply).collect());
+                }),
+            };
+            return Ok(replies
+                .into_iter()
+                .map(parse_apply_reply)
+                .map(|r| match &unacknowledged {
+                    Some(e) => r.and(Err(e.clone())),
+                    None => r,
+                })
+                .collect());
         }
         Err(StoreError::Script("NOSCRIPT after SCRIPT LOAD".into()))
     }
@@ -533,5 +539,9 @@ impl Store for RedisStore {
 
     fn kind(&self) -> &'static str {
         "redis"
+    }
+
+    fn acknowledges_replicas(&self) -> bool {
+        self.wait_replicas > 0
     }
 }

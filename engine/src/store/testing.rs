@@ -111,4 +111,8 @@ impl<S: Store> Store for FaultyStore<S> {
     fn kind(&self) -> &'static str {
         "faulty"
     }
+
+    fn acknowledges_replicas(&self) -> bool {
+        self.inner.acknowledges_replicas()
+    }
 }

@@ -116,9 +116,8 @@ async fn an_acknowledged_flush_is_on_the_replica_and_without_it_the_flush_fails_
     wait_for(&master, "connected_slaves", "0");
     let started = Instant::now();
     let waits = master.command_calls("wait").expect("commandstats");
-    let err = store
-        .apply(&[batch(2, 1_000)], at())
-        .await
+    let err = store.apply(&[batch(2, 1_000)], at()).await.expect("apply")[0]
+        .clone()
         .expect_err("not acknowledged");
     // The node's view of the replicas (read at most once a second) may still show the replica: then the
     // WAIT times out; or it shows none: then no WAIT is sent.
@@ -144,9 +143,8 @@ async fn an_acknowledged_flush_is_on_the_replica_and_without_it_the_flush_fails_
     // other call shares for the whole timeout), and fails at once.
     let before = master.command_calls("wait").expect("commandstats");
     assert!(before - waits <= 1, "{} WAITs", before - waits);
-    let err = store
-        .apply(&[batch(3, 500)], at())
-        .await
+    let err = store.apply(&[batch(3, 500)], at()).await.expect("apply")[0]
+        .clone()
         .expect_err("not acknowledged");
     assert_eq!(
         err,
@@ -168,9 +166,9 @@ async fn an_acknowledged_flush_is_on_the_replica_and_without_it_the_flush_fails_
     follow(&replica, &master);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match store.apply(&[batch(3, 500)], at()).await {
+        match store.apply(&[batch(3, 500)], at()).await.expect("apply")[0].clone() {
             Ok(retry) => {
-                assert_eq!(retry[0], Ok(ApplyOutcome::Duplicate));
+                assert_eq!(retry, ApplyOutcome::Duplicate);
                 break;
             }
             Err(e) => {
@@ -373,5 +371,101 @@ async fn a_master_without_its_replica_gets_one_wait_per_flush_at_most_then_none(
             2 => assert!(sent <= 1, "{sent} WAITs to the master without its replica"),
             _ => assert_eq!(sent, 0, "a WAIT after the master was known short"),
         }
+    }
+    // Not acknowledged, but run: every user's three batches are on its master.
+    let minute = minute_of_ms(T0).to_string();
+    for uid in &uids {
+        let port = cluster.master_for(&keys::writer_seqs(uid)).expect("master");
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
+        let mut conn = client.get_connection().expect("connection");
+        let ms: Option<u64> = redis::cmd("HGET")
+            .arg(keys::speech_buckets(uid))
+            .arg(&minute)
+            .query(&mut conn)
+            .expect("HGET");
+        assert_eq!(ms, Some(3_000), "{uid}");
+    }
+}
+
+/// A master lost and its replica promoted: the new master has no replica (and an empty script cache). Its
+/// users' flushes run there and fail `not_replicated` (no WAIT), the others are acknowledged; the speech
+/// is on the new master.
+#[tokio::test]
+async fn after_a_failover_the_promoted_master_runs_the_scripts_unacknowledged() {
+    let cluster = replicated_cluster();
+    let store = RedisStore::new(&cluster_config(&cluster, 1)).expect("store");
+    let uids: Vec<String> = (0..30).map(|u| format!("promoted-{u}")).collect();
+    let flush = |seq: u64| -> Vec<Batch> {
+        uids.iter()
+            .map(|uid| Batch {
+                uid: Arc::from(uid.as_str()),
+                ..batch(seq, 1_000)
+            })
+            .collect()
+    };
+    let results = store.apply(&flush(1), at()).await.expect("apply");
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+
+    // A master that is not the node `cli` asks.
+    let first: u16 = cluster.urls()[0]
+        .trim_end_matches('/')
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let masters: Vec<u16> = uids
+        .iter()
+        .map(|uid| cluster.master_for(&keys::writer_seqs(uid)).expect("master"))
+        .collect();
+    let lost = *masters
+        .iter()
+        .find(|&&m| m != first)
+        .expect("another master");
+    cluster.shutdown_node(lost).expect("shutdown master");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let moved = masters.iter().position(|&m| m == lost).expect("a user");
+    let promoted = loop {
+        match cluster.master_for(&keys::writer_seqs(&uids[moved])) {
+            Ok(p) if p != lost => break p,
+            _ => assert!(Instant::now() < deadline, "no replica promoted"),
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    // Until the clients see the new topology, flushes fail as unavailable; then the users of the promoted
+    // master fail `not_replicated` (it has no replica) and the others are acknowledged.
+    let settled = loop {
+        let results = store.apply(&flush(2), at()).await.expect("apply");
+        let done = results.iter().zip(&masters).all(|(r, &m)| match r {
+            Ok(_) => m != lost,
+            Err(StoreError::TooFewReplicas { replicas: 0, .. })
+            | Err(StoreError::NotReplicated { acked: 0, .. }) => m == lost,
+            Err(_) => false,
+        });
+        if done {
+            break results;
+        }
+        assert!(Instant::now() < deadline, "{results:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(settled.len(), uids.len());
+    // And stays so over the view's refreshes (1 s) and a hold's end (5 s): never acknowledged.
+    for seq in 3..=8 {
+        let results = store.apply(&flush(seq), at()).await.expect("apply");
+        for (r, &m) in results.iter().zip(&masters) {
+            assert_eq!(r.is_ok(), m != lost, "seq {seq}: {r:?}");
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let minute = minute_of_ms(T0).to_string();
+    let client = redis::Client::open(format!("redis://127.0.0.1:{promoted}/")).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    for (uid, _) in uids.iter().zip(&masters).filter(|(_, m)| **m == lost) {
+        let ms: Option<u64> = redis::cmd("HGET")
+            .arg(keys::speech_buckets(uid))
+            .arg(&minute)
+            .query(&mut conn)
+            .expect("HGET");
+        assert_eq!(ms, Some(8_000), "{uid} on the promoted master");
     }
 }

@@ -238,14 +238,21 @@ impl UserMeter {
         for (key, at) in snapshot.idempotency_keys {
             self.known_keys.insert(key.into_boxed_str(), at);
         }
+        let mut sealed_in_snapshot = false;
         if let Some(sealed) = &self.k.sealed
             && let Some(batch) = &sealed.batch
             && snapshot.writer_seq >= batch.seq
         {
-            // The store applied it (a reply was lost): it is part of the snapshot. Acknowledge it.
-            metrics::counter!(telemetry::METER_BATCHES_DEDUPLICATED_TOTAL).increment(1);
-            self.k.sealed = None;
-            self.k.in_flight_keys.clear();
+            if self.k.shared.store().acknowledges_replicas() {
+                // The master applied it, but its replicas may not hold it (a short `WAIT`): it stays sealed
+                // until an `apply` acknowledges it (a no-op there), and counts once in the view.
+                sealed_in_snapshot = true;
+            } else {
+                // The store applied it (a reply was lost): it is part of the snapshot. Acknowledge it.
+                metrics::counter!(telemetry::METER_BATCHES_DEDUPLICATED_TOTAL).increment(1);
+                self.k.sealed = None;
+                self.k.in_flight_keys.clear();
+            }
         }
         let already: Vec<String> = self
             .k
@@ -267,7 +274,9 @@ impl UserMeter {
             months: snapshot.months,
         };
         self.view_add(&base);
-        if let Some(batch) = self.k.sealed.as_ref().and_then(|s| s.batch.clone()) {
+        if let Some(batch) = self.k.sealed.as_ref().and_then(|s| s.batch.clone())
+            && !sealed_in_snapshot
+        {
             self.view_add(&batch.plain);
             // A keyed delta the store will reject is subtracted when the batch's answer comes back.
             for keyed in &batch.keyed {

@@ -222,3 +222,84 @@ async fn a_full_mailbox_makes_senders_wait_and_loses_nothing() {
     );
     assert!(meter.mailbox_blocked() >= 1);
 }
+
+/// A store that wants replica acknowledgement (`VOICEGATE_REDIS_WAIT_REPLICAS`) whose replicas are gone
+/// while `unreplicated` is set: each batch runs on the "master" (the memory store) and is answered
+/// `not_replicated`, as the Redis store answers.
+struct UnreplicatedStore {
+    inner: Arc<MemoryStore>,
+    unreplicated: AtomicBool,
+}
+
+impl Store for UnreplicatedStore {
+    fn load<'a>(
+        &'a self,
+        uid: &'a str,
+        writer: WriterId,
+        at: StoreTime,
+    ) -> BoxFuture<'a, Result<UserSnapshot, StoreError>> {
+        self.inner.load(uid, writer, at)
+    }
+
+    fn apply<'a>(
+        &'a self,
+        batches: &'a [Batch],
+        at: StoreTime,
+    ) -> BoxFuture<'a, Result<ApplyResults, StoreError>> {
+        async move {
+            let results = self.inner.apply(batches, at).await?;
+            if !self.unreplicated.load(Ordering::SeqCst) {
+                return Ok(results);
+            }
+            Ok(results
+                .into_iter()
+                .map(|r| {
+                    r.and(Err(StoreError::TooFewReplicas {
+                        replicas: 0,
+                        wanted: 1,
+                    }))
+                })
+                .collect())
+        }
+        .boxed()
+    }
+
+    fn kind(&self) -> &'static str {
+        "unreplicated"
+    }
+
+    fn acknowledges_replicas(&self) -> bool {
+        true
+    }
+}
+
+#[actix::test]
+async fn with_replica_acknowledgement_a_batch_the_master_holds_stays_pending_until_acknowledged() {
+    let store = Arc::new(UnreplicatedStore {
+        inner: Arc::new(MemoryStore::new()),
+        unreplicated: AtomicBool::new(true),
+    });
+    let meter = Meter::start(
+        config(),
+        store.clone() as Arc<dyn Store>,
+        TokioClock::new(T0),
+    );
+    meter.record_and_read(rec(1_000)).await.unwrap();
+    assert!(meter.flush_user("u").await.is_err(), "not acknowledged");
+    assert_eq!(stored_ms(&store.inner), 1_000, "ran on the master");
+
+    // A refresh reads the master's snapshot, which holds the batch: that is not an acknowledgement (a
+    // failover now would lose it), so it stays pending, and it counts once in the totals.
+    meter.refresh_user("u").await.unwrap();
+    assert_eq!(meter.pending_speech_ms(), 1_000);
+    let totals = meter.totals("u").await.unwrap();
+    assert_eq!(totals.rolling.daily_ms, 1_000);
+
+    // The replicas are back: the retry is a no-op on the master, and acknowledged.
+    store.unreplicated.store(false, Ordering::SeqCst);
+    meter.flush_user("u").await.unwrap();
+    assert_eq!(meter.pending_speech_ms(), 0);
+    assert_eq!(stored_ms(&store.inner), 1_000);
+    meter.refresh_user("u").await.unwrap();
+    assert_eq!(meter.totals("u").await.unwrap().rolling.daily_ms, 1_000);
+}

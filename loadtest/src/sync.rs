@@ -394,7 +394,7 @@ async fn upload(
     let resp = ctx
         .client
         .post(format!("{node}/v1/sync-local-files"))
-        .header(reqwest::header::AUTHORIZATION, header)
+        .header(reqwest::header::AUTHORIZATION, header.as_str())
         .multipart(form)
         .timeout(ctx.request_timeout)
         .send()
@@ -410,6 +410,15 @@ async fn upload(
         {
             return Ok(resp);
         }
+    }
+    if status == 202 {
+        // Not settled within the server's v1 wait (or its run stopped, e.g. on a store error): the job goes
+        // on (here or on another node) and the app follows it on v2 (`docs/api.md`).
+        let id = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["job_id"].as_str().map(str::to_owned))
+            .ok_or_else(|| "upload_no_job_id".to_owned())?;
+        return follow_job(ctx, node, &header, &id).await;
     }
     if status != 200 && status != 207 {
         // The refusal's code names the kind (`upload_http_429_fair_use_restricted`).
@@ -435,14 +444,24 @@ async fn upload_v2(
     header: String,
     form: Form,
 ) -> Result<SyncResponse, String> {
-    let deadline = Instant::now() + ctx.request_timeout;
     let (id, _) = submit_v2(ctx, node, &header, form).await?;
+    follow_job(ctx, node, &header, &id).await
+}
+
+/// A job polled every 200 ms until it ends (within the request timeout).
+async fn follow_job(
+    ctx: &SyncCtx,
+    node: &str,
+    header: &str,
+    id: &str,
+) -> Result<SyncResponse, String> {
+    let deadline = Instant::now() + ctx.request_timeout;
     loop {
         if Instant::now() > deadline {
             return Err("request_timeout".into());
         }
         tokio::time::sleep(POLL).await;
-        if let Some((resp, _)) = poll_v2(ctx, node, &header, &id).await? {
+        if let Some((resp, _)) = poll_v2(ctx, node, header, id).await? {
             return Ok(resp);
         }
     }

@@ -70,6 +70,20 @@ fn follow(replica: &RedisServer, master: &RedisServer) {
     assert!(reply.starts_with("+OK"), "{reply}");
     wait_for(replica, "master_link_status", "up");
     wait_for(master, "connected_slaves", "1");
+    // The master counts a replica (for WAIT, and in the node's view of its replicas) once it says
+    // `state=online`, which may come a moment after the replica's link is up.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let info = master.command(&["INFO", "replication"]).unwrap_or_default();
+        if info
+            .lines()
+            .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "replica not online:\n{info}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 fn speech_on(server: &RedisServer) -> String {

@@ -138,14 +138,10 @@ impl RedisServer {
 
     /// `calls` of one command in `INFO commandstats` (e.g. `evalsha`), 0 when never called.
     pub fn command_calls(&self, command: &str) -> std::io::Result<u64> {
-        let info = self.command(&["INFO", "commandstats"])?;
-        let needle = format!("cmdstat_{command}:calls=");
-        Ok(info
-            .lines()
-            .find_map(|l| l.strip_prefix(&needle))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0))
+        Ok(commandstats_calls(
+            &self.command(&["INFO", "commandstats"])?,
+            command,
+        ))
     }
 
     /// `SHUTDOWN` (the AOF already holds every write), then a new server on the same port and directory.
@@ -350,14 +346,10 @@ impl RedisCluster {
 
     /// `INFO commandstats` calls of `command` (lower case) on node `port` (0 when never called).
     pub fn calls_on(&self, port: u16, command: &str) -> std::io::Result<u64> {
-        let info = self.cli_on(port, &["info", "commandstats"])?;
-        let needle = format!("cmdstat_{command}:calls=");
-        Ok(info
-            .lines()
-            .find_map(|l| l.strip_prefix(&needle))
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0))
+        Ok(commandstats_calls(
+            &self.cli_on(port, &["info", "commandstats"])?,
+            command,
+        ))
     }
 
     /// The port of a replica of the master on `master_port` (from that master's `INFO replication`).
@@ -454,6 +446,16 @@ impl Drop for RedisCluster {
             .status();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// The `calls` of `command` (lower case) in an `INFO commandstats` reply (0 when never called).
+fn commandstats_calls(info: &str, command: &str) -> u64 {
+    let needle = format!("cmdstat_{command}:calls=");
+    info.lines()
+        .find_map(|l| l.strip_prefix(&needle))
+        .and_then(|rest| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// True when `out` holds one complete RESP reply of the simple kinds tests use.

@@ -331,24 +331,45 @@ async fn on_a_cluster_each_users_flush_is_acknowledged_by_its_masters_replica() 
     );
 }
 
+/// A replicated cluster, a store asking for one acknowledgement, and 30 users `{prefix}-{n}` whose first
+/// batch (seq 1, 1,000 ms each) it applied and had acknowledged.
+async fn acknowledged_users(prefix: &str) -> (RedisCluster, RedisStore, Vec<String>) {
+    let cluster = replicated_cluster();
+    let store = RedisStore::new(&cluster_config(&cluster, 1)).expect("store");
+    let uids: Vec<String> = (0..30).map(|u| format!("{prefix}-{u}")).collect();
+    let results = store.apply(&flush_of(&uids, 1), at()).await.expect("apply");
+    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    (cluster, store, uids)
+}
+
+/// One flush: batch `seq` of 1,000 ms for each of `uids`.
+fn flush_of(uids: &[String], seq: u64) -> Vec<Batch> {
+    uids.iter()
+        .map(|uid| Batch {
+            uid: Arc::from(uid.as_str()),
+            ..batch(seq, 1_000)
+        })
+        .collect()
+}
+
+/// `uid`'s speech in the minute of T0, read from the node on `port` (a master).
+fn speech_at(port: u16, uid: &str) -> Option<u64> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
+    let mut conn = client.get_connection().expect("connection");
+    redis::cmd("HGET")
+        .arg(keys::speech_buckets(uid))
+        .arg(minute_of_ms(T0).to_string())
+        .query(&mut conn)
+        .expect("HGET")
+}
+
 /// A master that loses its replica: a flush sends it one WAIT at most (the first user's, which times out),
 /// not one per user queued behind each other on the node's one connection to it; the flushes after it
 /// send none; the users on the other masters are acknowledged as before.
 #[tokio::test]
 async fn a_master_without_its_replica_gets_one_wait_per_flush_at_most_then_none() {
-    let cluster = replicated_cluster();
-    let store = RedisStore::new(&cluster_config(&cluster, 1)).expect("store");
-    let uids: Vec<String> = (0..30).map(|u| format!("lonely-{u}")).collect();
-    let flush = |seq: u64| -> Vec<Batch> {
-        uids.iter()
-            .map(|uid| Batch {
-                uid: Arc::from(uid.as_str()),
-                ..batch(seq, 1_000)
-            })
-            .collect()
-    };
-    let results = store.apply(&flush(1), at()).await.expect("apply");
-    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let (cluster, store, uids) = acknowledged_users("lonely").await;
+    let flush = |seq: u64| flush_of(&uids, seq);
 
     let master = cluster
         .master_for(&keys::writer_seqs(&uids[0]))
@@ -387,17 +408,9 @@ async fn a_master_without_its_replica_gets_one_wait_per_flush_at_most_then_none(
         }
     }
     // Not acknowledged, but run: every user's three batches are on its master.
-    let minute = minute_of_ms(T0).to_string();
     for uid in &uids {
         let port = cluster.master_for(&keys::writer_seqs(uid)).expect("master");
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
-        let mut conn = client.get_connection().expect("connection");
-        let ms: Option<u64> = redis::cmd("HGET")
-            .arg(keys::speech_buckets(uid))
-            .arg(&minute)
-            .query(&mut conn)
-            .expect("HGET");
-        assert_eq!(ms, Some(3_000), "{uid}");
+        assert_eq!(speech_at(port, uid), Some(3_000), "{uid}");
     }
 }
 
@@ -406,19 +419,8 @@ async fn a_master_without_its_replica_gets_one_wait_per_flush_at_most_then_none(
 /// is on the new master.
 #[tokio::test]
 async fn after_a_failover_the_promoted_master_runs_the_scripts_unacknowledged() {
-    let cluster = replicated_cluster();
-    let store = RedisStore::new(&cluster_config(&cluster, 1)).expect("store");
-    let uids: Vec<String> = (0..30).map(|u| format!("promoted-{u}")).collect();
-    let flush = |seq: u64| -> Vec<Batch> {
-        uids.iter()
-            .map(|uid| Batch {
-                uid: Arc::from(uid.as_str()),
-                ..batch(seq, 1_000)
-            })
-            .collect()
-    };
-    let results = store.apply(&flush(1), at()).await.expect("apply");
-    assert!(results.iter().all(|r| r.is_ok()), "{results:?}");
+    let (cluster, store, uids) = acknowledged_users("promoted").await;
+    let flush = |seq: u64| flush_of(&uids, seq);
 
     // A master that is not the node `cli` asks.
     let first: u16 = cluster.urls()[0]
@@ -471,15 +473,11 @@ async fn after_a_failover_the_promoted_master_runs_the_scripts_unacknowledged() 
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let minute = minute_of_ms(T0).to_string();
-    let client = redis::Client::open(format!("redis://127.0.0.1:{promoted}/")).expect("client");
-    let mut conn = client.get_connection().expect("connection");
     for (uid, _) in uids.iter().zip(&masters).filter(|(_, m)| **m == lost) {
-        let ms: Option<u64> = redis::cmd("HGET")
-            .arg(keys::speech_buckets(uid))
-            .arg(&minute)
-            .query(&mut conn)
-            .expect("HGET");
-        assert_eq!(ms, Some(8_000), "{uid} on the promoted master");
+        assert_eq!(
+            speech_at(promoted, uid),
+            Some(8_000),
+            "{uid} on the promoted master"
+        );
     }
 }

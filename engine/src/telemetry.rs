@@ -96,6 +96,10 @@ pub const FAIR_USE_CLASSIFICATIONS_TOTAL: &str = "voicegate_fair_use_classificat
 /// Counter, label `reason` (`error`, `malformed`, `not_configured`, `snapshot`, `panic`, `timeout`, `lock`,
 /// `apply`): failed classifier runs (each is retried later with backoff).
 pub const FAIR_USE_CLASSIFIER_FAILURES_TOTAL: &str = "voicegate_fair_use_classifier_failures_total";
+/// Counter, label `source` (`realtime`, `sync`): session evidence writes that failed (the summary a realtime
+/// session rewrites each minute and at its end, or a sync file's once metered; the classifiers then see less
+/// of that user's week until the next write).
+pub const FAIR_USE_EVIDENCE_ERRORS_TOTAL: &str = "voicegate_fair_use_evidence_errors_total";
 /// Gauge: classifier tasks in flight.
 pub const FAIR_USE_CLASSIFIER_IN_FLIGHT: &str = "voicegate_fair_use_classifier_in_flight";
 /// Gauge: classifier jobs waiting for a slot.

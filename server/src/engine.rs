@@ -13,7 +13,7 @@ use voicegate_engine::conversation::{
     ConversationStore, MemoryConversationStore, RedisConversationStore,
 };
 use voicegate_engine::events::{ConversationEvents, Events};
-use voicegate_engine::fair_use::classifier::NoSessions;
+use voicegate_engine::fair_use::classifier::StoredSessions;
 use voicegate_engine::fair_use::{FairUse, FairUseParts, PlanRecord, classifier_from_config};
 use voicegate_engine::lease::Leases;
 use voicegate_engine::meter::{Meter, MeterConfig};
@@ -198,10 +198,10 @@ impl Engine {
             fair_cfg,
             meter.clone(),
             FairUseParts {
+                sessions: Arc::new(StoredSessions(Arc::clone(&fu_store))),
                 store: fu_store,
                 lock,
                 classifier,
-                sessions: Arc::new(NoSessions),
                 notifier: None,
                 clock: Arc::clone(&clock),
             },

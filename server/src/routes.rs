@@ -316,6 +316,7 @@ async fn admin_user(
         "uid": uid,
         "state": d.state,
         "events": d.events,
+        "sessions": d.sessions,
         "current_speech_ms": current,
         "totals_known": d.totals.is_some_and(|t| t.known),
     })))

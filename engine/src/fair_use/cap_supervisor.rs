@@ -10,7 +10,12 @@
 //! 4. on failure: logs uid and reason, counts it, releases the lock (compare-and-delete) and retries later with
 //!    jittered exponential [`Backoff`]. A failure is never a benign verdict and never changes the stage;
 //! 5. on success: sends the verdict to the [`VerdictSink`] (the [`FairUseLedger`](crate::fair_use::FairUseLedger)),
-//!    which applies at most one step by compare-and-set and records the event; a stage change up sends a notice.
+//!    which applies at most one step by compare-and-set and records the event; a stage change up sends a notice;
+//! 6. **follows up** a violation: when the cooldown after a classification that counted as a violation ends
+//!    (checked every [`FOLLOW_UP_EVERY`], or on [`FollowUp`]) and the user is still below restrict, it reads
+//!    the user's rolling totals ([`TotalsSource`]) and classifies again if they are still over a cap, new
+//!    speech or not. A breach persists while the totals stay over the cap; without the follow-up a user who
+//!    replays a long recording once a day would climb one step a day instead of one per cooldown.
 //!
 //! Time: cooldowns compare the [`Clock`] (wall ms); tokio timers only schedule retries and time out tasks.
 
@@ -19,11 +24,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use futures_util::future::BoxFuture;
 use rand::RngExt as _;
 
 use crate::fair_use::classifier::{Classifier, MAX_SESSIONS, UsageSnapshot, UsageSource};
 use crate::fair_use::ledger::{Applied, VerdictSink};
 use crate::fair_use::notifier::Notifier;
+use crate::meter::Meter;
 use crate::policy::notice::notice_for;
 use crate::policy::{
     BreachContext, CapTrigger, ClassifierSettings, FairUseConfig, RollingTotals, SoftCaps, Stage,
@@ -44,6 +51,43 @@ pub struct CapBreached {
     pub totals: RollingTotals,
 }
 
+/// Check the users whose cooldown after a violation ended (sent every [`FOLLOW_UP_EVERY`]; tests on virtual
+/// time send it after moving the clock). Answers how many users it checks.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "usize")]
+pub struct FollowUp;
+
+/// Answers once nothing is queued, running or being checked (failed runs waiting for their retry do not
+/// count): what simulations on virtual time wait for before they move the clock.
+#[derive(Debug, Clone, Copy, Message)]
+#[rtype(result = "()")]
+pub struct WhenIdle;
+
+/// How often the supervisor looks for follow-ups due.
+pub const FOLLOW_UP_EVERY: Duration = Duration::from_secs(60);
+
+/// Where a follow-up reads a user's rolling totals (the meter).
+pub trait TotalsSource: Send + Sync + 'static {
+    /// `None` when the totals are unknown (the store is unreachable): no follow-up then.
+    fn rolling(&self, uid: &str) -> BoxFuture<'static, Option<RollingTotals>>;
+}
+
+impl TotalsSource for Meter {
+    fn rolling(&self, uid: &str) -> BoxFuture<'static, Option<RollingTotals>> {
+        let (meter, uid) = (self.clone(), uid.to_owned());
+        Box::pin(async move {
+            match meter.totals(&uid).await {
+                Ok(t) if t.known => Some(t.rolling),
+                Ok(_) => None,
+                Err(e) => {
+                    tracing::warn!(message = "Reading totals for a fair-use follow-up failed.", uid = %uid, error = %e);
+                    None
+                }
+            }
+        })
+    }
+}
+
 /// Ask for the supervisor's observable state.
 #[derive(Debug, Clone, Copy, Message)]
 #[rtype(result = "SupervisorStats")]
@@ -62,6 +106,8 @@ pub struct SupervisorStats {
     pub lock_held: u64,
     pub deduplicated: u64,
     pub skipped_restrict: u64,
+    /// Follow-ups that found the user still over a cap and queued a classification.
+    pub followed_up: u64,
     /// Failures by reason (`error`, `malformed`, `panic`, `timeout`, `lock`, `apply`, …).
     pub failed: BTreeMap<&'static str, u64>,
     pub retries_scheduled: u64,
@@ -75,6 +121,8 @@ pub struct SupervisorDeps {
     pub sink: Arc<dyn VerdictSink>,
     pub notifier: Arc<dyn Notifier>,
     pub sessions: Arc<dyn UsageSource>,
+    /// The totals a follow-up reads; `None` = no follow-ups.
+    pub totals: Option<Arc<dyn TotalsSource>>,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -87,7 +135,11 @@ enum UserEntry {
     /// Classified (here or elsewhere): nothing until then.
     Cooling {
         until_ms: u64,
+        /// The classification was a violation below restrict: check the totals again at `until_ms`.
+        follow_up: bool,
     },
+    /// A follow-up reads the user's totals.
+    Checking,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +165,10 @@ pub struct CapSupervisor {
     users: HashMap<String, UserEntry>,
     queue: VecDeque<Job>,
     stats: SupervisorStats,
+    /// Follow-ups reading totals.
+    checking: usize,
+    /// [`WhenIdle`] askers.
+    idle_waiters: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Mailbox capacity for awaited sends (`send`, e.g. [`GetSupervisorStats`]). [`CapBreached`] is delivered
@@ -131,6 +187,20 @@ impl CapSupervisor {
             users: HashMap::new(),
             queue: VecDeque::new(),
             stats: SupervisorStats::default(),
+            checking: 0,
+            idle_waiters: Vec::new(),
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.stats.in_flight == 0 && self.queue.is_empty() && self.checking == 0
+    }
+
+    fn wake_if_idle(&mut self) {
+        if self.idle() {
+            for w in self.idle_waiters.drain(..) {
+                let _ = w.send(());
+            }
         }
     }
 
@@ -144,6 +214,7 @@ impl CapSupervisor {
         self.stats.queued = self.queue.len();
         metrics::gauge!(telemetry::FAIR_USE_CLASSIFIER_QUEUED).set(gauge(self.queue.len()));
         metrics::gauge!(telemetry::FAIR_USE_CLASSIFIER_IN_FLIGHT).set(gauge(self.stats.in_flight));
+        self.wake_if_idle();
     }
 
     fn start(&mut self, job: Job, ctx: &mut Context<Self>) {
@@ -165,16 +236,27 @@ impl CapSupervisor {
 
     fn finish(&mut self, job: Job, outcome: Outcome, ctx: &mut Context<Self>) {
         self.stats.in_flight = self.stats.in_flight.saturating_sub(1);
+        let until_ms = self
+            .deps
+            .clock
+            .now_ms()
+            .saturating_add(self.settings.cooldown_ms);
         let cooling = UserEntry::Cooling {
-            until_ms: self
-                .deps
-                .clock
-                .now_ms()
-                .saturating_add(self.settings.cooldown_ms),
+            until_ms,
+            follow_up: false,
         };
         match outcome {
             Outcome::Applied(applied) => {
-                self.users.insert(job.uid.clone(), cooling);
+                let follow_up = self.deps.totals.is_some()
+                    && applied.state.stage < Stage::Restrict
+                    && applied.event().is_some_and(|e| e.violation);
+                self.users.insert(
+                    job.uid.clone(),
+                    UserEntry::Cooling {
+                        until_ms,
+                        follow_up,
+                    },
+                );
                 let escalated = applied.event().filter(|e| e.new_stage > e.previous_stage);
                 let result = if escalated.is_some() {
                     "escalated"
@@ -226,8 +308,65 @@ impl CapSupervisor {
 
     fn sweep(&mut self) {
         let now = self.deps.clock.now_ms();
-        self.users
-            .retain(|_, e| !matches!(e, UserEntry::Cooling { until_ms } if *until_ms <= now));
+        self.users.retain(|_, e| {
+            !matches!(e, UserEntry::Cooling { until_ms, follow_up: false } if *until_ms <= now)
+        });
+    }
+
+    /// Starts the follow-ups due; returns how many.
+    fn follow_up(&mut self, ctx: &mut Context<Self>) -> usize {
+        let Some(totals) = self.deps.totals.clone() else {
+            return 0;
+        };
+        let now = self.deps.clock.now_ms();
+        let due: Vec<String> = self
+            .users
+            .iter()
+            .filter(|(_, e)| {
+                matches!(e, UserEntry::Cooling { until_ms, follow_up: true } if *until_ms <= now)
+            })
+            .map(|(uid, _)| uid.clone())
+            .collect();
+        for uid in &due {
+            self.users.insert(uid.clone(), UserEntry::Checking);
+            self.checking += 1;
+            let read = totals.rolling(uid);
+            let uid = uid.clone();
+            ctx.spawn(read.into_actor(self).map(move |rolling, act, ctx| {
+                act.checking = act.checking.saturating_sub(1);
+                act.users.remove(&uid);
+                let triggered = rolling.map(|r| act.caps.triggered(&r)).unwrap_or_default();
+                if let (Some(rolling), false) = (rolling, triggered.is_empty()) {
+                    act.stats.followed_up += 1;
+                    metrics::counter!(telemetry::FAIR_USE_BREACHES_TOTAL, "action" => "followed_up")
+                        .increment(1);
+                    act.enqueue(uid, &triggered, rolling, ctx);
+                }
+                act.wake_if_idle();
+            }));
+        }
+        due.len()
+    }
+
+    fn enqueue(
+        &mut self,
+        uid: String,
+        triggered: &[CapTrigger],
+        totals: RollingTotals,
+        ctx: &mut Context<Self>,
+    ) {
+        let breach = BreachContext {
+            trigger: triggered.first().map(|t| t.cap),
+            totals,
+            caps: self.caps,
+        };
+        self.users.insert(uid.clone(), UserEntry::Queued);
+        self.queue.push_back(Job {
+            uid,
+            breach,
+            backoff: retry_backoff(&self.settings),
+        });
+        self.dispatch(ctx);
     }
 }
 
@@ -237,6 +376,9 @@ impl Actor for CapSupervisor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(MAILBOX_CAPACITY);
         ctx.run_interval(SWEEP_EVERY, |act, _| act.sweep());
+        ctx.run_interval(FOLLOW_UP_EVERY, |act, ctx| {
+            act.follow_up(ctx);
+        });
     }
 }
 
@@ -252,8 +394,10 @@ impl Handler<CapBreached> for CapSupervisor {
         }
         let now = self.deps.clock.now_ms();
         let busy = match self.users.get(&msg.uid) {
-            Some(UserEntry::Queued | UserEntry::Running | UserEntry::Retrying) => true,
-            Some(UserEntry::Cooling { until_ms }) => *until_ms > now,
+            Some(
+                UserEntry::Queued | UserEntry::Running | UserEntry::Retrying | UserEntry::Checking,
+            ) => true,
+            Some(UserEntry::Cooling { until_ms, .. }) => *until_ms > now,
             None => false,
         };
         if busy {
@@ -263,18 +407,31 @@ impl Handler<CapBreached> for CapSupervisor {
             return;
         }
         metrics::counter!(telemetry::FAIR_USE_BREACHES_TOTAL, "action" => "queued").increment(1);
-        let breach = BreachContext {
-            trigger: msg.triggered.first().map(|t| t.cap),
-            totals: msg.totals,
-            caps: self.caps,
-        };
-        self.users.insert(msg.uid.clone(), UserEntry::Queued);
-        self.queue.push_back(Job {
-            uid: msg.uid,
-            breach,
-            backoff: retry_backoff(&self.settings),
-        });
-        self.dispatch(ctx);
+        self.enqueue(msg.uid, &msg.triggered, msg.totals, ctx);
+    }
+}
+
+impl Handler<WhenIdle> for CapSupervisor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: WhenIdle, _: &mut Context<Self>) -> Self::Result {
+        if self.idle() {
+            return Box::pin(async {});
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.idle_waiters.push(tx);
+        Box::pin(async move {
+            // A dropped sender (the actor stopped) also ends the wait.
+            let _ = rx.await;
+        })
+    }
+}
+
+impl Handler<FollowUp> for CapSupervisor {
+    type Result = usize;
+
+    fn handle(&mut self, _: FollowUp, ctx: &mut Context<Self>) -> usize {
+        self.follow_up(ctx)
     }
 }
 

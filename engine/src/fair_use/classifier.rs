@@ -6,35 +6,25 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::policy::{RollingTotals, Verdict};
+use crate::store::fair_use::FairUseStore;
 
-/// One recent session (a conversation), reduced to what a classifier needs.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct SessionSummary {
-    pub id: String,
-    pub title: String,
-    /// At most ~200 characters.
-    pub overview: String,
-    pub category: String,
-    /// `realtime` or `sync`.
-    pub source: String,
-    pub started_at_ms: u64,
-    pub duration_ms: u64,
-    pub speech_ms: u64,
-}
+pub use crate::policy::{SessionLane, SessionSummary};
 
 /// What a classifier looks at.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UsageSnapshot {
     pub uid: String,
     pub now_ms: u64,
     pub lookback_days: u64,
     pub totals: RollingTotals,
-    /// Newest first, at most [`MAX_SESSIONS`].
+    /// The session evidence of the lookback, newest first (by end), at most [`MAX_SESSIONS`].
     pub sessions: Vec<SessionSummary>,
 }
 
-/// At most this many sessions go to a classifier (the reference's 30).
-pub const MAX_SESSIONS: usize = 30;
+/// At most this many sessions go to a classifier: every session the store keeps for a user
+/// ([`crate::store::fair_use::MAX_SESSIONS_PER_USER`]); the LLM classifier's prompt takes the newest
+/// [`crate::fair_use::openai::PROMPT_SESSIONS`] of them.
+pub const MAX_SESSIONS: usize = crate::store::fair_use::MAX_SESSIONS_PER_USER;
 
 /// A classification that failed. Never turned into a benign verdict.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -71,7 +61,8 @@ pub trait Classifier: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Verdict, ClassifierError>>;
 }
 
-/// Where the supervisor gets a user's recent sessions (the conversation store, in the server).
+/// Where the supervisor gets a user's recent sessions (the session evidence in the fair-use store, in the
+/// server: [`StoredSessions`]).
 pub trait UsageSource: Send + Sync + 'static {
     fn recent_sessions(
         &self,
@@ -80,7 +71,25 @@ pub trait UsageSource: Send + Sync + 'static {
     ) -> BoxFuture<'static, Result<Vec<SessionSummary>, ClassifierError>>;
 }
 
-/// No session history: classifiers see the rolling totals only.
+/// The session evidence the fair-use store keeps (what realtime sessions and sync files leave).
+#[derive(Clone)]
+pub struct StoredSessions(pub Arc<dyn FairUseStore>);
+
+impl UsageSource for StoredSessions {
+    fn recent_sessions(
+        &self,
+        uid: &str,
+        since_ms: u64,
+    ) -> BoxFuture<'static, Result<Vec<SessionSummary>, ClassifierError>> {
+        let read = self.0.sessions(uid, since_ms, MAX_SESSIONS);
+        Box::pin(async move {
+            read.await
+                .map_err(|e| ClassifierError::Snapshot(format!("{} ({})", e, e.code())))
+        })
+    }
+}
+
+/// No session history: classifiers see the rolling totals only (tests that do not need evidence).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoSessions;
 

@@ -7,13 +7,14 @@
 //! When the user meter actor owns the fair-use state, it takes over both steps behind the same API.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use actix::prelude::*;
 use serde::Serialize;
 
-use crate::fair_use::cap_supervisor::{CapBreached, CapSupervisor, SupervisorDeps};
-use crate::fair_use::classifier::{Classifier, UsageSource};
+use crate::fair_use::cap_supervisor::{CapBreached, CapSupervisor, SupervisorDeps, WhenIdle};
+use crate::fair_use::classifier::{Classifier, MAX_SESSIONS, UsageSource};
 use crate::fair_use::heuristic::HeuristicClassifier;
 use crate::fair_use::ledger::{Applied, FairUseLedger, LedgerError};
 use crate::fair_use::notifier::{LogNotifier, Notifier};
@@ -23,10 +24,11 @@ use crate::outbound::Outbound;
 use crate::policy::notice::{Notice, status_message};
 use crate::policy::{
     CaseRef, ClassifierKind, CreditLookup, Enforcement, Entitlement, EntitlementInput,
-    FairUseConfig, FairUseEvent, InvalidStage, Mode, MonthUsage, SoftCaps, SpeechMs, Stage,
-    StageState, SttAllowance, SttUsage, resolve,
+    FairUseConfig, FairUseEvent, InvalidStage, Mode, MonthUsage, SessionSummary, SoftCaps,
+    SpeechMs, Stage, StageState, SttAllowance, SttUsage, resolve,
 };
 use crate::store::fair_use::{CooldownLock, FairUseStore};
+use crate::telemetry;
 use crate::time::Clock;
 
 /// A user over a cap is reported to the supervisor at most once per this interval (the supervisor
@@ -96,6 +98,8 @@ pub struct FairUseStatus {
 pub struct UserDetail {
     pub state: StageState,
     pub events: Vec<FairUseEvent>,
+    /// The session evidence of the last 7 days, newest end first (what the classifiers read).
+    pub sessions: Vec<SessionSummary>,
     pub totals: Option<UsageTotals>,
 }
 
@@ -109,6 +113,14 @@ pub struct FairUse {
     clock: Arc<dyn Clock>,
     notices: Option<LogNotifier>,
     reported: Arc<Mutex<HashMap<String, u64>>>,
+    reports: Arc<ReportsInFlight>,
+}
+
+/// Breach reports on their way to the supervisor (each reads the user's stage first).
+#[derive(Debug, Default)]
+struct ReportsInFlight {
+    n: AtomicUsize,
+    none: tokio::sync::Notify,
 }
 
 /// The classifier the configuration asks for; an LLM classifier calls through `outbound`.
@@ -150,6 +162,7 @@ impl FairUse {
             sink: Arc::new(ledger.clone()),
             notifier,
             sessions: parts.sessions,
+            totals: Some(Arc::new(meter.clone())),
             clock: Arc::clone(&parts.clock),
         };
         let supervisor = CapSupervisor::new(&cfg, deps).start();
@@ -161,6 +174,7 @@ impl FairUse {
             clock: parts.clock,
             notices: log_notifier,
             reported: Arc::new(Mutex::new(HashMap::new())),
+            reports: Arc::default(),
         }
     }
 
@@ -212,6 +226,8 @@ impl FairUse {
             reported.insert(uid.clone(), now);
         }
         let (ledger, supervisor) = (self.ledger.clone(), self.supervisor.clone());
+        let reports = Arc::clone(&self.reports);
+        reports.n.fetch_add(1, Ordering::SeqCst);
         // `tokio::spawn`, not `actix::spawn`: speech is also recorded from tasks outside an actix arbiter's
         // local set (sync v2 job workers), where a local spawn panics.
         tokio::spawn(async move {
@@ -229,7 +245,26 @@ impl FairUse {
                     tracing::warn!(message = "Reading fair-use state for a breach failed.", uid = %uid, error = %e)
                 }
             }
+            if reports.n.fetch_sub(1, Ordering::SeqCst) == 1 {
+                reports.none.notify_waiters();
+            }
         });
+    }
+
+    /// Returns once every breach report sent so far reached the supervisor and the supervisor is idle
+    /// ([`WhenIdle`]): what a simulation on virtual time waits for before it moves the clock.
+    pub async fn settled(&self) {
+        loop {
+            let none = self.reports.none.notified();
+            tokio::pin!(none);
+            none.as_mut().enable();
+            if self.reports.n.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            none.await;
+        }
+        // A stopped supervisor has nothing left to settle.
+        let _ = self.supervisor.send(WhenIdle).await;
     }
 
     /// The entitlement of a user now: what sync, realtime and status all decide on.
@@ -242,6 +277,26 @@ impl FairUse {
     pub async fn record_stt(&self, uid: &str, ms: u64) -> Result<u64, LedgerError> {
         let day = SttUsage::day_of(self.clock.now_ms());
         Ok(self.ledger.store().add_stt_ms(uid, day, ms).await?)
+    }
+
+    /// Keeps a session's evidence (a realtime session as it goes and at its end, a sync file once metered)
+    /// for the classifiers and the admin view. A failure is logged and counted
+    /// (`voicegate_fair_use_evidence_errors_total{source}`) and answered `false`.
+    pub async fn record_session(&self, uid: &str, session: &SessionSummary) -> bool {
+        let written = self
+            .ledger
+            .store()
+            .record_session(uid, session, self.clock.now_ms())
+            .await;
+        match written {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(message = "Writing session evidence failed.", uid, session = %session.id, error = %e);
+                metrics::counter!(telemetry::FAIR_USE_EVIDENCE_ERRORS_TOTAL, "source" => session.lane.source())
+                    .increment(1);
+                false
+            }
+        }
     }
 
     async fn resolve_now(
@@ -360,14 +415,29 @@ impl FairUse {
         Ok(self.ledger.reset(uid, admin, self.clock.now_ms()).await?)
     }
 
-    /// Admin user detail: state (decayed, persisted), the newest 50 events, current totals.
+    /// Admin user detail: state (decayed, persisted), the newest 50 events, the session evidence of the
+    /// classifier's lookback, current totals.
     pub async fn user_detail(&self, uid: &str) -> Result<UserDetail, AdminError> {
-        let state = self.ledger.read(uid, self.clock.now_ms()).await?;
+        let now = self.clock.now_ms();
+        let state = self.ledger.read(uid, now).await?;
         let events = self.ledger.events(uid, 50).await?;
+        let since = now.saturating_sub(
+            self.cfg
+                .classifier
+                .lookback_days
+                .saturating_mul(crate::policy::stage::DAY_MS),
+        );
+        let sessions = self
+            .ledger
+            .store()
+            .sessions(uid, since, MAX_SESSIONS)
+            .await
+            .map_err(LedgerError::from)?;
         let totals = self.meter.totals(uid).await.ok();
         Ok(UserDetail {
             state,
             events,
+            sessions,
             totals,
         })
     }

@@ -22,10 +22,12 @@ pub mod notifier;
 pub mod openai;
 
 pub use cap_supervisor::{
-    CapBreached, CapSupervisor, GetSupervisorStats, SupervisorDeps, SupervisorStats,
+    CapBreached, CapSupervisor, FOLLOW_UP_EVERY, FollowUp, GetSupervisorStats, SupervisorDeps,
+    SupervisorStats, TotalsSource, WhenIdle,
 };
 pub use classifier::{
-    Classifier, ClassifierError, NoSessions, SessionSummary, UsageSnapshot, UsageSource,
+    Classifier, ClassifierError, NoSessions, SessionLane, SessionSummary, StoredSessions,
+    UsageSnapshot, UsageSource,
 };
 pub use facade::{
     AdminError, FairUse, FairUseParts, FairUseStatus, PlanRecord, UserDetail,

@@ -12,17 +12,23 @@ use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::fair_use::classifier::{Classifier, ClassifierError, MAX_SESSIONS, UsageSnapshot};
+use crate::fair_use::classifier::{Classifier, ClassifierError, UsageSnapshot};
 use crate::policy::{ClassifierSettings, Evidence, UsageType, Verdict};
 
-pub const PROMPT_VERSION: &str = "vg-1";
+pub const PROMPT_VERSION: &str = "vg-2";
+
+/// The newest sessions the prompt carries (the reference's 30; the rest of the window is in the totals).
+pub const PROMPT_SESSIONS: usize = 30;
 
 const SYSTEM_PROMPT: &str = "You review whether an account of a personal wearable voice recorder is misused. \
 Be extremely conservative: personal use, meetings, lectures and live events score 0.0-0.3. A score of 0.7 or \
 more requires BOTH very high volume AND a non-personal purpose (audiobooks, podcasts, prerecorded media, TV or \
-films played to the device, commercial transcription). Reply with ONE JSON object and nothing else: \
+films played to the device, commercial transcription). The user message is JSON: rolling speech totals (ms) \
+and the recent sessions in audio time (lane realtime, sync_fresh or sync_backfill; audio_ms; speech_ms; \
+speech_density = speech share of the session's audio; longest_speech_ms). Replayed media is dense and continuous \
+for hours; a person's conversations, meetings and calls leave pauses. Reply with ONE JSON object and nothing else: \
 {\"misuse_score\": number 0-1, \"usage_type\": one of none|audiobook|podcast|prerecorded|tv_movie|commercial|unknown, \
-\"confidence\": number 0-1, \"evidence\": [{\"conversation_id\": string, \"title\": string, \"reason\": string}], \
+\"confidence\": number 0-1, \"evidence\": [{\"conversation_id\": string (a session id), \"title\": string, \"reason\": string}], \
 \"reasoning\": string}";
 
 /// The model's answer, exactly.
@@ -89,7 +95,7 @@ impl OpenAiClassifier {
 
     async fn call(self, snapshot: UsageSnapshot) -> Result<Verdict, ClassifierError> {
         let mut snapshot = snapshot;
-        snapshot.sessions.truncate(MAX_SESSIONS);
+        snapshot.sessions.truncate(PROMPT_SESSIONS);
         let user = serde_json::to_string(&snapshot)
             .map_err(|e| ClassifierError::Snapshot(e.to_string()))?;
         let body = json!({

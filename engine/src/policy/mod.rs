@@ -5,6 +5,7 @@
 //! - `caps`: rolling totals and soft caps (strictly greater triggers).
 //! - `plan`: plans and credits; a credit lookup is `Resolved` or `Unavailable`.
 //! - `stage`: the stage machine (escalation one step at a time, decay on read, admin set-stage/reset).
+//! - `session`: the evidence a realtime session or a sync file leaves for fair use.
 //! - `entitlement`: the resolver sync, realtime and status all call.
 //! - `verdict`, `case_ref`, `notice`: classifier results, `FU-` case references, user-facing texts.
 
@@ -15,6 +16,7 @@ pub mod config;
 pub mod entitlement;
 pub mod notice;
 pub mod plan;
+pub mod session;
 pub mod stage;
 pub mod verdict;
 
@@ -26,6 +28,7 @@ pub use entitlement::{
     SttDenied, SttUsage, resolve, retry_after_s,
 };
 pub use plan::{CreditLookup, Credits, Plan, PlanTable};
+pub use session::{SessionLane, SessionMeasures, SessionSummary};
 pub use stage::{
     BreachContext, DecayStep, EventKind, FairUseEvent, InvalidStage, Stage, StagePolicy,
     StageState, admin_reset, admin_set_stage, decay_events, escalate,

@@ -10,10 +10,17 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::future::BoxFuture;
 
-use crate::policy::{CaseRef, FairUseEvent, Stage, StageState};
+use crate::policy::{CaseRef, FairUseEvent, SessionSummary, Stage, StageState};
 
 /// Events kept per user (newest first); older ones are trimmed.
 pub const MAX_EVENTS_PER_USER: usize = 200;
+
+/// Session evidence kept per user: the newest this many by end (a summary is at most ~400 bytes of JSON,
+/// so at most ~200 KB per user); a day of short reconnects stays well inside it.
+pub const MAX_SESSIONS_PER_USER: usize = 500;
+
+/// Session evidence is kept while its end (audio time) is within this of now: the 7-day window plus a day.
+pub const SESSION_RETENTION_MS: u64 = 8 * 86_400_000;
 
 /// A store failure. Callers treat it as "unknown", never as a benign answer.
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +86,19 @@ pub trait FairUseStore: Send + Sync + 'static {
     fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64>;
     /// Paid-STT ms forwarded on UTC day `day`.
     fn stt_ms(&self, uid: &str, day: u64) -> FairUseFuture<u64>;
+    /// Keeps `session`, replacing the user's entry with the same id (an open session is rewritten as it
+    /// goes; a re-uploaded file replaces its own), then forgets the user's sessions that ended more than
+    /// [`SESSION_RETENTION_MS`] before `now_ms` and, past [`MAX_SESSIONS_PER_USER`], the oldest by end.
+    fn record_session(&self, uid: &str, session: &SessionSummary, now_ms: u64)
+    -> FairUseFuture<()>;
+    /// The user's sessions that ended at or after `since_ms` (audio time), newest end first, at most
+    /// `limit`.
+    fn sessions(
+        &self,
+        uid: &str,
+        since_ms: u64,
+        limit: usize,
+    ) -> FairUseFuture<Vec<SessionSummary>>;
 }
 
 /// The classifier's per-user token lock: held for the cooldown after a success, released early on failure.
@@ -103,7 +123,14 @@ struct MemoryInner {
     cases: HashMap<CaseRef, String>,
     /// (uid, day) → STT ms; only today and yesterday are kept.
     stt: HashMap<(String, u64), u64>,
+    /// uid → session evidence, oldest end first, bounded as the Redis store bounds it.
+    sessions: HashMap<String, Vec<SessionSummary>>,
+    /// Evidence writes since the last sweep of users whose every session left the retention.
+    session_writes: u64,
 }
+
+/// The memory store sweeps users without a session in the retention once per this many writes.
+const SESSION_SWEEP_EVERY: u64 = 4_096;
 
 impl MemoryFairUseStore {
     pub fn new() -> Self {
@@ -194,6 +221,57 @@ impl FairUseStore for MemoryFairUseStore {
         *total = total.saturating_add(ms);
         let total = *total;
         Box::pin(async move { Ok(total) })
+    }
+
+    fn record_session(
+        &self,
+        uid: &str,
+        session: &SessionSummary,
+        now_ms: u64,
+    ) -> FairUseFuture<()> {
+        let cutoff = now_ms.saturating_sub(SESSION_RETENTION_MS);
+        let mut g = self.lock();
+        g.session_writes += 1;
+        if g.session_writes.is_multiple_of(SESSION_SWEEP_EVERY) {
+            g.sessions
+                .retain(|_, list| list.last().is_some_and(|s| s.ended_at_ms >= cutoff));
+        }
+        let list = g.sessions.entry(uid.to_owned()).or_default();
+        list.retain(|s| s.id != session.id && s.ended_at_ms >= cutoff);
+        if session.ended_at_ms >= cutoff {
+            let at = list.partition_point(|s| s.ended_at_ms <= session.ended_at_ms);
+            list.insert(at, session.clone());
+        }
+        if list.len() > MAX_SESSIONS_PER_USER {
+            let excess = list.len() - MAX_SESSIONS_PER_USER;
+            list.drain(..excess);
+        }
+        if list.is_empty() {
+            g.sessions.remove(uid);
+        }
+        Box::pin(async { Ok(()) })
+    }
+
+    fn sessions(
+        &self,
+        uid: &str,
+        since_ms: u64,
+        limit: usize,
+    ) -> FairUseFuture<Vec<SessionSummary>> {
+        let out: Vec<SessionSummary> = self
+            .lock()
+            .sessions
+            .get(uid)
+            .map(|l| {
+                l.iter()
+                    .rev()
+                    .take_while(|s| s.ended_at_ms >= since_ms)
+                    .take(limit)
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        Box::pin(async move { Ok(out) })
     }
 
     fn stt_ms(&self, uid: &str, day: u64) -> FairUseFuture<u64> {

@@ -5,6 +5,8 @@
 //! - `vg:{uid}:fu:events` LIST of event JSON, newest first, trimmed to [`MAX_EVENTS_PER_USER`]
 //! - `vg:{uid}:fu:lock`   STRING `token|expires_ms` (the classifier cooldown lock)
 //! - `vg:{uid}:fu:stt:<day>` STRING paid-STT ms forwarded on that UTC day (INCRBY; expires after 2 days)
+//! - `vg:{uid}:fu:sessions` ZSET session id → end (audio ms), and `vg:{uid}:fu:session` HASH session id →
+//!   summary JSON: the session evidence, written and trimmed by one script
 //! - `vg:fu:case:<ref>`   STRING uid (case-ref index, written after the state script)
 //! - `vg:fu:flagged`      HASH uid → stage for users not at none (admin index, written after the state script)
 //!
@@ -15,10 +17,10 @@
 use crate::store::connection::{RedisConnection, transaction};
 use redis::{AsyncCommands, Script};
 
-use crate::policy::{CaseRef, FairUseEvent, Stage, StageState};
+use crate::policy::{CaseRef, FairUseEvent, SessionSummary, Stage, StageState};
 use crate::store::fair_use::{
     CommitOutcome, CooldownLock, FairUseFuture, FairUseStore, FairUseStoreError,
-    MAX_EVENTS_PER_USER, VersionedState,
+    MAX_EVENTS_PER_USER, MAX_SESSIONS_PER_USER, SESSION_RETENTION_MS, VersionedState,
 };
 
 /// State and events outlive every decay horizon (30 + 7 + 30 days) by far; a user silent this long is gone.
@@ -43,6 +45,44 @@ pub fn stt_key(uid: &str, day: u64) -> String {
 
 /// STT day counters outlive their day by one more (yesterday stays readable across midnight).
 const STT_TTL_MS: u64 = 2 * 86_400_000;
+
+pub fn sessions_key(uid: &str) -> String {
+    format!("vg:{{{uid}}}:fu:sessions")
+}
+
+pub fn session_key(uid: &str) -> String {
+    format!("vg:{{{uid}}}:fu:session")
+}
+
+/// Keep one summary (replacing its id's), then drop what ended before the cutoff and, past the bound, the
+/// oldest by end. KEYS: sessions (ZSET), session (HASH). ARGV: id, end, json, cutoff, max, ttl.
+const RECORD_SESSION_LUA: &str = r"
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[4])
+local over = redis.call('ZCARD', KEYS[1]) - #gone - tonumber(ARGV[5])
+if over > 0 then
+  local oldest = redis.call('ZRANGE', KEYS[1], #gone, #gone + over - 1)
+  for i = 1, #oldest do gone[#gone + 1] = oldest[i] end
+end
+if #gone > 0 then
+  redis.call('ZREM', KEYS[1], unpack(gone))
+  redis.call('HDEL', KEYS[2], unpack(gone))
+end
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('PEXPIRE', KEYS[1], ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+end
+return #gone
+";
+
+/// The summaries that ended at or after `since`, newest end first. KEYS: sessions, session. ARGV: since,
+/// limit.
+const READ_SESSIONS_LUA: &str = r"
+local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+if #ids == 0 then return {} end
+return redis.call('HMGET', KEYS[2], unpack(ids))
+";
 
 pub fn case_key(case_ref: &CaseRef) -> String {
     format!("vg:fu:case:{case_ref}")
@@ -87,6 +127,8 @@ return 0
 pub struct RedisFairUseStore {
     conn: RedisConnection,
     commit: Script,
+    record_session: Script,
+    read_sessions: Script,
 }
 
 impl RedisFairUseStore {
@@ -94,6 +136,8 @@ impl RedisFairUseStore {
         RedisFairUseStore {
             conn: conn.into(),
             commit: Script::new(COMMIT_LUA),
+            record_session: Script::new(RECORD_SESSION_LUA),
+            read_sessions: Script::new(READ_SESSIONS_LUA),
         }
     }
 }
@@ -220,6 +264,63 @@ impl FairUseStore for RedisFairUseStore {
         Box::pin(async move {
             let used: Option<u64> = conn.get(&key).await?;
             Ok(used.unwrap_or(0))
+        })
+    }
+
+    fn record_session(
+        &self,
+        uid: &str,
+        session: &SessionSummary,
+        now_ms: u64,
+    ) -> FairUseFuture<()> {
+        let mut conn = self.conn.clone();
+        let script = self.record_session.clone();
+        let keys = (sessions_key(uid), session_key(uid));
+        let json = serde_json::to_string(session);
+        let (id, end) = (session.id.clone(), session.ended_at_ms);
+        let cutoff = now_ms.saturating_sub(SESSION_RETENTION_MS);
+        Box::pin(async move {
+            let json = json?;
+            let _gone: i64 = script
+                .key(&keys.0)
+                .key(&keys.1)
+                .arg(&id)
+                .arg(end)
+                .arg(&json)
+                .arg(cutoff)
+                .arg(MAX_SESSIONS_PER_USER)
+                .arg(SESSION_RETENTION_MS)
+                .invoke_async(&mut conn)
+                .await?;
+            Ok(())
+        })
+    }
+
+    fn sessions(
+        &self,
+        uid: &str,
+        since_ms: u64,
+        limit: usize,
+    ) -> FairUseFuture<Vec<SessionSummary>> {
+        let mut conn = self.conn.clone();
+        let script = self.read_sessions.clone();
+        let keys = (sessions_key(uid), session_key(uid));
+        Box::pin(async move {
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let raw: Vec<Option<String>> = script
+                .key(&keys.0)
+                .key(&keys.1)
+                .arg(since_ms)
+                .arg(limit)
+                .invoke_async(&mut conn)
+                .await?;
+            // An id without its summary (a write between the two keys' expiries) is skipped.
+            raw.iter()
+                .flatten()
+                .map(|j| serde_json::from_str(j).map_err(FairUseStoreError::from))
+                .collect()
         })
     }
 }

@@ -49,6 +49,7 @@ async fn repeated_high_scores_climb_to_restrict_and_time_decays_back_to_none() {
         sink: Arc::new(ledger.clone()),
         notifier: Arc::new(notifier.clone()),
         sessions: Arc::new(NoSessions),
+        totals: None,
         clock: clock.clone(),
     };
     let sup = CapSupervisor::new(&cfg, deps).start();

@@ -3,10 +3,13 @@
 
 use std::sync::Arc;
 
-use voicegate_engine::policy::{CaseRef, EventKind, FairUseEvent, Stage, StageState};
+use voicegate_engine::policy::{
+    CaseRef, EventKind, FairUseEvent, SessionLane, SessionMeasures, SessionSummary, Stage,
+    StageState,
+};
 use voicegate_engine::store::fair_use::{
-    CommitOutcome, CooldownLock, FairUseStore, MAX_EVENTS_PER_USER, MemoryCooldownLock,
-    MemoryFairUseStore,
+    CommitOutcome, CooldownLock, FairUseStore, MAX_EVENTS_PER_USER, MAX_SESSIONS_PER_USER,
+    MemoryCooldownLock, MemoryFairUseStore, SESSION_RETENTION_MS,
 };
 use voicegate_engine::store::fair_use_redis::{RedisCooldownLock, RedisFairUseStore, lock_key};
 use voicegate_engine::store::test_redis::RedisServer;
@@ -236,4 +239,112 @@ async fn concurrent_redis_commits_from_one_version_let_exactly_one_win() {
     }
     assert_eq!(wins, 1);
     assert_eq!(store.events("race", 100).await.unwrap().len(), 1);
+}
+
+fn summary(id: &str, end_ago_ms: u64, audio_ms: u64) -> SessionSummary {
+    SessionSummary::new(
+        id,
+        SessionLane::Realtime,
+        SessionMeasures {
+            started_at_ms: NOW - end_ago_ms - audio_ms,
+            audio_ms,
+            speech_ms: audio_ms / 2,
+            longest_speech_ms: 5_000,
+            speech_runs: 3,
+        },
+        NOW,
+        false,
+    )
+}
+
+async fn session_evidence_contract(store: Arc<dyn FairUseStore>) {
+    const MIN: u64 = 60_000;
+    assert!(store.sessions("u", 0, 10).await.unwrap().is_empty());
+    store
+        .record_session("u", &summary("a", 90 * MIN, 10 * MIN), NOW)
+        .await
+        .unwrap();
+    store
+        .record_session("u", &summary("b", 30 * MIN, 10 * MIN), NOW)
+        .await
+        .unwrap();
+    store
+        .record_session("other", &summary("c", 0, MIN), NOW)
+        .await
+        .unwrap();
+    let ids = |v: Vec<SessionSummary>| v.into_iter().map(|s| s.id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.sessions("u", 0, 10).await.unwrap()),
+        ["b", "a"],
+        "newest end first"
+    );
+    assert_eq!(
+        ids(store.sessions("u", 0, 1).await.unwrap()),
+        ["b"],
+        "limit"
+    );
+    assert_eq!(
+        ids(store.sessions("u", NOW - 60 * MIN, 10).await.unwrap()),
+        ["b"],
+        "ended before `since` is left out"
+    );
+    // An open session rewritten as it goes replaces its own entry.
+    let grown = summary("a", 5 * MIN, 95 * MIN);
+    store.record_session("u", &grown, NOW).await.unwrap();
+    let all = store.sessions("u", 0, 10).await.unwrap();
+    assert_eq!(ids(all.clone()), ["a", "b"]);
+    assert_eq!(all[0], grown, "the JSON round-trips");
+    // Past the retention (by end, audio time) a session is forgotten on the next write, and one that ends
+    // before it is not kept at all.
+    let later = NOW + SESSION_RETENTION_MS - 20 * MIN;
+    store
+        .record_session("u", &summary("old", SESSION_RETENTION_MS + MIN, MIN), later)
+        .await
+        .unwrap();
+    assert_eq!(
+        ids(store.sessions("u", 0, 10).await.unwrap()),
+        ["a"],
+        "b ended 30 min before NOW"
+    );
+    // Bounded: the oldest by end go first.
+    for i in 0..MAX_SESSIONS_PER_USER + 5 {
+        let s = summary(
+            &format!("n{i:04}"),
+            (MAX_SESSIONS_PER_USER + 5 - i) as u64,
+            1,
+        );
+        store.record_session("bulk", &s, NOW).await.unwrap();
+    }
+    let kept = store.sessions("bulk", 0, usize::MAX >> 1).await.unwrap();
+    assert_eq!(kept.len(), MAX_SESSIONS_PER_USER);
+    assert_eq!(kept.last().map(|s| s.id.as_str()), Some("n0005"));
+    assert_eq!(
+        ids(store.sessions("other", 0, 10).await.unwrap()),
+        ["c"],
+        "per user"
+    );
+}
+
+#[tokio::test]
+async fn memory_session_evidence_keeps_the_contract() {
+    session_evidence_contract(Arc::new(MemoryFairUseStore::new())).await;
+}
+
+#[tokio::test]
+async fn redis_session_evidence_keeps_the_contract_in_the_users_slot() {
+    let (_server, conn) = redis().await;
+    session_evidence_contract(Arc::new(RedisFairUseStore::new(conn.clone()))).await;
+    let mut conn = conn;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("vg:{u}:fu:session*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("vg:{u}:fu:sessions")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl as u64 <= SESSION_RETENTION_MS, "{ttl}");
 }

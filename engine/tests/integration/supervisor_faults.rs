@@ -284,6 +284,7 @@ async fn a_lock_store_error_is_a_counted_failure_not_a_crash_d49() {
         sink: Arc::new(h.ledger.clone()),
         notifier: Arc::new(h.notifier.clone()),
         sessions: Arc::new(voicegate_engine::fair_use::NoSessions),
+        totals: None,
         clock: h.clock.clone(),
     };
     use actix::Actor as _;

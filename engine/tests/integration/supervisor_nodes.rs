@@ -34,6 +34,7 @@ async fn node(
         sink: Arc::new(ledger.clone()),
         notifier: Arc::new(LogNotifier::new()),
         sessions: Arc::new(NoSessions),
+        totals: None,
         clock: Arc::new(SystemClock),
     };
     (CapSupervisor::new(cfg, deps).start(), ledger)

@@ -61,6 +61,9 @@ pub struct LiveConfig {
     pub meter_interval: Duration,
     /// How often the `usage` event is sent and the entitlement (stage, lock, STT allowance) re-read.
     pub usage_interval: Duration,
+    /// How often an open session's evidence (its summary for fair use) is rewritten; the last one is
+    /// written when it ends.
+    pub evidence_interval: Duration,
     /// How speech is forwarded to the speech-to-text provider (unused with `none`).
     pub stt: FeedConfig,
     /// At the end of a session, how long the last transcripts may take before `metadata` goes out
@@ -77,6 +80,7 @@ impl Default for LiveConfig {
             tick: Duration::from_millis(50),
             meter_interval: Duration::from_secs(1),
             usage_interval: Duration::from_secs(10),
+            evidence_interval: Duration::from_secs(60),
             stt: FeedConfig::default(),
             stt_close_wait: Duration::from_secs(30),
             pace: PaceConfig::default(),

@@ -7,11 +7,12 @@ use super::LiveServices;
 use crate::conversation::{self, ConversationStore, SegmentsAdded, TranscriptSegment, Upsert};
 use crate::fair_use::{FairUseStatus, PlanRecord};
 use crate::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
+use crate::policy::SessionSummary;
 use crate::telemetry as t;
 use crate::time::Span;
 
 /// What the core wants done in the store; one runs at a time, in order, so records never overlap.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum StoreOp {
     /// Meter `delta_ms` more speech (bringing the session's metered total to `total_ms`) and record
     /// `stt_ms` of forwarded STT.
@@ -20,6 +21,8 @@ pub enum StoreOp {
         total_ms: u64,
         stt_ms: u64,
         now_ms: u64,
+        /// The session's evidence to (re)write, once per evidence interval and at the end.
+        evidence: Option<Box<SessionSummary>>,
     },
     /// Re-read the user's status (plan, rolling totals, stage, lock, STT allowance).
     Status { first: bool },
@@ -44,6 +47,8 @@ pub enum OpResult {
         metered_to: Option<u64>,
         /// STT ms recorded (0 when none was sent or the record failed).
         stt_recorded: u64,
+        /// Whether the evidence sent was written (false when none was sent).
+        evidence_written: bool,
     },
     Status {
         first: bool,
@@ -69,7 +74,20 @@ pub async fn execute(services: Arc<LiveServices>, uid: Arc<str>, op: StoreOp) ->
             total_ms,
             stt_ms,
             now_ms,
-        } => meter(&services, &uid, delta_ms, total_ms, stt_ms, now_ms).await,
+            evidence,
+        } => {
+            let mut done = meter(&services, &uid, delta_ms, total_ms, stt_ms, now_ms).await;
+            if let (
+                Some(summary),
+                OpResult::Meter {
+                    evidence_written, ..
+                },
+            ) = (evidence, &mut done)
+            {
+                *evidence_written = services.fair_use.record_session(&uid, &summary).await;
+            }
+            done
+        }
         StoreOp::Status { first } => {
             let plan = services.plans.get(&uid).await;
             let record = match &plan {
@@ -156,6 +174,7 @@ async fn meter(
     OpResult::Meter {
         metered_to,
         stt_recorded,
+        evidence_written: false,
     }
 }
 

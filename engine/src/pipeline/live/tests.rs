@@ -135,7 +135,10 @@ impl Session {
     /// Answers a meter operation as the meter accepting it.
     fn accept(&mut self, op: &StoreOp) {
         let StoreOp::Meter {
-            total_ms, stt_ms, ..
+            total_ms,
+            stt_ms,
+            evidence,
+            ..
         } = op
         else {
             panic!("not a meter op: {op:?}");
@@ -143,6 +146,7 @@ impl Session {
         self.done(OpResult::Meter {
             metered_to: Some(*total_ms),
             stt_recorded: *stt_ms,
+            evidence_written: evidence.is_some(),
         });
     }
 
@@ -265,16 +269,35 @@ fn speech_is_metered_each_second_and_the_finish_settles_exactly() {
             locked: false,
         });
     }
-    if let Some(op) = s.core.final_meter_op(WALL0) {
-        if let StoreOp::Meter { delta_ms, .. } = op {
-            metered += delta_ms;
-        }
-        s.accept(&op);
-    }
+    let op = s
+        .core
+        .final_meter_op(WALL0)
+        .expect("the final record carries the session's evidence");
+    let StoreOp::Meter {
+        delta_ms,
+        evidence: Some(evidence),
+        ..
+    } = &op
+    else {
+        panic!("{op:?}");
+    };
+    metered += delta_ms;
+    assert!(!s.core.settled(), "not before the evidence is written");
+    s.accept(&op);
     assert!(s.core.settled());
     let report = s.core.finish(s.counts());
     s.collect();
     assert_eq!(report.metered_ms, metered);
+    assert!(!evidence.open && evidence.id.starts_with("rt:"));
+    assert_eq!(
+        (
+            evidence.audio_ms,
+            evidence.speech_ms,
+            evidence.started_at_ms
+        ),
+        (7_000, metered, WALL0)
+    );
+    assert!(evidence.speech_runs >= 2 && evidence.longest_speech_ms > 0);
     assert_eq!(
         report.speech_ms, metered,
         "the metered sum is the reported speech, to the ms"
@@ -284,6 +307,33 @@ fn speech_is_metered_each_second_and_the_finish_settles_exactly() {
     assert_eq!(s.core.lifecycle(), Lifecycle::Finished);
     assert_eq!(s.kinds().last(), Some(&"metadata"));
     assert_eq!(s.stt.last(), Some(&SttCommand::Close));
+}
+
+#[test]
+fn an_open_sessions_evidence_is_rewritten_every_interval() {
+    let mut s = running(600_000);
+    let mut evidence = Vec::new();
+    for second in 0..61 {
+        for op in s.stream(1_000, second >= 25) {
+            match op {
+                StoreOp::Meter {
+                    evidence: Some(e), ..
+                } => evidence.push(e),
+                StoreOp::Status { first: false } => {
+                    s.done(status(Stage::None, false, SttAllowance::Unlimited));
+                }
+                _ => {}
+            }
+        }
+    }
+    assert_eq!(evidence.len(), 1, "once a minute");
+    assert!(evidence[0].open);
+    assert!(
+        (59_000..=61_000).contains(&evidence[0].audio_ms),
+        "{:?}",
+        evidence[0]
+    );
+    assert!(evidence[0].speech_ms > 0 && evidence[0].speech_density > 0.0);
 }
 
 #[test]
@@ -383,6 +433,7 @@ fn a_failing_meter_keeps_the_speech_pending_and_sends_it_again() {
     s.done(OpResult::Meter {
         metered_to: None,
         stt_recorded: 0,
+        evidence_written: false,
     });
     let retry = s
         .stream(1_000, false)
@@ -743,6 +794,7 @@ async fn a_record_the_meter_drops_is_not_counted_as_metered() {
                 total_ms: 1_000,
                 stt_ms: 0,
                 now_ms: clock.now_ms(),
+                evidence: None,
             },
         )
     };

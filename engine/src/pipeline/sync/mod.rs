@@ -36,12 +36,12 @@ use crate::conversation::{ConversationError, ConversationStore, TranscriptStatus
 use crate::fair_use::FairUse;
 use crate::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
 use crate::pipeline::offline::FileAnalysis;
-use crate::policy::SttAllowance;
 use crate::policy::backfill::{self, BackfillConfig, Lane};
+use crate::policy::{SessionLane, SessionMeasures, SessionSummary, SttAllowance};
 use crate::store::backfill::{BackfillLedger, Charge};
 use crate::stt::{ProviderKind, SttProvider};
 use crate::telemetry::{SYNC_AUDIO_SECONDS_TOTAL, SYNC_FILES_BY_LANE_TOTAL, SYNC_FILES_TOTAL};
-use crate::time::{Clock, Span};
+use crate::time::{Clock, Span, samples_to_ms};
 
 /// Merged segments shorter than this are not conversation content (the reference's 1 s rule).
 pub const MIN_SEGMENT_MS: u64 = 1_000;
@@ -376,6 +376,7 @@ async fn settle_file(services: &SyncServices, uid: &str, a: Analysed, at: At, ta
             return;
         }
     };
+    record_evidence(services, uid, (&a.sha256, a.start_ms), &fa, at).await;
     tally.limitless |= a.limitless;
     tally.speech_ms += fa.speech_ms;
     let merged = fa
@@ -408,6 +409,37 @@ async fn settle_file(services: &SyncServices, uid: &str, a: Analysed, at: At, ta
         error: None,
         warnings: fa.warnings,
     });
+}
+
+/// A metered (or already metered) file's evidence for fair use, in its recording's time; its id is its
+/// content hash, so a re-upload rewrites its own entry. A failure is counted by the facade and does not fail
+/// the file (its speech is metered).
+async fn record_evidence(
+    services: &SyncServices,
+    uid: &str,
+    (sha256, start_ms): (&str, u64),
+    fa: &FileAnalysis,
+    at: At,
+) {
+    let lane = match backfill::lane(start_ms, at.arrival_ms, &services.backfill) {
+        Lane::Backfill => SessionLane::SyncBackfill,
+        Lane::Fresh | Lane::TooOld => SessionLane::SyncFresh,
+    };
+    let longest = fa.raw_spans.iter().map(Span::len).max().unwrap_or(0);
+    let summary = SessionSummary::new(
+        &format!("sync:{}", sha256.get(..24).unwrap_or(sha256)),
+        lane,
+        SessionMeasures {
+            started_at_ms: start_ms,
+            audio_ms: fa.duration_ms,
+            speech_ms: fa.speech_ms,
+            longest_speech_ms: samples_to_ms(longest, 16_000),
+            speech_runs: fa.raw_spans.len() as u64,
+        },
+        at.now_ms,
+        false,
+    );
+    services.fair_use.record_session(uid, &summary).await;
 }
 
 /// The backfill decision (DESIGN §3): too old is refused; backfill is charged to today's allowance before

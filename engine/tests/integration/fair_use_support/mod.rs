@@ -179,6 +179,7 @@ impl Harness {
             sink: Arc::new(ledger.clone()),
             notifier: Arc::new(notifier.clone()),
             sessions: Arc::new(NoSessions),
+            totals: None,
             clock: clock.clone(),
         };
         let addr = CapSupervisor::new(&cfg, deps).start();

@@ -72,6 +72,8 @@ impl SessionCore {
 
     pub(super) fn speech_ended(&mut self, span: Span) {
         let speech_ms = ms(span.len());
+        self.longest_run = self.longest_run.max(span.len());
+        self.runs += 1;
         self.out.push(LiveEvent::SpeechEnded {
             frames_received: self.frames_seen,
             at_ms: ms(span.end),

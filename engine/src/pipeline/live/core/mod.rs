@@ -38,7 +38,7 @@ use crate::audio::detector::SpeechEvent;
 use crate::audio::resample::TARGET_RATE;
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
 use crate::pipeline::tap::AudioTap;
-use crate::policy::Stage;
+use crate::policy::{SessionLane, SessionMeasures, SessionSummary, Stage};
 use crate::telemetry as t;
 use crate::time::{Backoff, samples_to_ms};
 
@@ -90,7 +90,17 @@ pub struct SessionCore {
     tx: Transcripts,
     next_meter: Instant,
     next_usage: Instant,
+    next_evidence: Instant,
     meter_due: bool,
+    /// The session's evidence is due to be rewritten with the next meter operation.
+    evidence_due: bool,
+    /// The evidence written at the end is in the store.
+    evidence_final: bool,
+    /// The session's evidence id (`rt:` + a process-unique id).
+    evidence_id: String,
+    /// The longest speech run so far and the count of runs (16 kHz samples / runs).
+    longest_run: u64,
+    runs: u64,
     status_due: bool,
     started_at_ms: u64,
     error: Option<&'static str>,
@@ -137,7 +147,13 @@ impl SessionCore {
             tx: Transcripts::default(),
             next_meter: now + cfg.meter_interval,
             next_usage: now + cfg.usage_interval,
+            next_evidence: now + cfg.evidence_interval,
             meter_due: false,
+            evidence_due: false,
+            evidence_final: false,
+            evidence_id: evidence_id(),
+            longest_run: 0,
+            runs: 0,
             status_due: false,
             started_at_ms,
             error: None,
@@ -228,6 +244,11 @@ impl SessionCore {
             self.next_usage = now + self.cfg.usage_interval;
             self.status_due = true;
         }
+        if now >= self.next_evidence {
+            self.next_evidence = now + self.cfg.evidence_interval;
+            self.evidence_due = true;
+            self.meter_due = true;
+        }
         second
     }
 
@@ -295,11 +316,18 @@ impl SessionCore {
 
     /// A record of the speech certain so far (finished runs and the committed part of an open one) since
     /// the last accepted one, and of the STT forwarded; `None` when there is nothing to record.
+    /// With the session's evidence when it is due (every evidence interval, and at the end until written).
     fn meter_op(&mut self, now_ms: u64) -> Option<StoreOp> {
         let total_ms = ms(self.pipeline.speech_samples_committed());
         let delta_ms = total_ms.saturating_sub(self.metered_ms);
         let stt_ms = self.stt.unrecorded_ms;
-        if delta_ms == 0 && stt_ms == 0 {
+        let finishing = self.lifecycle == Lifecycle::Finishing;
+        let evidence = if finishing {
+            !self.evidence_final
+        } else {
+            std::mem::take(&mut self.evidence_due)
+        };
+        if delta_ms == 0 && stt_ms == 0 && !evidence {
             return None;
         }
         self.in_flight = InFlight::Meter;
@@ -308,7 +336,28 @@ impl SessionCore {
             total_ms,
             stt_ms,
             now_ms,
+            evidence: evidence.then(|| Box::new(self.evidence(now_ms, !finishing))),
         })
+    }
+
+    /// The session's evidence now (`open` while it runs).
+    pub fn evidence(&self, now_ms: u64, open: bool) -> SessionSummary {
+        SessionSummary::new(
+            &self.evidence_id,
+            SessionLane::Realtime,
+            SessionMeasures {
+                started_at_ms: self.started_at_ms,
+                audio_ms: samples_to_ms(
+                    self.pipeline.decoded_samples(),
+                    self.pipeline.codec_rate(),
+                ),
+                speech_ms: ms(self.pipeline.speech_samples()),
+                longest_speech_ms: ms(self.longest_run),
+                speech_runs: self.runs,
+            },
+            now_ms,
+            open,
+        )
     }
 
     /// Applies a finished operation.
@@ -318,7 +367,11 @@ impl SessionCore {
             OpResult::Meter {
                 metered_to,
                 stt_recorded,
+                evidence_written,
             } => {
+                if evidence_written && self.lifecycle == Lifecycle::Finishing {
+                    self.evidence_final = true;
+                }
                 if let Some(total) = metered_to {
                     self.metered_ms = self.metered_ms.max(total);
                 }
@@ -399,9 +452,11 @@ impl SessionCore {
         self.meter_op(now_ms)
     }
 
-    /// Whether the meter holds all of the session's speech and STT.
+    /// Whether the meter holds all of the session's speech and STT, and the store its final evidence.
     pub fn settled(&self) -> bool {
-        self.metered_ms == ms(self.pipeline.speech_samples()) && self.stt.unrecorded_ms == 0
+        self.metered_ms == ms(self.pipeline.speech_samples())
+            && self.stt.unrecorded_ms == 0
+            && self.evidence_final
     }
 
     /// The last step: drops reported, the STT stream closed, the `metadata` event, the report.
@@ -472,6 +527,16 @@ impl SessionCore {
             }
         }
     }
+}
+
+/// A process-unique evidence id: `rt:` + this process's random tag + a counter.
+fn evidence_id() -> String {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static TAG: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let tag = TAG.get_or_init(rand::random::<u32>);
+    format!("rt:{tag:08x}{:x}", NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Samples at 16 kHz → ms, rounded once.

@@ -89,7 +89,8 @@ pub const METER_ACTOR_RESTARTS_TOTAL: &str = "voicegate_meter_actor_restarts_tot
 
 /// Counter, label `to` (`none`, `warning`, `throttle`, `restrict`): committed stage changes.
 pub const FAIR_USE_STAGE_TRANSITIONS_TOTAL: &str = "voicegate_fair_use_stage_transitions_total";
-/// Counter, label `action` (`queued`, `deduplicated`, `skipped_restrict`): cap breaches the supervisor received.
+/// Counter, label `action` (`queued`, `deduplicated`, `skipped_restrict`, `followed_up`): cap breaches the
+/// supervisor received (`followed_up`: a user still over a cap when the cooldown ended, classified again).
 pub const FAIR_USE_BREACHES_TOTAL: &str = "voicegate_fair_use_breaches_total";
 /// Counter, label `result` (`escalated`, `unchanged`): classifications applied.
 pub const FAIR_USE_CLASSIFICATIONS_TOTAL: &str = "voicegate_fair_use_classifications_total";

@@ -11,11 +11,13 @@
 //!    jittered exponential [`Backoff`]. A failure is never a benign verdict and never changes the stage;
 //! 5. on success: sends the verdict to the [`VerdictSink`] (the [`FairUseLedger`](crate::fair_use::FairUseLedger)),
 //!    which applies at most one step by compare-and-set and records the event; a stage change up sends a notice;
-//! 6. **follows up** a violation: when the cooldown after a classification that counted as a violation ends
-//!    (checked every [`FOLLOW_UP_EVERY`], or on [`FollowUp`]) and the user is still below restrict, it reads
-//!    the user's rolling totals ([`TotalsSource`]) and classifies again if they are still over a cap, new
-//!    speech or not. A breach persists while the totals stay over the cap; without the follow-up a user who
-//!    replays a long recording once a day would climb one step a day instead of one per cooldown.
+//! 6. **follows up**: when the cooldown after a classification ends (checked every [`FOLLOW_UP_EVERY`], or on
+//!    [`FollowUp`]) and the user is below restrict, it reads the user's rolling totals ([`TotalsSource`]) and
+//!    classifies again if they are still over a cap, new speech or not. A breach persists while the totals
+//!    stay over the cap; without the follow-up a user who replays a long recording once a day would climb one
+//!    step a day instead of one per cooldown, and one whose first breach came before the pattern showed
+//!    (a TV on for 3 h looks like a long meeting) would wait for the next day's speech. At most one
+//!    classification per cooldown still holds.
 //!
 //! Time: cooldowns compare the [`Clock`] (wall ms); tokio timers only schedule retries and time out tasks.
 
@@ -135,7 +137,7 @@ enum UserEntry {
     /// Classified (here or elsewhere): nothing until then.
     Cooling {
         until_ms: u64,
-        /// The classification was a violation below restrict: check the totals again at `until_ms`.
+        /// Classified below restrict: check the totals again at `until_ms`.
         follow_up: bool,
     },
     /// A follow-up reads the user's totals.
@@ -247,9 +249,7 @@ impl CapSupervisor {
         };
         match outcome {
             Outcome::Applied(applied) => {
-                let follow_up = self.deps.totals.is_some()
-                    && applied.state.stage < Stage::Restrict
-                    && applied.event().is_some_and(|e| e.violation);
+                let follow_up = self.deps.totals.is_some() && applied.state.stage < Stage::Restrict;
                 self.users.insert(
                     job.uid.clone(),
                     UserEntry::Cooling {

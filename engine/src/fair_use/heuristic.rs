@@ -7,7 +7,7 @@
 //! each 0–1; the score is the largest:
 //! - **dense media** (audiobook, podcast, replayed recordings): speech in episodes of at least
 //!   [`DENSE_MIN_AUDIO_MS`] whose speech density is at least [`DENSE_DENSITY`]; hours per day (the larger
-//!   of the last 24 h and the 7-day average), [`DENSE_RAMP_H`] → 0 to 1. People talking leave pauses:
+//!   of the last 24 h and the average over the days active in the lookback), [`DENSE_RAMP_H`] → 0 to 1. People talking leave pauses:
 //!   meetings, calls and a day's conversations sit well under that density.
 //! - **always on** (a TV or radio left playing): speech in episodes of at least [`LONG_MIN_AUDIO_MS`] whose
 //!   density is at least [`LONG_DENSITY`]; hours per day, [`LONG_RAMP_H`] → 0 to 1. A day of recording
@@ -37,7 +37,7 @@ pub const DENSE_MIN_AUDIO_MS: u64 = 45 * MIN_MS;
 /// … whose speech is at least this share of its audio.
 pub const DENSE_DENSITY: f64 = 0.75;
 /// Dense speech per day (h): signal 0 at the first, 1 at the second.
-pub const DENSE_RAMP_H: (f64, f64) = (0.75, 1.75);
+pub const DENSE_RAMP_H: (f64, f64) = (0.5, 1.25);
 /// Always on: an episode this long at least …
 pub const LONG_MIN_AUDIO_MS: u64 = 7 * 60 * MIN_MS;
 /// … whose speech is at least this share of its audio.
@@ -172,7 +172,17 @@ impl UsageStats {
                 .filter(|e| keep(e))
                 .map(|e| e.speech_within(week_from, to))
                 .sum();
-            day.max(week / 7.0) / HOUR_MS
+            // The average over the days the user was active in the lookback (at least one): a user who
+            // started yesterday is not diluted over seven days.
+            let first = eps
+                .iter()
+                .filter(|e| e.ended_at_ms >= week_from)
+                .map(|e| e.started_at_ms.max(week_from))
+                .min()
+                .unwrap_or(s.now_ms);
+            let days = (ms_f64(s.now_ms.saturating_sub(first)) / ms_f64(DAY_MS)).clamp(1.0, 7.0);
+            // `+ 0.0` turns a -0.0 (no episodes) into 0.0 for display.
+            day.max(week / days) / HOUR_MS + 0.0
         };
         UsageStats {
             speech_hours_per_day: (ms_f64(s.totals.daily_ms)).max(ms_f64(s.totals.weekly_ms) / 7.0)

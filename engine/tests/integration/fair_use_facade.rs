@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use fair_use_support::{Scripted, Step};
 use voicegate_engine::fair_use::{
-    FairUse, FairUseParts, GetSupervisorStats, NoSessions, PlanRecord, SupervisorStats,
+    FairUse, FairUseParts, FollowUp, GetSupervisorStats, NoSessions, PlanRecord, SupervisorStats,
 };
 use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
 use voicegate_engine::policy::{Admission, Mode, Stage, SttAllowance, SttDenied};
@@ -195,4 +195,35 @@ async fn the_credit_lock_follows_plan_and_month_usage_and_an_unavailable_lookup_
             ..
         }
     ));
+}
+
+#[actix::test]
+async fn a_user_still_over_a_cap_when_the_cooldown_ends_is_classified_again_without_new_speech() {
+    let clock = ManualClock::new(T0);
+    let fu = start(clock.clone(), 0.9);
+    // "over" stays over the daily cap for 24 h; "brief" falls back under it 13 h from now.
+    speak(&fu, "over", 3 * HOUR, T0 - 3 * HOUR).await;
+    speak(&fu, "brief", 2 * HOUR + 1, T0 - 12 * HOUR).await;
+    fu.settled().await;
+    let stats = fu.supervisor().send(GetSupervisorStats).await.unwrap();
+    assert_eq!((stats.escalated, stats.followed_up), (2, 0));
+    // Before the cooldown ends nothing is due.
+    clock.advance(12 * HOUR - 1);
+    assert_eq!(fu.supervisor().send(FollowUp).await.unwrap(), 0);
+    clock.advance(1);
+    assert_eq!(
+        fu.supervisor().send(FollowUp).await.unwrap(),
+        2,
+        "both checked"
+    );
+    fu.settled().await;
+    let stats = fu.supervisor().send(GetSupervisorStats).await.unwrap();
+    assert_eq!(stats.followed_up, 1, "only the user still over a cap");
+    assert_eq!(stats.escalated + stats.unchanged, 3);
+    let over = fu.status("over", PlanRecord::Known(None)).await;
+    let brief = fu.status("brief", PlanRecord::Known(None)).await;
+    assert_eq!((over.stage, brief.stage), (Stage::Warning, Stage::Warning));
+    let events = fu.ledger().events("over", 10).await.unwrap();
+    assert_eq!(events.len(), 2, "two classifications of `over`: {events:?}");
+    assert!(events.iter().all(|e| e.violation));
 }

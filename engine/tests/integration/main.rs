@@ -7,6 +7,7 @@ mod fair_use_support;
 mod audio_offline;
 mod audio_proptest;
 mod conversation_store;
+mod fair_use_bench;
 mod fair_use_facade;
 mod fair_use_lifecycle;
 mod fair_use_resolver;

@@ -245,6 +245,74 @@ pub mod test_tls {
         .unwrap_or_else(|e| panic!("{e}"));
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
+
+    /// The request bodies an HTTPS double read, in order.
+    pub type Bodies = Arc<std::sync::Mutex<Vec<String>>>;
+
+    /// An HTTPS server double on 127.0.0.1 presenting `cert` (for `localhost`): reads each request (its
+    /// headers and its `Content-Length` body), records the body, and answers `200` with the JSON `reply`
+    /// makes of it, one request per connection. A client that refuses the certificate fails the handshake
+    /// and nothing is recorded. Returns the port and the bodies. Must run inside a tokio runtime.
+    pub async fn serve_json(
+        cert: &Path,
+        key: &Path,
+        reply: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> (u16, Bodies) {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let acceptor = acceptor(cert, key);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let port = listener
+            .local_addr()
+            .unwrap_or_else(|e| panic!("{e}"))
+            .port();
+        let bodies = Bodies::default();
+        let seen = Arc::clone(&bodies);
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
+                let mut req = Vec::new();
+                let mut buf = [0u8; 4096];
+                let body_at = loop {
+                    let n = tls.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        break None;
+                    }
+                    req.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&req);
+                    if let Some(end) = text.find("\r\n\r\n") {
+                        let len = text[..end]
+                            .lines()
+                            .find_map(|l| {
+                                let (k, v) = l.split_once(':')?;
+                                k.eq_ignore_ascii_case("content-length")
+                                    .then(|| v.trim().parse::<usize>().ok())?
+                            })
+                            .unwrap_or(0);
+                        if req.len() >= end + 4 + len {
+                            break Some(end + 4);
+                        }
+                    }
+                };
+                let Some(at) = body_at else { continue };
+                let body = String::from_utf8_lossy(&req[at..]).into_owned();
+                let answer = reply(&body);
+                seen.lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(body);
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{answer}",
+                    answer.len()
+                );
+                let _ = tls.write_all(resp.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+        (port, bodies)
+    }
 }
 
 #[cfg(test)]

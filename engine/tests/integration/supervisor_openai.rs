@@ -138,60 +138,16 @@ async fn an_unreachable_server_is_a_transport_failure() {
 }
 
 /// An HTTPS chat-completions double for `localhost` with a certificate of a private CA: answers every
-/// request with a verdict (the protocol's `choices[0].message.content`) and counts the requests it read.
+/// request with a verdict (the protocol's `choices[0].message.content`); returns the port and the bodies read.
 async fn start_https_fake(
     cert: &std::path::Path,
     key: &std::path::Path,
-) -> (u16, Arc<Mutex<usize>>) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let acceptor = test_tls::acceptor(cert, key);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let served = Arc::new(Mutex::new(0));
-    let count = served.clone();
-    tokio::spawn(async move {
-        while let Ok((tcp, _)) = listener.accept().await {
-            // A client that refuses the certificate fails the handshake: nothing is read.
-            let Ok(mut tls) = acceptor.accept(tcp).await else {
-                continue;
-            };
-            let mut req = Vec::new();
-            let mut buf = [0u8; 4096];
-            // Headers, then the Content-Length body.
-            loop {
-                let n = tls.read(&mut buf).await.unwrap_or(0);
-                if n == 0 {
-                    break;
-                }
-                req.extend_from_slice(&buf[..n]);
-                let text = String::from_utf8_lossy(&req);
-                if let Some(end) = text.find("\r\n\r\n") {
-                    let len = text[..end]
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse::<usize>().ok())?
-                        })
-                        .unwrap_or(0);
-                    if req.len() >= end + 4 + len {
-                        break;
-                    }
-                }
-            }
-            *count.lock().unwrap() += 1;
-            let content = r#"{"misuse_score":0.12,"usage_type":"none","confidence":0.9,"evidence":[],"reasoning":"meetings"}"#;
-            let body = json!({"choices": [{"message": {"role": "assistant", "content": content}}]})
-                .to_string();
-            let resp = format!(
-                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = tls.write_all(resp.as_bytes()).await;
-            let _ = tls.shutdown().await;
-        }
-    });
-    (port, served)
+) -> (u16, test_tls::Bodies) {
+    test_tls::serve_json(cert, key, |_| {
+        let content = r#"{"misuse_score":0.12,"usage_type":"none","confidence":0.9,"evidence":[],"reasoning":"meetings"}"#;
+        json!({"choices": [{"message": {"role": "assistant", "content": content}}]}).to_string()
+    })
+    .await
 }
 
 #[tokio::test]
@@ -207,7 +163,7 @@ async fn an_https_classifier_is_reached_through_the_outbound_client_and_its_ca_s
         .await
         .unwrap_err();
     assert!(matches!(err, ClassifierError::Transport(_)), "{err:?}");
-    assert_eq!(*served.lock().unwrap(), 0);
+    assert_eq!(served.lock().unwrap().len(), 0);
     // With VOICEGATE_TLS_CA_FILE = that CA, the node's one client reaches it and the verdict parses.
     let private = Outbound::new(Some(&ca)).unwrap();
     let verdict = OpenAiClassifier::new(&settings(base), private.http().clone())
@@ -216,5 +172,5 @@ async fn an_https_classifier_is_reached_through_the_outbound_client_and_its_ca_s
         .unwrap_or_else(|e| panic!("{e}"));
     assert!((verdict.misuse_score - 0.12).abs() < 1e-9, "{verdict:?}");
     assert_eq!(verdict.usage_type, UsageType::None);
-    assert_eq!(*served.lock().unwrap(), 1);
+    assert_eq!(served.lock().unwrap().len(), 1);
 }

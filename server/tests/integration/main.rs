@@ -15,6 +15,7 @@ mod conversation_transcripts;
 mod dashboards_prometheus;
 mod drain_sigterm;
 mod drain_uploads;
+mod fair_use_evidence;
 mod health_metrics;
 mod limits_auth_throttle;
 mod limits_listen_pace;

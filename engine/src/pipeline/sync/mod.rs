@@ -317,6 +317,8 @@ async fn settle_file(services: &SyncServices, uid: &str, a: Analysed, at: At, ta
             return;
         }
     };
+    // The evidence first: a breach this file causes is classified with the file in view.
+    record_evidence(services, uid, (&a.sha256, a.start_ms), &fa, at).await;
     let rec = RecordSpeech::new(
         uid,
         SpeechAmount::Samples {
@@ -376,7 +378,6 @@ async fn settle_file(services: &SyncServices, uid: &str, a: Analysed, at: At, ta
             return;
         }
     };
-    record_evidence(services, uid, (&a.sha256, a.start_ms), &fa, at).await;
     tally.limitless |= a.limitless;
     tally.speech_ms += fa.speech_ms;
     let merged = fa
@@ -411,9 +412,9 @@ async fn settle_file(services: &SyncServices, uid: &str, a: Analysed, at: At, ta
     });
 }
 
-/// A metered (or already metered) file's evidence for fair use, in its recording's time; its id is its
-/// content hash, so a re-upload rewrites its own entry. A failure is counted by the facade and does not fail
-/// the file (its speech is metered).
+/// A file's evidence for fair use, in its recording's time, written just before its speech is metered; its
+/// id is its content hash, so a re-upload (a retry after a metering failure, a duplicate) rewrites its own
+/// entry. A failure is counted by the facade and does not fail the file.
 async fn record_evidence(
     services: &SyncServices,
     uid: &str,

@@ -101,6 +101,11 @@ pub const FAIR_USE_CLASSIFIER_FAILURES_TOTAL: &str = "voicegate_fair_use_classif
 /// session rewrites each minute and at its end, or a sync file's once metered; the classifiers then see less
 /// of that user's week until the next write).
 pub const FAIR_USE_EVIDENCE_ERRORS_TOTAL: &str = "voicegate_fair_use_evidence_errors_total";
+/// Counter, label `reason` (the last failure: `error`, `malformed`, `not_configured`, `timeout`, `panic`):
+/// breaches whose classifier failed `VOICEGATE_CLASSIFIER_MAX_FAILURES` times, classified by the heuristic
+/// instead (the verdict carries `classifier_failed`).
+pub const FAIR_USE_CLASSIFIER_FALLBACKS_TOTAL: &str =
+    "voicegate_fair_use_classifier_fallbacks_total";
 /// Gauge: classifier tasks in flight.
 pub const FAIR_USE_CLASSIFIER_IN_FLIGHT: &str = "voicegate_fair_use_classifier_in_flight";
 /// Gauge: classifier jobs waiting for a slot.

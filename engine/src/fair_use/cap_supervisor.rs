@@ -8,7 +8,10 @@
 //! 3. runs at most `concurrency` jobs at once; the classifier runs in its own task under a timeout, so an
 //!    error, a panic or a hang is caught;
 //! 4. on failure: logs uid and reason, counts it, releases the lock (compare-and-delete) and retries later with
-//!    jittered exponential [`Backoff`]. A failure is never a benign verdict and never changes the stage;
+//!    jittered exponential [`Backoff`]. A failure is never a benign verdict and never changes the stage; after
+//!    `max_failures` failures of the classifier itself (error, malformed output, timeout, panic) on one breach,
+//!    the next run applies the [`HeuristicClassifier`]'s verdict instead, marked `classifier_failed` with the
+//!    last failure (counted in `voicegate_fair_use_classifier_fallbacks_total`, logged at error);
 //! 5. on success: sends the verdict to the [`VerdictSink`] (the [`FairUseLedger`](crate::fair_use::FairUseLedger)),
 //!    which applies at most one step by compare-and-set and records the event; a stage change up sends a notice;
 //! 6. **follows up**: when the cooldown after a classification ends (checked every [`FOLLOW_UP_EVERY`], or on
@@ -30,12 +33,14 @@ use futures_util::future::BoxFuture;
 use rand::RngExt as _;
 
 use crate::fair_use::classifier::{Classifier, MAX_SESSIONS, UsageSnapshot, UsageSource};
+use crate::fair_use::heuristic::HeuristicClassifier;
 use crate::fair_use::ledger::{Applied, VerdictSink};
 use crate::fair_use::notifier::Notifier;
 use crate::meter::Meter;
 use crate::policy::notice::notice_for;
 use crate::policy::{
     BreachContext, CapTrigger, ClassifierSettings, FairUseConfig, RollingTotals, SoftCaps, Stage,
+    Verdict,
 };
 use crate::store::fair_use::CooldownLock;
 use crate::telemetry;
@@ -112,6 +117,8 @@ pub struct SupervisorStats {
     pub followed_up: u64,
     /// Failures by reason (`error`, `malformed`, `panic`, `timeout`, `lock`, `apply`, …).
     pub failed: BTreeMap<&'static str, u64>,
+    /// Breaches whose classifier failed `max_failures` times: the heuristic's verdict was applied instead.
+    pub fallbacks: u64,
     pub retries_scheduled: u64,
 }
 
@@ -150,6 +157,10 @@ struct Job {
     breach: BreachContext,
     /// The retries of this breach so far (`backoff.attempts()`) and their jittered delays.
     backoff: Backoff,
+    /// Failures of the classifier itself on this breach.
+    classifier_failures: u32,
+    /// Set once they reach `max_failures`: the last failure; the heuristic classifies instead.
+    fallback: Option<String>,
 }
 
 #[derive(Debug)]
@@ -229,6 +240,7 @@ impl CapSupervisor {
             self.settings.clone(),
             job.uid.clone(),
             job.breach.clone(),
+            job.fallback.clone(),
         );
         ctx.spawn(
             run.into_actor(self)
@@ -284,8 +296,29 @@ impl CapSupervisor {
                 self.stats.retries_scheduled += 1;
                 metrics::counter!(telemetry::FAIR_USE_CLASSIFIER_FAILURES_TOTAL, "reason" => reason).increment(1);
                 let mut job = job;
-                let delay = job.backoff.next_delay();
+                let mut delay = job.backoff.next_delay();
                 let attempt = job.backoff.attempts();
+                if CLASSIFIER_FAILURES.contains(&reason) {
+                    job.classifier_failures += 1;
+                }
+                if job.fallback.is_none() && job.classifier_failures >= self.settings.max_failures {
+                    // The heuristic needs no network: try it at once.
+                    self.stats.fallbacks += 1;
+                    metrics::counter!(telemetry::FAIR_USE_CLASSIFIER_FALLBACKS_TOTAL, "reason" => reason)
+                        .increment(1);
+                    tracing::error!(
+                        message = "Classifier failed too often; applying the heuristic's verdict instead.",
+                        uid = %job.uid,
+                        reason,
+                        error = %error,
+                        failures = job.classifier_failures,
+                    );
+                    job.fallback = Some(format!(
+                        "{} failures, the last {reason}: {error}",
+                        job.classifier_failures
+                    ));
+                    delay = Duration::ZERO;
+                }
                 tracing::warn!(
                     message = "Classifier run failed; lock released, will retry.",
                     uid = %job.uid,
@@ -365,6 +398,8 @@ impl CapSupervisor {
             uid,
             breach,
             backoff: retry_backoff(&self.settings),
+            classifier_failures: 0,
+            fallback: None,
         });
         self.dispatch(ctx);
     }
@@ -451,12 +486,17 @@ pub fn retry_backoff(settings: &ClassifierSettings) -> Backoff {
     )
 }
 
+/// Failure reasons of the classifier itself (not of the store around it): these count toward the fallback.
+const CLASSIFIER_FAILURES: [&str; 5] = ["error", "malformed", "not_configured", "timeout", "panic"];
+
 /// Acquire the lock, classify (own task, timeout), apply (own task); release the lock on any failure.
+/// With `fallback` (the configured classifier failed too often) the heuristic classifies instead.
 async fn run_job(
     deps: SupervisorDeps,
     settings: ClassifierSettings,
     uid: String,
     breach: BreachContext,
+    fallback: Option<String>,
 ) -> Outcome {
     let token = format!("{:032x}", rand::rng().random::<u128>());
     let started = tokio::time::Instant::now();
@@ -475,7 +515,7 @@ async fn run_job(
             };
         }
     }
-    let outcome = classify_and_apply(&deps, &settings, &uid, breach).await;
+    let outcome = classify_and_apply(&deps, &settings, &uid, breach, fallback).await;
     metrics::histogram!(telemetry::FAIR_USE_CLASSIFIER_DURATION_SECONDS)
         .record(started.elapsed().as_secs_f64());
     if matches!(outcome, Outcome::Failed { .. }) {
@@ -494,6 +534,7 @@ async fn classify_and_apply(
     settings: &ClassifierSettings,
     uid: &str,
     breach: BreachContext,
+    fallback: Option<String>,
 ) -> Outcome {
     let now = deps.clock.now_ms();
     let since = now.saturating_sub(
@@ -501,7 +542,11 @@ async fn classify_and_apply(
             .lookback_days
             .saturating_mul(crate::policy::stage::DAY_MS),
     );
-    let (classifier, sessions) = (deps.classifier.clone(), deps.sessions.clone());
+    let classifier: Arc<dyn Classifier> = match fallback {
+        Some(_) => Arc::new(HeuristicClassifier),
+        None => deps.classifier.clone(),
+    };
+    let sessions = deps.sessions.clone();
     let (task_uid, totals) = (uid.to_owned(), breach.totals);
     let lookback_days = settings.lookback_days;
     let mut task = tokio::spawn(async move {
@@ -537,7 +582,10 @@ async fn classify_and_apply(
                     error: e.to_string(),
                 };
             }
-            Ok(Ok(Ok(v))) => v.normalised(),
+            Ok(Ok(Ok(v))) => Verdict {
+                classifier_failed: fallback,
+                ..v.normalised()
+            },
         };
     let apply = deps
         .sink

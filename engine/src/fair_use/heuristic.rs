@@ -254,6 +254,7 @@ impl HeuristicClassifier {
                 st.episodes,
             ),
             model: MODEL.to_owned(),
+            classifier_failed: None,
         }
         .normalised()
     }

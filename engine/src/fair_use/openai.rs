@@ -162,6 +162,7 @@ pub fn parse_verdict(content: &str, model: &str) -> Result<Verdict, ClassifierEr
         evidence: v.evidence,
         reasoning: v.reasoning,
         model: format!("{model} ({PROMPT_VERSION})"),
+        classifier_failed: None,
     }
     .normalised())
 }

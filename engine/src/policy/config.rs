@@ -43,6 +43,9 @@ pub struct ClassifierSettings {
     /// First retry after a failure; doubles per failure up to `retry_max_ms`.
     pub retry_base_ms: u64,
     pub retry_max_ms: u64,
+    /// Failures of the configured classifier on one breach after which the heuristic's verdict is applied
+    /// instead (recorded as `classifier_failed` on the verdict).
+    pub max_failures: u32,
 }
 
 impl Default for ClassifierSettings {
@@ -58,6 +61,7 @@ impl Default for ClassifierSettings {
             timeout_ms: 120_000,
             retry_base_ms: 60_000,
             retry_max_ms: 3_600_000,
+            max_failures: 5,
         }
     }
 }
@@ -220,6 +224,11 @@ pub struct FairUseArgs {
     #[arg(long = "classifier-retry-max-seconds", env = ENV_RETRY_MAX,
           default_value_t = ClassifierSettings::default().retry_max_ms / 1000, value_parser = config::positive_count())]
     pub classifier_retry_max_seconds: u64,
+    /// Failures of the classifier on one breach (errors, malformed output, timeouts, panics) after which the
+    /// heuristic's verdict is applied instead, recorded as `classifier_failed`.
+    #[arg(long = "classifier-max-failures", env = "VOICEGATE_CLASSIFIER_MAX_FAILURES",
+          default_value_t = u64::from(ClassifierSettings::default().max_failures), value_parser = config::positive_count())]
+    pub classifier_max_failures: u64,
 }
 
 impl Default for FairUseArgs {
@@ -260,8 +269,69 @@ impl From<&FairUseConfig> for FairUseArgs {
             classifier_timeout_seconds: k.timeout_ms / 1000,
             classifier_retry_base_seconds: k.retry_base_ms / 1000,
             classifier_retry_max_seconds: k.retry_max_ms / 1000,
+            classifier_max_failures: u64::from(k.max_failures),
         }
     }
+}
+
+/// The startup check of the openai classifier: an `http(s)://` URL with a host; plain `http` only to a
+/// loopback host (a key must not cross a network in the clear); an API key (visible ASCII, sent as a bearer
+/// header) required unless the host is loopback (a self-hosted endpoint may need none). The key is never
+/// printed.
+fn check_endpoint(k: &ClassifierSettings) -> Result<(), ConfigError> {
+    const URL: &str = "VOICEGATE_CLASSIFIER_BASE_URL";
+    let invalid = |setting: &str, value: &str, expected| ConfigError::Invalid {
+        setting: setting.to_owned(),
+        value: value.to_owned(),
+        expected,
+    };
+    let url = reqwest::Url::parse(&k.base_url)
+        .map_err(|_| invalid(URL, &k.base_url, "an http:// or https:// URL"))?;
+    let Some(host) = url.host_str().filter(|h| !h.is_empty()) else {
+        return Err(invalid(
+            URL,
+            &k.base_url,
+            "an http:// or https:// URL with a host",
+        ));
+    };
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    match url.scheme() {
+        "https" => {}
+        "http" if loopback => {}
+        "http" => {
+            return Err(invalid(
+                URL,
+                &k.base_url,
+                "an https:// URL (plain http:// only to a loopback host)",
+            ));
+        }
+        _ => return Err(invalid(URL, &k.base_url, "an http:// or https:// URL")),
+    }
+    let key_ok = k
+        .api_key
+        .as_deref()
+        .is_some_and(|key| !key.is_empty() && key.bytes().all(|b| b.is_ascii_graphic()));
+    let key_given = k.api_key.as_deref().is_some_and(|key| !key.is_empty());
+    if key_given && !key_ok {
+        return Err(invalid(
+            "VOICEGATE_CLASSIFIER_API_KEY",
+            "<hidden>",
+            "an API key of visible ASCII characters",
+        ));
+    }
+    if !key_given && !loopback {
+        return Err(invalid(
+            "VOICEGATE_CLASSIFIER_API_KEY",
+            "<unset>",
+            "set for an openai classifier on a non-loopback host",
+        ));
+    }
+    Ok(())
 }
 
 impl FairUseArgs {
@@ -345,7 +415,17 @@ impl FairUseArgs {
             )?,
             retry_base_ms: ms(ENV_RETRY_BASE, self.classifier_retry_base_seconds, 1000)?,
             retry_max_ms: ms(ENV_RETRY_MAX, self.classifier_retry_max_seconds, 1000)?,
+            max_failures: u32::try_from(self.classifier_max_failures).map_err(|_| {
+                ConfigError::Invalid {
+                    setting: "VOICEGATE_CLASSIFIER_MAX_FAILURES".to_owned(),
+                    value: self.classifier_max_failures.to_string(),
+                    expected: "a smaller positive integer",
+                }
+            })?,
         };
+        if classifier.kind == ClassifierKind::OpenAi {
+            check_endpoint(&classifier)?;
+        }
         Ok(FairUseConfig {
             enabled: self.enabled,
             kill_switch: self.kill_switch,
@@ -416,6 +496,45 @@ mod tests {
             FairUseArgs::default().config(),
             Ok(FairUseConfig::default())
         );
+    }
+
+    #[test]
+    fn an_openai_classifier_needs_a_usable_url_and_key_at_startup() {
+        let openai = |url: &str, key: Option<&str>| {
+            let mut env = vec![
+                ("VOICEGATE_CLASSIFIER", "openai"),
+                ("VOICEGATE_CLASSIFIER_BASE_URL", url),
+            ];
+            env.extend(key.map(|k| ("VOICEGATE_CLASSIFIER_API_KEY", k)));
+            from(&env)
+        };
+        assert!(openai("https://api.openai.com/v1", Some("sk-abc")).is_ok());
+        assert!(
+            openai("http://127.0.0.1:8080/v1", None).is_ok(),
+            "loopback: no key needed"
+        );
+        assert!(openai("http://[::1]:8080/v1", None).is_ok());
+        assert!(openai("http://localhost/v1", None).is_ok());
+        let err = openai("http://llm.internal/v1", Some("sk-abc")).unwrap_err();
+        assert!(
+            err.contains("VOICEGATE_CLASSIFIER_BASE_URL") && err.contains("https://"),
+            "{err}"
+        );
+        let err = openai("ftp://llm.internal/v1", Some("sk-abc")).unwrap_err();
+        assert!(err.contains("VOICEGATE_CLASSIFIER_BASE_URL"), "{err}");
+        assert!(openai("not a url", Some("sk-abc")).is_err());
+        let err = openai("https://api.openai.com/v1", None).unwrap_err();
+        assert!(err.contains("VOICEGATE_CLASSIFIER_API_KEY"), "{err}");
+        let err = openai("https://api.openai.com/v1", Some("sk secret")).unwrap_err();
+        assert!(
+            err.contains("VOICEGATE_CLASSIFIER_API_KEY") && !err.contains("secret"),
+            "never printed: {err}"
+        );
+        // The heuristic does not look at them.
+        assert!(from(&[("VOICEGATE_CLASSIFIER_BASE_URL", "ftp://x")]).is_ok());
+        let c = from(&[("VOICEGATE_CLASSIFIER_MAX_FAILURES", "3")]).unwrap();
+        assert_eq!(c.classifier.max_failures, 3);
+        assert!(from(&[("VOICEGATE_CLASSIFIER_MAX_FAILURES", "0")]).is_err());
     }
 
     #[test]
@@ -519,6 +638,8 @@ mod tests {
             ..FairUseConfig::default()
         };
         c.classifier.kind = ClassifierKind::OpenAi;
+        c.classifier.api_key = Some("sk-test".to_owned());
+        c.classifier.max_failures = 9;
         c.caps.daily_ms = 1;
         assert_eq!(FairUseArgs::from(&c).config(), Ok(c));
     }

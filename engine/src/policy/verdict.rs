@@ -51,8 +51,12 @@ pub struct Verdict {
     pub confidence: f64,
     pub evidence: Vec<Evidence>,
     pub reasoning: String,
-    /// Which classifier produced it (`heuristic-v1`, or the chat model's name).
+    /// Which classifier produced it (`heuristic-v2`, or the chat model's name).
     pub model: String,
+    /// Set when the configured classifier failed `max_failures` times in a row for this breach and the
+    /// heuristic's verdict was applied instead: the last failure's reason and message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classifier_failed: Option<String>,
 }
 
 impl Verdict {
@@ -87,6 +91,7 @@ mod tests {
             evidence: vec![e; 12],
             reasoning: String::new(),
             model: "m".into(),
+            classifier_failed: None,
         }
         .normalised();
         assert_eq!(

@@ -24,6 +24,7 @@ fn verdict(score: f64) -> Verdict {
         evidence: Vec::new(),
         reasoning: String::new(),
         model: "test".into(),
+        classifier_failed: None,
     }
 }
 

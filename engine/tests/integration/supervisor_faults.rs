@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fair_use_support::{HOUR_MS, Harness, Scripted, Step, breach, capture_logs};
-use voicegate_engine::policy::Stage;
+use voicegate_engine::policy::{ClassifierSettings, FairUseConfig, Stage};
 use voicegate_engine::store::fair_use::CooldownLock;
 
 async fn failure_is_contained(step: Step, reason: &str) {
@@ -304,4 +304,47 @@ async fn a_lock_store_error_is_a_counted_failure_not_a_crash_d49() {
     }
     assert_eq!(s.failed.get("lock"), Some(&1));
     assert_eq!(h.stage("x").await, Stage::None);
+}
+
+#[actix::test]
+async fn a_classifier_failing_max_failures_times_is_replaced_by_the_heuristics_verdict() {
+    tokio::time::pause();
+    let classifier = Scripted::new(vec![Step::Error]);
+    let cfg = FairUseConfig {
+        classifier: ClassifierSettings {
+            max_failures: 2,
+            ..ClassifierSettings::default()
+        },
+        ..FairUseConfig::default()
+    };
+    let h = Harness::start_with(classifier.clone(), cfg);
+    h.addr.send(breach("u", Stage::None)).await.unwrap();
+    // The first failure waits for its retry (virtual time); the second is the last: the heuristic runs at
+    // once and its verdict is applied, marked.
+    let mut stats = h.settle().await;
+    while stats.fallbacks == 0 || stats.unchanged + stats.escalated == 0 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stats = h.settle().await;
+    }
+    assert_eq!(
+        classifier.calls("u"),
+        2,
+        "the classifier is not called again"
+    );
+    assert_eq!(stats.failed.get("error"), Some(&2));
+    assert_eq!((stats.fallbacks, stats.unchanged), (1, 1));
+    let events = h.ledger.events("u", 10).await.unwrap();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let verdict = events[0].classifier.as_ref().expect("the applied verdict");
+    assert_eq!(verdict.model, voicegate_engine::fair_use::heuristic::MODEL);
+    assert!(
+        verdict
+            .classifier_failed
+            .as_deref()
+            .is_some_and(|f| f.starts_with("2 failures, the last error")),
+        "{verdict:?}"
+    );
+    // Nothing more is retried.
+    tokio::time::sleep(Duration::from_secs(7_200)).await;
+    assert_eq!(classifier.calls("u"), 2);
 }

@@ -9,11 +9,18 @@ const END: &str = "<!-- metrics-table:end -->";
 fn table(telemetry: &str) -> String {
     let mut out = String::from("| Metric | Type, labels and meaning |\n|---|---|\n");
     let mut doc: Vec<&str> = Vec::new();
-    for line in telemetry.lines().map(str::trim) {
+    let mut lines = telemetry.lines().map(str::trim).peekable();
+    while let Some(line) = lines.next() {
         if let Some(text) = line.strip_prefix("///") {
             doc.push(text.trim());
         } else if line.starts_with("pub const") {
-            if let Some(name) = line.split('"').nth(1) {
+            // rustfmt puts a long name's value on the next line.
+            let value = if line.ends_with('=') {
+                lines.next().unwrap_or_default()
+            } else {
+                line
+            };
+            if let Some(name) = value.split('"').nth(1) {
                 out.push_str(&format!(
                     "| `{name}` | {} |\n",
                     doc.join(" ").replace('|', "\\|")

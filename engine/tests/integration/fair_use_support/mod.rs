@@ -31,6 +31,7 @@ pub fn verdict(score: f64) -> Verdict {
         evidence: Vec::new(),
         reasoning: "scripted".into(),
         model: "scripted".into(),
+        classifier_failed: None,
     }
 }
 

@@ -31,7 +31,7 @@ use voicegate_engine::store::fair_use::{
 use voicegate_engine::store::fair_use_redis::{RedisCooldownLock, RedisFairUseStore};
 use voicegate_engine::store::lease::{LeaseStore, MemoryLeaseStore, RedisLeaseStore};
 use voicegate_engine::store::plans::{
-    MemoryPlanStore, PlanRecordValue, PlanStore, PlanStoreError, RedisPlanStore,
+    MemoryPlanStore, PlanRecordValue, PlanSet, PlanStore, PlanStoreError, RedisPlanStore,
 };
 use voicegate_engine::store::sync_jobs::{MemorySyncJobStore, SyncJobStore};
 use voicegate_engine::store::sync_jobs_redis::RedisSyncJobStore;
@@ -302,9 +302,83 @@ impl StoreHealth for EngineHealth {
     }
 }
 
-/// Applies verified payments: store the plan; a paid plan unlocks every conversation of the user (their
-/// credits become unlimited, so nothing new is locked either). Idempotent: the plan is set once per event,
-/// and unlocking again is a no-op, so Stripe's retries after a failure finish the job.
+/// What a plan change did ([`Engine::set_plan`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanChange {
+    pub outcome: PlanSet,
+    pub paid: bool,
+    /// Conversations unlocked by it.
+    pub unlocked: u64,
+    /// The user's fair-use stage was reset (`VOICEGATE_FAIR_USE_PAYMENT_CLEARS_STAGE`).
+    pub stage_cleared: bool,
+}
+
+impl Engine {
+    /// Sets `uid`'s plan: a verified payment, the admin set-plan route or a bulk-import line, in the order the
+    /// changes happened (`source_at_ms`; an older one is `Stale` and changes nothing). A paid plan unlocks
+    /// every conversation of the user (their credits become unlimited, so nothing new is locked either) and,
+    /// when the operator set `VOICEGATE_FAIR_USE_PAYMENT_CLEARS_STAGE`, resets their fair-use stage (the
+    /// reference's #6298). A free plan unlocks nothing and locks nothing again: content already unlocked stays
+    /// unlocked; new content follows the free plan's credits. Idempotent on `event_id`: a redelivery stores
+    /// nothing but unlocks again (a first delivery may have failed after the plan was stored).
+    pub async fn set_plan(
+        &self,
+        uid: &str,
+        plan: &str,
+        event_id: &str,
+        source_at_ms: u64,
+        actor: &str,
+    ) -> Result<PlanChange, String> {
+        let value = PlanRecordValue {
+            plan: plan.to_owned(),
+            updated_at_ms: self.clock.now_ms(),
+            event_id: event_id.to_owned(),
+            source_at_ms,
+        };
+        let outcome = self
+            .plans
+            .set(uid, &value)
+            .await
+            .map_err(|PlanStoreError(e)| e)?;
+        let cfg = self.fair_use.config();
+        let paid = cfg.plans.plan(Some(plan)).paid;
+        let unlocked = if paid && outcome != PlanSet::Stale {
+            self.conversations
+                .unlock_all(uid)
+                .await
+                .map_err(|e| e.to_string())?
+        } else {
+            0
+        };
+        metrics::counter!(CONVERSATIONS_UNLOCKED_TOTAL).increment(unlocked);
+        let stage_cleared = paid && outcome == PlanSet::Stored && cfg.payment_clears_stage;
+        if stage_cleared {
+            self.fair_use
+                .reset(uid, actor)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tracing::info!(
+            message = "Plan set.",
+            uid,
+            plan,
+            event_id,
+            actor,
+            outcome = ?outcome,
+            paid,
+            unlocked,
+            stage_cleared
+        );
+        Ok(PlanChange {
+            outcome,
+            paid,
+            unlocked,
+            stage_cleared,
+        })
+    }
+}
+
+/// Applies verified payments through [`Engine::set_plan`].
 struct EnginePayments {
     engine: Engine,
 }
@@ -312,49 +386,21 @@ struct EnginePayments {
 impl Payments for EnginePayments {
     fn apply(&self, event: PaymentEvent) -> BoxFuture<'_, Result<PaymentOutcome, PaymentsError>> {
         Box::pin(async move {
-            let value = PlanRecordValue {
-                plan: event.plan.clone(),
-                updated_at_ms: self.engine.clock.now_ms(),
-                event_id: event.event_id.clone(),
-            };
-            let fresh = self
+            let change = self
                 .engine
-                .plans
-                .set(&event.uid, &value)
+                .set_plan(
+                    &event.uid,
+                    &event.plan,
+                    &event.event_id,
+                    event.created_ms,
+                    "stripe",
+                )
                 .await
-                .map_err(|PlanStoreError(e)| PaymentsError(e))?;
-            let paid = self
-                .engine
-                .fair_use
-                .config()
-                .plans
-                .plan(Some(&event.plan))
-                .paid;
-            let unlocked = if paid {
-                self.engine
-                    .conversations
-                    .unlock_all(&event.uid)
-                    .await
-                    .map_err(|e| PaymentsError(e.to_string()))?
-            } else {
-                0
-            };
-            metrics::counter!(CONVERSATIONS_UNLOCKED_TOTAL).increment(unlocked);
-            tracing::info!(
-                message = "Payment applied.",
-                uid = %event.uid,
-                plan = %event.plan,
-                event_id = %event.event_id,
-                first_delivery = fresh,
-                paid,
-                unlocked
-            );
-            // A redelivery still unlocks (idempotent: a first delivery may have failed after the plan was
-            // stored) but stored nothing new.
-            Ok(if fresh {
-                PaymentOutcome::Applied
-            } else {
-                PaymentOutcome::Duplicate
+                .map_err(PaymentsError)?;
+            Ok(match change.outcome {
+                PlanSet::Stored => PaymentOutcome::Applied,
+                PlanSet::Duplicate => PaymentOutcome::Duplicate,
+                PlanSet::Stale => PaymentOutcome::Stale,
             })
         })
     }

@@ -15,6 +15,7 @@ pub mod error;
 pub mod health;
 pub mod listen;
 pub mod part_headers;
+pub mod plans_admin;
 pub mod prometheus;
 pub mod routes;
 pub mod serve;

@@ -14,6 +14,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use serde::Deserialize;
 use serde_json::Value;
 use sha2::Sha256;
+use voicegate_engine::policy::plan::FREE_PLAN;
 use voicegate_engine::telemetry::STRIPE_WEBHOOKS_TOTAL;
 
 use crate::error::ApiError;
@@ -114,7 +115,10 @@ pub fn sign_payload(payload: &[u8], secret: &[u8], timestamp: u64) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaymentEventKind {
     CheckoutCompleted,
+    /// `active` or `trialing`: the subscription's plan.
     SubscriptionActive,
+    /// Deleted, or `past_due`, `unpaid`, `canceled`, `incomplete_expired`, `paused`: back to the free plan.
+    SubscriptionEnded,
 }
 
 /// A handled, verified payment: the user `uid` now has `plan`.
@@ -125,6 +129,8 @@ pub struct PaymentEvent {
     pub kind: PaymentEventKind,
     pub uid: String,
     pub plan: String,
+    /// The event's `created` (unix seconds) in ms: plan changes apply in this order (0 when absent).
+    pub created_ms: u64,
 }
 
 #[derive(Deserialize)]
@@ -133,6 +139,8 @@ struct RawEvent {
     id: String,
     #[serde(rename = "type")]
     kind: String,
+    #[serde(default)]
+    created: u64,
     data: RawData,
 }
 
@@ -148,7 +156,8 @@ pub enum Ignored {
     Unparsable,
     /// An event type this server does not handle.
     UnhandledType(String),
-    /// A subscription event whose status is not `active`.
+    /// A subscription event whose status neither grants nor ends the plan (`incomplete`: its first payment
+    /// is pending).
     NotActive,
     /// A handled event without `metadata.uid` or `metadata.plan`.
     MissingMetadata,
@@ -175,11 +184,15 @@ pub fn parse_event(payload: &[u8]) -> Result<PaymentEvent, Ignored> {
     let kind = match raw.kind.as_str() {
         "checkout.session.completed" => PaymentEventKind::CheckoutCompleted,
         "customer.subscription.created" | "customer.subscription.updated" => {
-            if raw.data.object.get("status").and_then(Value::as_str) != Some("active") {
-                return Err(Ignored::NotActive);
+            match raw.data.object.get("status").and_then(Value::as_str) {
+                Some("active" | "trialing") => PaymentEventKind::SubscriptionActive,
+                Some("past_due" | "unpaid" | "canceled" | "incomplete_expired" | "paused") => {
+                    PaymentEventKind::SubscriptionEnded
+                }
+                _ => return Err(Ignored::NotActive),
             }
-            PaymentEventKind::SubscriptionActive
         }
+        "customer.subscription.deleted" => PaymentEventKind::SubscriptionEnded,
         other => return Err(Ignored::UnhandledType(other.to_owned())),
     };
     let meta = |key: &str| {
@@ -190,13 +203,19 @@ pub fn parse_event(payload: &[u8]) -> Result<PaymentEvent, Ignored> {
             .and_then(Value::as_str)
             .filter(|s| !s.is_empty())
     };
-    match (meta("uid"), meta("plan")) {
+    // An ended subscription moves the user to the free plan whatever its metadata's plan says.
+    let plan = match kind {
+        PaymentEventKind::SubscriptionEnded => Some(FREE_PLAN),
+        _ => meta("plan"),
+    };
+    match (meta("uid"), plan) {
         (Some(uid), Some(_)) if !crate::auth::uid_is_valid(uid) => Err(Ignored::InvalidUid),
         (Some(uid), Some(plan)) => Ok(PaymentEvent {
             event_id: raw.id,
             kind,
             uid: uid.to_owned(),
             plan: plan.to_owned(),
+            created_ms: raw.created.saturating_mul(1000),
         }),
         _ => Err(Ignored::MissingMetadata),
     }
@@ -214,6 +233,8 @@ pub enum PaymentOutcome {
     Applied,
     /// The event was applied before (Stripe redelivers): nothing new was stored.
     Duplicate,
+    /// A newer plan change is on record (Stripe delivers out of order): nothing was stored.
+    Stale,
 }
 
 /// Where verified payments go: store the plan, unlock the user's conversations, clear credit-caused
@@ -291,6 +312,12 @@ pub async fn webhook(
                 return Ok(HttpResponse::Ok().json(
                     serde_json::json!({"received": true, "applied": false, "duplicate": true}),
                 ));
+            }
+            if outcome == PaymentOutcome::Stale {
+                count("stale");
+                tracing::info!(message = "Plan change older than the record; not applied.", %event_id);
+                return Ok(HttpResponse::Ok()
+                    .json(serde_json::json!({"received": true, "applied": false, "stale": true})));
             }
             count("applied");
             tracing::info!(message = "Payment applied.", %event_id);
@@ -396,7 +423,8 @@ mod tests {
                 event_id: "evt_1".into(),
                 kind: PaymentEventKind::CheckoutCompleted,
                 uid: "u1".into(),
-                plan: "unlimited".into()
+                plan: "unlimited".into(),
+                created_ms: 0,
             })
         );
     }
@@ -415,26 +443,62 @@ mod tests {
                 parse_event(&active).map(|e| e.kind),
                 Ok(PaymentEventKind::SubscriptionActive)
             );
-            let past_due = event(
+            let trialing = event(
                 kind,
-                serde_json::json!({"status": "past_due", "metadata": {"uid": "u1", "plan": "pro"}}),
+                serde_json::json!({"status": "trialing", "metadata": {"uid": "u1", "plan": "pro"}}),
             );
-            assert_eq!(parse_event(&past_due), Err(Ignored::NotActive));
+            assert_eq!(
+                parse_event(&trialing).map(|e| e.kind),
+                Ok(PaymentEventKind::SubscriptionActive)
+            );
+            for status in [
+                "past_due",
+                "unpaid",
+                "canceled",
+                "incomplete_expired",
+                "paused",
+            ] {
+                let ended = event(
+                    kind,
+                    serde_json::json!({"status": status, "metadata": {"uid": "u1", "plan": "pro"}}),
+                );
+                let e = parse_event(&ended).unwrap_or_else(|e| panic!("{status}: {e:?}"));
+                assert_eq!(
+                    (e.kind, e.plan.as_str()),
+                    (PaymentEventKind::SubscriptionEnded, FREE_PLAN)
+                );
+            }
+            let incomplete = event(
+                kind,
+                serde_json::json!({"status": "incomplete", "metadata": {"uid": "u1", "plan": "pro"}}),
+            );
+            assert_eq!(parse_event(&incomplete), Err(Ignored::NotActive));
         }
     }
 
     #[test]
+    fn a_deleted_subscription_moves_the_user_to_the_free_plan_in_the_events_order() {
+        let deleted = serde_json::to_vec(&serde_json::json!({"id": "evt_9", "type": "customer.subscription.deleted",
+            "created": 1_800_000_000u64, "data": {"object": {"status": "canceled", "metadata": {"uid": "u1"}}}}))
+        .unwrap_or_default();
+        let e = parse_event(&deleted).unwrap_or_else(|e| panic!("{e:?}"));
+        assert_eq!(e.plan, FREE_PLAN);
+        assert_eq!(e.kind, PaymentEventKind::SubscriptionEnded);
+        assert_eq!(e.created_ms, 1_800_000_000_000);
+    }
+
+    #[test]
     fn other_events_and_missing_metadata_are_ignored() {
+        let refund = event("charge.refunded", serde_json::json!({"status": "active"}));
+        assert_eq!(
+            parse_event(&refund),
+            Err(Ignored::UnhandledType("charge.refunded".into()))
+        );
         let deleted = event(
             "customer.subscription.deleted",
-            serde_json::json!({"status": "active"}),
+            serde_json::json!({"status": "canceled"}),
         );
-        assert_eq!(
-            parse_event(&deleted),
-            Err(Ignored::UnhandledType(
-                "customer.subscription.deleted".into()
-            ))
-        );
+        assert_eq!(parse_event(&deleted), Err(Ignored::MissingMetadata));
         let no_uid = event(
             "checkout.session.completed",
             serde_json::json!({"metadata": {"plan": "pro"}}),

@@ -82,10 +82,14 @@ pub fn apply_upsert(
     let mut changed_days = BTreeSet::new();
 
     if let Some(target) = &req.target {
+        // A conversation holds speech of one lock state: a target of the other state is not joined.
         let found = Conversation::day_of_id(target).and_then(|day| {
             buckets
                 .get_mut(&day)
-                .and_then(|b| b.iter_mut().find(|c| &c.id == target))
+                .and_then(|b| {
+                    b.iter_mut()
+                        .find(|c| &c.id == target && c.is_locked == req.locked)
+                })
                 .map(|c| (day, c))
         });
         if let Some((day, c)) = found {
@@ -104,13 +108,20 @@ pub fn apply_upsert(
             }
             return Ok((outcome(new, updated), changed_days));
         }
-        // A missing target falls back to the time rules (the reference does the same).
+        // A missing target falls back to the time rules (the reference does the same), and so does one
+        // of the other lock state.
     }
 
     for span in spans {
         let mut best: Option<(u64, u64, usize)> = None; // (distance, day, index)
         for (day, bucket) in buckets.iter() {
-            for (i, c) in bucket.iter().enumerate() {
+            // Locked speech never joins an unlocked conversation (a downgrade never re-locks what was
+            // unlocked), nor unlocked speech a locked one: each starts its own.
+            for (i, c) in bucket
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| c.is_locked == req.locked)
+            {
                 if let Some(d) = distance(c, &span)
                     && best.is_none_or(|(bd, _, _)| d < bd)
                 {
@@ -256,14 +267,28 @@ mod tests {
     }
 
     #[test]
-    fn a_locked_request_locks_what_it_touches_and_never_unlocks() {
+    fn speech_of_another_lock_state_starts_its_own_conversation_and_unlocking_merges_nothing() {
         let mut b = BTreeMap::new();
-        run(&mut b, &req(&[(0, 30_000)], false));
-        run(&mut b, &req(&[(40_000, 50_000)], true));
-        run(&mut b, &req(&[(60_000, 70_000)], false));
+        let a = run(&mut b, &req(&[(0, 30_000)], false));
+        let locked = run(&mut b, &req(&[(40_000, 50_000)], true));
+        assert_eq!(locked.new.len(), 1, "not merged into the unlocked one");
+        let later = run(&mut b, &req(&[(55_000, 60_000)], true));
+        assert_eq!(
+            later.updated, locked.new,
+            "locked speech joins the locked one"
+        );
+        let free = run(&mut b, &req(&[(62_000, 70_000)], false));
+        assert_eq!(
+            free.updated, a.new,
+            "unlocked speech joins the unlocked one"
+        );
+        // A target of the other state is not joined either.
+        let mut targeted = req(&[(72_000, 75_000)], true);
+        targeted.target = a.new.first().cloned();
+        assert_eq!(run(&mut b, &targeted).updated, locked.new);
         let all: Vec<_> = b.values().flatten().collect();
-        assert_eq!(all.len(), 1);
-        assert!(all[0].is_locked);
+        assert_eq!(all.len(), 2);
+        assert_eq!(all.iter().filter(|c| c.is_locked).count(), 1);
         let n: u64 = b.values_mut().map(|v| unlock_bucket(v, T0)).sum();
         assert_eq!(n, 1);
         assert!(!b.values().flatten().any(|c| c.is_locked));

@@ -78,6 +78,8 @@ pub struct FairUseConfig {
     pub throttle_daily_stt_ms: u64,
     pub plans: PlanTable,
     pub classifier: ClassifierSettings,
+    /// A payment (a paid plan stored) also resets the user's fair-use stage (the reference's #6298 fix).
+    pub payment_clears_stage: bool,
 }
 
 impl Default for FairUseConfig {
@@ -92,6 +94,7 @@ impl Default for FairUseConfig {
             throttle_daily_stt_ms: 7_200_000,
             plans: PlanTable::default(),
             classifier: ClassifierSettings::default(),
+            payment_clears_stage: false,
         }
     }
 }
@@ -229,6 +232,12 @@ pub struct FairUseArgs {
     #[arg(long = "classifier-max-failures", env = "VOICEGATE_CLASSIFIER_MAX_FAILURES",
           default_value_t = u64::from(ClassifierSettings::default().max_failures), value_parser = config::positive_count())]
     pub classifier_max_failures: u64,
+    /// A payment that moves a user to a paid plan also resets their fair-use stage to none (an event
+    /// `admin_reset` by `stripe`); off, misuse stages stay (a payment is not a verdict).
+    #[arg(long = "fair-use-payment-clears-stage", env = "VOICEGATE_FAIR_USE_PAYMENT_CLEARS_STAGE",
+          value_name = "BOOL", action = clap::ArgAction::Set,
+          default_value_t = FairUseConfig::default().payment_clears_stage, value_parser = config::boolean())]
+    pub payment_clears_stage: bool,
 }
 
 impl Default for FairUseArgs {
@@ -270,6 +279,7 @@ impl From<&FairUseConfig> for FairUseArgs {
             classifier_retry_base_seconds: k.retry_base_ms / 1000,
             classifier_retry_max_seconds: k.retry_max_ms / 1000,
             classifier_max_failures: u64::from(k.max_failures),
+            payment_clears_stage: c.payment_clears_stage,
         }
     }
 }
@@ -449,6 +459,7 @@ impl FairUseArgs {
                 paid_plans: list(&self.paid_plans),
             },
             classifier,
+            payment_clears_stage: self.payment_clears_stage,
         })
     }
 }

@@ -1,7 +1,11 @@
-//! Users' plan records (set by verified payments; read by every entitlement decision).
+//! Users' plan records (set by verified payments, the admin set-plan route and the bulk import; read by every
+//! entitlement decision).
 //!
-//! Redis key: `vg:{uid}:plan` STRING, JSON [`PlanRecordValue`]. No record = the free plan. A payment event is
-//! applied at most once: `vg:{uid}:plan:ev:<event_id>` marks it (kept 30 days, longer than Stripe retries).
+//! Redis key: `vg:{uid}:plan` STRING, JSON [`PlanRecordValue`]. No record = the free plan. A change is applied
+//! at most once: `vg:{uid}:plan:ev:<event_id>` marks it (kept 30 days, longer than Stripe retries). Changes
+//! apply in the order they happened, not the order they arrive: a change older (`source_at_ms`) than the
+//! record is marked and not stored (Stripe delivers out of order; a cancellation must not be undone by a
+//! late `active` update, nor a renewal by a late cancellation).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, PoisonError};
@@ -17,6 +21,21 @@ pub struct PlanRecordValue {
     pub updated_at_ms: u64,
     /// The payment event that set it.
     pub event_id: String,
+    /// When the change happened at its source (a Stripe event's `created`, an admin call's time); 0 for
+    /// records written before this field existed.
+    #[serde(default)]
+    pub source_at_ms: u64,
+}
+
+/// What a [`PlanStore::set`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlanSet {
+    /// The record is now `value`.
+    Stored,
+    /// This event was applied before: nothing changed.
+    Duplicate,
+    /// The record holds a newer change: the event is marked, nothing else changed.
+    Stale,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,12 +46,12 @@ pub struct PlanStoreError(pub String);
 pub trait PlanStore: Send + Sync + 'static {
     /// The plan id on record (`None` = no record = free).
     fn get<'a>(&'a self, uid: &'a str) -> BoxFuture<'a, Result<Option<String>, PlanStoreError>>;
-    /// Records `value` for `uid`. Returns `false` when `value.event_id` was applied before (nothing changes).
+    /// Records `value` for `uid` unless its event was applied before or the record holds a newer change.
     fn set<'a>(
         &'a self,
         uid: &'a str,
         value: &'a PlanRecordValue,
-    ) -> BoxFuture<'a, Result<bool, PlanStoreError>>;
+    ) -> BoxFuture<'a, Result<PlanSet, PlanStoreError>>;
 }
 
 /// Plans in process memory.
@@ -57,13 +76,21 @@ impl PlanStore for MemoryPlanStore {
         &'a self,
         uid: &'a str,
         value: &'a PlanRecordValue,
-    ) -> BoxFuture<'a, Result<bool, PlanStoreError>> {
+    ) -> BoxFuture<'a, Result<PlanSet, PlanStoreError>> {
         let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-        let fresh = inner.1.insert(format!("{uid}\u{0}{}", value.event_id));
-        if fresh {
+        let outcome = if !inner.1.insert(format!("{uid}\u{0}{}", value.event_id)) {
+            PlanSet::Duplicate
+        } else if inner
+            .0
+            .get(uid)
+            .is_some_and(|cur| cur.source_at_ms > value.source_at_ms)
+        {
+            PlanSet::Stale
+        } else {
             inner.0.insert(uid.to_owned(), value.clone());
-        }
-        Box::pin(async move { Ok(fresh) })
+            PlanSet::Stored
+        };
+        Box::pin(async move { Ok(outcome) })
     }
 }
 
@@ -77,13 +104,17 @@ pub fn plan_event_key(uid: &str, event_id: &str) -> String {
 
 const EVENT_TTL_MS: u64 = 30 * 86_400_000;
 
-/// Marks the event and sets the plan atomically. KEYS: plan, event mark. ARGV: value, ttl.
+/// Marks the event and sets the plan atomically unless the record holds a newer change. KEYS: plan, event
+/// mark. ARGV: value, ttl, the change's source_at_ms. Returns 1 stored, 0 duplicate, 2 stale.
 const SET_LUA: &str = r"
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then
-  redis.call('SET', KEYS[1], ARGV[1])
-  return 1
+if not redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[2]) then return 0 end
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local ok, rec = pcall(cjson.decode, cur)
+  if ok and type(rec) == 'table' and tonumber(rec.source_at_ms or 0) > tonumber(ARGV[3]) then return 2 end
 end
-return 0
+redis.call('SET', KEYS[1], ARGV[1])
+return 1
 ";
 
 /// Plans in Redis.
@@ -129,7 +160,7 @@ impl PlanStore for RedisPlanStore {
         &'a self,
         uid: &'a str,
         value: &'a PlanRecordValue,
-    ) -> BoxFuture<'a, Result<bool, PlanStoreError>> {
+    ) -> BoxFuture<'a, Result<PlanSet, PlanStoreError>> {
         let mut conn = self.conn.clone();
         Box::pin(async move {
             let json = serde_json::to_string(value).map_err(err)?;
@@ -139,10 +170,15 @@ impl PlanStore for RedisPlanStore {
                 .key(plan_event_key(uid, &value.event_id))
                 .arg(json)
                 .arg(EVENT_TTL_MS)
+                .arg(value.source_at_ms)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(err)?;
-            Ok(n == 1)
+            Ok(match n {
+                1 => PlanSet::Stored,
+                2 => PlanSet::Stale,
+                _ => PlanSet::Duplicate,
+            })
         })
     }
 }

@@ -10,7 +10,9 @@ use voicegate_engine::conversation::{
     ConversationError, ConversationStore, MemoryConversationStore, RedisConversationStore,
     SegmentsAdded, TranscriptSegment, TranscriptStatus, Upsert,
 };
-use voicegate_engine::store::plans::{MemoryPlanStore, PlanRecordValue, PlanStore, RedisPlanStore};
+use voicegate_engine::store::plans::{
+    MemoryPlanStore, PlanRecordValue, PlanSet, PlanStore, RedisPlanStore,
+};
 use voicegate_engine::store::test_redis::RedisServer;
 use voicegate_engine::time::Span;
 
@@ -73,19 +75,30 @@ async fn contract(store: Arc<dyn ConversationStore>) {
     assert!(store.get("a", &b.new[0]).await.unwrap().is_none());
     assert!(store.get("b", &first.new[0]).await.unwrap().is_none());
 
-    // A locked request locks what it touches.
+    // Locked speech next to an unlocked conversation starts its own (a conversation holds one lock state),
+    // and later locked speech joins it.
     let locked = store
         .upsert(upsert("a", &[(140_000, 150_000)], true))
         .await
         .unwrap();
-    assert_eq!(locked.updated.len(), 1);
-    let c = store.get("a", &locked.updated[0]).await.unwrap().unwrap();
+    assert_eq!((locked.new.len(), locked.updated.len()), (1, 0));
+    let more = store
+        .upsert(upsert("a", &[(155_000, 160_000)], true))
+        .await
+        .unwrap();
+    assert_eq!(more.updated, locked.new);
+    let c = store.get("a", &locked.new[0]).await.unwrap().unwrap();
     assert!(c.is_locked);
-    assert_eq!(c.spans.len(), 3);
-    assert_eq!((c.started_at_ms, c.finished_at_ms), (T0, T0 + 150_000));
+    assert_eq!(c.spans.len(), 2);
+    assert_eq!(
+        (c.started_at_ms, c.finished_at_ms),
+        (T0 + 140_000, T0 + 160_000)
+    );
+    let open = store.get("a", &first.new[0]).await.unwrap().unwrap();
+    assert!(!open.is_locked, "the unlocked conversation stays unlocked");
 
     let page = store.list("a", 10, 0).await.unwrap();
-    assert_eq!(page.conversations.len(), 2);
+    assert_eq!(page.conversations.len(), 3);
     assert!(!page.more);
     assert!(page.conversations[0].started_at_ms > page.conversations[1].started_at_ms);
     let page = store.list("a", 1, 0).await.unwrap();
@@ -96,7 +109,7 @@ async fn contract(store: Arc<dyn ConversationStore>) {
     assert_eq!(store.unlock_all("a").await.unwrap(), 0);
     assert!(
         !store
-            .get("a", &locked.updated[0])
+            .get("a", &locked.new[0])
             .await
             .unwrap()
             .unwrap()
@@ -344,18 +357,32 @@ async fn redis_store_keeps_the_transcript_contract() {
 
 async fn plan_contract(store: Arc<dyn PlanStore>) {
     assert_eq!(store.get("u").await.unwrap(), None);
-    let v = PlanRecordValue {
-        plan: "unlimited".into(),
+    let change = |plan: &str, event: &str, at: u64| PlanRecordValue {
+        plan: plan.into(),
         updated_at_ms: T0,
-        event_id: "evt_1".into(),
+        event_id: event.into(),
+        source_at_ms: at,
     };
-    assert!(store.set("u", &v).await.unwrap());
-    assert!(
-        !store.set("u", &v).await.unwrap(),
+    let v = change("unlimited", "evt_1", T0);
+    assert_eq!(store.set("u", &v).await.unwrap(), PlanSet::Stored);
+    assert_eq!(
+        store.set("u", &v).await.unwrap(),
+        PlanSet::Duplicate,
         "the same event applies once"
     );
     assert_eq!(store.get("u").await.unwrap().as_deref(), Some("unlimited"));
     assert_eq!(store.get("other").await.unwrap(), None);
+    // A cancellation that happened later wins; a renewal that happened before it and arrives after does not.
+    let cancel = change("basic", "evt_3", T0 + 2_000);
+    assert_eq!(store.set("u", &cancel).await.unwrap(), PlanSet::Stored);
+    let late = change("unlimited", "evt_2", T0 + 1_000);
+    assert_eq!(store.set("u", &late).await.unwrap(), PlanSet::Stale);
+    assert_eq!(store.get("u").await.unwrap().as_deref(), Some("basic"));
+    assert_eq!(
+        store.set("u", &late).await.unwrap(),
+        PlanSet::Duplicate,
+        "marked"
+    );
 }
 
 #[tokio::test]

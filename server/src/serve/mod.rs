@@ -161,6 +161,7 @@ pub fn mount_engine(server: &mut ServerBuilder, engine: &Engine) {
         .payments(engine.payments())
         .app_data(engine.data())
         .routes(crate::routes::configure)
+        .routes(crate::plans_admin::configure)
         .on_drain(DrainPhase::Flush, "meter_flush", move || {
             Box::pin(async move { flushing.flush(flush_limit).await })
         });

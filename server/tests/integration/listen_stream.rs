@@ -12,7 +12,7 @@ use futures_util::future::BoxFuture;
 use listen_support::{NORMAL, Seen, connect, fixture_packets, offline, stream_packets};
 use voicegate_engine::pipeline::offline::FileAnalysis;
 use voicegate_engine::policy::FairUseConfig;
-use voicegate_engine::store::plans::{PlanRecordValue, PlanStore, PlanStoreError};
+use voicegate_engine::store::plans::{PlanRecordValue, PlanSet, PlanStore, PlanStoreError};
 
 const OPUS16: &str = "codec=opus&sample_rate=16000";
 
@@ -258,7 +258,7 @@ impl PlanStore for SlowPlans {
         &'a self,
         uid: &'a str,
         value: &'a PlanRecordValue,
-    ) -> BoxFuture<'a, Result<bool, PlanStoreError>> {
+    ) -> BoxFuture<'a, Result<PlanSet, PlanStoreError>> {
         self.inner.set(uid, value)
     }
 }

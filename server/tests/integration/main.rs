@@ -9,6 +9,7 @@ mod admin_key;
 mod auth;
 mod auth_jwks_url;
 mod bad_input_matrix;
+mod billing_lifecycle;
 mod config_docs;
 mod config_refusals;
 mod conversation_transcripts;

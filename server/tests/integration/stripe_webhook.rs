@@ -102,7 +102,8 @@ async fn correctly_signed_checkout_applies_the_plan() {
             event_id: "evt_42".into(),
             kind: PaymentEventKind::CheckoutCompleted,
             uid: "u-paid".into(),
-            plan: "unlimited".into()
+            plan: "unlimited".into(),
+            created_ms: 0,
         }]
     );
 }

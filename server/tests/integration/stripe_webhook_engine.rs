@@ -5,22 +5,6 @@ use crate::common;
 
 use common::engine_server::{EngineServer, STRIPE_SECRET, fair_use_on};
 use serde_json::{Value, json};
-use voicegate_server::stripe::sign_payload;
-
-async fn deliver(server: &EngineServer, payload: &Value) -> (u16, Value) {
-    let bytes = payload.to_string().into_bytes();
-    let sig = sign_payload(&bytes, STRIPE_SECRET.as_bytes(), common::now());
-    let resp = server
-        .http
-        .post(server.url("/v1/stripe/webhook"))
-        .header("Stripe-Signature", sig)
-        .header("content-type", "application/json")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    common::engine_server::split(resp).await
-}
 
 fn checkout(id: &str, uid: &str) -> Value {
     json!({"id": id, "type": "checkout.session.completed",
@@ -40,7 +24,10 @@ async fn a_signed_event_with_a_uid_tokens_would_refuse_changes_nothing_and_says_
     .iter()
     .enumerate()
     {
-        let (code, body) = deliver(&server, &checkout(&format!("evt_bad{i}"), uid)).await;
+        let (code, body) = server
+            .webhook(&checkout(&format!("evt_bad{i}"), uid), STRIPE_SECRET)
+            .await
+            .pair();
         assert_eq!(code, 200, "{uid:?}: {body}");
         assert_eq!(body["applied"], false, "{uid:?}: {body}");
         assert_eq!(body["ignored"], "uid_invalid", "{uid:?}: {body}");
@@ -59,10 +46,10 @@ async fn a_signed_event_with_a_uid_tokens_would_refuse_changes_nothing_and_says_
 async fn a_replayed_event_answers_duplicate_not_applied() {
     let server = EngineServer::start(fair_use_on(), |_| {}).await;
     let event = checkout("evt_once", "payer");
-    let (code, first) = deliver(&server, &event).await;
+    let (code, first) = server.webhook(&event, STRIPE_SECRET).await.pair();
     assert_eq!((code, &first["applied"]), (200, &json!(true)), "{first}");
     assert!(first.get("duplicate").is_none(), "{first}");
-    let (code, replay) = deliver(&server, &event).await;
+    let (code, replay) = server.webhook(&event, STRIPE_SECRET).await.pair();
     assert_eq!(code, 200, "{replay}");
     assert_eq!(replay["applied"], false, "{replay}");
     assert_eq!(replay["duplicate"], true, "{replay}");

@@ -13,7 +13,6 @@ use common::engine_server::{
 use common::refusal::{Reply, header_str};
 use serde_json::{Value, json};
 use voicegate_engine::policy::{FairUseConfig, SoftCaps};
-use voicegate_server::stripe::sign_payload;
 
 fn one_fixture(i: usize, ago_s: u64) -> Vec<(String, Vec<u8>)> {
     let (_, bytes) = fixtures().swap_remove(i);
@@ -29,21 +28,6 @@ async fn admin_post(server: &EngineServer, path: &str) -> (u16, Value) {
         .await
         .unwrap();
     common::engine_server::split(resp).await
-}
-
-async fn webhook(server: &EngineServer, payload: &Value, secret: &str) -> Reply {
-    let bytes = payload.to_string().into_bytes();
-    let sig = sign_payload(&bytes, secret.as_bytes(), common::now());
-    let resp = server
-        .http
-        .post(server.url("/v1/stripe/webhook"))
-        .header("Stripe-Signature", sig)
-        .header("content-type", "application/json")
-        .body(bytes)
-        .send()
-        .await
-        .unwrap();
-    Reply::of(resp).await
 }
 
 #[actix_web::test]
@@ -207,7 +191,7 @@ async fn exhausted_credits_lock_and_a_signed_payment_unlocks() {
         "data": {"object": {"metadata": {"uid": "free", "plan": "unlimited"}}}
     });
     // Badly signed: 400 (final) and still locked.
-    let bad = webhook(&server, &event, "whsec_wrong").await;
+    let bad = server.webhook(&event, "whsec_wrong").await;
     assert_eq!(bad.status, 400, "{}", bad.body);
     assert_eq!(bad.assert_refusal("bad signature"), None);
     let (code, _) = server
@@ -215,7 +199,7 @@ async fn exhausted_credits_lock_and_a_signed_payment_unlocks() {
         .await;
     assert_eq!(code, 402);
     // Correctly signed: unlocked, and new uploads are no longer locked.
-    let (code, body) = webhook(&server, &event, STRIPE_SECRET).await.pair();
+    let (code, body) = server.webhook(&event, STRIPE_SECRET).await.pair();
     assert_eq!(code, 200, "{body}");
     let (code, body) = server
         .get(&format!("/v1/conversations/{locked_id}"), "free")

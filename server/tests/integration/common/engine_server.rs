@@ -86,6 +86,22 @@ impl EngineServer {
         }
     }
 
+    /// Delivers `payload` to the Stripe webhook signed with `secret` (now).
+    pub async fn webhook(&self, payload: &Value, secret: &str) -> super::refusal::Reply {
+        let bytes = payload.to_string().into_bytes();
+        let sig = voicegate_server::stripe::sign_payload(&bytes, secret.as_bytes(), super::now());
+        let resp = self
+            .http
+            .post(self.url("/v1/stripe/webhook"))
+            .header("Stripe-Signature", sig)
+            .header("content-type", "application/json")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        super::refusal::Reply::of(resp).await
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }

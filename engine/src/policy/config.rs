@@ -11,7 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{self, ConfigError, Setting, ordered};
-use crate::policy::plan::DEFAULT_PAID_PLANS;
+use crate::policy::plan::{DEFAULT_PAID_PLANS, DefaultPlan};
 use crate::policy::stage::DAY_MS;
 use crate::policy::{PlanTable, SoftCaps, StagePolicy};
 
@@ -119,6 +119,17 @@ const fn classifier_kind() -> Setting<ClassifierKind> {
     )
 }
 
+const fn default_plan() -> Setting<DefaultPlan> {
+    Setting::new(
+        |v| match v.to_ascii_lowercase().as_str() {
+            "unknown" => Some(DefaultPlan::Unknown),
+            "free" | "basic" => Some(DefaultPlan::Free),
+            _ => None,
+        },
+        "unknown or free",
+    )
+}
+
 const ENV_DAILY: &str = "FAIR_USE_DAILY_SPEECH_MS";
 const ENV_3DAY: &str = "FAIR_USE_3DAY_SPEECH_MS";
 const ENV_WEEKLY: &str = "FAIR_USE_WEEKLY_SPEECH_MS";
@@ -175,6 +186,11 @@ pub struct FairUseArgs {
     #[arg(long = "free-minutes-per-month", env = "BASIC_TIER_MINUTES_LIMIT_PER_MONTH",
           default_value_t = PlanTable::default().free_minutes_per_month, value_parser = config::count())]
     pub free_minutes_per_month: u64,
+    /// What a user with no plan record (never named by a payment, the admin route or an import) is on:
+    /// unknown (metered, never locked) or free (locked once the free minutes are used).
+    #[arg(long = "default-plan", env = "VOICEGATE_DEFAULT_PLAN",
+          default_value_t = PlanTable::default().default_plan, value_parser = default_plan())]
+    pub default_plan: DefaultPlan,
     /// Comma-separated plan ids with unlimited minutes.
     #[arg(long = "fair-use-paid-plans", env = "VOICEGATE_FAIR_USE_PAID_PLANS",
           default_value_t = DEFAULT_PAID_PLANS.join(","), value_parser = config::text())]
@@ -265,6 +281,7 @@ impl From<&FairUseConfig> for FairUseArgs {
             restrict_daily_stt_ms: c.restrict_daily_stt_ms,
             throttle_daily_stt_ms: c.throttle_daily_stt_ms,
             free_minutes_per_month: c.plans.free_minutes_per_month,
+            default_plan: c.plans.default_plan,
             paid_plans: list(&mut c.plans.paid_plans.iter()),
             throttle_days: c.stages.throttle_ms / DAY_MS,
             restrict_days: c.stages.restrict_ms / DAY_MS,
@@ -457,6 +474,7 @@ impl FairUseArgs {
             plans: PlanTable {
                 free_minutes_per_month: self.free_minutes_per_month,
                 paid_plans: list(&self.paid_plans),
+                default_plan: self.default_plan,
             },
             classifier,
             payment_clears_stage: self.payment_clears_stage,

@@ -27,7 +27,7 @@ pub use entitlement::{
     Admission, Enforcement, Entitlement, EntitlementInput, Mode, RejectReason, SttAllowance,
     SttDenied, SttUsage, resolve, retry_after_s,
 };
-pub use plan::{CreditLookup, Credits, Plan, PlanTable};
+pub use plan::{CreditLookup, Credits, DefaultPlan, Plan, PlanTable};
 pub use session::{SessionLane, SessionMeasures, SessionSummary};
 pub use stage::{
     BreachContext, DecayStep, EventKind, FairUseEvent, InvalidStage, Stage, StagePolicy,

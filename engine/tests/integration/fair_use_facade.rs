@@ -12,7 +12,9 @@ use voicegate_engine::fair_use::{
     FairUse, FairUseParts, FollowUp, GetSupervisorStats, NoSessions, PlanRecord, SupervisorStats,
 };
 use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
-use voicegate_engine::policy::{Admission, Mode, Stage, SttAllowance, SttDenied};
+use voicegate_engine::policy::{
+    Admission, DefaultPlan, FairUseConfig, Mode, Stage, SttAllowance, SttDenied,
+};
 use voicegate_engine::store::MemoryStore;
 use voicegate_engine::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
 use voicegate_engine::time::ManualClock;
@@ -29,8 +31,11 @@ fn start(clock: Arc<ManualClock>, score: f64) -> FairUse {
         Arc::new(MemoryStore::default()),
         clock.clone(),
     );
+    // No plan record = the free plan here (`VOICEGATE_DEFAULT_PLAN=free`), as the lock tests assume.
+    let mut cfg = FairUseConfig::default();
+    cfg.plans.default_plan = DefaultPlan::Free;
     FairUse::start(
-        Default::default(),
+        cfg,
         meter,
         FairUseParts {
             store: Arc::new(MemoryFairUseStore::new()),

@@ -4,9 +4,9 @@
 
 use voicegate_engine::policy::stage::DAY_MS;
 use voicegate_engine::policy::{
-    Admission, CapKind, CreditLookup, Credits, Enforcement, EntitlementInput, FairUseConfig, Mode,
-    MonthUsage, PlanTable, RejectReason, RollingTotals, SoftCaps, Stage, StageState, SttAllowance,
-    SttDenied, SttUsage, resolve,
+    Admission, CapKind, CreditLookup, Credits, DefaultPlan, Enforcement, EntitlementInput,
+    FairUseConfig, Mode, MonthUsage, PlanTable, RejectReason, RollingTotals, SoftCaps, Stage,
+    StageState, SttAllowance, SttDenied, SttUsage, resolve,
 };
 
 const NOW: u64 = 1_790_000_000_000;
@@ -26,8 +26,16 @@ enum Caps {
     Over,
 }
 
+/// The reference's plan table: no plan record = the free plan (`VOICEGATE_DEFAULT_PLAN=free`).
+fn free_default() -> PlanTable {
+    PlanTable {
+        default_plan: DefaultPlan::Free,
+        ..PlanTable::default()
+    }
+}
+
 fn credit(c: Credit) -> CreditLookup {
-    let table = PlanTable::default();
+    let table = free_default();
     match c {
         Credit::WithCredits => {
             CreditLookup::Resolved(table.credits(None, MonthUsage { month_ms: 60_000 }))
@@ -87,6 +95,8 @@ fn cfg(enabled: bool, kill: bool, exempt: bool) -> FairUseConfig {
         kill_switch: kill,
         ..FairUseConfig::default()
     };
+    // The reference's rule: no plan record = the free plan (`VOICEGATE_DEFAULT_PLAN=free`).
+    c.plans.default_plan = DefaultPlan::Free;
     if exempt {
         c.exempt_uids.insert(UID.to_owned());
     }
@@ -554,7 +564,7 @@ fn stt_budget_used_on_another_utc_day_counts_as_zero_and_resets_at_midnight() {
 
 #[test]
 fn credit_exhaustion_by_plan_f57() {
-    let table = PlanTable::default();
+    let table = free_default();
     let exhausted = |record: Option<&str>, used| {
         table
             .credits(record, MonthUsage { month_ms: used })

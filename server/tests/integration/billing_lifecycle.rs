@@ -270,3 +270,36 @@ async fn a_payment_clears_a_fair_use_stage_only_when_the_operator_says_so() {
         server.shutdown().await;
     }
 }
+
+#[actix_web::test]
+async fn a_user_no_source_named_is_on_the_unknown_plan_metered_and_never_locked_by_default() {
+    let mut fair = voicegate_engine::policy::FairUseConfig::default();
+    assert_eq!(
+        fair.plans.default_plan,
+        voicegate_engine::policy::DefaultPlan::Unknown
+    );
+    fair.plans.free_minutes_per_month = 1;
+    let server = EngineServer::start(fair, |_| {}).await;
+    let fx = fixtures();
+    let files: Vec<_> = (0..6)
+        .map(|i| (omi_name(36_000 - 3_600 * i as u64), fx[i].1.clone()))
+        .collect();
+    let (code, body, _) = server.upload("stranger", "", &files).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body["speech_ms"].as_u64().unwrap() > 60_000,
+        "past the free minute: {body}"
+    );
+    let (code, body, _) = server
+        .upload("stranger", "", &[(omi_name(600), fx[6].1.clone())])
+        .await;
+    assert_eq!((code, &body["locked"]), (200, &json!(false)), "{body}");
+    let (_, status) = server.get("/v1/fair-use/status", "stranger").await;
+    assert_eq!(status["credits"]["plan"]["id"], "unknown", "{status}");
+    assert_eq!(status["locked"], false);
+    assert!(
+        status["speech_ms"]["month_ms"].as_u64().unwrap() > 60_000,
+        "metered: {status}"
+    );
+    server.shutdown().await;
+}

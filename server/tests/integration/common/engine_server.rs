@@ -24,12 +24,15 @@ pub struct EngineServer {
     done: Option<actix_web::rt::task::JoinHandle<()>>,
 }
 
-/// Fair use on with the reference's defaults (caps, stages), everything else default.
+/// Fair use on with the reference's defaults (caps, stages, and no plan record = the free plan, i.e.
+/// `VOICEGATE_DEFAULT_PLAN=free`), everything else default.
 pub fn fair_use_on() -> FairUseConfig {
-    FairUseConfig {
+    let mut c = FairUseConfig {
         enabled: true,
         ..FairUseConfig::default()
-    }
+    };
+    c.plans.default_plan = voicegate_engine::policy::DefaultPlan::Free;
+    c
 }
 
 pub fn base_config(redis_url: String) -> ServeConfig {

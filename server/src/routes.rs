@@ -34,6 +34,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         web::get().to(crate::sync_v2::status),
     )
     .route("/v1/fair-use/status", web::get().to(status))
+    .route("/v1/fair-use/violations", web::get().to(violations))
     .route("/v1/conversations", web::get().to(list_conversations))
     .route("/v1/conversations/{id}", web::get().to(get_conversation))
     .route(
@@ -293,6 +294,16 @@ async fn admin_flagged(
         .map(|(uid, stage)| json!({ "uid": uid, "stage": stage }))
         .collect();
     Ok(HttpResponse::Ok().json(json!({ "users": users, "count": users.len() })))
+}
+
+/// `GET /v1/fair-use/violations`: the user's own stage, when it ends, and the violations behind it.
+async fn violations(user: AuthedUser, engine: web::Data<Engine>) -> Result<HttpResponse, ApiError> {
+    let v = engine
+        .fair_use
+        .violations(&user.uid)
+        .await
+        .map_err(admin_error)?;
+    Ok(HttpResponse::Ok().json(v))
 }
 
 async fn admin_user(

@@ -21,13 +21,15 @@ use crate::fair_use::notifier::{LogNotifier, Notifier};
 use crate::fair_use::openai::OpenAiClassifier;
 use crate::meter::{Meter, MeterError, RecordOutcome, RecordSpeech, RecordStatus, UsageTotals};
 use crate::outbound::Outbound;
+use crate::policy::UsageType;
 use crate::policy::notice::{Notice, status_message};
+use crate::policy::stage::DAY_MS;
 use crate::policy::{
     CaseRef, ClassifierKind, CreditLookup, Enforcement, Entitlement, EntitlementInput,
     FairUseConfig, FairUseEvent, InvalidStage, Mode, MonthUsage, SessionSummary, SoftCaps,
     SpeechMs, Stage, StageState, SttAllowance, SttUsage, resolve,
 };
-use crate::store::fair_use::{CooldownLock, FairUseStore};
+use crate::store::fair_use::{CooldownLock, FairUseStore, MAX_EVENTS_PER_USER};
 use crate::telemetry;
 use crate::time::Clock;
 
@@ -92,6 +94,32 @@ pub struct FairUseStatus {
     pub totals_known: bool,
     pub notice: Option<Notice>,
 }
+
+/// One violation as the user sees it (`GET /v1/fair-use/violations`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ViolationCase {
+    pub case_ref: CaseRef,
+    pub at_ms: u64,
+    /// The stage after it.
+    pub stage: Stage,
+    pub usage_type: Option<UsageType>,
+}
+
+/// A user's own fair-use record: what the stage is, when it ends, and the violations behind it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Violations {
+    pub stage: Stage,
+    /// When the stage decays one step (none: `None`).
+    pub stage_ends_at_ms: Option<u64>,
+    pub violations_7d: usize,
+    pub violations_30d: usize,
+    /// The violations of the last 30 days still in the event log, newest first, at most 20.
+    pub cases: Vec<ViolationCase>,
+    pub message: String,
+}
+
+/// Violations listed at most.
+pub const MAX_LISTED_VIOLATIONS: usize = 20;
 
 /// Everything an admin sees of one user.
 #[derive(Debug, Clone, PartialEq)]
@@ -394,6 +422,40 @@ impl FairUse {
             totals_known: totals.known,
             notice: self.notices.as_ref().and_then(|n| n.latest(uid)),
         }
+    }
+
+    /// The user's own violations view.
+    pub async fn violations(&self, uid: &str) -> Result<Violations, AdminError> {
+        let now = self.clock.now_ms();
+        let state = self.ledger.read(uid, now).await?;
+        let events = self.ledger.events(uid, MAX_EVENTS_PER_USER).await?;
+        let since = |days: u64| now.saturating_sub(days.saturating_mul(DAY_MS));
+        let count = |days: u64| {
+            state
+                .violations_ms
+                .iter()
+                .filter(|&&t| t >= since(days))
+                .count()
+        };
+        let cases = events
+            .iter()
+            .filter(|e| e.violation && e.at_ms >= since(30))
+            .take(MAX_LISTED_VIOLATIONS)
+            .map(|e| ViolationCase {
+                case_ref: e.case_ref.clone(),
+                at_ms: e.at_ms,
+                stage: e.new_stage,
+                usage_type: e.classifier.as_ref().map(|v| v.usage_type),
+            })
+            .collect();
+        Ok(Violations {
+            stage: state.stage,
+            stage_ends_at_ms: state.next_decay_at(&self.cfg.stages),
+            violations_7d: count(7),
+            violations_30d: count(30),
+            cases,
+            message: status_message(state.stage, state.last_case_ref.as_ref()),
+        })
     }
 
     /// Admin set-stage (`stage` as given in the request; `invalid_stage` → 400).

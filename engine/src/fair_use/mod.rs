@@ -30,8 +30,8 @@ pub use classifier::{
     UsageSnapshot, UsageSource,
 };
 pub use facade::{
-    AdminError, FairUse, FairUseParts, FairUseStatus, PlanRecord, UserDetail,
-    classifier_from_config,
+    AdminError, FairUse, FairUseParts, FairUseStatus, PlanRecord, UserDetail, ViolationCase,
+    Violations, classifier_from_config,
 };
 pub use heuristic::HeuristicClassifier;
 pub use ledger::{Applied, FairUseLedger, LedgerError, VerdictSink};

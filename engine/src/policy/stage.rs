@@ -213,33 +213,22 @@ impl StageState {
         let mut s = self.clone();
         let mut steps = Vec::new();
         loop {
-            let step = match s.stage {
-                Stage::None => None,
-                Stage::Restrict => {
-                    let until = s
-                        .restrict_until_ms
-                        .unwrap_or_else(|| s.anchor().saturating_add(policy.restrict_ms));
-                    (until <= now_ms).then(|| {
+            let step = s
+                .next_decay_at(policy)
+                .filter(|&until| until <= now_ms)
+                .and_then(|until| match s.stage {
+                    Stage::None => None,
+                    Stage::Restrict => {
                         s.restrict_until_ms = None;
                         s.throttle_until_ms = Some(until.saturating_add(policy.throttle_ms));
-                        (Stage::Throttle, until)
-                    })
-                }
-                Stage::Throttle => {
-                    let until = s
-                        .throttle_until_ms
-                        .unwrap_or_else(|| s.anchor().saturating_add(policy.throttle_ms));
-                    (until <= now_ms).then(|| {
+                        Some((Stage::Throttle, until))
+                    }
+                    Stage::Throttle => {
                         s.throttle_until_ms = None;
-                        (Stage::Warning, until)
-                    })
-                }
-                Stage::Warning => {
-                    let quiet_from = s.anchor().max(s.last_violation_at_ms.unwrap_or(0));
-                    let until = quiet_from.saturating_add(policy.warning_quiet_ms);
-                    (until <= now_ms).then_some((Stage::None, until))
-                }
-            };
+                        Some((Stage::Warning, until))
+                    }
+                    Stage::Warning => Some((Stage::None, until)),
+                });
             let Some((to, at_ms)) = step else { break };
             steps.push(DecayStep {
                 from: s.stage,
@@ -252,6 +241,26 @@ impl StageState {
         }
         s.prune_violations(now_ms);
         (s, steps)
+    }
+
+    /// When the current stage ends (decays one step), if it is not none: restrict at `restrict_until`,
+    /// throttle at `throttle_until`, warning after `warning_quiet_ms` without a violation.
+    pub fn next_decay_at(&self, policy: &StagePolicy) -> Option<u64> {
+        match self.stage {
+            Stage::None => None,
+            Stage::Restrict => Some(
+                self.restrict_until_ms
+                    .unwrap_or_else(|| self.anchor().saturating_add(policy.restrict_ms)),
+            ),
+            Stage::Throttle => Some(
+                self.throttle_until_ms
+                    .unwrap_or_else(|| self.anchor().saturating_add(policy.throttle_ms)),
+            ),
+            Stage::Warning => {
+                let quiet_from = self.anchor().max(self.last_violation_at_ms.unwrap_or(0));
+                Some(quiet_from.saturating_add(policy.warning_quiet_ms))
+            }
+        }
     }
 
     /// When the current stage was entered, falling back to the last write for states without it.

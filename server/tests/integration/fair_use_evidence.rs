@@ -116,6 +116,37 @@ async fn a_stream_over_a_cap_reaches_the_llm_classifier_with_the_users_session_e
     assert!(s["speech_density"].as_f64().is_some_and(|d| d > 0.3), "{s}");
     assert!(s["id"].as_str().is_some_and(|id| id.starts_with("rt:")));
 
+    // The user's own view: one violation, its case ref, and when the warning ends (30 quiet days).
+    let (code, v) = server.get("/v1/fair-use/violations", "dense").await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(
+        (
+            v["stage"].as_str(),
+            v["violations_7d"].as_u64(),
+            v["violations_30d"].as_u64()
+        ),
+        (Some("warning"), Some(1), Some(1)),
+        "{v}"
+    );
+    assert_eq!(v["cases"][0]["case_ref"], events[0]["case_ref"]);
+    assert_eq!(v["cases"][0]["usage_type"], "audiobook");
+    assert_eq!(
+        v["stage_ends_at_ms"].as_u64(),
+        events[0]["at_ms"].as_u64().map(|at| at + 30 * 86_400_000),
+        "{v}"
+    );
+    let (code, clean) = server.get("/v1/fair-use/violations", "someone-else").await;
+    assert_eq!(code, 200);
+    assert_eq!(
+        (
+            clean["stage"].as_str(),
+            clean["violations_30d"].as_u64(),
+            clean["stage_ends_at_ms"].is_null()
+        ),
+        (Some("none"), Some(0), true),
+        "{clean}"
+    );
+
     // Both sessions are in the admin view now, newest end first.
     let sessions = user["sessions"].as_array().expect("sessions");
     assert_eq!(sessions.len(), 2, "{user}");

@@ -34,13 +34,13 @@ use rand::RngExt as _;
 
 use crate::fair_use::classifier::{Classifier, MAX_SESSIONS, UsageSnapshot, UsageSource};
 use crate::fair_use::heuristic::HeuristicClassifier;
-use crate::fair_use::ledger::{Applied, VerdictSink};
+use crate::fair_use::ledger::{Applied, FairUseLedger, VerdictSink};
 use crate::fair_use::notifier::Notifier;
 use crate::meter::Meter;
 use crate::policy::notice::notice_for;
 use crate::policy::{
-    BreachContext, CapTrigger, ClassifierSettings, FairUseConfig, RollingTotals, SoftCaps, Stage,
-    Verdict,
+    BreachContext, CapTrigger, ClassifierSettings, Enforcement, FairUseConfig, RollingTotals,
+    SoftCaps, Stage, Verdict,
 };
 use crate::store::fair_use::CooldownLock;
 use crate::telemetry;
@@ -73,21 +73,47 @@ pub struct WhenIdle;
 /// How often the supervisor looks for follow-ups due.
 pub const FOLLOW_UP_EVERY: Duration = Duration::from_secs(60);
 
-/// Where a follow-up reads a user's rolling totals (the meter).
-pub trait TotalsSource: Send + Sync + 'static {
-    /// `None` when the totals are unknown (the store is unreachable): no follow-up then.
-    fn rolling(&self, uid: &str) -> BoxFuture<'static, Option<RollingTotals>>;
+/// What a follow-up reads of a user: the rolling totals and the stage now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FollowUpRead {
+    pub totals: RollingTotals,
+    pub stage: Stage,
 }
 
-impl TotalsSource for Meter {
-    fn rolling(&self, uid: &str) -> BoxFuture<'static, Option<RollingTotals>> {
-        let (meter, uid) = (self.clone(), uid.to_owned());
+/// Where a follow-up reads a user's totals and stage (the meter and the ledger, in the facade).
+pub trait TotalsSource: Send + Sync + 'static {
+    /// `None` when either is unknown (the store is unreachable): no follow-up then.
+    fn read(&self, uid: &str) -> BoxFuture<'static, Option<FollowUpRead>>;
+}
+
+/// The follow-ups' source in the server: the meter's totals and the ledger's stage (decayed to now).
+#[derive(Clone)]
+pub struct MeterAndLedger {
+    pub meter: Meter,
+    pub ledger: FairUseLedger,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl TotalsSource for MeterAndLedger {
+    fn read(&self, uid: &str) -> BoxFuture<'static, Option<FollowUpRead>> {
+        let (meter, ledger, uid) = (self.meter.clone(), self.ledger.clone(), uid.to_owned());
+        let now_ms = self.clock.now_ms();
         Box::pin(async move {
-            match meter.totals(&uid).await {
-                Ok(t) if t.known => Some(t.rolling),
-                Ok(_) => None,
+            let totals = match meter.totals(&uid).await {
+                Ok(t) if t.known => t.rolling,
+                Ok(_) => return None,
                 Err(e) => {
                     tracing::warn!(message = "Reading totals for a fair-use follow-up failed.", uid = %uid, error = %e);
+                    return None;
+                }
+            };
+            match ledger.read(&uid, now_ms).await {
+                Ok(state) => Some(FollowUpRead {
+                    totals,
+                    stage: state.stage,
+                }),
+                Err(e) => {
+                    tracing::warn!(message = "Reading the stage for a fair-use follow-up failed.", uid = %uid, error = %e);
                     None
                 }
             }
@@ -174,6 +200,9 @@ enum Outcome {
 pub struct CapSupervisor {
     settings: ClassifierSettings,
     caps: SoftCaps,
+    /// Who is under enforcement (fair use on, no kill switch, not exempt): what a follow-up checks, as the
+    /// facade does before reporting a breach.
+    cfg: Arc<FairUseConfig>,
     deps: SupervisorDeps,
     users: HashMap<String, UserEntry>,
     queue: VecDeque<Job>,
@@ -196,6 +225,7 @@ impl CapSupervisor {
         CapSupervisor {
             settings: cfg.classifier.clone(),
             caps: cfg.caps,
+            cfg: Arc::new(cfg.clone()),
             deps,
             users: HashMap::new(),
             queue: VecDeque::new(),
@@ -360,20 +390,35 @@ impl CapSupervisor {
             })
             .map(|(uid, _)| uid.clone())
             .collect();
+        let (due, off): (Vec<String>, Vec<String>) = due
+            .into_iter()
+            .partition(|uid| Enforcement::of(&self.cfg, uid).active());
+        for uid in off {
+            self.users.remove(&uid);
+        }
         for uid in &due {
             self.users.insert(uid.clone(), UserEntry::Checking);
             self.checking += 1;
-            let read = totals.rolling(uid);
+            let read = totals.read(uid);
             let uid = uid.clone();
-            ctx.spawn(read.into_actor(self).map(move |rolling, act, ctx| {
+            ctx.spawn(read.into_actor(self).map(move |read, act, ctx| {
                 act.checking = act.checking.saturating_sub(1);
                 act.users.remove(&uid);
-                let triggered = rolling.map(|r| act.caps.triggered(&r)).unwrap_or_default();
-                if let (Some(rolling), false) = (rolling, triggered.is_empty()) {
-                    act.stats.followed_up += 1;
-                    metrics::counter!(telemetry::FAIR_USE_BREACHES_TOTAL, "action" => "followed_up")
-                        .increment(1);
-                    act.enqueue(uid, &triggered, rolling, ctx);
+                match read {
+                    // Nothing higher to reach (an admin may have set it meanwhile): no classifier call.
+                    Some(r) if r.stage == Stage::Restrict => {
+                        act.stats.skipped_restrict += 1;
+                    }
+                    Some(r) => {
+                        let triggered = act.caps.triggered(&r.totals);
+                        if !triggered.is_empty() {
+                            act.stats.followed_up += 1;
+                            metrics::counter!(telemetry::FAIR_USE_BREACHES_TOTAL, "action" => "followed_up")
+                                .increment(1);
+                            act.enqueue(uid, &triggered, r.totals, ctx);
+                        }
+                    }
+                    None => {}
                 }
                 act.wake_if_idle();
             }));

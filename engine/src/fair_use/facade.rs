@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use actix::prelude::*;
 use serde::Serialize;
 
-use crate::fair_use::cap_supervisor::{CapBreached, CapSupervisor, SupervisorDeps, WhenIdle};
+use crate::fair_use::cap_supervisor::{
+    CapBreached, CapSupervisor, MeterAndLedger, SupervisorDeps, WhenIdle,
+};
 use crate::fair_use::classifier::{Classifier, MAX_SESSIONS, UsageSource};
 use crate::fair_use::heuristic::HeuristicClassifier;
 use crate::fair_use::ledger::{Applied, FairUseLedger, LedgerError};
@@ -190,7 +192,11 @@ impl FairUse {
             sink: Arc::new(ledger.clone()),
             notifier,
             sessions: parts.sessions,
-            totals: Some(Arc::new(meter.clone())),
+            totals: Some(Arc::new(MeterAndLedger {
+                meter: meter.clone(),
+                ledger: ledger.clone(),
+                clock: Arc::clone(&parts.clock),
+            })),
             clock: Arc::clone(&parts.clock),
         };
         let supervisor = CapSupervisor::new(&cfg, deps).start();

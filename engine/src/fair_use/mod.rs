@@ -22,8 +22,8 @@ pub mod notifier;
 pub mod openai;
 
 pub use cap_supervisor::{
-    CapBreached, CapSupervisor, FOLLOW_UP_EVERY, FollowUp, GetSupervisorStats, SupervisorDeps,
-    SupervisorStats, TotalsSource, WhenIdle,
+    CapBreached, CapSupervisor, FOLLOW_UP_EVERY, FollowUp, FollowUpRead, GetSupervisorStats,
+    MeterAndLedger, SupervisorDeps, SupervisorStats, TotalsSource, WhenIdle,
 };
 pub use classifier::{
     Classifier, ClassifierError, NoSessions, SessionLane, SessionSummary, StoredSessions,

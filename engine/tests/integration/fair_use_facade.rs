@@ -231,4 +231,14 @@ async fn a_user_still_over_a_cap_when_the_cooldown_ends_is_classified_again_with
     let events = fu.ledger().events("over", 10).await.unwrap();
     assert_eq!(events.len(), 2, "two classifications of `over`: {events:?}");
     assert!(events.iter().all(|e| e.violation));
+
+    // Restricted meanwhile (an admin): the next follow-up finds nothing higher to reach and calls no one.
+    fu.set_stage("over", "restrict", "ops").await.unwrap();
+    clock.advance(12 * HOUR);
+    assert_eq!(fu.supervisor().send(FollowUp).await.unwrap(), 1);
+    fu.settled().await;
+    let stats = fu.supervisor().send(GetSupervisorStats).await.unwrap();
+    assert_eq!((stats.skipped_restrict, stats.followed_up), (1, 1));
+    let events = fu.ledger().events("over", 10).await.unwrap();
+    assert_eq!(events.len(), 3, "the admin change only: {events:?}");
 }

@@ -12,7 +12,7 @@
 //!    `max_failures` failures of the classifier itself (error, malformed output, timeout, panic) on one breach,
 //!    the next run applies the [`HeuristicClassifier`]'s verdict instead, marked `classifier_failed` with the
 //!    last failure (counted in `voicegate_fair_use_classifier_fallbacks_total`, logged at error);
-//! 5. on success: sends the verdict to the [`VerdictSink`] (the [`FairUseLedger`](crate::fair_use::FairUseLedger)),
+//! 5. on success: sends the verdict to the [`VerdictSink`] (the [`FairUseLedger`]),
 //!    which applies at most one step by compare-and-set and records the event; a stage change up sends a notice;
 //! 6. **follows up**: when the cooldown after a classification ends (checked every [`FOLLOW_UP_EVERY`], or on
 //!    [`FollowUp`]) and the user is below restrict, it reads the user's rolling totals ([`TotalsSource`]) and

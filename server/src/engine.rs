@@ -202,6 +202,7 @@ impl Engine {
                 store: fu_store,
                 lock,
                 classifier,
+                plans: Arc::clone(&plans),
                 notifier: None,
                 clock: Arc::clone(&clock),
             },

@@ -43,6 +43,7 @@ use crate::policy::{
     SoftCaps, Stage, Verdict,
 };
 use crate::store::fair_use::CooldownLock;
+use crate::store::plans::PlanStore;
 use crate::telemetry;
 use crate::time::{Backoff, Clock};
 
@@ -56,6 +57,8 @@ pub struct CapBreached {
     /// In the order daily, 3-day, weekly; never empty for a real breach.
     pub triggered: Vec<CapTrigger>,
     pub totals: RollingTotals,
+    /// The caps of the user's plan, that `triggered` was computed against (recorded on the event).
+    pub caps: SoftCaps,
 }
 
 /// Check the users whose cooldown after a violation ended (sent every [`FOLLOW_UP_EVERY`]; tests on virtual
@@ -73,11 +76,12 @@ pub struct WhenIdle;
 /// How often the supervisor looks for follow-ups due.
 pub const FOLLOW_UP_EVERY: Duration = Duration::from_secs(60);
 
-/// What a follow-up reads of a user: the rolling totals and the stage now.
+/// What a follow-up reads of a user: the rolling totals, the stage now and the caps of their plan now.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FollowUpRead {
     pub totals: RollingTotals,
     pub stage: Stage,
+    pub caps: SoftCaps,
 }
 
 /// Where a follow-up reads a user's totals and stage (the meter and the ledger, in the facade).
@@ -86,19 +90,30 @@ pub trait TotalsSource: Send + Sync + 'static {
     fn read(&self, uid: &str) -> BoxFuture<'static, Option<FollowUpRead>>;
 }
 
-/// The follow-ups' source in the server: the meter's totals and the ledger's stage (decayed to now).
+/// The follow-ups' source in the server: the meter's totals, the ledger's stage (decayed to now) and the
+/// caps of the user's plan (the plan store, read now: a payment since the breach moves the caps).
 #[derive(Clone)]
 pub struct MeterAndLedger {
     pub meter: Meter,
     pub ledger: FairUseLedger,
+    pub plans: Arc<dyn PlanStore>,
+    pub cfg: Arc<FairUseConfig>,
     pub clock: Arc<dyn Clock>,
 }
 
 impl TotalsSource for MeterAndLedger {
     fn read(&self, uid: &str) -> BoxFuture<'static, Option<FollowUpRead>> {
         let (meter, ledger, uid) = (self.meter.clone(), self.ledger.clone(), uid.to_owned());
+        let (plans, cfg) = (Arc::clone(&self.plans), Arc::clone(&self.cfg));
         let now_ms = self.clock.now_ms();
         Box::pin(async move {
+            let caps = match plans.get(&uid).await {
+                Ok(record) => cfg.caps.for_plan(&cfg.plans.plan(record.as_deref())),
+                Err(e) => {
+                    tracing::warn!(message = "Reading the plan for a fair-use follow-up failed.", uid = %uid, error = %e);
+                    return None;
+                }
+            };
             let totals = match meter.totals(&uid).await {
                 Ok(t) if t.known => t.rolling,
                 Ok(_) => return None,
@@ -111,6 +126,7 @@ impl TotalsSource for MeterAndLedger {
                 Ok(state) => Some(FollowUpRead {
                     totals,
                     stage: state.stage,
+                    caps,
                 }),
                 Err(e) => {
                     tracing::warn!(message = "Reading the stage for a fair-use follow-up failed.", uid = %uid, error = %e);
@@ -199,7 +215,6 @@ enum Outcome {
 /// The cap supervisor actor.
 pub struct CapSupervisor {
     settings: ClassifierSettings,
-    caps: SoftCaps,
     /// Who is under enforcement (fair use on, no kill switch, not exempt): what a follow-up checks, as the
     /// facade does before reporting a breach.
     cfg: Arc<FairUseConfig>,
@@ -224,7 +239,6 @@ impl CapSupervisor {
     pub fn new(cfg: &FairUseConfig, deps: SupervisorDeps) -> Self {
         CapSupervisor {
             settings: cfg.classifier.clone(),
-            caps: cfg.caps,
             cfg: Arc::new(cfg.clone()),
             deps,
             users: HashMap::new(),
@@ -410,12 +424,12 @@ impl CapSupervisor {
                         act.stats.skipped_restrict += 1;
                     }
                     Some(r) => {
-                        let triggered = act.caps.triggered(&r.totals);
+                        let triggered = r.caps.triggered(&r.totals);
                         if !triggered.is_empty() {
                             act.stats.followed_up += 1;
                             metrics::counter!(telemetry::FAIR_USE_BREACHES_TOTAL, "action" => "followed_up")
                                 .increment(1);
-                            act.enqueue(uid, &triggered, r.totals, ctx);
+                            act.enqueue(uid, &triggered, r.totals, r.caps, ctx);
                         }
                     }
                     None => {}
@@ -431,12 +445,13 @@ impl CapSupervisor {
         uid: String,
         triggered: &[CapTrigger],
         totals: RollingTotals,
+        caps: SoftCaps,
         ctx: &mut Context<Self>,
     ) {
         let breach = BreachContext {
             trigger: triggered.first().map(|t| t.cap),
             totals,
-            caps: self.caps,
+            caps,
         };
         self.users.insert(uid.clone(), UserEntry::Queued);
         self.queue.push_back(Job {
@@ -487,7 +502,7 @@ impl Handler<CapBreached> for CapSupervisor {
             return;
         }
         metrics::counter!(telemetry::FAIR_USE_BREACHES_TOTAL, "action" => "queued").increment(1);
-        self.enqueue(msg.uid, &msg.triggered, msg.totals, ctx);
+        self.enqueue(msg.uid, &msg.triggered, msg.totals, msg.caps, ctx);
     }
 }
 

@@ -21,7 +21,9 @@ use crate::fair_use::heuristic::HeuristicClassifier;
 use crate::fair_use::ledger::{Applied, FairUseLedger, LedgerError};
 use crate::fair_use::notifier::{LogNotifier, Notifier};
 use crate::fair_use::openai::OpenAiClassifier;
-use crate::meter::{Meter, MeterError, RecordOutcome, RecordSpeech, RecordStatus, UsageTotals};
+use crate::meter::{
+    Meter, MeterError, RecordOutcome, RecordSpeech, RecordStatus, TotalsAgainst, UsageTotals,
+};
 use crate::outbound::Outbound;
 use crate::policy::UsageType;
 use crate::policy::notice::{Notice, status_message};
@@ -32,6 +34,7 @@ use crate::policy::{
     SpeechMs, Stage, StageState, SttAllowance, SttUsage, resolve,
 };
 use crate::store::fair_use::{CooldownLock, FairUseStore, MAX_EVENTS_PER_USER};
+use crate::store::plans::PlanStore;
 use crate::telemetry;
 use crate::time::Clock;
 
@@ -42,7 +45,7 @@ pub const BREACH_REPORT_INTERVAL_MS: u64 = 60_000;
 /// The result of looking up a user's plan record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlanRecord<'a> {
-    /// Looked up: `None` = no record = the free plan.
+    /// Looked up: `None` = no record (the default plan, `VOICEGATE_DEFAULT_PLAN`).
     Known(Option<&'a str>),
     /// The lookup failed: credits are `Unavailable` (no lock, paid STT fails closed).
     Unavailable,
@@ -86,7 +89,13 @@ pub struct FairUseStatus {
     pub speech_ms: SpeechMs,
     /// ms / 3 600 000, 2 decimals (the reference's `speech_hours_*`).
     pub speech_hours: PerWindow,
+    /// The soft caps of the user's plan (the paid plans' or the free plan's; a plan that could not be read
+    /// shows the higher).
     pub limits_hours: PerWindow,
+    /// The hard ceiling on the rolling 24 h (every plan), 2 decimals; `None` when off.
+    pub ceiling_hours: Option<f64>,
+    /// The rolling 24 h is over the ceiling: sync refused (`speech_ceiling`), speech-to-text closed.
+    pub over_ceiling: bool,
     /// 1 decimal.
     pub usage_pct: PerWindow,
     pub stt: SttAllowance,
@@ -138,6 +147,7 @@ pub struct UserDetail {
 pub struct FairUse {
     cfg: Arc<FairUseConfig>,
     meter: Meter,
+    plans: Arc<dyn PlanStore>,
     ledger: FairUseLedger,
     supervisor: Addr<CapSupervisor>,
     clock: Arc<dyn Clock>,
@@ -170,6 +180,8 @@ pub struct FairUseParts {
     pub lock: Arc<dyn CooldownLock>,
     pub classifier: Arc<dyn Classifier>,
     pub sessions: Arc<dyn UsageSource>,
+    /// Users' plans: which caps apply to a breach.
+    pub plans: Arc<dyn PlanStore>,
     /// `None` = a [`LogNotifier`], whose latest notice the status view shows.
     pub notifier: Option<Arc<dyn Notifier>>,
     pub clock: Arc<dyn Clock>,
@@ -195,6 +207,8 @@ impl FairUse {
             totals: Some(Arc::new(MeterAndLedger {
                 meter: meter.clone(),
                 ledger: ledger.clone(),
+                plans: Arc::clone(&parts.plans),
+                cfg: Arc::clone(&cfg),
                 clock: Arc::clone(&parts.clock),
             })),
             clock: Arc::clone(&parts.clock),
@@ -203,6 +217,7 @@ impl FairUse {
         FairUse {
             cfg,
             meter,
+            plans: parts.plans,
             ledger,
             supervisor,
             clock: parts.clock,
@@ -224,8 +239,8 @@ impl FairUse {
         &self.supervisor
     }
 
-    /// Meters a record and, when the user is over a cap with enforcement active, reports the breach to the
-    /// supervisor (in the background: the caller never waits for the stage read).
+    /// Meters a record and, when the user is over a cap of their plan with enforcement active, reports the
+    /// breach to the supervisor (in the background: the caller never waits for the stage and plan reads).
     pub async fn record(&self, rec: RecordSpeech) -> Result<RecordOutcome, MeterError> {
         let uid = rec.uid.to_string();
         let outcome = self.meter.record_and_read(rec).await?;
@@ -239,8 +254,8 @@ impl FairUse {
         if !Enforcement::of(&self.cfg, &uid).active() {
             return;
         }
-        let triggered = self.cfg.caps.triggered(&totals.rolling);
-        if triggered.is_empty() {
+        // Under the lowest caps of every plan: under the user's, whatever their plan (no lookup).
+        if self.cfg.caps.lowest().triggered(&totals.rolling).is_empty() {
             return;
         }
         let now = self.clock.now_ms();
@@ -260,23 +275,35 @@ impl FairUse {
             reported.insert(uid.clone(), now);
         }
         let (ledger, supervisor) = (self.ledger.clone(), self.supervisor.clone());
+        let (plans, cfg) = (Arc::clone(&self.plans), Arc::clone(&self.cfg));
         let reports = Arc::clone(&self.reports);
         reports.n.fetch_add(1, Ordering::SeqCst);
         // `tokio::spawn`, not `actix::spawn`: speech is also recorded from tasks outside an actix arbiter's
         // local set (sync v2 job workers), where a local spawn panics.
         tokio::spawn(async move {
-            match ledger.read(&uid, now).await {
-                // `do_send` is unbounded in actix; the bound is the dedup above (one report per user per
-                // BREACH_REPORT_INTERVAL_MS), so the mailbox holds at most one breach per breaching user.
-                Ok(state) => supervisor.do_send(CapBreached {
-                    uid,
-                    stage: state.stage,
-                    triggered,
-                    totals: totals.rolling,
-                }),
+            match tokio::join!(ledger.read(&uid, now), plans.get(&uid)) {
+                (Ok(state), Ok(record)) => {
+                    let caps = cfg.caps.for_plan(&cfg.plans.plan(record.as_deref()));
+                    let triggered = caps.triggered(&totals.rolling);
+                    // `do_send` is unbounded in actix; the bound is the dedup above (one report per user
+                    // per BREACH_REPORT_INTERVAL_MS), so the mailbox holds at most one breach per
+                    // breaching user.
+                    if !triggered.is_empty() {
+                        supervisor.do_send(CapBreached {
+                            uid,
+                            stage: state.stage,
+                            triggered,
+                            totals: totals.rolling,
+                            caps,
+                        });
+                    }
+                }
                 // The supervisor would only fail on the same store; the next record reports again.
-                Err(e) => {
+                (Err(e), _) => {
                     tracing::warn!(message = "Reading fair-use state for a breach failed.", uid = %uid, error = %e)
+                }
+                (_, Err(e)) => {
+                    tracing::warn!(message = "Reading the plan for a breach failed.", uid = %uid, error = %e)
                 }
             }
             if reports.n.fetch_sub(1, Ordering::SeqCst) == 1 {
@@ -340,12 +367,17 @@ impl FairUse {
         plan: PlanRecord<'_>,
     ) -> (Entitlement, UsageTotals, CreditLookup) {
         let now = self.clock.now_ms();
+        let caps = self.caps_of(plan);
         // Realtime is never refused, so only the other modes need the moment the totals fall back under
-        // the caps (a Retry-After bound); the meter computes it only when a cap is exceeded.
+        // the caps and the ceiling (a Retry-After bound); the meter computes it only when one is exceeded.
         let read = if mode == Mode::Realtime {
             self.meter.totals(uid).await
         } else {
-            self.meter.totals_against(uid, self.cfg.caps).await
+            let against = TotalsAgainst {
+                caps,
+                ceiling_ms: self.cfg.ceiling_ms,
+            };
+            self.meter.totals_against(uid, against).await
         };
         let totals = match read {
             Ok(t) => t,
@@ -391,17 +423,28 @@ impl FairUse {
             },
             stage: &state,
             totals: totals.rolling,
+            caps,
             under_caps_at_ms: totals.under_caps_at_ms,
+            under_ceiling_at_ms: totals.under_ceiling_at_ms,
             stt_today,
             now_ms: now,
         };
         (resolve(&self.cfg, &input), totals, credits)
     }
 
+    /// The soft caps of a user's plan; a plan that could not be read gets the highest of each window
+    /// (admitting fails open: a lookup error never restricts a payer).
+    pub fn caps_of(&self, plan: PlanRecord<'_>) -> SoftCaps {
+        match plan {
+            PlanRecord::Known(record) => self.cfg.caps.for_plan(&self.cfg.plans.plan(record)),
+            PlanRecord::Unavailable => self.cfg.caps.highest(),
+        }
+    }
+
     /// The status view.
     pub async fn status(&self, uid: &str, plan: PlanRecord<'_>) -> FairUseStatus {
+        let caps = self.caps_of(plan);
         let (e, totals, credits) = self.resolve_now(uid, Mode::Status, plan).await;
-        let caps = self.cfg.caps;
         let r = totals.rolling;
         FairUseStatus {
             stage: e.stage,
@@ -421,6 +464,9 @@ impl FairUse {
             limits_hours: per_window([caps.daily_ms, caps.three_day_ms, caps.weekly_ms], |ms| {
                 round(hours(ms), 100.0)
             }),
+            ceiling_hours: (self.cfg.ceiling_ms > 0)
+                .then(|| round(hours(self.cfg.ceiling_ms), 100.0)),
+            over_ceiling: e.over_ceiling,
             usage_pct: usage_pct(&caps, &totals),
             stt: e.stt,
             locked: e.lock,

@@ -8,9 +8,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::MeterConfig;
 use super::flusher::{Command, Flusher, RoundReport, ShutdownReport};
-use super::messages::{FlushReport, MeterError, RecordOutcome, RecordSpeech, UsageTotals, UserMsg};
+use super::messages::{
+    FlushReport, MeterError, RecordOutcome, RecordSpeech, TotalsAgainst, UsageTotals, UserMsg,
+};
 use super::registry::Shared;
-use crate::policy::SoftCaps;
 use crate::store::Store;
 use crate::time::Clock;
 
@@ -82,23 +83,26 @@ impl Meter {
         self.read_totals(uid, None).await
     }
 
-    /// [`totals`](Self::totals), plus, when they exceed a cap in `caps`, the instant they fall back under
-    /// every cap with no new speech (`under_caps_at_ms`): what bounds a refusal's `Retry-After`.
+    /// [`totals`](Self::totals), plus, when they exceed a cap in `against.caps`, the instant they fall back
+    /// under every cap with no new speech (`under_caps_at_ms`), and likewise for the ceiling
+    /// (`under_ceiling_at_ms`): what bounds a refusal's `Retry-After`.
     pub async fn totals_against(
         &self,
         uid: &str,
-        caps: SoftCaps,
+        against: TotalsAgainst,
     ) -> Result<UsageTotals, MeterError> {
-        self.read_totals(uid, Some(caps)).await
+        self.read_totals(uid, Some(against)).await
     }
 
     async fn read_totals(
         &self,
         uid: &str,
-        caps: Option<SoftCaps>,
+        against: Option<TotalsAgainst>,
     ) -> Result<UsageTotals, MeterError> {
         let (tx, rx) = oneshot::channel();
-        self.shared.send(uid, UserMsg::ReadTotals(caps, tx)).await;
+        self.shared
+            .send(uid, UserMsg::ReadTotals(against, tx))
+            .await;
         rx.await.map_err(|_| MeterError::ActorGone)
     }
 

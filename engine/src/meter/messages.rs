@@ -67,6 +67,17 @@ pub struct UsageTotals {
     /// exceeded: the earliest instant (Unix ms) at which, with no new speech, none is
     /// ([`under_caps_at`](super::under_caps_at)). `None` otherwise.
     pub under_caps_at_ms: Option<u64>,
+    /// Read against a hard ceiling too, and the rolling 24 h total is over it: the instant it falls back
+    /// to the ceiling with no new speech. `None` otherwise.
+    pub under_ceiling_at_ms: Option<u64>,
+}
+
+/// What [`Meter::totals_against`](super::Meter::totals_against) computes the moments of: when the totals
+/// fall back under `caps`, and when the rolling 24 h falls back to `ceiling_ms` (0 = no ceiling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TotalsAgainst {
+    pub caps: SoftCaps,
+    pub ceiling_ms: u64,
 }
 
 /// What happened to one record.
@@ -166,8 +177,8 @@ impl Envelope {
 /// What the facade asks of a user's actor.
 pub(crate) enum UserMsg {
     Record(RecordSpeech, Option<oneshot::Sender<RecordOutcome>>),
-    /// With caps: also compute `under_caps_at_ms` when a cap is exceeded.
-    ReadTotals(Option<SoftCaps>, oneshot::Sender<UsageTotals>),
+    /// With caps: also compute `under_caps_at_ms` (and `under_ceiling_at_ms`) when exceeded.
+    ReadTotals(Option<TotalsAgainst>, oneshot::Sender<UsageTotals>),
     FlushNow(oneshot::Sender<Result<FlushReport, MeterError>>),
     RefreshNow(oneshot::Sender<Result<(), MeterError>>),
     Passivate,

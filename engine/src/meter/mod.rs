@@ -25,7 +25,7 @@ pub use facade::Meter;
 pub use flusher::{RoundReport, ShutdownReport};
 pub use messages::{
     FlushReport, MeterError, RecordOutcome, RecordSpeech, RecordStatus, SpeechAmount, SpeechSource,
-    UsageTotals,
+    TotalsAgainst, UsageTotals,
 };
 pub use under_caps::under_caps_at;
 pub use window::MinuteWindow;

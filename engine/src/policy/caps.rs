@@ -68,6 +68,87 @@ impl Default for SoftCaps {
     }
 }
 
+impl SoftCaps {
+    /// The paid plans' default caps (4 h / 16 h / 20 h): the reference's later
+    /// `FAIR_USE_*_SPEECH_MS_UNLIMITED` (#9964).
+    pub const PAID: SoftCaps = SoftCaps {
+        daily_ms: 14_400_000,
+        three_day_ms: 57_600_000,
+        weekly_ms: 72_000_000,
+    };
+
+    /// Caps on the rolling 24 h only (the other windows unbounded): how the hard ceiling is asked of
+    /// [`under_caps_at`](crate::meter::under_caps_at).
+    pub const fn daily_only(daily_ms: u64) -> SoftCaps {
+        SoftCaps {
+            daily_ms,
+            three_day_ms: u64::MAX,
+            weekly_ms: u64::MAX,
+        }
+    }
+}
+
+/// The default hard ceiling: 30 speech-hours per rolling 24 h, for every plan (the reference's later
+/// `MAX_DAILY_AUDIO_HOURS`). Reachable only with sync or several devices at once.
+pub const DEFAULT_CEILING_MS: u64 = 30 * 3_600_000;
+
+/// The soft caps of each kind of plan.
+///
+/// Which caps apply to a user is decided by their plan ([`PlanCaps::for_plan`]): the paid plans (unlimited
+/// minutes) get `paid`; the free plan `basic` and a user on no known plan (`unknown`) get `free`. The caps
+/// only decide when the classifier looks at a user (and, at restrict, when sync is refused), so the
+/// stricter ones for a user nothing proves is paying cost a legitimate user nothing (the abuse benchmark
+/// runs every legitimate archetype on them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanCaps {
+    pub free: SoftCaps,
+    pub paid: SoftCaps,
+}
+
+impl Default for PlanCaps {
+    fn default() -> Self {
+        PlanCaps {
+            free: SoftCaps::default(),
+            paid: SoftCaps::PAID,
+        }
+    }
+}
+
+impl PlanCaps {
+    /// The same caps for every plan.
+    pub const fn uniform(caps: SoftCaps) -> PlanCaps {
+        PlanCaps {
+            free: caps,
+            paid: caps,
+        }
+    }
+
+    /// The caps of a resolved plan.
+    pub fn for_plan(&self, plan: &crate::policy::Plan) -> SoftCaps {
+        if plan.paid { self.paid } else { self.free }
+    }
+
+    /// The lowest cap of each window over the plans: totals under these are under every plan's caps
+    /// (what the hot path checks before it looks a plan up).
+    pub fn lowest(&self) -> SoftCaps {
+        SoftCaps {
+            daily_ms: self.free.daily_ms.min(self.paid.daily_ms),
+            three_day_ms: self.free.three_day_ms.min(self.paid.three_day_ms),
+            weekly_ms: self.free.weekly_ms.min(self.paid.weekly_ms),
+        }
+    }
+
+    /// The highest cap of each window over the plans: what a user whose plan could not be read gets
+    /// (admitting fails open: a lookup error never restricts a payer).
+    pub fn highest(&self) -> SoftCaps {
+        SoftCaps {
+            daily_ms: self.free.daily_ms.max(self.paid.daily_ms),
+            three_day_ms: self.free.three_day_ms.max(self.paid.three_day_ms),
+            weekly_ms: self.free.weekly_ms.max(self.paid.weekly_ms),
+        }
+    }
+}
+
 /// One triggered cap: which window, the total in it and the cap it exceeded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CapTrigger {

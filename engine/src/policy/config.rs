@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{self, ConfigError, Setting, ordered};
 use crate::policy::plan::{DEFAULT_PAID_PLANS, DefaultPlan};
 use crate::policy::stage::DAY_MS;
-use crate::policy::{PlanTable, SoftCaps, StagePolicy};
+use crate::policy::{DEFAULT_CEILING_MS, PlanCaps, PlanTable, SoftCaps, StagePolicy};
 
 /// Which classifier the supervisor runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -71,7 +71,11 @@ impl Default for ClassifierSettings {
 pub struct FairUseConfig {
     pub enabled: bool,
     pub kill_switch: bool,
-    pub caps: SoftCaps,
+    /// The soft caps of the free (and unknown) plan and of the paid plans.
+    pub caps: PlanCaps,
+    /// The hard ceiling on speech in the rolling 24 h, for every plan (0 = off): past it sync is refused
+    /// (`speech_ceiling`) and speech-to-text closes; metering goes on.
+    pub ceiling_ms: u64,
     pub stages: StagePolicy,
     pub exempt_uids: BTreeSet<String>,
     pub restrict_daily_stt_ms: u64,
@@ -87,7 +91,8 @@ impl Default for FairUseConfig {
         FairUseConfig {
             enabled: true,
             kill_switch: false,
-            caps: SoftCaps::default(),
+            caps: PlanCaps::default(),
+            ceiling_ms: DEFAULT_CEILING_MS,
             stages: StagePolicy::default(),
             exempt_uids: BTreeSet::new(),
             restrict_daily_stt_ms: 1_800_000,
@@ -133,6 +138,10 @@ const fn default_plan() -> Setting<DefaultPlan> {
 const ENV_DAILY: &str = "FAIR_USE_DAILY_SPEECH_MS";
 const ENV_3DAY: &str = "FAIR_USE_3DAY_SPEECH_MS";
 const ENV_WEEKLY: &str = "FAIR_USE_WEEKLY_SPEECH_MS";
+const ENV_PAID_DAILY: &str = "FAIR_USE_DAILY_SPEECH_MS_UNLIMITED";
+const ENV_PAID_3DAY: &str = "FAIR_USE_3DAY_SPEECH_MS_UNLIMITED";
+const ENV_PAID_WEEKLY: &str = "FAIR_USE_WEEKLY_SPEECH_MS_UNLIMITED";
+const ENV_CEILING: &str = "MAX_DAILY_AUDIO_HOURS";
 const ENV_RESTRICT_STT: &str = "FAIR_USE_RESTRICT_DAILY_DG_MS";
 const ENV_THROTTLE_STT: &str = "VOICEGATE_FAIR_USE_THROTTLE_DAILY_STT_MS";
 const ENV_RETRY_BASE: &str = "VOICEGATE_CLASSIFIER_RETRY_BASE_SECONDS";
@@ -151,18 +160,36 @@ pub struct FairUseArgs {
     #[arg(long = "fair-use-kill-switch", env = "FAIR_USE_KILL_SWITCH", value_name = "BOOL", action = clap::ArgAction::Set,
           default_value_t = FairUseConfig::default().kill_switch, value_parser = config::boolean())]
     pub kill_switch: bool,
-    /// Soft cap on speech in the rolling 24 h, in ms (a total strictly greater triggers).
+    /// Soft cap on speech in the rolling 24 h of the free plan and of a user on no known plan, in ms (a
+    /// total strictly greater triggers).
     #[arg(long = "fair-use-daily-speech-ms", env = ENV_DAILY,
-          default_value_t = SoftCaps::default().daily_ms, value_parser = config::count())]
+          default_value_t = PlanCaps::default().free.daily_ms, value_parser = config::count())]
     pub daily_speech_ms: u64,
-    /// Soft cap on speech in the rolling 72 h, in ms; at least the daily cap.
+    /// Soft cap on speech in the rolling 72 h of the free plan, in ms; at least its daily cap.
     #[arg(long = "fair-use-3day-speech-ms", env = ENV_3DAY,
-          default_value_t = SoftCaps::default().three_day_ms, value_parser = config::count())]
+          default_value_t = PlanCaps::default().free.three_day_ms, value_parser = config::count())]
     pub three_day_speech_ms: u64,
-    /// Soft cap on speech in the rolling 168 h, in ms; at least the 3-day cap.
+    /// Soft cap on speech in the rolling 168 h of the free plan, in ms; at least its 3-day cap.
     #[arg(long = "fair-use-weekly-speech-ms", env = ENV_WEEKLY,
-          default_value_t = SoftCaps::default().weekly_ms, value_parser = config::count())]
+          default_value_t = PlanCaps::default().free.weekly_ms, value_parser = config::count())]
     pub weekly_speech_ms: u64,
+    /// Soft cap on speech in the rolling 24 h of the paid plans (unlimited minutes), in ms.
+    #[arg(long = "fair-use-paid-daily-speech-ms", env = ENV_PAID_DAILY,
+          default_value_t = PlanCaps::default().paid.daily_ms, value_parser = config::count())]
+    pub paid_daily_speech_ms: u64,
+    /// Soft cap on speech in the rolling 72 h of the paid plans, in ms; at least their daily cap.
+    #[arg(long = "fair-use-paid-3day-speech-ms", env = ENV_PAID_3DAY,
+          default_value_t = PlanCaps::default().paid.three_day_ms, value_parser = config::count())]
+    pub paid_three_day_speech_ms: u64,
+    /// Soft cap on speech in the rolling 168 h of the paid plans, in ms; at least their 3-day cap.
+    #[arg(long = "fair-use-paid-weekly-speech-ms", env = ENV_PAID_WEEKLY,
+          default_value_t = PlanCaps::default().paid.weekly_ms, value_parser = config::count())]
+    pub paid_weekly_speech_ms: u64,
+    /// Hard ceiling on speech in the rolling 24 h for every plan, in hours (0 = off): past it sync uploads
+    /// get 429 `speech_ceiling` and speech-to-text closes; metering goes on. At least the daily caps.
+    #[arg(long = "fair-use-ceiling-hours", env = ENV_CEILING,
+          default_value_t = FairUseConfig::default().ceiling_ms / 3_600_000, value_parser = config::count())]
+    pub ceiling_hours: u64,
     /// The classifier's misuse gate (`score >= threshold`), from 0 to 1.
     #[arg(long = "fair-use-abuse-score-threshold", env = "FAIR_USE_CLASSIFIER_ABUSE_SCORE_THRESHOLD",
           default_value_t = StagePolicy::default().misuse_threshold, value_parser = config::fraction())]
@@ -272,9 +299,13 @@ impl From<&FairUseConfig> for FairUseArgs {
         FairUseArgs {
             enabled: c.enabled,
             kill_switch: c.kill_switch,
-            daily_speech_ms: c.caps.daily_ms,
-            three_day_speech_ms: c.caps.three_day_ms,
-            weekly_speech_ms: c.caps.weekly_ms,
+            daily_speech_ms: c.caps.free.daily_ms,
+            three_day_speech_ms: c.caps.free.three_day_ms,
+            weekly_speech_ms: c.caps.free.weekly_ms,
+            paid_daily_speech_ms: c.caps.paid.daily_ms,
+            paid_three_day_speech_ms: c.caps.paid.three_day_ms,
+            paid_weekly_speech_ms: c.caps.paid.weekly_ms,
+            ceiling_hours: c.ceiling_ms / 3_600_000,
             score_threshold: c.stages.misuse_threshold,
             cooldown_seconds: k.cooldown_ms / 1000,
             exempt_uids: Some(list(&mut c.exempt_uids.iter())).filter(|s| !s.is_empty()),
@@ -374,6 +405,14 @@ impl FairUseArgs {
             (ENV_3DAY, self.three_day_speech_ms),
             (ENV_WEEKLY, self.weekly_speech_ms),
         )?;
+        ordered(
+            (ENV_PAID_DAILY, self.paid_daily_speech_ms),
+            (ENV_PAID_3DAY, self.paid_three_day_speech_ms),
+        )?;
+        ordered(
+            (ENV_PAID_3DAY, self.paid_three_day_speech_ms),
+            (ENV_PAID_WEEKLY, self.paid_weekly_speech_ms),
+        )?;
         if self.restrict_daily_stt_ms > 0 && self.throttle_daily_stt_ms > 0 {
             ordered(
                 (ENV_RESTRICT_STT, self.restrict_daily_stt_ms),
@@ -398,6 +437,27 @@ impl FairUseArgs {
                 .map(str::to_owned)
                 .collect()
         };
+        let caps = PlanCaps {
+            free: SoftCaps {
+                daily_ms: self.daily_speech_ms,
+                three_day_ms: self.three_day_speech_ms,
+                weekly_ms: self.weekly_speech_ms,
+            },
+            paid: SoftCaps {
+                daily_ms: self.paid_daily_speech_ms,
+                three_day_ms: self.paid_three_day_speech_ms,
+                weekly_ms: self.paid_weekly_speech_ms,
+            },
+        };
+        let ceiling_ms = ms(ENV_CEILING, self.ceiling_hours, 3_600_000)?;
+        // A ceiling under a daily cap would refuse before the cap could ever trigger.
+        if ceiling_ms > 0 && ceiling_ms < caps.free.daily_ms.max(caps.paid.daily_ms) {
+            return Err(ConfigError::Invalid {
+                setting: ENV_CEILING.to_owned(),
+                value: self.ceiling_hours.to_string(),
+                expected: "0 (off) or hours at least the daily caps (FAIR_USE_DAILY_SPEECH_MS, FAIR_USE_DAILY_SPEECH_MS_UNLIMITED)",
+            });
+        }
         let stages = StagePolicy {
             misuse_threshold: self.score_threshold,
             throttle_ms: ms(
@@ -456,11 +516,8 @@ impl FairUseArgs {
         Ok(FairUseConfig {
             enabled: self.enabled,
             kill_switch: self.kill_switch,
-            caps: SoftCaps {
-                daily_ms: self.daily_speech_ms,
-                three_day_ms: self.three_day_speech_ms,
-                weekly_ms: self.weekly_speech_ms,
-            },
+            caps,
+            ceiling_ms,
             stages,
             exempt_uids: self
                 .exempt_uids
@@ -505,13 +562,22 @@ mod tests {
         assert_eq!(c, FairUseConfig::default());
         assert!(c.enabled && !c.kill_switch);
         assert_eq!(
-            c.caps,
+            c.caps.free,
             SoftCaps {
                 daily_ms: 7_200_000,
                 three_day_ms: 28_800_000,
                 weekly_ms: 36_000_000
             }
         );
+        assert_eq!(
+            c.caps.paid,
+            SoftCaps {
+                daily_ms: 14_400_000,
+                three_day_ms: 57_600_000,
+                weekly_ms: 72_000_000
+            }
+        );
+        assert_eq!(c.ceiling_ms, 108_000_000);
         assert_eq!(c.stages.misuse_threshold, 0.7);
         assert_eq!(c.classifier.cooldown_ms, 43_200_000);
         assert_eq!(c.restrict_daily_stt_ms, 1_800_000);
@@ -583,7 +649,7 @@ mod tests {
         ])
         .unwrap();
         assert!(!c.enabled && c.kill_switch);
-        assert_eq!(c.caps.daily_ms, 10_000);
+        assert_eq!(c.caps.free.daily_ms, 10_000);
         assert_eq!(
             c.exempt_uids.iter().map(String::as_str).collect::<Vec<_>>(),
             vec!["a", "b"]
@@ -669,7 +735,9 @@ mod tests {
         c.classifier.kind = ClassifierKind::OpenAi;
         c.classifier.api_key = Some("sk-test".to_owned());
         c.classifier.max_failures = 9;
-        c.caps.daily_ms = 1;
+        c.caps.free.daily_ms = 1;
+        c.caps.paid.weekly_ms = 99_000_000;
+        c.ceiling_ms = 0;
         assert_eq!(FairUseArgs::from(&c).config(), Ok(c));
     }
 }

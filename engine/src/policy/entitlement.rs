@@ -1,14 +1,15 @@
 //! The entitlement resolver: the one function sync, realtime and status all call.
 //!
-//! Failure mode per decision: admitting audio fails open (only restrict-while-over-a-cap rejects, and only
-//! sync); opening paid STT on an unknown entitlement fails closed; content is locked only for a *resolved*
-//! reason (credits exhausted), never for a lookup error and never because a cap triggered.
+//! Failure mode per decision: admitting audio fails open (only restrict-while-over-a-cap and the hard
+//! ceiling reject, and only sync); opening paid STT on an unknown entitlement fails closed; content is locked
+//! only for a *resolved* reason (credits exhausted), never for a lookup error and never because a cap
+//! triggered.
 
 use serde::{Deserialize, Serialize};
 
 use crate::policy::stage::{DAY_MS, DecayStep};
 use crate::policy::{
-    CapTrigger, CreditLookup, FairUseConfig, MonthUsage, RollingTotals, Stage, StageState,
+    CapTrigger, CreditLookup, FairUseConfig, MonthUsage, RollingTotals, SoftCaps, Stage, StageState,
 };
 
 /// Who is asking.
@@ -46,10 +47,15 @@ pub struct EntitlementInput<'a> {
     pub month: MonthUsage,
     pub stage: &'a StageState,
     pub totals: RollingTotals,
+    /// The soft caps of the user's plan ([`crate::policy::PlanCaps::for_plan`]).
+    pub caps: SoftCaps,
     /// When `totals` fall back under every cap with no new speech (the meter's
     /// [`under_caps_at`](crate::meter::under_caps_at) over the same buckets), if known. Bounds the
     /// Retry-After of a restricted-over-cap refusal; `None` leaves the restriction's end as the bound.
     pub under_caps_at_ms: Option<u64>,
+    /// When the rolling 24 h total falls back to the hard ceiling with no new speech, if known (bounds a
+    /// `speech_ceiling` refusal's Retry-After).
+    pub under_ceiling_at_ms: Option<u64>,
     pub stt_today: SttUsage,
     pub now_ms: u64,
 }
@@ -88,6 +94,8 @@ impl Enforcement {
 pub enum RejectReason {
     /// Stage restrict and a soft cap exceeded: sync answers 429.
     RestrictedOverCap,
+    /// Speech in the rolling 24 h over the hard ceiling (every plan): sync answers 429.
+    SpeechCeiling,
 }
 
 impl RejectReason {
@@ -95,6 +103,7 @@ impl RejectReason {
     pub fn code(self) -> &'static str {
         match self {
             RejectReason::RestrictedOverCap => "fair_use_restricted",
+            RejectReason::SpeechCeiling => "speech_ceiling",
         }
     }
 
@@ -102,6 +111,9 @@ impl RejectReason {
         match self {
             RejectReason::RestrictedOverCap => {
                 "Uploads are temporarily limited for this account: usage is over a fair-use limit while restricted."
+            }
+            RejectReason::SpeechCeiling => {
+                "This account recorded more speech in the last 24 hours than any plan allows; uploads resume as the oldest of it leaves the window."
             }
         }
     }
@@ -126,6 +138,8 @@ pub enum SttDenied {
     BudgetExhausted,
     /// Credits could not be looked up: paid STT fails closed.
     EntitlementUnknown,
+    /// Speech in the rolling 24 h is over the hard ceiling; opens again once it falls back.
+    SpeechCeiling,
 }
 
 impl SttDenied {
@@ -133,6 +147,7 @@ impl SttDenied {
         match self {
             SttDenied::BudgetExhausted => "stt_budget_exhausted",
             SttDenied::EntitlementUnknown => "entitlement_unknown",
+            SttDenied::SpeechCeiling => "speech_ceiling",
         }
     }
 }
@@ -171,8 +186,10 @@ pub struct Entitlement {
     /// Content created now is locked (credits resolved and exhausted). Independent of fair use.
     pub lock: bool,
     pub stt: SttAllowance,
-    /// Caps exceeded, in the order daily, 3-day, weekly; empty when enforcement is off.
+    /// Caps of the user's plan exceeded, in the order daily, 3-day, weekly; empty when enforcement is off.
     pub caps_triggered: Vec<CapTrigger>,
+    /// Speech in the rolling 24 h is over the hard ceiling (enforcement active and the ceiling on).
+    pub over_ceiling: bool,
     /// The user's stage after decay (what the store holds, shown even when enforcement is off).
     pub stage: Stage,
     /// The stage whose effects apply: `stage` when enforcement is active, otherwise none.
@@ -194,12 +211,17 @@ pub fn resolve(cfg: &FairUseConfig, input: &EntitlementInput<'_>) -> Entitlement
         Stage::None
     };
     let caps_triggered = if enforcement.active() {
-        cfg.caps.triggered(&input.totals)
+        input.caps.triggered(&input.totals)
     } else {
         Vec::new()
     };
+    // The ceiling is part of fair use: off with it, the kill switch and exemption (the reference's
+    // `is_daily_audio_ceiling_exceeded` alike), and a total strictly greater than it counts, as for a cap.
+    let over_ceiling =
+        enforcement.active() && cfg.ceiling_ms > 0 && input.totals.daily_ms > cfg.ceiling_ms;
 
-    let admission = if input.mode != Mode::Realtime
+    let mut refusals = Vec::with_capacity(2);
+    if input.mode != Mode::Realtime
         && enforced_stage == Stage::Restrict
         && !caps_triggered.is_empty()
     {
@@ -210,12 +232,24 @@ pub fn resolve(cfg: &FairUseConfig, input: &EntitlementInput<'_>) -> Entitlement
             .flatten()
             .min()
             .unwrap_or(now);
-        Admission::Reject {
-            reason: RejectReason::RestrictedOverCap,
+        refusals.push((until, RejectReason::RestrictedOverCap));
+    }
+    if input.mode != Mode::Realtime && over_ceiling {
+        refusals.push((
+            input.under_ceiling_at_ms.unwrap_or(now),
+            RejectReason::SpeechCeiling,
+        ));
+    }
+    // Both must end before an upload is admitted: the later end is the answer (the ceiling on a tie).
+    let admission = match refusals
+        .into_iter()
+        .max_by_key(|&(until, r)| (until, r == RejectReason::SpeechCeiling))
+    {
+        Some((until, reason)) => Admission::Reject {
+            reason,
             retry_after_s: retry_after_s(until, now),
-        }
-    } else {
-        Admission::Admit
+        },
+        None => Admission::Admit,
     };
 
     let used_today = if input.stt_today.day == SttUsage::day_of(now) {
@@ -235,6 +269,13 @@ pub fn resolve(cfg: &FairUseConfig, input: &EntitlementInput<'_>) -> Entitlement
             daily_limit_ms: (budget > 0).then_some(budget),
             used_ms: used_today,
             resets_at_ms: None,
+        }
+    } else if over_ceiling {
+        SttAllowance::None {
+            reason: SttDenied::SpeechCeiling,
+            daily_limit_ms: (budget > 0).then_some(budget),
+            used_ms: used_today,
+            resets_at_ms: input.under_ceiling_at_ms,
         }
     } else if budget == 0 {
         SttAllowance::Unlimited
@@ -259,6 +300,7 @@ pub fn resolve(cfg: &FairUseConfig, input: &EntitlementInput<'_>) -> Entitlement
         lock: input.credits.exhausted(),
         stt,
         caps_triggered,
+        over_ceiling,
         stage: state.stage,
         enforced_stage,
         enforcement,

@@ -20,7 +20,10 @@ pub mod session;
 pub mod stage;
 pub mod verdict;
 
-pub use caps::{CapKind, CapTrigger, MonthUsage, RollingTotals, SoftCaps, SpeechMs};
+pub use caps::{
+    CapKind, CapTrigger, DEFAULT_CEILING_MS, MonthUsage, PlanCaps, RollingTotals, SoftCaps,
+    SpeechMs,
+};
 pub use case_ref::{CaseRef, InvalidCaseRef};
 pub use config::{ClassifierKind, ClassifierSettings, FairUseArgs, FairUseConfig};
 pub use entitlement::{

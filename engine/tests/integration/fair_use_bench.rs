@@ -28,6 +28,7 @@ use voicegate_engine::policy::{
 use voicegate_engine::store::MemoryStore;
 use voicegate_engine::store::backfill::{BackfillLedger, Charge, MemoryBackfillLedger};
 use voicegate_engine::store::fair_use::{FairUseStore, MemoryCooldownLock, MemoryFairUseStore};
+use voicegate_engine::store::plans::MemoryPlanStore;
 use voicegate_engine::time::ManualClock;
 
 const MIN: u64 = 60_000;
@@ -358,6 +359,7 @@ async fn simulate(users: Vec<(Archetype, u64)>) -> Vec<Outcome> {
             lock: Arc::new(MemoryCooldownLock::new()),
             classifier: Arc::new(HeuristicClassifier),
             sessions: Arc::new(StoredSessions(store.clone())),
+            plans: Arc::new(MemoryPlanStore::default()),
             notifier: None,
             clock: clock.clone(),
         },

@@ -17,6 +17,7 @@ use voicegate_engine::policy::{
 };
 use voicegate_engine::store::MemoryStore;
 use voicegate_engine::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
+use voicegate_engine::store::plans::MemoryPlanStore;
 use voicegate_engine::time::ManualClock;
 
 const T0: u64 = 1_790_000_000_000;
@@ -42,6 +43,7 @@ fn start(clock: Arc<ManualClock>, score: f64) -> FairUse {
             lock: Arc::new(MemoryCooldownLock::new()),
             classifier: Scripted::new(vec![Step::Score(score)]),
             sessions: Arc::new(NoSessions),
+            plans: Arc::new(MemoryPlanStore::default()),
             notifier: None,
             clock,
         },
@@ -109,8 +111,15 @@ async fn restrict_over_a_cap_rejects_sync_with_retry_after_but_never_realtime() 
     let fu = start(clock.clone(), 0.1);
     fu.set_stage("r", "restrict", "ops").await.unwrap();
     speak(&fu, "r", 3 * HOUR, T0 - 4 * HOUR).await;
-    let sync = fu
+    // On a paid plan 3 h is under the daily cap (4 h): admitted, restricted or not (the reference's hard
+    // restriction used the free plan's caps for everyone, §8 #13).
+    let paid = fu
         .entitlement("r", Mode::Sync, PlanRecord::Known(Some("unlimited")))
+        .await;
+    assert_eq!(paid.admission, Admission::Admit);
+    assert!(paid.caps_triggered.is_empty());
+    let sync = fu
+        .entitlement("r", Mode::Sync, PlanRecord::Known(Some("basic")))
         .await;
     match sync.admission {
         Admission::Reject {

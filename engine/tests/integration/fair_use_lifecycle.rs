@@ -61,9 +61,10 @@ async fn repeated_high_scores_climb_to_restrict_and_time_decays_back_to_none() {
         triggered: vec![CapTrigger {
             cap: CapKind::Daily,
             speech_ms: heavy().daily_ms,
-            threshold_ms: cfg.caps.daily_ms,
+            threshold_ms: cfg.caps.free.daily_ms,
         }],
         totals: heavy(),
+        caps: cfg.caps.free,
     };
     let settle = || async {
         for _ in 0..2_000 {

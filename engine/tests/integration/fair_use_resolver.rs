@@ -121,7 +121,9 @@ fn run(
             month: MonthUsage::default(),
             stage: st,
             totals: t,
+            caps: cfg.caps.free,
             under_caps_at_ms: None,
+            under_ceiling_at_ms: None,
             stt_today: SttUsage {
                 day: SttUsage::day_of(NOW),
                 used_ms: used,
@@ -371,7 +373,9 @@ fn restricted_retry_after(restrict_until: Option<u64>, under_caps_at: Option<u64
             month: MonthUsage::default(),
             stage: &st,
             totals: totals(Caps::Over),
+            caps: SoftCaps::default(),
             under_caps_at_ms: under_caps_at,
+            under_ceiling_at_ms: None,
             stt_today: SttUsage::default(),
             now_ms: NOW,
         },
@@ -542,7 +546,9 @@ fn stt_budget_used_on_another_utc_day_counts_as_zero_and_resets_at_midnight() {
             month: MonthUsage::default(),
             stage: &st,
             totals: RollingTotals::default(),
+            caps: c.caps.free,
             under_caps_at_ms: None,
+            under_ceiling_at_ms: None,
             stt_today: SttUsage {
                 day: SttUsage::day_of(NOW) - 1,
                 used_ms: 99_999_999,
@@ -609,7 +615,7 @@ fn exempt_or_kill_switch_over_caps_has_no_triggers_and_no_429_g71() {
 #[test]
 fn real_caps_of_the_live_suite_g66() {
     let mut c = cfg(true, false, false);
-    c.caps = SoftCaps {
+    c.caps.free = SoftCaps {
         daily_ms: 10_000,
         three_day_ms: 20_000,
         weekly_ms: 30_000,

@@ -10,6 +10,7 @@ mod conversation_store;
 mod fair_use_bench;
 mod fair_use_facade;
 mod fair_use_lifecycle;
+mod fair_use_plans;
 mod fair_use_resolver;
 mod fair_use_stages;
 mod fair_use_store;

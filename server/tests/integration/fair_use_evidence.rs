@@ -12,7 +12,7 @@ use listen_support::{NORMAL, connect, fixture_packets, offline, stream_packets};
 use serde_json::{Value, json};
 use voicegate_engine::outbound::test_tls;
 use voicegate_engine::policy::{
-    ClassifierKind, ClassifierSettings, FairUseConfig, SoftCaps, Stage,
+    ClassifierKind, ClassifierSettings, FairUseConfig, PlanCaps, SoftCaps, Stage,
 };
 
 #[actix_web::test]
@@ -29,11 +29,11 @@ async fn a_stream_over_a_cap_reaches_the_llm_classifier_with_the_users_session_e
     // The first session stays under the caps; the second crosses them halfway.
     let cap = speech1 + speech2 / 2;
     let fair = FairUseConfig {
-        caps: SoftCaps {
+        caps: PlanCaps::uniform(SoftCaps {
             daily_ms: cap,
             three_day_ms: cap,
             weekly_ms: cap,
-        },
+        }),
         classifier: ClassifierSettings {
             kind: ClassifierKind::OpenAi,
             base_url: format!("https://localhost:{port}/v1"),

@@ -7,16 +7,16 @@ use crate::listen_support;
 use common::engine_server::{ADMIN_KEY, EngineServer, fair_use_on, fixtures, omi_name, split};
 use common::refusal::{Reply, header_str};
 use listen_support::{NORMAL, connect, fixture_packets, stream_packets};
-use voicegate_engine::policy::{FairUseConfig, SoftCaps};
+use voicegate_engine::policy::{FairUseConfig, PlanCaps, SoftCaps};
 
 #[actix_web::test]
 async fn restricted_over_a_cap_sync_gets_429_while_realtime_keeps_streaming() {
     let fair = FairUseConfig {
-        caps: SoftCaps {
+        caps: PlanCaps::uniform(SoftCaps {
             daily_ms: 1_000,
             three_day_ms: 1_000,
             weekly_ms: 1_000,
-        },
+        }),
         ..fair_use_on()
     };
     // The stream runs at 10x, over the default intake limit of 4x.

@@ -12,7 +12,7 @@ use common::engine_server::{
 };
 use common::refusal::{Reply, header_str};
 use serde_json::{Value, json};
-use voicegate_engine::policy::{FairUseConfig, SoftCaps};
+use voicegate_engine::policy::{FairUseConfig, PlanCaps, SoftCaps};
 
 fn one_fixture(i: usize, ago_s: u64) -> Vec<(String, Vec<u8>)> {
     let (_, bytes) = fixtures().swap_remove(i);
@@ -33,11 +33,11 @@ async fn admin_post(server: &EngineServer, path: &str) -> (u16, Value) {
 #[actix_web::test]
 async fn restricted_over_a_cap_gets_429_with_retry_after_and_nothing_is_metered() {
     let fair = FairUseConfig {
-        caps: SoftCaps {
+        caps: PlanCaps::uniform(SoftCaps {
             daily_ms: 1_000,
             three_day_ms: 1_000,
             weekly_ms: 1_000,
-        },
+        }),
         ..fair_use_on()
     };
     let server = EngineServer::start(fair, |_| {}).await;
@@ -88,11 +88,11 @@ async fn sync_upload_over_cap_while_restricted_answers_429_with_retry_after_when
  {
     // Over the daily cap only: 1 s of speech a day, the 3-day and weekly caps far away.
     let fair = FairUseConfig {
-        caps: SoftCaps {
+        caps: PlanCaps::uniform(SoftCaps {
             daily_ms: 1_000,
             three_day_ms: 36_000_000,
             weekly_ms: 36_000_000,
-        },
+        }),
         ..fair_use_on()
     };
     let server = EngineServer::start(fair, |_| {}).await;
@@ -255,4 +255,69 @@ async fn restrict_stage_with_the_stt_budget_used_up_still_answers_200_and_meters
     assert_eq!(code, 200, "{again}");
     assert_eq!(again["files"][0]["status"], "duplicate");
     assert_eq!(server.status_speech_ms("r").await["daily_ms"], metered);
+}
+
+#[actix_web::test]
+async fn over_the_speech_ceiling_a_paying_user_at_no_stage_gets_429_speech_ceiling_until_the_day_falls_back()
+ {
+    // The ceiling lowered to 2 s (a test setting; the default is 30 h, refused at startup below the daily
+    // caps): one fixture's speech in one minute bucket 2 h ago passes it.
+    let fair = FairUseConfig {
+        ceiling_ms: 2_000,
+        ..fair_use_on()
+    };
+    let server = EngineServer::start(fair, |_| {}).await;
+    let minute_s = (now_s() - 2 * 3_600) / 60 * 60;
+    let (name, bytes) = fixtures().swap_remove(0);
+    assert_eq!(name, "d01.bin");
+    let file = vec![(
+        format!("audio_omi_opus_16000_1_fs160_{minute_s}.bin"),
+        bytes,
+    )];
+    let resp = server
+        .http
+        .put(server.url("/v1/admin/plans/user/payer"))
+        .header("X-Admin-Key", ADMIN_KEY)
+        .json(&json!({"plan": "unlimited"}))
+        .send()
+        .await
+        .unwrap();
+    let (code, body) = common::engine_server::split(resp).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, body, _) = server.upload("payer", "", &file).await;
+    assert_eq!(code, 200, "{body}");
+    let (code, status) = server.get("/v1/fair-use/status", "payer").await;
+    assert_eq!(code, 200, "{status}");
+    assert!(
+        status["speech_ms"]["daily_ms"].as_u64().unwrap() > 2_000,
+        "{status}"
+    );
+    assert_eq!(status["over_ceiling"], true, "{status}");
+    assert_eq!(status["stage"], "none", "{status}");
+    assert_eq!(
+        status["limits"]["daily_hours"], 4.0,
+        "the paid plan's caps: {status}"
+    );
+    assert_eq!(status["stt"]["reason"], "speech_ceiling", "{status}");
+    let falls_under_ms = minute_s * 1_000 + 24 * 3_600_000 + 1;
+
+    let sent_ms = now_ms();
+    let (code, body, headers) = server.upload("payer", "", &one_fixture(1, 300)).await;
+    let answered_ms = now_ms();
+    let refusal = Reply::new(code, header_str(&headers).as_deref(), body);
+    let retry = refusal.assert_refusal("over the speech ceiling");
+    let body = refusal.body;
+    assert_eq!(code, 429, "{body}");
+    assert_eq!(body["code"], "speech_ceiling", "{body}");
+    assert_eq!(body["stage"], "none", "{body}");
+    let retry = retry.unwrap_or_else(|| panic!("a 429 is retryable: {body}"));
+    let earliest = (falls_under_ms - answered_ms).div_ceil(1_000);
+    let latest = (falls_under_ms - sent_ms).div_ceil(1_000);
+    assert!(
+        (earliest..=latest).contains(&retry),
+        "Retry-After {retry}, want {earliest}..={latest}"
+    );
+    // Another user is not affected.
+    let (code, body, _) = server.upload("light", "", &one_fixture(1, 300)).await;
+    assert_eq!(code, 200, "{body}");
 }

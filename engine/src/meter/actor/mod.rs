@@ -366,11 +366,15 @@ impl UserMeter {
         }
         match msg {
             UserMsg::Record(rec, reply) => self.record(rec, reply, ctx),
-            UserMsg::ReadTotals(caps, reply) => {
+            UserMsg::ReadTotals(against, reply) => {
                 let now = self.k.shared.clock().now_ms();
                 let mut totals = self.totals(now);
-                if let Some(caps) = caps {
-                    totals.under_caps_at_ms = self.under_caps_at(&caps, &totals, now);
+                if let Some(a) = against {
+                    totals.under_caps_at_ms = self.under_caps_at(&a.caps, &totals, now);
+                    if a.ceiling_ms > 0 {
+                        let ceiling = crate::policy::SoftCaps::daily_only(a.ceiling_ms);
+                        totals.under_ceiling_at_ms = self.under_caps_at(&ceiling, &totals, now);
+                    }
                 }
                 let _ = reply.send(totals);
             }

@@ -34,6 +34,7 @@ impl UserMeter {
             month_ms,
             known: matches!(self.hydration, super::Hydration::Known { .. }),
             under_caps_at_ms: None,
+            under_ceiling_at_ms: None,
         }
     }
 

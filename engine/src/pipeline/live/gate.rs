@@ -19,14 +19,14 @@ impl Budget {
     }
 }
 
-/// The STT gate: unlimited, a budget, closed, or not known yet (the session's first status read is in
+/// The STT gate: unlimited, a budget, closed (with the reason told to the client), or not known yet (the session's first status read is in
 /// flight: speech that ends meanwhile waits, deferred).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Gate {
     Pending,
     Unlimited,
     Budget(Budget),
-    Closed,
+    Closed(SttDenied),
 }
 
 impl Gate {
@@ -60,11 +60,12 @@ impl Gate {
                 resets_at_ms: resets_at_ms.unwrap_or(0),
                 forwarded_since_check_ms: pending,
             }),
-            // An unknown entitlement fails closed for paid STT, silently: nothing is known to announce.
+            // An unknown entitlement fails closed for paid STT; over the hard ceiling STT closes until the
+            // rolling 24 h falls back (metering goes on).
             SttAllowance::None {
-                reason: SttDenied::EntitlementUnknown,
+                reason: reason @ (SttDenied::EntitlementUnknown | SttDenied::SpeechCeiling),
                 ..
-            } => Gate::Closed,
+            } => Gate::Closed(reason),
         }
     }
 
@@ -74,7 +75,7 @@ impl Gate {
             Gate::Pending => None,
             Gate::Unlimited => Some(speech_ms),
             Gate::Budget(b) => Some(b.remaining().min(speech_ms)),
-            Gate::Closed => Some(0),
+            Gate::Closed(_) => Some(0),
         }
     }
 }

@@ -188,6 +188,8 @@ fn status(stage: Stage, locked: bool, stt: SttAllowance) -> OpResult {
             },
             speech_hours: zero,
             limits_hours: zero,
+            ceiling_hours: None,
+            over_ceiling: false,
             usage_pct: zero,
             stt,
             credits: CreditLookup::Unavailable,
@@ -582,6 +584,26 @@ fn with_a_provider_the_budget_clips_the_samples_sent_to_the_ms() {
 }
 
 #[test]
+fn over_the_speech_ceiling_nothing_is_forwarded_and_the_reason_is_speech_ceiling_while_metering_goes_on()
+ {
+    let mut s = with_feed(SttAllowance::None {
+        reason: SttDenied::SpeechCeiling,
+        daily_limit_ms: None,
+        used_ms: 0,
+        resets_at_ms: Some(WALL0 + 3_600_000),
+    });
+    s.stream(7_000, false);
+    assert_eq!(s.forwarded_ms(), 0, "STT closed");
+    assert_eq!(s.audio_samples(), 0);
+    assert_eq!(s.core.stt_gate_reason(), Some("speech_ceiling"));
+    assert!(
+        s.kinds().contains(&"speech_started"),
+        "speech is still detected (and metered): {:?}",
+        s.kinds()
+    );
+}
+
+#[test]
 fn with_a_provider_audio_waits_for_the_first_status_read() {
     let mut s = Session::new(60_000);
     s.core.enable_stt_feed(crate::stt::ProviderKind::Local);
@@ -764,6 +786,8 @@ async fn a_record_the_meter_drops_is_not_counted_as_metered() {
         store.clone(),
         clock.clone(),
     );
+    let plans: Arc<dyn crate::store::plans::PlanStore> =
+        Arc::new(crate::store::plans::MemoryPlanStore::default());
     let fair_use = FairUse::start(
         Default::default(),
         meter.clone(),
@@ -772,13 +796,14 @@ async fn a_record_the_meter_drops_is_not_counted_as_metered() {
             lock: Arc::new(MemoryCooldownLock::new()),
             classifier: Arc::new(HeuristicClassifier),
             sessions: Arc::new(NoSessions),
+            plans: plans.clone(),
             notifier: None,
             clock: clock.clone(),
         },
     );
     let services = Arc::new(super::LiveServices {
         fair_use,
-        plans: Arc::new(crate::store::plans::MemoryPlanStore::default()),
+        plans,
         conversations: Arc::new(crate::conversation::MemoryConversationStore::new(
             clock.clone(),
         )),

@@ -67,6 +67,7 @@ fn world(backfill: BackfillConfig) -> World {
             lock: Arc::new(MemoryCooldownLock::new()),
             classifier,
             sessions: Arc::new(NoSessions),
+            plans: Arc::new(crate::store::plans::MemoryPlanStore::default()),
             notifier: None,
             clock: clock.clone(),
         },

@@ -129,11 +129,12 @@ pub(super) async fn transcribe(
         SttAllowance::Remaining { remaining_ms, .. } => Some(remaining_ms),
         SttAllowance::None { .. } => Some(0),
     };
-    // Paid STT fails closed on an unknown entitlement: the spans wait (`pending`) for a re-upload.
+    // Paid STT fails closed on an unknown entitlement, and closes over the hard ceiling: the spans wait
+    // (`pending`) for a re-upload.
     let closed = matches!(
         allowance,
         SttAllowance::None {
-            reason: SttDenied::EntitlementUnknown,
+            reason: SttDenied::EntitlementUnknown | SttDenied::SpeechCeiling,
             ..
         }
     );

@@ -15,7 +15,7 @@ use voicegate_engine::fair_use::{
     LogNotifier, NoSessions, SupervisorDeps, SupervisorStats, UsageSnapshot,
 };
 use voicegate_engine::policy::{
-    CapKind, CapTrigger, FairUseConfig, RollingTotals, Stage, UsageType, Verdict,
+    CapKind, CapTrigger, FairUseConfig, RollingTotals, SoftCaps, Stage, UsageType, Verdict,
 };
 use voicegate_engine::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
 use voicegate_engine::time::{Clock, TokioClock};
@@ -150,6 +150,7 @@ pub fn breach(uid: &str, stage: Stage) -> CapBreached {
             three_day_ms: 7_300_000,
             weekly_ms: 7_300_000,
         },
+        caps: SoftCaps::default(),
     }
 }
 

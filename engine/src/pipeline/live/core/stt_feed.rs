@@ -35,7 +35,7 @@ impl SessionCore {
     /// Why transcription is closed by the session's own gate (`None`: open, or not known yet).
     pub fn stt_gate_reason(&self) -> Option<&'static str> {
         match self.stt.gate {
-            Gate::Closed => Some("entitlement_unknown"),
+            Gate::Closed(reason) => Some(reason.code()),
             Gate::Budget(b) if b.remaining() == 0 => Some("budget_exhausted"),
             Gate::Pending | Gate::Unlimited | Gate::Budget(_) => None,
         }
@@ -104,7 +104,7 @@ impl SessionCore {
 fn allowed_samples(gate: &Gate, sent: u64, pending_ms: u64) -> u64 {
     match gate {
         Gate::Unlimited => u64::MAX,
-        Gate::Pending | Gate::Closed => 0,
+        Gate::Pending | Gate::Closed(_) => 0,
         Gate::Budget(b) => {
             let remaining = b.remaining().saturating_sub(pending_ms);
             // ms() rounds half up: ms(s) <= m exactly when s <= 16 m + 7.

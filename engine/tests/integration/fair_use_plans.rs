@@ -1,0 +1,381 @@
+//! Plan-aware caps and the hard ceiling, through the `FairUse` handle on the in-memory stores: which caps a
+//! user's plan gives them (free and unknown 2/8/10 h, paid 4/16/20 h, an unreadable plan the higher), what
+//! sync, realtime and status get for every plan × stage × usage level, the ceiling's refusal and its
+//! Retry-After, and which breaches reach the classifier (with the caps they were judged on).
+
+use crate::fair_use_support::{Scripted, Step};
+
+use std::sync::Arc;
+
+use voicegate_engine::fair_use::{FairUse, FairUseParts, NoSessions, PlanRecord};
+use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
+use voicegate_engine::policy::{
+    Admission, FairUseConfig, Mode, PlanCaps, RejectReason, SoftCaps, Stage, SttAllowance,
+    SttDenied,
+};
+use voicegate_engine::store::MemoryStore;
+use voicegate_engine::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
+use voicegate_engine::store::plans::{MemoryPlanStore, PlanRecordValue, PlanStore};
+use voicegate_engine::time::ManualClock;
+
+const T0: u64 = 1_790_000_000_000;
+const HOUR: u64 = 3_600_000;
+
+struct World {
+    fu: FairUse,
+    plans: Arc<MemoryPlanStore>,
+    classifier: Arc<Scripted>,
+}
+
+fn start(cfg: FairUseConfig) -> World {
+    let clock = ManualClock::new(T0);
+    let meter = Meter::start(
+        MeterConfig {
+            shards: 0,
+            ..MeterConfig::default()
+        },
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+    );
+    let plans = Arc::new(MemoryPlanStore::default());
+    let classifier = Scripted::new(vec![Step::Score(0.9)]);
+    let fu = FairUse::start(
+        cfg,
+        meter,
+        FairUseParts {
+            store: Arc::new(MemoryFairUseStore::new()),
+            lock: Arc::new(MemoryCooldownLock::new()),
+            classifier: classifier.clone(),
+            sessions: Arc::new(NoSessions),
+            plans: plans.clone(),
+            notifier: None,
+            clock,
+        },
+    );
+    World {
+        fu,
+        plans,
+        classifier,
+    }
+}
+
+async fn set_plan(plans: &MemoryPlanStore, uid: &str, plan: &str) {
+    let value = PlanRecordValue {
+        plan: plan.to_owned(),
+        updated_at_ms: T0,
+        event_id: format!("test-{uid}"),
+        source_at_ms: T0,
+    };
+    plans.set(uid, &value).await.unwrap();
+}
+
+/// `ms` of speech, the first hour of it spread over the last hour and the rest in the current minute (as
+/// several devices or a sync upload can do): every rolling total is `ms`.
+async fn speak(fu: &FairUse, uid: &str, ms: u64) {
+    let rec = RecordSpeech::new(uid, SpeechAmount::Ms(ms), T0 - HOUR, SpeechSource::Sync);
+    fu.record(rec).await.unwrap();
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PlanCase {
+    /// The free plan on record.
+    Basic,
+    /// No record, `VOICEGATE_DEFAULT_PLAN=unknown`.
+    Unknown,
+    /// A paid plan on record.
+    Paid,
+    /// The plan store failed.
+    Unavailable,
+}
+
+impl PlanCase {
+    fn record(self) -> PlanRecord<'static> {
+        match self {
+            PlanCase::Basic => PlanRecord::Known(Some("basic")),
+            PlanCase::Unknown => PlanRecord::Known(None),
+            PlanCase::Paid => PlanRecord::Known(Some("operator")),
+            PlanCase::Unavailable => PlanRecord::Unavailable,
+        }
+    }
+
+    fn caps(self) -> SoftCaps {
+        match self {
+            PlanCase::Basic | PlanCase::Unknown => SoftCaps::default(),
+            PlanCase::Paid | PlanCase::Unavailable => SoftCaps::PAID,
+        }
+    }
+}
+
+#[actix::test]
+async fn every_plan_stage_and_usage_level_resolves_to_its_plans_caps_and_the_ceiling() {
+    let w = start(FairUseConfig::default());
+    // Rolling totals (every window alike): under every cap; over the free daily cap only; over the free
+    // daily and 3-day caps and the paid daily cap; over every cap and the 30 h ceiling.
+    let levels = [HOUR + HOUR / 2, 3 * HOUR, 9 * HOUR, 31 * HOUR];
+    let plans = [
+        PlanCase::Basic,
+        PlanCase::Unknown,
+        PlanCase::Paid,
+        PlanCase::Unavailable,
+    ];
+    let stages = [
+        Stage::None,
+        Stage::Warning,
+        Stage::Throttle,
+        Stage::Restrict,
+    ];
+    let mut rows = 0;
+    for (li, &level) in levels.iter().enumerate() {
+        for stage in stages {
+            // One user per (level, stage): their usage and stage, resolved under each plan.
+            let uid = format!("u{li}-{stage:?}");
+            speak(&w.fu, &uid, level).await;
+            if stage != Stage::None {
+                w.fu.set_stage(&uid, stage.as_str(), "ops").await.unwrap();
+            }
+            for plan in plans {
+                let ctx = format!("{plan:?} {stage:?} {}h", level as f64 / HOUR as f64);
+                let caps = plan.caps();
+                let expected: Vec<_> = caps
+                    .triggered(&voicegate_engine::policy::RollingTotals {
+                        daily_ms: level,
+                        three_day_ms: level,
+                        weekly_ms: level,
+                    })
+                    .into_iter()
+                    .map(|t| t.cap)
+                    .collect();
+                let over_ceiling = level > 30 * HOUR;
+                let sync = w.fu.entitlement(&uid, Mode::Sync, plan.record()).await;
+                let got: Vec<_> = sync.caps_triggered.iter().map(|t| t.cap).collect();
+                assert_eq!(got, expected, "caps: {ctx}");
+                assert_eq!(sync.over_ceiling, over_ceiling, "ceiling: {ctx}");
+                let restricted_over = stage == Stage::Restrict && !expected.is_empty();
+                match (sync.admission, restricted_over, over_ceiling) {
+                    (Admission::Admit, false, false) => {}
+                    (Admission::Reject { reason, .. }, true, false) => {
+                        assert_eq!(reason, RejectReason::RestrictedOverCap, "{ctx}")
+                    }
+                    // Both: the refusal that lasts longer is the answer. 31 h in the last hour stays over
+                    // the weekly cap for 7 days and the restriction lasts 7: longer than the ceiling's day.
+                    (Admission::Reject { reason, .. }, true, true) => {
+                        assert_eq!(reason, RejectReason::RestrictedOverCap, "{ctx}")
+                    }
+                    (
+                        Admission::Reject {
+                            reason,
+                            retry_after_s,
+                        },
+                        false,
+                        true,
+                    ) => {
+                        assert_eq!(reason, RejectReason::SpeechCeiling, "{ctx}");
+                        assert_eq!(reason.code(), "speech_ceiling");
+                        // 30 h of it sits in the current minute: it leaves the 24 h window with it.
+                        assert!(
+                            (23 * 3_600..=24 * 3_600 + 60).contains(&retry_after_s),
+                            "{ctx}: {retry_after_s}"
+                        );
+                    }
+                    (a, r, c) => {
+                        panic!("{ctx}: admission {a:?}, restricted over a cap {r}, ceiling {c}")
+                    }
+                }
+                let rt = w.fu.entitlement(&uid, Mode::Realtime, plan.record()).await;
+                assert_eq!(
+                    rt.admission,
+                    Admission::Admit,
+                    "realtime is never refused: {ctx}"
+                );
+                let budget = match stage {
+                    Stage::Throttle => Some(7_200_000),
+                    Stage::Restrict => Some(1_800_000),
+                    Stage::None | Stage::Warning => None,
+                };
+                match (&rt.stt, plan, over_ceiling, budget) {
+                    (
+                        SttAllowance::None {
+                            reason: SttDenied::EntitlementUnknown,
+                            ..
+                        },
+                        PlanCase::Unavailable,
+                        _,
+                        _,
+                    ) => {}
+                    (
+                        SttAllowance::None {
+                            reason: SttDenied::SpeechCeiling,
+                            ..
+                        },
+                        _,
+                        true,
+                        _,
+                    ) if plan != PlanCase::Unavailable => {}
+                    (SttAllowance::Unlimited, _, false, None) if plan != PlanCase::Unavailable => {}
+                    (SttAllowance::Remaining { daily_limit_ms, .. }, _, false, Some(b))
+                        if plan != PlanCase::Unavailable =>
+                    {
+                        assert_eq!(*daily_limit_ms, b, "{ctx}")
+                    }
+                    (stt, ..) => panic!("{ctx}: stt {stt:?}"),
+                }
+                let st = w.fu.status(&uid, plan.record()).await;
+                let h = |ms: u64| (ms as f64 / HOUR as f64 * 100.0).round() / 100.0;
+                assert_eq!(
+                    (
+                        st.limits_hours.daily,
+                        st.limits_hours.three_day,
+                        st.limits_hours.weekly
+                    ),
+                    (h(caps.daily_ms), h(caps.three_day_ms), h(caps.weekly_ms)),
+                    "status limits: {ctx}"
+                );
+                assert_eq!(
+                    (st.ceiling_hours, st.over_ceiling),
+                    (Some(30.0), over_ceiling),
+                    "{ctx}"
+                );
+                rows += 1;
+            }
+        }
+    }
+    assert_eq!(rows, 64);
+}
+
+#[actix::test]
+async fn the_ceiling_is_off_with_fair_use_and_at_zero_and_counts_only_past_it() {
+    let at_ceiling = 30 * HOUR;
+    for (what, cfg, total, refused) in [
+        ("exactly at it", FairUseConfig::default(), at_ceiling, false),
+        (
+            "one ms past it",
+            FairUseConfig::default(),
+            at_ceiling + 1,
+            true,
+        ),
+        (
+            "ceiling 0 (off)",
+            FairUseConfig {
+                ceiling_ms: 0,
+                ..FairUseConfig::default()
+            },
+            40 * HOUR,
+            false,
+        ),
+        (
+            "kill switch",
+            FairUseConfig {
+                kill_switch: true,
+                ..FairUseConfig::default()
+            },
+            40 * HOUR,
+            false,
+        ),
+        (
+            "fair use disabled",
+            FairUseConfig {
+                enabled: false,
+                ..FairUseConfig::default()
+            },
+            40 * HOUR,
+            false,
+        ),
+    ] {
+        let w = start(cfg);
+        speak(&w.fu, "u", total).await;
+        let e =
+            w.fu.entitlement("u", Mode::Sync, PlanRecord::Known(Some("operator")))
+                .await;
+        assert_eq!(e.over_ceiling, refused, "{what}");
+        assert_eq!(
+            matches!(
+                e.admission,
+                Admission::Reject {
+                    reason: RejectReason::SpeechCeiling,
+                    ..
+                }
+            ),
+            refused,
+            "{what}: {:?}",
+            e.admission
+        );
+        assert_eq!(
+            matches!(
+                e.stt,
+                SttAllowance::None {
+                    reason: SttDenied::SpeechCeiling,
+                    ..
+                }
+            ),
+            refused,
+            "{what}: {:?}",
+            e.stt
+        );
+    }
+}
+
+#[actix::test]
+async fn a_breach_is_judged_on_the_users_plan_and_the_event_records_those_caps() {
+    let w = start(FairUseConfig::default());
+    set_plan(&w.plans, "payer", "unlimited").await;
+    set_plan(&w.plans, "free", "basic").await;
+    // 3 h: over the free daily cap, under the paid one.
+    speak(&w.fu, "payer", 3 * HOUR).await;
+    speak(&w.fu, "free", 3 * HOUR).await;
+    speak(&w.fu, "nobody", 3 * HOUR).await; // no record: unknown, the free plan's caps
+    w.fu.settled().await;
+    let mut classified: Vec<String> = w.classifier.calls.lock().unwrap().keys().cloned().collect();
+    classified.sort();
+    assert_eq!(
+        classified,
+        ["free", "nobody"],
+        "the free and the unknown user are classified, the payer is not"
+    );
+    for uid in ["free", "nobody"] {
+        let events = w.fu.ledger().events(uid, 10).await.unwrap();
+        assert_eq!(events.len(), 1, "{uid}");
+        assert_eq!(events[0].thresholds_ms, Some(SoftCaps::default()), "{uid}");
+    }
+    assert!(w.fu.ledger().events("payer", 10).await.unwrap().is_empty());
+    // 5 h: over the paid daily cap too.
+    let w2 = start(FairUseConfig::default());
+    set_plan(&w2.plans, "payer", "architect").await;
+    speak(&w2.fu, "payer", 5 * HOUR).await;
+    w2.fu.settled().await;
+    let events = w2.fu.ledger().events("payer", 10).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].thresholds_ms, Some(SoftCaps::PAID));
+}
+
+#[test]
+fn the_hot_path_prefilter_is_the_lowest_cap_of_each_window_and_an_unreadable_plan_gets_the_highest()
+{
+    let caps = PlanCaps {
+        free: SoftCaps {
+            daily_ms: 10,
+            three_day_ms: 50,
+            weekly_ms: 60,
+        },
+        paid: SoftCaps {
+            daily_ms: 20,
+            three_day_ms: 40,
+            weekly_ms: 80,
+        },
+    };
+    assert_eq!(
+        caps.lowest(),
+        SoftCaps {
+            daily_ms: 10,
+            three_day_ms: 40,
+            weekly_ms: 60
+        }
+    );
+    assert_eq!(
+        caps.highest(),
+        SoftCaps {
+            daily_ms: 20,
+            three_day_ms: 50,
+            weekly_ms: 80
+        }
+    );
+}

@@ -113,6 +113,7 @@ pub fn status_body(s: &FairUseStatus) -> Value {
         "locked": s.locked,
         "totals_known": s.totals_known,
         "notice": s.notice,
+        "thresholds": s.thresholds,
     })
 }
 

@@ -26,7 +26,9 @@ use crate::meter::{
 };
 use crate::outbound::Outbound;
 use crate::policy::UsageType;
-use crate::policy::notice::{Notice, status_message};
+use crate::policy::notice::{
+    Notice, ThresholdNotice, highest_per_window, status_message, threshold_key, thresholds_reached,
+};
 use crate::policy::stage::DAY_MS;
 use crate::policy::{
     CaseRef, ClassifierKind, CreditLookup, Enforcement, Entitlement, EntitlementInput,
@@ -104,6 +106,9 @@ pub struct FairUseStatus {
     /// False while the meter could not read the store (totals are this node's pending speech only).
     pub totals_known: bool,
     pub notice: Option<Notice>,
+    /// The usage thresholds reached (80 % / 100 % of a cap of the user's plan), the highest per window;
+    /// empty while enforcement is off or the totals are unknown.
+    pub thresholds: Vec<ThresholdNotice>,
 }
 
 /// One violation as the user sees it (`GET /v1/fair-use/violations`).
@@ -473,6 +478,48 @@ impl FairUse {
             credits,
             totals_known: totals.known,
             notice: self.notices.as_ref().and_then(|n| n.latest(uid)),
+            thresholds: if e.enforcement.active() && totals.known {
+                highest_per_window(thresholds_reached(&caps, &r))
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The thresholds of `status` not yet told to the user (across sessions and nodes: the store keeps the
+    /// told ones, forgetting a level the usage fell back under), the highest per window; what a live session
+    /// sends as `usage_threshold` events. Nothing while the totals are unknown (nothing is forgotten then
+    /// either); a store error is logged and tells nothing (the next status read tries again).
+    pub async fn claim_thresholds(
+        &self,
+        uid: &str,
+        status: &FairUseStatus,
+    ) -> Vec<ThresholdNotice> {
+        if !status.totals_known {
+            return Vec::new();
+        }
+        // Every level at or under each window's highest is reached.
+        let reached: Vec<String> = status
+            .thresholds
+            .iter()
+            .flat_map(|n| {
+                crate::policy::notice::THRESHOLD_LEVELS
+                    .into_iter()
+                    .filter(move |&l| l <= n.level_pct)
+                    .map(move |l| threshold_key(n.cap, l))
+            })
+            .collect();
+        match self.ledger.store().claim_thresholds(uid, &reached).await {
+            Ok(new) => status
+                .thresholds
+                .iter()
+                .filter(|n| new.contains(&n.key()))
+                .cloned()
+                .collect(),
+            Err(e) => {
+                tracing::warn!(message = "Recording the usage thresholds told failed.", uid, error = %e);
+                Vec::new()
+            }
         }
     }
 

@@ -99,6 +99,10 @@ pub trait FairUseStore: Send + Sync + 'static {
         since_ms: u64,
         limit: usize,
     ) -> FairUseFuture<Vec<SessionSummary>>;
+    /// The usage thresholds told to the user (`daily:80`, …): keeps exactly `reached` (forgets the others,
+    /// so a level the usage fell back under is told again on its next crossing) and answers those of
+    /// `reached` not kept before, atomically (one session or node tells each crossing once).
+    fn claim_thresholds(&self, uid: &str, reached: &[String]) -> FairUseFuture<Vec<String>>;
 }
 
 /// The classifier's per-user token lock: held for the cooldown after a success, released early on failure.
@@ -127,6 +131,8 @@ struct MemoryInner {
     sessions: HashMap<String, Vec<SessionSummary>>,
     /// Evidence writes since the last sweep of users whose every session left the retention.
     session_writes: u64,
+    /// uid → the usage thresholds told (at most 6 each; a user with none has no entry).
+    thresholds: HashMap<String, std::collections::BTreeSet<String>>,
 }
 
 /// The memory store sweeps users without a session in the retention once per this many writes.
@@ -272,6 +278,21 @@ impl FairUseStore for MemoryFairUseStore {
             })
             .unwrap_or_default();
         Box::pin(async move { Ok(out) })
+    }
+
+    fn claim_thresholds(&self, uid: &str, reached: &[String]) -> FairUseFuture<Vec<String>> {
+        let mut g = self.lock();
+        let told = g.thresholds.remove(uid).unwrap_or_default();
+        let new: Vec<String> = reached
+            .iter()
+            .filter(|k| !told.contains(*k))
+            .cloned()
+            .collect();
+        if !reached.is_empty() {
+            g.thresholds
+                .insert(uid.to_owned(), reached.iter().cloned().collect());
+        }
+        Box::pin(async move { Ok(new) })
     }
 
     fn stt_ms(&self, uid: &str, day: u64) -> FairUseFuture<u64> {

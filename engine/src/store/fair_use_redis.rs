@@ -7,6 +7,8 @@
 //! - `vg:{uid}:fu:stt:<day>` STRING paid-STT ms forwarded on that UTC day (INCRBY; expires after 2 days)
 //! - `vg:{uid}:fu:sessions` ZSET session id → end (audio ms), and `vg:{uid}:fu:session` HASH session id →
 //!   summary JSON: the session evidence, written and trimmed by one script
+//! - `vg:{uid}:fu:thresholds` HASH `daily:80`, … → 1: the usage thresholds told to the user (one script keeps
+//!   exactly the reached ones; expires 8 days after the last write)
 //! - `vg:fu:case:<ref>`   STRING uid (case-ref index, written after the state script)
 //! - `vg:fu:flagged`      HASH uid → stage for users not at none (admin index, written after the state script)
 //!
@@ -84,6 +86,27 @@ if #ids == 0 then return {} end
 return redis.call('HMGET', KEYS[2], unpack(ids))
 ";
 
+pub fn thresholds_key(uid: &str) -> String {
+    format!("vg:{{{uid}}}:fu:thresholds")
+}
+
+/// Keep exactly the reached thresholds; answer the ones not kept before. KEYS: thresholds (HASH). ARGV: ttl,
+/// reached….
+const CLAIM_THRESHOLDS_LUA: &str = r"
+local keep = {}
+for i = 2, #ARGV do keep[ARGV[i]] = true end
+local had = redis.call('HKEYS', KEYS[1])
+for i = 1, #had do
+  if not keep[had[i]] then redis.call('HDEL', KEYS[1], had[i]) end
+end
+local new = {}
+for i = 2, #ARGV do
+  if redis.call('HSETNX', KEYS[1], ARGV[i], '1') == 1 then new[#new + 1] = ARGV[i] end
+end
+if #ARGV > 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return new
+";
+
 pub fn case_key(case_ref: &CaseRef) -> String {
     format!("vg:fu:case:{case_ref}")
 }
@@ -129,6 +152,7 @@ pub struct RedisFairUseStore {
     commit: Script,
     record_session: Script,
     read_sessions: Script,
+    claim_thresholds: Script,
 }
 
 impl RedisFairUseStore {
@@ -138,6 +162,7 @@ impl RedisFairUseStore {
             commit: Script::new(COMMIT_LUA),
             record_session: Script::new(RECORD_SESSION_LUA),
             read_sessions: Script::new(READ_SESSIONS_LUA),
+            claim_thresholds: Script::new(CLAIM_THRESHOLDS_LUA),
         }
     }
 }
@@ -255,6 +280,20 @@ impl FairUseStore for RedisFairUseStore {
                 .ignore();
             let (total,): (u64,) = transaction(&mut conn, &pipe, &key).await?;
             Ok(total)
+        })
+    }
+
+    fn claim_thresholds(&self, uid: &str, reached: &[String]) -> FairUseFuture<Vec<String>> {
+        let mut conn = self.conn.clone();
+        let script = self.claim_thresholds.clone();
+        let (key, reached) = (thresholds_key(uid), reached.to_vec());
+        Box::pin(async move {
+            let mut invocation = script.key(&key);
+            invocation.arg(SESSION_RETENTION_MS);
+            for k in &reached {
+                invocation.arg(k);
+            }
+            Ok(invocation.invoke_async(&mut conn).await?)
         })
     }
 

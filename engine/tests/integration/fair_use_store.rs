@@ -348,3 +348,59 @@ async fn redis_session_evidence_keeps_the_contract_in_the_users_slot() {
         .unwrap();
     assert!(ttl > 0 && ttl as u64 <= SESSION_RETENTION_MS, "{ttl}");
 }
+
+/// Usage thresholds: each reached (cap, level) is answered once while it stays reached; a level the usage
+/// fell back under is forgotten and answered again on its next crossing; users are apart.
+async fn thresholds_contract(store: Arc<dyn FairUseStore>) {
+    let keys = |ks: &[&str]| ks.iter().map(|k| (*k).to_owned()).collect::<Vec<String>>();
+    let claim = |uid: &'static str, ks: Vec<String>| {
+        let store = Arc::clone(&store);
+        async move { store.claim_thresholds(uid, &ks).await.unwrap() }
+    };
+    assert!(claim("t", keys(&[])).await.is_empty());
+    assert_eq!(claim("t", keys(&["daily:80"])).await, keys(&["daily:80"]));
+    assert!(
+        claim("t", keys(&["daily:80"])).await.is_empty(),
+        "told once"
+    );
+    assert_eq!(
+        claim("t", keys(&["daily:80", "daily:100", "weekly:80"])).await,
+        keys(&["daily:100", "weekly:80"])
+    );
+    // The daily total fell back under 100 % (still over 80 %): 100 is forgotten, then told again.
+    assert!(
+        claim("t", keys(&["daily:80", "weekly:80"]))
+            .await
+            .is_empty()
+    );
+    assert_eq!(
+        claim("t", keys(&["daily:80", "daily:100", "weekly:80"])).await,
+        keys(&["daily:100"])
+    );
+    // Another user is apart.
+    assert_eq!(
+        claim("other", keys(&["daily:80"])).await,
+        keys(&["daily:80"])
+    );
+    // All fell back: nothing kept; the next crossing is told again.
+    assert!(claim("t", keys(&[])).await.is_empty());
+    assert_eq!(claim("t", keys(&["daily:80"])).await, keys(&["daily:80"]));
+}
+
+#[tokio::test]
+async fn memory_thresholds_are_told_once_per_crossing() {
+    thresholds_contract(Arc::new(MemoryFairUseStore::new())).await;
+}
+
+#[tokio::test]
+async fn redis_thresholds_are_told_once_per_crossing_in_the_users_slot() {
+    let (_server, conn) = redis().await;
+    thresholds_contract(Arc::new(RedisFairUseStore::new(conn.clone()))).await;
+    let mut conn = conn;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("vg:{t}:fu:thresholds")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl as u64 <= SESSION_RETENTION_MS, "{ttl}");
+}

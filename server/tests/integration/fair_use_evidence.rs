@@ -155,5 +155,55 @@ async fn a_stream_over_a_cap_reaches_the_llm_classifier_with_the_users_session_e
         seen2.metadata()["speech_ms"].as_u64()
     );
     assert_eq!(sessions[1]["id"], s["id"]);
+
+    // Usage thresholds: the status shows the highest reached per window (all three over the one cap), and
+    // a session tells each crossing once, whichever session saw it first: a third session after the
+    // crossing tells only what the second had not.
+    let (code, status) = server.get("/v1/fair-use/status", "dense").await;
+    assert_eq!(code, 200, "{status}");
+    let reached: Vec<(String, u64)> = status["thresholds"]
+        .as_array()
+        .expect("thresholds")
+        .iter()
+        .map(|t| {
+            (
+                t["cap"].as_str().unwrap().to_owned(),
+                t["level_pct"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reached,
+        [
+            ("daily".into(), 100),
+            ("3day".into(), 100),
+            ("weekly".into(), 100)
+        ],
+        "{status}"
+    );
+    let ws = connect(server.addr, Some("dense"), "codec=opus&sample_rate=16000")
+        .await
+        .unwrap_or_else(|s| panic!("upgrade refused with {s}"));
+    let (seen3, _) = stream_packets(ws, &first[..first.len().min(50)], 10).await;
+    let mut told: Vec<(String, u64)> = [&seen1, &seen2, &seen3]
+        .iter()
+        .flat_map(|seen| seen.of_type("usage_threshold"))
+        .map(|e| {
+            (
+                e["cap"].as_str().unwrap().to_owned(),
+                e["level_pct"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert!(
+        seen1.of_type("usage_threshold").is_empty(),
+        "under 80 % in the first session"
+    );
+    let hundreds: Vec<&(String, u64)> = told.iter().filter(|(_, l)| *l == 100).collect();
+    assert_eq!(hundreds.len(), 3, "each window's 100 % told once: {told:?}");
+    let n = told.len();
+    told.sort();
+    told.dedup();
+    assert_eq!(told.len(), n, "no crossing told twice: {told:?}");
     server.shutdown().await;
 }

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use crate::policy::{SpeechMs, Stage};
+use crate::policy::{CapKind, SpeechMs, Stage};
 
 /// One server → client event.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -31,6 +31,16 @@ pub enum LiveEvent {
         frames_received: u64,
         stage: Stage,
         locked: bool,
+    },
+    /// The user's speech reached 80 % or 100 % of a cap of their plan: sent once per crossing (across
+    /// sessions and nodes), again only after the usage fell back under that level.
+    UsageThreshold {
+        frames_received: u64,
+        cap: CapKind,
+        level_pct: u8,
+        speech_ms: u64,
+        limit_ms: u64,
+        message: String,
     },
     /// The daily STT budget is used up: speech is still metered, no longer forwarded to STT.
     SttBudgetExhausted {
@@ -84,6 +94,7 @@ impl LiveEvent {
             LiveEvent::SpeechEnded { .. } => "speech_ended",
             LiveEvent::Usage { .. } => "usage",
             LiveEvent::FairUse { .. } => "fair_use",
+            LiveEvent::UsageThreshold { .. } => "usage_threshold",
             LiveEvent::SttBudgetExhausted { .. } => "stt_budget_exhausted",
             LiveEvent::ConversationClosed { .. } => "conversation_closed",
             LiveEvent::FramesDropped { .. } => "frames_dropped",

@@ -8,6 +8,7 @@ use crate::conversation::{self, ConversationStore, SegmentsAdded, TranscriptSegm
 use crate::fair_use::{FairUseStatus, PlanRecord};
 use crate::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
 use crate::policy::SessionSummary;
+use crate::policy::notice::ThresholdNotice;
 use crate::telemetry as t;
 use crate::time::Span;
 
@@ -53,6 +54,8 @@ pub enum OpResult {
     Status {
         first: bool,
         status: Box<FairUseStatus>,
+        /// The thresholds to tell the client now (not told before by any session).
+        announce: Vec<ThresholdNotice>,
     },
     Conversation {
         /// The conversation id, or the store's error code.
@@ -98,9 +101,11 @@ pub async fn execute(services: Arc<LiveServices>, uid: Arc<str>, op: StoreOp) ->
                 }
             };
             let status = services.fair_use.status(&uid, record).await;
+            let announce = services.fair_use.claim_thresholds(&uid, &status).await;
             OpResult::Status {
                 first,
                 status: Box::new(status),
+                announce,
             }
         }
         StoreOp::Conversation {

@@ -196,15 +196,20 @@ fn status(stage: Stage, locked: bool, stt: SttAllowance) -> OpResult {
             locked,
             totals_known: true,
             notice: None,
+            thresholds: Vec::new(),
         }),
+        announce: Vec::new(),
     }
 }
 
 fn first(result: OpResult) -> OpResult {
     match result {
-        OpResult::Status { status, .. } => OpResult::Status {
+        OpResult::Status {
+            status, announce, ..
+        } => OpResult::Status {
             first: true,
             status,
+            announce,
         },
         other => other,
     }
@@ -216,6 +221,44 @@ fn running(conversation_timeout_ms: u64) -> Session {
     assert_eq!(s.core.next_op(WALL0), Some(StoreOp::Status { first: true }));
     s.done(first(status(Stage::None, false, SttAllowance::Unlimited)));
     s
+}
+
+#[test]
+fn a_threshold_to_announce_becomes_one_usage_threshold_event_with_its_figures() {
+    let mut s = Session::new(60_000);
+    assert_eq!(s.core.next_op(WALL0), Some(StoreOp::Status { first: true }));
+    let notice = crate::policy::notice::thresholds_reached(
+        &crate::policy::SoftCaps::default(),
+        &crate::policy::RollingTotals {
+            daily_ms: 6_000_000,
+            three_day_ms: 6_000_000,
+            weekly_ms: 6_000_000,
+        },
+    );
+    assert_eq!(notice.len(), 1, "daily 80 %: {notice:?}");
+    let OpResult::Status { status, .. } =
+        first(status(Stage::None, false, SttAllowance::Unlimited))
+    else {
+        unreachable!()
+    };
+    s.done(OpResult::Status {
+        first: true,
+        status,
+        announce: notice.clone(),
+    });
+    let told: Vec<&LiveEvent> = s
+        .events
+        .iter()
+        .filter(|e| matches!(e, LiveEvent::UsageThreshold { .. }))
+        .collect();
+    assert_eq!(told.len(), 1);
+    let json = serde_json::to_value(told[0]).unwrap();
+    assert_eq!(json["type"], "usage_threshold");
+    assert_eq!(json["cap"], "daily");
+    assert_eq!(json["level_pct"], 80);
+    assert_eq!(json["speech_ms"], 6_000_000);
+    assert_eq!(json["limit_ms"], 7_200_000);
+    assert_eq!(json["message"], notice[0].message.as_str());
 }
 
 #[test]

@@ -377,7 +377,11 @@ impl SessionCore {
                 }
                 self.stt.unrecorded_ms = self.stt.unrecorded_ms.saturating_sub(stt_recorded);
             }
-            OpResult::Status { first, status } => self.apply_status(first, *status),
+            OpResult::Status {
+                first,
+                status,
+                announce,
+            } => self.apply_status(first, *status, announce),
             OpResult::Conversation {
                 stored,
                 speech_ms,

@@ -6,6 +6,7 @@ use crate::fair_use::FairUseStatus;
 use crate::pipeline::live::events::LiveEvent;
 use crate::pipeline::live::gate::Gate;
 use crate::policy::SttAllowance;
+use crate::policy::notice::ThresholdNotice;
 use crate::telemetry as t;
 use crate::time::Span;
 
@@ -72,7 +73,12 @@ impl SessionCore {
 
     /// Applies a status read: the usage event, stage/lock changes, and the STT allowance (which releases
     /// speech deferred until the first read).
-    pub(super) fn apply_status(&mut self, first: bool, status: FairUseStatus) {
+    pub(super) fn apply_status(
+        &mut self,
+        first: bool,
+        status: FairUseStatus,
+        announce: Vec<ThresholdNotice>,
+    ) {
         if !first {
             self.out.push(LiveEvent::Usage {
                 frames_received: self.frames_seen,
@@ -89,6 +95,16 @@ impl SessionCore {
                 frames_received: self.frames_seen,
                 stage: status.stage,
                 locked: status.locked,
+            });
+        }
+        for n in announce {
+            self.out.push(LiveEvent::UsageThreshold {
+                frames_received: self.frames_seen,
+                cap: n.cap,
+                level_pct: n.level_pct,
+                speech_ms: n.speech_ms,
+                limit_ms: n.limit_ms,
+                message: n.message,
             });
         }
         self.apply_allowance(status.stt);

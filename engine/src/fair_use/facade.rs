@@ -428,6 +428,7 @@ impl FairUse {
             },
             stage: &state,
             totals: totals.rolling,
+            totals_known: totals.known,
             caps,
             under_caps_at_ms: totals.under_caps_at_ms,
             under_ceiling_at_ms: totals.under_ceiling_at_ms,

@@ -594,6 +594,48 @@ mod tests {
     }
 
     #[test]
+    fn paid_caps_and_the_ceiling_are_read_from_the_references_names_and_checked() {
+        let c = from(&[
+            ("FAIR_USE_DAILY_SPEECH_MS_UNLIMITED", "18000000"),
+            ("FAIR_USE_3DAY_SPEECH_MS_UNLIMITED", "60000000"),
+            ("FAIR_USE_WEEKLY_SPEECH_MS_UNLIMITED", "80000000"),
+            ("MAX_DAILY_AUDIO_HOURS", "20"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.caps.paid,
+            SoftCaps {
+                daily_ms: 18_000_000,
+                three_day_ms: 60_000_000,
+                weekly_ms: 80_000_000
+            }
+        );
+        assert_eq!(
+            c.caps.free,
+            SoftCaps::default(),
+            "the free plan's untouched"
+        );
+        assert_eq!(c.ceiling_ms, 20 * 3_600_000);
+        assert_eq!(
+            from(&[("MAX_DAILY_AUDIO_HOURS", "0")]).unwrap().ceiling_ms,
+            0
+        );
+        // Out of order within the paid plan, and a ceiling under a daily cap, stop the server.
+        let e = from(&[("FAIR_USE_DAILY_SPEECH_MS_UNLIMITED", "60000000")]).unwrap_err();
+        assert!(
+            e.contains("FAIR_USE_DAILY_SPEECH_MS_UNLIMITED")
+                && e.contains("FAIR_USE_3DAY_SPEECH_MS_UNLIMITED"),
+            "{e}"
+        );
+        let e = from(&[("MAX_DAILY_AUDIO_HOURS", "3")]).unwrap_err();
+        assert!(
+            e.contains("MAX_DAILY_AUDIO_HOURS"),
+            "under the paid daily 4 h: {e}"
+        );
+        assert!(from(&[("MAX_DAILY_AUDIO_HOURS", "4")]).is_ok());
+    }
+
+    #[test]
     fn an_openai_classifier_needs_a_usable_url_and_key_at_startup() {
         let openai = |url: &str, key: Option<&str>| {
             let mut env = vec![

@@ -47,6 +47,9 @@ pub struct EntitlementInput<'a> {
     pub month: MonthUsage,
     pub stage: &'a StageState,
     pub totals: RollingTotals,
+    /// False while the meter could not read the store (`totals` are this node's pending speech only): no
+    /// cap and no ceiling applies then (admitting fails open).
+    pub totals_known: bool,
     /// The soft caps of the user's plan ([`crate::policy::PlanCaps::for_plan`]).
     pub caps: SoftCaps,
     /// When `totals` fall back under every cap with no new speech (the meter's
@@ -210,15 +213,17 @@ pub fn resolve(cfg: &FairUseConfig, input: &EntitlementInput<'_>) -> Entitlement
     } else {
         Stage::None
     };
-    let caps_triggered = if enforcement.active() {
+    let caps_triggered = if enforcement.active() && input.totals_known {
         input.caps.triggered(&input.totals)
     } else {
         Vec::new()
     };
     // The ceiling is part of fair use: off with it, the kill switch and exemption (the reference's
     // `is_daily_audio_ceiling_exceeded` alike), and a total strictly greater than it counts, as for a cap.
-    let over_ceiling =
-        enforcement.active() && cfg.ceiling_ms > 0 && input.totals.daily_ms > cfg.ceiling_ms;
+    let over_ceiling = enforcement.active()
+        && input.totals_known
+        && cfg.ceiling_ms > 0
+        && input.totals.daily_ms > cfg.ceiling_ms;
 
     let mut refusals = Vec::with_capacity(2);
     if input.mode != Mode::Realtime

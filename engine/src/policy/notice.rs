@@ -174,6 +174,12 @@ mod tests {
                 .as_deref(),
             Some("Transcription Limit Reached")
         );
+        assert_eq!(
+            notice_for(Stage::Throttle, None)
+                .map(|n| n.title)
+                .as_deref(),
+            Some("Transcription Quality Reduced")
+        );
         assert!(notice_for(Stage::None, Some(&r)).is_none());
     }
 
@@ -218,13 +224,25 @@ mod tests {
         );
         assert!(top[0].message.contains("reached") && top[0].message.contains("2 speech-hours"));
         assert!(top[1].message.contains("80%") && top[1].message.contains("7 days"));
-        // A cap of 0 (an operator's setting) never turns silence into a notice.
+        // Silence never notifies, even against a cap of 0 (an operator's setting); any speech is past it.
         let zero = SoftCaps {
             daily_ms: 0,
             three_day_ms: 0,
             weekly_ms: 0,
         };
         assert!(thresholds_reached(&zero, &RollingTotals::default()).is_empty());
+        let one = RollingTotals {
+            daily_ms: 1,
+            three_day_ms: 0,
+            weekly_ms: 0,
+        };
+        assert_eq!(
+            thresholds_reached(&zero, &one)
+                .iter()
+                .map(ThresholdNotice::key)
+                .collect::<Vec<_>>(),
+            ["daily:80", "daily:100"]
+        );
     }
 
     #[test]

@@ -694,16 +694,14 @@ async fn every_abuser_is_throttled_within_2_days_and_restricted_within_4_and_no_
                 "an abuser too slow up the ladder: {o:?}"
             );
         } else {
-            assert!(
-                o.stage < Stage::Throttle,
-                "a legitimate user throttled: {o:?}"
-            );
+            // The target is "never throttled"; none is even warned on the evaluation seeds (the doc says so).
+            assert_eq!(o.stage, Stage::None, "a legitimate user warned: {o:?}");
         }
     }
 }
 
-/// The same users on a paid plan (caps 4/16/20 h, `docs/fair-use.md` §2.1): no legitimate user is even
-/// classified, and every abuser is restricted within the week. The 2-day throttle target is the free plan's:
+/// The same users on a paid plan (caps 4/16/20 h, `docs/fair-use.md` §2.1): no legitimate user is warned,
+/// and every abuser is restricted within the week. The 2-day throttle target is the free plan's:
 /// a payer's caps are twice as high, so an audiobook replayed 4–4.5 h a day crosses the paid daily cap only
 /// on some days and climbs later (the figures are in §1.2).
 #[actix::test]
@@ -729,10 +727,8 @@ async fn on_a_paid_plan_no_legitimate_user_is_throttled_and_every_abuser_is_rest
                 *late.entry(o.kind.name()).or_insert(0) += 1;
             }
         } else {
-            assert!(
-                o.stage < Stage::Throttle,
-                "a legitimate user throttled: {o:?}"
-            );
+            // The target is "never throttled"; none is even warned on the evaluation seeds (the doc says so).
+            assert_eq!(o.stage, Stage::None, "a legitimate user warned: {o:?}");
         }
     }
     println!("abusers throttled after 48 h on the paid plan: {late:?}");

@@ -243,7 +243,7 @@ async fn every_plan_stage_and_usage_level_resolves_to_its_plans_caps_and_the_cei
 }
 
 #[actix::test]
-async fn the_ceiling_is_off_with_fair_use_and_at_zero_and_counts_only_past_it() {
+async fn the_ceiling_is_off_with_fair_use_at_zero_and_for_the_exempt_and_counts_only_past_it() {
     let at_ceiling = 30 * HOUR;
     for (what, cfg, total, refused) in [
         ("exactly at it", FairUseConfig::default(), at_ceiling, false),
@@ -275,6 +275,15 @@ async fn the_ceiling_is_off_with_fair_use_and_at_zero_and_counts_only_past_it() 
             "fair use disabled",
             FairUseConfig {
                 enabled: false,
+                ..FairUseConfig::default()
+            },
+            40 * HOUR,
+            false,
+        ),
+        (
+            "exempt",
+            FairUseConfig {
+                exempt_uids: ["u".to_owned()].into(),
                 ..FairUseConfig::default()
             },
             40 * HOUR,
@@ -378,4 +387,37 @@ fn the_hot_path_prefilter_is_the_lowest_cap_of_each_window_and_an_unreadable_pla
             weekly_ms: 80
         }
     );
+}
+
+#[actix::test]
+async fn thresholds_are_told_once_the_highest_per_window_and_never_for_the_exempt() {
+    let cfg = FairUseConfig {
+        exempt_uids: ["exempt".to_owned()].into(),
+        ..FairUseConfig::default()
+    };
+    let w = start(cfg);
+    // 2.5 h straight from nothing: past 100 % of the daily cap (2 h), 31 % of the 3-day one (8 h), 25 % of
+    // the weekly one (10 h): only the daily 100 % is told, not its 80 %.
+    speak(&w.fu, "u", 2 * HOUR + HOUR / 2).await;
+    let status = w.fu.status("u", PlanRecord::Known(None)).await;
+    let keys = |ns: &[voicegate_engine::policy::notice::ThresholdNotice]| {
+        ns.iter().map(|n| n.key()).collect::<Vec<_>>()
+    };
+    assert_eq!(keys(&status.thresholds), ["daily:100"]);
+    assert_eq!(
+        keys(&w.fu.claim_thresholds("u", &status).await),
+        ["daily:100"]
+    );
+    assert!(
+        w.fu.claim_thresholds("u", &status).await.is_empty(),
+        "told once"
+    );
+    // On a paid plan the same speech is 62.5 % of the daily cap (4 h): nothing reached.
+    let paid = w.fu.status("u", PlanRecord::Known(Some("operator"))).await;
+    assert!(paid.thresholds.is_empty(), "{:?}", paid.thresholds);
+    // Fair use not enforced for the user: nothing shown, nothing told.
+    speak(&w.fu, "exempt", 3 * HOUR).await;
+    let exempt = w.fu.status("exempt", PlanRecord::Known(None)).await;
+    assert!(exempt.thresholds.is_empty());
+    assert!(w.fu.claim_thresholds("exempt", &exempt).await.is_empty());
 }

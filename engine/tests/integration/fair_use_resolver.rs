@@ -121,6 +121,7 @@ fn run(
             month: MonthUsage::default(),
             stage: st,
             totals: t,
+            totals_known: true,
             caps: cfg.caps.free,
             under_caps_at_ms: None,
             under_ceiling_at_ms: None,
@@ -373,6 +374,7 @@ fn restricted_retry_after(restrict_until: Option<u64>, under_caps_at: Option<u64
             month: MonthUsage::default(),
             stage: &st,
             totals: totals(Caps::Over),
+            totals_known: true,
             caps: SoftCaps::default(),
             under_caps_at_ms: under_caps_at,
             under_ceiling_at_ms: None,
@@ -546,6 +548,7 @@ fn stt_budget_used_on_another_utc_day_counts_as_zero_and_resets_at_midnight() {
             month: MonthUsage::default(),
             stage: &st,
             totals: RollingTotals::default(),
+            totals_known: true,
             caps: c.caps.free,
             under_caps_at_ms: None,
             under_ceiling_at_ms: None,
@@ -644,4 +647,106 @@ fn real_caps_of_the_live_suite_g66() {
     assert_eq!(caps(11_000), vec!["daily"]);
     assert_eq!(caps(31_000), vec!["daily", "3day", "weekly"]);
     assert!(caps(10_000).is_empty());
+}
+
+/// Restricted over a cap and over the hard ceiling at once: (reason, Retry-After s) of the sync refusal.
+fn both_refusals(
+    restrict_until: u64,
+    under_caps_at: u64,
+    under_ceiling_at: u64,
+) -> (RejectReason, u64) {
+    let mut st = state(Stage::Restrict);
+    st.restrict_until_ms = Some(restrict_until);
+    let cr = credit(Credit::WithCredits);
+    let over = 31 * 3_600_000;
+    let e = resolve(
+        &cfg(true, false, false),
+        &EntitlementInput {
+            uid: UID,
+            mode: Mode::Sync,
+            credits: &cr,
+            month: MonthUsage::default(),
+            stage: &st,
+            totals: RollingTotals {
+                daily_ms: over,
+                three_day_ms: over,
+                weekly_ms: over,
+            },
+            totals_known: true,
+            caps: SoftCaps::default(),
+            under_caps_at_ms: Some(under_caps_at),
+            under_ceiling_at_ms: Some(under_ceiling_at),
+            stt_today: SttUsage::default(),
+            now_ms: NOW,
+        },
+    );
+    assert!(e.over_ceiling);
+    match e.admission {
+        Admission::Reject {
+            reason,
+            retry_after_s,
+        } => (reason, retry_after_s),
+        Admission::Admit => panic!("over a cap while restricted and over the ceiling must reject"),
+    }
+}
+
+#[test]
+fn restricted_and_over_the_ceiling_the_refusal_that_lasts_longer_is_the_answer() {
+    let h = 3_600_000;
+    // The caps hold the user for 5 days, the ceiling for 20 h: the restriction's refusal.
+    assert_eq!(
+        both_refusals(NOW + 30 * DAY_MS, NOW + 5 * DAY_MS, NOW + 20 * h),
+        (RejectReason::RestrictedOverCap, 5 * 86_400)
+    );
+    // The restriction ends in 2 h, the ceiling in 20 h: the ceiling's.
+    assert_eq!(
+        both_refusals(NOW + 2 * h, NOW + 5 * DAY_MS, NOW + 20 * h),
+        (RejectReason::SpeechCeiling, 20 * 3_600)
+    );
+    // A tie: the ceiling (it holds whatever the stage).
+    assert_eq!(
+        both_refusals(NOW + 30 * DAY_MS, NOW + 20 * h, NOW + 20 * h).0,
+        RejectReason::SpeechCeiling
+    );
+}
+
+#[test]
+fn with_unknown_totals_no_cap_and_no_ceiling_applies_and_sync_is_admitted() {
+    let mut st = state(Stage::Restrict);
+    st.restrict_until_ms = Some(NOW + 30 * DAY_MS);
+    let over = 40 * 3_600_000;
+    for known in [true, false] {
+        let e = resolve(
+            &cfg(true, false, false),
+            &EntitlementInput {
+                uid: UID,
+                mode: Mode::Sync,
+                credits: &CreditLookup::Unavailable,
+                month: MonthUsage::default(),
+                stage: &st,
+                totals: RollingTotals {
+                    daily_ms: over,
+                    three_day_ms: over,
+                    weekly_ms: over,
+                },
+                totals_known: known,
+                caps: SoftCaps::default(),
+                under_caps_at_ms: None,
+                under_ceiling_at_ms: None,
+                stt_today: SttUsage::default(),
+                now_ms: NOW,
+            },
+        );
+        assert_eq!(e.over_ceiling, known);
+        assert_eq!(e.caps_triggered.is_empty(), !known);
+        assert_eq!(e.admission == Admission::Admit, !known, "{:?}", e.admission);
+        // Paid STT stays closed either way: the credits are unknown.
+        assert!(matches!(
+            e.stt,
+            SttAllowance::None {
+                reason: SttDenied::EntitlementUnknown,
+                ..
+            }
+        ));
+    }
 }

@@ -7,7 +7,9 @@ use crate::fair_use_support::{Scripted, Step};
 
 use std::sync::Arc;
 
-use voicegate_engine::fair_use::{FairUse, FairUseParts, NoSessions, PlanRecord};
+use voicegate_engine::fair_use::{
+    FairUse, FairUseParts, FollowUp, GetSupervisorStats, NoSessions, PlanRecord,
+};
 use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
 use voicegate_engine::policy::{
     Admission, FairUseConfig, Mode, PlanCaps, RejectReason, SoftCaps, Stage, SttAllowance,
@@ -15,7 +17,9 @@ use voicegate_engine::policy::{
 };
 use voicegate_engine::store::MemoryStore;
 use voicegate_engine::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
-use voicegate_engine::store::plans::{MemoryPlanStore, PlanRecordValue, PlanStore};
+use voicegate_engine::store::plans::{
+    MemoryPlanStore, PlanRecordValue, PlanSet, PlanStore, PlanStoreError,
+};
 use voicegate_engine::time::ManualClock;
 
 const T0: u64 = 1_790_000_000_000;
@@ -25,9 +29,15 @@ struct World {
     fu: FairUse,
     plans: Arc<MemoryPlanStore>,
     classifier: Arc<Scripted>,
+    clock: Arc<ManualClock>,
 }
 
 fn start(cfg: FairUseConfig) -> World {
+    start_with(cfg, None)
+}
+
+/// `failing_plans`: the facade reads plans from that store instead (the world's own store is then unused).
+fn start_with(cfg: FairUseConfig, failing_plans: Option<Arc<dyn PlanStore>>) -> World {
     let clock = ManualClock::new(T0);
     let meter = Meter::start(
         MeterConfig {
@@ -47,15 +57,16 @@ fn start(cfg: FairUseConfig) -> World {
             lock: Arc::new(MemoryCooldownLock::new()),
             classifier: classifier.clone(),
             sessions: Arc::new(NoSessions),
-            plans: plans.clone(),
+            plans: failing_plans.unwrap_or_else(|| plans.clone()),
             notifier: None,
-            clock,
+            clock: clock.clone(),
         },
     );
     World {
         fu,
         plans,
         classifier,
+        clock,
     }
 }
 
@@ -420,4 +431,76 @@ async fn thresholds_are_told_once_the_highest_per_window_and_never_for_the_exemp
     let exempt = w.fu.status("exempt", PlanRecord::Known(None)).await;
     assert!(exempt.thresholds.is_empty());
     assert!(w.fu.claim_thresholds("exempt", &exempt).await.is_empty());
+}
+
+#[actix::test]
+async fn a_follow_up_reads_the_plan_again_so_a_payment_since_the_breach_moves_the_caps() {
+    let w = start(FairUseConfig::default());
+    // 3 h: over the free daily cap (the unknown plan's), under the paid one.
+    speak(&w.fu, "u", 3 * HOUR).await;
+    w.fu.settled().await;
+    assert_eq!(w.classifier.calls.lock().unwrap().get("u"), Some(&1));
+    // Paid meanwhile; when the cooldown ends, the follow-up finds the user under the paid caps.
+    set_plan(&w.plans, "u", "unlimited").await;
+    w.clock.advance(12 * HOUR);
+    assert_eq!(
+        w.fu.supervisor().send(FollowUp).await.unwrap(),
+        1,
+        "checked"
+    );
+    w.fu.settled().await;
+    let stats = w.fu.supervisor().send(GetSupervisorStats).await.unwrap();
+    assert_eq!(
+        stats.followed_up, 0,
+        "under the paid caps: not classified again"
+    );
+    assert_eq!(w.classifier.calls.lock().unwrap().get("u"), Some(&1));
+}
+
+/// A plan store that cannot be read.
+struct DownPlans;
+
+impl PlanStore for DownPlans {
+    fn get<'a>(
+        &'a self,
+        _uid: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<String>, PlanStoreError>> {
+        Box::pin(async { Err(PlanStoreError("down".into())) })
+    }
+
+    fn set<'a>(
+        &'a self,
+        _uid: &'a str,
+        _value: &'a PlanRecordValue,
+    ) -> futures_util::future::BoxFuture<'a, Result<PlanSet, PlanStoreError>> {
+        Box::pin(async { Err(PlanStoreError("down".into())) })
+    }
+}
+
+#[actix::test]
+async fn with_the_plan_store_down_no_breach_is_reported_and_sync_gets_the_higher_caps() {
+    let w = start_with(FairUseConfig::default(), Some(Arc::new(DownPlans)));
+    // 3 h: over the free daily cap only; the plan cannot be read, so no breach is judged.
+    speak(&w.fu, "u", 3 * HOUR).await;
+    w.fu.settled().await;
+    assert!(w.classifier.calls.lock().unwrap().is_empty());
+    let stats = w.fu.supervisor().send(GetSupervisorStats).await.unwrap();
+    assert_eq!(stats.started, 0);
+    // 5 h: over the paid daily cap too; still no report while the plan store is down (the next record
+    // after it returns reports).
+    speak(&w.fu, "v", 5 * HOUR).await;
+    w.fu.settled().await;
+    assert!(w.classifier.calls.lock().unwrap().is_empty());
+    // The resolver's callers pass `Unavailable`: the higher cap of each window (the paid 4 h here).
+    let triggered = |uid: &'static str| {
+        let fu = w.fu.clone();
+        async move {
+            fu.entitlement(uid, Mode::Sync, PlanRecord::Unavailable)
+                .await
+                .caps_triggered
+                .len()
+        }
+    };
+    assert_eq!(triggered("u").await, 0, "3 h is under the paid daily cap");
+    assert_eq!(triggered("v").await, 1, "5 h is over it");
 }

@@ -405,6 +405,33 @@ async fn an_exhausted_stt_budget_still_writes_the_conversation_and_defers_its_tr
 }
 
 #[actix::test]
+async fn over_the_speech_ceiling_the_speech_is_metered_and_its_spans_wait_pending() {
+    let mut w = world(BackfillConfig::default());
+    let double = transcribing(&mut w);
+    let files = [file(name(60), fixture("d01"), "ce")];
+    let stt = SttAllowance::None {
+        reason: SttDenied::SpeechCeiling,
+        daily_limit_ms: None,
+        used_ms: 0,
+        resets_at_ms: Some(T0 + 3_600_000),
+    };
+    let report = done(sync(&w, &files, stt).await);
+    assert!(report.speech_ms > 0);
+    assert_eq!(
+        report.metered_speech_ms, report.speech_ms,
+        "metering goes on"
+    );
+    assert_eq!(report.transcript_status, Some(TranscriptStatus::Pending));
+    assert_eq!((report.stt_ms, double.requests()), (0, 0), "nothing sent");
+    assert_eq!(conversation_count(&w).await, 1);
+    // Back under it: the re-upload transcribes the waiting spans and meters nothing again.
+    let again = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(again.metered_speech_ms, 0);
+    assert_eq!(again.transcript_status, Some(TranscriptStatus::Done));
+    assert!(again.stt_ms > 0 && double.requests() > 0);
+}
+
+#[actix::test]
 async fn a_partial_budget_transcribes_the_spans_it_covers_and_a_reupload_only_the_rest() {
     let mut w = world(BackfillConfig::default());
     let double = transcribing(&mut w);

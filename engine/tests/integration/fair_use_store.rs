@@ -404,3 +404,11 @@ async fn redis_thresholds_are_told_once_per_crossing_in_the_users_slot() {
         .unwrap();
     assert!(ttl > 0 && ttl as u64 <= SESSION_RETENTION_MS, "{ttl}");
 }
+
+#[test]
+fn the_documented_bounds_are_the_stores_bounds() {
+    // docs/fair-use.md §1.1 and §6: at most 500 sessions for 8 days after their end; 200 events.
+    assert_eq!(MAX_SESSIONS_PER_USER, 500);
+    assert_eq!(SESSION_RETENTION_MS, 8 * 86_400_000);
+    assert_eq!(MAX_EVENTS_PER_USER, 200);
+}

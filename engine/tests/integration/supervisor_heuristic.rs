@@ -148,3 +148,77 @@ fn a_persons_high_volume_without_media_stays_below_the_gate() {
     s.totals.weekly_ms = 40 * HOUR;
     assert!(HeuristicClassifier::score(&s).misuse_score < 0.7);
 }
+
+/// The documented thresholds (`docs/fair-use.md` §1.1), each at its edge.
+#[test]
+fn every_documented_threshold_holds_at_its_edge() {
+    use voicegate_engine::fair_use::heuristic::{MODEL, UsageStats};
+    let stats = |sessions: Vec<SessionSummary>| UsageStats::of(&snapshot(sessions));
+    let rt = SessionLane::Realtime;
+    assert_eq!(MODEL, "heuristic-v2");
+    // Episodes: 3 min apart joins, 4 min does not (30 min sessions; the first ends 70 min ago).
+    for (gap_min, n) in [(3, 1), (4, 2)] {
+        let two = vec![
+            session(0, rt, 100, 30, 0.3),
+            session(1, rt, 70 - gap_min, 30, 0.3),
+        ];
+        assert_eq!(episodes(&two).len(), n, "gap {gap_min} min");
+    }
+    // Dense media: at least 45 min at a density of at least 0.75.
+    assert_eq!(stats(vec![session(0, rt, 300, 45, 0.75)]).dense_episodes, 1);
+    assert_eq!(stats(vec![session(0, rt, 300, 44, 0.9)]).dense_episodes, 0);
+    assert_eq!(
+        stats(vec![session(0, rt, 300, 120, 0.74)]).dense_episodes,
+        0
+    );
+    // Its ramp, 0.5 h → 1.25 h of dense speech a day (80 min at 0.75 = 1 h: halfway is 0.875 h).
+    let dense =
+        |min: u64| HeuristicClassifier::score(&snapshot(vec![session(0, rt, 600, min, 0.75)]));
+    assert_eq!(dense(40).misuse_score, 0.0, "0.5 h");
+    assert!(
+        (dense(70).misuse_score - 0.5).abs() < 1e-9,
+        "0.875 h: {}",
+        dense(70).misuse_score
+    );
+    assert_eq!(dense(100).misuse_score, 1.0, "1.25 h");
+    assert_eq!(dense(100).usage_type, UsageType::Audiobook);
+    // Always on: at least 7 h at a density of at least 0.45; 2 h → 3 h a day (420 min at 0.45 = 3.15 h).
+    assert_eq!(
+        stats(vec![session(0, rt, 23 * 60, 420, 0.45)]).long_episodes,
+        1
+    );
+    assert_eq!(
+        stats(vec![session(0, rt, 23 * 60, 419, 0.6)]).long_episodes,
+        0
+    );
+    assert_eq!(
+        stats(vec![session(0, rt, 23 * 60, 600, 0.44)]).long_episodes,
+        0
+    );
+    let tv = HeuristicClassifier::score(&snapshot(vec![session(0, rt, 23 * 60, 420, 0.45)]));
+    assert_eq!((tv.misuse_score, tv.usage_type), (1.0, UsageType::TvMovie));
+    // Machine volume, 7 h → 9 h a day: the larger of the last 24 h and the 7-day total ÷ 7.
+    let volume = |daily_h: u64, weekly_h: u64| {
+        let mut s = snapshot(Vec::new());
+        s.totals.daily_ms = daily_h * HOUR;
+        s.totals.weekly_ms = weekly_h * HOUR;
+        HeuristicClassifier::score(&s).misuse_score
+    };
+    assert_eq!(volume(7, 7), 0.0);
+    assert!((volume(8, 8) - 0.5).abs() < 1e-9);
+    assert_eq!(volume(9, 9), 1.0);
+    assert_eq!(volume(0, 63), 1.0, "63 h in 7 days is 9 h a day");
+    // Most of the audio by sync at machine volume: commercial.
+    let files: Vec<_> = (0..20)
+        .map(|i| session(i, SessionLane::SyncFresh, 1_400 - i as u64 * 62, 60, 0.8))
+        .collect();
+    let farm = HeuristicClassifier::score(&snapshot(files));
+    assert_eq!(
+        (farm.misuse_score, farm.usage_type),
+        (1.0, UsageType::Commercial)
+    );
+    // Per day over the days active in the lookback: 1.5 h of dense speech that started 48 h ago and none
+    // since counts 0.75 h a day (over 2 days), not 1.5 ÷ 7.
+    let s = stats(vec![session(0, rt, 48 * 60, 120, 0.75)]);
+    assert!((s.dense_hours_per_day - 0.75).abs() < 1e-9, "{s:?}");
+}

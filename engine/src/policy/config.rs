@@ -594,6 +594,29 @@ mod tests {
     }
 
     #[test]
+    fn booleans_take_every_documented_spelling() {
+        for (v, on) in [
+            ("true", true),
+            ("1", true),
+            ("yes", true),
+            ("ON", true),
+            ("false", false),
+            ("0", false),
+            ("no", false),
+            ("off", false),
+        ] {
+            assert_eq!(
+                from(&[("FAIR_USE_KILL_SWITCH", v)]).unwrap().kill_switch,
+                on,
+                "{v}"
+            );
+        }
+        assert!(from(&[("FAIR_USE_KILL_SWITCH", "maybe")]).is_err());
+        // Empty counts as unset: the default.
+        assert!(from(&[("FAIR_USE_ENABLED", " ")]).unwrap().enabled);
+    }
+
+    #[test]
     fn paid_caps_and_the_ceiling_are_read_from_the_references_names_and_checked() {
         let c = from(&[
             ("FAIR_USE_DAILY_SPEECH_MS_UNLIMITED", "18000000"),

@@ -495,13 +495,16 @@ fn stt_budget_boundaries_and_switches_f62() {
             ..
         }
     ));
-    assert!(matches!(
+    assert_eq!(
         stt(&c, 1_800_000),
         SttAllowance::None {
             reason: SttDenied::BudgetExhausted,
-            ..
-        }
-    ));
+            daily_limit_ms: Some(1_800_000),
+            used_ms: 1_800_000,
+            resets_at_ms: Some((NOW / DAY_MS + 1) * DAY_MS),
+        },
+        "used up: open again at the next UTC midnight"
+    );
     assert!(
         matches!(
             stt(&c, 0),
@@ -517,6 +520,33 @@ fn stt_budget_boundaries_and_switches_f62() {
         stt(&c, 5_000_000),
         SttAllowance::Unlimited,
         "limit 0 disables the budget"
+    );
+    // The throttle budget likewise (default 2 h; 0 = off).
+    let throttle = state(Stage::Throttle);
+    let at_throttle = |c: &FairUseConfig| {
+        run(
+            c,
+            Mode::Realtime,
+            &throttle,
+            &cr,
+            totals(Caps::Under),
+            9_000_000,
+        )
+        .stt
+    };
+    assert!(matches!(
+        at_throttle(&c),
+        SttAllowance::None {
+            reason: SttDenied::BudgetExhausted,
+            daily_limit_ms: Some(7_200_000),
+            ..
+        }
+    ));
+    c.throttle_daily_stt_ms = 0;
+    assert_eq!(
+        at_throttle(&c),
+        SttAllowance::Unlimited,
+        "throttle 0 disables it"
     );
     assert_eq!(
         stt(&cfg(false, false, false), 5_000_000),

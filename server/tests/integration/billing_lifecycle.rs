@@ -267,6 +267,28 @@ async fn a_payment_clears_a_fair_use_stage_only_when_the_operator_says_so() {
         let (_, status) = server.get("/v1/fair-use/status", "payer").await;
         let want = if clears { "none" } else { "throttle" };
         assert_eq!(status["stage"], want, "clears={clears}: {status}");
+        // The reset is an audited event: `admin_reset` by `stripe`.
+        let (code, user) = split(
+            server
+                .http
+                .get(server.url("/v1/admin/fair-use/user/payer"))
+                .header("X-Admin-Key", ADMIN_KEY)
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(code, 200, "{user}");
+        let resets: Vec<&Value> = user["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .filter(|e| e["kind"] == "admin_reset")
+            .collect();
+        assert_eq!(resets.len(), usize::from(clears), "{user}");
+        if clears {
+            assert_eq!(resets[0]["actor"], "stripe", "{user}");
+        }
         server.shutdown().await;
     }
 }

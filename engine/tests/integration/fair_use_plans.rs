@@ -12,11 +12,14 @@ use voicegate_engine::fair_use::{
 };
 use voicegate_engine::meter::{Meter, MeterConfig, RecordSpeech, SpeechAmount, SpeechSource};
 use voicegate_engine::policy::{
-    Admission, FairUseConfig, Mode, PlanCaps, RejectReason, SoftCaps, Stage, SttAllowance,
-    SttDenied,
+    Admission, CaseRef, FairUseConfig, FairUseEvent, Mode, PlanCaps, RejectReason, SessionLane,
+    SessionMeasures, SessionSummary, SoftCaps, Stage, StageState, SttAllowance, SttDenied,
 };
 use voicegate_engine::store::MemoryStore;
-use voicegate_engine::store::fair_use::{MemoryCooldownLock, MemoryFairUseStore};
+use voicegate_engine::store::fair_use::{
+    CommitOutcome, FairUseFuture, FairUseStore, FairUseStoreError, MemoryCooldownLock,
+    MemoryFairUseStore, VersionedState,
+};
 use voicegate_engine::store::plans::{
     MemoryPlanStore, PlanRecordValue, PlanSet, PlanStore, PlanStoreError,
 };
@@ -503,4 +506,131 @@ async fn with_the_plan_store_down_no_breach_is_reported_and_sync_gets_the_higher
     };
     assert_eq!(triggered("u").await, 0, "3 h is under the paid daily cap");
     assert_eq!(triggered("v").await, 1, "5 h is over it");
+}
+
+/// A fair-use store that cannot be reached (every call fails).
+struct DownStore;
+
+fn down<T: Send + 'static>() -> FairUseFuture<T> {
+    Box::pin(async { Err(FairUseStoreError::Protocol("down".into())) })
+}
+
+impl FairUseStore for DownStore {
+    fn load(&self, _: &str) -> FairUseFuture<VersionedState> {
+        down()
+    }
+    fn commit(
+        &self,
+        _: &str,
+        _: u64,
+        _: &StageState,
+        _: &[FairUseEvent],
+    ) -> FairUseFuture<CommitOutcome> {
+        down()
+    }
+    fn events(&self, _: &str, _: usize) -> FairUseFuture<Vec<FairUseEvent>> {
+        down()
+    }
+    fn find_case(&self, _: &CaseRef) -> FairUseFuture<Option<String>> {
+        down()
+    }
+    fn flagged(&self, _: Option<Stage>, _: usize) -> FairUseFuture<Vec<(String, Stage)>> {
+        down()
+    }
+    fn add_stt_ms(&self, _: &str, _: u64, _: u64) -> FairUseFuture<u64> {
+        down()
+    }
+    fn stt_ms(&self, _: &str, _: u64) -> FairUseFuture<u64> {
+        down()
+    }
+    fn record_session(&self, _: &str, _: &SessionSummary, _: u64) -> FairUseFuture<()> {
+        down()
+    }
+    fn sessions(&self, _: &str, _: u64, _: usize) -> FairUseFuture<Vec<SessionSummary>> {
+        down()
+    }
+    fn claim_thresholds(&self, _: &str, _: &[String]) -> FairUseFuture<Vec<String>> {
+        down()
+    }
+}
+
+/// `docs/fair-use.md` §3: with the fair-use store down, a restricted user over every cap on the free plan
+/// with no minutes left is admitted (the stage is unknown), nothing is locked (credits are not resolved),
+/// paid STT is closed, no breach is classified, and no threshold is told.
+#[actix::test]
+async fn with_the_fair_use_store_down_audio_is_admitted_unlocked_and_paid_stt_is_closed() {
+    let mut cfg = FairUseConfig::default();
+    cfg.plans.free_minutes_per_month = 1;
+    let clock = ManualClock::new(T0);
+    let meter = Meter::start(
+        MeterConfig {
+            shards: 0,
+            ..MeterConfig::default()
+        },
+        Arc::new(MemoryStore::default()),
+        clock.clone(),
+    );
+    let classifier = Scripted::new(vec![Step::Score(0.9)]);
+    let fu = FairUse::start(
+        cfg,
+        meter,
+        FairUseParts {
+            store: Arc::new(DownStore),
+            lock: Arc::new(MemoryCooldownLock::new()),
+            classifier: classifier.clone(),
+            sessions: Arc::new(NoSessions),
+            plans: Arc::new(MemoryPlanStore::default()),
+            notifier: None,
+            clock,
+        },
+    );
+    speak(&fu, "u", 40 * HOUR).await; // over every cap and the ceiling; the month's minute long gone
+    fu.settled().await;
+    assert!(
+        classifier.calls.lock().unwrap().is_empty(),
+        "no stage: no breach judged"
+    );
+    assert!(fu.set_stage("u", "restrict", "ops").await.is_err());
+    let e = fu
+        .entitlement("u", Mode::Sync, PlanRecord::Known(Some("basic")))
+        .await;
+    assert_eq!(e.stage, Stage::None, "an unknown stage counts as none");
+    assert!(!e.lock, "credits unavailable never lock");
+    assert!(matches!(
+        e.stt,
+        SttAllowance::None {
+            reason: SttDenied::EntitlementUnknown,
+            ..
+        }
+    ));
+    // The meter is up: the ceiling still holds (a known total), the restriction cannot (an unknown stage).
+    assert!(matches!(
+        e.admission,
+        Admission::Reject {
+            reason: RejectReason::SpeechCeiling,
+            ..
+        }
+    ));
+    let status = fu.status("u", PlanRecord::Known(Some("basic"))).await;
+    assert!(fu.claim_thresholds("u", &status).await.is_empty());
+    assert!(
+        !fu.record_session(
+            "u",
+            &SessionSummary::new(
+                "rt:x",
+                SessionLane::Realtime,
+                SessionMeasures {
+                    started_at_ms: T0 - HOUR,
+                    audio_ms: HOUR,
+                    speech_ms: HOUR / 2,
+                    longest_speech_ms: 10_000,
+                    speech_runs: 10,
+                },
+                T0,
+                false,
+            )
+        )
+        .await,
+        "a failed evidence write answers false (counted), the session goes on"
+    );
 }

@@ -580,6 +580,18 @@ mod tests {
         assert_eq!(c.ceiling_ms, 108_000_000);
         assert_eq!(c.stages.misuse_threshold, 0.7);
         assert_eq!(c.classifier.cooldown_ms, 43_200_000);
+        // docs/fair-use.md §1.1 and §3: a 7-day lookback; retries from 60 s, capped at 1 h; the heuristic
+        // after 5 failures; follow-ups looked for every minute.
+        assert_eq!(c.classifier.lookback_days, 7);
+        assert_eq!(
+            (c.classifier.retry_base_ms, c.classifier.retry_max_ms),
+            (60_000, 3_600_000)
+        );
+        assert_eq!(c.classifier.max_failures, 5);
+        assert_eq!(
+            crate::fair_use::cap_supervisor::FOLLOW_UP_EVERY,
+            std::time::Duration::from_secs(60)
+        );
         assert_eq!(c.restrict_daily_stt_ms, 1_800_000);
         assert_eq!(c.throttle_daily_stt_ms, 7_200_000);
         assert_eq!(c.plans.free_minutes_per_month, 1_200);

@@ -174,3 +174,41 @@ async fn an_https_classifier_is_reached_through_the_outbound_client_and_its_ca_s
     assert_eq!(verdict.usage_type, UsageType::None);
     assert_eq!(served.lock().unwrap().len(), 1);
 }
+
+#[actix_web::test]
+async fn the_prompt_carries_the_newest_30_sessions_newest_first() {
+    use voicegate_engine::policy::{SessionLane, SessionMeasures, SessionSummary};
+    let (base, seen, server) = start_fake().await;
+    let mut snap = snapshot();
+    // 40 sessions, newest end first (as the supervisor passes them).
+    snap.sessions = (0..40u64)
+        .map(|i| {
+            SessionSummary::new(
+                &format!("rt:{i}"),
+                SessionLane::Realtime,
+                SessionMeasures {
+                    started_at_ms: snap.now_ms - (i + 1) * 3_600_000,
+                    audio_ms: 1_800_000,
+                    speech_ms: 900_000,
+                    longest_speech_ms: 30_000,
+                    speech_runs: 40,
+                },
+                snap.now_ms,
+                false,
+            )
+        })
+        .collect();
+    classifier(&base, "ok").classify(snap).await.unwrap();
+    let (_, body) = seen.0.lock().unwrap()[0].clone();
+    let user: Value =
+        serde_json::from_str(body["messages"][1]["content"].as_str().unwrap()).unwrap();
+    let ids: Vec<&str> = user["sessions"]
+        .as_array()
+        .expect("sessions")
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 30, "{ids:?}");
+    assert_eq!((ids[0], ids[29]), ("rt:0", "rt:29"), "the newest 30");
+    server.stop(true).await;
+}

@@ -477,3 +477,36 @@ async fn a_partial_budget_transcribes_the_spans_it_covers_and_a_reupload_only_th
         "only the deferred spans are sent"
     );
 }
+
+#[actix::test]
+async fn every_sync_file_leaves_its_evidence_in_audio_time_and_a_reupload_rewrites_it() {
+    let w = world(BackfillConfig::default());
+    // A fresh file (2 h old) and a backfilled one (3 days old).
+    let fresh = file(name(7_200), fixture("d01"), &"a".repeat(64));
+    let old = file(name(3 * 86_400), fixture("d02"), &"b".repeat(64));
+    let report = done(sync(&w, &[fresh.clone(), old.clone()], unlimited()).await);
+    assert!(report.speech_ms > 0);
+    let store = w.services.fair_use.ledger().store();
+    let sessions = store.sessions("u", 0, 10).await.unwrap();
+    assert_eq!(sessions.len(), 2, "{sessions:?}");
+    let by_id = |id: &str| {
+        sessions
+            .iter()
+            .find(|s| s.id == id)
+            .unwrap_or_else(|| panic!("{id} in {sessions:?}"))
+            .clone()
+    };
+    let a = by_id(&format!("sync:{}", "a".repeat(24)));
+    let b = by_id(&format!("sync:{}", "b".repeat(24)));
+    assert_eq!(a.lane, crate::policy::SessionLane::SyncFresh);
+    assert_eq!(b.lane, crate::policy::SessionLane::SyncBackfill);
+    // In audio time: where the speech happened, as the meter places it.
+    assert_eq!(a.started_at_ms, T0 / 1000 * 1000 - 7_200_000);
+    assert_eq!(b.started_at_ms, T0 / 1000 * 1000 - 3 * 86_400_000);
+    assert_eq!(a.speech_ms + b.speech_ms, report.speech_ms);
+    assert!(!a.open && a.audio_ms >= a.speech_ms && a.speech_ms > 0);
+    // A re-upload meters nothing and rewrites its own entries: still two.
+    let again = done(sync(&w, &[fresh, old], unlimited()).await);
+    assert_eq!(again.metered_speech_ms, 0);
+    assert_eq!(store.sessions("u", 0, 10).await.unwrap().len(), 2);
+}

@@ -645,3 +645,47 @@ pub(crate) fn d01_an_hour_ago() -> Vec<(String, Vec<u8>)> {
         bytes,
     )]
 }
+
+/// Over the hard ceiling (lowered to 2 s for the test; 30 h by default): a live session is told
+/// `stt_unavailable{speech_ceiling}`, nothing reaches the provider, and its speech is still metered exactly.
+#[actix_web::test]
+async fn over_the_speech_ceiling_a_live_session_is_told_and_sends_nothing_but_is_metered() {
+    let double = OpenAiDouble::start(&[Plan::Serve]).await;
+    let fair = voicegate_engine::policy::FairUseConfig {
+        ceiling_ms: 2_000,
+        ..fair_use_on()
+    };
+    let server = EngineServer::start(fair, openai(&double)).await;
+    // A sync upload an hour ago passes the ceiling (admitted and transcribed under it: the job reads its
+    // entitlement before its speech is metered).
+    let (code, body, _) = server.upload("heavy", "", &d01_an_hour_ago()).await;
+    assert_eq!(code, 200, "{body}");
+    let before = double.requests().len();
+    let packets = fixture_packets("d02");
+    let ws = connect(server.addr, Some("heavy"), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets, 4, None).await;
+    assert_eq!(
+        seen.close.as_ref().map(|c| c.0),
+        Some(NORMAL),
+        "{:?}",
+        seen.events
+    );
+    assert_eq!(
+        unavailable_reasons(&seen),
+        ["speech_ceiling"],
+        "{:?}",
+        seen.events
+    );
+    assert!(!seen.runs().is_empty(), "speech still detected");
+    assert_eq!(double.requests().len(), before, "nothing forwarded");
+    assert_eq!(seen.metadata()["stt_forwarded_ms"].as_u64(), Some(0));
+    // Metering goes on: the user's total is the upload's speech plus the session's, exactly.
+    let session_ms = seen.metadata()["speech_ms"].as_u64().unwrap();
+    assert!(session_ms > 0);
+    let uploaded_ms = body["speech_ms"].as_u64().unwrap();
+    assert_eq!(
+        server.status_speech_ms("heavy").await["daily_ms"].as_u64(),
+        Some(uploaded_ms + session_ms)
+    );
+    server.shutdown().await;
+}

@@ -634,3 +634,102 @@ async fn with_the_fair_use_store_down_audio_is_admitted_unlocked_and_paid_stt_is
         "a failed evidence write answers false (counted), the session goes on"
     );
 }
+
+/// A memory store on which another writer commits first, once: the next commit of the ledger finds its
+/// version gone.
+struct RacedStore {
+    inner: MemoryFairUseStore,
+    raced: std::sync::atomic::AtomicBool,
+}
+
+impl FairUseStore for RacedStore {
+    fn load(&self, uid: &str) -> FairUseFuture<VersionedState> {
+        self.inner.load(uid)
+    }
+    fn commit(
+        &self,
+        uid: &str,
+        expected_version: u64,
+        state: &StageState,
+        events: &[FairUseEvent],
+    ) -> FairUseFuture<CommitOutcome> {
+        if !self.raced.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // The other writer: an admin on another node sets warning first.
+            let (other, event) = voicegate_engine::policy::admin_set_stage(
+                &StageState::default(),
+                &Default::default(),
+                Stage::Warning,
+                "other-node",
+                T0,
+                CaseRef::from_bits(7),
+            );
+            let inner = self.inner.clone();
+            let (uid, state, events) = (uid.to_owned(), state.clone(), events.to_vec());
+            return Box::pin(async move {
+                let first = inner
+                    .commit(&uid, expected_version, &other, &[event])
+                    .await?;
+                assert!(matches!(first, CommitOutcome::Committed { .. }));
+                inner.commit(&uid, expected_version, &state, &events).await
+            });
+        }
+        self.inner.commit(uid, expected_version, state, events)
+    }
+    fn events(&self, uid: &str, limit: usize) -> FairUseFuture<Vec<FairUseEvent>> {
+        self.inner.events(uid, limit)
+    }
+    fn find_case(&self, case_ref: &CaseRef) -> FairUseFuture<Option<String>> {
+        self.inner.find_case(case_ref)
+    }
+    fn flagged(&self, stage: Option<Stage>, limit: usize) -> FairUseFuture<Vec<(String, Stage)>> {
+        self.inner.flagged(stage, limit)
+    }
+    fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64> {
+        self.inner.add_stt_ms(uid, day, ms)
+    }
+    fn stt_ms(&self, uid: &str, day: u64) -> FairUseFuture<u64> {
+        self.inner.stt_ms(uid, day)
+    }
+    fn record_session(&self, uid: &str, s: &SessionSummary, now_ms: u64) -> FairUseFuture<()> {
+        self.inner.record_session(uid, s, now_ms)
+    }
+    fn sessions(&self, uid: &str, since: u64, limit: usize) -> FairUseFuture<Vec<SessionSummary>> {
+        self.inner.sessions(uid, since, limit)
+    }
+    fn claim_thresholds(&self, uid: &str, reached: &[String]) -> FairUseFuture<Vec<String>> {
+        self.inner.claim_thresholds(uid, reached)
+    }
+}
+
+/// `docs/fair-use.md` §1: the ledger loads, applies and commits by compare-and-set; a commit that finds
+/// another writer first is re-read and re-applied, so neither change is lost.
+#[actix::test]
+async fn a_ledger_change_that_loses_a_race_is_reapplied_on_the_winners_state() {
+    let store = Arc::new(RacedStore {
+        inner: MemoryFairUseStore::new(),
+        raced: std::sync::atomic::AtomicBool::new(false),
+    });
+    let ledger = voicegate_engine::fair_use::FairUseLedger::new(
+        store.clone(),
+        Arc::new(FairUseConfig::default()),
+    );
+    let applied = ledger
+        .set_stage("u", Stage::Throttle, "ops", T0)
+        .await
+        .unwrap();
+    assert_eq!(applied.state.stage, Stage::Throttle);
+    let loaded = store.load("u").await.unwrap();
+    assert_eq!((loaded.version, loaded.state.stage), (2, Stage::Throttle));
+    let events = store.events("u", 10).await.unwrap();
+    let actors: Vec<_> = events.iter().map(|e| e.actor.as_deref()).collect();
+    assert_eq!(
+        actors,
+        [Some("ops"), Some("other-node")],
+        "both, newest first"
+    );
+    assert_eq!(
+        events[0].previous_stage,
+        Stage::Warning,
+        "re-applied on the winner's state"
+    );
+}

@@ -412,3 +412,70 @@ fn the_documented_bounds_are_the_stores_bounds() {
     assert_eq!(SESSION_RETENTION_MS, 8 * 86_400_000);
     assert_eq!(MAX_EVENTS_PER_USER, 200);
 }
+
+/// `docs/fair-use.md` §6 as Redis holds it: the keys, their types and fields, and their expiries.
+#[tokio::test]
+async fn redis_keys_are_the_documented_ones() {
+    let (_server, conn) = redis().await;
+    let store = RedisFairUseStore::new(conn.clone());
+    let warning = StageState {
+        stage: Stage::Warning,
+        updated_at_ms: NOW,
+        ..Default::default()
+    };
+    let e1 = event(1, Stage::Warning);
+    store
+        .commit("k", 0, &warning, std::slice::from_ref(&e1))
+        .await
+        .unwrap();
+    store.add_stt_ms("k", 20_000, 1_500).await.unwrap();
+    let mut conn = conn;
+    let cmd = |name: &str, key: &str| {
+        let mut c = redis::cmd(name);
+        c.arg(key);
+        c
+    };
+    let kind: String = cmd("TYPE", "vg:{k}:fu:state")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kind, "hash");
+    let fields: Vec<String> = cmd("HKEYS", "vg:{k}:fu:state")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(fields.len(), 2);
+    assert!(fields.contains(&"v".to_owned()) && fields.contains(&"s".to_owned()));
+    let day_ms: i64 = 86_400_000;
+    for key in ["vg:{k}:fu:state", "vg:{k}:fu:events"] {
+        let ttl: i64 = cmd("PTTL", key).query_async(&mut conn).await.unwrap();
+        assert!(ttl > 399 * day_ms && ttl <= 400 * day_ms, "{key}: {ttl}");
+    }
+    let kind: String = cmd("TYPE", "vg:{k}:fu:events")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kind, "list");
+    let used: u64 = cmd("GET", "vg:{k}:fu:stt:20000")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(used, 1_500);
+    let ttl: i64 = cmd("PTTL", "vg:{k}:fu:stt:20000")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > day_ms && ttl <= 2 * day_ms, "{ttl}");
+    let owner: String = cmd("GET", &format!("vg:fu:case:{}", e1.case_ref))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(owner, "k");
+    let flagged: String = redis::cmd("HGET")
+        .arg("vg:fu:flagged")
+        .arg("k")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(flagged, "warning");
+}

@@ -221,6 +221,10 @@ pub const LISTEN_SEGMENTS_DROPPED_TOTAL: &str = "voicegate_listen_segments_dropp
 /// Counter, label `provider`: 16 kHz samples handed to a provider (counted at the FFI call or socket write;
 /// exactly what users are charged). Audio seconds sent = this / 16,000.
 pub const STT_FORWARDED_SAMPLES_TOTAL: &str = "voicegate_stt_forwarded_samples_total";
+/// Gauge: seconds of audio sent to paid providers today (UTC), all users and nodes together, as this node
+/// last read or added it; only while `VOICEGATE_STT_DAILY_SPEND_CEILING_SECONDS` is on. At the ceiling, paid
+/// transcription is closed (`spend_ceiling`) until midnight.
+pub const STT_SPEND_TODAY_SECONDS: &str = "voicegate_stt_spend_today_seconds";
 /// Counter, label `provider`: 16 kHz samples offered to the speech gate of a provider: all the decoded audio
 /// of live sessions whose STT stream is open (speech or not, counted as the session decodes it), plus the
 /// decoded spans of sync uploads handed to the provider. What would have been sent without the gate:

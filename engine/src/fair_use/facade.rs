@@ -159,6 +159,8 @@ pub struct FairUse {
     notices: Option<LogNotifier>,
     reported: Arc<Mutex<HashMap<String, u64>>>,
     reports: Arc<ReportsInFlight>,
+    /// The spend ceiling was seen reached (so the warning is logged once per trip).
+    spend_tripped: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Breach reports on their way to the supervisor (each reads the user's stage first).
@@ -229,6 +231,7 @@ impl FairUse {
             notices: log_notifier,
             reported: Arc::new(Mutex::new(HashMap::new())),
             reports: Arc::default(),
+            spend_tripped: Arc::default(),
         }
     }
 
@@ -339,10 +342,37 @@ impl FairUse {
     }
 
     /// Count paid-STT ms forwarded for `uid` today (UTC day); returns today's total. The budgets of throttle
-    /// and restrict are checked against this count by [`FairUse::entitlement`].
-    pub async fn record_stt(&self, uid: &str, ms: u64) -> Result<u64, LedgerError> {
+    /// and restrict are checked against this count by [`FairUse::entitlement`]. `paid`: the audio went to a
+    /// paid provider, so it also counts toward the day's spend ceiling (all users together; a failure to
+    /// count it is logged, and the next read of the ceiling finds the store as it is).
+    pub async fn record_stt(&self, uid: &str, ms: u64, paid: bool) -> Result<u64, LedgerError> {
         let day = SttUsage::day_of(self.clock.now_ms());
-        Ok(self.ledger.store().add_stt_ms(uid, day, ms).await?)
+        let store = self.ledger.store();
+        if paid && self.cfg.stt_spend_ceiling_ms > 0 {
+            match store.add_spend_ms(day, ms).await {
+                Ok(total) => self.spend_seen(total),
+                Err(e) => {
+                    tracing::warn!(message = "Counting paid speech-to-text toward the spend ceiling failed.", uid, error = %e)
+                }
+            }
+        }
+        Ok(store.add_stt_ms(uid, day, ms).await?)
+    }
+
+    /// Today's spend as last seen: the gauge, and a warning the first time it is at the ceiling.
+    fn spend_seen(&self, total_ms: u64) {
+        #[allow(clippy::cast_precision_loss)] // a gauge
+        metrics::gauge!(telemetry::STT_SPEND_TODAY_SECONDS).set(total_ms as f64 / 1000.0);
+        let ceiling = self.cfg.stt_spend_ceiling_ms;
+        if total_ms >= ceiling && !self.spend_tripped.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                message = "The daily spend ceiling on paid speech-to-text is reached: paid transcription is closed for everyone until the next UTC midnight.",
+                spent_ms = total_ms,
+                ceiling_ms = ceiling,
+            );
+        } else if total_ms < ceiling {
+            self.spend_tripped.store(false, Ordering::Relaxed);
+        }
     }
 
     /// Keeps a session's evidence (a realtime session as it goes and at its end, a sync file once metered)
@@ -419,6 +449,22 @@ impl FairUse {
                 SttUsage { day, used_ms: 0 }
             }
         };
+        // The spend ceiling: unreadable is unknown, and paid STT fails closed on an unknown entitlement.
+        let spend_tripped = if self.cfg.stt_spend_ceiling_ms > 0 {
+            match self.ledger.store().spend_ms(day).await {
+                Ok(total) => {
+                    self.spend_seen(total);
+                    total >= self.cfg.stt_spend_ceiling_ms
+                }
+                Err(e) => {
+                    tracing::warn!(message = "Reading today's paid speech-to-text spend failed; STT closed.", uid, error = %e);
+                    credits = CreditLookup::Unavailable;
+                    false
+                }
+            }
+        } else {
+            false
+        };
         let input = EntitlementInput {
             uid,
             mode,
@@ -433,6 +479,7 @@ impl FairUse {
             under_caps_at_ms: totals.under_caps_at_ms,
             under_ceiling_at_ms: totals.under_ceiling_at_ms,
             stt_today,
+            spend_tripped,
             now_ms: now,
         };
         (resolve(&self.cfg, &input), totals, credits)

@@ -84,6 +84,9 @@ pub struct FairUseConfig {
     pub classifier: ClassifierSettings,
     /// A payment (a paid plan stored) also resets the user's fair-use stage (the reference's #6298 fix).
     pub payment_clears_stage: bool,
+    /// Audio sent to paid speech-to-text providers per UTC day, all users and nodes together (ms; 0 = off):
+    /// reached, paid STT closes for everyone (`spend_ceiling`) until the next UTC day.
+    pub stt_spend_ceiling_ms: u64,
 }
 
 impl Default for FairUseConfig {
@@ -100,6 +103,7 @@ impl Default for FairUseConfig {
             plans: PlanTable::default(),
             classifier: ClassifierSettings::default(),
             payment_clears_stage: false,
+            stt_spend_ceiling_ms: 0,
         }
     }
 }
@@ -281,6 +285,12 @@ pub struct FairUseArgs {
           value_name = "BOOL", action = clap::ArgAction::Set,
           default_value_t = FairUseConfig::default().payment_clears_stage, value_parser = config::boolean())]
     pub payment_clears_stage: bool,
+    /// Seconds of audio sent to paid speech-to-text providers (deepgram, openai) per UTC day, all users and
+    /// nodes sharing the store together; reached, paid transcription closes for everyone
+    /// (`stt_unavailable{spend_ceiling}`) until the next UTC midnight; metering goes on. 0 = off.
+    #[arg(long = "stt-daily-spend-ceiling-seconds", env = "VOICEGATE_STT_DAILY_SPEND_CEILING_SECONDS",
+          default_value_t = FairUseConfig::default().stt_spend_ceiling_ms / 1000, value_parser = config::count())]
+    pub stt_spend_ceiling_seconds: u64,
 }
 
 impl Default for FairUseArgs {
@@ -328,6 +338,7 @@ impl From<&FairUseConfig> for FairUseArgs {
             classifier_retry_max_seconds: k.retry_max_ms / 1000,
             classifier_max_failures: u64::from(k.max_failures),
             payment_clears_stage: c.payment_clears_stage,
+            stt_spend_ceiling_seconds: c.stt_spend_ceiling_ms / 1000,
         }
     }
 }
@@ -535,6 +546,11 @@ impl FairUseArgs {
             },
             classifier,
             payment_clears_stage: self.payment_clears_stage,
+            stt_spend_ceiling_ms: ms(
+                "VOICEGATE_STT_DAILY_SPEND_CEILING_SECONDS",
+                self.stt_spend_ceiling_seconds,
+                1000,
+            )?,
         })
     }
 }
@@ -668,6 +684,13 @@ mod tests {
             "under the paid daily 4 h: {e}"
         );
         assert!(from(&[("MAX_DAILY_AUDIO_HOURS", "4")]).is_ok());
+        assert_eq!(
+            FairUseConfig::default().stt_spend_ceiling_ms,
+            0,
+            "off by default"
+        );
+        let c = from(&[("VOICEGATE_STT_DAILY_SPEND_CEILING_SECONDS", "36000")]).unwrap();
+        assert_eq!(c.stt_spend_ceiling_ms, 36_000_000);
     }
 
     #[test]

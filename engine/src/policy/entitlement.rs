@@ -60,6 +60,8 @@ pub struct EntitlementInput<'a> {
     /// `speech_ceiling` refusal's Retry-After).
     pub under_ceiling_at_ms: Option<u64>,
     pub stt_today: SttUsage,
+    /// Today's audio to paid providers, all users together, reached the spend ceiling.
+    pub spend_tripped: bool,
     pub now_ms: u64,
 }
 
@@ -143,6 +145,9 @@ pub enum SttDenied {
     EntitlementUnknown,
     /// Speech in the rolling 24 h is over the hard ceiling; opens again once it falls back.
     SpeechCeiling,
+    /// The node's (cluster's) daily spend ceiling on paid speech-to-text is reached; opens at the next UTC
+    /// midnight.
+    SpendCeiling,
 }
 
 impl SttDenied {
@@ -151,6 +156,7 @@ impl SttDenied {
             SttDenied::BudgetExhausted => "stt_budget_exhausted",
             SttDenied::EntitlementUnknown => "entitlement_unknown",
             SttDenied::SpeechCeiling => "speech_ceiling",
+            SttDenied::SpendCeiling => "spend_ceiling",
         }
     }
 }
@@ -281,6 +287,13 @@ pub fn resolve(cfg: &FairUseConfig, input: &EntitlementInput<'_>) -> Entitlement
             daily_limit_ms: (budget > 0).then_some(budget),
             used_ms: used_today,
             resets_at_ms: input.under_ceiling_at_ms,
+        }
+    } else if input.spend_tripped {
+        SttAllowance::None {
+            reason: SttDenied::SpendCeiling,
+            daily_limit_ms: (budget > 0).then_some(budget),
+            used_ms: used_today,
+            resets_at_ms: Some(resets_at_ms),
         }
     } else if budget == 0 {
         SttAllowance::Unlimited

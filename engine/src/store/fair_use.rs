@@ -86,6 +86,11 @@ pub trait FairUseStore: Send + Sync + 'static {
     fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64>;
     /// Paid-STT ms forwarded on UTC day `day`.
     fn stt_ms(&self, uid: &str, day: u64) -> FairUseFuture<u64>;
+    /// Add ms of audio sent to paid providers on UTC day `day`, all users together (the spend ceiling's
+    /// count); returns the day's new total.
+    fn add_spend_ms(&self, day: u64, ms: u64) -> FairUseFuture<u64>;
+    /// The audio sent to paid providers on UTC day `day`, all users together.
+    fn spend_ms(&self, day: u64) -> FairUseFuture<u64>;
     /// Keeps `session`, replacing the user's entry with the same id (an open session is rewritten as it
     /// goes; a re-uploaded file replaces its own), then forgets the user's sessions that ended more than
     /// [`SESSION_RETENTION_MS`] before `now_ms` and, past [`MAX_SESSIONS_PER_USER`], the oldest by end.
@@ -131,6 +136,8 @@ struct MemoryInner {
     sessions: HashMap<String, Vec<SessionSummary>>,
     /// Evidence writes since the last sweep of users whose every session left the retention.
     session_writes: u64,
+    /// UTC day → ms sent to paid providers (only today and yesterday are kept).
+    spend: HashMap<u64, u64>,
     /// uid → the usage thresholds told (at most 6 each; a user with none has no entry).
     thresholds: HashMap<String, std::collections::BTreeSet<String>>,
 }
@@ -278,6 +285,20 @@ impl FairUseStore for MemoryFairUseStore {
             })
             .unwrap_or_default();
         Box::pin(async move { Ok(out) })
+    }
+
+    fn add_spend_ms(&self, day: u64, ms: u64) -> FairUseFuture<u64> {
+        let mut g = self.lock();
+        g.spend.retain(|d, _| d.saturating_add(1) >= day);
+        let total = g.spend.entry(day).or_default();
+        *total = total.saturating_add(ms);
+        let total = *total;
+        Box::pin(async move { Ok(total) })
+    }
+
+    fn spend_ms(&self, day: u64) -> FairUseFuture<u64> {
+        let used = self.lock().spend.get(&day).copied().unwrap_or(0);
+        Box::pin(async move { Ok(used) })
     }
 
     fn claim_thresholds(&self, uid: &str, reached: &[String]) -> FairUseFuture<Vec<String>> {

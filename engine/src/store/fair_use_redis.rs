@@ -9,6 +9,8 @@
 //!   summary JSON: the session evidence, written and trimmed by one script
 //! - `vg:{uid}:fu:thresholds` HASH `daily:80`, … → 1: the usage thresholds told to the user (one script keeps
 //!   exactly the reached ones; expires 8 days after the last write)
+//! - `vg:stt:spend:<day>` STRING ms of audio sent to paid providers that UTC day, all users (INCRBY; expires
+//!   after 2 days): the spend ceiling's count, one key for the cluster
 //! - `vg:fu:case:<ref>`   STRING uid (case-ref index, written after the state script)
 //! - `vg:fu:flagged`      HASH uid → stage for users not at none (admin index, written after the state script)
 //!
@@ -85,6 +87,10 @@ local ids = redis.call('ZREVRANGEBYSCORE', KEYS[1], '+inf', ARGV[1], 'LIMIT', 0,
 if #ids == 0 then return {} end
 return redis.call('HMGET', KEYS[2], unpack(ids))
 ";
+
+pub fn spend_key(day: u64) -> String {
+    format!("vg:stt:spend:{day}")
+}
 
 pub fn thresholds_key(uid: &str) -> String {
     format!("vg:{{{uid}}}:fu:thresholds")
@@ -280,6 +286,33 @@ impl FairUseStore for RedisFairUseStore {
                 .ignore();
             let (total,): (u64,) = transaction(&mut conn, &pipe, &key).await?;
             Ok(total)
+        })
+    }
+
+    fn add_spend_ms(&self, day: u64, ms: u64) -> FairUseFuture<u64> {
+        let mut conn = self.conn.clone();
+        let key = spend_key(day);
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("INCRBY")
+                .arg(&key)
+                .arg(ms)
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(STT_TTL_MS)
+                .ignore();
+            let (total,): (u64,) = transaction(&mut conn, &pipe, &key).await?;
+            Ok(total)
+        })
+    }
+
+    fn spend_ms(&self, day: u64) -> FairUseFuture<u64> {
+        let mut conn = self.conn.clone();
+        let key = spend_key(day);
+        Box::pin(async move {
+            let used: Option<u64> = conn.get(&key).await?;
+            Ok(used.unwrap_or(0))
         })
     }
 

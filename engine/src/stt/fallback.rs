@@ -169,6 +169,12 @@ impl SttProvider for FallbackProvider {
         self.primary.kind()
     }
 
+    /// Counted as paid when either side is: which side took a sample is not known where it is charged,
+    /// so the ceiling errs toward tripping early.
+    fn paid(&self) -> bool {
+        self.primary.paid() || self.fallback.paid()
+    }
+
     fn open_stream(
         &self,
         options: StreamOptions,

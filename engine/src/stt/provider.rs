@@ -45,6 +45,11 @@ impl ProviderKind {
         }
     }
 
+    /// A hosted provider that bills the audio it receives (what the daily spend ceiling counts).
+    pub fn is_paid(self) -> bool {
+        matches!(self, ProviderKind::Deepgram | ProviderKind::OpenAi)
+    }
+
     pub fn parse(word: &str) -> Option<ProviderKind> {
         ProviderKind::ALL
             .into_iter()
@@ -79,6 +84,11 @@ impl Default for StreamOptions {
 /// A speech-to-text provider. Shared by every session: cheap to call, thread-safe.
 pub trait SttProvider: Send + Sync + 'static {
     fn kind(&self) -> ProviderKind;
+
+    /// Whether audio sent through this provider counts toward the daily spend ceiling (a paid provider).
+    fn paid(&self) -> bool {
+        self.kind().is_paid()
+    }
 
     /// Opens one session's stream. Results and events go to `results`, in order, ending with
     /// [`SttEvent::Closed`] after [`StreamHandle::close`].

@@ -552,6 +552,12 @@ impl FairUseStore for DownStore {
     fn claim_thresholds(&self, _: &str, _: &[String]) -> FairUseFuture<Vec<String>> {
         down()
     }
+    fn add_spend_ms(&self, _: u64, _: u64) -> FairUseFuture<u64> {
+        down()
+    }
+    fn spend_ms(&self, _: u64) -> FairUseFuture<u64> {
+        down()
+    }
 }
 
 /// `docs/fair-use.md` §3: with the fair-use store down, a restricted user over every cap on the free plan
@@ -699,6 +705,12 @@ impl FairUseStore for RacedStore {
     fn claim_thresholds(&self, uid: &str, reached: &[String]) -> FairUseFuture<Vec<String>> {
         self.inner.claim_thresholds(uid, reached)
     }
+    fn add_spend_ms(&self, day: u64, ms: u64) -> FairUseFuture<u64> {
+        self.inner.add_spend_ms(day, ms)
+    }
+    fn spend_ms(&self, day: u64) -> FairUseFuture<u64> {
+        self.inner.spend_ms(day)
+    }
 }
 
 /// `docs/fair-use.md` §1: the ledger loads, applies and commits by compare-and-set; a commit that finds
@@ -732,4 +744,46 @@ async fn a_ledger_change_that_loses_a_race_is_reapplied_on_the_winners_state() {
         Stage::Warning,
         "re-applied on the winner's state"
     );
+}
+
+#[actix::test]
+async fn the_spend_ceiling_trips_for_everyone_on_paid_audio_only_and_resets_at_midnight() {
+    let cfg = FairUseConfig {
+        stt_spend_ceiling_ms: 60_000,
+        ..FairUseConfig::default()
+    };
+    let w = start(cfg);
+    let stt = |uid: &'static str| {
+        let fu = w.fu.clone();
+        async move {
+            fu.entitlement(uid, Mode::Realtime, PlanRecord::Known(None))
+                .await
+                .stt
+        }
+    };
+    // Audio to a local engine costs nothing: it never counts.
+    w.fu.record_stt("a", 90_000, false).await.unwrap();
+    assert_eq!(stt("b").await, SttAllowance::Unlimited);
+    // 30 s + 30 s to a paid provider by one user: the ceiling closes paid STT for another user too.
+    w.fu.record_stt("a", 30_000, true).await.unwrap();
+    assert_eq!(stt("b").await, SttAllowance::Unlimited, "under the ceiling");
+    w.fu.record_stt("a", 30_000, true).await.unwrap();
+    let midnight = (T0 / 86_400_000 + 1) * 86_400_000;
+    for uid in ["a", "b"] {
+        let allowance = stt(uid).await;
+        assert!(
+            matches!(
+                allowance,
+                SttAllowance::None {
+                    reason: SttDenied::SpendCeiling,
+                    resets_at_ms: Some(at),
+                    ..
+                } if at == midnight
+            ),
+            "{uid}: {allowance:?}"
+        );
+    }
+    // A new UTC day: open again.
+    w.clock.set(midnight);
+    assert_eq!(stt("b").await, SttAllowance::Unlimited);
 }

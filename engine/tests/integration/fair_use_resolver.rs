@@ -129,6 +129,7 @@ fn run(
                 day: SttUsage::day_of(NOW),
                 used_ms: used,
             },
+            spend_tripped: false,
             now_ms: NOW,
         },
     )
@@ -379,6 +380,7 @@ fn restricted_retry_after(restrict_until: Option<u64>, under_caps_at: Option<u64
             under_caps_at_ms: under_caps_at,
             under_ceiling_at_ms: None,
             stt_today: SttUsage::default(),
+            spend_tripped: false,
             now_ms: NOW,
         },
     );
@@ -586,6 +588,7 @@ fn stt_budget_used_on_another_utc_day_counts_as_zero_and_resets_at_midnight() {
                 day: SttUsage::day_of(NOW) - 1,
                 used_ms: 99_999_999,
             },
+            spend_tripped: false,
             now_ms: NOW,
         },
     );
@@ -707,6 +710,7 @@ fn both_refusals(
             under_caps_at_ms: Some(under_caps_at),
             under_ceiling_at_ms: Some(under_ceiling_at),
             stt_today: SttUsage::default(),
+            spend_tripped: false,
             now_ms: NOW,
         },
     );
@@ -764,6 +768,7 @@ fn with_unknown_totals_no_cap_and_no_ceiling_applies_and_sync_is_admitted() {
                 under_caps_at_ms: None,
                 under_ceiling_at_ms: None,
                 stt_today: SttUsage::default(),
+                spend_tripped: false,
                 now_ms: NOW,
             },
         );
@@ -779,4 +784,49 @@ fn with_unknown_totals_no_cap_and_no_ceiling_applies_and_sync_is_admitted() {
             }
         ));
     }
+}
+
+#[test]
+fn the_daily_spend_ceiling_closes_paid_stt_for_everyone_until_midnight_whatever_fair_use_says() {
+    let cr = credit(Credit::WithCredits);
+    let none = state(Stage::None);
+    for c in [
+        cfg(true, false, false),
+        cfg(false, false, false),
+        cfg(true, true, true),
+    ] {
+        for tripped in [false, true] {
+            let e = resolve(
+                &c,
+                &EntitlementInput {
+                    uid: UID,
+                    mode: Mode::Realtime,
+                    credits: &cr,
+                    month: MonthUsage::default(),
+                    stage: &none,
+                    totals: RollingTotals::default(),
+                    totals_known: true,
+                    caps: c.caps.free,
+                    under_caps_at_ms: None,
+                    under_ceiling_at_ms: None,
+                    stt_today: SttUsage::default(),
+                    spend_tripped: tripped,
+                    now_ms: NOW,
+                },
+            );
+            let want = if tripped {
+                SttAllowance::None {
+                    reason: SttDenied::SpendCeiling,
+                    daily_limit_ms: None,
+                    used_ms: 0,
+                    resets_at_ms: Some((NOW / DAY_MS + 1) * DAY_MS),
+                }
+            } else {
+                SttAllowance::Unlimited
+            };
+            assert_eq!(e.stt, want, "enabled={} tripped={tripped}", c.enabled);
+            assert_eq!(e.admission, Admission::Admit, "audio is always admitted");
+        }
+    }
+    assert_eq!(SttDenied::SpendCeiling.code(), "spend_ceiling");
 }

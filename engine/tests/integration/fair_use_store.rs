@@ -479,3 +479,30 @@ async fn redis_keys_are_the_documented_ones() {
         .unwrap();
     assert_eq!(flagged, "warning");
 }
+
+/// The spend ceiling's count: one per UTC day for all users, added to and read back.
+async fn spend_contract(store: Arc<dyn FairUseStore>) {
+    assert_eq!(store.spend_ms(20_000).await.unwrap(), 0);
+    assert_eq!(store.add_spend_ms(20_000, 1_500).await.unwrap(), 1_500);
+    assert_eq!(store.add_spend_ms(20_000, 500).await.unwrap(), 2_000);
+    assert_eq!(store.spend_ms(20_000).await.unwrap(), 2_000);
+    assert_eq!(store.spend_ms(20_001).await.unwrap(), 0, "a day of its own");
+}
+
+#[tokio::test]
+async fn memory_spend_is_counted_per_utc_day() {
+    spend_contract(Arc::new(MemoryFairUseStore::new())).await;
+}
+
+#[tokio::test]
+async fn redis_spend_is_counted_per_utc_day_on_one_key_that_expires() {
+    let (_server, conn) = redis().await;
+    spend_contract(Arc::new(RedisFairUseStore::new(conn.clone()))).await;
+    let mut conn = conn;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("vg:stt:spend:20000")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 86_400_000 && ttl <= 2 * 86_400_000, "{ttl}");
+}

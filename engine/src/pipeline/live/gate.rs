@@ -63,7 +63,10 @@ impl Gate {
             // An unknown entitlement fails closed for paid STT; over the hard ceiling STT closes until the
             // rolling 24 h falls back (metering goes on).
             SttAllowance::None {
-                reason: reason @ (SttDenied::EntitlementUnknown | SttDenied::SpeechCeiling),
+                reason:
+                    reason @ (SttDenied::EntitlementUnknown
+                    | SttDenied::SpeechCeiling
+                    | SttDenied::SpendCeiling),
                 ..
             } => Gate::Closed(reason),
         }

@@ -168,7 +168,11 @@ async fn meter(
     }
     let mut stt_recorded = 0;
     if stt_ms > 0 {
-        match services.fair_use.record_stt(uid, stt_ms).await {
+        match services
+            .fair_use
+            .record_stt(uid, stt_ms, services.stt.paid())
+            .await
+        {
             Ok(_) => stt_recorded = stt_ms,
             Err(e) => {
                 tracing::warn!(message = "Recording STT usage failed.", uid = %uid, error = %e);

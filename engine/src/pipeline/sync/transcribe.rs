@@ -134,7 +134,9 @@ pub(super) async fn transcribe(
     let closed = matches!(
         allowance,
         SttAllowance::None {
-            reason: SttDenied::EntitlementUnknown | SttDenied::SpeechCeiling,
+            reason: SttDenied::EntitlementUnknown
+                | SttDenied::SpeechCeiling
+                | SttDenied::SpendCeiling,
             ..
         }
     );
@@ -249,7 +251,10 @@ async fn one_span(
         .increment(offered);
     let charged = samples_to_ms(output.forwarded_samples, TARGET_RATE);
     if charged > 0
-        && let Err(error) = services.fair_use.record_stt(uid, charged).await
+        && let Err(error) = services
+            .fair_use
+            .record_stt(uid, charged, provider.paid())
+            .await
     {
         tracing::warn!(message = "Recording sync STT usage failed.", uid, %error);
     }

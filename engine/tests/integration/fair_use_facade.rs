@@ -148,7 +148,10 @@ async fn restrict_over_a_cap_rejects_sync_with_retry_after_but_never_realtime() 
         }
     ));
     // STT forwarded today counts against the restrict budget (30 min), across calls and sessions.
-    assert_eq!(fu.record_stt("r", 1_000_000, true).await.unwrap(), 1_000_000);
+    assert_eq!(
+        fu.record_stt("r", 1_000_000, true).await.unwrap(),
+        1_000_000
+    );
     assert_eq!(fu.record_stt("r", 800_000, true).await.unwrap(), 1_800_000);
     let rt = fu
         .entitlement("r", Mode::Realtime, PlanRecord::Known(Some("unlimited")))

@@ -238,7 +238,12 @@ async fn restrict_stage_with_the_stt_budget_used_up_still_answers_200_and_meters
     )
     .await;
     assert_eq!(code, 200, "{body}");
-    server.engine.fair_use.record_stt("r", 1_000, false).await.unwrap();
+    server
+        .engine
+        .fair_use
+        .record_stt("r", 1_000, false)
+        .await
+        .unwrap();
     let files = one_fixture(5, 900);
     let (code, body, _) = server.upload("r", "", &files).await;
     assert_eq!(code, 200, "{body}");

@@ -103,7 +103,12 @@ async fn uploaded_fixtures_get_stored_transcripts_and_a_reupload_transcribes_not
         engine_ms.abs_diff(charged) <= 4,
         "engine {engine_ms} ms, charged {charged} ms"
     );
-    let today = server.engine.fair_use.record_stt("carol", 0, false).await.unwrap();
+    let today = server
+        .engine
+        .fair_use
+        .record_stt("carol", 0, false)
+        .await
+        .unwrap();
     assert_eq!(today, charged, "the daily STT counter");
 
     let mut total = Score::default();
@@ -160,7 +165,12 @@ async fn uploaded_fixtures_get_stored_transcripts_and_a_reupload_transcribes_not
     assert_eq!(again["stt_ms"], 0, "{again}");
     assert_eq!(metric(&server, FORWARDED).await / 16, engine_ms);
     assert_eq!(
-        server.engine.fair_use.record_stt("carol", 0, false).await.unwrap(),
+        server
+            .engine
+            .fair_use
+            .record_stt("carol", 0, false)
+            .await
+            .unwrap(),
         charged
     );
     server.shutdown().await;

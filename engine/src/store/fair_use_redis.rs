@@ -162,6 +162,25 @@ pub struct RedisFairUseStore {
 }
 
 impl RedisFairUseStore {
+    /// Adds `ms` to a day counter (a user's STT, the cluster's spend) and keeps it [`STT_TTL_MS`]; answers
+    /// the new total. One atomic round trip.
+    fn add_day_ms(&self, key: String, ms: u64) -> FairUseFuture<u64> {
+        let mut conn = self.conn.clone();
+        Box::pin(async move {
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("INCRBY")
+                .arg(&key)
+                .arg(ms)
+                .cmd("PEXPIRE")
+                .arg(&key)
+                .arg(STT_TTL_MS)
+                .ignore();
+            let (total,): (u64,) = transaction(&mut conn, &pipe, &key).await?;
+            Ok(total)
+        })
+    }
+
     pub fn new(conn: impl Into<RedisConnection>) -> Self {
         RedisFairUseStore {
             conn: conn.into(),
@@ -272,39 +291,11 @@ impl FairUseStore for RedisFairUseStore {
     }
 
     fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64> {
-        let mut conn = self.conn.clone();
-        let key = stt_key(uid, day);
-        Box::pin(async move {
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .cmd("INCRBY")
-                .arg(&key)
-                .arg(ms)
-                .cmd("PEXPIRE")
-                .arg(&key)
-                .arg(STT_TTL_MS)
-                .ignore();
-            let (total,): (u64,) = transaction(&mut conn, &pipe, &key).await?;
-            Ok(total)
-        })
+        self.add_day_ms(stt_key(uid, day), ms)
     }
 
     fn add_spend_ms(&self, day: u64, ms: u64) -> FairUseFuture<u64> {
-        let mut conn = self.conn.clone();
-        let key = spend_key(day);
-        Box::pin(async move {
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .cmd("INCRBY")
-                .arg(&key)
-                .arg(ms)
-                .cmd("PEXPIRE")
-                .arg(&key)
-                .arg(STT_TTL_MS)
-                .ignore();
-            let (total,): (u64,) = transaction(&mut conn, &pipe, &key).await?;
-            Ok(total)
-        })
+        self.add_day_ms(spend_key(day), ms)
     }
 
     fn spend_ms(&self, day: u64) -> FairUseFuture<u64> {

@@ -118,6 +118,16 @@ def streams():
             stat("Nodes draining", "count(voicegate_server_state == 2) or on() vector(0)"),
             stat("Store reachable (min over nodes)", "min(voicegate_store_up)", unit="bool"),
             panel("Listen sessions per node", [q("sum by (instance) (voicegate_listen_sessions_active)", "{{instance}}")]),
+            panel("Admission: measured capacity and load", [
+                q("max by (instance) (voicegate_listen_capacity_sessions)", "capacity {{instance}}"),
+                q("sum by (instance) (voicegate_listen_sessions_active)", "open {{instance}}"),
+            ], desc="The sessions each node estimates it holds within VOICEGATE_ADMISSION_CPU_PERCENT of its CPU (from its own CPU per "
+                    "session); past it, new sessions are refused 503 at_capacity (reason cpu). Empty while too few sessions to measure."),
+            panel("Admission: CPU used and late session-seconds", [
+                q("max by (instance) (voicegate_node_cpu_utilisation_ratio)", "CPU {{instance}}"),
+                q("max by (instance) (voicegate_listen_late_session_seconds_ratio)", "late {{instance}}"),
+            ], unit="percentunit", desc="The process's share of its cores, and the share of session-seconds whose tick ran later than "
+                                        "VOICEGATE_ADMISSION_LAG_MS; above VOICEGATE_ADMISSION_LATE_PERCENT new sessions are refused (reason tick_lag)."),
             panel("Sessions refused / closed", [
                 q(f"sum by (reason) (rate(voicegate_listen_sessions_refused_total[{R}])) or on() vector(0)", "refused {{reason}}"),
                 q(f"sum by (reason) (rate(voicegate_listen_sessions_closed_total[{R}])) or on() vector(0)", "closed {{reason}}"),

@@ -34,7 +34,9 @@ pub const STORE_UP: &str = "voicegate_store_up";
 pub const SERVER_STATE: &str = "voicegate_server_state";
 /// Gauge: open realtime listen sessions.
 pub const LISTEN_SESSIONS_ACTIVE: &str = "voicegate_listen_sessions_active";
-/// Counter, label `reason` (`per_user_limit`, `at_capacity`, `draining`): listen sessions refused at connect.
+/// Counter, label `reason`: listen sessions refused at connect: `per_user_limit`, `draining`, and the
+/// node's capacity (all three answered 503 `at_capacity`): `at_capacity` (`VOICEGATE_WS_MAX_SESSIONS`), `cpu`
+/// (the capacity the node measured from its CPU), `tick_lag` (too many late session-seconds).
 pub const LISTEN_SESSIONS_REFUSED_TOTAL: &str = "voicegate_listen_sessions_refused_total";
 /// Counter, label `transport` (`pipeline`: the socket read by its session's pipeline thread, the usual
 /// path; `http_worker`: an upgrade on a connection that already carried a request): listen sessions started.
@@ -179,6 +181,15 @@ pub const LISTEN_PACE_LIMITED_TOTAL: &str = "voicegate_listen_pace_limited_total
 /// Since a lagging session slows its client through TCP instead of dropping frames, this is the node's
 /// overload signal.
 pub const LISTEN_TICK_LAG_SECONDS: &str = "voicegate_listen_tick_lag_seconds";
+/// Gauge: listen sessions this node estimates it holds within `VOICEGATE_ADMISSION_CPU_PERCENT` of its CPU, from
+/// its CPU per open session over `VOICEGATE_ADMISSION_WINDOW_SECS` (renewed every second); NaN while unknown
+/// (fewer than `VOICEGATE_ADMISSION_MIN_SESSIONS` open, or the rule off). Sessions past it are refused.
+pub const LISTEN_CAPACITY_SESSIONS: &str = "voicegate_listen_capacity_sessions";
+/// Gauge: the process's CPU time over the admission window divided by the cores available to it (0–1).
+pub const NODE_CPU_UTILISATION_RATIO: &str = "voicegate_node_cpu_utilisation_ratio";
+/// Gauge: the share of the admission window's listen session-seconds whose worst tick ran later than
+/// `VOICEGATE_ADMISSION_LAG_MS` (0–1). Above `VOICEGATE_ADMISSION_LATE_PERCENT` new sessions are refused.
+pub const LISTEN_LATE_SESSION_SECONDS_RATIO: &str = "voicegate_listen_late_session_seconds_ratio";
 /// Counter: ms of audio decoded by listen sessions (added when a session ends).
 pub const LISTEN_AUDIO_MS_TOTAL: &str = "voicegate_listen_audio_ms_total";
 /// Counter, label `type` (`speech_started`, `speech_ended`, `usage`, `fair_use`, `stt_budget_exhausted`,

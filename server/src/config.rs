@@ -14,11 +14,13 @@ use voicegate_engine::policy::{FairUseArgs, FairUseConfig};
 use voicegate_engine::stt::deepgram::DeepgramArgs;
 use voicegate_engine::stt::openai::OpenAiArgs;
 
+mod admission;
 pub mod defaults;
 mod jwks;
 mod sync_jobs;
 mod table;
 
+pub use admission::AdmissionArgs;
 pub use sync_jobs::SyncJobArgs;
 #[cfg(test)]
 use table::ServeOnly;
@@ -235,6 +237,10 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub sync_jobs: SyncJobArgs,
 
+    /// Admission control of listen sessions by measured load (`VOICEGATE_ADMISSION_*`).
+    #[command(flatten)]
+    pub admission: AdmissionArgs,
+
     /// The meter's settings (`VOICEGATE_METER_*`).
     #[command(flatten)]
     pub meter: MeterArgs,
@@ -302,6 +308,8 @@ impl Default for ServeConfig {
             deepgram: DeepgramArgs::default(),
             openai: OpenAiArgs::default(),
             sync_jobs: SyncJobArgs::default(),
+            // Off unless asked: a test process's own client work would count as the server's CPU.
+            admission: AdmissionArgs::off(),
             meter: MeterArgs::default(),
             fair_use: FairUseArgs::default(),
         }
@@ -355,6 +363,12 @@ pub enum ConfigError {
         name: &'static str,
         value: u64,
         request: u64,
+    },
+    #[error("{name}={value} is out of range ({range})")]
+    BadAdmission {
+        name: &'static str,
+        value: String,
+        range: &'static str,
     },
     #[error("VOICEGATE_TRUSTED_PROXIES: {0}")]
     BadTrustedProxy(String),
@@ -508,6 +522,7 @@ impl ServeConfig {
             .map_err(ConfigError::BadTrustedProxy)?;
         self.meter_config()?;
         self.fair_use_config()?;
+        self.admission.config()?;
         Ok(())
     }
 

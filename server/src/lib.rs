@@ -6,6 +6,7 @@
 //!   (listen admission and drain), `timeouts` (head, body progress and whole-body 408s), `health` (`/healthz`, `/readyz`), `prometheus` (`/metrics`, latency).
 
 pub mod admin;
+pub mod admission;
 pub mod auth;
 pub mod client_addr;
 pub mod config;

@@ -1,7 +1,8 @@
 //! Admission and drain of realtime listen sessions.
 //!
 //! - [`SessionRegistry::open`] admits a session when the user is under `VOICEGATE_WS_SESSIONS_PER_USER`, the
-//!   node under `VOICEGATE_WS_MAX_SESSIONS`, and the server is not draining; the returned
+//!   node under `VOICEGATE_WS_MAX_SESSIONS` and under the capacity it measures from its own load
+//!   ([`crate::admission`], `VOICEGATE_ADMISSION_*`), and the server is not draining; the returned
 //!   [`SessionGuard`] releases the slot when dropped.
 //! - The per-user limit counts across every node sharing the store: each session holds a lease
 //!   ([`voicegate_engine::lease`], kind [`LISTEN_SESSION_LEASE`]) once the engine is mounted
@@ -24,6 +25,7 @@ use voicegate_engine::lease::{Acquired, LeaseGuard, Leases};
 use voicegate_engine::store::lease::LeaseKey;
 use voicegate_engine::telemetry::{LISTEN_SESSIONS_ACTIVE, LISTEN_SESSIONS_REFUSED_TOTAL};
 
+use crate::admission::{LoadGate, Overload};
 use crate::error::ApiError;
 
 /// The lease kind of a listen session (the store key `vg:{uid}:lease:listen_session`, the metric label).
@@ -33,7 +35,7 @@ pub const LISTEN_SESSION_LEASE: &str = "listen_session";
 pub const DRAIN_CLOSE_REASON: &str = "server draining";
 
 /// Why a session was not admitted.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum SessionRefused {
     #[error(
         "at most {limit} concurrent listen sessions per user, on all servers together (VOICEGATE_WS_SESSIONS_PER_USER)"
@@ -45,6 +47,9 @@ pub enum SessionRefused {
         "this server holds its most listen sessions ({limit}, VOICEGATE_WS_MAX_SESSIONS); reconnect later or to another instance"
     )]
     AtCapacity { limit: usize },
+    /// The node's measured load (CPU or tick lag) admits no more sessions now.
+    #[error("{0}")]
+    Overloaded(Overload),
 }
 
 impl From<SessionRefused> for ApiError {
@@ -63,8 +68,14 @@ impl From<SessionRefused> for ApiError {
                 ApiError::unavailable("draining", e.to_string())
                     .retry_after(crate::error::IMMEDIATE_RETRY_AFTER_S)
             }
+            // Another node may have room now; this one may again once a session ends.
             SessionRefused::AtCapacity { .. } => {
                 ApiError::unavailable("at_capacity", e.to_string())
+                    .with_field("reason", "max_sessions")
+            }
+            SessionRefused::Overloaded(overload) => {
+                ApiError::unavailable("at_capacity", e.to_string())
+                    .with_field("reason", overload.reason())
             }
         }
     }
@@ -82,6 +93,8 @@ struct Inner {
     per_user: Mutex<HashMap<String, usize>>,
     /// Set once the engine is mounted; without it the limit is this node's count alone.
     leases: OnceLock<Leases>,
+    /// Admission by the node's measured load; `None`: only `total_limit`.
+    load: Option<Arc<LoadGate>>,
     active: AtomicUsize,
     closing: watch::Sender<bool>,
     all_closed: Notify,
@@ -90,17 +103,32 @@ struct Inner {
 impl SessionRegistry {
     /// At most `per_user_limit` sessions per user and `total_limit` in all.
     pub fn new(per_user_limit: usize, total_limit: usize) -> Self {
+        Self::with_load(per_user_limit, total_limit, None)
+    }
+
+    /// As [`new`](Self::new), and (with `load`) no session past what the node's measured load admits.
+    pub fn with_load(
+        per_user_limit: usize,
+        total_limit: usize,
+        load: Option<Arc<LoadGate>>,
+    ) -> Self {
         SessionRegistry {
             inner: Arc::new(Inner {
                 per_user_limit,
                 total_limit,
                 per_user: Mutex::new(HashMap::new()),
                 leases: OnceLock::new(),
+                load,
                 active: AtomicUsize::new(0),
                 closing: watch::Sender::new(false),
                 all_closed: Notify::new(),
             }),
         }
+    }
+
+    /// The load gate, when admission by load is on (its sampler is started with the server).
+    pub fn load_gate(&self) -> Option<&Arc<LoadGate>> {
+        self.inner.load.as_ref()
     }
 
     /// Counts the per-user limit across nodes through `leases` from now on (once; later calls are ignored).
@@ -159,13 +187,17 @@ impl SessionRegistry {
         }
         // Checked before the slot is taken, so a burst may pass the limit by the few connects in flight;
         // it bounds memory and sockets, not an exact count.
-        if this.active.load(Ordering::Acquire) >= this.total_limit {
+        let active = this.active.load(Ordering::Acquire);
+        if active >= this.total_limit {
             return refused(
                 "at_capacity",
                 SessionRefused::AtCapacity {
                     limit: this.total_limit,
                 },
             );
+        }
+        if let Some(Err(overload)) = this.load.as_ref().map(|gate| gate.check(active)) {
+            return refused(overload.reason(), SessionRefused::Overloaded(overload));
         }
         {
             let mut map = self

@@ -17,6 +17,19 @@ pub const WS_SESSIONS_PER_USER: usize = 4;
 /// `VOICEGATE_WS_MAX_SESSIONS`: listen sessions one node holds at most (each ~40 KiB and a socket; the
 /// same bound actix-server put on connections per worker).
 pub const WS_MAX_SESSIONS: usize = 25_000;
+/// `VOICEGATE_ADMISSION_CPU_PERCENT`: sessions may use 85 % of the process's cores; the rest is headroom for the
+/// bursts a one-second estimate does not see (docs/performance.md, "Admission control").
+pub const ADMISSION_CPU_PERCENT: u32 = 85;
+/// `VOICEGATE_ADMISSION_LAG_MS`: the listen latency objective (p99 of frame → event ≤ 250 ms).
+pub const ADMISSION_LAG_MS: u64 = 250;
+/// `VOICEGATE_ADMISSION_LATE_PERCENT`: runs that met the objective had 0–1.4 % of session-seconds late, runs
+/// past the knee 7–12 % (docs/performance.md, session 10).
+pub const ADMISSION_LATE_PERCENT: f64 = 2.0;
+/// `VOICEGATE_ADMISSION_WINDOW_SECS`.
+pub const ADMISSION_WINDOW_SECS: u64 = 10;
+/// `VOICEGATE_ADMISSION_MIN_SESSIONS`: below 20 sessions a node's CPU is mostly its own fixed work, and one
+/// slow session-second is 5 % of a window.
+pub const ADMISSION_MIN_SESSIONS: usize = 20;
 /// `VOICEGATE_LEASE_TTL_SECS`: a per-user limit's slot (e.g. a listen session) not refreshed for this
 /// long is free again: how long a crashed node's sessions still count.
 pub const LEASE_TTL_SECS: u64 = 30;

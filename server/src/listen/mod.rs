@@ -29,6 +29,7 @@ use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
 use voicegate_engine::audio::codec::Codec;
+use voicegate_engine::pipeline::live::load::TickLagWindow;
 use voicegate_engine::pipeline::live::{
     FeedConfig, LiveConfig, LiveServices, PipelinePool, SessionParams, run_session,
 };
@@ -116,6 +117,15 @@ pub fn mount(
         conversations: Arc::clone(&engine.conversations),
         stt,
         clock: Arc::clone(&engine.clock),
+        // Read by admission control when it is on; otherwise only reported into.
+        tick_lag: sessions.load_gate().map_or_else(
+            || {
+                Arc::new(TickLagWindow::new(Duration::from_millis(
+                    config.admission.lag_ms,
+                )))
+            },
+            |gate| gate.tick_lag(),
+        ),
     };
     let live = LiveConfig {
         pipeline: engine.pipeline,

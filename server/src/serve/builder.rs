@@ -14,6 +14,7 @@ use super::connection::ConnectionService;
 use super::running::RunningServer;
 use super::{ServeError, http_workers};
 use crate::admin::AdminKey;
+use crate::admission::LoadGate;
 use crate::auth::Authenticator;
 use crate::config::ServeConfig;
 use crate::drain::{DrainHooks, DrainPhase};
@@ -76,7 +77,11 @@ impl ServerBuilder {
         };
         let store: Arc<dyn StoreHealth> = Arc::new(AlwaysReachable(store_kind));
         let stt = crate::stt::build(&cfg, &outbound)?;
-        let sessions = SessionRegistry::new(cfg.ws_sessions_per_user, cfg.ws_max_sessions);
+        let admission = cfg.admission.config()?;
+        let load = (admission.cpu_target.is_some() || admission.late_limit.is_some())
+            .then(|| Arc::new(LoadGate::new(admission)));
+        let sessions =
+            SessionRegistry::with_load(cfg.ws_sessions_per_user, cfg.ws_max_sessions, load);
         let stripe = StripeWebhook {
             secret: cfg
                 .stripe_webhook_secret
@@ -279,6 +284,10 @@ impl ServerBuilder {
         let handle = server.handle();
         let join = actix_web::rt::spawn(server);
         actix_web::rt::spawn(prometheus::upkeep(state.metrics.get_ref().clone()));
+        if let Some(gate) = state.sessions.load_gate() {
+            let sessions = state.sessions.get_ref().clone();
+            actix_web::rt::spawn(Arc::clone(gate).run(move || sessions.active()));
+        }
         if state.auth.has_jwks() {
             actix_web::rt::spawn(reload_jwks_forever(state.auth.clone()));
         }

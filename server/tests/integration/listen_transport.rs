@@ -324,6 +324,7 @@ async fn refused_upgrades_get_the_routes_json_answers_and_are_timed_under_the_ro
     let (status, head, body, _) = ask(upgrade_request(server.addr, "third", "codec=opus")).await;
     assert_eq!(status, 503, "{body}");
     assert_eq!(body["code"], "at_capacity", "{body}");
+    assert_eq!(body["reason"], "max_sessions", "{body}");
     assert_eq!(body["retryable"], true, "{body}");
     assert!(head.contains("retry-after: 5"), "{head}");
     drop((first, second));

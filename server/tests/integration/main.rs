@@ -18,6 +18,7 @@ mod drain_sigterm;
 mod drain_uploads;
 mod fair_use_evidence;
 mod health_metrics;
+mod limits_admission;
 mod limits_auth_throttle;
 mod limits_listen_pace;
 mod limits_sync_uploads;

@@ -350,8 +350,9 @@ impl<T: Transport> Driver<'_, T> {
 
     /// One observation of the worst tick lag since the last one (every second, and at the finish).
     fn observe_tick_lag(&mut self) {
-        metrics::histogram!(t::LISTEN_TICK_LAG_SECONDS)
-            .record(std::mem::take(&mut self.tick_lag_max).as_secs_f64());
+        let lag = std::mem::take(&mut self.tick_lag_max);
+        metrics::histogram!(t::LISTEN_TICK_LAG_SECONDS).record(lag.as_secs_f64());
+        self.services.tick_lag.record(lag);
     }
 
     fn count_frames(&mut self) {

@@ -13,6 +13,7 @@
 //! - `events`: the JSON events sent to the client.
 //! - `feed`: which kept audio goes to the speech-to-text provider (pre-roll, the run, its hangover);
 //!   `link`: the driver's end of the provider's stream; `transcript`: segments and availability for the app.
+//! - `load`: the node's recent tick lag, the overload signal admission control reads.
 
 mod contract;
 mod core;
@@ -23,6 +24,7 @@ mod frames;
 mod gate;
 mod latency;
 mod link;
+pub mod load;
 mod ops;
 mod pace;
 mod pool;
@@ -97,6 +99,8 @@ pub struct LiveServices {
     /// `none` keeps the session's hot path free of STT work: no audio is kept, copied or sent.
     pub stt: Arc<dyn SttProvider>,
     pub clock: Arc<dyn Clock>,
+    /// Where each session reports the worst tick lag of each of its seconds (admission control reads it).
+    pub tick_lag: Arc<load::TickLagWindow>,
 }
 
 /// One session's parameters, validated at connect.

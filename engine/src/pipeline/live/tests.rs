@@ -852,6 +852,7 @@ async fn a_record_the_meter_drops_is_not_counted_as_metered() {
         )),
         stt: Arc::new(crate::stt::none::NoneProvider),
         clock: clock.clone(),
+        tick_lag: Arc::new(super::load::TickLagWindow::new(Duration::from_millis(250))),
     });
     let record = |uid: &str| {
         super::ops::execute(

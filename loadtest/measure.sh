@@ -19,6 +19,9 @@
 # on a shared machine, builds above all, must not starve the measured processes), PERF=1 to record a CPU profile of the server with `perf record` (linux-perf)
 # during the run (the server's /metrics at the end always lands in $OUT/metrics.txt), SERVE_ARGS (extra `voicegate serve` arguments), VOICEGATE_STT (default none here, so figures
 # stay comparable with the runs before speech-to-text; set it to measure a provider).
+# SERVER_CPUS / HARNESS_CPUS: CPU lists (taskset -c) for the server and for the harness, e.g. SERVER_CPUS=1
+# HARNESS_CPUS=0 for the server on one core and the harness on the other; Redis runs on REDIS_CPUS (default
+# HARNESS_CPUS: in production it is another host's process, so it does not take the server's core).
 # A realtime run with --pace above 4 needs the server's intake limit raised, e.g.
 # VOICEGATE_LISTEN_MAX_PACE=10 loadtest/measure.sh realtime --pace 10 … (the environment reaches the server).
 set -euo pipefail
@@ -30,13 +33,14 @@ OUT=${OUT:-/tmp/voicegate-measure}
 mkdir -p "$OUT"
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 if [ "$(id -u)" = 0 ]; then NICE=${NICE:--10}; else NICE=${NICE:-0}; fi
-run() { nice -n "$NICE" "$@"; }
+pin() { local cpus=$1; shift; if [ -n "$cpus" ]; then taskset -c "$cpus" "$@"; else "$@"; fi; }
+run() { pin "${HARNESS_CPUS:-}" nice -n "$NICE" "$@"; }
 # With autogroup scheduling, niceness only orders threads within one session; between sessions the
 # autogroup's own nice decides. Raise ours too (root only), or a build in another session still takes
 # its equal share of the cores.
 if [ "$(id -u)" = 0 ] && [ -w "/proc/$$/autogroup" ]; then echo "$NICE" >"/proc/$$/autogroup" || true; fi
 
-nice -n "${REDIS_NICE:-$NICE}" redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
+pin "${REDIS_CPUS:-${HARNESS_CPUS:-}}" nice -n "${REDIS_NICE:-$NICE}" redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
   --pidfile "$OUT/redis.pid" --logfile "$OUT/redis.log" >/dev/null
 # A daemonized redis-server calls setsid(), so it lands in an autogroup of its own at nice 0: with the
 # cores saturated by the (nice −10) server and harness it got ~1/10 of their weight and its replies
@@ -64,7 +68,7 @@ trap cleanup EXIT
 redis_url="redis://127.0.0.1:$REDIS_PORT"
 [ "${STORE:-redis}" = memory ] && redis_url=""
 VOICEGATE_REDIS_URL="$redis_url" VOICEGATE_STT="${VOICEGATE_STT:-none}" RUST_LOG=${RUST_LOG:-warn} \
-  nice -n "$NICE" "$BIN/voicegate" serve --bind "127.0.0.1:$PORT" ${SERVE_ARGS:-} >"$OUT/server.log" 2>&1 &
+  pin "${SERVER_CPUS:-}" nice -n "$NICE" "$BIN/voicegate" serve --bind "127.0.0.1:$PORT" ${SERVE_ARGS:-} >"$OUT/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 100); do
   curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
@@ -135,6 +139,12 @@ streams=${streams:-0}
   awk -v c0="$cpu0" -v c1="$cpu1" -v t0="$t0" -v t1="$t1" -v tck="$tck" 'BEGIN {
     cpu = (c1 - c0) / tck; wall = t1 - t0;
     printf "server CPU:             %.1f s over %.1f s wall (%.2f cores)\n", cpu, wall, cpu / wall }'
+  # Server CPU per stream-second: over the audio the server acknowledged (ramp and close included).
+  acked=$(sed -n 's/.*"frames_acknowledged": \([0-9]*\).*/\1/p' "$OUT/report.json" | head -1)
+  if [ "${acked:-0}" -gt 0 ]; then
+    awk -v c0="$cpu0" -v c1="$cpu1" -v tck="$tck" -v f="$acked" 'BEGIN {
+      printf "CPU per stream-second:  %.3f ms (%.0f stream-seconds acknowledged)\n", (c1 - c0) / tck * 1000 / (f / 100), f / 100 }'
+  fi
   awk -v u="$h_user" -v s="$h_sys" -v m="$h_maxrss" -v t0="$t0" -v t1="$t1" 'BEGIN {
     printf "harness CPU:            %.1f s (%.2f cores), max RSS %d KiB\n", u + s, (u + s) / (t1 - t0), m }'
   # Everything else the machine ran meanwhile (other builds would distort the figures).

@@ -197,6 +197,13 @@ pub struct RealtimeArgs {
     /// transcribed too); nothing else may use the nodes' providers meanwhile.
     #[arg(long)]
     pub check_stt: bool,
+    /// Behave as the app does with a full node: an upgrade refused 503 (`at_capacity`, `draining`) is tried
+    /// again after its `Retry-After` (plus up to 19 % per-stream jitter; on the next node when there are
+    /// several), for at most this many seconds after the stream's first attempt. A stream admitted late
+    /// still sends all its audio; one never admitted is counted as refused (`streams_refused`), not as an
+    /// error, and the latency and accounting cover the admitted streams. Unset: a refusal is an error.
+    #[arg(long, value_name = "SECONDS")]
+    pub retry_refused: Option<f64>,
     /// Latency objective: the run fails (exit code 4) when the frame → event p99 is above this many
     /// milliseconds (the design target is 250). Unset: latency is reported, not judged.
     #[arg(long, value_parser = positive_ms)]

@@ -215,16 +215,16 @@ async fn read_more(conn: &mut TcpStream, buf: &mut Vec<u8>) -> Result<usize, Exc
 }
 
 #[derive(Debug, PartialEq, Eq)]
-struct Head {
-    status: u16,
-    content_length: usize,
-    keep_alive: bool,
-    retry_after_s: Option<u64>,
+pub(crate) struct Head {
+    pub(crate) status: u16,
+    pub(crate) content_length: usize,
+    pub(crate) keep_alive: bool,
+    pub(crate) retry_after_s: Option<u64>,
 }
 
 /// The status line and the headers this client needs. A chunked body is refused (the server answers
 /// with a length).
-fn parse_head(head: &[u8]) -> Result<Head, String> {
+pub(crate) fn parse_head(head: &[u8]) -> Result<Head, String> {
     let text = std::str::from_utf8(head).map_err(|_| "response_head_not_utf8".to_owned())?;
     let mut lines = text.split("\r\n");
     let status_line = lines.next().unwrap_or_default();

@@ -402,6 +402,9 @@ fn realtime_ctx(
         keepalive: Duration::from_secs_f64(args.keepalive.max(0.5)),
         close_timeout: Duration::from_secs_f64(args.close_timeout.max(1.0)),
         survive_node_loss,
+        retry_refused: args
+            .retry_refused
+            .map(|s| Duration::from_secs_f64(s.max(0.0))),
         live: live.clone(),
     }))
 }
@@ -480,6 +483,13 @@ fn realtime_report(
         r.frames_sent += o.frames_sent;
         r.events += o.events;
         r.reconnect_attempts += o.reconnect_attempts;
+        r.upgrade_refusals += o.refusals;
+        r.streams_refused += usize::from(o.refused);
+        r.streams_admitted_after_refusal += usize::from(o.refusals > 0 && o.setup_us.is_some());
+        for &after in &o.refusal_retry_after_s {
+            let (lo, hi) = r.refusal_retry_after_s.get_or_insert((after, after));
+            (*lo, *hi) = ((*lo).min(after), (*hi).max(after));
+        }
         r.transcript_messages += o.transcript_messages;
         r.transcript_segments += o.transcript_segments;
         for part in &o.sessions {

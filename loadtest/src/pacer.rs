@@ -36,6 +36,8 @@ pub struct RealtimeCtx {
     pub close_timeout: Duration,
     /// `--survive-node-loss`: a broken connection is replaced, the stream goes on.
     pub survive_node_loss: bool,
+    /// `--retry-refused`: how long after its first attempt a stream refused 503 keeps trying.
+    pub retry_refused: Option<Duration>,
     pub live: Arc<Live>,
 }
 

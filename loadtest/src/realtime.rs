@@ -62,6 +62,12 @@ pub struct StreamOutcome {
     pub sessions: Vec<SessionPart>,
     /// Connection attempts that failed and were tried again (`--survive-node-loss`).
     pub reconnect_attempts: u64,
+    /// Upgrades refused 503 and tried again after their `Retry-After` (`--retry-refused`).
+    pub refusals: u64,
+    /// The `Retry-After` of each of those refusals, s (absent: 0).
+    pub refusal_retry_after_s: Vec<u64>,
+    /// Never admitted within `--retry-refused` (not an error: the node shed it).
+    pub refused: bool,
     /// The current connection's metadata, moved into its [`SessionPart`] when the connection ends.
     last_metadata: Option<(Metadata, Instant)>,
     /// Connected, sent every frame, and got `metadata`.
@@ -253,6 +259,8 @@ async fn run_stream(
     if ctx.survive_node_loss {
         bound += SURVIVE_SLACK;
     }
+    // A stream admitted late (after refusals) still sends all its audio.
+    bound += ctx.retry_refused.unwrap_or_default();
     let header = match ctx.auth.header(&out.user) {
         Ok(h) => h,
         Err(kind) => {
@@ -271,12 +279,32 @@ async fn run_stream(
             .get((index + attempt) % ctx.targets.len().max(1))
         {
             Some(target) => wsframe::connect(target, &header, CONNECT_TIMEOUT).await,
-            None => Err("no_node".to_owned()),
+            None => Err(wsframe::ConnectError::from("no_node".to_owned())),
         };
         attempt += 1;
         let (stream, leftover) = match connected {
             Ok(c) => c,
-            Err(kind) => {
+            Err(e) => {
+                if let (Some(window), Some(refusal), true) =
+                    (ctx.retry_refused, &e.refusal, out.sessions.is_empty())
+                    && refusal.status == 503
+                {
+                    // As the app does with a full node: wait what the node asked (with a per-stream
+                    // jitter of up to 19 %, so the refused do not come back in one wave), then try
+                    // again, on the next node when there are several.
+                    out.refusals += 1;
+                    let after = refusal.retry_after_s.unwrap_or(0);
+                    out.refusal_retry_after_s.push(after);
+                    let wait = Duration::from_secs(after.max(1))
+                        .mul_f64(1.0 + (index % 20) as f64 / 100.0);
+                    if Instant::now() + wait < started + window {
+                        tokio::time::sleep(wait).await;
+                        continue;
+                    }
+                    out.refused = true;
+                    break;
+                }
+                let kind = e.kind;
                 if ctx.survive_node_loss && Instant::now() + backoff < bound {
                     out.reconnect_attempts += 1;
                     tokio::time::sleep(backoff).await;

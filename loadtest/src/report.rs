@@ -62,6 +62,12 @@ pub struct RealtimeReport {
     pub sessions_broken: usize,
     pub frames_in_broken_sessions: u64,
     pub reconnect_attempts: u64,
+    /// `--retry-refused`: streams the nodes never admitted in that time, streams admitted after at least
+    /// one refusal, the 503 refusals of upgrades in all, and the `Retry-After` range they carried (s).
+    pub streams_refused: usize,
+    pub streams_admitted_after_refusal: usize,
+    pub upgrade_refusals: u64,
+    pub refusal_retry_after_s: Option<(u64, u64)>,
     pub events: u64,
     /// Transcript messages (segment arrays, with a speech-to-text provider) and the segments in them.
     pub transcript_messages: u64,
@@ -272,6 +278,14 @@ impl Report {
                     o,
                     "  transcript messages {}  segments {}",
                     r.transcript_messages, r.transcript_segments
+                );
+            }
+            if r.upgrade_refusals > 0 {
+                let (lo, hi) = r.refusal_retry_after_s.unwrap_or_default();
+                let _ = writeln!(
+                    o,
+                    "  refused 503: {} answers (Retry-After {lo}–{hi} s); streams never admitted {}, admitted after a refusal {}",
+                    r.upgrade_refusals, r.streams_refused, r.streams_admitted_after_refusal
                 );
             }
             if r.sessions_broken > 0 || r.reconnect_attempts > 0 {

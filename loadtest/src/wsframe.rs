@@ -53,13 +53,42 @@ impl Target {
     }
 }
 
+/// Largest refusal body read (the server's JSON errors are a few hundred bytes).
+const MAX_REFUSAL_BODY: usize = 4096;
+
+/// An upgrade the server answered with an HTTP error: what a client needs to decide whether to retry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    /// The JSON body's `code`, when it has one.
+    pub code: Option<String>,
+    pub retry_after_s: Option<u64>,
+}
+
+/// Why a connection did not become a websocket: an error kind for the report (`connect_io_*`,
+/// `upgrade_http_<status>[_<code>]`, …), and the server's answer when it refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectError {
+    pub kind: String,
+    pub refusal: Option<Refusal>,
+}
+
+impl From<String> for ConnectError {
+    fn from(kind: String) -> Self {
+        ConnectError {
+            kind,
+            refusal: None,
+        }
+    }
+}
+
 /// Connects and upgrades. Returns the stream and any bytes read past the response head (the server's
-/// first frames), or an error kind for the report (`connect_io_*`, `upgrade_http_<status>`, …).
+/// first frames), or why not.
 pub async fn connect(
     target: &Target,
     authorization: &str,
     timeout: Duration,
-) -> Result<(TcpStream, Vec<u8>), String> {
+) -> Result<(TcpStream, Vec<u8>), ConnectError> {
     let attempt = async {
         let mut s = TcpStream::connect(&target.authority)
             .await
@@ -81,7 +110,7 @@ pub async fn connect(
                 break i + 4;
             }
             if buf.len() > MAX_HEAD {
-                return Err("upgrade_head_too_large".to_owned());
+                return Err("upgrade_head_too_large".to_owned().into());
             }
             let mut chunk = [0u8; 1024];
             let n = s
@@ -89,7 +118,7 @@ pub async fn connect(
                 .await
                 .map_err(|e| format!("connect_io_{:?}", e.kind()).to_lowercase())?;
             if n == 0 {
-                return Err("upgrade_eof".to_owned());
+                return Err("upgrade_eof".to_owned().into());
             }
             buf.extend_from_slice(&chunk[..n]);
         };
@@ -100,7 +129,7 @@ pub async fn connect(
             .and_then(|s| s.parse().ok())
             .unwrap_or(0);
         if status != 101 {
-            return Err(format!("upgrade_http_{status}"));
+            return Err(refused(&mut s, buf, end).await);
         }
         let accept = derive_accept_key(key.as_bytes());
         let accepted = head.lines().any(|l| {
@@ -109,13 +138,45 @@ pub async fn connect(
             })
         });
         if !accepted {
-            return Err("upgrade_bad_accept".to_owned());
+            return Err("upgrade_bad_accept".to_owned().into());
         }
         Ok((s, buf.split_off(end)))
     };
     tokio::time::timeout(timeout, attempt)
         .await
-        .unwrap_or_else(|_| Err("connect_timeout".to_owned()))
+        .unwrap_or_else(|_| Err("connect_timeout".to_owned().into()))
+}
+
+/// Reads a refused upgrade's body (`Content-Length`, at most [`MAX_REFUSAL_BODY`]) for its `code`, and its
+/// `Retry-After`.
+async fn refused(s: &mut TcpStream, mut buf: Vec<u8>, end: usize) -> ConnectError {
+    let head = match crate::http1::parse_head(&buf[..end]) {
+        Ok(h) => h,
+        Err(kind) => return kind.into(),
+    };
+    let want = end + head.content_length.min(MAX_REFUSAL_BODY);
+    while buf.len() < want {
+        let mut chunk = [0u8; 1024];
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    let code = serde_json::from_slice::<serde_json::Value>(&buf[end..want.min(buf.len())])
+        .ok()
+        .and_then(|body| body["code"].as_str().map(str::to_owned));
+    let kind = match &code {
+        Some(code) => format!("upgrade_http_{}_{code}", head.status),
+        None => format!("upgrade_http_{}", head.status),
+    };
+    ConnectError {
+        kind,
+        refusal: Some(Refusal {
+            status: head.status,
+            code,
+            retry_after_s: head.retry_after_s,
+        }),
+    }
 }
 
 /// Appends one client frame (final, masked with `mask`) to `out`.

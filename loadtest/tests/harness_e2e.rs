@@ -175,6 +175,59 @@ fn a_refused_upgrade_is_an_error_kind_and_a_failing_exit_code() {
 }
 
 #[test]
+fn with_retry_refused_a_full_node_sheds_streams_that_come_back_after_retry_after_or_count_as_refused()
+ {
+    // A node that holds 2 sessions; 4 streams of 2 s start at once.
+    let url = start_with(ServeConfig {
+        bind: "127.0.0.1:0".into(),
+        ws_max_sessions: 2,
+        ..ServeConfig::default()
+    });
+    let run = |window: &str| {
+        harness(
+            &url,
+            &[
+                "realtime",
+                "--streams",
+                "4",
+                "--duration",
+                "2",
+                "--retry-refused",
+                window,
+            ],
+        )
+    };
+    // Retrying for 30 s: the 2 refused come back after Retry-After (5 s), when the first 2 have ended, and
+    // every stream is held and metered exactly.
+    let (code, r) = run("30");
+    assert_eq!(code, 0, "{r:#}");
+    let rt = &r["realtime"];
+    assert_eq!(rt["streams_held"], 4, "{rt:#}");
+    assert_eq!(rt["streams_refused"], 0, "{rt:#}");
+    assert_eq!(rt["streams_admitted_after_refusal"], 2, "{rt:#}");
+    assert!(rt["upgrade_refusals"].as_u64().unwrap_or(0) >= 2, "{rt:#}");
+    assert_eq!(
+        rt["refusal_retry_after_s"],
+        serde_json::json!([5, 5]),
+        "{rt:#}"
+    );
+    assert_eq!(r["accounting"]["passed"], true, "{r:#}");
+    // Retrying for 3 s, less than the node's Retry-After: the 2 refused are never admitted. They are
+    // counted as refused, not as errors, and the run of the 2 admitted passes.
+    let (code, r) = run("3");
+    assert_eq!(code, 0, "{r:#}");
+    let rt = &r["realtime"];
+    assert_eq!(rt["streams_held"], 2, "{rt:#}");
+    assert_eq!(rt["streams_refused"], 2, "{rt:#}");
+    assert_eq!(r["errors"], serde_json::json!({}), "{r:#}");
+    assert_eq!(r["accounting"]["passed"], true, "{r:#}");
+    // Without --retry-refused a refusal is an error, named by its status and code.
+    let (code, r) = harness(&url, &["realtime", "--streams", "4", "--duration", "2"]);
+    assert_eq!(code, 2, "{r:#}");
+    assert_eq!(r["errors"]["upgrade_http_503_at_capacity"], 2, "{r:#}");
+}
+
+#[test]
 fn a_missed_latency_objective_fails_the_run_with_exit_code_4() {
     let url = start_server();
     // No event arrives within 1 µs of its frame (the server ticks every 50 ms): the objective is missed,

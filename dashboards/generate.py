@@ -128,6 +128,10 @@ def streams():
                 q("max by (instance) (voicegate_listen_late_session_seconds_ratio)", "late {{instance}}"),
             ], unit="percentunit", desc="The process's share of its cores, and the share of session-seconds whose tick ran later than "
                                         "VOICEGATE_ADMISSION_LAG_MS; above VOICEGATE_ADMISSION_LATE_PERCENT new sessions are refused (reason tick_lag)."),
+            panel("Admission: cores the node can have", [
+                q("max by (instance) (voicegate_node_cpu_available_cores)", "{{instance}}"),
+            ], desc="The cores available to the process, bounded by what it used plus what its CPUs left idle: below the node's cores, "
+                    "a neighbour (another process, the kernel) takes the rest. The CPU rule's capacity is VOICEGATE_ADMISSION_CPU_PERCENT of this."),
             panel("Sessions refused / closed", [
                 q(f"sum by (reason) (rate(voicegate_listen_sessions_refused_total[{R}])) or on() vector(0)", "refused {{reason}}"),
                 q(f"sum by (reason) (rate(voicegate_listen_sessions_closed_total[{R}])) or on() vector(0)", "closed {{reason}}"),

@@ -187,6 +187,10 @@ pub const LISTEN_TICK_LAG_SECONDS: &str = "voicegate_listen_tick_lag_seconds";
 pub const LISTEN_CAPACITY_SESSIONS: &str = "voicegate_listen_capacity_sessions";
 /// Gauge: the process's CPU time over the admission window divided by the cores available to it (0–1).
 pub const NODE_CPU_UTILISATION_RATIO: &str = "voicegate_node_cpu_utilisation_ratio";
+/// Gauge: the cores the process could have over the admission window: those available to it (affinity mask,
+/// cgroup quota), but no more than it used plus what its CPUs left idle (below the cores: a neighbour on
+/// them took the rest). The CPU rule's capacity is `VOICEGATE_ADMISSION_CPU_PERCENT` of this.
+pub const NODE_CPU_AVAILABLE_CORES: &str = "voicegate_node_cpu_available_cores";
 /// Gauge: the share of the admission window's listen session-seconds whose worst tick ran later than
 /// `VOICEGATE_ADMISSION_LAG_MS` (0–1). Above `VOICEGATE_ADMISSION_LATE_PERCENT` new sessions are refused.
 pub const LISTEN_LATE_SESSION_SECONDS_RATIO: &str = "voicegate_listen_late_session_seconds_ratio";

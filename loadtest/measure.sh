@@ -19,6 +19,9 @@
 # on a shared machine, builds above all, must not starve the measured processes), PERF=1 to record a CPU profile of the server with `perf record` (linux-perf)
 # during the run (the server's /metrics at the end always lands in $OUT/metrics.txt), SERVE_ARGS (extra `voicegate serve` arguments), VOICEGATE_STT (default none here, so figures
 # stay comparable with the runs before speech-to-text; set it to measure a provider).
+# The server runs with admission control on (its defaults): past the capacity it measures it refuses new
+# sessions 503 at_capacity, which the harness counts as errors unless it runs with --retry-refused S. To find
+# where the node breaks without it: SERVE_ARGS="--admission-cpu-percent 0 --admission-late-percent 0".
 # SERVER_CPUS / HARNESS_CPUS: CPU lists (taskset -c) for the server and for the harness, e.g. SERVER_CPUS=1
 # HARNESS_CPUS=0 for the server on one core and the harness on the other; Redis runs on REDIS_CPUS (default
 # HARNESS_CPUS: in production it is another host's process, so it does not take the server's core).

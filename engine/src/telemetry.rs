@@ -240,6 +240,9 @@ pub const STT_FORWARDED_SAMPLES_TOTAL: &str = "voicegate_stt_forwarded_samples_t
 /// last read or added it; only while `VOICEGATE_STT_DAILY_SPEND_CEILING_SECONDS` is on. At the ceiling, paid
 /// transcription is closed (`spend_ceiling`) until midnight.
 pub const STT_SPEND_TODAY_SECONDS: &str = "voicegate_stt_spend_today_seconds";
+/// Gauge: `VOICEGATE_STT_DAILY_SPEND_CEILING_SECONDS`, exported only while it is on (alerts compare
+/// `voicegate_stt_spend_today_seconds` with it).
+pub const STT_SPEND_CEILING_SECONDS: &str = "voicegate_stt_spend_ceiling_seconds";
 /// Counter, label `provider`: 16 kHz samples offered to the speech gate of a provider: all the decoded audio
 /// of live sessions whose STT stream is open (speech or not, counted as the session decodes it), plus the
 /// decoded spans of sync uploads handed to the provider. What would have been sent without the gate:

@@ -221,6 +221,12 @@ impl FairUse {
             clock: Arc::clone(&parts.clock),
         };
         let supervisor = CapSupervisor::new(&cfg, deps).start();
+        if cfg.stt_spend_ceiling_ms > 0 {
+            // Exported once, so an alert can compare today's spend with it.
+            #[allow(clippy::cast_precision_loss)] // a gauge
+            metrics::gauge!(telemetry::STT_SPEND_CEILING_SECONDS)
+                .set(cfg.stt_spend_ceiling_ms as f64 / 1000.0);
+        }
         FairUse {
             cfg,
             meter,

@@ -41,7 +41,8 @@ if ips and base is not None:
         names[ip] = f"{fn} @ {loc.rsplit(':', 1)[0]}"
 RULES = [
     ("VAD (Silero: gemm, LSTM, conv, activations)",
-     r"audio/(gemm|silero_net|vad)\.rs|gemm::|SileroNet|silero|^block<|_mm512|_mm256|^__(expm1f|tanhf|expf|expf_fma|ieee754_expf?|exp_fma)\b|tract"),
+     # ndarray: only tract uses it in this binary (Cargo.lock), for the shapes and strides of every call.
+     r"audio/(gemm|silero_net|vad)\.rs|gemm::|SileroNet|silero|^block<|_mm512|_mm256|^__(expm1f|tanhf|expf|expf_fma|ieee754_expf?|exp_fma)\b|tract|ndarray"),
     ("decode (libopus)",
      r"\.c$|^(silk_|celt_|opus_|quant_|ec_|clt_|kf_|deemphasis|comb_filter|unquant|tf_decode|alg_unquant|exp_rotation"
      r"|denormalise|anti_collapse|renormalise|spreading|decode_|haar1|interp_bits|compute_allocation|op_pvq|cwrsi"

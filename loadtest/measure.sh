@@ -41,13 +41,14 @@ server_pin=(); harness_pin=(); redis_pin=()
 [ -n "${SERVER_CPUS:-}" ] && server_pin=(taskset -c "$SERVER_CPUS")
 [ -n "${HARNESS_CPUS:-}" ] && harness_pin=(taskset -c "$HARNESS_CPUS")
 [ -n "${REDIS_CPUS:-${HARNESS_CPUS:-}}" ] && redis_pin=(taskset -c "${REDIS_CPUS:-$HARNESS_CPUS}")
-run() { "${harness_pin[@]}" nice -n "$NICE" "$@"; }
+# `${a[@]+"${a[@]}"}`: an empty array expands to nothing under `set -u` on any bash.
+run() { ${harness_pin[@]+"${harness_pin[@]}"} nice -n "$NICE" "$@"; }
 # With autogroup scheduling, niceness only orders threads within one session; between sessions the
 # autogroup's own nice decides. Raise ours too (root only), or a build in another session still takes
 # its equal share of the cores.
 if [ "$(id -u)" = 0 ] && [ -w "/proc/$$/autogroup" ]; then echo "$NICE" >"/proc/$$/autogroup" || true; fi
 
-"${redis_pin[@]}" nice -n "${REDIS_NICE:-$NICE}" redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
+${redis_pin[@]+"${redis_pin[@]}"} nice -n "${REDIS_NICE:-$NICE}" redis-server --port "$REDIS_PORT" --save '' --appendonly no --daemonize yes \
   --pidfile "$OUT/redis.pid" --logfile "$OUT/redis.log" >/dev/null
 # A daemonized redis-server calls setsid(), so it lands in an autogroup of its own at nice 0: with the
 # cores saturated by the (nice −10) server and harness it got ~1/10 of their weight and its replies
@@ -75,7 +76,7 @@ trap cleanup EXIT
 redis_url="redis://127.0.0.1:$REDIS_PORT"
 [ "${STORE:-redis}" = memory ] && redis_url=""
 VOICEGATE_REDIS_URL="$redis_url" VOICEGATE_STT="${VOICEGATE_STT:-none}" RUST_LOG=${RUST_LOG:-warn} \
-  "${server_pin[@]}" nice -n "$NICE" "$BIN/voicegate" serve --bind "127.0.0.1:$PORT" ${SERVE_ARGS:-} >"$OUT/server.log" 2>&1 &
+  ${server_pin[@]+"${server_pin[@]}"} nice -n "$NICE" "$BIN/voicegate" serve --bind "127.0.0.1:$PORT" ${SERVE_ARGS:-} >"$OUT/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 100); do
   curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break

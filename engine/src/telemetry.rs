@@ -243,6 +243,10 @@ pub const STT_SPEND_TODAY_SECONDS: &str = "voicegate_stt_spend_today_seconds";
 /// Gauge: `VOICEGATE_STT_DAILY_SPEND_CEILING_SECONDS`, exported only while it is on (alerts compare
 /// `voicegate_stt_spend_today_seconds` with it).
 pub const STT_SPEND_CEILING_SECONDS: &str = "voicegate_stt_spend_ceiling_seconds";
+/// Gauge: the UTC day (days since 1970-01-01) `voicegate_stt_spend_today_seconds` counts: a node that has not
+/// read the spend since midnight still shows yesterday's, so alerts keep only the nodes whose day is today
+/// (`voicegate_stt_spend_day * 86400 + 86400 > time()`).
+pub const STT_SPEND_DAY: &str = "voicegate_stt_spend_day";
 /// Counter, label `provider`: 16 kHz samples offered to the speech gate of a provider: all the decoded audio
 /// of live sessions whose STT stream is open (speech or not, counted as the session decodes it), plus the
 /// decoded spans of sync uploads handed to the provider. What would have been sent without the gate:

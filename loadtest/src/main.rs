@@ -282,7 +282,12 @@ async fn run(cli: Cli) -> Result<ExitCode, String> {
         && report
             .realtime
             .as_ref()
-            .is_none_or(|r| r.frames_lost == 0 && r.frames_dropped == 0);
+            // A run whose every stream was shed measured nothing.
+            .is_none_or(|r| {
+                r.frames_lost == 0
+                    && r.frames_dropped == 0
+                    && (r.streams == 0 || r.streams_connected > 0)
+            });
     if !common.no_check {
         if !hidden {
             eprintln!("accounting check: status API and offline pipeline…");

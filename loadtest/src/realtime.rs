@@ -274,6 +274,7 @@ async fn run_stream(
     let mut attempt = 0usize;
     let mut backoff = RECONNECT_FIRST;
     loop {
+        let attempt_started = Instant::now();
         let connected = match ctx
             .targets
             .get((index + attempt) % ctx.targets.len().max(1))
@@ -317,7 +318,8 @@ async fn run_stream(
         };
         backoff = RECONNECT_FIRST;
         if out.setup_us.is_none() {
-            out.setup_us = Some(started.elapsed().as_micros() as u64);
+            // The attempt that was admitted (waits after refusals are not setup time).
+            out.setup_us = Some(attempt_started.elapsed().as_micros() as u64);
         }
         ctx.live.stream_opened();
         let (read, write) = stream.into_split();

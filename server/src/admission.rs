@@ -37,6 +37,10 @@ use voicegate_engine::telemetry as t;
 /// How often the measurements are taken and the decision renewed.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(1);
 
+/// Late session-seconds the window must hold before the tick-lag rule refuses, whatever the share: one or
+/// two slow seconds of a lightly loaded node (a page fault, a neighbour's burst) are not overload.
+pub const MIN_LATE_SESSION_SECONDS: u64 = 3;
+
 /// The checked settings (`crate::config::AdmissionArgs`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct AdmissionConfig {
@@ -162,15 +166,15 @@ impl LoadGate {
             .and_then(|s| allowed_cpus(&s));
         loop {
             tick.tick().await;
-            let idle = mask.as_ref().and_then(|mask| {
+            let times = mask.as_ref().and_then(|mask| {
                 std::fs::read_to_string("/proc/stat")
                     .ok()
-                    .and_then(|stat| idle_time(&stat, mask))
+                    .and_then(|stat| cpu_times(&stat, mask))
             });
             cpu.push(CpuSample {
                 at: Instant::now(),
                 cpu: process_cpu_time(),
-                idle,
+                times,
                 active: active(),
             });
             self.update(&cpu);
@@ -191,7 +195,9 @@ impl LoadGate {
         let lag = self.tick_lag.read(self.cfg.window_secs);
         let ratio = lag.late_ratio();
         let lagging = self.cfg.late_limit.is_some_and(|limit| {
-            lag.session_seconds >= self.cfg.min_sessions as u64 && ratio > limit
+            lag.session_seconds >= self.cfg.min_sessions as u64
+                && lag.late >= MIN_LATE_SESSION_SECONDS
+                && ratio > limit
         });
         self.late_ratio.store(ratio.to_bits(), Ordering::Release);
         self.lagging.store(lagging, Ordering::Release);
@@ -254,39 +260,58 @@ fn allowed_cpus(status: &str) -> Option<Vec<usize>> {
 /// `/proc/stat`'s time unit (`USER_HZ`, fixed at 100 in Linux's user-space ABI).
 const USER_HZ: u64 = 100;
 
-/// The idle time (idle + iowait) so far of the CPUs in `mask`, from `/proc/stat`; `None` when a CPU of the
-/// mask has no line (the file is not what this expects).
-fn idle_time(stat: &str, mask: &[usize]) -> Option<Duration> {
-    let mut ticks = 0u64;
-    let mut seen = 0usize;
+/// The time so far of the CPUs of a mask, from `/proc/stat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CpuTimes {
+    /// Idle and waiting for I/O.
+    idle: Duration,
+    /// Everything (user, nice, system, idle, iowait, irq, softirq, steal): advances by the wall time per
+    /// CPU on a kernel that counts (a sandbox that writes zeros does not).
+    total: Duration,
+    cpus: usize,
+}
+
+/// The times so far of the CPUs in `mask`, from `/proc/stat`; `None` when a CPU of the mask has no line
+/// (offline, or the file is not what this expects).
+fn cpu_times(stat: &str, mask: &[usize]) -> Option<CpuTimes> {
+    let (mut idle, mut total, mut seen) = (0u64, 0u64, 0usize);
     for line in stat.lines() {
+        // `cpuN …` lines only, not the aggregate `cpu  …` line.
         let Some(rest) = line.strip_prefix("cpu") else {
             continue;
         };
+        if !rest.starts_with(|c: char| c.is_ascii_digit()) {
+            continue;
+        }
         let mut fields = rest.split_whitespace();
         let Some(Ok(cpu)) = fields.next().map(str::parse::<usize>) else {
-            continue; // the aggregate `cpu ` line
+            continue;
         };
         if !mask.contains(&cpu) {
             continue;
         }
-        // user nice system idle iowait …
-        let values: Vec<u64> = fields.take(5).map_while(|f| f.parse().ok()).collect();
-        let [_, _, _, idle, iowait] = values[..] else {
+        let values: Vec<u64> = fields.take(8).map_while(|f| f.parse().ok()).collect();
+        let [_, _, _, i, w, ..] = values[..] else {
             return None;
         };
-        ticks += idle + iowait;
+        idle += i + w;
+        total += values.iter().sum::<u64>();
         seen += 1;
     }
-    (seen == mask.len()).then(|| Duration::from_millis(ticks * 1_000 / USER_HZ))
+    let ms = |ticks: u64| Duration::from_millis(ticks.saturating_mul(1_000) / USER_HZ);
+    (seen == mask.len() && seen > 0).then(|| CpuTimes {
+        idle: ms(idle),
+        total: ms(total),
+        cpus: seen,
+    })
 }
 
 #[derive(Debug, Clone, Copy)]
 struct CpuSample {
     at: Instant,
     cpu: Duration,
-    /// Idle time so far of the CPUs this process may run on (`None`: not known here).
-    idle: Option<Duration>,
+    /// The times so far of the CPUs this process may run on (`None`: not known here).
+    times: Option<CpuTimes>,
     active: usize,
 }
 
@@ -339,8 +364,16 @@ impl CpuWindow {
             return None;
         }
         let cpu = last.cpu.saturating_sub(first.cpu).as_secs_f64();
-        let idle = match (first.idle, last.idle) {
-            (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64() / wall),
+        // The idle bound only when the CPUs' clocks advanced as wall clocks do (±25 %): a sandbox that
+        // writes zeros would otherwise read as no idle at all, and the capacity as the sessions open now.
+        let idle = match (first.times, last.times) {
+            (Some(a), Some(b)) if a.cpus == b.cpus => {
+                let counted =
+                    b.total.saturating_sub(a.total).as_secs_f64() / (wall * b.cpus as f64);
+                (0.75..=1.25)
+                    .contains(&counted)
+                    .then(|| b.idle.saturating_sub(a.idle).as_secs_f64() / wall)
+            }
             _ => None,
         };
         // Each interval's sessions: the mean of its two ends.
@@ -379,7 +412,7 @@ mod tests {
             w.push(CpuSample {
                 at: t0 + Duration::from_secs(i as u64),
                 cpu: Duration::from_secs_f64(i as f64 * active as f64 * per_session),
-                idle: None,
+                times: None,
                 active,
             });
         }
@@ -409,7 +442,12 @@ mod tests {
             w.push(CpuSample {
                 at: t0 + Duration::from_secs(i as u64),
                 cpu: Duration::from_millis(500 * i as u64),
-                idle: Some(Duration::from_millis(250 * i as u64)),
+                // Two CPUs whose clocks advance 2 s a second, 0.25 s of it idle.
+                times: Some(CpuTimes {
+                    idle: Duration::from_millis(250 * i as u64),
+                    total: Duration::from_secs(2 * i as u64),
+                    cpus: 2,
+                }),
                 active,
             });
         }
@@ -418,6 +456,21 @@ mod tests {
         assert_eq!(u.sessions, 10.0);
         assert!((u.cores_used - 0.5).abs() < 1e-9);
         assert_eq!(u.cores_idle, Some(0.25));
+        // Clocks that do not advance (a sandbox writing zeros): no idle bound rather than a wrong one.
+        let mut frozen = CpuWindow::new(2);
+        for i in 0..3u64 {
+            frozen.push(CpuSample {
+                at: t0 + Duration::from_secs(i),
+                cpu: Duration::from_millis(500 * i),
+                times: Some(CpuTimes {
+                    idle: Duration::ZERO,
+                    total: Duration::ZERO,
+                    cpus: 2,
+                }),
+                active: 30,
+            });
+        }
+        assert_eq!(frozen.usage().map(|u| u.cores_idle), Some(None));
     }
 
     #[test]
@@ -456,7 +509,7 @@ mod tests {
     #[test]
     fn late_session_seconds_past_the_limit_refuse_everyone_until_they_drop() {
         let gate = LoadGate::new(cfg());
-        // 97 on time and 3 late: 3 % > 2 %.
+        // 97 on time and 3 late: 3 % > 2 %, and the 3 late ones the rule needs.
         for lag_ms in std::iter::repeat_n(10, 97).chain([300, 400, 2_000]) {
             gate.tick_lag.record(Duration::from_millis(lag_ms));
         }
@@ -478,10 +531,17 @@ mod tests {
     }
 
     #[test]
-    fn too_few_session_seconds_never_refuse_for_lag() {
+    fn too_few_session_seconds_or_too_few_late_ones_never_refuse_for_lag() {
         let gate = LoadGate::new(cfg());
         for _ in 0..19 {
             gate.tick_lag.record(Duration::from_secs(3));
+        }
+        gate.update(&CpuWindow::new(10));
+        assert_eq!(gate.check(0), Ok(()));
+        // 2 late of 40 (5 %): one hiccup on a quiet node.
+        let gate = LoadGate::new(cfg());
+        for lag_ms in std::iter::repeat_n(10, 38).chain([900, 900]) {
+            gate.tick_lag.record(Duration::from_millis(lag_ms));
         }
         gate.update(&CpuWindow::new(10));
         assert_eq!(gate.check(0), Ok(()));
@@ -521,18 +581,26 @@ mod tests {
         assert_eq!(allowed_cpus("Cpus_allowed_list:\t3\n"), Some(vec![3]));
         assert_eq!(allowed_cpus("Cpus_allowed_list:\t5-2\n"), None);
         assert_eq!(allowed_cpus("Name:\tx\n"), None);
-        let stat = "cpu  10 0 10 900 100 0 0 0 0 0\n\
+        // The aggregate line's first number (1) must not be read as CPU 1.
+        let stat = "cpu  1 0 10 900 100 0 0 0 0 0\n\
                     cpu0 1 0 1 100 10 0 0 0 0 0\n\
-                    cpu1 2 0 2 200 20 0 0 0 0 0\n\
+                    cpu1 2 0 2 200 20 1 1 1 0 0\n\
                     cpu4 3 0 3 300 30 0 0 0 0 0\n\
                     intr 1 2 3\n";
-        // cpu1 and cpu4: (200 + 20) + (300 + 30) ticks of 10 ms.
-        assert_eq!(idle_time(stat, &[1, 4]), Some(Duration::from_millis(5_500)));
+        // cpu1 and cpu4: idle (200 + 20) + (300 + 30) ticks of 10 ms; total 227 + 336.
+        assert_eq!(
+            cpu_times(stat, &[1, 4]),
+            Some(CpuTimes {
+                idle: Duration::from_millis(5_500),
+                total: Duration::from_millis(5_630),
+                cpus: 2
+            })
+        );
         // A CPU of the mask without a line: unknown.
-        assert_eq!(idle_time(stat, &[1, 7]), None);
+        assert_eq!(cpu_times(stat, &[1, 7]), None);
         // This machine's own files parse.
         let mask = allowed_cpus(&std::fs::read_to_string("/proc/self/status").unwrap()).unwrap();
-        assert!(idle_time(&std::fs::read_to_string("/proc/stat").unwrap(), &mask).is_some());
+        assert!(cpu_times(&std::fs::read_to_string("/proc/stat").unwrap(), &mask).is_some());
     }
 
     #[test]

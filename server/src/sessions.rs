@@ -185,18 +185,19 @@ impl SessionRegistry {
         if *this.closing.borrow() {
             return refused("draining", SessionRefused::Draining);
         }
-        // Checked before the slot is taken, so a burst may pass the limit by the few connects in flight;
-        // it bounds memory and sockets, not an exact count.
-        let active = this.active.load(Ordering::Acquire);
-        if active >= this.total_limit {
-            return refused(
-                "at_capacity",
-                SessionRefused::AtCapacity {
-                    limit: this.total_limit,
-                },
-            );
-        }
+        // The node's slot is taken in one step (a burst of connects cannot pass the limit), and given
+        // back when a later check refuses.
+        let total = this.total_limit;
+        let Ok(active) = this
+            .active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < total).then_some(n + 1)
+            })
+        else {
+            return refused("at_capacity", SessionRefused::AtCapacity { limit: total });
+        };
         if let Some(Err(overload)) = this.load.as_ref().map(|gate| gate.check(active)) {
+            self.unreserve();
             return refused(overload.reason(), SessionRefused::Overloaded(overload));
         }
         {
@@ -207,6 +208,8 @@ impl SessionRegistry {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             let count = map.entry(uid.to_owned()).or_insert(0);
             if *count >= this.per_user_limit {
+                drop(map);
+                self.unreserve();
                 return refused(
                     "per_user_limit",
                     SessionRefused::PerUserLimit {
@@ -216,7 +219,6 @@ impl SessionRegistry {
             }
             *count += 1;
         }
-        this.active.fetch_add(1, Ordering::AcqRel);
         // Incremented, not set from the count: two threads setting it could leave the older value.
         metrics::gauge!(LISTEN_SESSIONS_ACTIVE).increment(1.0);
         Ok(SessionGuard {
@@ -260,6 +262,13 @@ impl SessionRegistry {
         };
         let _ = tokio::time::timeout(timeout, wait).await;
         self.active()
+    }
+
+    /// Gives back a node slot taken by [`open_here`](Self::open_here) for a session it then refused.
+    fn unreserve(&self) {
+        if self.inner.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.inner.all_closed.notify_waiters();
+        }
     }
 
     fn release(&self, uid: &str) {

@@ -356,7 +356,7 @@ impl FairUse {
         let store = self.ledger.store();
         if paid && self.cfg.stt_spend_ceiling_ms > 0 {
             match store.add_spend_ms(day, ms).await {
-                Ok(total) => self.spend_seen(total),
+                Ok(total) => self.spend_seen(day, total),
                 Err(e) => {
                     tracing::warn!(message = "Counting paid speech-to-text toward the spend ceiling failed.", uid, error = %e)
                 }
@@ -366,9 +366,13 @@ impl FairUse {
     }
 
     /// Today's spend as last seen: the gauge, and a warning the first time it is at the ceiling.
-    fn spend_seen(&self, total_ms: u64) {
-        #[allow(clippy::cast_precision_loss)] // a gauge
-        metrics::gauge!(telemetry::STT_SPEND_TODAY_SECONDS).set(total_ms as f64 / 1000.0);
+    fn spend_seen(&self, day: u64, total_ms: u64) {
+        #[allow(clippy::cast_precision_loss)] // gauges
+        {
+            metrics::gauge!(telemetry::STT_SPEND_TODAY_SECONDS).set(total_ms as f64 / 1000.0);
+            // Which day that was: a node without paid traffic since midnight still shows yesterday's.
+            metrics::gauge!(telemetry::STT_SPEND_DAY).set(day as f64);
+        }
         let ceiling = self.cfg.stt_spend_ceiling_ms;
         if total_ms >= ceiling && !self.spend_tripped.swap(true, Ordering::Relaxed) {
             tracing::warn!(
@@ -459,7 +463,7 @@ impl FairUse {
         let spend_tripped = if self.cfg.stt_spend_ceiling_ms > 0 {
             match self.ledger.store().spend_ms(day).await {
                 Ok(total) => {
-                    self.spend_seen(total);
+                    self.spend_seen(day, total);
                     total >= self.cfg.stt_spend_ceiling_ms
                 }
                 Err(e) => {

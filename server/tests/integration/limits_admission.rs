@@ -20,11 +20,13 @@ use voicegate_server::config::AdmissionArgs;
 /// Longest wait for the node to start refusing (its decision is renewed every second).
 const REFUSAL_LIMIT: Duration = Duration::from_secs(20);
 
-/// Asks for new sessions (each admitted one is closed at once) until one is refused; returns the refusal.
+/// Asks for new sessions (each admitted one is closed at once; a new user each time, so the per-user limit
+/// never answers first) until one is refused; returns the refusal.
 async fn first_refusal(server: &EngineServer, uid: &str) -> Reply {
     let deadline = Instant::now() + REFUSAL_LIMIT;
-    loop {
-        match connect_or_refusal(server.addr, Some(uid), "codec=opus").await {
+    for n in 0.. {
+        let uid = format!("{uid}-{n}");
+        match connect_or_refusal(server.addr, Some(&uid), "codec=opus").await {
             Err(refusal) => return refusal,
             Ok(ws) => drop(ws),
         }
@@ -34,6 +36,43 @@ async fn first_refusal(server: &EngineServer, uid: &str) -> Reply {
         );
         // The node renews its decision every second; ask a few times per renewal.
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    unreachable!("the loop returns or panics")
+}
+
+/// A thread of this process that burns CPU until dropped (also when the test fails).
+struct Burner {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Burner {
+    fn start() -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::spawn({
+            let stop = Arc::clone(&stop);
+            move || {
+                let mut x = 1u64;
+                while !stop.load(Ordering::Relaxed) {
+                    x = std::hint::black_box(
+                        x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1),
+                    );
+                }
+            }
+        });
+        Burner {
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Burner {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -125,20 +164,9 @@ async fn cpu_past_the_capacity_the_node_measured_refuses_with_reason_cpu() {
     let holder = connect(server.addr, Some("holder"), "codec=opus")
         .await
         .unwrap_or_else(|status| panic!("the first session was refused: {status}"));
-    let stop = Arc::new(AtomicBool::new(false));
-    let burner = std::thread::spawn({
-        let stop = Arc::clone(&stop);
-        move || {
-            let mut x = 1u64;
-            while !stop.load(Ordering::Relaxed) {
-                x = std::hint::black_box(x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1));
-            }
-        }
-    });
-
+    let burner = Burner::start();
     let refusal = first_refusal(&server, "newcomer").await;
-    stop.store(true, Ordering::Relaxed);
-    burner.join().unwrap();
+    drop(burner);
     assert_eq!(refusal.status, 503, "{:?}", refusal.body);
     assert_eq!(refusal.assert_refusal("overloaded upgrade"), Some(5));
     assert_eq!(refusal.body["code"], "at_capacity", "{}", refusal.body);

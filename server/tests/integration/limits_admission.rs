@@ -76,18 +76,6 @@ impl Drop for Burner {
     }
 }
 
-async fn scrape(server: &EngineServer) -> String {
-    server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 fn refused_count(metrics: &str, reason: &str) -> f64 {
     let prefix = format!("voicegate_listen_sessions_refused_total{{reason=\"{reason}\"}} ");
     metrics
@@ -135,7 +123,7 @@ async fn late_sessions_make_the_node_refuse_new_ones_while_the_admitted_one_fini
     assert_eq!(metadata["frames_received"], frames as u64, "{metadata}");
     assert_eq!(metadata["frames_dropped"], 0, "{metadata}");
 
-    let metrics = scrape(&server).await;
+    let metrics = server.metrics_text().await;
     assert!(refused_count(&metrics, "tick_lag") >= 1.0, "{metrics}");
     assert_eq!(refused_count(&metrics, "cpu"), 0.0);
     assert!(
@@ -174,7 +162,7 @@ async fn cpu_past_the_capacity_the_node_measured_refuses_with_reason_cpu() {
     let message = refusal.body["message"].as_str().unwrap_or_default();
     assert!(message.contains("at 1 % of its CPU"), "{message}");
 
-    let metrics = scrape(&server).await;
+    let metrics = server.metrics_text().await;
     assert!(refused_count(&metrics, "cpu") >= 1.0, "{metrics}");
     let utilisation = metrics
         .lines()

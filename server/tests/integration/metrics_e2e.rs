@@ -102,10 +102,6 @@ async fn metrics_after_traffic_are_documented_and_never_per_user() {
 
 #[actix_web::test]
 async fn the_daily_spend_ceiling_is_exported_at_startup_for_the_alerts() {
-    let scrape = |server: &EngineServer| {
-        let (http, url) = (server.http.clone(), server.url("/metrics"));
-        async move { http.get(url).send().await.unwrap().text().await.unwrap() }
-    };
     let on = EngineServer::start(
         voicegate_engine::policy::FairUseConfig {
             stt_spend_ceiling_ms: 3_600_000,
@@ -114,7 +110,7 @@ async fn the_daily_spend_ceiling_is_exported_at_startup_for_the_alerts() {
         |_| {},
     )
     .await;
-    let text = scrape(&on).await;
+    let text = on.metrics_text().await;
     assert!(
         text.lines()
             .any(|l| l == "voicegate_stt_spend_ceiling_seconds 3600"),

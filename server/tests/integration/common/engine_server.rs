@@ -109,6 +109,18 @@ impl EngineServer {
         format!("http://{}{path}", self.addr)
     }
 
+    /// The node's `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        self.http
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
     /// Drains the server (sessions, then the meter flush) and waits for it to stop.
     pub async fn shutdown(mut self) -> RedisServer {
         if let Some(tx) = self.stop.take() {

@@ -261,12 +261,14 @@ pub const STT_FINAL_LATENCY_SECONDS: &str = "voicegate_stt_final_latency_seconds
 /// the audio was kept, and the run moved on): samples that never reached the engine.
 pub const STT_DROPPED_SAMPLES_TOTAL: &str = "voicegate_stt_dropped_samples_total";
 /// Counter, label `provider`: 16 kHz samples written again (deepgram: the open utterance after a
-/// reconnect; openai: a chunk's audio on a retry that went out), already counted in
-/// `voicegate_stt_forwarded_samples_total` when first sent: never charged to the user.
+/// reconnect, a sync span's audio on a retry that went out; openai: a chunk's audio on a retry that went
+/// out), already counted in `voicegate_stt_forwarded_samples_total` when first sent: never charged to the
+/// user.
 pub const STT_RESENT_SAMPLES_TOTAL: &str = "voicegate_stt_resent_samples_total";
 /// Counter, labels `provider`, `reason` (`rate_limited`, `engine`, `network`): requests sent again after a
-/// failure a later attempt could fix (openai: `VOICEGATE_OPENAI_RETRIES`). A chunk whose retries all
-/// failed is counted once more in `voicegate_stt_errors_total`.
+/// failure a later attempt could fix (openai: `VOICEGATE_OPENAI_RETRIES`; deepgram: a sync span's
+/// pre-recorded request, twice at most). A chunk whose retries all failed is counted once more in
+/// `voicegate_stt_errors_total`.
 pub const STT_RETRIES_TOTAL: &str = "voicegate_stt_retries_total";
 /// Counter, labels `what` (`stream_open`: a new live stream opened on it because the primary is failing;
 /// `stream_switch`: a live stream moved onto it, to the fallback on a primary failure or back to the

@@ -5,9 +5,9 @@
 //!   account (a refused key, a balance that cannot pay, a rate limit) makes it failing at once; a failure
 //!   of one connection or one request (unreachable, a dropped stream, a protocol or engine error: a remote
 //!   provider retries those itself) only when [`TRANSIENT_FAILURES`] of them come within the cool-down.
-//!   Its own backpressure (`queue_full`) and a request it does not serve (`bad_request`, e.g. Deepgram's
-//!   pre-recorded path for sync spans) are not failures: the first stays with the primary (the span
-//!   waits, `pending`), the second goes to the fallback without counting against the primary.
+//!   Its own backpressure (`queue_full`) and a request it refuses as malformed (`bad_request`, e.g. a
+//!   model that does not serve the language) are not failures: the first stays with the primary (the
+//!   span waits, `pending`), the second goes to the fallback without counting against the primary.
 //! - While the primary is failing (the cool-down, `VOICEGATE_STT_FALLBACK_SECS`, runs from its last
 //!   failure), new streams open on the fallback and sync spans go to it. A live stream whose primary
 //!   reported a failure moves to the fallback at its next command once the primary is failing (the

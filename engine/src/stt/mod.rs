@@ -15,6 +15,7 @@
 pub mod chunk;
 pub mod deepgram;
 pub mod fallback;
+pub mod http;
 pub mod key;
 pub mod local;
 pub mod none;

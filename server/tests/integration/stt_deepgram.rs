@@ -3,7 +3,9 @@
 //! `engine/src/stt/deepgram/protocol.rs`): `Authorization: Token`, `/v1/listen` query parameters, binary
 //! linear16 audio, `KeepAlive` / `Finalize` / `CloseStream` text messages, `Results` (interim, and final
 //! with `from_finalize`), `Metadata` then the close after `CloseStream`; and its failures: a handshake
-//! refused with 401, 402 or 429, a close mid-stream.
+//! refused with 401, 402 or 429, a close mid-stream. On the same port, the pre-recorded API (sync spans):
+//! `POST /v1/listen` with headerless linear16 audio, answered with `results.utterances[]` (one per second
+//! of audio received) or refused with a status and Deepgram's `err_code` / `err_msg` body.
 //!
 //! What is checked: the message sequence; the samples the double received equal
 //! `voicegate_stt_forwarded_samples_total` exactly (and, after a reconnect, forwarded + resent); the
@@ -31,17 +33,20 @@ use crate::listen_support;
 use crate::stt_openai::{OpenAiDouble, Plan as OpenAiPlan, d01_an_hour_ago};
 
 use common::engine_server::{EngineServer, fair_use_on};
+use common::http_double::{next_plan, read_request, write_json};
 use listen_support::{NORMAL, Seen, Ws, connect, fixture_packets, offline, read_all};
 
 const KEY: &str = "test-deepgram-key";
 const OPUS16: &str = "codec=opus&sample_rate=16000&language=en";
 
-/// What the double does with one connection.
+/// What the double does with one connection (a pre-recorded request: with one request).
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Plan {
-    /// Transcribes: an interim result every 0.5 s of audio, a final one on `Finalize` and `CloseStream`.
+    /// Transcribes: an interim result every 0.5 s of audio, a final one on `Finalize` and `CloseStream`
+    /// (pre-recorded: one utterance per second of audio).
     Serve,
-    /// Answers the upgrade with this HTTP status (401 bad key, 402 no balance, 429 rate limited).
+    /// Answers the upgrade (or the request) with this HTTP status (401 bad key, 402 no balance, 429 rate
+    /// limited, 503).
     Refuse(u16),
     /// Serves, then closes mid-stream (1011, as Deepgram does on a failure) once it has this many samples,
     /// reading what the client had already written until the client's close.
@@ -75,10 +80,23 @@ impl ConnLog {
     }
 }
 
-/// A Deepgram double (see the module docs). Connections take the plans in order; the last one repeats.
+/// One pre-recorded request as the double read it.
+#[derive(Debug, Clone, Default)]
+struct BatchLog {
+    authorization: String,
+    target: String,
+    content_type: String,
+    /// 16-bit samples of the body.
+    samples: u64,
+    answered: u16,
+}
+
+/// A Deepgram double (see the module docs). Websocket connections and pre-recorded requests take the
+/// plans in order; the last one repeats.
 struct DeepgramDouble {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<ConnLog>>>,
+    batch: Arc<Mutex<Vec<BatchLog>>>,
 }
 
 impl DeepgramDouble {
@@ -86,15 +104,31 @@ impl DeepgramDouble {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let mut plans: VecDeque<Plan> = plans.iter().copied().collect();
-        let shared = Arc::clone(&log);
+        let batch = Arc::new(Mutex::new(Vec::new()));
+        let plans = Arc::new(Mutex::new(
+            plans.iter().copied().collect::<VecDeque<Plan>>(),
+        ));
+        let (shared, batch_log) = (Arc::clone(&log), Arc::clone(&batch));
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
-                let plan = if plans.len() > 1 {
-                    plans.pop_front().unwrap()
-                } else {
-                    plans[0]
-                };
+                // A websocket upgrade is a GET; the pre-recorded API a POST.
+                let mut first = [0u8; 4];
+                let mut peeked = 0;
+                while peeked < 4 {
+                    match stream.peek(&mut first).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => peeked = n,
+                    }
+                }
+                if &first == b"POST" {
+                    tokio::spawn(serve_prerecorded(
+                        stream,
+                        Arc::clone(&plans),
+                        Arc::clone(&batch_log),
+                    ));
+                    continue;
+                }
+                let plan = next_plan(&plans);
                 let idx = {
                     let mut l = shared.lock().unwrap();
                     l.push(ConnLog::default());
@@ -103,7 +137,11 @@ impl DeepgramDouble {
                 tokio::spawn(serve(stream, plan, Arc::clone(&shared), idx));
             }
         });
-        DeepgramDouble { addr, log }
+        DeepgramDouble { addr, log, batch }
+    }
+
+    fn requests(&self) -> Vec<BatchLog> {
+        self.batch.lock().unwrap().clone()
     }
 
     fn url(&self) -> String {
@@ -113,6 +151,65 @@ impl DeepgramDouble {
     fn connections(&self) -> Vec<ConnLog> {
         self.log.lock().unwrap().clone()
     }
+}
+
+/// Serves pre-recorded requests (`POST /v1/listen`) on one connection.
+async fn serve_prerecorded(
+    mut stream: tokio::net::TcpStream,
+    plans: Arc<Mutex<VecDeque<Plan>>>,
+    log: Arc<Mutex<Vec<BatchLog>>>,
+) {
+    let mut buf = Vec::new();
+    while let Some(req) = read_request(&mut stream, &mut buf).await {
+        let mut entry = BatchLog {
+            authorization: req.header("authorization"),
+            target: req.target.clone(),
+            content_type: req.header("content-type"),
+            samples: req.body.len() as u64 / 2,
+            answered: 0,
+        };
+        let query_ok = req.target.starts_with("/v1/listen?")
+            && req.target.contains("encoding=linear16")
+            && req.target.contains("sample_rate=16000");
+        let (status, answer) = match next_plan(&plans) {
+            // Headerless audio without its encoding and sample rate cannot be decoded.
+            _ if !query_ok || req.body.len() % 2 != 0 => (
+                400,
+                json!({"err_code": "Bad Request", "err_msg": "Bad Request: failed to process audio: corrupt or unsupported data", "request_id": "double"}),
+            ),
+            Plan::Refuse(code) => (
+                code,
+                json!({"err_code": format!("REFUSED_{code}"), "err_msg": format!("the double answers {code}"), "request_id": "double"}),
+            ),
+            Plan::Serve | Plan::CloseAfter(_) => (200, prerecorded_answer(entry.samples)),
+        };
+        entry.answered = status;
+        log.lock().unwrap().push(entry);
+        if !write_json(&mut stream, status, &answer).await {
+            return;
+        }
+    }
+}
+
+/// A pre-recorded answer for `samples` of audio: one utterance per second of it.
+fn prerecorded_answer(samples: u64) -> Value {
+    let secs = |s: u64| s as f64 / 16_000.0;
+    let utterances: Vec<Value> = (0..samples.div_ceil(16_000))
+        .map(|k| {
+            let (start, end) = (secs(k * 16_000), secs(((k + 1) * 16_000).min(samples)));
+            json!({"start": start, "end": end, "confidence": 0.9, "channel": 0,
+                   "transcript": format!("Second {}.", k + 1), "speaker": 0, "id": format!("u{k}"),
+                   "words": [{"word": "second", "punctuated_word": "Second", "start": start, "end": end,
+                              "confidence": 0.9, "speaker": 0}]})
+        })
+        .collect();
+    json!({
+        "metadata": {"request_id": "double", "duration": secs(samples), "channels": 1},
+        "results": {
+            "channels": [{"alternatives": [{"transcript": "second", "confidence": 0.9, "words": []}]}],
+            "utterances": utterances
+        }
+    })
 }
 
 fn results(start: u64, end: u64, is_final: bool, from_finalize: bool, text: &str) -> String {
@@ -658,16 +755,177 @@ async fn with_a_fallback_a_reconnect_answered_402_moves_the_stream_to_it_and_cha
     server.shutdown().await;
 }
 
-/// Deepgram serves live streams only here: with a fallback, a sync upload's spans are transcribed by it
-/// (the primary is not marked failing for it) and charged what it received.
+const ERRORS: &str = "voicegate_stt_errors_total{provider=\"deepgram\"";
+
+/// Uploads d01 for `uid`; returns the answer and the conversation it made.
+async fn upload_d01(server: &EngineServer, uid: &str) -> (Value, Value) {
+    let (code, body, _) = server.upload(uid, "", &d01_an_hour_ago()).await;
+    assert_eq!(code, 200, "{body}");
+    let ids = body["new_memories"].as_array().unwrap();
+    assert_eq!(ids.len(), 1, "{body}");
+    let id = ids[0].as_str().unwrap();
+    let (code, conv) = server.get(&format!("/v1/conversations/{id}"), uid).await;
+    assert_eq!(code, 200, "{conv}");
+    (body, conv)
+}
+
+/// A sync upload's spans go to the pre-recorded API: only their padded speech runs, once, as linear16 at
+/// 16 kHz with utterances; the user is charged exactly what the double received; the utterances come back
+/// on the span's speech (the pauses put back); a re-upload sends nothing.
 #[actix_web::test]
-async fn with_a_fallback_sync_spans_are_transcribed_by_it_and_charged_what_it_received() {
+async fn sync_spans_go_to_the_prerecorded_api_and_are_charged_exactly_what_it_received() {
     let double = DeepgramDouble::start(&[Plan::Serve]).await;
+    let server = EngineServer::start(fair_use_on(), deepgram(&double)).await;
+    let (body, conv) = upload_d01(&server, "ivan").await;
+    assert_eq!(body["transcript_status"], "done", "{body}");
+    let requests = double.requests();
+    assert!(!requests.is_empty());
+    for r in &requests {
+        assert_eq!(r.answered, 200, "{r:?}");
+        assert_eq!(r.authorization, format!("Token {KEY}"));
+        assert_eq!(r.content_type, "application/octet-stream");
+        for part in [
+            "model=nova-3",
+            "language=en",
+            "encoding=linear16",
+            "sample_rate=16000",
+            "channels=1",
+            "utterances=true",
+        ] {
+            assert!(r.target.contains(part), "{part} in {}", r.target);
+        }
+    }
+    assert!(
+        double.connections().is_empty(),
+        "no websocket for a sync upload"
+    );
+    let received: u64 = requests.iter().map(|r| r.samples).sum();
+    assert!(received > 16_000 * 5, "{received}");
+    assert_eq!(metric(&server, FORWARDED).await, received);
+    assert_eq!(metric(&server, RESENT).await, 0);
+    let charged = body["stt_ms"].as_u64().unwrap();
+    assert!(
+        (received / 16).abs_diff(charged) <= requests.len() as u64,
+        "sent {} ms, charged {charged} ms",
+        received / 16
+    );
+    // One segment per second of audio sent, read back onto the speech: their extent is longer than the
+    // audio sent (the pauses between the runs were not sent but are put back).
+    let segments = conv["transcript_segments"].as_array().unwrap();
+    eprintln!(
+        "{} span request(s), {} ms of audio sent, {charged} ms charged, {} segments",
+        requests.len(),
+        received / 16,
+        segments.len()
+    );
+    let expected: u64 = requests.iter().map(|r| r.samples.div_ceil(16_000)).sum();
+    assert_eq!(segments.len() as u64, expected, "{conv}");
+    let ms = |s: &Value, k: &str| s[k].as_u64().unwrap();
+    let first = segments.iter().map(|s| ms(s, "start_ms")).min().unwrap();
+    let last = segments.iter().map(|s| ms(s, "end_ms")).max().unwrap();
+    assert!(
+        last - first > received / 16,
+        "{first}..{last} for {} ms sent",
+        received / 16
+    );
+    eprintln!("segments cover {} ms of the recording", last - first);
+    let spans = conv["spans"].as_array().unwrap();
+    let (from, to) = (
+        spans.iter().map(|s| ms(s, "start_ms")).min().unwrap(),
+        spans.iter().map(|s| ms(s, "end_ms")).max().unwrap(),
+    );
+    for seg in segments {
+        assert!(ms(seg, "end_ms") >= ms(seg, "start_ms"), "{seg}");
+        // Within the conversation's speech, widened by the pre-roll (300 ms) and hangover (100 ms).
+        assert!(
+            ms(seg, "start_ms") + 300 >= from && ms(seg, "end_ms") <= to + 100,
+            "{seg} outside {from}..{to}"
+        );
+        assert!(
+            seg["text"].as_str().unwrap().starts_with("Second "),
+            "{seg}"
+        );
+    }
+    // A re-upload of the same content sends nothing and charges nothing.
+    let (code, again, _) = server.upload("ivan", "", &d01_an_hour_ago()).await;
+    assert_eq!(code, 200, "{again}");
+    assert_eq!(double.requests().len(), requests.len());
+    assert_eq!(again["stt_ms"].as_u64().unwrap_or(0), 0, "{again}");
+    server.shutdown().await;
+}
+
+/// A 429 then a 503 are retried (the house backoff) and the span is transcribed, charged once; the
+/// refused attempts' audio is counted as resent.
+#[actix_web::test]
+async fn a_prerecorded_429_then_503_are_retried_and_the_span_is_charged_once() {
+    let double = DeepgramDouble::start(&[Plan::Refuse(429), Plan::Refuse(503), Plan::Serve]).await;
+    let server = EngineServer::start(fair_use_on(), deepgram(&double)).await;
+    let (body, _) = upload_d01(&server, "judy").await;
+    assert_eq!(body["transcript_status"], "done", "{body}");
+    let requests = double.requests();
+    let answered: Vec<u16> = requests.iter().map(|r| r.answered).collect();
+    assert_eq!(&answered[..3], &[429, 503, 200], "{answered:?}");
+    assert_eq!(
+        requests[0].samples, requests[2].samples,
+        "the same span again"
+    );
+    let served: u64 = requests
+        .iter()
+        .filter(|r| r.answered == 200)
+        .map(|r| r.samples)
+        .sum();
+    assert_eq!(metric(&server, FORWARDED).await, served);
+    assert_eq!(metric(&server, RESENT).await, 2 * requests[0].samples);
+    assert_eq!(
+        metric(
+            &server,
+            "voicegate_stt_retries_total{provider=\"deepgram\",reason=\"rate_limited\"}"
+        )
+        .await,
+        1
+    );
+    let charged = body["stt_ms"].as_u64().unwrap();
+    assert!(
+        (served / 16).abs_diff(charged) <= requests.len() as u64,
+        "served {} ms, charged {charged} ms",
+        served / 16
+    );
+    server.shutdown().await;
+}
+
+/// A refused key is not retried: the span is `failed`, charged nothing, counted `unauthorized`.
+#[actix_web::test]
+async fn a_prerecorded_401_leaves_the_span_failed_and_charges_nothing() {
+    let double = DeepgramDouble::start(&[Plan::Refuse(401)]).await;
+    let server = EngineServer::start(fair_use_on(), deepgram(&double)).await;
+    let (body, conv) = upload_d01(&server, "kim").await;
+    assert_eq!(body["transcript_status"], "failed", "{body}");
+    assert_eq!(body["stt_ms"].as_u64().unwrap_or(0), 0, "{body}");
+    assert!(conv["transcript_segments"].as_array().unwrap().is_empty());
+    let requests = double.requests();
+    assert!(requests.iter().all(|r| r.answered == 401), "{requests:?}");
+    let spans = requests.len() as u64;
+    assert_eq!(
+        metric(&server, &format!("{ERRORS},reason=\"unauthorized\"}}")).await,
+        spans,
+        "one error per span, no retry"
+    );
+    // The upload itself is metered as always.
+    let status = server.status_speech_ms("kim").await;
+    assert!(status["daily_ms"].as_u64().unwrap_or(0) > 0, "{status}");
+    server.shutdown().await;
+}
+
+/// With a fallback, a span Deepgram refuses for the balance (402) is transcribed by the fallback and
+/// charged what it received; nothing is charged for the refused request.
+#[actix_web::test]
+async fn with_a_fallback_a_span_refused_402_is_transcribed_by_it_and_charged_what_it_received() {
+    let double = DeepgramDouble::start(&[Plan::Refuse(402)]).await;
     let fallback = OpenAiDouble::start(&[OpenAiPlan::Serve]).await;
     let server = EngineServer::start(fair_use_on(), with_fallback(&double, &fallback)).await;
-    let (code, body, _) = server.upload("erin", "", &d01_an_hour_ago()).await;
-    assert_eq!(code, 200, "{body}");
+    let (body, _) = upload_d01(&server, "erin").await;
     assert_eq!(body["transcript_status"], "done", "{body}");
+    assert_eq!(double.requests()[0].answered, 402);
     let received = fallback.samples();
     assert!(received > 16_000 * 5, "{received}");
     let charged = body["stt_ms"].as_u64().unwrap();
@@ -676,12 +934,6 @@ async fn with_a_fallback_sync_spans_are_transcribed_by_it_and_charged_what_it_re
         "sent {} ms, charged {charged} ms",
         received / 16
     );
-    // The primary still serves the live streams.
-    let packets = fixture_packets("d01");
-    let ws = connect(server.addr, Some("erin"), OPUS16).await.unwrap();
-    let seen = stream(ws, &packets[..1_500], 6, None).await;
-    assert!(unavailable_reasons(&seen).is_empty(), "{:?}", seen.events);
-    assert_eq!(double.connections().len(), 1);
     server.shutdown().await;
 }
 

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::common;
@@ -28,6 +27,7 @@ use crate::stt_deepgram::{
 };
 
 use common::engine_server::{EngineServer, fair_use_on, fixtures, now_s};
+use common::http_double::{next_plan, read_request, write_json};
 use listen_support::{NORMAL, connect, fixture_packets};
 
 const KEY: &str = "sk-test-openai-key";
@@ -129,15 +129,6 @@ impl OpenAiDouble {
     }
 }
 
-fn next_plan(plans: &Mutex<VecDeque<Plan>>) -> Plan {
-    let mut p = plans.lock().unwrap();
-    if p.len() > 1 {
-        p.pop_front().unwrap()
-    } else {
-        p[0]
-    }
-}
-
 /// Serves the requests of one connection (HTTP/1.1, `Content-Length` bodies, keep-alive).
 async fn serve(
     mut stream: TcpStream,
@@ -147,60 +138,20 @@ async fn serve(
     mut released: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut buf: Vec<u8> = Vec::new();
-    loop {
-        // The head.
-        let head_end = loop {
-            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut chunk = [0u8; 8192];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let mut lines = head.split("\r\n");
-        let request_line = lines.next().unwrap_or_default().to_string();
-        let header = |name: &str| {
-            head.split("\r\n")
-                .skip(1)
-                .find_map(|l| {
-                    let (k, v) = l.split_once(':')?;
-                    k.trim()
-                        .eq_ignore_ascii_case(name)
-                        .then(|| v.trim().to_string())
-                })
-                .unwrap_or_default()
-        };
-        let length: usize = header("content-length").parse().unwrap_or(0);
-        while buf.len() < head_end + length {
-            let mut chunk = [0u8; 65536];
-            match stream.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-        }
-        let body: Vec<u8> = buf[head_end..head_end + length].to_vec();
-        buf.drain(..head_end + length);
-        let mut parts = request_line.split(' ');
-        let (method, path) = (
-            parts.next().unwrap_or_default(),
-            parts.next().unwrap_or_default(),
-        );
+    while let Some(http) = read_request(&mut stream, &mut buf).await {
         let mut req = Request {
-            path: path.to_string(),
-            authorization: header("authorization"),
+            path: http.target.clone(),
+            authorization: http.header("authorization"),
             ..Request::default()
         };
-        let (status, answer) = if method != "POST" {
+        let (status, answer) = if http.method != "POST" {
             // The startup probe (a GET): the API allows POST only.
             (
                 405,
                 json!({"error": {"message": "method not allowed", "type": "invalid_request_error"}}),
             )
         } else {
-            match read_form(&header("content-type"), &body, &mut req) {
+            match read_form(&http.header("content-type"), &http.body, &mut req) {
                 Err(why) => (
                     400,
                     json!({"error": {"message": why, "type": "invalid_request_error"}}),
@@ -248,16 +199,11 @@ async fn serve(
                 }
             }
         };
-        if method == "POST" {
+        if http.method == "POST" {
             req.answered = status;
             log.lock().unwrap().push(req);
         }
-        let text = answer.to_string();
-        let out = format!(
-            "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{text}",
-            text.len()
-        );
-        if stream.write_all(out.as_bytes()).await.is_err() {
+        if !write_json(&mut stream, status, &answer).await {
             return;
         }
     }

@@ -14,6 +14,11 @@ pub const DEFAULT_MODEL: &str = "nova-3";
 /// asks for one every 3 to 5 s.
 pub const DEFAULT_KEEPALIVE_MS: u64 = 4_000;
 
+/// `VOICEGATE_DEEPGRAM_BATCH_MAX_IN_FLIGHT`.
+pub const DEFAULT_BATCH_MAX_IN_FLIGHT: usize = 4;
+/// The most pre-recorded requests accepted open at once.
+pub const MAX_BATCH_MAX_IN_FLIGHT: usize = 100;
+
 /// Deepgram's settings as an operator writes them.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 #[command(next_help_heading = "Speech-to-text: Deepgram")]
@@ -30,17 +35,21 @@ pub struct DeepgramArgs {
     #[arg(long = "deepgram-key-file", env = "VOICEGATE_DEEPGRAM_KEY_FILE")]
     pub key_file: Option<PathBuf>,
 
-    /// Deepgram's base URL (wss:// or ws://; https:// and http:// are taken as wss:// and ws://); the live API is URL/v1/listen.
+    /// Deepgram's base URL (wss:// or ws://; https:// and http:// are taken as wss:// and ws://); the live API is URL/v1/listen over a websocket, the pre-recorded API (sync spans) a POST to URL/v1/listen over http(s).
     #[arg(long = "deepgram-url", env = "VOICEGATE_DEEPGRAM_URL", default_value = DEFAULT_URL)]
     pub url: String,
 
-    /// Deepgram model for live transcription.
+    /// Deepgram model, for live streams and sync spans.
     #[arg(long = "deepgram-model", env = "VOICEGATE_DEEPGRAM_MODEL", default_value = DEFAULT_MODEL)]
     pub model: String,
 
     /// A live stream with no audio sent for this long gets a KeepAlive (Deepgram closes idle streams after 10 s).
     #[arg(long = "deepgram-keepalive-ms", env = "VOICEGATE_DEEPGRAM_KEEPALIVE_MS", default_value_t = DEFAULT_KEEPALIVE_MS)]
     pub keepalive_ms: u64,
+
+    /// Pre-recorded requests (sync spans, one per span) open at once on this node; four times as many spans are held waiting, beyond which a span is left pending.
+    #[arg(long = "deepgram-batch-max-in-flight", env = "VOICEGATE_DEEPGRAM_BATCH_MAX_IN_FLIGHT", default_value_t = DEFAULT_BATCH_MAX_IN_FLIGHT)]
+    pub batch_max_in_flight: usize,
 }
 
 impl Default for DeepgramArgs {
@@ -51,6 +60,7 @@ impl Default for DeepgramArgs {
             url: DEFAULT_URL.to_string(),
             model: DEFAULT_MODEL.to_string(),
             keepalive_ms: DEFAULT_KEEPALIVE_MS,
+            batch_max_in_flight: DEFAULT_BATCH_MAX_IN_FLIGHT,
         }
     }
 }
@@ -64,6 +74,10 @@ pub enum DeepgramConfigError {
         "VOICEGATE_DEEPGRAM_KEEPALIVE_MS must be between 100 and 9000 (Deepgram closes after 10 s idle)"
     )]
     KeepAlive,
+    #[error(
+        "VOICEGATE_DEEPGRAM_BATCH_MAX_IN_FLIGHT must be between 1 and {MAX_BATCH_MAX_IN_FLIGHT}"
+    )]
+    BatchMaxInFlight,
     #[error("VOICEGATE_DEEPGRAM_MODEL must not be empty")]
     Model,
     #[error("VOICEGATE_DEEPGRAM_KEY_FILE={}: {reason}", path.display())]
@@ -91,6 +105,9 @@ impl DeepgramArgs {
         if self.model.trim().is_empty() {
             return Err(DeepgramConfigError::Model);
         }
+        if !(1..=MAX_BATCH_MAX_IN_FLIGHT).contains(&self.batch_max_in_flight) {
+            return Err(DeepgramConfigError::BatchMaxInFlight);
+        }
         let key = match (&self.key_file, &self.api_key) {
             (Some(path), _) => {
                 let key = KeySource::File(path.clone());
@@ -108,6 +125,7 @@ impl DeepgramArgs {
             model: self.model.trim().to_string(),
             keepalive: Duration::from_millis(self.keepalive_ms),
             key,
+            batch_max_in_flight: self.batch_max_in_flight,
             ..DeepgramConfig::default()
         })
     }
@@ -130,6 +148,12 @@ pub struct DeepgramConfig {
     pub write_timeout: Duration,
     /// After `CloseStream`, how long to wait for the last results and the server's close.
     pub close_timeout: Duration,
+    /// Pre-recorded requests open at once.
+    pub batch_max_in_flight: usize,
+    /// How long one pre-recorded request (a span of up to 300 s) may take, sending and answering.
+    pub batch_timeout: Duration,
+    /// Retries of a pre-recorded request after a 429, a 5xx or a failed connection.
+    pub batch_retries: u32,
 }
 
 impl Default for DeepgramConfig {
@@ -144,6 +168,9 @@ impl Default for DeepgramConfig {
             connect_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             close_timeout: Duration::from_secs(10),
+            batch_max_in_flight: DEFAULT_BATCH_MAX_IN_FLIGHT,
+            batch_timeout: Duration::from_secs(120),
+            batch_retries: 2,
         }
     }
 }
@@ -180,6 +207,16 @@ mod tests {
             bad_keepalive.config().unwrap_err(),
             DeepgramConfigError::KeepAlive
         );
+        for n in [0, MAX_BATCH_MAX_IN_FLIGHT + 1] {
+            let bad = DeepgramArgs {
+                batch_max_in_flight: n,
+                ..ok.clone()
+            };
+            assert_eq!(
+                bad.config().unwrap_err(),
+                DeepgramConfigError::BatchMaxInFlight
+            );
+        }
         assert!(!DeepgramArgs::default().has_key());
         assert!(
             !DeepgramArgs {

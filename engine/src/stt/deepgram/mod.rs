@@ -13,11 +13,14 @@
 //! - The key: `DEEPGRAM_API_KEY`, or a key file read again at every connection ([`config::KeySource`]).
 //! - Connections go through the one [`Outbound`] client (rustls, one CA setting).
 //!
-//! Sync spans (the pre-recorded API) are not served by this provider yet: `transcribe_batch` refuses.
+//! - Sync spans go to the pre-recorded API (`POST <base>/v1/listen`, `prerecorded.rs`): one request per span
+//!   holding only its speech runs, bounded by `VOICEGATE_DEEPGRAM_BATCH_MAX_IN_FLIGHT`, retried as every
+//!   hosted provider's requests are ([`crate::stt::http`]).
 
 mod clock;
 pub mod config;
 mod connection;
+mod prerecorded;
 pub mod protocol;
 mod stream;
 
@@ -28,6 +31,7 @@ use tokio::sync::mpsc;
 
 pub use self::config::{DeepgramArgs, DeepgramConfig, DeepgramConfigError, KeySource};
 use self::connection::Ctx;
+use self::prerecorded::Slots;
 use self::stream::{CMD_CAPACITY, DeepgramStream, Depth};
 use super::provider::{
     BatchRequest, BatchTicket, ProviderKind, ResultSink, StreamHandle, StreamOptions, SttProvider,
@@ -42,6 +46,8 @@ const KIND: ProviderKind = ProviderKind::Deepgram;
 #[derive(Clone)]
 pub struct DeepgramProvider {
     ctx: Arc<Ctx>,
+    /// The bound on pre-recorded requests (sync spans).
+    slots: Arc<Slots>,
     runtime: Arc<OwnedRuntime>,
 }
 
@@ -73,7 +79,9 @@ impl DeepgramProvider {
                 "bad_request",
             ],
         );
+        super::http::register_retry_metrics(KIND);
         Ok(DeepgramProvider {
+            slots: Arc::new(Slots::new(cfg.batch_max_in_flight)),
             ctx: Arc::new(Ctx {
                 cfg,
                 outbound,
@@ -116,10 +124,10 @@ impl SttProvider for DeepgramProvider {
         }))
     }
 
-    fn transcribe_batch(&self, _request: BatchRequest) -> Result<BatchTicket, SttError> {
-        Err(SttError::BadRequest(
-            "the deepgram provider serves live streams; its pre-recorded path is not in this build"
-                .into(),
-        ))
+    fn transcribe_batch(&self, request: BatchRequest) -> Result<BatchTicket, SttError> {
+        let Some(runtime) = self.runtime.get() else {
+            return Err(SttError::Closed);
+        };
+        prerecorded::submit(&self.ctx, &self.slots, runtime, request)
     }
 }

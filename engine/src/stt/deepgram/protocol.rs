@@ -16,6 +16,15 @@
 //!   `is_final`, `speech_final`, `from_finalize`, `channel.alternatives[]` with `transcript`, `confidence`
 //!   and `words[]`), `Metadata` (`request_id`, `duration`), and other types this client ignores
 //!   (`SpeechStarted`, `UtteranceEnd`). A failure mid-stream is a close frame with a reason.
+//!
+//! The pre-recorded API (sync spans) is the same path over plain HTTP: `POST /v1/listen` with the audio as
+//! the body and the same query parameters (`encoding` and `sample_rate` are required for headerless
+//! audio; <https://developers.deepgram.com/docs/encoding>,
+//! <https://developers.deepgram.com/docs/getting-started-with-pre-recorded-audio>); `utterances=true` asks
+//! for the transcript cut into utterances (`results.utterances[]`: `start`, `end` in seconds of the
+//! request's audio, `transcript`, `confidence`, `words`, `speaker`;
+//! <https://developers.deepgram.com/docs/utterances>), beside the whole transcript in
+//! `results.channels[].alternatives[]`. A refusal is the HTTP status with a JSON `err_code` / `err_msg`.
 
 use serde::Deserialize;
 
@@ -28,19 +37,34 @@ pub const CLOSE_STREAM: &str = r#"{"type":"CloseStream"}"#;
 /// The live endpoint for `base` (`wss://api.deepgram.com`; `https://` and `http://` become `wss://` and
 /// `ws://`), asking for 16 kHz mono 16-bit PCM and interim results.
 pub fn listen_url(base: &str, model: &str, language: &str, interim_results: bool) -> String {
-    let base = base.trim().trim_end_matches('/');
-    let base = if let Some(rest) = base.strip_prefix("https://") {
-        format!("wss://{rest}")
-    } else if let Some(rest) = base.strip_prefix("http://") {
-        format!("ws://{rest}")
-    } else {
-        base.to_string()
-    };
+    let base = with_scheme(base, ("https://", "wss://"), ("http://", "ws://"));
     format!(
         "{base}/v1/listen?model={}&language={}&encoding=linear16&sample_rate={SAMPLE_RATE}&channels=1&interim_results={interim_results}&punctuate=true",
         encode(model),
         encode(language)
     )
+}
+
+/// The pre-recorded endpoint for `base` (`wss://` and `ws://` become `https://` and `http://`), for headerless
+/// 16 kHz mono 16-bit PCM cut into utterances.
+pub fn prerecorded_url(base: &str, model: &str, language: &str) -> String {
+    let base = with_scheme(base, ("wss://", "https://"), ("ws://", "http://"));
+    format!(
+        "{base}/v1/listen?model={}&language={}&encoding=linear16&sample_rate={SAMPLE_RATE}&channels=1&punctuate=true&utterances=true",
+        encode(model),
+        encode(language)
+    )
+}
+
+/// `base` without trailing slashes, its secure and plain schemes swapped as `(from, to)` says.
+fn with_scheme(base: &str, secure: (&str, &str), plain: (&str, &str)) -> String {
+    let base = base.trim().trim_end_matches('/');
+    for (from, to) in [secure, plain] {
+        if let Some(rest) = base.strip_prefix(from) {
+            return format!("{to}{rest}");
+        }
+    }
+    base.to_string()
 }
 
 /// Whether a base URL is one [`listen_url`] can use.
@@ -138,6 +162,71 @@ pub struct Metadata {
     pub duration: f64,
 }
 
+/// The pre-recorded API's answer (the parts read).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Prerecorded {
+    pub results: PrerecordedResults,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PrerecordedResults {
+    #[serde(default)]
+    pub channels: Vec<Channel>,
+    /// Present when `utterances=true` was asked for.
+    #[serde(default)]
+    pub utterances: Option<Vec<Utterance>>,
+}
+
+/// One utterance of a pre-recorded answer; times in seconds of the request's audio.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Utterance {
+    pub start: f64,
+    pub end: f64,
+    /// Its transcript, confidence and words, as an alternative's.
+    #[serde(flatten)]
+    pub text: Alternative,
+    #[serde(default)]
+    pub speaker: Option<u32>,
+}
+
+impl Prerecorded {
+    /// The answer as utterances in time order: `results.utterances` when given; otherwise the first
+    /// channel's first alternative as one utterance from its first word to its last (the whole audio, of
+    /// `duration` seconds, when it has no words).
+    pub fn utterances(self, duration: f64) -> Vec<Utterance> {
+        if let Some(mut utterances) = self.results.utterances {
+            utterances.sort_by(|a, b| a.start.total_cmp(&b.start));
+            return utterances;
+        }
+        let Some(alt) = self
+            .results
+            .channels
+            .into_iter()
+            .next()
+            .and_then(|c| c.alternatives.into_iter().next())
+        else {
+            return Vec::new();
+        };
+        if alt.transcript.trim().is_empty() {
+            return Vec::new();
+        }
+        let start = alt.words.first().map_or(0.0, |w| w.start);
+        let end = alt.words.last().map_or(duration, |w| w.end);
+        let speaker = alt.words.first().and_then(|w| w.speaker);
+        vec![Utterance {
+            start,
+            end,
+            text: alt,
+            speaker,
+        }]
+    }
+}
+
+/// Parses a pre-recorded answer (a 2xx body).
+pub fn parse_prerecorded(body: &[u8]) -> Result<Prerecorded, SttError> {
+    serde_json::from_slice(body).map_err(|e| SttError::Protocol(format!("unreadable answer: {e}")))
+}
+
 #[derive(Deserialize)]
 struct Envelope {
     #[serde(rename = "type")]
@@ -186,6 +275,18 @@ mod tests {
         assert!(
             listen_url("https://dg.internal", "m", "en", true)
                 .starts_with("wss://dg.internal/v1/listen?")
+        );
+        assert_eq!(
+            prerecorded_url("wss://api.deepgram.com/", "nova-3", "en"),
+            "https://api.deepgram.com/v1/listen?model=nova-3&language=en&encoding=linear16&sample_rate=16000&channels=1&punctuate=true&utterances=true"
+        );
+        assert!(
+            prerecorded_url("ws://127.0.0.1:9", "m", "en")
+                .starts_with("http://127.0.0.1:9/v1/listen?")
+        );
+        assert!(
+            prerecorded_url("https://dg.internal", "m", "en")
+                .starts_with("https://dg.internal/v1/")
         );
         assert!(valid_base("wss://api.deepgram.com") && valid_base("http://127.0.0.1:1"));
         assert!(!valid_base("api.deepgram.com") && !valid_base("wss://") && !valid_base(""));
@@ -241,5 +342,44 @@ mod tests {
         ));
         assert_eq!(secs_to_samples(-1.0), 0);
         assert_eq!(secs_to_samples(f64::NAN), 0);
+    }
+
+    #[test]
+    fn a_prerecorded_answer_gives_its_utterances_or_else_the_whole_transcript() {
+        let body = br#"{"metadata":{"request_id":"r","duration":4.0,"channels":1},
+            "results":{"channels":[{"alternatives":[{"transcript":"hello there. bye","confidence":0.9,
+              "words":[{"word":"hello","start":0.1,"end":0.4},{"word":"bye","start":3.0,"end":3.5}]}]}],
+            "utterances":[{"start":3.0,"end":3.5,"confidence":0.8,"channel":0,"transcript":"Bye.","words":[],"speaker":1,"id":"b"},
+              {"start":0.1,"end":1.2,"confidence":0.9,"channel":0,"transcript":"Hello there.","words":[{"word":"hello","start":0.1,"end":0.4}],"speaker":0,"id":"a"}]}}"#;
+        let answer = parse_prerecorded(body).unwrap_or_else(|e| panic!("{e}"));
+        let u = answer.clone().utterances(4.0);
+        assert_eq!(u.len(), 2);
+        assert_eq!(
+            (u[0].text.transcript.as_str(), u[0].speaker),
+            ("Hello there.", Some(0))
+        );
+        assert_eq!((u[1].start, u[1].end, u[1].speaker), (3.0, 3.5, Some(1)));
+
+        let mut without = answer;
+        without.results.utterances = None;
+        let u = without.utterances(4.0);
+        assert_eq!(u.len(), 1);
+        assert_eq!((u[0].start, u[0].end), (0.1, 3.5));
+        assert_eq!(u[0].text.transcript, "hello there. bye");
+        assert_eq!(u[0].text.words.len(), 2);
+
+        let silent = parse_prerecorded(
+            br#"{"results":{"channels":[{"alternatives":[{"transcript":"","words":[]}]}]}}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(silent.utterances(2.0).is_empty());
+        assert!(matches!(
+            parse_prerecorded(b"<html>"),
+            Err(SttError::Protocol(_))
+        ));
+        assert!(matches!(
+            parse_prerecorded(b"{}"),
+            Err(SttError::Protocol(_))
+        ));
     }
 }

@@ -311,7 +311,7 @@ fn spans_go_to_the_fallback_when_the_primary_fails_or_does_not_serve_them() {
         .wait()
         .unwrap();
     assert_eq!(out.results[0].text, "deepgram");
-    // It does not serve spans (Deepgram's pre-recorded path): the fallback does; the primary is not failing.
+    // A span it refuses as malformed goes to the fallback; the primary is not failing for it.
     *primary.batch_error.lock().unwrap() = Some(SttError::BadRequest("no batch".into()));
     let out = provider
         .transcribe_batch(request())

@@ -19,7 +19,7 @@ pub const DEFAULT_QUEUE_CHUNKS: usize = 64;
 /// `VOICEGATE_OPENAI_RETRIES`: further attempts of one chunk after a failure a later attempt can fix
 /// (429 rate limit, 5xx, no connection).
 pub const DEFAULT_RETRIES: u32 = 2;
-/// The largest number of retries accepted (each waits up to `request::RETRY_MAX`).
+/// The largest number of retries accepted (each waits up to `crate::stt::http::RETRY_MAX`).
 pub const MAX_RETRIES: u32 = 5;
 /// The host whose API always needs a key.
 const OPENAI_HOST: &str = "api.openai.com";

@@ -87,11 +87,7 @@ impl OpenAiProvider {
                 "engine",
             ],
         );
-        for reason in ["rate_limited", "engine", "network"] {
-            metrics::counter!(t::STT_RETRIES_TOTAL, "provider" => KIND.name(), "reason" => reason)
-                .increment(0);
-        }
-        metrics::counter!(t::STT_RESENT_SAMPLES_TOTAL, "provider" => KIND.name()).increment(0);
+        super::http::register_retry_metrics(KIND);
         let ctx = Arc::new(Ctx {
             permits: Semaphore::new(cfg.max_in_flight.max(1)),
             held: AtomicUsize::new(0),

@@ -6,19 +6,14 @@
 //! request failed after its connection was open (a timeout, a reset). A request that could not connect
 //! never handed its audio over: that audio counts as dropped (`provider_down`).
 //!
-//! **Retries** (`VOICEGATE_OPENAI_RETRIES`, 2): a chunk is sent again after a failure a later attempt can
-//! fix and that cost the provider nothing to refuse: 429 (not `insufficient_quota`, which is the account's
-//! balance), 5xx, or no connection. A timeout or a reset after the audio went out is not retried: the
-//! provider may have transcribed (and billed) it. Between attempts the house [`Backoff`] (0.5-5 s, jittered),
-//! or a 429's `Retry-After` when it says longer (up to 10 s; longer is not waited for). The request slot is
-//! given back while waiting. The chunk counts as forwarded once (the user is charged once); the audio of
-//! each further attempt that went out is counted in `voicegate_stt_resent_samples_total`, and each retry in
-//! `voicegate_stt_retries_total{reason}`. Only the last attempt's failure is an error (counted, told to
-//! the session).
+//! **Retries** (`VOICEGATE_OPENAI_RETRIES`, 2): a 429 (not `insufficient_quota`, which is the account's
+//! balance), a 5xx or a failed connection is sent again after the house backoff, as
+//! [`crate::stt::http`] says for every hosted provider. The request slot is given back while waiting. The
+//! chunk counts as forwarded once (the user is charged once); only the last attempt's failure is an error
+//! (counted, told to the session).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
 
 use rand::RngExt as _;
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
@@ -28,9 +23,9 @@ use super::KIND;
 use super::config::OpenAiConfig;
 use super::protocol::{self, MAX_RESPONSE_BYTES};
 use crate::outbound::Outbound;
-use crate::stt::types::{SttError, SttResult};
+use crate::stt::http::{self, Attempt};
+use crate::stt::types::SttResult;
 use crate::telemetry as t;
-use crate::time::Backoff;
 
 /// What every stream and batch of the provider shares.
 pub(super) struct Ctx {
@@ -93,99 +88,31 @@ fn depth(held: usize) {
 }
 
 /// How one request ended: its results, or the error (counted), and whether its audio was handed over.
-pub(super) struct Outcome {
-    pub results: Result<Vec<SttResult>, SttError>,
-    pub forwarded: bool,
-}
-
-/// How one attempt ended, and whether another one may fix it (and after how long at least).
-struct Attempt {
-    outcome: Outcome,
-    retry: Option<Duration>,
-}
-
-/// The first retry waits at least this; the ceiling doubles per retry.
-const RETRY_BASE: Duration = Duration::from_millis(500);
-/// The longest backoff between two attempts.
-const RETRY_MAX: Duration = Duration::from_secs(5);
-/// The longest `Retry-After` of a 429 that is waited for (past it the chunk fails now).
-const RETRY_AFTER_MAX: Duration = Duration::from_secs(10);
+pub(super) type Outcome = http::Outcome<Vec<SttResult>>;
 
 /// Transcribes one chunk (`pcm` at stream offset `start`): waits for a request slot, sends, and retries a
-/// retryable failure up to `VOICEGATE_OPENAI_RETRIES` times (module docs).
+/// retryable failure up to `VOICEGATE_OPENAI_RETRIES` times ([`http::with_retries`]).
 pub(super) async fn transcribe(
     ctx: &Ctx,
     pcm: &[i16],
     start: u64,
     language: Option<&str>,
 ) -> Outcome {
-    let mut backoff = Backoff::new(RETRY_BASE, RETRY_MAX);
-    let mut forwarded = false;
-    let mut retries = 0;
-    loop {
-        let Attempt { outcome, retry } = attempt(ctx, pcm, start, language).await;
-        if outcome.forwarded && forwarded {
-            metrics::counter!(t::STT_RESENT_SAMPLES_TOTAL, "provider" => KIND.name())
-                .increment(pcm.len() as u64);
-        }
-        forwarded |= outcome.forwarded;
-        let (Err(e), Some(at_least)) = (&outcome.results, retry) else {
-            return finish(outcome.results, forwarded, pcm.len());
-        };
-        if retries >= ctx.cfg.retries {
-            return finish(outcome.results, forwarded, pcm.len());
-        }
-        retries += 1;
-        metrics::counter!(t::STT_RETRIES_TOTAL, "provider" => KIND.name(), "reason" => e.code())
-            .increment(1);
-        let wait = backoff.next_delay().max(at_least);
-        tracing::debug!(message = "OpenAI-compatible transcription failed; retrying.", reason = e.code(), error = %e, retry = retries, wait_ms = wait.as_millis() as u64);
-        tokio::time::sleep(wait).await;
-    }
+    http::with_retries(KIND, ctx.cfg.retries, pcm.len(), || {
+        http::in_slot(KIND, &ctx.permits, send(ctx, pcm, start, language))
+    })
+    .await
 }
 
-/// The chunk's outcome: a failure is counted and logged once, for the last attempt.
-fn finish(results: Result<Vec<SttResult>, SttError>, forwarded: bool, samples: usize) -> Outcome {
-    if let Err(e) = &results {
-        metrics::counter!(t::STT_ERRORS_TOTAL, "provider" => KIND.name(), "reason" => e.code())
-            .increment(1);
-        tracing::warn!(message = "OpenAI-compatible transcription failed; the audio gets no transcript.", reason = e.code(), error = %e, samples);
-    }
-    Outcome { results, forwarded }
-}
-
-/// One attempt, holding a request slot only while it runs.
-async fn attempt(ctx: &Ctx, pcm: &[i16], start: u64, language: Option<&str>) -> Attempt {
-    let queued = Instant::now();
-    let Ok(_permit) = ctx.permits.acquire().await else {
-        return Attempt {
-            outcome: Outcome {
-                results: Err(SttError::Closed),
-                forwarded: false,
-            },
-            retry: None,
-        };
-    };
-    metrics::histogram!(t::STT_QUEUE_WAIT_SECONDS, "provider" => KIND.name())
-        .record(queued.elapsed().as_secs_f64());
-    let began = Instant::now();
-    let attempt = send(ctx, pcm, start, language).await;
-    metrics::histogram!(t::STT_ENGINE_DURATION_SECONDS, "provider" => KIND.name())
-        .record(began.elapsed().as_secs_f64());
-    attempt
-}
-
-async fn send(ctx: &Ctx, pcm: &[i16], start: u64, language: Option<&str>) -> Attempt {
-    let not_sent = |e: SttError, retry: Option<Duration>| Attempt {
-        outcome: Outcome {
-            results: Err(e),
-            forwarded: false,
-        },
-        retry,
-    };
+async fn send(
+    ctx: &Ctx,
+    pcm: &[i16],
+    start: u64,
+    language: Option<&str>,
+) -> Attempt<Vec<SttResult>> {
     let key = match ctx.cfg.key.as_ref().map(|k| k.current()).transpose() {
         Ok(key) => key,
-        Err(e) => return not_sent(e, None),
+        Err(e) => return Attempt::not_sent(e, None),
     };
     let boundary = {
         let mut rng = rand::rng();
@@ -208,73 +135,23 @@ async fn send(ctx: &Ctx, pcm: &[i16], start: u64, language: Option<&str>) -> Att
     }
     let mut response = match request.send().await {
         Ok(r) => r,
-        Err(e) if e.is_connect() => {
-            // Nothing went out: another attempt costs nothing.
-            return not_sent(
-                SttError::Network(format!("cannot connect to {}: {e}", ctx.cfg.url)),
-                Some(Duration::ZERO),
-            );
-        }
-        Err(e) if e.is_builder() => {
-            return not_sent(SttError::BadRequest(format!("{}: {e}", ctx.cfg.url)), None);
-        }
-        Err(e) => {
-            let why = if e.is_timeout() {
-                format!("no answer within {:?}", ctx.cfg.timeout)
-            } else {
-                e.to_string()
-            };
-            // The audio went out: the provider may have transcribed it. Not retried.
-            return Attempt {
-                outcome: Outcome {
-                    results: Err(SttError::Network(why)),
-                    forwarded: true,
-                },
-                retry: None,
-            };
-        }
+        Err(e) => return Attempt::failed(&e, &ctx.cfg.url, ctx.cfg.timeout),
     };
     let status = response.status();
-    let retry_after = response
-        .headers()
-        .get(reqwest::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map(Duration::from_secs);
-    let mut body = Vec::new();
-    let read = loop {
-        match response.chunk().await {
-            Ok(Some(bytes)) if body.len() + bytes.len() <= MAX_RESPONSE_BYTES => {
-                body.extend_from_slice(&bytes);
-            }
-            Ok(Some(_)) => {
-                break Err(SttError::Protocol(format!(
-                    "the answer is larger than {MAX_RESPONSE_BYTES} bytes"
-                )));
-            }
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(SttError::Network(format!("reading the answer: {e}"))),
-        }
-    };
+    let retry_after = http::retry_after(&response);
+    let read = http::read_body(&mut response, MAX_RESPONSE_BYTES).await;
     let (results, retry) = if !status.is_success() {
-        let e = protocol::status_error(status.as_u16(), &body);
-        // The provider refused the request (429, 5xx): another attempt may pass, unless the 429 asks
-        // for a longer wait than a chunk of live audio can take.
-        let retry = matches!(e, SttError::RateLimited(_) | SttError::Engine(_))
-            || (status.is_server_error() && matches!(e, SttError::Network(_)));
-        let retry = match retry_after {
-            Some(after) if after > RETRY_AFTER_MAX => None,
-            after => retry.then(|| after.unwrap_or(Duration::ZERO)),
-        };
+        let e = protocol::status_error(status.as_u16(), read.as_deref().unwrap_or_default());
+        let retry = http::retry_for(status.as_u16(), &e, retry_after);
         (Err(e), retry)
     } else {
         let results = read
-            .and_then(|()| protocol::parse(&body))
+            .and_then(|body| protocol::parse(&body))
             .map(|t| protocol::results(&t, start, pcm.len() as u64));
         (results, None)
     };
     Attempt {
-        outcome: Outcome {
+        outcome: http::Outcome {
             results,
             forwarded: true,
         },

@@ -3,6 +3,7 @@
 
 pub mod engine_server;
 pub mod gated;
+pub mod http_double;
 pub mod refusal;
 
 use std::time::{SystemTime, UNIX_EPOCH};

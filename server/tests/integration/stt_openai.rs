@@ -635,3 +635,48 @@ async fn over_the_speech_ceiling_a_live_session_is_told_and_sends_nothing_but_is
     );
     server.shutdown().await;
 }
+
+/// The daily spend ceiling on paid STT (lowered to 2 s for the test) trips for everyone: after another
+/// user's sync upload spent past it, a new live session is told `stt_unavailable{spend_ceiling}`, nothing
+/// reaches the provider, and its speech is still metered exactly.
+#[actix_web::test]
+async fn past_the_daily_spend_ceiling_a_live_session_is_told_and_sends_nothing_but_is_metered() {
+    let double = OpenAiDouble::start(&[Plan::Serve]).await;
+    let fair = voicegate_engine::policy::FairUseConfig {
+        stt_spend_ceiling_ms: 2_000,
+        ..fair_use_on()
+    };
+    let server = EngineServer::start(fair, openai(&double)).await;
+    // Another user's upload is sent under the ceiling (its entitlement was read before) and passes it.
+    let (code, body, _) = server.upload("spender", "", &d01_an_hour_ago()).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(body["stt_ms"].as_u64().unwrap() > 2_000, "{body}");
+    let before = double.requests().len();
+    let packets = fixture_packets("d02");
+    let ws = connect(server.addr, Some("bystander"), OPUS16)
+        .await
+        .unwrap();
+    // Its first 30 s (speech in it) at 4x real time.
+    let seen = stream(ws, &packets[..3_000.min(packets.len())], 4, None).await;
+    assert_eq!(
+        seen.close.as_ref().map(|c| c.0),
+        Some(NORMAL),
+        "{:?}",
+        seen.events
+    );
+    assert_eq!(
+        unavailable_reasons(&seen),
+        ["spend_ceiling"],
+        "{:?}",
+        seen.events
+    );
+    assert_eq!(double.requests().len(), before, "nothing forwarded");
+    assert_eq!(seen.metadata()["stt_forwarded_ms"].as_u64(), Some(0));
+    let session_ms = seen.metadata()["speech_ms"].as_u64().unwrap();
+    assert!(session_ms > 0, "speech still detected and metered");
+    assert_eq!(
+        server.status_speech_ms("bystander").await["daily_ms"].as_u64(),
+        Some(session_ms)
+    );
+    server.shutdown().await;
+}

@@ -48,17 +48,58 @@ pub fn previous_month(month: MonthKey) -> MonthKey {
     }
 }
 
-/// Year and month of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+/// Year and month of a day count since 1970-01-01.
 fn civil_year_month(days: i64) -> (i64, u32) {
+    let (year, month, _) = civil_from_days(days);
+    (year, month)
+}
+
+/// Year, month and day of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`; no date crate
+/// is a dependency, and these two functions are all the calendar the engine needs).
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
     let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
     let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
     let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
     let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month)
+    (year, month, day)
+}
+
+/// A UTC day (days since 1970-01-01) as `yyyy-mm-dd`.
+pub fn day_string(day: u64) -> String {
+    let (y, m, d) = civil_from_days(i64::try_from(day).unwrap_or(i64::MAX / 2));
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// The UTC day (days since 1970-01-01) of a `yyyy-mm-dd` date from 1970 on, or `None` when it is not one
+/// (Hinnant's `days_from_civil`).
+pub fn parse_day(date: &str) -> Option<u64> {
+    let mut parts = date.trim().splitn(3, '-');
+    let y: i64 = parts.next()?.parse().ok()?;
+    let m: i64 = parts.next()?.parse().ok()?;
+    let d: i64 = parts.next()?.parse().ok()?;
+    if !(1970..=9999).contains(&y) || !(1..=12).contains(&m) || d < 1 {
+        return None;
+    }
+    let yy = if m <= 2 { y - 1 } else { y };
+    let era = yy.div_euclid(400);
+    let yoe = yy - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 };
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    // A day past the month's end (`02-30`) would land in the next month: not a date.
+    let days = u64::try_from(days).ok()?;
+    (civil_from_days(days as i64) == (y, m as u32, d as u32)).then_some(days)
+}
+
+/// The UTC month (`yyyymm`) of a UTC day.
+pub fn month_of_day(day: u64) -> MonthKey {
+    month_of_ms(day.saturating_mul(MS_PER_DAY))
 }
 
 /// Converts a sample count to ms, rounding to the nearest ms (half up), computed in 128 bits so no count
@@ -180,6 +221,39 @@ impl Clock for TokioClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn days_read_and_write_as_utc_dates() {
+        assert_eq!(day_string(0), "1970-01-01");
+        assert_eq!(parse_day("1970-01-01"), Some(0));
+        // 2026-12-06 is day 20,793.
+        assert_eq!(parse_day("2026-12-06"), Some(20_793));
+        assert_eq!(day_string(20_793), "2026-12-06");
+        assert_eq!(month_of_day(20_793), 202_612);
+        for day in [59, 60, 11_016, 11_017, 19_417, 20_454, 20_818] {
+            assert_eq!(
+                parse_day(&day_string(day)),
+                Some(day),
+                "{}",
+                day_string(day)
+            );
+        }
+        assert_eq!(
+            day_string(parse_day("2024-02-29").unwrap_or(0)),
+            "2024-02-29"
+        );
+        for bad in [
+            "2025-02-29",
+            "2026-13-01",
+            "2026-00-10",
+            "2026-01-32",
+            "1969-12-31",
+            "x",
+            "2026-1",
+        ] {
+            assert_eq!(parse_day(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn months_follow_the_utc_calendar() {

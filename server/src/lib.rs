@@ -23,6 +23,7 @@ pub mod serve;
 pub mod sessions;
 pub mod stripe;
 pub mod stt;
+pub mod stt_admin;
 pub mod sync;
 pub mod sync_v2;
 pub mod throttle;

@@ -35,7 +35,9 @@ use crate::policy::{
     FairUseConfig, FairUseEvent, InvalidStage, Mode, MonthUsage, SessionSummary, SoftCaps,
     SpeechMs, Stage, StageState, SttAllowance, SttUsage, resolve,
 };
-use crate::store::fair_use::{CooldownLock, FairUseStore, MAX_EVENTS_PER_USER};
+use crate::store::fair_use::{
+    CooldownLock, FairUseStore, MAX_EVENTS_PER_USER, SttLedgerRow, SttParts, stt_total,
+};
 use crate::store::plans::PlanStore;
 use crate::telemetry;
 use crate::time::Clock;
@@ -347,11 +349,19 @@ impl FairUse {
         self.resolve_now(uid, mode, plan).await.0
     }
 
-    /// Count paid-STT ms forwarded for `uid` today (UTC day); returns today's total. The budgets of throttle
-    /// and restrict are checked against this count by [`FairUse::entitlement`]. `paid`: the audio went to a
-    /// paid provider, so it also counts toward the day's spend ceiling (all users together; a failure to
-    /// count it is logged, and the next read of the ceiling finds the store as it is).
-    pub async fn record_stt(&self, uid: &str, ms: u64, paid: bool) -> Result<u64, LedgerError> {
+    /// Count the STT ms forwarded for `uid` today (UTC day), given by the provider that took the audio
+    /// (`local`, `deepgram`, `openai`, `none`); returns today's total. The budgets of throttle and restrict
+    /// are checked against the total by [`FairUse::entitlement`]; the parts go to the user's per-provider
+    /// ledger ([`FairUse::stt_ledger`], billing reconciliation), in the same write. `paid`: the audio went
+    /// to a paid provider, so it also counts toward the day's spend ceiling (all users together; a failure
+    /// to count it is logged, and the next read of the ceiling finds the store as it is).
+    pub async fn record_stt(
+        &self,
+        uid: &str,
+        by_provider: SttParts<'_>,
+        paid: bool,
+    ) -> Result<u64, LedgerError> {
+        let ms = stt_total(by_provider);
         let day = SttUsage::day_of(self.clock.now_ms());
         let store = self.ledger.store();
         if paid && self.cfg.stt_spend_ceiling_ms > 0 {
@@ -362,7 +372,18 @@ impl FairUse {
                 }
             }
         }
-        Ok(store.add_stt_ms(uid, day, ms).await?)
+        Ok(store.add_stt_ms(uid, day, by_provider).await?)
+    }
+
+    /// The user's STT ms per UTC day and provider for days `from..=to` (days since the epoch), as charged
+    /// by [`FairUse::record_stt`]; kept [`crate::store::fair_use::STT_LEDGER_RETENTION_DAYS`] days.
+    pub async fn stt_ledger(
+        &self,
+        uid: &str,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<SttLedgerRow>, LedgerError> {
+        Ok(self.ledger.store().stt_ledger(uid, from, to).await?)
     }
 
     /// Today's spend as last seen: the gauge, and a warning the first time it is at the ceiling.

@@ -22,6 +22,30 @@ pub const MAX_SESSIONS_PER_USER: usize = 500;
 /// Session evidence is kept while its end (audio time) is within this of now: the 7-day window plus a day.
 pub const SESSION_RETENTION_MS: u64 = 8 * 86_400_000;
 
+/// The per-provider STT ledger ([`FairUseStore::stt_ledger`]) is kept this many days: a quarter's
+/// invoices and the weeks their disputes take.
+pub const STT_LEDGER_RETENTION_DAYS: u64 = 100;
+
+/// STT ms charged, by the provider that took the audio (`local`, `deepgram`, `openai`, `none`).
+pub type SttParts<'a> = &'a [(&'static str, u64)];
+
+/// The sum of the parts (saturating).
+pub fn stt_total(parts: SttParts<'_>) -> u64 {
+    parts
+        .iter()
+        .fold(0u64, |sum, (_, ms)| sum.saturating_add(*ms))
+}
+
+/// One row of a user's STT ledger: the ms charged on a UTC day for audio one provider took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SttLedgerRow {
+    /// Days since 1970-01-01 (UTC).
+    pub day: u64,
+    /// `local`, `deepgram`, `openai` or `none`.
+    pub provider: String,
+    pub ms: u64,
+}
+
 /// A store failure. Callers treat it as "unknown", never as a benign answer.
 #[derive(Debug, thiserror::Error)]
 pub enum FairUseStoreError {
@@ -82,8 +106,13 @@ pub trait FairUseStore: Send + Sync + 'static {
     fn find_case(&self, case_ref: &CaseRef) -> FairUseFuture<Option<String>>;
     /// Users whose stored stage is not none (optionally only `stage`), at most `limit`, sorted by uid.
     fn flagged(&self, stage: Option<Stage>, limit: usize) -> FairUseFuture<Vec<(String, Stage)>>;
-    /// Add paid-STT ms forwarded on UTC day `day` (days since the epoch); returns the day's new total.
-    fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64>;
+    /// Add the STT ms charged on UTC day `day` (days since the epoch), given by the provider that took the
+    /// audio: their sum goes to the day's counter (the budgets' count, kept two days) and each part to the
+    /// user's per-provider ledger (kept [`STT_LEDGER_RETENTION_DAYS`]), in one atomic write; returns the
+    /// day's new total.
+    fn add_stt_ms(&self, uid: &str, day: u64, parts: SttParts<'_>) -> FairUseFuture<u64>;
+    /// The user's ledger rows for UTC days `from..=to`, by day then provider.
+    fn stt_ledger(&self, uid: &str, from: u64, to: u64) -> FairUseFuture<Vec<SttLedgerRow>>;
     /// Paid-STT ms forwarded on UTC day `day`.
     fn stt_ms(&self, uid: &str, day: u64) -> FairUseFuture<u64>;
     /// Add ms of audio sent to paid providers on UTC day `day`, all users together (the spend ceiling's
@@ -136,6 +165,10 @@ struct MemoryInner {
     sessions: HashMap<String, Vec<SessionSummary>>,
     /// Evidence writes since the last sweep of users whose every session left the retention.
     session_writes: u64,
+    /// (uid, day, provider) → STT ms charged: the ledger, swept of days past its retention.
+    ledger: std::collections::BTreeMap<(String, u64, String), u64>,
+    /// Ledger writes since the last sweep.
+    ledger_writes: u64,
     /// UTC day → ms sent to paid providers (only today and yesterday are kept).
     spend: HashMap<u64, u64>,
     /// uid → the usage thresholds told (at most 6 each; a user with none has no entry).
@@ -227,13 +260,41 @@ impl FairUseStore for MemoryFairUseStore {
         Box::pin(async move { Ok(out) })
     }
 
-    fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64> {
+    fn add_stt_ms(&self, uid: &str, day: u64, parts: SttParts<'_>) -> FairUseFuture<u64> {
+        let ms = stt_total(parts);
         let mut g = self.lock();
         g.stt.retain(|(_, d), _| d.saturating_add(1) >= day);
         let total = g.stt.entry((uid.to_owned(), day)).or_default();
         *total = total.saturating_add(ms);
         let total = *total;
+        g.ledger_writes += 1;
+        if g.ledger_writes.is_multiple_of(SESSION_SWEEP_EVERY) {
+            g.ledger
+                .retain(|(_, d, _), _| d.saturating_add(STT_LEDGER_RETENTION_DAYS) >= day);
+        }
+        for &(provider, part) in parts.iter().filter(|(_, ms)| *ms > 0) {
+            let row = g
+                .ledger
+                .entry((uid.to_owned(), day, provider.to_owned()))
+                .or_default();
+            *row = row.saturating_add(part);
+        }
         Box::pin(async move { Ok(total) })
+    }
+
+    fn stt_ledger(&self, uid: &str, from: u64, to: u64) -> FairUseFuture<Vec<SttLedgerRow>> {
+        let rows: Vec<SttLedgerRow> = self
+            .lock()
+            .ledger
+            .range((uid.to_owned(), from, String::new())..)
+            .take_while(|((u, d, _), _)| u == uid && *d <= to)
+            .map(|((_, day, provider), ms)| SttLedgerRow {
+                day: *day,
+                provider: provider.clone(),
+                ms: *ms,
+            })
+            .collect();
+        Box::pin(async move { Ok(rows) })
     }
 
     fn record_session(

@@ -24,8 +24,10 @@ use redis::{AsyncCommands, Script};
 use crate::policy::{CaseRef, FairUseEvent, SessionSummary, Stage, StageState};
 use crate::store::fair_use::{
     CommitOutcome, CooldownLock, FairUseFuture, FairUseStore, FairUseStoreError,
-    MAX_EVENTS_PER_USER, MAX_SESSIONS_PER_USER, SESSION_RETENTION_MS, VersionedState,
+    MAX_EVENTS_PER_USER, MAX_SESSIONS_PER_USER, SESSION_RETENTION_MS, STT_LEDGER_RETENTION_DAYS,
+    SttLedgerRow, SttParts, VersionedState, stt_total,
 };
+use crate::time::{MS_PER_DAY, month_of_day};
 
 /// State and events outlive every decay horizon (30 + 7 + 30 days) by far; a user silent this long is gone.
 const STATE_TTL_MS: u64 = 400 * 86_400_000;
@@ -45,6 +47,11 @@ pub fn lock_key(uid: &str) -> String {
 
 pub fn stt_key(uid: &str, day: u64) -> String {
     format!("vg:{{{uid}}}:fu:stt:{day}")
+}
+
+/// A user's per-provider STT ledger for one UTC month (`yyyymm`): a hash of `<day>:<provider>` → ms.
+pub fn stt_ledger_key(uid: &str, month: u32) -> String {
+    format!("vg:{{{uid}}}:fu:sttledger:{month}")
 }
 
 /// STT day counters outlive their day by one more (yesterday stays readable across midnight).
@@ -151,6 +158,20 @@ end
 return 0
 ";
 
+/// A transaction adding `ms` to the day counter `key` (kept [`STT_TTL_MS`]); it answers the new total.
+fn day_counter(key: &str, ms: u64) -> redis::Pipeline {
+    let mut pipe = redis::pipe();
+    pipe.atomic()
+        .cmd("INCRBY")
+        .arg(key)
+        .arg(ms)
+        .cmd("PEXPIRE")
+        .arg(key)
+        .arg(STT_TTL_MS)
+        .ignore();
+    pipe
+}
+
 /// Fair-use state and events in Redis.
 #[derive(Clone)]
 pub struct RedisFairUseStore {
@@ -162,20 +183,12 @@ pub struct RedisFairUseStore {
 }
 
 impl RedisFairUseStore {
-    /// Adds `ms` to a day counter (a user's STT, the cluster's spend) and keeps it [`STT_TTL_MS`]; answers
-    /// the new total. One atomic round trip.
+    /// Adds `ms` to a day counter (the cluster's spend) and keeps it [`STT_TTL_MS`]; answers the new total.
+    /// One atomic round trip.
     fn add_day_ms(&self, key: String, ms: u64) -> FairUseFuture<u64> {
         let mut conn = self.conn.clone();
+        let pipe = day_counter(&key, ms);
         Box::pin(async move {
-            let mut pipe = redis::pipe();
-            pipe.atomic()
-                .cmd("INCRBY")
-                .arg(&key)
-                .arg(ms)
-                .cmd("PEXPIRE")
-                .arg(&key)
-                .arg(STT_TTL_MS)
-                .ignore();
             let (total,): (u64,) = transaction(&mut conn, &pipe, &key).await?;
             Ok(total)
         })
@@ -290,8 +303,72 @@ impl FairUseStore for RedisFairUseStore {
         })
     }
 
-    fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64> {
-        self.add_day_ms(stt_key(uid, day), ms)
+    fn add_stt_ms(&self, uid: &str, day: u64, parts: SttParts<'_>) -> FairUseFuture<u64> {
+        let mut conn = self.conn.clone();
+        let key = stt_key(uid, day);
+        let ledger = stt_ledger_key(uid, month_of_day(day));
+        let mut pipe = day_counter(&key, stt_total(parts));
+        // The day's counter and the ledger share the user's slot: one transaction.
+        let mut written = false;
+        for (provider, ms) in parts.iter().filter(|(_, ms)| *ms > 0) {
+            pipe.cmd("HINCRBY")
+                .arg(&ledger)
+                .arg(format!("{day}:{provider}"))
+                .arg(ms)
+                .ignore();
+            written = true;
+        }
+        if written {
+            pipe.cmd("PEXPIRE")
+                .arg(&ledger)
+                .arg(STT_LEDGER_RETENTION_DAYS * MS_PER_DAY)
+                .ignore();
+        }
+        Box::pin(async move {
+            let (total,): (u64,) = transaction(&mut conn, &pipe, &key).await?;
+            Ok(total)
+        })
+    }
+
+    fn stt_ledger(&self, uid: &str, from: u64, to: u64) -> FairUseFuture<Vec<SttLedgerRow>> {
+        let mut conn = self.conn.clone();
+        let uid = uid.to_owned();
+        // Bounded by the retention whatever range is asked: at most five months' hashes.
+        let from = from.max(to.saturating_sub(STT_LEDGER_RETENTION_DAYS));
+        Box::pin(async move {
+            let mut months = vec![month_of_day(from)];
+            let mut day = from;
+            while day <= to {
+                let month = month_of_day(day);
+                if months.last() != Some(&month) {
+                    months.push(month);
+                }
+                day += 1;
+            }
+            let mut rows = Vec::new();
+            for month in months {
+                let fields: Vec<(String, u64)> = conn.hgetall(stt_ledger_key(&uid, month)).await?;
+                for (field, ms) in fields {
+                    let Some((day, provider)) = field
+                        .split_once(':')
+                        .and_then(|(d, p)| Some((d.parse::<u64>().ok()?, p)))
+                    else {
+                        return Err(FairUseStoreError::Protocol(format!(
+                            "STT ledger field {field:?} is not <day>:<provider>"
+                        )));
+                    };
+                    if (from..=to).contains(&day) {
+                        rows.push(SttLedgerRow {
+                            day,
+                            provider: provider.to_owned(),
+                            ms,
+                        });
+                    }
+                }
+            }
+            rows.sort_by(|a, b| (a.day, &a.provider).cmp(&(b.day, &b.provider)));
+            Ok(rows)
+        })
     }
 
     fn add_spend_ms(&self, day: u64, ms: u64) -> FairUseFuture<u64> {

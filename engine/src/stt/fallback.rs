@@ -436,6 +436,14 @@ impl StreamHandle for FallbackStream {
     fn stats(&self) -> StreamStats {
         self.outer.counters().stats()
     }
+
+    fn serving(&self) -> Option<ProviderKind> {
+        Some(if self.on_fallback {
+            self.fallback.kind()
+        } else {
+            self.primary.kind()
+        })
+    }
 }
 
 #[cfg(test)]

@@ -50,6 +50,16 @@ impl ProviderKind {
         matches!(self, ProviderKind::Deepgram | ProviderKind::OpenAi)
     }
 
+    /// Its position in [`ProviderKind::ALL`] (arrays counting per provider).
+    pub fn index(self) -> usize {
+        match self {
+            ProviderKind::Local => 0,
+            ProviderKind::Deepgram => 1,
+            ProviderKind::OpenAi => 2,
+            ProviderKind::None => 3,
+        }
+    }
+
     pub fn parse(word: &str) -> Option<ProviderKind> {
         ProviderKind::ALL
             .into_iter()
@@ -118,6 +128,11 @@ pub trait StreamHandle: Send {
     fn close(&mut self);
     /// This stream's counters so far.
     fn stats(&self) -> StreamStats;
+    /// The provider the last push went to, when the handle can serve from more than one (the fallback);
+    /// `None`: the provider that opened it.
+    fn serving(&self) -> Option<ProviderKind> {
+        None
+    }
 }
 
 /// Counters of one stream, shared between the session's handle and the provider's workers.
@@ -276,6 +291,8 @@ pub struct BatchOutput {
     pub results: Vec<SttResult>,
     /// Samples handed to the engine (what the user is charged).
     pub forwarded_samples: u64,
+    /// The provider that answered, when the one asked may hand the span to another (the fallback).
+    pub provider: Option<ProviderKind>,
 }
 
 /// The answer to one [`BatchRequest`], awaited or waited for.

@@ -149,10 +149,17 @@ async fn restrict_over_a_cap_rejects_sync_with_retry_after_but_never_realtime() 
     ));
     // STT forwarded today counts against the restrict budget (30 min), across calls and sessions.
     assert_eq!(
-        fu.record_stt("r", 1_000_000, true).await.unwrap(),
+        fu.record_stt("r", &[("deepgram", 1_000_000)], true)
+            .await
+            .unwrap(),
         1_000_000
     );
-    assert_eq!(fu.record_stt("r", 800_000, true).await.unwrap(), 1_800_000);
+    assert_eq!(
+        fu.record_stt("r", &[("deepgram", 800_000)], true)
+            .await
+            .unwrap(),
+        1_800_000
+    );
     let rt = fu
         .entitlement("r", Mode::Realtime, PlanRecord::Known(Some("unlimited")))
         .await;

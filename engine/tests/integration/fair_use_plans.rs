@@ -18,7 +18,7 @@ use voicegate_engine::policy::{
 use voicegate_engine::store::MemoryStore;
 use voicegate_engine::store::fair_use::{
     CommitOutcome, FairUseFuture, FairUseStore, FairUseStoreError, MemoryCooldownLock,
-    MemoryFairUseStore, VersionedState,
+    MemoryFairUseStore, SttLedgerRow, SttParts, VersionedState,
 };
 use voicegate_engine::store::plans::{
     MemoryPlanStore, PlanRecordValue, PlanSet, PlanStore, PlanStoreError,
@@ -537,7 +537,10 @@ impl FairUseStore for DownStore {
     fn flagged(&self, _: Option<Stage>, _: usize) -> FairUseFuture<Vec<(String, Stage)>> {
         down()
     }
-    fn add_stt_ms(&self, _: &str, _: u64, _: u64) -> FairUseFuture<u64> {
+    fn add_stt_ms(&self, _: &str, _: u64, _: SttParts<'_>) -> FairUseFuture<u64> {
+        down()
+    }
+    fn stt_ledger(&self, _: &str, _: u64, _: u64) -> FairUseFuture<Vec<SttLedgerRow>> {
         down()
     }
     fn stt_ms(&self, _: &str, _: u64) -> FairUseFuture<u64> {
@@ -690,8 +693,11 @@ impl FairUseStore for RacedStore {
     fn flagged(&self, stage: Option<Stage>, limit: usize) -> FairUseFuture<Vec<(String, Stage)>> {
         self.inner.flagged(stage, limit)
     }
-    fn add_stt_ms(&self, uid: &str, day: u64, ms: u64) -> FairUseFuture<u64> {
-        self.inner.add_stt_ms(uid, day, ms)
+    fn add_stt_ms(&self, uid: &str, day: u64, parts: SttParts<'_>) -> FairUseFuture<u64> {
+        self.inner.add_stt_ms(uid, day, parts)
+    }
+    fn stt_ledger(&self, uid: &str, from: u64, to: u64) -> FairUseFuture<Vec<SttLedgerRow>> {
+        self.inner.stt_ledger(uid, from, to)
     }
     fn stt_ms(&self, uid: &str, day: u64) -> FairUseFuture<u64> {
         self.inner.stt_ms(uid, day)
@@ -762,12 +768,18 @@ async fn the_spend_ceiling_trips_for_everyone_on_paid_audio_only_and_resets_at_m
         }
     };
     // Audio to a local engine costs nothing: it never counts.
-    w.fu.record_stt("a", 90_000, false).await.unwrap();
+    w.fu.record_stt("a", &[("local", 90_000)], false)
+        .await
+        .unwrap();
     assert_eq!(stt("b").await, SttAllowance::Unlimited);
     // 30 s + 30 s to a paid provider by one user: the ceiling closes paid STT for another user too.
-    w.fu.record_stt("a", 30_000, true).await.unwrap();
+    w.fu.record_stt("a", &[("deepgram", 30_000)], true)
+        .await
+        .unwrap();
     assert_eq!(stt("b").await, SttAllowance::Unlimited, "under the ceiling");
-    w.fu.record_stt("a", 30_000, true).await.unwrap();
+    w.fu.record_stt("a", &[("deepgram", 30_000)], true)
+        .await
+        .unwrap();
     let midnight = (T0 / 86_400_000 + 1) * 86_400_000;
     for uid in ["a", "b"] {
         let allowance = stt(uid).await;

@@ -9,7 +9,7 @@ use voicegate_engine::policy::{
 };
 use voicegate_engine::store::fair_use::{
     CommitOutcome, CooldownLock, FairUseStore, MAX_EVENTS_PER_USER, MAX_SESSIONS_PER_USER,
-    MemoryCooldownLock, MemoryFairUseStore, SESSION_RETENTION_MS,
+    MemoryCooldownLock, MemoryFairUseStore, SESSION_RETENTION_MS, STT_LEDGER_RETENTION_DAYS,
 };
 use voicegate_engine::store::fair_use_redis::{RedisCooldownLock, RedisFairUseStore, lock_key};
 use voicegate_engine::store::test_redis::RedisServer;
@@ -121,8 +121,20 @@ async fn state_store_contract(store: Arc<dyn FairUseStore>) {
 
     // STT day counters: per user and per UTC day.
     assert_eq!(store.stt_ms("u", 20_000).await.unwrap(), 0);
-    assert_eq!(store.add_stt_ms("u", 20_000, 1_500).await.unwrap(), 1_500);
-    assert_eq!(store.add_stt_ms("u", 20_000, 500).await.unwrap(), 2_000);
+    assert_eq!(
+        store
+            .add_stt_ms("u", 20_000, &[("deepgram", 1_500)])
+            .await
+            .unwrap(),
+        1_500
+    );
+    assert_eq!(
+        store
+            .add_stt_ms("u", 20_000, &[("deepgram", 500)])
+            .await
+            .unwrap(),
+        2_000
+    );
     assert_eq!(store.stt_ms("u", 20_000).await.unwrap(), 2_000);
     assert_eq!(
         store.stt_ms("u", 20_001).await.unwrap(),
@@ -428,7 +440,10 @@ async fn redis_keys_are_the_documented_ones() {
         .commit("k", 0, &warning, std::slice::from_ref(&e1))
         .await
         .unwrap();
-    store.add_stt_ms("k", 20_000, 1_500).await.unwrap();
+    store
+        .add_stt_ms("k", 20_000, &[("deepgram", 1_500)])
+        .await
+        .unwrap();
     let mut conn = conn;
     let cmd = |name: &str, key: &str| {
         let mut c = redis::cmd(name);
@@ -505,4 +520,84 @@ async fn redis_spend_is_counted_per_utc_day_on_one_key_that_expires() {
         .await
         .unwrap();
     assert!(ttl > 86_400_000 && ttl <= 2 * 86_400_000, "{ttl}");
+}
+
+/// The per-provider STT ledger: each charge's parts by provider, per user and UTC day, read back by a day
+/// range across a month's end; the day's counter gets their sum in the same write.
+async fn ledger_contract(store: Arc<dyn FairUseStore>) {
+    // 20,818 is 2026-12-31, 20,819 is 2027-01-01.
+    let (dec31, jan1) = (20_818, 20_819);
+    assert_eq!(
+        store
+            .add_stt_ms("led", dec31, &[("deepgram", 1_000), ("local", 250)])
+            .await
+            .unwrap(),
+        1_250
+    );
+    store
+        .add_stt_ms("led", dec31, &[("deepgram", 500)])
+        .await
+        .unwrap();
+    store
+        .add_stt_ms("led", jan1, &[("openai", 40), ("none", 0)])
+        .await
+        .unwrap();
+    store
+        .add_stt_ms("other", jan1, &[("openai", 9)])
+        .await
+        .unwrap();
+    assert_eq!(store.stt_ms("led", dec31).await.unwrap(), 1_750);
+    let rows: Vec<(u64, String, u64)> = store
+        .stt_ledger("led", dec31 - 3, jan1)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.day, r.provider, r.ms))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (dec31, "deepgram".to_string(), 1_500),
+            (dec31, "local".to_string(), 250),
+            (jan1, "openai".to_string(), 40),
+        ],
+        "a zero part writes nothing; another user's rows stay theirs"
+    );
+    let jan_only = store.stt_ledger("led", jan1, jan1 + 30).await.unwrap();
+    assert_eq!(jan_only.len(), 1);
+    assert!(
+        store
+            .stt_ledger("nobody", 0, jan1)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn memory_stt_ledger_keeps_each_providers_part_per_day() {
+    ledger_contract(Arc::new(MemoryFairUseStore::new())).await;
+}
+
+#[tokio::test]
+async fn redis_stt_ledger_keeps_each_providers_part_per_day_in_a_month_hash_that_expires() {
+    let (_server, conn) = redis().await;
+    ledger_contract(Arc::new(RedisFairUseStore::new(conn.clone()))).await;
+    let mut conn = conn;
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg("vg:{led}:fu:sttledger:202612")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        ttl > 99 * 86_400_000 && ttl <= STT_LEDGER_RETENTION_DAYS as i64 * 86_400_000,
+        "{ttl}"
+    );
+    let field: u64 = redis::cmd("HGET")
+        .arg("vg:{led}:fu:sttledger:202701")
+        .arg("20819:openai")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(field, 40);
 }

@@ -218,7 +218,7 @@ async fn transactions_right_after_a_failover_follow_the_slot_to_its_new_master()
     for uid in &uids {
         assert_eq!(
             fair_use
-                .add_stt_ms(uid, 1, 10)
+                .add_stt_ms(uid, 1, &[("local", 10)])
                 .await
                 .unwrap_or_else(|e| panic!("{e}")),
             10
@@ -236,7 +236,7 @@ async fn transactions_right_after_a_failover_follow_the_slot_to_its_new_master()
         assert_eq!(snap.buckets, vec![(minute_of_ms(T0), 250)], "{uid}");
         assert_eq!(
             fair_use
-                .add_stt_ms(uid, 1, 5)
+                .add_stt_ms(uid, 1, &[("local", 5)])
                 .await
                 .unwrap_or_else(|e| panic!("{uid}: {e}")),
             15,

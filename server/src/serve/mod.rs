@@ -162,6 +162,7 @@ pub fn mount_engine(server: &mut ServerBuilder, engine: &Engine) {
         .app_data(engine.data())
         .routes(crate::routes::configure)
         .routes(crate::plans_admin::configure)
+        .routes(crate::stt_admin::configure)
         .on_drain(DrainPhase::Flush, "meter_flush", move || {
             Box::pin(async move { flushing.flush(flush_limit).await })
         });

@@ -378,6 +378,37 @@ async fn every_bad_input_gets_its_documented_answer_and_meters_nothing() {
             Reply::of(resp).await
         },
     );
+    for (what, query, code) in [
+        (
+            "admin STT ledger with a date that is not one",
+            "?from=2026-13-01",
+            "invalid_date",
+        ),
+        (
+            "admin STT ledger with from after to",
+            "?from=2026-12-06&to=2026-12-01",
+            "invalid_range",
+        ),
+        (
+            "admin STT ledger over its retention",
+            "?from=2026-01-01&to=2026-12-01",
+            "invalid_range",
+        ),
+        (
+            "admin STT ledger with an unknown parameter",
+            "?since=2026-12-01",
+            "",
+        ),
+    ] {
+        let resp = server
+            .http
+            .get(server.url(&format!("/v1/admin/stt/user/victim{query}")))
+            .header("X-Admin-Key", ADMIN_KEY)
+            .send()
+            .await
+            .unwrap();
+        add(what, 400, code, Reply::of(resp).await);
+    }
     add("stripe webhook without signature", 400, "", {
         let resp = server
             .http

@@ -739,6 +739,28 @@ async fn with_a_fallback_a_reconnect_answered_402_moves_the_stream_to_it_and_cha
         "the fallback's transcripts reached the client: {texts:?}"
     );
     assert_metered_exactly(&server, "carol", &seen, &packets).await;
+    // The admin ledger splits the session's charge by the provider that took the audio: exactly the
+    // charge in all, the fallback's part what it received (ms rounding, at most 1 ms a record).
+    let (code, ledger) = server.admin_get("/v1/admin/stt/user/carol").await;
+    assert_eq!(code, 200, "{ledger}");
+    let part = |p: &str| ledger["ms"][p].as_u64().unwrap_or(0);
+    eprintln!(
+        "deepgram forwarded {deepgram}, dropped {dropped}, fallback received {received} samples; ledger {ledger}"
+    );
+    assert_eq!(
+        ledger["total_ms"].as_u64(),
+        seen.metadata()["stt_forwarded_ms"].as_u64(),
+        "{ledger}"
+    );
+    assert!(
+        part("openai").abs_diff(received / 16) <= 5,
+        "{ledger} vs {received} samples"
+    );
+    assert!(
+        part("deepgram").abs_diff((deepgram + dropped) / 16) <= 5,
+        "{ledger}"
+    );
+    assert_eq!(ledger["days"].as_array().map(Vec::len), Some(1), "{ledger}");
     // A new session while the primary is failing opens on the fallback at once.
     let ws = connect(server.addr, Some("dave"), OPUS16).await.unwrap();
     let seen = stream(ws, &packets[..1_500], 6, None).await;
@@ -846,6 +868,10 @@ async fn sync_spans_go_to_the_prerecorded_api_and_are_charged_exactly_what_it_re
             "{seg}"
         );
     }
+    // The admin ledger has the charge under the provider that took it.
+    let (code, ledger) = server.admin_get("/v1/admin/stt/user/ivan").await;
+    assert_eq!(code, 200, "{ledger}");
+    assert_eq!(ledger["ms"], json!({ "deepgram": charged }), "{ledger}");
     // A re-upload of the same content sends nothing and charges nothing.
     let (code, again, _) = server.upload("ivan", "", &d01_an_hour_ago()).await;
     assert_eq!(code, 200, "{again}");

@@ -241,7 +241,7 @@ async fn restrict_stage_with_the_stt_budget_used_up_still_answers_200_and_meters
     server
         .engine
         .fair_use
-        .record_stt("r", 1_000, false)
+        .record_stt("r", &[("none", 1_000)], false)
         .await
         .unwrap();
     let files = one_fixture(5, 900);

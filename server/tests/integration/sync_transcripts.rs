@@ -106,7 +106,7 @@ async fn uploaded_fixtures_get_stored_transcripts_and_a_reupload_transcribes_not
     let today = server
         .engine
         .fair_use
-        .record_stt("carol", 0, false)
+        .record_stt("carol", &[], false)
         .await
         .unwrap();
     assert_eq!(today, charged, "the daily STT counter");
@@ -168,7 +168,7 @@ async fn uploaded_fixtures_get_stored_transcripts_and_a_reupload_transcribes_not
         server
             .engine
             .fair_use
-            .record_stt("carol", 0, false)
+            .record_stt("carol", &[], false)
             .await
             .unwrap(),
         charged

@@ -20,6 +20,7 @@ use super::frames::FrameQueue;
 use super::link::SttLink;
 use super::ops::{OpResult, StoreOp, execute};
 use super::pace::Pace;
+use super::split::SttSplit;
 use super::{Control, LiveConfig, LiveServices, SessionParams};
 use crate::audio::vad::SileroModel;
 use crate::pipeline::stream::{PipelineError, SpeechPipeline};
@@ -87,6 +88,8 @@ struct Driver<'t, T: Transport> {
     frames_metric: u64,
     /// The latest a tick ran after its scheduled instant since the last second's observation.
     tick_lag_max: Duration,
+    /// How each STT charge splits by provider.
+    stt_split: SttSplit,
 }
 
 /// Runs a session over `transport` (its frame queue holds at most `queue_bytes`) until the client or
@@ -130,6 +133,7 @@ pub async fn run_session<T: Transport>(
         op: None,
         frames_metric: 0,
         tick_lag_max: Duration::ZERO,
+        stt_split: SttSplit::default(),
     };
     driver.open_stt(&language);
     driver.run(cfg.tick).await
@@ -241,7 +245,7 @@ impl<T: Transport> Driver<'_, T> {
                 biased;
                 done = next_done(&mut self.op) => {
                     self.op = None;
-                    self.core.op_done(done);
+                    self.op_finished(done);
                     self.deliver();
                 }
                 scheduled = tick.tick() => {
@@ -285,16 +289,36 @@ impl<T: Transport> Driver<'_, T> {
         }
     }
 
-    fn spawn_op(&mut self, op: StoreOp) {
+    fn spawn_op(&mut self, mut op: StoreOp) {
+        if let StoreOp::Meter {
+            stt_ms,
+            stt_by_provider,
+            ..
+        } = &mut op
+            && *stt_ms > 0
+        {
+            let handed = self.stt.as_ref().map_or([0; 4], SttLink::handed);
+            *stt_by_provider = self
+                .stt_split
+                .split(*stt_ms, handed, self.services.stt.kind());
+        }
         let fut = execute(Arc::clone(&self.services), Arc::clone(&self.uid), op);
         self.op = Some(Box::pin(fut));
+    }
+
+    /// Applies a finished operation (every path that completes one comes here).
+    fn op_finished(&mut self, done: OpResult) {
+        if let OpResult::Meter { stt_recorded, .. } = &done {
+            self.stt_split.done(*stt_recorded > 0);
+        }
+        self.core.op_done(done);
     }
 
     /// Waits for the in-flight operation, if any, and applies it.
     async fn complete_op(&mut self) {
         if let Some(op) = self.op.take() {
             let done = op.await;
-            self.core.op_done(done);
+            self.op_finished(done);
             self.deliver();
         }
     }
@@ -368,6 +392,7 @@ impl<T: Transport> Driver<'_, T> {
             self.complete_op().await;
         } else {
             self.op = None;
+            self.stt_split.done(false);
         }
         // Everything received is processed (the queue bounds it), whatever the pace.
         self.pace.lift();

@@ -37,6 +37,9 @@ pub(super) struct SttLink {
     drained: bool,
     provider: ProviderKind,
     latency: FinalLatency,
+    /// Samples handed over, by the provider that took them ([`ProviderKind::index`]): what the session's
+    /// STT charge is split by.
+    handed: [u64; 4],
 }
 
 impl SttLink {
@@ -58,6 +61,7 @@ impl SttLink {
             drained: false,
             provider: provider.kind(),
             latency: FinalLatency::default(),
+            handed: [0; 4],
         })
     }
 
@@ -68,12 +72,16 @@ impl SttLink {
                 let Some(tap) = tap else { return };
                 let (a, b) = tap.slices(start, end);
                 let first = self.handle.push(start, Pcm::I16(a));
-                if b.is_empty() {
+                let pushed = if b.is_empty() {
                     first
                 } else {
                     let second = self.handle.push(start + a.len() as u64, Pcm::I16(b));
                     first.and(second)
-                }
+                };
+                // Charged whether or not the provider could take it (a full queue is still charged).
+                let taker = self.handle.serving().unwrap_or(self.provider);
+                self.handed[taker.index()] += (a.len() + b.len()) as u64;
+                pushed
             }
             SttCommand::EndOfRun => self.handle.end_of_run(),
             SttCommand::Finalize => self.handle.finalize(),
@@ -165,6 +173,11 @@ impl SttLink {
     }
 
     /// Every result of the closed stream is in.
+    /// Samples handed over so far, by provider ([`ProviderKind::index`]).
+    pub fn handed(&self) -> [u64; 4] {
+        self.handed
+    }
+
     pub fn drained(&self) -> bool {
         self.drained
     }

@@ -28,6 +28,7 @@ pub mod load;
 mod ops;
 mod pace;
 mod pool;
+mod split;
 #[cfg(test)]
 mod tests;
 pub mod transcript;

@@ -21,6 +21,9 @@ pub enum StoreOp {
         delta_ms: u64,
         total_ms: u64,
         stt_ms: u64,
+        /// How `stt_ms` splits by the provider that took the audio (the driver fills it from its stream);
+        /// empty: all of it to the session's provider.
+        stt_by_provider: Vec<(&'static str, u64)>,
         now_ms: u64,
         /// The session's evidence to (re)write, once per evidence interval and at the end.
         evidence: Option<Box<SessionSummary>>,
@@ -76,10 +79,16 @@ pub async fn execute(services: Arc<LiveServices>, uid: Arc<str>, op: StoreOp) ->
             delta_ms,
             total_ms,
             stt_ms,
+            stt_by_provider,
             now_ms,
             evidence,
         } => {
-            let mut done = meter(&services, &uid, delta_ms, total_ms, stt_ms, now_ms).await;
+            let stt = if stt_by_provider.is_empty() {
+                vec![(services.stt.kind().name(), stt_ms)]
+            } else {
+                stt_by_provider
+            };
+            let mut done = meter(&services, &uid, delta_ms, total_ms, &stt, now_ms).await;
             if let (
                 Some(summary),
                 OpResult::Meter {
@@ -140,9 +149,10 @@ async fn meter(
     uid: &Arc<str>,
     delta_ms: u64,
     total_ms: u64,
-    stt_ms: u64,
+    stt: &[(&'static str, u64)],
     now_ms: u64,
 ) -> OpResult {
+    let stt_ms = stt.iter().map(|(_, ms)| ms).sum::<u64>();
     let mut metered_to = None;
     if delta_ms > 0 {
         let rec = RecordSpeech::new(
@@ -170,7 +180,7 @@ async fn meter(
     if stt_ms > 0 {
         match services
             .fair_use
-            .record_stt(uid, stt_ms, services.stt.paid())
+            .record_stt(uid, stt, services.stt.paid())
             .await
         {
             Ok(_) => stt_recorded = stt_ms,

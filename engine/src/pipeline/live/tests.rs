@@ -862,6 +862,7 @@ async fn a_record_the_meter_drops_is_not_counted_as_metered() {
                 delta_ms: 1_000,
                 total_ms: 1_000,
                 stt_ms: 0,
+                stt_by_provider: Vec::new(),
                 now_ms: clock.now_ms(),
                 evidence: None,
             },

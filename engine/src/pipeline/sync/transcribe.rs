@@ -250,10 +250,14 @@ async fn one_span(
     metrics::counter!(telemetry::STT_AUDIO_IN_SAMPLES_TOTAL, "provider" => provider.kind().name())
         .increment(offered);
     let charged = samples_to_ms(output.forwarded_samples, TARGET_RATE);
+    // Charged to the provider that took the span (with a fallback, either side).
+    let (taker, paid) = output
+        .provider
+        .map_or((provider.kind(), provider.paid()), |k| (k, k.is_paid()));
     if charged > 0
         && let Err(error) = services
             .fair_use
-            .record_stt(uid, charged, provider.paid())
+            .record_stt(uid, &[(taker.name(), charged)], paid)
             .await
     {
         tracing::warn!(message = "Recording sync STT usage failed.", uid, %error);

@@ -131,6 +131,7 @@ async fn span(
             .filter_map(|u| result(&map, u))
             .collect(),
         forwarded_samples: if outcome.forwarded { samples as u64 } else { 0 },
+        provider: Some(KIND),
     })
 }
 

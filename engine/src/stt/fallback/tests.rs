@@ -131,6 +131,7 @@ impl SttProvider for Arc<Scripted> {
                 speaker: None,
             }],
             forwarded_samples: request.samples.len() as u64,
+            provider: Some(self.as_ref().kind),
         }));
         Ok(ticket)
     }
@@ -322,6 +323,7 @@ fn spans_go_to_the_fallback_when_the_primary_fails_or_does_not_serve_them() {
         (out.results[0].text.as_str(), out.forwarded_samples),
         ("local", 3_200)
     );
+    assert_eq!(out.provider, Some(ProviderKind::Local), "who took it");
     assert!(provider.health.primary_ok());
     // Its own backpressure stays with it: the span waits.
     *primary.batch_error.lock().unwrap() = Some(SttError::QueueFull { dropped_samples: 0 });

@@ -189,7 +189,10 @@ fn transcribe_batch(
     model: &mut dyn BatchEngine,
     request: &BatchRequest,
 ) -> Result<BatchOutput, SttError> {
-    let mut out = BatchOutput::default();
+    let mut out = BatchOutput {
+        provider: Some(KIND),
+        ..BatchOutput::default()
+    };
     for (s, e) in batch_chunks(&request.samples, &request.speech, MAX_CHUNK_SAMPLES) {
         let chunk = &request.samples[s..e];
         out.forwarded_samples += chunk.len() as u64;

@@ -178,7 +178,10 @@ async fn batch(
     mut places: Places,
 ) -> Result<BatchOutput, SttError> {
     let language = protocol::language(&request.language);
-    let mut out = BatchOutput::default();
+    let mut out = BatchOutput {
+        provider: Some(KIND),
+        ..BatchOutput::default()
+    };
     for &(s, e) in chunks {
         let mut pcm = Vec::with_capacity(e - s);
         Pcm::F32(&request.samples[s..e]).extend_i16(&mut pcm);

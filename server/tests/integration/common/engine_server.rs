@@ -153,6 +153,22 @@ impl EngineServer {
         super::refusal::Reply::of(resp).await
     }
 
+    /// GETs an admin route (`X-Admin-Key`); a refusal is checked for the one refusal shape.
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http
+            .get(self.url(path))
+            .header("X-Admin-Key", ADMIN_KEY)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let reply = super::refusal::Reply::of(resp).await;
+        if reply.status >= 400 {
+            reply.assert_refusal(&format!("GET {path}"));
+        }
+        reply.pair()
+    }
+
     pub async fn status_speech_ms(&self, uid: &str) -> Value {
         let (code, body) = self.get("/v1/fair-use/status", uid).await;
         assert_eq!(code, 200, "{body}");

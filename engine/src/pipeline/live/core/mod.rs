@@ -335,6 +335,7 @@ impl SessionCore {
             delta_ms,
             total_ms,
             stt_ms,
+            stt_by_provider: Vec::new(),
             now_ms,
             evidence: evidence.then(|| Box::new(self.evidence(now_ms, !finishing))),
         })

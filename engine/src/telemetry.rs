@@ -36,7 +36,8 @@ pub const SERVER_STATE: &str = "voicegate_server_state";
 pub const LISTEN_SESSIONS_ACTIVE: &str = "voicegate_listen_sessions_active";
 /// Counter, label `reason`: listen sessions refused at connect: `per_user_limit`, `draining`, and the
 /// node's capacity (all three answered 503 `at_capacity`): `at_capacity` (`VOICEGATE_WS_MAX_SESSIONS`), `cpu`
-/// (the capacity the node measured from its CPU), `tick_lag` (too many late session-seconds).
+/// (the capacity the node measured from its CPU), `tick_lag` (too many late session-seconds), `ramp` (the
+/// capacity is not measured yet and this second's new sessions reached `VOICEGATE_ADMISSION_RAMP_PER_SEC`).
 pub const LISTEN_SESSIONS_REFUSED_TOTAL: &str = "voicegate_listen_sessions_refused_total";
 /// Counter, label `transport` (`pipeline`: the socket read by its session's pipeline thread, the usual
 /// path; `http_worker`: an upgrade on a connection that already carried a request): listen sessions started.

@@ -19,7 +19,11 @@
 //!   reacts (the lateness has begun), whatever takes the CPU.
 //!
 //! Both rules wait for `VOICEGATE_ADMISSION_MIN_SESSIONS` sessions (CPU) or session-seconds (tick lag) in the
-//! window: below that a node's CPU is mostly fixed work and one slow second a large share. The refusal is
+//! window: below that a node's CPU is mostly fixed work and one slow second a large share. Until the CPU rule
+//! knows the capacity, **the ramp** (`VOICEGATE_ADMISSION_RAMP_PER_SEC`, 50) admits at most that many new
+//! sessions a second: a restarted node facing a reconnect storm would otherwise take every session in the
+//! seconds before it has measured anything, and only the tick-lag rule, after the lateness began, would
+//! stop it. The refusal is
 //! `503 at_capacity` with `Retry-After` and `retryable: true`, before the handshake, so a load balancer or the
 //! app tries another node; sessions already admitted are never closed by it. A request reads two atomics.
 //!
@@ -28,7 +32,7 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use voicegate_engine::pipeline::live::load::TickLagWindow;
@@ -54,6 +58,8 @@ pub struct AdmissionConfig {
     pub window_secs: u64,
     /// Sessions (CPU) or session-seconds (tick lag) the window must hold before a rule applies.
     pub min_sessions: usize,
+    /// New sessions a second while the capacity is unknown; `None`: no limit (or the CPU rule is off).
+    pub ramp_per_sec: Option<u32>,
 }
 
 /// Why the node's load refuses a session.
@@ -67,6 +73,8 @@ pub enum Overload {
         window_secs: u64,
         lag_ms: u64,
     },
+    /// The capacity is not measured yet and this second's new sessions reached the ramp.
+    Ramp { per_sec: u32 },
 }
 
 impl Overload {
@@ -75,6 +83,7 @@ impl Overload {
         match self {
             Overload::Cpu { .. } => "cpu",
             Overload::TickLag { .. } => "tick_lag",
+            Overload::Ramp { .. } => "ramp",
         }
     }
 }
@@ -99,6 +108,11 @@ impl std::fmt::Display for Overload {
                 "this server's sessions are running late ({late_percent:.1} % of the last {window_secs} s's session-seconds \
                  more than {lag_ms} ms late, VOICEGATE_ADMISSION_LATE_PERCENT); reconnect later or to another instance"
             ),
+            Overload::Ramp { per_sec } => write!(
+                f,
+                "this server has not measured its capacity yet and admits at most {per_sec} new listen sessions a second \
+                 until it has (VOICEGATE_ADMISSION_RAMP_PER_SEC); reconnect in a few seconds or to another instance"
+            ),
         }
     }
 }
@@ -114,6 +128,8 @@ pub struct LoadGate {
     /// The window's late share, as `f64` bits (for the refusal's message).
     late_ratio: AtomicU64,
     lagging: AtomicBool,
+    /// Sessions admitted by the ramp this second (reset by each measurement).
+    ramped: AtomicU32,
 }
 
 impl LoadGate {
@@ -126,6 +142,7 @@ impl LoadGate {
             capacity: AtomicUsize::new(usize::MAX),
             late_ratio: AtomicU64::new(0),
             lagging: AtomicBool::new(false),
+            ramped: AtomicU32::new(0),
         }
     }
 
@@ -144,6 +161,17 @@ impl LoadGate {
             });
         }
         let capacity = self.capacity.load(Ordering::Acquire);
+        if capacity == usize::MAX
+            && let Some(per_sec) = self.cfg.ramp_per_sec
+            && self
+                .ramped
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < per_sec).then_some(n + 1)
+                })
+                .is_err()
+        {
+            return Err(Overload::Ramp { per_sec });
+        }
         if active >= capacity {
             return Err(Overload::Cpu {
                 capacity,
@@ -192,6 +220,9 @@ impl LoadGate {
         };
         self.capacity
             .store(capacity.unwrap_or(usize::MAX), Ordering::Release);
+        // A new second of the ramp (a token may be spent by a session a later check refuses: the ramp
+        // errs on the side of admitting fewer).
+        self.ramped.store(0, Ordering::Release);
         let lag = self.tick_lag.read(self.cfg.window_secs);
         let ratio = lag.late_ratio();
         let lagging = self.cfg.late_limit.is_some_and(|limit| {
@@ -401,6 +432,7 @@ mod tests {
             late_limit: Some(0.02),
             window_secs: 10,
             min_sessions: 20,
+            ramp_per_sec: None,
         }
     }
 
@@ -471,6 +503,39 @@ mod tests {
             });
         }
         assert_eq!(frozen.usage().map(|u| u.cores_idle), Some(None));
+    }
+
+    #[test]
+    fn while_the_capacity_is_unknown_the_ramp_admits_its_sessions_a_second() {
+        let gate = LoadGate {
+            cores: 2.0,
+            ..LoadGate::new(AdmissionConfig {
+                ramp_per_sec: Some(3),
+                ..cfg()
+            })
+        };
+        // Nothing measured: three a second, then refused until the next measurement.
+        for _ in 0..3 {
+            assert_eq!(gate.check(0), Ok(()));
+        }
+        assert_eq!(gate.check(3), Err(Overload::Ramp { per_sec: 3 }));
+        assert_eq!(gate.check(3).map_err(|o| o.reason()), Err("ramp"));
+        gate.update(&window(10, 3, 0.002));
+        assert_eq!(
+            gate.check(3),
+            Ok(()),
+            "a new second, still unknown (3 < 20)"
+        );
+        // Measured (30 sessions at 2 ms each: capacity 850): the ramp no longer applies.
+        gate.update(&window(10, 30, 0.002));
+        for _ in 0..10 {
+            assert_eq!(gate.check(30), Ok(()));
+        }
+        assert!(
+            Overload::Ramp { per_sec: 3 }
+                .to_string()
+                .contains("VOICEGATE_ADMISSION_RAMP_PER_SEC")
+        );
     }
 
     #[test]

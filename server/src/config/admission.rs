@@ -29,6 +29,10 @@ pub struct AdmissionArgs {
     /// Both rules apply only once the node measures at least this many open sessions (CPU) or session-seconds in the window (tick lag): below it, only VOICEGATE_WS_MAX_SESSIONS limits.
     #[arg(id = "admission_min_sessions", long = "admission-min-sessions", env = "VOICEGATE_ADMISSION_MIN_SESSIONS", default_value_t = defaults::ADMISSION_MIN_SESSIONS)]
     pub min_sessions: usize,
+
+    /// While the CPU rule has not measured the capacity yet (fewer sessions than VOICEGATE_ADMISSION_MIN_SESSIONS in the window: a fresh or idle node), admit at most this many new listen sessions a second (503 `at_capacity`, reason `ramp`, past it), so a reconnect storm cannot fill the node before it knows its cost. 0 turns the limit off; off with the CPU rule.
+    #[arg(id = "admission_ramp_per_sec", long = "admission-ramp-per-sec", env = "VOICEGATE_ADMISSION_RAMP_PER_SEC", default_value_t = defaults::ADMISSION_RAMP_PER_SEC)]
+    pub ramp_per_sec: u32,
 }
 
 impl AdmissionArgs {
@@ -50,6 +54,7 @@ impl AdmissionArgs {
             late_percent: defaults::ADMISSION_LATE_PERCENT,
             window_secs: defaults::ADMISSION_WINDOW_SECS,
             min_sessions: defaults::ADMISSION_MIN_SESSIONS,
+            ramp_per_sec: defaults::ADMISSION_RAMP_PER_SEC,
         }
     }
 
@@ -85,6 +90,8 @@ impl AdmissionArgs {
             late_limit: (self.late_percent > 0.0).then_some(self.late_percent / 100.0),
             window_secs: self.window_secs,
             min_sessions: self.min_sessions.max(1),
+            ramp_per_sec: (self.cpu_percent > 0 && self.ramp_per_sec > 0)
+                .then_some(self.ramp_per_sec),
         })
     }
 }
@@ -99,8 +106,12 @@ mod tests {
         assert_eq!(on.cpu_target, Some(0.85));
         assert_eq!(on.late_limit, Some(0.02));
         assert_eq!(on.lag_objective, Duration::from_millis(250));
+        assert_eq!(on.ramp_per_sec, Some(50));
         let off = AdmissionArgs::off().config().unwrap();
-        assert_eq!((off.cpu_target, off.late_limit), (None, None));
+        assert_eq!(
+            (off.cpu_target, off.late_limit, off.ramp_per_sec),
+            (None, None, None)
+        );
     }
 
     #[test]

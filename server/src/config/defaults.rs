@@ -30,6 +30,11 @@ pub const ADMISSION_WINDOW_SECS: u64 = 10;
 /// `VOICEGATE_ADMISSION_MIN_SESSIONS`: below 20 sessions a node's CPU is mostly its own fixed work, and one
 /// slow session-second is 5 % of a window.
 pub const ADMISSION_MIN_SESSIONS: usize = 20;
+/// `VOICEGATE_ADMISSION_RAMP_PER_SEC`: while the capacity is unknown, 50 new sessions a second bring a node
+/// past `ADMISSION_MIN_SESSIONS` within the first second (the capacity is known a second or two later), hold
+/// a reconnect storm of a restarted node to ~100-150 sessions before the CPU rule decides (a 2-core node
+/// here serves 300-400), and stay above what a load harness ramping 1,500 streams over 30 s asks.
+pub const ADMISSION_RAMP_PER_SEC: u32 = 50;
 /// `VOICEGATE_LEASE_TTL_SECS`: a per-user limit's slot (e.g. a listen session) not refreshed for this
 /// long is free again: how long a crashed node's sessions still count.
 pub const LEASE_TTL_SECS: u64 = 30;

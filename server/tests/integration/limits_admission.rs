@@ -1,8 +1,9 @@
 //! Admission control by load (`VOICEGATE_ADMISSION_*`, docs/operations.md "Admission control"), end to end
 //! on a real server: a node whose sessions run late, or whose CPU is past the capacity it measured from
 //! itself, answers new upgrades `503 at_capacity` (with `reason`, `Retry-After`, `retryable: true`) while the
-//! session it already admitted goes on to its `metadata`; refusals are counted by reason and the gauges
-//! the decision reads are exported.
+//! session it already admitted goes on to its `metadata`; a node that has not measured its capacity yet
+//! admits at most its ramp of new sessions a second; refusals are counted by reason and the gauges the
+//! decision reads are exported.
 
 use crate::common;
 use crate::listen_support;
@@ -96,6 +97,7 @@ async fn late_sessions_make_the_node_refuse_new_ones_while_the_admitted_one_fini
             late_percent: 1.0,
             window_secs: 2,
             min_sessions: 1,
+            ramp_per_sec: 0,
         };
     })
     .await;
@@ -177,5 +179,39 @@ async fn cpu_past_the_capacity_the_node_measured_refuses_with_reason_cpu() {
         "{metrics}"
     );
     drop(holder);
+    server.shutdown().await;
+}
+
+#[actix_web::test]
+async fn before_the_capacity_is_measured_the_ramp_caps_new_sessions_a_second() {
+    // The CPU rule on, but never enough sessions to measure (1,000): the ramp of 2 a second applies. The
+    // helper asks 10 times a second, so a third session within one second is refused.
+    let server = EngineServer::start(fair_use_on(), |c| {
+        c.admission = AdmissionArgs {
+            late_percent: 0.0,
+            min_sessions: 1_000,
+            ramp_per_sec: 2,
+            ..AdmissionArgs::on()
+        };
+    })
+    .await;
+    let refusal = first_refusal(&server, "storm").await;
+    assert_eq!(refusal.status, 503, "{:?}", refusal.body);
+    assert_eq!(refusal.assert_refusal("ramped upgrade"), Some(5));
+    assert_eq!(refusal.body["code"], "at_capacity", "{}", refusal.body);
+    assert_eq!(refusal.body["reason"], "ramp", "{}", refusal.body);
+    let message = refusal.body["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("at most 2 new listen sessions a second")
+            && message.contains("VOICEGATE_ADMISSION_RAMP_PER_SEC"),
+        "{message}"
+    );
+    let metrics = server.metrics_text().await;
+    assert!(refused_count(&metrics, "ramp") >= 1.0, "{metrics}");
+    assert_eq!(
+        refused_count(&metrics, "cpu"),
+        0.0,
+        "the capacity is unknown"
+    );
     server.shutdown().await;
 }

@@ -243,24 +243,6 @@ pub(crate) fn local_stt(cfg: &mut voicegate_server::ServeConfig) {
     cfg.listen_max_pace = 20.0;
 }
 
-/// The sum of a metric's series starting with `prefix`, read from the node's `/metrics` (one test per
-/// process under nextest, so the figures are this test's).
-async fn metric(server: &EngineServer, prefix: &str) -> u64 {
-    let text = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 #[actix_web::test]
 async fn streamed_fixtures_come_back_as_transcript_segments_matching_their_utterances() {
     if let Some(why) = voicegate_engine::stt::local::ffi::cpu_unsupported() {
@@ -327,13 +309,13 @@ async fn streamed_fixtures_come_back_as_transcript_segments_matching_their_utter
     assert!(total.reference_words >= 100, "{total:?}");
     assert!(total.wer() <= 0.15, "WER {:.1}%", total.wer() * 100.0);
     // What the sessions charged as STT is what the engine received (ms rounding: at most 1 ms a chunk).
-    let engine_ms = metric(
-        &server,
-        "voicegate_stt_forwarded_samples_total{provider=\"local\"}",
-    )
-    .await
+    let engine_ms = server
+        .metric_sum("voicegate_stt_forwarded_samples_total{provider=\"local\"}")
+        .await
         / 16;
-    let dropped = metric(&server, "voicegate_stt_dropped_samples_total").await;
+    let dropped = server
+        .metric_sum("voicegate_stt_dropped_samples_total")
+        .await;
     assert_eq!(dropped, 0, "no audio lost on the way to the engine");
     assert!(
         engine_ms.abs_diff(charged_ms) <= 40,
@@ -376,38 +358,24 @@ async fn metering_stays_exact_with_transcription_on() {
     // Telemetry: the audio offered to the gate is all the session decoded, more than it sent; a latency
     // observation for each run whose final transcript came (a run the engine heard no words in gives
     // none); the engine's error reason and the queue depth exported from startup.
-    let audio_in = metric(
-        &server,
-        "voicegate_stt_audio_in_samples_total{provider=\"local\"}",
-    )
-    .await;
+    let audio_in = server
+        .metric_sum("voicegate_stt_audio_in_samples_total{provider=\"local\"}")
+        .await;
     let audio_ms = meta["audio_ms"].as_u64().unwrap();
     assert!(
         audio_in.abs_diff(audio_ms * 16) <= 16 * 20,
         "audio in {audio_in} samples for {audio_ms} ms"
     );
-    let sent = metric(
-        &server,
-        "voicegate_stt_forwarded_samples_total{provider=\"local\"}",
-    )
-    .await;
+    let sent = server
+        .metric_sum("voicegate_stt_forwarded_samples_total{provider=\"local\"}")
+        .await;
     assert!(sent > 0 && sent < audio_in, "sent {sent} of {audio_in}");
-    let finals = metric(
-        &server,
-        "voicegate_stt_final_latency_seconds_count{provider=\"local\"}",
-    )
-    .await;
+    let finals = server
+        .metric_sum("voicegate_stt_final_latency_seconds_count{provider=\"local\"}")
+        .await;
     let runs = s.of_type("speech_ended").len() as u64;
     assert!((1..=runs).contains(&finals), "{finals} for {runs} runs");
-    let text = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     for series in [
         "voicegate_stt_errors_total{provider=\"local\",reason=\"engine\"} 0",
         "voicegate_stt_queue_depth{provider=\"local\"} 0",

@@ -240,7 +240,7 @@ async fn both_transports_keep_the_contract_and_give_the_same_metadata() {
         "what metadata said is metered"
     );
     // Each stream went the way it was meant to.
-    let metrics = metrics_text(&server).await;
+    let metrics = server.metrics_text().await;
     let opened = "voicegate_listen_sessions_opened_total";
     assert!(
         counter(&metrics, opened, "transport=\"pipeline\"") >= 1.0,
@@ -341,7 +341,7 @@ async fn refused_upgrades_get_the_routes_json_answers_and_are_timed_under_the_ro
     let _ = s.write_all(huge.as_bytes()).await;
     assert_eq!(read_response(&mut s).await.0, 431);
 
-    let metrics = metrics_text(&server).await;
+    let metrics = server.metrics_text().await;
     for status in ["1xx", "4xx"] {
         let timed = metrics.lines().any(|l| {
             l.starts_with("voicegate_http_request_duration_seconds_count{")
@@ -351,16 +351,6 @@ async fn refused_upgrades_get_the_routes_json_answers_and_are_timed_under_the_ro
         assert!(timed, "no /v4/listen {status} latency in /metrics");
     }
     server.shutdown().await;
-}
-
-async fn metrics_text(server: &EngineServer) -> String {
-    let resp = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    resp.text().await.unwrap_or_default()
 }
 
 /// The value of the counter line that starts with `name{` and holds `label`.

@@ -40,15 +40,7 @@ async fn metrics_after_traffic_are_documented_and_never_per_user() {
         "alice's and bob's speech flushed: {round:?}"
     );
 
-    let text = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = server.metrics_text().await;
     let doc = std::fs::read_to_string(format!("{}/../docs/metrics.md", env!("CARGO_MANIFEST_DIR")))
         .unwrap();
     let mut seen = BTreeSet::new();

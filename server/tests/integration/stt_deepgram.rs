@@ -382,24 +382,6 @@ pub(crate) async fn stream(
     reader.await.unwrap()
 }
 
-/// The sum of a metric's series starting with `prefix` on the node's `/metrics` (one test per process
-/// under nextest, so the figures are this test's).
-pub(crate) async fn metric(server: &EngineServer, prefix: &str) -> u64 {
-    let text = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 const FORWARDED: &str = "voicegate_stt_forwarded_samples_total{provider=\"deepgram\"}";
 const RESENT: &str = "voicegate_stt_resent_samples_total{provider=\"deepgram\"}";
 /// Every reason (`queue_full`, `provider_down`, `closed`).
@@ -536,9 +518,9 @@ async fn the_stream_speaks_the_documented_protocol_and_the_double_received_exact
     // Exactly what was forwarded (and charged), nothing resent.
     let received = c.samples();
     assert!(received > 16_000 * 10, "received {received} samples");
-    assert_eq!(metric(&server, FORWARDED).await, received);
-    assert_eq!(metric(&server, RESENT).await, 0);
-    assert_eq!(metric(&server, DROPPED).await, 0);
+    assert_eq!(server.metric_sum(FORWARDED).await, received);
+    assert_eq!(server.metric_sum(RESENT).await, 0);
+    assert_eq!(server.metric_sum(DROPPED).await, 0);
     let meta = seen.metadata();
     assert_eq!(
         meta["stt_forwarded_ms"].as_u64().unwrap(),
@@ -590,8 +572,8 @@ async fn a_mid_stream_close_reconnects_and_resends_only_the_open_utterance_uncha
     assert_eq!(conns.len(), 2, "{conns:?}");
     let (first, second) = (conns[0].samples(), conns[1].samples());
     let (forwarded, resent) = (
-        metric(&server, FORWARDED).await,
-        metric(&server, RESENT).await,
+        server.metric_sum(FORWARDED).await,
+        server.metric_sum(RESENT).await,
     );
     assert!(first >= 8_000, "{first}");
     assert_eq!(
@@ -610,7 +592,7 @@ async fn a_mid_stream_close_reconnects_and_resends_only_the_open_utterance_uncha
         resent <= first_run_samples,
         "resent {resent} > first run {first_run_samples}"
     );
-    let dropped = metric(&server, DROPPED).await;
+    let dropped = server.metric_sum(DROPPED).await;
     let meta = seen.metadata();
     assert_eq!(
         meta["stt_forwarded_ms"].as_u64().unwrap(),
@@ -643,21 +625,19 @@ async fn a_reconnect_answered_402_tells_provider_payment_and_the_session_goes_on
     );
     // What went before the close is all that was forwarded; nothing was resent; the rest was dropped
     // (counted) and charged at hand-off.
-    let forwarded = metric(&server, FORWARDED).await;
+    let forwarded = server.metric_sum(FORWARDED).await;
     assert_eq!(forwarded, conns[0].samples());
-    assert_eq!(metric(&server, RESENT).await, 0);
-    let dropped = metric(&server, DROPPED).await;
+    assert_eq!(server.metric_sum(RESENT).await, 0);
+    let dropped = server.metric_sum(DROPPED).await;
     assert!(dropped > 16_000, "{dropped}");
     assert_eq!(
         seen.metadata()["stt_forwarded_ms"].as_u64().unwrap(),
         charged_ms(forwarded + dropped)
     );
     assert!(
-        metric(
-            &server,
-            "voicegate_stt_errors_total{provider=\"deepgram\",reason=\"payment\"}"
-        )
-        .await
+        server
+            .metric_sum("voicegate_stt_errors_total{provider=\"deepgram\",reason=\"payment\"}")
+            .await
             >= 1
     );
     assert_metered_exactly(&server, "carol", &seen, &packets).await;
@@ -704,28 +684,24 @@ async fn with_a_fallback_a_reconnect_answered_402_moves_the_stream_to_it_and_cha
         conns[1..].iter().all(|c| c.refused == Some(402)),
         "{conns:?}"
     );
-    let deepgram = metric(&server, FORWARDED).await;
+    let deepgram = server.metric_sum(FORWARDED).await;
     assert_eq!(deepgram, conns[0].samples());
-    let dropped = metric(&server, DROPPED).await;
+    let dropped = server.metric_sum(DROPPED).await;
     let received = fallback.samples();
     assert!(
         received > 16_000 * 5,
         "the fallback received {received} samples"
     );
     assert_eq!(
-        metric(
-            &server,
-            "voicegate_stt_forwarded_samples_total{provider=\"openai\"}"
-        )
-        .await,
+        server
+            .metric_sum("voicegate_stt_forwarded_samples_total{provider=\"openai\"}")
+            .await,
         received
     );
     assert_eq!(
-        metric(
-            &server,
-            "voicegate_stt_fallback_total{what=\"stream_switch\",to=\"openai\"}"
-        )
-        .await,
+        server
+            .metric_sum("voicegate_stt_fallback_total{what=\"stream_switch\",to=\"openai\"}")
+            .await,
         1
     );
     // Charged once: what Deepgram received or dropped while failing, and what the fallback received.
@@ -767,11 +743,9 @@ async fn with_a_fallback_a_reconnect_answered_402_moves_the_stream_to_it_and_cha
     assert!(unavailable_reasons(&seen).is_empty(), "{:?}", seen.events);
     assert_eq!(double.connections().len(), conns.len());
     assert_eq!(
-        metric(
-            &server,
-            "voicegate_stt_fallback_total{what=\"stream_open\",to=\"openai\"}"
-        )
-        .await,
+        server
+            .metric_sum("voicegate_stt_fallback_total{what=\"stream_open\",to=\"openai\"}")
+            .await,
         1
     );
     server.shutdown().await;
@@ -823,8 +797,8 @@ async fn sync_spans_go_to_the_prerecorded_api_and_are_charged_exactly_what_it_re
     );
     let received: u64 = requests.iter().map(|r| r.samples).sum();
     assert!(received > 16_000 * 5, "{received}");
-    assert_eq!(metric(&server, FORWARDED).await, received);
-    assert_eq!(metric(&server, RESENT).await, 0);
+    assert_eq!(server.metric_sum(FORWARDED).await, received);
+    assert_eq!(server.metric_sum(RESENT).await, 0);
     let charged = body["stt_ms"].as_u64().unwrap();
     assert!(
         (received / 16).abs_diff(charged) <= requests.len() as u64,
@@ -900,14 +874,14 @@ async fn a_prerecorded_429_then_503_are_retried_and_the_span_is_charged_once() {
         .filter(|r| r.answered == 200)
         .map(|r| r.samples)
         .sum();
-    assert_eq!(metric(&server, FORWARDED).await, served);
-    assert_eq!(metric(&server, RESENT).await, 2 * requests[0].samples);
+    assert_eq!(server.metric_sum(FORWARDED).await, served);
+    assert_eq!(server.metric_sum(RESENT).await, 2 * requests[0].samples);
     assert_eq!(
-        metric(
-            &server,
-            "voicegate_stt_retries_total{provider=\"deepgram\",reason=\"rate_limited\"}"
-        )
-        .await,
+        server
+            .metric_sum(
+                "voicegate_stt_retries_total{provider=\"deepgram\",reason=\"rate_limited\"}"
+            )
+            .await,
         1
     );
     let charged = body["stt_ms"].as_u64().unwrap();
@@ -932,7 +906,9 @@ async fn a_prerecorded_401_leaves_the_span_failed_and_charges_nothing() {
     assert!(requests.iter().all(|r| r.answered == 401), "{requests:?}");
     let spans = requests.len() as u64;
     assert_eq!(
-        metric(&server, &format!("{ERRORS},reason=\"unauthorized\"}}")).await,
+        server
+            .metric_sum(&format!("{ERRORS},reason=\"unauthorized\"}}"))
+            .await,
         spans,
         "one error per span, no retry"
     );
@@ -998,11 +974,11 @@ async fn refused_at_connect(status: u16, uid: &str, reason: &str) {
         "{conns:?}"
     );
     assert_eq!(conns[0].authorization, format!("Token {KEY}"));
-    assert_eq!(metric(&server, FORWARDED).await, 0);
+    assert_eq!(server.metric_sum(FORWARDED).await, 0);
     let errors = format!("voicegate_stt_errors_total{{provider=\"deepgram\",reason=\"{reason}\"}}");
-    assert!(metric(&server, &errors).await >= 1, "{errors}");
+    assert!(server.metric_sum(&errors).await >= 1, "{errors}");
     // Nothing reached the provider; what the session handed over was dropped, counted, and charged.
-    let dropped = metric(&server, DROPPED).await;
+    let dropped = server.metric_sum(DROPPED).await;
     assert_eq!(
         seen.metadata()["stt_forwarded_ms"].as_u64().unwrap(),
         charged_ms(dropped)
@@ -1021,19 +997,6 @@ async fn a_rate_limited_connect_is_provider_error_and_the_session_goes_on() {
     refused_at_connect(429, "erin", "rate_limited").await;
 }
 
-/// The node's `/metrics` text.
-async fn metrics_text(server: &EngineServer) -> String {
-    server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[actix_web::test]
 async fn telemetry_gives_audio_in_and_sent_one_final_latency_per_speech_end_errors_and_queue_depth()
 {
@@ -1041,7 +1004,7 @@ async fn telemetry_gives_audio_in_and_sent_one_final_latency_per_speech_end_erro
     let server = EngineServer::start(fair_use_on(), deepgram(&double)).await;
     // From startup, before any session: every error reason and the queue depth, at zero (an alert's
     // `rate()` then sees the first error).
-    let text = metrics_text(&server).await;
+    let text = server.metrics_text().await;
     for reason in [
         "unauthorized",
         "payment",
@@ -1070,17 +1033,15 @@ async fn telemetry_gives_audio_in_and_sent_one_final_latency_per_speech_end_erro
 
     // Audio in: all the session decoded (16 kHz); sent: what the double received; the rest is silence the
     // gate kept back (seconds saved = in - forwarded).
-    let audio_in = metric(
-        &server,
-        "voicegate_stt_audio_in_samples_total{provider=\"deepgram\"}",
-    )
-    .await;
+    let audio_in = server
+        .metric_sum("voicegate_stt_audio_in_samples_total{provider=\"deepgram\"}")
+        .await;
     let audio_ms = seen.metadata()["audio_ms"].as_u64().unwrap();
     assert!(
         audio_in.abs_diff(audio_ms * 16) <= 16 * 20,
         "audio in {audio_in} samples for {audio_ms} ms decoded"
     );
-    let sent = metric(&server, FORWARDED).await;
+    let sent = server.metric_sum(FORWARDED).await;
     assert_eq!(sent, double.connections()[0].samples());
     assert!(
         sent > 0 && sent < audio_in,
@@ -1088,12 +1049,10 @@ async fn telemetry_gives_audio_in_and_sent_one_final_latency_per_speech_end_erro
     );
 
     // One latency observation per speech end: each run's Finalize brings the final covering its end.
-    let text = metrics_text(&server).await;
-    let count = metric(
-        &server,
-        "voicegate_stt_final_latency_seconds_count{provider=\"deepgram\"}",
-    )
-    .await;
+    let text = server.metrics_text().await;
+    let count = server
+        .metric_sum("voicegate_stt_final_latency_seconds_count{provider=\"deepgram\"}")
+        .await;
     assert_eq!(count, runs.len() as u64, "one per run {runs:?}:\n{text}");
     // Its own buckets (0.1 to 30 s), not the generic seconds ones.
     assert!(

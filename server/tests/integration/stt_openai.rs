@@ -23,7 +23,7 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::common;
 use crate::listen_support;
 use crate::stt_deepgram::{
-    assert_metered_exactly, charged_ms, metric, segments, stream, unavailable_reasons,
+    assert_metered_exactly, charged_ms, segments, stream, unavailable_reasons,
 };
 
 use common::engine_server::{EngineServer, fair_use_on, fixtures, now_s};
@@ -320,8 +320,8 @@ async fn a_live_session_gets_one_request_per_utterance_and_the_double_received_e
     // Exactly what was forwarded (and charged).
     let received = double.samples();
     assert!(received > 16_000 * 10, "received {received} samples");
-    assert_eq!(metric(&server, FORWARDED).await, received);
-    assert_eq!(metric(&server, DROPPED).await, 0);
+    assert_eq!(server.metric_sum(FORWARDED).await, received);
+    assert_eq!(server.metric_sum(DROPPED).await, 0);
     let meta = seen.metadata();
     assert_eq!(
         meta["stt_forwarded_ms"].as_u64().unwrap(),
@@ -375,24 +375,26 @@ async fn a_failing_request(first: &[Plan], uid: &str, reason: &str, errors: u64)
     let failed = requests.iter().filter(|r| r.answered != 200).count();
     assert_eq!(failed, first.len(), "{requests:?}");
     let counted = format!("voicegate_stt_errors_total{{provider=\"openai\",reason=\"{reason}\"}}");
-    assert_eq!(metric(&server, &counted).await, errors, "{counted}");
-    let retried = metric(&server, "voicegate_stt_retries_total{provider=\"openai\"").await;
+    assert_eq!(server.metric_sum(&counted).await, errors, "{counted}");
+    let retried = server
+        .metric_sum("voicegate_stt_retries_total{provider=\"openai\"")
+        .await;
     assert_eq!(retried, first.len() as u64 - errors, "retries");
     assert_eq!(
-        metric(&server, "voicegate_stt_errors_total{provider=\"openai\"").await,
+        server
+            .metric_sum("voicegate_stt_errors_total{provider=\"openai\"")
+            .await,
         errors,
         "errors of every reason"
     );
     // Every request's audio was handed over (the double read it). The user is charged each chunk once:
     // a retry's audio is resent, not forwarded again. A chunk that failed for good has no transcript.
     let received = double.samples();
-    let resent = metric(
-        &server,
-        "voicegate_stt_resent_samples_total{provider=\"openai\"",
-    )
-    .await;
-    assert_eq!(metric(&server, FORWARDED).await, received - resent);
-    assert_eq!(metric(&server, DROPPED).await, 0);
+    let resent = server
+        .metric_sum("voicegate_stt_resent_samples_total{provider=\"openai\"")
+        .await;
+    assert_eq!(server.metric_sum(FORWARDED).await, received - resent);
+    assert_eq!(server.metric_sum(DROPPED).await, 0);
     assert_eq!(
         seen.metadata()["stt_forwarded_ms"].as_u64().unwrap(),
         charged_ms(received - resent)
@@ -444,15 +446,13 @@ async fn an_unreachable_server_drops_the_audio_counted_and_the_session_goes_on()
         "{:?}",
         seen.events
     );
-    assert_eq!(metric(&server, FORWARDED).await, 0);
-    let dropped = metric(&server, DROPPED).await;
+    assert_eq!(server.metric_sum(FORWARDED).await, 0);
+    let dropped = server.metric_sum(DROPPED).await;
     assert!(dropped > 0);
     assert!(
-        metric(
-            &server,
-            "voicegate_stt_errors_total{provider=\"openai\",reason=\"network\"}"
-        )
-        .await
+        server
+            .metric_sum("voicegate_stt_errors_total{provider=\"openai\",reason=\"network\"}")
+            .await
             >= 1
     );
     // What the session handed over was dropped (counted) and charged at hand-off, as with Deepgram.
@@ -483,7 +483,7 @@ async fn a_sync_upload_gets_its_spans_transcribed_and_charged_what_was_sent() {
         "{requests:?}"
     );
     let received = double.samples();
-    assert_eq!(metric(&server, FORWARDED).await, received);
+    assert_eq!(server.metric_sum(FORWARDED).await, received);
     // Charged what was sent (ms rounding: at most 1 ms a span).
     let charged = body["stt_ms"].as_u64().unwrap();
     assert!(

@@ -27,23 +27,6 @@ fn reference(id: &str) -> String {
         .join(" ")
 }
 
-/// The sum of a metric's series starting with `prefix`, from the node's `/metrics`.
-async fn metric(server: &EngineServer, prefix: &str) -> u64 {
-    let text = server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .filter(|l| l.starts_with(prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
-
 const FORWARDED: &str = "voicegate_stt_forwarded_samples_total{provider=\"local\"}";
 
 #[actix_web::test]
@@ -98,7 +81,7 @@ async fn uploaded_fixtures_get_stored_transcripts_and_a_reupload_transcribes_not
         .sum();
     assert!(speech <= charged && charged < duration, "{body}");
     // What the user was charged is what the engine received (ms rounding: at most 1 ms a span).
-    let engine_ms = metric(&server, FORWARDED).await / 16;
+    let engine_ms = server.metric_sum(FORWARDED).await / 16;
     assert!(
         engine_ms.abs_diff(charged) <= 4,
         "engine {engine_ms} ms, charged {charged} ms"
@@ -163,7 +146,7 @@ async fn uploaded_fixtures_get_stored_transcripts_and_a_reupload_transcribes_not
     assert_eq!(again["files"][0]["status"], "duplicate", "{again}");
     assert_eq!(again["transcript_status"], "done", "{again}");
     assert_eq!(again["stt_ms"], 0, "{again}");
-    assert_eq!(metric(&server, FORWARDED).await / 16, engine_ms);
+    assert_eq!(server.metric_sum(FORWARDED).await / 16, engine_ms);
     assert_eq!(
         server
             .engine

@@ -111,18 +111,6 @@ fn incoming_is_empty(spool: &Path) -> bool {
         .unwrap_or(true)
 }
 
-async fn metrics(server: &EngineServer) -> String {
-    server
-        .http
-        .get(server.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 #[actix_web::test]
 async fn a_user_over_their_spool_bytes_gets_429_until_a_job_ends_while_another_user_is_accepted() {
     let spool = tempfile::tempdir().unwrap();
@@ -165,7 +153,7 @@ async fn a_user_over_their_spool_bytes_gets_429_until_a_job_ends_while_another_u
         .wait_job("heavy", &again, Duration::from_secs(60))
         .await;
 
-    let text = metrics(&server).await;
+    let text = server.metrics_text().await;
     assert!(
         text.contains(r#"voicegate_sync_uploads_refused_total{reason="spool_user_quota"} 1"#),
         "{text}"
@@ -195,7 +183,7 @@ async fn a_full_spool_answers_507_sync_spool_full_before_the_body_is_read() {
     assert_eq!(folders_of(spool.path(), "second"), 0);
     assert!(incoming_is_empty(spool.path()));
 
-    let text = metrics(&server).await;
+    let text = server.metrics_text().await;
     assert!(
         text.contains(r#"voicegate_sync_uploads_refused_total{reason="spool_full"} 1"#),
         "{text}"

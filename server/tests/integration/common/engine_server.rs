@@ -121,6 +121,17 @@ impl EngineServer {
             .unwrap()
     }
 
+    /// The sum of the `/metrics` series whose line starts with `prefix` (one test per process under
+    /// nextest, so the figures are this test's).
+    pub async fn metric_sum(&self, prefix: &str) -> u64 {
+        self.metrics_text()
+            .await
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64
+    }
+
     /// Drains the server (sessions, then the meter flush) and waits for it to stop.
     pub async fn shutdown(mut self) -> RedisServer {
         if let Some(tx) = self.stop.take() {

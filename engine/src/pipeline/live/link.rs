@@ -172,12 +172,12 @@ impl SttLink {
         self.transcript.take_finals()
     }
 
-    /// Every result of the closed stream is in.
     /// Samples handed over so far, by provider ([`ProviderKind::index`]).
     pub fn handed(&self) -> [u64; 4] {
         self.handed
     }
 
+    /// Every result of the closed stream is in.
     pub fn drained(&self) -> bool {
         self.drained
     }

@@ -592,6 +592,35 @@ pub(crate) fn d01_an_hour_ago() -> Vec<(String, Vec<u8>)> {
     )]
 }
 
+/// Streams `packets` of d02 for `uid` at 4x real time and checks what a closed STT gate means: the session
+/// ends normally, is told `stt_unavailable{reason}` once, sends the provider nothing, and its speech is
+/// detected and metered; returns the session's speech ms.
+async fn told_closed_and_metered(
+    server: &EngineServer,
+    double: &OpenAiDouble,
+    uid: &str,
+    frames: usize,
+    reason: &str,
+) -> u64 {
+    let before = double.requests().len();
+    let packets = fixture_packets("d02");
+    let ws = connect(server.addr, Some(uid), OPUS16).await.unwrap();
+    let seen = stream(ws, &packets[..frames.min(packets.len())], 4, None).await;
+    assert_eq!(
+        seen.close.as_ref().map(|c| c.0),
+        Some(NORMAL),
+        "{:?}",
+        seen.events
+    );
+    assert_eq!(unavailable_reasons(&seen), [reason], "{:?}", seen.events);
+    assert!(!seen.runs().is_empty(), "speech still detected");
+    assert_eq!(double.requests().len(), before, "nothing forwarded");
+    assert_eq!(seen.metadata()["stt_forwarded_ms"].as_u64(), Some(0));
+    let session_ms = seen.metadata()["speech_ms"].as_u64().unwrap();
+    assert!(session_ms > 0, "speech metered");
+    session_ms
+}
+
 /// Over the hard ceiling (lowered to 2 s for the test; 30 h by default): a live session is told
 /// `stt_unavailable{speech_ceiling}`, nothing reaches the provider, and its speech is still metered exactly.
 #[actix_web::test]
@@ -606,28 +635,9 @@ async fn over_the_speech_ceiling_a_live_session_is_told_and_sends_nothing_but_is
     // entitlement before its speech is metered).
     let (code, body, _) = server.upload("heavy", "", &d01_an_hour_ago()).await;
     assert_eq!(code, 200, "{body}");
-    let before = double.requests().len();
-    let packets = fixture_packets("d02");
-    let ws = connect(server.addr, Some("heavy"), OPUS16).await.unwrap();
-    let seen = stream(ws, &packets, 4, None).await;
-    assert_eq!(
-        seen.close.as_ref().map(|c| c.0),
-        Some(NORMAL),
-        "{:?}",
-        seen.events
-    );
-    assert_eq!(
-        unavailable_reasons(&seen),
-        ["speech_ceiling"],
-        "{:?}",
-        seen.events
-    );
-    assert!(!seen.runs().is_empty(), "speech still detected");
-    assert_eq!(double.requests().len(), before, "nothing forwarded");
-    assert_eq!(seen.metadata()["stt_forwarded_ms"].as_u64(), Some(0));
+    let session_ms =
+        told_closed_and_metered(&server, &double, "heavy", usize::MAX, "speech_ceiling").await;
     // Metering goes on: the user's total is the upload's speech plus the session's, exactly.
-    let session_ms = seen.metadata()["speech_ms"].as_u64().unwrap();
-    assert!(session_ms > 0);
     let uploaded_ms = body["speech_ms"].as_u64().unwrap();
     assert_eq!(
         server.status_speech_ms("heavy").await["daily_ms"].as_u64(),
@@ -651,29 +661,9 @@ async fn past_the_daily_spend_ceiling_a_live_session_is_told_and_sends_nothing_b
     let (code, body, _) = server.upload("spender", "", &d01_an_hour_ago()).await;
     assert_eq!(code, 200, "{body}");
     assert!(body["stt_ms"].as_u64().unwrap() > 2_000, "{body}");
-    let before = double.requests().len();
-    let packets = fixture_packets("d02");
-    let ws = connect(server.addr, Some("bystander"), OPUS16)
-        .await
-        .unwrap();
-    // Its first 30 s (speech in it) at 4x real time.
-    let seen = stream(ws, &packets[..3_000.min(packets.len())], 4, None).await;
-    assert_eq!(
-        seen.close.as_ref().map(|c| c.0),
-        Some(NORMAL),
-        "{:?}",
-        seen.events
-    );
-    assert_eq!(
-        unavailable_reasons(&seen),
-        ["spend_ceiling"],
-        "{:?}",
-        seen.events
-    );
-    assert_eq!(double.requests().len(), before, "nothing forwarded");
-    assert_eq!(seen.metadata()["stt_forwarded_ms"].as_u64(), Some(0));
-    let session_ms = seen.metadata()["speech_ms"].as_u64().unwrap();
-    assert!(session_ms > 0, "speech still detected and metered");
+    // The bystander's first 30 s (speech in it).
+    let session_ms =
+        told_closed_and_metered(&server, &double, "bystander", 3_000, "spend_ceiling").await;
     assert_eq!(
         server.status_speech_ms("bystander").await["daily_ms"].as_u64(),
         Some(session_ms)

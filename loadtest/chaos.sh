@@ -127,9 +127,17 @@ stop_redis() {
 idle_readings() {
   local name=$1
   sleep "$IDLE_SECS"
-  echo "$(fds) $(rss_kib) $(leftovers) $(live_actors)" >"$OUT/$name.idle"
+  echo "$(fds) $(rss_kib) $(leftovers) $(live_actors) $(heap_kib)" >"$OUT/$name.idle"
 }
 live_actors() { curl -fs "http://127.0.0.1:$PORT/metrics" | awk '/^voicegate_meter_live_actors / {print $2}'; }
+# The allocator's account (voicegate_process_heap_bytes, glibc's mallinfo2) in KiB: "in_use free", so a
+# rise in RSS reads as memory the program keeps (in_use) or freed memory the allocator retains (free).
+heap_kib() {
+  curl -fs "http://127.0.0.1:$PORT/metrics" | awk '
+    /^voicegate_process_heap_bytes\{state="in_use"\}/ { u = $2 }
+    /^voicegate_process_heap_bytes\{state="free"\}/ { f = $2 }
+    END { printf "%d %d", u / 1024, f / 1024 }'
+}
 
 # The harness's JSON fields the judgements read (jq-free: python3 is on every machine the scripts set up).
 field() {
@@ -143,8 +151,8 @@ print("null" if v is None else v)' "$1" "$2"
 
 redis_start
 server_start
-echo "$(fds) $(rss_kib) $(leftovers) $(live_actors)" >"$OUT/start.idle"
-echo "$(date -u +%T) chaos soak: $STREAMS streams, $UPLOADERS uploaders, storm $STORM; kill phase ${KILL_SECS} s, cycles 2 × ${CYCLE_SECS} s" | tee -a "$OUT/events.txt"
+echo "$(fds) $(rss_kib) $(leftovers) $(live_actors) $(heap_kib)" >"$OUT/start.idle"
+echo "$(date -u +%T) chaos soak: $STREAMS streams, $UPLOADERS uploaders, storm $STORM; kill phase ${KILL_SECS} s, cycles $CYCLES × ${CYCLE_SECS} s" | tee -a "$OUT/events.txt"
 
 phase kill "$KILL_SECS" kill_node
 idle_readings kill
@@ -169,9 +177,9 @@ report() {
   reconnects=$(field "$f" realtime.reconnect_attempts)
   storm_refused=$(field "$f" storm.refusals)
   errors=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["errors"] or "none")' "$f")
-  read -r fd rss left actors <"$OUT/$name.idle"
-  printf '%-7s harness exit %s; metered %s ms; doubled %s ms; lost %s ms (bound %s); sessions broken %s, files unanswered %s; uploads resent %s, reconnect attempts %s; storm refusals %s; errors %s; idle: %s fds, RSS %s KiB, %s upload/spool files, %s meter actors\n' \
-    "$name" "$(cat "$OUT/$name.rc")" "$metered" "$doubled" "$lost" "$bound" "$broken" "$unanswered" "$resent" "$reconnects" "$storm_refused" "$errors" "$fd" "$rss" "$left" "$actors"
+  read -r fd rss left actors heap_used heap_free <"$OUT/$name.idle"
+  printf '%-7s harness exit %s; metered %s ms; doubled %s ms; lost %s ms (bound %s); sessions broken %s, files unanswered %s; uploads resent %s, reconnect attempts %s; storm refusals %s; errors %s; idle: %s fds, RSS %s KiB (heap in use %s KiB, freed and held %s KiB), %s upload/spool files, %s meter actors\n' \
+    "$name" "$(cat "$OUT/$name.rc")" "$metered" "$doubled" "$lost" "$bound" "$broken" "$unanswered" "$resent" "$reconnects" "$storm_refused" "$errors" "$fd" "$rss" "$heap_used" "$heap_free" "$left" "$actors"
   [ "$passed" = True ] || { echo "  ✗ $name: accounting check failed"; ok=0; }
   [ "$doubled" = 0 ] || { echo "  ✗ $name: speech doubled"; ok=0; }
   if [ "$exact" = 1 ]; then
@@ -179,7 +187,7 @@ report() {
   fi
   [ "$left" = 0 ] || { echo "  ✗ $name: upload or spool files left"; ok=0; }
 }
-echo "start   idle: $(awk '{printf "%s fds, RSS %s KiB, %s upload/spool files, %s meter actors", $1, $2, $3, $4}' "$OUT/start.idle")"
+echo "start   idle: $(awk '{printf "%s fds, RSS %s KiB (heap in use %s KiB, freed and held %s KiB), %s upload/spool files, %s meter actors", $1, $2, $5, $6, $3, $4}' "$OUT/start.idle")"
 report kill 0
 for c in $(seq 1 "$CYCLES"); do report "cycle$c" 1; done
 # Every later cycle against the first: RSS within 5 %, descriptors not above.

@@ -192,6 +192,13 @@ pub const NODE_CPU_UTILISATION_RATIO: &str = "voicegate_node_cpu_utilisation_rat
 /// cgroup quota), but no more than it used plus what its CPUs left idle (below the cores: a neighbour on
 /// them took the rest). The CPU rule's capacity is `VOICEGATE_ADMISSION_CPU_PERCENT` of this.
 pub const NODE_CPU_AVAILABLE_CORES: &str = "voicegate_node_cpu_available_cores";
+/// Gauge, by `state`: the C allocator's heap at the last scrape (glibc's `mallinfo2`; absent on other C
+/// libraries). `in_use`: bytes handed out and not freed; `free`: freed bytes the allocator keeps for reuse,
+/// resident until reused or trimmed. RSS minus both is code, stacks and other mappings.
+pub const PROCESS_HEAP_BYTES: &str = "voicegate_process_heap_bytes";
+/// Histogram: how long each periodic trim of the allocator's free pages took (`VOICEGATE_HEAP_TRIM_SECS`;
+/// glibc's `malloc_trim`, on a blocking thread: an allocating thread may wait for an arena meanwhile).
+pub const PROCESS_HEAP_TRIM_SECONDS: &str = "voicegate_process_heap_trim_seconds";
 /// Gauge: the share of the admission window's listen session-seconds whose worst tick ran later than
 /// `VOICEGATE_ADMISSION_LAG_MS` (0–1). Above `VOICEGATE_ADMISSION_LATE_PERCENT` new sessions are refused.
 pub const LISTEN_LATE_SESSION_SECONDS_RATIO: &str = "voicegate_listen_late_session_seconds_ratio";
@@ -256,7 +263,8 @@ pub const STT_AUDIO_IN_SAMPLES_TOTAL: &str = "voicegate_stt_audio_in_samples_tot
 /// Histogram, label `provider`: seconds from the detector's end of a speech run (wall time on the live
 /// session) to the first final transcript result covering that end reaching the session. Buckets 0.1–30 s.
 pub const STT_FINAL_LATENCY_SECONDS: &str = "voicegate_stt_final_latency_seconds";
-/// Counter, labels `provider`, `reason` (`queue_full`: the provider's bounded queue was full; `closed`: the
+/// Counter, labels `provider`, `reason` (`queue_full`: the provider's bounded queue was full, for a live chunk
+/// at once, for a sync span once its run stops offering it; `closed`: the
 /// session had gone before its audio reached the engine; `ring`: a live session's kept audio moved on
 /// before a run's start could be forwarded; `provider_down`: a remote provider could not be reached while
 /// the audio was kept, and the run moved on): samples that never reached the engine.
@@ -266,9 +274,10 @@ pub const STT_DROPPED_SAMPLES_TOTAL: &str = "voicegate_stt_dropped_samples_total
 /// out), already counted in `voicegate_stt_forwarded_samples_total` when first sent: never charged to the
 /// user.
 pub const STT_RESENT_SAMPLES_TOTAL: &str = "voicegate_stt_resent_samples_total";
-/// Counter, labels `provider`, `reason` (`rate_limited`, `engine`, `network`): requests sent again after a
-/// failure a later attempt could fix (openai: `VOICEGATE_OPENAI_RETRIES`; deepgram: a sync span's
-/// pre-recorded request, twice at most). A chunk whose retries all failed is counted once more in
+/// Counter, labels `provider`, `reason` (`rate_limited`, `engine`, `network`, `queue_full`): requests sent
+/// again after a failure a later attempt could fix (openai: `VOICEGATE_OPENAI_RETRIES`; deepgram: a sync
+/// span's pre-recorded request, twice at most; `queue_full`: a sync span the provider's queue refused,
+/// offered again after a backoff). A chunk whose retries all failed is counted once more in
 /// `voicegate_stt_errors_total`.
 pub const STT_RETRIES_TOTAL: &str = "voicegate_stt_retries_total";
 /// Counter, labels `what` (`stream_open`: a new live stream opened on it because the primary is failing;

@@ -225,6 +225,10 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Every so many seconds, give the pages of the C allocator's freed memory back to the kernel (glibc's `malloc_trim`, on a blocking thread; `voicegate_process_heap_trim_seconds`); 0 = never: freed memory then stays resident until reused.
+    #[arg(long, env = "VOICEGATE_HEAP_TRIM_SECS", default_value_t = defaults::HEAP_TRIM_SECS)]
+    pub heap_trim_secs: u64,
+
     /// Deepgram's settings (`DEEPGRAM_API_KEY`, `VOICEGATE_DEEPGRAM_*`).
     #[command(flatten)]
     pub deepgram: DeepgramArgs,
@@ -305,6 +309,7 @@ impl Default for ServeConfig {
             stt_preroll_ms: defaults::STT_PREROLL_MS,
             tls_ca_file: None,
             log_format: LogFormat::Text,
+            heap_trim_secs: defaults::HEAP_TRIM_SECS,
             deepgram: DeepgramArgs::default(),
             openai: OpenAiArgs::default(),
             sync_jobs: SyncJobArgs::default(),

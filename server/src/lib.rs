@@ -14,6 +14,7 @@ pub mod drain;
 pub mod engine;
 pub mod error;
 pub mod health;
+pub mod heap;
 pub mod listen;
 pub mod part_headers;
 pub mod plans_admin;

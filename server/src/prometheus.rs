@@ -86,6 +86,7 @@ pub async fn upkeep(handle: PrometheusHandle) {
 
 /// `GET /metrics`: the Prometheus text exposition.
 pub async fn metrics_route(handle: web::Data<PrometheusHandle>) -> HttpResponse {
+    crate::heap::observe();
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(handle.render())

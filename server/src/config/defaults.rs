@@ -123,6 +123,8 @@ pub const STT_LOCAL_THREADS: usize = 1;
 /// `VOICEGATE_STT_FALLBACK_SECS`: a minute on the fallback after each failure of the primary, long enough
 /// not to flap on a provider that fails every few seconds, short enough to come back soon after a fix.
 pub const STT_FALLBACK_SECS: u64 = 60;
+/// `VOICEGATE_HEAP_TRIM_SECS`: how often the allocator's freed pages go back to the kernel (server/src/heap.rs).
+pub const HEAP_TRIM_SECS: u64 = 60;
 /// `VOICEGATE_STT_PREROLL_MS`: audio sent before each speech run (the detector confirms a run late).
 pub const STT_PREROLL_MS: u64 = 300;
 /// `VOICEGATE_JWKS_REFRESH_MIN_SECS`: a JWKS URL answering `max-age=0` (or a tiny one) is still fetched at

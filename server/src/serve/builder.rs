@@ -284,6 +284,11 @@ impl ServerBuilder {
         let handle = server.handle();
         let join = actix_web::rt::spawn(server);
         actix_web::rt::spawn(prometheus::upkeep(state.metrics.get_ref().clone()));
+        if cfg.heap_trim_secs > 0 {
+            actix_web::rt::spawn(crate::heap::trim_forever(std::time::Duration::from_secs(
+                cfg.heap_trim_secs,
+            )));
+        }
         if let Some(gate) = state.sessions.load_gate() {
             let sessions = state.sessions.get_ref().clone();
             actix_web::rt::spawn(Arc::clone(gate).run(move || sessions.active()));

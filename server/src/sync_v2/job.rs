@@ -148,6 +148,7 @@ pub(super) async fn run(
         stt: inner.stt.clone(),
         stt_preroll_ms: engine.stt_preroll_ms,
         stt_wait: inner.stt_wait,
+        stt_busy: use_case::BUSY_BACKOFF,
     };
     // 1. Decode and segment the unsettled files, a few at a time (the status shows the progress).
     let todo: Vec<usize> = (0..rec.files.len())

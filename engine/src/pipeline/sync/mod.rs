@@ -31,7 +31,7 @@ use self::files::failed;
 pub use self::files::{Analysed, FileResult, SyncFile, analyse};
 pub use self::settled::Settled;
 use self::transcribe::SpanWork;
-pub use self::transcribe::decode_span;
+pub use self::transcribe::{BUSY_BACKOFF, decode_span};
 use crate::conversation::{ConversationError, ConversationStore, TranscriptStatus, Upsert};
 use crate::fair_use::FairUse;
 use crate::meter::{RecordSpeech, RecordStatus, SpeechAmount, SpeechSource};
@@ -64,6 +64,9 @@ pub struct SyncServices {
     /// waits on a job's transcription (a v1 answer waits at most `VOICEGATE_SYNC_V1_TRANSCRIPT_WAIT_SECS`), so
     /// this only bounds one run against a stalled provider.
     pub stt_wait: std::time::Duration,
+    /// The wait before a span the provider's queue refused (`queue_full`) is offered again within the run
+    /// ([`BUSY_BACKOFF`] in production; tests shorten it).
+    pub stt_busy: crate::time::Backoff,
 }
 
 /// One admitted sync request.

@@ -84,6 +84,10 @@ fn world(backfill: BackfillConfig) -> World {
             stt: None,
             stt_preroll_ms: 300,
             stt_wait: std::time::Duration::from_secs(60),
+            stt_busy: crate::time::Backoff::new(
+                std::time::Duration::from_millis(1),
+                std::time::Duration::from_millis(5),
+            ),
         },
         conversations,
         ledger,
@@ -263,6 +267,10 @@ async fn a_recording_older_than_the_lookback_is_refused_for_good() {
 struct BatchDouble {
     /// Per request: (samples in the request, samples forwarded).
     received: std::sync::Mutex<Vec<(usize, u64)>>,
+    /// Requests still to refuse `queue_full` (as a full engine queue does), counted down.
+    busy: std::sync::atomic::AtomicUsize,
+    /// Requests refused `queue_full`.
+    refused: std::sync::atomic::AtomicUsize,
 }
 
 impl BatchDouble {
@@ -290,6 +298,15 @@ impl crate::stt::SttProvider for BatchDouble {
         request: crate::stt::BatchRequest,
     ) -> Result<crate::stt::BatchTicket, crate::stt::SttError> {
         use crate::stt::chunk::{MAX_CHUNK_SAMPLES, batch_chunks};
+        use std::sync::atomic::Ordering::Relaxed;
+        if self
+            .busy
+            .fetch_update(Relaxed, Relaxed, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            self.refused.fetch_add(1, Relaxed);
+            return Err(crate::stt::SttError::QueueFull { dropped_samples: 0 });
+        }
         let mut out = crate::stt::BatchOutput::default();
         for (n, (s, e)) in batch_chunks(&request.samples, &request.speech, MAX_CHUNK_SAMPLES)
             .into_iter()
@@ -509,4 +526,65 @@ async fn every_sync_file_leaves_its_evidence_in_audio_time_and_a_reupload_rewrit
     let again = done(sync(&w, &[fresh, old], unlimited()).await);
     assert_eq!(again.metered_speech_ms, 0);
     assert_eq!(store.sessions("u", 0, 10).await.unwrap().len(), 2);
+}
+
+#[actix::test]
+async fn a_span_refused_queue_full_is_offered_again_within_the_run_and_charged_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut w = world(BackfillConfig::default());
+    let double = transcribing(&mut w);
+    double.busy.store(3, Relaxed);
+    let files = [file(name(60), fixture("d01"), "qf")];
+    let report = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(double.refused.load(Relaxed), 3, "three refusals waited out");
+    assert_eq!(
+        report.transcript_status,
+        Some(TranscriptStatus::Done),
+        "{report:?}"
+    );
+    // Charged what the provider took, once: the refused offers sent and charged nothing.
+    let forwarded = double.forwarded_samples();
+    assert!(forwarded > 0);
+    assert_eq!(report.stt_ms, crate::time::samples_to_ms(forwarded, 16_000));
+    let id = &report.new_memories[0];
+    assert!(
+        statuses(&w, id)
+            .await
+            .iter()
+            .all(|s| *s == TranscriptStatus::Done)
+    );
+    assert!(
+        !w.conversations
+            .transcript("u", id)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[actix::test]
+async fn a_queue_still_full_at_the_runs_wait_leaves_the_span_pending_for_a_reupload() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut w = world(BackfillConfig::default());
+    let double = transcribing(&mut w);
+    double.busy.store(usize::MAX, Relaxed);
+    w.services.stt_wait = std::time::Duration::from_millis(100);
+    w.services.stt_busy = crate::time::Backoff::new(
+        std::time::Duration::from_millis(10),
+        std::time::Duration::from_millis(20),
+    );
+    let files = [file(name(60), fixture("d01"), "qp")];
+    let report = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(report.transcript_status, Some(TranscriptStatus::Pending));
+    assert_eq!((report.stt_ms, double.requests()), (0, 0), "nothing sent");
+    // Offered again while the next attempt could start within the wait, then left: a bounded run.
+    let refused = double.refused.load(Relaxed);
+    assert!((2..=11).contains(&refused), "{refused} offers");
+    // The queue has room again: the re-upload transcribes the waiting span and meters nothing again.
+    double.busy.store(0, Relaxed);
+    w.services.stt_wait = std::time::Duration::from_secs(60);
+    let again = done(sync(&w, &files, unlimited()).await);
+    assert_eq!(again.metered_speech_ms, 0);
+    assert_eq!(again.transcript_status, Some(TranscriptStatus::Done));
+    assert!(again.stt_ms > 0 && double.requests() > 0);
 }

@@ -8,8 +8,13 @@
 //! - What the provider received (`forwarded_samples`) is charged to the user's daily STT counter. Under a
 //!   daily budget a span is sent only when its speech fits what is left; beyond it: `budget_exhausted`.
 //! - A run stays bounded: no span starts after [`SyncServices::stt_wait`] (`VOICEGATE_SYNC_STT_WAIT_SECS`;
-//!   the rest is `pending`), one span is at most 300 s of audio, and a full engine queue leaves the span
-//!   `pending`.
+//!   the rest is `pending`), and one span is at most 300 s of audio.
+//! - A span the provider's queue refuses (`queue_full`: the node's engine or request bound is taken by
+//!   other work) is offered again within the run after [`SyncServices::stt_busy`]'s backoff
+//!   ([`BUSY_BACKOFF`]: 1 s, doubling to 15 s, jittered), keeping its decoded audio, until it is taken or
+//!   the next attempt would start past `stt_wait` (then `pending`, for a re-upload). A run holds at most
+//!   one decoded span while it waits, as it does while the provider has it: the job's memory is what it
+//!   was, and the burst is absorbed instead of turned into work for the app.
 //! - Segment ids are `<span key>:<n>`: a retry replaces, never duplicates.
 //! - Each speech run goes with a pre-roll before it (`VOICEGATE_STT_PREROLL_MS`) and [`HANGOVER_MS`] after
 //!   it, within the span, as a live session sends it; that padded audio is what is charged.
@@ -19,7 +24,7 @@ use std::fs::File;
 use std::io::BufReader;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::audio::codec::{Codec, DecodeError, Decoder};
 use crate::audio::container::{MAX_OPUS_RECORD, MAX_PCM_RECORD, Next, RecordReader};
@@ -29,12 +34,18 @@ use crate::policy::{SttAllowance, SttDenied};
 use crate::stt::chunk::pad_runs;
 use crate::stt::{BatchRequest, ProviderKind, SttError, SttProvider};
 use crate::telemetry;
-use crate::time::{Span, samples_to_ms};
+use crate::time::{Backoff, Span, samples_to_ms};
 
 use super::SyncServices;
 
 /// Audio after each speech run that goes with it (a live session's detector hangover, docs/stt.md).
 pub const HANGOVER_MS: u64 = 100;
+
+/// The wait before a span the provider's queue refused is offered again: 1 s, the ceiling doubling per
+/// attempt to 15 s (the house [`Backoff`], full jitter). A pre-recorded request takes seconds and the local
+/// engine transcribes a 300-s span in about two minutes on one thread, so a queue frees within a few
+/// attempts; jitter keeps the runs of a burst of uploads from offering their spans in lock-step.
+pub const BUSY_BACKOFF: Backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(15));
 
 /// One merged span of one file, to transcribe.
 #[derive(Debug, Clone)]
@@ -169,7 +180,8 @@ pub(super) async fn transcribe(
         } else if budget_ms.is_some_and(|left| left < speech_ms) {
             TranscriptStatus::BudgetExhausted
         } else {
-            let (status, charged) = one_span(services, provider.as_ref(), uid, id, &span).await;
+            let (status, charged) =
+                offered_until_taken(services, provider.as_ref(), (uid, id), &span, began).await;
             out.stt_ms += charged;
             budget_ms = budget_ms.map(|left| left.saturating_sub(charged));
             status
@@ -206,18 +218,23 @@ async fn owners(
     owners
 }
 
-/// Decodes, transcribes, charges and stores one span; returns its status and the STT ms charged.
-async fn one_span(
+/// Decodes one span and offers it to the provider until it is taken ([`one_span`]), waiting
+/// [`SyncServices::stt_busy`]'s backoff after each `queue_full`, as long as the next attempt starts before
+/// the run's `stt_wait` (counted from `began`); returns its status and the STT ms charged.
+async fn offered_until_taken(
     services: &SyncServices,
     provider: &dyn SttProvider,
-    uid: &str,
-    id: &str,
+    (uid, id): (&str, &str),
     span: &SpanWork,
+    began: Instant,
 ) -> (TranscriptStatus, u64) {
     let (path, codec, range) = (span.path.clone(), span.codec, span.samples);
-    let samples = match tokio::task::spawn_blocking(move || decode_span(&path, codec, range)).await
+    let samples: Arc<[f32]> = match tokio::task::spawn_blocking(move || {
+        decode_span(&path, codec, range)
+    })
+    .await
     {
-        Ok(Ok(samples)) => samples,
+        Ok(Ok(samples)) => Arc::from(samples),
         Ok(Err(error)) => {
             tracing::warn!(message = "Decoding a sync span failed.", uid, key = %span.key, %error);
             return (TranscriptStatus::Failed, 0);
@@ -227,9 +244,53 @@ async fn one_span(
             return (TranscriptStatus::Pending, 0);
         }
     };
+    let mut busy = services.stt_busy;
+    loop {
+        match one_span(services, provider, (uid, id), span, samples.clone()).await {
+            Offered::Settled(status, charged) => return (status, charged),
+            Offered::Busy => {
+                let delay = busy.next_delay();
+                if began.elapsed() + delay >= services.stt_wait {
+                    // Counted once, as what a live chunk refused counts: the speech the span would send.
+                    metrics::counter!(
+                        telemetry::STT_DROPPED_SAMPLES_TOTAL,
+                        "provider" => provider.kind().name(),
+                        "reason" => "queue_full"
+                    )
+                    .increment(span.speech_samples());
+                    return (TranscriptStatus::Pending, 0);
+                }
+                metrics::counter!(
+                    telemetry::STT_RETRIES_TOTAL,
+                    "provider" => provider.kind().name(),
+                    "reason" => "queue_full"
+                )
+                .increment(1);
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// What offering a span to the provider came to.
+enum Offered {
+    /// Taken, answered or failed: its status and the STT ms charged.
+    Settled(TranscriptStatus, u64),
+    /// Refused at once, `queue_full`: nothing was sent or charged; it can be offered again.
+    Busy,
+}
+
+/// Transcribes, charges and stores one decoded span.
+async fn one_span(
+    services: &SyncServices,
+    provider: &dyn SttProvider,
+    (uid, id): (&str, &str),
+    span: &SpanWork,
+    samples: Arc<[f32]>,
+) -> Offered {
     let offered = samples.len() as u64;
     let request = BatchRequest {
-        samples: Arc::from(samples),
+        samples,
         speech: span.runs.clone(),
         language: "en".to_owned(),
     };
@@ -239,10 +300,10 @@ async fn one_span(
     };
     let output = match output {
         Ok(output) => output,
-        Err(SttError::QueueFull { .. }) => return (TranscriptStatus::Pending, 0),
+        Err(SttError::QueueFull { .. }) => return Offered::Busy,
         Err(error) => {
             tracing::warn!(message = "Transcribing a sync span failed.", uid, key = %span.key, %error);
-            return (TranscriptStatus::Failed, 0);
+            return Offered::Settled(TranscriptStatus::Failed, 0);
         }
     };
     // The span is what the gate offered the provider (the file's silence between spans never is; a
@@ -278,10 +339,10 @@ async fn one_span(
         })
         .collect();
     match services.conversations.add_segments(uid, id, segments).await {
-        Ok(_) => (TranscriptStatus::Done, charged),
+        Ok(_) => Offered::Settled(TranscriptStatus::Done, charged),
         Err(error) => {
             tracing::warn!(message = "Storing sync transcript segments failed.", uid, %error);
-            (TranscriptStatus::Failed, charged)
+            Offered::Settled(TranscriptStatus::Failed, charged)
         }
     }
 }

@@ -79,9 +79,9 @@ pub(super) fn submit(
 ) -> Result<BatchTicket, SttError> {
     let pieces = batch_chunks(&request.samples, &request.speech, request.samples.len());
     let Some(held) = slots.take() else {
+        // Not counted as dropped here: the sync path offers the span again (transcribe.rs) and counts it
+        // once if it gives up.
         let dropped: u64 = pieces.iter().map(|(s, e)| (e - s) as u64).sum();
-        metrics::counter!(t::STT_DROPPED_SAMPLES_TOTAL, "provider" => KIND.name(), "reason" => "queue_full")
-            .increment(dropped);
         return Err(SttError::QueueFull {
             dropped_samples: dropped,
         });

@@ -36,7 +36,6 @@ use super::provider::{
     batch_ticket,
 };
 use super::types::SttError;
-use crate::telemetry;
 
 const KIND: ProviderKind = ProviderKind::Local;
 
@@ -173,9 +172,9 @@ impl SttProvider for LocalProvider {
         match self.pool.submit(job) {
             Ok(()) => Ok(ticket),
             Err(Job::Batch { request, .. }) => {
+                // Not counted as dropped here: the sync path offers the span again (transcribe.rs) and
+                // counts it once if it gives up.
                 let dropped = request.samples.len() as u64;
-                metrics::counter!(telemetry::STT_DROPPED_SAMPLES_TOTAL, "provider" => KIND.name(), "reason" => "queue_full")
-                    .increment(dropped);
                 Err(SttError::QueueFull {
                     dropped_samples: dropped,
                 })

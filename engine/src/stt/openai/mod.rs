@@ -154,9 +154,9 @@ impl SttProvider for OpenAiProvider {
         };
         let chunks = batch_chunks(&request.samples, &request.speech, MAX_CHUNK_SAMPLES);
         let Some(places) = Places::take(&self.ctx, chunks.len()) else {
+            // Not counted as dropped here: the sync path offers the span again (transcribe.rs) and counts
+            // it once if it gives up.
             let dropped: u64 = chunks.iter().map(|(s, e)| (e - s) as u64).sum();
-            metrics::counter!(t::STT_DROPPED_SAMPLES_TOTAL, "provider" => KIND.name(), "reason" => "queue_full")
-                .increment(dropped);
             return Err(SttError::QueueFull {
                 dropped_samples: dropped,
             });

@@ -97,6 +97,8 @@ struct DeepgramDouble {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<ConnLog>>>,
     batch: Arc<Mutex<Vec<BatchLog>>>,
+    /// Pre-recorded answers go out while this is `true` ([`DeepgramDouble::hold`] stops them).
+    open: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl DeepgramDouble {
@@ -109,6 +111,8 @@ impl DeepgramDouble {
             plans.iter().copied().collect::<VecDeque<Plan>>(),
         ));
         let (shared, batch_log) = (Arc::clone(&log), Arc::clone(&batch));
+        let open = Arc::new(tokio::sync::watch::Sender::new(true));
+        let answers = Arc::clone(&open);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 // A websocket upgrade is a GET; the pre-recorded API a POST.
@@ -125,6 +129,7 @@ impl DeepgramDouble {
                         stream,
                         Arc::clone(&plans),
                         Arc::clone(&batch_log),
+                        answers.subscribe(),
                     ));
                     continue;
                 }
@@ -137,7 +142,21 @@ impl DeepgramDouble {
                 tokio::spawn(serve(stream, plan, Arc::clone(&shared), idx));
             }
         });
-        DeepgramDouble { addr, log, batch }
+        DeepgramDouble {
+            addr,
+            log,
+            batch,
+            open,
+        }
+    }
+
+    /// Pre-recorded requests are read but not answered until [`DeepgramDouble::release`].
+    fn hold(&self) {
+        self.open.send_replace(false);
+    }
+
+    fn release(&self) {
+        self.open.send_replace(true);
     }
 
     fn requests(&self) -> Vec<BatchLog> {
@@ -158,9 +177,13 @@ async fn serve_prerecorded(
     mut stream: tokio::net::TcpStream,
     plans: Arc<Mutex<VecDeque<Plan>>>,
     log: Arc<Mutex<Vec<BatchLog>>>,
+    mut open: tokio::sync::watch::Receiver<bool>,
 ) {
     let mut buf = Vec::new();
     while let Some(req) = read_request(&mut stream, &mut buf).await {
+        if open.wait_for(|open| *open).await.is_err() {
+            return;
+        }
         let mut entry = BatchLog {
             authorization: req.header("authorization"),
             target: req.target.clone(),
@@ -764,6 +787,67 @@ async fn upload_d01(server: &EngineServer, uid: &str) -> (Value, Value) {
     assert_eq!(code, 200, "{conv}");
     (body, conv)
 }
+
+/// More sync spans at once than the pre-recorded bound holds (1 request in flight, 4 spans held): the
+/// spans refused `queue_full` are offered again by their jobs after a backoff, so every upload is
+/// transcribed and charged once, none left `pending` for a re-upload.
+#[actix_web::test]
+async fn sync_spans_past_the_prerecorded_bound_wait_their_turn_and_are_all_transcribed() {
+    let double = DeepgramDouble::start(&[Plan::Serve]).await;
+    double.hold();
+    let configure = deepgram(&double);
+    let server = EngineServer::start(fair_use_on(), move |cfg| {
+        configure(cfg);
+        cfg.deepgram.batch_max_in_flight = 1;
+    })
+    .await;
+    let users: Vec<String> = (0..6).map(|n| format!("burst{n}")).collect();
+    let file = d01_an_hour_ago();
+    let uploads =
+        futures_util::future::join_all(users.iter().map(|uid| server.upload(uid, "", &file)));
+    let opener = async {
+        // The answers are held until two spans past the bound have been refused and are waiting.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while server.metric_sum(QUEUE_FULL_RETRIES).await < 2 {
+            assert!(Instant::now() < deadline, "no span was refused queue_full");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        double.release();
+    };
+    let (answers, ()) = tokio::join!(uploads, opener);
+    for (uid, (code, body, _)) in users.iter().zip(&answers) {
+        assert_eq!(*code, 200, "{uid}: {body}");
+        assert_eq!(body["transcript_status"], "done", "{uid}: {body}");
+    }
+    let requests = double.requests();
+    assert_eq!(
+        requests.len(),
+        users.len(),
+        "one request per span, none twice"
+    );
+    assert!(requests.iter().all(|r| r.answered == 200), "{requests:?}");
+    let received: u64 = requests.iter().map(|r| r.samples).sum();
+    assert_eq!(server.metric_sum(FORWARDED).await, received);
+    // Each user charged what the double received for their span (the same file: the same audio).
+    for (code, body, _) in &answers {
+        let charged = body["stt_ms"].as_u64().unwrap();
+        assert!(
+            (requests[0].samples / 16).abs_diff(charged) <= 1,
+            "{code}: {body}"
+        );
+    }
+    assert!(server.metric_sum(QUEUE_FULL_RETRIES).await >= 2);
+    assert_eq!(
+        server
+            .metric_sum(&format!("{DROPPED},reason=\"queue_full\"}}"))
+            .await,
+        0,
+        "no span left behind"
+    );
+}
+
+const QUEUE_FULL_RETRIES: &str =
+    "voicegate_stt_retries_total{provider=\"deepgram\",reason=\"queue_full\"}";
 
 /// A sync upload's spans go to the pre-recorded API: only their padded speech runs, once, as linear16 at
 /// 16 kHz with utterances; the user is charged exactly what the double received; the utterances come back

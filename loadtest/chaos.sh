@@ -198,4 +198,12 @@ for c in $(seq 2 "$CYCLES"); do
   awk -v a="$rss1" -v b="$rssc" 'BEGIN { exit !((b - a) * 100 / a <= 5 && (a - b) * 100 / a <= 5) }' || { echo "  ✗ RSS moved"; ok=0; }
   [ "$fdc" -le "$fd1" ] || { echo "  ✗ descriptors grew ($fd1 → $fdc)"; ok=0; }
 done
+# The periodic heap trims since the node's restart (VOICEGATE_HEAP_TRIM_SECS): how many, and how long.
+curl -fs "http://127.0.0.1:$PORT/metrics" | awk '
+  /^voicegate_process_heap_trim_seconds_count/ { n = $2 }
+  /^voicegate_process_heap_trim_seconds_sum/ { s = $2 }
+  /^voicegate_process_heap_trim_seconds_bucket/ { match($0, /le="[^"]*"/); k++; le[k] = substr($0, RSTART + 4, RLENGTH - 5); c[k] = $2 }
+  END { for (i = 1; i <= k; i++) if (c[i] == n) { max = le[i]; break }
+        if (n > 0) printf "heap trims since the restart: %d, mean %.2f ms, all within %s s\n", n, s * 1000 / n, max
+        else print "heap trims since the restart: none (VOICEGATE_HEAP_TRIM_SECS=0?)" }'
 if [ "$ok" = 1 ]; then echo "chaos soak: PASS"; else echo "chaos soak: FAIL"; exit 1; fi

@@ -2,8 +2,8 @@
 //!
 //! The process's resident set (RSS) counts the bytes the program holds *and* the freed bytes the
 //! allocator keeps for reuse without giving the pages back; only the allocator can tell them apart.
-//! glibc's `mallinfo2()` walks its arenas (under their locks, a few microseconds; a scrape comes every
-//! 15 s or so) and reports both, so an operator reading a rising RSS can tell memory kept by the
+//! glibc's `mallinfo2()` walks its arenas' free lists (under their locks, as a trim does; a scrape comes
+//! every 15 s or so) and reports both, so an operator reading a rising RSS can tell memory kept by the
 //! program (`in_use` rising) from memory the allocator retains (`free` rising), which is what the chaos
 //! soak's RSS judgement needs (`docs/reliability.md`). On a libc without `mallinfo2` (musl, not Linux)
 //! the series are not exported.
@@ -80,7 +80,9 @@ pub struct Heap {
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 pub fn read() -> Option<Heap> {
     // SAFETY: mallinfo2 takes no arguments and returns a plain struct by value; glibc has had it since
-    // 2.33 (Debian 12 ships 2.36), and it only reads the allocator's bookkeeping under its own locks.
+    // 2.33 (Debian 12 ships 2.36). mallinfo(3) marks it "MT-Unsafe init const:mallopt": not while the
+    // allocator initialises (long done by the first scrape) nor alongside mallopt(3), which this program
+    // never calls; otherwise it reads the arenas under their own locks.
     let m = unsafe { libc::mallinfo2() };
     Some(Heap {
         in_use: (m.uordblks as u64).saturating_add(m.hblkhd as u64),

@@ -344,6 +344,11 @@ async fn statuses(w: &World, id: &str) -> Vec<TranscriptStatus> {
     all.values().copied().collect()
 }
 
+async fn assert_all_spans_done(w: &World, id: &str) {
+    let all = statuses(w, id).await;
+    assert!(all.iter().all(|s| *s == TranscriptStatus::Done), "{all:?}");
+}
+
 #[actix::test]
 async fn spans_are_transcribed_once_and_a_reupload_charges_nothing_again() {
     let mut w = world(BackfillConfig::default());
@@ -378,12 +383,7 @@ async fn spans_are_transcribed_once_and_a_reupload_charges_nothing_again() {
                 && s.end_ms <= conv.finished_at_ms + transcribe::HANGOVER_MS),
         "{segments:?} {conv:?}"
     );
-    assert!(
-        statuses(&w, id)
-            .await
-            .iter()
-            .all(|s| *s == TranscriptStatus::Done)
-    );
+    assert_all_spans_done(&w, id).await;
     let requests = double.requests();
 
     let again = done(sync(&w, &files, unlimited()).await);
@@ -547,12 +547,7 @@ async fn a_span_refused_queue_full_is_offered_again_within_the_run_and_charged_o
     assert!(forwarded > 0);
     assert_eq!(report.stt_ms, crate::time::samples_to_ms(forwarded, 16_000));
     let id = &report.new_memories[0];
-    assert!(
-        statuses(&w, id)
-            .await
-            .iter()
-            .all(|s| *s == TranscriptStatus::Done)
-    );
+    assert_all_spans_done(&w, id).await;
     assert!(
         !w.conversations
             .transcript("u", id)

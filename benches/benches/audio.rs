@@ -2,7 +2,7 @@
 //! directly as "x realtime" (1 Kelem/s = 1,000 ms of audio per second = 1x).
 //! Run on one core: `cargo bench -p voicegate-benches --bench audio --no-run`, then from `benches/`
 //! `taskset -c 0 <the printed binary> --bench` (running it directly keeps cargo off the measured core).
-//! `vad_*` use the backend `SileroModel::shared()` picks (native AVX-512 network where available);
+//! `vad_*` use the backend `SileroModel::shared()` picks (the native network with AVX-512 or AVX2 and FMA);
 //! `vad_ungated_tract` is the tract reference for comparison.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};

@@ -32,11 +32,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 )
             })
             .collect();
+        // Energy of each 8 ms quarter of a window (for edge placement).
+        let sub: Vec<String> = pcm
+            .chunks(WINDOW / 4)
+            .take(probs.len() * 4)
+            .map(|c| {
+                format!(
+                    "{:.1}",
+                    10.0 * ((c.iter().map(|x| x * x).sum::<f32>() / (WINDOW / 4) as f32) + 1e-12)
+                        .log10()
+                )
+            })
+            .collect();
         writeln!(
             stdout,
-            "{{\"file\":\"{path}\",\"probs\":[{}],\"db\":[{}]}}",
+            "{{\"file\":\"{path}\",\"probs\":[{}],\"db\":[{}],\"sub_db\":[{}]}}",
             p.join(","),
-            rms.join(",")
+            rms.join(","),
+            sub.join(",")
         )?;
     }
     Ok(())

@@ -1,26 +1,56 @@
-//! A small f32 matrix product for the native Silero network (`silero_net`), AVX-512 only.
+//! A small f32 matrix product for the native Silero network (`silero_net`), AVX-512 or AVX2 with FMA.
 //!
 //! `C[m][n] = A[m][k] · B[k][n] + bias[n]` (optionally followed by ReLU), every matrix row-major. The
 //! shapes here are small (k ≤ 387, n ≤ 512, m ≤ a few hundred) and the weights `B` are packed once at load
 //! time with `n` rounded up to a multiple of [`NR`], so one register-blocked kernel covers every layer.
-//! The kernel keeps an `MR × NR` block of `C` in AVX-512 registers (intrinsics: LLVM did not vectorise
-//! the plain-Rust version) and is only called after a run-time CPU check.
+//! The kernel keeps an `MR × NR` block of `C` in vector registers (intrinsics: LLVM did not vectorise
+//! the plain-Rust version) and is only called after a run-time CPU check: two 16-lane registers per
+//! row on AVX-512, four 8-lane ones on AVX2. Both accumulate every output element in the same order
+//! (`l = 0..k`, one fused multiply-add each), so they give the same bits: probabilities, and therefore
+//! metered milliseconds, do not depend on which of the two a machine has.
 
-/// Rows of `A` per register block.
+/// Rows of `A` per AVX-512 register block (12 of its 32 registers accumulate).
 const MR: usize = 6;
-/// Columns of `B` per register block (two 16-lane AVX-512 registers).
+/// Rows of `A` per AVX2 register block: 3 rows × 4 accumulators, a broadcast per row and the weight
+/// register fill the 16 `ymm` registers.
+const MR_AVX2: usize = 3;
+/// Columns of `B` per register block (two 16-lane AVX-512 registers, four 8-lane AVX2 ones).
 pub const NR: usize = 32;
 
-/// Whether this CPU runs the AVX-512 kernel.
-pub fn available() -> bool {
+/// The vector instruction set the kernel runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kernel {
+    /// AVX-512F and FMA.
+    Avx512,
+    /// AVX2 and FMA (x86-64-v3).
+    Avx2,
+}
+
+/// The kernel this CPU runs, if any (checked at run time; the standard library caches the CPU's
+/// feature bits, so this is a few loads).
+pub fn kernel() -> Option<Kernel> {
     #[cfg(target_arch = "x86_64")]
     {
-        std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma")
+        if !std::arch::is_x86_feature_detected!("fma") {
+            return None;
+        }
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            return Some(Kernel::Avx512);
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            return Some(Kernel::Avx2);
+        }
+        None
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        false
+        None
     }
+}
+
+/// Whether this CPU runs a vector kernel (AVX-512 or AVX2, with FMA).
+pub fn available() -> bool {
+    kernel().is_some()
 }
 
 /// Weights `B` (`k × n`, `n` padded to a multiple of [`NR`] with zero columns) and a bias of `n` values.
@@ -76,10 +106,18 @@ pub fn gemm(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32], ldc: usi
     assert!(lda >= b.k && ldc >= b.ld, "gemm: strides too small");
     assert!(m == 0 || (a.len() >= (m - 1) * lda + b.k && c.len() >= (m - 1) * ldc + b.ld));
     #[cfg(target_arch = "x86_64")]
-    if available() {
-        // SAFETY: the CPU has AVX-512F and FMA (checked just above), which is all the function requires.
-        unsafe { avx512::gemm(a, lda, m, b, c, ldc, relu) };
-        return;
+    match kernel() {
+        Some(Kernel::Avx512) => {
+            // SAFETY: the CPU has AVX-512F and FMA (checked by `kernel`), all the function requires.
+            unsafe { avx512::gemm(a, lda, m, b, c, ldc, relu) };
+            return;
+        }
+        Some(Kernel::Avx2) => {
+            // SAFETY: the CPU has AVX2 and FMA (checked by `kernel`), all the function requires.
+            unsafe { avx2::gemm(a, lda, m, b, c, ldc, relu) };
+            return;
+        }
+        None => {}
     }
     gemm_scalar(a, lda, m, b, c, ldc, relu);
 }
@@ -89,10 +127,18 @@ pub fn gemm(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32], ldc: usi
 pub fn gemv(x: &[f32], b: &Packed, y: &mut [f32]) {
     assert!(x.len() >= b.k && y.len() >= b.ld, "gemv: slices too short");
     #[cfg(target_arch = "x86_64")]
-    if available() && b.ld.is_multiple_of(WIDE) {
-        // SAFETY: the CPU has AVX-512F and FMA (checked just above), which is all the function requires.
-        unsafe { avx512::gemv(x, b, y) };
-        return;
+    match kernel() {
+        Some(Kernel::Avx512) if b.ld.is_multiple_of(WIDE) => {
+            // SAFETY: the CPU has AVX-512F and FMA (checked by `kernel`), all the function requires.
+            unsafe { avx512::gemv(x, b, y) };
+            return;
+        }
+        Some(Kernel::Avx2) if b.ld.is_multiple_of(WIDE_AVX2) => {
+            // SAFETY: the CPU has AVX2 and FMA (checked by `kernel`), all the function requires.
+            unsafe { avx2::gemv(x, b, y) };
+            return;
+        }
+        _ => {}
     }
     let zero = Packed {
         bias: vec![0.0; b.ld],
@@ -101,10 +147,13 @@ pub fn gemv(x: &[f32], b: &Packed, y: &mut [f32]) {
     gemm_scalar(x, b.k, 1, &zero, y, b.ld, false);
 }
 
-/// Columns per pass of [`gemv`]: 16 independent accumulators.
+/// Columns per pass of [`gemv`] on AVX-512: 16 independent accumulators.
 const WIDE: usize = 256;
+/// Columns per pass of [`gemv`] on AVX2: 12 independent 8-lane accumulators would be 96 columns, not a
+/// whole number of panels; 8 (64 columns, two panels) leave registers for the broadcast and the weights.
+const WIDE_AVX2: usize = 64;
 
-/// Portable reference (tests, and CPUs without AVX-512 should they ever call this).
+/// Portable reference (tests, and CPUs without a vector kernel should they ever call this).
 fn gemm_scalar(a: &[f32], lda: usize, m: usize, b: &Packed, c: &mut [f32], ldc: usize, relu: bool) {
     for i in 0..m {
         let row = &a[i * lda..][..b.k];
@@ -233,6 +282,109 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{MR_AVX2, NR, Packed, WIDE_AVX2};
+    use std::arch::x86_64::*;
+
+    /// 8-lane registers per NR columns.
+    const Q: usize = NR / 8;
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn gemm(
+        a: &[f32],
+        lda: usize,
+        m: usize,
+        b: &Packed,
+        c: &mut [f32],
+        ldc: usize,
+        relu: bool,
+    ) {
+        for n0 in (0..b.ld).step_by(NR) {
+            let mut i = 0;
+            while i + MR_AVX2 <= m {
+                block::<MR_AVX2>(a, lda, i, b, n0, c, ldc, relu);
+                i += MR_AVX2;
+            }
+            while i < m {
+                block::<1>(a, lda, i, b, n0, c, ldc, relu);
+                i += 1;
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn gemv(x: &[f32], b: &Packed, y: &mut [f32]) {
+        for n0 in (0..b.ld).step_by(WIDE_AVX2) {
+            let mut acc = [_mm256_setzero_ps(); WIDE_AVX2 / 8];
+            let panels: [&[f32]; WIDE_AVX2 / NR] = std::array::from_fn(|p| b.panel(n0 + p * NR));
+            for (l, &xv) in x[..b.k].iter().enumerate() {
+                let xv = _mm256_set1_ps(xv);
+                for (q, acc) in acc.iter_mut().enumerate() {
+                    let row = &panels[q / Q][l * NR..][..NR];
+                    // SAFETY: `row` holds NR = 32 floats (bounds-checked slice); this reads 8 at 8·(q % 4).
+                    let w = unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * (q % Q))) };
+                    *acc = _mm256_fmadd_ps(xv, w, *acc);
+                }
+            }
+            let out = &mut y[n0..n0 + WIDE_AVX2];
+            for (q, acc) in acc.into_iter().enumerate() {
+                // SAFETY: `out` holds WIDE_AVX2 floats (bounds-checked slice); this writes 8 at 8·q.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * q), acc) };
+            }
+        }
+    }
+
+    /// One `R × NR` block of `c`, accumulated in `4R` registers.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+    fn block<const R: usize>(
+        a: &[f32],
+        lda: usize,
+        i0: usize,
+        b: &Packed,
+        n0: usize,
+        c: &mut [f32],
+        ldc: usize,
+        relu: bool,
+    ) {
+        let k = b.k;
+        let rows: [&[f32]; R] = std::array::from_fn(|r| &a[(i0 + r) * lda..][..k]);
+        let bias = &b.bias[n0..n0 + NR];
+        let bblock = b.panel(n0);
+        // SAFETY (all loads in this function): `bias` holds NR = 32 floats, read 8 at 8·q for q < 4; for
+        // l < k, `bblock[l·NR ..][.. NR]` lies inside `bblock` (sliced above, so bounds-checked once);
+        // `rows[r]` holds k floats and is read at l < k.
+        let bv: [__m256; Q] =
+            std::array::from_fn(|q| unsafe { _mm256_loadu_ps(bias.as_ptr().add(8 * q)) });
+        let mut acc = [bv; R];
+        let rp: [*const f32; R] = std::array::from_fn(|r| rows[r].as_ptr());
+        let mut bp = bblock.as_ptr();
+        for l in 0..k {
+            let av: [__m256; R] = std::array::from_fn(|r| _mm256_set1_ps(unsafe { *rp[r].add(l) }));
+            for q in 0..Q {
+                let w = unsafe { _mm256_loadu_ps(bp.add(8 * q)) };
+                for r in 0..R {
+                    acc[r][q] = _mm256_fmadd_ps(av[r], w, acc[r][q]);
+                }
+            }
+            if l + 1 < k {
+                bp = unsafe { bp.add(NR) };
+            }
+        }
+        let zero = _mm256_setzero_ps();
+        for (r, row) in acc.into_iter().enumerate() {
+            let out = &mut c[(i0 + r) * ldc + n0..][..NR];
+            for (q, v) in row.into_iter().enumerate() {
+                let v = if relu { _mm256_max_ps(v, zero) } else { v };
+                // SAFETY: `out` holds NR = 32 floats (bounds-checked slice); this writes 8 at 8·q < 32.
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(8 * q), v) };
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -248,6 +400,63 @@ mod tests {
         for (j, &got) in y.iter().enumerate() {
             let want: f32 = (0..k).map(|l| x[l] * w(l, j)).sum();
             assert!((got - want).abs() < 1e-3, "{j}: {got} vs {want}");
+        }
+    }
+
+    /// Each kernel this CPU has against the naive product, and the two kernels against each other bit
+    /// for bit where both exist (the metered milliseconds must not depend on the processor).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_avx2_and_avx512_kernels_give_the_same_bits() {
+        let has = |f: &str| match f {
+            "avx2" => std::arch::is_x86_feature_detected!("avx2"),
+            _ => std::arch::is_x86_feature_detected!("avx512f"),
+        };
+        if !std::arch::is_x86_feature_detected!("fma") || !has("avx2") {
+            eprintln!("no AVX2 with FMA on this CPU: nothing to compare");
+            return;
+        }
+        let (m, k, n) = (17, 131, 96);
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7 % 23) as f32 - 11.0) / 7.0)
+            .collect();
+        let w = |r: usize, c: usize| ((r * 3 + c * 5) % 19) as f32 / 9.0 - 1.0;
+        let bias: Vec<f32> = (0..n).map(|j| j as f32 / 13.0 - 3.0).collect();
+        let b = Packed::new(k, n, w, Some(&bias));
+        let mut c2 = vec![f32::NAN; m * b.ld];
+        // SAFETY: AVX2 and FMA checked above.
+        unsafe { avx2::gemm(&a, k, m, &b, &mut c2, b.ld, true) };
+        for i in 0..m {
+            for j in 0..n {
+                let want = (0..k)
+                    .fold(bias[j], |acc, l| a[i * k + l].mul_add(w(l, j), acc))
+                    .max(0.0);
+                assert_eq!(
+                    c2[i * b.ld + j],
+                    want,
+                    "({i},{j}): AVX2 is not the fused sum in order"
+                );
+            }
+        }
+        let x: Vec<f32> = (0..128).map(|i| (i % 9) as f32 / 4.0 - 1.0).collect();
+        let r = Packed::new(128, 512, w, None);
+        let mut y2 = vec![f32::NAN; r.ld];
+        // SAFETY: AVX2 and FMA checked above.
+        unsafe { avx2::gemv(&x, &r, &mut y2) };
+        for (j, &got) in y2.iter().enumerate() {
+            let want = (0..128).fold(0.0f32, |acc, l| x[l].mul_add(w(l, j), acc));
+            assert_eq!(got, want, "gemv column {j}");
+        }
+        if has("avx512") {
+            let mut c5 = vec![f32::NAN; m * b.ld];
+            let mut y5 = vec![f32::NAN; r.ld];
+            // SAFETY: AVX-512F and FMA checked just above.
+            unsafe {
+                avx512::gemm(&a, k, m, &b, &mut c5, b.ld, true);
+                avx512::gemv(&x, &r, &mut y5);
+            }
+            assert_eq!(c2, c5);
+            assert_eq!(y2, y5);
         }
     }
 

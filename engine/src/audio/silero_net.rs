@@ -8,8 +8,8 @@
 //! zero padding are dropped. The STFT layer's basis is a Hann-windowed DFT (checked at load), so it runs
 //! as a 256-point real FFT per frame: 24 % less time per window than the `4S × 256` by `256 × 256`
 //! product it replaces, which stays as the path for any other basis. Probabilities agree with tract to
-//! about 1e-5 (`vad::tests::native_network_matches_tract_gated_and_ungated` checks 1e-4). It needs AVX-512
-//! (see `gemm`); elsewhere the tract plans in `vad` run instead.
+//! about 1e-5 (`vad::tests::native_network_matches_tract_gated_and_ungated` checks 1e-4). It needs AVX-512F
+//! or AVX2, with FMA (see `gemm`: both give the same bits); elsewhere the tract plans in `vad` run instead.
 //!
 //! The graph, per window of 576 samples `x` (64 context + 512 new):
 //! - STFT: reflect-pad 128 each side, frames of 256 at hop 128 → 5 frames; frame 0 is discarded; each
@@ -168,8 +168,8 @@ fn initializers(bytes: &[u8]) -> Result<std::collections::HashMap<String, Init>,
 }
 
 impl SileroNet {
-    /// Read the weights from the ONNX model bytes. Refused on a CPU without AVX-512F and FMA: a `SileroNet`
-    /// exists only where [`run`](Self::run) may execute its AVX-512 code.
+    /// Read the weights from the ONNX model bytes. Refused on a CPU without a `gemm` vector kernel
+    /// (AVX-512F or AVX2, with FMA): a `SileroNet` exists only where [`run`](Self::run) may execute it.
     pub fn from_onnx(onnx: &[u8]) -> Result<SileroNet, String> {
         SileroNet::build(onnx, true)
     }
@@ -177,7 +177,9 @@ impl SileroNet {
     /// `fft`: run the STFT as an FFT when the basis allows it (tests turn it off to compare).
     fn build(onnx: &[u8], fft: bool) -> Result<SileroNet, String> {
         if !super::gemm::available() {
-            return Err("the native Silero network needs a CPU with AVX-512F and FMA".into());
+            return Err(
+                "the native Silero network needs a CPU with AVX-512F or AVX2, and FMA".into(),
+            );
         }
         let mut inits = initializers(onnx)?;
         let mut take = |name: &str, dims: &[usize]| -> Result<Vec<f32>, String> {
@@ -388,9 +390,7 @@ impl SileroNet {
         for w in 0..n {
             gemv(&h[..], &self.lstm_rec, &mut s.gates);
             let pre = &s.gates_in[w * lg..][..4 * HIDDEN];
-            // SAFETY: a `SileroNet` only exists where `gemm::available()` (AVX-512F and FMA) holds
-            // (`build` checks it), and the function needs nothing else.
-            unsafe { lstm_cell(&s.gates[..4 * HIDDEN], pre, h, c) };
+            lstm_cell(&s.gates[..4 * HIDDEN], pre, h, c);
             let logit = h
                 .iter()
                 .zip(&self.out_w)
@@ -400,9 +400,35 @@ impl SileroNet {
     }
 }
 
-/// One LSTM step (ONNX gate order i, o, f, c), vectorised over the 128 units.
-#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx512f,fma"))]
-unsafe fn lstm_cell(rec: &[f32], pre: &[f32], h: &mut [f32; HIDDEN], c: &mut [f32; HIDDEN]) {
+/// One LSTM step (ONNX gate order i, o, f, c), compiled for the CPU's vector kernel. The arithmetic is
+/// the same plain float operations in the same order whichever it is (Rust never fuses a multiply and
+/// an add on its own), so the two builds give the same bits.
+fn lstm_cell(rec: &[f32], pre: &[f32], h: &mut [f32; HIDDEN], c: &mut [f32; HIDDEN]) {
+    #[cfg(target_arch = "x86_64")]
+    match super::gemm::kernel() {
+        // SAFETY: `kernel` checked that the CPU has AVX-512F and FMA, all the function requires.
+        Some(super::gemm::Kernel::Avx512) => return unsafe { lstm_cell_avx512(rec, pre, h, c) },
+        // SAFETY: `kernel` checked that the CPU has AVX2 and FMA, all the function requires.
+        Some(super::gemm::Kernel::Avx2) => return unsafe { lstm_cell_avx2(rec, pre, h, c) },
+        None => {}
+    }
+    lstm_cell_body(rec, pre, h, c);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn lstm_cell_avx512(rec: &[f32], pre: &[f32], h: &mut [f32; HIDDEN], c: &mut [f32; HIDDEN]) {
+    lstm_cell_body(rec, pre, h, c);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn lstm_cell_avx2(rec: &[f32], pre: &[f32], h: &mut [f32; HIDDEN], c: &mut [f32; HIDDEN]) {
+    lstm_cell_body(rec, pre, h, c);
+}
+
+#[inline(always)]
+fn lstm_cell_body(rec: &[f32], pre: &[f32], h: &mut [f32; HIDDEN], c: &mut [f32; HIDDEN]) {
     let (ri, rest) = rec.split_at(HIDDEN);
     let (ro, rest) = rest.split_at(HIDDEN);
     let (rf, rc) = rest.split_at(HIDDEN);
@@ -475,8 +501,8 @@ mod tests {
     }
 
     #[cfg_attr(
-        not(host_avx512),
-        ignore = "needs a CPU with AVX-512F and FMA (the native Silero network)"
+        not(host_native_vad),
+        ignore = "needs a CPU with AVX-512F or AVX2, and FMA (the native Silero network)"
     )]
     #[test]
     fn the_model_stft_is_a_windowed_dft_and_runs_as_an_fft() {
@@ -494,14 +520,14 @@ mod tests {
     }
 
     #[test]
-    fn the_network_is_refused_on_a_cpu_without_avx512() {
+    fn the_network_is_refused_on_a_cpu_without_a_vector_kernel() {
         let net = SileroNet::from_onnx(MODEL_BYTES);
         assert_eq!(net.is_ok(), crate::audio::gemm::available());
     }
 
     #[cfg_attr(
-        not(host_avx512),
-        ignore = "needs a CPU with AVX-512F and FMA (the native Silero network)"
+        not(host_native_vad),
+        ignore = "needs a CPU with AVX-512F or AVX2, and FMA (the native Silero network)"
     )]
     #[test]
     fn subnormal_samples_count_as_zero() {
@@ -519,8 +545,8 @@ mod tests {
     }
 
     #[cfg_attr(
-        not(host_avx512),
-        ignore = "needs a CPU with AVX-512F and FMA (the native Silero network)"
+        not(host_native_vad),
+        ignore = "needs a CPU with AVX-512F or AVX2, and FMA (the native Silero network)"
     )]
     #[test]
     fn fft_and_matrix_stft_give_the_same_probabilities() {

@@ -71,8 +71,15 @@ impl ListenState {
     /// Starts the pipeline threads (`VOICEGATE_LISTEN_THREADS`) and loads the VAD model now, so the first
     /// session does not pay for it. Must run inside an actix `System`.
     pub fn start(cfg: &ServeConfig, services: LiveServices, live: LiveConfig) -> Self {
-        if let Err(error) = voicegate_engine::audio::vad::SileroModel::shared() {
-            tracing::error!(message = "VAD model failed to load; listen sessions will close with 1011.", %error);
+        match voicegate_engine::audio::vad::SileroModel::shared() {
+            Ok(model) => tracing::info!(
+                message = "VAD model loaded.",
+                backend = model.backend_name()
+            ),
+            Err(error) => tracing::error!(
+                message = "VAD model failed to load; listen sessions will close with 1011.",
+                %error
+            ),
         }
         let pool = PipelinePool::start(cfg.listen_threads);
         tracing::info!(

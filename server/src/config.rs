@@ -205,9 +205,17 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_STT_FALLBACK_SECS", default_value_t = defaults::STT_FALLBACK_SECS)]
     pub stt_fallback_secs: u64,
 
-    /// Worker threads of the local speech-to-text engine (one model each: ~180 MB idle, up to ~1.5 GB while transcribing), run below the pipeline's priority.
+    /// Worker threads of the local speech-to-text engine (one model each: ~140-180 MB idle, ~1.5 GB while transcribing a 10 s chunk, growing with the engine's leak up to VOICEGATE_STT_LOCAL_MAX_RSS_MB), run below the pipeline's priority.
     #[arg(long, env = "VOICEGATE_STT_LOCAL_THREADS", default_value_t = defaults::STT_LOCAL_THREADS)]
     pub stt_local_threads: usize,
+
+    /// Resident memory (MB) past which the local engine's process is replaced after its chunk (each worker runs its model in a child process, `voicegate stt-engine`, because the pinned engine leaks ~14-17 MB per second of audio it transcribes); 0 = run the models inside the server, unbounded.
+    #[arg(long, env = "VOICEGATE_STT_LOCAL_MAX_RSS_MB", default_value_t = defaults::STT_LOCAL_MAX_RSS_MB)]
+    pub stt_local_max_rss_mb: u64,
+
+    /// The program the local engine's child processes run (`voicegate stt-engine`): set by `voicegate serve` to its own binary. Unset (embedders and in-process tests): the models run inside the process.
+    #[arg(skip)]
+    pub stt_local_exe: Option<PathBuf>,
 
     /// Folder of the local speech-to-text engine, as scripts/deps.sh unpacks it. Unset: ~/.cache/voicegate/moonshine-cpp-0.1.4 ($XDG_CACHE_HOME honoured).
     #[arg(long, env = "VOICEGATE_STT_LOCAL_DIR")]
@@ -305,6 +313,8 @@ impl Default for ServeConfig {
             stt_fallback: None,
             stt_fallback_secs: defaults::STT_FALLBACK_SECS,
             stt_local_threads: defaults::STT_LOCAL_THREADS,
+            stt_local_max_rss_mb: defaults::STT_LOCAL_MAX_RSS_MB,
+            stt_local_exe: None,
             stt_local_dir: None,
             stt_preroll_ms: defaults::STT_PREROLL_MS,
             tls_ca_file: None,

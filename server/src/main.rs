@@ -22,12 +22,28 @@ enum Command {
     Serve(Box<voicegate_server::ServeConfig>),
     /// Decode, VAD-segment and meter audio files (.bin or .wav) offline.
     Analyze(analyze::AnalyzeArgs),
+    /// The local speech-to-text engine's child process (started by `serve`; speaks a binary protocol on
+    /// stdin/stdout, docs/stt.md).
+    #[command(hide = true)]
+    SttEngine {
+        /// The engine's folder, as scripts/deps.sh unpacks it.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(cfg) => voicegate_server::serve::main(*cfg),
+        Command::Serve(mut cfg) => {
+            // The local engine's workers run it in child processes of this very binary (it leaks).
+            cfg.stt_local_exe = std::env::current_exe().ok();
+            voicegate_server::serve::main(*cfg)
+        }
+        Command::SttEngine { dir } => {
+            let code = voicegate_engine::stt::local::child::run_engine_process(&dir);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
         Command::Analyze(args) => analyze::run(args),
     }
 }

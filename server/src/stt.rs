@@ -68,6 +68,16 @@ pub fn local_config(cfg: &ServeConfig) -> LocalConfig {
     if let Some(dir) = &cfg.stt_local_dir {
         local.dir = dir.clone();
     }
+    if let Some(exe) = cfg
+        .stt_local_exe
+        .as_ref()
+        .filter(|_| cfg.stt_local_max_rss_mb > 0)
+    {
+        local.child = Some(voicegate_engine::stt::local::child::ChildConfig {
+            exe: exe.clone(),
+            max_rss_kib: cfg.stt_local_max_rss_mb.saturating_mul(1024),
+        });
+    }
     local
 }
 

@@ -118,8 +118,13 @@ pub const SYNC_JOB_RETENTION_SECS: u64 = 7 * 86_400;
 pub const AUTH_FAILURES_PER_MINUTE: u32 = 30;
 /// `VOICEGATE_AUTH_THROTTLE_MAX_ADDRESSES`: ~100 bytes each.
 pub const AUTH_THROTTLE_MAX_ADDRESSES: usize = 100_000;
-/// `VOICEGATE_STT_LOCAL_THREADS`: one model (~180 MB idle, ~1.5 GB peak measured while transcribing).
+/// `VOICEGATE_STT_LOCAL_THREADS`: one model (~140–180 MB idle, ~1.5 GB while transcribing a 10 s chunk, plus
+/// the engine's leak of ~14–17 MB per second of audio transcribed: docs/stt.md, "The local provider").
 pub const STT_LOCAL_THREADS: usize = 1;
+/// `VOICEGATE_STT_LOCAL_MAX_RSS_MB`: a worker's engine process is replaced past this. A 10 s chunk needs
+/// ~1.5 GB at its peak on top of the leak; 3 GB lets a process transcribe ~100 s of audio between
+/// replacements, a 0.3 s model load each (docs/stt.md, "The local provider").
+pub const STT_LOCAL_MAX_RSS_MB: u64 = 3_072;
 /// `VOICEGATE_STT_FALLBACK_SECS`: a minute on the fallback after each failure of the primary, long enough
 /// not to flap on a provider that fails every few seconds, short enough to come back soon after a fix.
 pub const STT_FALLBACK_SECS: u64 = 60;

@@ -384,3 +384,77 @@ async fn metering_stays_exact_with_transcription_on() {
     }
     server.shutdown().await;
 }
+
+/// The local engine's processes among this test process's children (`voicegate stt-engine`).
+fn engine_children() -> Vec<i32> {
+    let mut pids = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let children = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for pid in children
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if cmdline.split(|&b| b == 0).any(|a| a == b"stt-engine") {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+#[actix_web::test]
+async fn the_engine_runs_in_a_child_process_replaced_past_its_memory_limit_and_after_it_dies() {
+    if let Some(why) = voicegate_engine::stt::local::ffi::cpu_unsupported() {
+        eprintln!("NOT RUN on this machine: {why}");
+        return;
+    }
+    let server = EngineServer::start(fair_use_on(), |cfg| {
+        local_stt(cfg);
+        cfg.stt_local_exe = Some(env!("CARGO_BIN_EXE_voicegate").into());
+        // Below what a loaded model takes: the process is replaced after every chunk.
+        cfg.stt_local_max_rss_mb = 1;
+    })
+    .await;
+    let engines = engine_children();
+    assert_eq!(
+        engines.len(),
+        1,
+        "one worker, one engine process: {engines:?}"
+    );
+    let ws = connect(server.addr, Some("carol"), OPUS16)
+        .await
+        .unwrap_or_else(|s| panic!("upgrade {s}"));
+    let s = stream(ws, "d01", 10).await;
+    let (score, _) = score("d01", &s.segments);
+    assert!(score.wer() <= 0.15, "transcribed as in-process: {score:?}");
+    let chunks = server
+        .metric_sum("voicegate_stt_engine_duration_seconds_count{provider=\"local\"}")
+        .await;
+    let replaced = server
+        .metric_sum("voicegate_stt_engine_restarts_total{provider=\"local\",reason=\"memory\"}")
+        .await;
+    assert!(chunks >= 2, "{chunks} chunks");
+    assert_eq!(replaced, chunks, "each chunk left the process past 1 MB");
+    let now = engine_children();
+    assert_eq!(now.len(), 1, "the old processes are gone: {now:?}");
+    assert!(!now.contains(&engines[0]), "a fresh process serves now");
+
+    // The engine process dies (a crash in the library): the next chunk fails with `engine`, the server
+    // lives on, a new process takes the chunks after it.
+    // SAFETY: a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(now[0], libc::SIGKILL) }, 0);
+    let ws = connect(server.addr, Some("carol"), OPUS16)
+        .await
+        .unwrap_or_else(|s| panic!("upgrade {s}"));
+    let s = stream(ws, "d01", 10).await;
+    assert!(!s.segments.is_empty(), "transcribed again after the crash");
+    let exited = server
+        .metric_sum("voicegate_stt_engine_restarts_total{provider=\"local\",reason=\"exited\"}")
+        .await;
+    let errors = server
+        .metric_sum("voicegate_stt_errors_total{provider=\"local\",reason=\"engine\"}")
+        .await;
+    assert_eq!((exited, errors), (1, 1), "one chunk lost to the crash");
+    server.shutdown().await;
+}

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::ENGINE_VERSION;
+use super::child::ChildConfig;
 use super::ffi::EngineFiles;
 
 /// Settings of the local provider (server flags in docs/stt.md).
@@ -19,6 +20,9 @@ pub struct LocalConfig {
     pub nice: i32,
     /// A chunk that waited longer than this for a worker counts as late (`voicegate_stt_late_chunks_total`).
     pub late_after: Duration,
+    /// Run each worker's model in a child process replaced when its memory passes a limit (the engine
+    /// leaks: [`super::child`]); `None` = in this process (tests, benches, embedders).
+    pub child: Option<ChildConfig>,
 }
 
 impl Default for LocalConfig {
@@ -29,6 +33,7 @@ impl Default for LocalConfig {
             queue_chunks: 32,
             nice: 10,
             late_after: Duration::from_secs(2),
+            child: None,
         }
     }
 }

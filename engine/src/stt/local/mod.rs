@@ -10,6 +10,7 @@
 //!   load transcription falls behind (counted: queue wait, late chunks, drops when the queue is full), never
 //!   metering or speech events.
 
+pub mod child;
 mod config;
 pub mod ffi;
 mod pool;
@@ -61,6 +62,17 @@ impl LocalProvider {
     /// Loads the library and starts `threads` workers, each loading its own model; returns once every
     /// worker is ready (about 0.5 s per model), or the first failure.
     pub fn start(config: &LocalConfig) -> Result<LocalProvider, SttError> {
+        if let Some(child) = &config.child {
+            // The library is still loaded here once, to fail early (missing files, a CPU without AVX-512) with
+            // the same errors as in-process; the models live in the children.
+            MoonshineLib::load(&EngineFiles::new(&config.dir))?;
+            child::register_metrics();
+            let (child, dir) = (child.clone(), config.dir.clone());
+            return LocalProvider::start_with(config, move || {
+                child::ChildEngine::start(child.clone(), &dir)
+                    .map(|m| Box::new(m) as Box<dyn BatchEngine>)
+            });
+        }
         let lib = Arc::new(MoonshineLib::load(&EngineFiles::new(&config.dir))?);
         LocalProvider::start_with(config, move || {
             lib.load_model()

@@ -39,6 +39,7 @@ fn config(threads: usize, queue: usize) -> LocalConfig {
         queue_chunks: queue,
         nice: 10,
         late_after: Duration::from_secs(2),
+        child: None,
     }
 }
 

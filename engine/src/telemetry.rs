@@ -307,6 +307,6 @@ pub const STT_LATE_CHUNKS_TOTAL: &str = "voicegate_stt_late_chunks_total";
 /// Histogram, label `provider`: seconds the engine (or the provider's request) took per chunk.
 pub const STT_ENGINE_DURATION_SECONDS: &str = "voicegate_stt_engine_duration_seconds";
 /// Counter, labels `provider` (local), `reason` (`memory`: its resident memory passed
-/// `VOICEGATE_STT_LOCAL_MAX_RSS_MB`; `exited`: it died or broke the protocol during a chunk): the local
-/// engine's child process was replaced.
+/// `VOICEGATE_STT_LOCAL_MAX_RSS_MB`; `exited`: it died or broke the protocol during a chunk; `timeout`: it
+/// gave no answer within 5 minutes and was killed): the local engine's child process was replaced.
 pub const STT_ENGINE_RESTARTS_TOTAL: &str = "voicegate_stt_engine_restarts_total";

@@ -37,7 +37,13 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(mut cfg) => {
             // The local engine's workers run it in child processes of this very binary (it leaks).
-            cfg.stt_local_exe = std::env::current_exe().ok();
+            // `/proc/self/exe` names the running binary even after a deploy replaced or removed its file.
+            let own = std::path::PathBuf::from("/proc/self/exe");
+            cfg.stt_local_exe = if own.exists() {
+                Some(own)
+            } else {
+                std::env::current_exe().ok()
+            };
             voicegate_server::serve::main(*cfg)
         }
         Command::SttEngine { dir } => {

@@ -76,6 +76,7 @@ pub fn local_config(cfg: &ServeConfig) -> LocalConfig {
         local.child = Some(voicegate_engine::stt::local::child::ChildConfig {
             exe: exe.clone(),
             max_rss_kib: cfg.stt_local_max_rss_mb.saturating_mul(1024),
+            answer_timeout: voicegate_engine::stt::local::child::ANSWER_TIMEOUT,
         });
     }
     local

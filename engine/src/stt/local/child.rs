@@ -4,11 +4,13 @@
 //! per second of audio allocated (glibc counts it in use), and freeing the model does not give it back
 //! (docs/stt.md, "The local provider"). Nothing in-process can bound that, so a worker can run its model in
 //! a child process instead: the server's own binary started as `voicegate stt-engine --dir <wheel folder>`
-//! ([`run_engine_process`]), spoken to over its stdin and stdout. After each chunk the worker reads the
-//! child's resident memory (`/proc/<pid>/statm`); past the limit it ends the child and starts a fresh one
-//! (about 0.3 s: the model loads), counted in `voicegate_stt_engine_restarts_total{reason="memory"}`. A
-//! child that dies (a crash in the engine) fails only the chunk it had, `engine` error, and is started again
-//! for the next one (`reason="exited"`); the server never goes down with it.
+//! ([`run_engine_process`]), spoken to over its stdin and stdout, with none of the server's environment.
+//! Between jobs (once a job's results are out) the worker reads the child's resident memory
+//! (`/proc/<pid>/statm`); past the limit it ends the child and starts a fresh one (about 0.3 s: the model
+//! loads), counted in `voicegate_stt_engine_restarts_total{reason="memory"}`. A child found dead before a
+//! chunk is replaced and nothing is lost; one that dies during a chunk, or gives no answer within
+//! [`ANSWER_TIMEOUT`] (hung: killed), fails that chunk only (`engine` error; `reason="exited"` or
+//! `"timeout"`), and the next chunk starts a new one. The server never goes down with it.
 //!
 //! Protocol (little-endian): a request is the sample count (`u32`, at most [`MAX_SAMPLES`]) then the
 //! samples (`f32`); the answer is a status byte (0 = text, 1 = error message) then the length (`u32`, at
@@ -16,8 +18,10 @@
 //! no text when its model loaded, status 1 and the reason when it did not. End of input ends the child.
 
 use std::io::{BufReader, BufWriter, Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::Duration;
 
 use super::KIND;
 use super::ffi::{EngineFiles, MoonshineLib};
@@ -38,7 +42,14 @@ pub struct ChildConfig {
     pub exe: PathBuf,
     /// Resident memory (KiB) past which the child is replaced after its chunk.
     pub max_rss_kib: u64,
+    /// How long the child may take to load its model or to answer one chunk before it is taken for hung,
+    /// killed and replaced ([`ANSWER_TIMEOUT`]).
+    pub answer_timeout: Duration,
 }
+
+/// A 10 s chunk takes about 4 s on a free core; a worker starved by the pipeline (it runs at niceness 10)
+/// can take ten times that. Five minutes is far past any of it: only a hung engine waits that long.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 
 #[derive(Debug)]
 struct Running {
@@ -66,7 +77,7 @@ fn count_restart(reason: &'static str) {
 
 /// Registers the restart counter's series at zero.
 pub fn register_metrics() {
-    for reason in ["memory", "exited"] {
+    for reason in ["memory", "exited", "timeout"] {
         metrics::counter!(telemetry::STT_ENGINE_RESTARTS_TOTAL, "provider" => KIND.name(), "reason" => reason)
             .increment(0);
     }
@@ -89,6 +100,8 @@ impl ChildEngine {
 
     fn spawn(&mut self) -> Result<(), SttError> {
         let mut child = Command::new(&self.config.exe)
+            // Nothing of the server's environment (provider keys among it) reaches the engine's process.
+            .env_clear()
             .arg("stt-engine")
             .arg("--dir")
             .arg(&self.dir)
@@ -109,7 +122,9 @@ impl ChildEngine {
             stdin: BufWriter::with_capacity(64 * 1024, stdin),
             stdout: BufReader::new(stdout),
         };
-        match read_answer(&mut running.stdout) {
+        let ready = wait_readable(&running.stdout, self.config.answer_timeout)
+            .and_then(|()| read_answer(&mut running.stdout));
+        match ready {
             Ok(Ok(_)) => {
                 self.running = Some(running);
                 Ok(())
@@ -125,13 +140,18 @@ impl ChildEngine {
         }
     }
 
-    fn exchange(running: &mut Running, pcm: &[f32]) -> std::io::Result<Result<String, String>> {
+    fn exchange(
+        running: &mut Running,
+        pcm: &[f32],
+        timeout: Duration,
+    ) -> std::io::Result<Result<String, String>> {
         let n = u32::try_from(pcm.len()).map_err(std::io::Error::other)?;
         running.stdin.write_all(&n.to_le_bytes())?;
         for s in pcm {
             running.stdin.write_all(&s.to_le_bytes())?;
         }
         running.stdin.flush()?;
+        wait_readable(&running.stdout, timeout)?;
         read_answer(&mut running.stdout)
     }
 
@@ -161,6 +181,23 @@ fn end(running: Running) {
     let _ = child.wait();
 }
 
+impl ChildEngine {
+    /// Ends the running child if it has exited on its own since its last answer (the kernel's OOM killer
+    /// picks the largest process: often this one), so that the next chunk goes to a new one instead of
+    /// being lost.
+    fn reap_if_gone(&mut self) {
+        let gone = self
+            .running
+            .as_mut()
+            .is_some_and(|r| !matches!(r.child.try_wait(), Ok(None)));
+        if gone && let Some(r) = self.running.take() {
+            end(r);
+            count_restart("exited");
+            tracing::warn!(message = "the local STT engine process had exited; starting a new one");
+        }
+    }
+}
+
 impl BatchEngine for ChildEngine {
     fn transcribe(&mut self, pcm: &[f32]) -> Result<String, SttError> {
         if pcm.is_empty() {
@@ -172,45 +209,55 @@ impl BatchEngine for ChildEngine {
                 pcm.len()
             )));
         }
+        self.reap_if_gone();
         if self.running.is_none() {
             self.spawn()?;
         }
         let Some(running) = self.running.as_mut() else {
             return Err(engine_error("not running"));
         };
-        let outcome = ChildEngine::exchange(running, pcm);
-        let text = match outcome {
-            Ok(Ok(text)) => text,
-            Ok(Err(reason)) => return Err(SttError::Engine(reason)),
+        match ChildEngine::exchange(running, pcm, self.config.answer_timeout) {
+            Ok(Ok(text)) => Ok(text),
+            Ok(Err(reason)) => Err(SttError::Engine(reason)),
             Err(e) => {
-                // The child died (or wrote garbage): this chunk is lost, the next starts a fresh one.
+                // The child died, hung or wrote garbage during this chunk: the chunk is lost, the next
+                // starts a fresh process.
                 if let Some(r) = self.running.take() {
                     end(r);
                 }
-                count_restart("exited");
-                tracing::warn!(message = "the local STT engine process failed; starting a new one for the next chunk", error = %e);
-                return Err(engine_error(e));
-            }
-        };
-        if let Some(rss) = ChildEngine::rss_kib(running)
-            && rss > self.config.max_rss_kib
-        {
-            if let Some(r) = self.running.take() {
-                end(r);
-            }
-            count_restart("memory");
-            tracing::info!(
-                message = "local STT engine process replaced: its memory passed the limit",
-                rss_kib = rss,
-                limit_kib = self.config.max_rss_kib
-            );
-            // Started now rather than at the next chunk, so that chunk does not wait for the load; a failure
-            // here is retried then.
-            if let Err(e) = self.spawn() {
-                tracing::warn!(message = "could not start a new local STT engine process", error = %e);
+                count_restart(if e.kind() == std::io::ErrorKind::TimedOut {
+                    "timeout"
+                } else {
+                    "exited"
+                });
+                tracing::warn!(message = "the local STT engine process failed during a chunk; starting a new one for the next", error = %e);
+                Err(engine_error(e))
             }
         }
-        Ok(text)
+    }
+
+    fn between_jobs(&mut self) {
+        let Some(rss) = self.running.as_ref().and_then(ChildEngine::rss_kib) else {
+            return;
+        };
+        if rss <= self.config.max_rss_kib {
+            return;
+        }
+        if let Some(r) = self.running.take() {
+            end(r);
+        }
+        // Started now rather than at the next chunk, so that chunk does not wait for the load; a failure here
+        // is retried then. Counted once the new process is ready (or has failed to start).
+        let started = self.spawn();
+        count_restart("memory");
+        tracing::info!(
+            message = "local STT engine process replaced: its memory passed the limit",
+            rss_kib = rss,
+            limit_kib = self.config.max_rss_kib
+        );
+        if let Err(e) = started {
+            tracing::warn!(message = "could not start a new local STT engine process", error = %e);
+        }
     }
 }
 
@@ -218,6 +265,40 @@ impl Drop for ChildEngine {
     fn drop(&mut self) {
         if let Some(r) = self.running.take() {
             end(r);
+        }
+    }
+}
+
+/// Waits until the child's answer starts (`TimedOut` past `timeout`). The answer's first byte is what
+/// matters: the child writes a whole answer at once, so the rest follows without waiting on the engine.
+fn wait_readable(stdout: &BufReader<ChildStdout>, timeout: Duration) -> std::io::Result<()> {
+    if !stdout.buffer().is_empty() {
+        return Ok(());
+    }
+    let mut pfd = libc::pollfd {
+        fd: stdout.get_ref().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
+        // SAFETY: one valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc > 0 {
+            // Readable, or hung up / in error: the read that follows says which.
+            return Ok(());
+        }
+        if rc == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} s", timeout.as_secs()),
+            ));
+        }
+        let err = std::io::Error::last_os_error();
+        if err.kind() != std::io::ErrorKind::Interrupted {
+            return Err(err);
         }
     }
 }
@@ -255,6 +336,13 @@ fn write_answer(w: &mut impl Write, status: u8, text: &str) -> std::io::Result<(
 /// The protocol keeps the process's original stdout to itself: fd 1 is pointed at stderr before the
 /// library loads, so anything the engine prints goes to the log, not into an answer.
 pub fn run_engine_process(dir: &Path) -> i32 {
+    // SAFETY: prctl with PR_SET_PDEATHSIG and a signal number has no memory effects. The server's thread
+    // that started this process is its worker, which ends this process itself before it ends; the signal
+    // covers the server being killed (`kill -9`) while the engine is busy or hung.
+    #[cfg(target_os = "linux")]
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+    }
     // SAFETY: dup on the process's own stdout, before any other thread exists here.
     let proto = unsafe { libc::dup(1) };
     if proto < 0 {
@@ -304,6 +392,7 @@ pub fn run_engine_process(dir: &Path) -> i32 {
         );
         let answer = match model.transcribe(&pcm) {
             Ok(text) => write_answer(&mut out, 0, &text),
+            Err(SttError::Engine(m)) => write_answer(&mut out, 1, &m),
             Err(e) => write_answer(&mut out, 1, &e.to_string()),
         };
         if answer.is_err() {
@@ -336,11 +425,81 @@ mod tests {
         assert!(read_answer(&mut &huge[..]).is_err(), "over-long answer");
     }
 
+    /// A program that says it is ready, then runs `then` (a shell command).
+    fn fake_engine(dir: &Path, name: &str, then: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let exe = dir.join(name);
+        let script = format!("#!/bin/sh\nprintf '\\000\\000\\000\\000\\000'\n{then}\n");
+        std::fs::write(&exe, script).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        exe
+    }
+
+    /// A program that says it is ready, then never answers (a hung engine).
+    fn hanging_engine(dir: &Path) -> PathBuf {
+        fake_engine(dir, "hung-engine", "exec sleep 1000")
+    }
+
+    #[test]
+    fn an_engine_that_dies_during_a_chunk_fails_that_chunk_and_the_next_gets_a_new_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = ChildConfig {
+            // Reads the request's length, then dies (a crash inside the engine).
+            exe: fake_engine(tmp.path(), "dying-engine", "head -c 4 >/dev/null; exit 1"),
+            max_rss_kib: 1 << 20,
+            answer_timeout: Duration::from_secs(30),
+        };
+        let mut engine = ChildEngine::start(config, tmp.path()).unwrap();
+        let first = engine.running.as_ref().unwrap().child.id();
+        let err = engine.transcribe(&[0.1; 16_000]).unwrap_err();
+        assert!(
+            matches!(&err, SttError::Engine(m) if m.starts_with("engine process")),
+            "{err}"
+        );
+        assert!(engine.running.is_none(), "the dead process was reaped");
+        assert!(!Path::new(&format!("/proc/{first}")).exists());
+        assert!(
+            engine.transcribe(&[0.1; 16_000]).is_err(),
+            "a new process took it"
+        );
+    }
+
+    #[test]
+    fn a_hung_engine_is_killed_after_the_timeout_and_the_chunk_fails() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = ChildConfig {
+            exe: hanging_engine(tmp.path()),
+            max_rss_kib: 1 << 20,
+            answer_timeout: Duration::from_millis(300),
+        };
+        let mut engine = ChildEngine::start(config, tmp.path()).unwrap();
+        let pid = engine.running.as_ref().unwrap().child.id();
+        let began = std::time::Instant::now();
+        let err = engine.transcribe(&[0.1; 1600]).unwrap_err();
+        assert!(
+            matches!(&err, SttError::Engine(m) if m.contains("no answer within")),
+            "{err}"
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            began.elapsed()
+        );
+        assert!(engine.running.is_none(), "the hung process is gone");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "killed and reaped, not a zombie"
+        );
+        // The next chunk starts a new process (which hangs too here).
+        assert!(engine.transcribe(&[0.1; 1600]).is_err());
+    }
+
     #[test]
     fn a_program_that_is_not_an_engine_fails_to_start_with_a_clear_error() {
         let config = ChildConfig {
             exe: PathBuf::from("/bin/true"),
             max_rss_kib: 1 << 20,
+            answer_timeout: ANSWER_TIMEOUT,
         };
         let err = ChildEngine::start(config, Path::new("/nonexistent")).unwrap_err();
         assert!(
@@ -350,6 +509,7 @@ mod tests {
         let config = ChildConfig {
             exe: PathBuf::from("/nonexistent/voicegate"),
             max_rss_kib: 1 << 20,
+            answer_timeout: ANSWER_TIMEOUT,
         };
         let err = ChildEngine::start(config, Path::new("/nonexistent")).unwrap_err();
         assert!(

@@ -120,17 +120,23 @@ impl std::fmt::Debug for MoonshineLib {
     }
 }
 
+/// The refusals before loading: a missing file, a CPU the library cannot run on.
+pub fn check_loadable(files: &EngineFiles) -> Result<(), SttError> {
+    if let Some(missing) = files.missing() {
+        return Err(SttError::NotInstalled(format!(
+            "{} is missing (run scripts/deps.sh, or set VOICEGATE_STT_LOCAL_DIR)",
+            missing.display()
+        )));
+    }
+    if let Some(why) = cpu_unsupported() {
+        return Err(SttError::LoadFailed(why));
+    }
+    Ok(())
+}
+
 impl MoonshineLib {
     pub fn load(files: &EngineFiles) -> Result<MoonshineLib, SttError> {
-        if let Some(missing) = files.missing() {
-            return Err(SttError::NotInstalled(format!(
-                "{} is missing (run scripts/deps.sh, or set VOICEGATE_STT_LOCAL_DIR)",
-                missing.display()
-            )));
-        }
-        if let Some(why) = cpu_unsupported() {
-            return Err(SttError::LoadFailed(why));
-        }
+        check_loadable(files)?;
         let open = |path: &Path| {
             // SAFETY: these are the wheel's libraries, whose initialisers only set up their own state.
             unsafe { Library::new(path) }

@@ -63,9 +63,9 @@ impl LocalProvider {
     /// worker is ready (about 0.5 s per model), or the first failure.
     pub fn start(config: &LocalConfig) -> Result<LocalProvider, SttError> {
         if let Some(child) = &config.child {
-            // The library is still loaded here once, to fail early (missing files, a CPU without AVX-512) with
-            // the same errors as in-process; the models live in the children.
-            MoonshineLib::load(&EngineFiles::new(&config.dir))?;
+            // The same early refusals as in-process (missing files, a CPU without AVX-512), without loading
+            // the library into this process: the models live in the children.
+            ffi::check_loadable(&EngineFiles::new(&config.dir))?;
             child::register_metrics();
             let (child, dir) = (child.clone(), config.dir.clone());
             return LocalProvider::start_with(config, move || {

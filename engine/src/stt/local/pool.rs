@@ -108,6 +108,10 @@ impl Pool {
 /// A batch-only speech-to-text engine: one call per chunk of 16 kHz mono floats.
 pub trait BatchEngine: Send {
     fn transcribe(&mut self, pcm: &[f32]) -> Result<String, SttError>;
+
+    /// Called between jobs, once a job's results are out (the child-process engine replaces its process
+    /// here when it has grown past its limit, so neither the results nor the duration metric wait for it).
+    fn between_jobs(&mut self) {}
 }
 
 impl BatchEngine for Model {
@@ -144,6 +148,8 @@ pub(super) fn work(
                 }
                 transcribe_chunk(model.as_mut(), &samples, start, &stream);
                 stream.job_done();
+                drop(samples);
+                model.between_jobs();
             }
             Job::Batch {
                 request,
@@ -152,6 +158,8 @@ pub(super) fn work(
             } => {
                 pool.took(enqueued);
                 reply.send(transcribe_batch(model.as_mut(), &request));
+                drop(request);
+                model.between_jobs();
             }
         }
     }

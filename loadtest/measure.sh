@@ -19,6 +19,10 @@
 # on a shared machine, builds above all, must not starve the measured processes), PERF=1 to record a CPU profile of the server with `perf record` (linux-perf)
 # during the run (the server's /metrics at the end always lands in $OUT/metrics.txt), SERVE_ARGS (extra `voicegate serve` arguments), VOICEGATE_STT (default none here, so figures
 # stay comparable with the runs before speech-to-text; set it to measure a provider).
+# VOICEGATE_STT=deepgram without VOICEGATE_DEEPGRAM_URL: the script starts `deepgram-double` (a local server
+# speaking Deepgram's live protocol, loadtest/src/bin/deepgram_double.rs; pinned like the harness), points
+# the server at it with a placeholder key, and prints the audio it received beside the server's
+# voicegate_stt_forwarded_samples_total{provider="deepgram"}.
 # The server runs with admission control on (its defaults): past the capacity it measures it refuses new
 # sessions 503 at_capacity, which the harness counts as errors unless it runs with --retry-refused S. To find
 # where the node breaks without it: SERVE_ARGS="--admission-cpu-percent 0 --admission-late-percent 0".
@@ -62,7 +66,9 @@ fi
 server_pid=""
 sampler_pid=""
 perf_pid=""
+double_pid=""
 cleanup() {
+  [ -n "$double_pid" ] && kill -TERM "$double_pid" 2>/dev/null || true
   [ -n "$perf_pid" ] && kill -INT "$perf_pid" 2>/dev/null && wait "$perf_pid" 2>/dev/null || true
   [ -n "$sampler_pid" ] && kill "$sampler_pid" 2>/dev/null || true
   if [ -n "$server_pid" ]; then
@@ -73,6 +79,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
+if [ "${VOICEGATE_STT:-none}" = deepgram ] && [ -z "${VOICEGATE_DEEPGRAM_URL:-}" ]; then
+  rm -f "$OUT/deepgram-double.addr"
+  # Not through `run`: a function in the background would be a subshell, and `$!` its pid.
+  ${harness_pin[@]+"${harness_pin[@]}"} nice -n "$NICE" "$BIN/deepgram-double" --bind 127.0.0.1:0 --addr-file "$OUT/deepgram-double.addr" \
+    >"$OUT/deepgram-double.json" 2>"$OUT/deepgram-double.log" &
+  double_pid=$!
+  for _ in $(seq 1 100); do
+    [ -s "$OUT/deepgram-double.addr" ] && break
+    sleep 0.1
+  done
+  export VOICEGATE_DEEPGRAM_URL="ws://$(cat "$OUT/deepgram-double.addr")"
+  export DEEPGRAM_API_KEY=${DEEPGRAM_API_KEY:-load-test-placeholder-key}
+fi
 redis_url="redis://127.0.0.1:$REDIS_PORT"
 [ "${STORE:-redis}" = memory ] && redis_url=""
 VOICEGATE_REDIS_URL="$redis_url" VOICEGATE_STT="${VOICEGATE_STT:-none}" RUST_LOG=${RUST_LOG:-warn} \
@@ -134,6 +153,12 @@ if [ -n "$perf_pid" ]; then
   perf_pid=""
 fi
 
+if [ -n "$double_pid" ]; then
+  kill -TERM "$double_pid" 2>/dev/null || true
+  wait "$double_pid" 2>/dev/null || true
+  double_pid=""
+fi
+
 peak_rss=$(awk 'BEGIN {m = 0} $2 > m {m = $2} END {print m}' "$OUT/samples.txt")
 read -r h_user h_sys h_maxrss < <(tail -1 "$OUT/harness-time.txt")
 streams=$(sed -n 's/.*"peak_concurrent": \([0-9]*\).*/\1/p' "$OUT/report.json" | head -1)
@@ -175,6 +200,11 @@ streams=${streams:-0}
     [ "$streams" -gt 0 ] && note=" (includes the ${streams} streams' CPU in the storm window)"
     awk -v p="$per_refusal" -v n="$refusals" -v note="$note" \
       'BEGIN {printf "CPU per refusal:        %.1f µs (%d refusals)%s\n", p, n, note}'
+  fi
+  if [ -s "$OUT/deepgram-double.json" ]; then
+    echo "deepgram-double:        $(cat "$OUT/deepgram-double.json")"
+    fwd=$(awk '/^voicegate_stt_forwarded_samples_total\{provider="deepgram"\}/ {print $2}' "$OUT/metrics.txt")
+    echo "  server forwarded:     ${fwd:-?} samples (voicegate_stt_forwarded_samples_total{provider=\"deepgram\"})"
   fi
   # Store calls that failed (timeouts above all) mean the node was degraded even when the run passed.
   echo "server warnings:        $(grep -c 'WARN' "$OUT/server.log" || true) (store timeouts: $(grep -c 'timed out' "$OUT/server.log" || true))"

@@ -99,7 +99,8 @@ impl Outbound {
         Arc::clone(&self.tls)
     }
 
-    /// Opens a websocket (`ws://` or `wss://`, headers as given), within `timeout`.
+    /// Opens a websocket (`ws://` or `wss://`, headers as given), within `timeout`, with
+    /// [`websocket_config`]'s small, bounded buffers.
     pub async fn websocket(
         &self,
         request: tungstenite::handshake::client::Request,
@@ -107,7 +108,7 @@ impl Outbound {
     ) -> Result<WsStream, WsConnectError> {
         let connect = tokio_tungstenite::connect_async_tls_with_config(
             request,
-            None,
+            Some(websocket_config()),
             true,
             Some(Connector::Rustls(Arc::clone(&self.tls))),
         );
@@ -128,6 +129,28 @@ impl Outbound {
             Ok(Err(e)) => Err(WsConnectError::Failed(e.to_string())),
         }
     }
+}
+
+/// Largest message or frame an outbound websocket takes from its server: a provider's answer is a few
+/// KB of JSON, so 1 MiB is ample, and a server that sends more cannot make a node hold 64 MiB (the
+/// library's default) per session.
+pub const WS_MAX_MESSAGE_BYTES: usize = 1 << 20;
+/// Outbound bytes a websocket may hold while its socket does not take them; past it a send fails (the
+/// caller's reconnect and counting take over) instead of growing without bound.
+pub const WS_MAX_WRITE_BUFFER_BYTES: usize = 4 << 20;
+
+/// One websocket per live session (Deepgram): the library's default buffers (128 KiB to read, 128 KiB to
+/// write, for high throughput) would be ~256 KiB per session for a few KB of audio a second each way, so
+/// they are 8 KiB, as its documentation advises for many connections; messages and the write buffer are
+/// bounded ([`WS_MAX_MESSAGE_BYTES`], [`WS_MAX_WRITE_BUFFER_BYTES`]). Measured in
+/// `docs/performance.md`, "Session 25".
+pub fn websocket_config() -> tungstenite::protocol::WebSocketConfig {
+    tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 * 1024)
+        .write_buffer_size(8 * 1024)
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER_BYTES)
+        .max_message_size(Some(WS_MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(WS_MAX_MESSAGE_BYTES))
 }
 
 fn roots_from_file(path: &Path) -> Result<rustls::RootCertStore, OutboundError> {
@@ -470,6 +493,42 @@ mod tests {
                 assert!(body.contains("ASR_PAYMENT_REQUIRED"), "{body}");
             }
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_websocket_message_past_the_bound_is_an_error_not_an_allocation() {
+        use futures_util::StreamExt as _;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let addr = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        tokio::spawn(async move {
+            use futures_util::SinkExt as _;
+            if let Ok((s, _)) = listener.accept().await
+                && let Ok(mut ws) = tokio_tungstenite::accept_async(s).await
+            {
+                let _ = ws.send(tungstenite::Message::text("small")).await;
+                let big = "x".repeat(WS_MAX_MESSAGE_BYTES + 1);
+                let _ = ws.send(tungstenite::Message::text(big)).await;
+            }
+        });
+        let out = Outbound::new(None).unwrap_or_else(|e| panic!("{e}"));
+        use tungstenite::client::IntoClientRequest as _;
+        let req = format!("ws://{addr}/")
+            .into_client_request()
+            .unwrap_or_else(|e| panic!("{e}"));
+        let mut ws = out
+            .websocket(req, Duration::from_secs(5))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        match ws.next().await {
+            Some(Ok(tungstenite::Message::Text(t))) => assert_eq!(t.as_str(), "small"),
+            other => panic!("{other:?}"),
+        }
+        match ws.next().await {
+            Some(Err(tungstenite::Error::Capacity(_))) => {}
+            other => panic!("expected a capacity error, got {other:?}"),
         }
     }
 }

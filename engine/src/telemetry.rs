@@ -209,6 +209,9 @@ pub const LISTEN_AUDIO_MS_TOTAL: &str = "voicegate_listen_audio_ms_total";
 pub const LISTEN_EVENTS_TOTAL: &str = "voicegate_listen_events_total";
 /// Counter: speech ms forwarded to STT by listen sessions (within their STT allowance).
 pub const LISTEN_STT_FORWARDED_MS_TOTAL: &str = "voicegate_listen_stt_forwarded_ms_total";
+/// Counter: ms of STT charge given back to listen sessions because the provider refused the audio as it
+/// was handed over (no place in its queue: never sent). What sessions were charged is forwarded − refused.
+pub const LISTEN_STT_REFUSED_MS_TOTAL: &str = "voicegate_listen_stt_refused_ms_total";
 /// Counter, label `reason` (`invalid_json`, `unknown_type`): client text frames ignored.
 pub const LISTEN_TEXT_IGNORED_TOTAL: &str = "voicegate_listen_text_ignored_total";
 /// Counter, label `reason` (`close_stream`, `client_closed`, `idle`, `drain`, `too_large`, `protocol`,
@@ -263,9 +266,9 @@ pub const STT_AUDIO_IN_SAMPLES_TOTAL: &str = "voicegate_stt_audio_in_samples_tot
 /// Histogram, label `provider`: seconds from the detector's end of a speech run (wall time on the live
 /// session) to the first final transcript result covering that end reaching the session. Buckets 0.1–30 s.
 pub const STT_FINAL_LATENCY_SECONDS: &str = "voicegate_stt_final_latency_seconds";
-/// Counter, labels `provider`, `reason` (`queue_full`: the provider's bounded queue was full, for a live chunk
-/// at once, for a sync span once its run stops offering it; `closed`: the
-/// session had gone before its audio reached the engine; `ring`: a live session's kept audio moved on
+/// Counter, labels `provider`, `reason` (`queue_full`: the provider's bounded queue was full, for live audio
+/// as it was handed over (`local`, `deepgram`: refused, so not charged; `openai`: a whole chunk), for a sync
+/// span once its run stops offering it; `closed`: the session had gone before its audio reached the engine; `ring`: a live session's kept audio moved on
 /// before a run's start could be forwarded; `provider_down`: a remote provider could not be reached while
 /// the audio was kept, and the run moved on): samples that never reached the engine.
 pub const STT_DROPPED_SAMPLES_TOTAL: &str = "voicegate_stt_dropped_samples_total";
@@ -308,5 +311,5 @@ pub const STT_LATE_CHUNKS_TOTAL: &str = "voicegate_stt_late_chunks_total";
 pub const STT_ENGINE_DURATION_SECONDS: &str = "voicegate_stt_engine_duration_seconds";
 /// Counter, labels `provider` (local), `reason` (`memory`: its resident memory passed
 /// `VOICEGATE_STT_LOCAL_MAX_RSS_MB`; `exited`: it died or broke the protocol during a chunk; `timeout`: it
-/// gave no answer within 5 minutes and was killed): the local engine's child process was replaced.
+/// took no input or gave no answer within 5 minutes and was killed): the local engine's child process was replaced.
 pub const STT_ENGINE_RESTARTS_TOTAL: &str = "voicegate_stt_engine_restarts_total";

@@ -748,6 +748,127 @@ fn with_the_local_engine_the_audio_its_provider_received_equals_what_sessions_we
     assert_eq!(r["accounting"]["passed"], true, "{r:#}");
 }
 
+/// Overloaded (one worker, one place in its queue, six streams at 4x): most of the speech finds no place
+/// and is refused as it is handed over; none of it is charged, so what the engine received still equals
+/// what the sessions were charged, and what fell behind is reported.
+#[test]
+fn with_the_local_engine_overloaded_the_refused_audio_is_not_charged_and_the_check_stays_exact() {
+    if let Some(why) = voicegate_engine::stt::local::ffi::cpu_unsupported() {
+        eprintln!("NOT RUN on this machine: {why}");
+        return;
+    }
+    let url = start_with(ServeConfig {
+        bind: "127.0.0.1:0".into(),
+        stt: Some("local".into()),
+        stt_local_queue_chunks: 1,
+        ..ServeConfig::default()
+    });
+    let (code, r) = harness(
+        &url,
+        &[
+            "realtime",
+            "--streams",
+            "6",
+            "--duration",
+            "8",
+            "--pace",
+            "4",
+            "--check-stt",
+        ],
+    );
+    assert_eq!(code, 0, "{r:#}");
+    let stt = &r["stt"];
+    assert_eq!(stt["passed"], true, "{stt:#}");
+    assert_eq!(stt["sessions"], 6, "{stt:#}");
+    assert!(
+        stt["dropped_ms"].as_f64().unwrap_or(0.0) > 1_000.0,
+        "the engine could not keep up, so audio was refused: {stt:#}"
+    );
+    assert!(stt["told_ms"].as_u64().unwrap_or(0) > 1_000, "{stt:#}");
+    assert_eq!(r["accounting"]["passed"], true, "{r:#}");
+}
+
+/// `deepgram-double` (the standalone Deepgram protocol double `measure.sh` starts for load runs) serving
+/// `VOICEGATE_STT=deepgram`: every session opens a stream on it, sends `Finalize` and `CloseStream`, and
+/// the audio the double received equals what the server forwarded and what the sessions were charged.
+#[test]
+fn with_deepgram_against_the_standalone_double_the_audio_it_received_equals_the_charge() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut double = Command::new(env!("CARGO_BIN_EXE_deepgram-double"))
+        .args(["--bind", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{e}"));
+    // Its first line says where it listens, once it does.
+    let mut line = String::new();
+    // Kept open until the double has stopped: it may still write to it.
+    let mut stderr = BufReader::new(double.stderr.take().unwrap_or_else(|| panic!("no stderr")));
+    stderr
+        .read_line(&mut line)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let ws = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    assert!(ws.starts_with("ws://127.0.0.1:"), "{line}");
+    let mut cfg = ServeConfig {
+        bind: "127.0.0.1:0".into(),
+        stt: Some("deepgram".into()),
+        ..ServeConfig::default()
+    };
+    cfg.deepgram.url = ws;
+    cfg.deepgram.api_key = Some("load-test-placeholder-key".into());
+    let url = start_with(cfg);
+    let (code, r) = harness(
+        &url,
+        &[
+            "realtime",
+            "--streams",
+            "3",
+            "--duration",
+            "8",
+            "--pace",
+            "2",
+            "--check-stt",
+        ],
+    );
+    let stopped = Command::new("kill")
+        .args(["-TERM", &double.id().to_string()])
+        .status()
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(stopped.success());
+    let mut out = String::new();
+    double
+        .stdout
+        .take()
+        .unwrap_or_else(|| panic!("no stdout"))
+        .read_to_string(&mut out)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let _ = double.wait();
+    drop(stderr);
+    assert_eq!(code, 0, "{r:#}");
+    let stt = &r["stt"];
+    assert_eq!(stt["passed"], true, "{stt:#}");
+    let told = stt["told_ms"].as_u64().unwrap_or(0);
+    assert!(told > 3_000, "speech was sent: {stt:#}");
+    let seen: Value = serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("{e}: {out}"));
+    assert_eq!(seen["connections"], 3, "{seen}");
+    assert_eq!(seen["close_streams"], 3, "{seen}");
+    assert!(seen["finalizes"].as_u64().unwrap_or(0) >= 3, "{seen}");
+    let samples = seen["samples"].as_u64().unwrap_or(0);
+    assert!(
+        samples.abs_diff(told * 16) <= 3 * 16,
+        "the double received {samples} samples, the sessions were charged {told} ms"
+    );
+    assert!(
+        r["realtime"]["transcript_segments"].as_u64().unwrap_or(0) >= 3,
+        "the double's words came back: {r:#}"
+    );
+}
+
 #[test]
 fn check_stt_is_refused_beside_sync() {
     let out = Command::new(env!("CARGO_BIN_EXE_voicegate-loadtest"))

@@ -209,6 +209,10 @@ pub struct ServeConfig {
     #[arg(long, env = "VOICEGATE_STT_LOCAL_THREADS", default_value_t = defaults::STT_LOCAL_THREADS)]
     pub stt_local_threads: usize,
 
+    /// Places in the local speech-to-text engine's queue: chunks waiting for a worker or still being filled by a speaking session (a chunk takes its place with its first sample), 1 to 4096. A session that finds no place has that chunk's audio refused, counted and not charged.
+    #[arg(long, env = "VOICEGATE_STT_LOCAL_QUEUE_CHUNKS", default_value_t = defaults::STT_LOCAL_QUEUE_CHUNKS, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=4096))]
+    pub stt_local_queue_chunks: usize,
+
     /// Resident memory (MB) past which the local engine's process is replaced after its chunk (each worker runs its model in a child process, `voicegate stt-engine`, because the pinned engine leaks ~14-17 MB per second of audio it transcribes); 0 = run the models inside the server, unbounded.
     #[arg(long, env = "VOICEGATE_STT_LOCAL_MAX_RSS_MB", default_value_t = defaults::STT_LOCAL_MAX_RSS_MB)]
     pub stt_local_max_rss_mb: u64,
@@ -313,6 +317,7 @@ impl Default for ServeConfig {
             stt_fallback: None,
             stt_fallback_secs: defaults::STT_FALLBACK_SECS,
             stt_local_threads: defaults::STT_LOCAL_THREADS,
+            stt_local_queue_chunks: defaults::STT_LOCAL_QUEUE_CHUNKS,
             stt_local_max_rss_mb: defaults::STT_LOCAL_MAX_RSS_MB,
             stt_local_exe: None,
             stt_local_dir: None,

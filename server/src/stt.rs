@@ -63,6 +63,7 @@ pub enum SttStartError {
 pub fn local_config(cfg: &ServeConfig) -> LocalConfig {
     let mut local = LocalConfig {
         threads: cfg.stt_local_threads.max(1),
+        queue_chunks: cfg.stt_local_queue_chunks.max(1),
         ..LocalConfig::default()
     };
     if let Some(dir) = &cfg.stt_local_dir {

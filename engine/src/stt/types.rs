@@ -26,6 +26,14 @@ impl Pcm<'_> {
         self.len() == 0
     }
 
+    /// The samples from `from` on (none when `from` is past the end).
+    pub fn tail(&self, from: usize) -> Pcm<'_> {
+        match self {
+            Pcm::I16(s) => Pcm::I16(s.get(from..).unwrap_or(&[])),
+            Pcm::F32(s) => Pcm::F32(s.get(from..).unwrap_or(&[])),
+        }
+    }
+
     /// Appends the samples as floats in [-1, 1].
     pub fn extend_f32(&self, out: &mut Vec<f32>) {
         match self {
@@ -110,8 +118,15 @@ pub enum SttEvent {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SttError {
     /// The provider's queue was full: the audio was not sent (counted; the caller decides what to tell).
+    /// A batch is neither sent nor charged; on a stream this is audio the provider took earlier (and the
+    /// session charged then) and dropped now.
     #[error("the speech-to-text queue is full: {dropped_samples} samples were not transcribed")]
     QueueFull { dropped_samples: u64 },
+    /// The provider had no room for the audio of this push: `samples` of it were not taken. None of it
+    /// was sent, so none of it is charged (the session gives its charge back); counted as dropped
+    /// (`queue_full`). Audio a provider took before is never refused this way.
+    #[error("the speech-to-text queue is full: {samples} samples were not taken")]
+    Refused { samples: u64 },
     /// The stream was closed or the provider shut down.
     #[error("the speech-to-text stream is closed")]
     Closed,
@@ -147,7 +162,7 @@ pub enum SttError {
 impl SttError {
     pub fn code(&self) -> &'static str {
         match self {
-            SttError::QueueFull { .. } => "queue_full",
+            SttError::QueueFull { .. } | SttError::Refused { .. } => "queue_full",
             SttError::Closed => "closed",
             SttError::NotInstalled(_) => "not_installed",
             SttError::LoadFailed(_) => "load_failed",
@@ -166,6 +181,7 @@ impl SttError {
         matches!(
             self,
             SttError::QueueFull { .. }
+                | SttError::Refused { .. }
                 | SttError::Engine(_)
                 | SttError::RateLimited(_)
                 | SttError::Network(_)

@@ -121,6 +121,10 @@ pub const AUTH_THROTTLE_MAX_ADDRESSES: usize = 100_000;
 /// `VOICEGATE_STT_LOCAL_THREADS`: one model (~140–180 MB idle, ~1.5 GB while transcribing a 10 s chunk, plus
 /// the engine's leak of ~14–17 MB per second of audio transcribed: docs/stt.md, "The local provider").
 pub const STT_LOCAL_THREADS: usize = 1;
+/// `VOICEGATE_STT_LOCAL_QUEUE_CHUNKS`: one worker transcribes ~2.6 s of audio a second (docs/stt.md), so
+/// 32 chunks of up to 10 s are already minutes of work: a chunk that found a place is transcribed late,
+/// one that did not is refused before it is charged.
+pub const STT_LOCAL_QUEUE_CHUNKS: usize = 32;
 /// `VOICEGATE_STT_LOCAL_MAX_RSS_MB`: a worker's engine process is replaced past this. A 10 s chunk needs
 /// ~1.5 GB at its peak on top of the leak; 3 GB lets a process transcribe ~100 s of audio between
 /// replacements, a 0.3 s model load each (docs/stt.md, "The local provider").

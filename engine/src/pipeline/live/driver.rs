@@ -366,10 +366,15 @@ impl<T: Transport> Driver<'_, T> {
             }
         }
         let (commands, tap) = self.core.take_stt();
-        match self.stt.as_mut() {
-            Some(link) => commands.for_each(|cmd| link.command(cmd, tap)),
-            None => drop(commands),
-        }
+        let refused: u64 = match self.stt.as_mut() {
+            Some(link) => commands.map(|cmd| link.command(cmd, tap)).sum(),
+            None => {
+                drop(commands);
+                0
+            }
+        };
+        // Before any store operation starts: the charge given back is still unrecorded.
+        self.core.refund_stt(refused);
     }
 
     /// One observation of the worst tick lag since the last one (every second, and at the finish).

@@ -2,9 +2,9 @@
 //! provider's [`StreamHandle`] (samples read from the session's tap), the provider's results read back
 //! through the bounded channel, turned into transcript messages and availability events for the client.
 //!
-//! Nothing here blocks the pipeline thread: pushing never waits (a full provider queue drops the audio,
-//! counted by the provider and told to the client as `stt_unavailable{queue_full}`), and results are read
-//! with `try_recv` on the session's ticks.
+//! Nothing here blocks the pipeline thread: pushing never waits (a full provider queue refuses the audio,
+//! counted by the provider, given back to the session's charge and told to the client as
+//! `stt_unavailable{queue_full}`), and results are read with `try_recv` on the session's ticks.
 //!
 //! The link also times each speech run's end to the first final covering it
 //! (`voicegate_stt_final_latency_seconds`, see [`super::latency`]).
@@ -65,23 +65,31 @@ impl SttLink {
         })
     }
 
-    /// Hands one command to the provider. Never blocks.
-    pub fn command(&mut self, cmd: SttCommand, tap: Option<&AudioTap>) {
+    /// Hands one command to the provider. Never blocks. Returns the samples of an `Audio` command the
+    /// provider refused ([`SttError::Refused`]: not taken, so the session gives their charge back).
+    pub fn command(&mut self, cmd: SttCommand, tap: Option<&AudioTap>) -> u64 {
+        let mut refused = 0;
         let outcome = match cmd {
             SttCommand::Audio { start, end } => {
-                let Some(tap) = tap else { return };
+                let Some(tap) = tap else { return 0 };
                 let (a, b) = tap.slices(start, end);
                 let first = self.handle.push(start, Pcm::I16(a));
-                let pushed = if b.is_empty() {
-                    first
-                } else {
-                    let second = self.handle.push(start + a.len() as u64, Pcm::I16(b));
-                    first.and(second)
-                };
-                // Charged whether or not the provider could take it (a full queue is still charged).
                 let taker = self.handle.serving().unwrap_or(self.provider);
-                self.handed[taker.index()] += (a.len() + b.len()) as u64;
-                pushed
+                let second = if b.is_empty() {
+                    Ok(())
+                } else {
+                    self.handle.push(start + a.len() as u64, Pcm::I16(b))
+                };
+                for r in [&first, &second] {
+                    if let Err(SttError::Refused { samples }) = r {
+                        refused += samples;
+                    }
+                }
+                // Charged as handed over, less what the provider refused; audio it took and dropped later
+                // (a failing connection, `QueueFull`) stays charged and counted as dropped.
+                let handed = ((a.len() + b.len()) as u64).saturating_sub(refused);
+                self.handed[taker.index()] += handed;
+                first.and(second)
             }
             SttCommand::EndOfRun => self.handle.end_of_run(),
             SttCommand::Finalize => self.handle.finalize(),
@@ -99,13 +107,16 @@ impl SttLink {
                     self.provider_problem = None;
                 }
             }
-            Err(SttError::QueueFull { .. }) => self.provider_problem = Some("queue_full"),
+            Err(SttError::QueueFull { .. } | SttError::Refused { .. }) => {
+                self.provider_problem = Some("queue_full");
+            }
             Err(SttError::Closed) => {}
             Err(e) => {
                 tracing::debug!(message = "STT stream refused a command", error = %e);
                 self.provider_problem = Some("provider_error");
             }
         }
+        refused
     }
 
     /// Reads the results that arrived (never waits) into the transcript.

@@ -1002,3 +1002,81 @@ fn a_segment_before_its_run_ends_waits_for_the_conversation_and_the_end_places_t
     s.core.finish(counts);
     assert_eq!(s.core.unwritten_segments(), 0);
 }
+
+/// In the driver's order (the commands taken after each VAD step and tick, what the provider refused
+/// given back before any store operation starts), audio the provider refuses is never recorded as STT
+/// and the budget it held is there again for the audio the provider takes.
+#[test]
+fn audio_the_provider_refuses_is_given_back_before_it_is_recorded_and_the_budget_regains_it() {
+    let mut s = with_feed(SttAllowance::Remaining {
+        remaining_ms: 2_000,
+        daily_limit_ms: 1_800_000,
+        used_ms: 1_798_000,
+        resets_at_ms: WALL0 + 3_600_000,
+    });
+    // A provider that has no room for the first 1.5 s handed to it, then takes everything.
+    let mut refuse_left = 24_000u64;
+    let (mut taken, mut refused_all, mut recorded) = (0u64, 0u64, 0u64);
+    let mut hand_over = |s: &mut Session| {
+        let mut refused = 0;
+        for cmd in s.core.take_stt().0 {
+            if let SttCommand::Audio { start, end } = cmd {
+                let r = (end - start).min(refuse_left);
+                refuse_left -= r;
+                refused += r;
+                taken += end - start - r;
+            }
+        }
+        refused_all += refused;
+        s.core.refund_stt(refused);
+    };
+    for _ in 0..(20_000 / 50) {
+        for _ in 0..5 {
+            s.seq += 1;
+            let frame = s.pcm[s.at..s.at + FRAME].to_vec();
+            s.at += FRAME;
+            s.core.push_frame(s.seq, &frame);
+        }
+        s.core.run_vad();
+        hand_over(&mut s);
+        s.now += Duration::from_millis(50);
+        s.core.tick(s.now, s.counts());
+        hand_over(&mut s);
+        if let Some(op) = s.core.next_op(WALL0) {
+            if let StoreOp::Meter { stt_ms, .. } = &op {
+                recorded += stt_ms;
+                s.accept(&op);
+            } else {
+                s.done(match op {
+                    StoreOp::Status { .. } => status(
+                        Stage::None,
+                        false,
+                        SttAllowance::Remaining {
+                            remaining_ms: 2_000u64.saturating_sub(recorded),
+                            daily_limit_ms: 1_800_000,
+                            used_ms: 1_798_000 + recorded,
+                            resets_at_ms: WALL0 + 3_600_000,
+                        },
+                    ),
+                    other => panic!("unexpected {other:?}"),
+                });
+            }
+        }
+        s.events.extend(s.core.take_events());
+    }
+    assert_eq!(refused_all, 24_000, "the provider refused its 1.5 s");
+    assert_eq!(s.forwarded_ms(), 2_000, "the whole budget still went");
+    assert_eq!(
+        crate::time::samples_to_ms(taken, 16_000),
+        2_000,
+        "charged = what the provider took"
+    );
+    assert_eq!(recorded, 2_000, "the refused audio was never recorded");
+    assert_eq!(
+        s.kinds()
+            .iter()
+            .filter(|k| **k == "stt_budget_exhausted")
+            .count(),
+        1
+    );
+}

@@ -90,7 +90,7 @@ impl StreamHandle for DeepgramStream {
         };
         if self.queued.load(Ordering::Relaxed) + n > MAX_QUEUED_SAMPLES {
             counters.dropped(KIND, "queue_full", n);
-            return Err(SttError::QueueFull { dropped_samples: n });
+            return Err(SttError::Refused { samples: n });
         }
         let mut samples = Vec::with_capacity(pcm.len());
         pcm.extend_i16(&mut samples);
@@ -106,7 +106,7 @@ impl StreamHandle for DeepgramStream {
                 self.depth.took();
                 let (reason, err) = match e {
                     mpsc::error::TrySendError::Full(_) => {
-                        ("queue_full", SttError::QueueFull { dropped_samples: n })
+                        ("queue_full", SttError::Refused { samples: n })
                     }
                     mpsc::error::TrySendError::Closed(_) => ("closed", SttError::Closed),
                 };

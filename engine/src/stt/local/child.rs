@@ -8,8 +8,8 @@
 //! Between jobs (once a job's results are out) the worker reads the child's resident memory
 //! (`/proc/<pid>/statm`); past the limit it ends the child and starts a fresh one (about 0.3 s: the model
 //! loads), counted in `voicegate_stt_engine_restarts_total{reason="memory"}`. A child found dead before a
-//! chunk is replaced and nothing is lost; one that dies during a chunk, or gives no answer within
-//! [`ANSWER_TIMEOUT`] (hung: killed), fails that chunk only (`engine` error; `reason="exited"` or
+//! chunk is replaced and nothing is lost; one that dies during a chunk, or takes no input or gives no
+//! answer within [`ANSWER_TIMEOUT`] (hung or stopped: killed), fails that chunk only (`engine` error; `reason="exited"` or
 //! `"timeout"`), and the next chunk starts a new one. The server never goes down with it.
 //!
 //! Protocol (little-endian): a request is the sample count (`u32`, at most [`MAX_SAMPLES`]) then the
@@ -54,7 +54,9 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 #[derive(Debug)]
 struct Running {
     child: Child,
-    stdin: BufWriter<ChildStdin>,
+    /// Non-blocking: a child that stops reading cannot hold the worker past its deadline
+    /// ([`write_until`]).
+    stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
 
@@ -117,9 +119,14 @@ impl ChildEngine {
             let _ = child.wait();
             return Err(engine_error("no pipes to the child"));
         };
+        if let Err(e) = set_nonblocking(&stdin) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(engine_error(format!("the child's input: {e}")));
+        }
         let mut running = Running {
             child,
-            stdin: BufWriter::with_capacity(64 * 1024, stdin),
+            stdin,
             stdout: BufReader::new(stdout),
         };
         let ready = wait_readable(&running.stdout, self.config.answer_timeout)
@@ -145,13 +152,19 @@ impl ChildEngine {
         pcm: &[f32],
         timeout: Duration,
     ) -> std::io::Result<Result<String, String>> {
+        let deadline = std::time::Instant::now() + timeout;
         let n = u32::try_from(pcm.len()).map_err(std::io::Error::other)?;
-        running.stdin.write_all(&n.to_le_bytes())?;
+        let mut request = Vec::with_capacity(4 + 4 * pcm.len());
+        request.extend_from_slice(&n.to_le_bytes());
         for s in pcm {
-            running.stdin.write_all(&s.to_le_bytes())?;
+            request.extend_from_slice(&s.to_le_bytes());
         }
-        running.stdin.flush()?;
-        wait_readable(&running.stdout, timeout)?;
+        write_until(&mut running.stdin, &request, deadline)?;
+        drop(request);
+        wait_readable(
+            &running.stdout,
+            deadline.saturating_duration_since(std::time::Instant::now()),
+        )?;
         read_answer(&mut running.stdout)
     }
 
@@ -269,31 +282,88 @@ impl Drop for ChildEngine {
     }
 }
 
+/// Puts the child's input in non-blocking mode (our end of the pipe only).
+fn set_nonblocking(stdin: &ChildStdin) -> std::io::Result<()> {
+    let fd = stdin.as_raw_fd();
+    // SAFETY: fcntl on a descriptor this process owns (the pipe's write end), for its flags only.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Writes all of `bytes` to the child's (non-blocking) input by `deadline`. The pipe holds 64 KiB, a
+/// tenth of a 10 s chunk: a child that stopped reading (hung before it read, or stopped by a signal) would
+/// otherwise block the worker for good. Past the deadline: `TimedOut`, and the caller kills the child.
+fn write_until(
+    stdin: &mut ChildStdin,
+    mut bytes: &[u8],
+    deadline: std::time::Instant,
+) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match stdin.write(bytes) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WriteZero,
+                    "the engine's input is closed",
+                ));
+            }
+            Ok(n) => bytes = &bytes[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                poll_until(stdin.as_raw_fd(), libc::POLLOUT, deadline, "took no input")?;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Waits until the child's answer starts (`TimedOut` past `timeout`). The answer's first byte is what
 /// matters: the child writes a whole answer at once, so the rest follows without waiting on the engine.
 fn wait_readable(stdout: &BufReader<ChildStdout>, timeout: Duration) -> std::io::Result<()> {
     if !stdout.buffer().is_empty() {
         return Ok(());
     }
+    let deadline = std::time::Instant::now() + timeout;
+    poll_until(
+        stdout.get_ref().as_raw_fd(),
+        libc::POLLIN,
+        deadline,
+        &format!("gave no answer within {} s", timeout.as_secs()),
+    )
+}
+
+/// Waits until `fd` is ready for `events` (or hung up / in error: the read or write that follows says
+/// which); `TimedOut` ("the engine <what>") past `deadline`.
+fn poll_until(
+    fd: std::os::fd::RawFd,
+    events: libc::c_short,
+    deadline: std::time::Instant,
+    what: &str,
+) -> std::io::Result<()> {
     let mut pfd = libc::pollfd {
-        fd: stdout.get_ref().as_raw_fd(),
-        events: libc::POLLIN,
+        fd,
+        events,
         revents: 0,
     };
-    let deadline = std::time::Instant::now() + timeout;
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         let ms = libc::c_int::try_from(left.as_millis()).unwrap_or(libc::c_int::MAX);
         // SAFETY: one valid pollfd for the duration of the call.
         let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
         if rc > 0 {
-            // Readable, or hung up / in error: the read that follows says which.
             return Ok(());
         }
         if rc == 0 {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("no answer within {} s", timeout.as_secs()),
+                format!("the engine {what}"),
             ));
         }
         let err = std::io::Error::last_os_error();
@@ -492,6 +562,41 @@ mod tests {
         );
         // The next chunk starts a new process (which hangs too here).
         assert!(engine.transcribe(&[0.1; 1600]).is_err());
+    }
+
+    /// A 10 s chunk is ten times what the pipe holds: a child that stops reading (here: stopped by a
+    /// signal) must not hold the worker in its write past the deadline.
+    #[test]
+    fn a_child_that_stops_reading_cannot_block_the_write_of_a_chunk() {
+        let tmp = tempfile::tempdir().unwrap();
+        let config = ChildConfig {
+            exe: fake_engine(tmp.path(), "reading-engine", "exec cat >/dev/null"),
+            max_rss_kib: 1 << 20,
+            answer_timeout: Duration::from_millis(500),
+        };
+        let mut engine = ChildEngine::start(config, tmp.path()).unwrap();
+        let pid = engine.running.as_ref().unwrap().child.id();
+        let stopped = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(stopped.success());
+        let began = std::time::Instant::now();
+        let err = engine.transcribe(&[0.1; 160_000]).unwrap_err();
+        assert!(
+            matches!(&err, SttError::Engine(m) if m.contains("took no input")),
+            "{err}"
+        );
+        assert!(
+            began.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            began.elapsed()
+        );
+        assert!(engine.running.is_none(), "the stopped process is gone");
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "killed and reaped, not a zombie"
+        );
     }
 
     #[test]

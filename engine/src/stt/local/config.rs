@@ -14,7 +14,9 @@ pub struct LocalConfig {
     pub dir: PathBuf,
     /// Worker threads, one model each (`VOICEGATE_STT_LOCAL_THREADS`).
     pub threads: usize,
-    /// Chunks waiting for a worker, at most. A full queue drops the chunk (counted).
+    /// Places in the queue (`VOICEGATE_STT_LOCAL_QUEUE_CHUNKS`): chunks waiting for a worker or still
+    /// being filled by a stream (a chunk takes its place with its first sample). A stream that finds no
+    /// place has that chunk's audio refused as it is pushed (counted, not charged).
     pub queue_chunks: usize,
     /// Niceness added to the workers (and the engine threads they start): 10 = well below the pipeline.
     pub nice: i32,

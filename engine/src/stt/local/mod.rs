@@ -30,8 +30,7 @@ use self::pool::{Job, Pool, Workers, work};
 #[cfg(target_os = "linux")]
 pub use self::priority::current_niceness;
 pub use self::priority::lower_priority;
-use self::stream::LocalStream;
-use super::chunk::MAX_CHUNK_SAMPLES;
+use self::stream::{Chunk, LocalStream};
 use super::provider::{
     BatchRequest, BatchTicket, ProviderKind, ResultSink, StreamHandle, StreamOptions, SttProvider,
     batch_ticket,
@@ -93,6 +92,8 @@ impl LocalProvider {
         let pool = Arc::new(Pool {
             tx,
             depth: AtomicUsize::new(0),
+            places: AtomicUsize::new(0),
+            capacity: config.queue_chunks.max(1),
             late_after: config.late_after,
             workers: Workers::default(),
         });
@@ -168,13 +169,21 @@ impl SttProvider for LocalProvider {
                 counters,
                 progress: Mutex::new((0, false)),
             }),
-            held: Vec::with_capacity(MAX_CHUNK_SAMPLES),
+            held: Vec::new(),
             held_start: 0,
+            chunk: Chunk::Idle,
             closed: false,
         }))
     }
 
     fn transcribe_batch(&self, request: BatchRequest) -> Result<BatchTicket, SttError> {
+        if !self.pool.take_place() {
+            // Not counted as dropped here: the sync path offers the span again (transcribe.rs) and
+            // counts it once if it gives up.
+            return Err(SttError::QueueFull {
+                dropped_samples: request.samples.len() as u64,
+            });
+        }
         let (reply, ticket) = batch_ticket();
         let job = Job::Batch {
             request,
@@ -183,15 +192,8 @@ impl SttProvider for LocalProvider {
         };
         match self.pool.submit(job) {
             Ok(()) => Ok(ticket),
-            Err(Job::Batch { request, .. }) => {
-                // Not counted as dropped here: the sync path offers the span again (transcribe.rs) and
-                // counts it once if it gives up.
-                let dropped = request.samples.len() as u64;
-                Err(SttError::QueueFull {
-                    dropped_samples: dropped,
-                })
-            }
-            Err(Job::Chunk { .. }) => Err(SttError::Closed),
+            // The workers are gone (the pool is shutting down).
+            Err(_) => Err(SttError::Closed),
         }
     }
 }

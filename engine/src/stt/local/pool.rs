@@ -31,7 +31,13 @@ pub(super) enum Job {
 
 pub(super) struct Pool {
     pub(super) tx: SyncSender<Job>,
+    /// Jobs in the queue (the gauge).
     pub(super) depth: AtomicUsize,
+    /// Places taken: a job in the queue, or a stream's chunk still being filled (its place is taken with
+    /// its first sample, so a chunk whose audio was taken, and charged, is never refused at its end). At
+    /// most `capacity`, the queue's own bound, so a job holding a place always fits in the queue.
+    pub(super) places: AtomicUsize,
+    pub(super) capacity: usize,
     pub(super) late_after: Duration,
     /// Declared after `tx`: dropped after it, so the workers see the channel closed, free their models and
     /// end before the pool's drop returns.
@@ -75,6 +81,21 @@ impl Drop for Workers {
 }
 
 impl Pool {
+    /// Takes a place in the queue, if one is free.
+    pub(super) fn take_place(&self) -> bool {
+        self.places
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.capacity).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub(super) fn give_place(&self) {
+        self.places.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Queues a job that holds a place ([`Pool::take_place`]); the worker that takes it gives the place
+    /// back. Fails only when the workers are gone (the place is given back then).
     pub(super) fn submit(&self, job: Job) -> Result<(), Job> {
         // Counted before the send so a worker's decrement can never run first.
         let depth = self.depth.fetch_add(1, Ordering::Relaxed) + 1;
@@ -86,12 +107,14 @@ impl Pool {
             }
             Err(TrySendError::Full(job) | TrySendError::Disconnected(job)) => {
                 self.depth.fetch_sub(1, Ordering::Relaxed);
+                self.give_place();
                 Err(job)
             }
         }
     }
 
     fn took(&self, enqueued: Instant) -> Duration {
+        self.give_place();
         let depth = self.depth.fetch_sub(1, Ordering::Relaxed).saturating_sub(1);
         metrics::gauge!(telemetry::STT_QUEUE_DEPTH, "provider" => KIND.name()).set(depth as f64);
         let waited = enqueued.elapsed();

@@ -7,6 +7,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::stt::chunk::MAX_CHUNK_SAMPLES;
 use crate::stt::provider::{ResultReceiver, results_channel};
 use crate::stt::types::{Pcm, ResultKind, SttEvent};
 
@@ -144,12 +145,13 @@ fn a_long_run_is_cut_into_chunks_of_at_most_ten_seconds_covering_it_exactly() {
     assert_eq!(stream.stats().forwarded_samples, 400_000);
 }
 
-#[test]
-fn a_full_queue_drops_the_chunk_counts_it_and_reports_it_without_blocking() {
+/// A pool of `threads` workers, each held at a gate until the test lets a chunk through; `started` says
+/// the length of each chunk a worker began.
+fn gated(threads: usize, queue: usize) -> (LocalProvider, mpsc::Sender<()>, mpsc::Receiver<usize>) {
     let (gate_tx, gate_rx) = mpsc::channel();
     let gate = Arc::new(Mutex::new(gate_rx));
     let (started_tx, started_rx) = mpsc::channel();
-    let provider = LocalProvider::start_with(&config(1, 1), move || {
+    let provider = LocalProvider::start_with(&config(threads, queue), move || {
         Ok(Box::new(CountingDouble {
             gate: Some(Arc::clone(&gate)),
             started: Some(started_tx.clone()),
@@ -157,38 +159,189 @@ fn a_full_queue_drops_the_chunk_counts_it_and_reports_it_without_blocking() {
         }))
     })
     .expect("pool starts");
+    (provider, gate_tx, started_rx)
+}
+
+#[test]
+fn a_chunk_with_no_place_in_the_queue_is_refused_as_it_is_pushed_and_counted_without_blocking() {
+    let (provider, gate_tx, started_rx) = gated(1, 1);
     let (sink, mut rx) = results_channel(16);
     let mut stream = provider
         .open_stream(StreamOptions::default(), sink)
         .expect("opens");
     let run = speech(4_000);
-    // Run 1 occupies the only worker (held at the gate), run 2 the only queue slot, run 3 has no room.
+    // Run 1 occupies the only worker (held at the gate), run 2 the only place, run 3 finds none.
     stream.push(0, Pcm::F32(&run)).expect("pushed");
     stream.end_of_run().expect("queued");
     assert_eq!(started_rx.recv_timeout(Duration::from_secs(5)), Ok(4_000));
-    stream.push(10_000, Pcm::F32(&run)).expect("pushed");
+    stream
+        .push(10_000, Pcm::F32(&run[..1_000]))
+        .expect("pushed");
+    stream
+        .push(11_000, Pcm::F32(&run[1_000..]))
+        .expect("pushed");
     stream.end_of_run().expect("queued");
     assert_eq!(provider.queued(), 1);
-    stream
-        .push(20_000, Pcm::F32(&run))
-        .expect("held until the run ends");
+    // Refused at once, as pushed: the session gives back the charge of exactly these samples.
     assert_eq!(
-        stream.end_of_run(),
-        Err(SttError::QueueFull {
-            dropped_samples: 4_000
-        })
+        stream.push(20_000, Pcm::F32(&run[..1_500])),
+        Err(SttError::Refused { samples: 1_500 })
     );
+    assert_eq!(
+        stream.push(21_500, Pcm::F32(&run[1_500..])),
+        Err(SttError::Refused { samples: 2_500 })
+    );
+    // The refused run's end says so again (nothing more to give back).
+    assert_eq!(stream.end_of_run(), Err(SttError::Refused { samples: 0 }));
     gate_tx.send(()).expect("release run 1");
     gate_tx.send(()).expect("release run 2");
+    // Run 2 reached the engine: the worker took it from the queue and its place is free again.
+    assert_eq!(started_rx.recv_timeout(Duration::from_secs(5)), Ok(4_000));
+    stream.push(40_000, Pcm::F32(&run)).expect("a place again");
+    stream.end_of_run().expect("queued");
+    gate_tx.send(()).expect("release run 4");
     stream.close();
     let results = finals(&drain(&mut rx));
-    assert_eq!(results.len(), 2);
+    assert_eq!(results.len(), 3, "{results:?}");
     let stats = stream.stats();
     assert_eq!(
-        stats.forwarded_samples, 8_000,
+        stats.forwarded_samples, 12_000,
         "only what reached the engine"
     );
     assert_eq!(stats.dropped_samples, 4_000);
+}
+
+#[test]
+fn a_chunk_that_found_a_place_is_never_refused_at_its_end_however_long_the_queue_stays_full() {
+    let (provider, gate_tx, started_rx) = gated(1, 2);
+    let (sink, mut rx) = results_channel(16);
+    let mut a = provider
+        .open_stream(StreamOptions::default(), sink)
+        .expect("opens");
+    let (sink_b, mut rx_b) = results_channel(16);
+    let mut b = provider
+        .open_stream(StreamOptions::default(), sink_b)
+        .expect("opens");
+    let run = speech(8_000);
+    // A's first chunk occupies the worker; A's second run takes a place with its first sample and B's
+    // run the last one, while A's run is still being filled.
+    a.push(0, Pcm::F32(&run)).expect("pushed");
+    a.end_of_run().expect("queued");
+    assert_eq!(started_rx.recv_timeout(Duration::from_secs(5)), Ok(8_000));
+    a.push(16_000, Pcm::F32(&run[..100])).expect("a place");
+    b.push(0, Pcm::F32(&run)).expect("the last place");
+    b.end_of_run().expect("queued");
+    // A's run goes on filling its chunk with no free place anywhere, and is queued at its end.
+    a.push(16_100, Pcm::F32(&run[100..]))
+        .expect("its own place");
+    a.end_of_run().expect("queued in its place");
+    assert_eq!(provider.queued(), 2);
+    for _ in 0..3 {
+        gate_tx.send(()).expect("release");
+    }
+    a.close();
+    b.close();
+    assert_eq!(finals(&drain(&mut rx)).len(), 2);
+    assert_eq!(finals(&drain(&mut rx_b)).len(), 1);
+    assert_eq!(a.stats().forwarded_samples, 16_000);
+    assert_eq!(a.stats().dropped_samples, 0);
+}
+
+#[test]
+fn a_long_run_whose_next_chunk_finds_no_place_keeps_what_was_taken_and_refuses_only_new_audio() {
+    let (provider, gate_tx, started_rx) = gated(1, 2);
+    let open = || {
+        let (sink, rx) = results_channel(16);
+        let stream = provider
+            .open_stream(StreamOptions::default(), sink)
+            .expect("opens");
+        (stream, rx)
+    };
+    let (mut busy, mut busy_rx) = open();
+    let (mut other, mut other_rx) = open();
+    let (mut long, mut long_rx) = open();
+    // The worker is held on another stream's chunk; a third stream holds one place while it speaks.
+    busy.push(0, Pcm::F32(&speech(800))).expect("pushed");
+    busy.end_of_run().expect("queued");
+    assert_eq!(started_rx.recv_timeout(Duration::from_secs(5)), Ok(800));
+    other.push(0, Pcm::F32(&speech(800))).expect("a place");
+    // 25 s in pushes of 100 ms: the first chunk takes the last place; when it is full there is none for
+    // the rest of the run, which is refused as it comes (tried again after each chunk's length).
+    let audio = speech(16_000 * 25);
+    let (mut taken, mut refused) = (0u64, 0u64);
+    for (i, piece) in audio.chunks(1_600).enumerate() {
+        match long.push((i * 1_600) as u64, Pcm::F32(piece)) {
+            Ok(()) => taken += piece.len() as u64,
+            Err(SttError::Refused { samples }) => {
+                taken += piece.len() as u64 - samples;
+                refused += samples;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(long.end_of_run(), Err(SttError::Refused { samples: 0 }));
+    // The chunk went with everything taken before the push that filled it (what the session charged),
+    // the cut at its quietest point or at that push's start, whichever is later.
+    assert!(
+        (158_400..=160_000).contains(&taken),
+        "taken {taken}, refused {refused}"
+    );
+    assert_eq!(taken + refused, 400_000);
+    other.end_of_run().expect("queued in its place");
+    for _ in 0..3 {
+        gate_tx.send(()).expect("release");
+    }
+    assert_eq!(
+        started_rx.recv_timeout(Duration::from_secs(5)),
+        Ok(taken as usize)
+    );
+    for s in [&mut busy, &mut other, &mut long] {
+        s.close();
+    }
+    assert_eq!(finals(&drain(&mut long_rx)).len(), 1);
+    drain(&mut busy_rx);
+    drain(&mut other_rx);
+    let stats = long.stats();
+    assert_eq!(
+        stats.forwarded_samples, taken,
+        "the engine got what was taken"
+    );
+    assert_eq!(stats.dropped_samples, refused);
+}
+
+#[test]
+fn a_silent_stream_holds_no_chunk_buffer_and_a_queued_chunk_takes_its_buffer_along() {
+    let provider = plain(1, 8);
+    let (sink, mut rx) = results_channel(16);
+    let mut stream = LocalStream {
+        pool: Arc::clone(&provider.pool),
+        shared: Arc::new(StreamShared {
+            counters: Arc::clone(sink.counters()),
+            sink,
+            progress: Mutex::new((0, false)),
+        }),
+        held: Vec::new(),
+        held_start: 0,
+        chunk: Chunk::Idle,
+        closed: false,
+    };
+    assert_eq!(stream.held.capacity(), 0);
+    let run = speech(16_000 * 12);
+    for (i, piece) in run.chunks(1_600).enumerate() {
+        stream
+            .push((i * 1_600) as u64, Pcm::F32(piece))
+            .expect("pushed");
+        assert!(
+            stream.held.capacity() <= MAX_CHUNK_SAMPLES + 1_600,
+            "{}",
+            stream.held.capacity()
+        );
+    }
+    stream.end_of_run().expect("queued");
+    assert_eq!(stream.held.capacity(), 0, "the buffer went with the chunk");
+    stream.close();
+    assert_eq!(finals(&drain(&mut rx)).len(), 2);
+    assert_eq!(stream.stats().forwarded_samples, 16_000 * 12);
 }
 
 #[test]

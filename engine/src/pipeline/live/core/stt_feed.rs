@@ -23,6 +23,30 @@ impl SessionCore {
         self.stt.forwarded_ms
     }
 
+    /// Gives back the charge of `samples` the provider refused as they were handed over (not taken, never
+    /// sent). They belong to the commands just taken, so their charge is still unrecorded: the driver
+    /// calls this before any store operation starts.
+    pub fn refund_stt(&mut self, samples: u64) {
+        if samples == 0 {
+            return;
+        }
+        let Some(feed) = self.stt.feed.as_mut() else {
+            return;
+        };
+        let before_ms = ms(feed.sent);
+        feed.sent = feed.sent.saturating_sub(samples);
+        let back = before_ms - ms(feed.sent);
+        if back == 0 {
+            return;
+        }
+        self.stt.forwarded_ms = self.stt.forwarded_ms.saturating_sub(back);
+        self.stt.unrecorded_ms = self.stt.unrecorded_ms.saturating_sub(back);
+        if let Gate::Budget(b) = &mut self.stt.gate {
+            b.forwarded_since_check_ms = b.forwarded_since_check_ms.saturating_sub(back);
+        }
+        metrics::counter!(t::LISTEN_STT_REFUSED_MS_TOTAL).increment(back);
+    }
+
     /// With a provider: whether a second of audio arrived since the feed last looked (see
     /// [`Feed::lagging`]).
     pub(super) fn stt_lagging(&self) -> bool {

@@ -79,8 +79,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
+rm -f "$OUT/deepgram-double.addr" "$OUT/deepgram-double.json"
 if [ "${VOICEGATE_STT:-none}" = deepgram ] && [ -z "${VOICEGATE_DEEPGRAM_URL:-}" ]; then
-  rm -f "$OUT/deepgram-double.addr"
   # Not through `run`: a function in the background would be a subshell, and `$!` its pid.
   ${harness_pin[@]+"${harness_pin[@]}"} nice -n "$NICE" "$BIN/deepgram-double" --bind 127.0.0.1:0 --addr-file "$OUT/deepgram-double.addr" \
     >"$OUT/deepgram-double.json" 2>"$OUT/deepgram-double.log" &
@@ -89,7 +89,12 @@ if [ "${VOICEGATE_STT:-none}" = deepgram ] && [ -z "${VOICEGATE_DEEPGRAM_URL:-}"
     [ -s "$OUT/deepgram-double.addr" ] && break
     sleep 0.1
   done
-  export VOICEGATE_DEEPGRAM_URL="ws://$(cat "$OUT/deepgram-double.addr")"
+  if ! [ -s "$OUT/deepgram-double.addr" ] || ! kill -0 "$double_pid" 2>/dev/null; then
+    echo "deepgram-double did not start (see $OUT/deepgram-double.log)" >&2
+    exit 3
+  fi
+  VOICEGATE_DEEPGRAM_URL="ws://$(cat "$OUT/deepgram-double.addr")"
+  export VOICEGATE_DEEPGRAM_URL
   export DEEPGRAM_API_KEY=${DEEPGRAM_API_KEY:-load-test-placeholder-key}
 fi
 redis_url="redis://127.0.0.1:$REDIS_PORT"

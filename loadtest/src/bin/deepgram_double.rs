@@ -52,6 +52,7 @@ const SAMPLE_RATE: f64 = 16_000.0;
 #[derive(Default)]
 struct Totals {
     connections: AtomicU64,
+    /// Upgrades refused (no token, wrong path or format) or that failed.
     refused: AtomicU64,
     samples: AtomicU64,
     keepalives: AtomicU64,
@@ -204,7 +205,20 @@ async fn serve(stream: TcpStream, totals: Arc<Totals>) {
     // Samples received; the start of the audio no final result covers yet; when the next interim is due.
     let (mut received, mut pending_from, mut next_interim, mut finals) =
         (0u64, 0u64, INTERIM_EVERY, 0u64);
+    // After `CloseStream` the double only reads what the client still sends, until its close.
+    let mut closing = false;
     while let Some(Ok(msg)) = ws.next().await {
+        if closing {
+            if let Message::Binary(b) = &msg {
+                totals
+                    .samples
+                    .fetch_add(b.len() as u64 / 2, Ordering::Relaxed);
+            }
+            if matches!(msg, Message::Close(_)) {
+                break;
+            }
+            continue;
+        }
         let mut out = Vec::new();
         let mut close = false;
         match msg {
@@ -260,15 +274,15 @@ async fn serve(stream: TcpStream, totals: Arc<Totals>) {
             Message::Close(_) => break,
             _ => {}
         }
-        totals
-            .results
-            .fetch_add(out.len() as u64, Ordering::Relaxed);
+        let results = out.len() as u64 - u64::from(close);
+        totals.results.fetch_add(results, Ordering::Relaxed);
         for text in out {
             if ws.send(Message::text(text)).await.is_err() {
                 return;
             }
         }
         if close {
+            closing = true;
             let _ = ws.send(Message::Close(None)).await;
         }
     }

@@ -354,17 +354,9 @@ impl<T: Transport> Driver<'_, T> {
         }
     }
 
-    /// Sends the core's events and STT commands.
+    /// Hands the core's STT commands over (giving back the charge of what the provider refused), then
+    /// sends its events: a budget announcement a refund made premature is withdrawn before it goes.
     fn deliver(&mut self) {
-        for ev in self.core.take_events() {
-            metrics::counter!(t::LISTEN_EVENTS_TOTAL, "type" => ev.kind()).increment(1);
-            if let (LiveEvent::SpeechEnded { at_ms, .. }, Some(link)) = (&ev, self.stt.as_mut()) {
-                link.speech_ended(*at_ms);
-            }
-            if self.open && !self.transport.send(ev.to_json()) {
-                self.open = false;
-            }
-        }
         let (commands, tap) = self.core.take_stt();
         let refused: u64 = match self.stt.as_mut() {
             Some(link) => commands.map(|cmd| link.command(cmd, tap)).sum(),
@@ -375,6 +367,15 @@ impl<T: Transport> Driver<'_, T> {
         };
         // Before any store operation starts: the charge given back is still unrecorded.
         self.core.refund_stt(refused);
+        for ev in self.core.take_events() {
+            metrics::counter!(t::LISTEN_EVENTS_TOTAL, "type" => ev.kind()).increment(1);
+            if let (LiveEvent::SpeechEnded { at_ms, .. }, Some(link)) = (&ev, self.stt.as_mut()) {
+                link.speech_ended(*at_ms);
+            }
+            if self.open && !self.transport.send(ev.to_json()) {
+                self.open = false;
+            }
+        }
     }
 
     /// One observation of the worst tick lag since the last one (every second, and at the finish).

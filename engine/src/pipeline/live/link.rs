@@ -73,22 +73,12 @@ impl SttLink {
             SttCommand::Audio { start, end } => {
                 let Some(tap) = tap else { return 0 };
                 let (a, b) = tap.slices(start, end);
-                let first = self.handle.push(start, Pcm::I16(a));
-                let taker = self.handle.serving().unwrap_or(self.provider);
+                let first = self.push(start, a, &mut refused);
                 let second = if b.is_empty() {
                     Ok(())
                 } else {
-                    self.handle.push(start + a.len() as u64, Pcm::I16(b))
+                    self.push(start + a.len() as u64, b, &mut refused)
                 };
-                for r in [&first, &second] {
-                    if let Err(SttError::Refused { samples }) = r {
-                        refused += samples;
-                    }
-                }
-                // Charged as handed over, less what the provider refused; audio it took and dropped later
-                // (a failing connection, `QueueFull`) stays charged and counted as dropped.
-                let handed = ((a.len() + b.len()) as u64).saturating_sub(refused);
-                self.handed[taker.index()] += handed;
                 first.and(second)
             }
             SttCommand::EndOfRun => self.handle.end_of_run(),
@@ -117,6 +107,21 @@ impl SttLink {
             }
         }
         refused
+    }
+
+    /// Pushes one slice; counts what the provider took by the provider serving this push (with a
+    /// fallback, the push may switch) and adds what it refused to `refused`. Audio a provider took and
+    /// dropped later (a failing connection, `QueueFull`) stays charged and counted as dropped.
+    fn push(&mut self, start: u64, pcm: &[i16], refused: &mut u64) -> Result<(), SttError> {
+        let outcome = self.handle.push(start, Pcm::I16(pcm));
+        let not_taken = match &outcome {
+            Err(SttError::Refused { samples }) => *samples,
+            _ => 0,
+        };
+        *refused += not_taken;
+        let taker = self.handle.serving().unwrap_or(self.provider);
+        self.handed[taker.index()] += (pcm.len() as u64).saturating_sub(not_taken);
+        outcome
     }
 
     /// Reads the results that arrived (never waits) into the transcript.

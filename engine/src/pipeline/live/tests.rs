@@ -1003,32 +1003,51 @@ fn a_segment_before_its_run_ends_waits_for_the_conversation_and_the_end_places_t
     assert_eq!(s.core.unwritten_segments(), 0);
 }
 
-/// In the driver's order (the commands taken after each VAD step and tick, what the provider refused
-/// given back before any store operation starts), audio the provider refuses is never recorded as STT
-/// and the budget it held is there again for the audio the provider takes.
-#[test]
-fn audio_the_provider_refuses_is_given_back_before_it_is_recorded_and_the_budget_regains_it() {
-    let mut s = with_feed(SttAllowance::Remaining {
-        remaining_ms: 2_000,
+/// What [`stream_refused`] saw.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// Samples the provider took and refused.
+    taken: u64,
+    refused: u64,
+    /// STT ms the meter records carried.
+    recorded: u64,
+    /// Samples taken when `stt_budget_exhausted` was first taken from the core.
+    taken_at_exhausted: Option<u64>,
+}
+
+/// Streams 20 s of speech through a session with `budget_ms` of STT budget left, in the driver's order
+/// (the commands handed over after each VAD step and tick, what the provider refused given back, then the
+/// events taken, then the next store operation), against a provider with no room for the first `refuse`
+/// samples handed to it.
+fn stream_refused(budget_ms: u64, refuse: u64) -> (Session, Refusals) {
+    let allowance = |recorded: u64| SttAllowance::Remaining {
+        remaining_ms: budget_ms.saturating_sub(recorded),
         daily_limit_ms: 1_800_000,
-        used_ms: 1_798_000,
+        used_ms: 1_800_000 - budget_ms + recorded,
         resets_at_ms: WALL0 + 3_600_000,
-    });
-    // A provider that has no room for the first 1.5 s handed to it, then takes everything.
-    let mut refuse_left = 24_000u64;
-    let (mut taken, mut refused_all, mut recorded) = (0u64, 0u64, 0u64);
-    let mut hand_over = |s: &mut Session| {
+    };
+    let mut s = with_feed(allowance(0));
+    let mut left = refuse;
+    let mut r = Refusals::default();
+    let step = |s: &mut Session, r: &mut Refusals, left: &mut u64| {
         let mut refused = 0;
         for cmd in s.core.take_stt().0 {
             if let SttCommand::Audio { start, end } = cmd {
-                let r = (end - start).min(refuse_left);
-                refuse_left -= r;
-                refused += r;
-                taken += end - start - r;
+                let n = (end - start).min(*left);
+                *left -= n;
+                refused += n;
+                r.taken += end - start - n;
             }
         }
-        refused_all += refused;
+        r.refused += refused;
         s.core.refund_stt(refused);
+        let events: Vec<LiveEvent> = s.core.take_events().collect();
+        if r.taken_at_exhausted.is_none()
+            && events.iter().any(|e| e.kind() == "stt_budget_exhausted")
+        {
+            r.taken_at_exhausted = Some(r.taken);
+        }
+        s.events.extend(events);
     };
     for _ in 0..(20_000 / 50) {
         for _ in 0..5 {
@@ -1038,40 +1057,66 @@ fn audio_the_provider_refuses_is_given_back_before_it_is_recorded_and_the_budget
             s.core.push_frame(s.seq, &frame);
         }
         s.core.run_vad();
-        hand_over(&mut s);
+        step(&mut s, &mut r, &mut left);
         s.now += Duration::from_millis(50);
         s.core.tick(s.now, s.counts());
-        hand_over(&mut s);
-        if let Some(op) = s.core.next_op(WALL0) {
-            if let StoreOp::Meter { stt_ms, .. } = &op {
-                recorded += stt_ms;
+        step(&mut s, &mut r, &mut left);
+        match s.core.next_op(WALL0) {
+            Some(op @ StoreOp::Meter { .. }) => {
+                if let StoreOp::Meter { stt_ms, .. } = &op {
+                    r.recorded += stt_ms;
+                }
                 s.accept(&op);
-            } else {
-                s.done(match op {
-                    StoreOp::Status { .. } => status(
-                        Stage::None,
-                        false,
-                        SttAllowance::Remaining {
-                            remaining_ms: 2_000u64.saturating_sub(recorded),
-                            daily_limit_ms: 1_800_000,
-                            used_ms: 1_798_000 + recorded,
-                            resets_at_ms: WALL0 + 3_600_000,
-                        },
-                    ),
-                    other => panic!("unexpected {other:?}"),
-                });
             }
+            Some(StoreOp::Status { .. }) => {
+                s.core
+                    .op_done(status(Stage::None, false, allowance(r.recorded)));
+            }
+            Some(other) => panic!("unexpected {other:?}"),
+            None => {}
         }
-        s.events.extend(s.core.take_events());
+        step(&mut s, &mut r, &mut left);
     }
-    assert_eq!(refused_all, 24_000, "the provider refused its 1.5 s");
+    (s, r)
+}
+
+/// Audio the provider refuses is never recorded as STT, and the budget it held is there again for the
+/// audio the provider takes.
+#[test]
+fn audio_the_provider_refuses_is_given_back_before_it_is_recorded_and_the_budget_regains_it() {
+    let (s, r) = stream_refused(2_000, 24_000);
+    assert_eq!(r.refused, 24_000, "the provider refused its 1.5 s");
     assert_eq!(s.forwarded_ms(), 2_000, "the whole budget still went");
     assert_eq!(
-        crate::time::samples_to_ms(taken, 16_000),
+        crate::time::samples_to_ms(r.taken, 16_000),
         2_000,
         "charged = what the provider took"
     );
-    assert_eq!(recorded, 2_000, "the refused audio was never recorded");
+    assert_eq!(r.recorded, 2_000, "the refused audio was never recorded");
+    assert_eq!(
+        s.kinds()
+            .iter()
+            .filter(|k| **k == "stt_budget_exhausted")
+            .count(),
+        1
+    );
+}
+
+/// The release that would use the budget up is refused: its announcement is withdrawn before it goes,
+/// and `stt_budget_exhausted` comes once, when the audio the provider took has used the budget up.
+#[test]
+fn a_refused_release_does_not_announce_the_budget_used_up_early() {
+    // 100 ms of budget: the first release (the pre-roll and the run's start) alone would use it up.
+    let (s, r) = stream_refused(100, 8_000);
+    assert_eq!(r.refused, 8_000);
+    assert_eq!(s.forwarded_ms(), 100);
+    assert_eq!(r.recorded, 100);
+    let at = r.taken_at_exhausted.unwrap_or(0);
+    assert_eq!(
+        crate::time::samples_to_ms(at, 16_000),
+        100,
+        "announced when the taken audio used the budget up, not before"
+    );
     assert_eq!(
         s.kinds()
             .iter()

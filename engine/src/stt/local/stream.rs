@@ -109,7 +109,8 @@ impl LocalStream {
                 own_from = own_from.saturating_sub(cut);
             } else {
                 // No place for the rest: the chunk goes with everything taken before this push (at most
-                // a chunk: it was not full before), and the rest of this push is refused.
+                // a chunk: it was not full before), and the rest of this push is refused, whole (a
+                // session's push is at most its 3.3 s ring, so never more than a chunk's length).
                 let cut = cut.max(own_from);
                 let rest = self.held.len() - cut;
                 outcome = combine(outcome, self.submit(cut));

@@ -3,6 +3,7 @@
 
 use super::{SessionCore, ms};
 use crate::pipeline::live::contract::SttCommand;
+use crate::pipeline::live::events::LiveEvent;
 use crate::pipeline::live::feed::{Feed, Raw};
 use crate::pipeline::live::gate::Gate;
 use crate::stt::ProviderKind;
@@ -25,7 +26,7 @@ impl SessionCore {
 
     /// Gives back the charge of `samples` the provider refused as they were handed over (not taken, never
     /// sent). They belong to the commands just taken, so their charge is still unrecorded: the driver
-    /// calls this before any store operation starts.
+    /// calls this before any store operation starts, and before it takes the events.
     pub fn refund_stt(&mut self, samples: u64) {
         if samples == 0 {
             return;
@@ -43,6 +44,17 @@ impl SessionCore {
         self.stt.unrecorded_ms = self.stt.unrecorded_ms.saturating_sub(back);
         if let Gate::Budget(b) = &mut self.stt.gate {
             b.forwarded_since_check_ms = b.forwarded_since_check_ms.saturating_sub(back);
+            // The release that used the budget up announced it; the driver refunds before it sends
+            // events, so that announcement is still here: withdrawn, and armed again for when the
+            // budget is really used up.
+            if b.remaining() > 0 && self.stt.exhausted_announced {
+                let before = self.out.len();
+                self.out
+                    .retain(|e| !matches!(e, LiveEvent::SttBudgetExhausted { .. }));
+                if self.out.len() < before {
+                    self.stt.exhausted_announced = false;
+                }
+            }
         }
         metrics::counter!(t::LISTEN_STT_REFUSED_MS_TOTAL).increment(back);
     }
